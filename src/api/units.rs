@@ -1,0 +1,145 @@
+//! The two string formats of the API that carry numbers: durations and decimal money.
+//!
+//! Each format is defined once here: the pattern that the CRD schema enforces and the parser that
+//! the compile step uses. A test checks that both accept exactly the same strings.
+
+use std::time::Duration;
+
+/// Durations as Go and Kubernetes write them, restricted to whole numbers: `800ms`, `2s`, `5m`,
+/// `1h30m`. The CEL `duration()` function accepts every string this matches.
+pub const DURATION_PATTERN: &str = "^([0-9]{1,9}(ms|s|m|h))+$";
+
+/// Non-negative decimals with at most six fractional digits, so that every value is an exact
+/// number of micro-units: `0`, `2.50`, `0.000125`.
+pub const DECIMAL_PATTERN: &str = "^[0-9]{1,12}(\\.[0-9]{1,6})?$";
+
+/// One currency unit in micro-units. Money is `u64` micro-units inside the program, never a float.
+pub const MICROS_PER_UNIT: u64 = 1_000_000;
+
+/// Parses a duration matching [`DURATION_PATTERN`].
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let invalid = || {
+        format!(
+            "invalid duration {s:?}: expected a whole number with a unit (ms, s, m, h), for example \"800ms\", \"2s\" or \"1m30s\""
+        )
+    };
+    if s.is_empty() {
+        return Err(invalid());
+    }
+    let bytes = s.as_bytes();
+    let mut total = Duration::ZERO;
+    let mut i = 0;
+    while i < bytes.len() {
+        let start = i;
+        while i < bytes.len() && bytes[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == start || i - start > 9 {
+            return Err(invalid());
+        }
+        // At most 9 ASCII digits: always fits in a u64.
+        let n: u64 = s[start..i].parse().map_err(|_| invalid())?;
+        let unit = if s[i..].starts_with("ms") {
+            i += 2;
+            Duration::from_millis(n)
+        } else {
+            let d = match bytes.get(i) {
+                Some(b's') => Duration::from_secs(n),
+                Some(b'm') => Duration::from_secs(n * 60),
+                Some(b'h') => Duration::from_secs(n * 3600),
+                _ => return Err(invalid()),
+            };
+            i += 1;
+            d
+        };
+        total = total.checked_add(unit).ok_or_else(invalid)?;
+    }
+    Ok(total)
+}
+
+/// Formats a duration the way [`parse_duration`] reads it back (used in messages and tests).
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if !ms.is_multiple_of(1000) {
+        format!("{ms}ms")
+    } else if ms.is_multiple_of(3_600_000) && ms > 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms.is_multiple_of(60_000) && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else {
+        format!("{}s", ms / 1000)
+    }
+}
+
+/// Parses a decimal matching [`DECIMAL_PATTERN`] into micro-units: `"2.50"` is `2_500_000`.
+pub fn parse_micros(s: &str) -> Result<u64, String> {
+    let invalid =
+        || format!("invalid decimal {s:?}: expected digits with at most 6 decimal places, for example \"2.50\"");
+    let (whole, frac) = match s.split_once('.') {
+        Some((w, f)) => (w, f),
+        None => (s, ""),
+    };
+    let all_digits = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty()
+        || whole.len() > 12
+        || !all_digits(whole)
+        || frac.len() > 6
+        || (s.contains('.') && frac.is_empty())
+        || !all_digits(frac)
+    {
+        return Err(invalid());
+    }
+    // 12 digits of units times 10^6 stays below 10^18 < u64::MAX.
+    let units: u64 = whole.parse().map_err(|_| invalid())?;
+    let mut micros: u64 = 0;
+    for (i, b) in frac.bytes().enumerate() {
+        micros += u64::from(b - b'0') * 10u64.pow(5 - i as u32);
+    }
+    Ok(units * MICROS_PER_UNIT + micros)
+}
+
+/// Formats micro-units as the shortest decimal string that [`parse_micros`] reads back.
+pub fn format_micros(micros: u64) -> String {
+    let units = micros / MICROS_PER_UNIT;
+    let frac = micros % MICROS_PER_UNIT;
+    if frac == 0 {
+        return units.to_string();
+    }
+    let frac = format!("{frac:06}");
+    format!("{units}.{}", frac.trim_end_matches('0'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("800ms"), Ok(Duration::from_millis(800)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1m500ms"), Ok(Duration::from_millis(60_500)));
+        for bad in ["", "2", "s", "2 s", "1.5s", "-1s", "2d", "2sec", "1000000000s", "ms"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
+        }
+        for d in ["800ms", "2s", "5m", "1h", "0s"] {
+            assert_eq!(format_duration(parse_duration(d).unwrap()), d);
+        }
+    }
+
+    #[test]
+    fn decimals() {
+        assert_eq!(parse_micros("0"), Ok(0));
+        assert_eq!(parse_micros("2.50"), Ok(2_500_000));
+        assert_eq!(parse_micros("0.000125"), Ok(125));
+        assert_eq!(parse_micros("10"), Ok(10_000_000));
+        assert_eq!(parse_micros("999999999999.999999"), Ok(999_999_999_999_999_999));
+        for bad in ["", ".5", "5.", "1.1234567", "-1", "1e3", "1,5", " 1", "1 ", "1000000000000"] {
+            assert!(parse_micros(bad).is_err(), "{bad:?} should be rejected");
+        }
+        for s in ["0", "2.5", "0.000125", "10", "1.1"] {
+            assert_eq!(format_micros(parse_micros(s).unwrap()), s);
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! The command line: subcommands and flags only; each subcommand's logic lives in its module.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use crate::mock_provider::{MockOptions, MockStats};
+use crate::sidecar::{SidecarArgs, SidecarError};
+
+/// Exit status for an invalid configuration (EX_USAGE), so supervisors can tell it from a crash.
+pub const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "An LLM gateway that runs next to your application: routing, fallback and streaming for OpenAI-compatible APIs.",
+    after_help = "Every flag can also be set with the environment variable shown in its help."
+)]
+struct Cli {
+    /// Log filter: a level (error, warn, info, debug, trace) or per-module directives such as
+    /// `info,switchyard=debug`.
+    #[arg(long, env = "SWITCHYARD_LOG", default_value = "info", global = true)]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the OpenAI-compatible API from ProviderRoute YAML files, reloading them when they change.
+    Sidecar(SidecarArgs),
+    /// Print the CustomResourceDefinitions as YAML, for `kubectl apply -f -`.
+    Crd,
+    /// Run a fake OpenAI-compatible provider, for tests, demos and load tests.
+    MockProvider(MockProviderArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct MockProviderArgs {
+    /// Address to listen on.
+    #[arg(long, env = "SWITCHYARD_MOCK_LISTEN", default_value = "127.0.0.1:7711")]
+    listen: SocketAddr,
+
+    #[command(flatten)]
+    options: MockOptions,
+}
+
+/// Runs the command line and returns the process exit status.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    match cli.command {
+        Command::Crd => {
+            print!("{}", crate::api::crds_yaml());
+            ExitCode::SUCCESS
+        }
+        Command::Sidecar(args) => match runtime().map(|rt| rt.block_on(crate::sidecar::run(args))) {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            Ok(Err(SidecarError::Config(errors))) => {
+                for e in &errors.0 {
+                    tracing::error!("invalid configuration: {e}");
+                }
+                eprintln!("switchyard: invalid configuration:\n{errors}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+            Ok(Err(SidecarError::Io(e))) | Err(e) => fail(&e),
+        },
+        Command::MockProvider(args) => {
+            let result = runtime().and_then(|rt| {
+                rt.block_on(async move {
+                    let listener = tokio::net::TcpListener::bind(args.listen)
+                        .await
+                        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+                    tracing::info!(listen = %args.listen, options = ?args.options, "mock provider serving");
+                    let shutdown = async {
+                        let _ = tokio::signal::ctrl_c().await;
+                    };
+                    crate::mock_provider::serve(listener, args.options, Arc::new(MockStats::default()), shutdown)
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    tracing::error!("{message}");
+    eprintln!("switchyard: {message}");
+    ExitCode::FAILURE
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+fn init_logging(filter: &str) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("switchyard: invalid --log filter {filter:?} ({e}); using \"info\"");
+        EnvFilter::new("info")
+    });
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}

@@ -1,0 +1,3 @@
+//! Wire protocols of upstream providers, one module per format.
+
+pub mod openai;

@@ -1,0 +1,117 @@
+//! Every error the proxy itself answers with, mapped in one place to a status and an OpenAI-shaped
+//! body. Synthetic responses carry `x-switchyard-error-source: proxy`; upstream errors passed
+//! through carry `upstream`, so callers and dashboards can tell them apart.
+
+use axum::body::Body;
+use axum::response::Response;
+use http::{HeaderName, HeaderValue, StatusCode, header};
+use serde::Serialize;
+
+use crate::api::FallbackReason;
+use crate::providers::openai::error_body;
+
+pub const ERROR_SOURCE: HeaderName = HeaderName::from_static("x-switchyard-error-source");
+pub const TARGET: HeaderName = HeaderName::from_static("x-switchyard-target");
+pub const ATTEMPTS: HeaderName = HeaderName::from_static("x-switchyard-attempts");
+
+/// One failed attempt, as reported in `error.metadata.previous_errors`.
+#[derive(Clone, Debug, Serialize)]
+pub struct AttemptFailure {
+    pub target: String,
+    /// The upstream's HTTP status, when it answered.
+    pub status: Option<u16>,
+    pub reason: &'static str,
+    pub message: String,
+    #[serde(skip)]
+    pub kind: FallbackReason,
+}
+
+#[derive(Debug)]
+pub enum ProxyError {
+    /// The request body is not a valid request.
+    BadRequest {
+        code: &'static str,
+        message: String,
+    },
+    PayloadTooLarge {
+        limit: usize,
+    },
+    UnknownModel {
+        model: String,
+        known: Vec<String>,
+    },
+    UnknownPath {
+        path: String,
+    },
+    MethodNotAllowed,
+    /// Every attempt failed, or one failed in a way that does not fall back.
+    AttemptsFailed {
+        model: String,
+        attempts: Vec<AttemptFailure>,
+    },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::UnknownModel { .. } | ProxyError::UnknownPath { .. } => StatusCode::NOT_FOUND,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::AttemptsFailed { attempts, .. } => match attempts.last() {
+                Some(last) if last.kind == FallbackReason::Timeout => StatusCode::GATEWAY_TIMEOUT,
+                _ => StatusCode::BAD_GATEWAY,
+            },
+        }
+    }
+
+    pub fn into_response(self) -> Response {
+        let status = self.status();
+        let body = match self {
+            ProxyError::BadRequest { code, message } => error_body(&message, "invalid_request_error", code, None),
+            ProxyError::PayloadTooLarge { limit } => error_body(
+                &format!("The request body is larger than the sidecar's limit of {limit} bytes (--max-request-bytes)."),
+                "invalid_request_error",
+                "request_too_large",
+                None,
+            ),
+            ProxyError::UnknownModel { model, known } => error_body(
+                &format!("The model {model:?} does not exist. Known models: {}.", known.join(", ")),
+                "invalid_request_error",
+                "model_not_found",
+                Some(serde_json::json!({ "known_models": known })),
+            ),
+            ProxyError::UnknownPath { path } => {
+                error_body(&format!("Unknown endpoint {path}."), "invalid_request_error", "unknown_endpoint", None)
+            }
+            ProxyError::MethodNotAllowed => {
+                error_body("Method not allowed on this endpoint.", "invalid_request_error", "method_not_allowed", None)
+            }
+            ProxyError::AttemptsFailed { model, attempts } => {
+                let (kind, code, summary) = if status == StatusCode::GATEWAY_TIMEOUT {
+                    ("upstream_error", "upstream_timeout", "timed out")
+                } else {
+                    ("upstream_error", "upstream_failed", "failed")
+                };
+                let detail: Vec<String> = attempts.iter().map(|a| format!("{}: {}", a.target, a.message)).collect();
+                error_body(
+                    &format!("All {} attempt(s) for model {model:?} {summary}: {}", attempts.len(), detail.join("; ")),
+                    kind,
+                    code,
+                    Some(serde_json::json!({ "previous_errors": attempts })),
+                )
+            }
+        };
+        json_response(status, &body, "proxy")
+    }
+}
+
+/// A JSON response with the error source header.
+pub fn json_response(status: StatusCode, body: &serde_json::Value, source: &'static str) -> Response {
+    let mut response = Response::new(Body::from(body.to_string()));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(ERROR_SOURCE, HeaderValue::from_static(source));
+    response
+}

@@ -1,0 +1,205 @@
+//! The sidecar: an OpenAI-compatible API on localhost that routes each call to a provider.
+
+mod error;
+mod metrics;
+mod proxy;
+mod relay;
+mod state;
+mod upstream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::Router;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::serve::ListenerExt;
+use http::{StatusCode, header};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use relay::SseFramer;
+pub use state::{Limits, Shared};
+
+use crate::api::units::parse_duration;
+use crate::config::{ConfigErrors, Loaded, Sources, load, watch::watch as watch_sources};
+
+/// `switchyard sidecar`.
+#[derive(clap::Args, Debug)]
+pub struct SidecarArgs {
+    /// ProviderRoute and Secret YAML files, or directories of them (their *.yaml, *.yml and *.json
+    /// files). Repeat the flag, or separate paths with commas.
+    #[arg(short = 'f', long = "file", env = "SWITCHYARD_FILES", value_delimiter = ',', required = true)]
+    pub files: Vec<PathBuf>,
+
+    /// Address of the OpenAI-compatible API.
+    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "SWITCHYARD_ADMIN_LISTEN", default_value = "127.0.0.1:7701")]
+    pub admin_listen: SocketAddr,
+
+    /// How often the files are checked for changes.
+    #[arg(long, env = "SWITCHYARD_RELOAD_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub reload_interval: Duration,
+
+    /// On SIGTERM or SIGINT, how long in-flight requests and streams may take to finish.
+    #[arg(long, env = "SWITCHYARD_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "SWITCHYARD_MAX_REQUEST_BYTES", default_value_t = 32 << 20)]
+    pub max_request_bytes: usize,
+
+    /// Largest non-streamed upstream answer accepted, in bytes.
+    #[arg(long, env = "SWITCHYARD_MAX_RESPONSE_BYTES", default_value_t = 64 << 20)]
+    pub max_response_bytes: usize,
+}
+
+/// Why the sidecar stopped.
+#[derive(Debug)]
+pub enum SidecarError {
+    /// The configuration is invalid; nothing was served.
+    Config(ConfigErrors),
+    /// A listener could not be opened, or the server failed.
+    Io(String),
+}
+
+/// Loads the configuration, serves until SIGTERM or SIGINT, then drains.
+pub async fn run(args: SidecarArgs) -> Result<(), SidecarError> {
+    let sources = Sources { paths: args.files.clone() };
+    let loaded = {
+        let sources = sources.clone();
+        tokio::task::spawn_blocking(move || load(&sources))
+            .await
+            .map_err(|e| SidecarError::Io(format!("loading the configuration failed: {e}")))?
+            .map_err(SidecarError::Config)?
+    };
+    let limits = Limits { max_request_bytes: args.max_request_bytes, max_response_bytes: args.max_response_bytes };
+    let shared = Arc::new(Shared::new(&loaded.config, limits));
+    tracing::info!(routes = loaded.config.routes.len(), files = ?args.files, "configuration loaded");
+
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr).await.map_err(|e| SidecarError::Io(format!("cannot listen on {addr}: {e}")))
+    };
+    let api_listener = bind(args.listen).await?;
+    let admin_listener = bind(args.admin_listen).await?;
+    let api_addr = api_listener.local_addr().map_err(|e| SidecarError::Io(e.to_string()))?;
+    let admin_addr = admin_listener.local_addr().map_err(|e| SidecarError::Io(e.to_string()))?;
+
+    let reloader = {
+        let shared = shared.clone();
+        tokio::spawn(watch_sources(sources, args.reload_interval, loaded.fingerprint, move |result| {
+            apply_reload(&shared, result)
+        }))
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let api = axum::serve(api_listener.tap_io(|tcp| drop(tcp.set_nodelay(true))), api_router(shared.clone()))
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let mut api = tokio::spawn(async move { api.await });
+    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
+    let admin =
+        axum::serve(admin_listener, admin_router(shared.clone())).with_graceful_shutdown(stopped(admin_stop_rx));
+    let admin = tokio::spawn(async move { admin.await });
+    tracing::info!(api = %api_addr, admin = %admin_addr, "serving");
+
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        result = &mut api => {
+            reloader.abort();
+            return Err(SidecarError::Io(format!("the API server stopped: {result:?}")));
+        }
+    }
+    tracing::info!(drain_timeout = ?args.drain_timeout, "shutting down: draining in-flight requests");
+    shared.draining.store(true, Ordering::Relaxed);
+    reloader.abort();
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(args.drain_timeout, &mut api).await.is_err() {
+        tracing::warn!("drain timeout reached; closing the remaining connections");
+        api.abort();
+    }
+    let _ = admin_stop_tx.send(true);
+    let _ = admin.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn apply_reload(shared: &Shared, result: Result<Loaded, ConfigErrors>) {
+    match result {
+        Ok(loaded) => {
+            shared.apply(&loaded.config);
+            shared.metrics.reloads_ok.inc();
+            shared.metrics.last_reload_ok.set(1);
+            tracing::info!(routes = loaded.config.routes.len(), "configuration reloaded");
+        }
+        Err(errors) => {
+            shared.metrics.reloads_failed.inc();
+            shared.metrics.last_reload_ok.set(0);
+            for e in &errors.0 {
+                tracing::error!(error = %e, "configuration rejected; still serving the previous one");
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
+
+/// The OpenAI-compatible API.
+pub fn api_router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(proxy::chat_completions))
+        .route("/v1/models", get(proxy::models))
+        .method_not_allowed_fallback(proxy::method_not_allowed)
+        .fallback(proxy::unknown_path)
+        .with_state(shared)
+}
+
+/// Health, readiness and metrics.
+pub fn admin_router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(shared)
+}
+
+async fn readyz(axum::extract::State(shared): axum::extract::State<Arc<Shared>>) -> Response {
+    // A sidecar exists only once a configuration is loaded; it stops being ready when it drains.
+    if proxy::is_ready(&shared) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    }
+}
+
+async fn metrics(axum::extract::State(shared): axum::extract::State<Arc<Shared>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], shared.metrics.render()).into_response()
+}

@@ -1,0 +1,149 @@
+//! The sidecar's state: the shared parts that live for the whole process, and the immutable
+//! [`Snapshot`] of a configuration that requests read without locks.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Uri, header};
+
+use super::metrics::{SidecarMetrics, TargetMetrics};
+use super::upstream::{Clients, Upstream};
+use crate::config::{self, Config, Credential, FallbackPolicy, Timeouts};
+use crate::mock_provider::MockStats;
+use crate::providers::openai::json_string;
+
+/// Limits on bodies the sidecar holds in memory.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_request_bytes: usize,
+    pub max_response_bytes: usize,
+}
+
+/// What lives for the whole process.
+pub struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub metrics: SidecarMetrics,
+    pub clients: Clients,
+    pub limits: Limits,
+    /// Set on SIGTERM: `/readyz` fails so no new traffic is sent while in-flight requests finish.
+    pub draining: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(config: &Config, limits: Limits) -> Self {
+        let metrics = SidecarMetrics::default();
+        let clients = Clients::default();
+        let snapshot = Snapshot::build(config, &metrics, &clients);
+        metrics.routes.set(config.routes.len() as u64);
+        metrics.last_reload_ok.set(1);
+        Shared { snapshot: ArcSwap::from_pointee(snapshot), metrics, clients, limits, draining: AtomicBool::new(false) }
+    }
+
+    /// Swaps in a new configuration; requests in flight finish on the one they started with.
+    pub fn apply(&self, config: &Config) {
+        let snapshot = Snapshot::build(config, &self.metrics, &self.clients);
+        self.snapshot.store(Arc::new(snapshot));
+        self.metrics.routes.set(config.routes.len() as u64);
+    }
+}
+
+/// One configuration, prepared for serving: everything a request needs is computed here once.
+pub struct Snapshot {
+    by_model: HashMap<Box<str>, Arc<RouteRt>>,
+    /// The `GET /v1/models` body.
+    pub models_json: Bytes,
+}
+
+pub struct RouteRt {
+    /// `namespace/name`, as in metrics.
+    pub id: String,
+    pub model: String,
+    pub targets: Vec<TargetRt>,
+    pub fallback: FallbackPolicy,
+}
+
+pub struct TargetRt {
+    pub name: String,
+    pub provider: String,
+    /// The upstream model as a JSON string literal, ready to splice into request bodies.
+    pub model_json: String,
+    pub upstream: Upstream,
+    /// Content type, credentials and static headers of every request to this target.
+    pub headers: HeaderMap,
+    pub credential: Option<Credential>,
+    pub timeouts: Timeouts,
+    pub metrics: Arc<TargetMetrics>,
+}
+
+impl Snapshot {
+    pub fn build(config: &Config, metrics: &SidecarMetrics, clients: &Clients) -> Snapshot {
+        let mut by_model = HashMap::new();
+        let mut models = Vec::new();
+        for route in &config.routes {
+            let id = format!("{}/{}", route.namespace, route.name);
+            let targets = route.targets.iter().map(|t| TargetRt::build(&id, t, metrics, clients)).collect();
+            let rt = Arc::new(RouteRt { id, model: route.model.clone(), targets, fallback: route.fallback });
+            for name in route.model_names() {
+                by_model.insert(name.into(), rt.clone());
+                models.push(serde_json::json!({"id": name, "object": "model", "created": 0, "owned_by": "switchyard"}));
+            }
+        }
+        let models_json = serde_json::json!({"object": "list", "data": models}).to_string().into();
+        Snapshot { by_model, models_json }
+    }
+
+    pub fn route(&self, model: &str) -> Option<&Arc<RouteRt>> {
+        self.by_model.get(model)
+    }
+
+    /// Every model name served, sorted, for error messages.
+    pub fn known_models(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.by_model.keys().map(|k| k.to_string()).collect();
+        names.sort();
+        names
+    }
+}
+
+impl TargetRt {
+    fn build(route_id: &str, t: &config::Target, metrics: &SidecarMetrics, clients: &Clients) -> TargetRt {
+        let upstream = match &t.upstream {
+            config::Upstream::OpenAi { base_url } => Upstream::Http {
+                client: clients.get(t.timeouts.connect),
+                // compile() checked that the base URL parses, so appending a path keeps it valid.
+                uri: format!("{base_url}/chat/completions").parse().unwrap_or_else(|_| Uri::from_static("/")),
+            },
+            config::Upstream::Mock(options) => {
+                Upstream::Mock { options: options.clone(), stats: Arc::new(MockStats::default()) }
+            }
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        // compile() validated every name and value below.
+        for (name, value) in &t.headers {
+            if let (Ok(name), Ok(value)) = (HeaderName::try_from(name.as_str()), HeaderValue::try_from(value.as_str()))
+            {
+                headers.insert(name, value);
+            }
+        }
+        if let Some(credential) = &t.credential
+            && let Ok(mut value) = HeaderValue::try_from(format!("Bearer {}", credential.expose()))
+        {
+            // Keeps the value out of HTTP/2 header compression tables and debug output.
+            value.set_sensitive(true);
+            headers.insert(header::AUTHORIZATION, value);
+        }
+        TargetRt {
+            name: t.name.clone(),
+            provider: t.provider.clone(),
+            model_json: json_string(&t.model),
+            upstream,
+            headers,
+            credential: t.credential.clone(),
+            timeouts: t.timeouts,
+            metrics: metrics.target(route_id, &t.name),
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! Sending one attempt to an upstream: pooled HTTP/1.1 and HTTP/2 over TCP or TLS, or the
+//! in-process mock provider.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use http_body_util::Full;
+use hyper::body::{Body, Frame, Incoming};
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+use crate::mock_provider::{MockOptions, MockStats, chat_completion};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type HttpClient = Client<TimeoutConnector, Full<Bytes>>;
+
+/// Where a target's attempts go.
+#[derive(Clone, Debug)]
+pub enum Upstream {
+    Http { client: Arc<HttpClient>, uri: Uri },
+    Mock { options: Arc<MockOptions>, stats: Arc<MockStats> },
+}
+
+/// Why an attempt got no response headers.
+#[derive(Debug)]
+pub enum SendError {
+    /// The connection could not be opened within the target's connect timeout.
+    ConnectTimeout,
+    /// The connection could not be opened, or broke before the response headers.
+    Connect(String),
+}
+
+impl Upstream {
+    /// Sends a request and waits for the response headers.
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<UpstreamBody>, SendError> {
+        match self {
+            Upstream::Http { client, .. } => {
+                client.request(request).await.map(|r| r.map(UpstreamBody::Http)).map_err(classify)
+            }
+            Upstream::Mock { options, stats } => {
+                let (parts, body) = request.into_parts();
+                // Full<Bytes> holds the whole body; collecting it cannot fail or wait.
+                let body = http_body_util::BodyExt::collect(body).await.map(|c| c.to_bytes()).unwrap_or_default();
+                let response = chat_completion(options, stats, &parts.headers, &body).await;
+                Ok(response.map(UpstreamBody::Mock))
+            }
+        }
+    }
+}
+
+fn classify(e: hyper_util::client::legacy::Error) -> SendError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    let mut chain = Vec::new();
+    while let Some(err) = source {
+        if err.is::<ConnectTimeout>() {
+            return SendError::ConnectTimeout;
+        }
+        chain.push(err.to_string());
+        source = err.source();
+    }
+    SendError::Connect(chain.join(": "))
+}
+
+/// A response body from either kind of upstream, without boxing the HTTP one.
+pub enum UpstreamBody {
+    Http(Incoming),
+    Mock(axum::body::Body),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Http(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::Mock(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Http(b) => b.is_end_stream(),
+            UpstreamBody::Mock(b) => b.is_end_stream(),
+        }
+    }
+}
+
+/// HTTP clients by connect timeout. A client owns a connection pool, so clients live across
+/// configuration reloads and targets with the same connect timeout share one.
+#[derive(Default)]
+pub struct Clients {
+    by_connect_timeout: Mutex<HashMap<Duration, Arc<HttpClient>>>,
+}
+
+impl Clients {
+    pub fn get(&self, connect_timeout: Duration) -> Arc<HttpClient> {
+        let mut clients = self.by_connect_timeout.lock().unwrap_or_else(|e| e.into_inner());
+        clients.entry(connect_timeout).or_insert_with(|| Arc::new(new_client(connect_timeout))).clone()
+    }
+}
+
+fn new_client(connect_timeout: Duration) -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+        // The ring provider supports rustls' default protocol versions; this cannot fail.
+        .expect("TLS configuration with default protocol versions")
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(TimeoutConnector { inner: https, timeout: connect_timeout })
+}
+
+/// Bounds TCP connect plus TLS handshake, and marks the failure so it is told apart from a refusal.
+#[derive(Clone)]
+pub struct TimeoutConnector {
+    inner: HttpsConnector<HttpConnector>,
+    timeout: Duration,
+}
+
+#[derive(Debug)]
+struct ConnectTimeout;
+
+impl std::fmt::Display for ConnectTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connect timeout")
+    }
+}
+
+impl std::error::Error for ConnectTimeout {}
+
+impl tower_service::Service<Uri> for TimeoutConnector {
+    type Response = MaybeHttpsStream<TokioIo<TcpStream>>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, connecting).await {
+                Ok(result) => result,
+                Err(_) => Err(Box::new(ConnectTimeout) as BoxError),
+            }
+        })
+    }
+}
