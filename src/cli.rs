@@ -1,5 +1,6 @@
 //! The command line: subcommands and flags only; each subcommand's logic lives in its module.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -76,7 +77,8 @@ pub fn main() -> ExitCode {
                     let listener = tokio::net::TcpListener::bind(args.listen)
                         .await
                         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-                    tracing::info!(listen = %args.listen, options = ?args.options, "mock provider serving");
+                    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+                    tracing::info!(listen = %addr, options = ?args.options, "mock provider serving");
                     let shutdown = async {
                         let _ = tokio::signal::ctrl_c().await;
                     };
@@ -111,5 +113,9 @@ fn init_logging(filter: &str) {
         eprintln!("switchyard: invalid --log filter {filter:?} ({e}); using \"info\"");
         EnvFilter::new("info")
     });
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
 }

@@ -23,6 +23,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use crate::api::units::{MICROS_PER_UNIT, parse_duration, parse_micros};
+use crate::config::Credential;
 
 /// How the fake provider behaves. Every knob is a flag of `switchyard mock-provider` and a query
 /// parameter of a `mock://` base URL (`mock://local?latency=50ms&fail-rate=0.5`).
@@ -66,8 +67,8 @@ pub struct MockOptions {
     pub hang: bool,
 
     /// Answer 401 unless the request carries `Authorization: Bearer <KEY>`.
-    #[arg(long, env = "SWITCHYARD_MOCK_REQUIRE_KEY", hide_env_values = true)]
-    pub require_key: Option<String>,
+    #[arg(long, env = "SWITCHYARD_MOCK_REQUIRE_KEY", hide_env_values = true, value_parser = parse_key)]
+    pub require_key: Option<Credential>,
 }
 
 /// When a stream ends with a usage chunk.
@@ -94,6 +95,10 @@ fn parse_rate(s: &str) -> Result<u64, String> {
         return Err(format!("{s:?} is not between 0 and 1"));
     }
     Ok(ppm)
+}
+
+fn parse_key(s: &str) -> Result<Credential, String> {
+    Ok(Credential::new(s.to_string()))
 }
 
 fn parse_count(s: &str) -> Result<u32, String> {
@@ -190,7 +195,7 @@ pub async fn chat_completion(options: &MockOptions, stats: &MockStats, headers: 
         std::future::pending::<()>().await;
     }
     if let Some(key) = &options.require_key {
-        let expected = format!("Bearer {key}");
+        let expected = format!("Bearer {}", key.expose());
         if headers.get(header::AUTHORIZATION).is_none_or(|v| v.as_bytes() != expected.as_bytes()) {
             return error(StatusCode::UNAUTHORIZED, "invalid_api_key", "Incorrect API key provided.");
         }

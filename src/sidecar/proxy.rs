@@ -194,8 +194,11 @@ async fn attempt(
         // A provider rejecting Switchyard's own credentials is not the caller's error to see.
         if status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN {
             let mut response = Response::from_parts(parts, Body::from(error_body));
-            strip_hop_by_hop(response.headers_mut());
-            response.headers_mut().insert(ERROR_SOURCE, HeaderValue::from_static("upstream"));
+            let headers = response.headers_mut();
+            strip_hop_by_hop(headers);
+            // Redaction may have changed the length; the server sets it from the body.
+            headers.remove(header::CONTENT_LENGTH);
+            headers.insert(ERROR_SOURCE, HeaderValue::from_static("upstream"));
             failure.passthrough = Some(response);
         }
         return Err(failure);

@@ -1,0 +1,485 @@
+//! Test harness: the real `switchyard` binary as a child process, a scripted upstream, and a small
+//! HTTP client. Everything listens on 127.0.0.1 with ports chosen by the kernel.
+#![allow(dead_code)] // Each test binary uses a different part of the harness.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode, header};
+use http_body_util::channel::Channel;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::Semaphore;
+
+/// The upper bound on any single wait in a test. It only turns a hang into a failure; nothing is
+/// asserted about how long things take.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A fresh directory under cargo's target tmp dir.
+pub fn temp_dir(name: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// A running `switchyard` process. Killed on drop.
+pub struct Process {
+    pub child: Child,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+impl Process {
+    /// Starts `switchyard ARGS` and waits for the stderr line containing `ready_marker`.
+    pub fn start(args: &[&str], envs: &[(&str, &str)], ready_marker: &str) -> (Process, String) {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        command.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        for (k, v) in envs {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("spawn switchyard");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = BufReader::new(child.stderr.take().expect("stderr"));
+        let log = stderr.clone();
+        let marker = ready_marker.to_string();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in reader.lines().map_while(Result::ok) {
+                log.lock().unwrap().push_str(&line);
+                log.lock().unwrap().push('\n');
+                if line.contains(&marker)
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let process = Process { child, stderr };
+        match rx.recv_timeout(PATIENCE) {
+            Ok(line) => (process, line),
+            Err(_) => panic!("switchyard did not log {ready_marker:?}; stderr:\n{}", process.log()),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, failing the test if it does not.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "switchyard did not exit; stderr:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `switchyard ARGS` to completion: (exit code, stdout, stderr).
+pub fn run(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard")).args(args).output().expect("run switchyard");
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// A sidecar on kernel-chosen ports, serving the YAML in `config` (written to a file it watches).
+pub struct Sidecar {
+    pub process: Process,
+    pub api: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+}
+
+impl Sidecar {
+    pub fn start(config: &str) -> Sidecar {
+        Self::start_with(config, &[], &[])
+    }
+
+    pub fn start_with(config: &str, extra_args: &[&str], envs: &[(&str, &str)]) -> Sidecar {
+        let dir = temp_dir("sidecar");
+        let config_path = dir.join("routes.yaml");
+        std::fs::write(&config_path, config).expect("write config");
+        let path = config_path.to_str().expect("utf-8 path");
+        let mut args = vec![
+            "sidecar",
+            "-f",
+            path,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--reload-interval",
+            "100ms",
+        ];
+        args.extend_from_slice(extra_args);
+        let (process, line) = Process::start(&args, envs, "serving");
+        Sidecar { process, api: addr_after(&line, "api="), admin: addr_after(&line, "admin="), config_path }
+    }
+}
+
+/// Reads `KEY=127.0.0.1:PORT` out of a log line.
+pub fn addr_after(line: &str, key: &str) -> SocketAddr {
+    let rest = &line[line.find(key).unwrap_or_else(|| panic!("no {key} in {line:?}")) + key.len()..];
+    rest.split_whitespace().next().unwrap().parse().unwrap_or_else(|e| panic!("bad address in {line:?}: {e}"))
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map(|v| v.to_str().unwrap()).unwrap_or("")
+    }
+}
+
+fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub async fn send(addr: SocketAddr, method: &str, path: &str, body: &str) -> http::Response<Incoming> {
+    let request = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
+        .unwrap();
+    tokio::time::timeout(PATIENCE, client().request(request))
+        .await
+        .expect("response headers in time")
+        .expect("request sent")
+}
+
+pub async fn read(response: http::Response<Incoming>) -> Reply {
+    let (parts, body) = response.into_parts();
+    let body = tokio::time::timeout(PATIENCE, body.collect()).await.expect("body in time").expect("body").to_bytes();
+    Reply { status: parts.status, headers: parts.headers, body: String::from_utf8_lossy(&body).into() }
+}
+
+pub async fn post(addr: SocketAddr, path: &str, body: &str) -> Reply {
+    read(send(addr, "POST", path, body).await).await
+}
+
+pub async fn get(addr: SocketAddr, path: &str) -> Reply {
+    read(send(addr, "GET", path, "").await).await
+}
+
+/// The next data chunk of a streamed body, or `None` at its end.
+pub async fn next_chunk(body: &mut Incoming) -> Option<Bytes> {
+    loop {
+        let frame = tokio::time::timeout(PATIENCE, body.frame()).await.expect("next chunk in time")?;
+        if let Ok(data) = frame.expect("stream frame").into_data() {
+            return Some(data);
+        }
+    }
+}
+
+/// Everything left of a streamed body, as text.
+pub async fn rest(body: &mut Incoming) -> String {
+    let mut out = Vec::new();
+    while let Some(chunk) = next_chunk(body).await {
+        out.extend_from_slice(&chunk);
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// The value of a metric series in a Prometheus text exposition, 0 if absent.
+pub fn metric(exposition: &str, series: &str) -> u64 {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// Polls until `check` holds, failing the test after [`PATIENCE`].
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "gave up waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A request as the scripted upstream received it.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// An upstream whose behaviour is chosen by the first path segment of the target's base URL:
+///
+/// - `ok`: a chat completion echoing the request's model; `sse-ok` streams one.
+/// - `status-NNN`: an OpenAI error body with status NNN (`status-429` adds `Retry-After`).
+/// - `hang`: never answers. `stall-json`: headers, part of a body, then nothing.
+/// - `garbage`: 200 with a body that is not JSON. `reset-json`: headers, then a broken body.
+/// - `sse-break`: two events, then a broken connection. `sse-stall`: two events, then nothing.
+/// - `sse-gated`: [`GATED_EVENTS`], sending each after the first only when the test opens the gate.
+/// - `echo-key`: a 500 whose body repeats the Authorization header it received.
+#[derive(Clone)]
+pub struct ScriptedUpstream {
+    pub addr: SocketAddr,
+    pub requests: Arc<Mutex<Vec<Recorded>>>,
+    pub gate: Arc<Semaphore>,
+}
+
+/// The bytes `sse-gated` sends, deliberately split mid-event and mid-line.
+pub const GATED_EVENTS: [&str; 4] = [
+    "data: {\"id\":\"g\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
+    "data: {\"id\":\"g\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"caf\u{e9} \"}}]}\n\n: a comment line\n\n",
+    "data: {\"id\":\"g\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"ok\"},\"finish_reason\":\"stop\"}]}\r\n\r\n",
+    "data: [DONE]\n\n",
+];
+
+/// Where `sse-gated` cuts [`GATED_EVENTS`]: inside events, inside a line, inside the UTF-8 `é`.
+pub fn gated_cuts() -> Vec<usize> {
+    let all: String = GATED_EVENTS.concat();
+    vec![0, 40, all.find('\u{e9}').unwrap() + 1, all.find("ok").unwrap(), all.len() - 3, all.len()]
+}
+
+impl ScriptedUpstream {
+    pub async fn start() -> ScriptedUpstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = ScriptedUpstream {
+            addr: listener.local_addr().unwrap(),
+            requests: Arc::default(),
+            gate: Arc::new(Semaphore::new(0)),
+        };
+        let app = axum::Router::new().fallback(script).with_state(upstream.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        upstream
+    }
+
+    /// The base URL of one behaviour.
+    pub fn url(&self, behaviour: &str) -> String {
+        format!("http://{}/{behaviour}", self.addr)
+    }
+
+    /// Requests received for a behaviour.
+    pub fn hits(&self, behaviour: &str) -> usize {
+        let prefix = format!("/{behaviour}/");
+        self.requests.lock().unwrap().iter().filter(|r| r.path.starts_with(&prefix)).count()
+    }
+
+    pub fn recorded(&self, behaviour: &str) -> Vec<Recorded> {
+        let prefix = format!("/{behaviour}/");
+        self.requests.lock().unwrap().iter().filter(|r| r.path.starts_with(&prefix)).cloned().collect()
+    }
+}
+
+fn json(status: StatusCode, body: serde_json::Value) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+fn sse_chunk(content: &str) -> String {
+    format!(
+        "data: {}\n\n",
+        serde_json::json!({"id": "s", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": content}}]})
+    )
+}
+
+fn sse_response(body: Channel<Bytes, std::io::Error>) -> Response {
+    ([(header::CONTENT_TYPE, "text/event-stream")], Body::new(body)).into_response()
+}
+
+async fn script(State(up): State<ScriptedUpstream>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let path = parts.uri.path().to_string();
+    up.requests.lock().unwrap().push(Recorded {
+        path: path.clone(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    });
+    let behaviour = path.trim_start_matches('/').split('/').next().unwrap_or("").to_string();
+    let model =
+        serde_json::from_slice::<serde_json::Value>(&body).ok().and_then(|v| v["model"].as_str().map(String::from));
+
+    if let Some(code) = behaviour.strip_prefix("status-") {
+        let status = StatusCode::from_u16(code.parse().unwrap()).unwrap();
+        let mut response = json(
+            status,
+            serde_json::json!({"error": {"message": format!("upstream says {code}"), "type": "test", "code": null}}),
+        );
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            response.headers_mut().insert(header::RETRY_AFTER, "7".parse().unwrap());
+        }
+        return response;
+    }
+    match behaviour.as_str() {
+        "ok" => json(
+            StatusCode::OK,
+            serde_json::json!({
+                "id": "chatcmpl-ok", "object": "chat.completion", "created": 1, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+            }),
+        ),
+        "hang" => std::future::pending().await,
+        "stall-json" => {
+            let (mut tx, body) = Channel::<Bytes, std::io::Error>::new(1);
+            tokio::spawn(async move {
+                let _ = tx.send_data(Bytes::from_static(b"{\"id\":")).await;
+                std::future::pending::<()>().await;
+                drop(tx);
+            });
+            ([(header::CONTENT_TYPE, "application/json")], Body::new(body)).into_response()
+        }
+        "garbage" => {
+            ([(header::CONTENT_TYPE, "application/json")], "<html>502 from a load balancer</html>").into_response()
+        }
+        "reset-json" => {
+            let (tx, body) = Channel::<Bytes, std::io::Error>::new(1);
+            tx.abort(std::io::Error::other("scripted reset"));
+            ([(header::CONTENT_TYPE, "application/json")], Body::new(body)).into_response()
+        }
+        "sse-ok" | "sse-break" | "sse-stall" => {
+            let (mut tx, body) = Channel::<Bytes, std::io::Error>::new(4);
+            tokio::spawn(async move {
+                for word in ["one", "two"] {
+                    let _ = tx.send_data(Bytes::from(sse_chunk(word))).await;
+                }
+                match behaviour.as_str() {
+                    "sse-ok" => {
+                        let _ = tx.send_data(Bytes::from(sse_chunk("three"))).await;
+                        let _ = tx.send_data(Bytes::from_static(b"data: [DONE]\n\n")).await;
+                    }
+                    // Half an event, then the connection breaks.
+                    "sse-break" => {
+                        let _ = tx.send_data(Bytes::from_static(b"data: {\"id\":\"s\",\"choi")).await;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        tx.abort(std::io::Error::other("scripted reset"));
+                    }
+                    _ => {
+                        std::future::pending::<()>().await;
+                        drop(tx);
+                    }
+                }
+            });
+            sse_response(body)
+        }
+        "sse-gated" => {
+            let (mut tx, body) = Channel::<Bytes, std::io::Error>::new(1);
+            let gate = up.gate.clone();
+            tokio::spawn(async move {
+                let all: String = GATED_EVENTS.concat();
+                for (i, w) in gated_cuts().windows(2).enumerate() {
+                    if i > 0 {
+                        gate.acquire().await.unwrap().forget();
+                    }
+                    if tx.send_data(Bytes::copy_from_slice(&all.as_bytes()[w[0]..w[1]])).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            sse_response(body)
+        }
+        "echo-key" => {
+            let key =
+                parts.headers.get(header::AUTHORIZATION).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+            json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                serde_json::json!({"error": {"message": format!("bad request with {key}")}}),
+            )
+        }
+        _ => {
+            json(StatusCode::NOT_FOUND, serde_json::json!({"error": {"message": format!("no behaviour {behaviour}")}}))
+        }
+    }
+}
+
+/// A port with nothing listening on it.
+pub fn closed_port() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// A TCP server that accepts connections and never says anything: a TLS handshake against it never
+/// completes, which is how a connect timeout is produced on loopback.
+pub async fn silent_server() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    addr
+}
+
+/// A TCP server that closes every connection as soon as it is accepted.
+pub async fn closing_server() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            drop(socket);
+        }
+    });
+    addr
+}
+
+/// Parses the SSE `data:` payloads of a stream.
+pub fn sse_data(text: &str) -> Vec<String> {
+    text.split("\n\n")
+        .flat_map(|event| event.lines())
+        .filter_map(|line| line.trim_end_matches('\r').strip_prefix("data: ").map(String::from))
+        .collect()
+}
+
+/// A map of metric name -> value, for debugging output in assertions.
+pub fn counters(exposition: &str) -> HashMap<String, String> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' ').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect()
+}

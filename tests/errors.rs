@@ -1,0 +1,142 @@
+//! Errors the caller sees, and the provider key never leaking into responses, logs or metrics.
+
+mod common;
+
+use common::*;
+
+const KEY: &str = "sk-test-9f8e7d6c5b4a3210";
+
+fn config(up: &ScriptedUpstream) -> String {
+    format!(
+        r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {{name: chat}}
+spec:
+  model: chat
+  aliases: [gpt-4o, gpt-4o-mini]
+  targets:
+    - {{name: only, baseUrl: "{ok}"}}
+---
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {{name: keyed}}
+spec:
+  model: keyed
+  targets:
+    - {{name: echoes, baseUrl: "{echo}", credentials: {{env: TEST_PROVIDER_KEY}}}}
+    - {{name: fine, baseUrl: "{ok_keyed}", credentials: {{secretRef: {{name: provider, key: api-key}}}}}}
+---
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {{name: keyed-passthrough}}
+spec:
+  model: keyed-passthrough
+  fallback: {{on: []}}
+  targets:
+    - {{name: echoes, baseUrl: "{echo}", credentials: {{env: TEST_PROVIDER_KEY}}}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: provider}}
+stringData:
+  api-key: "{KEY}"
+"#,
+        ok = up.url("ok/chat"),
+        echo = up.url("echo-key"),
+        ok_keyed = up.url("ok/keyed"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_openai_shaped_errors() {
+    let up = ScriptedUpstream::start().await;
+    let sidecar = Sidecar::start_with(&config(&up), &["--max-request-bytes", "1000"], &[("TEST_PROVIDER_KEY", KEY)]);
+    let api = sidecar.api;
+
+    let cases: [(&str, &str, u16, &str); 7] = [
+        ("malformed JSON", r##"{"model": "chat", "messages": ["##, 400, "invalid_json"),
+        ("not an object", r#"["chat"]"#, 400, "invalid_json"),
+        ("missing model", r#"{"messages": []}"#, 400, "missing_model"),
+        ("model not a string", r#"{"model": 4}"#, 400, "invalid_model"),
+        ("stream not a bool", r#"{"model": "chat", "stream": "yes"}"#, 400, "invalid_json"),
+        ("unknown model", r#"{"model": "gpt-5"}"#, 404, "model_not_found"),
+        ("too large", &format!(r#"{{"model": "chat", "pad": "{}"}}"#, "x".repeat(2000)), 413, "request_too_large"),
+    ];
+    for (what, body, status, code) in cases {
+        let reply = post(api, "/v1/chat/completions", body).await;
+        assert_eq!(reply.status, status, "{what}: {}", reply.body);
+        assert_eq!(reply.header("content-type"), "application/json", "{what}");
+        assert_eq!(reply.header("x-switchyard-error-source"), "proxy", "{what}");
+        let error = &reply.json()["error"];
+        assert_eq!(error["code"], code, "{what}: {error}");
+        assert_eq!(error["type"], "invalid_request_error", "{what}");
+        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}");
+    }
+    assert_eq!(up.requests.lock().unwrap().len(), 0, "no bad request reaches an upstream");
+
+    let reply = post(api, "/v1/chat/completions", r#"{"model": "gpt-5"}"#).await;
+    let error = &reply.json()["error"];
+    assert_eq!(
+        error["message"],
+        "The model \"gpt-5\" does not exist. Known models: chat, gpt-4o, gpt-4o-mini, keyed, keyed-passthrough."
+    );
+    assert_eq!(
+        error["metadata"]["known_models"],
+        serde_json::json!(["chat", "gpt-4o", "gpt-4o-mini", "keyed", "keyed-passthrough"])
+    );
+
+    let reply = get(api, "/v1/nothing-here").await;
+    assert_eq!(reply.status, 404);
+    assert_eq!(reply.json()["error"]["code"], "unknown_endpoint");
+    let reply = get(api, "/v1/chat/completions").await;
+    assert_eq!(reply.status, 405);
+    assert_eq!(reply.json()["error"]["code"], "method_not_allowed");
+
+    // Aliases route like the model.
+    let reply = post(api, "/v1/chat/completions", r#"{"model": "gpt-4o-mini"}"#).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+
+    let models = get(api, "/v1/models").await;
+    assert_eq!(models.status, 200);
+    let ids: Vec<String> =
+        models.json()["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids, ["chat", "gpt-4o", "gpt-4o-mini", "keyed", "keyed-passthrough"]);
+    assert_eq!(models.json()["object"], "list");
+
+    let metrics = get(sidecar.admin, "/metrics").await.body;
+    assert_eq!(metric(&metrics, r#"switchyard_requests_total{route="",target="",status="400"}"#), 5);
+    assert_eq!(metric(&metrics, r#"switchyard_requests_total{route="",target="",status="404"}"#), 3);
+    assert_eq!(metric(&metrics, r#"switchyard_requests_total{route="",target="",status="413"}"#), 1);
+    assert_eq!(metric(&metrics, r#"switchyard_requests_total{route="default/chat",target="only",status="200"}"#), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn provider_keys_reach_the_upstream_and_nothing_else() {
+    let up = ScriptedUpstream::start().await;
+    let sidecar = Sidecar::start_with(&config(&up), &["--log", "trace"], &[("TEST_PROVIDER_KEY", KEY)]);
+
+    let reply = post(sidecar.api, "/v1/chat/completions", r#"{"model":"keyed"}"#).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.header("x-switchyard-target"), "fine");
+    for behaviour in ["echo-key", "ok/keyed"] {
+        let recorded = up.recorded(behaviour);
+        assert_eq!(recorded.len(), 1, "{behaviour}");
+        assert_eq!(recorded[0].headers["authorization"], format!("Bearer {KEY}"), "{behaviour}");
+        assert_eq!(recorded[0].headers["content-type"], "application/json");
+    }
+
+    // The upstream echoes the key in its error; the caller gets the error without it.
+    let reply = post(sidecar.api, "/v1/chat/completions", r#"{"model":"keyed-passthrough"}"#).await;
+    assert_eq!(reply.status, 500);
+    assert_eq!(reply.header("x-switchyard-error-source"), "upstream");
+    assert_eq!(reply.json()["error"]["message"], "bad request with Bearer [redacted]");
+
+    let metrics = get(sidecar.admin, "/metrics").await.body;
+    let models = get(sidecar.api, "/v1/models").await.body;
+    let log = sidecar.process.log();
+    for (what, text) in [("metrics", &metrics), ("models", &models), ("log", &log), ("response", &reply.body)] {
+        assert!(!text.contains(KEY), "the key leaked into the {what}:\n{text}");
+    }
+    assert!(log.contains("attempt failed"), "the trace log covered the failed attempt:\n{log}");
+}

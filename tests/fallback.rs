@@ -1,0 +1,247 @@
+//! Fallback: each failure reason falls back when it is listed in `fallback.on` and does not when it
+//! is not; attempts are bounded; a stream never falls back once it has started.
+//!
+//! One sidecar process serves a route per case, against a scripted upstream on 127.0.0.1.
+
+mod common;
+
+use common::*;
+
+/// One way for the first target to fail.
+struct Case {
+    name: &'static str,
+    reason: &'static str,
+    base_url: String,
+    timeouts: &'static str,
+    /// Status the caller sees when the reason is not listed.
+    unlisted_status: u16,
+    /// `x-switchyard-error-source` then.
+    unlisted_source: &'static str,
+}
+
+const ALL_REASONS: [&str; 5] = ["connect", "timeout", "429", "5xx", "4xx"];
+
+async fn cases(up: &ScriptedUpstream) -> Vec<Case> {
+    let case = |name, reason, base_url: String, timeouts, status, source| Case {
+        name,
+        reason,
+        base_url,
+        timeouts,
+        unlisted_status: status,
+        unlisted_source: source,
+    };
+    vec![
+        case("refused", "connect", format!("http://{}", closed_port()), "{}", 502, "proxy"),
+        case("closed", "connect", format!("http://{}", closing_server().await), "{}", 502, "proxy"),
+        case("reset-body", "connect", up.url("reset-json"), "{}", 502, "proxy"),
+        case(
+            "connect-timeout",
+            "timeout",
+            format!("https://{}", silent_server().await),
+            "{connect: 200ms, firstByte: 5s, total: 10s}",
+            504,
+            "proxy",
+        ),
+        case("first-byte-timeout", "timeout", up.url("hang"), "{firstByte: 200ms}", 504, "proxy"),
+        case(
+            "total-timeout",
+            "timeout",
+            up.url("stall-json"),
+            "{connect: 100ms, firstByte: 200ms, total: 400ms}",
+            504,
+            "proxy",
+        ),
+        case("too-many", "429", up.url("status-429"), "{}", 429, "upstream"),
+        case("server-500", "5xx", up.url("status-500"), "{}", 500, "upstream"),
+        case("server-503", "5xx", up.url("status-503"), "{}", 503, "upstream"),
+        case("garbage", "5xx", up.url("garbage"), "{}", 502, "proxy"),
+        case("bad-request", "4xx", up.url("status-400"), "{}", 400, "upstream"),
+        case("unauthorized", "4xx", up.url("status-401"), "{}", 502, "proxy"),
+    ]
+}
+
+fn route(model: &str, on: &[&str], bad_url: &str, timeouts: &str, good_url: &str) -> String {
+    let on: Vec<String> = on.iter().map(|r| format!("{r:?}")).collect();
+    format!(
+        r#"---
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {{name: {model}}}
+spec:
+  model: {model}
+  fallback: {{on: [{on}]}}
+  targets:
+    - {{name: bad, baseUrl: "{bad_url}", model: bad-model, timeouts: {timeouts}}}
+    - {{name: good, baseUrl: "{good_url}", model: good-model}}
+"#,
+        on = on.join(", ")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_reason_falls_back_only_when_listed() {
+    let up = ScriptedUpstream::start().await;
+    let cases = cases(&up).await;
+    let mut config = String::new();
+    for c in &cases {
+        let others: Vec<&str> = ALL_REASONS.iter().copied().filter(|r| *r != c.reason).collect();
+        config += &route(
+            &format!("{}-listed", c.name),
+            &[c.reason],
+            &c.base_url,
+            c.timeouts,
+            &up.url(&format!("ok/{}-listed", c.name)),
+        );
+        config += &route(
+            &format!("{}-unlisted", c.name),
+            &others,
+            &c.base_url,
+            c.timeouts,
+            &up.url(&format!("ok/{}-unlisted", c.name)),
+        );
+    }
+    let sidecar = Sidecar::start(&config);
+
+    for c in &cases {
+        let listed = format!("{}-listed", c.name);
+        let reply =
+            post(sidecar.api, "/v1/chat/completions", &format!(r#"{{"model":"{listed}","messages":[]}}"#)).await;
+        assert_eq!(reply.status, 200, "{listed}: {}", reply.body);
+        assert_eq!(reply.header("x-switchyard-target"), "good", "{listed}");
+        assert_eq!(reply.header("x-switchyard-attempts"), "2", "{listed}");
+        assert_eq!(reply.json()["model"], "good-model", "{listed}: the upstream model is spliced in");
+        assert_eq!(up.hits(&format!("ok/{listed}")), 1, "{listed}");
+
+        let unlisted = format!("{}-unlisted", c.name);
+        let reply =
+            post(sidecar.api, "/v1/chat/completions", &format!(r#"{{"model":"{unlisted}","messages":[]}}"#)).await;
+        assert_eq!(reply.status, c.unlisted_status, "{unlisted}: {}", reply.body);
+        assert_eq!(reply.header("x-switchyard-error-source"), c.unlisted_source, "{unlisted}");
+        assert_eq!(reply.header("x-switchyard-target"), "bad", "{unlisted}");
+        assert_eq!(reply.header("x-switchyard-attempts"), "1", "{unlisted}");
+        assert_eq!(up.hits(&format!("ok/{unlisted}")), 0, "{unlisted}: must not fall back");
+        if c.unlisted_source == "proxy" {
+            let errors = &reply.json()["error"]["metadata"]["previous_errors"];
+            assert_eq!(errors.as_array().unwrap().len(), 1, "{unlisted}: {errors}");
+            assert_eq!(errors[0]["target"], "bad");
+            assert_eq!(errors[0]["reason"], c.reason, "{unlisted}: {errors}");
+        } else {
+            // The upstream's own error passes through unchanged.
+            let code = c.unlisted_status;
+            assert_eq!(reply.json()["error"]["message"], format!("upstream says {code}"), "{unlisted}");
+        }
+    }
+    let too_many = post(sidecar.api, "/v1/chat/completions", r#"{"model":"too-many-unlisted"}"#).await;
+    assert_eq!(too_many.header("retry-after"), "7", "upstream headers pass through with its error");
+
+    let metrics = get(sidecar.admin, "/metrics").await.body;
+    for c in &cases {
+        let series = format!(
+            "switchyard_fallbacks_total{{route=\"default/{}-listed\",target=\"bad\",reason=\"{}\"}}",
+            c.name, c.reason
+        );
+        assert_eq!(metric(&metrics, &series), 1, "{series}\n{metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn attempts_are_bounded_and_every_failure_is_reported() {
+    let up = ScriptedUpstream::start().await;
+    let config = format!(
+        r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {{name: bounded, namespace: team-a}}
+spec:
+  model: bounded
+  fallback: {{maxAttempts: 2}}
+  targets:
+    - {{name: first, baseUrl: "{a}"}}
+    - {{name: second, baseUrl: "{b}"}}
+    - {{name: third, baseUrl: "{c}"}}
+---
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {{name: slow-last, namespace: team-a}}
+spec:
+  model: slow-last
+  targets:
+    - {{name: first, baseUrl: "{d}"}}
+    - {{name: second, baseUrl: "{e}", timeouts: {{firstByte: 200ms}}}}
+"#,
+        a = up.url("status-500"),
+        b = up.url("status-429"),
+        c = up.url("ok/third"),
+        d = up.url("status-503"),
+        e = up.url("hang"),
+    );
+    let sidecar = Sidecar::start(&config);
+
+    let reply = post(sidecar.api, "/v1/chat/completions", r#"{"model":"bounded"}"#).await;
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    assert_eq!(reply.header("x-switchyard-error-source"), "proxy");
+    assert_eq!(reply.header("x-switchyard-attempts"), "2");
+    assert_eq!(reply.header("x-switchyard-target"), "second");
+    assert_eq!(up.hits("ok/third"), 0, "maxAttempts stops before the third target");
+    let error = &reply.json()["error"];
+    assert_eq!(error["type"], "upstream_error");
+    assert_eq!(error["code"], "upstream_failed");
+    assert_eq!(
+        error["metadata"]["previous_errors"],
+        serde_json::json!([
+            {"target": "first", "status": 500, "reason": "5xx", "message": "upstream answered 500: upstream says 500"},
+            {"target": "second", "status": 429, "reason": "429", "message": "upstream answered 429: upstream says 429"},
+        ])
+    );
+    assert!(error["message"].as_str().unwrap().contains("bounded"));
+
+    let reply = post(sidecar.api, "/v1/chat/completions", r#"{"model":"slow-last"}"#).await;
+    assert_eq!(reply.status, 504, "the last attempt timed out: {}", reply.body);
+    let error = &reply.json()["error"];
+    assert_eq!(error["code"], "upstream_timeout");
+    let previous = error["metadata"]["previous_errors"].as_array().unwrap();
+    assert_eq!(previous.len(), 2);
+    assert_eq!(previous[0]["reason"], "5xx");
+    assert_eq!(previous[1]["reason"], "timeout");
+    assert_eq!(previous[1]["status"], serde_json::Value::Null);
+    assert_eq!(previous[1]["message"], "no response headers within the firstByte timeout of 200ms");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_never_falls_back_after_its_first_byte() {
+    let up = ScriptedUpstream::start().await;
+    let config = format!(
+        r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {{name: streamy}}
+spec:
+  model: streamy
+  fallback: {{on: [connect, timeout, "429", "5xx", "4xx"]}}
+  targets:
+    - {{name: breaks, baseUrl: "{a}"}}
+    - {{name: spare, baseUrl: "{b}"}}
+"#,
+        a = up.url("sse-break"),
+        b = up.url("sse-ok/spare"),
+    );
+    let sidecar = Sidecar::start(&config);
+    let response = send(sidecar.api, "POST", "/v1/chat/completions", r#"{"model":"streamy","stream":true}"#).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-switchyard-target"], "breaks");
+    let mut body = response.into_body();
+    let text = rest(&mut body).await;
+    let events = sse_data(&text);
+    assert_eq!(events.len(), 3, "two events, then the error event: {text}");
+    assert!(events[0].contains("\"one\"") && events[1].contains("\"two\""), "{text}");
+    assert!(!text.contains("choi\n"), "the half event is not forwarded: {text}");
+    let error: serde_json::Value = serde_json::from_str(&events[2]).unwrap();
+    assert_eq!(error["error"]["code"], "upstream_disconnected");
+    assert_eq!(error["choices"][0]["finish_reason"], "error");
+    assert_eq!(error["model"], "streamy");
+    assert!(!text.contains("[DONE]"), "a broken stream does not end as if it were complete");
+    assert_eq!(up.hits("sse-ok/spare"), 0, "no fallback once the answer started");
+
+    let metrics = get(sidecar.admin, "/metrics").await.body;
+    assert_eq!(metric(&metrics, r#"switchyard_stream_errors_total{route="default/streamy",target="breaks"}"#), 1);
+}
