@@ -30,6 +30,8 @@ use super::units::{DECIMAL_PATTERN, DURATION_PATTERN};
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.aliases) || !self.aliases.exists(a, a == self.model)")
+    .message("aliases must not repeat model"))]
 pub struct ProviderRouteSpec {
     /// The model name that applications send in the request's `model` field. Unique per namespace
     /// across every route's `model` and `aliases`.

@@ -321,12 +321,16 @@ fn upstream(api: Api, base_url: Option<&str>) -> Result<Upstream, String> {
                 return Err("is longer than 2048 characters".into());
             }
             let base_url = url.trim_end_matches('/');
-            let uri: Uri = base_url.parse().map_err(|e| format!("{url:?} is not a valid URL: {e}"))?;
+            // Messages do not repeat the URL: it may hold a password.
+            let uri: Uri = base_url.parse().map_err(|e| format!("is not a valid URL: {e}"))?;
             if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-                return Err(format!("{url:?} must be an http:// or https:// URL with a host"));
+                return Err("must be an http:// or https:// URL with a host".into());
+            }
+            if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+                return Err("must not contain credentials; use the target's credentials field".into());
             }
             if uri.query().is_some() {
-                return Err(format!("{url:?} must not have a query string"));
+                return Err("must not have a query string".into());
             }
             Ok(Upstream::OpenAi { base_url: base_url.to_string() })
         }

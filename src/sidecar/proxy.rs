@@ -20,7 +20,7 @@ use tokio::time::timeout_at;
 use super::error::{ATTEMPTS, AttemptFailure, ERROR_SOURCE, ProxyError, TARGET};
 use super::relay::SseRelay;
 use super::state::{RouteRt, Shared, TargetRt};
-use super::upstream::{SendError, UpstreamBody};
+use super::upstream::{SendError, UpstreamBody, error_chain};
 use crate::api::FallbackReason;
 use crate::api::units::format_duration;
 use crate::providers::openai::{ChatRequest, RequestError, parse_chat_request, upstream_error_message};
@@ -258,7 +258,7 @@ async fn read_body(body: UpstreamBody, limit: usize, deadline: Instant) -> Resul
         Err(_) => Err(ReadError::Timeout),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ReadError::TooLarge),
-        Ok(Err(e)) => Err(ReadError::Broken(e.to_string())),
+        Ok(Err(e)) => Err(ReadError::Broken(error_chain(&*e))),
     }
 }
 

@@ -16,7 +16,7 @@ use hyper::body::{Body, Frame};
 use tokio::time::Sleep;
 
 use super::state::RouteRt;
-use super::upstream::UpstreamBody;
+use super::upstream::{UpstreamBody, error_chain};
 use crate::api::units::format_duration;
 use crate::providers::openai::stream_error_event;
 
@@ -129,7 +129,7 @@ impl Body for SseRelay {
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    let message = format!("the upstream connection broke mid-stream: {e}");
+                    let message = format!("the upstream connection broke mid-stream: {}", error_chain(&*e));
                     return Poll::Ready(Some(Ok(Frame::data(this.fail("upstream_disconnected", message)))));
                 }
                 Poll::Ready(None) => {

@@ -59,15 +59,29 @@ impl Upstream {
 
 fn classify(e: hyper_util::client::legacy::Error) -> SendError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-    let mut chain = Vec::new();
     while let Some(err) = source {
         if err.is::<ConnectTimeout>() {
             return SendError::ConnectTimeout;
         }
-        chain.push(err.to_string());
         source = err.source();
     }
-    SendError::Connect(chain.join(": "))
+    SendError::Connect(error_chain(&e))
+}
+
+/// An error and its causes, `outer: inner: root`: hyper's own messages alone are too generic
+/// ("error reading a body from connection") to tell a reset from a protocol error.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(err) = source {
+        let text = err.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = err.source();
+    }
+    out
 }
 
 /// A response body from either kind of upstream, without boxing the HTTP one.

@@ -1,0 +1,286 @@
+//! The compile step: YAML documents and Secrets to the runtime config, with errors that name the
+//! file, the document, the object, the field and the reason.
+
+use std::time::Duration;
+
+use switchyard::api::FallbackReason;
+use switchyard::config::{ConfigErrors, Documents, Resolver, Upstream, compile, parse_file};
+
+struct MapResolver(&'static [(&'static str, &'static str)]);
+
+impl Resolver for MapResolver {
+    fn env(&self, name: &str) -> Option<String> {
+        self.0.iter().find(|(k, _)| *k == format!("env:{name}")).map(|(_, v)| v.to_string())
+    }
+    fn file(&self, path: &str) -> std::io::Result<String> {
+        self.0
+            .iter()
+            .find(|(k, _)| *k == format!("file:{path}"))
+            .map(|(_, v)| v.to_string())
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+    }
+}
+
+const NO_OUTSIDE: MapResolver = MapResolver(&[]);
+
+fn compile_files(files: &[(&str, &str)], resolver: &MapResolver) -> Result<switchyard::config::Config, Vec<String>> {
+    let mut docs = Documents::default();
+    let mut errors = Vec::new();
+    for (name, text) in files {
+        parse_file(name, text, &mut docs, &mut errors);
+    }
+    if !errors.is_empty() {
+        return Err(errors.iter().map(ToString::to_string).collect());
+    }
+    compile(&docs, resolver).map_err(|ConfigErrors(e)| e.iter().map(ToString::to_string).collect())
+}
+
+fn errors_of(files: &[(&str, &str)]) -> Vec<String> {
+    compile_files(files, &NO_OUTSIDE).expect_err("the configuration should be rejected")
+}
+
+const SECRET_ROUTES: &str = r#"
+apiVersion: v1
+kind: Secret
+metadata: {name: anthropic, namespace: team-a}
+data:
+  api-key: c2stYW50LWtleQo=
+---
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {name: chat, namespace: team-a}
+spec:
+  model: chat
+  targets:
+    - {name: first, baseUrl: "https://api.example.com/v1", credentials: {secretRef: {name: anthropic, key: api-key}}}
+    - {name: second, baseUrl: "https://api.openai.com/v1", credentials: {secretRef: {name: openai, key: api-key}}}
+"#;
+
+#[test]
+fn errors_name_file_document_object_field_and_reason() {
+    assert_eq!(
+        errors_of(&[("routes.yaml", SECRET_ROUTES)]),
+        [
+            "routes.yaml: document 2 (ProviderRoute team-a/chat): spec.targets[1].credentials: secret \"openai\" not found"
+        ]
+    );
+}
+
+#[test]
+fn secrets_resolve_in_their_namespace_only() {
+    let other_namespace = SECRET_ROUTES.replace("namespace: team-a}\ndata", "namespace: team-b}\ndata");
+    let errors = errors_of(&[("routes.yaml", &other_namespace)]);
+    assert!(errors[0].ends_with("spec.targets[0].credentials: secret \"anthropic\" not found"), "{errors:?}");
+
+    let with_openai = format!(
+        "{SECRET_ROUTES}---\napiVersion: v1\nkind: Secret\nmetadata: {{name: openai, namespace: team-a}}\nstringData: {{other: x}}\n"
+    );
+    let errors = errors_of(&[("routes.yaml", &with_openai)]);
+    assert_eq!(
+        errors,
+        [
+            "routes.yaml: document 2 (ProviderRoute team-a/chat): spec.targets[1].credentials: secret \"openai\" has no key \"api-key\""
+        ]
+    );
+
+    let complete = with_openai.replace("{other: x}", "{api-key: sk-openai}");
+    let config = compile_files(&[("routes.yaml", &complete)], &NO_OUTSIDE).unwrap();
+    let targets = &config.routes[0].targets;
+    // `data` is base64; the trailing newline of `echo ... | base64` is not part of the key.
+    assert_eq!(targets[0].credential.as_ref().unwrap().expose(), "sk-ant-key");
+    assert_eq!(targets[1].credential.as_ref().unwrap().expose(), "sk-openai");
+    let debug = format!("{config:?}");
+    assert!(!debug.contains("sk-ant-key") && !debug.contains("sk-openai"), "Debug shows a key: {debug}");
+    assert!(debug.contains("<redacted>"));
+}
+
+#[test]
+fn env_and_file_credentials_resolve_through_the_resolver() {
+    let yaml = r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {name: chat}
+spec:
+  model: chat
+  targets:
+    - {name: a, baseUrl: "https://a.example/v1", credentials: {env: KEY_A}}
+    - {name: b, baseUrl: "https://b.example/v1", credentials: {file: /keys/b}}
+"#;
+    let resolver = MapResolver(&[("env:KEY_A", "sk-a"), ("file:/keys/b", "sk-b\r\n")]);
+    let config = compile_files(&[("r.yaml", yaml)], &resolver).unwrap();
+    assert_eq!(config.routes[0].targets[0].credential.as_ref().unwrap().expose(), "sk-a");
+    assert_eq!(config.routes[0].targets[1].credential.as_ref().unwrap().expose(), "sk-b");
+
+    let errors = errors_of(&[("r.yaml", yaml)]);
+    assert_eq!(
+        errors,
+        [
+            "r.yaml: document 1 (ProviderRoute default/chat): spec.targets[0].credentials: environment variable \"KEY_A\" is not set",
+            "r.yaml: document 1 (ProviderRoute default/chat): spec.targets[1].credentials: cannot read file \"/keys/b\": entity not found",
+        ]
+    );
+    let empty = MapResolver(&[("env:KEY_A", ""), ("file:/keys/b", "line1\nline2")]);
+    let errors = compile_files(&[("r.yaml", yaml)], &empty).unwrap_err();
+    assert!(errors[0].ends_with("spec.targets[0].credentials: the key is empty"), "{errors:?}");
+    assert!(errors[1].ends_with("the key contains characters that are not allowed in an HTTP header"), "{errors:?}");
+}
+
+#[test]
+fn defaults_fill_what_the_route_leaves_out() {
+    let yaml = r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {name: chat}
+spec:
+  model: chat
+  targets:
+    - {name: local, baseUrl: "http://127.0.0.1:8000/v1/", pricing: {prompt: "2.5", completion: "10"}}
+    - {name: demo, api: mock}
+"#;
+    let config = compile_files(&[("r.yaml", yaml)], &NO_OUTSIDE).unwrap();
+    let route = &config.routes[0];
+    assert_eq!((route.namespace.as_str(), route.name.as_str()), ("default", "chat"));
+    assert_eq!(route.fallback.max_attempts, 3);
+    for reason in
+        [FallbackReason::Connect, FallbackReason::Timeout, FallbackReason::TooManyRequests, FallbackReason::ServerError]
+    {
+        assert!(route.fallback.on.contains(reason), "{reason:?}");
+    }
+    assert!(!route.fallback.on.contains(FallbackReason::ClientError));
+    assert_eq!(route.health.consecutive_failures, 3);
+    assert_eq!(route.health.base_ejection, Duration::from_secs(10));
+    assert_eq!(route.health.max_ejection, Duration::from_secs(300));
+    let local = &route.targets[0];
+    assert_eq!(local.provider, "local", "the provider label defaults to the name");
+    assert_eq!(local.model, "chat", "the upstream model defaults to the route's");
+    assert_eq!(local.upstream, Upstream::OpenAi { base_url: "http://127.0.0.1:8000/v1".into() });
+    assert_eq!(local.timeouts.connect, Duration::from_secs(2));
+    assert_eq!(local.timeouts.first_byte, Duration::from_secs(20));
+    assert_eq!(local.timeouts.total, Duration::from_secs(600));
+    assert_eq!(local.pricing.prompt, 2_500_000);
+    assert_eq!(local.pricing.completion, 10_000_000);
+    assert_eq!(local.pricing.cached_prompt, 2_500_000, "cached prompts cost the prompt price unless set");
+    assert_eq!(local.pricing.request, 0);
+    assert_eq!(local.weight, 1);
+    assert!(local.credential.is_none());
+    assert!(matches!(route.targets[1].upstream, Upstream::Mock(_)));
+}
+
+#[test]
+fn conflicting_models_and_names_are_rejected() {
+    let route = |name: &str, model: &str, aliases: &str| {
+        format!(
+            "---\napiVersion: switchyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {{name: {name}}}\nspec:\n  model: {model}\n  aliases: [{aliases}]\n  targets: [{{name: m, api: mock}}]\n"
+        )
+    };
+    let a = route("a", "chat", "gpt-4o");
+    let b = route("b", "gpt-4o", "");
+    let c = route("c", "other", "chat");
+    assert_eq!(
+        errors_of(&[("a.yaml", &a), ("b.yaml", &format!("{b}{c}"))]),
+        [
+            "b.yaml: document 1 (ProviderRoute default/b): spec.model: model \"gpt-4o\" is already served by ProviderRoute default/a",
+            "b.yaml: document 2 (ProviderRoute default/c): spec.aliases[0]: model \"chat\" is already served by ProviderRoute default/a",
+        ]
+    );
+    assert_eq!(
+        errors_of(&[("a.yaml", &a), ("again.yaml", &a)]),
+        ["again.yaml: document 1 (ProviderRoute default/a): metadata.name: is defined more than once"]
+    );
+}
+
+#[test]
+fn yaml_and_type_errors_name_their_place() {
+    let header = "apiVersion: switchyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {name: x}\n";
+    let cases = [
+        (
+            format!("{header}spec:\n  model: x\n  targets: [{{name: m, api: mock}}]\n  fallbak: {{}}\n"),
+            "document 1 (ProviderRoute default/x): spec.fallbak: unknown field",
+        ),
+        (
+            format!("{header}spec:\n  model: x\n  targets: [{{name: m, api: mock, weight: many}}]\n"),
+            "spec.targets[0].weight: invalid type: string \"many\", expected u32",
+        ),
+        (
+            format!("{header}spec:\n  model: x\n  targets: [{{name: m, api: anthropic}}]\n"),
+            "spec.targets[0].api: unknown variant `anthropic`, expected `openai` or `mock`",
+        ),
+        (format!("{header}spec:\n  model: x\n"), "(ProviderRoute default/x): spec: missing field `targets`"),
+        (
+            format!("---\nkind: ProviderRoute\n---\n{header}spec: [\n"),
+            "r.yaml: document 1 (ProviderRoute default/): not a Kubernetes object: apiVersion and kind are required",
+        ),
+        ("a: 1\n---\nb: [\n".to_string(), "r.yaml: document 2: invalid YAML: "),
+        (
+            "apiVersion: switchyard.dev/v1alpha1\nkind: ProviderRoutes\nmetadata: {name: x}\n".to_string(),
+            "unknown kind \"ProviderRoutes\" in \"switchyard.dev/v1alpha1\"",
+        ),
+        (
+            "apiVersion: switchyard.dev/v1\nkind: ProviderRoute\nmetadata: {name: x}\n".to_string(),
+            "unknown kind \"ProviderRoute\" in \"switchyard.dev/v1\"",
+        ),
+        (
+            format!(
+                "{header}spec:\n  model: x\n  targets: [{{name: m, baseUrl: 'https://user:hunter2@api.example/v1'}}]\n"
+            ),
+            "spec.targets[0].baseUrl: must not contain credentials",
+        ),
+        (
+            format!(
+                "{header}spec:\n  model: x\n  targets: [{{name: m, baseUrl: 'https://a.example/v1', headers: {{Host: x}}}}]\n"
+            ),
+            "spec.targets[0].headers: \"Host\" is set by the proxy and cannot be configured",
+        ),
+        (
+            format!(
+                "{header}spec:\n  model: x\n  targets: [{{name: m, baseUrl: 'https://a.example/v1', headers: {{'bad header': x}}}}]\n"
+            ),
+            "spec.targets[0].headers: \"bad header\" is not a valid header name",
+        ),
+        (
+            format!(
+                "{header}spec:\n  model: x\n  targets: [{{name: m, baseUrl: 'mock://x', api: mock, model: y}}]\n  fallback: {{maxAttempts: 0}}\n"
+            ),
+            "spec.fallback.maxAttempts: 0 is out of range 1 to 16",
+        ),
+        (
+            format!(
+                "{header}spec:\n  model: x\n  targets: [{{name: m, api: mock, baseUrl: 'mock://local?latency=soon'}}]\n"
+            ),
+            "spec.targets[0].baseUrl: mock option latency: invalid duration \"soon\"",
+        ),
+    ];
+    for (yaml, expected) in cases {
+        let errors = errors_of(&[("r.yaml", &yaml)]);
+        assert!(errors.iter().any(|e| e.contains(expected)), "expected {expected:?} in {errors:?}");
+        assert!(!errors.iter().any(|e| e.contains("hunter2")), "an error repeats a password: {errors:?}");
+    }
+}
+
+#[test]
+fn other_kinds_are_skipped_and_lists_are_read() {
+    let yaml = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: app}
+spec: {replicas: 1}
+---
+apiVersion: v1
+kind: List
+items:
+  - apiVersion: switchyard.dev/v1alpha1
+    kind: ProviderRoute
+    metadata: {name: listed}
+    spec: {model: listed, targets: [{name: m, api: mock}]}
+---
+"#;
+    let config = compile_files(&[("all.yaml", yaml)], &NO_OUTSIDE).unwrap();
+    assert_eq!(config.routes.len(), 1);
+    assert_eq!(config.routes[0].model, "listed");
+
+    let only_other = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n";
+    assert_eq!(
+        errors_of(&[("c.yaml", only_other)]),
+        ["no ProviderRoute found: the configuration must define at least one route"]
+    );
+}

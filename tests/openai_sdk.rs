@@ -1,0 +1,89 @@
+//! The official OpenAI Python SDK, installed from PyPI into a virtualenv under target/, sends JSON
+//! and streaming requests through the sidecar and reads the answers.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+const SDK: &str = "3.57.0";
+
+/// A virtualenv with the pinned SDK, created once and reused by later runs.
+fn python_with_sdk() -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
+    let python = venv.join("bin/python");
+    let has_sdk = |python: &Path| {
+        Command::new(python)
+            .args(["-c", &format!("import openai, sys; sys.exit(openai.__version__ != {SDK:?})")])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if has_sdk(&python) {
+        return python;
+    }
+    let status = Command::new("python3").args(["-m", "venv", "--clear"]).arg(&venv).status().expect("run python3");
+    assert!(status.success(), "python3 -m venv failed");
+    let requirements = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/requirements.txt");
+    let status = Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check", "-r", requirements])
+        .status()
+        .expect("run pip");
+    assert!(status.success(), "pip install -r tests/python/requirements.txt failed");
+    assert!(has_sdk(&python), "openai {SDK} is not importable after installing it");
+    python
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_openai_python_sdk_works_unchanged() {
+    let python = tokio::task::spawn_blocking(python_with_sdk).await.unwrap();
+    let up = ScriptedUpstream::start().await;
+    let config = format!(
+        r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {{name: chat}}
+spec:
+  model: chat
+  targets:
+    - {{name: down, baseUrl: "{down}"}}
+    - {{name: mock, api: mock, model: mock-1, baseUrl: "mock://local?chunks=4&chunk-interval=1ms"}}
+---
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {{name: breaks}}
+spec:
+  model: breaks
+  targets:
+    - {{name: flaky, baseUrl: "{breaks}"}}
+"#,
+        down = up.url("status-503"),
+        breaks = up.url("sse-break"),
+    );
+    let sidecar = Sidecar::start(&config);
+    let base_url = format!("http://{}/v1", sidecar.api);
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/openai_client.py"))
+            .env("SWITCHYARD_BASE_URL", base_url)
+            .output()
+            .expect("run the SDK script")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "json: mock-1 | Hello from the Switchyard | 4",
+            "headers: mock 2",
+            "stream: Hello from the Switchyard",
+            "not found: 404 model_not_found",
+            "broken stream: the upstream connection broke mid-stream: error reading a body from connection: unexpected EOF during chunk size line",
+            "models: chat,breaks",
+        ]
+    );
+}
