@@ -62,19 +62,13 @@ async fn cases(up: &ScriptedUpstream) -> Vec<Case> {
 
 fn route(model: &str, on: &[&str], bad_url: &str, timeouts: &str, good_url: &str) -> String {
     let on: Vec<String> = on.iter().map(|r| format!("{r:?}")).collect();
-    format!(
-        r#"---
-apiVersion: switchyard.dev/v1alpha1
-kind: ProviderRoute
-metadata: {{name: {model}}}
-spec:
-  model: {model}
-  fallback: {{on: [{on}]}}
-  targets:
-    - {{name: bad, baseUrl: "{bad_url}", model: bad-model, timeouts: {timeouts}}}
-    - {{name: good, baseUrl: "{good_url}", model: good-model}}
-"#,
-        on = on.join(", ")
+    route_yaml(
+        model,
+        &format!("fallback: {{on: [{}]}}", on.join(", ")),
+        &[
+            &format!("{{name: bad, baseUrl: \"{bad_url}\", model: bad-model, timeouts: {timeouts}}}"),
+            &format!("{{name: good, baseUrl: \"{good_url}\", model: good-model}}"),
+        ],
     )
 }
 

@@ -8,17 +8,7 @@ use std::path::Path;
 use common::*;
 
 fn route(model: &str, extra_target: &str) -> String {
-    format!(
-        r#"
-apiVersion: switchyard.dev/v1alpha1
-kind: ProviderRoute
-metadata: {{name: {model}}}
-spec:
-  model: {model}
-  targets:
-    - {{name: mock, api: mock{extra_target}}}
-"#
-    )
+    route_yaml(model, "", &[&format!("{{name: mock, api: mock{extra_target}}}")])
 }
 
 /// Replaces a file the way editors and Kubernetes do: write elsewhere, then rename.
@@ -207,6 +197,7 @@ fn every_subcommand_documents_its_flags() {
                 "--drain-timeout",
                 "--max-request-bytes",
                 "--max-response-bytes",
+                "--upstream-ca-file",
                 "--log",
                 "SWITCHYARD_LOG",
             ],

@@ -78,9 +78,7 @@ spec:
 #[tokio::test(flavor = "multi_thread")]
 async fn in_process_mock_knobs_inject_failures() {
     let route = |model: &str, url: &str, extra: &str| {
-        format!(
-            "---\napiVersion: switchyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {{name: {model}}}\nspec:\n  model: {model}\n  fallback: {{on: []}}\n  targets: [{{name: m, api: mock, baseUrl: '{url}'{extra}}}]\n"
-        )
+        route_yaml(model, "fallback: {on: []}", &[&format!("{{name: m, api: mock, baseUrl: '{url}'{extra}}}")])
     };
     let config = [
         route("limited", "mock://local?fail-rate=1&fail-status=429", ""),

@@ -6,17 +6,7 @@ mod common;
 use common::*;
 
 fn route(model: &str, base_url: &str, timeouts: &str) -> String {
-    format!(
-        r#"
-apiVersion: switchyard.dev/v1alpha1
-kind: ProviderRoute
-metadata: {{name: {model}}}
-spec:
-  model: {model}
-  targets:
-    - {{name: only, baseUrl: "{base_url}", timeouts: {timeouts}}}
-"#
-    )
+    route_yaml(model, "", &[&format!("{{name: only, baseUrl: \"{base_url}\", timeouts: {timeouts}}}")])
 }
 
 /// The end of the last complete SSE event in `bytes`, or 0.

@@ -25,7 +25,8 @@ pub use relay::SseFramer;
 pub use state::{Limits, Shared};
 
 use crate::api::units::parse_duration;
-use crate::config::{ConfigErrors, Loaded, Sources, load, watch::watch as watch_sources};
+use crate::config::{ConfigError, ConfigErrors, Loaded, Sources, load, watch::watch as watch_sources};
+use upstream::Clients;
 
 /// `switchyard sidecar`.
 #[derive(clap::Args, Debug)]
@@ -58,6 +59,11 @@ pub struct SidecarArgs {
     /// Largest non-streamed upstream answer accepted, in bytes.
     #[arg(long, env = "SWITCHYARD_MAX_RESPONSE_BYTES", default_value_t = 64 << 20)]
     pub max_response_bytes: usize,
+
+    /// PEM file of extra certificate authorities to trust for upstream TLS, besides the bundled
+    /// Mozilla roots (for providers behind a private CA). Read at start.
+    #[arg(long, env = "SWITCHYARD_UPSTREAM_CA_FILE")]
+    pub upstream_ca_file: Option<PathBuf>,
 }
 
 /// Why the sidecar stopped.
@@ -79,8 +85,16 @@ pub async fn run(args: SidecarArgs) -> Result<(), SidecarError> {
             .map_err(|e| SidecarError::Io(format!("loading the configuration failed: {e}")))?
             .map_err(SidecarError::Config)?
     };
+    let clients = Clients::new(args.upstream_ca_file.as_deref()).map_err(|message| {
+        SidecarError::Config(ConfigErrors(vec![ConfigError {
+            origin: None,
+            object: None,
+            path: "--upstream-ca-file".into(),
+            message,
+        }]))
+    })?;
     let limits = Limits { max_request_bytes: args.max_request_bytes, max_response_bytes: args.max_response_bytes };
-    let shared = Arc::new(Shared::new(&loaded.config, limits));
+    let shared = Arc::new(Shared::new(&loaded.config, limits, clients));
     tracing::info!(routes = loaded.config.routes.len(), files = ?args.files, "configuration loaded");
 
     let bind = |addr: SocketAddr| async move {

@@ -33,9 +33,8 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: &Config, limits: Limits) -> Self {
+    pub fn new(config: &Config, limits: Limits, clients: Clients) -> Self {
         let metrics = SidecarMetrics::default();
-        let clients = Clients::default();
         let snapshot = Snapshot::build(config, &metrics, &clients);
         metrics.routes.set(config.routes.len() as u64);
         metrics.last_reload_ok.set(1);

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -16,6 +17,8 @@ use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use tokio::net::TcpStream;
 
 use crate::mock_provider::{MockOptions, MockStats, chat_completion};
@@ -111,33 +114,56 @@ impl Body for UpstreamBody {
 
 /// HTTP clients by connect timeout. A client owns a connection pool, so clients live across
 /// configuration reloads and targets with the same connect timeout share one.
-#[derive(Default)]
 pub struct Clients {
+    tls: rustls::ClientConfig,
     by_connect_timeout: Mutex<HashMap<Duration, Arc<HttpClient>>>,
 }
 
 impl Clients {
+    /// Clients that trust the Mozilla roots bundled in the binary, plus the PEM certificates in
+    /// `extra_roots` (for providers behind a private CA).
+    pub fn new(extra_roots: Option<&Path>) -> Result<Clients, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = extra_roots {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("cannot read certificates from {}: {e}", path.display()))?;
+            if certs.is_empty() {
+                return Err(format!("{} holds no PEM certificate", path.display()));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS configuration: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Clients { tls, by_connect_timeout: Mutex::default() })
+    }
+
     pub fn get(&self, connect_timeout: Duration) -> Arc<HttpClient> {
         let mut clients = self.by_connect_timeout.lock().unwrap_or_else(|e| e.into_inner());
-        clients.entry(connect_timeout).or_insert_with(|| Arc::new(new_client(connect_timeout))).clone()
+        clients.entry(connect_timeout).or_insert_with(|| Arc::new(self.new_client(connect_timeout))).clone()
     }
-}
 
-fn new_client(connect_timeout: Duration) -> HttpClient {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_keepalive(Some(Duration::from_secs(60)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-        // The ring provider supports rustls' default protocol versions; this cannot fail.
-        .expect("TLS configuration with default protocol versions")
-        .https_or_http()
-        .enable_all_versions()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .build(TimeoutConnector { inner: https, timeout: connect_timeout })
+    fn new_client(&self, connect_timeout: Duration) -> HttpClient {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        // ALPN offers h2 and http/1.1: HTTP/2 wherever the upstream supports it over TLS.
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(self.tls.clone())
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(TimeoutConnector { inner: https, timeout: connect_timeout })
+    }
 }
 
 /// Bounds TCP connect plus TLS handshake, and marks the failure so it is told apart from a refusal.

@@ -41,6 +41,22 @@ pub fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// A ProviderRoute document named and served as `model`. `spec` holds extra spec fields as one
+/// line (`fallback: {on: []}`), each of `targets` one target as a YAML flow mapping.
+pub fn route_yaml(model: &str, spec: &str, targets: &[&str]) -> String {
+    let mut yaml = format!(
+        "---\napiVersion: switchyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {{name: {model}}}\nspec:\n  model: {model}\n"
+    );
+    if !spec.is_empty() {
+        yaml += &format!("  {spec}\n");
+    }
+    yaml += "  targets:\n";
+    for target in targets {
+        yaml += &format!("    - {target}\n");
+    }
+    yaml
+}
+
 /// A running `switchyard` process. Killed on drop.
 pub struct Process {
     pub child: Child,
