@@ -98,9 +98,7 @@ pub async fn chat_completions(State(shared): State<Arc<Shared>>, request: Reques
 fn finish(mut response: Response, target: &TargetRt, attempts: usize) -> Response {
     target.metrics.requests.inc(response.status().as_u16());
     let headers = response.headers_mut();
-    if let Ok(name) = HeaderValue::try_from(target.name.as_str()) {
-        headers.insert(TARGET, name);
-    }
+    headers.insert(TARGET, target.name_header.clone());
     headers.insert(ATTEMPTS, HeaderValue::from(attempts));
     response
 }

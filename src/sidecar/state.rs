@@ -66,6 +66,8 @@ pub struct RouteRt {
 
 pub struct TargetRt {
     pub name: String,
+    /// `name` as the value of the `x-switchyard-target` header.
+    pub name_header: HeaderValue,
     pub provider: String,
     /// The upstream model as a JSON string literal, ready to splice into request bodies.
     pub model_json: String,
@@ -136,6 +138,8 @@ impl TargetRt {
         }
         TargetRt {
             name: t.name.clone(),
+            // Target names are DNS labels, always valid header values.
+            name_header: HeaderValue::try_from(t.name.as_str()).unwrap_or(HeaderValue::from_static("invalid")),
             provider: t.provider.clone(),
             model_json: json_string(&t.model),
             upstream,

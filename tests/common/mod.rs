@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode, header};
@@ -265,6 +265,8 @@ where
 /// A request as the scripted upstream received it.
 #[derive(Clone, Debug)]
 pub struct Recorded {
+    /// The sidecar's end of the connection the request came on.
+    pub peer: SocketAddr,
     pub path: String,
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -309,7 +311,9 @@ impl ScriptedUpstream {
             gate: Arc::new(Semaphore::new(0)),
         };
         let app = axum::Router::new().fallback(script).with_state(upstream.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        tokio::spawn(
+            async move { axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await },
+        );
         upstream
     }
 
@@ -345,11 +349,16 @@ fn sse_response(body: Channel<Bytes, std::io::Error>) -> Response {
     ([(header::CONTENT_TYPE, "text/event-stream")], Body::new(body)).into_response()
 }
 
-async fn script(State(up): State<ScriptedUpstream>, request: Request) -> Response {
+async fn script(
+    State(up): State<ScriptedUpstream>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
     let (parts, body) = request.into_parts();
     let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
     let path = parts.uri.path().to_string();
     up.requests.lock().unwrap().push(Recorded {
+        peer,
         path: path.clone(),
         headers: parts.headers.clone(),
         body: body.clone(),
