@@ -108,7 +108,7 @@ impl Cx<'_> {
     }
 }
 
-pub(super) fn object_ref(route: &ProviderRoute) -> ObjectRef {
+fn object_ref(route: &ProviderRoute) -> ObjectRef {
     ObjectRef {
         kind: "ProviderRoute".into(),
         namespace: route.metadata.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
