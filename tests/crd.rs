@@ -236,7 +236,6 @@ fn valid_route() -> Value {
             "model": "chat",
             "aliases": ["gpt-4o"],
             "workloadSelector": {"matchLabels": {"app": "support-bot"}},
-            "strategy": "priority",
             "targets": [
                 {
                     "name": "openai", "provider": "OpenAI", "api": "openai", "baseUrl": "https://api.openai.com/v1",
@@ -248,8 +247,11 @@ fn valid_route() -> Value {
                 {"name": "backup", "baseUrl": "http://10.0.0.7:8000/v1", "credentials": {"file": "/keys/openai"}},
                 {"name": "demo", "api": "mock", "baseUrl": "mock://local?latency=5ms"}
             ],
-            "fallback": {"on": ["connect", "timeout", "429", "5xx", "4xx"], "maxAttempts": 3},
-            "health": {"consecutiveFailures": 3, "baseEjection": "10s", "maxEjection": "5m"}
+            "strategy": "weighted",
+            "fallback": {"on": ["connect", "timeout", "429", "5xx", "4xx-context-length", "4xx"], "maxAttempts": 3},
+            "health": {"consecutiveFailures": 3, "baseEjection": "10s", "maxEjection": "5m"},
+            "holdBack": "2s",
+            "hedge": {"after": "800ms"}
         }
     })
 }
@@ -330,12 +332,15 @@ fn the_schema_and_standalone_mode_reject_the_same_routes() {
         check(&mut failures, what, &mutated("/spec/targets", targets), field);
     }
     let spec_cases: Vec<(&str, &str, Value, &str)> = vec![
-        ("unknown strategy", "/spec/strategy", json!("latency"), "strategy"),
+        ("unknown strategy", "/spec/strategy", json!("fastest"), "strategy"),
         ("model with a space", "/spec/model", json!("my model"), "model"),
         ("empty model", "/spec/model", json!(""), "model"),
         ("duplicate aliases", "/spec/aliases", json!(["a", "a"]), "aliases"),
         ("alias repeats model", "/spec/aliases", json!(["chat"]), "aliases"),
-        ("unknown fallback reason", "/spec/fallback/on", json!(["connect", "4xx-context-length"]), "fallback"),
+        ("unknown fallback reason", "/spec/fallback/on", json!(["connect", "4xx-content-filter"]), "fallback"),
+        ("bad holdBack", "/spec/holdBack", json!("2 s"), "holdBack"),
+        ("hedge without after", "/spec/hedge", json!({}), "hedge"),
+        ("bad hedge duration", "/spec/hedge", json!({"after": "soon"}), "hedge"),
         ("maxAttempts 0", "/spec/fallback/maxAttempts", json!(0), "maxAttempts"),
         ("maxAttempts 17", "/spec/fallback/maxAttempts", json!(17), "maxAttempts"),
         ("consecutiveFailures 0", "/spec/health/consecutiveFailures", json!(0), "consecutiveFailures"),

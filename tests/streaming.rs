@@ -5,8 +5,9 @@ mod common;
 
 use common::*;
 
+/// Hold-back is off here: these tests are about relaying, event by event, from the first byte.
 fn route(model: &str, base_url: &str, timeouts: &str) -> String {
-    route_yaml(model, "", &[&format!("{{name: only, baseUrl: \"{base_url}\", timeouts: {timeouts}}}")])
+    route_yaml(model, "holdBack: 0s", &[&format!("{{name: only, baseUrl: \"{base_url}\", timeouts: {timeouts}}}")])
 }
 
 /// The end of the last complete SSE event in `bytes`, or 0.

@@ -73,21 +73,61 @@ pub struct ProviderRouteSpec {
     /// Passive health checking: when a target that keeps failing is taken out of rotation.
     #[serde(default)]
     pub health: Health,
+
+    /// For streamed answers: hold the response headers until the first token arrives, at most
+    /// this long, so that a target failing before its first token falls back invisibly. `0s`
+    /// commits as soon as the upstream's headers arrive.
+    #[serde(default = "default_hold_back")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub hold_back: String,
+
+    /// Start the next target as well when an attempt has produced no first token after a while;
+    /// the first to produce one wins and the other is cancelled. Absent: no hedging.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hedge: Option<Hedge>,
 }
 
-/// How the targets of a route are ordered for a request.
+fn default_hold_back() -> String {
+    "2s".into()
+}
+
+/// Hedged requests.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Hedge {
+    /// How long the first attempt may go without a first token before the next target starts.
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub after: String,
+}
+
+/// How the targets of a route are ordered for a request. Healthy targets always come before
+/// ejected ones, whatever the strategy.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum Strategy {
     /// Try targets in the order they are written.
     #[default]
     Priority,
+    /// Spread first attempts by `weight` (smooth weighted round robin); the others follow as
+    /// fallbacks in descending weight.
+    Weighted,
+    /// Lowest recent median time to first token first; targets without recent data are tried
+    /// first now and then, to learn their latency.
+    Latency,
+    /// Highest recent median output tokens per second first.
+    Throughput,
+    /// Lowest prompt plus completion price first; equal prices by latency.
+    Cost,
 }
 
 impl Strategy {
     pub fn as_str(self) -> &'static str {
         match self {
             Strategy::Priority => "priority",
+            Strategy::Weighted => "weighted",
+            Strategy::Latency => "latency",
+            Strategy::Throughput => "throughput",
+            Strategy::Cost => "cost",
         }
     }
 }
@@ -283,7 +323,8 @@ fn default_total_timeout() -> String {
 pub struct Fallback {
     /// The failures that move on to the next target. Any other failure is returned to the caller
     /// at once. `connect`: the connection could not be opened or broke before the answer arrived;
-    /// `timeout`: a connect, first-byte or total timeout; `429`; `5xx`; `4xx`: any other 4xx status.
+    /// `timeout`: a connect, first-byte or total timeout; `429`; `5xx`; `4xx-context-length`: the
+    /// prompt is too long for the target; `4xx`: any other 4xx status (context-length errors too).
     #[serde(default = "default_fallback_on")]
     #[schemars(length(max = 8))]
     #[x_kube(merge_strategy = ListMerge::Set)]
@@ -325,16 +366,26 @@ pub enum FallbackReason {
     /// The upstream answered with a 4xx status other than 429.
     #[serde(rename = "4xx")]
     ClientError,
+    /// The upstream rejected the request as too long for its context window (a 400 or 413 saying
+    /// so); the next target may have a larger one.
+    #[serde(rename = "4xx-context-length")]
+    ContextLength,
 }
 
 impl FallbackReason {
-    pub const ALL: [FallbackReason; 5] = [
+    pub const ALL: [FallbackReason; 6] = [
         FallbackReason::Connect,
         FallbackReason::Timeout,
         FallbackReason::TooManyRequests,
         FallbackReason::ServerError,
         FallbackReason::ClientError,
+        FallbackReason::ContextLength,
     ];
+
+    /// Position in [`FallbackReason::ALL`], for per-reason counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
 
     /// The name used in the API, metrics and error bodies.
     pub fn as_str(self) -> &'static str {
@@ -344,6 +395,7 @@ impl FallbackReason {
             FallbackReason::TooManyRequests => "429",
             FallbackReason::ServerError => "5xx",
             FallbackReason::ClientError => "4xx",
+            FallbackReason::ContextLength => "4xx-context-length",
         }
     }
 

@@ -98,6 +98,42 @@ pub fn parse_micros(s: &str) -> Result<u64, String> {
     Ok(units * MICROS_PER_UNIT + micros)
 }
 
+/// Reads a non-negative JSON number (its source text, as `1.5`, `2`, `2.5e-1`) as micro-units
+/// exactly, truncating past the sixth decimal. Request fields that carry prices or seconds are JSON
+/// numbers; reading their text keeps them out of floating point.
+pub fn parse_json_micros(text: &str) -> Result<u64, String> {
+    let invalid = || format!("{text} is not a non-negative number");
+    let (mantissa, exponent) = match text.find(['e', 'E']) {
+        Some(at) => (&text[..at], text[at + 1..].parse::<i32>().map_err(|_| invalid())?),
+        None => (text, 0),
+    };
+    let (whole, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if whole.is_empty() || !whole.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid());
+    }
+    // The digits as an integer, and where the decimal point sits after scaling to micro-units.
+    let digits = format!("{whole}{frac}");
+    let point = whole.len() as i64 + i64::from(exponent) + 6;
+    let too_large = || format!("{text} is too large");
+    if point <= 0 {
+        return Ok(0);
+    }
+    let point = point as usize;
+    let integer = if point >= digits.len() {
+        if point - digits.len() > 18 {
+            return Err(too_large());
+        }
+        format!("{digits}{}", "0".repeat(point - digits.len()))
+    } else {
+        digits[..point].to_string()
+    };
+    let integer = integer.trim_start_matches('0');
+    if integer.is_empty() {
+        return Ok(0);
+    }
+    integer.parse().map_err(|_| too_large())
+}
+
 /// Formats micro-units as the shortest decimal string that [`parse_micros`] reads back.
 pub fn format_micros(micros: u64) -> String {
     let units = micros / MICROS_PER_UNIT;
@@ -140,6 +176,26 @@ mod tests {
         }
         for s in ["0", "2.5", "0.000125", "10", "1.1"] {
             assert_eq!(format_micros(parse_micros(s).unwrap()), s);
+        }
+    }
+
+    #[test]
+    fn json_numbers() {
+        for (text, micros) in [
+            ("0", 0),
+            ("1", 1_000_000),
+            ("2.5", 2_500_000),
+            ("0.1", 100_000),
+            ("1e3", 1_000_000_000),
+            ("2.5E-1", 250_000),
+            ("1e-7", 0),
+            ("0.0000019", 1),
+            ("00012.5", 12_500_000),
+        ] {
+            assert_eq!(parse_json_micros(text), Ok(micros), "{text}");
+        }
+        for bad in ["-1", "", ".5", "1e", "x", "1e400", "99999999999999999999"] {
+            assert!(parse_json_micros(bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -177,6 +177,12 @@ fn compile_route(
         cx.error("spec.health", "baseEjection must not exceed maxEjection".into());
     }
 
+    let hold_back = cx.check("spec.holdBack", units::parse_duration(&spec.hold_back));
+    let hedge_after = match &spec.hedge {
+        None => Some(None),
+        Some(h) => cx.check("spec.hedge.after", units::parse_duration(&h.after)).map(Some),
+    };
+
     if cx.errors.len() > errors_before {
         return None;
     }
@@ -196,6 +202,8 @@ fn compile_route(
             base_ejection: base_ejection?,
             max_ejection: max_ejection?,
         },
+        hold_back: hold_back?,
+        hedge_after: hedge_after?,
     })
 }
 

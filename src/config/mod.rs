@@ -34,6 +34,9 @@ pub struct Route {
     pub targets: Vec<Target>,
     pub fallback: FallbackPolicy,
     pub health: HealthPolicy,
+    /// Zero: streams are committed when the upstream's headers arrive.
+    pub hold_back: Duration,
+    pub hedge_after: Option<Duration>,
 }
 
 impl Route {
@@ -133,7 +136,7 @@ impl ReasonSet {
     }
 
     fn bit(reason: FallbackReason) -> u8 {
-        1 << (reason as u8)
+        1 << reason.index()
     }
 }
 

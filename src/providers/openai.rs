@@ -11,6 +11,9 @@ use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::api::units::parse_json_micros;
+use crate::sidecar::plan::{Cutoffs, MaxPrice, Prefs, Sort};
+
 /// What routing needs from a chat completion request.
 #[derive(Debug)]
 pub struct ChatRequest<'a> {
@@ -18,6 +21,12 @@ pub struct ChatRequest<'a> {
     /// Where the `model` value (with its quotes) sits in the body.
     model_span: Range<usize>,
     pub stream: bool,
+    /// OpenRouter's `models`: routes to try, in order, after `model`.
+    pub models: Vec<Cow<'a, str>>,
+    /// OpenRouter's `provider` preferences.
+    pub prefs: Prefs<'a>,
+    /// `max_completion_tokens`, or the older `max_tokens`.
+    pub max_tokens: Option<u64>,
 }
 
 /// Why a request body was rejected.
@@ -26,6 +35,8 @@ pub enum RequestError {
     InvalidJson(String),
     MissingModel,
     InvalidModel,
+    /// A field has a value the proxy cannot use: (field path, reason).
+    InvalidField(&'static str, String),
 }
 
 // Named for error messages: serde says "expected struct ChatCompletionRequest".
@@ -36,9 +47,62 @@ struct Peek<'a> {
     model: Option<&'a RawValue>,
     #[serde(default)]
     stream: Option<bool>,
+    #[serde(borrow, default)]
+    models: Option<Vec<Cow<'a, str>>>,
+    #[serde(borrow, default)]
+    provider: Option<ProviderPeek<'a>>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
 }
 
-/// Reads `model` and `stream` from a request body, validating that the whole body is JSON.
+/// OpenRouter's `provider` object. Numbers stay raw text so prices and seconds are read exactly.
+#[derive(Deserialize)]
+#[serde(rename = "provider")]
+struct ProviderPeek<'a> {
+    #[serde(borrow, default)]
+    order: Option<Vec<Cow<'a, str>>>,
+    #[serde(borrow, default)]
+    only: Option<Vec<Cow<'a, str>>>,
+    #[serde(borrow, default)]
+    ignore: Option<Vec<Cow<'a, str>>>,
+    #[serde(default)]
+    allow_fallbacks: Option<bool>,
+    #[serde(borrow, default)]
+    sort: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_price: Option<MaxPricePeek<'a>>,
+    #[serde(borrow, default)]
+    preferred_max_latency: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    preferred_min_throughput: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename = "max_price")]
+struct MaxPricePeek<'a> {
+    #[serde(borrow, default)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    completion: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    request: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct PercentilesPeek<'a> {
+    #[serde(borrow, default)]
+    p50: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    p75: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    p90: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    p99: Option<&'a RawValue>,
+}
+
+/// Reads the fields routing needs from a request body, validating that the whole body is JSON.
 pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest<'_>, RequestError> {
     // serde would also read a struct from a JSON array; a request is an object.
     if body.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|&b| b != b'{') {
@@ -46,14 +110,92 @@ pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest<'_>, RequestError> 
     }
     let peek: Peek<'_> = serde_json::from_slice(body).map_err(|e| RequestError::InvalidJson(e.to_string()))?;
     let raw = peek.model.ok_or(RequestError::MissingModel)?;
+    let (model, model_span) = string_at(raw, body).ok_or(RequestError::InvalidModel)?;
+    let prefs = match peek.provider {
+        Some(p) => prefs(p)?,
+        None => Prefs::default(),
+    };
+    Ok(ChatRequest {
+        model,
+        model_span,
+        stream: peek.stream.unwrap_or(false),
+        models: peek.models.unwrap_or_default(),
+        prefs,
+        max_tokens: peek.max_completion_tokens.or(peek.max_tokens),
+    })
+}
+
+/// A JSON string value borrowed from `body`, decoded, with its span (quotes included) in `body`.
+fn string_at<'a>(raw: &'a RawValue, body: &[u8]) -> Option<(Cow<'a, str>, Range<usize>)> {
     let text = raw.get();
     if !text.starts_with('"') {
-        return Err(RequestError::InvalidModel);
+        return None;
     }
-    let model: Cow<'_, str> = serde_json::from_str(text).map_err(|_| RequestError::InvalidModel)?;
+    let value: Cow<'a, str> = serde_json::from_str(text).ok()?;
     // `raw` borrows from `body`, so its address locates the value within the body.
     let start = text.as_ptr() as usize - body.as_ptr() as usize;
-    Ok(ChatRequest { model, model_span: start..start + text.len(), stream: peek.stream.unwrap_or(false) })
+    Some((value, start..start + text.len()))
+}
+
+fn prefs(p: ProviderPeek<'_>) -> Result<Prefs<'_>, RequestError> {
+    let number = |field: &'static str, raw: Option<&RawValue>| -> Result<Option<u64>, RequestError> {
+        raw.map(|r| parse_json_micros(r.get()).map_err(|e| RequestError::InvalidField(field, e))).transpose()
+    };
+    let max_price = match p.max_price {
+        None => MaxPrice::default(),
+        Some(m) => MaxPrice {
+            prompt: number("provider.max_price.prompt", m.prompt)?,
+            completion: number("provider.max_price.completion", m.completion)?,
+            request: number("provider.max_price.request", m.request)?,
+        },
+    };
+    let sort = match p.sort {
+        None => None,
+        Some(raw) => {
+            #[derive(Deserialize)]
+            struct By<'a> {
+                #[serde(borrow)]
+                by: Cow<'a, str>,
+            }
+            let by: Cow<'_, str> = serde_json::from_str(raw.get())
+                .or_else(|_| serde_json::from_str::<By<'_>>(raw.get()).map(|b| b.by))
+                .map_err(|_| {
+                    RequestError::InvalidField("provider.sort", "expected a string or {\"by\": ...}".into())
+                })?;
+            Some(match by.as_ref() {
+                "price" => Sort::Price,
+                "throughput" => Sort::Throughput,
+                "latency" => Sort::Latency,
+                other => {
+                    let message = format!("{other:?} is not one of price, throughput, latency");
+                    return Err(RequestError::InvalidField("provider.sort", message));
+                }
+            })
+        }
+    };
+    // Latency in seconds (kept in microseconds); throughput in tokens per second (kept times 1000).
+    let cutoffs = |field: &'static str, raw: Option<&RawValue>, divide: u64| -> Result<Cutoffs, RequestError> {
+        let Some(raw) = raw else { return Ok(Cutoffs::default()) };
+        let scaled = |r: Option<&RawValue>| number(field, r).map(|v| v.map(|v| v / divide));
+        if raw.get().starts_with('{') {
+            let q: PercentilesPeek<'_> = serde_json::from_str(raw.get()).map_err(|e| {
+                RequestError::InvalidField(field, format!("expected a number or {{p50, p75, p90, p99}}: {e}"))
+            })?;
+            Ok(Cutoffs([scaled(q.p50)?, scaled(q.p75)?, scaled(q.p90)?, scaled(q.p99)?]))
+        } else {
+            Ok(Cutoffs([scaled(Some(raw))?, None, None, None]))
+        }
+    };
+    Ok(Prefs {
+        order: p.order.unwrap_or_default(),
+        only: p.only,
+        ignore: p.ignore.unwrap_or_default(),
+        allow_fallbacks: p.allow_fallbacks.unwrap_or(true),
+        sort,
+        max_price,
+        max_latency: cutoffs("provider.preferred_max_latency", p.preferred_max_latency, 1)?,
+        min_throughput: cutoffs("provider.preferred_min_throughput", p.preferred_min_throughput, 1000)?,
+    })
 }
 
 impl ChatRequest<'_> {
@@ -70,6 +212,137 @@ impl ChatRequest<'_> {
         out.extend_from_slice(&body[span.end..]);
         out.freeze()
     }
+}
+
+/// A JSON object with its top-level `model` replaced by `model_json`, if it has a string `model`:
+/// for answers served by a route other than the one asked for (`models` fallback).
+pub fn rename_model(json: &[u8], model_json: &str) -> Option<Bytes> {
+    #[derive(Deserialize)]
+    struct ModelOnly<'a> {
+        #[serde(borrow, default)]
+        model: Option<&'a RawValue>,
+    }
+    if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
+    }
+    let peek: ModelOnly<'_> = serde_json::from_slice(json).ok()?;
+    let (_, span) = string_at(peek.model?, json)?;
+    let mut out = BytesMut::with_capacity(json.len() - span.len() + model_json.len());
+    out.extend_from_slice(&json[..span.start]);
+    out.extend_from_slice(model_json.as_bytes());
+    out.extend_from_slice(&json[span.end..]);
+    Some(out.freeze())
+}
+
+/// SSE events with each `data:` payload's `model` renamed (see [`rename_model`]); other lines and
+/// payloads are kept as they are.
+pub fn rename_events(events: &[u8], model_json: &str) -> Bytes {
+    let mut out = BytesMut::with_capacity(events.len() + 32);
+    for (i, line) in events.split(|&b| b == b'\n').enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b"\n");
+        }
+        let (body, cr) = match line.strip_suffix(b"\r") {
+            Some(body) => (body, &b"\r"[..]),
+            None => (line, &b""[..]),
+        };
+        match body.strip_prefix(b"data: ").and_then(|payload| rename_model(payload, model_json)) {
+            Some(renamed) => {
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(&renamed);
+            }
+            None => out.extend_from_slice(body),
+        }
+        out.extend_from_slice(cr);
+    }
+    out.freeze()
+}
+
+/// Whether an upstream error answer says the prompt is too long for the model's context window,
+/// in the words OpenAI, Anthropic, vLLM and others use.
+pub fn is_context_length_error(status: u16, body: &[u8]) -> bool {
+    if status != 400 && status != 413 {
+        return false;
+    }
+    let text = String::from_utf8_lossy(&body[..body.len().min(4096)]).to_ascii_lowercase();
+    ["context_length_exceeded", "maximum context length", "context length", "prompt is too long", "too many tokens"]
+        .iter()
+        .any(|phrase| text.contains(phrase))
+}
+
+/// What a streamed chunk carries, for latency and throughput: whether it has output (content,
+/// a refusal, reasoning or a tool call) and the completion tokens of a usage chunk.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ChunkInfo {
+    pub has_output: bool,
+    pub completion_tokens: Option<u64>,
+}
+
+/// Reads one SSE `data:` payload of a chat completion stream.
+pub fn chunk_info(data: &[u8]) -> ChunkInfo {
+    #[derive(Deserialize)]
+    struct Chunk<'a> {
+        #[serde(borrow, default)]
+        choices: Vec<Choice<'a>>,
+        #[serde(default)]
+        usage: Option<Usage>,
+    }
+    #[derive(Deserialize)]
+    struct Choice<'a> {
+        #[serde(borrow, default)]
+        delta: Option<Delta<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Delta<'a> {
+        #[serde(borrow, default)]
+        content: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        refusal: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        reasoning: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        reasoning_content: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        tool_calls: Option<&'a RawValue>,
+    }
+    #[derive(Deserialize)]
+    struct Usage {
+        #[serde(default)]
+        completion_tokens: Option<u64>,
+    }
+    let Ok(chunk) = serde_json::from_slice::<Chunk<'_>>(data) else { return ChunkInfo::default() };
+    let non_empty = |s: &Option<Cow<'_, str>>| s.as_deref().is_some_and(|s| !s.is_empty());
+    let has_output = chunk.choices.iter().filter_map(|c| c.delta.as_ref()).any(|d| {
+        non_empty(&d.content)
+            || non_empty(&d.refusal)
+            || non_empty(&d.reasoning)
+            || non_empty(&d.reasoning_content)
+            || d.tool_calls.is_some()
+    });
+    ChunkInfo { has_output, completion_tokens: chunk.usage.and_then(|u| u.completion_tokens) }
+}
+
+/// The `data:` payloads of complete SSE events.
+pub fn sse_payloads(events: &[u8]) -> impl Iterator<Item = &[u8]> {
+    events.split(|&b| b == b'\n').filter_map(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        line.strip_prefix(b"data:").map(|d| d.strip_prefix(b" ").unwrap_or(d))
+    })
+}
+
+/// The completion tokens of a whole (non-streamed) chat completion.
+pub fn completion_tokens(body: &[u8]) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct Answer {
+        #[serde(default)]
+        usage: Option<Usage>,
+    }
+    #[derive(Deserialize)]
+    struct Usage {
+        #[serde(default)]
+        completion_tokens: Option<u64>,
+    }
+    serde_json::from_slice::<Answer>(body).ok()?.usage?.completion_tokens
 }
 
 /// A string as a JSON string literal, quotes included.
@@ -141,6 +414,83 @@ mod tests {
         assert_eq!(req.model, "abc");
         assert!(req.stream);
         assert!(!parse_chat_request(br#"{"model":"m","stream":null}"#).unwrap().stream);
+    }
+
+    #[test]
+    fn reads_openrouter_routing_fields() {
+        let body = br#"{"model":"a","models":["b","c"],"max_tokens":100,"max_completion_tokens":50,
+            "provider":{"order":["x"],"only":["x","y"],"ignore":["z"],"allow_fallbacks":false,"sort":{"by":"latency"},
+            "max_price":{"prompt":1.5,"completion":2e1,"request":0,"image":9},
+            "preferred_max_latency":{"p50":0.5,"p99":2},"preferred_min_throughput":30.5,"data_collection":"deny"}}"#;
+        let req = parse_chat_request(body).unwrap();
+        assert_eq!(req.models, ["b", "c"]);
+        assert_eq!(req.max_tokens, Some(50));
+        let p = &req.prefs;
+        assert_eq!((p.order.len(), p.only.as_ref().map(Vec::len), p.ignore.len()), (1, Some(2), 1));
+        assert!(!p.allow_fallbacks);
+        assert_eq!(p.sort, Some(Sort::Latency));
+        assert_eq!(p.max_price, MaxPrice { prompt: Some(1_500_000), completion: Some(20_000_000), request: Some(0) });
+        assert_eq!(p.max_latency, Cutoffs([Some(500_000), None, None, Some(2_000_000)]));
+        assert_eq!(p.min_throughput, Cutoffs([Some(30_500), None, None, None]));
+
+        let defaults = parse_chat_request(br#"{"model":"a"}"#).unwrap();
+        assert_eq!(defaults.prefs, Prefs::default());
+        assert!(defaults.models.is_empty());
+    }
+
+    #[test]
+    fn rejects_unusable_routing_fields() {
+        for (body, field) in [
+            (r#"{"model":"a","provider":{"sort":"speed"}}"#, "provider.sort"),
+            (r#"{"model":"a","provider":{"max_price":{"prompt":-1}}}"#, "provider.max_price.prompt"),
+            (r#"{"model":"a","provider":{"preferred_max_latency":{"p50":"fast"}}}"#, "provider.preferred_max_latency"),
+        ] {
+            match parse_chat_request(body.as_bytes()) {
+                Err(RequestError::InvalidField(f, _)) => assert_eq!(f, field, "{body}"),
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+        assert!(matches!(parse_chat_request(br#"{"model":"a","models":"b"}"#), Err(RequestError::InvalidJson(_))));
+    }
+
+    #[test]
+    fn renames_the_model_of_an_answer() {
+        let renamed = rename_model(br#"{"id":"x","model":"gpt-4o-2024-08-06","choices":[]}"#, r#""chat""#).unwrap();
+        assert_eq!(&renamed[..], br#"{"id":"x","model":"chat","choices":[]}"#);
+        assert_eq!(rename_model(b"[DONE]", r#""chat""#), None);
+    }
+
+    #[test]
+    fn renames_the_model_of_each_event() {
+        let events = b"data: {\"model\":\"up\",\"x\":1}\r\n\r\n: keep\n\ndata: [DONE]\n\n";
+        let renamed = rename_events(events, r#""chat""#);
+        assert_eq!(&renamed[..], b"data: {\"model\":\"chat\",\"x\":1}\r\n\r\n: keep\n\ndata: [DONE]\n\n");
+    }
+
+    #[test]
+    fn recognises_output_and_usage_in_chunks() {
+        let role = br#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#;
+        assert_eq!(chunk_info(role), ChunkInfo::default());
+        let word = br#"{"choices":[{"index":0,"delta":{"content":"Hi"}}]}"#;
+        assert!(chunk_info(word).has_output);
+        let tool = br#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0}]}}]}"#;
+        assert!(chunk_info(tool).has_output);
+        let usage = br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":7}}"#;
+        assert_eq!(chunk_info(usage), ChunkInfo { has_output: false, completion_tokens: Some(7) });
+        let events = b"data: {\"a\":1}\n\n: comment\n\ndata:[DONE]\r\n\r\n";
+        assert_eq!(sse_payloads(events).collect::<Vec<_>>(), [&b"{\"a\":1}"[..], b"[DONE]"]);
+    }
+
+    #[test]
+    fn recognises_context_length_errors() {
+        let openai = br#"{"error":{"message":"This model's maximum context length is 8192 tokens.","code":"context_length_exceeded"}}"#;
+        assert!(is_context_length_error(400, openai));
+        assert!(is_context_length_error(
+            400,
+            br#"{"type":"error","error":{"message":"prompt is too long: 250000 tokens"}}"#
+        ));
+        assert!(!is_context_length_error(400, br#"{"error":{"message":"Invalid temperature"}}"#));
+        assert!(!is_context_length_error(500, openai));
     }
 
     #[test]

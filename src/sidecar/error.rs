@@ -13,10 +13,13 @@ use crate::providers::openai::error_body;
 pub const ERROR_SOURCE: HeaderName = HeaderName::from_static("x-switchyard-error-source");
 pub const TARGET: HeaderName = HeaderName::from_static("x-switchyard-target");
 pub const ATTEMPTS: HeaderName = HeaderName::from_static("x-switchyard-attempts");
+pub const FALLBACK_REASON: HeaderName = HeaderName::from_static("x-switchyard-fallback-reason");
 
 /// One failed attempt, as reported in `error.metadata.previous_errors`.
 #[derive(Clone, Debug, Serialize)]
 pub struct AttemptFailure {
+    /// The route's model.
+    pub model: String,
     pub target: String,
     /// The upstream's HTTP status, when it answered.
     pub status: Option<u16>,
@@ -48,6 +51,13 @@ pub enum ProxyError {
     AttemptsFailed {
         model: String,
         attempts: Vec<AttemptFailure>,
+        excluded_by: Vec<&'static str>,
+    },
+    /// No target could take the request: the request's preferences, the context window or health
+    /// excluded every one.
+    NoTarget {
+        model: String,
+        excluded_by: Vec<&'static str>,
     },
 }
 
@@ -62,6 +72,19 @@ impl ProxyError {
                 Some(last) if last.kind == FallbackReason::Timeout => StatusCode::GATEWAY_TIMEOUT,
                 _ => StatusCode::BAD_GATEWAY,
             },
+            // Only health excluded them: they will be back; otherwise no target ever fits.
+            ProxyError::NoTarget { excluded_by, .. } if excluded_by.iter().all(|b| *b == "health") => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::NoTarget { .. } => StatusCode::NOT_FOUND,
+        }
+    }
+
+    /// The reason of the last failed attempt, for `x-switchyard-fallback-reason`.
+    pub fn last_reason(&self) -> Option<FallbackReason> {
+        match self {
+            ProxyError::AttemptsFailed { attempts, .. } => attempts.last().map(|a| a.kind),
+            _ => None,
         }
     }
 
@@ -87,7 +110,16 @@ impl ProxyError {
             ProxyError::MethodNotAllowed => {
                 error_body("Method not allowed on this endpoint.", "invalid_request_error", "method_not_allowed", None)
             }
-            ProxyError::AttemptsFailed { model, attempts } => {
+            ProxyError::NoTarget { model, excluded_by } => error_body(
+                &format!(
+                    "No target of model {model:?} can take this request; excluded by: {}.",
+                    excluded_by.join(", ")
+                ),
+                "invalid_request_error",
+                "no_available_target",
+                Some(serde_json::json!({ "excluded_by": excluded_by })),
+            ),
+            ProxyError::AttemptsFailed { model, attempts, excluded_by } => {
                 let (kind, code, summary) = if status == StatusCode::GATEWAY_TIMEOUT {
                     ("upstream_error", "upstream_timeout", "timed out")
                 } else {
@@ -98,7 +130,11 @@ impl ProxyError {
                     &format!("All {} attempt(s) for model {model:?} {summary}: {}", attempts.len(), detail.join("; ")),
                     kind,
                     code,
-                    Some(serde_json::json!({ "previous_errors": attempts })),
+                    Some(if excluded_by.is_empty() {
+                        serde_json::json!({ "previous_errors": attempts })
+                    } else {
+                        serde_json::json!({ "previous_errors": attempts, "excluded_by": excluded_by })
+                    }),
                 )
             }
         };

@@ -1,10 +1,14 @@
 //! The sidecar: an OpenAI-compatible API on localhost that routes each call to a provider.
 
+mod attempt;
 mod error;
+mod health;
 mod metrics;
+pub mod plan;
 mod proxy;
 mod relay;
 mod state;
+mod stats;
 mod upstream;
 
 use std::net::SocketAddr;
@@ -105,6 +109,18 @@ pub async fn run(args: SidecarArgs) -> Result<(), SidecarError> {
     let api_addr = api_listener.local_addr().map_err(|e| SidecarError::Io(e.to_string()))?;
     let admin_addr = admin_listener.local_addr().map_err(|e| SidecarError::Io(e.to_string()))?;
 
+    // Strategies read cached quantiles; recomputing them once a second keeps that off requests.
+    let refresher = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                shared.metrics.refresh_stats(health::now());
+            }
+        })
+    };
+
     let reloader = {
         let shared = shared.clone();
         tokio::spawn(watch_sources(sources, args.reload_interval, loaded.fingerprint, move |result| {
@@ -129,12 +145,14 @@ pub async fn run(args: SidecarArgs) -> Result<(), SidecarError> {
         _ = shutdown_signal() => {}
         result = &mut api => {
             reloader.abort();
+            refresher.abort();
             return Err(SidecarError::Io(format!("the API server stopped: {result:?}")));
         }
     }
     tracing::info!(drain_timeout = ?args.drain_timeout, "shutting down: draining in-flight requests");
     shared.draining.store(true, Ordering::Relaxed);
     reloader.abort();
+    refresher.abort();
     let _ = stop_tx.send(true);
     if tokio::time::timeout(args.drain_timeout, &mut api).await.is_err() {
         tracing::warn!("drain timeout reached; closing the remaining connections");
@@ -190,7 +208,7 @@ async fn shutdown_signal() {
 pub fn api_router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(proxy::chat_completions))
-        .route("/v1/models", get(proxy::models))
+        .route("/v1/models", get(models))
         .method_not_allowed_fallback(proxy::method_not_allowed)
         .fallback(proxy::unknown_path)
         .with_state(shared)
@@ -215,5 +233,37 @@ async fn readyz(axum::extract::State(shared): axum::extract::State<Arc<Shared>>)
 }
 
 async fn metrics(axum::extract::State(shared): axum::extract::State<Arc<Shared>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], shared.metrics.render()).into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], shared.metrics.render(health::now())).into_response()
+}
+
+/// `GET /v1/models`: every model name served, in OpenAI's list shape, each with its route's
+/// targets, their health and recent performance under `switchyard`.
+async fn models(axum::extract::State(shared): axum::extract::State<Arc<Shared>>) -> Response {
+    let snapshot = shared.snapshot.load();
+    let now = health::now();
+    let mut data = Vec::new();
+    for route in &snapshot.routes {
+        let targets: Vec<serde_json::Value> = route
+            .targets
+            .iter()
+            .map(|t| {
+                let stats = &t.state.stats;
+                serde_json::json!({
+                    "name": t.name,
+                    "provider": t.provider,
+                    "health": metrics::health_state(t.state.health.admission(now)),
+                    "time_to_first_token_p50_ms": stats.ttft_p50().map(|d| d.as_millis()),
+                    "output_tokens_per_second_p50": stats.throughput_p50().map(|v| v / 1000),
+                })
+            })
+            .collect();
+        let info = serde_json::json!({"route": route.id, "strategy": route.strategy.as_str(), "targets": targets});
+        for name in std::iter::once(&route.model).chain(&route.aliases) {
+            data.push(serde_json::json!({
+                "id": name, "object": "model", "created": 0, "owned_by": "switchyard", "switchyard": info,
+            }));
+        }
+    }
+    let body = serde_json::json!({"object": "list", "data": data}).to_string();
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }

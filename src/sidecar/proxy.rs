@@ -1,40 +1,33 @@
-//! The request path: parse the few fields routing needs, pick the route, try its targets in order,
-//! and return the first answer.
+//! The request path: read the few fields routing needs, then for each route of the request
+//! (`model`, then `models`) plan its targets and try them, falling back and hedging as the route
+//! allows, until one answers.
 //!
-//! Fallback happens only before anything of the answer has been sent to the caller: JSON answers
-//! are read whole before they are returned, and a stream is committed once the upstream's success
-//! headers arrive.
+//! Fallback happens only before anything of the answer has reached the caller: a JSON answer is
+//! read whole first, and a stream is held back until its first token (see [`attempt`]).
 
+use std::future::poll_fn;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::task::Poll;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
-use tokio::time::timeout_at;
+use http::{HeaderMap, HeaderValue, header};
 
-use super::error::{ATTEMPTS, AttemptFailure, ERROR_SOURCE, ProxyError, TARGET};
+use super::attempt::{Answer, Finished, HealthEffect, attempt};
+use super::error::{ATTEMPTS, AttemptFailure, FALLBACK_REASON, ProxyError, TARGET};
+use super::health::{self, Outcome, Transition};
+use super::plan;
 use super::relay::SseRelay;
 use super::state::{RouteRt, Shared, TargetRt};
-use super::upstream::{SendError, UpstreamBody, error_chain};
 use crate::api::FallbackReason;
-use crate::api::units::format_duration;
-use crate::providers::openai::{ChatRequest, RequestError, parse_chat_request, upstream_error_message};
+use crate::providers::openai::{ChatRequest, RequestError, parse_chat_request, rename_model};
 
-/// Caller headers worth passing upstream: identification and tracing, never the caller's key.
-const FORWARDED: [header::HeaderName; 4] = [
-    header::USER_AGENT,
-    header::HeaderName::from_static("traceparent"),
-    header::HeaderName::from_static("tracestate"),
-    header::HeaderName::from_static("x-request-id"),
-];
-
-/// How much of an upstream error body is read, for its message.
-const MAX_ERROR_BODY: usize = 64 * 1024;
+/// Bytes of request body per token, for estimating whether a prompt fits a context window.
+const BYTES_PER_TOKEN: u64 = 4;
 
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(State(shared): State<Arc<Shared>>, request: Request) -> Response {
@@ -59,47 +52,301 @@ pub async fn chat_completions(State(shared): State<Arc<Shared>>, request: Reques
         Ok(chat) => chat,
         Err(e) => return unrouted(&shared, bad_request(e)),
     };
-    let Some(route) = snapshot.route(&chat.model) else {
-        let error = ProxyError::UnknownModel { model: chat.model.to_string(), known: snapshot.known_models() };
-        return unrouted(&shared, error);
-    };
 
-    let mut failures: Vec<AttemptFailure> = Vec::new();
-    let max_attempts = route.fallback.max_attempts as usize;
-    let attempts = route.targets.len().min(max_attempts);
-    for (i, target) in route.targets.iter().take(attempts).enumerate() {
-        let failure = match attempt(route, i, &chat, &body, &parts.headers, &shared).await {
-            Ok(response) => return finish(response, target, i + 1),
-            Err(failure) => failure,
+    // The routes to try: `model`, then each of `models` not already in the chain.
+    let mut chain: Vec<&Arc<RouteRt>> = Vec::with_capacity(1 + chat.models.len());
+    for name in std::iter::once(&chat.model).chain(&chat.models) {
+        let Some(route) = snapshot.route(name) else {
+            let error = ProxyError::UnknownModel { model: name.to_string(), known: snapshot.known_models() };
+            return unrouted(&shared, error);
         };
-        let falls_back = route.fallback.on.contains(failure.record.kind);
-        tracing::debug!(route = %route.id, target = %target.name, reason = failure.record.reason, message = %failure.record.message, falls_back, "attempt failed");
-        if !falls_back {
-            // The caller gets this failure as it is: an upstream's own error response passes
-            // through; a failure without one becomes a proxy error.
-            if let Some(response) = failure.passthrough {
-                return finish(response, target, i + 1);
-            }
-            failures.push(failure.record);
-            break;
+        if !chain.iter().any(|r| Arc::ptr_eq(r, route)) {
+            chain.push(route);
         }
-        if i + 1 < attempts {
-            target.metrics.fallbacks[failure.record.kind as usize].inc();
-        }
-        failures.push(failure.record);
     }
-    let last = &route.targets[failures.len().saturating_sub(1)];
-    let tried = failures.len();
-    let error = ProxyError::AttemptsFailed { model: chat.model.to_string(), attempts: failures };
-    finish(error.into_response(), last, tried)
+
+    let mut tried = Tried::default();
+    for (k, route) in chain.iter().enumerate() {
+        // An answer from a later route says so in its `model`, as OpenRouter's do.
+        let rename = (k > 0).then(|| route.model_json.clone());
+        match serve_route(route, &chat, &body, &parts.headers, &shared, rename, &mut tried).await {
+            Ok(response) | Err(Stop::Passthrough(response)) => return response,
+            Err(Stop::Exhausted) if chat.prefs.allow_fallbacks => continue,
+            Err(Stop::Exhausted) => break,
+        }
+    }
+    tried.into_response(&chat.model, chain[0])
+}
+
+/// Why a route did not answer.
+enum Stop {
+    /// A failure that does not fall back, with the upstream's own answer to pass on.
+    Passthrough(Response),
+    /// Every attempt failed, or no target could take the request; the next route may.
+    Exhausted,
+}
+
+/// What the request has been through so far, across routes.
+#[derive(Default)]
+struct Tried<'a> {
+    failures: Vec<AttemptFailure>,
+    /// Constraints that excluded targets, in the order met, without repeats.
+    excluded: Vec<&'static str>,
+    attempts: usize,
+    /// The route and target of the last attempt, which error responses are counted on.
+    last: Option<(&'a RouteRt, usize)>,
+}
+
+impl Tried<'_> {
+    fn exclude(&mut self, by: &[&'static str]) {
+        for b in by {
+            if !self.excluded.contains(b) {
+                self.excluded.push(b);
+            }
+        }
+    }
+
+    fn into_response(self, model: &str, first: &RouteRt) -> Response {
+        let attempts = self.attempts;
+        let error = if self.failures.is_empty() {
+            ProxyError::NoTarget { model: model.to_string(), excluded_by: self.excluded }
+        } else {
+            ProxyError::AttemptsFailed { model: model.to_string(), attempts: self.failures, excluded_by: self.excluded }
+        };
+        match self.last {
+            Some((route, index)) => {
+                let fallback = error.last_reason();
+                finish(error.into_response(), &route.targets[index], attempts, fallback)
+            }
+            None => {
+                first.state.requests.inc(error.status().as_u16());
+                error.into_response()
+            }
+        }
+    }
+}
+
+type Running<'a> = Pin<Box<dyn Future<Output = Finished> + Send + 'a>>;
+
+/// The attempts of one route: its plan, and the ones in flight (two while hedging).
+struct Attempts<'a> {
+    route: &'a Arc<RouteRt>,
+    chat: &'a ChatRequest<'a>,
+    body: &'a Bytes,
+    caller_headers: &'a HeaderMap,
+    shared: &'a Shared,
+    queue: std::vec::IntoIter<usize>,
+    panic: bool,
+    started: usize,
+    running: Vec<Running<'a>>,
+}
+
+impl<'a> Attempts<'a> {
+    /// Starts the next planned target that may take a request now; `None` when none is left or
+    /// `maxAttempts` is reached.
+    fn start_next(&mut self) -> Option<usize> {
+        while self.started < self.route.fallback.max_attempts as usize {
+            let index = self.queue.next()?;
+            let health = &self.route.targets[index].state.health;
+            let probe = if self.panic {
+                health.force_probe();
+                true
+            } else {
+                match health.acquire(health::now()) {
+                    Some(probe) => probe,
+                    // Ejected since the plan was made, or another request holds its probe.
+                    None => continue,
+                }
+            };
+            self.started += 1;
+            let (route, chat, body, headers, shared) =
+                (self.route, self.chat, self.body, self.caller_headers, self.shared);
+            self.running.push(Box::pin(attempt(route, index, probe, chat, body, headers, shared)));
+            return Some(index);
+        }
+        None
+    }
+
+    /// The next attempt to finish. Only called with attempts running.
+    async fn next_finished(&mut self) -> Finished {
+        poll_fn(|cx| {
+            for i in 0..self.running.len() {
+                if let Poll::Ready(finished) = self.running[i].as_mut().poll(cx) {
+                    drop(self.running.swap_remove(i));
+                    return Poll::Ready(finished);
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+async fn serve_route<'a>(
+    route: &'a Arc<RouteRt>,
+    chat: &'a ChatRequest<'a>,
+    body: &'a Bytes,
+    caller_headers: &'a HeaderMap,
+    shared: &'a Shared,
+    rename: Option<String>,
+    tried: &mut Tried<'a>,
+) -> Result<Response, Stop> {
+    let now = health::now();
+    let tick = route.ticks.fetch_add(1, Ordering::Relaxed);
+    let need_tokens = body.len() as u64 / BYTES_PER_TOKEN + chat.max_tokens.unwrap_or(0);
+    let plan = {
+        let candidates: Vec<plan::Candidate<'_>> = route.targets.iter().map(|t| t.candidate(now)).collect();
+        plan::plan(route.strategy, &route.schedule, &candidates, &chat.prefs, need_tokens, tick)
+    };
+    let plan = match plan {
+        Ok(plan) => plan,
+        Err(excluded) => {
+            route.state.count_excluded(&excluded.by);
+            tried.exclude(&excluded.by);
+            return Err(Stop::Exhausted);
+        }
+    };
+    if plan.panic {
+        route.state.panics.inc();
+        let target = &route.targets[plan.order[0]];
+        tracing::warn!(route = %route.id, target = %target.name, "every target is ejected or cooling down; trying the one that recovers soonest");
+    }
+
+    let mut run = Attempts {
+        route,
+        chat,
+        body,
+        caller_headers,
+        shared,
+        panic: plan.panic,
+        queue: plan.order.into_iter(),
+        started: 0,
+        running: Vec::with_capacity(2),
+    };
+    let first = run.start_next();
+    tried.attempts += run.started;
+    if first.is_none() {
+        route.state.count_excluded(&["health"]);
+        tried.exclude(&["health"]);
+        return Err(Stop::Exhausted);
+    }
+
+    let hedge_at = route.hedge_after.map(|after| tokio::time::Instant::now() + after);
+    let mut hedged = false;
+    let mut hedge_target: Option<usize> = None;
+    loop {
+        let can_hedge = hedge_at.is_some() && !hedged && run.running.len() == 1 && run.queue.len() > 0;
+        let finished = tokio::select! {
+            finished = run.next_finished() => finished,
+            _ = tokio::time::sleep_until(hedge_at.unwrap_or_else(tokio::time::Instant::now)), if can_hedge => {
+                hedged = true;
+                let before = run.started;
+                hedge_target = run.start_next();
+                tried.attempts += run.started - before;
+                if let Some(index) = hedge_target {
+                    route.state.hedges_started.inc();
+                    tracing::debug!(route = %route.id, target = %route.targets[index].name, "no first token yet; hedging");
+                }
+                continue;
+            }
+        };
+        let Finished { index, probe, result } = finished;
+        let target = &route.targets[index];
+        tried.last = Some((route, index));
+        match result {
+            Ok(answer) => {
+                record_health(route, target, Outcome::Success, probe);
+                target.state.count_outcome(None);
+                if let Some(hedge) = hedge_target {
+                    let counter = if hedge == index { &route.state.hedges_won } else { &route.state.hedges_lost };
+                    counter.inc();
+                }
+                // Dropping the other attempt closes its connection.
+                run.running.clear();
+                let fallback = tried.failures.last().map(|f| f.kind);
+                return Ok(finish(commit(answer, route, index, rename), target, tried.attempts, fallback));
+            }
+            Err(failure) => {
+                let kind = failure.record.kind;
+                target.state.count_outcome(Some(kind));
+                match failure.health {
+                    HealthEffect::Failure => record_health(route, target, Outcome::Failure, probe),
+                    HealthEffect::Answered => record_health(route, target, Outcome::Success, probe),
+                    HealthEffect::CoolDown(wait) => {
+                        target.state.health.cool_down(health::now().saturating_add(health::ticks(wait)));
+                        target.state.cooldowns.inc();
+                        record_health(route, target, Outcome::Cancelled, probe);
+                    }
+                }
+                let on = route.fallback.on;
+                let falls_back = on.contains(kind)
+                    || (kind == FallbackReason::ContextLength && on.contains(FallbackReason::ClientError));
+                tracing::debug!(route = %route.id, target = %target.name, reason = kind.as_str(), message = %failure.record.message, falls_back, "attempt failed");
+                tried.failures.push(failure.record);
+                if !falls_back && run.running.is_empty() {
+                    // The caller gets this failure as it is: an upstream's own error answer passes
+                    // through; a failure without one becomes a proxy error.
+                    return match failure.passthrough {
+                        Some(response) => Err(Stop::Passthrough(finish(response, target, tried.attempts, Some(kind)))),
+                        None => Err(Stop::Exhausted),
+                    };
+                }
+                if !run.running.is_empty() {
+                    // A hedged attempt is still running; it may yet answer.
+                    continue;
+                }
+                let before = run.started;
+                let next = run.start_next();
+                tried.attempts += run.started - before;
+                if next.is_none() {
+                    return Err(Stop::Exhausted);
+                }
+                target.state.fallbacks[kind.index()].inc();
+            }
+        }
+    }
+}
+
+fn record_health(route: &RouteRt, target: &TargetRt, outcome: Outcome, probe: bool) {
+    match target.state.health.record(outcome, probe, &route.health, health::now()) {
+        Some(Transition::Ejected { duration }) => {
+            target.state.ejections.inc();
+            tracing::warn!(route = %route.id, target = %target.name, ejected_for = ?duration, "target ejected after failures");
+        }
+        Some(Transition::Recovered) => {
+            tracing::info!(route = %route.id, target = %target.name, "target recovered");
+        }
+        None => {}
+    }
+}
+
+/// The caller's response for an attempt that answered.
+fn commit(answer: Answer, route: &Arc<RouteRt>, index: usize, rename: Option<String>) -> Response {
+    match answer {
+        Answer::Json { mut parts, body } => {
+            let body = match &rename {
+                Some(model) => rename_model(&body, model).unwrap_or(body),
+                None => body,
+            };
+            parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+            Response::from_parts(parts, Body::from(body))
+        }
+        Answer::Stream { parts, stream } => {
+            let total = route.targets[index].timeouts.total;
+            Response::from_parts(parts, Body::new(SseRelay::new(stream, route.clone(), index, total, rename)))
+        }
+    }
 }
 
 /// Adds the routing headers and counts the response.
-fn finish(mut response: Response, target: &TargetRt, attempts: usize) -> Response {
-    target.metrics.requests.inc(response.status().as_u16());
+fn finish(mut response: Response, target: &TargetRt, attempts: usize, fallback: Option<FallbackReason>) -> Response {
+    target.state.requests.inc(response.status().as_u16());
     let headers = response.headers_mut();
     headers.insert(TARGET, target.name_header.clone());
     headers.insert(ATTEMPTS, HeaderValue::from(attempts));
+    if let Some(reason) = fallback {
+        headers.insert(FALLBACK_REASON, HeaderValue::from_static(reason.as_str()));
+    }
     response
 }
 
@@ -113,202 +360,9 @@ fn bad_request(e: RequestError) -> ProxyError {
         RequestError::InvalidJson(detail) => ("invalid_json", format!("The request body is not valid JSON: {detail}")),
         RequestError::MissingModel => ("missing_model", "The request body must have a \"model\" field.".into()),
         RequestError::InvalidModel => ("invalid_model", "The \"model\" field must be a string.".into()),
+        RequestError::InvalidField(field, detail) => ("invalid_parameter", format!("{field}: {detail}")),
     };
     ProxyError::BadRequest { code, message }
-}
-
-/// A failed attempt: what is reported, and the upstream's response if it gave one worth passing on.
-struct Failure {
-    record: AttemptFailure,
-    passthrough: Option<Response>,
-}
-
-impl Failure {
-    fn new(target: &TargetRt, kind: FallbackReason, status: Option<u16>, message: String) -> Failure {
-        Failure {
-            record: AttemptFailure { target: target.name.clone(), status, reason: kind.as_str(), message, kind },
-            passthrough: None,
-        }
-    }
-}
-
-/// One attempt on `route.targets[index]`.
-async fn attempt(
-    route: &Arc<RouteRt>,
-    index: usize,
-    chat: &ChatRequest<'_>,
-    body: &Bytes,
-    caller_headers: &HeaderMap,
-    shared: &Shared,
-) -> Result<Response, Failure> {
-    let target = &route.targets[index];
-    let timeouts = target.timeouts;
-    let started = Instant::now();
-    let deadline = started + timeouts.total;
-    let first_byte_deadline = (started + timeouts.first_byte).min(deadline);
-
-    let mut request = http::Request::new(Full::new(chat.with_model(body, &target.model_json)));
-    *request.method_mut() = Method::POST;
-    if let super::upstream::Upstream::Http { uri, .. } = &target.upstream {
-        *request.uri_mut() = uri.clone();
-    }
-    let headers = request.headers_mut();
-    headers.clone_from(&target.headers);
-    for name in &FORWARDED {
-        if let Some(value) = caller_headers.get(name) {
-            headers.insert(name, value.clone());
-        }
-    }
-
-    let response = match timeout_at(first_byte_deadline.into(), target.upstream.send(request)).await {
-        Ok(Ok(response)) => response,
-        Ok(Err(SendError::ConnectTimeout)) => {
-            let message = format!("connect timeout after {}", format_duration(timeouts.connect));
-            return Err(Failure::new(target, FallbackReason::Timeout, None, message));
-        }
-        Ok(Err(SendError::Connect(detail))) => {
-            return Err(Failure::new(target, FallbackReason::Connect, None, format!("connection failed: {detail}")));
-        }
-        Err(_) => {
-            let (which, limit) = if first_byte_deadline < deadline {
-                ("firstByte", timeouts.first_byte)
-            } else {
-                ("total", timeouts.total)
-            };
-            let message = format!("no response headers within the {which} timeout of {}", format_duration(limit));
-            return Err(Failure::new(target, FallbackReason::Timeout, None, message));
-        }
-    };
-    target.metrics.first_byte.observe(started.elapsed());
-    let status = response.status();
-
-    if let Some(kind) = (!status.is_success()).then(|| FallbackReason::for_status(status.as_u16())).flatten() {
-        let (parts, upstream_body) = response.into_parts();
-        // The error body is only read for its message; a broken one still fails the attempt.
-        let error_body = read_body(upstream_body, MAX_ERROR_BODY, deadline).await.unwrap_or_default();
-        target.metrics.duration.observe(started.elapsed());
-        let error_body = redact(error_body, target);
-        let mut failure = Failure::new(target, kind, Some(status.as_u16()), upstream_message(status, &error_body));
-        // A provider rejecting Switchyard's own credentials is not the caller's error to see.
-        if status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN {
-            let mut response = Response::from_parts(parts, Body::from(error_body));
-            let headers = response.headers_mut();
-            strip_hop_by_hop(headers);
-            // Redaction may have changed the length; the server sets it from the body.
-            headers.remove(header::CONTENT_LENGTH);
-            headers.insert(ERROR_SOURCE, HeaderValue::from_static("upstream"));
-            failure.passthrough = Some(response);
-        }
-        return Err(failure);
-    }
-
-    let (mut parts, upstream_body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    if is_event_stream(&parts.headers) {
-        parts.headers.remove(header::CONTENT_LENGTH);
-        let relay = SseRelay::new(upstream_body, route.clone(), index, started, timeouts.total);
-        return Ok(Response::from_parts(parts, Body::new(relay)));
-    }
-
-    let answer = match read_body(upstream_body, shared.limits.max_response_bytes, deadline).await {
-        Ok(answer) => answer,
-        Err(e) => {
-            target.metrics.duration.observe(started.elapsed());
-            let (kind, message) = match e {
-                ReadError::Timeout => (
-                    FallbackReason::Timeout,
-                    format!(
-                        "the answer was not complete within the total timeout of {}",
-                        format_duration(timeouts.total)
-                    ),
-                ),
-                ReadError::TooLarge => (
-                    FallbackReason::ServerError,
-                    format!(
-                        "the answer is larger than {} bytes (--max-response-bytes)",
-                        shared.limits.max_response_bytes
-                    ),
-                ),
-                ReadError::Broken(detail) => {
-                    (FallbackReason::Connect, format!("the connection broke before the answer was complete: {detail}"))
-                }
-            };
-            return Err(Failure::new(target, kind, Some(status.as_u16()), message));
-        }
-    };
-    target.metrics.duration.observe(started.elapsed());
-    if serde_json::from_slice::<serde::de::IgnoredAny>(&answer).is_err() {
-        let message = "the upstream answered with a body that is not valid JSON".to_string();
-        return Err(Failure::new(target, FallbackReason::ServerError, Some(status.as_u16()), message));
-    }
-    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(answer.len()));
-    Ok(Response::from_parts(parts, Body::from(answer)))
-}
-
-enum ReadError {
-    Timeout,
-    TooLarge,
-    Broken(String),
-}
-
-async fn read_body(body: UpstreamBody, limit: usize, deadline: Instant) -> Result<Bytes, ReadError> {
-    match timeout_at(deadline.into(), Limited::new(body, limit).collect()).await {
-        Err(_) => Err(ReadError::Timeout),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ReadError::TooLarge),
-        Ok(Err(e)) => Err(ReadError::Broken(error_chain(&*e))),
-    }
-}
-
-fn is_event_stream(headers: &HeaderMap) -> bool {
-    headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
-}
-
-/// Connection-level headers belong to one hop; the sidecar's server sets its own.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    for name in [header::CONNECTION, header::TRANSFER_ENCODING, header::TE, header::TRAILER, header::UPGRADE] {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
-    headers.remove(header::PROXY_AUTHENTICATE);
-}
-
-/// The message of an upstream error for `previous_errors`.
-fn upstream_message(status: StatusCode, body: &[u8]) -> String {
-    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-        return format!("the provider rejected the configured credentials ({})", status.as_u16());
-    }
-    let detail = upstream_error_message(body).unwrap_or_else(|| {
-        let text = String::from_utf8_lossy(body);
-        text.chars().take(200).collect()
-    });
-    format!("upstream answered {}: {detail}", status.as_u16())
-}
-
-/// Removes the target's key from an upstream body, should the upstream echo it.
-fn redact(body: Bytes, target: &TargetRt) -> Bytes {
-    let Some(credential) = &target.credential else { return body };
-    let key = credential.expose().as_bytes();
-    if key.is_empty() || !body.windows(key.len()).any(|w| w == key) {
-        return body;
-    }
-    let mut out = Vec::with_capacity(body.len());
-    let mut rest = &body[..];
-    while let Some(at) = rest.windows(key.len()).position(|w| w == key) {
-        out.extend_from_slice(&rest[..at]);
-        out.extend_from_slice(b"[redacted]");
-        rest = &rest[at + key.len()..];
-    }
-    out.extend_from_slice(rest);
-    Bytes::from(out)
-}
-
-/// `GET /v1/models`.
-pub async fn models(State(shared): State<Arc<Shared>>) -> Response {
-    let body = shared.snapshot.load().models_json.clone();
-    let mut response = Response::new(Body::from(body));
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
 }
 
 /// Any other path.

@@ -15,10 +15,13 @@ use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame};
 use tokio::time::Sleep;
 
+use super::health::{self, Outcome};
+use super::metrics::TargetState;
 use super::state::RouteRt;
+use super::stats::TargetStats;
 use super::upstream::{UpstreamBody, error_chain};
 use crate::api::units::format_duration;
-use crate::providers::openai::stream_error_event;
+use crate::providers::openai::{chunk_info, rename_events, sse_payloads, stream_error_event};
 
 /// Past this size an unterminated event is forwarded anyway: an upstream that never ends its
 /// events must not make the sidecar buffer without bound.
@@ -73,34 +76,115 @@ fn last_boundary(data: &[u8]) -> Option<usize> {
     None
 }
 
-/// The body of a streamed response: the upstream's events, then either its clean end or one
-/// terminal error event.
+/// What a stream has shown so far: when its first output arrived and how many tokens it made.
+#[derive(Debug)]
+pub struct StreamWatch {
+    started: Instant,
+    pub first_token: Option<Duration>,
+    completion_tokens: Option<u64>,
+    events: u64,
+}
+
+impl StreamWatch {
+    pub fn new(started: Instant) -> Self {
+        StreamWatch { started, first_token: None, completion_tokens: None, events: 0 }
+    }
+
+    /// Looks at complete events on their way to the caller. Until the first output only, and then
+    /// only in chunks that mention usage, are events parsed; the rest is counted, not read.
+    pub fn observe(&mut self, events: &[u8], stats: &TargetStats) {
+        let parse = self.first_token.is_none() || events.windows(7).any(|w| w == b"\"usage\"");
+        for payload in sse_payloads(events) {
+            self.events += 1;
+            if !parse {
+                continue;
+            }
+            let info = chunk_info(payload);
+            if info.has_output && self.first_token.is_none() {
+                let after = self.started.elapsed();
+                self.first_token = Some(after);
+                stats.record_first_token(after, health::now());
+            }
+            if info.completion_tokens.is_some() {
+                self.completion_tokens = info.completion_tokens;
+            }
+        }
+    }
+
+    /// Records a stream that ended cleanly. Without a usage chunk, its events stand in for tokens.
+    fn finish(&self, stats: &TargetStats) {
+        let tokens = self.completion_tokens.unwrap_or(self.events);
+        stats.record_done(self.started.elapsed(), self.first_token, Some(tokens), health::now());
+    }
+}
+
+/// The body of a streamed response: what hold-back already read, then the upstream's events, then
+/// either its clean end or one terminal error event.
 pub struct SseRelay {
     inner: UpstreamBody,
     framer: SseFramer,
+    prefix: Option<Bytes>,
+    watch: StreamWatch,
     deadline: Pin<Box<Sleep>>,
     route: Arc<RouteRt>,
     target: usize,
-    started: Instant,
     total: Duration,
+    /// Set when the answer comes from another route than the one asked for (`models` fallback):
+    /// each event's `model` is renamed to this JSON string.
+    rename: Option<String>,
     done: bool,
 }
 
+/// A stream that has been committed to the caller.
+pub struct Committed {
+    pub body: UpstreamBody,
+    pub framer: SseFramer,
+    pub prefix: Bytes,
+    pub watch: StreamWatch,
+    pub started: Instant,
+}
+
 impl SseRelay {
-    pub fn new(inner: UpstreamBody, route: Arc<RouteRt>, target: usize, started: Instant, total: Duration) -> Self {
-        let deadline = Box::pin(tokio::time::sleep_until((started + total).into()));
-        SseRelay { inner, framer: SseFramer::default(), deadline, route, target, started, total, done: false }
+    pub fn new(stream: Committed, route: Arc<RouteRt>, target: usize, total: Duration, rename: Option<String>) -> Self {
+        let deadline = Box::pin(tokio::time::sleep_until((stream.started + total).into()));
+        SseRelay {
+            inner: stream.body,
+            framer: stream.framer,
+            prefix: (!stream.prefix.is_empty()).then_some(stream.prefix),
+            watch: stream.watch,
+            deadline,
+            route,
+            target,
+            total,
+            rename,
+            done: false,
+        }
+    }
+
+    fn state(&self) -> &TargetState {
+        &self.route.targets[self.target].state
     }
 
     /// Ends the stream with an error event; the partial event held back is dropped.
     fn fail(&mut self, code: &str, message: String) -> Bytes {
         self.done = true;
         let target = &self.route.targets[self.target];
-        target.metrics.stream_errors.inc();
-        target.metrics.duration.observe(self.started.elapsed());
+        target.state.stream_errors.inc();
+        target.state.duration.observe(self.watch.started.elapsed());
+        target.state.health.record(Outcome::Failure, false, &self.route.health, health::now());
         tracing::warn!(route = %self.route.id, target = %target.name, %code, %message, "stream broke after the answer started");
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         stream_error_event(&self.route.model, &target.provider, code, &message, created)
+    }
+
+    /// Bytes on their way out: watched, and renamed if needed.
+    fn forward(&mut self, events: Bytes) -> Bytes {
+        let route = self.route.clone();
+        self.watch.observe(&events, &route.targets[self.target].state.stats);
+        match &self.rename {
+            Some(model) => rename_events(&events, model),
+            None => events,
+        }
     }
 }
 
@@ -110,6 +194,13 @@ impl Body for SseRelay {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
+        if let Some(prefix) = this.prefix.take() {
+            let prefix = match &this.rename {
+                Some(model) => rename_events(&prefix, model),
+                None => prefix,
+            };
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
         loop {
             if this.done {
                 return Poll::Ready(None);
@@ -125,7 +216,7 @@ impl Body for SseRelay {
                     if let Ok(data) = frame.into_data()
                         && let Some(complete) = this.framer.push(data)
                     {
-                        return Poll::Ready(Some(Ok(Frame::data(complete))));
+                        return Poll::Ready(Some(Ok(Frame::data(this.forward(complete)))));
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -134,7 +225,9 @@ impl Body for SseRelay {
                 }
                 Poll::Ready(None) => {
                     this.done = true;
-                    this.route.targets[this.target].metrics.duration.observe(this.started.elapsed());
+                    let state = this.state();
+                    state.duration.observe(this.watch.started.elapsed());
+                    this.watch.finish(&state.stats);
                     return Poll::Ready(this.framer.finish().map(|rest| Ok(Frame::data(rest))));
                 }
                 Poll::Pending => return Poll::Pending,
@@ -143,7 +236,7 @@ impl Body for SseRelay {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done
+        self.done && self.prefix.is_none()
     }
 }
 

@@ -3,15 +3,18 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Uri, header};
 
-use super::metrics::{SidecarMetrics, TargetMetrics};
+use super::health::Ticks;
+use super::metrics::{RouteState, SidecarMetrics, TargetState};
+use super::plan::{Candidate, weighted_schedule};
 use super::upstream::{Clients, Upstream};
-use crate::config::{self, Config, Credential, FallbackPolicy, Timeouts};
+use crate::api::Strategy;
+use crate::config::{self, Config, Credential, FallbackPolicy, HealthPolicy, Prices, Timeouts};
 use crate::mock_provider::MockStats;
 use crate::providers::openai::json_string;
 
@@ -36,7 +39,7 @@ impl Shared {
     pub fn new(config: &Config, limits: Limits, clients: Clients) -> Self {
         let metrics = SidecarMetrics::default();
         let snapshot = Snapshot::build(config, &metrics, &clients);
-        metrics.routes.set(config.routes.len() as u64);
+        metrics.routes_loaded.set(config.routes.len() as u64);
         metrics.last_reload_ok.set(1);
         Shared { snapshot: ArcSwap::from_pointee(snapshot), metrics, clients, limits, draining: AtomicBool::new(false) }
     }
@@ -45,23 +48,35 @@ impl Shared {
     pub fn apply(&self, config: &Config) {
         let snapshot = Snapshot::build(config, &self.metrics, &self.clients);
         self.snapshot.store(Arc::new(snapshot));
-        self.metrics.routes.set(config.routes.len() as u64);
+        self.metrics.routes_loaded.set(config.routes.len() as u64);
     }
 }
 
 /// One configuration, prepared for serving: everything a request needs is computed here once.
 pub struct Snapshot {
     by_model: HashMap<Box<str>, Arc<RouteRt>>,
-    /// The `GET /v1/models` body.
-    pub models_json: Bytes,
+    /// Routes in configuration order, for `GET /v1/models`.
+    pub routes: Vec<Arc<RouteRt>>,
 }
 
 pub struct RouteRt {
     /// `namespace/name`, as in metrics.
     pub id: String,
     pub model: String,
+    pub aliases: Vec<String>,
+    /// `model` as a JSON string literal, for renaming answers served through `models` fallback.
+    pub model_json: String,
+    pub strategy: Strategy,
+    /// The weighted strategy's sequence of first targets.
+    pub schedule: Vec<u8>,
+    /// Requests so far, for the weighted sequence and for exploration.
+    pub ticks: AtomicU64,
     pub targets: Vec<TargetRt>,
     pub fallback: FallbackPolicy,
+    pub health: HealthPolicy,
+    pub hold_back: Duration,
+    pub hedge_after: Option<Duration>,
+    pub state: Arc<RouteState>,
 }
 
 pub struct TargetRt {
@@ -76,24 +91,43 @@ pub struct TargetRt {
     pub headers: HeaderMap,
     pub credential: Option<Credential>,
     pub timeouts: Timeouts,
-    pub metrics: Arc<TargetMetrics>,
+    pub weight: u32,
+    pub prices: Prices,
+    pub context_window: Option<u32>,
+    /// Counters, health and recent performance, kept across reloads.
+    pub state: Arc<TargetState>,
 }
 
 impl Snapshot {
     pub fn build(config: &Config, metrics: &SidecarMetrics, clients: &Clients) -> Snapshot {
         let mut by_model = HashMap::new();
-        let mut models = Vec::new();
+        let mut routes = Vec::with_capacity(config.routes.len());
         for route in &config.routes {
             let id = format!("{}/{}", route.namespace, route.name);
-            let targets = route.targets.iter().map(|t| TargetRt::build(&id, t, metrics, clients)).collect();
-            let rt = Arc::new(RouteRt { id, model: route.model.clone(), targets, fallback: route.fallback });
+            let targets: Vec<TargetRt> =
+                route.targets.iter().map(|t| TargetRt::build(&id, t, metrics, clients)).collect();
+            let weights: Vec<u32> = targets.iter().map(|t| t.weight).collect();
+            let rt = Arc::new(RouteRt {
+                state: metrics.route(&id),
+                id,
+                model: route.model.clone(),
+                aliases: route.aliases.clone(),
+                model_json: json_string(&route.model),
+                strategy: route.strategy,
+                schedule: weighted_schedule(&weights),
+                ticks: AtomicU64::new(0),
+                targets,
+                fallback: route.fallback,
+                health: route.health,
+                hold_back: route.hold_back,
+                hedge_after: route.hedge_after,
+            });
             for name in route.model_names() {
                 by_model.insert(name.into(), rt.clone());
-                models.push(serde_json::json!({"id": name, "object": "model", "created": 0, "owned_by": "switchyard"}));
             }
+            routes.push(rt);
         }
-        let models_json = serde_json::json!({"object": "list", "data": models}).to_string().into();
-        Snapshot { by_model, models_json }
+        Snapshot { by_model, routes }
     }
 
     pub fn route(&self, model: &str) -> Option<&Arc<RouteRt>> {
@@ -146,7 +180,27 @@ impl TargetRt {
             headers,
             credential: t.credential.clone(),
             timeouts: t.timeouts,
-            metrics: metrics.target(route_id, &t.name),
+            weight: t.weight,
+            prices: t.pricing,
+            context_window: t.context_window,
+            state: metrics.target(route_id, &t.name),
+        }
+    }
+
+    /// What the planner needs to know about this target now.
+    pub fn candidate(&self, now: Ticks) -> Candidate<'_> {
+        let quantiles =
+            |c: &super::stats::Cached| -> Option<[u64; 4]> { Some([c.get(0)?, c.get(1)?, c.get(2)?, c.get(3)?]) };
+        let stats = &self.state.stats;
+        Candidate {
+            name: &self.name,
+            provider: &self.provider,
+            weight: self.weight,
+            prices: self.prices,
+            context_window: self.context_window,
+            admission: self.state.health.admission(now),
+            ttft: quantiles(&stats.ttft_cached),
+            throughput: quantiles(&stats.throughput_cached),
         }
     }
 }

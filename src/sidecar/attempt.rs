@@ -1,0 +1,406 @@
+//! One attempt on one target: send the request, classify what came back, and for a stream hold
+//! the response back until its first token, so a target that fails before then can still be
+//! replaced without the caller noticing.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header, response::Parts};
+use http_body_util::{BodyExt, Full, Limited};
+use tokio::time::timeout_at;
+
+use super::error::{AttemptFailure, ERROR_SOURCE};
+use super::health::{self, Health, Outcome};
+use super::relay::{Committed, SseFramer, StreamWatch};
+use super::state::{RouteRt, Shared, TargetRt};
+use super::upstream::{SendError, Upstream, UpstreamBody, error_chain};
+use crate::api::FallbackReason;
+use crate::api::units::format_duration;
+use crate::config::HealthPolicy;
+use crate::providers::openai::{ChatRequest, completion_tokens, is_context_length_error, upstream_error_message};
+
+/// Caller headers worth passing upstream: identification and tracing, never the caller's key.
+const FORWARDED: [header::HeaderName; 4] = [
+    header::USER_AGENT,
+    header::HeaderName::from_static("traceparent"),
+    header::HeaderName::from_static("tracestate"),
+    header::HeaderName::from_static("x-request-id"),
+];
+
+/// How much of an upstream error body is read, for its message.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// An attempt that got far enough to answer the caller.
+pub enum Answer {
+    /// A whole non-streamed answer.
+    Json { parts: Parts, body: Bytes },
+    /// A stream, past its first token (or past hold-back).
+    Stream { parts: Parts, stream: Committed },
+}
+
+/// What a failed attempt says about the target's health.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HealthEffect {
+    /// Counts towards ejection.
+    Failure,
+    /// The target answered: it is healthy, the request was the problem.
+    Answered,
+    /// A rate limit with a retry hint: pause the target this long.
+    CoolDown(Duration),
+}
+
+/// A failed attempt.
+pub struct Failure {
+    pub record: AttemptFailure,
+    /// The upstream's own error answer, when it is right to pass it on.
+    pub passthrough: Option<Response>,
+    pub health: HealthEffect,
+}
+
+impl Failure {
+    fn new(route: &RouteRt, target: &TargetRt, kind: FallbackReason, status: Option<u16>, message: String) -> Failure {
+        Failure {
+            record: AttemptFailure {
+                model: route.model.clone(),
+                target: target.name.clone(),
+                status,
+                reason: kind.as_str(),
+                message,
+                kind,
+            },
+            passthrough: None,
+            health: HealthEffect::Failure,
+        }
+    }
+}
+
+/// An attempt's result, with the target it was on.
+pub struct Finished {
+    pub index: usize,
+    pub probe: bool,
+    pub result: Result<Answer, Failure>,
+}
+
+/// Releases a half-open probe if its attempt is abandoned (the caller left, or a hedge won), so the
+/// next request can probe.
+struct ProbeGuard<'a> {
+    health: &'a Health,
+    policy: &'a HealthPolicy,
+    armed: bool,
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.health.record(Outcome::Cancelled, true, self.policy, health::now());
+        }
+    }
+}
+
+/// One attempt on `route.targets[index]`.
+pub async fn attempt(
+    route: &Arc<RouteRt>,
+    index: usize,
+    probe: bool,
+    chat: &ChatRequest<'_>,
+    body: &Bytes,
+    caller_headers: &HeaderMap,
+    shared: &Shared,
+) -> Finished {
+    let mut guard = ProbeGuard { health: &route.targets[index].state.health, policy: &route.health, armed: probe };
+    let result = try_target(route, index, chat, body, caller_headers, shared).await;
+    guard.armed = false;
+    Finished { index, probe, result }
+}
+
+async fn try_target(
+    route: &Arc<RouteRt>,
+    index: usize,
+    chat: &ChatRequest<'_>,
+    body: &Bytes,
+    caller_headers: &HeaderMap,
+    shared: &Shared,
+) -> Result<Answer, Failure> {
+    let target = &route.targets[index];
+    let state = &target.state;
+    let timeouts = target.timeouts;
+    let started = Instant::now();
+    let deadline = started + timeouts.total;
+    let first_byte_deadline = (started + timeouts.first_byte).min(deadline);
+
+    let mut request = http::Request::new(Full::new(chat.with_model(body, &target.model_json)));
+    *request.method_mut() = Method::POST;
+    if let Upstream::Http { uri, .. } = &target.upstream {
+        *request.uri_mut() = uri.clone();
+    }
+    let headers = request.headers_mut();
+    headers.clone_from(&target.headers);
+    for name in &FORWARDED {
+        if let Some(value) = caller_headers.get(name) {
+            headers.insert(name, value.clone());
+        }
+    }
+
+    let fail = |kind, status, message| Failure::new(route, target, kind, status, message);
+    let response = match timeout_at(first_byte_deadline.into(), target.upstream.send(request)).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(SendError::ConnectTimeout)) => {
+            let message = format!("connect timeout after {}", format_duration(timeouts.connect));
+            return Err(fail(FallbackReason::Timeout, None, message));
+        }
+        Ok(Err(SendError::Connect(detail))) => {
+            return Err(fail(FallbackReason::Connect, None, format!("connection failed: {detail}")));
+        }
+        Err(_) => {
+            let (which, limit) = if first_byte_deadline < deadline {
+                ("firstByte", timeouts.first_byte)
+            } else {
+                ("total", timeouts.total)
+            };
+            let message = format!("no response headers within the {which} timeout of {}", format_duration(limit));
+            return Err(fail(FallbackReason::Timeout, None, message));
+        }
+    };
+    state.first_byte.observe(started.elapsed());
+    let status = response.status();
+
+    if let Some(kind) = (!status.is_success()).then(|| FallbackReason::for_status(status.as_u16())).flatten() {
+        let (parts, upstream_body) = response.into_parts();
+        // The error body is only read for its message; a broken one still fails the attempt.
+        let error_body = read_body(upstream_body, MAX_ERROR_BODY, deadline).await.unwrap_or_default();
+        state.duration.observe(started.elapsed());
+        let error_body = redact(error_body, target);
+        let code = status.as_u16();
+        let kind = if is_context_length_error(code, &error_body) { FallbackReason::ContextLength } else { kind };
+        let mut failure = fail(kind, Some(code), upstream_message(status, &error_body));
+        failure.health = match (code, retry_hint(&parts.headers)) {
+            (429 | 503, Some(wait)) => HealthEffect::CoolDown(wait.min(route.health.max_ejection)),
+            (429 | 500..=599, _) => HealthEffect::Failure,
+            _ => HealthEffect::Answered,
+        };
+        // A provider rejecting Switchyard's own credentials is not the caller's error to see.
+        if status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN {
+            let mut response = Response::from_parts(parts, Body::from(error_body));
+            let headers = response.headers_mut();
+            strip_hop_by_hop(headers);
+            // Redaction may have changed the length; the server sets it from the body.
+            headers.remove(header::CONTENT_LENGTH);
+            headers.insert(ERROR_SOURCE, HeaderValue::from_static("upstream"));
+            failure.passthrough = Some(response);
+        }
+        return Err(failure);
+    }
+
+    let (mut parts, mut upstream_body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if is_event_stream(&parts.headers) {
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let mut watch = StreamWatch::new(started);
+        let mut framer = SseFramer::default();
+        let mut prefix = BytesMut::new();
+        if !route.hold_back.is_zero() {
+            let hold_until = (Instant::now() + route.hold_back).min(deadline);
+            while watch.first_token.is_none() {
+                match timeout_at(hold_until.into(), upstream_body.frame()).await {
+                    Err(_) if hold_until < deadline => break,
+                    Err(_) => {
+                        let message =
+                            format!("no first token within the total timeout of {}", format_duration(timeouts.total));
+                        return Err(fail(FallbackReason::Timeout, Some(status.as_u16()), message));
+                    }
+                    Ok(None) => break,
+                    Ok(Some(Err(e))) => {
+                        state.duration.observe(started.elapsed());
+                        let message = format!("the connection broke before the first token: {}", error_chain(&*e));
+                        return Err(fail(FallbackReason::Connect, Some(status.as_u16()), message));
+                    }
+                    Ok(Some(Ok(frame))) => {
+                        if let Ok(data) = frame.into_data()
+                            && let Some(complete) = framer.push(data)
+                        {
+                            watch.observe(&complete, &state.stats);
+                            prefix.extend_from_slice(&complete);
+                        }
+                    }
+                }
+            }
+        }
+        let stream = Committed { body: upstream_body, framer, prefix: prefix.freeze(), watch, started };
+        return Ok(Answer::Stream { parts, stream });
+    }
+
+    let answer = match read_body(upstream_body, shared.limits.max_response_bytes, deadline).await {
+        Ok(answer) => answer,
+        Err(e) => {
+            state.duration.observe(started.elapsed());
+            let (kind, message) = match e {
+                ReadError::Timeout => (
+                    FallbackReason::Timeout,
+                    format!(
+                        "the answer was not complete within the total timeout of {}",
+                        format_duration(timeouts.total)
+                    ),
+                ),
+                ReadError::TooLarge => (
+                    FallbackReason::ServerError,
+                    format!(
+                        "the answer is larger than {} bytes (--max-response-bytes)",
+                        shared.limits.max_response_bytes
+                    ),
+                ),
+                ReadError::Broken(detail) => {
+                    (FallbackReason::Connect, format!("the connection broke before the answer was complete: {detail}"))
+                }
+            };
+            return Err(fail(kind, Some(status.as_u16()), message));
+        }
+    };
+    let total = started.elapsed();
+    state.duration.observe(total);
+    if serde_json::from_slice::<serde::de::IgnoredAny>(&answer).is_err() {
+        let message = "the upstream answered with a body that is not valid JSON".to_string();
+        return Err(fail(FallbackReason::ServerError, Some(status.as_u16()), message));
+    }
+    // For a whole answer, the first token reaches the caller with the last.
+    let now = health::now();
+    state.stats.record_first_token(total, now);
+    state.stats.record_done(total, None, completion_tokens(&answer), now);
+    Ok(Answer::Json { parts, body: answer })
+}
+
+enum ReadError {
+    Timeout,
+    TooLarge,
+    Broken(String),
+}
+
+async fn read_body(body: UpstreamBody, limit: usize, deadline: Instant) -> Result<Bytes, ReadError> {
+    match timeout_at(deadline.into(), Limited::new(body, limit).collect()).await {
+        Err(_) => Err(ReadError::Timeout),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ReadError::TooLarge),
+        Ok(Err(e)) => Err(ReadError::Broken(error_chain(&*e))),
+    }
+}
+
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+}
+
+/// Connection-level headers belong to one hop; the sidecar's server sets its own.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in [header::CONNECTION, header::TRANSFER_ENCODING, header::TE, header::TRAILER, header::UPGRADE] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove(header::PROXY_AUTHENTICATE);
+}
+
+/// How long a rate-limited upstream asks to be left alone: `retry-after-ms`, `retry-after` (in
+/// seconds), or the longest of OpenAI's `x-ratelimit-reset-requests` / `-tokens` (durations such
+/// as `1s`, `6m0s`, `250ms`) and `x-ratelimit-reset` (seconds).
+pub fn retry_hint(headers: &HeaderMap) -> Option<Duration> {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    let seconds = |s: &str| s.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0).map(Duration::from_secs_f64);
+    if let Some(ms) = text("retry-after-ms").and_then(|s| s.parse::<f64>().ok()).filter(|v| v.is_finite() && *v >= 0.0)
+    {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
+    if let Some(wait) = text("retry-after").and_then(seconds) {
+        return Some(wait);
+    }
+    ["x-ratelimit-reset-requests", "x-ratelimit-reset-tokens", "x-ratelimit-reset"]
+        .iter()
+        .filter_map(|name| text(name).and_then(|v| go_duration(v).or_else(|| seconds(v))))
+        .max()
+}
+
+/// A Go duration string with decimals, as OpenAI writes rate-limit resets: `1s`, `6m0s`, `0.5s`,
+/// `1h2m3.5s`, `250ms`.
+fn go_duration(s: &str) -> Option<Duration> {
+    let mut total = 0.0f64;
+    let mut rest = s;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let number_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        let value: f64 = rest[..number_end].parse().ok()?;
+        rest = &rest[number_end..];
+        let (scale, len) = if rest.starts_with("ms") {
+            (0.001, 2)
+        } else if rest.starts_with('s') {
+            (1.0, 1)
+        } else if rest.starts_with('m') {
+            (60.0, 1)
+        } else if rest.starts_with('h') {
+            (3600.0, 1)
+        } else {
+            return None;
+        };
+        total += value * scale;
+        rest = &rest[len..];
+    }
+    Duration::try_from_secs_f64(total).ok()
+}
+
+/// The message of an upstream error for `previous_errors`.
+fn upstream_message(status: StatusCode, body: &[u8]) -> String {
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        return format!("the provider rejected the configured credentials ({})", status.as_u16());
+    }
+    let detail = upstream_error_message(body).unwrap_or_else(|| {
+        let text = String::from_utf8_lossy(body);
+        text.chars().take(200).collect()
+    });
+    format!("upstream answered {}: {detail}", status.as_u16())
+}
+
+/// Removes the target's key from an upstream body, should the upstream echo it.
+fn redact(body: Bytes, target: &TargetRt) -> Bytes {
+    let Some(credential) = &target.credential else { return body };
+    let key = credential.expose().as_bytes();
+    if key.is_empty() || !body.windows(key.len()).any(|w| w == key) {
+        return body;
+    }
+    let mut out = Vec::with_capacity(body.len());
+    let mut rest = &body[..];
+    while let Some(at) = rest.windows(key.len()).position(|w| w == key) {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(b"[redacted]");
+        rest = &rest[at + key.len()..];
+    }
+    out.extend_from_slice(rest);
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hint(pairs: &[(&'static str, &'static str)]) -> Option<Duration> {
+        let mut headers = HeaderMap::new();
+        for (k, v) in pairs {
+            headers.insert(*k, HeaderValue::from_static(v));
+        }
+        retry_hint(&headers)
+    }
+
+    #[test]
+    fn reads_retry_hints() {
+        assert_eq!(hint(&[]), None);
+        assert_eq!(hint(&[("retry-after", "7")]), Some(Duration::from_secs(7)));
+        assert_eq!(hint(&[("retry-after", "7"), ("retry-after-ms", "1500")]), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            hint(&[("x-ratelimit-reset-requests", "1s"), ("x-ratelimit-reset-tokens", "6m0s")]),
+            Some(Duration::from_secs(360))
+        );
+        assert_eq!(hint(&[("x-ratelimit-reset-tokens", "250ms")]), Some(Duration::from_millis(250)));
+        assert_eq!(hint(&[("x-ratelimit-reset", "2.5")]), Some(Duration::from_millis(2500)));
+        assert_eq!(hint(&[("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")]), None, "dates are not read");
+        assert_eq!(hint(&[("retry-after", "-3")]), None);
+    }
+}
