@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -281,11 +282,21 @@ pub struct Recorded {
 /// - `sse-break`: two events, then a broken connection. `sse-stall`: two events, then nothing.
 /// - `sse-gated`: [`GATED_EVENTS`], sending each after the first only when the test opens the gate.
 /// - `echo-key`: a 500 whose body repeats the Authorization header it received.
+/// - `switch`: a chat completion, or a 503 while [`ScriptedUpstream::down`] is set.
+/// - `slow-503`: a 503 after 300 ms.
+/// - `ratelimit-after-N`: 429 with `Retry-After: N`; `ratelimit-ms-N`: 429 with `retry-after-ms: N`.
+/// - `context-400`: OpenAI's context-length error.
+/// - `sse-break-early`: the role chunk, then a broken connection, before any token.
+/// - `sse-slow-token`: the role chunk, then a word after 3 s; notes in [`ScriptedUpstream::cancelled`]
+///   when the caller closes the connection first.
+/// - `latency-N`: a chat completion after N ms.
 #[derive(Clone)]
 pub struct ScriptedUpstream {
     pub addr: SocketAddr,
     pub requests: Arc<Mutex<Vec<Recorded>>>,
     pub gate: Arc<Semaphore>,
+    pub down: Arc<std::sync::atomic::AtomicBool>,
+    pub cancelled: Arc<Mutex<Vec<String>>>,
 }
 
 /// The bytes `sse-gated` sends, deliberately split mid-event and mid-line.
@@ -309,6 +320,8 @@ impl ScriptedUpstream {
             addr: listener.local_addr().unwrap(),
             requests: Arc::default(),
             gate: Arc::new(Semaphore::new(0)),
+            down: Arc::default(),
+            cancelled: Arc::default(),
         };
         let app = axum::Router::new().fallback(script).with_state(upstream.clone());
         tokio::spawn(
@@ -339,10 +352,11 @@ fn json(status: StatusCode, body: serde_json::Value) -> Response {
 }
 
 fn sse_chunk(content: &str) -> String {
-    format!(
-        "data: {}\n\n",
-        serde_json::json!({"id": "s", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": content}}]})
-    )
+    let chunk = serde_json::json!({
+        "id": "s", "object": "chat.completion.chunk", "model": "upstream-model",
+        "choices": [{"index": 0, "delta": {"content": content}}],
+    });
+    format!("data: {chunk}\n\n")
 }
 
 fn sse_response(body: Channel<Bytes, std::io::Error>) -> Response {
@@ -367,6 +381,31 @@ async fn script(
     let model =
         serde_json::from_slice::<serde_json::Value>(&body).ok().and_then(|v| v["model"].as_str().map(String::from));
 
+    let ok = |model: Option<String>| {
+        json(
+            StatusCode::OK,
+            serde_json::json!({
+                "id": "chatcmpl-ok", "object": "chat.completion", "created": 1, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+            }),
+        )
+    };
+    if let Some(ms) = behaviour.strip_prefix("latency-") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+        return ok(model);
+    }
+    let rate_limited = |header: &'static str, value: &str| {
+        let mut response = json(StatusCode::TOO_MANY_REQUESTS, serde_json::json!({"error": {"message": "slow down"}}));
+        response.headers_mut().insert(header, value.parse().unwrap());
+        response
+    };
+    if let Some(seconds) = behaviour.strip_prefix("ratelimit-after-") {
+        return rate_limited("retry-after", seconds);
+    }
+    if let Some(ms) = behaviour.strip_prefix("ratelimit-ms-") {
+        return rate_limited("retry-after-ms", ms);
+    }
     if let Some(code) = behaviour.strip_prefix("status-") {
         let status = StatusCode::from_u16(code.parse().unwrap()).unwrap();
         let mut response = json(
@@ -379,14 +418,48 @@ async fn script(
         return response;
     }
     match behaviour.as_str() {
-        "ok" => json(
-            StatusCode::OK,
-            serde_json::json!({
-                "id": "chatcmpl-ok", "object": "chat.completion", "created": 1, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-            }),
+        "ok" => ok(model),
+        "switch" if up.down.load(Ordering::Relaxed) => {
+            json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"error": {"message": "down for maintenance"}}))
+        }
+        "switch" => ok(model),
+        "slow-503" => {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"error": {"message": "overloaded"}}))
+        }
+        "context-400" => json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": {"message": "This model's maximum context length is 16 tokens.", "code": "context_length_exceeded"}}),
         ),
+        "sse-break-early" => {
+            let (mut tx, body) = Channel::<Bytes, std::io::Error>::new(2);
+            tokio::spawn(async move {
+                let role = "data: {\"id\":\"e\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n";
+                let _ = tx.send_data(Bytes::from_static(role.as_bytes())).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                tx.abort(std::io::Error::other("scripted reset"));
+            });
+            sse_response(body)
+        }
+        "sse-slow-token" => {
+            let (mut tx, body) = Channel::<Bytes, std::io::Error>::new(1);
+            let cancelled = up.cancelled.clone();
+            tokio::spawn(async move {
+                let role = "data: {\"id\":\"s\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n";
+                let _ = tx.send_data(Bytes::from_static(role.as_bytes())).await;
+                // Poll the connection while "thinking", to notice a caller that hangs up.
+                for _ in 0..300 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    if tx.send_data(Bytes::from_static(b": thinking\n\n")).await.is_err() {
+                        cancelled.lock().unwrap().push("sse-slow-token".into());
+                        return;
+                    }
+                }
+                let _ = tx.send_data(Bytes::from(sse_chunk("late"))).await;
+                let _ = tx.send_data(Bytes::from_static(b"data: [DONE]\n\n")).await;
+            });
+            sse_response(body)
+        }
         "hang" => std::future::pending().await,
         "stall-json" => {
             let (mut tx, body) = Channel::<Bytes, std::io::Error>::new(1);
