@@ -330,8 +330,9 @@ pub fn sse_payloads(events: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
-/// The completion tokens of a whole (non-streamed) chat completion.
-pub fn completion_tokens(body: &[u8]) -> Option<u64> {
+/// The completion tokens of a whole (non-streamed) chat completion; `Err` if the body is not JSON.
+/// One pass both validates the body and reads its usage.
+pub fn completion_tokens(body: &[u8]) -> Result<Option<u64>, serde_json::Error> {
     #[derive(Deserialize)]
     struct Answer {
         #[serde(default)]
@@ -342,7 +343,7 @@ pub fn completion_tokens(body: &[u8]) -> Option<u64> {
         #[serde(default)]
         completion_tokens: Option<u64>,
     }
-    serde_json::from_slice::<Answer>(body).ok()?.usage?.completion_tokens
+    Ok(serde_json::from_slice::<Answer>(body)?.usage.and_then(|u| u.completion_tokens))
 }
 
 /// A string as a JSON string literal, quotes included.

@@ -260,14 +260,14 @@ async fn try_target(
     };
     let total = started.elapsed();
     state.duration.observe(total);
-    if serde_json::from_slice::<serde::de::IgnoredAny>(&answer).is_err() {
+    let Ok(tokens) = completion_tokens(&answer) else {
         let message = "the upstream answered with a body that is not valid JSON".to_string();
         return Err(fail(FallbackReason::ServerError, Some(status.as_u16()), message));
-    }
+    };
     // For a whole answer, the first token reaches the caller with the last.
     let now = health::now();
     state.stats.record_first_token(total, now);
-    state.stats.record_done(total, None, completion_tokens(&answer), now);
+    state.stats.record_done(total, None, tokens, now);
     Ok(Answer::Json { parts, body: answer })
 }
 
