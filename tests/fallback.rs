@@ -103,6 +103,7 @@ async fn each_reason_falls_back_only_when_listed() {
         assert_eq!(reply.status, 200, "{listed}: {}", reply.body);
         assert_eq!(reply.header("x-switchyard-target"), "good", "{listed}");
         assert_eq!(reply.header("x-switchyard-attempts"), "2", "{listed}");
+        assert_eq!(reply.header("x-switchyard-fallback-reason"), c.reason, "{listed}");
         assert_eq!(reply.json()["model"], "good-model", "{listed}: the upstream model is spliced in");
         assert_eq!(up.hits(&format!("ok/{listed}")), 1, "{listed}");
 
@@ -114,6 +115,7 @@ async fn each_reason_falls_back_only_when_listed() {
         assert_eq!(reply.header("x-switchyard-target"), "bad", "{unlisted}");
         assert_eq!(reply.header("x-switchyard-attempts"), "1", "{unlisted}");
         assert_eq!(up.hits(&format!("ok/{unlisted}")), 0, "{unlisted}: must not fall back");
+        assert_eq!(reply.header("x-switchyard-fallback-reason"), "", "{unlisted}: no fallback happened");
         if c.unlisted_source == "proxy" {
             let errors = &reply.json()["error"]["metadata"]["previous_errors"];
             assert_eq!(errors.as_array().unwrap().len(), 1, "{unlisted}: {errors}");

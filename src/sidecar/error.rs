@@ -80,14 +80,6 @@ impl ProxyError {
         }
     }
 
-    /// The reason of the last failed attempt, for `x-switchyard-fallback-reason`.
-    pub fn last_reason(&self) -> Option<FallbackReason> {
-        match self {
-            ProxyError::AttemptsFailed { attempts, .. } => attempts.last().map(|a| a.kind),
-            _ => None,
-        }
-    }
-
     pub fn into_response(self) -> Response {
         let status = self.status();
         let body = match self {

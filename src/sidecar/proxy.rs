@@ -106,18 +106,21 @@ impl Tried<'_> {
         }
     }
 
+    /// The reason of the last failure the request fell back from, if it fell back at all.
+    fn fell_back_on(&self) -> Option<FallbackReason> {
+        self.failures.iter().rev().nth(1).map(|f| f.kind)
+    }
+
     fn into_response(self, model: &str, first: &RouteRt) -> Response {
         let attempts = self.attempts;
+        let fell_back_on = self.fell_back_on();
         let error = if self.failures.is_empty() {
             ProxyError::NoTarget { model: model.to_string(), excluded_by: self.excluded }
         } else {
             ProxyError::AttemptsFailed { model: model.to_string(), attempts: self.failures, excluded_by: self.excluded }
         };
         match self.last {
-            Some((route, index)) => {
-                let fallback = error.last_reason();
-                finish(error.into_response(), &route.targets[index], attempts, fallback)
-            }
+            Some((route, index)) => finish(error.into_response(), &route.targets[index], attempts, fell_back_on),
             None => {
                 first.state.requests.inc(error.status().as_u16());
                 error.into_response()
@@ -286,8 +289,11 @@ async fn serve_route<'a>(
                 if !falls_back && run.running.is_empty() {
                     // The caller gets this failure as it is: an upstream's own error answer passes
                     // through; a failure without one becomes a proxy error.
+                    let fell_back_on = tried.fell_back_on();
                     return match failure.passthrough {
-                        Some(response) => Err(Stop::Passthrough(finish(response, target, tried.attempts, Some(kind)))),
+                        Some(response) => {
+                            Err(Stop::Passthrough(finish(response, target, tried.attempts, fell_back_on)))
+                        }
                         None => Err(Stop::Exhausted),
                     };
                 }
