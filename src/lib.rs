@@ -4,6 +4,7 @@
 //! `mock-provider` ([`mock_provider`]). [`config`] compiles the CRDs into what the sidecar serves.
 
 pub mod api;
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod metrics;

@@ -1,11 +1,13 @@
 //! The Kubernetes API of Switchyard: custom resource types, their schemas and validation rules.
 
+mod api_key_budget;
 mod provider_route;
 pub mod units;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
+pub use api_key_budget::*;
 pub use provider_route::*;
 
 /// API group of every Switchyard resource.
@@ -17,7 +19,7 @@ pub const API_VERSION: &str = "switchyard.dev/v1alpha1";
 
 /// Every CustomResourceDefinition Switchyard installs, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![ProviderRoute::crd()]
+    vec![ProviderRoute::crd(), ApiKeyBudget::crd()]
 }
 
 /// The CRDs as one multi-document YAML stream, as `switchyard crd` prints and `crds/` holds.

@@ -81,6 +81,12 @@ pub struct ProviderRouteSpec {
     #[schemars(pattern(DURATION_PATTERN))]
     pub hold_back: String,
 
+    /// Completion tokens reserved against the caller's budget for a request that sets no
+    /// `max_tokens`. A stream that goes past them reserves more as it goes.
+    #[serde(default = "default_reserved_completion_tokens")]
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub reserved_completion_tokens: u32,
+
     /// Start the next target as well when an attempt has produced no first token after a while;
     /// the first to produce one wins and the other is cancelled. Absent: no hedging.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -89,6 +95,10 @@ pub struct ProviderRouteSpec {
 
 fn default_hold_back() -> String {
     "2s".into()
+}
+
+fn default_reserved_completion_tokens() -> u32 {
+    4096
 }
 
 /// Hedged requests.

@@ -1,4 +1,4 @@
-//! ProviderRoutes and Secrets -> [`Config`]. Pure: the environment and the file system are reached
+//! ProviderRoutes, ApiKeyBudgets and Secrets -> [`Config`]. Pure: the environment and the file system are reached
 //! only through a [`Resolver`], so tests feed maps.
 //!
 //! The checks here mirror the CRD schema (patterns, bounds, CEL rules) so that standalone mode
@@ -10,11 +10,13 @@ use std::sync::Arc;
 use http::{HeaderName, HeaderValue, Uri};
 use k8s_openapi::api::core::v1::Secret;
 
+use sha2::{Digest, Sha256};
+
 use super::{
-    Config, ConfigError, ConfigErrors, Credential, FallbackPolicy, HealthPolicy, ObjectRef, Origin, Prices, ReasonSet,
-    Route, Target, Timeouts, Upstream,
+    Budget, Config, ConfigError, ConfigErrors, Credential, FallbackPolicy, HealthPolicy, ObjectRef, Origin, Prices,
+    RateLimitPolicy, ReasonSet, Route, Target, Timeouts, Upstream,
 };
-use crate::api::{self, Api, ProviderRoute, units};
+use crate::api::{self, Api, ApiKeyBudget, LedgerUnavailable, ProviderRoute, SecretKeyRef, units};
 use crate::mock_provider::MockOptions;
 
 /// Reaches the outside world for credentials that are not Secrets.
@@ -36,6 +38,7 @@ pub struct Document<T> {
 #[derive(Clone, Debug, Default)]
 pub struct Documents {
     pub routes: Vec<Document<ProviderRoute>>,
+    pub budgets: Vec<Document<ApiKeyBudget>>,
     pub secrets: Vec<Document<Secret>>,
 }
 
@@ -82,7 +85,105 @@ pub fn compile(docs: &Documents, resolver: &dyn Resolver) -> Result<Config, Conf
         routes.push(route);
     }
 
-    if errors.is_empty() { Ok(Config { routes }) } else { Err(ConfigErrors(errors)) }
+    let mut budgets = Vec::with_capacity(docs.budgets.len());
+    let mut key_owners: HashMap<[u8; 32], ObjectRef> = HashMap::new();
+    for doc in &docs.budgets {
+        let mut cx = Cx { doc_origin: &doc.origin, object: budget_ref(&doc.object), errors: &mut errors };
+        if !seen.insert(("ApiKeyBudget ".to_string() + &cx.object.namespace, cx.object.name.clone())) {
+            cx.error("metadata.name", "is defined more than once".into());
+            continue;
+        }
+        let Some(budget) = compile_budget(&doc.object, &secrets, &mut cx) else { continue };
+        match key_owners.get(&budget.key_hash) {
+            Some(owner) => cx.error("spec.key", format!("is the same key as {owner}'s; each key has one budget")),
+            None => {
+                key_owners.insert(budget.key_hash, cx.object.clone());
+            }
+        }
+        budgets.push(budget);
+    }
+
+    if errors.is_empty() { Ok(Config { routes, budgets }) } else { Err(ConfigErrors(errors)) }
+}
+
+fn budget_ref(budget: &ApiKeyBudget) -> ObjectRef {
+    ObjectRef {
+        kind: "ApiKeyBudget".into(),
+        namespace: budget.metadata.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
+        name: budget.metadata.name.clone().unwrap_or_default(),
+    }
+}
+
+fn compile_budget(b: &ApiKeyBudget, secrets: &SecretIndex<'_>, cx: &mut Cx<'_>) -> Option<Budget> {
+    let errors_before = cx.errors.len();
+    let spec = &b.spec;
+    if cx.object.name.is_empty() {
+        cx.error("metadata.name", "is required".into());
+    }
+    let key_hash = match (&spec.key.secret_ref, &spec.key.sha256) {
+        (Some(r), None) => {
+            let ns = b.metadata.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
+            cx.check("spec.key.secretRef", secret_key(secrets, ns, r))
+                .map(|key| <[u8; 32]>::from(Sha256::digest(key.as_bytes())))
+        }
+        (None, Some(hex)) => cx.check("spec.key.sha256", sha256_hex(hex)),
+        _ => {
+            cx.error("spec.key", "exactly one of secretRef or sha256 must be set".into());
+            None
+        }
+    };
+    let limit = spec.limit.as_ref().and_then(|l| cx.check("spec.limit", units::parse_micros(l)));
+    let low_balance =
+        spec.low_balance_threshold.as_ref().and_then(|l| cx.check("spec.lowBalanceThreshold", units::parse_micros(l)));
+    if spec.low_balance_threshold.is_some() && spec.limit.is_none() {
+        cx.error("spec", "lowBalanceThreshold needs a limit".into());
+    }
+    if let Some(models) = &spec.allowed_models {
+        if models.len() > 64 {
+            cx.error("spec.allowedModels", format!("has {} items, at most 64 are allowed", models.len()));
+        }
+        for (i, m) in models.iter().enumerate() {
+            cx.check(&format!("spec.allowedModels[{i}]"), model_name(m));
+        }
+    }
+    let rate_limit = spec.rate_limit.as_ref().map(|r| RateLimitPolicy {
+        requests_per_minute: r.requests_per_minute,
+        tokens_per_minute: r.tokens_per_minute,
+    });
+    if let Some(r) = rate_limit {
+        if r.requests_per_minute.is_none() && r.tokens_per_minute.is_none() {
+            cx.error("spec.rateLimit", "set requestsPerMinute, tokensPerMinute or both".into());
+        }
+        if r.requests_per_minute == Some(0) || r.tokens_per_minute == Some(0) {
+            cx.error("spec.rateLimit", "limits must be at least 1".into());
+        }
+    }
+    if cx.errors.len() > errors_before {
+        return None;
+    }
+    Some(Budget {
+        namespace: cx.object.namespace.clone(),
+        name: cx.object.name.clone(),
+        key_hash: key_hash?,
+        limit,
+        period: spec.period,
+        low_balance,
+        fail_open: spec.on_ledger_unavailable == LedgerUnavailable::FailOpen,
+        allowed_models: spec.allowed_models.clone(),
+        rate_limit,
+    })
+}
+
+fn sha256_hex(hex: &str) -> Result<[u8; 32], String> {
+    let invalid = || "must be 64 lowercase hexadecimal digits".to_string();
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return Err(invalid());
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| invalid())?;
+    }
+    Ok(out)
 }
 
 /// Collects the errors of one object.
@@ -177,6 +278,7 @@ fn compile_route(
         cx.error("spec.health", "baseEjection must not exceed maxEjection".into());
     }
 
+    cx.check("spec.reservedCompletionTokens", in_range(spec.reserved_completion_tokens, 1, 10_000_000));
     let hold_back = cx.check("spec.holdBack", units::parse_duration(&spec.hold_back));
     let hedge_after = match &spec.hedge {
         None => Some(None),
@@ -204,6 +306,7 @@ fn compile_route(
         },
         hold_back: hold_back?,
         hedge_after: hedge_after?,
+        reserved_completion_tokens: spec.reserved_completion_tokens,
     })
 }
 
@@ -352,11 +455,7 @@ fn credential(
     resolver: &dyn Resolver,
 ) -> Result<Credential, String> {
     let value = match (&c.secret_ref, &c.env, &c.file) {
-        (Some(r), None, None) => {
-            let ns = pr.metadata.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
-            let secret = secrets.get(&(ns, r.name.as_str())).ok_or_else(|| format!("secret {:?} not found", r.name))?;
-            secret_value(secret, &r.key).ok_or_else(|| format!("secret {:?} has no key {:?}", r.name, r.key))??
-        }
+        (Some(r), None, None) => secret_key(secrets, pr.metadata.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE), r)?,
         (None, Some(var), None) => {
             resolver.env(var).ok_or_else(|| format!("environment variable {var:?} is not set"))?
         }
@@ -372,6 +471,18 @@ fn credential(
         return Err("the key contains characters that are not allowed in an HTTP header".into());
     }
     Ok(Credential::new(value.to_string()))
+}
+
+/// The value a `secretRef` points to, in namespace `ns`, without the trailing newline that `echo`
+/// leaves in files and Secrets.
+fn secret_key(secrets: &SecretIndex<'_>, ns: &str, r: &SecretKeyRef) -> Result<String, String> {
+    let secret = secrets.get(&(ns, r.name.as_str())).ok_or_else(|| format!("secret {:?} not found", r.name))?;
+    let value = secret_value(secret, &r.key).ok_or_else(|| format!("secret {:?} has no key {:?}", r.name, r.key))??;
+    let value = value.trim_end_matches(['\n', '\r']);
+    if value.is_empty() {
+        return Err(format!("secret {:?} key {:?} is empty", r.name, r.key));
+    }
+    Ok(value.to_string())
 }
 
 /// The value of `key` in a Secret's `data` (base64, already decoded) or `stringData`.

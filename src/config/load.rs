@@ -155,6 +155,10 @@ fn parse_object(value: serde_yaml::Value, origin: &Origin, docs: &mut Documents,
             Ok(route) => docs.routes.push(Document { origin: Some(origin.clone()), object: route }),
             Err((path, message)) => error(&path, message),
         },
+        (API_VERSION, "ApiKeyBudget") => match strict::<crate::api::ApiKeyBudget>(value) {
+            Ok(budget) => docs.budgets.push(Document { origin: Some(origin.clone()), object: budget }),
+            Err((path, message)) => error(&path, message),
+        },
         ("v1", "Secret") => match strict::<Secret>(value) {
             Ok(secret) => docs.secrets.push(Document { origin: Some(origin.clone()), object: secret }),
             Err((path, message)) => error(&path, message),
@@ -168,7 +172,12 @@ fn parse_object(value: serde_yaml::Value, origin: &Origin, docs: &mut Documents,
             None => error("items", "a List must have items".into()),
         },
         (v, k) if v.split('/').next() == Some(GROUP) => {
-            error("", format!("unknown kind {k:?} in {v:?}: this Switchyard knows ProviderRoute in {API_VERSION}"));
+            error(
+                "",
+                format!(
+                    "unknown kind {k:?} in {v:?}: this Switchyard knows ProviderRoute and ApiKeyBudget in {API_VERSION}"
+                ),
+            );
         }
         _ => {
             tracing::debug!(file = %origin.file, document = origin.document, %kind, "skipping a document of another kind")

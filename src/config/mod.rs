@@ -13,13 +13,44 @@ use std::{fmt, sync::Arc, time::Duration};
 pub use compile::{DEFAULT_NAMESPACE, Document, Documents, Resolver, compile};
 pub use load::{Fingerprint, Loaded, Sources, load, parse_file};
 
-use crate::api::{FallbackReason, Strategy};
+use crate::api::{FallbackReason, Period, Strategy};
 use crate::mock_provider::MockOptions;
 
 /// A compiled, validated configuration. Immutable once built; the sidecar swaps whole configs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub routes: Vec<Route>,
+    pub budgets: Vec<Budget>,
+}
+
+/// One ApiKeyBudget, compiled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Budget {
+    pub namespace: String,
+    pub name: String,
+    /// SHA-256 of the API key; the key itself is not kept.
+    pub key_hash: [u8; 32],
+    /// Micro-units per period; `None`: tracked, not limited.
+    pub limit: Option<u64>,
+    pub period: Period,
+    pub low_balance: Option<u64>,
+    pub fail_open: bool,
+    /// Model names (routes' models or aliases) the key may use; `None`: all.
+    pub allowed_models: Option<Vec<String>>,
+    pub rate_limit: Option<RateLimitPolicy>,
+}
+
+impl Budget {
+    /// `namespace/name`: the budget's identity in the ledger and in metrics.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimitPolicy {
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u64>,
 }
 
 /// One ProviderRoute, compiled.
@@ -37,6 +68,8 @@ pub struct Route {
     /// Zero: streams are committed when the upstream's headers arrive.
     pub hold_back: Duration,
     pub hedge_after: Option<Duration>,
+    /// Completion tokens reserved for a request without `max_tokens`.
+    pub reserved_completion_tokens: u32,
 }
 
 impl Route {

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::api::units::parse_json_micros;
+use crate::budget::Usage;
 use crate::sidecar::plan::{Cutoffs, MaxPrice, Prefs, Sort};
 
 /// What routing needs from a chat completion request.
@@ -27,6 +28,21 @@ pub struct ChatRequest<'a> {
     pub prefs: Prefs<'a>,
     /// `max_completion_tokens`, or the older `max_tokens`.
     pub max_tokens: Option<u64>,
+    /// Whether the caller asked for the usage chunk at the end of a stream.
+    pub include_usage: bool,
+    /// Where the `stream_options` value sits in the body, if present.
+    stream_options: Option<(Range<usize>, StreamOptionsShape)>,
+}
+
+/// What `stream_options` holds, to know how to turn `include_usage` on.
+#[derive(Debug, Clone)]
+enum StreamOptionsShape {
+    /// `null` or not an object: replaced whole.
+    NotAnObject,
+    /// An object without `include_usage`: the field is added after `{`.
+    Object { empty: bool },
+    /// An object whose `include_usage` value sits here.
+    WithIncludeUsage(Range<usize>),
 }
 
 /// Why a request body was rejected.
@@ -55,6 +71,20 @@ struct Peek<'a> {
     max_tokens: Option<u64>,
     #[serde(default)]
     max_completion_tokens: Option<u64>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    stream_options: Option<&'a RawValue>,
+}
+
+/// A field's raw value whenever the field is present, `null` included (plain `Option` reads a
+/// `null` as absent).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize)]
+struct StreamOptionsPeek<'a> {
+    #[serde(borrow, default)]
+    include_usage: Option<&'a RawValue>,
 }
 
 /// OpenRouter's `provider` object. Numbers stay raw text so prices and seconds are read exactly.
@@ -115,6 +145,10 @@ pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest<'_>, RequestError> 
         Some(p) => prefs(p)?,
         None => Prefs::default(),
     };
+    let (include_usage, stream_options) = match peek.stream_options {
+        None => (false, None),
+        Some(raw) => stream_options(raw, body)?,
+    };
     Ok(ChatRequest {
         model,
         model_span,
@@ -122,7 +156,34 @@ pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest<'_>, RequestError> 
         models: peek.models.unwrap_or_default(),
         prefs,
         max_tokens: peek.max_completion_tokens.or(peek.max_tokens),
+        include_usage,
+        stream_options,
     })
+}
+
+/// Whether `stream_options` asks for usage, and how to make it ask.
+type StreamOptionsFound = (bool, Option<(Range<usize>, StreamOptionsShape)>);
+
+fn stream_options(raw: &RawValue, body: &[u8]) -> Result<StreamOptionsFound, RequestError> {
+    let text = raw.get();
+    let start = text.as_ptr() as usize - body.as_ptr() as usize;
+    let span = start..start + text.len();
+    if !text.starts_with('{') {
+        return Ok((false, Some((span, StreamOptionsShape::NotAnObject))));
+    }
+    let invalid = |e: serde_json::Error| RequestError::InvalidField("stream_options", e.to_string());
+    let peek: StreamOptionsPeek<'_> = serde_json::from_str(text).map_err(invalid)?;
+    match peek.include_usage {
+        None => {
+            let empty = text[1..].trim_start().starts_with('}');
+            Ok((false, Some((span, StreamOptionsShape::Object { empty }))))
+        }
+        Some(value) => {
+            let include: bool = serde_json::from_str(value.get()).map_err(invalid)?;
+            let at = value.get().as_ptr() as usize - body.as_ptr() as usize;
+            Ok((include, Some((span, StreamOptionsShape::WithIncludeUsage(at..at + value.get().len())))))
+        }
+    }
 }
 
 /// A JSON string value borrowed from `body`, decoded, with its span (quotes included) in `body`.
@@ -199,19 +260,161 @@ fn prefs(p: ProviderPeek<'_>) -> Result<Prefs<'_>, RequestError> {
 }
 
 impl ChatRequest<'_> {
-    /// The body with `model` replaced by `model_json` (a JSON string literal, quotes included).
-    /// One copy of the body; none when the model is unchanged.
-    pub fn with_model(&self, body: &Bytes, model_json: &str) -> Bytes {
-        let span = self.model_span.clone();
-        if &body[span.clone()] == model_json.as_bytes() {
+    /// The body to send upstream: `model` replaced by `model_json` (a JSON string literal, quotes
+    /// included) and, with `force_usage` on a stream, `stream_options.include_usage` turned on so
+    /// the cost can be exact. One copy of the body; none when nothing changes.
+    pub fn upstream_body(&self, body: &Bytes, model_json: &str, force_usage: bool) -> Bytes {
+        let mut edits: Vec<(Range<usize>, Cow<'static, str>)> = Vec::with_capacity(2);
+        if &body[self.model_span.clone()] != model_json.as_bytes() {
+            edits.push((self.model_span.clone(), Cow::Owned(model_json.to_string())));
+        }
+        if force_usage && self.stream && !self.include_usage {
+            edits.push(match &self.stream_options {
+                None => {
+                    // Before the closing brace of the request object.
+                    let end = body.iter().rposition(|&b| b == b'}').unwrap_or(body.len());
+                    let empty =
+                        body[..end].iter().rposition(|b| !b.is_ascii_whitespace()).is_some_and(|i| body[i] == b'{');
+                    let field = if empty {
+                        r#""stream_options":{"include_usage":true}"#
+                    } else {
+                        r#","stream_options":{"include_usage":true}"#
+                    };
+                    (end..end, Cow::Borrowed(field))
+                }
+                Some((span, StreamOptionsShape::NotAnObject)) => {
+                    (span.clone(), Cow::Borrowed(r#"{"include_usage":true}"#))
+                }
+                Some((span, StreamOptionsShape::Object { empty })) => {
+                    let field = if *empty { r#""include_usage":true"# } else { r#""include_usage":true,"# };
+                    (span.start + 1..span.start + 1, Cow::Borrowed(field))
+                }
+                Some((_, StreamOptionsShape::WithIncludeUsage(value))) => (value.clone(), Cow::Borrowed("true")),
+            });
+        }
+        if edits.is_empty() {
             return body.clone();
         }
-        let mut out = BytesMut::with_capacity(body.len() - span.len() + model_json.len());
-        out.extend_from_slice(&body[..span.start]);
-        out.extend_from_slice(model_json.as_bytes());
-        out.extend_from_slice(&body[span.end..]);
+        edits.sort_by_key(|(span, _)| span.start);
+        let extra: usize = edits.iter().map(|(_, text)| text.len()).sum();
+        let mut out = BytesMut::with_capacity(body.len() + extra);
+        let mut at = 0;
+        for (span, text) in &edits {
+            out.extend_from_slice(&body[at..span.start]);
+            out.extend_from_slice(text.as_bytes());
+            at = span.end;
+        }
+        out.extend_from_slice(&body[at..]);
         out.freeze()
     }
+}
+
+/// Usage as providers report it, in a whole answer or a stream's usage chunk.
+#[derive(Deserialize)]
+struct UsagePeek {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+impl From<UsagePeek> for Usage {
+    fn from(u: UsagePeek) -> Usage {
+        Usage {
+            prompt: u.prompt_tokens,
+            completion: u.completion_tokens,
+            cached_prompt: u.prompt_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),
+        }
+    }
+}
+
+/// What a whole answer says for billing: its usage, if reported, and the bytes of output it holds
+/// (to estimate the tokens when it has no usage).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct AnswerInfo {
+    pub usage: Option<Usage>,
+    pub output_bytes: u64,
+}
+
+/// Reads a whole chat completion; `Err` if it is not JSON. One pass both validates and reads it.
+pub fn answer_info(body: &[u8]) -> Result<AnswerInfo, serde_json::Error> {
+    #[derive(Deserialize)]
+    struct Answer<'a> {
+        #[serde(borrow, default)]
+        choices: Vec<Choice<'a>>,
+        #[serde(default)]
+        usage: Option<UsagePeek>,
+    }
+    #[derive(Deserialize)]
+    struct Choice<'a> {
+        #[serde(borrow, default)]
+        message: Option<Output<'a>>,
+    }
+    let answer: Answer<'_> = serde_json::from_slice(body)?;
+    let output_bytes = answer.choices.iter().filter_map(|c| c.message.as_ref()).map(Output::bytes).sum();
+    Ok(AnswerInfo { usage: answer.usage.map(Usage::from), output_bytes })
+}
+
+/// The generated parts of a message or a stream delta.
+#[derive(Deserialize)]
+struct Output<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    refusal: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    reasoning: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    reasoning_content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    tool_calls: Option<&'a RawValue>,
+}
+
+impl Output<'_> {
+    fn bytes(&self) -> u64 {
+        let len = |s: &Option<Cow<'_, str>>| s.as_deref().map_or(0, str::len) as u64;
+        len(&self.content)
+            + len(&self.refusal)
+            + len(&self.reasoning)
+            + len(&self.reasoning_content)
+            + self.tool_calls.map_or(0, |t| t.get().len() as u64)
+    }
+}
+
+/// A JSON object (an answer, or a stream's usage chunk) with `usage.cost` set to `cost` (a JSON
+/// number's text), as OpenRouter reports it. Adds a `usage` object if there is none.
+pub fn with_cost(json: &[u8], cost: &str) -> Option<Bytes> {
+    #[derive(Deserialize)]
+    struct UsageOnly<'a> {
+        #[serde(borrow, default)]
+        usage: Option<&'a RawValue>,
+    }
+    let peek: UsageOnly<'_> = serde_json::from_slice(json).ok()?;
+    let (at, insert) = match peek.usage.filter(|u| u.get().starts_with('{')) {
+        Some(usage) => {
+            let text = usage.get();
+            let close = text.as_ptr() as usize - json.as_ptr() as usize + text.len() - 1;
+            let empty = text[1..].trim_start().starts_with('}');
+            (close, if empty { format!(r#""cost":{cost}"#) } else { format!(r#","cost":{cost}"#) })
+        }
+        None => {
+            let close = json.iter().rposition(|&b| b == b'}')?;
+            (close, format!(r#","usage":{{"cost":{cost}}}"#))
+        }
+    };
+    let mut out = BytesMut::with_capacity(json.len() + insert.len());
+    out.extend_from_slice(&json[..at]);
+    out.extend_from_slice(insert.as_bytes());
+    out.extend_from_slice(&json[at..]);
+    Some(out.freeze())
 }
 
 /// A JSON object with its top-level `model` replaced by `model_json`, if it has a string `model`:
@@ -270,12 +473,13 @@ pub fn is_context_length_error(status: u16, body: &[u8]) -> bool {
         .any(|phrase| text.contains(phrase))
 }
 
-/// What a streamed chunk carries, for latency and throughput: whether it has output (content,
-/// a refusal, reasoning or a tool call) and the completion tokens of a usage chunk.
+/// What a streamed chunk carries: whether it has output (content, a refusal, reasoning or a tool
+/// call), how many bytes of it (to estimate tokens when no usage comes), and a usage report.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ChunkInfo {
     pub has_output: bool,
-    pub completion_tokens: Option<u64>,
+    pub output_bytes: u64,
+    pub usage: Option<Usage>,
 }
 
 /// Reads one SSE `data:` payload of a chat completion stream.
@@ -285,41 +489,18 @@ pub fn chunk_info(data: &[u8]) -> ChunkInfo {
         #[serde(borrow, default)]
         choices: Vec<Choice<'a>>,
         #[serde(default)]
-        usage: Option<Usage>,
+        usage: Option<UsagePeek>,
     }
     #[derive(Deserialize)]
     struct Choice<'a> {
         #[serde(borrow, default)]
-        delta: Option<Delta<'a>>,
-    }
-    #[derive(Deserialize)]
-    struct Delta<'a> {
-        #[serde(borrow, default)]
-        content: Option<Cow<'a, str>>,
-        #[serde(borrow, default)]
-        refusal: Option<Cow<'a, str>>,
-        #[serde(borrow, default)]
-        reasoning: Option<Cow<'a, str>>,
-        #[serde(borrow, default)]
-        reasoning_content: Option<Cow<'a, str>>,
-        #[serde(borrow, default)]
-        tool_calls: Option<&'a RawValue>,
-    }
-    #[derive(Deserialize)]
-    struct Usage {
-        #[serde(default)]
-        completion_tokens: Option<u64>,
+        delta: Option<Output<'a>>,
     }
     let Ok(chunk) = serde_json::from_slice::<Chunk<'_>>(data) else { return ChunkInfo::default() };
-    let non_empty = |s: &Option<Cow<'_, str>>| s.as_deref().is_some_and(|s| !s.is_empty());
-    let has_output = chunk.choices.iter().filter_map(|c| c.delta.as_ref()).any(|d| {
-        non_empty(&d.content)
-            || non_empty(&d.refusal)
-            || non_empty(&d.reasoning)
-            || non_empty(&d.reasoning_content)
-            || d.tool_calls.is_some()
-    });
-    ChunkInfo { has_output, completion_tokens: chunk.usage.and_then(|u| u.completion_tokens) }
+    let output_bytes: u64 = chunk.choices.iter().filter_map(|c| c.delta.as_ref()).map(Output::bytes).sum();
+    let has_output =
+        chunk.choices.iter().filter_map(|c| c.delta.as_ref()).any(|d| d.bytes() > 0 || d.tool_calls.is_some());
+    ChunkInfo { has_output, output_bytes, usage: chunk.usage.map(Usage::from) }
 }
 
 /// The `data:` payloads of complete SSE events.
@@ -328,22 +509,6 @@ pub fn sse_payloads(events: &[u8]) -> impl Iterator<Item = &[u8]> {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         line.strip_prefix(b"data:").map(|d| d.strip_prefix(b" ").unwrap_or(d))
     })
-}
-
-/// The completion tokens of a whole (non-streamed) chat completion; `Err` if the body is not JSON.
-/// One pass both validates the body and reads its usage.
-pub fn completion_tokens(body: &[u8]) -> Result<Option<u64>, serde_json::Error> {
-    #[derive(Deserialize)]
-    struct Answer {
-        #[serde(default)]
-        usage: Option<Usage>,
-    }
-    #[derive(Deserialize)]
-    struct Usage {
-        #[serde(default)]
-        completion_tokens: Option<u64>,
-    }
-    Ok(serde_json::from_slice::<Answer>(body)?.usage.and_then(|u| u.completion_tokens))
 }
 
 /// A string as a JSON string literal, quotes included.
@@ -362,14 +527,14 @@ pub fn error_body(message: &str, kind: &str, code: &str, metadata: Option<serde_
 
 /// The event that ends a stream which broke after it started, in OpenRouter's shape: a chunk with an
 /// `error` object and `finish_reason: "error"`. OpenAI's SDKs raise an `APIError` on it.
-pub fn stream_error_event(model: &str, provider: &str, code: &str, message: &str, created: u64) -> Bytes {
+pub fn stream_error_event(model: &str, provider: &str, kind: &str, code: &str, message: &str, created: u64) -> Bytes {
     let chunk = serde_json::json!({
         "id": "switchyard-error",
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
         "provider": provider,
-        "error": {"message": message, "type": "upstream_error", "code": code},
+        "error": {"message": message, "type": kind, "code": code},
         "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}],
     });
     Bytes::from(format!("data: {chunk}\n\n"))
@@ -393,9 +558,73 @@ mod tests {
     use super::*;
 
     fn splice(body: &str, model: &str) -> String {
+        rewrite(body, model, false)
+    }
+
+    fn rewrite(body: &str, model: &str, force_usage: bool) -> String {
         let bytes = Bytes::copy_from_slice(body.as_bytes());
         let req = parse_chat_request(&bytes).unwrap();
-        String::from_utf8(req.with_model(&bytes, &json_string(model)).to_vec()).unwrap()
+        String::from_utf8(req.upstream_body(&bytes, &json_string(model), force_usage).to_vec()).unwrap()
+    }
+
+    #[test]
+    fn turns_include_usage_on_for_streams_whatever_the_stream_options() {
+        let cases = [
+            (
+                r#"{"model":"m","stream":true}"#,
+                r#"{"model":"x","stream":true,"stream_options":{"include_usage":true}}"#,
+            ),
+            (
+                r#"{"model":"m","stream":true,"stream_options":null}"#,
+                r#"{"model":"x","stream":true,"stream_options":{"include_usage":true}}"#,
+            ),
+            (
+                r#"{"model":"m","stream":true,"stream_options":{}}"#,
+                r#"{"model":"x","stream":true,"stream_options":{"include_usage":true}}"#,
+            ),
+            (
+                r#"{"model":"m","stream":true,"stream_options":{"include_obfuscation":false}}"#,
+                r#"{"model":"x","stream":true,"stream_options":{"include_usage":true,"include_obfuscation":false}}"#,
+            ),
+            (
+                r#"{"model":"m","stream":true,"stream_options":{"include_usage":false}}"#,
+                r#"{"model":"x","stream":true,"stream_options":{"include_usage":true}}"#,
+            ),
+            (
+                r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#,
+                r#"{"model":"x","stream":true,"stream_options":{"include_usage":true}}"#,
+            ),
+            (r#"{"model":"m"}"#, r#"{"model":"x"}"#),
+        ];
+        for (body, expected) in cases {
+            let out = rewrite(body, "x", true);
+            assert_eq!(out, expected);
+            serde_json::from_str::<serde_json::Value>(&out).unwrap();
+        }
+        let asked =
+            parse_chat_request(br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#).unwrap();
+        assert!(asked.include_usage);
+        assert!(!parse_chat_request(br#"{"model":"m","stream":true}"#).unwrap().include_usage);
+    }
+
+    #[test]
+    fn adds_the_cost_to_usage() {
+        let with = with_cost(br#"{"id":"a","usage":{"prompt_tokens":3,"completion_tokens":5}}"#, "0.00012").unwrap();
+        assert_eq!(&with[..], br#"{"id":"a","usage":{"prompt_tokens":3,"completion_tokens":5,"cost":0.00012}}"#);
+        let empty = with_cost(br#"{"usage":{}}"#, "1").unwrap();
+        assert_eq!(&empty[..], br#"{"usage":{"cost":1}}"#);
+        let none = with_cost(br#"{"id":"a"}"#, "2.5").unwrap();
+        assert_eq!(&none[..], br#"{"id":"a","usage":{"cost":2.5}}"#);
+        assert_eq!(with_cost(b"[DONE]", "1"), None);
+    }
+
+    #[test]
+    fn reads_usage_and_output_of_a_whole_answer() {
+        let answer = br#"{"choices":[{"message":{"role":"assistant","content":"Hello!"}}],"usage":{"prompt_tokens":9,"completion_tokens":2}}"#;
+        let info = answer_info(answer).unwrap();
+        assert_eq!(info.usage, Some(Usage { prompt: 9, completion: 2, cached_prompt: 0 }));
+        assert_eq!(info.output_bytes, 6);
+        assert!(answer_info(b"<html>").is_err());
     }
 
     #[test]
@@ -476,8 +705,10 @@ mod tests {
         assert!(chunk_info(word).has_output);
         let tool = br#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0}]}}]}"#;
         assert!(chunk_info(tool).has_output);
-        let usage = br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":7}}"#;
-        assert_eq!(chunk_info(usage), ChunkInfo { has_output: false, completion_tokens: Some(7) });
+        let usage = br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":7,"prompt_tokens_details":{"cached_tokens":2}}}"#;
+        let expected = Usage { prompt: 3, completion: 7, cached_prompt: 2 };
+        assert_eq!(chunk_info(usage), ChunkInfo { has_output: false, output_bytes: 0, usage: Some(expected) });
+        assert_eq!(chunk_info(word).output_bytes, 2);
         let events = b"data: {\"a\":1}\n\n: comment\n\ndata:[DONE]\r\n\r\n";
         assert_eq!(sse_payloads(events).collect::<Vec<_>>(), [&b"{\"a\":1}"[..], b"[DONE]"]);
     }

@@ -12,6 +12,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header, response::Parts};
 use http_body_util::{BodyExt, Full, Limited};
 use tokio::time::timeout_at;
 
+use super::billing::BYTES_PER_TOKEN;
 use super::error::{AttemptFailure, ERROR_SOURCE};
 use super::health::{self, Health, Outcome};
 use super::relay::{Committed, SseFramer, StreamWatch};
@@ -20,7 +21,7 @@ use super::upstream::{SendError, Upstream, UpstreamBody, error_chain};
 use crate::api::FallbackReason;
 use crate::api::units::format_duration;
 use crate::config::HealthPolicy;
-use crate::providers::openai::{ChatRequest, completion_tokens, is_context_length_error, upstream_error_message};
+use crate::providers::openai::{AnswerInfo, ChatRequest, answer_info, is_context_length_error, upstream_error_message};
 
 /// Caller headers worth passing upstream: identification and tracing, never the caller's key.
 const FORWARDED: [header::HeaderName; 4] = [
@@ -35,8 +36,8 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// An attempt that got far enough to answer the caller.
 pub enum Answer {
-    /// A whole non-streamed answer.
-    Json { parts: Parts, body: Bytes },
+    /// A whole non-streamed answer, and what it says for billing.
+    Json { parts: Parts, body: Bytes, info: AnswerInfo },
     /// A stream, past its first token (or past hold-back).
     Stream { parts: Parts, stream: Committed },
 }
@@ -100,18 +101,19 @@ impl Drop for ProbeGuard<'_> {
     }
 }
 
+/// The request an attempt sends, the same for each attempt but for the target.
+pub struct Outgoing<'a> {
+    pub chat: &'a ChatRequest<'a>,
+    pub body: &'a Bytes,
+    pub caller_headers: &'a HeaderMap,
+    /// Turn a stream's usage chunk on upstream, to bill it exactly.
+    pub force_usage: bool,
+}
+
 /// One attempt on `route.targets[index]`.
-pub async fn attempt(
-    route: &Arc<RouteRt>,
-    index: usize,
-    probe: bool,
-    chat: &ChatRequest<'_>,
-    body: &Bytes,
-    caller_headers: &HeaderMap,
-    shared: &Shared,
-) -> Finished {
+pub async fn attempt(route: &Arc<RouteRt>, index: usize, probe: bool, out: &Outgoing<'_>, shared: &Shared) -> Finished {
     let mut guard = ProbeGuard { health: &route.targets[index].state.health, policy: &route.health, armed: probe };
-    let result = try_target(route, index, chat, body, caller_headers, shared).await;
+    let result = try_target(route, index, out, shared).await;
     guard.armed = false;
     Finished { index, probe, result }
 }
@@ -119,9 +121,7 @@ pub async fn attempt(
 async fn try_target(
     route: &Arc<RouteRt>,
     index: usize,
-    chat: &ChatRequest<'_>,
-    body: &Bytes,
-    caller_headers: &HeaderMap,
+    out: &Outgoing<'_>,
     shared: &Shared,
 ) -> Result<Answer, Failure> {
     let target = &route.targets[index];
@@ -131,7 +131,8 @@ async fn try_target(
     let deadline = started + timeouts.total;
     let first_byte_deadline = (started + timeouts.first_byte).min(deadline);
 
-    let mut request = http::Request::new(Full::new(chat.with_model(body, &target.model_json)));
+    let body = out.chat.upstream_body(out.body, &target.model_json, out.force_usage);
+    let mut request = http::Request::new(Full::new(body));
     *request.method_mut() = Method::POST;
     if let Upstream::Http { uri, .. } = &target.upstream {
         *request.uri_mut() = uri.clone();
@@ -139,7 +140,7 @@ async fn try_target(
     let headers = request.headers_mut();
     headers.clone_from(&target.headers);
     for name in &FORWARDED {
-        if let Some(value) = caller_headers.get(name) {
+        if let Some(value) = out.caller_headers.get(name) {
             headers.insert(name, value.clone());
         }
     }
@@ -260,15 +261,16 @@ async fn try_target(
     };
     let total = started.elapsed();
     state.duration.observe(total);
-    let Ok(tokens) = completion_tokens(&answer) else {
+    let Ok(info) = answer_info(&answer) else {
         let message = "the upstream answered with a body that is not valid JSON".to_string();
         return Err(fail(FallbackReason::ServerError, Some(status.as_u16()), message));
     };
     // For a whole answer, the first token reaches the caller with the last.
     let now = health::now();
     state.stats.record_first_token(total, now);
-    state.stats.record_done(total, None, tokens, now);
-    Ok(Answer::Json { parts, body: answer })
+    let tokens = info.usage.map_or(info.output_bytes.div_ceil(BYTES_PER_TOKEN), |u| u.completion);
+    state.stats.record_done(total, None, Some(tokens), now);
+    Ok(Answer::Json { parts, body: answer, info })
 }
 
 enum ReadError {

@@ -8,6 +8,8 @@ use http::{HeaderName, HeaderValue, StatusCode, header};
 use serde::Serialize;
 
 use crate::api::FallbackReason;
+use crate::api::units::format_micros;
+use crate::budget::RateStatus;
 use crate::providers::openai::error_body;
 
 pub const ERROR_SOURCE: HeaderName = HeaderName::from_static("x-switchyard-error-source");
@@ -59,6 +61,25 @@ pub enum ProxyError {
         model: String,
         excluded_by: Vec<&'static str>,
     },
+    /// No key, or a key no budget has, on a route that needs one.
+    Unauthorized {
+        missing: bool,
+    },
+    /// The key's budget does not allow this model.
+    ModelNotAllowed {
+        model: String,
+    },
+    /// The key's rate limit is used up for this minute.
+    RateLimited {
+        status: RateStatus,
+    },
+    /// Not enough credit left for the request's worst case (micro-units).
+    InsufficientCredits {
+        remaining: u64,
+        reservation: u64,
+    },
+    /// The ledger cannot record spend, and the budget fails closed.
+    LedgerUnavailable,
 }
 
 impl ProxyError {
@@ -77,12 +98,60 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyError::NoTarget { .. } => StatusCode::NOT_FOUND,
+            ProxyError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            ProxyError::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
+            ProxyError::LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
     pub fn into_response(self) -> Response {
         let status = self.status();
+        let rate = match &self {
+            ProxyError::RateLimited { status } => Some(*status),
+            _ => None,
+        };
         let body = match self {
+            ProxyError::Unauthorized { missing } => {
+                let (message, code) = if missing {
+                    ("Missing API key: send it as \"Authorization: Bearer <key>\".", "missing_api_key")
+                } else {
+                    ("Invalid API key.", "invalid_api_key")
+                };
+                error_body(message, "authentication_error", code, None)
+            }
+            ProxyError::ModelNotAllowed { model } => error_body(
+                &format!("This API key may not use the model {model:?}."),
+                "permission_error",
+                "model_not_allowed",
+                None,
+            ),
+            ProxyError::RateLimited { status } => error_body(
+                &format!("Rate limit of {} per minute reached; retry in {} s.", status.limit, status.reset),
+                "rate_limit_error",
+                "rate_limit_exceeded",
+                None,
+            ),
+            ProxyError::InsufficientCredits { remaining, reservation } => error_body(
+                &format!(
+                    "Insufficient credits: this request may cost up to {} and {} remain.",
+                    format_micros(reservation),
+                    format_micros(remaining)
+                ),
+                "insufficient_credits",
+                "insufficient_credits",
+                Some(serde_json::json!({
+                    "remaining": format_micros(remaining),
+                    "reservation": format_micros(reservation),
+                })),
+            ),
+            ProxyError::LedgerUnavailable => error_body(
+                "The budget ledger cannot record spend right now; try again shortly.",
+                "server_error",
+                "ledger_unavailable",
+                None,
+            ),
             ProxyError::BadRequest { code, message } => error_body(&message, "invalid_request_error", code, None),
             ProxyError::PayloadTooLarge { limit } => error_body(
                 &format!("The request body is larger than the sidecar's limit of {limit} bytes (--max-request-bytes)."),
@@ -130,7 +199,13 @@ impl ProxyError {
                 )
             }
         };
-        json_response(status, &body, "proxy")
+        let mut response = json_response(status, &body, "proxy");
+        if let Some(rate) = rate {
+            let headers = response.headers_mut();
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(rate.reset));
+            add_rate_headers(headers, rate);
+        }
+        response
     }
 }
 
@@ -142,4 +217,11 @@ pub fn json_response(status: StatusCode, body: &serde_json::Value, source: &'sta
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(ERROR_SOURCE, HeaderValue::from_static(source));
     response
+}
+
+/// `X-RateLimit-Limit`, `-Remaining` and `-Reset` (seconds until the minute's window ends).
+pub fn add_rate_headers(headers: &mut http::HeaderMap, rate: RateStatus) {
+    headers.insert("x-ratelimit-limit", HeaderValue::from(rate.limit));
+    headers.insert("x-ratelimit-remaining", HeaderValue::from(rate.remaining));
+    headers.insert("x-ratelimit-reset", HeaderValue::from(rate.reset));
 }

@@ -1,6 +1,7 @@
 //! The sidecar: an OpenAI-compatible API on localhost that routes each call to a provider.
 
 mod attempt;
+mod billing;
 mod error;
 mod health;
 mod metrics;
@@ -28,7 +29,8 @@ use tokio::sync::watch;
 pub use relay::SseFramer;
 pub use state::{Limits, Shared};
 
-use crate::api::units::parse_duration;
+use crate::api::BudgetState;
+use crate::api::units::{format_micros, parse_duration};
 use crate::config::{ConfigError, ConfigErrors, Loaded, Sources, load, watch::watch as watch_sources};
 use upstream::Clients;
 
@@ -68,6 +70,16 @@ pub struct SidecarArgs {
     /// Mozilla roots (for providers behind a private CA). Read at start.
     #[arg(long, env = "SWITCHYARD_UPSTREAM_CA_FILE")]
     pub upstream_ca_file: Option<PathBuf>,
+
+    /// Refuse requests without a known API key (401) on every route, not only on routes that an
+    /// ApiKeyBudget covers.
+    #[arg(long, env = "SWITCHYARD_REQUIRE_KEY")]
+    pub require_key: bool,
+
+    /// Directory of the embedded budget ledger (`ledger.redb`), created when the first
+    /// ApiKeyBudget is loaded. One sidecar per directory.
+    #[arg(long, env = "SWITCHYARD_STATE_DIR", default_value = ".switchyard")]
+    pub state_dir: PathBuf,
 }
 
 /// Why the sidecar stopped.
@@ -89,16 +101,11 @@ pub async fn run(args: SidecarArgs) -> Result<(), SidecarError> {
             .map_err(|e| SidecarError::Io(format!("loading the configuration failed: {e}")))?
             .map_err(SidecarError::Config)?
     };
-    let clients = Clients::new(args.upstream_ca_file.as_deref()).map_err(|message| {
-        SidecarError::Config(ConfigErrors(vec![ConfigError {
-            origin: None,
-            object: None,
-            path: "--upstream-ca-file".into(),
-            message,
-        }]))
-    })?;
+    let clients = Clients::new(args.upstream_ca_file.as_deref()).map_err(|e| flag_error("--upstream-ca-file", e))?;
     let limits = Limits { max_request_bytes: args.max_request_bytes, max_response_bytes: args.max_response_bytes };
-    let shared = Arc::new(Shared::new(&loaded.config, limits, clients));
+    let shared = Shared::new(&loaded.config, limits, clients, args.require_key, args.state_dir.clone())
+        .map_err(|e| flag_error("--state-dir", e))?;
+    let shared = Arc::new(shared);
     tracing::info!(routes = loaded.config.routes.len(), files = ?args.files, "configuration loaded");
 
     let bind = |addr: SocketAddr| async move {
@@ -160,18 +167,36 @@ pub async fn run(args: SidecarArgs) -> Result<(), SidecarError> {
     }
     let _ = admin_stop_tx.send(true);
     let _ = admin.await;
+    if let Some(ledger) = shared.ledger() {
+        ledger.close();
+    }
     tracing::info!("stopped");
     Ok(())
 }
 
+/// A configuration error that comes from a flag rather than the YAML.
+fn flag_error(flag: &str, message: String) -> SidecarError {
+    SidecarError::Config(ConfigErrors(vec![ConfigError { origin: None, object: None, path: flag.into(), message }]))
+}
+
 fn apply_reload(shared: &Shared, result: Result<Loaded, ConfigErrors>) {
     match result {
-        Ok(loaded) => {
-            shared.apply(&loaded.config);
-            shared.metrics.reloads_ok.inc();
-            shared.metrics.last_reload_ok.set(1);
-            tracing::info!(routes = loaded.config.routes.len(), "configuration reloaded");
-        }
+        Ok(loaded) => match shared.apply(&loaded.config) {
+            Ok(()) => {
+                shared.metrics.reloads_ok.inc();
+                shared.metrics.last_reload_ok.set(1);
+                tracing::info!(
+                    routes = loaded.config.routes.len(),
+                    budgets = loaded.config.budgets.len(),
+                    "configuration reloaded"
+                );
+            }
+            Err(e) => {
+                shared.metrics.reloads_failed.inc();
+                shared.metrics.last_reload_ok.set(0);
+                tracing::error!(error = %e, "configuration rejected; still serving the previous one");
+            }
+        },
         Err(errors) => {
             shared.metrics.reloads_failed.inc();
             shared.metrics.last_reload_ok.set(0);
@@ -209,6 +234,7 @@ pub fn api_router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(proxy::chat_completions))
         .route("/v1/models", get(models))
+        .route("/api/v1/key", get(key_info))
         .method_not_allowed_fallback(proxy::method_not_allowed)
         .fallback(proxy::unknown_path)
         .with_state(shared)
@@ -233,7 +259,100 @@ async fn readyz(axum::extract::State(shared): axum::extract::State<Arc<Shared>>)
 }
 
 async fn metrics(axum::extract::State(shared): axum::extract::State<Arc<Shared>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], shared.metrics.render(health::now())).into_response()
+    let mut text = shared.metrics.render(health::now());
+    render_budgets(&shared, &mut text);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// Per-budget metrics, from the ledger.
+fn render_budgets(shared: &Shared, out: &mut String) {
+    use std::fmt::Write;
+    let Some(ledger) = shared.ledger() else { return };
+    let snapshot = shared.snapshot.load();
+    let mut budgets: Vec<_> = snapshot.budgets().collect();
+    budgets.sort_by(|a, b| a.id.cmp(&b.id));
+    let now = ledger.now();
+    let h = crate::metrics::header;
+    h(out, "switchyard_budget_spent", "gauge", "Credits spent in the current period.");
+    for b in &budgets {
+        let spend = b.account.view(b.period, now);
+        let _ = writeln!(out, "switchyard_budget_spent{{budget=\"{}\"}} {}", b.id, format_micros(spend.spent));
+    }
+    h(out, "switchyard_budget_remaining", "gauge", "Credits left in the current period (budgets with a limit).");
+    for b in &budgets {
+        if let Some(left) = b.remaining(&b.account.view(b.period, now)) {
+            let _ = writeln!(out, "switchyard_budget_remaining{{budget=\"{}\"}} {}", b.id, format_micros(left));
+        }
+    }
+    h(out, "switchyard_budget_state", "gauge", "1 for the budget's state: Active, Low or Exhausted.");
+    for b in &budgets {
+        let state = b.state(&b.account.view(b.period, now));
+        for s in [BudgetState::Active, BudgetState::Low, BudgetState::Exhausted] {
+            let _ = writeln!(
+                out,
+                "switchyard_budget_state{{budget=\"{}\",state=\"{}\"}} {}",
+                b.id,
+                s.as_str(),
+                u8::from(s == state)
+            );
+        }
+    }
+    type Read = fn(&crate::budget::Account) -> u64;
+    let counters: [(&str, &str, Read); 4] = [
+        ("switchyard_budget_reservations_in_flight", "Reservations held by requests in flight.", |a| {
+            a.in_flight.load(Ordering::Relaxed)
+        }),
+        ("switchyard_budget_insufficient_credits_total", "Requests refused with 402.", |a| a.refused.get()),
+        ("switchyard_budget_rate_limited_total", "Requests refused with 429 by the key's rate limit.", |a| {
+            a.rate_limited.get()
+        }),
+        (
+            "switchyard_budget_estimated_costs_total",
+            "Answers billed on an estimate: the provider reported no usage.",
+            |a| a.estimated.get(),
+        ),
+    ];
+    for (name, help, value) in counters {
+        h(out, name, if name.ends_with("_total") { "counter" } else { "gauge" }, help);
+        for b in &budgets {
+            let _ = writeln!(out, "{name}{{budget=\"{}\"}} {}", b.id, value(&b.account));
+        }
+    }
+    h(out, "switchyard_ledger_available", "gauge", "1 while the ledger can record spend durably.");
+    let _ = writeln!(out, "switchyard_ledger_available {}", u8::from(ledger.is_available()));
+}
+
+/// `GET /api/v1/key`: the caller's key in OpenRouter's shape; credits as decimal numbers.
+async fn key_info(
+    axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
+    request: axum::extract::Request,
+) -> Response {
+    let snapshot = shared.snapshot.load();
+    let budget = billing::bearer(request.headers()).and_then(|key| snapshot.budget(&billing::key_hash(key)));
+    let (Some(budget), Some(ledger)) = (budget, shared.ledger()) else {
+        let missing = billing::bearer(request.headers()).is_none();
+        return error::ProxyError::Unauthorized { missing }.into_response();
+    };
+    let spend = budget.account.view(budget.period, ledger.now());
+    let number = |micros: Option<u64>| micros.map_or_else(|| "null".to_string(), format_micros);
+    let reset = match budget.period {
+        crate::api::Period::Never => "null".to_string(),
+        p => format!("\"{}\"", p.as_str()),
+    };
+    // Written by hand so the credit amounts stay exact decimals, never floats.
+    let body = format!(
+        r#"{{"data":{{"label":{label},"limit":{limit},"limit_reset":{reset},"limit_remaining":{remaining},"usage":{usage},"usage_daily":{daily},"usage_weekly":{weekly},"usage_monthly":{monthly},"is_free_tier":false,"state":"{state}","period_start":"{start}"}}}}"#,
+        label = serde_json::Value::from(budget.id.as_str()),
+        limit = number(budget.limit),
+        remaining = number(budget.remaining(&spend)),
+        usage = format_micros(spend.total),
+        daily = format_micros(spend.day),
+        weekly = format_micros(spend.week),
+        monthly = format_micros(spend.month),
+        state = budget.state(&spend).as_str(),
+        start = crate::budget::period::rfc3339(spend.period_start),
+    );
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 /// `GET /v1/models`: every model name served, in OpenAI's list shape, each with its route's

@@ -14,17 +14,18 @@ use std::task::Poll;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
-use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, header};
+use http::{HeaderValue, header};
 
-use super::attempt::{Answer, Finished, HealthEffect, attempt};
-use super::error::{ATTEMPTS, AttemptFailure, FALLBACK_REASON, ProxyError, TARGET};
+use super::attempt::{Answer, Finished, HealthEffect, Outgoing, attempt};
+use super::billing::{self, Bill, BudgetRt, StreamBill, authenticate};
+use super::error::{ATTEMPTS, AttemptFailure, FALLBACK_REASON, ProxyError, TARGET, add_rate_headers};
 use super::health::{self, Outcome, Transition};
 use super::plan;
 use super::relay::SseRelay;
 use super::state::{RouteRt, Shared, TargetRt};
 use crate::api::FallbackReason;
-use crate::providers::openai::{ChatRequest, RequestError, parse_chat_request, rename_model};
+use crate::budget::Ledger;
+use crate::providers::openai::{ChatRequest, RequestError, parse_chat_request, rename_model, with_cost};
 
 /// Bytes of request body per token, for estimating whether a prompt fits a context window.
 const BYTES_PER_TOKEN: u64 = 4;
@@ -64,18 +65,48 @@ pub async fn chat_completions(State(shared): State<Arc<Shared>>, request: Reques
             chain.push(route);
         }
     }
+    let budget = match authenticate(&parts.headers, &snapshot, &chain, shared.require_key) {
+        Ok(budget) => budget,
+        Err(e) => return unrouted(&shared, e),
+    };
+    let mut rate = None;
+    if let (Some(budget), Some(ledger)) = (&budget, shared.ledger())
+        && let Some(policy) = budget.rate_limit
+    {
+        match budget.account.admit_rate(policy, ledger.now()) {
+            Ok(status) => rate = status,
+            Err(status) => {
+                budget.account.rate_limited.inc();
+                return unrouted(&shared, ProxyError::RateLimited { status });
+            }
+        }
+    }
 
+    let out = Outgoing {
+        chat: &chat,
+        body: &body,
+        caller_headers: &parts.headers,
+        force_usage: budget.is_some() && chat.stream,
+    };
     let mut tried = Tried::default();
+    let mut response = None;
     for (k, route) in chain.iter().enumerate() {
         // An answer from a later route says so in its `model`, as OpenRouter's do.
         let rename = (k > 0).then(|| route.model_json.clone());
-        match serve_route(route, &chat, &body, &parts.headers, &shared, rename, &mut tried).await {
-            Ok(response) | Err(Stop::Passthrough(response)) => return response,
+        match serve_route(route, &out, budget.as_deref(), &shared, rename, &mut tried).await {
+            Ok(answer) | Err(Stop::Passthrough(answer)) => {
+                response = Some(answer);
+                break;
+            }
             Err(Stop::Exhausted) if chat.prefs.allow_fallbacks => continue,
             Err(Stop::Exhausted) => break,
         }
     }
-    tried.into_response(&chat.model, chain[0])
+    let mut response = response.unwrap_or_else(|| tried.into_response(&chat.model, chain[0]));
+    if let Some(rate) = rate {
+        add_rate_headers(response.headers_mut(), rate);
+    }
+    response
 }
 
 /// Why a route did not answer.
@@ -134,9 +165,7 @@ type Running<'a> = Pin<Box<dyn Future<Output = Finished> + Send + 'a>>;
 /// The attempts of one route: its plan, and the ones in flight (two while hedging).
 struct Attempts<'a> {
     route: &'a Arc<RouteRt>,
-    chat: &'a ChatRequest<'a>,
-    body: &'a Bytes,
-    caller_headers: &'a HeaderMap,
+    out: &'a Outgoing<'a>,
     shared: &'a Shared,
     queue: std::vec::IntoIter<usize>,
     panic: bool,
@@ -162,9 +191,7 @@ impl<'a> Attempts<'a> {
                 }
             };
             self.started += 1;
-            let (route, chat, body, headers, shared) =
-                (self.route, self.chat, self.body, self.caller_headers, self.shared);
-            self.running.push(Box::pin(attempt(route, index, probe, chat, body, headers, shared)));
+            self.running.push(Box::pin(attempt(self.route, index, probe, self.out, self.shared)));
             return Some(index);
         }
         None
@@ -187,13 +214,13 @@ impl<'a> Attempts<'a> {
 
 async fn serve_route<'a>(
     route: &'a Arc<RouteRt>,
-    chat: &'a ChatRequest<'a>,
-    body: &'a Bytes,
-    caller_headers: &'a HeaderMap,
+    out: &'a Outgoing<'a>,
+    budget: Option<&BudgetRt>,
     shared: &'a Shared,
     rename: Option<String>,
     tried: &mut Tried<'a>,
 ) -> Result<Response, Stop> {
+    let (chat, body) = (out.chat, out.body);
     let now = health::now();
     let tick = route.ticks.fetch_add(1, Ordering::Relaxed);
     let need_tokens = body.len() as u64 / BYTES_PER_TOKEN + chat.max_tokens.unwrap_or(0);
@@ -209,17 +236,26 @@ async fn serve_route<'a>(
             return Err(Stop::Exhausted);
         }
     };
+    let reservation = match (budget, shared.ledger()) {
+        (Some(budget), Some(ledger)) => {
+            match billing::reserve(ledger, budget, route, &plan.order, body.len() as u64, chat.max_tokens) {
+                Ok(reservation) => Some(reservation),
+                Err(refused) => {
+                    route.state.requests.inc(refused.status().as_u16());
+                    return Err(Stop::Passthrough(refused.into_response()));
+                }
+            }
+        }
+        _ => None,
+    };
     if plan.panic {
         route.state.panics.inc();
         let target = &route.targets[plan.order[0]];
         tracing::warn!(route = %route.id, target = %target.name, "every target is ejected or cooling down; trying the one that recovers soonest");
     }
-
     let mut run = Attempts {
         route,
-        chat,
-        body,
-        caller_headers,
+        out,
         shared,
         panic: plan.panic,
         queue: plan.order.into_iter(),
@@ -267,7 +303,13 @@ async fn serve_route<'a>(
                 // Dropping the other attempt closes its connection.
                 run.running.clear();
                 let fallback = tried.failures.last().map(|f| f.kind);
-                return Ok(finish(commit(answer, route, index, rename), target, tried.attempts, fallback));
+                let bill = Bill {
+                    reservation,
+                    prices: target.prices,
+                    prompt_estimate: body.len() as u64 / billing::BYTES_PER_TOKEN,
+                };
+                let response = commit(answer, route, index, rename, bill, chat, shared.ledger());
+                return Ok(finish(response, target, tried.attempts, fallback));
             }
             Err(failure) => {
                 let kind = failure.record.kind;
@@ -326,10 +368,21 @@ fn record_health(route: &RouteRt, target: &TargetRt, outcome: Outcome, probe: bo
     }
 }
 
-/// The caller's response for an attempt that answered.
-fn commit(answer: Answer, route: &Arc<RouteRt>, index: usize, rename: Option<String>) -> Response {
+/// The caller's response for an attempt that answered, billed: a JSON answer is settled now and
+/// carries its `usage.cost`; a stream is billed as it goes.
+fn commit(
+    answer: Answer,
+    route: &Arc<RouteRt>,
+    index: usize,
+    rename: Option<String>,
+    bill: Bill,
+    chat: &ChatRequest<'_>,
+    ledger: Option<&Ledger>,
+) -> Response {
     match answer {
-        Answer::Json { mut parts, body } => {
+        Answer::Json { mut parts, body, info } => {
+            let cost = bill.settle(info.usage, info.output_bytes, ledger);
+            let body = with_cost(&body, &cost).unwrap_or(body);
             let body = match &rename {
                 Some(model) => rename_model(&body, model).unwrap_or(body),
                 None => body,
@@ -338,8 +391,15 @@ fn commit(answer: Answer, route: &Arc<RouteRt>, index: usize, rename: Option<Str
             Response::from_parts(parts, Body::from(body))
         }
         Answer::Stream { parts, stream } => {
+            let metered = bill.reservation.is_some();
+            // Without max_tokens, a metered stream reserves more as it outgrows its reservation.
+            let extendable =
+                (metered && chat.max_tokens.is_none()).then_some(u64::from(route.reserved_completion_tokens));
+            let stream_bill = (metered || chat.include_usage)
+                .then(|| StreamBill::new(bill, ledger.cloned(), chat.include_usage, extendable));
             let total = route.targets[index].timeouts.total;
-            Response::from_parts(parts, Body::new(SseRelay::new(stream, route.clone(), index, total, rename)))
+            let relay = SseRelay::new(stream, route.clone(), index, total, rename, stream_bill);
+            Response::from_parts(parts, Body::new(relay))
         }
     }
 }

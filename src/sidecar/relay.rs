@@ -6,6 +6,7 @@
 //! an event.
 
 use std::convert::Infallible;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -15,13 +16,14 @@ use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame};
 use tokio::time::Sleep;
 
+use super::billing::{EventAction, StreamBill};
 use super::health::{self, Outcome};
 use super::metrics::TargetState;
 use super::state::RouteRt;
 use super::stats::TargetStats;
 use super::upstream::{UpstreamBody, error_chain};
 use crate::api::units::format_duration;
-use crate::providers::openai::{chunk_info, rename_events, sse_payloads, stream_error_event};
+use crate::providers::openai::{ChunkInfo, chunk_info, rename_events, sse_payloads, stream_error_event};
 
 /// Past this size an unterminated event is forwarded anyway: an upstream that never ends its
 /// events must not make the sidecar buffer without bound.
@@ -90,23 +92,30 @@ impl StreamWatch {
         StreamWatch { started, first_token: None, completion_tokens: None, events: 0 }
     }
 
-    /// Looks at complete events on their way to the caller. Until the first output only, and then
-    /// only in chunks that mention usage, are events parsed; the rest is counted, not read.
+    /// Whether events must be read to learn something: until the first output, and in chunks that
+    /// carry usage. Other events are only counted.
+    fn wants(&self, events: &[u8]) -> bool {
+        self.first_token.is_none() || events.windows(7).any(|w| w == b"\"usage\"")
+    }
+
+    fn see(&mut self, info: &ChunkInfo, stats: &TargetStats) {
+        if info.has_output && self.first_token.is_none() {
+            let after = self.started.elapsed();
+            self.first_token = Some(after);
+            stats.record_first_token(after, health::now());
+        }
+        if let Some(usage) = info.usage {
+            self.completion_tokens = Some(usage.completion);
+        }
+    }
+
+    /// Looks at complete events (read during hold-back).
     pub fn observe(&mut self, events: &[u8], stats: &TargetStats) {
-        let parse = self.first_token.is_none() || events.windows(7).any(|w| w == b"\"usage\"");
+        let read = self.wants(events);
         for payload in sse_payloads(events) {
             self.events += 1;
-            if !parse {
-                continue;
-            }
-            let info = chunk_info(payload);
-            if info.has_output && self.first_token.is_none() {
-                let after = self.started.elapsed();
-                self.first_token = Some(after);
-                stats.record_first_token(after, health::now());
-            }
-            if info.completion_tokens.is_some() {
-                self.completion_tokens = info.completion_tokens;
+            if read {
+                self.see(&chunk_info(payload), stats);
             }
         }
     }
@@ -116,6 +125,35 @@ impl StreamWatch {
         let tokens = self.completion_tokens.unwrap_or(self.events);
         stats.record_done(self.started.elapsed(), self.first_token, Some(tokens), health::now());
     }
+}
+
+/// The ranges of the SSE events in `bytes`, each with its terminating blank line.
+fn event_ranges(bytes: &[u8]) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\n' {
+            let end = if bytes[i + 1..].starts_with(b"\n") {
+                Some(i + 2)
+            } else if bytes[i + 1..].starts_with(b"\r\n") {
+                Some(i + 3)
+            } else {
+                None
+            };
+            if let Some(end) = end {
+                out.push(start..end);
+                start = end;
+                i = end;
+                continue;
+            }
+        }
+        i += 1;
+    }
+    if start < bytes.len() {
+        out.push(start..bytes.len());
+    }
+    out
 }
 
 /// The body of a streamed response: what hold-back already read, then the upstream's events, then
@@ -132,6 +170,8 @@ pub struct SseRelay {
     /// Set when the answer comes from another route than the one asked for (`models` fallback):
     /// each event's `model` is renamed to this JSON string.
     rename: Option<String>,
+    /// The stream's bill: present when it is metered or the caller wants its cost.
+    bill: Option<StreamBill>,
     done: bool,
 }
 
@@ -145,7 +185,14 @@ pub struct Committed {
 }
 
 impl SseRelay {
-    pub fn new(stream: Committed, route: Arc<RouteRt>, target: usize, total: Duration, rename: Option<String>) -> Self {
+    pub fn new(
+        stream: Committed,
+        route: Arc<RouteRt>,
+        target: usize,
+        total: Duration,
+        rename: Option<String>,
+        bill: Option<StreamBill>,
+    ) -> Self {
         let deadline = Box::pin(tokio::time::sleep_until((stream.started + total).into()));
         SseRelay {
             inner: stream.body,
@@ -157,6 +204,7 @@ impl SseRelay {
             target,
             total,
             rename,
+            bill,
             done: false,
         }
     }
@@ -168,23 +216,102 @@ impl SseRelay {
     /// Ends the stream with an error event; the partial event held back is dropped.
     fn fail(&mut self, code: &str, message: String) -> Bytes {
         self.done = true;
-        let target = &self.route.targets[self.target];
+        let route = self.route.clone();
+        let target = &route.targets[self.target];
         target.state.stream_errors.inc();
         target.state.duration.observe(self.watch.started.elapsed());
         target.state.health.record(Outcome::Failure, false, &self.route.health, health::now());
         tracing::warn!(route = %self.route.id, target = %target.name, %code, %message, "stream broke after the answer started");
+        self.settle();
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        stream_error_event(&self.route.model, &target.provider, code, &message, created)
+        stream_error_event(&route.model, &target.provider, "upstream_error", code, &message, created)
     }
 
-    /// Bytes on their way out: watched, and renamed if needed.
-    fn forward(&mut self, events: Bytes) -> Bytes {
-        let route = self.route.clone();
-        self.watch.observe(&events, &route.targets[self.target].state.stats);
-        match &self.rename {
-            Some(model) => rename_events(&events, model),
-            None => events,
+    fn settle(&mut self) {
+        if let Some(bill) = &mut self.bill {
+            bill.settle();
         }
+    }
+
+    /// Complete events on their way out: watched (unless `watched` already), billed, and renamed if
+    /// needed. A metered stream that runs out of credit gets the terminal error event after them.
+    fn forward(&mut self, events: Bytes, watched: bool) -> Bytes {
+        let route = self.route.clone();
+        let stats = &route.targets[self.target].state.stats;
+        let read_all = self.bill.as_ref().is_some_and(StreamBill::is_metered);
+        let read = read_all || self.watch.wants(&events);
+        let mut out = events.clone();
+        if read {
+            // Rebuilt only from the first event that changes.
+            let mut rebuilt: Option<BytesMut> = None;
+            for range in event_ranges(&events) {
+                let event = &events[range.clone()];
+                let mut action = EventAction::Keep;
+                for payload in sse_payloads(event) {
+                    let info = chunk_info(payload);
+                    if !watched {
+                        self.watch.events += 1;
+                        self.watch.see(&info, stats);
+                    }
+                    if let Some(bill) = &mut self.bill {
+                        action = bill.see(payload, &info);
+                    }
+                }
+                match action {
+                    EventAction::Keep => {
+                        if let Some(r) = &mut rebuilt {
+                            r.extend_from_slice(event);
+                        }
+                    }
+                    EventAction::Drop => {
+                        rebuilt.get_or_insert_with(|| BytesMut::from(&events[..range.start]));
+                    }
+                    EventAction::Replace(json) => {
+                        let r = rebuilt.get_or_insert_with(|| BytesMut::from(&events[..range.start]));
+                        r.extend_from_slice(b"data: ");
+                        r.extend_from_slice(&json);
+                        r.extend_from_slice(b"\n\n");
+                    }
+                }
+            }
+            if let Some(r) = rebuilt {
+                out = r.freeze();
+            }
+        } else if !watched {
+            self.watch.events += sse_payloads(&events).count() as u64;
+        }
+        if let Some(model) = &self.rename {
+            out = rename_events(&out, model);
+        }
+        if let Some(bill) = &mut self.bill
+            && bill.keep_up().is_err()
+        {
+            let cut = self.out_of_credit();
+            let mut both = BytesMut::from(&out[..]);
+            both.extend_from_slice(&cut);
+            return both.freeze();
+        }
+        out
+    }
+
+    /// Ends a metered stream whose budget ran out mid-answer, with a typed error event.
+    fn out_of_credit(&mut self) -> Bytes {
+        self.done = true;
+        let route = self.route.clone();
+        let target = &route.targets[self.target];
+        target.state.duration.observe(self.watch.started.elapsed());
+        tracing::info!(route = %self.route.id, target = %target.name, "stream stopped: the key's budget ran out");
+        self.settle();
+        let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let message = "The API key's budget ran out while this answer was streaming.";
+        stream_error_event(
+            &route.model,
+            &target.provider,
+            "insufficient_credits",
+            "insufficient_credits",
+            message,
+            created,
+        )
     }
 }
 
@@ -195,11 +322,8 @@ impl Body for SseRelay {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
         if let Some(prefix) = this.prefix.take() {
-            let prefix = match &this.rename {
-                Some(model) => rename_events(&prefix, model),
-                None => prefix,
-            };
-            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+            // Hold-back's watch has seen these events; the bill has not.
+            return Poll::Ready(Some(Ok(Frame::data(this.forward(prefix, true)))));
         }
         loop {
             if this.done {
@@ -216,7 +340,7 @@ impl Body for SseRelay {
                     if let Ok(data) = frame.into_data()
                         && let Some(complete) = this.framer.push(data)
                     {
-                        return Poll::Ready(Some(Ok(Frame::data(this.forward(complete)))));
+                        return Poll::Ready(Some(Ok(Frame::data(this.forward(complete, false)))));
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -225,10 +349,12 @@ impl Body for SseRelay {
                 }
                 Poll::Ready(None) => {
                     this.done = true;
+                    let rest = this.framer.finish().map(|rest| this.forward(rest, false));
                     let state = this.state();
                     state.duration.observe(this.watch.started.elapsed());
                     this.watch.finish(&state.stats);
-                    return Poll::Ready(this.framer.finish().map(|rest| Ok(Frame::data(rest))));
+                    this.settle();
+                    return Poll::Ready(rest.map(|rest| Ok(Frame::data(rest))));
                 }
                 Poll::Pending => return Poll::Pending,
             }

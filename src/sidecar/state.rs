@@ -2,19 +2,22 @@
 //! [`Snapshot`] of a configuration that requests read without locks.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderName, HeaderValue, Uri, header};
 
+use super::billing::BudgetRt;
 use super::health::Ticks;
 use super::metrics::{RouteState, SidecarMetrics, TargetState};
 use super::plan::{Candidate, weighted_schedule};
 use super::upstream::{Clients, Upstream};
 use crate::api::Strategy;
-use crate::config::{self, Config, Credential, FallbackPolicy, HealthPolicy, Prices, Timeouts};
+use crate::budget::{Ledger, SystemClock};
+use crate::config::{self, Budget, Config, Credential, FallbackPolicy, HealthPolicy, Prices, Timeouts};
 use crate::mock_provider::MockStats;
 use crate::providers::openai::json_string;
 
@@ -31,32 +34,70 @@ pub struct Shared {
     pub metrics: SidecarMetrics,
     pub clients: Clients,
     pub limits: Limits,
+    /// Refuse requests without a known key, even on routes without budgets.
+    pub require_key: bool,
+    /// The budget ledger, opened in `state_dir` when the first budget appears.
+    ledger: OnceLock<Ledger>,
+    state_dir: PathBuf,
     /// Set on SIGTERM: `/readyz` fails so no new traffic is sent while in-flight requests finish.
     pub draining: AtomicBool,
 }
 
 impl Shared {
-    pub fn new(config: &Config, limits: Limits, clients: Clients) -> Self {
-        let metrics = SidecarMetrics::default();
-        let snapshot = Snapshot::build(config, &metrics, &clients);
-        metrics.routes_loaded.set(config.routes.len() as u64);
-        metrics.last_reload_ok.set(1);
-        Shared { snapshot: ArcSwap::from_pointee(snapshot), metrics, clients, limits, draining: AtomicBool::new(false) }
+    pub fn new(
+        config: &Config,
+        limits: Limits,
+        clients: Clients,
+        require_key: bool,
+        state_dir: PathBuf,
+    ) -> Result<Self, String> {
+        let shared = Shared {
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            metrics: SidecarMetrics::default(),
+            clients,
+            limits,
+            require_key,
+            ledger: OnceLock::new(),
+            state_dir,
+            draining: AtomicBool::new(false),
+        };
+        shared.apply(config)?;
+        shared.metrics.last_reload_ok.set(1);
+        Ok(shared)
     }
 
     /// Swaps in a new configuration; requests in flight finish on the one they started with.
-    pub fn apply(&self, config: &Config) {
-        let snapshot = Snapshot::build(config, &self.metrics, &self.clients);
+    /// Fails, changing nothing, if the configuration has budgets and the ledger cannot be opened.
+    pub fn apply(&self, config: &Config) -> Result<(), String> {
+        let ledger = if config.budgets.is_empty() { self.ledger.get() } else { Some(self.open_ledger()?) };
+        let snapshot = Snapshot::build(config, &self.metrics, &self.clients, ledger);
         self.snapshot.store(Arc::new(snapshot));
         self.metrics.routes_loaded.set(config.routes.len() as u64);
+        Ok(())
+    }
+
+    pub fn ledger(&self) -> Option<&Ledger> {
+        self.ledger.get()
+    }
+
+    fn open_ledger(&self) -> Result<&Ledger, String> {
+        if let Some(ledger) = self.ledger.get() {
+            return Ok(ledger);
+        }
+        let ledger = Ledger::open(&self.state_dir, Arc::new(SystemClock))?;
+        tracing::info!(state_dir = %self.state_dir.display(), "budget ledger opened");
+        Ok(self.ledger.get_or_init(|| ledger))
     }
 }
 
 /// One configuration, prepared for serving: everything a request needs is computed here once.
+#[derive(Default)]
 pub struct Snapshot {
     by_model: HashMap<Box<str>, Arc<RouteRt>>,
     /// Routes in configuration order, for `GET /v1/models`.
     pub routes: Vec<Arc<RouteRt>>,
+    /// Budgets by the SHA-256 of their key.
+    budgets: HashMap<[u8; 32], Arc<BudgetRt>>,
 }
 
 pub struct RouteRt {
@@ -76,6 +117,9 @@ pub struct RouteRt {
     pub health: HealthPolicy,
     pub hold_back: Duration,
     pub hedge_after: Option<Duration>,
+    pub reserved_completion_tokens: u32,
+    /// Some budget covers this route, so callers need a key.
+    pub budgeted: bool,
     pub state: Arc<RouteState>,
 }
 
@@ -99,9 +143,16 @@ pub struct TargetRt {
 }
 
 impl Snapshot {
-    pub fn build(config: &Config, metrics: &SidecarMetrics, clients: &Clients) -> Snapshot {
+    pub fn build(config: &Config, metrics: &SidecarMetrics, clients: &Clients, ledger: Option<&Ledger>) -> Snapshot {
         let mut by_model = HashMap::new();
         let mut routes = Vec::with_capacity(config.routes.len());
+        // Which budget's `allowedModels` name which routes.
+        let covers = |budget: &Budget, route: &config::Route| {
+            budget
+                .allowed_models
+                .as_ref()
+                .is_none_or(|allowed| route.model_names().any(|n| allowed.iter().any(|a| a == n)))
+        };
         for route in &config.routes {
             let id = format!("{}/{}", route.namespace, route.name);
             let targets: Vec<TargetRt> =
@@ -121,13 +172,39 @@ impl Snapshot {
                 health: route.health,
                 hold_back: route.hold_back,
                 hedge_after: route.hedge_after,
+                reserved_completion_tokens: route.reserved_completion_tokens,
+                budgeted: config.budgets.iter().any(|b| covers(b, route)),
             });
             for name in route.model_names() {
                 by_model.insert(name.into(), rt.clone());
             }
             routes.push(rt);
         }
-        Snapshot { by_model, routes }
+        let mut budgets = HashMap::new();
+        if let Some(ledger) = ledger {
+            for budget in &config.budgets {
+                let allowed = budget.allowed_models.as_ref().map(|_| {
+                    config
+                        .routes
+                        .iter()
+                        .filter(|r| covers(budget, r))
+                        .map(|r| format!("{}/{}", r.namespace, r.name))
+                        .collect()
+                });
+                let rt = BudgetRt::new(budget, allowed, ledger.account(&budget.id()));
+                budgets.insert(budget.key_hash, Arc::new(rt));
+            }
+        }
+        Snapshot { by_model, routes, budgets }
+    }
+
+    pub fn budget(&self, key_hash: &[u8; 32]) -> Option<&Arc<BudgetRt>> {
+        self.budgets.get(key_hash)
+    }
+
+    /// Every budget, in no particular order.
+    pub fn budgets(&self) -> impl Iterator<Item = &Arc<BudgetRt>> {
+        self.budgets.values()
     }
 
     pub fn route(&self, model: &str) -> Option<&Arc<RouteRt>> {

@@ -139,6 +139,8 @@ pub struct Sidecar {
     pub api: SocketAddr,
     pub admin: SocketAddr,
     pub config_path: PathBuf,
+    /// Holds the config file and the ledger's `state/` directory.
+    pub dir: PathBuf,
 }
 
 impl Sidecar {
@@ -151,10 +153,14 @@ impl Sidecar {
         let config_path = dir.join("routes.yaml");
         std::fs::write(&config_path, config).expect("write config");
         let path = config_path.to_str().expect("utf-8 path");
+        let state_dir = dir.join("state");
+        let state_dir = state_dir.to_str().expect("utf-8 path");
         let mut args = vec![
             "sidecar",
             "-f",
             path,
+            "--state-dir",
+            state_dir,
             "--listen",
             "127.0.0.1:0",
             "--admin-listen",
@@ -164,7 +170,7 @@ impl Sidecar {
         ];
         args.extend_from_slice(extra_args);
         let (process, line) = Process::start(&args, envs, "serving");
-        Sidecar { process, api: addr_after(&line, "api="), admin: addr_after(&line, "admin="), config_path }
+        Sidecar { process, api: addr_after(&line, "api="), admin: addr_after(&line, "admin="), config_path, dir }
     }
 }
 

@@ -1,0 +1,184 @@
+//! `ApiKeyBudget`: an API key that callers present, with its credit limit and rate limits.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::SecretKeyRef;
+use super::units::DECIMAL_PATTERN;
+
+/// A caller's API key and what it may spend.
+// Clippy mistakes the repeated `type_ = "string"` of the printer columns for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "switchyard.dev",
+    version = "v1alpha1",
+    kind = "ApiKeyBudget",
+    namespaced,
+    shortname = "akb",
+    category = "switchyard",
+    status = "ApiKeyBudgetStatus",
+    derive = "PartialEq",
+    doc = "An API key that applications present to the sidecar, with a credit limit per period and rate limits.",
+    printcolumn(name = "Limit", type_ = "string", json_path = ".spec.limit"),
+    printcolumn(name = "Spent", type_ = "string", json_path = ".status.spent"),
+    printcolumn(name = "Remaining", type_ = "string", json_path = ".status.remaining"),
+    printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.lowBalanceThreshold) || has(self.limit)")
+    .message("lowBalanceThreshold needs a limit"))]
+pub struct ApiKeyBudgetSpec {
+    /// The key applications send as `Authorization: Bearer <key>`. The sidecar keeps only its
+    /// SHA-256 hash.
+    pub key: BudgetKey,
+
+    /// Credits that may be spent per period, as a decimal string (`"100.00"`), in the currency of
+    /// the routes' prices. Absent: spend is tracked but not limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DECIMAL_PATTERN))]
+    pub limit: Option<String>,
+
+    /// When spend starts over, at UTC boundaries: `daily`, `weekly` (Monday to Sunday), `monthly`,
+    /// or `never`.
+    #[serde(default)]
+    pub period: Period,
+
+    /// Below this remaining balance the key is in state Low. Requires `limit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DECIMAL_PATTERN))]
+    pub low_balance_threshold: Option<String>,
+
+    /// What requests with this key do when the ledger cannot be reached or written:
+    /// `failClosed` rejects them (503), `failOpen` serves them and counts the spend in memory.
+    #[serde(default)]
+    pub on_ledger_unavailable: LedgerUnavailable,
+
+    /// The models (route names or aliases) this key may use. Absent: every route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 253), pattern(r"^\S+$")))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub allowed_models: Option<Vec<String>>,
+
+    /// Requests and tokens per minute for this key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+
+    /// Which pods' sidecars accept this key, by pod labels. Absent: every injected pod in the
+    /// namespace. Ignored in standalone mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_selector: Option<LabelSelector>,
+}
+
+/// Where the key comes from. Exactly one source must be set.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.secretRef) != has(self.sha256)")
+    .message("exactly one of secretRef or sha256 must be set"))]
+pub struct BudgetKey {
+    /// A key of a Secret in the budget's namespace that holds the API key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+    /// The lowercase hex SHA-256 of the API key, for keys kept elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[0-9a-f]{64}$"))]
+    pub sha256: Option<String>,
+}
+
+/// When spend starts over.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Period {
+    /// Every day at 00:00 UTC.
+    Daily,
+    /// Every Monday at 00:00 UTC.
+    Weekly,
+    /// On the first of every month at 00:00 UTC.
+    #[default]
+    Monthly,
+    /// Never: the limit is for the key's lifetime.
+    Never,
+}
+
+impl Period {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Daily => "daily",
+            Period::Weekly => "weekly",
+            Period::Monthly => "monthly",
+            Period::Never => "never",
+        }
+    }
+}
+
+/// What happens to requests when the ledger is unavailable.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum LedgerUnavailable {
+    /// Reject requests with 503 until the ledger is back.
+    #[default]
+    FailClosed,
+    /// Serve requests; their spend is counted in memory.
+    FailOpen,
+}
+
+/// Rate limits per key, over fixed one-minute windows.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.requestsPerMinute) || has(self.tokensPerMinute)")
+    .message("set requestsPerMinute, tokensPerMinute or both"))]
+pub struct RateLimit {
+    /// Requests per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub requests_per_minute: Option<u32>,
+    /// Prompt plus completion tokens per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub tokens_per_minute: Option<u64>,
+}
+
+/// Observed state of an ApiKeyBudget, written by the operator.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeyBudgetStatus {
+    /// The `metadata.generation` that this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Credits spent in the current period, as a decimal string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spent: Option<String>,
+    /// Credits left in the current period; absent without a limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<String>,
+    /// When the current period started (RFC 3339, UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period_start: Option<String>,
+    /// `Active`, `Low` (remaining under lowBalanceThreshold) or `Exhausted` (nothing left).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<BudgetState>,
+    /// Current conditions: `Accepted`, `Ready`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// How much credit a key has left.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum BudgetState {
+    Active,
+    Low,
+    Exhausted,
+}
+
+impl BudgetState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetState::Active => "Active",
+            BudgetState::Low => "Low",
+            BudgetState::Exhausted => "Exhausted",
+        }
+    }
+}

@@ -1,0 +1,592 @@
+//! The embedded ledger of standalone mode: what each budget has spent and has reserved.
+//!
+//! Reservations live in memory only: a crash forgets them, so none can stay stuck. Settled spend
+//! is written to a redb file by one writer thread in group commits: every settle wakes it, and it
+//! commits (with fsync) everything settled since its last commit, so under load many settles share
+//! one commit and none waits longer than one commit.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::period::{day_start, month_start, period_start, week_start};
+use crate::api::Period;
+use crate::config::RateLimitPolicy;
+use crate::metrics::Counter;
+
+/// Unix seconds, injectable so tests can cross period boundaries.
+pub trait Clock: Send + Sync {
+    fn unix_seconds(&self) -> u64;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn unix_seconds(&self) -> u64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    }
+}
+
+const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
+const RECORD_VERSION: u8 = 1;
+
+/// What a budget has spent, per period and per usage window. Persisted, except `reserved`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Spend {
+    pub period_start: u64,
+    /// In the current period.
+    pub spent: u64,
+    /// Reservations in flight (not persisted).
+    pub reserved: u64,
+    /// Since the budget was created.
+    pub total: u64,
+    pub day_start: u64,
+    pub day: u64,
+    pub week_start: u64,
+    pub week: u64,
+    pub month_start: u64,
+    pub month: u64,
+}
+
+impl Spend {
+    fn encode(&self) -> Vec<u8> {
+        let fields = [
+            self.period_start,
+            self.spent,
+            self.total,
+            self.day_start,
+            self.day,
+            self.week_start,
+            self.week,
+            self.month_start,
+            self.month,
+        ];
+        let mut out = Vec::with_capacity(1 + 8 * fields.len());
+        out.push(RECORD_VERSION);
+        for f in fields {
+            out.extend_from_slice(&f.to_le_bytes());
+        }
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Spend> {
+        let (&version, rest) = bytes.split_first()?;
+        if version != RECORD_VERSION || rest.len() != 72 {
+            return None;
+        }
+        let f = |i: usize| u64::from_le_bytes(rest[8 * i..8 * i + 8].try_into().unwrap_or_default());
+        Some(Spend {
+            period_start: f(0),
+            spent: f(1),
+            reserved: 0,
+            total: f(2),
+            day_start: f(3),
+            day: f(4),
+            week_start: f(5),
+            week: f(6),
+            month_start: f(7),
+            month: f(8),
+        })
+    }
+
+    /// Starts the period and the usage windows over when `now` is past their boundaries.
+    fn roll(&mut self, period: Period, now: u64) {
+        let start = period_start(period, now);
+        if start != self.period_start {
+            self.period_start = start;
+            self.spent = 0;
+        }
+        for (window_start, amount, current) in [
+            (&mut self.day_start, &mut self.day, day_start(now)),
+            (&mut self.week_start, &mut self.week, week_start(now)),
+            (&mut self.month_start, &mut self.month, month_start(now)),
+        ] {
+            if *window_start != current {
+                *window_start = current;
+                *amount = 0;
+            }
+        }
+    }
+}
+
+/// The requests and tokens of the current minute, for rate limits.
+#[derive(Debug, Default)]
+struct RateWindow {
+    minute: u64,
+    requests: u64,
+    tokens: u64,
+}
+
+/// Where a key stands against one rate limit, for the `X-RateLimit-*` headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateStatus {
+    pub limit: u64,
+    pub remaining: u64,
+    /// Seconds until the current minute's window ends.
+    pub reset: u64,
+}
+
+/// Why a reservation was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not enough credit left: what remains, after the reservations in flight.
+    Insufficient { remaining: u64 },
+    /// The ledger cannot record spend and the budget fails closed.
+    Unavailable,
+}
+
+/// One budget's account.
+#[derive(Debug)]
+pub struct Account {
+    id: String,
+    spend: Mutex<Spend>,
+    rate: Mutex<RateWindow>,
+    dirty: AtomicBool,
+    /// Reservations in flight.
+    pub in_flight: AtomicU64,
+    /// Requests refused for want of credit (402).
+    pub refused: Counter,
+    /// Requests refused by a rate limit (429).
+    pub rate_limited: Counter,
+    /// Settled costs that were estimated because the provider reported no usage.
+    pub estimated: Counter,
+}
+
+impl Account {
+    fn new(id: String, spend: Spend) -> Account {
+        Account {
+            id,
+            spend: Mutex::new(spend),
+            rate: Mutex::default(),
+            dirty: AtomicBool::new(false),
+            in_flight: AtomicU64::new(0),
+            refused: Counter::default(),
+            rate_limited: Counter::default(),
+            estimated: Counter::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Spend> {
+        self.spend.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The spend as of `now`, with the period rolled over if it ended.
+    pub fn view(&self, period: Period, now: u64) -> Spend {
+        let mut spend = self.lock();
+        spend.roll(period, now);
+        *spend
+    }
+
+    fn try_reserve(&self, limit: Option<u64>, period: Period, amount: u64, now: u64) -> Result<(), Refusal> {
+        let mut spend = self.lock();
+        spend.roll(period, now);
+        if let Some(limit) = limit {
+            let committed = spend.spent.saturating_add(spend.reserved);
+            if committed.saturating_add(amount) > limit {
+                return Err(Refusal::Insufficient { remaining: limit.saturating_sub(committed) });
+            }
+        }
+        spend.reserved += amount;
+        Ok(())
+    }
+
+    fn settle(&self, period: Period, reserved: u64, actual: u64, now: u64) {
+        let mut spend = self.lock();
+        spend.reserved = spend.reserved.saturating_sub(reserved);
+        spend.roll(period, now);
+        spend.spent = spend.spent.saturating_add(actual);
+        spend.total = spend.total.saturating_add(actual);
+        spend.day = spend.day.saturating_add(actual);
+        spend.week = spend.week.saturating_add(actual);
+        spend.month = spend.month.saturating_add(actual);
+        drop(spend);
+        self.dirty.store(true, Relaxed);
+    }
+
+    fn release(&self, reserved: u64) {
+        let mut spend = self.lock();
+        spend.reserved = spend.reserved.saturating_sub(reserved);
+    }
+
+    /// Counts a request against the rate limits, or says when it may try again.
+    pub fn admit_rate(&self, policy: RateLimitPolicy, now: u64) -> Result<Option<RateStatus>, RateStatus> {
+        let mut window = self.rate.lock().unwrap_or_else(|e| e.into_inner());
+        let minute = now / 60;
+        if window.minute != minute {
+            *window = RateWindow { minute, requests: 0, tokens: 0 };
+        }
+        let reset = 60 - now % 60;
+        if let Some(tpm) = policy.tokens_per_minute
+            && window.tokens >= tpm
+        {
+            return Err(RateStatus { limit: tpm, remaining: 0, reset });
+        }
+        if let Some(rpm) = policy.requests_per_minute.map(u64::from) {
+            if window.requests >= rpm {
+                return Err(RateStatus { limit: rpm, remaining: 0, reset });
+            }
+            window.requests += 1;
+            return Ok(Some(RateStatus { limit: rpm, remaining: rpm - window.requests, reset }));
+        }
+        window.requests += 1;
+        Ok(policy.tokens_per_minute.map(|tpm| RateStatus { limit: tpm, remaining: tpm - window.tokens, reset }))
+    }
+
+    /// Counts an answer's tokens against the tokens-per-minute limit.
+    pub fn add_tokens(&self, tokens: u64, now: u64) {
+        let mut window = self.rate.lock().unwrap_or_else(|e| e.into_inner());
+        if window.minute == now / 60 {
+            window.tokens = window.tokens.saturating_add(tokens);
+        } else {
+            *window = RateWindow { minute: now / 60, requests: 0, tokens };
+        }
+    }
+}
+
+struct Shared {
+    accounts: Mutex<HashMap<String, Arc<Account>>>,
+    /// Spend read from the file at start, for accounts not created yet.
+    stored: Mutex<HashMap<String, Spend>>,
+    clock: Arc<dyn Clock>,
+    /// False after a failed commit, until one succeeds.
+    available: AtomicBool,
+    /// Wakes the writer; `true` also tells it to stop after writing.
+    wake: Option<SyncSender<bool>>,
+}
+
+impl Shared {
+    fn wake_writer(&self) {
+        if let Some(wake) = &self.wake {
+            // A full channel means a wake-up is already pending: this settle rides along.
+            if let Err(TrySendError::Disconnected(_)) = wake.try_send(false) {
+                self.available.store(false, Relaxed);
+            }
+        }
+    }
+}
+
+/// The ledger: accounts by budget id, and their persistence.
+#[derive(Clone)]
+pub struct Ledger {
+    shared: Arc<Shared>,
+    writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl Ledger {
+    /// A ledger kept only in memory.
+    pub fn in_memory(clock: Arc<dyn Clock>) -> Ledger {
+        Ledger {
+            shared: Arc::new(Shared {
+                accounts: Mutex::default(),
+                stored: Mutex::default(),
+                clock,
+                available: AtomicBool::new(true),
+                wake: None,
+            }),
+            writer: Arc::default(),
+        }
+    }
+
+    /// A ledger persisted in `dir/ledger.redb`, created if missing.
+    pub fn open(dir: &Path, clock: Arc<dyn Clock>) -> Result<Ledger, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let path = dir.join("ledger.redb");
+        let db = Database::create(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let stored = read_all(&db).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let (wake, woken) = std::sync::mpsc::sync_channel(1);
+        let shared = Arc::new(Shared {
+            accounts: Mutex::default(),
+            stored: Mutex::new(stored),
+            clock,
+            available: AtomicBool::new(true),
+            wake: Some(wake),
+        });
+        let writer = {
+            let shared = Arc::downgrade(&shared);
+            std::thread::Builder::new()
+                .name("ledger-writer".into())
+                .spawn(move || write_loop(&db, &shared, &woken))
+                .map_err(|e| format!("cannot start the ledger writer: {e}"))?
+        };
+        Ok(Ledger { shared, writer: Arc::new(Mutex::new(Some(writer))) })
+    }
+
+    pub fn now(&self) -> u64 {
+        self.shared.clock.unix_seconds()
+    }
+
+    /// Whether spend can be recorded durably now.
+    pub fn is_available(&self) -> bool {
+        self.shared.available.load(Relaxed)
+    }
+
+    /// The account of a budget, the same for the budget's whole life.
+    pub fn account(&self, id: &str) -> Arc<Account> {
+        let mut accounts = self.shared.accounts.lock().unwrap_or_else(|e| e.into_inner());
+        accounts
+            .entry(id.to_string())
+            .or_insert_with(|| {
+                let stored = self.shared.stored.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+                Arc::new(Account::new(id.to_string(), stored.unwrap_or_default()))
+            })
+            .clone()
+    }
+
+    /// Reserves `amount` of `account`'s credit; the reservation is released when dropped unless
+    /// settled.
+    pub fn reserve(
+        &self,
+        account: &Arc<Account>,
+        limit: Option<u64>,
+        period: Period,
+        fail_open: bool,
+        amount: u64,
+    ) -> Result<Reservation, Refusal> {
+        if !fail_open && !self.is_available() {
+            return Err(Refusal::Unavailable);
+        }
+        account.try_reserve(limit, period, amount, self.now())?;
+        account.in_flight.fetch_add(1, Relaxed);
+        Ok(Reservation { ledger: self.shared.clone(), account: account.clone(), limit, period, amount, open: true })
+    }
+
+    /// Writes what is pending and stops the writer (at shutdown).
+    pub fn close(&self) {
+        let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let (Some(handle), Some(wake)) = (handle, &self.shared.wake) {
+            let _ = wake.send(true);
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Credit held for one request.
+#[derive(Debug)]
+pub struct Reservation {
+    ledger: Arc<Shared>,
+    account: Arc<Account>,
+    limit: Option<u64>,
+    period: Period,
+    amount: u64,
+    open: bool,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ledger")
+    }
+}
+
+impl Reservation {
+    pub fn amount(&self) -> u64 {
+        self.amount
+    }
+
+    pub fn account(&self) -> &Arc<Account> {
+        &self.account
+    }
+
+    /// Holds `more` credit as well, for a stream that outgrew its reservation.
+    pub fn extend(&mut self, more: u64) -> Result<(), Refusal> {
+        self.account.try_reserve(self.limit, self.period, more, self.ledger.clock.unix_seconds())?;
+        self.amount += more;
+        Ok(())
+    }
+
+    /// Records the real cost and frees the rest of the reservation.
+    pub fn settle(mut self, cost: u64) {
+        self.open = false;
+        self.account.settle(self.period, self.amount, cost, self.ledger.clock.unix_seconds());
+        self.account.in_flight.fetch_sub(1, Relaxed);
+        self.ledger.wake_writer();
+    }
+}
+
+impl Drop for Reservation {
+    /// A request that ends without an answer (the caller left, every attempt failed) frees its
+    /// credit at once.
+    fn drop(&mut self) {
+        if self.open {
+            self.account.release(self.amount);
+            self.account.in_flight.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
+fn read_all(db: &Database) -> Result<HashMap<String, Spend>, redb::Error> {
+    let txn = db.begin_read()?;
+    let table = match txn.open_table(ACCOUNTS) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(HashMap::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = HashMap::new();
+    for entry in table.iter()? {
+        let (key, value) = entry?;
+        if let Some(spend) = Spend::decode(value.value()) {
+            out.insert(key.value().to_string(), spend);
+        }
+    }
+    Ok(out)
+}
+
+fn write_loop(db: &Database, shared: &std::sync::Weak<Shared>, woken: &Receiver<bool>) {
+    loop {
+        let closing = woken.recv().unwrap_or(true);
+        let Some(shared) = shared.upgrade() else { return };
+        let dirty: Vec<(String, Spend)> = {
+            let accounts = shared.accounts.lock().unwrap_or_else(|e| e.into_inner());
+            accounts.values().filter(|a| a.dirty.swap(false, Relaxed)).map(|a| (a.id.clone(), *a.lock())).collect()
+        };
+        if !dirty.is_empty() {
+            match commit(db, &dirty) {
+                Ok(()) => shared.available.store(true, Relaxed),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot write the ledger; spend is kept in memory and retried");
+                    shared.available.store(false, Relaxed);
+                    let accounts = shared.accounts.lock().unwrap_or_else(|e| e.into_inner());
+                    for (id, _) in &dirty {
+                        if let Some(a) = accounts.get(id) {
+                            a.dirty.store(true, Relaxed);
+                        }
+                    }
+                    drop(accounts);
+                    std::thread::sleep(Duration::from_millis(100));
+                    shared.wake_writer();
+                }
+            }
+        }
+        if closing {
+            return;
+        }
+    }
+}
+
+fn commit(db: &Database, dirty: &[(String, Spend)]) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    {
+        let mut table = txn.open_table(ACCOUNTS)?;
+        for (id, spend) in dirty {
+            table.insert(id.as_str(), spend.encode().as_slice())?;
+        }
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    struct FakeClock(AtomicU64);
+
+    impl Clock for FakeClock {
+        fn unix_seconds(&self) -> u64 {
+            self.0.load(Relaxed)
+        }
+    }
+
+    // 2026-11-25 13:45:10 UTC, a Wednesday.
+    const T: u64 = 1_795_614_310;
+    const DAY: u64 = 86_400;
+
+    fn ledger_at(t: u64) -> (Ledger, Arc<FakeClock>) {
+        let clock = Arc::new(FakeClock(AtomicU64::new(t)));
+        (Ledger::in_memory(clock.clone()), clock)
+    }
+
+    #[test]
+    fn reservations_never_let_spend_pass_the_limit() {
+        let (ledger, _) = ledger_at(T);
+        let account = ledger.account("ns/key");
+        let first = ledger.reserve(&account, Some(100), Period::Monthly, false, 60).unwrap();
+        assert_eq!(
+            ledger.reserve(&account, Some(100), Period::Monthly, false, 50).unwrap_err(),
+            Refusal::Insufficient { remaining: 40 }
+        );
+        first.settle(30);
+        let second = ledger.reserve(&account, Some(100), Period::Monthly, false, 50).unwrap();
+        assert_eq!(account.in_flight.load(Relaxed), 1);
+        drop(second);
+        assert_eq!(account.in_flight.load(Relaxed), 0, "a dropped reservation is released");
+        let spend = account.view(Period::Monthly, T);
+        assert_eq!((spend.spent, spend.reserved, spend.total), (30, 0, 30));
+    }
+
+    #[test]
+    fn extending_a_reservation_checks_the_limit() {
+        let (ledger, _) = ledger_at(T);
+        let account = ledger.account("ns/key");
+        let mut r = ledger.reserve(&account, Some(100), Period::Never, false, 40).unwrap();
+        r.extend(40).unwrap();
+        assert_eq!(r.extend(40), Err(Refusal::Insufficient { remaining: 20 }));
+        assert_eq!(r.amount(), 80);
+        r.settle(90);
+        assert_eq!(account.view(Period::Never, T).spent, 90, "a stream may settle past its reservation");
+    }
+
+    #[test]
+    fn periods_roll_over_at_utc_boundaries() {
+        let (ledger, clock) = ledger_at(T);
+        let account = ledger.account("ns/key");
+        ledger.reserve(&account, Some(1000), Period::Daily, false, 10).unwrap().settle(10);
+        assert_eq!(account.view(Period::Daily, T).spent, 10);
+        // The next day: the daily spend starts over, the weekly and monthly windows go on.
+        clock.0.store(T + DAY, Relaxed);
+        let view = account.view(Period::Daily, T + DAY);
+        assert_eq!((view.spent, view.day, view.week, view.month, view.total), (0, 0, 10, 10, 10));
+        assert!(ledger.reserve(&account, Some(1000), Period::Daily, false, 1000).is_ok(), "a new day's whole limit");
+    }
+
+    #[test]
+    fn weekly_periods_start_on_monday() {
+        let (ledger, _) = ledger_at(T);
+        let account = ledger.account("ns/key");
+        ledger.reserve(&account, None, Period::Weekly, false, 5).unwrap().settle(5);
+        // Sunday 23:59:59 is still this week; Monday 00:00:00 is the next.
+        let monday = week_start(T) + 7 * DAY;
+        assert_eq!(account.view(Period::Weekly, monday - 1).spent, 5);
+        assert_eq!(account.view(Period::Weekly, monday).spent, 0);
+    }
+
+    #[test]
+    fn settled_spend_survives_reopening_the_file() {
+        let dir = std::env::temp_dir().join(format!("switchyard-ledger-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let clock: Arc<dyn Clock> = Arc::new(FakeClock(AtomicU64::new(T)));
+        {
+            let ledger = Ledger::open(&dir, clock.clone()).unwrap();
+            let account = ledger.account("ns/key");
+            ledger.reserve(&account, Some(100), Period::Monthly, false, 50).unwrap().settle(42);
+            let _pending = ledger.reserve(&account, Some(100), Period::Monthly, false, 50).unwrap();
+            ledger.close();
+        }
+        let ledger = Ledger::open(&dir, clock).unwrap();
+        let spend = ledger.account("ns/key").view(Period::Monthly, T);
+        assert_eq!((spend.spent, spend.reserved), (42, 0), "spend kept, the unsettled reservation gone");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn rate_limits_count_requests_and_tokens_per_minute() {
+        let (ledger, _) = ledger_at(T);
+        let account = ledger.account("ns/key");
+        let policy = RateLimitPolicy { requests_per_minute: Some(2), tokens_per_minute: Some(100) };
+        let minute = T - T % 60;
+        assert_eq!(account.admit_rate(policy, minute).unwrap(), Some(RateStatus { limit: 2, remaining: 1, reset: 60 }));
+        assert!(account.admit_rate(policy, minute + 1).is_ok());
+        assert_eq!(
+            account.admit_rate(policy, minute + 50).unwrap_err(),
+            RateStatus { limit: 2, remaining: 0, reset: 10 }
+        );
+        assert!(account.admit_rate(policy, minute + 60).is_ok(), "a new minute");
+        account.add_tokens(100, minute + 61);
+        assert_eq!(account.admit_rate(policy, minute + 62).unwrap_err().limit, 100, "tokens ran out");
+    }
+}

@@ -1,0 +1,246 @@
+//! Budgets on the request path: who is calling (by the hash of their key), what they may use,
+//! the credit held for their request, and the cost settled for its answer.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, header};
+use sha2::{Digest, Sha256};
+
+use super::error::ProxyError;
+use super::state::{RouteRt, Snapshot};
+use crate::api::units::format_micros;
+use crate::api::{BudgetState, Period};
+use crate::budget::ledger::Spend;
+use crate::budget::{Account, Ledger, Refusal, Reservation, Usage, cost, worst_case};
+use crate::config::{Budget, Prices, RateLimitPolicy};
+use crate::providers::openai::{ChunkInfo, with_cost};
+
+/// A budget, ready for requests.
+pub struct BudgetRt {
+    /// `namespace/name`.
+    pub id: String,
+    pub limit: Option<u64>,
+    pub period: Period,
+    pub low_balance: Option<u64>,
+    pub fail_open: bool,
+    pub rate_limit: Option<RateLimitPolicy>,
+    /// The route ids this key may use; `None`: every route.
+    allowed: Option<HashSet<String>>,
+    pub account: Arc<Account>,
+}
+
+impl BudgetRt {
+    /// `allowed_routes` maps the budget's `allowedModels` to route ids.
+    pub fn new(budget: &Budget, allowed_routes: Option<HashSet<String>>, account: Arc<Account>) -> BudgetRt {
+        BudgetRt {
+            id: budget.id(),
+            limit: budget.limit,
+            period: budget.period,
+            low_balance: budget.low_balance,
+            fail_open: budget.fail_open,
+            rate_limit: budget.rate_limit,
+            allowed: allowed_routes,
+            account,
+        }
+    }
+
+    pub fn allows(&self, route: &RouteRt) -> bool {
+        self.allowed.as_ref().is_none_or(|ids| ids.contains(&route.id))
+    }
+
+    /// What is left of the limit after what was spent (reservations not counted).
+    pub fn remaining(&self, spend: &Spend) -> Option<u64> {
+        self.limit.map(|l| l.saturating_sub(spend.spent))
+    }
+
+    pub fn state(&self, spend: &Spend) -> BudgetState {
+        match self.remaining(spend) {
+            Some(0) => BudgetState::Exhausted,
+            Some(left) if self.low_balance.is_some_and(|low| left < low) => BudgetState::Low,
+            _ => BudgetState::Active,
+        }
+    }
+}
+
+/// The caller's budget from `Authorization: Bearer <key>`. Without a known key, the request is
+/// refused if any of its routes has a budget, or if the sidecar requires keys.
+pub fn authenticate(
+    headers: &HeaderMap,
+    snapshot: &Snapshot,
+    chain: &[&Arc<RouteRt>],
+    require_key: bool,
+) -> Result<Option<Arc<BudgetRt>>, ProxyError> {
+    let key = bearer(headers);
+    let budget = key.and_then(|k| snapshot.budget(&key_hash(k)));
+    match budget {
+        Some(budget) => {
+            if let Some(route) = chain.iter().find(|r| !budget.allows(r)) {
+                return Err(ProxyError::ModelNotAllowed { model: route.model.clone() });
+            }
+            Ok(Some(budget.clone()))
+        }
+        None if require_key || chain.iter().any(|r| r.budgeted) => {
+            Err(ProxyError::Unauthorized { missing: key.is_none() })
+        }
+        None => Ok(None),
+    }
+}
+
+/// The key of `Authorization: Bearer <key>`.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, key) = value.split_once(' ')?;
+    let key = key.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
+}
+
+pub fn key_hash(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// Reserves the worst case of the targets a route may try: every prompt token at its highest
+/// price (a token is at least one byte, so the body's length bounds the prompt) and the requested
+/// completion, or the route's reserve when the request sets no `max_tokens`.
+pub fn reserve(
+    ledger: &Ledger,
+    budget: &BudgetRt,
+    route: &RouteRt,
+    planned: &[usize],
+    body_len: u64,
+    max_tokens: Option<u64>,
+) -> Result<Reservation, ProxyError> {
+    let completion = max_tokens.unwrap_or(u64::from(route.reserved_completion_tokens));
+    let tries = planned.iter().take(route.fallback.max_attempts as usize);
+    let amount = tries.map(|&i| worst_case(body_len, completion, &route.targets[i].prices)).max().unwrap_or(0);
+    ledger.reserve(&budget.account, budget.limit, budget.period, budget.fail_open, amount).map_err(|refusal| {
+        match refusal {
+            Refusal::Insufficient { remaining } => {
+                budget.account.refused.inc();
+                ProxyError::InsufficientCredits { remaining, reservation: amount }
+            }
+            Refusal::Unavailable => ProxyError::LedgerUnavailable,
+        }
+    })
+}
+
+/// Bytes per token, for estimates when a provider reports no usage.
+pub const BYTES_PER_TOKEN: u64 = 4;
+
+/// What answering a request costs, once the answer is known. A JSON answer is billed at once
+/// ([`Bill::settle`]); a stream is billed as it goes ([`StreamBill`]).
+pub struct Bill {
+    pub reservation: Option<Reservation>,
+    pub prices: Prices,
+    /// Estimated prompt tokens, for answers without usage.
+    pub prompt_estimate: u64,
+}
+
+impl Bill {
+    /// Settles an answer and returns its cost as a JSON number's text. Without a reported usage
+    /// the tokens are estimated, and the estimate is counted.
+    pub fn settle(self, usage: Option<Usage>, output_bytes: u64, ledger: Option<&Ledger>) -> String {
+        let estimated = usage.is_none();
+        let usage = usage.unwrap_or(Usage {
+            prompt: self.prompt_estimate,
+            completion: output_bytes.div_ceil(BYTES_PER_TOKEN),
+            cached_prompt: 0,
+        });
+        let amount = cost(&usage, &self.prices);
+        if let Some(reservation) = self.reservation {
+            let account = reservation.account().clone();
+            if estimated {
+                account.estimated.inc();
+            }
+            reservation.settle(amount);
+            if let Some(ledger) = ledger {
+                account.add_tokens(usage.total(), ledger.now());
+            }
+        }
+        format_micros(amount)
+    }
+}
+
+/// What to do with one event of a stream.
+pub enum EventAction {
+    Keep,
+    Drop,
+    Replace(Bytes),
+}
+
+/// The bill of a stream: counts its output, puts the cost into its usage chunk (or drops the
+/// chunk if only the sidecar asked for it), extends the reservation when the answer outgrows it,
+/// and settles when the stream ends or the caller leaves.
+pub struct StreamBill {
+    bill: Option<Bill>,
+    ledger: Option<Ledger>,
+    /// The caller asked for the usage chunk; otherwise only the sidecar did, and it is dropped.
+    keep_usage_chunk: bool,
+    /// Completion tokens reserved so far, when the request set no `max_tokens`.
+    reserved_completion: Option<u64>,
+    extend_by: u64,
+    usage: Option<Usage>,
+    output_bytes: u64,
+}
+
+impl StreamBill {
+    pub fn new(bill: Bill, ledger: Option<Ledger>, keep_usage_chunk: bool, reserved_completion: Option<u64>) -> Self {
+        StreamBill {
+            bill: Some(bill),
+            ledger,
+            keep_usage_chunk,
+            extend_by: reserved_completion.unwrap_or(0).max(64),
+            reserved_completion,
+            usage: None,
+            output_bytes: 0,
+        }
+    }
+
+    /// Whether the stream is billed against a budget (so every event must be read).
+    pub fn is_metered(&self) -> bool {
+        self.bill.as_ref().is_some_and(|b| b.reservation.is_some())
+    }
+
+    pub fn see(&mut self, payload: &[u8], info: &ChunkInfo) -> EventAction {
+        self.output_bytes += info.output_bytes;
+        let Some(usage) = info.usage else { return EventAction::Keep };
+        self.usage = Some(usage);
+        if !self.keep_usage_chunk {
+            return EventAction::Drop;
+        }
+        let prices = self.bill.as_ref().map(|b| b.prices).unwrap_or_default();
+        match with_cost(payload, &format_micros(cost(&usage, &prices))) {
+            Some(json) => EventAction::Replace(json),
+            None => EventAction::Keep,
+        }
+    }
+
+    /// Reserves more when the answer has outgrown its reservation. `Err` when credit ran out.
+    pub fn keep_up(&mut self) -> Result<(), ()> {
+        let Some(reserved) = self.reserved_completion else { return Ok(()) };
+        if self.output_bytes.div_ceil(BYTES_PER_TOKEN) <= reserved {
+            return Ok(());
+        }
+        let Some(bill) = self.bill.as_mut() else { return Ok(()) };
+        let more = worst_case(0, self.extend_by, &Prices { request: 0, ..bill.prices });
+        let Some(reservation) = bill.reservation.as_mut() else { return Ok(()) };
+        reservation.extend(more).map_err(|_| ())?;
+        self.reserved_completion = Some(reserved + self.extend_by);
+        Ok(())
+    }
+
+    /// Settles what the stream cost: exactly from its usage, or estimated from its output.
+    pub fn settle(&mut self) {
+        if let Some(bill) = self.bill.take() {
+            bill.settle(self.usage, self.output_bytes, self.ledger.as_ref());
+        }
+    }
+}
+
+impl Drop for StreamBill {
+    /// A caller that leaves mid-stream pays for what was produced; the rest is released.
+    fn drop(&mut self) {
+        self.settle();
+    }
+}
