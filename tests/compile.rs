@@ -284,3 +284,41 @@ items:
         ["no ProviderRoute found: the configuration must define at least one route"]
     );
 }
+
+#[test]
+fn budgets_keep_only_the_hash_of_their_key_and_a_key_has_one_budget() {
+    let route = "apiVersion: switchyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {name: chat}\nspec: {model: chat, targets: [{name: m, api: mock}]}\n";
+    let budget = |name: &str, key: &str| {
+        format!(
+            "---\napiVersion: switchyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {{name: {name}}}\nspec: {{key: {key}, limit: '12.5', period: daily}}\n"
+        )
+    };
+    let secret = "---\napiVersion: v1\nkind: Secret\nmetadata: {name: k}\nstringData: {key: \"sk-abc\\n\"}\n";
+    let yaml = format!("{route}{}{secret}", budget("a", "{secretRef: {name: k, key: key}}"));
+    let config = compile_files(&[("b.yaml", &yaml)], &NO_OUTSIDE).unwrap();
+    let b = &config.budgets[0];
+    assert_eq!(b.limit, Some(12_500_000));
+    assert_eq!(b.period, switchyard::api::Period::Daily);
+    let expected: [u8; 32] = sha2_of("sk-abc");
+    assert_eq!(b.key_hash, expected, "the trailing newline of the Secret is not part of the key");
+    assert!(!format!("{config:?}").contains("sk-abc"));
+
+    let hex: String = expected.iter().map(|b| format!("{b:02x}")).collect();
+    let twice = format!("{yaml}{}", budget("b", &format!("{{sha256: {hex}}}")));
+    assert_eq!(
+        errors_of(&[("b.yaml", &twice)]),
+        [
+            "b.yaml: document 4 (ApiKeyBudget default/b): spec.key: is the same key as ApiKeyBudget default/a's; each key has one budget"
+        ]
+    );
+    let missing = format!("{route}{}", budget("a", "{secretRef: {name: nope, key: key}}"));
+    assert_eq!(
+        errors_of(&[("b.yaml", &missing)]),
+        ["b.yaml: document 2 (ApiKeyBudget default/a): spec.key.secretRef: secret \"nope\" not found"]
+    );
+}
+
+fn sha2_of(s: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(s.as_bytes()).into()
+}

@@ -36,14 +36,15 @@ fn names_columns_and_status_are_as_documented() {
         version["additionalPrinterColumns"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
     assert_eq!(columns, ["Model", "Strategy", "Targets", "Ready", "Age"]);
     assert!(version["subresources"]["status"].is_object());
-    let conditions = &version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
+    let conditions = &schema_of("ProviderRoute")["properties"]["status"]["properties"]["conditions"];
     assert_eq!(conditions["x-kubernetes-list-type"], "map");
     assert_eq!(conditions["x-kubernetes-list-map-keys"], serde_json::json!(["type"]));
 }
 
-fn schema() -> Value {
-    let crd = serde_json::to_value(&api::crds()[0]).unwrap();
-    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+fn schema_of(kind: &str) -> Value {
+    let crds = api::crds();
+    let crd = crds.iter().find(|c| c.spec.names.kind == kind).unwrap();
+    serde_json::to_value(crd).unwrap()["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
 }
 
 /// Every `description` is set, so `kubectl explain` documents every field.
@@ -64,7 +65,10 @@ fn every_field_is_documented() {
         }
     }
     let mut missing = Vec::new();
-    walk(&schema()["properties"]["spec"], "spec", &mut missing);
+    for kind in ["ProviderRoute", "ApiKeyBudget"] {
+        walk(&schema_of(kind)["properties"]["spec"], kind, &mut missing);
+        walk(&schema_of(kind)["properties"]["status"], kind, &mut missing);
+    }
     assert!(missing.is_empty(), "fields without a description: {missing:?}");
 }
 
@@ -96,8 +100,10 @@ fn cel_rules_compile_and_fit_the_cost_budget() {
         }
     }
     let (mut problems, mut rules) = (Vec::new(), 0);
-    walk(&schema(), "", &mut problems, &mut rules);
-    assert!(rules >= 9, "found only {rules} rules");
+    for kind in ["ProviderRoute", "ApiKeyBudget"] {
+        walk(&schema_of(kind), kind, &mut problems, &mut rules);
+    }
+    assert_eq!(rules, 12, "every rule of both CRDs is checked");
     assert!(problems.is_empty(), "{problems:#?}");
 }
 
@@ -186,9 +192,10 @@ fn openapi_violations(schema: &Value, value: &Value, path: &str, out: &mut Vec<S
     }
 }
 
-/// Whether the API server would reject `route`: OpenAPI constraints, then CEL with defaults.
-fn schema_rejects(route: &Value) -> Vec<String> {
-    let schema = schema();
+/// Whether the API server would reject `object`: OpenAPI constraints, then CEL with defaults.
+fn schema_rejects(object: &Value) -> Vec<String> {
+    let route = object;
+    let schema = schema_of(object["kind"].as_str().unwrap());
     let mut problems = Vec::new();
     openapi_violations(&schema, route, "", &mut problems);
     if problems.is_empty()
@@ -213,9 +220,16 @@ impl Resolver for MapResolver {
     }
 }
 
-/// Whether standalone mode rejects `route`: parsing plus compile.
-fn compile_rejects(route: &Value) -> Vec<String> {
-    let yaml = serde_yaml::to_string(route).unwrap();
+/// Whether standalone mode rejects `object`: parsing plus compile (with a route and a Secret for
+/// the budgets to refer to).
+fn compile_rejects(object: &Value) -> Vec<String> {
+    let mut yaml = serde_yaml::to_string(object).unwrap();
+    if object["kind"] == "ApiKeyBudget" {
+        yaml = format!(
+            "{yaml}---\n{}---\napiVersion: v1\nkind: Secret\nmetadata: {{name: key, namespace: team-a}}\nstringData: {{key: sk-1}}\n",
+            serde_yaml::to_string(&valid_route()).unwrap()
+        );
+    }
     let mut docs = Documents::default();
     let mut errors = Vec::new();
     parse_file("route.yaml", &yaml, &mut docs, &mut errors);
@@ -272,6 +286,88 @@ fn mutated(pointer: &str, value: Value) -> Value {
         _ => panic!("cannot set {pointer}"),
     }
     route
+}
+
+fn valid_budget() -> Value {
+    serde_json::json!({
+        "apiVersion": "switchyard.dev/v1alpha1",
+        "kind": "ApiKeyBudget",
+        "metadata": {"name": "support-bot", "namespace": "team-a"},
+        "spec": {
+            "key": {"secretRef": {"name": "key", "key": "key"}},
+            "limit": "100.00",
+            "period": "weekly",
+            "lowBalanceThreshold": "10",
+            "onLedgerUnavailable": "failOpen",
+            "allowedModels": ["chat", "gpt-4o"],
+            "rateLimit": {"requestsPerMinute": 600, "tokensPerMinute": 200000},
+            "workloadSelector": {"matchLabels": {"app": "support-bot"}}
+        }
+    })
+}
+
+#[test]
+fn the_valid_budget_is_accepted_by_both() {
+    assert_eq!(schema_rejects(&valid_budget()), Vec::<String>::new());
+    assert_eq!(compile_rejects(&valid_budget()), Vec::<String>::new());
+    let by_hash = mutated_budget("/spec/key", serde_json::json!({"sha256": "a".repeat(64)}));
+    assert_eq!(compile_rejects(&by_hash), Vec::<String>::new());
+}
+
+fn mutated_budget(pointer: &str, value: Value) -> Value {
+    let mut budget = valid_budget();
+    let (parent, key) = pointer.rsplit_once('/').unwrap();
+    let parent = budget.pointer_mut(parent).unwrap().as_object_mut().unwrap();
+    if value.is_null() {
+        parent.remove(key);
+    } else {
+        parent.insert(key.to_string(), value);
+    }
+    budget
+}
+
+#[test]
+fn the_schema_and_standalone_mode_reject_the_same_budgets() {
+    use serde_json::json;
+    let cases: Vec<(&str, &str, Value, &str)> = vec![
+        (
+            "two key sources",
+            "/spec/key",
+            json!({"secretRef": {"name": "key", "key": "key"}, "sha256": "a".repeat(64)}),
+            "key",
+        ),
+        ("no key source", "/spec/key", json!({}), "key"),
+        ("uppercase sha256", "/spec/key", json!({"sha256": "A".repeat(64)}), "sha256"),
+        ("short sha256", "/spec/key", json!({"sha256": "abc"}), "sha256"),
+        ("limit with 7 decimals", "/spec/limit", json!("1.0000001"), "limit"),
+        ("negative limit", "/spec/limit", json!("-5"), "limit"),
+        ("unknown period", "/spec/period", json!("yearly"), "period"),
+        ("threshold without limit", "/spec/limit", Value::Null, "lowBalanceThreshold"),
+        ("unknown ledger policy", "/spec/onLedgerUnavailable", json!("ignore"), "onLedgerUnavailable"),
+        ("empty rate limit", "/spec/rateLimit", json!({}), "rateLimit"),
+        ("zero requests per minute", "/spec/rateLimit", json!({"requestsPerMinute": 0}), "rateLimit"),
+        ("model with a space", "/spec/allowedModels", json!(["my model"]), "allowedModels"),
+        ("missing key", "/spec/key", Value::Null, "key"),
+    ];
+    let mut failures = Vec::new();
+    for (what, pointer, value, field) in cases {
+        check(&mut failures, what, &mutated_budget(pointer, value), field);
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn budgets_print_their_spend() {
+    let crds = api::crds();
+    let crd = serde_json::to_value(crds.iter().find(|c| c.spec.names.kind == "ApiKeyBudget").unwrap()).unwrap();
+    assert_eq!(crd["spec"]["names"]["shortNames"], serde_json::json!(["akb"]));
+    let columns: Vec<&str> = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(columns, ["Limit", "Spent", "Remaining", "State", "Age"]);
 }
 
 #[test]

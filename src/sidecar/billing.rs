@@ -216,17 +216,31 @@ impl StreamBill {
         }
     }
 
-    /// Reserves more when the answer has outgrown its reservation. `Err` when credit ran out.
+    /// Reserves more when the answer has outgrown its reservation: a step of tokens, or as many
+    /// as the remaining credit covers. `Err` when not one more token is covered.
     pub fn keep_up(&mut self) -> Result<(), ()> {
         let Some(reserved) = self.reserved_completion else { return Ok(()) };
         if self.output_bytes.div_ceil(BYTES_PER_TOKEN) <= reserved {
             return Ok(());
         }
         let Some(bill) = self.bill.as_mut() else { return Ok(()) };
-        let more = worst_case(0, self.extend_by, &Prices { request: 0, ..bill.prices });
+        let price = bill.prices.completion;
         let Some(reservation) = bill.reservation.as_mut() else { return Ok(()) };
-        reservation.extend(more).map_err(|_| ())?;
-        self.reserved_completion = Some(reserved + self.extend_by);
+        let tokens_cost =
+            |tokens: u64| worst_case(0, tokens, &Prices { prompt: 0, cached_prompt: 0, completion: price, request: 0 });
+        let tokens = match reservation.extend(tokens_cost(self.extend_by)) {
+            Ok(()) => self.extend_by,
+            Err(Refusal::Insufficient { remaining }) if price > 0 => {
+                let affordable =
+                    u64::try_from(u128::from(remaining) * 1_000_000 / u128::from(price)).unwrap_or(u64::MAX);
+                if affordable == 0 || reservation.extend(tokens_cost(affordable)).is_err() {
+                    return Err(());
+                }
+                affordable
+            }
+            Err(_) => return Err(()),
+        };
+        self.reserved_completion = Some(reserved + tokens);
         Ok(())
     }
 

@@ -149,7 +149,11 @@ impl Sidecar {
     }
 
     pub fn start_with(config: &str, extra_args: &[&str], envs: &[(&str, &str)]) -> Sidecar {
-        let dir = temp_dir("sidecar");
+        Self::start_in(temp_dir("sidecar"), config, extra_args, envs)
+    }
+
+    /// Starts a sidecar whose config file and ledger live in `dir`, as a restart would find them.
+    pub fn start_in(dir: PathBuf, config: &str, extra_args: &[&str], envs: &[(&str, &str)]) -> Sidecar {
         let config_path = dir.join("routes.yaml");
         std::fs::write(&config_path, config).expect("write config");
         let path = config_path.to_str().expect("utf-8 path");
@@ -203,12 +207,25 @@ fn client() -> Client<HttpConnector, Full<Bytes>> {
 }
 
 pub async fn send(addr: SocketAddr, method: &str, path: &str, body: &str) -> http::Response<Incoming> {
-    let request = http::Request::builder()
+    send_as(addr, None, method, path, body).await
+}
+
+/// Sends a request with `Authorization: Bearer <key>` when a key is given.
+pub async fn send_as(
+    addr: SocketAddr,
+    key: Option<&str>,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> http::Response<Incoming> {
+    let mut request = http::Request::builder()
         .method(method)
         .uri(format!("http://{addr}{path}"))
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
-        .unwrap();
+        .header(header::CONTENT_TYPE, "application/json");
+    if let Some(key) = key {
+        request = request.header(header::AUTHORIZATION, format!("Bearer {key}"));
+    }
+    let request = request.body(Full::new(Bytes::copy_from_slice(body.as_bytes()))).unwrap();
     tokio::time::timeout(PATIENCE, client().request(request))
         .await
         .expect("response headers in time")

@@ -1,0 +1,321 @@
+//! Budgets: keys, 401/402/403/429, exact and estimated cost, reservations under concurrency, a
+//! crash in the middle of load, usage chunks on streams, and a stream that runs out of credit.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+
+const KEY: &str = "sk-team-a-0123456789";
+
+/// A route served by the in-process mock (8 words per answer, usage as OpenAI reports it) and a
+/// budget for `KEY`. Completion tokens cost 1000 per million (0.001 each); prompts are free unless
+/// `prompt_price` says otherwise.
+fn config(limit: &str, budget_extra: &str, route_extra: &str, prompt_price: &str, mock: &str) -> String {
+    let route = route_yaml(
+        "chat",
+        route_extra,
+        &[&format!(
+            "{{name: mock, api: mock, baseUrl: 'mock://local?chunk-interval=1ms{mock}', pricing: {{prompt: '{prompt_price}', completion: '1000'}}}}"
+        )],
+    );
+    let open = route_yaml(
+        "open",
+        "",
+        &[&format!("{{name: mock, api: mock, baseUrl: 'mock://local?chunk-interval=1ms{mock}'}}")],
+    );
+    format!(
+        r#"{route}{open}---
+apiVersion: switchyard.dev/v1alpha1
+kind: ApiKeyBudget
+metadata: {{name: team-a}}
+spec:
+  key: {{secretRef: {{name: team-a-key, key: key}}}}
+  limit: "{limit}"
+  allowedModels: [chat]
+  {budget_extra}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: team-a-key}}
+stringData: {{key: {KEY}}}
+"#
+    )
+}
+
+async fn call(sidecar: &Sidecar, key: Option<&str>, body: &str) -> Reply {
+    read(send_as(sidecar.api, key, "POST", "/v1/chat/completions", body).await).await
+}
+
+/// The events of a stream sent with `KEY`.
+async fn stream_events(sidecar: &Sidecar, body: &str) -> Vec<String> {
+    let response = send_as(sidecar.api, Some(KEY), "POST", "/v1/chat/completions", body).await;
+    assert_eq!(response.status(), 200);
+    sse_data(&rest(&mut response.into_body()).await)
+}
+
+async fn key_info(sidecar: &Sidecar) -> serde_json::Value {
+    let reply = read(send_as(sidecar.api, Some(KEY), "GET", "/api/v1/key", "").await).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    reply.json()
+}
+
+/// Micro-units of a JSON number's decimal text, as the sidecar writes it.
+fn micros(value: &serde_json::Value) -> u64 {
+    switchyard::api::units::parse_micros(&value.to_string()).unwrap_or_else(|e| panic!("{value}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_requests_never_overspend_the_limit() {
+    // Each answer costs exactly what it reserves: 8 completion tokens at 0.001 = 0.008, and 50 of
+    // them make the limit.
+    let sidecar = Sidecar::start(&config("0.4", "", "", "0", ""));
+    let requests: Vec<_> = (0..200)
+        .map(|_| {
+            let api = sidecar.api;
+            tokio::spawn(async move {
+                let body = r#"{"model":"chat","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}"#;
+                read(send_as(api, Some(KEY), "POST", "/v1/chat/completions", body).await).await
+            })
+        })
+        .collect();
+    let mut statuses = BTreeMap::new();
+    let mut billed = 0;
+    for r in requests {
+        let reply = r.await.unwrap();
+        *statuses.entry(reply.status.as_u16()).or_insert(0) += 1;
+        match reply.status.as_u16() {
+            200 => billed += micros(&reply.json()["usage"]["cost"]),
+            402 => {
+                let error = &reply.json()["error"];
+                assert_eq!(error["code"], "insufficient_credits");
+                assert_eq!(error["metadata"]["reservation"], "0.008");
+            }
+            other => panic!("unexpected {other}: {}", reply.body),
+        }
+    }
+    assert_eq!(statuses, BTreeMap::from([(200, 50), (402, 150)]), "exactly the 50 answers the limit pays for");
+    assert_eq!(billed, 400_000);
+    let key = key_info(&sidecar).await;
+    assert_eq!(key["data"]["usage"], serde_json::json!(0.4));
+    assert_eq!(key["data"]["limit_remaining"], serde_json::json!(0));
+    assert_eq!(key["data"]["state"], "Exhausted");
+    let metrics = get(sidecar.admin, "/metrics").await.body;
+    assert_eq!(metric(&metrics, r#"switchyard_budget_reservations_in_flight{budget="default/team-a"}"#), 0);
+    assert_eq!(metric(&metrics, r#"switchyard_budget_insufficient_credits_total{budget="default/team-a"}"#), 150);
+    assert_eq!(metric(&metrics, r#"switchyard_budget_state{budget="default/team-a",state="Exhausted"}"#), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reservations_above_the_cost_release_the_difference() {
+    // Prompts are priced too: the reservation counts every byte of the body as a prompt token, the
+    // answer far fewer. Spend is what the answers cost, and stays under the limit.
+    let sidecar = Sidecar::start(&config("1", "", "", "1000", ""));
+    let requests: Vec<_> = (0..100)
+        .map(|_| {
+            let api = sidecar.api;
+            tokio::spawn(async move {
+                let body = r#"{"model":"chat","max_tokens":8,"messages":[{"role":"user","content":"a prompt of some length"}]}"#;
+                read(send_as(api, Some(KEY), "POST", "/v1/chat/completions", body).await).await
+            })
+        })
+        .collect();
+    let mut billed = 0;
+    for r in requests {
+        let reply = r.await.unwrap();
+        if reply.status == 200 {
+            billed += micros(&reply.json()["usage"]["cost"]);
+        } else {
+            assert_eq!(reply.status, 402);
+        }
+    }
+    let spent = micros(&key_info(&sidecar).await["data"]["usage"]);
+    assert_eq!(spent, billed, "the ledger holds exactly what the answers reported");
+    assert!(spent <= 1_000_000, "{spent}");
+    let metrics = get(sidecar.admin, "/metrics").await.body;
+    assert_eq!(metric(&metrics, r#"switchyard_budget_reservations_in_flight{budget="default/team-a"}"#), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_models_and_rate_limits_are_enforced() {
+    let extra = "rateLimit: {requestsPerMinute: 3}";
+    let sidecar = Sidecar::start(&config("100", extra, "", "0", ""));
+    let ask = |model: &str| format!(r#"{{"model":"{model}","max_tokens":8}}"#);
+
+    let reply = call(&sidecar, None, &ask("chat")).await;
+    assert_eq!(reply.status, 401);
+    assert_eq!(reply.json()["error"]["code"], "missing_api_key");
+    let reply = call(&sidecar, Some("sk-wrong"), &ask("chat")).await;
+    assert_eq!(reply.status, 401);
+    assert_eq!(reply.json()["error"]["code"], "invalid_api_key");
+    assert_eq!(call(&sidecar, None, &ask("open")).await.status, 200, "a route no budget covers stays open");
+
+    let reply = call(&sidecar, Some(KEY), &ask("open")).await;
+    assert_eq!(reply.status, 403, "the key may use only chat: {}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "model_not_allowed");
+
+    for remaining in ["2", "1", "0"] {
+        let reply = call(&sidecar, Some(KEY), &ask("chat")).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("x-ratelimit-limit"), "3");
+        assert_eq!(reply.header("x-ratelimit-remaining"), remaining);
+    }
+    let reply = call(&sidecar, Some(KEY), &ask("chat")).await;
+    assert_eq!(reply.status, 429, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(reply.header("x-ratelimit-remaining"), "0");
+    let retry: u64 = reply.header("retry-after").parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert_eq!(reply.header("x-ratelimit-reset"), reply.header("retry-after"));
+
+    // --require-key closes the routes no budget covers, too.
+    let strict = Sidecar::start_with(&config("100", "", "", "0", ""), &["--require-key"], &[]);
+    assert_eq!(call(&strict, None, &ask("open")).await.status, 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_per_minute_limit_the_next_request() {
+    let sidecar = Sidecar::start(&config("100", "rateLimit: {tokensPerMinute: 5}", "", "0", ""));
+    assert_eq!(call(&sidecar, Some(KEY), r#"{"model":"chat"}"#).await.status, 200, "8+ tokens used");
+    let reply = call(&sidecar, Some(KEY), r#"{"model":"chat"}"#).await;
+    assert_eq!(reply.status, 429);
+    assert_eq!(reply.header("x-ratelimit-limit"), "5");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_carry_the_cost_in_their_usage_chunk_only_when_asked() {
+    let sidecar = Sidecar::start(&config("100", "", "", "0", ""));
+    let stream = |body| stream_events(&sidecar, body);
+    let spent = || async { micros(&key_info(&sidecar).await["data"]["usage"]) };
+
+    // The sidecar asks the provider for usage to bill exactly, and drops that chunk for a caller
+    // that did not ask for it.
+    let events = stream(r#"{"model":"chat","stream":true}"#).await;
+    assert!(!events.iter().any(|e| e.contains("\"usage\"")), "{events:?}");
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    assert_eq!(spent().await, 8000, "billed from the provider's usage: 8 tokens");
+
+    let events = stream(r#"{"model":"chat","stream":true,"stream_options":{"include_usage":true}}"#).await;
+    let usage: serde_json::Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 8, "{usage}");
+    assert_eq!(usage["usage"]["cost"], serde_json::json!(0.008));
+    assert_eq!(spent().await, 16_000);
+
+    // Without a budget the cost is still reported to a caller who asked for usage.
+    let reply = post(sidecar.api, "/v1/chat/completions", r#"{"model":"open"}"#).await;
+    assert_eq!(reply.json()["usage"]["cost"], serde_json::json!(0), "the open route is free");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_usage_from_the_provider_the_cost_is_estimated_and_counted() {
+    let sidecar = Sidecar::start(&config("100", "", "", "0", "&usage=never"));
+    let events = stream_events(&sidecar, r#"{"model":"chat","stream":true}"#).await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    // "Hello from the Switchyard mock provider, all good." is 50 bytes: 13 tokens at 4 bytes each.
+    assert_eq!(micros(&key_info(&sidecar).await["data"]["usage"]), 13_000);
+    let metrics = get(sidecar.admin, "/metrics").await.body;
+    assert_eq!(metric(&metrics, r#"switchyard_budget_estimated_costs_total{budget="default/team-a"}"#), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_that_outgrows_the_budget_ends_with_a_typed_error() {
+    // 200 words, no max_tokens; the route reserves 8 completion tokens, then more as it streams.
+    // The limit pays for 0.02 / 0.001 = 20 tokens.
+    let sidecar = Sidecar::start(&config("0.02", "", "reservedCompletionTokens: 8", "0", "&chunks=200"));
+    let events = stream_events(&sidecar, r#"{"model":"chat","stream":true}"#).await;
+    let last: serde_json::Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "insufficient_credits", "{events:?}");
+    assert_eq!(last["error"]["type"], "insufficient_credits");
+    assert_eq!(last["choices"][0]["finish_reason"], "error");
+    assert!(events.len() > 10 && events.len() < 40, "it ran until the credit was used: {} events", events.len());
+    let key = key_info(&sidecar).await;
+    let spent = micros(&key["data"]["usage"]);
+    // At most the last chunk's tokens over the limit (see docs/budgets.md).
+    assert!((18_000..=22_000).contains(&spent), "{key}");
+    let metrics = get(sidecar.admin, "/metrics").await.body;
+    assert_eq!(metric(&metrics, r#"switchyard_budget_reservations_in_flight{budget="default/team-a"}"#), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_mid_load_keeps_settled_spend_and_no_reservation() {
+    let dir = temp_dir("crash");
+    let yaml = config("1000", "", "", "0", "");
+    let mut sidecar = Sidecar::start_in(dir.clone(), &yaml, &[], &[]);
+    let body = r#"{"model":"chat","max_tokens":8}"#;
+    for _ in 0..20 {
+        assert_eq!(call(&sidecar, Some(KEY), body).await.status, 200);
+    }
+    let before = micros(&key_info(&sidecar).await["data"]["usage"]);
+    assert_eq!(before, 20 * 8000);
+    // Group commits take at most a few milliseconds; give them ample time before load resumes.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    let load: Vec<_> = (0..50)
+        .map(|_| {
+            let api = sidecar.api;
+            tokio::spawn(async move {
+                let request = http::Request::post(format!("http://{api}/v1/chat/completions"))
+                    .header("authorization", format!("Bearer {KEY}"))
+                    .body(http_body_util::Full::new(bytes::Bytes::from(r#"{"model":"chat","max_tokens":8}"#)))
+                    .unwrap();
+                let client =
+                    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+                client.request(request).await.map(|r| r.status().as_u16()).unwrap_or(0)
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    sidecar.process.child.kill().unwrap(); // SIGKILL
+    sidecar.process.child.wait().unwrap();
+    let mut answered = 0;
+    for r in load {
+        if r.await.unwrap() == 200 {
+            answered += 1;
+        }
+    }
+
+    let sidecar = Sidecar::start_in(dir, &yaml, &[], &[]);
+    let after = micros(&key_info(&sidecar).await["data"]["usage"]);
+    assert!(after >= before, "settled spend survived: {after} >= {before}");
+    assert!(after <= before + answered * 8000, "nothing counted twice: {after}, {answered} answered in the crash");
+    let metrics = get(sidecar.admin, "/metrics").await.body;
+    assert_eq!(
+        metric(&metrics, r#"switchyard_budget_reservations_in_flight{budget="default/team-a"}"#),
+        0,
+        "none stuck"
+    );
+    assert_eq!(call(&sidecar, Some(KEY), body).await.status, 200);
+    assert_eq!(micros(&key_info(&sidecar).await["data"]["usage"]), after + 8000);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_key_endpoint_speaks_openrouters_shape() {
+    let sidecar = Sidecar::start(&config("2.5", "lowBalanceThreshold: \"2.495\"\n  period: daily", "", "0", ""));
+    assert_eq!(call(&sidecar, Some(KEY), r#"{"model":"chat","max_tokens":8}"#).await.status, 200);
+    let data = key_info(&sidecar).await["data"].clone();
+    assert_eq!(data["label"], "default/team-a");
+    assert_eq!(data["limit"], serde_json::json!(2.5));
+    assert_eq!(data["limit_reset"], "daily");
+    assert_eq!(data["limit_remaining"], serde_json::json!(2.492));
+    for field in ["usage", "usage_daily", "usage_weekly", "usage_monthly"] {
+        assert_eq!(data[field], serde_json::json!(0.008), "{field}");
+    }
+    assert_eq!(data["is_free_tier"], false);
+    assert_eq!(data["state"], "Low", "under the low-balance threshold");
+    let reply = get(sidecar.api, "/api/v1/key").await;
+    assert_eq!(reply.status, 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_budget_example_meters_and_refuses() {
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/budget.yaml")).unwrap();
+    let sidecar = Sidecar::start(&example);
+    let body = r#"{"model":"metered","max_tokens":8}"#;
+    let mut statuses = Vec::new();
+    for _ in 0..13 {
+        statuses.push(call(&sidecar, Some("sk-demo-key"), body).await.status.as_u16());
+    }
+    assert_eq!(statuses, [[200; 12].as_slice(), &[402]].concat(), "as the example's comment says");
+    assert_eq!(call(&sidecar, None, body).await.status, 401);
+}
