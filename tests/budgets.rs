@@ -319,3 +319,40 @@ async fn the_budget_example_meters_and_refuses() {
     assert_eq!(statuses, [[200; 12].as_slice(), &[402]].concat(), "as the example's comment says");
     assert_eq!(call(&sidecar, None, body).await.status, 401);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failures_timeouts_and_hang_ups_release_their_reservation_at_once() {
+    let budget = format!(
+        "---\napiVersion: switchyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {{name: team-a}}\nspec: {{key: {{secretRef: {{name: k, key: key}}}}, limit: '10'}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: k}}\nstringData: {{key: {KEY}}}\n"
+    );
+    let target = |url: &str, extra: &str| {
+        format!("{{name: t, api: mock, baseUrl: '{url}', pricing: {{completion: '1000'}}{extra}}}")
+    };
+    let config = [
+        route_yaml("failing", "", &[&target("mock://local?fail-rate=1", "")]),
+        route_yaml("hanging", "", &[&target("mock://local?hang", ", timeouts: {connect: 100ms, firstByte: 200ms}")]),
+        route_yaml("slow", "", &[&target("mock://local?chunks=1000&chunk-interval=20ms", "")]),
+        budget,
+    ]
+    .concat();
+    let sidecar = Sidecar::start(&config);
+    let in_flight = || async {
+        let m = get(sidecar.admin, "/metrics").await.body;
+        metric(&m, r#"switchyard_budget_reservations_in_flight{budget="default/team-a"}"#)
+    };
+
+    assert_eq!(call(&sidecar, Some(KEY), r#"{"model":"failing"}"#).await.status, 502);
+    assert_eq!(call(&sidecar, Some(KEY), r#"{"model":"hanging"}"#).await.status, 504);
+    assert_eq!(in_flight().await, 0);
+    assert_eq!(micros(&key_info(&sidecar).await["data"]["usage"]), 0, "nothing answered, nothing spent");
+
+    let response =
+        send_as(sidecar.api, Some(KEY), "POST", "/v1/chat/completions", r#"{"model":"slow","stream":true}"#).await;
+    let mut body = response.into_body();
+    next_chunk(&mut body).await.expect("the stream started");
+    assert_eq!(in_flight().await, 1);
+    drop(body); // the caller hangs up
+    eventually("the reservation is released", || async { in_flight().await == 0 }).await;
+    let spent = micros(&key_info(&sidecar).await["data"]["usage"]);
+    assert!(spent > 0 && spent < 1_000_000, "the words streamed so far are paid for, not the whole answer: {spent}");
+}
