@@ -27,6 +27,11 @@ struct Cli {
     #[arg(long, env = "SWITCHYARD_LOG", default_value = "info", global = true)]
     log: String,
 
+    /// Threads that serve requests. Default: the CPUs this process may run on (its affinity and
+    /// cgroup quota); with one, a single-threaded runtime without cross-thread handoffs.
+    #[arg(long, env = "SWITCHYARD_WORKER_THREADS", global = true)]
+    worker_threads: Option<usize>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -60,7 +65,7 @@ pub fn main() -> ExitCode {
             print!("{}", crate::api::crds_yaml());
             ExitCode::SUCCESS
         }
-        Command::Sidecar(args) => match runtime().map(|rt| rt.block_on(crate::sidecar::run(args))) {
+        Command::Sidecar(args) => match runtime(cli.worker_threads).map(|rt| rt.block_on(crate::sidecar::run(args))) {
             Ok(Ok(())) => ExitCode::SUCCESS,
             Ok(Err(SidecarError::Config(errors))) => {
                 for e in &errors.0 {
@@ -72,7 +77,7 @@ pub fn main() -> ExitCode {
             Ok(Err(SidecarError::Io(e))) | Err(e) => fail(&e),
         },
         Command::MockProvider(args) => {
-            let result = runtime().and_then(|rt| {
+            let result = runtime(cli.worker_threads).and_then(|rt| {
                 rt.block_on(async move {
                     let listener = tokio::net::TcpListener::bind(args.listen)
                         .await
@@ -101,11 +106,16 @@ fn fail(message: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))
+fn runtime(worker_threads: Option<usize>) -> Result<tokio::runtime::Runtime, String> {
+    let threads = worker_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    builder.enable_all().build().map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
 fn init_logging(filter: &str) {

@@ -1,9 +1,8 @@
 //! The embedded ledger of standalone mode: what each budget has spent and has reserved.
 //!
 //! Reservations live in memory only: a crash forgets them, so none can stay stuck. Settled spend
-//! is written to a redb file by one writer thread in group commits: every settle wakes it, and it
-//! commits (with fsync) everything settled since its last commit, so under load many settles share
-//! one commit and none waits longer than one commit.
+//! is written to a redb file by one writer thread in group commits: a settle wakes it, it gathers
+//! what is settled within [`GROUP_COMMIT_WINDOW`], and commits (with fsync) all of it at once.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -435,9 +434,20 @@ fn read_all(db: &Database) -> Result<HashMap<String, Spend>, redb::Error> {
     Ok(out)
 }
 
+/// How long the writer gathers settles before committing them together. Spend is durable at most
+/// this plus one commit after it was settled; every settle in the window shares one commit (and
+/// one fsync), which keeps the ledger's cost per request low at any request rate.
+const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(9);
+
 fn write_loop(db: &Database, shared: &std::sync::Weak<Shared>, woken: &Receiver<bool>) {
     loop {
-        let closing = woken.recv().unwrap_or(true);
+        let mut closing = woken.recv().unwrap_or(true);
+        if !closing {
+            std::thread::sleep(GROUP_COMMIT_WINDOW);
+            while let Ok(close) = woken.try_recv() {
+                closing |= close;
+            }
+        }
         let Some(shared) = shared.upgrade() else { return };
         let dirty: Vec<(String, Spend)> = {
             let accounts = shared.accounts.lock().unwrap_or_else(|e| e.into_inner());

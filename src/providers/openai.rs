@@ -7,7 +7,10 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
+use std::sync::LazyLock;
+
 use bytes::{Bytes, BytesMut};
+use memchr::memmem::Finder;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -264,42 +267,36 @@ impl ChatRequest<'_> {
     /// included) and, with `force_usage` on a stream, `stream_options.include_usage` turned on so
     /// the cost can be exact. One copy of the body; none when nothing changes.
     pub fn upstream_body(&self, body: &Bytes, model_json: &str, force_usage: bool) -> Bytes {
-        let mut edits: Vec<(Range<usize>, Cow<'static, str>)> = Vec::with_capacity(2);
-        if &body[self.model_span.clone()] != model_json.as_bytes() {
-            edits.push((self.model_span.clone(), Cow::Owned(model_json.to_string())));
-        }
-        if force_usage && self.stream && !self.include_usage {
-            edits.push(match &self.stream_options {
-                None => {
-                    // Before the closing brace of the request object.
-                    let end = body.iter().rposition(|&b| b == b'}').unwrap_or(body.len());
-                    let empty =
-                        body[..end].iter().rposition(|b| !b.is_ascii_whitespace()).is_some_and(|i| body[i] == b'{');
-                    let field = if empty {
-                        r#""stream_options":{"include_usage":true}"#
-                    } else {
-                        r#","stream_options":{"include_usage":true}"#
-                    };
-                    (end..end, Cow::Borrowed(field))
-                }
-                Some((span, StreamOptionsShape::NotAnObject)) => {
-                    (span.clone(), Cow::Borrowed(r#"{"include_usage":true}"#))
-                }
-                Some((span, StreamOptionsShape::Object { empty })) => {
-                    let field = if *empty { r#""include_usage":true"# } else { r#""include_usage":true,"# };
-                    (span.start + 1..span.start + 1, Cow::Borrowed(field))
-                }
-                Some((_, StreamOptionsShape::WithIncludeUsage(value))) => (value.clone(), Cow::Borrowed("true")),
-            });
-        }
-        if edits.is_empty() {
+        let model =
+            (&body[self.model_span.clone()] != model_json.as_bytes()).then(|| (self.model_span.clone(), model_json));
+        let usage = (force_usage && self.stream && !self.include_usage).then(|| match &self.stream_options {
+            None => {
+                // Before the closing brace of the request object.
+                let end = body.iter().rposition(|&b| b == b'}').unwrap_or(body.len());
+                let empty = body[..end].iter().rposition(|b| !b.is_ascii_whitespace()).is_some_and(|i| body[i] == b'{');
+                let field = if empty {
+                    r#""stream_options":{"include_usage":true}"#
+                } else {
+                    r#","stream_options":{"include_usage":true}"#
+                };
+                (end..end, field)
+            }
+            Some((span, StreamOptionsShape::NotAnObject)) => (span.clone(), r#"{"include_usage":true}"#),
+            Some((span, StreamOptionsShape::Object { empty })) => {
+                let field = if *empty { r#""include_usage":true"# } else { r#""include_usage":true,"# };
+                (span.start + 1..span.start + 1, field)
+            }
+            Some((_, StreamOptionsShape::WithIncludeUsage(value))) => (value.clone(), "true"),
+        });
+        let mut edits = [model, usage];
+        if edits.iter().all(Option::is_none) {
             return body.clone();
         }
-        edits.sort_by_key(|(span, _)| span.start);
-        let extra: usize = edits.iter().map(|(_, text)| text.len()).sum();
+        edits.sort_by_key(|e| e.as_ref().map(|(span, _)| span.start));
+        let extra: usize = edits.iter().flatten().map(|(_, text)| text.len()).sum();
         let mut out = BytesMut::with_capacity(body.len() + extra);
         let mut at = 0;
-        for (span, text) in &edits {
+        for (span, text) in edits.iter().flatten() {
             out.extend_from_slice(&body[at..span.start]);
             out.extend_from_slice(text.as_bytes());
             at = span.end;
@@ -336,22 +333,33 @@ impl From<UsagePeek> for Usage {
     }
 }
 
-/// What a whole answer says for billing: its usage, if reported, and the bytes of output it holds
-/// (to estimate the tokens when it has no usage).
+/// What a whole answer says for billing: its usage, if reported, the bytes of output it holds
+/// (to estimate the tokens when it has no usage), and where its `usage.cost` goes.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct AnswerInfo {
     pub usage: Option<Usage>,
     pub output_bytes: u64,
+    cost_at: Option<CostAt>,
 }
 
-/// Reads a whole chat completion; `Err` if it is not JSON. One pass both validates and reads it.
+/// Where to write `usage.cost` into an answer without reading it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CostAt {
+    /// Before the closing brace of the `usage` object (`empty`: it has no fields).
+    Usage { close: usize, empty: bool },
+    /// Before the closing brace of the answer, as a new `usage` object.
+    Answer { close: usize },
+}
+
+/// Reads a whole chat completion; `Err` if it is not JSON. One pass validates it, reads its usage
+/// and finds where the cost goes; the choices are read only for an answer without usage.
 pub fn answer_info(body: &[u8]) -> Result<AnswerInfo, serde_json::Error> {
     #[derive(Deserialize)]
     struct Answer<'a> {
         #[serde(borrow, default)]
-        choices: Vec<Choice<'a>>,
-        #[serde(default)]
-        usage: Option<UsagePeek>,
+        choices: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        usage: Option<&'a RawValue>,
     }
     #[derive(Deserialize)]
     struct Choice<'a> {
@@ -359,8 +367,40 @@ pub fn answer_info(body: &[u8]) -> Result<AnswerInfo, serde_json::Error> {
         message: Option<Output<'a>>,
     }
     let answer: Answer<'_> = serde_json::from_slice(body)?;
-    let output_bytes = answer.choices.iter().filter_map(|c| c.message.as_ref()).map(Output::bytes).sum();
-    Ok(AnswerInfo { usage: answer.usage.map(Usage::from), output_bytes })
+    let usage = answer.usage.filter(|u| u.get().starts_with('{'));
+    let cost_at = match usage {
+        Some(raw) => {
+            let text = raw.get();
+            let close = text.as_ptr() as usize - body.as_ptr() as usize + text.len() - 1;
+            Some(CostAt::Usage { close, empty: text[1..].trim_start().starts_with('}') })
+        }
+        None => body.iter().rposition(|&b| b == b'}').map(|close| CostAt::Answer { close }),
+    };
+    let usage = usage.and_then(|raw| serde_json::from_str::<UsagePeek>(raw.get()).ok()).map(Usage::from);
+    let output_bytes = match (&usage, answer.choices) {
+        (None, Some(choices)) => serde_json::from_str::<Vec<Choice<'_>>>(choices.get())
+            .map(|c| c.iter().filter_map(|c| c.message.as_ref()).map(Output::bytes).sum())
+            .unwrap_or(0),
+        _ => 0,
+    };
+    Ok(AnswerInfo { usage, output_bytes, cost_at })
+}
+
+impl AnswerInfo {
+    /// The answer with `usage.cost` set to `cost` (a JSON number's text), as OpenRouter reports it.
+    pub fn with_cost(&self, body: &Bytes, cost: &str) -> Bytes {
+        let (at, insert) = match self.cost_at {
+            Some(CostAt::Usage { close, empty: true }) => (close, format!(r#""cost":{cost}"#)),
+            Some(CostAt::Usage { close, empty: false }) => (close, format!(r#","cost":{cost}"#)),
+            Some(CostAt::Answer { close }) => (close, format!(r#","usage":{{"cost":{cost}}}"#)),
+            None => return body.clone(),
+        };
+        let mut out = BytesMut::with_capacity(body.len() + insert.len());
+        out.extend_from_slice(&body[..at]);
+        out.extend_from_slice(insert.as_bytes());
+        out.extend_from_slice(&body[at..]);
+        out.freeze()
+    }
 }
 
 /// The generated parts of a message or a stream delta.
@@ -483,29 +523,105 @@ pub struct ChunkInfo {
 }
 
 /// Reads one SSE `data:` payload of a chat completion stream.
+///
+/// Every event of a metered stream passes through here, so it scans bytes instead of parsing: in
+/// well-formed JSON a quote inside a string is escaped, so `"content":` can only be a key. Only a
+/// usage object, when there is one, is parsed.
 pub fn chunk_info(data: &[u8]) -> ChunkInfo {
-    #[derive(Deserialize)]
-    struct Chunk<'a> {
-        #[serde(borrow, default)]
-        choices: Vec<Choice<'a>>,
-        #[serde(default)]
-        usage: Option<UsagePeek>,
+    // `[DONE]` and other non-objects carry nothing.
+    if !data.starts_with(b"{") {
+        return ChunkInfo::default();
     }
-    #[derive(Deserialize)]
-    struct Choice<'a> {
-        #[serde(borrow, default)]
-        delta: Option<Output<'a>>,
+    let keys = &*KEYS;
+    let mut output_bytes = 0;
+    for key in &keys.output {
+        let mut from = 0;
+        while let Some(value) = value_of(data, key, from) {
+            from = value;
+            if data.get(value) == Some(&b'"') {
+                let len = string_len(&data[value + 1..]);
+                output_bytes += len as u64;
+                from = value + 1 + len;
+            }
+        }
     }
-    let Ok(chunk) = serde_json::from_slice::<Chunk<'_>>(data) else { return ChunkInfo::default() };
-    let output_bytes: u64 = chunk.choices.iter().filter_map(|c| c.delta.as_ref()).map(Output::bytes).sum();
-    let has_output =
-        chunk.choices.iter().filter_map(|c| c.delta.as_ref()).any(|d| d.bytes() > 0 || d.tool_calls.is_some());
-    ChunkInfo { has_output, output_bytes, usage: chunk.usage.map(Usage::from) }
+    let has_tool_call = value_of(data, &keys.tool_calls, 0).is_some_and(|v| data.get(v) == Some(&b'['));
+    let usage = value_of(data, &keys.usage, 0).and_then(|value| {
+        let mut values = serde_json::Deserializer::from_slice(&data[value..]).into_iter::<UsagePeek>();
+        values.next()?.ok().map(Usage::from)
+    });
+    ChunkInfo { has_output: output_bytes > 0 || has_tool_call, output_bytes, usage }
+}
+
+/// Where the value of the next `key` (quoted) at or after `from` starts: the key must be followed
+/// by a colon, which tells it from a string value that happens to read the same.
+fn value_of(data: &[u8], key: &Finder<'static>, mut from: usize) -> Option<usize> {
+    let len = key.needle().len();
+    loop {
+        let at = from + key.find(&data[from..])?;
+        let colon = skip_whitespace(data, at + len);
+        if data.get(colon) == Some(&b':') {
+            return Some(skip_whitespace(data, colon + 1));
+        }
+        from = at + len;
+    }
+}
+
+/// The keys [`chunk_info`] looks for, with their searchers built once.
+struct Keys {
+    output: [Finder<'static>; 5],
+    tool_calls: Finder<'static>,
+    usage: Finder<'static>,
+}
+
+static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys {
+    output: [
+        Finder::new(b"\"content\""),
+        Finder::new(b"\"refusal\""),
+        Finder::new(b"\"reasoning\""),
+        Finder::new(b"\"reasoning_content\""),
+        Finder::new(b"\"arguments\""),
+    ],
+    tool_calls: Finder::new(b"\"tool_calls\""),
+    usage: Finder::new(b"\"usage\""),
+});
+
+/// Whether complete events mention usage, so that only those are read for it.
+pub fn mentions_usage(events: &[u8]) -> bool {
+    KEYS.usage.find(events).is_some()
+}
+
+fn skip_whitespace(data: &[u8], mut i: usize) -> usize {
+    while data.get(i).is_some_and(u8::is_ascii_whitespace) {
+        i += 1;
+    }
+    i
+}
+
+/// The length of a JSON string's content, up to its closing (unescaped) quote.
+fn string_len(s: &[u8]) -> usize {
+    let mut i = 0;
+    while let Some(at) = memchr::memchr2(b'"', b'\\', &s[i..]) {
+        i += at;
+        if s[i] == b'"' {
+            return i;
+        }
+        i += 2; // A backslash escapes the next byte.
+    }
+    s.len()
 }
 
 /// The `data:` payloads of complete SSE events.
 pub fn sse_payloads(events: &[u8]) -> impl Iterator<Item = &[u8]> {
-    events.split(|&b| b == b'\n').filter_map(|line| {
+    let mut starts = std::iter::once(0).chain(memchr::memchr_iter(b'\n', events).map(|i| i + 1));
+    let mut next = starts.next();
+    std::iter::from_fn(move || {
+        let start = next?;
+        next = starts.next();
+        let end = next.map_or(events.len(), |n| n - 1);
+        Some(&events[start..end.max(start)])
+    })
+    .filter_map(|line| {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         line.strip_prefix(b"data:").map(|d| d.strip_prefix(b" ").unwrap_or(d))
     })
@@ -623,7 +739,17 @@ mod tests {
         let answer = br#"{"choices":[{"message":{"role":"assistant","content":"Hello!"}}],"usage":{"prompt_tokens":9,"completion_tokens":2}}"#;
         let info = answer_info(answer).unwrap();
         assert_eq!(info.usage, Some(Usage { prompt: 9, completion: 2, cached_prompt: 0 }));
-        assert_eq!(info.output_bytes, 6);
+        assert_eq!(info.output_bytes, 0, "with usage, the output is not counted");
+        let with = info.with_cost(&Bytes::from_static(answer), "0.5");
+        assert!(with.ends_with(br#""completion_tokens":2,"cost":0.5}}"#), "{with:?}");
+
+        let bare = br#"{"choices":[{"message":{"role":"assistant","content":"Hello!"}}]}"#;
+        let info = answer_info(bare).unwrap();
+        assert_eq!((info.usage, info.output_bytes), (None, 6));
+        assert_eq!(
+            &info.with_cost(&Bytes::from_static(bare), "1")[..],
+            &br#"{"choices":[{"message":{"role":"assistant","content":"Hello!"}}],"usage":{"cost":1}}"#[..]
+        );
         assert!(answer_info(b"<html>").is_err());
     }
 
@@ -709,6 +835,15 @@ mod tests {
         let expected = Usage { prompt: 3, completion: 7, cached_prompt: 2 };
         assert_eq!(chunk_info(usage), ChunkInfo { has_output: false, output_bytes: 0, usage: Some(expected) });
         assert_eq!(chunk_info(word).output_bytes, 2);
+        let escaped =
+            br#"{"choices":[{"delta":{"content":"say \"content\":\"x\" \\"},"logprobs":{"content":[{"token":"a"}]}}]}"#;
+        assert_eq!(chunk_info(escaped).output_bytes, 24, "escapes stay inside the string; logprobs are not output");
+        let spaced = br#"{ "choices": [ { "delta": { "content" : "abc" } } ], "usage" : { "completion_tokens": 3 } }"#;
+        let info = chunk_info(spaced);
+        assert_eq!((info.has_output, info.output_bytes, info.usage.map(|u| u.completion)), (true, 3, Some(3)));
+        let args = br#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"city\":"}}]}}]}"#;
+        assert_eq!(chunk_info(args), ChunkInfo { has_output: true, output_bytes: 10, usage: None });
+        assert_eq!(chunk_info(b"[DONE]"), ChunkInfo::default());
         let events = b"data: {\"a\":1}\n\n: comment\n\ndata:[DONE]\r\n\r\n";
         assert_eq!(sse_payloads(events).collect::<Vec<_>>(), [&b"{\"a\":1}"[..], b"[DONE]"]);
     }

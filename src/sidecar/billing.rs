@@ -202,6 +202,11 @@ impl StreamBill {
         self.bill.as_ref().is_some_and(|b| b.reservation.is_some())
     }
 
+    /// Output read elsewhere (during hold-back).
+    pub fn count_output(&mut self, bytes: u64) {
+        self.output_bytes += bytes;
+    }
+
     pub fn see(&mut self, payload: &[u8], info: &ChunkInfo) -> EventAction {
         self.output_bytes += info.output_bytes;
         let Some(usage) = info.usage else { return EventAction::Keep };

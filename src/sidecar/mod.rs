@@ -28,11 +28,11 @@ use tokio::sync::watch;
 
 pub use relay::SseFramer;
 pub use state::{Limits, Shared};
+pub use upstream::Clients;
 
 use crate::api::BudgetState;
 use crate::api::units::{format_micros, parse_duration};
 use crate::config::{ConfigError, ConfigErrors, Loaded, Sources, load, watch::watch as watch_sources};
-use upstream::Clients;
 
 /// `switchyard sidecar`.
 #[derive(clap::Args, Debug)]

@@ -198,9 +198,9 @@ pub fn plan(
     if keep.is_empty() {
         return Err(Excluded { by });
     }
-    let available: Vec<usize> = keep.iter().copied().filter(|&i| targets[i].admission.is_available()).collect();
-    if !available.is_empty() {
-        return Ok(Plan { order: available, panic: false });
+    if keep.iter().any(|&i| targets[i].admission.is_available()) {
+        keep.retain(|&i| targets[i].admission.is_available());
+        return Ok(Plan { order: keep, panic: false });
     }
     let until = |i: usize| match targets[i].admission {
         Admission::Ejected { until } | Admission::Cooling { until } => until,

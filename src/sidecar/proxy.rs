@@ -25,7 +25,7 @@ use super::relay::SseRelay;
 use super::state::{RouteRt, Shared, TargetRt};
 use crate::api::FallbackReason;
 use crate::budget::Ledger;
-use crate::providers::openai::{ChatRequest, RequestError, parse_chat_request, rename_model, with_cost};
+use crate::providers::openai::{ChatRequest, RequestError, parse_chat_request, rename_model};
 
 /// Bytes of request body per token, for estimating whether a prompt fits a context window.
 const BYTES_PER_TOKEN: u64 = 4;
@@ -382,12 +382,13 @@ fn commit(
     match answer {
         Answer::Json { mut parts, body, info } => {
             let cost = bill.settle(info.usage, info.output_bytes, ledger);
-            let body = with_cost(&body, &cost).unwrap_or(body);
+            let body = info.with_cost(&body, &cost);
             let body = match &rename {
                 Some(model) => rename_model(&body, model).unwrap_or(body),
                 None => body,
             };
-            parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+            // The server sets Content-Length from the body.
+            parts.headers.remove(header::CONTENT_LENGTH);
             Response::from_parts(parts, Body::from(body))
         }
         Answer::Stream { parts, stream } => {
@@ -409,11 +410,20 @@ fn finish(mut response: Response, target: &TargetRt, attempts: usize, fallback: 
     target.state.requests.inc(response.status().as_u16());
     let headers = response.headers_mut();
     headers.insert(TARGET, target.name_header.clone());
-    headers.insert(ATTEMPTS, HeaderValue::from(attempts));
+    headers.insert(ATTEMPTS, small_number(attempts));
     if let Some(reason) = fallback {
         headers.insert(FALLBACK_REASON, HeaderValue::from_static(reason.as_str()));
     }
     response
+}
+
+/// A header value for a small count, without allocating for the common ones.
+fn small_number(n: usize) -> HeaderValue {
+    const DIGITS: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match DIGITS.get(n) {
+        Some(digit) => HeaderValue::from_static(digit),
+        None => HeaderValue::from(n),
+    }
 }
 
 fn unrouted(shared: &Shared, error: ProxyError) -> Response {

@@ -23,7 +23,9 @@ use super::state::RouteRt;
 use super::stats::TargetStats;
 use super::upstream::{UpstreamBody, error_chain};
 use crate::api::units::format_duration;
-use crate::providers::openai::{ChunkInfo, chunk_info, rename_events, sse_payloads, stream_error_event};
+use crate::providers::openai::{
+    ChunkInfo, chunk_info, mentions_usage, rename_events, sse_payloads, stream_error_event,
+};
 
 /// Past this size an unterminated event is forwarded anyway: an upstream that never ends its
 /// events must not make the sidecar buffer without bound.
@@ -85,17 +87,20 @@ pub struct StreamWatch {
     pub first_token: Option<Duration>,
     completion_tokens: Option<u64>,
     events: u64,
+    /// Output bytes of the events read during hold-back, which the bill counts without reading
+    /// them again.
+    held_output_bytes: u64,
 }
 
 impl StreamWatch {
     pub fn new(started: Instant) -> Self {
-        StreamWatch { started, first_token: None, completion_tokens: None, events: 0 }
+        StreamWatch { started, first_token: None, completion_tokens: None, events: 0, held_output_bytes: 0 }
     }
 
     /// Whether events must be read to learn something: until the first output, and in chunks that
     /// carry usage. Other events are only counted.
     fn wants(&self, events: &[u8]) -> bool {
-        self.first_token.is_none() || events.windows(7).any(|w| w == b"\"usage\"")
+        self.first_token.is_none() || mentions_usage(events)
     }
 
     fn see(&mut self, info: &ChunkInfo, stats: &TargetStats) {
@@ -109,14 +114,14 @@ impl StreamWatch {
         }
     }
 
-    /// Looks at complete events (read during hold-back).
+    /// Looks at complete events read during hold-back: every one of them is read, since hold-back
+    /// lasts until the first output.
     pub fn observe(&mut self, events: &[u8], stats: &TargetStats) {
-        let read = self.wants(events);
         for payload in sse_payloads(events) {
             self.events += 1;
-            if read {
-                self.see(&chunk_info(payload), stats);
-            }
+            let info = chunk_info(payload);
+            self.held_output_bytes += info.output_bytes;
+            self.see(&info, stats);
         }
     }
 
@@ -128,32 +133,31 @@ impl StreamWatch {
 }
 
 /// The ranges of the SSE events in `bytes`, each with its terminating blank line.
-fn event_ranges(bytes: &[u8]) -> Vec<Range<usize>> {
-    let mut out = Vec::new();
+fn event_ranges(bytes: &[u8]) -> impl Iterator<Item = Range<usize>> + '_ {
+    let mut newlines = memchr::memchr_iter(b'\n', bytes);
     let mut start = 0;
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\n' {
-            let end = if bytes[i + 1..].starts_with(b"\n") {
-                Some(i + 2)
-            } else if bytes[i + 1..].starts_with(b"\r\n") {
-                Some(i + 3)
-            } else {
-                None
-            };
-            if let Some(end) = end {
-                out.push(start..end);
-                start = end;
-                i = end;
+    std::iter::from_fn(move || {
+        for i in newlines.by_ref() {
+            if i < start {
                 continue;
             }
+            let end = if bytes[i + 1..].starts_with(b"\n") {
+                i + 2
+            } else if bytes[i + 1..].starts_with(b"\r\n") {
+                i + 3
+            } else {
+                continue;
+            };
+            let event = start..end;
+            start = end;
+            return Some(event);
         }
-        i += 1;
-    }
-    if start < bytes.len() {
-        out.push(start..bytes.len());
-    }
-    out
+        (start < bytes.len()).then(|| {
+            let rest = start..bytes.len();
+            start = bytes.len();
+            rest
+        })
+    })
 }
 
 /// The body of a streamed response: what hold-back already read, then the upstream's events, then
@@ -194,6 +198,10 @@ impl SseRelay {
         bill: Option<StreamBill>,
     ) -> Self {
         let deadline = Box::pin(tokio::time::sleep_until((stream.started + total).into()));
+        let mut bill = bill;
+        if let Some(bill) = &mut bill {
+            bill.count_output(stream.watch.held_output_bytes);
+        }
         SseRelay {
             inner: stream.body,
             framer: stream.framer,
@@ -239,7 +247,8 @@ impl SseRelay {
         let route = self.route.clone();
         let stats = &route.targets[self.target].state.stats;
         let read_all = self.bill.as_ref().is_some_and(StreamBill::is_metered);
-        let read = read_all || self.watch.wants(&events);
+        // What hold-back read needs reading again only for a usage chunk the bill must rewrite.
+        let read = if watched { mentions_usage(&events) } else { read_all || self.watch.wants(&events) };
         let mut out = events.clone();
         if read {
             // Rebuilt only from the first event that changes.

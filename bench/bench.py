@@ -1,0 +1,396 @@
+#!/usr/bin/env python3
+"""Switchyard's load benchmark: the same load, in alternation, straight to an upstream, through
+the sidecar, and through nginx as a plain keep-alive reverse proxy. See bench/README.md.
+
+Standard library only. Expects `target/release/switchyard`, `oha` and `nginx` (bench/run.sh
+provides them).
+"""
+
+import argparse
+import datetime
+import http.client
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "switchyard")
+PROXY_CPU = "0"  # the proxy under test
+LOAD_CPU = "1"  # the load generator and the upstream
+UPSTREAM, NGINX, SIDECAR, ADMIN, MOCK = 18090, 18091, 18092, 18093, 18094
+KEY = "sk-bench-0123456789"
+
+JSON_ANSWER = (
+    '{"id":"chatcmpl-bench","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,'
+    '"message":{"role":"assistant","content":"Hello from the benchmark upstream, all good."},'
+    '"finish_reason":"stop"}],"usage":{"prompt_tokens":14,"completion_tokens":9,"total_tokens":23}}'
+)
+SSE_ANSWER = "".join(
+    "data: " + json.dumps(e, separators=(",", ":")) + "\n\n"
+    for e in [
+        {"id": "c", "object": "chat.completion.chunk", "model": "m", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+        {"id": "c", "object": "chat.completion.chunk", "model": "m", "choices": [{"index": 0, "delta": {"content": "Hello"}}]},
+        {"id": "c", "object": "chat.completion.chunk", "model": "m", "choices": [{"index": 0, "delta": {"content": " there"}}]},
+        {"id": "c", "object": "chat.completion.chunk", "model": "m", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {"id": "c", "object": "chat.completion.chunk", "model": "m", "choices": [], "usage": {"prompt_tokens": 14, "completion_tokens": 2, "total_tokens": 16}},
+    ]
+) + "data: [DONE]\n\n"
+JSON_BODY = '{"model":"chat","max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}'
+STREAM_BODY = '{"model":"stream","stream":true,"max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}'
+SLOW_BODY = '{"model":"slow","stream":true,"max_tokens":100,"messages":[{"role":"user","content":"Say hello."}]}'
+
+
+def pinned(cpu, args):
+    return ["taskset", "-c", cpu] + args
+
+
+def sh(args):
+    return subprocess.run(args, capture_output=True, text=True, check=False).stdout.strip()
+
+
+class Proc:
+    """A process started for the benchmark, with its CPU time and memory read from /proc."""
+
+    def __init__(self, name, args, with_children=False):
+        self.name = name
+        self.popen = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.with_children = with_children
+
+    def pids(self):
+        """The process, and for nginx its workers."""
+        if not self.with_children:
+            return [self.popen.pid]
+        return [self.popen.pid] + [int(p) for p in sh(["pgrep", "-P", str(self.popen.pid)]).split()]
+
+    def cpu_seconds(self):
+        ticks = 0
+        for pid in self.pids():
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    def memory_kib(self, field):
+        total = 0
+        for pid in self.pids():
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith(field + ":"):
+                        total += int(line.split()[1])
+        return total
+
+    def stop(self):
+        self.popen.terminate()
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+
+
+def wait_http(port, path, status=200, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", path)
+            if conn.getresponse().status == status:
+                return
+        except OSError:
+            pass
+        time.sleep(0.005)
+    raise RuntimeError(f"127.0.0.1:{port}{path} did not answer {status}")
+
+
+def nginx_config(tmp, name, body):
+    conf = os.path.join(tmp, f"{name}.conf")
+    with open(conf, "w") as f:
+        f.write(
+            f"worker_processes 1;\ndaemon off;\npid {tmp}/{name}.pid;\nerror_log {tmp}/{name}.error.log;\n"
+            f"events {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {tmp}/{name}-body;\n"
+            f"  proxy_temp_path {tmp}/{name}-proxy;\n{body}\n}}\n"
+        )
+    return conf
+
+
+
+
+
+def start_upstream(tmp):
+    """nginx answering every POST with canned bytes: the cheapest upstream, so that what is measured
+    is the proxies."""
+    sse = SSE_ANSWER.replace("'", "\\'")
+    conf = nginx_config(
+        tmp,
+        "upstream",
+        f"  server {{\n    listen 127.0.0.1:{UPSTREAM} backlog=4096;\n    keepalive_requests 1000000;\n"
+        f"    location /json/ {{ default_type application/json; return 200 '{JSON_ANSWER}'; }}\n"
+        f"    location /sse/ {{ default_type text/event-stream; return 200 '{sse}'; }}\n  }}",
+    )
+    return Proc("upstream", pinned(LOAD_CPU, ["nginx", "-c", conf]), with_children=True)
+
+
+def start_nginx_proxy(tmp):
+    conf = nginx_config(
+        tmp,
+        "proxy",
+        f"  upstream up {{ server 127.0.0.1:{UPSTREAM}; keepalive 256; keepalive_requests 1000000; }}\n"
+        f"  upstream mock {{ server 127.0.0.1:{MOCK}; keepalive 256; }}\n"
+        f"  server {{\n    listen 127.0.0.1:{NGINX} backlog=4096;\n    keepalive_requests 1000000;\n"
+        "    proxy_http_version 1.1;\n    proxy_set_header Connection \"\";\n    proxy_buffering off;\n"
+        "    location /slow/ { proxy_pass http://mock/v1/; }\n"
+        "    location / { proxy_pass http://up; }\n  }",
+    )
+    return Proc("nginx", pinned(PROXY_CPU, ["nginx", "-c", conf]), with_children=True)
+
+
+def sidecar_config(tmp, routes=None):
+    targets = lambda path: "\n".join(
+        f"    - {{name: {n}, baseUrl: 'http://127.0.0.1:{UPSTREAM}/{path}/v{i}', pricing: {{prompt: '2.5', completion: '10'}}}}"
+        for i, n in enumerate(["primary", "secondary", "tertiary"], 1)
+    )
+    docs = []
+    for model, path in routes or [("chat", "json"), ("stream", "sse")]:
+        docs.append(
+            f"apiVersion: switchyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {{name: {model}}}\n"
+            f"spec:\n  model: {model}\n  targets:\n{targets(path)}\n"
+        )
+    if routes is None:
+        docs.append(
+            "apiVersion: switchyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {name: slow}\nspec:\n  model: slow\n"
+            f"  targets:\n    - {{name: mock, baseUrl: 'http://127.0.0.1:{MOCK}/v1', pricing: {{completion: '10'}}}}\n"
+        )
+    docs.append(
+        "apiVersion: switchyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {name: bench}\n"
+        "spec: {key: {secretRef: {name: bench-key, key: key}}, limit: '1000000000'}\n"
+    )
+    docs.append(f"apiVersion: v1\nkind: Secret\nmetadata: {{name: bench-key}}\nstringData: {{key: {KEY}}}\n")
+    path = os.path.join(tmp, f"routes-{len(docs)}.yaml")
+    with open(path, "w") as f:
+        f.write("---\n".join(docs))
+    return path
+
+
+def start_sidecar(tmp, config, state):
+    args = [BIN, "sidecar", "-f", config, "--listen", f"127.0.0.1:{SIDECAR}", "--admin-listen", f"127.0.0.1:{ADMIN}",
+            "--state-dir", state, "--log", "warn"]
+    proc = Proc("sidecar", pinned(PROXY_CPU, args))
+    wait_http(ADMIN, "/readyz")
+    return proc
+
+
+def oha(url, body, rate=None, duration=10, connections=64, requests=None, key=True):
+    args = ["oha", "--no-tui", "--output-format", "json", "-c", str(connections), "-m", "POST",
+            "-H", "content-type: application/json", "-d", body]
+    if key:
+        args += ["-H", f"authorization: Bearer {KEY}"]
+    if requests:
+        args += ["-n", str(requests)]
+    else:
+        args += ["-z", f"{duration}s"]
+    if rate:
+        args += ["-q", str(rate), "--latency-correction"]
+    out = subprocess.run(pinned(LOAD_CPU, args + [url]), capture_output=True, text=True, check=True).stdout
+    d = json.loads(out)
+    codes = d.get("statusCodeDistribution") or {}
+    return {
+        "rps": d["summary"]["requestsPerSec"],
+        "ok": codes.get("200", 0),
+        "total": sum(codes.values()),
+        "errors": sum((d.get("errorDistribution") or {}).values()),
+        "latency": d["latencyPercentiles"],
+        "first_byte": d.get("firstBytePercentiles") or {},
+    }
+
+
+def measure(system, procs, url, body, **kw):
+    proc = procs.get(system)
+    before = proc.cpu_seconds() if proc else 0.0
+    r = oha(url, body, **kw)
+    if proc:
+        r["cpu_us_per_request"] = (proc.cpu_seconds() - before) * 1e6 / max(r["ok"], 1)
+        r["cpu_util"] = (proc.cpu_seconds() - before) / kw.get("duration", 10)
+    return r
+
+
+URLS = {
+    "direct": {"json": f"http://127.0.0.1:{UPSTREAM}/json/v1/chat/completions", "sse": f"http://127.0.0.1:{UPSTREAM}/sse/v1/chat/completions"},
+    "sidecar": {"json": f"http://127.0.0.1:{SIDECAR}/v1/chat/completions", "sse": f"http://127.0.0.1:{SIDECAR}/v1/chat/completions"},
+    "nginx": {"json": f"http://127.0.0.1:{NGINX}/json/v1/chat/completions", "sse": f"http://127.0.0.1:{NGINX}/sse/v1/chat/completions"},
+}
+BODIES = {"json": JSON_BODY, "sse": STREAM_BODY}
+SYSTEMS = ["direct", "sidecar", "nginx"]
+
+
+def ms(seconds):
+    return seconds * 1000
+
+
+def run(args):
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    tmp = tempfile.mkdtemp(prefix="switchyard-bench-")
+    results = {"rates": {}, "stream": {}, "saturation": {}, "memory": {}, "startup_ms": []}
+    upstream = start_upstream(tmp)
+    mock = Proc("mock", pinned(LOAD_CPU, [BIN, "mock-provider", "--listen", f"127.0.0.1:{MOCK}", "--chunks", "100",
+                                          "--chunk-interval", "50ms", "--log", "warn"]))
+    nginx = start_nginx_proxy(tmp)
+    sidecar = start_sidecar(tmp, sidecar_config(tmp), os.path.join(tmp, "state"))
+    wait_http(UPSTREAM, "/json/")
+    wait_http(NGINX, "/json/")
+    procs = {"sidecar": sidecar, "nginx": nginx}
+    try:
+        time.sleep(0.5)
+        results["memory"]["idle_kib"] = {"sidecar": sidecar.memory_kib("VmRSS"), "nginx": nginx.memory_kib("VmRSS")}
+        # Warm connection pools and code paths.
+        for system in SYSTEMS:
+            oha(URLS[system]["json"], JSON_BODY, requests=2000, connections=16)
+            oha(URLS[system]["sse"], STREAM_BODY, requests=500, connections=16)
+
+        for rate in args.rates:
+            runs = {s: [] for s in SYSTEMS}
+            for round_ in range(args.rounds):
+                order = SYSTEMS[round_ % 3:] + SYSTEMS[:round_ % 3]
+                for system in order:
+                    print(f"json {rate}/s round {round_ + 1}: {system}", file=sys.stderr)
+                    runs[system].append(measure(system, procs, URLS[system]["json"], JSON_BODY, rate=rate, duration=args.duration))
+            results["rates"][rate] = runs
+
+        for system in SYSTEMS:
+            print(f"stream {args.stream_rate}/s: {system}", file=sys.stderr)
+            runs = []
+            for _ in range(args.rounds):
+                runs.append(measure(system, procs, URLS[system]["sse"], STREAM_BODY, rate=args.stream_rate, duration=args.duration))
+            results["stream"][system] = runs
+
+        for system in SYSTEMS:
+            print(f"saturation: {system}", file=sys.stderr)
+            results["saturation"][system] = measure(system, procs, URLS[system]["json"], JSON_BODY, duration=args.duration, connections=128)
+
+        results["memory"]["after_load_kib"] = {"sidecar": sidecar.memory_kib("VmRSS"), "nginx": nginx.memory_kib("VmRSS")}
+        for system, url in [("sidecar", URLS["sidecar"]["sse"]), ("nginx", f"http://127.0.0.1:{NGINX}/slow/chat/completions")]:
+            print(f"1000 open streams: {system}", file=sys.stderr)
+            proc = procs[system]
+            load = subprocess.Popen(pinned(LOAD_CPU, ["oha", "--no-tui", "--output-format", "quiet", "-c", "1000", "-n", "1000",
+                                                      "-m", "POST", "-H", f"authorization: Bearer {KEY}", "-d", SLOW_BODY, url]))
+            peak = 0
+            while load.poll() is None:
+                peak = max(peak, proc.memory_kib("VmRSS"))
+                time.sleep(0.05)
+            results["memory"].setdefault("open_streams_peak_kib", {})[system] = peak
+    finally:
+        for p in [sidecar, nginx, mock, upstream]:
+            p.stop()
+
+    # Start to ready with 100 routes (three targets each) and a budget.
+    config = sidecar_config(tmp, routes=[(f"model-{i}", "json") for i in range(100)])
+    for i in range(args.startups):
+        started = time.monotonic()
+        proc = start_sidecar(tmp, config, os.path.join(tmp, f"state-{i}"))
+        results["startup_ms"].append(ms(time.monotonic() - started))
+        results["memory"].setdefault("idle_100_routes_kib", proc.memory_kib("VmRSS"))
+        proc.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
+    return results
+
+
+def med(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def report(results, args):
+    machine = {
+        "cpu": sh(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"]).strip(),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "switchyard": sh(["git", "-C", ROOT, "describe", "--always", "--dirty"]),
+        "rustc": sh(["rustc", "--version"]),
+        "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
+        "oha": sh(["oha", "--version"]),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    q = lambda runs, pct, key="latency": med([r[key].get(pct, float("nan")) for r in runs])
+    lines = []
+    w = lines.append
+    w("## Added latency, JSON (proxy minus direct, same rate, milliseconds)\n")
+    w("| rate | proxy | p50 | p90 | p99 | p99.9 | CPU µs/request | errors |")
+    w("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for rate, runs in results["rates"].items():
+        direct = runs["direct"]
+        for system in ["sidecar", "nginx"]:
+            r = runs[system]
+            added = [ms(q(r, p) - q(direct, p)) for p in ["p50", "p90", "p99", "p99.9"]]
+            cpu = med([x["cpu_us_per_request"] for x in r])
+            errors = sum(x["total"] - x["ok"] + x["errors"] for x in r)
+            w(f"| {rate}/s | {system} | " + " | ".join(f"{a:.3f}" for a in added) + f" | {cpu:.0f} | {errors} |")
+    w("")
+    w(f"Direct latency at each rate, for reference (p50 / p99, ms): " + "; ".join(
+        f"{rate}/s: {ms(q(runs['direct'], 'p50')):.3f} / {ms(q(runs['direct'], 'p99')):.3f}" for rate, runs in results["rates"].items()))
+    w("")
+    w(f"## Streaming at {args.stream_rate}/s (added time to first byte and to the whole stream, ms)\n")
+    w("| proxy | first byte p50 | first byte p99 | whole p50 | whole p99 | CPU µs/request |")
+    w("| --- | --- | --- | --- | --- | --- |")
+    direct = results["stream"]["direct"]
+    for system in ["sidecar", "nginx"]:
+        r = results["stream"][system]
+        w(f"| {system} | {ms(q(r, 'p50', 'first_byte') - q(direct, 'p50', 'first_byte')):.3f} | "
+          f"{ms(q(r, 'p99', 'first_byte') - q(direct, 'p99', 'first_byte')):.3f} | "
+          f"{ms(q(r, 'p50') - q(direct, 'p50')):.3f} | {ms(q(r, 'p99') - q(direct, 'p99')):.3f} | "
+          f"{med([x['cpu_us_per_request'] for x in r]):.0f} |")
+    w("")
+    w("## Maximum rate on one core (closed loop, 128 connections)\n")
+    w("| target | requests/s | proxy CPU use | errors |")
+    w("| --- | --- | --- | --- |")
+    for system, r in results["saturation"].items():
+        util = f"{r['cpu_util'] * 100:.0f}%" if "cpu_util" in r else "-"
+        w(f"| {system} | {r['rps']:.0f} | {util} | {r['total'] - r['ok'] + r['errors']} |")
+    w("")
+    m = results["memory"]
+    mib = lambda k: f"{k / 1024:.1f} MiB"
+    w("## Memory (RSS) and start-up\n")
+    w("| | sidecar | nginx (master + worker) |")
+    w("| --- | --- | --- |")
+    w(f"| idle, after start | {mib(m['idle_kib']['sidecar'])} | {mib(m['idle_kib']['nginx'])} |")
+    w(f"| idle, after the load above | {mib(m['after_load_kib']['sidecar'])} | {mib(m['after_load_kib']['nginx'])} |")
+    w(f"| peak with 1,000 open streams | {mib(m['open_streams_peak_kib']['sidecar'])} | {mib(m['open_streams_peak_kib']['nginx'])} |")
+    w(f"| idle with 100 routes (300 targets) | {mib(m['idle_100_routes_kib'])} | |")
+    w("")
+    w(f"Start to `/readyz` 200 with 100 routes (300 targets) and a budget: median {med(results['startup_ms']):.1f} ms "
+      f"over {len(results['startup_ms'])} starts (min {min(results['startup_ms']):.1f}, max {max(results['startup_ms']):.1f}).")
+    w("")
+    w("## Machine\n")
+    for k, v in machine.items():
+        w(f"- {k}: {v}")
+    w(f"- command: `bench/run.sh {' '.join(sys.argv[1:])}`".rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rates", type=int, nargs="+", default=[200, 1000, 3000])
+    parser.add_argument("--stream-rate", type=int, default=1000)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per rate")
+    parser.add_argument("--startups", type=int, default=7)
+    parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--out", help="write the report here (default: print it)")
+    args = parser.parse_args()
+    results = run(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    text = report(results, args)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
