@@ -193,7 +193,8 @@ def oha(url, body, rate=None, duration=10, connections=64, requests=None, key=Tr
     if requests:
         args += ["-n", str(requests)]
     else:
-        args += ["-z", f"{duration}s"]
+        # -w: requests in flight at the deadline finish, rather than count as errors.
+        args += ["-z", f"{duration}s", "-w"]
     if rate:
         args += ["-q", str(rate), "--latency-correction"]
     out = subprocess.run(pinned(LOAD_CPU, args + [url]), capture_output=True, text=True, check=True).stdout
@@ -367,7 +368,7 @@ def report(results, args):
     w("## Machine\n")
     for k, v in machine.items():
         w(f"- {k}: {v}")
-    w(f"- command: `bench/run.sh {' '.join(sys.argv[1:])}`".rstrip())
+    w(f"- command: `bench/run.sh {' '.join(a for a in sys.argv[1:] if not a.startswith('--report') and a != args.report)}`".rstrip())
     return "\n".join(lines) + "\n"
 
 
@@ -379,16 +380,21 @@ def main():
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per rate")
     parser.add_argument("--startups", type=int, default=7)
     parser.add_argument("--json", help="also write the raw results here")
-    parser.add_argument("--out", help="write the report here (default: print it)")
+    parser.add_argument("--report", help="replace the results section of this Markdown file")
     args = parser.parse_args()
     results = run(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     text = report(results, args)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    if args.report:
+        with open(args.report) as f:
+            doc = f.read()
+        start, end = "<!-- results:start -->\n", "<!-- results:end -->"
+        head, rest = doc.split(start, 1)
+        _, tail = rest.split(end, 1)
+        with open(args.report, "w") as f:
+            f.write(head + start + text + end + tail)
     print(text)
 
 

@@ -112,6 +112,9 @@ impl Body for UpstreamBody {
     }
 }
 
+/// Bytes read from an upstream connection at a time.
+const UPSTREAM_READ_BUFFER: usize = 4096;
+
 /// HTTP clients by connect timeout. A client owns a connection pool, so clients live across
 /// configuration reloads and targets with the same connect timeout share one.
 pub struct Clients {
@@ -162,6 +165,9 @@ impl Clients {
             .wrap_connector(http);
         Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
+            // Answers are read as they stream; a small fixed buffer per connection keeps a thousand
+            // open streams cheap (hyper would start at 8 KiB and grow).
+            .http1_read_buf_exact_size(UPSTREAM_READ_BUFFER)
             .build(TimeoutConnector { inner: https, timeout: connect_timeout })
     }
 }
