@@ -275,6 +275,14 @@ def run(args):
             results["saturation"][system] = measure(system, procs, URLS[system]["json"], JSON_BODY, duration=args.duration, connections=128)
 
         results["memory"]["after_load_kib"] = {"sidecar": sidecar.memory_kib("VmRSS"), "nginx": nginx.memory_kib("VmRSS")}
+        # Open streams in fresh processes: what a thousand streams hold, not what the load before
+        # left in the allocator.
+        sidecar.stop()
+        nginx.stop()
+        nginx = start_nginx_proxy(tmp)
+        sidecar = start_sidecar(tmp, sidecar_config(tmp), os.path.join(tmp, "state-streams"))
+        wait_http(NGINX, "/json/")
+        procs = {"sidecar": sidecar, "nginx": nginx}
         for system, url in [("sidecar", URLS["sidecar"]["sse"]), ("nginx", f"http://127.0.0.1:{NGINX}/slow/chat/completions")]:
             print(f"1000 open streams: {system}", file=sys.stderr)
             proc = procs[system]
