@@ -13,7 +13,7 @@ cargo build --locked --quiet --profile hotpath --example hot_path
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$out/callgrind" \
-  target/hotpath/examples/hot_path >"$out/log" 2>&1 || { cat "$out/log"; exit 1; }
+  "${CARGO_TARGET_DIR:-target}/hotpath/examples/hot_path" >"$out/log" 2>&1 || { cat "$out/log"; exit 1; }
 count=$(awk '/^summary:/ {print $2}' "$out/callgrind-01")
 
 if [ "${1:-}" = "--record" ]; then
