@@ -15,7 +15,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tower::ServiceExt;
 
-use switchyard::config::{Documents, Resolver, compile, parse_file};
+use switchyard::config::{Documents, MapResolver, compile, parse_file};
 use switchyard::sidecar::{Clients, Limits, Shared, api_router};
 
 const JSON_ANSWER: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the upstream, all good."},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":8,"total_tokens":20}}"#;
@@ -29,17 +29,6 @@ const STREAM_ANSWER: &str = concat!(
 );
 const REQUESTS: usize = 2000;
 const KEY: &str = "sk-hot-path";
-
-struct NoOutside;
-
-impl Resolver for NoOutside {
-    fn env(&self, _: &str) -> Option<String> {
-        None
-    }
-    fn file(&self, _: &str) -> std::io::Result<String> {
-        Err(std::io::ErrorKind::NotFound.into())
-    }
-}
 
 async fn upstream() -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -99,7 +88,7 @@ stringData: {{key: {KEY}}}
         let mut errors = Vec::new();
         parse_file("hot_path.yaml", &yaml, &mut docs, &mut errors);
         assert!(errors.is_empty(), "{errors:?}");
-        let config = compile(&docs, &NoOutside).expect("config");
+        let config = compile(&docs, &MapResolver::default()).expect("config");
         let state_dir = std::env::temp_dir().join(format!("switchyard-hot-path-{}", std::process::id()));
         let limits = Limits { max_request_bytes: 1 << 20, max_response_bytes: 1 << 20 };
         let clients = Clients::new(None).expect("clients");

@@ -4,24 +4,9 @@
 use std::time::Duration;
 
 use switchyard::api::FallbackReason;
-use switchyard::config::{ConfigErrors, Documents, Resolver, Upstream, compile, parse_file};
-
-struct MapResolver(&'static [(&'static str, &'static str)]);
-
-impl Resolver for MapResolver {
-    fn env(&self, name: &str) -> Option<String> {
-        self.0.iter().find(|(k, _)| *k == format!("env:{name}")).map(|(_, v)| v.to_string())
-    }
-    fn file(&self, path: &str) -> std::io::Result<String> {
-        self.0
-            .iter()
-            .find(|(k, _)| *k == format!("file:{path}"))
-            .map(|(_, v)| v.to_string())
-            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
-    }
-}
-
-const NO_OUTSIDE: MapResolver = MapResolver(&[]);
+use switchyard::config::{
+    ConfigErrors, CredentialState, Documents, MapResolver, Reason, Upstream, analyse, compile, parse_file,
+};
 
 fn compile_files(files: &[(&str, &str)], resolver: &MapResolver) -> Result<switchyard::config::Config, Vec<String>> {
     let mut docs = Documents::default();
@@ -36,7 +21,7 @@ fn compile_files(files: &[(&str, &str)], resolver: &MapResolver) -> Result<switc
 }
 
 fn errors_of(files: &[(&str, &str)]) -> Vec<String> {
-    compile_files(files, &NO_OUTSIDE).expect_err("the configuration should be rejected")
+    compile_files(files, &MapResolver::default()).expect_err("the configuration should be rejected")
 }
 
 const SECRET_ROUTES: &str = r#"
@@ -84,7 +69,7 @@ fn secrets_resolve_in_their_namespace_only() {
     );
 
     let complete = with_openai.replace("{other: x}", "{api-key: sk-openai}");
-    let config = compile_files(&[("routes.yaml", &complete)], &NO_OUTSIDE).unwrap();
+    let config = compile_files(&[("routes.yaml", &complete)], &MapResolver::default()).unwrap();
     let targets = &config.routes[0].targets;
     // `data` is base64; the trailing newline of `echo ... | base64` is not part of the key.
     assert_eq!(targets[0].credential.as_ref().unwrap().expose(), "sk-ant-key");
@@ -106,7 +91,7 @@ spec:
     - {name: a, baseUrl: "https://a.example/v1", credentials: {env: KEY_A}}
     - {name: b, baseUrl: "https://b.example/v1", credentials: {file: /keys/b}}
 "#;
-    let resolver = MapResolver(&[("env:KEY_A", "sk-a"), ("file:/keys/b", "sk-b\r\n")]);
+    let resolver = MapResolver::new(&[("KEY_A", "sk-a")], &[("/keys/b", "sk-b\r\n")]);
     let config = compile_files(&[("r.yaml", yaml)], &resolver).unwrap();
     assert_eq!(config.routes[0].targets[0].credential.as_ref().unwrap().expose(), "sk-a");
     assert_eq!(config.routes[0].targets[1].credential.as_ref().unwrap().expose(), "sk-b");
@@ -119,7 +104,7 @@ spec:
             "r.yaml: document 1 (ProviderRoute default/chat): spec.targets[1].credentials: cannot read file \"/keys/b\": entity not found",
         ]
     );
-    let empty = MapResolver(&[("env:KEY_A", ""), ("file:/keys/b", "line1\nline2")]);
+    let empty = MapResolver::new(&[("KEY_A", "")], &[("/keys/b", "line1\nline2")]);
     let errors = compile_files(&[("r.yaml", yaml)], &empty).unwrap_err();
     assert!(errors[0].ends_with("spec.targets[0].credentials: the key is empty"), "{errors:?}");
     assert!(errors[1].ends_with("the key contains characters that are not allowed in an HTTP header"), "{errors:?}");
@@ -137,7 +122,7 @@ spec:
     - {name: local, baseUrl: "http://127.0.0.1:8000/v1/", pricing: {prompt: "2.5", completion: "10"}}
     - {name: demo, api: mock}
 "#;
-    let config = compile_files(&[("r.yaml", yaml)], &NO_OUTSIDE).unwrap();
+    let config = compile_files(&[("r.yaml", yaml)], &MapResolver::default()).unwrap();
     let route = &config.routes[0];
     assert_eq!((route.namespace.as_str(), route.name.as_str()), ("default", "chat"));
     assert_eq!(route.fallback.max_attempts, 3);
@@ -163,7 +148,7 @@ spec:
     assert_eq!(local.pricing.request, 0);
     assert_eq!(local.weight, 1);
     assert!(local.credential.is_none());
-    assert!(matches!(route.targets[1].upstream, Upstream::Mock(_)));
+    assert!(matches!(route.targets[1].upstream, Upstream::Mock { .. }));
 }
 
 #[test]
@@ -274,7 +259,7 @@ items:
     spec: {model: listed, targets: [{name: m, api: mock}]}
 ---
 "#;
-    let config = compile_files(&[("all.yaml", yaml)], &NO_OUTSIDE).unwrap();
+    let config = compile_files(&[("all.yaml", yaml)], &MapResolver::default()).unwrap();
     assert_eq!(config.routes.len(), 1);
     assert_eq!(config.routes[0].model, "listed");
 
@@ -295,7 +280,7 @@ fn budgets_keep_only_the_hash_of_their_key_and_a_key_has_one_budget() {
     };
     let secret = "---\napiVersion: v1\nkind: Secret\nmetadata: {name: k}\nstringData: {key: \"sk-abc\\n\"}\n";
     let yaml = format!("{route}{}{secret}", budget("a", "{secretRef: {name: k, key: key}}"));
-    let config = compile_files(&[("b.yaml", &yaml)], &NO_OUTSIDE).unwrap();
+    let config = compile_files(&[("b.yaml", &yaml)], &MapResolver::default()).unwrap();
     let b = &config.budgets[0];
     assert_eq!(b.limit, Some(12_500_000));
     assert_eq!(b.period, switchyard::api::Period::Daily);
@@ -321,4 +306,175 @@ fn budgets_keep_only_the_hash_of_their_key_and_a_key_has_one_budget() {
 fn sha2_of(s: &str) -> [u8; 32] {
     use sha2::Digest;
     sha2::Sha256::digest(s.as_bytes()).into()
+}
+
+fn docs_of(text: &str) -> Documents {
+    let mut docs = Documents::default();
+    let mut errors = Vec::new();
+    parse_file("ns.yaml", text, &mut docs, &mut errors);
+    assert!(errors.is_empty(), "{errors:?}");
+    docs
+}
+
+/// The operator's view: each object stands alone, and its reasons become status conditions.
+#[test]
+fn analyse_keeps_the_valid_objects_and_gives_each_problem_a_reason() {
+    let docs = docs_of(
+        r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {name: good, namespace: team-a}
+spec:
+  model: chat
+  targets:
+    - {name: keyed, baseUrl: "https://a.example/v1", credentials: {secretRef: {name: keys, key: openai}}}
+    - {name: open, api: mock}
+---
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {name: no-secret, namespace: team-a}
+spec:
+  model: other
+  targets:
+    - {name: one, baseUrl: "https://a.example/v1", credentials: {secretRef: {name: missing, key: k}}}
+    - {name: two, baseUrl: "https://b.example/v1", credentials: {secretRef: {name: keys, key: nope}}}
+---
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {name: newer, namespace: team-a}
+spec:
+  model: third
+  aliases: [chat]
+  targets: [{name: m, api: mock}]
+---
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {name: broken, namespace: team-a}
+spec:
+  model: fourth
+  holdBack: soon
+  targets: [{name: m, api: mock}]
+---
+apiVersion: switchyard.dev/v1alpha1
+kind: ApiKeyBudget
+metadata: {name: first, namespace: team-a}
+spec: {key: {secretRef: {name: keys, key: app}}}
+---
+apiVersion: switchyard.dev/v1alpha1
+kind: ApiKeyBudget
+metadata: {name: same-key, namespace: team-a}
+spec: {key: {secretRef: {name: keys, key: app}}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: keys, namespace: team-a}
+stringData: {openai: sk-1, app: sk-app}
+"#,
+    );
+    let analysis = analyse(&docs, &MapResolver::default());
+    let routes: Vec<&str> = analysis.config.routes.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(routes, ["good"], "only the valid route is compiled");
+    let budgets: Vec<&str> = analysis.config.budgets.iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(budgets, ["first"], "the first budget keeps the key");
+
+    let outcome = |name: &str| analysis.outcomes.iter().find(|o| o.object.name == name).unwrap();
+    let reasons = |name: &str| outcome(name).errors.iter().map(|e| e.reason).collect::<Vec<_>>();
+    assert!(outcome("good").accepted());
+    assert_eq!(reasons("no-secret"), [Reason::SecretNotFound, Reason::KeyNotFound]);
+    assert_eq!(reasons("newer"), [Reason::DuplicateModel]);
+    assert_eq!(
+        outcome("newer").errors[0].to_string(),
+        "ns.yaml: document 3 (ProviderRoute team-a/newer): spec.aliases[0]: model \"chat\" is already served by ProviderRoute team-a/good"
+    );
+    assert_eq!(reasons("broken"), [Reason::Invalid]);
+    assert_eq!(reasons("same-key"), [Reason::DuplicateKey]);
+
+    let states: Vec<(&str, &CredentialState)> =
+        outcome("no-secret").credentials.iter().map(|c| (c.target.as_str(), &c.state)).collect();
+    assert_eq!(
+        states,
+        [
+            (
+                "one",
+                &CredentialState::Unresolved {
+                    reason: Reason::SecretNotFound,
+                    message: "secret \"missing\" not found".into()
+                }
+            ),
+            (
+                "two",
+                &CredentialState::Unresolved {
+                    reason: Reason::KeyNotFound,
+                    message: "secret \"keys\" has no key \"nope\"".into()
+                }
+            ),
+        ]
+    );
+    let good: Vec<&CredentialState> = outcome("good").credentials.iter().map(|c| &c.state).collect();
+    assert_eq!(good, [&CredentialState::Resolved, &CredentialState::NotConfigured]);
+
+    // Standalone compiles the same documents as one unit: every problem, nothing served.
+    let errors = compile(&docs, &MapResolver::default()).unwrap_err();
+    assert_eq!(errors.0.len(), 5);
+}
+
+/// An invalid route claims no model name, so a valid route that comes later keeps serving it.
+#[test]
+fn an_invalid_route_does_not_hold_its_model_names() {
+    let docs = docs_of(
+        r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {name: older}
+spec:
+  model: chat
+  targets: [{name: a, baseUrl: "https://a.example/v1", credentials: {secretRef: {name: missing, key: k}}}]
+---
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {name: newer}
+spec:
+  model: chat
+  targets: [{name: m, api: mock}]
+"#,
+    );
+    let analysis = analyse(&docs, &MapResolver::default());
+    assert_eq!(analysis.config.routes.len(), 1);
+    assert_eq!(analysis.config.routes[0].name, "newer");
+}
+
+#[test]
+fn workload_selectors_are_kept_checked_and_applied_per_pod() {
+    let yaml = r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {name: bots}
+spec:
+  model: chat
+  workloadSelector: {matchLabels: {app: bot}}
+  targets: [{name: m, api: mock}]
+---
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {name: everyone}
+spec:
+  model: other
+  targets: [{name: m, api: mock}]
+"#;
+    let config = compile_files(&[("r.yaml", yaml)], &MapResolver::default()).unwrap();
+    let labels = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let names = |mut c: switchyard::config::Config, l| {
+        c.retain_for(&l);
+        c.routes.into_iter().map(|r| r.name).collect::<Vec<_>>()
+    };
+    assert_eq!(names(config.clone(), labels(&[("app", "bot")])), ["bots", "everyone"]);
+    assert_eq!(names(config, labels(&[("app", "web")])), ["everyone"]);
+
+    let bad = yaml.replace("{matchLabels: {app: bot}}", "{matchExpressions: [{key: app, operator: In}]}");
+    assert_eq!(
+        errors_of(&[("r.yaml", &bad)]),
+        [
+            "r.yaml: document 1 (ProviderRoute default/bots): spec.workloadSelector: matchExpressions[0].values: must not be empty for In"
+        ]
+    );
 }

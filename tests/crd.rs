@@ -8,7 +8,7 @@ use kube::core::cel::{Validator, compile_schema, estimate_rule_cost};
 use regex::Regex;
 use serde_json::Value;
 use switchyard::api::{self, ProviderRoute};
-use switchyard::config::{Documents, Resolver, compile, parse_file};
+use switchyard::config::{Documents, MapResolver, compile, parse_file};
 
 #[test]
 fn crds_folder_matches_the_generated_crds() {
@@ -206,20 +206,6 @@ fn schema_rejects(object: &Value) -> Vec<String> {
     problems
 }
 
-struct MapResolver;
-
-impl Resolver for MapResolver {
-    fn env(&self, name: &str) -> Option<String> {
-        (name == "OPENAI_API_KEY").then(|| "sk-env".to_string())
-    }
-    fn file(&self, path: &str) -> std::io::Result<String> {
-        match path {
-            "/keys/openai" => Ok("sk-file\n".into()),
-            _ => Err(std::io::Error::from(std::io::ErrorKind::NotFound)),
-        }
-    }
-}
-
 /// Whether standalone mode rejects `object`: parsing plus compile (with a route and a Secret for
 /// the budgets to refer to).
 fn compile_rejects(object: &Value) -> Vec<String> {
@@ -234,7 +220,8 @@ fn compile_rejects(object: &Value) -> Vec<String> {
     let mut errors = Vec::new();
     parse_file("route.yaml", &yaml, &mut docs, &mut errors);
     if errors.is_empty()
-        && let Err(e) = compile(&docs, &MapResolver)
+        && let Err(e) =
+            compile(&docs, &MapResolver::new(&[("OPENAI_API_KEY", "sk-env")], &[("/keys/openai", "sk-file\n")]))
     {
         errors = e.0;
     }

@@ -14,17 +14,45 @@ use sha2::{Digest, Sha256};
 
 use super::{
     Budget, Config, ConfigError, ConfigErrors, Credential, FallbackPolicy, HealthPolicy, ObjectRef, Origin, Prices,
-    RateLimitPolicy, ReasonSet, Route, Target, Timeouts, Upstream,
+    RateLimitPolicy, Reason, ReasonSet, Route, Target, Timeouts, Upstream, selector,
 };
 use crate::api::{self, Api, ApiKeyBudget, LedgerUnavailable, ProviderRoute, SecretKeyRef, units};
 use crate::mock_provider::MockOptions;
 
 /// Reaches the outside world for credentials that are not Secrets.
 pub trait Resolver {
-    /// The value of an environment variable of the sidecar process.
-    fn env(&self, name: &str) -> Option<String>;
+    /// The value of an environment variable of the sidecar process, or why there is none.
+    fn env(&self, name: &str) -> Result<String, String>;
     /// The content of a file.
     fn file(&self, path: &str) -> std::io::Result<String>;
+}
+
+/// Environment variables and files from maps: what tests and tools feed compile with.
+#[derive(Clone, Debug, Default)]
+pub struct MapResolver {
+    pub env: HashMap<String, String>,
+    pub files: HashMap<String, String>,
+}
+
+impl MapResolver {
+    pub fn new(env: &[(&str, &str)], files: &[(&str, &str)]) -> Self {
+        let map = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        MapResolver { env: map(env), files: map(files) }
+    }
+}
+
+impl Resolver for MapResolver {
+    fn env(&self, name: &str) -> Result<String, String> {
+        self.env.get(name).cloned().ok_or_else(|| env_not_set(name))
+    }
+    fn file(&self, path: &str) -> std::io::Result<String> {
+        self.files.get(path).cloned().ok_or_else(|| std::io::ErrorKind::NotFound.into())
+    }
+}
+
+/// The message for a credential variable that is not set, whoever resolves it.
+pub fn env_not_set(name: &str) -> String {
+    format!("environment variable {name:?} is not set")
 }
 
 /// An object and where it came from (absent for objects read from the API server).
@@ -40,70 +68,132 @@ pub struct Documents {
     pub routes: Vec<Document<ProviderRoute>>,
     pub budgets: Vec<Document<ApiKeyBudget>>,
     pub secrets: Vec<Document<Secret>>,
+    /// Configurations compiled by the operator (at most one may be loaded).
+    pub compiled: Vec<Document<super::CompiledConfig>>,
 }
 
 /// The namespace of objects that do not name one, as `kubectl apply` would place them.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
-/// Compiles every route; any problem anywhere rejects the whole configuration, and every problem is
-/// reported, not only the first.
-pub fn compile(docs: &Documents, resolver: &dyn Resolver) -> Result<Config, ConfigErrors> {
+/// What compile made of each object: the accepted ones, compiled, and every object's problems.
+#[derive(Clone, Debug, Default)]
+pub struct Analysis {
+    /// The accepted routes and budgets.
+    pub config: Config,
+    /// One per ProviderRoute and ApiKeyBudget document, in input order.
+    pub outcomes: Vec<Outcome>,
+}
+
+/// How one object fared.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    pub object: ObjectRef,
+    /// Empty when the object is accepted.
+    pub errors: Vec<ConfigError>,
+    /// For a route: each target's credential, in target order.
+    pub credentials: Vec<TargetCredential>,
+}
+
+impl Outcome {
+    pub fn accepted(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
+/// Whether a target's credential could be read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetCredential {
+    pub target: String,
+    pub state: CredentialState,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CredentialState {
+    /// The target has no `credentials`.
+    NotConfigured,
+    Resolved,
+    Unresolved {
+        reason: Reason,
+        message: String,
+    },
+}
+
+/// Compiles each object on its own: an object with a problem is left out and its problems are
+/// reported, while the others are compiled. Routes claim model names, and budgets keys, in input
+/// order, so the caller decides who wins a conflict by ordering the documents.
+pub fn analyse(docs: &Documents, resolver: &dyn Resolver) -> Analysis {
     let secrets = index_secrets(&docs.secrets);
-    let mut errors = Vec::new();
-    let mut routes = Vec::with_capacity(docs.routes.len());
+    let mut analysis = Analysis::default();
     // Which route claimed each model name first, for conflicts across routes.
     let mut claimed: HashMap<String, ObjectRef> = HashMap::new();
-    let mut seen: HashSet<(String, String)> = HashSet::new();
-
-    if docs.routes.is_empty() {
-        errors.push(ConfigError {
-            origin: None,
-            object: None,
-            path: String::new(),
-            message: "no ProviderRoute found: the configuration must define at least one route".into(),
-        });
-    }
+    let mut seen: HashSet<ObjectRef> = HashSet::new();
 
     for doc in &docs.routes {
-        let mut cx = Cx { doc_origin: &doc.origin, object: object_ref(&doc.object), errors: &mut errors };
-        if !seen.insert((cx.object.namespace.clone(), cx.object.name.clone())) {
+        let mut cx = Cx::new(&doc.origin, object_ref(&doc.object));
+        let route = if seen.insert(cx.object.clone()) {
+            compile_route(&doc.object, &secrets, resolver, &mut cx)
+        } else {
             cx.error("metadata.name", "is defined more than once".into());
-            continue;
-        }
-        let Some(route) = compile_route(&doc.object, &secrets, resolver, &mut cx) else {
-            continue;
+            None
         };
-        for (i, name) in route.model_names().enumerate() {
-            let path = if i == 0 { "spec.model".to_string() } else { format!("spec.aliases[{}]", i - 1) };
-            match claimed.get(name) {
-                Some(owner) => cx.error(&path, format!("model {name:?} is already served by {owner}")),
-                None => {
-                    claimed.insert(name.to_string(), cx.object.clone());
+        if let Some(route) = &route {
+            for (i, name) in route.model_names().enumerate() {
+                if let Some(owner) = claimed.get(name) {
+                    let path = if i == 0 { "spec.model".to_string() } else { format!("spec.aliases[{}]", i - 1) };
+                    let message = format!("model {name:?} is already served by {owner}");
+                    cx.fail(&path, Problem(Reason::DuplicateModel, message));
                 }
             }
         }
-        routes.push(route);
+        match route {
+            Some(route) if cx.errors.is_empty() => {
+                for name in route.model_names() {
+                    claimed.insert(name.to_string(), cx.object.clone());
+                }
+                analysis.config.routes.push(route);
+            }
+            _ => {}
+        }
+        analysis.outcomes.push(cx.finish());
     }
 
-    let mut budgets = Vec::with_capacity(docs.budgets.len());
     let mut key_owners: HashMap<[u8; 32], ObjectRef> = HashMap::new();
     for doc in &docs.budgets {
-        let mut cx = Cx { doc_origin: &doc.origin, object: budget_ref(&doc.object), errors: &mut errors };
-        if !seen.insert(("ApiKeyBudget ".to_string() + &cx.object.namespace, cx.object.name.clone())) {
+        let mut cx = Cx::new(&doc.origin, budget_ref(&doc.object));
+        let budget = if seen.insert(cx.object.clone()) {
+            compile_budget(&doc.object, &secrets, &mut cx)
+        } else {
             cx.error("metadata.name", "is defined more than once".into());
-            continue;
+            None
+        };
+        if let Some(owner) = budget.as_ref().and_then(|b| key_owners.get(&b.key_hash)) {
+            let message = format!("is the same key as {owner}'s; each key has one budget");
+            cx.fail("spec.key", Problem(Reason::DuplicateKey, message));
         }
-        let Some(budget) = compile_budget(&doc.object, &secrets, &mut cx) else { continue };
-        match key_owners.get(&budget.key_hash) {
-            Some(owner) => cx.error("spec.key", format!("is the same key as {owner}'s; each key has one budget")),
-            None => {
+        match budget {
+            Some(budget) if cx.errors.is_empty() => {
                 key_owners.insert(budget.key_hash, cx.object.clone());
+                analysis.config.budgets.push(budget);
             }
+            _ => {}
         }
-        budgets.push(budget);
+        analysis.outcomes.push(cx.finish());
     }
+    analysis
+}
 
-    if errors.is_empty() { Ok(Config { routes, budgets }) } else { Err(ConfigErrors(errors)) }
+/// Compiles every object; any problem anywhere rejects the whole configuration, and every problem is
+/// reported, not only the first. This is standalone mode, where the files are one unit of change.
+pub fn compile(docs: &Documents, resolver: &dyn Resolver) -> Result<Config, ConfigErrors> {
+    let analysis = analyse(docs, resolver);
+    let mut errors: Vec<ConfigError> = analysis.outcomes.into_iter().flat_map(|o| o.errors).collect();
+    if docs.routes.is_empty() {
+        errors.insert(
+            0,
+            ConfigError::input("", "no ProviderRoute found: the configuration must define at least one route"),
+        );
+    }
+    if errors.is_empty() { Ok(analysis.config) } else { Err(ConfigErrors(errors)) }
 }
 
 fn budget_ref(budget: &ApiKeyBudget) -> ObjectRef {
@@ -123,8 +213,13 @@ fn compile_budget(b: &ApiKeyBudget, secrets: &SecretIndex<'_>, cx: &mut Cx<'_>) 
     let key_hash = match (&spec.key.secret_ref, &spec.key.sha256) {
         (Some(r), None) => {
             let ns = b.metadata.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
-            cx.check("spec.key.secretRef", secret_key(secrets, ns, r))
-                .map(|key| <[u8; 32]>::from(Sha256::digest(key.as_bytes())))
+            cx.check(
+                "spec.key.secretRef",
+                secret_key(secrets, ns, r).and_then(|key| {
+                    Credential::parse(&key).map_err(Problem::from)?;
+                    Ok(<[u8; 32]>::from(Sha256::digest(key.as_bytes())))
+                }),
+            )
         }
         (None, Some(hex)) => cx.check("spec.key.sha256", sha256_hex(hex)),
         _ => {
@@ -145,6 +240,9 @@ fn compile_budget(b: &ApiKeyBudget, secrets: &SecretIndex<'_>, cx: &mut Cx<'_>) 
         for (i, m) in models.iter().enumerate() {
             cx.check(&format!("spec.allowedModels[{i}]"), model_name(m));
         }
+    }
+    if let Some(selector) = &spec.workload_selector {
+        cx.check("spec.workloadSelector", selector::validate(selector));
     }
     let rate_limit = spec.rate_limit.as_ref().map(|r| RateLimitPolicy {
         requests_per_minute: r.requests_per_minute,
@@ -171,10 +269,11 @@ fn compile_budget(b: &ApiKeyBudget, secrets: &SecretIndex<'_>, cx: &mut Cx<'_>) 
         fail_open: spec.on_ledger_unavailable == LedgerUnavailable::FailOpen,
         allowed_models: spec.allowed_models.clone(),
         rate_limit,
+        workload_selector: spec.workload_selector.clone(),
     })
 }
 
-fn sha256_hex(hex: &str) -> Result<[u8; 32], String> {
+pub(super) fn sha256_hex(hex: &str) -> Result<[u8; 32], String> {
     let invalid = || "must be 64 lowercase hexadecimal digits".to_string();
     if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
         return Err(invalid());
@@ -186,26 +285,49 @@ fn sha256_hex(hex: &str) -> Result<[u8; 32], String> {
     Ok(out)
 }
 
+/// A problem and the condition reason it is reported under.
+struct Problem(Reason, String);
+
+impl From<String> for Problem {
+    fn from(message: String) -> Self {
+        Problem(Reason::Invalid, message)
+    }
+}
+
 /// Collects the errors of one object.
 struct Cx<'a> {
     doc_origin: &'a Option<Origin>,
     object: ObjectRef,
-    errors: &'a mut Vec<ConfigError>,
+    errors: Vec<ConfigError>,
+    credentials: Vec<TargetCredential>,
 }
 
-impl Cx<'_> {
+impl<'a> Cx<'a> {
+    fn new(doc_origin: &'a Option<Origin>, object: ObjectRef) -> Self {
+        Cx { doc_origin, object, errors: Vec::new(), credentials: Vec::new() }
+    }
+
     fn error(&mut self, path: &str, message: String) {
+        self.fail(path, Problem(Reason::Invalid, message));
+    }
+
+    fn fail(&mut self, path: &str, Problem(reason, message): Problem) {
         self.errors.push(ConfigError {
             origin: self.doc_origin.clone(),
             object: Some(self.object.clone()),
             path: path.to_string(),
             message,
+            reason,
         });
     }
 
     /// Records the error of a parse and returns its value, so a route is checked in one pass.
-    fn check<T>(&mut self, path: &str, result: Result<T, String>) -> Option<T> {
-        result.map_err(|message| self.error(path, message)).ok()
+    fn check<T>(&mut self, path: &str, result: Result<T, impl Into<Problem>>) -> Option<T> {
+        result.map_err(|problem| self.fail(path, problem.into())).ok()
+    }
+
+    fn finish(self) -> Outcome {
+        Outcome { object: self.object, errors: self.errors, credentials: self.credentials }
     }
 }
 
@@ -284,6 +406,9 @@ fn compile_route(
         None => Some(None),
         Some(h) => cx.check("spec.hedge.after", units::parse_duration(&h.after)).map(Some),
     };
+    if let Some(selector) = &spec.workload_selector {
+        cx.check("spec.workloadSelector", selector::validate(selector));
+    }
 
     if cx.errors.len() > errors_before {
         return None;
@@ -307,6 +432,7 @@ fn compile_route(
         hold_back: hold_back?,
         hedge_after: hedge_after?,
         reserved_completion_tokens: spec.reserved_completion_tokens,
+        workload_selector: spec.workload_selector.clone(),
     })
 }
 
@@ -329,10 +455,15 @@ fn compile_target(
     if let Some(model) = &t.model {
         cx.check(&at("model"), model_name(model));
     }
-    let credential = match &t.credentials {
-        None => None,
-        Some(c) => cx.check(&at("credentials"), credential(c, pr, secrets, resolver)),
+    let (credential, state) = match t.credentials.as_ref().map(|c| credential(c, pr, secrets, resolver)) {
+        None => (None, CredentialState::NotConfigured),
+        Some(Ok(c)) => (Some(c), CredentialState::Resolved),
+        Some(Err(Problem(reason, message))) => {
+            cx.fail(&at("credentials"), Problem(reason, message.clone()));
+            (None, CredentialState::Unresolved { reason, message })
+        }
     };
+    cx.credentials.push(TargetCredential { target: t.name.clone(), state });
     let headers = cx.check(&at("headers"), headers(&t.headers, credential.is_some()));
     cx.check(&at("weight"), in_range(t.weight, 1, 1000));
     let price = |cx: &mut Cx<'_>, field: &str, value: &Option<String>| match value {
@@ -418,13 +549,14 @@ fn provider_label(s: &str) -> Result<(), String> {
     }
 }
 
-fn upstream(api: Api, base_url: Option<&str>) -> Result<Upstream, String> {
+pub(super) fn upstream(api: Api, base_url: Option<&str>) -> Result<Upstream, String> {
     match (api, base_url) {
-        (Api::Mock, None) => Ok(Upstream::Mock(Arc::new(MockOptions::default()))),
+        (Api::Mock, None) => Ok(Upstream::Mock { url: None, options: Arc::new(MockOptions::default()) }),
         (Api::Mock, Some(url)) => {
             let query = url.strip_prefix("mock://").ok_or("must start with mock:// when api is mock")?;
             let query = query.split_once('?').map_or("", |(_, q)| q);
-            Ok(Upstream::Mock(Arc::new(MockOptions::from_query(query)?)))
+            let options = Arc::new(MockOptions::from_query(query)?);
+            Ok(Upstream::Mock { url: Some(url.to_string()), options })
         }
         (Api::Openai, None) => Err("is required unless api is mock".into()),
         (Api::Openai, Some(url)) => {
@@ -453,34 +585,27 @@ fn credential(
     pr: &ProviderRoute,
     secrets: &SecretIndex<'_>,
     resolver: &dyn Resolver,
-) -> Result<Credential, String> {
+) -> Result<Credential, Problem> {
     let value = match (&c.secret_ref, &c.env, &c.file) {
         (Some(r), None, None) => secret_key(secrets, pr.metadata.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE), r)?,
-        (None, Some(var), None) => {
-            resolver.env(var).ok_or_else(|| format!("environment variable {var:?} is not set"))?
-        }
+        (None, Some(var), None) => resolver.env(var).map_err(Problem::from)?,
         (None, None, Some(file)) => resolver.file(file).map_err(|e| format!("cannot read file {file:?}: {e}"))?,
-        _ => return Err("exactly one of secretRef, env or file must be set".into()),
+        _ => return Err("exactly one of secretRef, env or file must be set".to_string().into()),
     };
-    // Files and Secrets created with `echo` end in a newline that is not part of the key.
-    let value = value.trim_end_matches(['\n', '\r']);
-    if value.is_empty() {
-        return Err("the key is empty".into());
-    }
-    if HeaderValue::from_str(value).is_err() {
-        return Err("the key contains characters that are not allowed in an HTTP header".into());
-    }
-    Ok(Credential::new(value.to_string()))
+    Ok(Credential::parse(&value)?)
 }
 
 /// The value a `secretRef` points to, in namespace `ns`, without the trailing newline that `echo`
 /// leaves in files and Secrets.
-fn secret_key(secrets: &SecretIndex<'_>, ns: &str, r: &SecretKeyRef) -> Result<String, String> {
-    let secret = secrets.get(&(ns, r.name.as_str())).ok_or_else(|| format!("secret {:?} not found", r.name))?;
-    let value = secret_value(secret, &r.key).ok_or_else(|| format!("secret {:?} has no key {:?}", r.name, r.key))??;
+fn secret_key(secrets: &SecretIndex<'_>, ns: &str, r: &SecretKeyRef) -> Result<String, Problem> {
+    let secret = secrets
+        .get(&(ns, r.name.as_str()))
+        .ok_or_else(|| Problem(Reason::SecretNotFound, format!("secret {:?} not found", r.name)))?;
+    let value = secret_value(secret, &r.key)
+        .ok_or_else(|| Problem(Reason::KeyNotFound, format!("secret {:?} has no key {:?}", r.name, r.key)))??;
     let value = value.trim_end_matches(['\n', '\r']);
     if value.is_empty() {
-        return Err(format!("secret {:?} key {:?} is empty", r.name, r.key));
+        return Err(format!("secret {:?} key {:?} is empty", r.name, r.key).into());
     }
     Ok(value.to_string())
 }
@@ -497,7 +622,10 @@ fn secret_value(secret: &Secret, key: &str) -> Option<Result<String, String>> {
 const RESERVED_HEADERS: [&str; 8] =
     ["host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te", "trailer"];
 
-fn headers(headers: &BTreeMap<String, String>, has_credential: bool) -> Result<Vec<(String, String)>, String> {
+pub(super) fn headers(
+    headers: &BTreeMap<String, String>,
+    has_credential: bool,
+) -> Result<Vec<(String, String)>, String> {
     if headers.len() > 32 {
         return Err(format!("has {} entries, at most 32 are allowed", headers.len()));
     }

@@ -10,20 +10,36 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::compile::{DEFAULT_NAMESPACE, Document, Documents, Resolver, compile};
-use super::{Config, ConfigError, ConfigErrors, ObjectRef, Origin};
+use super::wire::{COMPILED_CONFIG_KIND, CompiledConfig};
+use super::{Config, ConfigError, ConfigErrors, ObjectRef, Origin, Reason, selector};
 use crate::api::{API_VERSION, GROUP};
 
 /// The paths the sidecar was started with (`-f`): files, or directories whose `*.yaml`, `*.yml` and
 /// `*.json` files are read in name order (not recursively, as `kubectl apply -f DIR`).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Sources {
     pub paths: Vec<PathBuf>,
+    /// The pod's labels as the downward API writes them; without it every `workloadSelector`
+    /// matches.
+    pub pod_labels_file: Option<PathBuf>,
+}
+
+/// The sources' content as read at one moment.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Each file's name and text.
+    pub texts: Vec<(String, String)>,
+    pub pod_labels: Option<String>,
+    /// Hash of all of the above.
+    pub hash: u64,
 }
 
 /// A compiled configuration and the fingerprint of every input it was built from.
 #[derive(Debug)]
 pub struct Loaded {
     pub config: Config,
+    /// The operator's version of the configuration, when it is a [`CompiledConfig`].
+    pub version: Option<u64>,
     pub fingerprint: Fingerprint,
 }
 
@@ -60,7 +76,7 @@ impl Sources {
     }
 
     /// Reads the sources as they are now, with the hash of their names and content.
-    pub fn read(&self) -> Result<(Vec<(String, String)>, u64), ConfigErrors> {
+    pub fn read(&self) -> Result<Snapshot, ConfigErrors> {
         let mut hasher = DefaultHasher::new();
         let mut texts = Vec::new();
         for file in self.files()? {
@@ -69,7 +85,12 @@ impl Sources {
             (&name, &text).hash(&mut hasher);
             texts.push((name, text));
         }
-        Ok((texts, hasher.finish()))
+        let pod_labels = match &self.pod_labels_file {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| io_error(path, &e))?),
+            None => None,
+        };
+        pod_labels.hash(&mut hasher);
+        Ok(Snapshot { texts, pod_labels, hash: hasher.finish() })
     }
 }
 
@@ -87,23 +108,60 @@ impl Fingerprint {
 }
 
 fn io_error(path: &Path, e: &std::io::Error) -> ConfigErrors {
-    ConfigError { origin: None, object: None, path: String::new(), message: format!("{}: {e}", path.display()) }.into()
+    ConfigError::input("", format!("{}: {e}", path.display())).into()
 }
 
-/// Reads and compiles the sources.
+/// Reads and compiles the sources, and keeps what selects this pod.
 pub fn load(sources: &Sources) -> Result<Loaded, ConfigErrors> {
-    let (texts, sources_hash) = sources.read()?;
+    let snapshot = sources.read()?;
     let mut docs = Documents::default();
     let mut errors = Vec::new();
-    for (name, text) in &texts {
+    for (name, text) in &snapshot.texts {
         parse_file(name, text, &mut docs, &mut errors);
     }
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
+    let labels = match (&snapshot.pod_labels, &sources.pod_labels_file) {
+        (Some(text), Some(path)) => Some(
+            selector::parse_labels_file(text)
+                .map_err(|e| ConfigError::input("--pod-labels-file", format!("{}: {e}", path.display())))?,
+        ),
+        _ => None,
+    };
     let resolver = FsResolver::default();
-    let config = compile(&docs, &resolver)?;
-    Ok(Loaded { config, fingerprint: Fingerprint::new(sources_hash, resolver.files.into_inner()) })
+    let (mut config, version) = match docs.compiled.pop() {
+        None => (compile(&docs, &resolver)?, None),
+        Some(compiled) => from_compiled(compiled, &docs)?,
+    };
+    if let Some(labels) = &labels {
+        config.retain_for(labels);
+    }
+    Ok(Loaded { config, version, fingerprint: Fingerprint::new(snapshot.hash, resolver.files.into_inner()) })
+}
+
+/// The configuration of an operator-compiled document, which must be the only input: mixing it
+/// with ProviderRoutes would leave two owners for the same model names.
+fn from_compiled(compiled: Document<CompiledConfig>, rest: &Documents) -> Result<(Config, Option<u64>), ConfigErrors> {
+    let error = |message: String| ConfigError {
+        origin: compiled.origin.clone(),
+        object: None,
+        path: String::new(),
+        message,
+        reason: Reason::Invalid,
+    };
+    if !rest.compiled.is_empty() {
+        return Err(error("only one CompiledConfig may be loaded at a time".into()).into());
+    }
+    if !rest.routes.is_empty() || !rest.budgets.is_empty() {
+        return Err(error(
+            "a CompiledConfig cannot be loaded together with ProviderRoute or ApiKeyBudget documents".into(),
+        )
+        .into());
+    }
+    let version = compiled.object.version;
+    let config = compiled.object.into_config().map_err(error)?;
+    Ok((config, Some(version)))
 }
 
 /// Splits a file into YAML documents and sorts the Switchyard objects and Secrets into `docs`.
@@ -116,6 +174,7 @@ pub fn parse_file(file: &str, text: &str, docs: &mut Documents, errors: &mut Vec
             object,
             path,
             message,
+            reason: Reason::Invalid,
         };
         let value = match serde_yaml::Value::deserialize(de) {
             Ok(v) => v,
@@ -144,7 +203,13 @@ fn parse_object(value: serde_yaml::Value, origin: &Origin, docs: &mut Documents,
         name: str_at(&value, &["metadata", "name"]).unwrap_or_default(),
     });
     let mut error = |path: &str, message: String| {
-        errors.push(ConfigError { origin: Some(origin.clone()), object: object.clone(), path: path.into(), message })
+        errors.push(ConfigError {
+            origin: Some(origin.clone()),
+            object: object.clone(),
+            path: path.into(),
+            message,
+            reason: Reason::Invalid,
+        })
     };
     let (Some(api_version), Some(kind)) = (api_version, kind) else {
         error("", "not a Kubernetes object: apiVersion and kind are required".into());
@@ -157,6 +222,10 @@ fn parse_object(value: serde_yaml::Value, origin: &Origin, docs: &mut Documents,
         },
         (API_VERSION, "ApiKeyBudget") => match strict::<crate::api::ApiKeyBudget>(value) {
             Ok(budget) => docs.budgets.push(Document { origin: Some(origin.clone()), object: budget }),
+            Err((path, message)) => error(&path, message),
+        },
+        (API_VERSION, COMPILED_CONFIG_KIND) => match strict::<CompiledConfig>(value) {
+            Ok(compiled) => docs.compiled.push(Document { origin: Some(origin.clone()), object: compiled }),
             Err((path, message)) => error(&path, message),
         },
         ("v1", "Secret") => match strict::<Secret>(value) {
@@ -210,8 +279,8 @@ struct FsResolver {
 }
 
 impl Resolver for FsResolver {
-    fn env(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok()
+    fn env(&self, name: &str) -> Result<String, String> {
+        std::env::var(name).map_err(|_| super::compile::env_not_set(name))
     }
 
     fn file(&self, path: &str) -> std::io::Result<String> {

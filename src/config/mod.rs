@@ -6,29 +6,53 @@
 
 mod compile;
 mod load;
+pub mod selector;
 pub mod watch;
+mod wire;
 
 use std::{fmt, sync::Arc, time::Duration};
 
-pub use compile::{DEFAULT_NAMESPACE, Document, Documents, Resolver, compile};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use serde::{Deserialize, Serialize};
+
+pub use compile::{
+    Analysis, CredentialState, DEFAULT_NAMESPACE, Document, Documents, MapResolver, Outcome, Resolver,
+    TargetCredential, analyse, compile,
+};
 pub use load::{Fingerprint, Loaded, Sources, load, parse_file};
+pub use wire::{COMPILED_CONFIG_KIND, CompiledConfig};
 
 use crate::api::{FallbackReason, Period, Strategy};
 use crate::mock_provider::MockOptions;
 
 /// A compiled, validated configuration. Immutable once built; the sidecar swaps whole configs.
-#[derive(Clone, Debug, PartialEq)]
+///
+/// It serialises (as a [`CompiledConfig`]) into the Secret the operator writes for each namespace,
+/// so its form is part of the contract between operator and sidecar.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Config {
     pub routes: Vec<Route>,
     pub budgets: Vec<Budget>,
 }
 
+impl Config {
+    /// Keeps the routes and budgets whose `workloadSelector` selects a pod with `labels`.
+    pub fn retain_for(&mut self, labels: &selector::Labels) {
+        let selected = |s: &Option<LabelSelector>| s.as_ref().is_none_or(|s| selector::matches(s, labels));
+        self.routes.retain(|r| selected(&r.workload_selector));
+        self.budgets.retain(|b| selected(&b.workload_selector));
+    }
+}
+
 /// One ApiKeyBudget, compiled.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Budget {
     pub namespace: String,
     pub name: String,
     /// SHA-256 of the API key; the key itself is not kept.
+    #[serde(with = "wire::hex32")]
     pub key_hash: [u8; 32],
     /// Micro-units per period; `None`: tracked, not limited.
     pub limit: Option<u64>,
@@ -38,6 +62,8 @@ pub struct Budget {
     /// Model names (routes' models or aliases) the key may use; `None`: all.
     pub allowed_models: Option<Vec<String>>,
     pub rate_limit: Option<RateLimitPolicy>,
+    /// Which pods' sidecars apply this budget; `None`: every pod.
+    pub workload_selector: Option<LabelSelector>,
 }
 
 impl Budget {
@@ -47,14 +73,16 @@ impl Budget {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RateLimitPolicy {
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u64>,
 }
 
 /// One ProviderRoute, compiled.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Route {
     pub namespace: String,
     pub name: String,
@@ -66,10 +94,14 @@ pub struct Route {
     pub fallback: FallbackPolicy,
     pub health: HealthPolicy,
     /// Zero: streams are committed when the upstream's headers arrive.
+    #[serde(with = "wire::duration")]
     pub hold_back: Duration,
+    #[serde(with = "wire::optional_duration")]
     pub hedge_after: Option<Duration>,
     /// Completion tokens reserved for a request without `max_tokens`.
     pub reserved_completion_tokens: u32,
+    /// Which pods' sidecars serve this route; `None`: every pod.
+    pub workload_selector: Option<LabelSelector>,
 }
 
 impl Route {
@@ -80,15 +112,18 @@ impl Route {
 }
 
 /// One target of a route, compiled.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Target {
     pub name: String,
     pub provider: String,
+    #[serde(flatten)]
     pub upstream: Upstream,
     /// The model name sent upstream.
     pub model: String,
     pub credential: Option<Credential>,
     /// Extra request headers, validated as HTTP header names and values.
+    #[serde(with = "wire::headers")]
     pub headers: Vec<(String, String)>,
     pub weight: u32,
     pub pricing: Prices,
@@ -96,17 +131,20 @@ pub struct Target {
     pub timeouts: Timeouts,
 }
 
-/// Where a target's requests go.
-#[derive(Clone, Debug, PartialEq)]
+/// Where a target's requests go. Serialised as the ProviderRoute spells it (`api`, `baseUrl`) and
+/// parsed back by the same function.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(into = "wire::UpstreamSpec", try_from = "wire::UpstreamSpec")]
 pub enum Upstream {
     /// An OpenAI-compatible HTTP API; `base_url` has no trailing slash.
     OpenAi { base_url: String },
-    /// The built-in fake provider, run in-process.
-    Mock(Arc<MockOptions>),
+    /// The built-in fake provider, run in-process; `url` is the `mock://` URL it was configured by.
+    Mock { url: Option<String>, options: Arc<MockOptions> },
 }
 
 /// An upstream API key. Its `Debug` never shows the value, so it cannot leak into logs.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct Credential(String);
 
 impl Credential {
@@ -114,9 +152,35 @@ impl Credential {
         Self(value)
     }
 
+    /// A key as read from a Secret, file or variable, without the trailing newline that `echo`
+    /// leaves; it must be usable in an HTTP header.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        let value = value.trim_end_matches(['\n', '\r']);
+        if value.is_empty() {
+            return Err("the key is empty".into());
+        }
+        if http::HeaderValue::from_str(value).is_err() {
+            return Err("the key contains characters that are not allowed in an HTTP header".into());
+        }
+        Ok(Self(value.to_string()))
+    }
+
     /// The secret value, for the one place that puts it on the wire.
     pub fn expose(&self) -> &str {
         &self.0
+    }
+}
+
+impl TryFrom<String> for Credential {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, String> {
+        Self::parse(&value)
+    }
+}
+
+impl From<Credential> for String {
+    fn from(c: Credential) -> Self {
+        c.0
     }
 }
 
@@ -127,7 +191,8 @@ impl fmt::Debug for Credential {
 }
 
 /// Prices in micro-units per one million tokens; `request` in micro-units per call.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Prices {
     pub prompt: u64,
     pub completion: u64,
@@ -135,28 +200,38 @@ pub struct Prices {
     pub request: u64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Timeouts {
+    #[serde(with = "wire::duration")]
     pub connect: Duration,
+    #[serde(with = "wire::duration")]
     pub first_byte: Duration,
+    #[serde(with = "wire::duration")]
     pub total: Duration,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FallbackPolicy {
     pub on: ReasonSet,
     pub max_attempts: u32,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HealthPolicy {
     pub consecutive_failures: u32,
+    #[serde(with = "wire::duration")]
     pub base_ejection: Duration,
+    #[serde(with = "wire::duration")]
     pub max_ejection: Duration,
 }
 
 /// A set of [`FallbackReason`]s as a bit set: checked on every failed attempt, so it is a mask test.
-#[derive(Clone, Copy, Default, PartialEq, Eq)]
+/// Serialised as the list of reasons, as in `spec.fallback.on`.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "Vec<FallbackReason>", from = "Vec<FallbackReason>")]
 pub struct ReasonSet(u8);
 
 impl ReasonSet {
@@ -183,6 +258,18 @@ impl FromIterator<FallbackReason> for ReasonSet {
     }
 }
 
+impl From<Vec<FallbackReason>> for ReasonSet {
+    fn from(reasons: Vec<FallbackReason>) -> Self {
+        reasons.into_iter().collect()
+    }
+}
+
+impl From<ReasonSet> for Vec<FallbackReason> {
+    fn from(set: ReasonSet) -> Self {
+        FallbackReason::ALL.into_iter().filter(|r| set.contains(*r)).collect()
+    }
+}
+
 impl fmt::Debug for ReasonSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let reasons = FallbackReason::ALL.into_iter().filter(|r| self.contains(*r)).map(FallbackReason::as_str);
@@ -200,7 +287,7 @@ pub struct Origin {
 }
 
 /// The object a problem is about, as `kubectl` names it: `ProviderRoute team-a/chat`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ObjectRef {
     pub kind: String,
     pub namespace: String,
@@ -222,6 +309,41 @@ pub struct ConfigError {
     /// Field path within the object; empty when the problem is the whole document.
     pub path: String,
     pub message: String,
+    pub reason: Reason,
+}
+
+impl ConfigError {
+    /// A problem with the input as a whole (a file, a flag), not with one object.
+    pub fn input(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError { origin: None, object: None, path: path.into(), message: message.into(), reason: Reason::Invalid }
+    }
+}
+
+/// Why an object is not accepted: the `reason` of its status conditions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The spec breaks a rule of the API.
+    Invalid,
+    /// A `secretRef` names a Secret that does not exist.
+    SecretNotFound,
+    /// A `secretRef` names a key that the Secret does not have.
+    KeyNotFound,
+    /// Another, older route already serves one of this route's model names.
+    DuplicateModel,
+    /// Another, older budget already has this key.
+    DuplicateKey,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Invalid => "Invalid",
+            Reason::SecretNotFound => "SecretNotFound",
+            Reason::KeyNotFound => "KeyNotFound",
+            Reason::DuplicateModel => "DuplicateModel",
+            Reason::DuplicateKey => "DuplicateKey",
+        }
+    }
 }
 
 impl fmt::Display for ConfigError {

@@ -25,7 +25,7 @@ pub async fn watch(
         // File reads and compiling are blocking work; keep them off the request threads.
         let checked = tokio::task::spawn_blocking(move || {
             let fingerprint = match sources.read() {
-                Ok((_, hash)) => Fingerprint::new(hash, credential_files),
+                Ok(snapshot) => Fingerprint::new(snapshot.hash, credential_files),
                 // Unreadable sources are a change worth reporting, once.
                 Err(e) => return Some((Fingerprint::default(), Err(e))),
             };

@@ -72,6 +72,8 @@ pub struct SidecarMetrics {
     pub reloads_failed: Counter,
     pub last_reload_ok: Gauge,
     pub routes_loaded: Gauge,
+    /// The operator's version of the configuration being served; 0 in standalone mode.
+    pub config_version: Gauge,
 }
 
 impl SidecarMetrics {
@@ -275,6 +277,13 @@ impl SidecarMetrics {
         let _ = writeln!(out, "switchyard_config_last_reload_success {}", self.last_reload_ok.get());
         header(&mut out, "switchyard_config_routes", "gauge", "Routes in the configuration being served.");
         let _ = writeln!(out, "switchyard_config_routes {}", self.routes_loaded.get());
+        header(
+            &mut out,
+            "switchyard_config_version",
+            "gauge",
+            "Version of the operator-compiled configuration being served (0: loaded from ProviderRoute files).",
+        );
+        let _ = writeln!(out, "switchyard_config_version {}", self.config_version.get());
         out
     }
 }

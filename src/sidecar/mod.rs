@@ -41,6 +41,12 @@ pub struct SidecarArgs {
     #[arg(short = 'f', long = "file", env = "SWITCHYARD_FILES", value_delimiter = ',', required = true)]
     pub files: Vec<PathBuf>,
 
+    /// The pod's labels, as the downward API writes them (`key="value"` lines). Routes and budgets
+    /// whose `workloadSelector` does not select these labels are left out. Without it, every
+    /// selector matches (standalone).
+    #[arg(long, env = "SWITCHYARD_POD_LABELS_FILE")]
+    pub pod_labels_file: Option<PathBuf>,
+
     /// Address of the OpenAI-compatible API.
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:7700")]
     pub listen: SocketAddr,
@@ -92,7 +98,7 @@ pub enum SidecarError {
 
 /// Loads the configuration, serves until SIGTERM or SIGINT, then drains.
 pub async fn run(args: SidecarArgs) -> Result<(), SidecarError> {
-    let sources = Sources { paths: args.files.clone() };
+    let sources = Sources { paths: args.files.clone(), pod_labels_file: args.pod_labels_file.clone() };
     let loaded = {
         let sources = sources.clone();
         tokio::task::spawn_blocking(move || load(&sources))
@@ -105,7 +111,8 @@ pub async fn run(args: SidecarArgs) -> Result<(), SidecarError> {
     let shared = Shared::new(&loaded.config, limits, clients, args.require_key, args.state_dir.clone())
         .map_err(|e| flag_error("--state-dir", e))?;
     let shared = Arc::new(shared);
-    tracing::info!(routes = loaded.config.routes.len(), files = ?args.files, "configuration loaded");
+    shared.metrics.config_version.set(loaded.version.unwrap_or(0));
+    tracing::info!(routes = loaded.config.routes.len(), version = loaded.version, files = ?args.files, "configuration loaded");
 
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr).await.map_err(|e| SidecarError::Io(format!("cannot listen on {addr}: {e}")))
@@ -174,7 +181,7 @@ pub async fn run(args: SidecarArgs) -> Result<(), SidecarError> {
 
 /// A configuration error that comes from a flag rather than the YAML.
 fn flag_error(flag: &str, message: String) -> SidecarError {
-    SidecarError::Config(ConfigErrors(vec![ConfigError { origin: None, object: None, path: flag.into(), message }]))
+    SidecarError::Config(ConfigError::input(flag, message).into())
 }
 
 fn apply_reload(shared: &Shared, result: Result<Loaded, ConfigErrors>) {
@@ -183,9 +190,11 @@ fn apply_reload(shared: &Shared, result: Result<Loaded, ConfigErrors>) {
             Ok(()) => {
                 shared.metrics.reloads_ok.inc();
                 shared.metrics.last_reload_ok.set(1);
+                shared.metrics.config_version.set(loaded.version.unwrap_or(0));
                 tracing::info!(
                     routes = loaded.config.routes.len(),
                     budgets = loaded.config.budgets.len(),
+                    version = loaded.version,
                     "configuration reloaded"
                 );
             }

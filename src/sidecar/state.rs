@@ -227,7 +227,7 @@ impl TargetRt {
                 // compile() checked that the base URL parses, so appending a path keeps it valid.
                 uri: format!("{base_url}/chat/completions").parse().unwrap_or_else(|_| Uri::from_static("/")),
             },
-            config::Upstream::Mock(options) => {
+            config::Upstream::Mock { options, .. } => {
                 Upstream::Mock { options: options.clone(), stats: Arc::new(MockStats::default()) }
             }
         };
