@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use crate::mock_provider::{MockOptions, MockStats};
+use crate::operator::{OperatorArgs, OperatorError};
 use crate::sidecar::{SidecarArgs, SidecarError};
 
 /// Exit status for an invalid configuration (EX_USAGE), so supervisors can tell it from a crash.
@@ -27,6 +28,10 @@ struct Cli {
     #[arg(long, env = "SWITCHYARD_LOG", default_value = "info", global = true)]
     log: String,
 
+    /// Log line format: `text`, or `json` (one object per line, for log collectors).
+    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"], global = true)]
+    log_format: String,
+
     /// Threads that serve requests. Default: the CPUs this process may run on (its affinity and
     /// cgroup quota); with one, a single-threaded runtime without cross-thread handoffs.
     #[arg(long, env = "SWITCHYARD_WORKER_THREADS", global = true)]
@@ -40,6 +45,8 @@ struct Cli {
 enum Command {
     /// Serve the OpenAI-compatible API from ProviderRoute YAML files, reloading them when they change.
     Sidecar(SidecarArgs),
+    /// Reconcile ProviderRoutes and ApiKeyBudgets into each namespace's sidecar configuration.
+    Operator(OperatorArgs),
     /// Print the CustomResourceDefinitions as YAML, for `kubectl apply -f -`.
     Crd,
     /// Run a fake OpenAI-compatible provider, for tests, demos and load tests.
@@ -59,7 +66,7 @@ struct MockProviderArgs {
 /// Runs the command line and returns the process exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log);
+    init_logging(&cli.log, cli.log_format == "json");
     match cli.command {
         Command::Crd => {
             print!("{}", crate::api::crds_yaml());
@@ -76,6 +83,17 @@ pub fn main() -> ExitCode {
             }
             Ok(Err(SidecarError::Io(e))) | Err(e) => fail(&e),
         },
+        Command::Operator(args) => {
+            match runtime(cli.worker_threads).map(|rt| rt.block_on(crate::operator::run(args))) {
+                Ok(Ok(())) => ExitCode::SUCCESS,
+                Ok(Err(OperatorError::Usage(e))) => {
+                    tracing::error!("{e}");
+                    eprintln!("switchyard: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+                Ok(Err(OperatorError::Failed(e))) | Err(e) => fail(&e),
+            }
+        }
         Command::MockProvider(args) => {
             let result = runtime(cli.worker_threads).and_then(|rt| {
                 rt.block_on(async move {
@@ -118,14 +136,38 @@ fn runtime(worker_threads: Option<usize>) -> Result<tokio::runtime::Runtime, Str
     builder.enable_all().build().map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
-fn init_logging(filter: &str) {
+fn init_logging(filter: &str, json: bool) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|e| {
         eprintln!("switchyard: invalid --log filter {filter:?} ({e}); using \"info\"");
         EnvFilter::new("info")
     });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
+    }
+}
+
+/// Resolves on SIGTERM (how Kubernetes stops a pod) or SIGINT.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
 }

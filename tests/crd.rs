@@ -354,7 +354,7 @@ fn budgets_print_their_spend() {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    assert_eq!(columns, ["Limit", "Spent", "Remaining", "State", "Age"]);
+    assert_eq!(columns, ["Limit", "Spent", "Remaining", "State", "Ready", "Age"]);
 }
 
 #[test]

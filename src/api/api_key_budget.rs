@@ -25,6 +25,7 @@ use super::units::DECIMAL_PATTERN;
     printcolumn(name = "Spent", type_ = "string", json_path = ".status.spent"),
     printcolumn(name = "Remaining", type_ = "string", json_path = ".status.remaining"),
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -159,10 +160,14 @@ pub struct ApiKeyBudgetStatus {
     /// `Active`, `Low` (remaining under lowBalanceThreshold) or `Exhausted` (nothing left).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<BudgetState>,
-    /// Current conditions: `Accepted`, `Ready`.
+    /// Current conditions: `Accepted` (the spec is valid and the key resolves) and `Ready`
+    /// (compiled into the namespace's `switchyard-config`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+    /// The version of the namespace's compiled configuration that carries this budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_version: Option<i64>,
 }
 
 /// How much credit a key has left.

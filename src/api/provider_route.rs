@@ -467,8 +467,31 @@ pub struct ProviderRouteStatus {
     /// The `metadata.generation` that this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Current conditions: `Accepted`, `Ready`.
+    /// Current conditions: `Accepted` (the spec is valid and its references resolve), `Ready`
+    /// (compiled into the namespace's `switchyard-config`), and `ConfigNearLimit` while that
+    /// Secret nears the 1 MiB object limit.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+    /// The version of the namespace's compiled configuration that serves this route (see the
+    /// sidecar's `switchyard_config_version`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_version: Option<i64>,
+    /// Whether each target's credentials could be read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub targets: Vec<TargetStatus>,
+}
+
+/// The observed state of one target.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetStatus {
+    /// The target's name.
+    pub name: String,
+    /// `Resolved`, `NotConfigured` (no credentials), `SecretNotFound`, `KeyNotFound` or `Invalid`.
+    pub credentials: String,
+    /// Why the credentials could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }

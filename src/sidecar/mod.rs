@@ -154,7 +154,7 @@ pub async fn run(args: SidecarArgs) -> Result<(), SidecarError> {
     tracing::info!(api = %api_addr, admin = %admin_addr, "serving");
 
     tokio::select! {
-        _ = shutdown_signal() => {}
+        _ = crate::cli::shutdown_signal() => {}
         result = &mut api => {
             reloader.abort();
             refresher.abort();
@@ -245,28 +245,6 @@ async fn serve_api(listener: TcpListener, app: Router, stop: impl Future<Output 
     drop(listener);
     graceful.shutdown().await;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = interrupt => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = interrupt.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = interrupt.await;
-    }
 }
 
 /// The OpenAI-compatible API.

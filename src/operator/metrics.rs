@@ -1,0 +1,117 @@
+//! The operator's Prometheus metrics, served on its admin port.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write;
+use std::sync::Mutex;
+
+use crate::metrics::{Counter, Gauge, Histogram, escape, header};
+
+/// What a namespace reconcile counts as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Outcome {
+    Success,
+    /// The reconcile failed; the label names the step (see [`super::Error::label`]).
+    Error(&'static str),
+}
+
+#[derive(Debug, Default)]
+pub struct OperatorMetrics {
+    /// Objects reconciled, by kind and outcome.
+    reconciles: Mutex<BTreeMap<(&'static str, Outcome), u64>>,
+    pub reconcile_duration: Histogram,
+    /// Bytes of each namespace's compiled configuration.
+    config_bytes: Mutex<BTreeMap<String, u64>>,
+    /// Namespaces waiting for a reconcile.
+    queued: Mutex<BTreeSet<String>>,
+    pub config_writes: Counter,
+    pub config_deletes: Counter,
+    pub status_writes: Counter,
+    pub events_posted: Counter,
+    pub events_failed: Counter,
+    pub leader: Gauge,
+}
+
+impl OperatorMetrics {
+    pub fn reconciled(&self, kind: &'static str, outcome: Outcome, objects: usize) {
+        if objects > 0 {
+            *lock(&self.reconciles).entry((kind, outcome)).or_default() += objects as u64;
+        }
+    }
+
+    pub fn config_bytes(&self, namespace: &str, bytes: usize) {
+        let mut sizes = lock(&self.config_bytes);
+        if bytes == 0 {
+            sizes.remove(namespace);
+        } else {
+            sizes.insert(namespace.to_string(), bytes as u64);
+        }
+    }
+
+    /// A change was seen that the namespace's next reconcile will pick up.
+    pub fn queued(&self, namespace: &str) {
+        lock(&self.queued).insert(namespace.to_string());
+    }
+
+    /// A reconcile of the namespace started: it sees every change queued until now.
+    pub fn dequeued(&self, namespace: &str) {
+        lock(&self.queued).remove(namespace);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        header(
+            &mut out,
+            "switchyard_operator_reconciles_total",
+            "counter",
+            "ProviderRoutes and ApiKeyBudgets reconciled, by kind and result (an error result names the failed step).",
+        );
+        for ((kind, outcome), n) in lock(&self.reconciles).iter() {
+            let result = match outcome {
+                Outcome::Success => "success",
+                Outcome::Error(step) => step,
+            };
+            let _ = writeln!(out, "switchyard_operator_reconciles_total{{kind=\"{kind}\",result=\"{result}\"}} {n}");
+        }
+        header(
+            &mut out,
+            "switchyard_operator_reconcile_duration_seconds",
+            "histogram",
+            "Time to reconcile one namespace, API writes included.",
+        );
+        self.reconcile_duration.render(&mut out, "switchyard_operator_reconcile_duration_seconds", "");
+        header(
+            &mut out,
+            "switchyard_operator_config_bytes",
+            "gauge",
+            "Size of each namespace's compiled configuration (the Secret limit is 1048576).",
+        );
+        for (ns, bytes) in lock(&self.config_bytes).iter() {
+            let _ = writeln!(out, "switchyard_operator_config_bytes{{namespace=\"{}\"}} {bytes}", escape(ns));
+        }
+        header(
+            &mut out,
+            "switchyard_operator_queue_depth",
+            "gauge",
+            "Namespaces with changes waiting for a reconcile.",
+        );
+        let _ = writeln!(out, "switchyard_operator_queue_depth {}", lock(&self.queued).len());
+        let writes = [
+            ("switchyard_operator_config_writes_total", "Compiled configurations applied.", &self.config_writes),
+            ("switchyard_operator_config_deletes_total", "Configuration Secrets deleted.", &self.config_deletes),
+            ("switchyard_operator_status_writes_total", "Status patches applied.", &self.status_writes),
+            ("switchyard_operator_events_total", "Events posted.", &self.events_posted),
+            ("switchyard_operator_event_failures_total", "Events the API server refused.", &self.events_failed),
+        ];
+        for (name, help, counter) in writes {
+            header(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name} {}", counter.get());
+        }
+        header(&mut out, "switchyard_operator_leader", "gauge", "1 while this replica holds the leader lease.");
+        let _ = writeln!(out, "switchyard_operator_leader {}", self.leader.get());
+        out
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

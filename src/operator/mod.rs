@@ -1,0 +1,273 @@
+//! `switchyard operator`: compiles each namespace's ProviderRoutes, ApiKeyBudgets and the Secrets
+//! they refer to into the `switchyard-config` Secret its sidecars mount, and reports on every
+//! object in its status and in events. See docs/operator.md.
+
+pub mod controller;
+pub mod leader;
+pub mod metrics;
+pub mod plan;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use futures::StreamExt;
+use http::{StatusCode, header};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::ListParams;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector;
+use kube::runtime::watcher;
+use kube::{Api, Client, CustomResourceExt, Resource};
+use tokio::net::TcpListener;
+
+use self::controller::{
+    Context, Stores, controller, error_policy, generation, reconcile, resource_version, secret_matters, triggers,
+};
+use self::leader::{Elector, Leadership, LeaseSettings};
+use self::metrics::OperatorMetrics;
+use crate::api::units::parse_duration;
+use crate::api::{ApiKeyBudget, ProviderRoute};
+
+/// `switchyard operator`.
+#[derive(clap::Args, Debug)]
+pub struct OperatorArgs {
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "SWITCHYARD_ADMIN_LISTEN", default_value = "0.0.0.0:7801")]
+    pub admin_listen: SocketAddr,
+
+    /// Elect one leader among the replicas through a Lease; only the leader writes. Turn off only
+    /// when exactly one replica runs.
+    #[arg(long, env = "SWITCHYARD_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+
+    /// Name of the coordination.k8s.io Lease the replicas elect a leader with.
+    #[arg(long, env = "SWITCHYARD_LEASE_NAME", default_value = "switchyard-operator")]
+    pub lease_name: String,
+
+    /// Namespace of the Lease. Default: the operator's own namespace (from its service account,
+    /// or the kubeconfig context).
+    #[arg(long, env = "SWITCHYARD_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+
+    /// This replica's identity in the Lease; must differ between replicas. Default: the host name
+    /// (the pod name in a cluster).
+    #[arg(long, env = "SWITCHYARD_IDENTITY")]
+    pub identity: Option<String>,
+
+    /// How long a Lease stays valid without renewal before another replica may take it.
+    #[arg(long, env = "SWITCHYARD_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+
+    /// How long the leader keeps writing without a successful renewal; shorter than the lease
+    /// duration, so that no two replicas write at once.
+    #[arg(long, env = "SWITCHYARD_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+    pub renew_deadline: Duration,
+
+    /// How often the Lease is renewed, or tried for by the other replicas.
+    #[arg(long, env = "SWITCHYARD_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
+    pub retry_period: Duration,
+}
+
+/// Why the operator stopped.
+#[derive(Debug)]
+pub enum OperatorError {
+    /// A flag is invalid.
+    Usage(String),
+    /// It could not start, or stopped because of a failure.
+    Failed(String),
+}
+
+/// Secrets that never hold credentials, left out of the watch to save memory.
+const IGNORED_SECRETS: &str = "type!=kubernetes.io/service-account-token,type!=helm.sh/release.v1";
+
+pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
+    if args.leader_elect && !(args.retry_period < args.renew_deadline && args.renew_deadline < args.lease_duration) {
+        return Err(OperatorError::Usage(
+            "--retry-period must be shorter than --renew-deadline, and --renew-deadline shorter than --lease-duration"
+                .into(),
+        ));
+    }
+    let client = Client::try_default().await.map_err(|e| {
+        OperatorError::Failed(format!(
+            "cannot configure a Kubernetes client (no kubeconfig, and not in a cluster?): {e}"
+        ))
+    })?;
+    check_crds(&client).await?;
+
+    let metrics = Arc::new(OperatorMetrics::default());
+    let identity = args.identity.clone().unwrap_or_else(hostname);
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let shutdown = move || {
+        let mut rx = shutdown_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let (leadership, election) = if args.leader_elect {
+        let settings = LeaseSettings {
+            name: args.lease_name.clone(),
+            namespace: args.lease_namespace.clone().unwrap_or_else(|| client.default_namespace().to_string()),
+            identity: identity.clone(),
+            lease_duration: args.lease_duration,
+            renew_deadline: args.renew_deadline,
+            retry_period: args.retry_period,
+        };
+        tracing::info!(lease = %settings.name, namespace = %settings.namespace, %identity, "joining the leader election");
+        let (elector, leadership) =
+            Elector::new(Api::<Lease>::namespaced(client.clone(), &settings.namespace), settings);
+        (leadership, Some(tokio::spawn(elector.run(shutdown()))))
+    } else {
+        (Leadership::fixed(true), None)
+    };
+    let leader_gauge = {
+        let (mut leadership, metrics) = (leadership.clone(), metrics.clone());
+        tokio::spawn(async move {
+            loop {
+                metrics.leader.set(u64::from(leadership.is_leader()));
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    acquired = leadership.acquired() => if !acquired { tokio::time::sleep(Duration::from_secs(1)).await },
+                }
+            }
+        })
+    };
+
+    let (namespaces, ns_writer) = reflector::store();
+    let (routes, routes_writer) = reflector::store();
+    let (budgets, budgets_writer) = reflector::store();
+    let (secrets, secrets_writer) = reflector::store();
+    let stores = Stores { namespaces: namespaces.clone(), routes: routes.clone(), budgets: budgets.clone(), secrets };
+    let route_events = watcher::watcher(Api::<ProviderRoute>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(routes_writer);
+    let budget_events = watcher::watcher(Api::<ApiKeyBudget>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(budgets_writer);
+    let secret_events =
+        watcher::watcher(Api::<Secret>::all(client.clone()), watcher::Config::default().fields(IGNORED_SECRETS))
+            .default_backoff()
+            .reflect(secrets_writer);
+    let requests = futures::stream::select_all([
+        triggers(route_events, generation, |_, _| true).boxed(),
+        triggers(budget_events, generation, |_, _| true).boxed(),
+        triggers(secret_events, resource_version, move |ns, name| secret_matters(&routes, &budgets, ns, name)).boxed(),
+        controller::on_leadership(leadership.clone(), namespaces.clone()).boxed(),
+    ]);
+
+    let admin = TcpListener::bind(args.admin_listen)
+        .await
+        .map_err(|e| OperatorError::Failed(format!("cannot listen on {}: {e}", args.admin_listen)))?;
+    let admin_addr = admin.local_addr().map_err(|e| OperatorError::Failed(e.to_string()))?;
+    let admin_state = Arc::new(Admin { stores: stores.clone(), metrics: metrics.clone() });
+    let admin =
+        tokio::spawn(axum::serve(admin, admin_router(admin_state)).with_graceful_shutdown(shutdown()).into_future());
+
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter { controller: controller::FIELD_MANAGER.into(), instance: Some(identity) },
+    );
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        stores,
+        leadership,
+        recorder,
+        metrics: metrics.clone(),
+        own_writes: Default::default(),
+        failures: Default::default(),
+    });
+    let controller = controller(controller::namespace_watch(&client, ns_writer), namespaces, requests, metrics)
+        .graceful_shutdown_on(shutdown())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile request not carried out");
+            }
+        });
+    tracing::info!(admin = %admin_addr, "operator running");
+
+    let mut election = election;
+    let outcome = tokio::select! {
+        _ = controller => Ok(()),
+        _ = crate::cli::shutdown_signal() => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+        lost = async { match election.as_mut() { Some(e) => e.await, None => std::future::pending().await } } => match lost {
+            Ok(Err(lost)) => Err(OperatorError::Failed(format!("{lost}; exiting so that a restart joins as a follower"))),
+            _ => Ok(()),
+        },
+    };
+    // Stop the controller and the admin server, and release the lease if held.
+    let _ = shutdown_tx.send(true);
+    if let Some(election) = election
+        && !election.is_finished()
+    {
+        let _ = tokio::time::timeout(Duration::from_secs(5), election).await;
+    }
+    leader_gauge.abort();
+    let _ = admin.await;
+    outcome
+}
+
+/// Fails with a clear message when a CRD is missing, rather than watching in vain.
+async fn check_crds(client: &Client) -> Result<(), OperatorError> {
+    async fn check<K>(client: &Client) -> Result<(), OperatorError>
+    where
+        K: Resource<DynamicType = ()> + CustomResourceExt + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        match Api::<K>::all(client.clone()).list_metadata(&ListParams::default().limit(1)).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Err(OperatorError::Failed(format!(
+                "the {} CustomResourceDefinition ({}) is not installed: install the switchyard-crds chart, or run `switchyard crd | kubectl apply --server-side -f -`",
+                K::kind(&()),
+                K::crd_name()
+            ))),
+            Err(e) => Err(OperatorError::Failed(format!("cannot list {}: {e}", K::plural(&())))),
+        }
+    }
+    check::<ProviderRoute>(client).await?;
+    check::<ApiKeyBudget>(client).await
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "switchyard-operator".into())
+}
+
+struct Admin {
+    stores: Stores,
+    metrics: Arc<OperatorMetrics>,
+}
+
+fn admin_router(state: Arc<Admin>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(|State(admin): State<Arc<Admin>>| async move {
+                if admin.stores.ready() {
+                    (StatusCode::OK, "ready\n")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "the caches are still loading\n")
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|State(admin): State<Arc<Admin>>| async move {
+                ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], admin.metrics.render()).into_response()
+            }),
+        )
+        .with_state(state)
+}

@@ -1,0 +1,398 @@
+//! What a namespace should look like: its compiled configuration Secret, the status of each
+//! ProviderRoute and ApiKeyBudget, and the events that report what changed.
+//!
+//! Pure: the reconciler feeds it what its caches hold and carries out the result; tests feed it
+//! objects. The rules of the API are those of [`crate::config::analyse`], the same as standalone
+//! mode's; this module only decides what the cluster sees of them.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+
+use crate::api::{ApiKeyBudget, ApiKeyBudgetStatus, ProviderRoute, ProviderRouteStatus, TargetStatus};
+use crate::config::{CompiledConfig, ConfigError, CredentialState, Document, Documents, Outcome, Resolver, analyse};
+
+/// The Secret each namespace's sidecars mount.
+pub const CONFIG_SECRET: &str = "switchyard-config";
+/// Its one key.
+pub const CONFIG_KEY: &str = "config.json";
+pub const VERSION_ANNOTATION: &str = "switchyard.dev/config-version";
+pub const HASH_ANNOTATION: &str = "switchyard.dev/config-hash";
+/// Marks the Secrets the operator owns; it deletes no other.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "switchyard-operator";
+/// The API server refuses a Secret whose data is larger.
+pub const SECRET_LIMIT: usize = 1 << 20;
+/// Above this, statuses and events warn that the limit is near.
+pub const SECRET_WARNING: usize = SECRET_LIMIT / 10 * 9;
+
+/// Condition types.
+pub const ACCEPTED: &str = "Accepted";
+pub const READY: &str = "Ready";
+pub const NEAR_LIMIT: &str = "ConfigNearLimit";
+
+/// The configuration a namespace has now, as far as the operator knows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Published {
+    pub version: u64,
+    /// The bytes of [`CONFIG_KEY`].
+    pub content: Vec<u8>,
+    /// Whether the Secret carries the operator's label.
+    pub ours: bool,
+}
+
+impl Published {
+    /// Reads a `switchyard-config` Secret; one without a readable version counts as version 0.
+    pub fn from_secret(secret: &Secret) -> Published {
+        let version = secret.annotations().get(VERSION_ANNOTATION).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let content = secret.data.as_ref().and_then(|d| d.get(CONFIG_KEY)).map(|b| b.0.clone()).unwrap_or_default();
+        let ours = secret.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY);
+        Published { version, content, ours }
+    }
+}
+
+/// Everything the operator knows about one namespace.
+#[derive(Clone, Copy, Debug)]
+pub struct Inputs<'a> {
+    pub namespace: &'a str,
+    pub routes: &'a [Arc<ProviderRoute>],
+    pub budgets: &'a [Arc<ApiKeyBudget>],
+    /// The namespace's Secrets (others are ignored).
+    pub secrets: &'a [Arc<Secret>],
+    pub published: Option<&'a Published>,
+    pub now: Timestamp,
+}
+
+/// What to change.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    pub config: ConfigAction,
+    /// Routes whose status differs from the desired one, with the status to apply.
+    pub routes: Vec<(String, ProviderRouteStatus)>,
+    pub budgets: Vec<(String, ApiKeyBudgetStatus)>,
+    pub events: Vec<PlannedEvent>,
+    /// Size of the compiled configuration; 0 without one.
+    pub config_bytes: usize,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum ConfigAction {
+    /// The published configuration is the desired one (or there is none and none is needed).
+    #[default]
+    Keep,
+    /// Apply this Secret, which publishes `version`.
+    Apply { secret: Box<Secret>, published: Published },
+    /// The namespace has no routes left: delete the Secret.
+    Delete,
+}
+
+/// An event about one object.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannedEvent {
+    pub regarding: ObjectReference,
+    pub type_: EventType,
+    pub reason: String,
+    pub note: String,
+}
+
+/// Credentials in a cluster come from Secrets: a pod's environment and files are not the
+/// operator's to read.
+struct ClusterResolver;
+
+impl Resolver for ClusterResolver {
+    fn env(&self, name: &str) -> Result<String, String> {
+        Err(format!(
+            "environment variable {name:?}: env credentials work in standalone mode only; in a cluster use secretRef"
+        ))
+    }
+    fn file(&self, _: &str) -> std::io::Result<String> {
+        Err(std::io::Error::other("file credentials work in standalone mode only; in a cluster use secretRef"))
+    }
+}
+
+/// How the namespace's configuration stands after the plan is carried out.
+enum Compiled {
+    /// No routes, so no configuration.
+    None,
+    Published {
+        version: u64,
+        bytes: usize,
+    },
+    TooLarge {
+        bytes: usize,
+    },
+}
+
+pub fn plan(inputs: &Inputs<'_>) -> Plan {
+    let mut routes: Vec<&ProviderRoute> = inputs.routes.iter().map(Arc::as_ref).collect();
+    let mut budgets: Vec<&ApiKeyBudget> = inputs.budgets.iter().map(Arc::as_ref).collect();
+    // The older object keeps a contested model name or key; the name breaks ties.
+    routes.sort_by(|a, b| age(a.meta()).cmp(&age(b.meta())));
+    budgets.sort_by(|a, b| age(a.meta()).cmp(&age(b.meta())));
+
+    let referenced = referenced_secrets(&routes, &budgets);
+    let docs = Documents {
+        routes: routes.iter().map(|r| Document { origin: None, object: (*r).clone() }).collect(),
+        budgets: budgets.iter().map(|b| Document { origin: None, object: (*b).clone() }).collect(),
+        secrets: inputs
+            .secrets
+            .iter()
+            .filter(|s| s.metadata.name.as_deref().is_some_and(|n| referenced.contains(n)))
+            .map(|s| Document { origin: None, object: (**s).clone() })
+            .collect(),
+        compiled: Vec::new(),
+    };
+    let analysis = analyse(&docs, &ClusterResolver);
+
+    let mut plan = Plan::default();
+    let compiled = if routes.is_empty() {
+        if inputs.published.is_some_and(|p| p.ours) {
+            plan.config = ConfigAction::Delete;
+        }
+        Compiled::None
+    } else {
+        let current = inputs.published.map_or(0, |p| p.version);
+        let unchanged = serialise(&CompiledConfig::new(inputs.namespace, current, analysis.config.clone()));
+        if inputs.published.is_some_and(|p| p.content == unchanged) {
+            Compiled::Published { version: current, bytes: unchanged.len() }
+        } else {
+            let version = current + 1;
+            let compiled = CompiledConfig::new(inputs.namespace, version, analysis.config);
+            let content = serialise(&compiled);
+            if content.len() > SECRET_LIMIT {
+                Compiled::TooLarge { bytes: content.len() }
+            } else {
+                let bytes = content.len();
+                let secret = config_secret(inputs.namespace, version, &compiled.hash, content.clone());
+                let ours = true;
+                plan.config =
+                    ConfigAction::Apply { secret: Box::new(secret), published: Published { version, content, ours } };
+                Compiled::Published { version, bytes }
+            }
+        }
+    };
+    plan.config_bytes = match compiled {
+        Compiled::Published { bytes, .. } | Compiled::TooLarge { bytes } => bytes,
+        Compiled::None => 0,
+    };
+
+    let outcome =
+        |kind: &str, name: &str| analysis.outcomes.iter().find(|o| o.object.kind == kind && o.object.name == name);
+    for route in &routes {
+        let Some(outcome) = outcome("ProviderRoute", &route.name_any()) else { continue };
+        let current = route.status.clone().unwrap_or_default();
+        let (conditions, version) = conditions(outcome, &compiled, route.meta(), &current.conditions, inputs.now);
+        let desired = ProviderRouteStatus {
+            observed_generation: route.metadata.generation,
+            conditions,
+            config_version: version,
+            targets: outcome.credentials.iter().map(target_status).collect(),
+        };
+        events(&mut plan.events, *route, &current.conditions, &desired.conditions);
+        if desired != current {
+            plan.routes.push((route.name_any(), desired));
+        }
+    }
+    for budget in &budgets {
+        let Some(outcome) = outcome("ApiKeyBudget", &budget.name_any()) else { continue };
+        let current = budget.status.clone().unwrap_or_default();
+        let (conditions, version) = conditions(outcome, &compiled, budget.meta(), &current.conditions, inputs.now);
+        // Spend, balance and state belong to the ledger; this only owns what compile decides.
+        let desired = ApiKeyBudgetStatus {
+            observed_generation: budget.metadata.generation,
+            conditions,
+            config_version: version,
+            ..Default::default()
+        };
+        let mine = ApiKeyBudgetStatus {
+            observed_generation: current.observed_generation,
+            conditions: current.conditions.clone(),
+            config_version: current.config_version,
+            ..Default::default()
+        };
+        events(&mut plan.events, *budget, &current.conditions, &desired.conditions);
+        if desired != mine {
+            plan.budgets.push((budget.name_any(), desired));
+        }
+    }
+    plan
+}
+
+/// Creation time, then name: the order in which objects claim what only one may have.
+fn age(meta: &ObjectMeta) -> (Option<Timestamp>, &str) {
+    (meta.creation_timestamp.as_ref().map(|t| t.0), meta.name.as_deref().unwrap_or_default())
+}
+
+fn referenced_secrets<'a>(routes: &[&'a ProviderRoute], budgets: &[&'a ApiKeyBudget]) -> HashSet<&'a str> {
+    let from_routes =
+        routes.iter().flat_map(|r| &r.spec.targets).filter_map(|t| t.credentials.as_ref()?.secret_ref.as_ref());
+    let from_budgets = budgets.iter().filter_map(|b| b.spec.key.secret_ref.as_ref());
+    from_routes.chain(from_budgets).map(|r| r.name.as_str()).collect()
+}
+
+fn serialise(compiled: &CompiledConfig) -> Vec<u8> {
+    // Plain data with string keys: serialising it cannot fail.
+    serde_json::to_vec(compiled).unwrap_or_default()
+}
+
+/// The Secret that publishes `content` as `version` of the namespace's configuration.
+pub fn config_secret(namespace: &str, version: u64, hash: &str, content: Vec<u8>) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(CONFIG_SECRET.into()),
+            namespace: Some(namespace.into()),
+            labels: Some(BTreeMap::from([
+                (MANAGED_BY_LABEL.into(), MANAGED_BY.into()),
+                ("app.kubernetes.io/part-of".into(), "switchyard".into()),
+            ])),
+            annotations: Some(BTreeMap::from([
+                (VERSION_ANNOTATION.into(), version.to_string()),
+                (HASH_ANNOTATION.into(), hash.into()),
+            ])),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(CONFIG_KEY.into(), ByteString(content))])),
+        ..Default::default()
+    }
+}
+
+/// The `Accepted`, `Ready` and (near the size limit) `ConfigNearLimit` conditions of an object,
+/// and the configuration version it is in.
+fn conditions(
+    outcome: &Outcome,
+    compiled: &Compiled,
+    meta: &ObjectMeta,
+    current: &[Condition],
+    now: Timestamp,
+) -> (Vec<Condition>, Option<i64>) {
+    let condition = |type_: &str, ok: bool, reason: &str, message: String| {
+        let status = if ok { "True" } else { "False" };
+        // The transition time moves only when the status does.
+        let since = current
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map_or(Time(now), |c| c.last_transition_time.clone());
+        Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message,
+            observed_generation: meta.generation,
+            last_transition_time: since,
+        }
+    };
+    let accepted = match outcome.errors.first() {
+        None => condition(ACCEPTED, true, "Accepted", "the spec is valid and its references resolve".into()),
+        Some(first) => condition(ACCEPTED, false, first.reason.as_str(), problems(&outcome.errors)),
+    };
+    let mut version = None;
+    let ready = match compiled {
+        _ if !outcome.accepted() => condition(
+            READY,
+            false,
+            "NotAccepted",
+            "not in the namespace's configuration: see the Accepted condition".into(),
+        ),
+        Compiled::Published { version: v, .. } => {
+            version = Some(*v as i64);
+            condition(READY, true, "Compiled", format!("compiled into Secret {CONFIG_SECRET}, version {v}"))
+        }
+        Compiled::TooLarge { bytes } => condition(
+            READY,
+            false,
+            "ConfigTooLarge",
+            format!(
+                "the namespace's compiled configuration is {bytes} bytes, over the {SECRET_LIMIT}-byte Secret limit; the previous configuration stays in place"
+            ),
+        ),
+        // Budgets in a namespace without routes: there is nothing to compile them into.
+        Compiled::None => condition(
+            READY,
+            false,
+            "NoRoutes",
+            "the namespace has no ProviderRoute, so there is no configuration to compile into".into(),
+        ),
+    };
+    let mut conditions = vec![accepted, ready];
+    if let Compiled::Published { bytes, .. } = compiled
+        && *bytes > SECRET_WARNING
+    {
+        let message = format!(
+            "the namespace's compiled configuration is {bytes} bytes of the {SECRET_LIMIT}-byte Secret limit; split routes across namespaces or remove unused ones"
+        );
+        conditions.push(condition(NEAR_LIMIT, true, "ConfigNearLimit", message));
+    }
+    (conditions, version)
+}
+
+/// Every problem of an object, without the object's name (the status is on the object).
+fn problems(errors: &[ConfigError]) -> String {
+    let each =
+        errors.iter().map(|e| if e.path.is_empty() { e.message.clone() } else { format!("{}: {}", e.path, e.message) });
+    each.collect::<Vec<_>>().join("; ")
+}
+
+fn target_status(t: &crate::config::TargetCredential) -> TargetStatus {
+    let (credentials, message) = match &t.state {
+        CredentialState::NotConfigured => ("NotConfigured", None),
+        CredentialState::Resolved => ("Resolved", None),
+        CredentialState::Unresolved { reason, message } => (reason.as_str(), Some(message.clone())),
+    };
+    TargetStatus { name: t.target.clone(), credentials: credentials.into(), message }
+}
+
+/// Events for the conditions that changed: a problem appearing or changing, readiness gained, and
+/// the size warnings. Steady states post nothing.
+fn events<K: Resource<DynamicType = ()>>(
+    out: &mut Vec<PlannedEvent>,
+    object: &K,
+    before: &[Condition],
+    after: &[Condition],
+) {
+    let find = |list: &[Condition], type_: &str| list.iter().find(|c| c.type_ == type_).cloned();
+    let mut post = |type_: EventType, c: &Condition| {
+        out.push(PlannedEvent {
+            regarding: object.object_ref(&()),
+            type_,
+            reason: c.reason.clone(),
+            note: truncate(&c.message, 1024),
+        })
+    };
+    let changed = |type_: &str| {
+        let (old, new) = (find(before, type_), find(after, type_));
+        let differs = old.as_ref().map(|c| (&c.status, &c.reason)) != new.as_ref().map(|c| (&c.status, &c.reason));
+        new.filter(|_| differs)
+    };
+    if let Some(c) = changed(ACCEPTED).filter(|c| c.status == "False") {
+        post(EventType::Warning, &c);
+    }
+    if let Some(c) = changed(READY) {
+        match (c.status.as_str(), c.reason.as_str()) {
+            ("True", _) => post(EventType::Normal, &c),
+            (_, "ConfigTooLarge") => post(EventType::Warning, &c),
+            _ => {}
+        }
+    }
+    if let Some(c) = changed(NEAR_LIMIT) {
+        post(EventType::Warning, &c);
+    }
+}
+
+/// At most `max` bytes, cut at a character boundary (events.k8s.io refuses longer notes).
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max - 3;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}

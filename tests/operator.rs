@@ -1,0 +1,821 @@
+//! The operator without a cluster: what it plans for a namespace (pure), the exact API
+//! conversations it holds (tower-test), its watch wiring (synthetic streams into
+//! `Controller::for_stream`), leader election, and a real process against a fake API server.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{StreamExt, stream};
+use http::{Method, Request, Response};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::Api;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store, store::Writer};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use switchyard::api::{ApiKeyBudget, ProviderRoute};
+use switchyard::config::{CompiledConfig, Reason};
+use switchyard::operator::controller::{
+    self, Context, Error, FIELD_MANAGER, Stores, generation, reconcile, resource_version, secret_matters, triggers,
+};
+use switchyard::operator::leader::{Elector, Leadership, LeaseSettings, LostLease};
+use switchyard::operator::metrics::OperatorMetrics;
+use switchyard::operator::plan::{
+    CONFIG_SECRET, ConfigAction, Inputs, Plan, Published, SECRET_LIMIT, SECRET_WARNING, plan,
+};
+use tower_test::mock::Handle;
+
+// ---------------------------------------------------------------------------------------------
+// Objects
+
+const NS: &str = "team-a";
+
+fn at(seconds: i64) -> Time {
+    Time(Timestamp::from_second(1_700_000_000 + seconds).unwrap())
+}
+
+fn meta(name: &str, created: i64) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(NS.into()),
+        uid: Some(format!("uid-{name}")),
+        generation: Some(1),
+        resource_version: Some("1".into()),
+        creation_timestamp: Some(at(created)),
+        ..Default::default()
+    }
+}
+
+fn route(name: &str, created: i64, spec: Value) -> Arc<ProviderRoute> {
+    let mut route: ProviderRoute = serde_json::from_value(
+        json!({"apiVersion": "switchyard.dev/v1alpha1", "kind": "ProviderRoute", "metadata": {}, "spec": spec}),
+    )
+    .unwrap();
+    route.metadata = meta(name, created);
+    Arc::new(route)
+}
+
+/// A route for `model` whose one target reads its key from Secret `keys`.
+fn keyed_route(name: &str, model: &str, created: i64) -> Arc<ProviderRoute> {
+    route(
+        name,
+        created,
+        json!({"model": model, "targets": [{"name": "openai", "baseUrl": "https://api.example.com/v1",
+            "credentials": {"secretRef": {"name": "keys", "key": "openai"}}}]}),
+    )
+}
+
+fn budget(name: &str, created: i64, spec: Value) -> Arc<ApiKeyBudget> {
+    let mut budget: ApiKeyBudget = serde_json::from_value(
+        json!({"apiVersion": "switchyard.dev/v1alpha1", "kind": "ApiKeyBudget", "metadata": {}, "spec": spec}),
+    )
+    .unwrap();
+    budget.metadata = meta(name, created);
+    Arc::new(budget)
+}
+
+fn secret(name: &str, data: &[(&str, &str)]) -> Arc<Secret> {
+    Arc::new(Secret {
+        metadata: meta(name, 0),
+        data: Some(data.iter().map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec()))).collect()),
+        ..Default::default()
+    })
+}
+
+fn keys() -> Arc<Secret> {
+    secret("keys", &[("openai", "sk-upstream"), ("app", "sk-app")])
+}
+
+struct World {
+    routes: Vec<Arc<ProviderRoute>>,
+    budgets: Vec<Arc<ApiKeyBudget>>,
+    secrets: Vec<Arc<Secret>>,
+    published: Option<Published>,
+}
+
+impl World {
+    fn new(routes: Vec<Arc<ProviderRoute>>, secrets: Vec<Arc<Secret>>) -> World {
+        World { routes, budgets: Vec::new(), secrets, published: None }
+    }
+
+    fn plan(&self) -> Plan {
+        plan(&Inputs {
+            namespace: NS,
+            routes: &self.routes,
+            budgets: &self.budgets,
+            secrets: &self.secrets,
+            published: self.published.as_ref(),
+            now: at(1000).0,
+        })
+    }
+
+    /// What the cluster looks like after `plan` is carried out.
+    fn apply(&mut self, plan: &Plan) {
+        match &plan.config {
+            ConfigAction::Keep => {}
+            ConfigAction::Apply { published, .. } => self.published = Some(published.clone()),
+            ConfigAction::Delete => self.published = None,
+        }
+        for (name, status) in &plan.routes {
+            let r = self.routes.iter_mut().find(|r| r.name_any() == *name).unwrap();
+            Arc::make_mut(r).status = Some(status.clone());
+        }
+        for (name, status) in &plan.budgets {
+            let b = self.budgets.iter_mut().find(|b| b.name_any() == *name).unwrap();
+            Arc::make_mut(b).status = Some(status.clone());
+        }
+    }
+}
+
+fn applied_config(plan: &Plan) -> (Secret, CompiledConfig) {
+    let ConfigAction::Apply { secret, .. } = &plan.config else { panic!("expected a config write: {:?}", plan.config) };
+    let content = &secret.data.as_ref().unwrap()["config.json"].0;
+    (*secret.clone(), serde_json::from_slice(content).unwrap())
+}
+
+fn condition<'a>(
+    conditions: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> (&'a str, &'a str, &'a str) {
+    let c = conditions.iter().find(|c| c.type_ == type_).unwrap_or_else(|| panic!("no {type_} in {conditions:?}"));
+    (c.status.as_str(), c.reason.as_str(), c.message.as_str())
+}
+
+fn route_status<'a>(plan: &'a Plan, name: &str) -> &'a switchyard::api::ProviderRouteStatus {
+    &plan.routes.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no status for {name}: {plan:?}")).1
+}
+
+fn event_reasons(plan: &Plan) -> Vec<(String, EventType, String)> {
+    plan.events.iter().map(|e| (e.regarding.name.clone().unwrap(), e.type_, e.reason.clone())).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// What a namespace should look like
+
+#[test]
+fn a_valid_route_is_published_and_reported_ready() {
+    let mut world = World::new(vec![keyed_route("chat", "chat", 0)], vec![keys()]);
+    let plan = world.plan();
+
+    let (secret, compiled) = applied_config(&plan);
+    assert_eq!(secret.metadata.name.as_deref(), Some(CONFIG_SECRET));
+    assert_eq!(secret.metadata.namespace.as_deref(), Some(NS));
+    assert_eq!(secret.labels()["app.kubernetes.io/managed-by"], "switchyard-operator");
+    assert_eq!(secret.annotations()["switchyard.dev/config-version"], "1");
+    assert_eq!(secret.annotations()["switchyard.dev/config-hash"], compiled.hash);
+    assert_eq!(compiled.version, 1);
+    let config = compiled.into_config().unwrap();
+    assert_eq!(config.routes.len(), 1);
+    assert_eq!(config.routes[0].targets[0].credential.as_ref().unwrap().expose(), "sk-upstream");
+
+    let status = route_status(&plan, "chat");
+    assert_eq!(status.observed_generation, Some(1));
+    assert_eq!(
+        condition(&status.conditions, "Accepted"),
+        ("True", "Accepted", "the spec is valid and its references resolve")
+    );
+    assert_eq!(
+        condition(&status.conditions, "Ready"),
+        ("True", "Compiled", "compiled into Secret switchyard-config, version 1")
+    );
+    assert_eq!(status.config_version, Some(1));
+    assert_eq!(status.targets[0].name, "openai");
+    assert_eq!(status.targets[0].credentials, "Resolved");
+    assert_eq!(event_reasons(&plan), [("chat".into(), EventType::Normal, "Compiled".into())]);
+
+    // A second pass over the result changes nothing: no write, no status, no event.
+    world.apply(&plan);
+    assert_eq!(world.plan(), Plan { config_bytes: plan.config_bytes, ..Plan::default() });
+}
+
+#[test]
+fn a_secret_that_appears_later_turns_secret_not_found_into_ready() {
+    let mut world = World::new(vec![keyed_route("chat", "chat", 0)], vec![]);
+    let plan = world.plan();
+    let status = route_status(&plan, "chat");
+    let (_, reason, message) = condition(&status.conditions, "Accepted");
+    assert_eq!(reason, "SecretNotFound");
+    assert_eq!(message, "spec.targets[0].credentials: secret \"keys\" not found");
+    assert_eq!(condition(&status.conditions, "Ready").1, "NotAccepted");
+    assert_eq!(status.config_version, None);
+    assert_eq!(status.targets[0].credentials, "SecretNotFound");
+    assert_eq!(status.targets[0].message.as_deref(), Some("secret \"keys\" not found"));
+    assert_eq!(event_reasons(&plan), [("chat".into(), EventType::Warning, "SecretNotFound".into())]);
+    // The namespace still gets a configuration (with no routes), version 1.
+    assert!(applied_config(&plan).1.config.routes.is_empty());
+    world.apply(&plan);
+    let not_found_since = route_status(&plan, "chat").conditions[0].last_transition_time.clone();
+
+    // The Secret exists, without the key yet.
+    world.secrets.push(secret("keys", &[("other", "x")]));
+    let plan = world.plan();
+    let status = route_status(&plan, "chat");
+    assert_eq!(condition(&status.conditions, "Accepted").1, "KeyNotFound");
+    assert_eq!(status.conditions[0].last_transition_time, not_found_since, "still False: the time stays");
+    assert_eq!(event_reasons(&plan), [("chat".into(), EventType::Warning, "KeyNotFound".into())]);
+    world.apply(&plan);
+
+    world.secrets = vec![keys()];
+    let plan = world.plan();
+    let (_, compiled) = applied_config(&plan);
+    assert_eq!(compiled.version, 2);
+    assert_eq!(compiled.config.routes.len(), 1);
+    let status = route_status(&plan, "chat");
+    assert_eq!(condition(&status.conditions, "Accepted").0, "True");
+    assert_eq!(
+        condition(&status.conditions, "Ready"),
+        ("True", "Compiled", "compiled into Secret switchyard-config, version 2")
+    );
+    assert_eq!(status.targets[0].credentials, "Resolved");
+    assert_eq!(event_reasons(&plan), [("chat".into(), EventType::Normal, "Compiled".into())]);
+}
+
+#[test]
+fn the_older_route_keeps_a_contested_model() {
+    // The newer route is listed first: age decides, not order.
+    let newer =
+        route("newer", 50, json!({"model": "other", "aliases": ["chat"], "targets": [{"name": "m", "api": "mock"}]}));
+    let older = route("older", 10, json!({"model": "chat", "targets": [{"name": "m", "api": "mock"}]}));
+    let world = World::new(vec![newer, older], vec![]);
+    let plan = world.plan();
+    let (_, compiled) = applied_config(&plan);
+    let served: Vec<_> = compiled.config.routes.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(served, ["older"]);
+    let (status, reason, message) = condition(&route_status(&plan, "newer").conditions, "Accepted");
+    assert_eq!((status, reason), ("False", "DuplicateModel"));
+    assert_eq!(message, "spec.aliases[0]: model \"chat\" is already served by ProviderRoute team-a/older");
+    assert_eq!(condition(&route_status(&plan, "older").conditions, "Ready").0, "True");
+}
+
+#[test]
+fn budgets_are_compiled_with_their_key_hash_and_reported() {
+    let mut world = World::new(vec![keyed_route("chat", "chat", 0)], vec![keys()]);
+    world.budgets = vec![
+        budget("bot", 0, json!({"key": {"secretRef": {"name": "keys", "key": "app"}}, "limit": "10"})),
+        budget("copy", 5, json!({"key": {"secretRef": {"name": "keys", "key": "app"}}})),
+        budget("ghost", 6, json!({"key": {"secretRef": {"name": "gone", "key": "k"}}})),
+    ];
+    let plan = world.plan();
+    let (_, compiled) = applied_config(&plan);
+    assert_eq!(compiled.config.budgets.len(), 1);
+    assert_eq!(compiled.config.budgets[0].limit, Some(10_000_000));
+    let status = |name: &str| &plan.budgets.iter().find(|(n, _)| n == name).unwrap().1;
+    assert_eq!(condition(&status("bot").conditions, "Ready").0, "True");
+    assert_eq!(status("bot").config_version, Some(1));
+    assert_eq!(status("bot").spent, None, "spend belongs to the ledger");
+    assert_eq!(condition(&status("copy").conditions, "Accepted").1, Reason::DuplicateKey.as_str());
+    assert_eq!(condition(&status("ghost").conditions, "Accepted").1, "SecretNotFound");
+    world.apply(&plan);
+    assert!(world.plan().budgets.is_empty(), "steady budgets are not patched again");
+}
+
+#[test]
+fn env_and_file_credentials_are_refused_in_a_cluster() {
+    let r = route(
+        "env",
+        0,
+        json!({"model": "chat", "targets": [{"name": "a", "baseUrl": "https://a.example/v1", "credentials": {"env": "OPENAI_API_KEY"}}]}),
+    );
+    let plan = World::new(vec![r], vec![]).plan();
+    let (status, reason, message) = condition(&route_status(&plan, "env").conditions, "Accepted");
+    assert_eq!((status, reason), ("False", "Invalid"));
+    assert!(message.contains("in a cluster use secretRef"), "{message}");
+}
+
+#[test]
+fn the_last_route_deleted_removes_the_secret_and_only_ours() {
+    let mut world = World::new(vec![keyed_route("chat", "chat", 0)], vec![keys()]);
+    let plan = world.plan();
+    world.apply(&plan);
+    world.routes.clear();
+    assert_eq!(world.plan().config, ConfigAction::Delete);
+
+    // A Secret of that name that the operator did not create is left alone.
+    world.published.as_mut().unwrap().ours = false;
+    assert_eq!(world.plan().config, ConfigAction::Keep);
+}
+
+#[test]
+fn a_published_config_changed_by_hand_is_replaced_with_the_next_version() {
+    let mut world = World::new(vec![keyed_route("chat", "chat", 0)], vec![keys()]);
+    let plan = world.plan();
+    world.apply(&plan);
+    world.published.as_mut().unwrap().content = b"{}".to_vec();
+    let (_, compiled) = applied_config(&world.plan());
+    assert_eq!(compiled.version, 2);
+}
+
+#[test]
+fn the_secret_size_limit_warns_then_refuses() {
+    // The key is most of the configuration's size.
+    let big = |bytes: usize| secret("keys", &[("openai", &"k".repeat(bytes))]);
+    let mut world = World::new(vec![keyed_route("chat", "chat", 0)], vec![big(SECRET_WARNING + 100)]);
+    let plan = world.plan();
+    let (_, compiled) = applied_config(&plan);
+    assert_eq!(compiled.version, 1);
+    let status = route_status(&plan, "chat");
+    assert_eq!(condition(&status.conditions, "Ready").0, "True");
+    let (near, _, message) = condition(&status.conditions, "ConfigNearLimit");
+    assert_eq!(near, "True");
+    assert!(message.contains(&format!("of the {SECRET_LIMIT}-byte Secret limit")), "{message}");
+    assert!(event_reasons(&plan).contains(&("chat".into(), EventType::Warning, "ConfigNearLimit".into())));
+    world.apply(&plan);
+
+    world.secrets = vec![big(SECRET_LIMIT)];
+    let plan = world.plan();
+    assert_eq!(plan.config, ConfigAction::Keep, "the previous configuration stays");
+    let status = route_status(&plan, "chat");
+    let (ready, reason, _) = condition(&status.conditions, "Ready");
+    assert_eq!((ready, reason), ("False", "ConfigTooLarge"));
+    assert!(event_reasons(&plan).contains(&("chat".into(), EventType::Warning, "ConfigTooLarge".into())));
+}
+
+#[test]
+fn budgets_in_a_namespace_without_routes_are_not_ready() {
+    let mut world = World::new(vec![], vec![keys()]);
+    world.budgets = vec![budget("bot", 0, json!({"key": {"sha256": "a".repeat(64)}}))];
+    let plan = world.plan();
+    assert_eq!(plan.config, ConfigAction::Keep);
+    let status = &plan.budgets[0].1;
+    assert_eq!(condition(&status.conditions, "Accepted").0, "True");
+    assert_eq!(condition(&status.conditions, "Ready").1, "NoRoutes");
+}
+
+// ---------------------------------------------------------------------------------------------
+// API conversations: the reconciler against a scripted API server
+
+type ApiServer = Handle<Request<Body>, Response<Body>>;
+
+fn store<K>(objects: &[Arc<K>]) -> (Store<K>, Writer<K>)
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    let (reader, mut writer) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for o in objects {
+        writer.apply_watcher_event(&watcher::Event::InitApply(K::clone(o)));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    (reader, writer)
+}
+
+fn namespace() -> Arc<Namespace> {
+    Arc::new(Namespace { metadata: ObjectMeta { name: Some(NS.into()), ..Default::default() }, ..Default::default() })
+}
+
+struct Cluster {
+    ctx: Arc<Context>,
+    server: ApiServer,
+    routes: Writer<ProviderRoute>,
+    secrets: Writer<Secret>,
+    _others: (Writer<Namespace>, Writer<ApiKeyBudget>),
+}
+
+fn cluster(routes: &[Arc<ProviderRoute>], secrets: &[Arc<Secret>], leadership: Leadership) -> Cluster {
+    let (service, server) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, NS);
+    let (namespaces, ns_writer) = store(&[namespace()]);
+    let (routes, routes_writer) = store(routes);
+    let (budgets, budgets_writer) = store::<ApiKeyBudget>(&[]);
+    let (secrets, secrets_writer) = store(secrets);
+    let recorder =
+        Recorder::new(client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance: Some("test".into()) });
+    let ctx = Arc::new(Context {
+        client,
+        stores: Stores { namespaces, routes, budgets, secrets },
+        leadership,
+        recorder,
+        metrics: Arc::new(OperatorMetrics::default()),
+        own_writes: Default::default(),
+        failures: Default::default(),
+    });
+    Cluster { ctx, server, routes: routes_writer, secrets: secrets_writer, _others: (ns_writer, budgets_writer) }
+}
+
+/// One request the operator must make next: its method, path and query; answered with `status`
+/// and `reply(body)`. Returns the request's JSON body.
+async fn expect(
+    server: &mut ApiServer,
+    method: Method,
+    path: &str,
+    query: &[(&str, &str)],
+    status: u16,
+    reply: impl FnOnce(&Value) -> Value,
+) -> Value {
+    let (request, respond) = server.next_request().await.expect("the operator made no request");
+    assert_eq!((request.method(), request.uri().path()), (&method, path), "{request:?}");
+    let pairs: Vec<(String, String)> = request
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').map(|(k, v)| (k.into(), v.into())).unwrap_or((p.into(), String::new())))
+        .collect();
+    for (k, v) in query {
+        assert!(pairs.contains(&(k.to_string(), v.to_string())), "{k}={v} missing from {:?}", request.uri());
+    }
+    if method == Method::PATCH {
+        let content_type = request.headers()[http::header::CONTENT_TYPE].to_str().unwrap();
+        assert_eq!(content_type, "application/apply-patch+yaml", "writes are server-side applies");
+    }
+    let body = request.into_body().collect_bytes().await.unwrap();
+    let body: Value = if body.is_empty() { Value::Null } else { serde_json::from_slice(&body).unwrap() };
+    let reply = serde_json::to_vec(&reply(&body)).unwrap();
+    respond.send_response(Response::builder().status(status).body(Body::from(reply)).unwrap());
+    body
+}
+
+const APPLY: &[(&str, &str)] = &[("fieldManager", FIELD_MANAGER), ("force", "true")];
+
+fn with_status(route: &ProviderRoute, status: &Value) -> Value {
+    let mut v = serde_json::to_value(route).unwrap();
+    v["status"] = status.clone();
+    v
+}
+
+/// Answers the three writes of a publishing reconcile and returns their bodies.
+async fn publishing_conversation(server: &mut ApiServer, route: &ProviderRoute) -> (Value, Value, Value) {
+    let secret_path = format!("/api/v1/namespaces/{NS}/secrets/{CONFIG_SECRET}");
+    let secret = expect(server, Method::PATCH, &secret_path, APPLY, 200, Value::clone).await;
+    let status_path =
+        format!("/apis/switchyard.dev/v1alpha1/namespaces/{NS}/providerroutes/{}/status", route.name_any());
+    let status = expect(server, Method::PATCH, &status_path, APPLY, 200, |b| with_status(route, &b["status"])).await;
+    let event_path = format!("/apis/events.k8s.io/v1/namespaces/{NS}/events");
+    let event = expect(server, Method::POST, &event_path, &[], 201, Value::clone).await;
+    (secret, status, event)
+}
+
+#[tokio::test]
+async fn reconcile_publishes_the_config_then_the_status_then_an_event_and_a_second_pass_writes_nothing() {
+    let chat = keyed_route("chat", "chat", 0);
+    let Cluster { ctx, mut server, .. } = cluster(std::slice::from_ref(&chat), &[keys()], Leadership::fixed(true));
+    let api = tokio::spawn(async move {
+        let bodies = publishing_conversation(&mut server, &chat).await;
+        (bodies, server)
+    });
+    let action = reconcile(namespace(), ctx.clone()).await.unwrap();
+    assert_eq!(action, Action::requeue(controller::RESYNC));
+    let ((secret, status, event), server) = api.await.unwrap();
+
+    assert_eq!(secret["apiVersion"], "v1");
+    assert_eq!(secret["kind"], "Secret");
+    assert_eq!(secret["metadata"]["annotations"]["switchyard.dev/config-version"], "1");
+    assert_eq!(secret["metadata"]["labels"]["app.kubernetes.io/managed-by"], "switchyard-operator");
+    let content = base64_decode(secret["data"]["config.json"].as_str().unwrap());
+    let compiled: CompiledConfig = serde_json::from_slice(&content).unwrap();
+    assert_eq!(compiled.version, 1);
+    assert_eq!(compiled.config.routes[0].name, "chat");
+
+    assert_eq!(status["apiVersion"], "switchyard.dev/v1alpha1");
+    assert_eq!(status["kind"], "ProviderRoute");
+    assert_eq!(status["status"]["observedGeneration"], 1);
+    assert_eq!(status["status"]["configVersion"], 1);
+    assert_eq!(status["status"]["conditions"][1]["type"], "Ready");
+    assert_eq!(status["status"]["conditions"][1]["status"], "True");
+    assert_eq!(status["status"]["targets"][0], json!({"name": "openai", "credentials": "Resolved"}));
+
+    assert_eq!(event["reason"], "Compiled");
+    assert_eq!(event["type"], "Normal");
+    assert_eq!(event["regarding"]["kind"], "ProviderRoute");
+    assert_eq!(event["regarding"]["name"], "chat");
+    assert_eq!(event["reportingController"], FIELD_MANAGER);
+    assert_eq!(event["note"], "compiled into Secret switchyard-config, version 1");
+
+    // The caches have not seen the writes yet; the operator remembers them, so a second pass
+    // writes nothing (any request would fail: the API server is gone).
+    drop(server);
+    assert_eq!(reconcile(namespace(), ctx.clone()).await.unwrap(), Action::requeue(controller::RESYNC));
+    let metrics = ctx.metrics.render();
+    assert!(
+        metrics.contains("switchyard_operator_reconciles_total{kind=\"ProviderRoute\",result=\"success\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("switchyard_operator_config_writes_total 1"), "{metrics}");
+    assert!(metrics.contains("switchyard_operator_status_writes_total 1"), "{metrics}");
+    assert!(metrics.contains("switchyard_operator_events_total 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_follower_writes_nothing() {
+    let Cluster { ctx, server, .. } = cluster(&[keyed_route("chat", "chat", 0)], &[keys()], Leadership::fixed(false));
+    drop(server);
+    assert_eq!(reconcile(namespace(), ctx.clone()).await.unwrap(), Action::await_change());
+    assert!(ctx.metrics.render().contains("switchyard_operator_config_writes_total 0"));
+}
+
+#[tokio::test]
+async fn a_secret_created_later_makes_the_route_ready_with_the_next_version() {
+    let chat = keyed_route("chat", "chat", 0);
+    let Cluster { ctx, mut server, mut secrets, .. } =
+        cluster(std::slice::from_ref(&chat), &[], Leadership::fixed(true));
+    let api = tokio::spawn(async move {
+        let first = publishing_conversation(&mut server, &chat).await;
+        let second = publishing_conversation(&mut server, &chat).await;
+        (first, second)
+    });
+    reconcile(namespace(), ctx.clone()).await.unwrap();
+    // The Secret is created; the watch puts it in the cache.
+    secrets.apply_watcher_event(&watcher::Event::Apply((*keys()).clone()));
+    reconcile(namespace(), ctx.clone()).await.unwrap();
+    let ((secret1, status1, event1), (secret2, status2, event2)) = api.await.unwrap();
+
+    assert_eq!(secret1["metadata"]["annotations"]["switchyard.dev/config-version"], "1");
+    assert_eq!(status1["status"]["conditions"][0]["reason"], "SecretNotFound");
+    assert_eq!(status1["status"]["targets"][0]["credentials"], "SecretNotFound");
+    assert_eq!((event1["type"].as_str(), event1["reason"].as_str()), (Some("Warning"), Some("SecretNotFound")));
+
+    assert_eq!(secret2["metadata"]["annotations"]["switchyard.dev/config-version"], "2");
+    assert_eq!(status2["status"]["conditions"][0]["status"], "True");
+    assert_eq!(status2["status"]["conditions"][1]["message"], "compiled into Secret switchyard-config, version 2");
+    assert_eq!(status2["status"]["configVersion"], 2);
+    assert_eq!((event2["type"].as_str(), event2["reason"].as_str()), (Some("Normal"), Some("Compiled")));
+}
+
+#[tokio::test]
+async fn the_last_route_deleted_deletes_the_config_secret() {
+    let chat = keyed_route("chat", "chat", 0);
+    let Cluster { ctx, mut server, mut routes, .. } =
+        cluster(std::slice::from_ref(&chat), &[keys()], Leadership::fixed(true));
+    let api = tokio::spawn(async move {
+        publishing_conversation(&mut server, &chat).await;
+        let path = format!("/api/v1/namespaces/{NS}/secrets/{CONFIG_SECRET}");
+        let success = json!({"kind": "Status", "apiVersion": "v1", "status": "Success"});
+        expect(&mut server, Method::DELETE, &path, &[], 200, |_| success).await;
+    });
+    reconcile(namespace(), ctx.clone()).await.unwrap();
+    routes.apply_watcher_event(&watcher::Event::Delete((*keyed_route("chat", "chat", 0)).clone()));
+    reconcile(namespace(), ctx.clone()).await.unwrap();
+    api.await.unwrap();
+    assert!(ctx.metrics.render().contains("switchyard_operator_config_deletes_total 1"));
+}
+
+#[tokio::test]
+async fn a_refused_write_fails_the_reconcile_before_any_status_is_written() {
+    let Cluster { ctx, mut server, .. } =
+        cluster(&[keyed_route("chat", "chat", 0)], &[keys()], Leadership::fixed(true));
+    let api = tokio::spawn(async move {
+        let path = format!("/api/v1/namespaces/{NS}/secrets/{CONFIG_SECRET}");
+        let refusal = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "etcd is down", "reason": "InternalError", "code": 500});
+        expect(&mut server, Method::PATCH, &path, APPLY, 500, |_| refusal).await;
+    });
+    let error = reconcile(namespace(), ctx.clone()).await.unwrap_err();
+    api.await.unwrap();
+    assert!(matches!(error, Error::Kube { step: "apply_config", .. }), "{error}");
+    assert!(error.to_string().contains("etcd is down"), "{error}");
+    let retry = controller::error_policy(namespace(), &error, ctx.clone());
+    assert_eq!(retry, Action::requeue(Duration::from_secs(1)));
+    assert_eq!(controller::error_policy(namespace(), &error, ctx.clone()), Action::requeue(Duration::from_secs(2)));
+    let metrics = ctx.metrics.render();
+    assert!(
+        metrics.contains("switchyard_operator_reconciles_total{kind=\"ProviderRoute\",result=\"apply_config\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("switchyard_operator_status_writes_total 0"), "{metrics}");
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    // The Secret's data as the API carries it; k8s-openapi's ByteString reads base64.
+    serde_json::from_value::<ByteString>(Value::String(text.into())).unwrap().0
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leader election
+
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/ops/leases";
+
+fn elector(identity: &str) -> (Elector, Leadership, ApiServer) {
+    let (service, server) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let api = Api::<Lease>::namespaced(Client::new(service, "ops"), "ops");
+    let settings = LeaseSettings {
+        name: "switchyard-operator".into(),
+        namespace: "ops".into(),
+        identity: identity.into(),
+        lease_duration: Duration::from_secs(15),
+        renew_deadline: Duration::from_secs(10),
+        retry_period: Duration::from_secs(2),
+    };
+    let (elector, leadership) = Elector::new(api, settings);
+    (elector, leadership, server)
+}
+
+fn lease(holder: &str, version: &str) -> Value {
+    json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "switchyard-operator", "namespace": "ops", "resourceVersion": version},
+        "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15, "leaseTransitions": 3,
+                 "renewTime": "2026-11-25T00:00:00.000000Z"}
+    })
+}
+
+fn not_found() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404})
+}
+
+fn lease_path() -> String {
+    format!("{LEASES}/switchyard-operator")
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_first_replica_creates_the_lease_leads_and_releases_it_on_shutdown() {
+    let (elector, leadership, mut server) = elector("pod-a");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(elector.run(async move {
+        let _ = stop_rx.await;
+    }));
+
+    expect(&mut server, Method::GET, &lease_path(), &[], 404, |_| not_found()).await;
+    let created = expect(&mut server, Method::POST, LEASES, &[], 201, Value::clone).await;
+    assert_eq!(created["spec"]["holderIdentity"], "pod-a");
+    assert_eq!(created["spec"]["leaseDurationSeconds"], 15);
+    assert_eq!(created["spec"]["leaseTransitions"], 0);
+
+    // Renewal: a compare-and-swap on the resourceVersion it read.
+    expect(&mut server, Method::GET, &lease_path(), &[], 200, |_| lease("pod-a", "11")).await;
+    assert!(leadership.is_leader());
+    let renewed = expect(&mut server, Method::PUT, &lease_path(), &[], 200, Value::clone).await;
+    assert_eq!(renewed["metadata"]["resourceVersion"], "11");
+    assert_eq!(renewed["spec"]["holderIdentity"], "pod-a");
+    assert_ne!(renewed["spec"]["renewTime"], "2026-11-25T00:00:00.000000Z");
+
+    // Shutdown gives the lease up so that another replica need not wait for it to expire.
+    stop_tx.send(()).unwrap();
+    expect(&mut server, Method::GET, &lease_path(), &[], 200, |_| lease("pod-a", "12")).await;
+    let released = expect(&mut server, Method::PUT, &lease_path(), &[], 200, Value::clone).await;
+    assert_eq!(released["spec"].get("holderIdentity"), None);
+    assert_eq!(released["spec"]["leaseDurationSeconds"], 1);
+    assert_eq!(running.await.unwrap(), Ok(()));
+    assert!(!leadership.is_leader());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_lease_is_taken_over_only_after_a_whole_duration_unrenewed() {
+    let (mut elector, _, mut server) = elector("pod-b");
+
+    let api = tokio::spawn(async move {
+        // Seen at 0 s, then again at 10 s: the holder is within its lease; nothing is written.
+        expect(&mut server, Method::GET, &lease_path(), &[], 200, |_| lease("pod-a", "20")).await;
+        expect(&mut server, Method::GET, &lease_path(), &[], 200, |_| lease("pod-a", "20")).await;
+        // The holder renewed (a new version) at 14 s: the wait starts over.
+        expect(&mut server, Method::GET, &lease_path(), &[], 200, |_| lease("pod-a", "21")).await;
+        expect(&mut server, Method::GET, &lease_path(), &[], 200, |_| lease("pod-a", "21")).await;
+        // Unchanged for 16 s since 14 s: taken over.
+        expect(&mut server, Method::GET, &lease_path(), &[], 200, |_| lease("pod-a", "21")).await;
+        expect(&mut server, Method::PUT, &lease_path(), &[], 200, Value::clone).await
+    });
+    assert!(!elector.try_acquire_or_renew().await.unwrap());
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert!(!elector.try_acquire_or_renew().await.unwrap());
+    tokio::time::advance(Duration::from_secs(4)).await;
+    assert!(!elector.try_acquire_or_renew().await.unwrap());
+    tokio::time::advance(Duration::from_secs(14)).await;
+    assert!(!elector.try_acquire_or_renew().await.unwrap(), "14 s unrenewed is within the 15 s lease");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert!(elector.try_acquire_or_renew().await.unwrap());
+    let taken = api.await.unwrap();
+    assert_eq!(taken["spec"]["holderIdentity"], "pod-b");
+    assert_eq!(taken["spec"]["leaseTransitions"], 4);
+    assert_eq!(taken["metadata"]["resourceVersion"], "21");
+}
+
+#[tokio::test(start_paused = true)]
+async fn losing_a_race_for_the_lease_is_not_leading() {
+    let (mut elector, _, mut server) = elector("pod-b");
+    let api = tokio::spawn(async move {
+        expect(&mut server, Method::GET, &lease_path(), &[], 404, |_| not_found()).await;
+        let conflict =
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409});
+        expect(&mut server, Method::POST, LEASES, &[], 409, |_| conflict).await;
+    });
+    assert!(!elector.try_acquire_or_renew().await.unwrap());
+    api.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leader_that_cannot_renew_stops_leading_and_reports_the_lost_lease() {
+    let (elector, leadership, mut server) = elector("pod-a");
+    let running = tokio::spawn(elector.run(std::future::pending()));
+    expect(&mut server, Method::GET, &lease_path(), &[], 404, |_| not_found()).await;
+    expect(&mut server, Method::POST, LEASES, &[], 201, Value::clone).await;
+    let failing = tokio::spawn(async move {
+        let unavailable = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "ServiceUnavailable", "code": 503});
+        loop {
+            let Some((_, respond)) = server.next_request().await else { return };
+            let body = Body::from(serde_json::to_vec(&unavailable).unwrap());
+            respond.send_response(Response::builder().status(503).body(body).unwrap());
+        }
+    });
+    let lost = running.await.unwrap().unwrap_err();
+    assert_eq!(lost, LostLease("not renewed within 10s".into()));
+    assert!(!leadership.is_leader());
+    failing.abort();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Watch wiring
+
+fn with(route: &Arc<ProviderRoute>, namespace: &str, generation: i64, version: &str) -> ProviderRoute {
+    let mut r = ProviderRoute::clone(route);
+    r.metadata.namespace = Some(namespace.into());
+    r.metadata.generation = Some(generation);
+    r.metadata.resource_version = Some(version.into());
+    r
+}
+
+#[tokio::test]
+async fn spec_changes_and_deletions_trigger_their_namespace_but_status_writes_do_not() {
+    let chat = keyed_route("chat", "chat", 0);
+    let a1 = with(&chat, "a", 1, "1");
+    let b1 = with(&chat, "b", 1, "2");
+    let c1 = with(&chat, "c", 1, "3");
+    let mut a1_status = with(&chat, "a", 1, "4");
+    a1_status.status = Some(Default::default());
+    let a2 = with(&chat, "a", 2, "5");
+    let events = vec![
+        watcher::Event::Init,
+        watcher::Event::InitApply(a1.clone()),
+        watcher::Event::InitApply(b1.clone()),
+        watcher::Event::InitApply(c1.clone()),
+        watcher::Event::InitDone,
+        watcher::Event::Apply(a1_status),  // the operator's own status write: nothing
+        watcher::Event::Apply(a2.clone()), // a spec change: a
+        watcher::Event::Delete(b1),        // b
+        // The watch starts over; c was deleted while it was down.
+        watcher::Event::Init,
+        watcher::Event::InitApply(a2),
+        watcher::Event::InitDone,
+    ];
+    let requests: Vec<String> =
+        triggers(stream::iter(events.into_iter().map(Ok)), generation, |_, _| true).map(|r| r.name).collect().await;
+    assert_eq!(requests, ["a", "b", "c", "a", "b", "c"]);
+}
+
+#[tokio::test]
+async fn only_referenced_secrets_and_the_config_secret_matter() {
+    let (routes, _w1) = store(&[keyed_route("chat", "chat", 0)]);
+    let (budgets, _w2) = store(&[budget("bot", 0, json!({"key": {"secretRef": {"name": "app-key", "key": "k"}}}))]);
+    assert!(secret_matters(&routes, &budgets, NS, "keys"));
+    assert!(secret_matters(&routes, &budgets, NS, "app-key"));
+    assert!(secret_matters(&routes, &budgets, NS, CONFIG_SECRET));
+    assert!(!secret_matters(&routes, &budgets, NS, "tls-cert"));
+    assert!(!secret_matters(&routes, &budgets, "elsewhere", "keys"), "references are namespaced");
+
+    let secret_events = vec![
+        watcher::Event::Apply(Secret { metadata: meta("tls-cert", 0), ..Default::default() }),
+        watcher::Event::Apply((*keys()).clone()),
+    ];
+    let requests: Vec<String> =
+        triggers(stream::iter(secret_events.into_iter().map(Ok)), resource_version, move |ns, name| {
+            secret_matters(&routes, &budgets, ns, name)
+        })
+        .map(|r| r.name)
+        .collect()
+        .await;
+    assert_eq!(requests, [NS]);
+}
+
+#[tokio::test]
+async fn the_controller_reconciles_each_namespace_it_is_asked_to() {
+    let ns = |name: &str| Namespace {
+        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+        ..Default::default()
+    };
+    let (namespaces, _writer) = store(&[Arc::new(ns("a")), Arc::new(ns("b")), Arc::new(ns("c"))]);
+    let chat = keyed_route("chat", "chat", 0);
+    let route_events =
+        vec![watcher::Event::Init, watcher::Event::InitApply(with(&chat, "b", 1, "1")), watcher::Event::InitDone];
+    // Watches do not end; the streams stay open until the controller is shut down.
+    let requests =
+        triggers(stream::iter(route_events.into_iter().map(Ok)).chain(stream::pending()), generation, |_, _| true);
+    let namespace_watch = stream::iter([Ok(ns("a"))]).chain(stream::pending());
+    let metrics = Arc::new(OperatorMetrics::default());
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = controller::controller(namespace_watch, namespaces, requests, metrics.clone())
+        .graceful_shutdown_on(async move {
+            let _ = stopped.await;
+        })
+        .run(
+            |n: Arc<Namespace>, seen: Arc<tokio::sync::mpsc::UnboundedSender<String>>| async move {
+                let _ = seen.send(n.name_any());
+                Ok::<_, std::convert::Infallible>(Action::await_change())
+            },
+            |_, _, _| Action::await_change(),
+            Arc::new(seen_tx),
+        );
+    let running = tokio::spawn(run.collect::<Vec<_>>());
+    let mut reconciled = vec![seen.recv().await.unwrap(), seen.recv().await.unwrap()];
+    reconciled.sort();
+    assert_eq!(reconciled, ["a", "b"]);
+    stop.send(()).unwrap();
+    let results = running.await.unwrap();
+    assert_eq!(results.len(), 2, "c had no change and was left alone: {results:?}");
+    assert!(metrics.render().contains("switchyard_operator_queue_depth 2"), "both requests were counted as queued");
+}
