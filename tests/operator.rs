@@ -2,9 +2,12 @@
 //! conversations it holds (tower-test), its watch wiring (synthetic streams into
 //! `Controller::for_stream`), leader election, and a real process against a fake API server.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::extract::State;
+use axum::response::IntoResponse;
 use futures::{StreamExt, stream};
 use http::{Method, Request, Response};
 use k8s_openapi::ByteString;
@@ -31,6 +34,8 @@ use switchyard::operator::plan::{
     CONFIG_SECRET, ConfigAction, Inputs, Plan, Published, SECRET_LIMIT, SECRET_WARNING, plan,
 };
 use tower_test::mock::Handle;
+
+mod common;
 
 // ---------------------------------------------------------------------------------------------
 // Objects
@@ -818,4 +823,173 @@ async fn the_controller_reconciles_each_namespace_it_is_asked_to() {
     let results = running.await.unwrap();
     assert_eq!(results.len(), 2, "c had no change and was left alone: {results:?}");
     assert!(metrics.render().contains("switchyard_operator_queue_depth 2"), "both requests were counted as queued");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real process against a fake API server on 127.0.0.1
+
+/// Just enough of a kube-apiserver for the operator: lists, idle watches, leases, and recorded
+/// writes.
+#[derive(Default)]
+struct FakeApi {
+    crds_installed: bool,
+    lists: BTreeMap<String, Value>,
+    lease: Mutex<Option<Value>>,
+    writes: Mutex<Vec<(String, String, Value)>>,
+}
+
+async fn fake_api(State(api): State<Arc<FakeApi>>, request: axum::extract::Request) -> axum::response::Response {
+    let (method, path, query) = (
+        request.method().clone(),
+        request.uri().path().to_string(),
+        request.uri().query().unwrap_or_default().to_string(),
+    );
+    let body = axum::body::to_bytes(request.into_body(), 1 << 24).await.unwrap();
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let json = |status: u16, v: Value| {
+        (http::StatusCode::from_u16(status).unwrap(), [(http::header::CONTENT_TYPE, "application/json")], v.to_string())
+            .into_response()
+    };
+    let lease_path = "/apis/coordination.k8s.io/v1/namespaces/ops/leases/switchyard-operator";
+    if method == Method::GET && query.contains("watch=true") {
+        // A watch with nothing to report, held open.
+        let idle = futures::stream::pending::<Result<bytes::Bytes, std::convert::Infallible>>();
+        return (http::StatusCode::OK, axum::body::Body::from_stream(idle)).into_response();
+    }
+    match (method.clone(), path.as_str()) {
+        (Method::GET, p) if p.contains("switchyard.dev") && !api.crds_installed => json(404, not_found()),
+        (Method::GET, p) if api.lists.contains_key(p) => json(200, api.lists[p].clone()),
+        (Method::GET, p) if p == lease_path => match api.lease.lock().unwrap().clone() {
+            Some(lease) => json(200, lease),
+            None => json(404, not_found()),
+        },
+        (Method::POST, "/apis/coordination.k8s.io/v1/namespaces/ops/leases") | (Method::PUT, _)
+            if path.starts_with("/apis/coordination") =>
+        {
+            let mut lease = body.clone();
+            lease["metadata"]["resourceVersion"] = "100".into();
+            *api.lease.lock().unwrap() = Some(lease.clone());
+            api.writes.lock().unwrap().push((method.to_string(), path, body));
+            json(200, lease)
+        }
+        (Method::PATCH, p) if p.ends_with("/status") => {
+            // Answer with the route, status applied.
+            let items = api.lists["/apis/switchyard.dev/v1alpha1/providerroutes"]["items"].as_array().unwrap().clone();
+            let mut route = items[0].clone();
+            route["status"] = body["status"].clone();
+            api.writes.lock().unwrap().push((method.to_string(), path, body));
+            json(200, route)
+        }
+        (Method::PATCH | Method::POST, _) => {
+            api.writes.lock().unwrap().push((method.to_string(), path, body.clone()));
+            json(201, body)
+        }
+        _ => json(404, not_found()),
+    }
+}
+
+fn list(kind: &str, api_version: &str, items: Vec<Value>) -> Value {
+    json!({"apiVersion": api_version, "kind": format!("{kind}List"), "metadata": {"resourceVersion": "10"}, "items": items})
+}
+
+/// Serves `api` on 127.0.0.1 and writes a kubeconfig that points at it.
+async fn serve_fake_api(api: Arc<FakeApi>) -> std::path::PathBuf {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(fake_api).with_state(api);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let dir = common::temp_dir("kubeconfig");
+    let path = dir.join("config");
+    let config = format!(
+        "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: \"http://{addr}\"}}}}]\nusers: [{{name: fake, user: {{token: test}}}}]\ncontexts: [{{name: fake, context: {{cluster: fake, user: fake, namespace: ops}}}}]\ncurrent-context: fake\n"
+    );
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+fn writes_to(api: &FakeApi, method: &str, path: &str) -> Vec<Value> {
+    api.writes.lock().unwrap().iter().filter(|(m, p, _)| m == method && p == path).map(|(_, _, b)| b.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_process_leads_publishes_reports_and_releases_its_lease() {
+    let chat = serde_json::to_value(&*keyed_route("chat", "chat", 0)).unwrap();
+    let secret = serde_json::to_value(&*keys()).unwrap();
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}});
+    let api = Arc::new(FakeApi {
+        crds_installed: true,
+        lists: BTreeMap::from([
+            (
+                "/apis/switchyard.dev/v1alpha1/providerroutes".into(),
+                list("ProviderRoute", "switchyard.dev/v1alpha1", vec![chat]),
+            ),
+            (
+                "/apis/switchyard.dev/v1alpha1/apikeybudgets".into(),
+                list("ApiKeyBudget", "switchyard.dev/v1alpha1", vec![]),
+            ),
+            ("/api/v1/namespaces".into(), list("Namespace", "v1", vec![ns])),
+            ("/api/v1/secrets".into(), list("Secret", "v1", vec![secret])),
+        ]),
+        ..Default::default()
+    });
+    let kubeconfig = serve_fake_api(api.clone()).await;
+    let kubeconfig = kubeconfig.to_str().unwrap();
+    let args = ["operator", "--admin-listen", "127.0.0.1:0", "--identity", "op-1", "--log-format", "json"];
+    let (mut process, line) = common::Process::start(&args, &[("KUBECONFIG", kubeconfig)], "operator running");
+    let admin: Value = serde_json::from_str(&line).expect("a JSON log line");
+    let admin: std::net::SocketAddr = admin["admin"].as_str().unwrap().parse().unwrap();
+
+    let config_path = format!("/api/v1/namespaces/{NS}/secrets/{CONFIG_SECRET}");
+    let status_path = format!("/apis/switchyard.dev/v1alpha1/namespaces/{NS}/providerroutes/chat/status");
+    common::eventually("the config and the status are written", || async {
+        !writes_to(&api, "PATCH", &status_path).is_empty()
+    })
+    .await;
+    let lease = writes_to(&api, "POST", "/apis/coordination.k8s.io/v1/namespaces/ops/leases");
+    assert_eq!(lease[0]["spec"]["holderIdentity"], "op-1");
+    let config = writes_to(&api, "PATCH", &config_path);
+    assert_eq!(config.len(), 1);
+    let compiled: CompiledConfig =
+        serde_json::from_slice(&base64_decode(config[0]["data"]["config.json"].as_str().unwrap())).unwrap();
+    assert_eq!(compiled.version, 1);
+    assert_eq!(compiled.config.routes[0].targets[0].credential.as_ref().unwrap().expose(), "sk-upstream");
+    let status = &writes_to(&api, "PATCH", &status_path)[0]["status"];
+    assert_eq!(status["conditions"][1]["reason"], "Compiled");
+    let events_path = format!("/apis/events.k8s.io/v1/namespaces/{NS}/events");
+    common::eventually("the event is posted", || async { !writes_to(&api, "POST", &events_path).is_empty() }).await;
+    assert_eq!(writes_to(&api, "POST", &events_path)[0]["reason"], "Compiled");
+
+    let metrics = common::get(admin, "/metrics").await.body;
+    assert_eq!(common::metric(&metrics, "switchyard_operator_leader"), 1);
+    assert_eq!(common::metric(&metrics, "switchyard_operator_config_writes_total"), 1);
+    assert!(metrics.contains(&format!("switchyard_operator_config_bytes{{namespace=\"{NS}\"}}")), "{metrics}");
+    assert_eq!(common::get(admin, "/readyz").await.status, 200);
+    assert_eq!(common::get(admin, "/healthz").await.status, 200);
+    assert!(!process.log().contains("sk-upstream"), "credentials never reach the log");
+
+    process.terminate();
+    assert!(process.wait_exit().success(), "{}", process.log());
+    let released = writes_to(&api, "PUT", "/apis/coordination.k8s.io/v1/namespaces/ops/leases/switchyard-operator");
+    assert!(released.last().is_some_and(|l| l["spec"].get("holderIdentity").is_none()), "{released:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_refuses_to_start_without_its_crds() {
+    let kubeconfig = serve_fake_api(Arc::new(FakeApi::default())).await;
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["operator", "--admin-listen", "127.0.0.1:0"])
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("the ProviderRoute CustomResourceDefinition (providerroutes.switchyard.dev) is not installed"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("switchyard crd | kubectl apply --server-side -f -"), "{stderr}");
 }
