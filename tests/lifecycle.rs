@@ -186,7 +186,7 @@ fn every_subcommand_documents_its_flags() {
     assert_eq!(code, Some(0));
     assert_eq!(stdout.trim(), format!("switchyard {}", env!("CARGO_PKG_VERSION")));
 
-    let expectations: [(&str, &[&str]); 3] = [
+    let expectations: [(&str, &[&str]); 4] = [
         (
             "sidecar",
             &[
@@ -200,8 +200,26 @@ fn every_subcommand_documents_its_flags() {
                 "--max-request-bytes",
                 "--max-response-bytes",
                 "--upstream-ca-file",
+                "--pod-labels-file",
+                "SWITCHYARD_POD_LABELS_FILE",
                 "--log",
                 "SWITCHYARD_LOG",
+                "--log-format",
+            ],
+        ),
+        (
+            "operator",
+            &[
+                "--admin-listen",
+                "--leader-elect",
+                "--lease-name",
+                "--lease-namespace",
+                "--identity",
+                "--lease-duration",
+                "--renew-deadline",
+                "--retry-period",
+                "SWITCHYARD_LEASE_DURATION",
+                "--log-format",
             ],
         ),
         (
@@ -233,4 +251,8 @@ fn every_subcommand_documents_its_flags() {
     let (code, _, stderr) = run(&["sidecar"]);
     assert_eq!(code, Some(2), "missing --file is a usage error");
     assert!(stderr.contains("--file"), "{stderr}");
+
+    let (code, _, stderr) = run(&["operator", "--renew-deadline", "20s"]);
+    assert_eq!(code, Some(64), "inconsistent lease timings are a configuration error");
+    assert!(stderr.contains("--renew-deadline shorter than --lease-duration"), "{stderr}");
 }

@@ -517,6 +517,30 @@ async fn a_follower_writes_nothing() {
 }
 
 #[tokio::test]
+async fn a_lease_lost_mid_write_stops_the_writes_that_follow() {
+    let chat = keyed_route("chat", "chat", 0);
+    let (leadership, switch) = Leadership::switched(true);
+    let Cluster { ctx, mut server, .. } = cluster(std::slice::from_ref(&chat), &[keys()], leadership);
+    let api = tokio::spawn(async move {
+        let path = format!("/api/v1/namespaces/{NS}/secrets/{CONFIG_SECRET}");
+        // The lease lapses while the config write is in flight.
+        expect(&mut server, Method::PATCH, &path, APPLY, 200, |body| {
+            switch.set(false);
+            body.clone()
+        })
+        .await;
+        server
+    });
+    let error = reconcile(namespace(), ctx.clone()).await.unwrap_err();
+    let server = api.await.unwrap();
+    assert!(matches!(error, Error::NotLeader), "{error}");
+    drop(server); // no status patch or event was attempted: the conversation ended with the Secret
+    let metrics = ctx.metrics.render();
+    assert!(metrics.contains("switchyard_operator_status_writes_total 0"), "{metrics}");
+    assert!(metrics.contains("result=\"not_leader\"} 1"), "{metrics}");
+}
+
+#[tokio::test]
 async fn a_secret_created_later_makes_the_route_ready_with_the_next_version() {
     let chat = keyed_route("chat", "chat", 0);
     let Cluster { ctx, mut server, mut secrets, .. } =
@@ -836,6 +860,8 @@ struct FakeApi {
     lists: BTreeMap<String, Value>,
     lease: Mutex<Option<Value>>,
     writes: Mutex<Vec<(String, String, Value)>>,
+    /// Another replica has taken the lease.
+    stolen: std::sync::atomic::AtomicBool,
 }
 
 async fn fake_api(State(api): State<Arc<FakeApi>>, request: axum::extract::Request) -> axum::response::Response {
@@ -859,6 +885,9 @@ async fn fake_api(State(api): State<Arc<FakeApi>>, request: axum::extract::Reque
     match (method.clone(), path.as_str()) {
         (Method::GET, p) if p.contains("switchyard.dev") && !api.crds_installed => json(404, not_found()),
         (Method::GET, p) if api.lists.contains_key(p) => json(200, api.lists[p].clone()),
+        (Method::GET, p) if p == lease_path && api.stolen.load(std::sync::atomic::Ordering::Relaxed) => {
+            json(200, lease("op-2", "500"))
+        }
         (Method::GET, p) if p == lease_path => match api.lease.lock().unwrap().clone() {
             Some(lease) => json(200, lease),
             None => json(404, not_found()),
@@ -913,25 +942,7 @@ fn writes_to(api: &FakeApi, method: &str, path: &str) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_operator_process_leads_publishes_reports_and_releases_its_lease() {
-    let chat = serde_json::to_value(&*keyed_route("chat", "chat", 0)).unwrap();
-    let secret = serde_json::to_value(&*keys()).unwrap();
-    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}});
-    let api = Arc::new(FakeApi {
-        crds_installed: true,
-        lists: BTreeMap::from([
-            (
-                "/apis/switchyard.dev/v1alpha1/providerroutes".into(),
-                list("ProviderRoute", "switchyard.dev/v1alpha1", vec![chat]),
-            ),
-            (
-                "/apis/switchyard.dev/v1alpha1/apikeybudgets".into(),
-                list("ApiKeyBudget", "switchyard.dev/v1alpha1", vec![]),
-            ),
-            ("/api/v1/namespaces".into(), list("Namespace", "v1", vec![ns])),
-            ("/api/v1/secrets".into(), list("Secret", "v1", vec![secret])),
-        ]),
-        ..Default::default()
-    });
+    let api = one_route_cluster();
     let kubeconfig = serve_fake_api(api.clone()).await;
     let kubeconfig = kubeconfig.to_str().unwrap();
     let args = ["operator", "--admin-listen", "127.0.0.1:0", "--identity", "op-1", "--log-format", "json"];
@@ -971,6 +982,52 @@ async fn the_operator_process_leads_publishes_reports_and_releases_its_lease() {
     assert!(process.wait_exit().success(), "{}", process.log());
     let released = writes_to(&api, "PUT", "/apis/coordination.k8s.io/v1/namespaces/ops/leases/switchyard-operator");
     assert!(released.last().is_some_and(|l| l["spec"].get("holderIdentity").is_none()), "{released:?}");
+}
+
+/// A fake API server with one route in team-a.
+fn one_route_cluster() -> Arc<FakeApi> {
+    let chat = serde_json::to_value(&*keyed_route("chat", "chat", 0)).unwrap();
+    let secret = serde_json::to_value(&*keys()).unwrap();
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}});
+    let routes = "/apis/switchyard.dev/v1alpha1/providerroutes";
+    let budgets = "/apis/switchyard.dev/v1alpha1/apikeybudgets";
+    Arc::new(FakeApi {
+        crds_installed: true,
+        lists: BTreeMap::from([
+            (routes.into(), list("ProviderRoute", "switchyard.dev/v1alpha1", vec![chat])),
+            (budgets.into(), list("ApiKeyBudget", "switchyard.dev/v1alpha1", vec![])),
+            ("/api/v1/namespaces".into(), list("Namespace", "v1", vec![ns])),
+            ("/api/v1/secrets".into(), list("Secret", "v1", vec![secret])),
+        ]),
+        ..Default::default()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_process_exits_when_another_replica_takes_its_lease() {
+    let api = one_route_cluster();
+    let kubeconfig = serve_fake_api(api.clone()).await;
+    let args = [
+        "operator",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--identity",
+        "op-1",
+        "--retry-period",
+        "100ms",
+        "--renew-deadline",
+        "1s",
+        "--lease-duration",
+        "2s",
+    ];
+    let (mut process, _) =
+        common::Process::start(&args, &[("KUBECONFIG", kubeconfig.to_str().unwrap())], "operator running");
+    common::eventually("op-1 leads", || async { process.log().contains("became the leader") }).await;
+    api.stolen.store(true, std::sync::atomic::Ordering::Relaxed);
+    let status = process.wait_exit();
+    assert_eq!(status.code(), Some(1), "{}", process.log());
+    let expected = "lost the leader lease: another replica holds it; exiting so that a restart joins as a follower";
+    assert!(process.log().contains(expected), "{}", process.log());
 }
 
 #[tokio::test(flavor = "multi_thread")]

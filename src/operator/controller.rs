@@ -76,6 +76,13 @@ pub struct Context {
     pub failures: Mutex<HashMap<String, u32>>,
 }
 
+impl Context {
+    /// Every write asks first: a replica whose lease lapsed writes nothing more.
+    fn ensure_leader(&self) -> Result<(), Error> {
+        if self.leadership.is_leader() { Ok(()) } else { Err(Error::NotLeader) }
+    }
+}
+
 /// Why a reconcile failed.
 #[derive(Debug)]
 pub enum Error {
@@ -265,14 +272,14 @@ pub fn error_policy(namespace: Arc<Namespace>, error: &Error, ctx: Arc<Context>)
 /// Carries out a plan; each write first checks that this replica still leads.
 async fn apply(ctx: &Context, ns: &str, plan: Plan) -> Result<(), Error> {
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let ensure_leader = || if ctx.leadership.is_leader() { Ok(()) } else { Err(Error::NotLeader) };
+
     ctx.metrics.config_bytes(ns, plan.config_bytes);
 
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     match plan.config {
         ConfigAction::Keep => {}
         ConfigAction::Apply { secret, published } => {
-            ensure_leader()?;
+            ctx.ensure_leader()?;
             secrets
                 .patch(CONFIG_SECRET, &params, &Patch::Apply(&*secret))
                 .await
@@ -282,7 +289,7 @@ async fn apply(ctx: &Context, ns: &str, plan: Plan) -> Result<(), Error> {
             ctx.metrics.config_writes.inc();
         }
         ConfigAction::Delete => {
-            ensure_leader()?;
+            ctx.ensure_leader()?;
             match secrets.delete(CONFIG_SECRET, &DeleteParams::default()).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
@@ -294,23 +301,11 @@ async fn apply(ctx: &Context, ns: &str, plan: Plan) -> Result<(), Error> {
         }
     }
 
-    let routes: Api<ProviderRoute> = Api::namespaced(ctx.client.clone(), ns);
-    for (name, status) in plan.routes {
-        ensure_leader()?;
-        patch_status::<ProviderRoute, _>(&routes, &name, &status, &params).await?;
-        lock(&ctx.own_writes.routes).insert((ns.to_string(), name), (status, Instant::now()));
-        ctx.metrics.status_writes.inc();
-    }
-    let budgets: Api<ApiKeyBudget> = Api::namespaced(ctx.client.clone(), ns);
-    for (name, status) in plan.budgets {
-        ensure_leader()?;
-        patch_status::<ApiKeyBudget, _>(&budgets, &name, &status, &params).await?;
-        lock(&ctx.own_writes.budgets).insert((ns.to_string(), name), (status, Instant::now()));
-        ctx.metrics.status_writes.inc();
-    }
+    write_statuses::<ProviderRoute, _>(ctx, ns, plan.routes, &ctx.own_writes.routes).await?;
+    write_statuses::<ApiKeyBudget, _>(ctx, ns, plan.budgets, &ctx.own_writes.budgets).await?;
 
     for event in plan.events {
-        ensure_leader()?;
+        ctx.ensure_leader()?;
         let e = Event {
             type_: event.type_,
             reason: event.reason,
@@ -330,22 +325,35 @@ async fn apply(ctx: &Context, ns: &str, plan: Plan) -> Result<(), Error> {
     Ok(())
 }
 
-/// Applies the operator's part of an object's status; an object deleted meanwhile is skipped.
-async fn patch_status<K, S>(api: &Api<K>, name: &str, status: &S, params: &PatchParams) -> Result<(), Error>
+/// Applies the operator's part of each object's status, and remembers it; an object deleted
+/// meanwhile is skipped.
+async fn write_statuses<K, S>(
+    ctx: &Context,
+    ns: &str,
+    statuses: Vec<(String, S)>,
+    written: &StatusCache<S>,
+) -> Result<(), Error>
 where
-    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + fmt::Debug,
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + fmt::Debug,
     S: Serialize,
 {
-    let body = json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "status": status,
-    });
-    match api.patch_status(name, params, &Patch::Apply(&body)).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(source) => Err(Error::Kube { step: "patch_status", source }),
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    for (name, status) in statuses {
+        ctx.ensure_leader()?;
+        let body = json!({"apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": status});
+        match api.patch_status(&name, &params, &Patch::Apply(&body)).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => continue,
+            Err(source) => return Err(Error::Kube { step: "patch_status", source }),
+        }
+        lock(written).insert((ns.to_string(), name), (status, Instant::now()));
+        ctx.metrics.status_writes.inc();
     }
+    Ok(())
 }
 
 /// The namespaces to reconcile when the objects of one watch change.

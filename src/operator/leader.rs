@@ -37,6 +37,15 @@ impl Leadership {
         Leadership(watch::channel(until).1)
     }
 
+    /// A leadership that the returned switch turns on and off, for tests of what a replica does
+    /// when it gains or loses the lease.
+    pub fn switched(leader: bool) -> (Leadership, LeaderSwitch) {
+        let (tx, rx) = watch::channel(None);
+        let switch = LeaderSwitch(tx);
+        switch.set(leader);
+        (Leadership(rx), switch)
+    }
+
     /// True while the lease was renewed within the renew deadline.
     pub fn is_leader(&self) -> bool {
         self.0.borrow().is_some_and(|until| Instant::now() < until)
@@ -53,6 +62,16 @@ impl Leadership {
                 return true;
             }
         }
+    }
+}
+
+/// Turns a [`Leadership::switched`] on and off.
+#[derive(Debug)]
+pub struct LeaderSwitch(watch::Sender<Option<Instant>>);
+
+impl LeaderSwitch {
+    pub fn set(&self, leader: bool) {
+        self.0.send_replace(leader.then(|| Instant::now() + Duration::from_secs(3600)));
     }
 }
 
