@@ -318,6 +318,20 @@ fn a_published_config_changed_by_hand_is_replaced_with_the_next_version() {
 }
 
 #[test]
+fn versions_keep_growing_when_the_secret_is_deleted_by_hand() {
+    let mut world = World::new(vec![keyed_route("chat", "chat", 0)], vec![keys()]);
+    for _ in 0..3 {
+        let plan = world.plan();
+        world.apply(&plan);
+        world.published.as_mut().unwrap().content.clear(); // force a new version each time
+    }
+    assert_eq!(world.published.as_ref().unwrap().version, 3);
+    world.published = None;
+    let (_, compiled) = applied_config(&world.plan());
+    assert_eq!(compiled.version, 4, "the routes' statuses say version 3 was published");
+}
+
+#[test]
 fn the_secret_size_limit_warns_then_refuses() {
     // The key is most of the configuration's size.
     let big = |bytes: usize| secret("keys", &[("openai", &"k".repeat(bytes))]);

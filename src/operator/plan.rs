@@ -162,7 +162,15 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
         if inputs.published.is_some_and(|p| p.content == unchanged) {
             Compiled::Published { version: current, bytes: unchanged.len() }
         } else {
-            let version = current + 1;
+            // Statuses remember versions too: a Secret deleted by hand does not restart the count.
+            let reported = routes
+                .iter()
+                .filter_map(|r| r.status.as_ref()?.config_version)
+                .chain(budgets.iter().filter_map(|b| b.status.as_ref()?.config_version))
+                .max()
+                .and_then(|v| u64::try_from(v).ok())
+                .unwrap_or(0);
+            let version = current.max(reported) + 1;
             let compiled = CompiledConfig::new(inputs.namespace, version, analysis.config);
             let content = serialise(&compiled);
             if content.len() > SECRET_LIMIT {
