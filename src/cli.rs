@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use crate::mock_provider::{MockOptions, MockStats};
+use crate::operator::inject::{InjectArgs, inject_manifests};
 use crate::operator::{OperatorArgs, OperatorError};
 use crate::sidecar::{SidecarArgs, SidecarError};
 
@@ -47,10 +48,23 @@ enum Command {
     Sidecar(SidecarArgs),
     /// Reconcile ProviderRoutes and ApiKeyBudgets into each namespace's sidecar configuration.
     Operator(OperatorArgs),
+    /// Print manifests with the sidecar injected into their pods, as the webhook would inject it.
+    Inject(InjectCmdArgs),
     /// Print the CustomResourceDefinitions as YAML, for `kubectl apply -f -`.
     Crd,
     /// Run a fake OpenAI-compatible provider, for tests, demos and load tests.
     MockProvider(MockProviderArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct InjectCmdArgs {
+    /// A YAML file of manifests (Pods, Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs,
+    /// CronJobs, Lists; other kinds pass through unchanged), or `-` for standard input.
+    #[arg(short = 'f', long = "file")]
+    file: String,
+
+    #[command(flatten)]
+    inject: InjectArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -94,6 +108,13 @@ pub fn main() -> ExitCode {
                 Ok(Err(OperatorError::Failed(e))) | Err(e) => fail(&e),
             }
         }
+        Command::Inject(args) => match run_inject(&args) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
         Command::MockProvider(args) => {
             let result = runtime(cli.worker_threads).and_then(|rt| {
                 rt.block_on(async move {
@@ -116,6 +137,17 @@ pub fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn run_inject(args: &InjectCmdArgs) -> Result<String, String> {
+    let params = args.inject.params()?;
+    let text = if args.file == "-" {
+        std::io::read_to_string(std::io::stdin()).map_err(|e| format!("cannot read standard input: {e}"))?
+    } else {
+        std::fs::read_to_string(&args.file).map_err(|e| format!("cannot read {}: {e}", args.file))?
+    };
+    let source = if args.file == "-" { "<stdin>" } else { &args.file };
+    inject_manifests(&text, &params).map_err(|e| format!("{source}: {e}"))
 }
 
 fn fail(message: &str) -> ExitCode {

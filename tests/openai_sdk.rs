@@ -12,27 +12,13 @@ const SDK: &str = "3.57.0";
 
 /// A virtualenv with the pinned SDK, created once and reused by later runs.
 fn python_with_sdk() -> PathBuf {
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
-    let python = venv.join("bin/python");
-    let has_sdk = |python: &Path| {
-        Command::new(python)
+    let venv = python_venv("openai-venv", "requirements.txt", |venv: &Path| {
+        Command::new(venv.join("bin/python"))
             .args(["-c", &format!("import openai, sys; sys.exit(openai.__version__ != {SDK:?})")])
             .status()
             .is_ok_and(|s| s.success())
-    };
-    if has_sdk(&python) {
-        return python;
-    }
-    let status = Command::new("python3").args(["-m", "venv", "--clear"]).arg(&venv).status().expect("run python3");
-    assert!(status.success(), "python3 -m venv failed");
-    let requirements = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/requirements.txt");
-    let status = Command::new(venv.join("bin/pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check", "-r", requirements])
-        .status()
-        .expect("run pip");
-    assert!(status.success(), "pip install -r tests/python/requirements.txt failed");
-    assert!(has_sdk(&python), "openai {SDK} is not importable after installing it");
-    python
+    });
+    venv.join("bin/python")
 }
 
 #[tokio::test(flavor = "multi_thread")]

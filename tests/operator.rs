@@ -488,7 +488,7 @@ async fn reconcile_publishes_the_config_then_the_status_then_an_event_and_a_seco
     assert_eq!(secret["kind"], "Secret");
     assert_eq!(secret["metadata"]["annotations"]["switchyard.dev/config-version"], "1");
     assert_eq!(secret["metadata"]["labels"]["app.kubernetes.io/managed-by"], "switchyard-operator");
-    let content = base64_decode(secret["data"]["config.json"].as_str().unwrap());
+    let content = common::base64_decode(secret["data"]["config.json"].as_str().unwrap());
     let compiled: CompiledConfig = serde_json::from_slice(&content).unwrap();
     assert_eq!(compiled.version, 1);
     assert_eq!(compiled.config.routes[0].name, "chat");
@@ -622,11 +622,6 @@ async fn a_refused_write_fails_the_reconcile_before_any_status_is_written() {
         "{metrics}"
     );
     assert!(metrics.contains("switchyard_operator_status_writes_total 0"), "{metrics}");
-}
-
-fn base64_decode(text: &str) -> Vec<u8> {
-    // The Secret's data as the API carries it; k8s-openapi's ByteString reads base64.
-    serde_json::from_value::<ByteString>(Value::String(text.into())).unwrap().0
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -975,7 +970,7 @@ async fn the_operator_process_leads_publishes_reports_and_releases_its_lease() {
     let config = writes_to(&api, "PATCH", &config_path);
     assert_eq!(config.len(), 1);
     let compiled: CompiledConfig =
-        serde_json::from_slice(&base64_decode(config[0]["data"]["config.json"].as_str().unwrap())).unwrap();
+        serde_json::from_slice(&common::base64_decode(config[0]["data"]["config.json"].as_str().unwrap())).unwrap();
     assert_eq!(compiled.version, 1);
     assert_eq!(compiled.config.routes[0].targets[0].credential.as_ref().unwrap().expose(), "sk-upstream");
     let status = &writes_to(&api, "PATCH", &status_path)[0]["status"];

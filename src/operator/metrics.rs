@@ -29,6 +29,8 @@ pub struct OperatorMetrics {
     pub events_posted: Counter,
     pub events_failed: Counter,
     pub leader: Gauge,
+    /// Webhook reviews of pods, by result.
+    injections: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl OperatorMetrics {
@@ -36,6 +38,11 @@ impl OperatorMetrics {
         if objects > 0 {
             *lock(&self.reconciles).entry((kind, outcome)).or_default() += objects as u64;
         }
+    }
+
+    /// A pod review ended `injected`, `skipped` or `refused`.
+    pub fn injection(&self, result: &'static str) {
+        *lock(&self.injections).entry(result).or_default() += 1;
     }
 
     pub fn config_bytes(&self, namespace: &str, bytes: usize) {
@@ -108,6 +115,15 @@ impl OperatorMetrics {
         }
         header(&mut out, "switchyard_operator_leader", "gauge", "1 while this replica holds the leader lease.");
         let _ = writeln!(out, "switchyard_operator_leader {}", self.leader.get());
+        header(
+            &mut out,
+            "switchyard_webhook_pods_total",
+            "counter",
+            "Pods the injection webhook reviewed, by result: injected, skipped or refused.",
+        );
+        for (result, n) in lock(&self.injections).iter() {
+            let _ = writeln!(out, "switchyard_webhook_pods_total{{result=\"{result}\"}} {n}");
+        }
         out
     }
 }

@@ -3,9 +3,11 @@
 //! object in its status and in events. See docs/operator.md.
 
 pub mod controller;
+pub mod inject;
 pub mod leader;
 pub mod metrics;
 pub mod plan;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -42,6 +42,33 @@ pub fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// A virtualenv under target/ with the pinned packages of `tests/python/{requirements}`, created
+/// once and reused while `ready(venv)` holds.
+pub fn python_venv(name: &str, requirements: &str, ready: impl Fn(&Path) -> bool) -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    if ready(&venv) {
+        return venv;
+    }
+    let status = Command::new("python3").args(["-m", "venv", "--clear"]).arg(&venv).status().expect("run python3");
+    assert!(status.success(), "python3 -m venv failed");
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python").join(requirements);
+    let status = Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+        .arg(&file)
+        .status()
+        .expect("run pip");
+    assert!(status.success(), "pip install -r {} failed", file.display());
+    assert!(ready(&venv), "the packages of {} do not work after installing them", file.display());
+    venv
+}
+
+/// Decodes base64 as the Kubernetes API writes it (Secret data, admission patches).
+pub fn base64_decode(text: &str) -> Vec<u8> {
+    serde_json::from_value::<k8s_openapi::ByteString>(serde_json::Value::String(text.into()))
+        .unwrap_or_else(|e| panic!("not base64 ({e}): {text}"))
+        .0
+}
+
 /// A ProviderRoute document named and served as `model`. `spec` holds extra spec fields as one
 /// line (`fallback: {on: []}`), each of `targets` one target as a YAML flow mapping.
 pub fn route_yaml(model: &str, spec: &str, targets: &[&str]) -> String {
