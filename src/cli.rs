@@ -47,7 +47,7 @@ enum Command {
     /// Serve the OpenAI-compatible API from ProviderRoute YAML files, reloading them when they change.
     Sidecar(SidecarArgs),
     /// Reconcile ProviderRoutes and ApiKeyBudgets into each namespace's sidecar configuration.
-    Operator(OperatorArgs),
+    Operator(Box<OperatorArgs>),
     /// Print manifests with the sidecar injected into their pods, as the webhook would inject it.
     Inject(InjectCmdArgs),
     /// Print the CustomResourceDefinitions as YAML, for `kubectl apply -f -`.
@@ -98,7 +98,7 @@ pub fn main() -> ExitCode {
             Ok(Err(SidecarError::Io(e))) | Err(e) => fail(&e),
         },
         Command::Operator(args) => {
-            match runtime(cli.worker_threads).map(|rt| rt.block_on(crate::operator::run(args))) {
+            match runtime(cli.worker_threads).map(|rt| rt.block_on(crate::operator::run(*args))) {
                 Ok(Ok(())) => ExitCode::SUCCESS,
                 Ok(Err(OperatorError::Usage(e))) => {
                     tracing::error!("{e}");

@@ -274,3 +274,81 @@ fn inject_reports_bad_input_and_bad_flags() {
     assert_eq!(code, Some(1));
     assert!(stderr.contains("cannot read"), "{stderr}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The webhook's TLS
+
+use std::time::{Duration, SystemTime};
+
+use switchyard::operator::tls::{CertStore, ServingCert, certified_key, dns_names, due, issue, serve_https};
+
+const SERVER_NAME: &str = "switchyard-webhook.ops.svc";
+
+/// The webhook router served over TLS on 127.0.0.1 with `cert`.
+async fn https_webhook(cert: &ServingCert) -> (std::net::SocketAddr, Arc<CertStore>) {
+    let store = Arc::new(CertStore::default());
+    store.set(certified_key(&cert.cert, &cert.key).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (app, _) = webhook();
+    tokio::spawn(serve_https(listener, app, store.clone(), std::future::pending()));
+    (addr, store)
+}
+
+#[tokio::test]
+async fn the_webhook_serves_tls_that_its_ca_bundle_verifies_and_renews_in_place() {
+    let names = dns_names("switchyard-webhook", "ops");
+    let first = issue(&names, None, SystemTime::now()).unwrap();
+    let (addr, store) = https_webhook(&first).await;
+    let pod = yaml_file(&Path::new(TESTDATA).join("basic.yaml"));
+    let body = serde_json::to_vec(&review(&pod)).unwrap();
+
+    for name in &names {
+        let (status, answer, _) =
+            common::https_post(addr, &first.ca_cert, name, "/mutate-pods", body.clone()).await.unwrap();
+        assert_eq!(status, 200, "{name}");
+        let answer: Value = serde_json::from_slice(&answer).unwrap();
+        assert_eq!(answer["response"]["allowed"], true);
+        assert!(answer["response"]["patch"].is_array(), "{answer}");
+    }
+    let error =
+        common::https_post(addr, &first.ca_cert, "elsewhere.example", "/mutate-pods", body.clone()).await.unwrap_err();
+    assert!(error.contains("TLS"), "a name the certificate is not for is refused: {error}");
+    let stranger = issue(&names, None, SystemTime::now()).unwrap();
+    let error =
+        common::https_post(addr, &stranger.ca_cert, SERVER_NAME, "/mutate-pods", body.clone()).await.unwrap_err();
+    assert!(error.contains("TLS"), "another CA does not verify it: {error}");
+
+    // Renewal keeps the CA, so the caBundle the API server holds still verifies the new
+    // certificate, which new connections get without a restart.
+    let renewed = issue(&names, Some(&first), SystemTime::now()).unwrap();
+    assert_eq!(renewed.ca_cert, first.ca_cert);
+    assert_ne!(renewed.cert, first.cert);
+    store.set(certified_key(&renewed.cert, &renewed.key).unwrap());
+    let (status, _, presented) =
+        common::https_post(addr, &first.ca_cert, SERVER_NAME, "/mutate-pods", body).await.unwrap();
+    assert_eq!(status, 200);
+    let renewed_der = rustls_pemfile_der(&renewed.cert);
+    assert_eq!(presented, renewed_der, "the renewed certificate is served");
+}
+
+fn rustls_pemfile_der(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec()
+}
+
+#[test]
+fn certificates_are_renewed_when_missing_renamed_or_near_expiry() {
+    let names = dns_names("switchyard-webhook", "ops");
+    let now = SystemTime::now();
+    let cert = issue(&names, None, now).unwrap();
+    assert!(due(None, &names, now));
+    assert!(!due(Some(&cert), &names, now));
+    assert!(!due(Some(&cert), &names, now + Duration::from_secs(300 * 24 * 3600)));
+    assert!(due(Some(&cert), &names, now + Duration::from_secs(340 * 24 * 3600)), "in its last 30 days");
+    assert!(due(Some(&cert), &dns_names("renamed", "ops"), now));
+    // What the Secret holds reads back as the same certificate.
+    let secret = cert.to_secret("switchyard-webhook-tls", "ops");
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    assert_eq!(ServingCert::from_secret(&secret), Some(cert));
+}

@@ -186,7 +186,7 @@ fn every_subcommand_documents_its_flags() {
     assert_eq!(code, Some(0));
     assert_eq!(stdout.trim(), format!("switchyard {}", env!("CARGO_PKG_VERSION")));
 
-    let expectations: [(&str, &[&str]); 4] = [
+    let expectations: [(&str, &[&str]); 5] = [
         (
             "sidecar",
             &[
@@ -219,9 +219,13 @@ fn every_subcommand_documents_its_flags() {
                 "--renew-deadline",
                 "--retry-period",
                 "SWITCHYARD_LEASE_DURATION",
+                "--webhook-listen",
+                "--webhook-cert-dir",
+                "--proxy-image",
                 "--log-format",
             ],
         ),
+        ("inject", &["--file", "--proxy-image", "--native-sidecar", "--proxy-memory-limit", "SWITCHYARD_PROXY_IMAGE"]),
         (
             "mock-provider",
             &[

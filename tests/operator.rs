@@ -33,6 +33,7 @@ use switchyard::operator::metrics::OperatorMetrics;
 use switchyard::operator::plan::{
     CONFIG_SECRET, ConfigAction, Inputs, Plan, Published, SECRET_LIMIT, SECRET_WARNING, plan,
 };
+use switchyard::operator::tls::{self, TlsSettings};
 use tower_test::mock::Handle;
 
 mod common;
@@ -757,6 +758,96 @@ async fn a_leader_that_cannot_renew_stops_leading_and_reports_the_lost_lease() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The webhook certificate
+
+fn tls_settings() -> TlsSettings {
+    TlsSettings {
+        service: "switchyard-webhook".into(),
+        namespace: "ops".into(),
+        secret: "switchyard-webhook-tls".into(),
+        webhook_configuration: "switchyard".into(),
+    }
+}
+
+fn webhook_configuration(ca_bundle: Option<&str>) -> Value {
+    let mut hook = json!({
+        "name": "pods.switchyard.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+        "clientConfig": {"service": {"name": "switchyard-webhook", "namespace": "ops", "path": "/mutate-pods"}}
+    });
+    if let Some(ca) = ca_bundle {
+        hook["clientConfig"]["caBundle"] = ca.into();
+    }
+    json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+           "metadata": {"name": "switchyard", "resourceVersion": "3"}, "webhooks": [hook]})
+}
+
+#[tokio::test]
+async fn the_leader_issues_the_webhook_certificate_and_publishes_its_ca() {
+    let (service, mut server) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "ops");
+    let api = tokio::spawn(async move {
+        let secret_path = "/api/v1/namespaces/ops/secrets/switchyard-webhook-tls";
+        expect(&mut server, Method::GET, secret_path, &[], 404, |_| not_found()).await;
+        let secret = expect(&mut server, Method::PATCH, secret_path, APPLY, 200, Value::clone).await;
+        let config_path = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/switchyard";
+        expect(&mut server, Method::GET, config_path, &[], 200, |_| webhook_configuration(None)).await;
+        let config = expect(&mut server, Method::PATCH, config_path, APPLY, 200, Value::clone).await;
+        (secret, config)
+    });
+    let (cert, key) = tls::managed_round(&client, &Leadership::fixed(true), &tls_settings()).await.unwrap().unwrap();
+    let (secret, config) = api.await.unwrap();
+
+    assert_eq!(secret["type"], "kubernetes.io/tls");
+    let served = String::from_utf8(common::base64_decode(secret["data"]["tls.crt"].as_str().unwrap())).unwrap();
+    assert_eq!(served, cert);
+    assert!(String::from_utf8(common::base64_decode(secret["data"]["tls.key"].as_str().unwrap())).unwrap() == key);
+    let ca = common::base64_decode(secret["data"]["ca.crt"].as_str().unwrap());
+    assert_eq!(
+        secret["metadata"]["annotations"]["switchyard.dev/dns-names"],
+        "switchyard-webhook,switchyard-webhook.ops,switchyard-webhook.ops.svc,switchyard-webhook.ops.svc.cluster.local"
+    );
+    // Only the caBundle of our webhook is applied; the chart owns the rest.
+    assert_eq!(
+        config["webhooks"],
+        json!([{"name": "pods.switchyard.dev", "clientConfig": {"caBundle": secret["data"]["ca.crt"]}}])
+    );
+    assert_eq!(common::base64_decode(config["webhooks"][0]["clientConfig"]["caBundle"].as_str().unwrap()), ca);
+}
+
+#[tokio::test]
+async fn a_follower_only_reads_the_webhook_certificate_and_a_current_one_is_left_alone() {
+    let cert = tls::issue(&tls::dns_names("switchyard-webhook", "ops"), None, std::time::SystemTime::now()).unwrap();
+    let secret = serde_json::to_value(cert.to_secret("switchyard-webhook-tls", "ops")).unwrap();
+    let (service, mut server) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "ops");
+    let answer = secret.clone();
+    let api = tokio::spawn(async move {
+        let secret_path = "/api/v1/namespaces/ops/secrets/switchyard-webhook-tls";
+        expect(&mut server, Method::GET, secret_path, &[], 200, move |_| answer).await;
+        server
+    });
+    let loaded = tls::managed_round(&client, &Leadership::fixed(false), &tls_settings()).await.unwrap();
+    assert_eq!(loaded, Some((cert.cert.clone(), cert.key.clone())));
+    drop(api.await.unwrap());
+
+    // The leader, with a current certificate and caBundle: reads, writes nothing.
+    let (service, mut server) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "ops");
+    let ca_bundle = serde_json::to_value(ByteString(cert.ca_cert.as_bytes().to_vec())).unwrap();
+    let api = tokio::spawn(async move {
+        let secret_path = "/api/v1/namespaces/ops/secrets/switchyard-webhook-tls";
+        expect(&mut server, Method::GET, secret_path, &[], 200, move |_| secret).await;
+        let config_path = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/switchyard";
+        let current = webhook_configuration(ca_bundle.as_str());
+        expect(&mut server, Method::GET, config_path, &[], 200, move |_| current).await;
+        server
+    });
+    let loaded = tls::managed_round(&client, &Leadership::fixed(true), &tls_settings()).await.unwrap();
+    assert_eq!(loaded, Some((cert.cert, cert.key)));
+    drop(api.await.unwrap()); // any write after the reads would have failed the round
+}
+
+// ---------------------------------------------------------------------------------------------
 // Watch wiring
 
 fn with(route: &Arc<ProviderRoute>, namespace: &str, generation: i64, version: &str) -> ProviderRoute {
@@ -954,10 +1045,21 @@ async fn the_operator_process_leads_publishes_reports_and_releases_its_lease() {
     let api = one_route_cluster();
     let kubeconfig = serve_fake_api(api.clone()).await;
     let kubeconfig = kubeconfig.to_str().unwrap();
-    let args = ["operator", "--admin-listen", "127.0.0.1:0", "--identity", "op-1", "--log-format", "json"];
+    let args = [
+        "operator",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--webhook-listen",
+        "127.0.0.1:0",
+        "--identity",
+        "op-1",
+        "--log-format",
+        "json",
+    ];
     let (mut process, line) = common::Process::start(&args, &[("KUBECONFIG", kubeconfig)], "operator running");
-    let admin: Value = serde_json::from_str(&line).expect("a JSON log line");
-    let admin: std::net::SocketAddr = admin["admin"].as_str().unwrap().parse().unwrap();
+    let running: Value = serde_json::from_str(&line).expect("a JSON log line");
+    let admin: std::net::SocketAddr = running["admin"].as_str().unwrap().parse().unwrap();
+    let webhook: std::net::SocketAddr = running["webhook"].as_str().unwrap().parse().unwrap();
 
     let config_path = format!("/api/v1/namespaces/{NS}/secrets/{CONFIG_SECRET}");
     let status_path = format!("/apis/switchyard.dev/v1alpha1/namespaces/{NS}/providerroutes/chat/status");
@@ -983,8 +1085,39 @@ async fn the_operator_process_leads_publishes_reports_and_releases_its_lease() {
     assert_eq!(common::metric(&metrics, "switchyard_operator_leader"), 1);
     assert_eq!(common::metric(&metrics, "switchyard_operator_config_writes_total"), 1);
     assert!(metrics.contains(&format!("switchyard_operator_config_bytes{{namespace=\"{NS}\"}}")), "{metrics}");
-    assert_eq!(common::get(admin, "/readyz").await.status, 200);
+    common::eventually("ready, with the webhook certificate issued", || async {
+        common::get(admin, "/readyz").await.status == 200
+    })
+    .await;
     assert_eq!(common::get(admin, "/healthz").await.status, 200);
+
+    // The webhook serves HTTPS with the certificate the leader issued into its Secret.
+    let tls_secret = writes_to(&api, "PATCH", "/api/v1/namespaces/ops/secrets/switchyard-webhook-tls");
+    let ca = String::from_utf8(common::base64_decode(tls_secret[0]["data"]["ca.crt"].as_str().unwrap())).unwrap();
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bot", "namespace": NS},
+                     "spec": {"containers": [{"name": "app", "image": "example/bot:1"}]}});
+    let review = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": "u-1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+        "resource": {"group": "", "version": "v1", "resource": "pods"}, "namespace": NS, "operation": "CREATE",
+        "userInfo": {"username": "tester"}, "object": pod, "dryRun": false}});
+    let (status, answer, _) = common::https_post(
+        webhook,
+        &ca,
+        "switchyard-webhook.ops.svc",
+        "/mutate-pods",
+        serde_json::to_vec(&review).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let answer: Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(
+        (answer["response"]["uid"].as_str(), answer["response"]["allowed"].as_bool()),
+        (Some("u-1"), Some(true))
+    );
+    assert_eq!(answer["response"]["patchType"], "JSONPatch");
+    let metrics = common::get(admin, "/metrics").await.body;
+    assert_eq!(common::metric(&metrics, "switchyard_webhook_pods_total{result=\"injected\"}"), 1);
     assert!(!process.log().contains("sk-upstream"), "credentials never reach the log");
 
     process.terminate();
@@ -1020,6 +1153,8 @@ async fn the_operator_process_exits_when_another_replica_takes_its_lease() {
         "operator",
         "--admin-listen",
         "127.0.0.1:0",
+        "--webhook-listen",
+        "127.0.0.1:0",
         "--identity",
         "op-1",
         "--retry-period",
@@ -1044,7 +1179,7 @@ async fn the_operator_refuses_to_start_without_its_crds() {
     let kubeconfig = serve_fake_api(Arc::new(FakeApi::default())).await;
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .args(["operator", "--admin-listen", "127.0.0.1:0"])
+            .args(["operator", "--admin-listen", "127.0.0.1:0", "--webhook-listen", "127.0.0.1:0"])
             .env("KUBECONFIG", &kubeconfig)
             .output()
             .unwrap()

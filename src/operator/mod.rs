@@ -7,6 +7,7 @@ pub mod inject;
 pub mod leader;
 pub mod metrics;
 pub mod plan;
+pub mod tls;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -32,8 +33,11 @@ use tokio::net::TcpListener;
 use self::controller::{
     Context, Stores, controller, error_policy, generation, reconcile, resource_version, secret_matters, triggers,
 };
+use self::inject::InjectArgs;
 use self::leader::{Elector, Leadership, LeaseSettings};
 use self::metrics::OperatorMetrics;
+use self::tls::{CertSource, CertStore, TlsSettings};
+use self::webhook::Webhook;
 use crate::api::units::parse_duration;
 use crate::api::{ApiKeyBudget, ProviderRoute};
 
@@ -75,6 +79,40 @@ pub struct OperatorArgs {
     /// How often the Lease is renewed, or tried for by the other replicas.
     #[arg(long, env = "SWITCHYARD_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
     pub retry_period: Duration,
+
+    /// Serve the sidecar injection webhook (`POST /mutate-pods`, HTTPS).
+    #[arg(long, env = "SWITCHYARD_WEBHOOK", default_value_t = true, action = clap::ArgAction::Set)]
+    pub webhook: bool,
+
+    /// Address of the injection webhook.
+    #[arg(long, env = "SWITCHYARD_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
+    pub webhook_listen: SocketAddr,
+
+    /// The webhook's Service (in the operator's namespace): the certificate is issued for its DNS
+    /// names.
+    #[arg(long, env = "SWITCHYARD_WEBHOOK_SERVICE", default_value = "switchyard-webhook")]
+    pub webhook_service: String,
+
+    /// The Secret (in the operator's namespace) where the leader keeps the webhook's CA and
+    /// certificate.
+    #[arg(long, env = "SWITCHYARD_WEBHOOK_SECRET", default_value = "switchyard-webhook-tls")]
+    pub webhook_secret: String,
+
+    /// The MutatingWebhookConfiguration whose caBundle the leader keeps current.
+    #[arg(long, env = "SWITCHYARD_WEBHOOK_CONFIGURATION", default_value = "switchyard")]
+    pub webhook_configuration: String,
+
+    /// Read the webhook's certificate from `tls.crt` and `tls.key` in this directory (for
+    /// cert-manager) instead of managing it; they are reloaded when they change.
+    #[arg(long, env = "SWITCHYARD_WEBHOOK_CERT_DIR")]
+    pub webhook_cert_dir: Option<std::path::PathBuf>,
+
+    /// How often the webhook certificate is checked for renewal (and, from files, for changes).
+    #[arg(long, env = "SWITCHYARD_WEBHOOK_CERT_CHECK", default_value = "1h", value_parser = parse_duration)]
+    pub webhook_cert_check: Duration,
+
+    #[command(flatten)]
+    pub inject: InjectArgs,
 }
 
 /// Why the operator stopped.
@@ -96,6 +134,7 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
                 .into(),
         ));
     }
+    let inject_params = args.inject.params().map_err(OperatorError::Usage)?;
     let client = Client::try_default().await.map_err(|e| {
         OperatorError::Failed(format!(
             "cannot configure a Kubernetes client (no kubeconfig, and not in a cluster?): {e}"
@@ -167,7 +206,31 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
         .await
         .map_err(|e| OperatorError::Failed(format!("cannot listen on {}: {e}", args.admin_listen)))?;
     let admin_addr = admin.local_addr().map_err(|e| OperatorError::Failed(e.to_string()))?;
-    let admin_state = Arc::new(Admin { stores: stores.clone(), metrics: metrics.clone() });
+    let (webhook_addr, certs) = if args.webhook {
+        let listener = TcpListener::bind(args.webhook_listen)
+            .await
+            .map_err(|e| OperatorError::Failed(format!("cannot listen on {}: {e}", args.webhook_listen)))?;
+        let addr = listener.local_addr().map_err(|e| OperatorError::Failed(e.to_string()))?;
+        let certs = Arc::new(CertStore::default());
+        let source = match &args.webhook_cert_dir {
+            Some(dir) => CertSource::Files(dir.clone()),
+            None => CertSource::Managed(TlsSettings {
+                service: args.webhook_service.clone(),
+                namespace: args.lease_namespace.clone().unwrap_or_else(|| client.default_namespace().to_string()),
+                secret: args.webhook_secret.clone(),
+                webhook_configuration: args.webhook_configuration.clone(),
+            }),
+        };
+        let keeper =
+            tls::keep_current(client.clone(), leadership.clone(), source, certs.clone(), args.webhook_cert_check);
+        tokio::spawn(keeper);
+        let hook = Arc::new(Webhook { params: inject_params, metrics: metrics.clone() });
+        tokio::spawn(tls::serve_https(listener, webhook::router(hook), certs.clone(), shutdown()));
+        (Some(addr), Some(certs))
+    } else {
+        (None, None)
+    };
+    let admin_state = Arc::new(Admin { stores: stores.clone(), metrics: metrics.clone(), certs });
     let admin =
         tokio::spawn(axum::serve(admin, admin_router(admin_state)).with_graceful_shutdown(shutdown()).into_future());
 
@@ -192,7 +255,8 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
                 tracing::debug!(error = %e, "reconcile request not carried out");
             }
         });
-    tracing::info!(admin = %admin_addr, "operator running");
+    let webhook_addr = webhook_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
+    tracing::info!(admin = %admin_addr, webhook = %webhook_addr, "operator running");
 
     let mut election = election;
     let outcome = tokio::select! {
@@ -250,6 +314,8 @@ fn hostname() -> String {
 struct Admin {
     stores: Stores,
     metrics: Arc<OperatorMetrics>,
+    /// The webhook's certificate, when it serves the webhook: not ready before it has one.
+    certs: Option<Arc<CertStore>>,
 }
 
 fn admin_router(state: Arc<Admin>) -> Router {
@@ -258,10 +324,12 @@ fn admin_router(state: Arc<Admin>) -> Router {
         .route(
             "/readyz",
             get(|State(admin): State<Arc<Admin>>| async move {
-                if admin.stores.ready() {
-                    (StatusCode::OK, "ready\n")
-                } else {
+                if !admin.stores.ready() {
                     (StatusCode::SERVICE_UNAVAILABLE, "the caches are still loading\n")
+                } else if admin.certs.as_ref().is_some_and(|c| !c.loaded()) {
+                    (StatusCode::SERVICE_UNAVAILABLE, "the webhook has no certificate yet\n")
+                } else {
+                    (StatusCode::OK, "ready\n")
                 }
             }),
         )

@@ -62,6 +62,45 @@ pub fn python_venv(name: &str, requirements: &str, ready: impl Fn(&Path) -> bool
     venv
 }
 
+/// A request over TLS to `addr`, trusting only `ca_pem` and checking the certificate for
+/// `server_name`: the status, the body, and the certificate the server presented (DER).
+pub async fn https_post(
+    addr: SocketAddr,
+    ca_pem: &str,
+    server_name: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<(StatusCode, Bytes, Vec<u8>), String> {
+    use tokio_rustls::rustls::{self, pki_types::CertificateDer, pki_types::ServerName, pki_types::pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let name = ServerName::try_from(server_name.to_string()).map_err(|e| e.to_string())?;
+    let tls = connector.connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
+    let presented = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()).unwrap_or_default();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let request = http::Request::post(path)
+        .header(header::HOST, server_name)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((status, body, presented))
+}
+
 /// Decodes base64 as the Kubernetes API writes it (Secret data, admission patches).
 pub fn base64_decode(text: &str) -> Vec<u8> {
     serde_json::from_value::<k8s_openapi::ByteString>(serde_json::Value::String(text.into()))
