@@ -51,9 +51,16 @@ enum Command {
     /// Print manifests with the sidecar injected into their pods, as the webhook would inject it.
     Inject(InjectCmdArgs),
     /// Print the CustomResourceDefinitions as YAML, for `kubectl apply -f -`.
-    Crd,
+    Crd(CrdArgs),
     /// Run a fake OpenAI-compatible provider, for tests, demos and load tests.
     MockProvider(MockProviderArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct CrdArgs {
+    /// Print them as the switchyard-crds chart's template: annotated `helm.sh/resource-policy: keep`.
+    #[arg(long)]
+    helm: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -82,8 +89,8 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log, cli.log_format == "json");
     match cli.command {
-        Command::Crd => {
-            print!("{}", crate::api::crds_yaml());
+        Command::Crd(args) => {
+            print!("{}", if args.helm { crate::api::crds_helm_yaml() } else { crate::api::crds_yaml() });
             ExitCode::SUCCESS
         }
         Command::Sidecar(args) => match runtime(cli.worker_threads).map(|rt| rt.block_on(crate::sidecar::run(args))) {

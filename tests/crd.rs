@@ -23,6 +23,21 @@ fn crds_folder_matches_the_generated_crds() {
 }
 
 #[test]
+fn crds_chart_matches_the_generated_crds() {
+    let committed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/charts/switchyard-crds/templates/crds.yaml"))
+            .unwrap();
+    let (code, printed, stderr) = common::run(&["crd", "--helm"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        committed == printed,
+        "charts/switchyard-crds/templates/crds.yaml is stale: regenerate it with \
+         `cargo run -- crd --helm > charts/switchyard-crds/templates/crds.yaml`"
+    );
+    assert!(!printed.contains("{{"), "the CRDs are a Helm template: braces would be read as template actions");
+}
+
+#[test]
 fn names_columns_and_status_are_as_documented() {
     let crd = serde_json::to_value(&api::crds()[0]).unwrap();
     let spec = &crd["spec"];

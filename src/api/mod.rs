@@ -24,8 +24,25 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
 
 /// The CRDs as one multi-document YAML stream, as `switchyard crd` prints and `crds/` holds.
 pub fn crds_yaml() -> String {
+    yaml_of(crds())
+}
+
+/// The CRDs for the switchyard-crds Helm chart: marked `helm.sh/resource-policy: keep`, so that
+/// uninstalling the chart does not delete every ProviderRoute and ApiKeyBudget with them.
+pub fn crds_helm_yaml() -> String {
+    let mut crds = crds();
+    for crd in &mut crds {
+        crd.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert("helm.sh/resource-policy".into(), "keep".into());
+    }
+    yaml_of(crds)
+}
+
+fn yaml_of(crds: Vec<CustomResourceDefinition>) -> String {
     let mut out = String::new();
-    for crd in crds() {
+    for crd in crds {
         out.push_str("---\n");
         // A CRD is plain data; serialising it cannot fail.
         out.push_str(&serde_yaml::to_string(&crd).expect("CRD serialises to YAML"));
