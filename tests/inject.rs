@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -189,33 +188,6 @@ async fn garbage_is_a_bad_request_not_a_crash() {
 // ---------------------------------------------------------------------------------------------
 // switchyard inject
 
-fn validate_venv() -> PathBuf {
-    common::python_venv("validate-venv", "validate-requirements.txt", |venv: &Path| {
-        Command::new(venv.join("bin/kubernetes-validate")).arg("--version").output().is_ok_and(|o| o.status.success())
-    })
-}
-
-/// `kubernetes-validate --strict` for Kubernetes 1.29 (the first with native sidecars) and the
-/// newest it knows.
-fn assert_valid_manifests(path: &Path) {
-    let venv = validate_venv();
-    for version in [Some("1.29.0"), None] {
-        let mut command = Command::new(venv.join("bin/kubernetes-validate"));
-        command.arg("--strict");
-        if let Some(v) = version {
-            command.args(["-k", v]);
-        }
-        let out = command.arg(path).output().unwrap();
-        assert!(
-            out.status.success(),
-            "kubernetes-validate {version:?} rejected {}:\n{}{}",
-            path.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
 #[test]
 fn inject_rewrites_the_pod_templates_of_workloads_and_passes_the_rest_through() {
     let input = Path::new(TESTDATA).join("workloads.manifest");
@@ -249,7 +221,7 @@ fn inject_rewrites_the_pod_templates_of_workloads_and_passes_the_rest_through() 
     let clean = common::temp_dir("inject").join("clean.yaml");
     let text: String = docs.iter().map(|d| format!("---\n{}", serde_yaml::to_string(d).unwrap())).collect();
     std::fs::write(&clean, text).unwrap();
-    assert_valid_manifests(&clean);
+    common::assert_valid_manifests(&clean);
 }
 
 fn yaml_docs(path: &Path) -> Vec<Value> {

@@ -62,6 +62,36 @@ pub fn python_venv(name: &str, requirements: &str, ready: impl Fn(&Path) -> bool
     venv
 }
 
+/// `kubernetes-validate --strict` for Kubernetes 1.29 (the oldest we support: the first with
+/// native sidecars) and the newest it knows. Kinds it has no schema for (custom resources) pass
+/// with a warning; check those by hand.
+pub fn assert_valid_manifests(path: &Path) {
+    static VENV: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let venv = VENV.get_or_init(|| {
+        python_venv("validate-venv", "validate-requirements.txt", |venv: &Path| {
+            Command::new(venv.join("bin/kubernetes-validate"))
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+    });
+    for version in [Some("1.29.0"), None] {
+        let mut command = Command::new(venv.join("bin/kubernetes-validate"));
+        command.args(["--strict", "--quiet"]);
+        if let Some(v) = version {
+            command.args(["-k", v]);
+        }
+        let out = command.arg(path).output().expect("run kubernetes-validate");
+        assert!(
+            out.status.success(),
+            "kubernetes-validate {version:?} rejected {}:\n{}{}",
+            path.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// A request over TLS to `addr`, trusting only `ca_pem` and checking the certificate for
 /// `server_name`: the status, the body, and the certificate the server presented (DER).
 pub async fn https_post(

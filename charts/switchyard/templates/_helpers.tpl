@@ -1,0 +1,29 @@
+{{/*
+Names are fixed rather than derived from the release: the CRDs, the ClusterRole and the
+MutatingWebhookConfiguration are cluster-wide, so one release serves the whole cluster, and the
+operator's defaults (Lease, webhook Service, Secret and configuration) use the same names.
+*/}}
+
+{{- define "switchyard.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: switchyard
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: switchyard
+{{- end }}
+
+{{- define "switchyard.selectorLabels" -}}
+app.kubernetes.io/name: switchyard
+app.kubernetes.io/component: operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "switchyard.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{/* Whether the operator manages the webhook certificate itself. */}}
+{{- define "switchyard.managesCert" -}}
+{{- if and .Values.webhook.enabled (not .Values.webhook.certManager.enabled) }}true{{ end }}
+{{- end }}

