@@ -54,3 +54,82 @@ async fn upstream_connections_are_kept_alive_and_reused() {
     assert_eq!(up.hits("ok/pool"), 5);
     assert_eq!(peers.len(), 1, "five sequential requests should share one connection: {peers:?}");
 }
+
+/// An upstream that answers one request per connection and then closes it, without saying so
+/// (`close_silently`) or with `connection: close`. Returns its address and the request heads.
+async fn one_shot_upstream(
+    close_silently: bool,
+) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // The head, then as much body as Content-Length says.
+                let head_end = loop {
+                    let n = tcp.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap())
+                    })
+                    .unwrap_or(0);
+                while buf.len() < head_end + length {
+                    let n = tcp.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                seen.lock().unwrap().push(head);
+                let body = r#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+                let connection = if close_silently { "" } else { "connection: close\r\n" };
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{connection}content-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tcp.write_all(response.as_bytes()).await;
+                let _ = tcp.shutdown().await;
+            });
+        }
+    });
+    (addr, heads)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_the_upstream_closed_is_not_used_again() {
+    for close_silently in [true, false] {
+        let (addr, heads) = one_shot_upstream(close_silently).await;
+        let sidecar =
+            Sidecar::start(&route_yaml("chat", "", &[&format!("{{name: t, baseUrl: \"http://{addr}/v1\"}}")]));
+        for i in 0..4 {
+            let response = post(sidecar.api, "/v1/chat/completions", r#"{"model":"chat"}"#).await;
+            assert_eq!(response.status, 200, "request {i} (close_silently: {close_silently}): {}", response.body);
+            assert_eq!(response.header("x-switchyard-attempts"), "1", "no fallback was needed");
+            // Let the close reach the sidecar before the next request, as it would between calls.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let heads = heads.lock().unwrap().clone();
+        assert_eq!(heads.len(), 4, "each request reached the upstream once");
+        for head in heads {
+            let lower = head.to_ascii_lowercase();
+            assert!(head.starts_with("POST /v1/chat/completions HTTP/1.1\r\n"), "origin-form request line: {head}");
+            assert!(lower.contains(&format!("\r\nhost: {addr}\r\n")), "Host header: {head}");
+        }
+    }
+}

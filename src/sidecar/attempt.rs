@@ -17,7 +17,7 @@ use super::error::{AttemptFailure, ERROR_SOURCE};
 use super::health::{self, Health, Outcome};
 use super::relay::{Committed, SseFramer, StreamWatch};
 use super::state::{RouteRt, Shared, TargetRt};
-use super::upstream::{SendError, Upstream, UpstreamBody, error_chain};
+use super::upstream::{SendError, UpstreamBody, error_chain};
 use crate::api::FallbackReason;
 use crate::api::units::format_duration;
 use crate::config::HealthPolicy;
@@ -134,9 +134,6 @@ async fn try_target(
     let body = out.chat.upstream_body(out.body, &target.model_json, out.force_usage);
     let mut request = http::Request::new(Full::new(body));
     *request.method_mut() = Method::POST;
-    if let Upstream::Http { uri, .. } = &target.upstream {
-        *request.uri_mut() = uri.clone();
-    }
     let headers = request.headers_mut();
     headers.clone_from(&target.headers);
     for name in &FORWARDED {

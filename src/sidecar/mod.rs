@@ -3,6 +3,7 @@
 mod attempt;
 mod billing;
 mod error;
+mod h1;
 mod health;
 mod metrics;
 pub mod plan;

@@ -222,11 +222,12 @@ impl Snapshot {
 impl TargetRt {
     fn build(route_id: &str, t: &config::Target, metrics: &SidecarMetrics, clients: &Clients) -> TargetRt {
         let upstream = match &t.upstream {
-            config::Upstream::OpenAi { base_url } => Upstream::Http {
-                client: clients.get(t.timeouts.connect),
+            config::Upstream::OpenAi { base_url } => Upstream::http(
+                clients,
                 // compile() checked that the base URL parses, so appending a path keeps it valid.
-                uri: format!("{base_url}/chat/completions").parse().unwrap_or_else(|_| Uri::from_static("/")),
-            },
+                format!("{base_url}/chat/completions").parse().unwrap_or_else(|_| Uri::from_static("/")),
+                t.timeouts.connect,
+            ),
             config::Upstream::Mock { options, .. } => {
                 Upstream::Mock { options: options.clone(), stats: Arc::new(MockStats::default()) }
             }

@@ -1,5 +1,5 @@
-//! Sending one attempt to an upstream: pooled HTTP/1.1 and HTTP/2 over TCP or TLS, or the
-//! in-process mock provider.
+//! Sending one attempt to an upstream: HTTP/1.1 over TCP (`h1.rs`), pooled HTTP/1.1 and HTTP/2
+//! over TLS, or the in-process mock provider.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, Uri};
+use http::{HeaderValue, Request, Response, Uri};
 use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
@@ -21,6 +21,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tokio::net::TcpStream;
 
+use super::h1::{self, H1Body, Pool};
 use crate::mock_provider::{MockOptions, MockStats, chat_completion};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -29,8 +30,21 @@ pub type HttpClient = Client<TimeoutConnector, Full<Bytes>>;
 /// Where a target's attempts go.
 #[derive(Clone, Debug)]
 pub enum Upstream {
-    Http { client: Arc<HttpClient>, uri: Uri },
-    Mock { options: Arc<MockOptions>, stats: Arc<MockStats> },
+    /// `https://`: hyper's pooled client, HTTP/2 where the upstream offers it.
+    Http {
+        client: Arc<HttpClient>,
+        uri: Uri,
+    },
+    /// `http://`: HTTP/1.1, each connection driven by the request's own task.
+    Plain {
+        pool: Arc<Pool>,
+        path: Uri,
+        host: HeaderValue,
+    },
+    Mock {
+        options: Arc<MockOptions>,
+        stats: Arc<MockStats>,
+    },
 }
 
 /// Why an attempt got no response headers.
@@ -43,10 +57,26 @@ pub enum SendError {
 }
 
 impl Upstream {
-    /// Sends a request and waits for the response headers.
-    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<UpstreamBody>, SendError> {
+    /// Builds the upstream for a target's chat completions URL.
+    pub fn http(clients: &Clients, url: Uri, connect_timeout: Duration) -> Upstream {
+        if url.scheme() == Some(&http::uri::Scheme::HTTP)
+            && let Some((path, host, authority)) = h1::origin_form(&url)
+        {
+            return Upstream::Plain { pool: clients.plain(authority, connect_timeout), path, host };
+        }
+        Upstream::Http { client: clients.get(connect_timeout), uri: url }
+    }
+
+    /// Sends a request to the upstream's URL and waits for the response headers.
+    pub async fn send(&self, mut request: Request<Full<Bytes>>) -> Result<Response<UpstreamBody>, SendError> {
         match self {
-            Upstream::Http { client, .. } => {
+            Upstream::Plain { pool, path, host } => {
+                *request.uri_mut() = path.clone();
+                h1::set_host(&mut request, host);
+                pool.send(request).await.map(|r| r.map(UpstreamBody::Plain))
+            }
+            Upstream::Http { client, uri } => {
+                *request.uri_mut() = uri.clone();
                 client.request(request).await.map(|r| r.map(UpstreamBody::Http)).map_err(classify)
             }
             Upstream::Mock { options, stats } => {
@@ -89,6 +119,7 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// A response body from either kind of upstream, without boxing the HTTP one.
 pub enum UpstreamBody {
+    Plain(H1Body),
     Http(Incoming),
     Mock(axum::body::Body),
 }
@@ -99,6 +130,7 @@ impl Body for UpstreamBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
+            UpstreamBody::Plain(b) => Pin::new(b).poll_frame(cx),
             UpstreamBody::Http(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             UpstreamBody::Mock(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
         }
@@ -106,6 +138,7 @@ impl Body for UpstreamBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
+            UpstreamBody::Plain(b) => b.is_end_stream(),
             UpstreamBody::Http(b) => b.is_end_stream(),
             UpstreamBody::Mock(b) => b.is_end_stream(),
         }
@@ -113,13 +146,14 @@ impl Body for UpstreamBody {
 }
 
 /// Bytes read from an upstream connection at a time.
-const UPSTREAM_READ_BUFFER: usize = 4096;
+pub(super) const UPSTREAM_READ_BUFFER: usize = 4096;
 
 /// HTTP clients by connect timeout. A client owns a connection pool, so clients live across
 /// configuration reloads and targets with the same connect timeout share one.
 pub struct Clients {
     tls: rustls::ClientConfig,
     by_connect_timeout: Mutex<HashMap<Duration, Arc<HttpClient>>>,
+    plain: Mutex<HashMap<(String, Duration), Arc<Pool>>>,
 }
 
 impl Clients {
@@ -144,12 +178,18 @@ impl Clients {
             .map_err(|e| format!("TLS configuration: {e}"))?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        Ok(Clients { tls, by_connect_timeout: Mutex::default() })
+        Ok(Clients { tls, by_connect_timeout: Mutex::default(), plain: Mutex::default() })
     }
 
     pub fn get(&self, connect_timeout: Duration) -> Arc<HttpClient> {
         let mut clients = self.by_connect_timeout.lock().unwrap_or_else(|e| e.into_inner());
         clients.entry(connect_timeout).or_insert_with(|| Arc::new(self.new_client(connect_timeout))).clone()
+    }
+
+    /// The pool of plain HTTP/1.1 connections to `authority` (`host:port`).
+    pub fn plain(&self, authority: String, connect_timeout: Duration) -> Arc<Pool> {
+        let mut pools = self.plain.lock().unwrap_or_else(|e| e.into_inner());
+        pools.entry((authority, connect_timeout)).or_insert_with_key(|(a, t)| Pool::new(a.clone(), *t)).clone()
     }
 
     fn new_client(&self, connect_timeout: Duration) -> HttpClient {
