@@ -68,7 +68,7 @@ spec:
             "headers: mock 2",
             "stream: Hello from the Switchyard",
             "not found: 404 model_not_found",
-            "broken stream: the upstream connection broke mid-stream: error reading a body from connection: unexpected EOF during chunk size line",
+            "broken stream: the upstream connection broke mid-stream: connection closed during a chunk size line",
             "models: chat,breaks",
         ]
     );

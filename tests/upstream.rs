@@ -55,19 +55,20 @@ async fn upstream_connections_are_kept_alive_and_reused() {
     assert_eq!(peers.len(), 1, "five sequential requests should share one connection: {peers:?}");
 }
 
-/// An upstream that answers one request per connection and then closes it, without saying so
-/// (`close_silently`) or with `connection: close`. Returns its address and the request heads.
-async fn one_shot_upstream(
-    close_silently: bool,
-) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+const ANSWER: &str = r#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+
+/// An upstream that reads one request per connection, writes `response` and closes the
+/// connection. Returns its address and the request heads it read.
+async fn one_shot_upstream(response: String) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = heads.clone();
+    let response = std::sync::Arc::new(response);
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
-            let seen = seen.clone();
+            let (seen, response) = (seen.clone(), response.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
@@ -97,12 +98,6 @@ async fn one_shot_upstream(
                     buf.extend_from_slice(&chunk[..n]);
                 }
                 seen.lock().unwrap().push(head);
-                let body = r#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
-                let connection = if close_silently { "" } else { "connection: close\r\n" };
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{connection}content-length: {}\r\n\r\n{body}",
-                    body.len()
-                );
                 let _ = tcp.write_all(response.as_bytes()).await;
                 let _ = tcp.shutdown().await;
             });
@@ -111,16 +106,24 @@ async fn one_shot_upstream(
     (addr, heads)
 }
 
+fn json_response(extra_header: &str) -> String {
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{extra_header}content-length: {}\r\n\r\n{ANSWER}",
+        ANSWER.len()
+    )
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connection_the_upstream_closed_is_not_used_again() {
-    for close_silently in [true, false] {
-        let (addr, heads) = one_shot_upstream(close_silently).await;
+    // Closed without a word, or after saying `connection: close`.
+    for response in [json_response(""), json_response("connection: close\r\n")] {
+        let (addr, heads) = one_shot_upstream(response.clone()).await;
         let sidecar =
             Sidecar::start(&route_yaml("chat", "", &[&format!("{{name: t, baseUrl: \"http://{addr}/v1\"}}")]));
         for i in 0..4 {
-            let response = post(sidecar.api, "/v1/chat/completions", r#"{"model":"chat"}"#).await;
-            assert_eq!(response.status, 200, "request {i} (close_silently: {close_silently}): {}", response.body);
-            assert_eq!(response.header("x-switchyard-attempts"), "1", "no fallback was needed");
+            let reply = post(sidecar.api, "/v1/chat/completions", r#"{"model":"chat"}"#).await;
+            assert_eq!(reply.status, 200, "request {i} ({response:?}): {}", reply.body);
+            assert_eq!(reply.header("x-switchyard-attempts"), "1", "no fallback was needed");
             // Let the close reach the sidecar before the next request, as it would between calls.
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
@@ -130,6 +133,36 @@ async fn a_connection_the_upstream_closed_is_not_used_again() {
             let lower = head.to_ascii_lowercase();
             assert!(head.starts_with("POST /v1/chat/completions HTTP/1.1\r\n"), "origin-form request line: {head}");
             assert!(lower.contains(&format!("\r\nhost: {addr}\r\n")), "Host header: {head}");
+            assert!(lower.contains("\r\ncontent-length: 16\r\n"), "the body's length: {head}");
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_that_ends_with_the_connection_arrives_whole() {
+    let response = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n{ANSWER}");
+    let (addr, _) = one_shot_upstream(response).await;
+    let sidecar = Sidecar::start(&route_yaml("chat", "", &[&format!("{{name: t, baseUrl: \"http://{addr}/v1\"}}")]));
+    for _ in 0..2 {
+        let reply = post(sidecar.api, "/v1/chat/completions", r#"{"model":"chat"}"#).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(reply.json()["choices"][0]["message"]["content"], "hi");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_that_does_not_speak_http_is_a_proxy_error() {
+    for (response, detail) in [
+        ("SSH-2.0-OpenSSH_9.6\r\n\r\n", "invalid HTTP response"),
+        ("HTTP/1.1 200 OK\r\ncontent-length: 12\r\ncontent-length: 13\r\n\r\n", "conflicting Content-Length"),
+        ("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nnot-hex\r\n", "invalid chunk size"),
+    ] {
+        let (addr, _) = one_shot_upstream(response.to_string()).await;
+        let sidecar =
+            Sidecar::start(&route_yaml("chat", "", &[&format!("{{name: t, baseUrl: \"http://{addr}/v1\"}}")]));
+        let reply = post(sidecar.api, "/v1/chat/completions", r#"{"model":"chat"}"#).await;
+        assert_eq!(reply.status, 502, "{response:?}: {}", reply.body);
+        assert_eq!(reply.header("x-switchyard-error-source"), "proxy", "{:?}", reply.headers);
+        assert!(reply.body.contains(detail), "{response:?}: {}", reply.body);
     }
 }
