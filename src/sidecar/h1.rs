@@ -193,12 +193,17 @@ impl Pool {
         Arc::new(Pool { authority, connect_timeout, idle: Mutex::default(), reaper: AtomicBool::new(false) })
     }
 
-    /// Sends `request` (origin-form URI, Host header set) and waits for the response headers.
-    pub async fn send(self: &Arc<Self>, request: Request<Full<Bytes>>) -> Result<Response<H1Body>, SendError> {
+    /// Sends `request` (origin-form URI) with the Host header `host`, and waits for the response
+    /// headers.
+    pub async fn send(
+        self: &Arc<Self>,
+        request: Request<Full<Bytes>>,
+        host: &HeaderValue,
+    ) -> Result<Response<H1Body>, SendError> {
         let (parts, body) = request.into_parts();
         // A Full body is one frame in memory: collecting it takes it out without copying.
         let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-        let message = encode(&parts.uri, &parts.headers, &body);
+        let message = encode(&parts.uri, host, &parts.headers, &body);
         let (mut conn, reused) = match self.take() {
             Some(conn) => (conn, true),
             None => (self.connect().await?, false),
@@ -289,15 +294,18 @@ impl Pool {
     }
 }
 
-/// The request as written: a POST with its length; hop-by-hop framing headers are the client's.
-fn encode(uri: &Uri, headers: &HeaderMap, body: &Bytes) -> Vec<u8> {
+/// The request as written: a POST with its Host and length; those and the hop-by-hop framing
+/// headers are the client's, whatever `headers` says.
+fn encode(uri: &Uri, host: &HeaderValue, headers: &HeaderMap, body: &Bytes) -> Vec<u8> {
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let mut out = Vec::with_capacity(64 + path.len() + headers.len() * 48 + body.len());
     out.extend_from_slice(b"POST ");
     out.extend_from_slice(path.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(host.as_bytes());
+    out.extend_from_slice(b"\r\n");
     for (name, value) in headers {
-        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING || name == CONNECTION {
+        if name == HOST || name == CONTENT_LENGTH || name == TRANSFER_ENCODING || name == CONNECTION {
             continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());
@@ -319,11 +327,6 @@ pub fn origin_form(url: &Uri) -> Option<(Uri, HeaderValue, String)> {
     let port = authority.port_u16().unwrap_or(80);
     // host() keeps an IPv6 address's brackets, as connecting by "host:port" needs them.
     Some((path, host, format!("{}:{port}", authority.host())))
-}
-
-/// Sets the Host header that HTTP/1.1 requires.
-pub fn set_host(request: &mut Request<Full<Bytes>>, host: &HeaderValue) {
-    request.headers_mut().insert(HOST, host.clone());
 }
 
 /// A response body read from its connection as it arrives. The connection goes back to the pool
@@ -371,11 +374,7 @@ impl H1Body {
             let Some(conn) = self.conn.as_mut() else { return Poll::Ready(None) };
             // What the buffer already holds first.
             match self.framing {
-                Framing::Done => {
-                    self.finish();
-                    return Poll::Ready(None);
-                }
-                Framing::Length(0) => {
+                Framing::Done | Framing::Length(0) => {
                     self.finish();
                     return Poll::Ready(None);
                 }
@@ -586,10 +585,11 @@ mod tests {
     #[test]
     fn the_request_is_a_post_with_its_length_and_the_given_headers() {
         let mut headers = HeaderMap::new();
-        headers.insert(HOST, HeaderValue::from_static("up:8000"));
+        headers.insert(HOST, HeaderValue::from_static("elsewhere"));
         headers.insert("authorization", HeaderValue::from_static("Bearer k"));
         headers.insert(CONTENT_LENGTH, HeaderValue::from_static("999"));
-        let wire = encode(&"/v1/chat/completions".parse().unwrap(), &headers, &Bytes::from_static(b"{}"));
+        let host = HeaderValue::from_static("up:8000");
+        let wire = encode(&"/v1/chat/completions".parse().unwrap(), &host, &headers, &Bytes::from_static(b"{}"));
         assert_eq!(
             String::from_utf8(wire).unwrap(),
             "POST /v1/chat/completions HTTP/1.1\r\nhost: up:8000\r\nauthorization: Bearer k\r\ncontent-length: 2\r\n\r\n{}"

@@ -72,8 +72,7 @@ impl Upstream {
         match self {
             Upstream::Plain { pool, path, host } => {
                 *request.uri_mut() = path.clone();
-                h1::set_host(&mut request, host);
-                pool.send(request).await.map(|r| r.map(UpstreamBody::Plain))
+                pool.send(request, host).await.map(|r| r.map(UpstreamBody::Plain))
             }
             Upstream::Http { client, uri } => {
                 *request.uri_mut() = uri.clone();
