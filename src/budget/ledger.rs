@@ -1,8 +1,9 @@
 //! The embedded ledger of standalone mode: what each budget has spent and has reserved.
 //!
 //! Reservations live in memory only: a crash forgets them, so none can stay stuck. Settled spend
-//! is written to a redb file by one writer thread in group commits: a settle wakes it, it gathers
-//! what is settled within [`GROUP_COMMIT_WINDOW`], and commits (with fsync) all of it at once.
+//! is appended to a journal file ([`super::journal`]) by one writer thread in group commits: a
+//! settle wakes it, it gathers what is settled within [`GROUP_COMMIT_WINDOW`], and commits (with
+//! fsync) all of it at once.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,8 +12,7 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-
+use super::journal::Journal;
 use super::period::{day_start, month_start, period_start, week_start};
 use crate::api::Period;
 use crate::config::RateLimitPolicy;
@@ -31,7 +31,6 @@ impl Clock for SystemClock {
     }
 }
 
-const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
 const RECORD_VERSION: u8 = 1;
 
 /// What a budget has spent, per period and per usage window. Persisted, except `reserved`.
@@ -53,7 +52,10 @@ pub struct Spend {
 }
 
 impl Spend {
-    fn encode(&self) -> Vec<u8> {
+    /// The length of [`Spend::encode_into`]'s output.
+    pub(super) const ENCODED_LEN: usize = 1 + 8 * 9;
+
+    pub(super) fn encode_into(&self, out: &mut Vec<u8>) {
         let fields = [
             self.period_start,
             self.spent,
@@ -65,17 +67,15 @@ impl Spend {
             self.month_start,
             self.month,
         ];
-        let mut out = Vec::with_capacity(1 + 8 * fields.len());
         out.push(RECORD_VERSION);
         for f in fields {
             out.extend_from_slice(&f.to_le_bytes());
         }
-        out
     }
 
-    fn decode(bytes: &[u8]) -> Option<Spend> {
+    pub(super) fn decode(bytes: &[u8]) -> Option<Spend> {
         let (&version, rest) = bytes.split_first()?;
-        if version != RECORD_VERSION || rest.len() != 72 {
+        if version != RECORD_VERSION || rest.len() != Self::ENCODED_LEN - 1 {
             return None;
         }
         let f = |i: usize| u64::from_le_bytes(rest[8 * i..8 * i + 8].try_into().unwrap_or_default());
@@ -291,12 +291,10 @@ impl Ledger {
         }
     }
 
-    /// A ledger persisted in `dir/ledger.redb`, created if missing.
+    /// A ledger persisted in `dir/ledger.journal`, created if missing.
     pub fn open(dir: &Path, clock: Arc<dyn Clock>) -> Result<Ledger, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let path = dir.join("ledger.redb");
-        let db = Database::create(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        let stored = read_all(&db).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let (mut journal, stored) = Journal::open(dir)?;
         let (wake, woken) = std::sync::mpsc::sync_channel(1);
         let shared = Arc::new(Shared {
             accounts: Mutex::default(),
@@ -309,7 +307,7 @@ impl Ledger {
             let shared = Arc::downgrade(&shared);
             std::thread::Builder::new()
                 .name("ledger-writer".into())
-                .spawn(move || write_loop(&db, &shared, &woken))
+                .spawn(move || write_loop(&mut journal, &shared, &woken))
                 .map_err(|e| format!("cannot start the ledger writer: {e}"))?
         };
         Ok(Ledger { shared, writer: Arc::new(Mutex::new(Some(writer))) })
@@ -417,29 +415,12 @@ impl Drop for Reservation {
     }
 }
 
-fn read_all(db: &Database) -> Result<HashMap<String, Spend>, redb::Error> {
-    let txn = db.begin_read()?;
-    let table = match txn.open_table(ACCOUNTS) {
-        Ok(table) => table,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(HashMap::new()),
-        Err(e) => return Err(e.into()),
-    };
-    let mut out = HashMap::new();
-    for entry in table.iter()? {
-        let (key, value) = entry?;
-        if let Some(spend) = Spend::decode(value.value()) {
-            out.insert(key.value().to_string(), spend);
-        }
-    }
-    Ok(out)
-}
-
 /// How long the writer gathers settles before committing them together. Spend is durable at most
 /// this plus one commit after it was settled; every settle in the window shares one commit (and
 /// one fsync), which keeps the ledger's cost per request low at any request rate.
 const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(9);
 
-fn write_loop(db: &Database, shared: &std::sync::Weak<Shared>, woken: &Receiver<bool>) {
+fn write_loop(journal: &mut Journal, shared: &std::sync::Weak<Shared>, woken: &Receiver<bool>) {
     loop {
         let mut closing = woken.recv().unwrap_or(true);
         if !closing {
@@ -454,7 +435,7 @@ fn write_loop(db: &Database, shared: &std::sync::Weak<Shared>, woken: &Receiver<
             accounts.values().filter(|a| a.dirty.swap(false, Relaxed)).map(|a| (a.id.clone(), *a.lock())).collect()
         };
         if !dirty.is_empty() {
-            match commit(db, &dirty) {
+            match journal.append(&dirty) {
                 Ok(()) => shared.available.store(true, Relaxed),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot write the ledger; spend is kept in memory and retried");
@@ -475,18 +456,6 @@ fn write_loop(db: &Database, shared: &std::sync::Weak<Shared>, woken: &Receiver<
             return;
         }
     }
-}
-
-fn commit(db: &Database, dirty: &[(String, Spend)]) -> Result<(), redb::Error> {
-    let txn = db.begin_write()?;
-    {
-        let mut table = txn.open_table(ACCOUNTS)?;
-        for (id, spend) in dirty {
-            table.insert(id.as_str(), spend.encode().as_slice())?;
-        }
-    }
-    txn.commit()?;
-    Ok(())
 }
 
 #[cfg(test)]

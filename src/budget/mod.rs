@@ -1,6 +1,7 @@
 //! Budgets: what answers cost, the credit held for requests in flight, and the ledger of spend.
 
 pub mod cost;
+mod journal;
 pub mod ledger;
 pub mod period;
 

@@ -82,7 +82,7 @@ pub struct SidecarArgs {
     #[arg(long, env = "SWITCHYARD_REQUIRE_KEY")]
     pub require_key: bool,
 
-    /// Directory of the embedded budget ledger (`ledger.redb`), created when the first
+    /// Directory of the embedded budget ledger (`ledger.journal`), created when the first
     /// ApiKeyBudget is loaded. One sidecar per directory.
     #[arg(long, env = "SWITCHYARD_STATE_DIR", default_value = ".switchyard")]
     pub state_dir: PathBuf,
