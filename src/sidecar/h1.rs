@@ -75,9 +75,21 @@ impl Conn {
         }
     }
 
+    /// Marks the socket as read dry when it goes idle with its response read in full, so that
+    /// [`Conn::is_usable`] learns of anything arriving later from the runtime's readiness events
+    /// instead of a `recv` per request. The runtime keeps a seen end of stream (`READ_CLOSED`)
+    /// whatever this says, and ignores it if an event came in since readiness was last read.
+    fn mark_read_dry(&self) {
+        let _ = self.tcp.try_io(tokio::io::Interest::READABLE, || Err::<(), _>(ErrorKind::WouldBlock.into()));
+    }
+
     /// An idle connection can take a request: the upstream has neither closed it nor sent
-    /// anything on it.
+    /// anything on it. Only a socket that became readable while idle is probed with a read.
     fn is_usable(&self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if self.tcp.poll_read_ready(&mut cx).is_pending() {
+            return true;
+        }
         let mut probe = [0u8; 1];
         matches!(self.tcp.try_read(&mut probe), Err(e) if e.kind() == ErrorKind::WouldBlock)
     }
@@ -358,6 +370,7 @@ impl H1Body {
             && conn.buf.is_empty()
             && let Some(pool) = self.pool.upgrade()
         {
+            conn.mark_read_dry();
             pool.put(conn);
         }
     }
