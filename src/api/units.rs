@@ -135,14 +135,38 @@ pub fn parse_json_micros(text: &str) -> Result<u64, String> {
 }
 
 /// Formats micro-units as the shortest decimal string that [`parse_micros`] reads back.
+/// Written digit by digit: it runs for every metered answer (the cost header and body field),
+/// where two `format!`s cost more than the rest of the bill.
 pub fn format_micros(micros: u64) -> String {
-    let units = micros / MICROS_PER_UNIT;
-    let frac = micros % MICROS_PER_UNIT;
-    if frac == 0 {
-        return units.to_string();
+    // u64::MAX has 20 digits; a point and 6 decimals follow.
+    let mut digits = [0u8; 27];
+    let mut start = digits.len();
+    let mut push = |digit: u8| {
+        start -= 1;
+        digits[start] = digit;
+    };
+    let mut frac = micros % MICROS_PER_UNIT;
+    if frac != 0 {
+        let mut places = 6;
+        while frac.is_multiple_of(10) {
+            frac /= 10;
+            places -= 1;
+        }
+        for _ in 0..places {
+            push(b'0' + (frac % 10) as u8);
+            frac /= 10;
+        }
+        push(b'.');
     }
-    let frac = format!("{frac:06}");
-    format!("{units}.{}", frac.trim_end_matches('0'))
+    let mut units = micros / MICROS_PER_UNIT;
+    loop {
+        push(b'0' + (units % 10) as u8);
+        units /= 10;
+        if units == 0 {
+            break;
+        }
+    }
+    digits[start..].iter().map(|&b| char::from(b)).collect()
 }
 
 #[cfg(test)]
@@ -174,9 +198,10 @@ mod tests {
         for bad in ["", ".5", "5.", "1.1234567", "-1", "1e3", "1,5", " 1", "1 ", "1000000000000"] {
             assert!(parse_micros(bad).is_err(), "{bad:?} should be rejected");
         }
-        for s in ["0", "2.5", "0.000125", "10", "1.1"] {
+        for s in ["0", "2.5", "0.000125", "10", "1.1", "0.000001", "100.01", "999999999999.999999"] {
             assert_eq!(format_micros(parse_micros(s).unwrap()), s);
         }
+        assert_eq!(format_micros(u64::MAX), "18446744073709.551615");
     }
 
     #[test]

@@ -290,12 +290,22 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 }
 
 /// Connection-level headers belong to one hop; the sidecar's server sets its own.
+const HOP_BY_HOP: [header::HeaderName; 7] = [
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+    header::HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+];
+
+/// Removes [`HOP_BY_HOP`] headers. A pass over the few names a response has finds them for less
+/// than a hashed removal of each of the seven.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    for name in [header::CONNECTION, header::TRANSFER_ENCODING, header::TE, header::TRAILER, header::UPGRADE] {
+    while let Some(name) = headers.keys().find(|name| HOP_BY_HOP.contains(name)).cloned() {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove(header::PROXY_AUTHENTICATE);
 }
 
 /// How long a rate-limited upstream asks to be left alone: `retry-after-ms`, `retry-after` (in
@@ -379,6 +389,29 @@ fn redact(body: Bytes, target: &TargetRt) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_stay_behind_and_the_rest_goes_on() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive"),
+            ("content-type", "application/json"),
+            ("keep-alive", "timeout=5"),
+            ("connection", "upgrade"),
+            ("transfer-encoding", "chunked"),
+            ("x-request-id", "abc"),
+            ("te", "trailers"),
+            ("trailer", "x-checksum"),
+            ("upgrade", "h2c"),
+            ("proxy-authenticate", "Basic"),
+        ] {
+            headers.append(name, HeaderValue::from_static(value));
+        }
+        strip_hop_by_hop(&mut headers);
+        let mut left: Vec<_> = headers.iter().map(|(k, v)| (k.as_str(), v.to_str().unwrap())).collect();
+        left.sort();
+        assert_eq!(left, [("content-type", "application/json"), ("x-request-id", "abc")]);
+    }
 
     fn hint(pairs: &[(&'static str, &'static str)]) -> Option<Duration> {
         let mut headers = HeaderMap::new();

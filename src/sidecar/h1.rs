@@ -180,11 +180,8 @@ fn head_of(parsed: &httparse::Response<'_, '_>) -> Result<Option<(Response<()>, 
             .ok()
             .and_then(|l| l.trim().parse::<u64>().ok())
             .ok_or_else(|| format!("invalid Content-Length {length:?}"))?;
-        if headers
-            .get_all(CONTENT_LENGTH)
-            .iter()
-            .any(|other| other.as_bytes().trim_ascii() != length.to_string().as_bytes())
-        {
+        let first = headers.get(CONTENT_LENGTH).map(|v| v.as_bytes().trim_ascii());
+        if headers.get_all(CONTENT_LENGTH).iter().any(|other| Some(other.as_bytes().trim_ascii()) != first) {
             return Err("conflicting Content-Length headers".into());
         }
         Framing::Length(length)
