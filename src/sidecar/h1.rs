@@ -102,7 +102,7 @@ impl Conn {
                 let mut parsed = httparse::Response::new(&mut fields);
                 match parsed.parse(&self.buf) {
                     Ok(httparse::Status::Complete(len)) => {
-                        let head = head_of(&parsed)?;
+                        let head = head_of(&parsed, &self.buf[..len])?;
                         self.buf.advance(len);
                         if let Some(head) = head {
                             return Ok(head);
@@ -145,17 +145,21 @@ enum Chunk {
 }
 
 /// The response, its framing and whether the connection can be used again; None for a 1xx.
-fn head_of(parsed: &httparse::Response<'_, '_>) -> Result<Option<(Response<()>, Framing, bool)>, String> {
+fn head_of(parsed: &httparse::Response<'_, '_>, raw: &[u8]) -> Result<Option<(Response<()>, Framing, bool)>, String> {
     let code = parsed.code.unwrap_or(0);
     let status = StatusCode::from_u16(code).map_err(|_| format!("invalid HTTP status {code}"))?;
     if status.is_informational() {
         return Ok(None);
     }
+    // One copy of the head that every value shares, rather than an allocation per value.
+    let shared = Bytes::copy_from_slice(raw);
+    let offset = |field: &[u8]| field.as_ptr() as usize - raw.as_ptr() as usize;
     let mut headers = HeaderMap::with_capacity(parsed.headers.len());
     for field in parsed.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes())
             .map_err(|_| format!("invalid response header name {:?}", field.name))?;
-        let value = HeaderValue::from_bytes(field.value)
+        let start = offset(field.value);
+        let value = HeaderValue::from_maybe_shared(shared.slice(start..start + field.value.len()))
             .map_err(|_| format!("invalid value in response header {:?}", field.name))?;
         headers.append(name, value);
     }
@@ -610,7 +614,7 @@ mod tests {
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut fields);
         assert!(parsed.parse(wire.as_bytes()).unwrap().is_complete());
-        head_of(&parsed)
+        head_of(&parsed, wire.as_bytes())
     }
 
     #[test]
