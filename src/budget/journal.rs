@@ -32,6 +32,8 @@ const COMPACT_RATIO: u64 = 4;
 const FILE_NAME: &str = "ledger.journal";
 
 pub(super) struct Journal {
+    /// Held for the journal's life: one process owns a directory.
+    _lock: File,
     dir: PathBuf,
     file: File,
     /// Where the next record goes: the end of the last complete one.
@@ -46,6 +48,7 @@ impl Journal {
     /// Opens (or creates) `dir/ledger.journal` and reads back the spend it holds. An incomplete
     /// last record (a crash during a commit) is cut off.
     pub(super) fn open(dir: &Path) -> Result<(Journal, HashMap<String, Spend>), String> {
+        let lock = lock_dir(dir)?;
         let path = dir.join(FILE_NAME);
         let context = |e: io::Error| format!("cannot open {}: {e}", path.display());
         let mut file =
@@ -71,7 +74,7 @@ impl Journal {
             (latest, end as u64)
         };
         let snapshot = latest.clone();
-        Ok((Journal { dir: dir.to_path_buf(), file, end, latest, compact_at: COMPACT_AT }, snapshot))
+        Ok((Journal { _lock: lock, dir: dir.to_path_buf(), file, end, latest, compact_at: COMPACT_AT }, snapshot))
     }
 
     /// Appends one record with `dirty`'s spend and flushes it to disk. After an error the file
@@ -116,6 +119,26 @@ impl Journal {
         self.file = file;
         self.end = (MAGIC.len() + record.len()) as u64;
         Ok(())
+    }
+}
+
+/// Takes `dir/ledger.lock`: two processes appending to one journal would overwrite each other's
+/// commits. The lock is the kernel's (`flock`), so a crashed process leaves none behind.
+fn lock_dir(dir: &Path) -> Result<File, String> {
+    let path = dir.join("ledger.lock");
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "the ledger in {} is in use by another process (each sidecar needs its own --state-dir)",
+            dir.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("cannot lock {}: {e}", path.display())),
     }
 }
 
@@ -250,6 +273,17 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 0xff;
         assert_eq!(replay(&bytes).unwrap(), (HashMap::from([("a".into(), spend(1))]), first_end as usize));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn one_process_at_a_time_owns_a_directory() {
+        let dir = temp_dir("lock");
+        let (journal, _) = Journal::open(&dir).unwrap();
+        let error = Journal::open(&dir).err().unwrap();
+        assert!(error.contains("is in use by another process"), "{error}");
+        drop(journal);
+        assert!(Journal::open(&dir).is_ok(), "free again once the owner is gone");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
