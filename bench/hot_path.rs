@@ -1,4 +1,4 @@
-//! A fixed batch of requests through the sidecar's router, in process, against a minimal upstream
+//! A fixed batch of requests through the sidecar's API service, in process, against a minimal upstream
 //! on 127.0.0.1 that answers with canned bytes. Run under `valgrind --tool=callgrind`, it counts
 //! the instructions the request path costs; `.ci/run` fails when the count grows more than 20%
 //! over `bench/hot_path.instructions`.
@@ -13,10 +13,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tower::ServiceExt;
 
 use switchyard::config::{Documents, MapResolver, compile, parse_file};
-use switchyard::sidecar::{Clients, Limits, Shared, api_router};
+use switchyard::sidecar::{Clients, Limits, Shared, api_service};
 
 const JSON_ANSWER: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the upstream, all good."},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":8,"total_tokens":20}}"#;
 const STREAM_ANSWER: &str = concat!(
@@ -93,7 +92,7 @@ stringData: {{key: {KEY}}}
         let limits = Limits { max_request_bytes: 1 << 20, max_response_bytes: 1 << 20 };
         let clients = Clients::new(None).expect("clients");
         let shared = Arc::new(Shared::new(&config, limits, clients, false, state_dir.clone()).expect("shared"));
-        let app = api_router(shared.clone());
+        let app = api_service(shared.clone());
 
         let json = Bytes::from_static(br#"{"model":"chat","max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}"#);
         let stream = Bytes::from_static(
@@ -106,7 +105,7 @@ stringData: {{key: {KEY}}}
                 .header("authorization", format!("Bearer {KEY}"))
                 .body(axum::body::Body::from(body))
                 .expect("request");
-            let response = app.clone().oneshot(request).await.expect("infallible");
+            let response = hyper::service::Service::call(&app, request).await.expect("infallible");
             assert_eq!(response.status(), 200);
             let bytes = response.into_body().collect().await.expect("body").to_bytes();
             assert!(!bytes.is_empty());
