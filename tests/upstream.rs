@@ -166,3 +166,21 @@ async fn an_upstream_that_does_not_speak_http_is_a_proxy_error() {
         assert!(reply.body.contains(detail), "{response:?}: {}", reply.body);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_streamed_event_cut_off_inside_a_string_is_passed_on_not_a_crash() {
+    // A lone backslash at the end of an event's JSON: the bill's scanner must stop at the end.
+    let events = "data: {\"choices\":[{\"delta\":{\"content\":\"abc\\\n\ndata: [DONE]\n\n";
+    let response = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{events}",
+        events.len()
+    );
+    let (addr, _) = one_shot_upstream(response).await;
+    let sidecar = Sidecar::start(&route_yaml("chat", "", &[&format!("{{name: t, baseUrl: \"http://{addr}/v1\"}}")]));
+    for _ in 0..2 {
+        let reply = post(sidecar.api, "/v1/chat/completions", r#"{"model":"chat","stream":true}"#).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert!(reply.body.starts_with("data: {\"choices\":[{\"delta\":{\"content\":\"abc\\\n\n"), "{:?}", reply.body);
+        assert!(reply.body.ends_with("data: [DONE]\n\n"), "{:?}", reply.body);
+    }
+}

@@ -599,9 +599,10 @@ fn skip_whitespace(data: &[u8], mut i: usize) -> usize {
 }
 
 /// The length of a JSON string's content, up to its closing (unescaped) quote.
+/// An unterminated string (an event cut short) runs to the end of `s`, even after a lone backslash.
 fn string_len(s: &[u8]) -> usize {
     let mut i = 0;
-    while let Some(at) = memchr::memchr2(b'"', b'\\', &s[i..]) {
+    while let Some(at) = s.get(i..).and_then(|rest| memchr::memchr2(b'"', b'\\', rest)) {
         i += at;
         if s[i] == b'"' {
             return i;
@@ -824,6 +825,40 @@ mod tests {
     }
 
     #[test]
+    fn no_cut_or_stray_byte_makes_a_reader_panic() {
+        let request = br#"{"model":"chat","models":["b"],"stream":true,"stream_options":{"include_usage":true},"max_tokens":64,"provider":{"order":["x"],"sort":"price"},"messages":[{"role":"user","content":"Say \"hi\"\\"}]}"#;
+        let answer = br#"{"id":"c","model":"up","choices":[{"message":{"content":"Hi \"there\"","refusal":null,"tool_calls":[{"function":{"arguments":"{}"}}]}}],"usage":{"prompt_tokens":3,"completion_tokens":7,"prompt_tokens_details":{"cached_tokens":1}}}"#;
+        let events = b"data: {\"model\":\"up\",\"choices\":[{\"delta\":{\"content\":\"a\\\\\"}}]}\r\n\r\n: keep\n\ndata: {\"choices\":[],\"usage\":{\"completion_tokens\":2}}\n\ndata: [DONE]\n\n";
+        let error = br#"{"error":{"message":"This model's maximum context length is 8192 tokens","code":"context_length_exceeded"}}"#;
+        let read_all = |input: &[u8]| {
+            let _ = parse_chat_request(input);
+            let _ = answer_info(input);
+            let _ = with_cost(input, "0.5");
+            let _ = rename_model(input, "\"m\"");
+            let _ = rename_events(input, "\"m\"");
+            let _ = is_context_length_error(400, input);
+            let _ = upstream_error_message(input);
+            let _ = mentions_usage(input);
+            let _ = chunk_info(input);
+            for payload in sse_payloads(input) {
+                let _ = chunk_info(payload);
+            }
+        };
+        for input in [&request[..], answer, events, error] {
+            for end in 0..=input.len() {
+                read_all(&input[..end]);
+            }
+            for at in 0..input.len() {
+                for stray in [b'"', b'\\', b'{', b'}', b':', b'[', b'\n', 0xff] {
+                    let mut bent = input.to_vec();
+                    bent[at] = stray;
+                    read_all(&bent);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn recognises_output_and_usage_in_chunks() {
         let role = br#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#;
         assert_eq!(chunk_info(role), ChunkInfo::default());
@@ -844,6 +879,16 @@ mod tests {
         let args = br#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"city\":"}}]}}]}"#;
         assert_eq!(chunk_info(args), ChunkInfo { has_output: true, output_bytes: 10, usage: None });
         assert_eq!(chunk_info(b"[DONE]"), ChunkInfo::default());
+        // Garbage from an upstream: events cut off inside a string, after a backslash.
+        for (cut, bytes) in [(&b"{\"content\":\"abc\\"[..], 4), (b"{\"content\":\"\\", 1), (b"{\"content\":\"", 0)] {
+            assert_eq!(chunk_info(cut).output_bytes, bytes, "{:?}", String::from_utf8_lossy(cut));
+        }
+        // Every cut of every event above reads without a panic.
+        for event in [&role[..], word, tool, usage, escaped, spaced, args] {
+            for end in 0..=event.len() {
+                chunk_info(&event[..end]);
+            }
+        }
         let events = b"data: {\"a\":1}\n\n: comment\n\ndata:[DONE]\r\n\r\n";
         assert_eq!(sse_payloads(events).collect::<Vec<_>>(), [&b"{\"a\":1}"[..], b"[DONE]"]);
     }
