@@ -594,6 +594,16 @@ mod tests {
         }
         let e = dechunk(&[b'1'; MAX_LINE + 2], MAX_LINE + 2).unwrap_err();
         assert!(e.contains("too long"), "{e}");
+        // Any stray byte anywhere decodes or fails; nothing panics.
+        let wire = b"5;ext=1\r\nhello\r\n1A\r\n, world, in two chunks!!!!\r\n0\r\nx-trailer: 1\r\n\r\n";
+        for at in 0..wire.len() {
+            for stray in [b'\r', b'\n', b';', b'0', b'f', b'z', 0xff] {
+                let mut bent = wire.to_vec();
+                bent[at] = stray;
+                let _ = dechunk(&bent, 1);
+                let _ = dechunk(&bent, bent.len());
+            }
+        }
     }
 
     #[test]
