@@ -206,17 +206,18 @@ impl Pool {
         Arc::new(Pool { authority, connect_timeout, idle: Mutex::default(), reaper: AtomicBool::new(false) })
     }
 
-    /// Sends `request` (origin-form URI) with the Host header `host`, and waits for the response
-    /// headers.
+    /// Sends `request` to `path` (origin-form) with the Host header `host`, and waits for the
+    /// response headers. The request's own URI is not used.
     pub async fn send(
         self: &Arc<Self>,
         request: Request<Full<Bytes>>,
+        path: &Uri,
         host: &HeaderValue,
     ) -> Result<Response<H1Body>, SendError> {
         let (parts, body) = request.into_parts();
         // A Full body is one frame in memory: collecting it takes it out without copying.
         let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-        let message = encode(&parts.uri, host, &parts.headers, &body);
+        let message = encode(path, host, &parts.headers, &body);
         let (mut conn, reused) = match self.take() {
             Some(conn) => (conn, true),
             None => (self.connect().await?, false),
@@ -351,17 +352,6 @@ pub struct H1Body {
     pool: Weak<Pool>,
 }
 
-#[derive(Debug)]
-struct BodyError(String);
-
-impl std::fmt::Display for BodyError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for BodyError {}
-
 impl H1Body {
     fn finish(&mut self) {
         self.framing = Framing::Done;
@@ -379,7 +369,7 @@ impl H1Body {
     fn fail(&mut self, message: String) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.framing = Framing::Done;
         self.conn = None;
-        Poll::Ready(Some(Err(Box::new(BodyError(message)))))
+        Poll::Ready(Some(Err(Box::new(std::io::Error::other(message)))))
     }
 
     /// The next data, or None when the body has ended; Pending after asking the socket for more.

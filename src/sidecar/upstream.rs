@@ -71,8 +71,7 @@ impl Upstream {
     pub async fn send(&self, mut request: Request<Full<Bytes>>) -> Result<Response<UpstreamBody>, SendError> {
         match self {
             Upstream::Plain { pool, path, host } => {
-                *request.uri_mut() = path.clone();
-                pool.send(request, host).await.map(|r| r.map(UpstreamBody::Plain))
+                pool.send(request, path, host).await.map(|r| r.map(UpstreamBody::Plain))
             }
             Upstream::Http { client, uri } => {
                 *request.uri_mut() = uri.clone();
