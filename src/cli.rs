@@ -4,11 +4,14 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use crate::mock_provider::{MockOptions, MockStats};
+use crate::api::units::parse_duration;
+use crate::config::{Credential, MockOptions, UsageChunk, parse_count, parse_fail_status, parse_rate, parse_usage};
+use crate::mock_provider::MockStats;
 use crate::operator::inject::{InjectArgs, inject_manifests};
 use crate::operator::{OperatorArgs, OperatorError};
 use crate::sidecar::{SidecarArgs, SidecarError};
@@ -81,7 +84,71 @@ struct MockProviderArgs {
     listen: SocketAddr,
 
     #[command(flatten)]
-    options: MockOptions,
+    knobs: MockFlags,
+}
+
+/// The mock's knobs as flags; each one left out keeps [`MockOptions`]' default.
+#[derive(clap::Args, Debug)]
+struct MockFlags {
+    /// Delay before the response headers [default: 0ms].
+    #[arg(long, env = "SWITCHYARD_MOCK_LATENCY", value_parser = parse_duration)]
+    latency: Option<Duration>,
+
+    /// Words in each answer; a stream sends one word per chunk. A request's `max_tokens` caps it
+    /// [default: 8].
+    #[arg(long, env = "SWITCHYARD_MOCK_CHUNKS", value_parser = parse_count)]
+    chunks: Option<u32>,
+
+    /// Delay between streamed chunks [default: 20ms].
+    #[arg(long, env = "SWITCHYARD_MOCK_CHUNK_INTERVAL", value_parser = parse_duration)]
+    chunk_interval: Option<Duration>,
+
+    /// When a stream ends with a usage chunk: `requested` (when the request sets
+    /// `stream_options.include_usage`, as OpenAI does), `always` or `never` [default: requested].
+    #[arg(long, env = "SWITCHYARD_MOCK_USAGE", value_parser = parse_usage)]
+    usage: Option<UsageChunk>,
+
+    /// Fraction of requests (0 to 1, decimal) that fail with `--fail-status` [default: 0].
+    #[arg(long, env = "SWITCHYARD_MOCK_FAIL_RATE", value_parser = parse_rate)]
+    fail_rate: Option<u64>,
+
+    /// HTTP status of injected failures [default: 500].
+    #[arg(long, env = "SWITCHYARD_MOCK_FAIL_STATUS", value_parser = parse_fail_status)]
+    fail_status: Option<u16>,
+
+    /// Break the connection after this many streamed chunks (or, for JSON, before the body).
+    #[arg(long, env = "SWITCHYARD_MOCK_RESET_AFTER", value_parser = parse_count)]
+    reset_after: Option<u32>,
+
+    /// Stop sending, leaving the connection open, after this many streamed chunks.
+    #[arg(long, env = "SWITCHYARD_MOCK_STALL_AFTER", value_parser = parse_count)]
+    stall_after: Option<u32>,
+
+    /// Never send response headers.
+    #[arg(long, env = "SWITCHYARD_MOCK_HANG")]
+    hang: bool,
+
+    /// Answer 401 unless the request carries `Authorization: Bearer <KEY>`.
+    #[arg(long, env = "SWITCHYARD_MOCK_REQUIRE_KEY", hide_env_values = true, value_parser = Credential::parse)]
+    require_key: Option<Credential>,
+}
+
+impl MockFlags {
+    fn options(self) -> MockOptions {
+        let d = MockOptions::default();
+        MockOptions {
+            latency: self.latency.unwrap_or(d.latency),
+            chunks: self.chunks.unwrap_or(d.chunks),
+            chunk_interval: self.chunk_interval.unwrap_or(d.chunk_interval),
+            usage: self.usage.unwrap_or(d.usage),
+            fail_rate: self.fail_rate.unwrap_or(d.fail_rate),
+            fail_status: self.fail_status.unwrap_or(d.fail_status),
+            reset_after: self.reset_after.or(d.reset_after),
+            stall_after: self.stall_after.or(d.stall_after),
+            hang: self.hang || d.hang,
+            require_key: self.require_key.or(d.require_key),
+        }
+    }
 }
 
 /// Runs the command line and returns the process exit status.
@@ -93,19 +160,21 @@ pub fn main() -> ExitCode {
             print!("{}", if args.helm { crate::api::crds_helm_yaml() } else { crate::api::crds_yaml() });
             ExitCode::SUCCESS
         }
-        Command::Sidecar(args) => match runtime(cli.worker_threads).map(|rt| rt.block_on(crate::sidecar::run(args))) {
-            Ok(Ok(())) => ExitCode::SUCCESS,
-            Ok(Err(SidecarError::Config(errors))) => {
-                for e in &errors.0 {
-                    tracing::error!("invalid configuration: {e}");
+        Command::Sidecar(args) => {
+            match runtime(cli.worker_threads).map(|rt| rt.block_on(crate::sidecar::run(args, shutdown_signal()))) {
+                Ok(Ok(())) => ExitCode::SUCCESS,
+                Ok(Err(SidecarError::Config(errors))) => {
+                    for e in &errors.0 {
+                        tracing::error!("invalid configuration: {e}");
+                    }
+                    eprintln!("switchyard: invalid configuration:\n{errors}");
+                    ExitCode::from(EXIT_CONFIG)
                 }
-                eprintln!("switchyard: invalid configuration:\n{errors}");
-                ExitCode::from(EXIT_CONFIG)
+                Ok(Err(SidecarError::Io(e))) | Err(e) => fail(&e),
             }
-            Ok(Err(SidecarError::Io(e))) | Err(e) => fail(&e),
-        },
+        }
         Command::Operator(args) => {
-            match runtime(cli.worker_threads).map(|rt| rt.block_on(crate::operator::run(*args))) {
+            match runtime(cli.worker_threads).map(|rt| rt.block_on(crate::operator::run(*args, shutdown_signal()))) {
                 Ok(Ok(())) => ExitCode::SUCCESS,
                 Ok(Err(OperatorError::Usage(e))) => {
                     tracing::error!("{e}");
@@ -129,11 +198,9 @@ pub fn main() -> ExitCode {
                         .await
                         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
                     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-                    tracing::info!(listen = %addr, options = ?args.options, "mock provider serving");
-                    let shutdown = async {
-                        let _ = tokio::signal::ctrl_c().await;
-                    };
-                    crate::mock_provider::serve(listener, args.options, Arc::new(MockStats::default()), shutdown)
+                    let options = args.knobs.options();
+                    tracing::info!(listen = %addr, ?options, "mock provider serving");
+                    crate::mock_provider::serve(listener, options, Arc::new(MockStats::default()), shutdown_signal())
                         .await
                         .map_err(|e| e.to_string())
                 })
@@ -189,7 +256,7 @@ fn init_logging(filter: &str, json: bool) {
 }
 
 /// Resolves on SIGTERM (how Kubernetes stops a pod) or SIGINT.
-pub async fn shutdown_signal() {
+async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Body;
@@ -22,139 +22,8 @@ use hyper::body::Frame;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use crate::api::units::{MICROS_PER_UNIT, parse_duration, parse_micros};
-use crate::config::Credential;
-
-/// How the fake provider behaves. Every knob is a flag of `switchyard mock-provider` and a query
-/// parameter of a `mock://` base URL (`mock://local?latency=50ms&fail-rate=0.5`).
-#[derive(clap::Args, Clone, Debug, PartialEq, Eq)]
-pub struct MockOptions {
-    /// Delay before the response headers.
-    #[arg(long, env = "SWITCHYARD_MOCK_LATENCY", default_value = "0ms", value_parser = parse_duration)]
-    pub latency: Duration,
-
-    /// Words in each answer; a stream sends one word per chunk. A request's `max_tokens` caps it.
-    #[arg(long, env = "SWITCHYARD_MOCK_CHUNKS", default_value_t = 8)]
-    pub chunks: u32,
-
-    /// Delay between streamed chunks.
-    #[arg(long, env = "SWITCHYARD_MOCK_CHUNK_INTERVAL", default_value = "20ms", value_parser = parse_duration)]
-    pub chunk_interval: Duration,
-
-    /// When a stream ends with a usage chunk: `requested` (when the request sets
-    /// `stream_options.include_usage`, as OpenAI does), `always` or `never`.
-    #[arg(long, env = "SWITCHYARD_MOCK_USAGE", default_value = "requested", value_parser = parse_usage)]
-    pub usage: UsageChunk,
-
-    /// Fraction of requests (0 to 1, decimal) that fail with `--fail-status`.
-    #[arg(long, env = "SWITCHYARD_MOCK_FAIL_RATE", default_value = "0", value_parser = parse_rate)]
-    pub fail_rate: u64,
-
-    /// HTTP status of injected failures.
-    #[arg(long, env = "SWITCHYARD_MOCK_FAIL_STATUS", default_value_t = 500, value_parser = clap::value_parser!(u16).range(400..600))]
-    pub fail_status: u16,
-
-    /// Break the connection after this many streamed chunks (or, for JSON, before the body).
-    #[arg(long, env = "SWITCHYARD_MOCK_RESET_AFTER")]
-    pub reset_after: Option<u32>,
-
-    /// Stop sending, leaving the connection open, after this many streamed chunks.
-    #[arg(long, env = "SWITCHYARD_MOCK_STALL_AFTER")]
-    pub stall_after: Option<u32>,
-
-    /// Never send response headers.
-    #[arg(long, env = "SWITCHYARD_MOCK_HANG")]
-    pub hang: bool,
-
-    /// Answer 401 unless the request carries `Authorization: Bearer <KEY>`.
-    #[arg(long, env = "SWITCHYARD_MOCK_REQUIRE_KEY", hide_env_values = true, value_parser = parse_key)]
-    pub require_key: Option<Credential>,
-}
-
-/// When a stream ends with a usage chunk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UsageChunk {
-    Requested,
-    Always,
-    Never,
-}
-
-fn parse_usage(s: &str) -> Result<UsageChunk, String> {
-    match s {
-        "requested" => Ok(UsageChunk::Requested),
-        "always" => Ok(UsageChunk::Always),
-        "never" => Ok(UsageChunk::Never),
-        _ => Err(format!("{s:?} is not one of requested, always, never")),
-    }
-}
-
-/// A probability as parts per million, read with the decimal parser (no floats needed).
-fn parse_rate(s: &str) -> Result<u64, String> {
-    let ppm = parse_micros(s)?;
-    if ppm > MICROS_PER_UNIT {
-        return Err(format!("{s:?} is not between 0 and 1"));
-    }
-    Ok(ppm)
-}
-
-fn parse_key(s: &str) -> Result<Credential, String> {
-    Ok(Credential::new(s.to_string()))
-}
-
-fn parse_count(s: &str) -> Result<u32, String> {
-    s.parse().map_err(|_| format!("{s:?} is not a whole number"))
-}
-
-impl Default for MockOptions {
-    fn default() -> Self {
-        Self {
-            latency: Duration::ZERO,
-            chunks: 8,
-            chunk_interval: Duration::from_millis(20),
-            usage: UsageChunk::Requested,
-            fail_rate: 0,
-            fail_status: 500,
-            reset_after: None,
-            stall_after: None,
-            hang: false,
-            require_key: None,
-        }
-    }
-}
-
-impl MockOptions {
-    /// Reads `latency=50ms&chunks=4&fail-rate=0.5`: the flag names without their dashes prefix.
-    pub fn from_query(query: &str) -> Result<Self, String> {
-        let mut o = Self::default();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, "true"));
-            let wrap = |e: String| format!("mock option {key}: {e}");
-            match key {
-                "latency" => o.latency = parse_duration(value).map_err(wrap)?,
-                "chunks" => o.chunks = parse_count(value).map_err(wrap)?,
-                "chunk-interval" => o.chunk_interval = parse_duration(value).map_err(wrap)?,
-                "usage" => o.usage = parse_usage(value).map_err(wrap)?,
-                "fail-rate" => o.fail_rate = parse_rate(value).map_err(wrap)?,
-                "fail-status" => {
-                    o.fail_status = value
-                        .parse()
-                        .ok()
-                        .filter(|s| (400..600).contains(s))
-                        .ok_or_else(|| wrap(format!("{value:?} is not an HTTP error status (400 to 599)")))?
-                }
-                "reset-after" => o.reset_after = Some(parse_count(value).map_err(wrap)?),
-                "stall-after" => o.stall_after = Some(parse_count(value).map_err(wrap)?),
-                "hang" => o.hang = value == "true",
-                _ => {
-                    return Err(format!(
-                        "unknown mock option {key:?}; known: latency, chunks, chunk-interval, usage, fail-rate, fail-status, reset-after, stall-after, hang"
-                    ));
-                }
-            }
-        }
-        Ok(o)
-    }
-}
+use crate::api::units::MICROS_PER_UNIT;
+use crate::config::{MockOptions, UsageChunk};
 
 /// Counters that tests and `GET /mock/stats` read.
 #[derive(Debug, Default)]

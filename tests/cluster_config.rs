@@ -6,7 +6,8 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use switchyard::config::{CompiledConfig, Documents, MapResolver, compile, parse_file};
+use sha2::{Digest, Sha256};
+use switchyard::config::{CompiledConfig, Config, Documents, MapResolver, compile, parse_file};
 
 /// `routes` compiled by the library, as the operator would publish them at `version`.
 fn compiled(routes: &str, version: u64) -> String {
@@ -136,4 +137,111 @@ fn an_unreadable_labels_file_is_a_configuration_error() {
     assert_eq!(code, Some(64));
     assert!(stderr.contains("--pod-labels-file: "), "{stderr}");
     assert!(stderr.contains("line 1: the value is not a quoted string"), "{stderr}");
+}
+
+// The serialised form of a compiled configuration: what the operator writes and sidecars read.
+
+const COMPILED_ROUTES: &str = r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {name: chat, namespace: team-a}
+spec:
+  model: chat
+  aliases: [gpt-4o]
+  workloadSelector: {matchLabels: {app: bot}}
+  strategy: latency
+  holdBack: 1500ms
+  hedge: {after: 800ms}
+  targets:
+    - name: primary
+      api: openai
+      baseUrl: https://api.example.com/v1/
+      model: gpt-4o
+      credentials: {secretRef: {name: keys, key: openai}}
+      headers: {x-team: a}
+      pricing: {prompt: "2.50", completion: "10", cachedPrompt: "1.25", request: "0.001"}
+      contextWindow: 128000
+      timeouts: {connect: 2s, firstByte: 20s, total: 10m}
+    - name: fake
+      api: mock
+      baseUrl: mock://?chunks=3
+  fallback: {on: [connect, "5xx", 4xx-context-length], maxAttempts: 2}
+---
+apiVersion: switchyard.dev/v1alpha1
+kind: ApiKeyBudget
+metadata: {name: bot, namespace: team-a}
+spec:
+  key: {secretRef: {name: keys, key: app}}
+  limit: "100"
+  period: weekly
+  lowBalanceThreshold: "5"
+  onLedgerUnavailable: failOpen
+  allowedModels: [chat]
+  rateLimit: {requestsPerMinute: 60}
+  workloadSelector: {matchExpressions: [{key: app, operator: In, values: [bot]}]}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: keys, namespace: team-a}
+stringData: {openai: sk-upstream, app: sk-app}
+"#;
+
+fn compiled_example() -> Config {
+    let mut docs = Documents::default();
+    let mut errors = Vec::new();
+    parse_file("routes.yaml", COMPILED_ROUTES, &mut docs, &mut errors);
+    assert!(errors.is_empty(), "{errors:?}");
+    compile(&docs, &MapResolver::default()).unwrap()
+}
+
+#[test]
+fn a_compiled_config_reads_back_as_the_same_config() {
+    let config = compiled_example();
+    let compiled = CompiledConfig::new("team-a", 7, config.clone());
+    let json = serde_json::to_string(&compiled).unwrap();
+    let back: CompiledConfig = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.version, 7);
+    assert_eq!(back.into_config().unwrap(), config);
+}
+
+#[test]
+fn the_serialised_form_keeps_the_api_spelling() {
+    let json = serde_json::to_value(CompiledConfig::new("team-a", 1, compiled_example())).unwrap();
+    let route = &json["config"]["routes"][0];
+    assert_eq!(route["holdBack"], "1500ms");
+    assert_eq!(route["hedgeAfter"], "800ms");
+    assert_eq!(route["fallback"]["on"], serde_json::json!(["connect", "5xx", "4xx-context-length"]));
+    assert_eq!(route["workloadSelector"]["matchLabels"]["app"], "bot");
+    let target = &route["targets"][0];
+    assert_eq!(target["api"], "openai");
+    assert_eq!(target["baseUrl"], "https://api.example.com/v1");
+    assert_eq!(target["credential"], "sk-upstream");
+    assert_eq!(target["pricing"]["prompt"], 2_500_000);
+    assert_eq!(target["timeouts"]["total"], "10m");
+    assert_eq!(route["targets"][1]["baseUrl"], "mock://?chunks=3");
+    let budget = &json["config"]["budgets"][0];
+    let app_key_hash: String = Sha256::digest(b"sk-app").iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(budget["keyHash"], app_key_hash);
+    assert_eq!(budget["limit"], 100_000_000);
+}
+
+#[test]
+fn tampered_or_invalid_content_is_refused_with_a_reason() {
+    let compiled = CompiledConfig::new("team-a", 1, compiled_example());
+    let mut json = serde_json::to_value(&compiled).unwrap();
+    json["config"]["routes"][0]["model"] = "other".into();
+    let changed: CompiledConfig = serde_json::from_value(json.clone()).unwrap();
+    assert!(changed.into_config().unwrap_err().contains("does not match its hash"));
+
+    json["config"]["routes"][0]["holdBack"] = "soon".into();
+    let err = serde_json::from_value::<CompiledConfig>(json.clone()).unwrap_err().to_string();
+    assert!(err.contains("soon"), "{err}");
+    json["config"]["routes"][0]["holdBack"] = "1s".into();
+    json["config"]["routes"][0]["targets"][0]["baseUrl"] = "ftp://x".into();
+    let err = serde_json::from_value::<CompiledConfig>(json.clone()).unwrap_err().to_string();
+    assert!(err.contains("must be an http:// or https:// URL"), "{err}");
+    json["config"]["routes"][0]["targets"][0]["baseUrl"] = "https://x".into();
+    json["config"]["routes"][0]["targets"][0]["credential"] = "a\nb".into();
+    let err = serde_json::from_value::<CompiledConfig>(json).unwrap_err().to_string();
+    assert!(err.contains("not allowed in an HTTP header"), "{err}");
 }

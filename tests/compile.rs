@@ -138,7 +138,13 @@ spec:
     let local = &route.targets[0];
     assert_eq!(local.provider, "local", "the provider label defaults to the name");
     assert_eq!(local.model, "chat", "the upstream model defaults to the route's");
-    assert_eq!(local.upstream, Upstream::OpenAi { base_url: "http://127.0.0.1:8000/v1".into() });
+    assert_eq!(
+        local.upstream,
+        Upstream::OpenAi {
+            base_url: "http://127.0.0.1:8000/v1".into(),
+            chat_completions: "http://127.0.0.1:8000/v1/chat/completions".parse().unwrap(),
+        }
+    );
     assert_eq!(local.timeouts.connect, Duration::from_secs(2));
     assert_eq!(local.timeouts.first_byte, Duration::from_secs(20));
     assert_eq!(local.timeouts.total, Duration::from_secs(600));

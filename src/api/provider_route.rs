@@ -163,7 +163,7 @@ pub struct Target {
     /// Wire protocol of the upstream. `openai`: an OpenAI-compatible HTTP API. `mock`: the built-in
     /// fake provider, run inside the sidecar (for demos and tests; no network, no key).
     #[serde(default)]
-    pub api: Api,
+    pub api: ProviderApi,
 
     /// Base URL of the API, up to and including the version path, for example
     /// `https://api.openai.com/v1`. Required unless `api` is `mock`; for `mock`, an optional
@@ -213,7 +213,7 @@ fn default_weight() -> u32 {
 /// Wire protocol of an upstream.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub enum Api {
+pub enum ProviderApi {
     /// OpenAI-compatible HTTP API (`POST {baseUrl}/chat/completions`).
     #[default]
     Openai,
@@ -221,11 +221,11 @@ pub enum Api {
     Mock,
 }
 
-impl Api {
+impl ProviderApi {
     pub fn as_str(self) -> &'static str {
         match self {
-            Api::Openai => "openai",
-            Api::Mock => "mock",
+            ProviderApi::Openai => "openai",
+            ProviderApi::Mock => "mock",
         }
     }
 }

@@ -1,21 +1,7 @@
 //! What an answer costs, in integer micro-units.
 
 use crate::config::Prices;
-
-/// Tokens of one answer, as the provider's `usage` reports them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub prompt: u64,
-    pub completion: u64,
-    /// Prompt tokens served from the provider's cache (part of `prompt`).
-    pub cached_prompt: u64,
-}
-
-impl Usage {
-    pub fn total(&self) -> u64 {
-        self.prompt.saturating_add(self.completion)
-    }
-}
+use crate::providers::Usage;
 
 const PER: u128 = 1_000_000;
 

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::ledger::Spend;
+use super::spend::Spend;
 
 /// "SWYLDG", then the format version.
 const MAGIC: [u8; 8] = *b"SWYLDG\x00\x01";

@@ -2,8 +2,10 @@
 
 pub mod cost;
 mod journal;
-pub mod ledger;
+mod ledger;
 pub mod period;
+mod spend;
 
-pub use cost::{Usage, cost, worst_case};
+pub use cost::{cost, worst_case};
 pub use ledger::{Account, Clock, Ledger, RateStatus, Refusal, Reservation, SystemClock};
+pub use spend::Spend;

@@ -4,20 +4,18 @@
 //! The checks here mirror the CRD schema (patterns, bounds, CEL rules) so that standalone mode
 //! rejects what the API server would reject; the schema tests run the same bad specs through both.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
 
-use http::{HeaderName, HeaderValue, Uri};
 use k8s_openapi::api::core::v1::Secret;
 
 use sha2::{Digest, Sha256};
 
+use super::values::{headers, sha256_hex, upstream};
 use super::{
     Budget, Config, ConfigError, ConfigErrors, Credential, FallbackPolicy, HealthPolicy, ObjectRef, Origin, Prices,
-    RateLimitPolicy, Reason, ReasonSet, Route, Target, Timeouts, Upstream, selector,
+    RateLimitPolicy, Reason, ReasonSet, Route, Target, Timeouts, selector,
 };
-use crate::api::{self, Api, ApiKeyBudget, LedgerUnavailable, ProviderRoute, SecretKeyRef, units};
-use crate::mock_provider::MockOptions;
+use crate::api::{self, ApiKeyBudget, LedgerUnavailable, ProviderRoute, SecretKeyRef, units};
 
 /// Reaches the outside world for credentials that are not Secrets.
 pub trait Resolver {
@@ -81,12 +79,12 @@ pub struct Analysis {
     /// The accepted routes and budgets.
     pub config: Config,
     /// One per ProviderRoute and ApiKeyBudget document, in input order.
-    pub outcomes: Vec<Outcome>,
+    pub outcomes: Vec<ObjectOutcome>,
 }
 
 /// How one object fared.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Outcome {
+pub struct ObjectOutcome {
     pub object: ObjectRef,
     /// Empty when the object is accepted.
     pub errors: Vec<ConfigError>,
@@ -94,7 +92,7 @@ pub struct Outcome {
     pub credentials: Vec<TargetCredential>,
 }
 
-impl Outcome {
+impl ObjectOutcome {
     pub fn accepted(&self) -> bool {
         self.errors.is_empty()
     }
@@ -273,18 +271,6 @@ fn compile_budget(b: &ApiKeyBudget, secrets: &SecretIndex<'_>, cx: &mut Cx<'_>) 
     })
 }
 
-pub(super) fn sha256_hex(hex: &str) -> Result<[u8; 32], String> {
-    let invalid = || "must be 64 lowercase hexadecimal digits".to_string();
-    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-        return Err(invalid());
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| invalid())?;
-    }
-    Ok(out)
-}
-
 /// A problem and the condition reason it is reported under.
 struct Problem(Reason, String);
 
@@ -326,8 +312,8 @@ impl<'a> Cx<'a> {
         result.map_err(|problem| self.fail(path, problem.into())).ok()
     }
 
-    fn finish(self) -> Outcome {
-        Outcome { object: self.object, errors: self.errors, credentials: self.credentials }
+    fn finish(self) -> ObjectOutcome {
+        ObjectOutcome { object: self.object, errors: self.errors, credentials: self.credentials }
     }
 }
 
@@ -549,37 +535,6 @@ fn provider_label(s: &str) -> Result<(), String> {
     }
 }
 
-pub(super) fn upstream(api: Api, base_url: Option<&str>) -> Result<Upstream, String> {
-    match (api, base_url) {
-        (Api::Mock, None) => Ok(Upstream::Mock { url: None, options: Arc::new(MockOptions::default()) }),
-        (Api::Mock, Some(url)) => {
-            let query = url.strip_prefix("mock://").ok_or("must start with mock:// when api is mock")?;
-            let query = query.split_once('?').map_or("", |(_, q)| q);
-            let options = Arc::new(MockOptions::from_query(query)?);
-            Ok(Upstream::Mock { url: Some(url.to_string()), options })
-        }
-        (Api::Openai, None) => Err("is required unless api is mock".into()),
-        (Api::Openai, Some(url)) => {
-            if url.len() > 2048 {
-                return Err("is longer than 2048 characters".into());
-            }
-            let base_url = url.trim_end_matches('/');
-            // Messages do not repeat the URL: it may hold a password.
-            let uri: Uri = base_url.parse().map_err(|e| format!("is not a valid URL: {e}"))?;
-            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-                return Err("must be an http:// or https:// URL with a host".into());
-            }
-            if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
-                return Err("must not contain credentials; use the target's credentials field".into());
-            }
-            if uri.query().is_some() {
-                return Err("must not have a query string".into());
-            }
-            Ok(Upstream::OpenAi { base_url: base_url.to_string() })
-        }
-    }
-}
-
 fn credential(
     c: &api::Credentials,
     pr: &ProviderRoute,
@@ -616,31 +571,4 @@ fn secret_value(secret: &Secret, key: &str) -> Option<Result<String, String>> {
         return Some(String::from_utf8(bytes.0.clone()).map_err(|_| format!("secret key {key:?} is not UTF-8")));
     }
     secret.string_data.as_ref().and_then(|d| d.get(key)).map(|v| Ok(v.clone()))
-}
-
-/// Headers that describe the connection or the body, which the proxy owns.
-const RESERVED_HEADERS: [&str; 8] =
-    ["host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te", "trailer"];
-
-pub(super) fn headers(
-    headers: &BTreeMap<String, String>,
-    has_credential: bool,
-) -> Result<Vec<(String, String)>, String> {
-    if headers.len() > 32 {
-        return Err(format!("has {} entries, at most 32 are allowed", headers.len()));
-    }
-    let mut out = Vec::with_capacity(headers.len());
-    for (name, value) in headers {
-        let parsed =
-            HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("{name:?} is not a valid header name"))?;
-        if RESERVED_HEADERS.contains(&parsed.as_str()) {
-            return Err(format!("{name:?} is set by the proxy and cannot be configured"));
-        }
-        if parsed == http::header::AUTHORIZATION && has_credential {
-            return Err("\"authorization\" conflicts with credentials; set one or the other".into());
-        }
-        HeaderValue::from_str(value).map_err(|_| format!("the value of {name:?} is not a valid header value"))?;
-        out.push((parsed.as_str().to_string(), value.clone()));
-    }
-    Ok(out)
 }

@@ -26,7 +26,7 @@ pub struct Sources {
 
 /// The sources' content as read at one moment.
 #[derive(Debug)]
-pub struct Snapshot {
+pub struct SourceTexts {
     /// Each file's name and text.
     pub texts: Vec<(String, String)>,
     pub pod_labels: Option<String>,
@@ -76,7 +76,7 @@ impl Sources {
     }
 
     /// Reads the sources as they are now, with the hash of their names and content.
-    pub fn read(&self) -> Result<Snapshot, ConfigErrors> {
+    pub fn read(&self) -> Result<SourceTexts, ConfigErrors> {
         let mut hasher = DefaultHasher::new();
         let mut texts = Vec::new();
         for file in self.files()? {
@@ -90,7 +90,7 @@ impl Sources {
             None => None,
         };
         pod_labels.hash(&mut hasher);
-        Ok(Snapshot { texts, pod_labels, hash: hasher.finish() })
+        Ok(SourceTexts { texts, pod_labels, hash: hasher.finish() })
     }
 }
 

@@ -6,7 +6,9 @@
 
 mod compile;
 mod load;
+mod mock;
 pub mod selector;
+mod values;
 pub mod watch;
 mod wire;
 
@@ -16,14 +18,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use serde::{Deserialize, Serialize};
 
 pub use compile::{
-    Analysis, CredentialState, DEFAULT_NAMESPACE, Document, Documents, MapResolver, Outcome, Resolver,
+    Analysis, CredentialState, DEFAULT_NAMESPACE, Document, Documents, MapResolver, ObjectOutcome, Resolver,
     TargetCredential, analyse, compile,
 };
 pub use load::{Fingerprint, Loaded, Sources, load, parse_file};
+pub use mock::{MockOptions, UsageChunk, parse_count, parse_fail_status, parse_rate, parse_usage};
 pub use wire::{COMPILED_CONFIG_KIND, CompiledConfig};
 
 use crate::api::{FallbackReason, Period, Strategy};
-use crate::mock_provider::MockOptions;
 
 /// A compiled, validated configuration. Immutable once built; the sidecar swaps whole configs.
 ///
@@ -122,9 +124,9 @@ pub struct Target {
     /// The model name sent upstream.
     pub model: String,
     pub credential: Option<Credential>,
-    /// Extra request headers, validated as HTTP header names and values.
+    /// Extra request headers.
     #[serde(with = "wire::headers")]
-    pub headers: Vec<(String, String)>,
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     pub weight: u32,
     pub pricing: Prices,
     pub context_window: Option<u32>,
@@ -137,7 +139,11 @@ pub struct Target {
 #[serde(into = "wire::UpstreamSpec", try_from = "wire::UpstreamSpec")]
 pub enum Upstream {
     /// An OpenAI-compatible HTTP API; `base_url` has no trailing slash.
-    OpenAi { base_url: String },
+    OpenAi {
+        base_url: String,
+        /// `{base_url}/chat/completions`.
+        chat_completions: http::Uri,
+    },
     /// The built-in fake provider, run in-process; `url` is the `mock://` URL it was configured by.
     Mock { url: Option<String>, options: Arc<MockOptions> },
 }
@@ -145,13 +151,14 @@ pub enum Upstream {
 /// An upstream API key. Its `Debug` never shows the value, so it cannot leak into logs.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(into = "String", try_from = "String")]
-pub struct Credential(String);
+pub struct Credential {
+    value: String,
+    /// `Bearer <value>`, marked sensitive: kept out of HTTP/2 header compression tables and
+    /// debug output.
+    bearer: http::HeaderValue,
+}
 
 impl Credential {
-    pub fn new(value: String) -> Self {
-        Self(value)
-    }
-
     /// A key as read from a Secret, file or variable, without the trailing newline that `echo`
     /// leaves; it must be usable in an HTTP header.
     pub fn parse(value: &str) -> Result<Self, String> {
@@ -159,15 +166,21 @@ impl Credential {
         if value.is_empty() {
             return Err("the key is empty".into());
         }
-        if http::HeaderValue::from_str(value).is_err() {
-            return Err("the key contains characters that are not allowed in an HTTP header".into());
-        }
-        Ok(Self(value.to_string()))
+        let not_a_header = |_| "the key contains characters that are not allowed in an HTTP header".to_string();
+        http::HeaderValue::from_str(value).map_err(not_a_header)?;
+        let mut bearer = http::HeaderValue::from_str(&format!("Bearer {value}")).map_err(not_a_header)?;
+        bearer.set_sensitive(true);
+        Ok(Self { value: value.to_string(), bearer })
     }
 
-    /// The secret value, for the one place that puts it on the wire.
+    /// The secret value, for the places that put it on the wire or look for it in answers.
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.value
+    }
+
+    /// The `Authorization` header value that sends this key.
+    pub fn bearer(&self) -> &http::HeaderValue {
+        &self.bearer
     }
 }
 
@@ -180,7 +193,7 @@ impl TryFrom<String> for Credential {
 
 impl From<Credential> for String {
     fn from(c: Credential) -> Self {
-        c.0
+        c.value
     }
 }
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{Config, Upstream};
-use crate::api::{API_VERSION, Api};
+use crate::api::{API_VERSION, ProviderApi};
 
 /// `kind` of a compiled configuration document.
 pub const COMPILED_CONFIG_KIND: &str = "CompiledConfig";
@@ -80,7 +80,7 @@ pub mod hex32 {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
         let text = String::deserialize(d)?;
-        crate::config::compile::sha256_hex(&text).map_err(D::Error::custom)
+        super::super::values::sha256_hex(&text).map_err(D::Error::custom)
     }
 }
 
@@ -127,14 +127,22 @@ pub mod headers {
 
     use serde::{Deserialize, Deserializer, Serializer, de::Error};
 
-    pub fn serialize<S: Serializer>(headers: &[(String, String)], s: S) -> Result<S::Ok, S::Error> {
-        s.collect_map(headers.iter().map(|(k, v)| (k, v)))
+    use http::{HeaderName, HeaderValue};
+    use serde::ser::Error as _;
+
+    pub fn serialize<S: Serializer>(headers: &[(HeaderName, HeaderValue)], s: S) -> Result<S::Ok, S::Error> {
+        let mut map = BTreeMap::new();
+        for (name, value) in headers {
+            let text = value.to_str().map_err(|_| S::Error::custom("a header value that is not text"))?;
+            map.insert(name.as_str(), text);
+        }
+        s.collect_map(map)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(String, String)>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(HeaderName, HeaderValue)>, D::Error> {
         let map = BTreeMap::<String, String>::deserialize(d)?;
         // The authorization conflict was checked at compile time, against the credential.
-        crate::config::compile::headers(&map, false).map_err(D::Error::custom)
+        super::super::values::headers(&map, false).map_err(D::Error::custom)
     }
 }
 
@@ -142,7 +150,7 @@ pub mod headers {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct UpstreamSpec {
-    api: Api,
+    api: ProviderApi,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     base_url: Option<String>,
 }
@@ -150,8 +158,8 @@ pub struct UpstreamSpec {
 impl From<Upstream> for UpstreamSpec {
     fn from(u: Upstream) -> Self {
         match u {
-            Upstream::OpenAi { base_url } => UpstreamSpec { api: Api::Openai, base_url: Some(base_url) },
-            Upstream::Mock { url, .. } => UpstreamSpec { api: Api::Mock, base_url: url },
+            Upstream::OpenAi { base_url, .. } => UpstreamSpec { api: ProviderApi::Openai, base_url: Some(base_url) },
+            Upstream::Mock { url, .. } => UpstreamSpec { api: ProviderApi::Mock, base_url: url },
         }
     }
 }
@@ -159,117 +167,6 @@ impl From<Upstream> for UpstreamSpec {
 impl TryFrom<UpstreamSpec> for Upstream {
     type Error = String;
     fn try_from(spec: UpstreamSpec) -> Result<Self, String> {
-        crate::config::compile::upstream(spec.api, spec.base_url.as_deref()).map_err(|e| format!("baseUrl: {e}"))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::{Documents, MapResolver, compile, parse_file};
-
-    const ROUTES: &str = r#"
-apiVersion: switchyard.dev/v1alpha1
-kind: ProviderRoute
-metadata: {name: chat, namespace: team-a}
-spec:
-  model: chat
-  aliases: [gpt-4o]
-  workloadSelector: {matchLabels: {app: bot}}
-  strategy: latency
-  holdBack: 1500ms
-  hedge: {after: 800ms}
-  targets:
-    - name: primary
-      api: openai
-      baseUrl: https://api.example.com/v1/
-      model: gpt-4o
-      credentials: {secretRef: {name: keys, key: openai}}
-      headers: {x-team: a}
-      pricing: {prompt: "2.50", completion: "10", cachedPrompt: "1.25", request: "0.001"}
-      contextWindow: 128000
-      timeouts: {connect: 2s, firstByte: 20s, total: 10m}
-    - name: fake
-      api: mock
-      baseUrl: mock://?chunks=3
-  fallback: {on: [connect, "5xx", 4xx-context-length], maxAttempts: 2}
----
-apiVersion: switchyard.dev/v1alpha1
-kind: ApiKeyBudget
-metadata: {name: bot, namespace: team-a}
-spec:
-  key: {secretRef: {name: keys, key: app}}
-  limit: "100"
-  period: weekly
-  lowBalanceThreshold: "5"
-  onLedgerUnavailable: failOpen
-  allowedModels: [chat]
-  rateLimit: {requestsPerMinute: 60}
-  workloadSelector: {matchExpressions: [{key: app, operator: In, values: [bot]}]}
----
-apiVersion: v1
-kind: Secret
-metadata: {name: keys, namespace: team-a}
-stringData: {openai: sk-upstream, app: sk-app}
-"#;
-
-    fn config() -> Config {
-        let mut docs = Documents::default();
-        let mut errors = Vec::new();
-        parse_file("routes.yaml", ROUTES, &mut docs, &mut errors);
-        assert!(errors.is_empty(), "{errors:?}");
-        compile(&docs, &MapResolver::default()).unwrap()
-    }
-
-    #[test]
-    fn a_compiled_config_reads_back_as_the_same_config() {
-        let config = config();
-        let compiled = CompiledConfig::new("team-a", 7, config.clone());
-        let json = serde_json::to_string(&compiled).unwrap();
-        let back: CompiledConfig = serde_json::from_str(&json).unwrap();
-        assert_eq!(back.version, 7);
-        assert_eq!(back.into_config().unwrap(), config);
-    }
-
-    #[test]
-    fn the_serialised_form_keeps_the_api_spelling() {
-        let json = serde_json::to_value(CompiledConfig::new("team-a", 1, config())).unwrap();
-        let route = &json["config"]["routes"][0];
-        assert_eq!(route["holdBack"], "1500ms");
-        assert_eq!(route["hedgeAfter"], "800ms");
-        assert_eq!(route["fallback"]["on"], serde_json::json!(["connect", "5xx", "4xx-context-length"]));
-        assert_eq!(route["workloadSelector"]["matchLabels"]["app"], "bot");
-        let target = &route["targets"][0];
-        assert_eq!(target["api"], "openai");
-        assert_eq!(target["baseUrl"], "https://api.example.com/v1");
-        assert_eq!(target["credential"], "sk-upstream");
-        assert_eq!(target["pricing"]["prompt"], 2_500_000);
-        assert_eq!(target["timeouts"]["total"], "10m");
-        assert_eq!(route["targets"][1]["baseUrl"], "mock://?chunks=3");
-        let budget = &json["config"]["budgets"][0];
-        let app_key_hash = hex(&Sha256::digest(b"sk-app"));
-        assert_eq!(budget["keyHash"], app_key_hash);
-        assert_eq!(budget["limit"], 100_000_000);
-    }
-
-    #[test]
-    fn tampered_or_invalid_content_is_refused_with_a_reason() {
-        let compiled = CompiledConfig::new("team-a", 1, config());
-        let mut json = serde_json::to_value(&compiled).unwrap();
-        json["config"]["routes"][0]["model"] = "other".into();
-        let changed: CompiledConfig = serde_json::from_value(json.clone()).unwrap();
-        assert!(changed.into_config().unwrap_err().contains("does not match its hash"));
-
-        json["config"]["routes"][0]["holdBack"] = "soon".into();
-        let err = serde_json::from_value::<CompiledConfig>(json.clone()).unwrap_err().to_string();
-        assert!(err.contains("soon"), "{err}");
-        json["config"]["routes"][0]["holdBack"] = "1s".into();
-        json["config"]["routes"][0]["targets"][0]["baseUrl"] = "ftp://x".into();
-        let err = serde_json::from_value::<CompiledConfig>(json.clone()).unwrap_err().to_string();
-        assert!(err.contains("must be an http:// or https:// URL"), "{err}");
-        json["config"]["routes"][0]["targets"][0]["baseUrl"] = "https://x".into();
-        json["config"]["routes"][0]["targets"][0]["credential"] = "a\nb".into();
-        let err = serde_json::from_value::<CompiledConfig>(json).unwrap_err().to_string();
-        assert!(err.contains("not allowed in an HTTP header"), "{err}");
+        super::values::upstream(spec.api, spec.base_url.as_deref()).map_err(|e| format!("baseUrl: {e}"))
     }
 }

@@ -26,7 +26,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::leader::Leadership;
-use super::metrics::{OperatorMetrics, Outcome};
+use super::metrics::{OperatorMetrics, ReconcileOutcome};
 use super::plan::{CONFIG_SECRET, ConfigAction, Inputs, Plan, Published, plan};
 use crate::api::{ApiKeyBudget, ApiKeyBudgetStatus, ProviderRoute, ProviderRouteStatus};
 
@@ -237,8 +237,8 @@ pub async fn reconcile(namespace: Arc<Namespace>, ctx: Arc<Context>) -> Result<A
     let result = apply(&ctx, &ns, plan).await;
     ctx.metrics.reconcile_duration.observe(started.elapsed());
     let outcome = match &result {
-        Ok(()) => Outcome::Success,
-        Err(e) => Outcome::Error(e.label()),
+        Ok(()) => ReconcileOutcome::Success,
+        Err(e) => ReconcileOutcome::Error(e.label()),
     };
     ctx.metrics.reconciled("ProviderRoute", outcome, routes.len());
     ctx.metrics.reconciled("ApiKeyBudget", outcome, budgets.len());

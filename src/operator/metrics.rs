@@ -8,7 +8,7 @@ use crate::metrics::{Counter, Gauge, Histogram, escape, header};
 
 /// What a namespace reconcile counts as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Outcome {
+pub enum ReconcileOutcome {
     Success,
     /// The reconcile failed; the label names the step (see [`super::Error::label`]).
     Error(&'static str),
@@ -17,7 +17,7 @@ pub enum Outcome {
 #[derive(Debug, Default)]
 pub struct OperatorMetrics {
     /// Objects reconciled, by kind and outcome.
-    reconciles: Mutex<BTreeMap<(&'static str, Outcome), u64>>,
+    reconciles: Mutex<BTreeMap<(&'static str, ReconcileOutcome), u64>>,
     pub reconcile_duration: Histogram,
     /// Bytes of each namespace's compiled configuration.
     config_bytes: Mutex<BTreeMap<String, u64>>,
@@ -34,7 +34,7 @@ pub struct OperatorMetrics {
 }
 
 impl OperatorMetrics {
-    pub fn reconciled(&self, kind: &'static str, outcome: Outcome, objects: usize) {
+    pub fn reconciled(&self, kind: &'static str, outcome: ReconcileOutcome, objects: usize) {
         if objects > 0 {
             *lock(&self.reconciles).entry((kind, outcome)).or_default() += objects as u64;
         }
@@ -74,8 +74,8 @@ impl OperatorMetrics {
         );
         for ((kind, outcome), n) in lock(&self.reconciles).iter() {
             let result = match outcome {
-                Outcome::Success => "success",
-                Outcome::Error(step) => step,
+                ReconcileOutcome::Success => "success",
+                ReconcileOutcome::Error(step) => step,
             };
             let _ = writeln!(out, "switchyard_operator_reconciles_total{{kind=\"{kind}\",result=\"{result}\"}} {n}");
         }

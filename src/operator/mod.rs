@@ -127,7 +127,9 @@ pub enum OperatorError {
 /// Secrets that never hold credentials, left out of the watch to save memory.
 const IGNORED_SECRETS: &str = "type!=kubernetes.io/service-account-token,type!=helm.sh/release.v1";
 
-pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
+/// Runs the operator until `signal` completes (SIGTERM, in the binary), or until it loses its
+/// lease.
+pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result<(), OperatorError> {
     if args.leader_elect && !(args.retry_period < args.renew_deadline && args.renew_deadline < args.lease_duration) {
         return Err(OperatorError::Usage(
             "--retry-period must be shorter than --renew-deadline, and --renew-deadline shorter than --lease-duration"
@@ -261,7 +263,7 @@ pub async fn run(args: OperatorArgs) -> Result<(), OperatorError> {
     let mut election = election;
     let outcome = tokio::select! {
         _ = controller => Ok(()),
-        _ = crate::cli::shutdown_signal() => {
+        () = signal => {
             tracing::info!("shutting down");
             Ok(())
         }

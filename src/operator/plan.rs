@@ -16,7 +16,9 @@ use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 
 use crate::api::{ApiKeyBudget, ApiKeyBudgetStatus, ProviderRoute, ProviderRouteStatus, TargetStatus};
-use crate::config::{CompiledConfig, ConfigError, CredentialState, Document, Documents, Outcome, Resolver, analyse};
+use crate::config::{
+    CompiledConfig, ConfigError, CredentialState, Document, Documents, ObjectOutcome, Resolver, analyse,
+};
 
 /// The Secret each namespace's sidecars mount.
 pub const CONFIG_SECRET: &str = "switchyard-config";
@@ -274,7 +276,7 @@ pub fn config_secret(namespace: &str, version: u64, hash: &str, content: Vec<u8>
 /// The `Accepted`, `Ready` and (near the size limit) `ConfigNearLimit` conditions of an object,
 /// and the configuration version it is in.
 fn conditions(
-    outcome: &Outcome,
+    outcome: &ObjectOutcome,
     compiled: &Compiled,
     meta: &ObjectMeta,
     current: &[Condition],

@@ -14,9 +14,8 @@ use memchr::memmem::Finder;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::{Cutoffs, MaxPrice, Prefs, Sort, Usage};
 use crate::api::units::parse_json_micros;
-use crate::budget::Usage;
-use crate::sidecar::plan::{Cutoffs, MaxPrice, Prefs, Sort};
 
 /// What routing needs from a chat completion request.
 #[derive(Debug)]
@@ -612,22 +611,6 @@ fn string_len(s: &[u8]) -> usize {
     s.len()
 }
 
-/// The `data:` payloads of complete SSE events.
-pub fn sse_payloads(events: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let mut starts = std::iter::once(0).chain(memchr::memchr_iter(b'\n', events).map(|i| i + 1));
-    let mut next = starts.next();
-    std::iter::from_fn(move || {
-        let start = next?;
-        next = starts.next();
-        let end = next.map_or(events.len(), |n| n - 1);
-        Some(&events[start..end.max(start)])
-    })
-    .filter_map(|line| {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        line.strip_prefix(b"data:").map(|d| d.strip_prefix(b" ").unwrap_or(d))
-    })
-}
-
 /// A string as a JSON string literal, quotes included.
 pub fn json_string(s: &str) -> String {
     serde_json::Value::from(s).to_string()
@@ -673,6 +656,7 @@ pub fn upstream_error_message(body: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::providers::sse;
 
     fn splice(body: &str, model: &str) -> String {
         rewrite(body, model, false)
@@ -840,7 +824,7 @@ mod tests {
             let _ = upstream_error_message(input);
             let _ = mentions_usage(input);
             let _ = chunk_info(input);
-            for payload in sse_payloads(input) {
+            for payload in sse::payloads(input) {
                 let _ = chunk_info(payload);
             }
         };
@@ -890,7 +874,7 @@ mod tests {
             }
         }
         let events = b"data: {\"a\":1}\n\n: comment\n\ndata:[DONE]\r\n\r\n";
-        assert_eq!(sse_payloads(events).collect::<Vec<_>>(), [&b"{\"a\":1}"[..], b"[DONE]"]);
+        assert_eq!(sse::payloads(events).collect::<Vec<_>>(), [&b"{\"a\":1}"[..], b"[DONE]"]);
     }
 
     #[test]

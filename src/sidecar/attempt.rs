@@ -12,16 +12,18 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header, response::Parts};
 use http_body_util::{BodyExt, Full, Limited};
 use tokio::time::timeout_at;
 
-use super::billing::BYTES_PER_TOKEN;
 use super::error::{AttemptFailure, ERROR_SOURCE};
-use super::health::{self, Health, Outcome};
-use super::relay::{Committed, SseFramer, StreamWatch};
-use super::state::{RouteRt, Shared, TargetRt};
-use super::upstream::{SendError, UpstreamBody, error_chain};
+use super::health::{self, AttemptOutcome, Health};
+use super::relay::{Committed, StreamWatch};
+use super::shared::Shared;
+use super::snapshot::{ServedRoute, ServedTarget};
+use super::transport::{SendError, error_chain};
+use super::upstream::UpstreamBody;
 use crate::api::FallbackReason;
 use crate::api::units::format_duration;
 use crate::config::HealthPolicy;
 use crate::providers::openai::{AnswerInfo, ChatRequest, answer_info, is_context_length_error, upstream_error_message};
+use crate::providers::{BYTES_PER_TOKEN, sse};
 
 /// Caller headers worth passing upstream: identification and tracing, never the caller's key.
 const FORWARDED: [header::HeaderName; 4] = [
@@ -62,7 +64,13 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn new(route: &RouteRt, target: &TargetRt, kind: FallbackReason, status: Option<u16>, message: String) -> Failure {
+    fn new(
+        route: &ServedRoute,
+        target: &ServedTarget,
+        kind: FallbackReason,
+        status: Option<u16>,
+        message: String,
+    ) -> Failure {
         Failure {
             record: AttemptFailure {
                 model: route.model.clone(),
@@ -96,7 +104,7 @@ struct ProbeGuard<'a> {
 impl Drop for ProbeGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.health.record(Outcome::Cancelled, true, self.policy, health::now());
+            self.health.record(AttemptOutcome::Cancelled, true, self.policy, health::now());
         }
     }
 }
@@ -111,7 +119,13 @@ pub struct Outgoing<'a> {
 }
 
 /// One attempt on `route.targets[index]`.
-pub async fn attempt(route: &Arc<RouteRt>, index: usize, probe: bool, out: &Outgoing<'_>, shared: &Shared) -> Finished {
+pub async fn attempt(
+    route: &Arc<ServedRoute>,
+    index: usize,
+    probe: bool,
+    out: &Outgoing<'_>,
+    shared: &Shared,
+) -> Finished {
     let mut guard = ProbeGuard { health: &route.targets[index].state.health, policy: &route.health, armed: probe };
     let result = try_target(route, index, out, shared).await;
     guard.armed = false;
@@ -119,7 +133,7 @@ pub async fn attempt(route: &Arc<RouteRt>, index: usize, probe: bool, out: &Outg
 }
 
 async fn try_target(
-    route: &Arc<RouteRt>,
+    route: &Arc<ServedRoute>,
     index: usize,
     out: &Outgoing<'_>,
     shared: &Shared,
@@ -197,7 +211,7 @@ async fn try_target(
     if is_event_stream(&parts.headers) {
         parts.headers.remove(header::CONTENT_LENGTH);
         let mut watch = StreamWatch::new(started);
-        let mut framer = SseFramer::default();
+        let mut framer = sse::Framer::default();
         let mut prefix = BytesMut::new();
         if !route.hold_back.is_zero() {
             let hold_until = (Instant::now() + route.hold_back).min(deadline);
@@ -369,7 +383,7 @@ fn upstream_message(status: StatusCode, body: &[u8]) -> String {
 }
 
 /// Removes the target's key from an upstream body, should the upstream echo it.
-fn redact(body: Bytes, target: &TargetRt) -> Bytes {
+fn redact(body: Bytes, target: &ServedTarget) -> Bytes {
     let Some(credential) = &target.credential else { return body };
     let key = credential.expose().as_bytes();
     if key.is_empty() || !body.windows(key.len()).any(|w| w == key) {

@@ -9,16 +9,16 @@ use http::{HeaderMap, header};
 use sha2::{Digest, Sha256};
 
 use super::error::ProxyError;
-use super::state::{RouteRt, Snapshot};
 use crate::api::units::format_micros;
 use crate::api::{BudgetState, Period};
-use crate::budget::ledger::Spend;
-use crate::budget::{Account, Ledger, Refusal, Reservation, Usage, cost, worst_case};
+use crate::budget::Spend;
+use crate::budget::{Account, Ledger, Refusal, Reservation, cost, worst_case};
 use crate::config::{Budget, Prices, RateLimitPolicy};
 use crate::providers::openai::{ChunkInfo, with_cost};
+use crate::providers::{BYTES_PER_TOKEN, Usage};
 
 /// A budget, ready for requests.
-pub struct BudgetRt {
+pub struct ServedBudget {
     /// `namespace/name`.
     pub id: String,
     pub limit: Option<u64>,
@@ -31,10 +31,10 @@ pub struct BudgetRt {
     pub account: Arc<Account>,
 }
 
-impl BudgetRt {
+impl ServedBudget {
     /// `allowed_routes` maps the budget's `allowedModels` to route ids.
-    pub fn new(budget: &Budget, allowed_routes: Option<HashSet<String>>, account: Arc<Account>) -> BudgetRt {
-        BudgetRt {
+    pub fn new(budget: &Budget, allowed_routes: Option<HashSet<String>>, account: Arc<Account>) -> ServedBudget {
+        ServedBudget {
             id: budget.id(),
             limit: budget.limit,
             period: budget.period,
@@ -46,8 +46,9 @@ impl BudgetRt {
         }
     }
 
-    pub fn allows(&self, route: &RouteRt) -> bool {
-        self.allowed.as_ref().is_none_or(|ids| ids.contains(&route.id))
+    /// Whether the key may use the route with this id.
+    pub fn allows(&self, route_id: &str) -> bool {
+        self.allowed.as_ref().is_none_or(|ids| ids.contains(route_id))
     }
 
     /// What is left of the limit after what was spent (reservations not counted).
@@ -64,30 +65,6 @@ impl BudgetRt {
     }
 }
 
-/// The caller's budget from `Authorization: Bearer <key>`. Without a known key, the request is
-/// refused if any of its routes has a budget, or if the sidecar requires keys.
-pub fn authenticate(
-    headers: &HeaderMap,
-    snapshot: &Snapshot,
-    chain: &[&Arc<RouteRt>],
-    require_key: bool,
-) -> Result<Option<Arc<BudgetRt>>, ProxyError> {
-    let key = bearer(headers);
-    let budget = key.and_then(|k| snapshot.budget(&key_hash(k)));
-    match budget {
-        Some(budget) => {
-            if let Some(route) = chain.iter().find(|r| !budget.allows(r)) {
-                return Err(ProxyError::ModelNotAllowed { model: route.model.clone() });
-            }
-            Ok(Some(budget.clone()))
-        }
-        None if require_key || chain.iter().any(|r| r.budgeted) => {
-            Err(ProxyError::Unauthorized { missing: key.is_none() })
-        }
-        None => Ok(None),
-    }
-}
-
 /// The key of `Authorization: Bearer <key>`.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
@@ -100,20 +77,17 @@ pub fn key_hash(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
 
-/// Reserves the worst case of the targets a route may try: every prompt token at its highest
-/// price (a token is at least one byte, so the body's length bounds the prompt) and the requested
-/// completion, or the route's reserve when the request sets no `max_tokens`.
-pub fn reserve(
+/// Reserves the worst case of the targets a route may try (`prices`, one per target): every
+/// prompt token at its highest price (a token is at least one byte, so the body's length bounds
+/// the prompt) and `completion_tokens`.
+pub fn reserve<'a>(
     ledger: &Ledger,
-    budget: &BudgetRt,
-    route: &RouteRt,
-    planned: &[usize],
+    budget: &ServedBudget,
+    prices: impl Iterator<Item = &'a Prices>,
     body_len: u64,
-    max_tokens: Option<u64>,
+    completion_tokens: u64,
 ) -> Result<Reservation, ProxyError> {
-    let completion = max_tokens.unwrap_or(u64::from(route.reserved_completion_tokens));
-    let tries = planned.iter().take(route.fallback.max_attempts as usize);
-    let amount = tries.map(|&i| worst_case(body_len, completion, &route.targets[i].prices)).max().unwrap_or(0);
+    let amount = prices.map(|p| worst_case(body_len, completion_tokens, p)).max().unwrap_or(0);
     ledger.reserve(&budget.account, budget.limit, budget.period, budget.fail_open, amount).map_err(|refusal| {
         match refusal {
             Refusal::Insufficient { remaining } => {
@@ -124,9 +98,6 @@ pub fn reserve(
         }
     })
 }
-
-/// Bytes per token, for estimates when a provider reports no usage.
-pub const BYTES_PER_TOKEN: u64 = 4;
 
 /// What answering a request costs, once the answer is known. A JSON answer is billed at once
 /// ([`Bill::settle`]); a stream is billed as it goes ([`StreamBill`]).

@@ -27,7 +27,7 @@ use hyper::body::{Body, Frame};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::upstream::{BoxError, SendError, UPSTREAM_READ_BUFFER};
+use super::transport::{BoxError, SendError, UPSTREAM_READ_BUFFER};
 
 /// How long an unused connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);

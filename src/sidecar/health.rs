@@ -42,11 +42,21 @@ impl Admission {
     pub fn is_available(self) -> bool {
         matches!(self, Admission::Open | Admission::HalfOpen)
     }
+
+    /// The name of the health state, as in metrics and `GET /v1/models`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Admission::Open => "healthy",
+            Admission::HalfOpen => "half-open",
+            Admission::Ejected { .. } => "ejected",
+            Admission::Cooling { .. } => "cooling",
+        }
+    }
 }
 
 /// How an attempt ended, for health.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub enum AttemptOutcome {
     /// The target answered (a success, or an error about the request rather than the target).
     Success,
     /// A connect error, a timeout, a 5xx, or a 429 without a retry hint.
@@ -108,15 +118,21 @@ impl Health {
     }
 
     /// Records how an attempt ended.
-    pub fn record(&self, outcome: Outcome, probe: bool, policy: &HealthPolicy, now: Ticks) -> Option<Transition> {
+    pub fn record(
+        &self,
+        outcome: AttemptOutcome,
+        probe: bool,
+        policy: &HealthPolicy,
+        now: Ticks,
+    ) -> Option<Transition> {
         match outcome {
-            Outcome::Cancelled => {
+            AttemptOutcome::Cancelled => {
                 if probe {
                     self.probing.store(false, Release);
                 }
                 None
             }
-            Outcome::Success => {
+            AttemptOutcome::Success => {
                 self.consecutive_failures.store(0, Relaxed);
                 if probe || self.ejected_until.load(Acquire) != 0 {
                     self.ejected_until.store(0, Release);
@@ -126,7 +142,7 @@ impl Health {
                 }
                 None
             }
-            Outcome::Failure => {
+            AttemptOutcome::Failure => {
                 if probe {
                     let duration = self.eject(policy, now);
                     self.probing.store(false, Release);
@@ -194,7 +210,7 @@ mod tests {
 
     fn fail(h: &Health, now: Ticks) -> Option<Transition> {
         let probe = h.acquire(now).expect("the target should be available");
-        h.record(Outcome::Failure, probe, &policy(), now)
+        h.record(AttemptOutcome::Failure, probe, &policy(), now)
     }
 
     #[test]
@@ -209,7 +225,7 @@ mod tests {
         assert_eq!(h.admission(11 * S), Admission::HalfOpen);
         assert_eq!(h.acquire(11 * S), Some(true), "the first request probes");
         assert_eq!(h.acquire(11 * S), None, "only one probe at a time");
-        assert_eq!(h.record(Outcome::Success, true, &policy(), 12 * S), Some(Transition::Recovered));
+        assert_eq!(h.record(AttemptOutcome::Success, true, &policy(), 12 * S), Some(Transition::Recovered));
         assert_eq!(h.acquire(12 * S), Some(false));
     }
 
@@ -218,7 +234,7 @@ mod tests {
         let h = Health::default();
         fail(&h, S);
         fail(&h, S);
-        assert_eq!(h.record(Outcome::Success, false, &policy(), S), None);
+        assert_eq!(h.record(AttemptOutcome::Success, false, &policy(), S), None);
         assert_eq!(fail(&h, S), None);
         assert_eq!(fail(&h, S), None);
         assert_eq!(h.admission(S), Admission::Open);
@@ -245,14 +261,14 @@ mod tests {
         }
         assert_eq!(fail(&h, 10 * S), Some(Transition::Ejected { duration: Duration::from_secs(20) }));
         h.acquire(30 * S);
-        h.record(Outcome::Success, true, &policy(), 30 * S);
+        h.record(AttemptOutcome::Success, true, &policy(), 30 * S);
         // Shortly after recovering, a new ejection continues the streak...
         let h2 = Health::default();
         for _ in 0..3 {
             fail(&h2, 0);
         }
         h2.acquire(10 * S);
-        h2.record(Outcome::Success, true, &policy(), 10 * S);
+        h2.record(AttemptOutcome::Success, true, &policy(), 10 * S);
         for _ in 0..2 {
             fail(&h2, 20 * S);
         }
@@ -271,7 +287,7 @@ mod tests {
             fail(&h, 0);
         }
         assert_eq!(h.acquire(10 * S), Some(true));
-        assert_eq!(h.record(Outcome::Cancelled, true, &policy(), 10 * S), None);
+        assert_eq!(h.record(AttemptOutcome::Cancelled, true, &policy(), 10 * S), None);
         assert_eq!(h.acquire(10 * S), Some(true), "another request may probe");
     }
 

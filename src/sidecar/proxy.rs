@@ -14,21 +14,20 @@ use std::task::Poll;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
-use http::{HeaderValue, header};
+use http::{HeaderMap, HeaderValue, header};
 
 use super::attempt::{Answer, Finished, HealthEffect, Outgoing, attempt};
-use super::billing::{self, Bill, BudgetRt, StreamBill, authenticate};
+use super::billing::{self, Bill, ServedBudget, StreamBill, bearer, key_hash};
 use super::error::{ATTEMPTS, AttemptFailure, FALLBACK_REASON, ProxyError, TARGET, add_rate_headers};
-use super::health::{self, Outcome, Transition};
+use super::health::{self, AttemptOutcome, Transition};
 use super::plan;
 use super::relay::SseRelay;
-use super::state::{RouteRt, Shared, TargetRt};
+use super::shared::Shared;
+use super::snapshot::{ServedRoute, ServedTarget, Snapshot};
 use crate::api::FallbackReason;
 use crate::budget::Ledger;
+use crate::providers::BYTES_PER_TOKEN;
 use crate::providers::openai::{ChatRequest, RequestError, parse_chat_request, rename_model};
-
-/// Bytes of request body per token, for estimating whether a prompt fits a context window.
-const BYTES_PER_TOKEN: u64 = 4;
 
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(State(shared): State<Arc<Shared>>, request: Request) -> Response {
@@ -55,7 +54,7 @@ pub async fn chat_completions(State(shared): State<Arc<Shared>>, request: Reques
     };
 
     // The routes to try: `model`, then each of `models` not already in the chain.
-    let mut chain: Vec<&Arc<RouteRt>> = Vec::with_capacity(1 + chat.models.len());
+    let mut chain: Vec<&Arc<ServedRoute>> = Vec::with_capacity(1 + chat.models.len());
     for name in std::iter::once(&chat.model).chain(&chat.models) {
         let Some(route) = snapshot.route(name) else {
             let error = ProxyError::UnknownModel { model: name.to_string(), known: snapshot.known_models() };
@@ -88,12 +87,12 @@ pub async fn chat_completions(State(shared): State<Arc<Shared>>, request: Reques
         caller_headers: &parts.headers,
         force_usage: budget.is_some() && chat.stream,
     };
-    let mut tried = Tried::default();
+    let mut trail = Trail::default();
     let mut response = None;
     for (k, route) in chain.iter().enumerate() {
         // An answer from a later route says so in its `model`, as OpenRouter's do.
         let rename = (k > 0).then(|| route.model_json.clone());
-        match serve_route(route, &out, budget.as_deref(), &shared, rename, &mut tried).await {
+        match serve_route(route, &out, budget.as_deref(), &shared, rename, &mut trail).await {
             Ok(answer) | Err(Stop::Passthrough(answer)) => {
                 response = Some(answer);
                 break;
@@ -102,11 +101,35 @@ pub async fn chat_completions(State(shared): State<Arc<Shared>>, request: Reques
             Err(Stop::Exhausted) => break,
         }
     }
-    let mut response = response.unwrap_or_else(|| tried.into_response(&chat.model, chain[0]));
+    let mut response = response.unwrap_or_else(|| trail.into_response(&chat.model, chain[0]));
     if let Some(rate) = rate {
         add_rate_headers(response.headers_mut(), rate);
     }
     response
+}
+
+/// The caller's budget from `Authorization: Bearer <key>`. Without a known key, the request is
+/// refused if any of its routes has a budget, or if the sidecar requires keys.
+fn authenticate(
+    headers: &HeaderMap,
+    snapshot: &Snapshot,
+    chain: &[&Arc<ServedRoute>],
+    require_key: bool,
+) -> Result<Option<Arc<ServedBudget>>, ProxyError> {
+    let key = bearer(headers);
+    let budget = key.and_then(|k| snapshot.budget(&key_hash(k)));
+    match budget {
+        Some(budget) => {
+            if let Some(route) = chain.iter().find(|r| !budget.allows(&r.id)) {
+                return Err(ProxyError::ModelNotAllowed { model: route.model.clone() });
+            }
+            Ok(Some(budget.clone()))
+        }
+        None if require_key || chain.iter().any(|r| r.budgeted) => {
+            Err(ProxyError::Unauthorized { missing: key.is_none() })
+        }
+        None => Ok(None),
+    }
 }
 
 /// Why a route did not answer.
@@ -117,18 +140,19 @@ enum Stop {
     Exhausted,
 }
 
-/// What the request has been through so far, across routes.
+/// What a request has been through so far, across its routes: the failed attempts, the
+/// constraints that excluded targets, and where the last attempt went.
 #[derive(Default)]
-struct Tried<'a> {
+struct Trail<'a> {
     failures: Vec<AttemptFailure>,
     /// Constraints that excluded targets, in the order met, without repeats.
     excluded: Vec<&'static str>,
     attempts: usize,
     /// The route and target of the last attempt, which error responses are counted on.
-    last: Option<(&'a RouteRt, usize)>,
+    last: Option<(&'a ServedRoute, usize)>,
 }
 
-impl Tried<'_> {
+impl Trail<'_> {
     fn exclude(&mut self, by: &[&'static str]) {
         for b in by {
             if !self.excluded.contains(b) {
@@ -142,7 +166,7 @@ impl Tried<'_> {
         self.failures.iter().rev().nth(1).map(|f| f.kind)
     }
 
-    fn into_response(self, model: &str, first: &RouteRt) -> Response {
+    fn into_response(self, model: &str, first: &ServedRoute) -> Response {
         let attempts = self.attempts;
         let fell_back_on = self.fell_back_on();
         let error = if self.failures.is_empty() {
@@ -163,8 +187,8 @@ impl Tried<'_> {
 type Running<'a> = Pin<Box<dyn Future<Output = Finished> + Send + 'a>>;
 
 /// The attempts of one route: its plan, and the ones in flight (two while hedging).
-struct Attempts<'a> {
-    route: &'a Arc<RouteRt>,
+struct RouteAttempts<'a> {
+    route: &'a Arc<ServedRoute>,
     out: &'a Outgoing<'a>,
     shared: &'a Shared,
     queue: std::vec::IntoIter<usize>,
@@ -173,7 +197,7 @@ struct Attempts<'a> {
     running: Vec<Running<'a>>,
 }
 
-impl<'a> Attempts<'a> {
+impl<'a> RouteAttempts<'a> {
     /// Starts the next planned target that may take a request now; `None` when none is left or
     /// `maxAttempts` is reached.
     fn start_next(&mut self) -> Option<usize> {
@@ -213,12 +237,12 @@ impl<'a> Attempts<'a> {
 }
 
 async fn serve_route<'a>(
-    route: &'a Arc<RouteRt>,
+    route: &'a Arc<ServedRoute>,
     out: &'a Outgoing<'a>,
-    budget: Option<&BudgetRt>,
+    budget: Option<&ServedBudget>,
     shared: &'a Shared,
     rename: Option<String>,
-    tried: &mut Tried<'a>,
+    trail: &mut Trail<'a>,
 ) -> Result<Response, Stop> {
     let (chat, body) = (out.chat, out.body);
     let now = health::now();
@@ -232,13 +256,16 @@ async fn serve_route<'a>(
         Ok(plan) => plan,
         Err(excluded) => {
             route.state.count_excluded(&excluded.by);
-            tried.exclude(&excluded.by);
+            trail.exclude(&excluded.by);
             return Err(Stop::Exhausted);
         }
     };
     let reservation = match (budget, shared.ledger()) {
         (Some(budget), Some(ledger)) => {
-            match billing::reserve(ledger, budget, route, &plan.order, body.len() as u64, chat.max_tokens) {
+            let tries = plan.order.iter().take(route.fallback.max_attempts as usize);
+            let prices = tries.map(|&i| &route.targets[i].prices);
+            let completion = chat.max_tokens.unwrap_or(u64::from(route.reserved_completion_tokens));
+            match billing::reserve(ledger, budget, prices, body.len() as u64, completion) {
                 Ok(reservation) => Some(reservation),
                 Err(refused) => {
                     route.state.requests.inc(refused.status().as_u16());
@@ -253,7 +280,7 @@ async fn serve_route<'a>(
         let target = &route.targets[plan.order[0]];
         tracing::warn!(route = %route.id, target = %target.name, "every target is ejected or cooling down; trying the one that recovers soonest");
     }
-    let mut run = Attempts {
+    let mut run = RouteAttempts {
         route,
         out,
         shared,
@@ -263,10 +290,10 @@ async fn serve_route<'a>(
         running: Vec::with_capacity(2),
     };
     let first = run.start_next();
-    tried.attempts += run.started;
+    trail.attempts += run.started;
     if first.is_none() {
         route.state.count_excluded(&["health"]);
-        tried.exclude(&["health"]);
+        trail.exclude(&["health"]);
         return Err(Stop::Exhausted);
     }
 
@@ -281,7 +308,7 @@ async fn serve_route<'a>(
                 hedged = true;
                 let before = run.started;
                 hedge_target = run.start_next();
-                tried.attempts += run.started - before;
+                trail.attempts += run.started - before;
                 if let Some(index) = hedge_target {
                     route.state.hedges_started.inc();
                     tracing::debug!(route = %route.id, target = %route.targets[index].name, "no first token yet; hedging");
@@ -291,10 +318,10 @@ async fn serve_route<'a>(
         };
         let Finished { index, probe, result } = finished;
         let target = &route.targets[index];
-        tried.last = Some((route, index));
+        trail.last = Some((route, index));
         match result {
             Ok(answer) => {
-                record_health(route, target, Outcome::Success, probe);
+                record_health(route, target, AttemptOutcome::Success, probe);
                 target.state.count_outcome(None);
                 if let Some(hedge) = hedge_target {
                     let counter = if hedge == index { &route.state.hedges_won } else { &route.state.hedges_lost };
@@ -302,39 +329,36 @@ async fn serve_route<'a>(
                 }
                 // Dropping the other attempt closes its connection.
                 run.running.clear();
-                let fallback = tried.failures.last().map(|f| f.kind);
-                let bill = Bill {
-                    reservation,
-                    prices: target.prices,
-                    prompt_estimate: body.len() as u64 / billing::BYTES_PER_TOKEN,
-                };
+                let fallback = trail.failures.last().map(|f| f.kind);
+                let bill =
+                    Bill { reservation, prices: target.prices, prompt_estimate: body.len() as u64 / BYTES_PER_TOKEN };
                 let response = commit(answer, route, index, rename, bill, chat, shared.ledger());
-                return Ok(finish(response, target, tried.attempts, fallback));
+                return Ok(finish(response, target, trail.attempts, fallback));
             }
             Err(failure) => {
                 let kind = failure.record.kind;
                 target.state.count_outcome(Some(kind));
                 match failure.health {
-                    HealthEffect::Failure => record_health(route, target, Outcome::Failure, probe),
-                    HealthEffect::Answered => record_health(route, target, Outcome::Success, probe),
+                    HealthEffect::Failure => record_health(route, target, AttemptOutcome::Failure, probe),
+                    HealthEffect::Answered => record_health(route, target, AttemptOutcome::Success, probe),
                     HealthEffect::CoolDown(wait) => {
                         target.state.health.cool_down(health::now().saturating_add(health::ticks(wait)));
                         target.state.cooldowns.inc();
-                        record_health(route, target, Outcome::Cancelled, probe);
+                        record_health(route, target, AttemptOutcome::Cancelled, probe);
                     }
                 }
                 let on = route.fallback.on;
                 let falls_back = on.contains(kind)
                     || (kind == FallbackReason::ContextLength && on.contains(FallbackReason::ClientError));
                 tracing::debug!(route = %route.id, target = %target.name, reason = kind.as_str(), message = %failure.record.message, falls_back, "attempt failed");
-                tried.failures.push(failure.record);
+                trail.failures.push(failure.record);
                 if !falls_back && run.running.is_empty() {
                     // The caller gets this failure as it is: an upstream's own error answer passes
                     // through; a failure without one becomes a proxy error.
-                    let fell_back_on = tried.fell_back_on();
+                    let fell_back_on = trail.fell_back_on();
                     return match failure.passthrough {
                         Some(response) => {
-                            Err(Stop::Passthrough(finish(response, target, tried.attempts, fell_back_on)))
+                            Err(Stop::Passthrough(finish(response, target, trail.attempts, fell_back_on)))
                         }
                         None => Err(Stop::Exhausted),
                     };
@@ -345,7 +369,7 @@ async fn serve_route<'a>(
                 }
                 let before = run.started;
                 let next = run.start_next();
-                tried.attempts += run.started - before;
+                trail.attempts += run.started - before;
                 if next.is_none() {
                     return Err(Stop::Exhausted);
                 }
@@ -355,7 +379,7 @@ async fn serve_route<'a>(
     }
 }
 
-fn record_health(route: &RouteRt, target: &TargetRt, outcome: Outcome, probe: bool) {
+fn record_health(route: &ServedRoute, target: &ServedTarget, outcome: AttemptOutcome, probe: bool) {
     match target.state.health.record(outcome, probe, &route.health, health::now()) {
         Some(Transition::Ejected { duration }) => {
             target.state.ejections.inc();
@@ -372,7 +396,7 @@ fn record_health(route: &RouteRt, target: &TargetRt, outcome: Outcome, probe: bo
 /// carries its `usage.cost`; a stream is billed as it goes.
 fn commit(
     answer: Answer,
-    route: &Arc<RouteRt>,
+    route: &Arc<ServedRoute>,
     index: usize,
     rename: Option<String>,
     bill: Bill,
@@ -406,7 +430,12 @@ fn commit(
 }
 
 /// Adds the routing headers and counts the response.
-fn finish(mut response: Response, target: &TargetRt, attempts: usize, fallback: Option<FallbackReason>) -> Response {
+fn finish(
+    mut response: Response,
+    target: &ServedTarget,
+    attempts: usize,
+    fallback: Option<FallbackReason>,
+) -> Response {
     target.state.requests.inc(response.status().as_u16());
     let headers = response.headers_mut();
     headers.insert(TARGET, target.name_header.clone());
@@ -426,8 +455,8 @@ fn small_number(n: usize) -> HeaderValue {
     }
 }
 
-fn unrouted(shared: &Shared, error: ProxyError) -> Response {
-    shared.metrics.unrouted.inc(error.status().as_u16());
+pub fn unrouted(shared: &Shared, error: ProxyError) -> Response {
+    shared.states.unrouted.inc(error.status().as_u16());
     error.into_response()
 }
 
@@ -439,19 +468,4 @@ fn bad_request(e: RequestError) -> ProxyError {
         RequestError::InvalidField(field, detail) => ("invalid_parameter", format!("{field}: {detail}")),
     };
     ProxyError::BadRequest { code, message }
-}
-
-/// Any other path.
-pub async fn unknown_path(State(shared): State<Arc<Shared>>, request: Request) -> Response {
-    unrouted(&shared, ProxyError::UnknownPath { path: request.uri().path().to_string() })
-}
-
-/// A known path with the wrong method.
-pub async fn method_not_allowed(State(shared): State<Arc<Shared>>) -> Response {
-    unrouted(&shared, ProxyError::MethodNotAllowed)
-}
-
-/// Whether the sidecar is taking new traffic.
-pub fn is_ready(shared: &Shared) -> bool {
-    !shared.draining.load(Ordering::Relaxed)
 }

@@ -6,7 +6,6 @@
 //! an event.
 
 use std::convert::Infallible;
-use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -17,68 +16,15 @@ use hyper::body::{Body, Frame};
 use tokio::time::Sleep;
 
 use super::billing::{EventAction, StreamBill};
-use super::health::{self, Outcome};
-use super::metrics::TargetState;
-use super::state::RouteRt;
+use super::health::{self, AttemptOutcome};
+use super::snapshot::ServedRoute;
+use super::state::TargetState;
 use super::stats::TargetStats;
-use super::upstream::{UpstreamBody, error_chain};
+use super::transport::error_chain;
+use super::upstream::UpstreamBody;
 use crate::api::units::format_duration;
-use crate::providers::openai::{
-    ChunkInfo, chunk_info, mentions_usage, rename_events, sse_payloads, stream_error_event,
-};
-
-/// Past this size an unterminated event is forwarded anyway: an upstream that never ends its
-/// events must not make the sidecar buffer without bound.
-const MAX_PENDING: usize = 1 << 20;
-
-/// Splits a byte stream at SSE event boundaries (a blank line).
-#[derive(Debug, Default)]
-pub struct SseFramer {
-    pending: BytesMut,
-}
-
-impl SseFramer {
-    /// Takes the next chunk; returns the bytes that end on an event boundary, if any.
-    pub fn push(&mut self, data: Bytes) -> Option<Bytes> {
-        if self.pending.is_empty() {
-            return match last_boundary(&data) {
-                Some(end) if end == data.len() => Some(data),
-                Some(end) => {
-                    self.pending.extend_from_slice(&data[end..]);
-                    Some(data.slice(..end))
-                }
-                None if data.len() > MAX_PENDING => Some(data),
-                None => {
-                    self.pending.extend_from_slice(&data);
-                    None
-                }
-            };
-        }
-        self.pending.extend_from_slice(&data);
-        match last_boundary(&self.pending) {
-            Some(end) => Some(self.pending.split_to(end).freeze()),
-            None if self.pending.len() > MAX_PENDING => Some(self.pending.split().freeze()),
-            None => None,
-        }
-    }
-
-    /// At a clean end of the stream: whatever is left, as the upstream sent it.
-    pub fn finish(&mut self) -> Option<Bytes> {
-        (!self.pending.is_empty()).then(|| self.pending.split().freeze())
-    }
-}
-
-/// The index just past the last blank line (`\n\n` or `\n\r\n`).
-fn last_boundary(data: &[u8]) -> Option<usize> {
-    let mut i = data.len();
-    while i >= 2 {
-        if data[i - 1] == b'\n' && (data[i - 2] == b'\n' || (i >= 3 && data[i - 2] == b'\r' && data[i - 3] == b'\n')) {
-            return Some(i);
-        }
-        i -= 1;
-    }
-    None
-}
+use crate::providers::openai::{ChunkInfo, chunk_info, mentions_usage, rename_events, stream_error_event};
+use crate::providers::sse;
 
 /// What a stream has shown so far: when its first output arrived and how many tokens it made.
 #[derive(Debug)]
@@ -117,7 +63,7 @@ impl StreamWatch {
     /// Looks at complete events read during hold-back: every one of them is read, since hold-back
     /// lasts until the first output.
     pub fn observe(&mut self, events: &[u8], stats: &TargetStats) {
-        for payload in sse_payloads(events) {
+        for payload in sse::payloads(events) {
             self.events += 1;
             let info = chunk_info(payload);
             self.held_output_bytes += info.output_bytes;
@@ -132,43 +78,15 @@ impl StreamWatch {
     }
 }
 
-/// The ranges of the SSE events in `bytes`, each with its terminating blank line.
-fn event_ranges(bytes: &[u8]) -> impl Iterator<Item = Range<usize>> + '_ {
-    let mut newlines = memchr::memchr_iter(b'\n', bytes);
-    let mut start = 0;
-    std::iter::from_fn(move || {
-        for i in newlines.by_ref() {
-            if i < start {
-                continue;
-            }
-            let end = if bytes[i + 1..].starts_with(b"\n") {
-                i + 2
-            } else if bytes[i + 1..].starts_with(b"\r\n") {
-                i + 3
-            } else {
-                continue;
-            };
-            let event = start..end;
-            start = end;
-            return Some(event);
-        }
-        (start < bytes.len()).then(|| {
-            let rest = start..bytes.len();
-            start = bytes.len();
-            rest
-        })
-    })
-}
-
 /// The body of a streamed response: what hold-back already read, then the upstream's events, then
 /// either its clean end or one terminal error event.
 pub struct SseRelay {
     inner: UpstreamBody,
-    framer: SseFramer,
+    framer: sse::Framer,
     prefix: Option<Bytes>,
     watch: StreamWatch,
     deadline: Pin<Box<Sleep>>,
-    route: Arc<RouteRt>,
+    route: Arc<ServedRoute>,
     target: usize,
     total: Duration,
     /// Set when the answer comes from another route than the one asked for (`models` fallback):
@@ -182,7 +100,7 @@ pub struct SseRelay {
 /// A stream that has been committed to the caller.
 pub struct Committed {
     pub body: UpstreamBody,
-    pub framer: SseFramer,
+    pub framer: sse::Framer,
     pub prefix: Bytes,
     pub watch: StreamWatch,
     pub started: Instant,
@@ -191,7 +109,7 @@ pub struct Committed {
 impl SseRelay {
     pub fn new(
         stream: Committed,
-        route: Arc<RouteRt>,
+        route: Arc<ServedRoute>,
         target: usize,
         total: Duration,
         rename: Option<String>,
@@ -228,7 +146,7 @@ impl SseRelay {
         let target = &route.targets[self.target];
         target.state.stream_errors.inc();
         target.state.duration.observe(self.watch.started.elapsed());
-        target.state.health.record(Outcome::Failure, false, &self.route.health, health::now());
+        target.state.health.record(AttemptOutcome::Failure, false, &self.route.health, health::now());
         tracing::warn!(route = %self.route.id, target = %target.name, %code, %message, "stream broke after the answer started");
         self.settle();
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -253,10 +171,10 @@ impl SseRelay {
         if read {
             // Rebuilt only from the first event that changes.
             let mut rebuilt: Option<BytesMut> = None;
-            for range in event_ranges(&events) {
+            for range in sse::events(&events) {
                 let event = &events[range.clone()];
                 let mut action = EventAction::Keep;
-                for payload in sse_payloads(event) {
+                for payload in sse::payloads(event) {
                     let info = chunk_info(payload);
                     if !watched {
                         self.watch.events += 1;
@@ -287,7 +205,7 @@ impl SseRelay {
                 out = r.freeze();
             }
         } else if !watched {
-            self.watch.events += sse_payloads(&events).count() as u64;
+            self.watch.events += sse::payloads(&events).count() as u64;
         }
         if let Some(model) = &self.rename {
             out = rename_events(&out, model);
@@ -372,33 +290,5 @@ impl Body for SseRelay {
 
     fn is_end_stream(&self) -> bool {
         self.done && self.prefix.is_none()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn push(f: &mut SseFramer, s: &'static str) -> Option<String> {
-        f.push(Bytes::from_static(s.as_bytes())).map(|b| String::from_utf8(b.to_vec()).unwrap())
-    }
-
-    #[test]
-    fn forwards_whole_events_and_holds_partial_ones() {
-        let mut f = SseFramer::default();
-        assert_eq!(push(&mut f, "data: 1\n\n"), Some("data: 1\n\n".into()));
-        assert_eq!(push(&mut f, "data: 2\n\ndata: 3"), Some("data: 2\n\n".into()));
-        assert_eq!(push(&mut f, "\n"), None);
-        assert_eq!(push(&mut f, "\ndata: 4\r\n\r\n"), Some("data: 3\n\ndata: 4\r\n\r\n".into()));
-        assert_eq!(push(&mut f, "data: [DONE]"), None);
-        assert_eq!(f.finish().map(|b| b.to_vec()), Some(b"data: [DONE]".to_vec()));
-        assert_eq!(f.finish(), None);
-    }
-
-    #[test]
-    fn does_not_buffer_without_bound() {
-        let mut f = SseFramer::default();
-        let big = Bytes::from(vec![b'x'; MAX_PENDING + 1]);
-        assert_eq!(f.push(big.clone()).map(|b| b.len()), Some(big.len()));
     }
 }

@@ -22,9 +22,10 @@ use rustls::pki_types::pem::PemObject;
 use tokio::net::TcpStream;
 
 use super::h1::{self, H1Body, Pool};
-use crate::mock_provider::{MockOptions, MockStats, chat_completion};
+use super::transport::{BoxError, SendError, UPSTREAM_READ_BUFFER, error_chain};
+use crate::config::MockOptions;
+use crate::mock_provider::{MockStats, chat_completion};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type HttpClient = Client<TimeoutConnector, Full<Bytes>>;
 
 /// Where a target's attempts go.
@@ -45,15 +46,6 @@ pub enum Upstream {
         options: Arc<MockOptions>,
         stats: Arc<MockStats>,
     },
-}
-
-/// Why an attempt got no response headers.
-#[derive(Debug)]
-pub enum SendError {
-    /// The connection could not be opened within the target's connect timeout.
-    ConnectTimeout,
-    /// The connection could not be opened, or broke before the response headers.
-    Connect(String),
 }
 
 impl Upstream {
@@ -99,22 +91,6 @@ fn classify(e: hyper_util::client::legacy::Error) -> SendError {
     SendError::Connect(error_chain(&e))
 }
 
-/// An error and its causes, `outer: inner: root`: hyper's own messages alone are too generic
-/// ("error reading a body from connection") to tell a reset from a protocol error.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(err) = source {
-        let text = err.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = err.source();
-    }
-    out
-}
-
 /// A response body from either kind of upstream, without boxing the HTTP one.
 pub enum UpstreamBody {
     Plain(H1Body),
@@ -142,9 +118,6 @@ impl Body for UpstreamBody {
         }
     }
 }
-
-/// Bytes read from an upstream connection at a time.
-pub(super) const UPSTREAM_READ_BUFFER: usize = 4096;
 
 /// HTTP clients by connect timeout. A client owns a connection pool, so clients live across
 /// configuration reloads and targets with the same connect timeout share one.

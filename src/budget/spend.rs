@@ -1,0 +1,87 @@
+//! What a budget has spent, per period and per calendar window, and its encoding in the ledger's
+//! journal.
+
+use super::period::{day_start, month_start, period_start, week_start};
+use crate::api::Period;
+
+const RECORD_VERSION: u8 = 1;
+
+/// What a budget has spent, per period and per usage window. Persisted, except `reserved`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Spend {
+    pub period_start: u64,
+    /// In the current period.
+    pub spent: u64,
+    /// Reservations in flight (not persisted).
+    pub reserved: u64,
+    /// Since the budget was created.
+    pub total: u64,
+    pub day_start: u64,
+    pub day: u64,
+    pub week_start: u64,
+    pub week: u64,
+    pub month_start: u64,
+    pub month: u64,
+}
+
+impl Spend {
+    /// The length of [`Spend::encode_into`]'s output.
+    pub const ENCODED_LEN: usize = 1 + 8 * 9;
+
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let fields = [
+            self.period_start,
+            self.spent,
+            self.total,
+            self.day_start,
+            self.day,
+            self.week_start,
+            self.week,
+            self.month_start,
+            self.month,
+        ];
+        out.push(RECORD_VERSION);
+        for f in fields {
+            out.extend_from_slice(&f.to_le_bytes());
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Spend> {
+        let (&version, rest) = bytes.split_first()?;
+        if version != RECORD_VERSION || rest.len() != Self::ENCODED_LEN - 1 {
+            return None;
+        }
+        let f = |i: usize| u64::from_le_bytes(rest[8 * i..8 * i + 8].try_into().unwrap_or_default());
+        Some(Spend {
+            period_start: f(0),
+            spent: f(1),
+            reserved: 0,
+            total: f(2),
+            day_start: f(3),
+            day: f(4),
+            week_start: f(5),
+            week: f(6),
+            month_start: f(7),
+            month: f(8),
+        })
+    }
+
+    /// Starts the period and the usage windows over when `now` is past their boundaries.
+    pub fn roll(&mut self, period: Period, now: u64) {
+        let start = period_start(period, now);
+        if start != self.period_start {
+            self.period_start = start;
+            self.spent = 0;
+        }
+        for (window_start, amount, current) in [
+            (&mut self.day_start, &mut self.day, day_start(now)),
+            (&mut self.week_start, &mut self.week, week_start(now)),
+            (&mut self.month_start, &mut self.month, month_start(now)),
+        ] {
+            if *window_start != current {
+                *window_start = current;
+                *amount = 0;
+            }
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! Server-sent events framing, for every streaming wire format: where events end, and their `data:`
+//! payloads. An event ends with a blank line: `\n\n`, or `\n\r\n` when lines end in CRLF.
+
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+
+/// Past this size an unterminated event is passed on anyway: an upstream that never ends its
+/// events must not make the reader buffer without bound.
+pub const MAX_PENDING: usize = 1 << 20;
+
+/// Splits a byte stream at event boundaries.
+#[derive(Debug, Default)]
+pub struct Framer {
+    pending: BytesMut,
+}
+
+impl Framer {
+    /// Takes the next chunk; returns the bytes that end on an event boundary, if any. Whole events
+    /// pass without a copy; only an incomplete one at the end is kept until its end arrives.
+    pub fn push(&mut self, data: Bytes) -> Option<Bytes> {
+        if self.pending.is_empty() {
+            return match last_boundary(&data) {
+                Some(end) if end == data.len() => Some(data),
+                Some(end) => {
+                    self.pending.extend_from_slice(&data[end..]);
+                    Some(data.slice(..end))
+                }
+                None if data.len() > MAX_PENDING => Some(data),
+                None => {
+                    self.pending.extend_from_slice(&data);
+                    None
+                }
+            };
+        }
+        self.pending.extend_from_slice(&data);
+        match last_boundary(&self.pending) {
+            Some(end) => Some(self.pending.split_to(end).freeze()),
+            None if self.pending.len() > MAX_PENDING => Some(self.pending.split().freeze()),
+            None => None,
+        }
+    }
+
+    /// At a clean end of the stream: whatever is left, as the upstream sent it.
+    pub fn finish(&mut self) -> Option<Bytes> {
+        (!self.pending.is_empty()).then(|| self.pending.split().freeze())
+    }
+}
+
+/// Where the blank line that starts with the newline at `newline` ends, if one does.
+fn blank_line_end(data: &[u8], newline: usize) -> Option<usize> {
+    match data.get(newline + 1..) {
+        Some([b'\n', ..]) => Some(newline + 2),
+        Some([b'\r', b'\n', ..]) => Some(newline + 3),
+        _ => None,
+    }
+}
+
+/// The index just past the last blank line. Searched from the end: a chunk usually ends on one.
+fn last_boundary(data: &[u8]) -> Option<usize> {
+    memchr::memrchr_iter(b'\n', data).find_map(|i| {
+        // The last newline of a blank line is preceded by `\n` or `\n\r`.
+        let start = match data[..i] {
+            [.., b'\n'] => i - 1,
+            [.., b'\n', b'\r'] => i - 2,
+            _ => return None,
+        };
+        blank_line_end(data, start)
+    })
+}
+
+/// The ranges of the events in `bytes`, each with its terminating blank line; bytes after the last
+/// blank line form a last, unterminated range.
+pub fn events(bytes: &[u8]) -> impl Iterator<Item = Range<usize>> + '_ {
+    let mut newlines = memchr::memchr_iter(b'\n', bytes);
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        for i in newlines.by_ref() {
+            if i < start {
+                continue;
+            }
+            let Some(end) = blank_line_end(bytes, i) else { continue };
+            let event = start..end;
+            start = end;
+            return Some(event);
+        }
+        (start < bytes.len()).then(|| {
+            let rest = start..bytes.len();
+            start = bytes.len();
+            rest
+        })
+    })
+}
+
+/// The `data:` payloads of the lines of `events`, without the field name and its one optional
+/// space.
+pub fn payloads(events: &[u8]) -> impl Iterator<Item = &[u8]> {
+    events.split(|&b| b == b'\n').filter_map(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        line.strip_prefix(b"data:").map(|d| d.strip_prefix(b" ").unwrap_or(d))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn push(f: &mut Framer, s: &'static str) -> Option<String> {
+        f.push(Bytes::from_static(s.as_bytes())).map(|b| String::from_utf8(b.to_vec()).unwrap())
+    }
+
+    #[test]
+    fn forwards_whole_events_and_holds_partial_ones() {
+        let mut f = Framer::default();
+        assert_eq!(push(&mut f, "data: 1\n\n"), Some("data: 1\n\n".into()));
+        assert_eq!(push(&mut f, "data: 2\n\ndata: 3"), Some("data: 2\n\n".into()));
+        assert_eq!(push(&mut f, "\n"), None);
+        assert_eq!(push(&mut f, "\ndata: 4\r\n\r\n"), Some("data: 3\n\ndata: 4\r\n\r\n".into()));
+        assert_eq!(push(&mut f, "data: [DONE]"), None);
+        assert_eq!(f.finish().map(|b| b.to_vec()), Some(b"data: [DONE]".to_vec()));
+        assert_eq!(f.finish(), None);
+    }
+
+    #[test]
+    fn does_not_buffer_without_bound() {
+        let mut f = Framer::default();
+        let big = Bytes::from(vec![b'x'; MAX_PENDING + 1]);
+        assert_eq!(f.push(big.clone()).map(|b| b.len()), Some(big.len()));
+    }
+
+    #[test]
+    fn events_and_payloads() {
+        let bytes = b"data: {\"a\":1}\n\n: comment\r\n\r\ndata:[DONE]\n\nrest";
+        let ranges: Vec<_> = events(bytes).map(|r| &bytes[r]).collect();
+        assert_eq!(ranges, [&b"data: {\"a\":1}\n\n"[..], b": comment\r\n\r\n", b"data:[DONE]\n\n", b"rest"]);
+        assert_eq!(payloads(bytes).collect::<Vec<_>>(), [&b"{\"a\":1}"[..], b"[DONE]"]);
+    }
+}

@@ -1,0 +1,43 @@
+//! `GET /api/v1/key`: the caller's key and its budget, in OpenRouter's shape.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use http::header;
+
+use super::billing;
+use super::error::ProxyError;
+use super::shared::Shared;
+use crate::api::Period;
+use crate::api::units::format_micros;
+
+/// `GET /api/v1/key`: the caller's key in OpenRouter's shape; credits as decimal numbers.
+pub async fn key_info(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    let snapshot = shared.snapshot.load();
+    let budget = billing::bearer(request.headers()).and_then(|key| snapshot.budget(&billing::key_hash(key)));
+    let (Some(budget), Some(ledger)) = (budget, shared.ledger()) else {
+        let missing = billing::bearer(request.headers()).is_none();
+        return ProxyError::Unauthorized { missing }.into_response();
+    };
+    let spend = budget.account.view(budget.period, ledger.now());
+    let number = |micros: Option<u64>| micros.map_or_else(|| "null".to_string(), format_micros);
+    let reset = match budget.period {
+        Period::Never => "null".to_string(),
+        p => format!("\"{}\"", p.as_str()),
+    };
+    // Written by hand so the credit amounts stay exact decimals, never floats.
+    let body = format!(
+        r#"{{"data":{{"label":{label},"limit":{limit},"limit_reset":{reset},"limit_remaining":{remaining},"usage":{usage},"usage_daily":{daily},"usage_weekly":{weekly},"usage_monthly":{monthly},"is_free_tier":false,"state":"{state}","period_start":"{start}"}}}}"#,
+        label = serde_json::Value::from(budget.id.as_str()),
+        limit = number(budget.limit),
+        remaining = number(budget.remaining(&spend)),
+        usage = format_micros(spend.total),
+        daily = format_micros(spend.day),
+        weekly = format_micros(spend.week),
+        monthly = format_micros(spend.month),
+        state = budget.state(&spend).as_str(),
+        start = crate::budget::period::rfc3339(spend.period_start),
+    );
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}

@@ -1,0 +1,91 @@
+//! What lives for the whole process: the current [`Snapshot`], the state that outlives
+//! configurations, the upstream clients and the budget ledger.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use arc_swap::ArcSwap;
+
+use super::snapshot::Snapshot;
+use super::state::StateRegistry;
+use super::upstream::Clients;
+use crate::budget::{Ledger, SystemClock};
+use crate::config::Config;
+
+/// Limits on bodies the sidecar holds in memory.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_request_bytes: usize,
+    pub max_response_bytes: usize,
+}
+
+/// What lives for the whole process.
+pub struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub states: StateRegistry,
+    pub clients: Clients,
+    pub limits: Limits,
+    /// Refuse requests without a known key, even on routes without budgets.
+    pub require_key: bool,
+    /// The budget ledger, opened in `state_dir` when the first budget appears.
+    ledger: OnceLock<Ledger>,
+    state_dir: PathBuf,
+    /// Set on SIGTERM: `/readyz` fails so no new traffic is sent while in-flight requests finish.
+    pub draining: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(
+        config: &Config,
+        limits: Limits,
+        clients: Clients,
+        require_key: bool,
+        state_dir: PathBuf,
+    ) -> Result<Self, String> {
+        let shared = Shared {
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            states: StateRegistry::default(),
+            clients,
+            limits,
+            require_key,
+            ledger: OnceLock::new(),
+            state_dir,
+            draining: AtomicBool::new(false),
+        };
+        shared.apply(config)?;
+        shared.states.last_reload_ok.set(1);
+        Ok(shared)
+    }
+
+    /// Swaps in a new configuration; requests in flight finish on the one they started with.
+    /// Fails, changing nothing, if the configuration has budgets and the ledger cannot be opened.
+    pub fn apply(&self, config: &Config) -> Result<(), String> {
+        let ledger = if config.budgets.is_empty() { self.ledger.get() } else { Some(self.open_ledger()?) };
+        let snapshot = Snapshot::build(config, &self.states, &self.clients, ledger)?;
+        let routes = snapshot.routes.iter().map(|r| r.id.as_str()).collect();
+        let targets = snapshot.routes.iter().flat_map(|r| r.targets.iter().map(|t| (r.id.as_str(), t.name.as_str())));
+        self.states.retain(&routes, &targets.collect());
+        self.snapshot.store(Arc::new(snapshot));
+        self.states.routes_loaded.set(config.routes.len() as u64);
+        Ok(())
+    }
+
+    /// Whether the sidecar is taking new traffic: not once it drains.
+    pub fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn ledger(&self) -> Option<&Ledger> {
+        self.ledger.get()
+    }
+
+    fn open_ledger(&self) -> Result<&Ledger, String> {
+        if let Some(ledger) = self.ledger.get() {
+            return Ok(ledger);
+        }
+        let ledger = Ledger::open(&self.state_dir, Arc::new(SystemClock))?;
+        tracing::info!(state_dir = %self.state_dir.display(), "budget ledger opened");
+        Ok(self.ledger.get_or_init(|| ledger))
+    }
+}
