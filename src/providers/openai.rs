@@ -367,14 +367,7 @@ pub fn answer_info(body: &[u8]) -> Result<AnswerInfo, serde_json::Error> {
     }
     let answer: Answer<'_> = serde_json::from_slice(body)?;
     let usage = answer.usage.filter(|u| u.get().starts_with('{'));
-    let cost_at = match usage {
-        Some(raw) => {
-            let text = raw.get();
-            let close = text.as_ptr() as usize - body.as_ptr() as usize + text.len() - 1;
-            Some(CostAt::Usage { close, empty: text[1..].trim_start().starts_with('}') })
-        }
-        None => body.iter().rposition(|&b| b == b'}').map(|close| CostAt::Answer { close }),
-    };
+    let cost_at = CostAt::find(body, usage);
     let usage = usage.and_then(|raw| serde_json::from_str::<UsagePeek>(raw.get()).ok()).map(Usage::from);
     let output_bytes = match (&usage, answer.choices) {
         (None, Some(choices)) => serde_json::from_str::<Vec<Choice<'_>>>(choices.get())
@@ -388,16 +381,37 @@ pub fn answer_info(body: &[u8]) -> Result<AnswerInfo, serde_json::Error> {
 impl AnswerInfo {
     /// The answer with `usage.cost` set to `cost` (a JSON number's text), as OpenRouter reports it.
     pub fn with_cost(&self, body: &Bytes, cost: &str) -> Bytes {
-        let (at, insert) = match self.cost_at {
-            Some(CostAt::Usage { close, empty: true }) => (close, format!(r#""cost":{cost}"#)),
-            Some(CostAt::Usage { close, empty: false }) => (close, format!(r#","cost":{cost}"#)),
-            Some(CostAt::Answer { close }) => (close, format!(r#","usage":{{"cost":{cost}}}"#)),
-            None => return body.clone(),
+        match self.cost_at {
+            Some(at) => at.insert(body, cost),
+            None => body.clone(),
+        }
+    }
+}
+
+impl CostAt {
+    /// Where the cost goes in the JSON object `json` whose `usage` value, if any, is `usage`.
+    fn find(json: &[u8], usage: Option<&RawValue>) -> Option<CostAt> {
+        match usage {
+            Some(raw) => {
+                let text = raw.get();
+                // `raw` borrows from `json`, so its address locates the value within it.
+                let close = text.as_ptr() as usize - json.as_ptr() as usize + text.len() - 1;
+                Some(CostAt::Usage { close, empty: text[1..].trim_start().starts_with('}') })
+            }
+            None => json.iter().rposition(|&b| b == b'}').map(|close| CostAt::Answer { close }),
+        }
+    }
+
+    fn insert(self, json: &[u8], cost: &str) -> Bytes {
+        let (at, insert) = match self {
+            CostAt::Usage { close, empty: true } => (close, format!(r#""cost":{cost}"#)),
+            CostAt::Usage { close, empty: false } => (close, format!(r#","cost":{cost}"#)),
+            CostAt::Answer { close } => (close, format!(r#","usage":{{"cost":{cost}}}"#)),
         };
-        let mut out = BytesMut::with_capacity(body.len() + insert.len());
-        out.extend_from_slice(&body[..at]);
+        let mut out = BytesMut::with_capacity(json.len() + insert.len());
+        out.extend_from_slice(&json[..at]);
         out.extend_from_slice(insert.as_bytes());
-        out.extend_from_slice(&body[at..]);
+        out.extend_from_slice(&json[at..]);
         out.freeze()
     }
 }
@@ -437,23 +451,7 @@ pub fn with_cost(json: &[u8], cost: &str) -> Option<Bytes> {
         usage: Option<&'a RawValue>,
     }
     let peek: UsageOnly<'_> = serde_json::from_slice(json).ok()?;
-    let (at, insert) = match peek.usage.filter(|u| u.get().starts_with('{')) {
-        Some(usage) => {
-            let text = usage.get();
-            let close = text.as_ptr() as usize - json.as_ptr() as usize + text.len() - 1;
-            let empty = text[1..].trim_start().starts_with('}');
-            (close, if empty { format!(r#""cost":{cost}"#) } else { format!(r#","cost":{cost}"#) })
-        }
-        None => {
-            let close = json.iter().rposition(|&b| b == b'}')?;
-            (close, format!(r#","usage":{{"cost":{cost}}}"#))
-        }
-    };
-    let mut out = BytesMut::with_capacity(json.len() + insert.len());
-    out.extend_from_slice(&json[..at]);
-    out.extend_from_slice(insert.as_bytes());
-    out.extend_from_slice(&json[at..]);
-    Some(out.freeze())
+    Some(CostAt::find(json, peek.usage.filter(|u| u.get().starts_with('{')))?.insert(json, cost))
 }
 
 /// A JSON object with its top-level `model` replaced by `model_json`, if it has a string `model`:
