@@ -484,3 +484,191 @@ spec:
         ]
     );
 }
+
+/// The compile step on arbitrary YAML: whatever a file holds, it is accepted or refused with
+/// errors, never a panic.
+mod properties {
+    use proptest::prelude::*;
+    use serde_yaml::Value;
+
+    use super::*;
+
+    /// A valid route, budget and Secret: the property tests bend one of its values at a time.
+    const BASE: &str = r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {name: chat, namespace: team-a}
+spec:
+  model: chat
+  aliases: [gpt-4o]
+  strategy: weighted
+  targets:
+    - name: a
+      baseUrl: https://api.example.com/v1
+      model: gpt-4o
+      credentials: {secretRef: {name: keys, key: openai}}
+      headers: {x-team: a}
+      weight: 3
+      pricing: {prompt: "2.50", completion: "10", cachedPrompt: "1.25", request: "0.001"}
+      contextWindow: 128000
+      timeouts: {connect: 2s, firstByte: 20s, total: 10m}
+    - {name: b, api: mock, baseUrl: "mock://local?chunks=3&fail-rate=0.5"}
+  fallback: {maxAttempts: 2}
+  health: {consecutiveFailures: 3, baseEjection: 10s, maxEjection: 5m}
+  holdBack: 2s
+  hedge: {after: 800ms}
+  reservedCompletionTokens: 512
+---
+apiVersion: switchyard.dev/v1alpha1
+kind: ApiKeyBudget
+metadata: {name: bot, namespace: team-a}
+spec:
+  key: {secretRef: {name: keys, key: app}}
+  limit: "100.00"
+  period: monthly
+  lowBalanceThreshold: "5"
+  allowedModels: [chat]
+  rateLimit: {requestsPerMinute: 60, tokensPerMinute: 100000}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: keys, namespace: team-a}
+stringData: {openai: sk-upstream, app: sk-app}
+"#;
+
+    fn base() -> Vec<Value> {
+        BASE.split("\n---\n").map(|doc| serde_yaml::from_str(doc).expect("BASE is YAML")).collect()
+    }
+
+    fn scalar() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| Value::Number(n.into())),
+            any::<u64>().prop_map(|n| Value::Number(n.into())),
+            any::<f64>().prop_map(|f| Value::Number(f.into())),
+            prop::sample::select(
+                &[
+                    "",
+                    "0",
+                    "-1",
+                    "1e999",
+                    "99999999999999999999",
+                    "2.5000001",
+                    "0.000001",
+                    "1s",
+                    "999999999h",
+                    "1h30m",
+                    "mock://",
+                    "mock://x?chunks=99999999999",
+                    "http://",
+                    "https://[::1]:0/v1",
+                    "a\nb",
+                    "sk-\u{0}",
+                    "on",
+                    "yes",
+                    "~",
+                    "éé",
+                    "{",
+                    "[",
+                ][..]
+            )
+            .prop_map(|s| Value::String(s.into())),
+            ".{0,16}".prop_map(Value::String),
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = Value> {
+        scalar().prop_recursive(2, 12, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Sequence),
+                prop::collection::vec((".{1,8}", inner), 0..4)
+                    .prop_map(|kv| Value::Mapping(kv.into_iter().map(|(k, v)| (Value::String(k), v)).collect())),
+            ]
+        })
+    }
+
+    /// Every place in a document: the paths to its mappings' values and sequences' items.
+    fn places(value: &Value, at: &mut Vec<Value>, out: &mut Vec<Vec<Value>>) {
+        match value {
+            Value::Mapping(m) => {
+                for (k, v) in m {
+                    at.push(k.clone());
+                    out.push(at.clone());
+                    places(v, at, out);
+                    at.pop();
+                }
+            }
+            Value::Sequence(s) => {
+                for (i, v) in s.iter().enumerate() {
+                    at.push(Value::Number(i.into()));
+                    out.push(at.clone());
+                    places(v, at, out);
+                    at.pop();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn replace(value: &mut Value, path: &[Value], new: Value) {
+        let Some((first, rest)) = path.split_first() else {
+            *value = new;
+            return;
+        };
+        let next = match (value, first) {
+            (Value::Mapping(m), k) => m.get_mut(k),
+            (Value::Sequence(s), Value::Number(i)) => i.as_u64().and_then(|i| s.get_mut(i as usize)),
+            _ => None,
+        };
+        if let Some(next) = next {
+            replace(next, rest, new);
+        }
+    }
+
+    fn compile_text(text: &str) {
+        let mut docs = Documents::default();
+        let mut errors = Vec::new();
+        parse_file("fuzz.yaml", text, &mut docs, &mut errors);
+        let _ = analyse(&docs, &MapResolver::default());
+        let _ = compile(&docs, &MapResolver::default());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn one_bent_value_is_compiled_or_refused(pick in any::<prop::sample::Index>(), doc in 0usize..3, new in value()) {
+            let mut docs = base();
+            let mut all = Vec::new();
+            places(&docs[doc], &mut Vec::new(), &mut all);
+            let path = pick.get(&all).clone();
+            replace(&mut docs[doc], &path, new);
+            let text: Vec<String> = docs.iter().map(|d| serde_yaml::to_string(d).unwrap_or_default()).collect();
+            compile_text(&text.join("---\n"));
+        }
+
+        #[test]
+        fn any_text_is_compiled_or_refused(text in prop_oneof![".{0,200}", "[a-zA-Z:{}\\[\\],\\- \\n\"'#&*!|>%@`0-9]{0,200}"]) {
+            compile_text(&text);
+        }
+
+        #[test]
+        fn a_cut_file_is_compiled_or_refused(cut in any::<prop::sample::Index>()) {
+            let at = cut.index(BASE.len());
+            if BASE.is_char_boundary(at) {
+                compile_text(&BASE[..at]);
+            }
+        }
+    }
+
+    #[test]
+    fn the_base_compiles() {
+        let mut docs = Documents::default();
+        let mut errors = Vec::new();
+        parse_file("base.yaml", BASE, &mut docs, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        let config = compile(&docs, &MapResolver::default()).expect("BASE is valid");
+        assert_eq!((config.routes.len(), config.budgets.len()), (1, 1));
+    }
+}

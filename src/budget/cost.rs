@@ -10,9 +10,10 @@ const PER: u128 = 1_000_000;
 /// answer keeps every charge exact or slightly over, never under.
 pub fn cost(usage: &Usage, prices: &Prices) -> u64 {
     let cached = usage.cached_prompt.min(usage.prompt);
-    let tokens = u128::from(usage.prompt - cached) * u128::from(prices.prompt)
-        + u128::from(cached) * u128::from(prices.cached_prompt)
-        + u128::from(usage.completion) * u128::from(prices.completion);
+    // Each product fits in a u128; their sum saturates, as token counts come from outside.
+    let tokens = (u128::from(usage.prompt - cached) * u128::from(prices.prompt))
+        .saturating_add(u128::from(cached) * u128::from(prices.cached_prompt))
+        .saturating_add(u128::from(usage.completion) * u128::from(prices.completion));
     let micros = u64::try_from(tokens.div_ceil(PER)).unwrap_or(u64::MAX);
     micros.saturating_add(prices.request)
 }

@@ -311,7 +311,7 @@ fn conditions(
             "not in the namespace's configuration: see the Accepted condition".into(),
         ),
         Compiled::Published { version: v, .. } => {
-            version = Some(*v as i64);
+            version = Some(i64::try_from(*v).unwrap_or(i64::MAX));
             condition(READY, true, "Compiled", format!("compiled into Secret {CONFIG_SECRET}, version {v}"))
         }
         Compiled::TooLarge { bytes } => condition(

@@ -125,7 +125,10 @@ fn unix(t: SystemTime) -> i64 {
 
 /// Whether the certificate must be (re)issued: missing, for other names, or in its last 30 days.
 pub fn due(current: Option<&ServingCert>, dns_names: &[String], now: SystemTime) -> bool {
-    current.is_none_or(|c| c.dns_names != dns_names || c.not_after - unix(now) < RENEW_BEFORE.as_secs() as i64)
+    current.is_none_or(|c| {
+        c.dns_names != dns_names
+            || c.not_after.saturating_sub(unix(now)) < i64::try_from(RENEW_BEFORE.as_secs()).unwrap_or(i64::MAX)
+    })
 }
 
 impl ServingCert {

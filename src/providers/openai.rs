@@ -346,8 +346,9 @@ pub struct AnswerInfo {
 enum CostAt {
     /// Before the closing brace of the `usage` object (`empty`: it has no fields).
     Usage { close: usize, empty: bool },
-    /// Before the closing brace of the answer, as a new `usage` object.
-    Answer { close: usize },
+    /// Before the closing brace of the answer, as a new `usage` object (`empty`: the answer has
+    /// no fields).
+    Answer { close: usize, empty: bool },
 }
 
 /// Reads a whole chat completion; `Err` if it is not JSON. One pass validates it, reads its usage
@@ -398,7 +399,12 @@ impl CostAt {
                 let close = text.as_ptr() as usize - json.as_ptr() as usize + text.len() - 1;
                 Some(CostAt::Usage { close, empty: text[1..].trim_start().starts_with('}') })
             }
-            None => json.iter().rposition(|&b| b == b'}').map(|close| CostAt::Answer { close }),
+            None => {
+                let close = json.iter().rposition(|&b| b == b'}')?;
+                let open = json.iter().position(|&b| b == b'{')?;
+                let empty = json.get(open + 1..close).is_some_and(|inside| inside.iter().all(u8::is_ascii_whitespace));
+                Some(CostAt::Answer { close, empty })
+            }
         }
     }
 
@@ -406,7 +412,8 @@ impl CostAt {
         let (at, insert) = match self {
             CostAt::Usage { close, empty: true } => (close, format!(r#""cost":{cost}"#)),
             CostAt::Usage { close, empty: false } => (close, format!(r#","cost":{cost}"#)),
-            CostAt::Answer { close } => (close, format!(r#","usage":{{"cost":{cost}}}"#)),
+            CostAt::Answer { close, empty: true } => (close, format!(r#""usage":{{"cost":{cost}}}"#)),
+            CostAt::Answer { close, empty: false } => (close, format!(r#","usage":{{"cost":{cost}}}"#)),
         };
         let mut out = BytesMut::with_capacity(json.len() + insert.len());
         out.extend_from_slice(&json[..at]);
@@ -714,6 +721,7 @@ mod tests {
         assert_eq!(&empty[..], br#"{"usage":{"cost":1}}"#);
         let none = with_cost(br#"{"id":"a"}"#, "2.5").unwrap();
         assert_eq!(&none[..], br#"{"id":"a","usage":{"cost":2.5}}"#);
+        assert_eq!(&with_cost(b"{ }", "3").unwrap()[..], br#"{ "usage":{"cost":3}}"#, "no comma in an empty object");
         assert_eq!(with_cost(b"[DONE]", "1"), None);
     }
 
@@ -897,5 +905,122 @@ mod tests {
         assert!(matches!(parse_chat_request(br#"{"model":"m","stream":"yes"}"#), Err(RequestError::InvalidJson(_))));
         assert!(matches!(parse_chat_request(br#"{"model":"a","model":"b"}"#), Err(RequestError::InvalidJson(_))));
         assert!(matches!(parse_chat_request(b"{\"model\":\"m\"} trailing"), Err(RequestError::InvalidJson(_))));
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+        use serde_json::Value;
+
+        use super::*;
+        use crate::providers::arbitrary::{json, mutated, request};
+
+        fn encodings(value: Value) -> impl Strategy<Value = Vec<u8>> {
+            let compact = serde_json::to_vec(&value).unwrap_or_default();
+            let pretty = serde_json::to_vec_pretty(&value).unwrap_or_default();
+            prop_oneof![Just(compact.clone()), Just(pretty), mutated(compact)]
+        }
+
+        /// Every reader of caller and upstream bytes, on any bytes: an answer or an error, never a
+        /// panic.
+        fn read_all(input: &[u8]) {
+            if let Ok(chat) = parse_chat_request(input) {
+                let body = Bytes::copy_from_slice(input);
+                let _ = chat.upstream_body(&body, "\"m\"", true);
+            }
+            if let Ok(info) = answer_info(input) {
+                let _ = info.with_cost(&Bytes::copy_from_slice(input), "0.5");
+            }
+            let _ = with_cost(input, "0.5");
+            let _ = rename_model(input, "\"m\"");
+            let _ = rename_events(input, "\"m\"");
+            let _ = is_context_length_error(400, input);
+            let _ = upstream_error_message(input);
+            let _ = mentions_usage(input);
+            for payload in sse::payloads(input) {
+                let _ = chunk_info(payload);
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn no_bytes_make_a_reader_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+                read_all(&bytes);
+            }
+
+            #[test]
+            fn no_near_request_makes_a_reader_panic(bytes in request().prop_flat_map(encodings)) {
+                read_all(&bytes);
+            }
+
+            #[test]
+            fn the_model_splice_changes_model_and_usage_only(
+                original in request(),
+                body in Just(()).prop_flat_map(|()| prop_oneof![Just(false), Just(true)]),
+                force in any::<bool>(),
+                model in ".{0,10}",
+            ) {
+                let bytes = if body { serde_json::to_vec_pretty(&original) } else { serde_json::to_vec(&original) };
+                let bytes = Bytes::from(bytes.unwrap_or_default());
+                // Compared as read back: serde_json's float printing and parsing do not round-trip.
+                let original: Value = serde_json::from_slice(&bytes).expect("JSON");
+                let Ok(chat) = parse_chat_request(&bytes) else { return Ok(()) };
+                let out = chat.upstream_body(&bytes, &json_string(&model), force);
+                let sent: Value = serde_json::from_slice(&out).expect("the upstream body is JSON");
+                prop_assert_eq!(&sent["model"], &Value::from(model.as_str()));
+                let turned_on = force && chat.stream && !chat.include_usage;
+                for (key, value) in original.as_object().into_iter().flatten() {
+                    if key == "model" || (turned_on && key == "stream_options") {
+                        continue;
+                    }
+                    prop_assert_eq!(&sent[key], value, "field {}", key);
+                }
+                if turned_on {
+                    prop_assert_eq!(&sent["stream_options"]["include_usage"], &Value::Bool(true));
+                }
+            }
+
+            #[test]
+            fn the_cost_lands_in_usage_of_any_object(object in prop::collection::vec((crate::providers::arbitrary::key(), json()), 0..6)) {
+                let object: serde_json::Map<String, Value> = object.into_iter().collect();
+                let bytes = Bytes::from(serde_json::to_vec(&object).unwrap_or_default());
+                let info = answer_info(&bytes).expect("an object is an answer");
+                for out in [info.with_cost(&bytes, "1.5"), with_cost(&bytes, "1.5").expect("an object takes a cost")] {
+                    let read: Value = serde_json::from_slice(&out).expect("still JSON");
+                    prop_assert_eq!(&read["usage"]["cost"], &Value::from(1.5));
+                }
+            }
+
+            #[test]
+            fn a_chunk_counts_its_content_bytes_and_reads_its_usage(
+                content in ".{0,20}",
+                prompt in any::<u64>(),
+                completion in any::<u64>(),
+                with_usage in any::<bool>(),
+            ) {
+                let mut chunk = serde_json::json!({"choices": [{"index": 0, "delta": {"content": content}}]});
+                if with_usage {
+                    chunk["usage"] = serde_json::json!({"prompt_tokens": prompt, "completion_tokens": completion});
+                }
+                let info = chunk_info(&serde_json::to_vec(&chunk).unwrap_or_default());
+                let escaped = json_string(&content).len() - 2;
+                prop_assert_eq!(info.output_bytes, escaped as u64);
+                prop_assert_eq!(info.has_output, !content.is_empty());
+                let expected = with_usage.then_some(Usage { prompt, completion, cached_prompt: 0 });
+                prop_assert_eq!(info.usage, expected);
+            }
+
+            #[test]
+            fn renaming_changes_the_model_only(original in request(), model in ".{0,10}") {
+                let bytes = serde_json::to_vec(&original).unwrap_or_default();
+                let original: Value = serde_json::from_slice(&bytes).expect("JSON");
+                let out = rename_model(&bytes, &json_string(&model)).expect("an object with a string model");
+                let mut read: Value = serde_json::from_slice(&out).expect("still JSON");
+                prop_assert_eq!(&read["model"], &Value::from(model.as_str()));
+                read["model"] = original["model"].clone();
+                prop_assert_eq!(read, original);
+            }
+        }
     }
 }

@@ -135,4 +135,63 @@ mod tests {
         assert_eq!(ranges, [&b"data: {\"a\":1}\n\n"[..], b": comment\r\n\r\n", b"data:[DONE]\n\n", b"rest"]);
         assert_eq!(payloads(bytes).collect::<Vec<_>>(), [&b"{\"a\":1}"[..], b"[DONE]"]);
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// A stream of events with LF or CRLF line ends, and the places it is cut into chunks.
+        fn stream() -> impl Strategy<Value = (Vec<u8>, Vec<usize>)> {
+            let line = prop_oneof!["data: [^\r\n]{0,12}", ": [^\r\n]{0,6}", "event: [a-z]{1,5}"];
+            let event = (prop::collection::vec(line, 1..3), any::<bool>()).prop_map(|(lines, crlf)| {
+                let end = if crlf { "\r\n" } else { "\n" };
+                let mut event: String = lines.iter().map(|l| format!("{l}{end}")).collect();
+                event.push_str(end);
+                event
+            });
+            (prop::collection::vec(event, 0..6), "[^\r\n]{0,5}").prop_flat_map(|(events, tail)| {
+                let bytes = format!("{}{tail}", events.concat()).into_bytes();
+                let len = bytes.len();
+                (Just(bytes), prop::collection::vec(0..=len, 0..6))
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn framing_loses_and_reorders_nothing_and_cuts_only_at_event_ends((bytes, mut cuts) in stream()) {
+                cuts.push(0);
+                cuts.push(bytes.len());
+                cuts.sort_unstable();
+                let mut framer = Framer::default();
+                let mut out = Vec::new();
+                for w in cuts.windows(2) {
+                    if let Some(whole) = framer.push(Bytes::copy_from_slice(&bytes[w[0]..w[1]])) {
+                        prop_assert!(whole.ends_with(b"\n\n") || whole.ends_with(b"\n\r\n"), "{:?}", whole);
+                        out.extend_from_slice(&whole);
+                    }
+                }
+                out.extend_from_slice(&framer.finish().unwrap_or_default());
+                prop_assert_eq!(out, bytes);
+            }
+
+            #[test]
+            fn any_bytes_frame_and_split_without_a_panic(bytes in prop::collection::vec(any::<u8>(), 0..200), cut in any::<prop::sample::Index>()) {
+                let at = cut.index(bytes.len() + 1);
+                let mut framer = Framer::default();
+                let mut out = Vec::new();
+                for part in [&bytes[..at], &bytes[at..]] {
+                    out.extend_from_slice(&framer.push(Bytes::copy_from_slice(part)).unwrap_or_default());
+                }
+                out.extend_from_slice(&framer.finish().unwrap_or_default());
+                prop_assert_eq!(&out, &bytes);
+                prop_assert_eq!(events(&bytes).map(|r| r.len()).sum::<usize>(), bytes.len());
+                for payload in payloads(&bytes) {
+                    prop_assert!(!payload.contains(&b'\n'));
+                }
+            }
+        }
+    }
 }

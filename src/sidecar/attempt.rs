@@ -324,21 +324,30 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// How long a rate-limited upstream asks to be left alone: `retry-after-ms`, `retry-after` (in
 /// seconds), or the longest of OpenAI's `x-ratelimit-reset-requests` / `-tokens` (durations such
-/// as `1s`, `6m0s`, `250ms`) and `x-ratelimit-reset` (seconds).
+/// as `1s`, `6m0s`, `250ms`) and `x-ratelimit-reset` (seconds). Whatever an upstream writes,
+/// this is a duration or nothing: a value too large for a `Duration` saturates.
 pub fn retry_hint(headers: &HeaderMap) -> Option<Duration> {
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
-    let seconds = |s: &str| s.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0).map(Duration::from_secs_f64);
-    if let Some(ms) = text("retry-after-ms").and_then(|s| s.parse::<f64>().ok()).filter(|v| v.is_finite() && *v >= 0.0)
-    {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
+    let number = |s: &str| s.parse::<f64>().ok();
+    if let Some(wait) = text("retry-after-ms").and_then(number).and_then(|ms| seconds(ms / 1000.0)) {
+        return Some(wait);
     }
-    if let Some(wait) = text("retry-after").and_then(seconds) {
+    if let Some(wait) = text("retry-after").and_then(number).and_then(seconds) {
         return Some(wait);
     }
     ["x-ratelimit-reset-requests", "x-ratelimit-reset-tokens", "x-ratelimit-reset"]
         .iter()
-        .filter_map(|name| text(name).and_then(|v| go_duration(v).or_else(|| seconds(v))))
+        .filter_map(|name| text(name).and_then(|v| go_duration(v).or_else(|| number(v).and_then(seconds))))
         .max()
+}
+
+/// A non-negative number of seconds as a duration, saturating at [`Duration::MAX`]; `None` for a
+/// negative number or NaN.
+fn seconds(value: f64) -> Option<Duration> {
+    if value.is_nan() || value < 0.0 {
+        return None;
+    }
+    Some(Duration::try_from_secs_f64(value).unwrap_or(Duration::MAX))
 }
 
 /// A Go duration string with decimals, as OpenAI writes rate-limit resets: `1s`, `6m0s`, `0.5s`,
@@ -367,7 +376,7 @@ fn go_duration(s: &str) -> Option<Duration> {
         total += value * scale;
         rest = &rest[len..];
     }
-    Duration::try_from_secs_f64(total).ok()
+    seconds(total)
 }
 
 /// The message of an upstream error for `previous_errors`.
@@ -448,5 +457,42 @@ mod tests {
         assert_eq!(hint(&[("x-ratelimit-reset", "2.5")]), Some(Duration::from_millis(2500)));
         assert_eq!(hint(&[("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")]), None, "dates are not read");
         assert_eq!(hint(&[("retry-after", "-3")]), None);
+        // Numbers too large for a Duration saturate; the caller caps them at maxEjection.
+        assert_eq!(hint(&[("retry-after", "1e20")]), Some(Duration::MAX));
+        assert_eq!(hint(&[("retry-after-ms", "1e400")]), Some(Duration::MAX));
+        assert_eq!(hint(&[("x-ratelimit-reset-tokens", "99999999999999999999h")]), Some(Duration::MAX));
+        assert_eq!(hint(&[("retry-after", "NaN")]), None);
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn hint_of(name: &'static str, value: &str) -> Option<Duration> {
+            let mut headers = HeaderMap::new();
+            if let Ok(value) = HeaderValue::from_str(value) {
+                headers.insert(name, value);
+            }
+            retry_hint(&headers)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_retry_hint_is_a_duration_or_nothing(
+                name in prop::sample::select(&["retry-after", "retry-after-ms", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens", "x-ratelimit-reset"][..]),
+                value in prop_oneof!["[ -~]{0,24}", "[0-9.emsh+-]{0,24}", any::<f64>().prop_map(|f| f.to_string()), any::<u64>().prop_map(|n| format!("{n}h"))],
+            ) {
+                let _ = hint_of(name, &value);
+            }
+
+            #[test]
+            fn whole_seconds_are_read_exactly(seconds in any::<u32>()) {
+                prop_assert_eq!(hint_of("retry-after", &seconds.to_string()), Some(Duration::from_secs(u64::from(seconds))));
+                prop_assert_eq!(hint_of("x-ratelimit-reset-requests", &format!("{seconds}s")), Some(Duration::from_secs(u64::from(seconds))));
+            }
+        }
     }
 }

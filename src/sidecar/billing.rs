@@ -175,11 +175,11 @@ impl StreamBill {
 
     /// Output read elsewhere (during hold-back).
     pub fn count_output(&mut self, bytes: u64) {
-        self.output_bytes += bytes;
+        self.output_bytes = self.output_bytes.saturating_add(bytes);
     }
 
     pub fn see(&mut self, payload: &[u8], info: &ChunkInfo) -> EventAction {
-        self.output_bytes += info.output_bytes;
+        self.output_bytes = self.output_bytes.saturating_add(info.output_bytes);
         let Some(usage) = info.usage else { return EventAction::Keep };
         self.usage = Some(usage);
         if !self.keep_usage_chunk {
@@ -216,7 +216,7 @@ impl StreamBill {
             }
             Err(_) => return Err(()),
         };
-        self.reserved_completion = Some(reserved + tokens);
+        self.reserved_completion = Some(reserved.saturating_add(tokens));
         Ok(())
     }
 

@@ -160,8 +160,10 @@ fn order_by_strategy(strategy: Strategy, schedule: &[u8], targets: &[Candidate<'
     match strategy {
         Strategy::Priority => {}
         Strategy::Weighted => {
+            // The request's place in the sequence; the counter may wrap, the index may not.
+            let at = usize::try_from(tick % schedule.len().max(1) as u64).unwrap_or(0);
             let first = (0..schedule.len())
-                .map(|k| usize::from(schedule[(tick as usize + k) % schedule.len()]))
+                .map(|k| usize::from(schedule[(at + k) % schedule.len()]))
                 .find(|i| keep.contains(i));
             keep.sort_by_key(|&i| (Some(i) != first, std::cmp::Reverse(targets[i].weight), i));
         }

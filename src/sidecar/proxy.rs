@@ -247,7 +247,7 @@ async fn serve_route<'a>(
     let (chat, body) = (out.chat, out.body);
     let now = health::now();
     let tick = route.ticks.fetch_add(1, Ordering::Relaxed);
-    let need_tokens = body.len() as u64 / BYTES_PER_TOKEN + chat.max_tokens.unwrap_or(0);
+    let need_tokens = (body.len() as u64 / BYTES_PER_TOKEN).saturating_add(chat.max_tokens.unwrap_or(0));
     let plan = {
         let candidates: Vec<plan::Candidate<'_>> = route.targets.iter().map(|t| t.candidate(now)).collect();
         plan::plan(route.strategy, &route.schedule, &candidates, &chat.prefs, need_tokens, tick)
