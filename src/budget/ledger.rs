@@ -7,12 +7,12 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::journal::Journal;
+use super::journal::{Damage, Journal};
 use super::spend::Spend;
 use crate::api::Period;
 use crate::config::RateLimitPolicy;
@@ -174,6 +174,11 @@ struct Shared {
     available: AtomicBool,
     /// Wakes the writer; `true` also tells it to stop after writing.
     wake: Option<SyncSender<bool>>,
+    /// What the journal had damaged when it was opened.
+    damage: Damage,
+    /// Settled reservations so far, and how many of them the journal holds.
+    settled: AtomicU64,
+    durable: AtomicU64,
 }
 
 impl Shared {
@@ -204,6 +209,9 @@ impl Ledger {
                 clock,
                 available: AtomicBool::new(true),
                 wake: None,
+                damage: Damage::default(),
+                settled: AtomicU64::new(0),
+                durable: AtomicU64::new(0),
             }),
             writer: Arc::default(),
         }
@@ -212,7 +220,7 @@ impl Ledger {
     /// A ledger persisted in `dir/ledger.journal`, created if missing.
     pub fn open(dir: &Path, clock: Arc<dyn Clock>) -> Result<Ledger, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let (mut journal, stored) = Journal::open(dir)?;
+        let (mut journal, stored, damage) = Journal::open(dir)?;
         let (wake, woken) = std::sync::mpsc::sync_channel(1);
         let shared = Arc::new(Shared {
             accounts: Mutex::default(),
@@ -220,6 +228,9 @@ impl Ledger {
             clock,
             available: AtomicBool::new(true),
             wake: Some(wake),
+            damage,
+            settled: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
         });
         let writer = {
             let shared = Arc::downgrade(&shared);
@@ -233,6 +244,21 @@ impl Ledger {
 
     pub fn now(&self) -> u64 {
         self.shared.clock.unix_seconds()
+    }
+
+    /// What the journal had damaged (and this process skipped) when the ledger was opened.
+    pub fn damage(&self) -> &Damage {
+        &self.shared.damage
+    }
+
+    /// Settled answers whose spend is not on disk yet: a group commit's worth at most while the
+    /// disk keeps up. Always 0 for a ledger in memory.
+    pub fn unsaved(&self) -> u64 {
+        if self.shared.wake.is_none() {
+            return 0;
+        }
+        let durable = self.shared.durable.load(SeqCst);
+        self.shared.settled.load(SeqCst).saturating_sub(durable)
     }
 
     /// Whether spend can be recorded durably now.
@@ -317,6 +343,8 @@ impl Reservation {
     pub fn settle(mut self, cost: u64) {
         self.open = false;
         self.account.settle(self.period, self.amount, cost, self.ledger.clock.unix_seconds());
+        // After the account is marked dirty: a commit that counts this settle also writes it.
+        self.ledger.settled.fetch_add(1, SeqCst);
         self.account.in_flight.fetch_sub(1, Relaxed);
         self.ledger.wake_writer();
     }
@@ -348,13 +376,21 @@ fn write_loop(journal: &mut Journal, shared: &std::sync::Weak<Shared>, woken: &R
             }
         }
         let Some(shared) = shared.upgrade() else { return };
+        // Read before the dirty flags: every settle counted here has set its account's flag.
+        let settled = shared.settled.load(SeqCst);
         let dirty: Vec<(String, Spend)> = {
             let accounts = shared.accounts.lock().unwrap_or_else(|e| e.into_inner());
             accounts.values().filter(|a| a.dirty.swap(false, Relaxed)).map(|a| (a.id.clone(), *a.lock())).collect()
         };
-        if !dirty.is_empty() {
+        if dirty.is_empty() {
+            // Every settle counted was written by an earlier commit.
+            shared.durable.fetch_max(settled, SeqCst);
+        } else {
             match journal.append(&dirty) {
-                Ok(()) => shared.available.store(true, Relaxed),
+                Ok(()) => {
+                    shared.available.store(true, Relaxed);
+                    shared.durable.fetch_max(settled, SeqCst);
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot write the ledger; spend is kept in memory and retried");
                     shared.available.store(false, Relaxed);
@@ -462,6 +498,11 @@ mod tests {
             let ledger = Ledger::open(&dir, clock.clone()).unwrap();
             let account = ledger.account("ns/key");
             ledger.reserve(&account, Some(100), Period::Monthly, false, 50).unwrap().settle(42);
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while ledger.unsaved() > 0 {
+                assert!(std::time::Instant::now() < deadline, "the settle never reached the disk");
+                std::thread::yield_now();
+            }
             let _pending = ledger.reserve(&account, Some(100), Period::Monthly, false, 50).unwrap();
             ledger.close();
         }

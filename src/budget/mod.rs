@@ -7,5 +7,6 @@ pub mod period;
 mod spend;
 
 pub use cost::{cost, worst_case};
+pub use journal::Damage;
 pub use ledger::{Account, Clock, Ledger, RateStatus, Refusal, Reservation, SystemClock};
 pub use spend::Spend;

@@ -248,4 +248,21 @@ fn render_budgets(shared: &Shared, out: &mut String) {
     }
     h(out, "switchyard_ledger_available", "gauge", "1 while the ledger can record spend durably.");
     let _ = writeln!(out, "switchyard_ledger_available {}", u8::from(ledger.is_available()));
+    h(out, "switchyard_ledger_unsaved_settlements", "gauge", "Settled answers whose spend is not on disk yet.");
+    let _ = writeln!(out, "switchyard_ledger_unsaved_settlements {}", ledger.unsaved());
+    let damage = ledger.damage();
+    h(
+        out,
+        "switchyard_ledger_journal_damaged_regions",
+        "gauge",
+        "Damaged stretches of the ledger journal skipped when it was opened (a copy of the file is kept).",
+    );
+    let _ = writeln!(out, "switchyard_ledger_journal_damaged_regions {}", damage.regions);
+    h(
+        out,
+        "switchyard_ledger_journal_damaged_bytes",
+        "gauge",
+        "Bytes of the ledger journal skipped as damaged when it was opened.",
+    );
+    let _ = writeln!(out, "switchyard_ledger_journal_damaged_bytes {}", damage.bytes);
 }
