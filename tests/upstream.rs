@@ -60,50 +60,73 @@ const ANSWER: &str = r#"{"id":"c","object":"chat.completion","choices":[{"index"
 /// An upstream that reads one request per connection, writes `response` and closes the
 /// connection. Returns its address and the request heads it read.
 async fn one_shot_upstream(response: String) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (addr, heads, _) = closing_upstream(move |_| response.clone(), false).await;
+    (addr, heads)
+}
+
+/// Reads one request (head and Content-Length body) from `tcp`: its head, or None at the end.
+async fn read_request(tcp: &mut tokio::net::TcpStream) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        let n = tcp.read(&mut chunk).await.unwrap_or(0);
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+        .unwrap_or(0);
+    while buf.len() < head_end + length {
+        let n = tcp.read(&mut chunk).await.unwrap_or(0);
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Some(head)
+}
+
+/// An upstream that answers one request per connection with `respond(path)`, then closes it
+/// without `connection: close`, as HTTP/1.1 allows. With `cross`, it closes only once the next
+/// request has arrived on the connection, unanswered: the close that crosses a request on the
+/// wire, every time. Returns its address, the heads it answered, and how many requests it left
+/// unanswered.
+async fn closing_upstream(
+    respond: impl Fn(&str) -> String + Send + Sync + 'static,
+    cross: bool,
+) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>, std::sync::Arc<std::sync::atomic::AtomicUsize>)
+{
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let seen = heads.clone();
-    let response = std::sync::Arc::new(response);
+    let unanswered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (seen, dropped) = (heads.clone(), unanswered.clone());
+    let respond = std::sync::Arc::new(respond);
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
-            let (seen, response) = (seen.clone(), response.clone());
+            let (seen, dropped, respond) = (seen.clone(), dropped.clone(), respond.clone());
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                // The head, then as much body as Content-Length says.
-                let head_end = loop {
-                    let n = tcp.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break i + 4;
-                    }
-                };
-                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-                let length: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap())
-                    })
-                    .unwrap_or(0);
-                while buf.len() < head_end + length {
-                    let n = tcp.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
+                let Some(head) = read_request(&mut tcp).await else { return };
+                let path = head.split(' ').nth(1).unwrap_or_default().to_string();
                 seen.lock().unwrap().push(head);
-                let _ = tcp.write_all(response.as_bytes()).await;
+                let _ = tcp.write_all(respond(&path).as_bytes()).await;
+                if cross && read_request(&mut tcp).await.is_some() {
+                    dropped.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
                 let _ = tcp.shutdown().await;
             });
         }
     });
-    (addr, heads)
+    (addr, heads, unanswered)
 }
 
 fn json_response(extra_header: &str) -> String {
@@ -124,8 +147,6 @@ async fn a_connection_the_upstream_closed_is_not_used_again() {
             let reply = post(sidecar.api, "/v1/chat/completions", r#"{"model":"chat"}"#).await;
             assert_eq!(reply.status, 200, "request {i} ({response:?}): {}", reply.body);
             assert_eq!(reply.header("x-switchyard-attempts"), "1", "no fallback was needed");
-            // Let the close reach the sidecar before the next request, as it would between calls.
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         let heads = heads.lock().unwrap().clone();
         assert_eq!(heads.len(), 4, "each request reached the upstream once");
@@ -136,6 +157,52 @@ async fn a_connection_the_upstream_closed_is_not_used_again() {
             assert!(lower.contains("\r\ncontent-length: 16\r\n"), "the body's length: {head}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_close_that_crosses_the_next_request_costs_the_caller_nothing() {
+    let (addr, heads, unanswered) = closing_upstream(|_| json_response(""), true).await;
+    let sidecar = Sidecar::start(&route_yaml("chat", "", &[&format!("{{name: t, baseUrl: \"http://{addr}/v1\"}}")]));
+    for i in 0..4 {
+        let reply = post(sidecar.api, "/v1/chat/completions", r#"{"model":"chat"}"#).await;
+        assert_eq!(reply.status, 200, "request {i}: {}", reply.body);
+        assert_eq!(reply.header("x-switchyard-attempts"), "1", "retried on a new connection, not a fallback");
+    }
+    assert_eq!(heads.lock().unwrap().len(), 4, "each request answered once");
+    assert_eq!(unanswered.load(std::sync::atomic::Ordering::SeqCst), 3, "requests 2 to 4 met a closing connection");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_fallback_after_a_429_survives_the_upstream_closing_the_connection() {
+    // Both targets on one origin: the 429's connection goes back to the pool, and the upstream
+    // closes it as the fallback attempt goes out on it.
+    let (addr, heads, unanswered) = closing_upstream(
+        |path| {
+            if path.starts_with("/limited") {
+                let body = r#"{"error":{"message":"slow down"}}"#;
+                format!("HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+            } else {
+                json_response("")
+            }
+        },
+        true,
+    )
+    .await;
+    let targets = [
+        format!("{{name: a, baseUrl: \"http://{addr}/limited\"}}"),
+        format!("{{name: b, baseUrl: \"http://{addr}/ok\"}}"),
+    ];
+    let sidecar = Sidecar::start(&route_yaml("chat", "", &[&targets[0], &targets[1]]));
+    for stream in [false, true] {
+        let body = format!(r#"{{"model":"chat","stream":{stream}}}"#);
+        let reply = post(sidecar.api, "/v1/chat/completions", &body).await;
+        assert_eq!(reply.status, 200, "stream {stream}: {}", reply.body);
+        assert_eq!(reply.header("x-switchyard-target"), "b");
+        assert_eq!(reply.header("x-switchyard-attempts"), "2");
+        assert_eq!(reply.header("x-switchyard-fallback-reason"), "429");
+    }
+    assert_eq!(heads.lock().unwrap().len(), 4);
+    assert!(unanswered.load(std::sync::atomic::Ordering::SeqCst) >= 1, "the close crossed a request");
 }
 
 #[tokio::test(flavor = "multi_thread")]

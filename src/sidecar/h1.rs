@@ -94,15 +94,26 @@ impl Conn {
         matches!(self.tcp.try_read(&mut probe), Err(e) if e.kind() == ErrorKind::WouldBlock)
     }
 
+    /// Writes a request and reads its response head.
+    async fn exchange(&mut self, request: &[u8]) -> Result<(Response<()>, Framing, bool), HeadError> {
+        if let Err(e) = self.tcp.write_all(request).await {
+            return Err(HeadError { message: format!("write error: {e}"), received: false });
+        }
+        self.read_head().await
+    }
+
     /// Reads and parses the response head, skipping informational (1xx) responses.
-    async fn read_head(&mut self) -> Result<(Response<()>, Framing, bool), String> {
+    async fn read_head(&mut self) -> Result<(Response<()>, Framing, bool), HeadError> {
+        let mut received = false;
         loop {
             if !self.buf.is_empty() {
+                received = true;
                 let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
                 let mut parsed = httparse::Response::new(&mut fields);
+                let answered = |message: String| HeadError { message, received: true };
                 match parsed.parse(&self.buf) {
                     Ok(httparse::Status::Complete(len)) => {
-                        let head = head_of(&parsed, &self.buf[..len])?;
+                        let head = head_of(&parsed, &self.buf[..len]).map_err(answered)?;
                         self.buf.advance(len);
                         if let Some(head) = head {
                             return Ok(head);
@@ -110,19 +121,27 @@ impl Conn {
                         continue;
                     }
                     Ok(httparse::Status::Partial) if self.buf.len() > MAX_HEAD => {
-                        return Err(format!("response head larger than {} KiB", MAX_HEAD / 1024));
+                        return Err(answered(format!("response head larger than {} KiB", MAX_HEAD / 1024)));
                     }
                     Ok(httparse::Status::Partial) => {}
-                    Err(e) => return Err(format!("invalid HTTP response: {e}")),
+                    Err(e) => return Err(answered(format!("invalid HTTP response: {e}"))),
                 }
             }
             match poll_fn(|cx| self.poll_fill(cx)).await {
-                Ok(0) => return Err("connection closed before the response headers".into()),
+                Ok(0) => {
+                    return Err(HeadError { message: "connection closed before the response headers".into(), received });
+                }
                 Ok(_) => {}
-                Err(e) => return Err(format!("read error: {e}")),
+                Err(e) => return Err(HeadError { message: format!("read error: {e}"), received }),
             }
         }
     }
+}
+
+/// Why no response head was read, and whether any byte of an answer had arrived.
+struct HeadError {
+    message: String,
+    received: bool,
 }
 
 /// How the response body ends.
@@ -222,16 +241,18 @@ impl Pool {
             Some(conn) => (conn, true),
             None => (self.connect().await?, false),
         };
-        if let Err(e) = conn.tcp.write_all(&message).await {
-            if !reused {
-                return Err(SendError::Connect(format!("write error: {e}")));
+        let head = match conn.exchange(&message).await {
+            // An upstream may close an idle connection at any time (HTTP/1.1 allows it without
+            // `connection: close`), and the close can cross the request on the wire: nothing
+            // of an answer came, so the upstream never took the request. A new connection gets
+            // it, once.
+            Err(e) if reused && !e.received => {
+                conn = self.connect().await?;
+                conn.exchange(&message).await
             }
-            // Closed between the check and the write, before the upstream could read anything
-            // it would act on: a new connection gets the request instead.
-            conn = self.connect().await?;
-            conn.tcp.write_all(&message).await.map_err(|e| SendError::Connect(format!("write error: {e}")))?;
-        }
-        let (response, framing, keep_alive) = conn.read_head().await.map_err(SendError::Connect)?;
+            head => head,
+        };
+        let (response, framing, keep_alive) = head.map_err(|e| SendError::Connect(e.message))?;
         let pool = Arc::downgrade(self);
         Ok(response.map(|()| H1Body { conn: Some(conn), framing, keep_alive, pool }))
     }
@@ -640,5 +661,95 @@ mod tests {
                 .unwrap_err()
                 .contains("conflicting")
         );
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// A body sent in chunks of the given sizes, with optional extensions and trailers.
+        fn chunked(body: &[u8], sizes: &[usize], extension: bool, trailer: bool) -> Vec<u8> {
+            let mut wire = Vec::new();
+            let mut rest = body;
+            for &size in sizes.iter().chain(std::iter::repeat(&7)) {
+                if rest.is_empty() {
+                    break;
+                }
+                let (chunk, after) = rest.split_at(size.clamp(1, rest.len()));
+                let ext = if extension { ";x=y" } else { "" };
+                wire.extend_from_slice(format!("{:x}{ext}\r\n", chunk.len()).as_bytes());
+                wire.extend_from_slice(chunk);
+                wire.extend_from_slice(b"\r\n");
+                rest = after;
+            }
+            wire.extend_from_slice(b"0\r\n");
+            if trailer {
+                wire.extend_from_slice(b"x-sum: 1\r\n");
+            }
+            wire.extend_from_slice(b"\r\n");
+            wire
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn chunked_bodies_decode_to_what_was_sent(
+                body in prop::collection::vec(any::<u8>(), 0..300),
+                sizes in prop::collection::vec(1usize..40, 0..8),
+                extension in any::<bool>(),
+                trailer in any::<bool>(),
+                step in 1usize..64,
+            ) {
+                let wire = chunked(&body, &sizes, extension, trailer);
+                prop_assert_eq!(dechunk(&wire, step), Ok((body, true)));
+            }
+
+            #[test]
+            fn any_bytes_decode_or_fail_without_a_panic(wire in prop::collection::vec(any::<u8>(), 0..300), step in 1usize..32) {
+                let _ = dechunk(&wire, step);
+            }
+
+            #[test]
+            fn huge_chunk_sizes_are_read_or_refused(size in any::<u64>(), digits in 1usize..20) {
+                let wire = format!("{size:0digits$x}\r\nab");
+                match dechunk(wire.as_bytes(), 3) {
+                    Ok((data, ended)) => prop_assert!(!ended && data.len() <= 2),
+                    Err(e) => prop_assert!(e.contains("invalid chunk size"), "{}", e),
+                }
+            }
+
+            #[test]
+            fn any_response_head_parses_or_fails_without_a_panic(
+                status in any::<u16>(),
+                fields in prop::collection::vec(("[!-~]{1,12}", "[ -~\t]{0,20}"), 0..8),
+            ) {
+                let mut wire = format!("HTTP/1.1 {status} X\r\n");
+                for (name, value) in &fields {
+                    wire.push_str(&format!("{name}: {value}\r\n"));
+                }
+                wire.push_str("\r\n");
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let mut parsed = httparse::Response::new(&mut headers);
+                if let Ok(httparse::Status::Complete(len)) = parsed.parse(wire.as_bytes()) {
+                    let _ = head_of(&parsed, &wire.as_bytes()[..len]);
+                }
+            }
+
+            #[test]
+            fn a_content_length_is_a_number_or_an_error(value in "[ -~]{0,25}") {
+                let wire = format!("HTTP/1.1 200 OK\r\ncontent-length: {value}\r\n\r\n");
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let mut parsed = httparse::Response::new(&mut headers);
+                if let Ok(httparse::Status::Complete(len)) = parsed.parse(wire.as_bytes()) {
+                    match (head_of(&parsed, &wire.as_bytes()[..len]), value.trim().parse::<u64>()) {
+                        (Ok(Some((_, framing, _))), Ok(n)) => prop_assert_eq!(framing, Framing::Length(n)),
+                        (Err(e), Err(_)) => prop_assert!(e.contains("Content-Length"), "{}", e),
+                        (other, expected) => prop_assert!(false, "{:?} for {:?}", other.map(|h| h.map(|h| h.1)), expected),
+                    }
+                }
+            }
+        }
     }
 }
