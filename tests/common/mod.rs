@@ -361,12 +361,18 @@ pub async fn rest(body: &mut Incoming) -> String {
     String::from_utf8(out).unwrap()
 }
 
-/// The value of a metric series in a Prometheus text exposition, 0 if absent.
+/// The value of a metric series in a Prometheus text exposition; fails the test when the series
+/// is missing, so that a renamed or dropped metric cannot pass for a zero.
 pub fn metric(exposition: &str, series: &str) -> u64 {
-    exposition
-        .lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-        .map_or(0, |v| v.trim().parse().unwrap())
+    metric_if_present(exposition, series)
+        .unwrap_or_else(|| panic!("no series {series} in the exposition:\n{exposition}"))
+}
+
+/// The value of a metric series, or `None` when the exposition does not have it.
+pub fn metric_if_present(exposition: &str, series: &str) -> Option<u64> {
+    exposition.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' '))).map(|v| {
+        v.trim().parse().unwrap_or_else(|e| panic!("series {series} has a value that is not a whole number: {v}: {e}"))
+    })
 }
 
 /// Polls until `check` holds, failing the test after [`PATIENCE`].
