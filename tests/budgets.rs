@@ -61,9 +61,10 @@ async fn key_info(sidecar: &Sidecar) -> serde_json::Value {
     reply.json()
 }
 
-/// Micro-units of a JSON number's decimal text, as the sidecar writes it.
+/// Micro-units of a JSON number's decimal text, or of a decimal string, as the sidecar writes them.
 fn micros(value: &serde_json::Value) -> u64 {
-    switchyard::api::units::parse_micros(&value.to_string()).unwrap_or_else(|e| panic!("{value}: {e}"))
+    let text = value.as_str().map_or_else(|| value.to_string(), str::to_string);
+    switchyard::api::units::parse_micros(&text).unwrap_or_else(|e| panic!("{value}: {e}"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -135,6 +136,23 @@ async fn reservations_above_the_cost_release_the_difference() {
     assert!(spent <= 1_000_000, "{spent}");
     let metrics = get(sidecar.admin, "/metrics").await.body;
     assert_eq!(metric(&metrics, r#"switchyard_budget_reservations_in_flight{budget="default/team-a"}"#), 0);
+
+    // Nothing is held once the answers are settled: requests go on until what is left of the
+    // limit no longer covers a reservation, and the refusal counts every unspent micro-unit as
+    // available. A settle that kept its whole reservation would refuse far earlier.
+    let body = r#"{"model":"chat","max_tokens":8,"messages":[{"role":"user","content":"a prompt of some length"}]}"#;
+    let refusal = loop {
+        let reply = call(&sidecar, Some(KEY), body).await;
+        if reply.status == 402 {
+            break reply.json();
+        }
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    };
+    let spent = micros(&key_info(&sidecar).await["data"]["usage"]);
+    let remaining = micros(&refusal["error"]["metadata"]["remaining"]);
+    let reservation = micros(&refusal["error"]["metadata"]["reservation"]);
+    assert_eq!(remaining, 1_000_000 - spent, "no credit is held after settling: {refusal}");
+    assert!(remaining < reservation, "refused only when the credit does not cover it: {refusal}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -248,8 +266,7 @@ async fn a_crash_mid_load_keeps_settled_spend_and_no_reservation() {
     }
     let before = micros(&key_info(&sidecar).await["data"]["usage"]);
     assert_eq!(before, 20 * 8000);
-    // Group commits take at most a few milliseconds; give them ample time before load resumes.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    wait_until_saved(&sidecar).await;
 
     let load: Vec<_> = (0..50)
         .map(|_| {
@@ -265,7 +282,11 @@ async fn a_crash_mid_load_keeps_settled_spend_and_no_reservation() {
             })
         })
         .collect();
-    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    // Kill it in the middle of the load: once some of it is settled.
+    eventually("part of the load is answered", || async {
+        micros(&key_info(&sidecar).await["data"]["usage"]) > before
+    })
+    .await;
     sidecar.process.child.kill().unwrap(); // SIGKILL
     sidecar.process.child.wait().unwrap();
     let mut answered = 0;
@@ -287,6 +308,50 @@ async fn a_crash_mid_load_keeps_settled_spend_and_no_reservation() {
     );
     assert_eq!(call(&sidecar, Some(KEY), body).await.status, 200);
     assert_eq!(micros(&key_info(&sidecar).await["data"]["usage"]), after + 8000);
+}
+
+/// Waits until every settled answer's spend is on disk.
+async fn wait_until_saved(sidecar: &Sidecar) {
+    eventually("settled spend is on disk", || async {
+        metric(&get(sidecar.admin, "/metrics").await.body, "switchyard_ledger_unsaved_settlements") == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_record_in_the_journal_is_skipped_reported_and_kept_aside() {
+    let dir = temp_dir("damaged");
+    let yaml = config("1000", "", "", "0", "");
+    let body = r#"{"model":"chat","max_tokens":8}"#;
+    let mut sidecar = Sidecar::start_in(dir.clone(), &yaml, &[], &[]);
+    for _ in 0..2 {
+        // One request, one commit: two records, each with the budget's whole spend.
+        assert_eq!(call(&sidecar, Some(KEY), body).await.status, 200);
+        wait_until_saved(&sidecar).await;
+    }
+    sidecar.process.terminate();
+    assert!(sidecar.process.wait_exit().success());
+
+    // Damage inside the first record (past the 8-byte magic and its 12-byte head).
+    let journal = dir.join("state/ledger.journal");
+    let mut bytes = std::fs::read(&journal).unwrap();
+    bytes[8 + 12 + 3] ^= 0xff;
+    std::fs::write(&journal, &bytes).unwrap();
+
+    let sidecar = Sidecar::start_in(dir.clone(), &yaml, &[], &[]);
+    assert_eq!(micros(&key_info(&sidecar).await["data"]["usage"]), 16_000, "the later record still counts");
+    let metrics = get(sidecar.admin, "/metrics").await.body;
+    assert_eq!(metric(&metrics, "switchyard_ledger_journal_damaged_regions"), 1);
+    assert!(metric(&metrics, "switchyard_ledger_journal_damaged_bytes") > 0);
+    let log = sidecar.process.log();
+    assert!(log.contains("the ledger journal is damaged here"), "{log}");
+    let copies: Vec<_> = std::fs::read_dir(dir.join("state"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|name| name.starts_with("ledger.journal.damaged-"))
+        .collect();
+    assert_eq!(copies.len(), 1, "a copy of the damaged journal is kept");
+    assert_eq!(std::fs::read(dir.join("state").join(&copies[0])).unwrap(), bytes);
 }
 
 #[tokio::test(flavor = "multi_thread")]

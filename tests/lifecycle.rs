@@ -64,7 +64,10 @@ async fn reloads_good_configs_and_keeps_serving_through_bad_ones() {
         sidecar.process.log()
     );
     // The same bad file is not reported again on every check.
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let checks =
+        || async { metric(&get(sidecar.admin, "/metrics").await.body, "switchyard_config_source_checks_total") };
+    let seen = checks().await;
+    eventually("three more checks of the files", || async { checks().await >= seen + 3 }).await;
     assert_eq!(reloads("failure").await, 2);
 
     replace(&sidecar.config_path, &route("gamma", ""));

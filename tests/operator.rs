@@ -419,6 +419,19 @@ fn cluster(routes: &[Arc<ProviderRoute>], secrets: &[Arc<Secret>], leadership: L
     Cluster { ctx, server, routes: routes_writer, secrets: secrets_writer, _others: (ns_writer, budgets_writer) }
 }
 
+/// How long a scripted API conversation waits for the operator's next request or for the script
+/// to end: a regression fails the test instead of hanging it. Generous, as some tests run on a
+/// paused clock where the operator's own timers come first.
+const CONVERSATION: Duration = Duration::from_secs(60);
+
+/// Waits for a scripted conversation (or another spawned task) to end, within [`CONVERSATION`].
+async fn finished<T>(task: tokio::task::JoinHandle<T>) -> T {
+    tokio::time::timeout(CONVERSATION, task)
+        .await
+        .unwrap_or_else(|_| panic!("the scripted conversation did not end within {CONVERSATION:?}"))
+        .expect("the scripted conversation failed")
+}
+
 /// One request the operator must make next: its method, path and query; answered with `status`
 /// and `reply(body)`. Returns the request's JSON body.
 async fn expect(
@@ -429,7 +442,10 @@ async fn expect(
     status: u16,
     reply: impl FnOnce(&Value) -> Value,
 ) -> Value {
-    let (request, respond) = server.next_request().await.expect("the operator made no request");
+    let (request, respond) = tokio::time::timeout(CONVERSATION, server.next_request())
+        .await
+        .unwrap_or_else(|_| panic!("the operator made no {method} {path} request within {CONVERSATION:?}"))
+        .expect("the operator's client is gone");
     assert_eq!((request.method(), request.uri().path()), (&method, path), "{request:?}");
     let pairs: Vec<(String, String)> = request
         .uri()
@@ -483,7 +499,7 @@ async fn reconcile_publishes_the_config_then_the_status_then_an_event_and_a_seco
     });
     let action = reconcile(namespace(), ctx.clone()).await.unwrap();
     assert_eq!(action, Action::requeue(controller::RESYNC));
-    let ((secret, status, event), server) = api.await.unwrap();
+    let ((secret, status, event), server) = finished(api).await;
 
     assert_eq!(secret["apiVersion"], "v1");
     assert_eq!(secret["kind"], "Secret");
@@ -547,7 +563,7 @@ async fn a_lease_lost_mid_write_stops_the_writes_that_follow() {
         server
     });
     let error = reconcile(namespace(), ctx.clone()).await.unwrap_err();
-    let server = api.await.unwrap();
+    let server = finished(api).await;
     assert!(matches!(error, Error::NotLeader), "{error}");
     drop(server); // no status patch or event was attempted: the conversation ended with the Secret
     let metrics = ctx.metrics.render();
@@ -569,7 +585,7 @@ async fn a_secret_created_later_makes_the_route_ready_with_the_next_version() {
     // The Secret is created; the watch puts it in the cache.
     secrets.apply_watcher_event(&watcher::Event::Apply((*keys()).clone()));
     reconcile(namespace(), ctx.clone()).await.unwrap();
-    let ((secret1, status1, event1), (secret2, status2, event2)) = api.await.unwrap();
+    let ((secret1, status1, event1), (secret2, status2, event2)) = finished(api).await;
 
     assert_eq!(secret1["metadata"]["annotations"]["switchyard.dev/config-version"], "1");
     assert_eq!(status1["status"]["conditions"][0]["reason"], "SecretNotFound");
@@ -597,7 +613,7 @@ async fn the_last_route_deleted_deletes_the_config_secret() {
     reconcile(namespace(), ctx.clone()).await.unwrap();
     routes.apply_watcher_event(&watcher::Event::Delete((*keyed_route("chat", "chat", 0)).clone()));
     reconcile(namespace(), ctx.clone()).await.unwrap();
-    api.await.unwrap();
+    finished(api).await;
     assert!(ctx.metrics.render().contains("switchyard_operator_config_deletes_total 1"));
 }
 
@@ -611,7 +627,7 @@ async fn a_refused_write_fails_the_reconcile_before_any_status_is_written() {
         expect(&mut server, Method::PATCH, &path, APPLY, 500, |_| refusal).await;
     });
     let error = reconcile(namespace(), ctx.clone()).await.unwrap_err();
-    api.await.unwrap();
+    finished(api).await;
     assert!(matches!(error, Error::Kube { step: "apply_config", .. }), "{error}");
     assert!(error.to_string().contains("etcd is down"), "{error}");
     let retry = controller::error_policy(namespace(), &error, ctx.clone());
@@ -690,7 +706,7 @@ async fn the_first_replica_creates_the_lease_leads_and_releases_it_on_shutdown()
     let released = expect(&mut server, Method::PUT, &lease_path(), &[], 200, Value::clone).await;
     assert_eq!(released["spec"].get("holderIdentity"), None);
     assert_eq!(released["spec"]["leaseDurationSeconds"], 1);
-    assert_eq!(running.await.unwrap(), Ok(()));
+    assert_eq!(finished(running).await, Ok(()));
     assert!(!leadership.is_leader());
 }
 
@@ -718,7 +734,7 @@ async fn a_held_lease_is_taken_over_only_after_a_whole_duration_unrenewed() {
     assert!(!elector.try_acquire_or_renew().await.unwrap(), "14 s unrenewed is within the 15 s lease");
     tokio::time::advance(Duration::from_secs(2)).await;
     assert!(elector.try_acquire_or_renew().await.unwrap());
-    let taken = api.await.unwrap();
+    let taken = finished(api).await;
     assert_eq!(taken["spec"]["holderIdentity"], "pod-b");
     assert_eq!(taken["spec"]["leaseTransitions"], 4);
     assert_eq!(taken["metadata"]["resourceVersion"], "21");
@@ -734,7 +750,7 @@ async fn losing_a_race_for_the_lease_is_not_leading() {
         expect(&mut server, Method::POST, LEASES, &[], 409, |_| conflict).await;
     });
     assert!(!elector.try_acquire_or_renew().await.unwrap());
-    api.await.unwrap();
+    finished(api).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -751,7 +767,7 @@ async fn a_leader_that_cannot_renew_stops_leading_and_reports_the_lost_lease() {
             respond.send_response(Response::builder().status(503).body(body).unwrap());
         }
     });
-    let lost = running.await.unwrap().unwrap_err();
+    let lost = finished(running).await.unwrap_err();
     assert_eq!(lost, LostLease("not renewed within 10s".into()));
     assert!(!leadership.is_leader());
     failing.abort();
@@ -795,7 +811,7 @@ async fn the_leader_issues_the_webhook_certificate_and_publishes_its_ca() {
         (secret, config)
     });
     let (cert, key) = tls::managed_round(&client, &Leadership::fixed(true), &tls_settings()).await.unwrap().unwrap();
-    let (secret, config) = api.await.unwrap();
+    let (secret, config) = finished(api).await;
 
     assert_eq!(secret["type"], "kubernetes.io/tls");
     let served = String::from_utf8(common::base64_decode(secret["data"]["tls.crt"].as_str().unwrap())).unwrap();
@@ -828,7 +844,7 @@ async fn a_follower_only_reads_the_webhook_certificate_and_a_current_one_is_left
     });
     let loaded = tls::managed_round(&client, &Leadership::fixed(false), &tls_settings()).await.unwrap();
     assert_eq!(loaded, Some((cert.cert.clone(), cert.key.clone())));
-    drop(api.await.unwrap());
+    drop(finished(api).await);
 
     // The leader, with a current certificate and caBundle: reads, writes nothing.
     let (service, mut server) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
@@ -844,7 +860,7 @@ async fn a_follower_only_reads_the_webhook_certificate_and_a_current_one_is_left
     });
     let loaded = tls::managed_round(&client, &Leadership::fixed(true), &tls_settings()).await.unwrap();
     assert_eq!(loaded, Some((cert.cert, cert.key)));
-    drop(api.await.unwrap()); // any write after the reads would have failed the round
+    drop(finished(api).await); // any write after the reads would have failed the round
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -940,11 +956,15 @@ async fn the_controller_reconciles_each_namespace_it_is_asked_to() {
             Arc::new(seen_tx),
         );
     let running = tokio::spawn(run.collect::<Vec<_>>());
-    let mut reconciled = vec![seen.recv().await.unwrap(), seen.recv().await.unwrap()];
+    let mut reconciled = Vec::new();
+    for _ in 0..2 {
+        let name = tokio::time::timeout(CONVERSATION, seen.recv()).await.expect("a reconcile within the limit");
+        reconciled.push(name.expect("the controller is running"));
+    }
     reconciled.sort();
     assert_eq!(reconciled, ["a", "b"]);
     stop.send(()).unwrap();
-    let results = running.await.unwrap();
+    let results = finished(running).await;
     assert_eq!(results.len(), 2, "c had no change and was left alone: {results:?}");
     assert!(metrics.render().contains("switchyard_operator_queue_depth 2"), "both requests were counted as queued");
 }

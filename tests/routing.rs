@@ -67,30 +67,44 @@ async fn one_probe_at_a_time_then_recovery() {
     let config = two_targets(
         "chat",
         "health: {consecutiveFailures: 2, baseEjection: 300ms, maxEjection: 1h}",
-        &up.url("slow-503"),
+        &up.url("gated-503"),
         &up.url("ok/backup"),
     );
     let sidecar = Sidecar::start(&config);
+    up.gate.add_permits(2);
     for _ in 0..2 {
         assert_eq!(post(sidecar.api, "/v1/chat/completions", &ask("chat")).await.status, 200);
     }
-    assert_eq!(up.hits("slow-503"), 2);
+    assert_eq!(up.hits("gated-503"), 2);
     eventually("the ejection ends", || async {
         get(sidecar.api, "/v1/models").await.json()["data"][0]["switchyard"]["targets"][0]["health"] == "half-open"
     })
     .await;
 
-    // Ten requests at once: one probes the primary (its answer takes 300 ms), the others skip it.
-    let requests: Vec<_> = (0..10)
+    // Ten requests at once: one probes the primary, whose answer waits until the other nine are
+    // served; they skip it while the probe is in flight.
+    let mut requests: Vec<_> = (0..10)
         .map(|_| {
             let api = sidecar.api;
             tokio::spawn(async move { post(api, "/v1/chat/completions", &ask("chat")).await })
         })
         .collect();
-    for r in requests {
-        assert_eq!(r.await.unwrap().status, 200);
+    let mut served = 0;
+    while served < 9 {
+        let done = requests.iter().position(|r| r.is_finished());
+        match done {
+            Some(i) => {
+                let reply = requests.swap_remove(i).await.unwrap();
+                assert_eq!((reply.status.as_u16(), reply.header("x-switchyard-target")), (200, "backup"));
+                served += 1;
+            }
+            None => eventually("a request is served", || async { requests.iter().any(|r| r.is_finished()) }).await,
+        }
     }
-    assert_eq!(up.hits("slow-503"), 3, "exactly one probe");
+    assert_eq!(up.hits("gated-503"), 3, "exactly one probe");
+    up.gate.add_permits(1);
+    let probe = requests.pop().unwrap().await.unwrap();
+    assert_eq!((probe.status.as_u16(), probe.header("x-switchyard-target")), (200, "backup"), "the probe fell back");
     let metrics = metrics_of(&sidecar).await;
     assert_eq!(
         metric(&metrics, r#"switchyard_ejections_total{route="default/chat",target="primary"}"#),

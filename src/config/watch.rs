@@ -8,13 +8,15 @@ use std::time::Duration;
 
 use super::{ConfigErrors, Fingerprint, Loaded, Sources, load};
 
-/// Checks the sources every `interval` and calls `apply` with the result of each changed input.
-/// A configuration that failed is not reported again until its inputs change once more.
+/// Checks the sources every `interval` and calls `apply` with the result of each changed input,
+/// and `checked` after every check. A configuration that failed is not reported again until its
+/// inputs change once more.
 pub async fn watch(
     sources: Sources,
     interval: Duration,
     current: Fingerprint,
     apply: impl Fn(Result<Loaded, ConfigErrors>),
+    checked: impl Fn(),
 ) {
     let mut last = current;
     loop {
@@ -23,7 +25,7 @@ pub async fn watch(
         let credential_files = last.credential_files.clone();
         let last_hash = last.hash;
         // File reads and compiling are blocking work; keep them off the request threads.
-        let checked = tokio::task::spawn_blocking(move || {
+        let checked_result = tokio::task::spawn_blocking(move || {
             let fingerprint = match sources.read() {
                 Ok(snapshot) => Fingerprint::new(snapshot.hash, credential_files),
                 // Unreadable sources are a change worth reporting, once.
@@ -40,16 +42,14 @@ pub async fn watch(
             Some((fingerprint, result))
         })
         .await;
-        match checked {
-            Ok(Some((fingerprint, result))) => {
-                if last.hash == fingerprint.hash && result.is_err() {
-                    continue;
-                }
+        match checked_result {
+            Ok(Some((fingerprint, result))) if !(last.hash == fingerprint.hash && result.is_err()) => {
                 last = fingerprint;
                 apply(result);
             }
-            Ok(None) => {}
+            Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "config reload task failed"),
         }
+        checked();
     }
 }

@@ -122,9 +122,14 @@ pub async fn run(args: SidecarArgs, shutdown: impl Future<Output = ()>) -> Resul
 
     let reloader = {
         let shared = shared.clone();
-        tokio::spawn(watch_sources(sources, args.reload_interval, loaded.fingerprint, move |result| {
-            apply_reload(&shared, result)
-        }))
+        let counter = shared.clone();
+        tokio::spawn(watch_sources(
+            sources,
+            args.reload_interval,
+            loaded.fingerprint,
+            move |result| apply_reload(&shared, result),
+            move || counter.states.source_checks.inc(),
+        ))
     };
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -129,7 +129,10 @@ impl Conn {
             }
             match poll_fn(|cx| self.poll_fill(cx)).await {
                 Ok(0) => {
-                    return Err(HeadError { message: "connection closed before the response headers".into(), received });
+                    return Err(HeadError {
+                        message: "connection closed before the response headers".into(),
+                        received,
+                    });
                 }
                 Ok(_) => {}
                 Err(e) => return Err(HeadError { message: format!("read error: {e}"), received }),

@@ -171,6 +171,13 @@ fn render_states(registry: &StateRegistry, now: Ticks) -> String {
         }
     }
 
+    header(
+        &mut out,
+        "switchyard_config_source_checks_total",
+        "counter",
+        "Times the configuration files were checked for changes.",
+    );
+    let _ = writeln!(out, "switchyard_config_source_checks_total {}", registry.source_checks.get());
     header(&mut out, "switchyard_config_reloads_total", "counter", "Configuration reloads, by result.");
     let _ = writeln!(out, "switchyard_config_reloads_total{{result=\"success\"}} {}", registry.reloads_ok.get());
     let _ = writeln!(out, "switchyard_config_reloads_total{{result=\"failure\"}} {}", registry.reloads_failed.get());

@@ -67,6 +67,8 @@ pub struct StateRegistry {
     routes: Mutex<BTreeMap<String, Arc<RouteState>>>,
     /// Responses to requests that reached no route: bad requests, unknown models.
     pub unrouted: StatusCounter,
+    /// Times the configuration files were checked for changes.
+    pub source_checks: Counter,
     pub reloads_ok: Counter,
     pub reloads_failed: Counter,
     pub last_reload_ok: Gauge,

@@ -408,7 +408,7 @@ pub struct Recorded {
 /// - `sse-gated`: [`GATED_EVENTS`], sending each after the first only when the test opens the gate.
 /// - `echo-key`: a 500 whose body repeats the Authorization header it received.
 /// - `switch`: a chat completion, or a 503 while [`ScriptedUpstream::down`] is set.
-/// - `slow-503`: a 503 after 300 ms.
+/// - `gated-503`: a 503 once the test opens the gate (a permit of [`ScriptedUpstream::gate`]).
 /// - `ratelimit-after-N`: 429 with `Retry-After: N`; `ratelimit-ms-N`: 429 with `retry-after-ms: N`.
 /// - `context-400`: OpenAI's context-length error.
 /// - `sse-break-early`: the role chunk, then a broken connection, before any token.
@@ -548,8 +548,8 @@ async fn script(
             json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"error": {"message": "down for maintenance"}}))
         }
         "switch" => ok(model),
-        "slow-503" => {
-            tokio::time::sleep(Duration::from_millis(300)).await;
+        "gated-503" => {
+            up.gate.acquire().await.unwrap().forget();
             json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"error": {"message": "overloaded"}}))
         }
         "context-400" => json(
