@@ -135,6 +135,32 @@ async fn one_probe_at_a_time_then_recovery() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_retry_hint_too_large_for_a_duration_still_gets_the_caller_an_answer() {
+    let up = ScriptedUpstream::start().await;
+    let config = [
+        two_targets("huge", "", &up.url("ratelimit-after-1e20"), &up.url("ok/huge")),
+        route_yaml("alone", "", &[&format!("{{name: only, baseUrl: \"{}\"}}", up.url("ratelimit-after-1e20/alone"))]),
+    ]
+    .concat();
+    let sidecar = Sidecar::start(&config);
+    for stream in [false, true] {
+        let reply =
+            post(sidecar.api, "/v1/chat/completions", &format!(r#"{{"model":"huge","stream":{stream}}}"#)).await;
+        assert_eq!(reply.status, 200, "stream {stream}: {}", reply.body);
+        assert_eq!(reply.header("x-switchyard-target"), "backup");
+        let reply =
+            post(sidecar.api, "/v1/chat/completions", &format!(r#"{{"model":"alone","stream":{stream}}}"#)).await;
+        // Nothing left to fall back to: the proxy's error, naming the 429 (never a reset).
+        assert_eq!(reply.status, 502, "stream {stream}: {}", reply.body);
+        assert_eq!(reply.json()["error"]["metadata"]["previous_errors"][0]["status"], 429, "{}", reply.body);
+    }
+    let metrics = metrics_of(&sidecar).await;
+    assert_eq!(metric(&metrics, r#"switchyard_cooldowns_total{route="default/huge",target="primary"}"#), 1);
+    let models = get(sidecar.api, "/v1/models").await.json();
+    assert_eq!(models["data"][0]["switchyard"]["targets"][0]["health"], "cooling", "{models}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn retry_hints_cool_a_target_down_without_ejecting_it() {
     let up = ScriptedUpstream::start().await;
     let config = [

@@ -47,6 +47,22 @@ impl Framer {
     }
 }
 
+/// The last event of a stream that ended without its blank line, terminated, if it is whole: each
+/// of its `data:` payloads is a complete JSON value or `[DONE]` (as some servers end `data:
+/// [DONE]` without the blank line). `None` for an event cut short.
+pub fn terminated(rest: &[u8]) -> Option<Bytes> {
+    let whole = payloads(rest).all(|p| p == b"[DONE]" || serde_json::from_slice::<serde::de::IgnoredAny>(p).is_ok());
+    if !whole {
+        return None;
+    }
+    let body = rest.strip_suffix(b"\n").unwrap_or(rest);
+    let body = body.strip_suffix(b"\r").unwrap_or(body);
+    let mut out = BytesMut::with_capacity(body.len() + 2);
+    out.extend_from_slice(body);
+    out.extend_from_slice(b"\n\n");
+    Some(out.freeze())
+}
+
 /// Where the blank line that starts with the newline at `newline` ends, if one does.
 fn blank_line_end(data: &[u8], newline: usize) -> Option<usize> {
     match data.get(newline + 1..) {
@@ -126,6 +142,16 @@ mod tests {
         let mut f = Framer::default();
         let big = Bytes::from(vec![b'x'; MAX_PENDING + 1]);
         assert_eq!(f.push(big.clone()).map(|b| b.len()), Some(big.len()));
+    }
+
+    #[test]
+    fn a_last_event_without_its_blank_line_is_ended_if_whole() {
+        let end = |s: &str| terminated(s.as_bytes()).map(|b| String::from_utf8(b.to_vec()).unwrap());
+        assert_eq!(end("data: [DONE]"), Some("data: [DONE]\n\n".into()));
+        assert_eq!(end("data: {\"a\":1}\r\n"), Some("data: {\"a\":1}\n\n".into()));
+        assert_eq!(end(": ping"), Some(": ping\n\n".into()));
+        assert_eq!(end("data: {\"a\":"), None, "cut short");
+        assert_eq!(end("data: {\"a\":1}\ndata: [DO"), None);
     }
 
     #[test]

@@ -275,8 +275,16 @@ impl Body for SseRelay {
                     return Poll::Ready(Some(Ok(Frame::data(this.fail("upstream_disconnected", message)))));
                 }
                 Poll::Ready(None) => {
+                    let rest = match this.framer.finish().map(|rest| sse::terminated(&rest)) {
+                        None => None,
+                        Some(Some(whole)) => Some(this.forward(whole, false)),
+                        // Ended in the middle of an event: a broken stream, whatever the framing said.
+                        Some(None) => {
+                            let message = "the upstream's stream ended in the middle of an event".to_string();
+                            return Poll::Ready(Some(Ok(Frame::data(this.fail("upstream_disconnected", message)))));
+                        }
+                    };
                     this.done = true;
-                    let rest = this.framer.finish().map(|rest| this.forward(rest, false));
                     let state = this.state();
                     state.duration.observe(this.watch.started.elapsed());
                     this.watch.finish(&state.stats);
