@@ -68,10 +68,10 @@ fn chart(name: &str) -> PathBuf {
     Path::new(ROOT).join("charts").join(name)
 }
 
-/// `helm template` of the switchyard chart with `--set` values: Ok(manifests) or Err(helm's message).
-fn template(sets: &[&str]) -> Result<Vec<Value>, String> {
+/// `helm template` of a chart with `--set` values: Ok(the manifests' text) or Err(helm's message).
+fn template_text(name: &str, sets: &[&str]) -> Result<String, String> {
     let mut command = Command::new(helm());
-    command.args(["template", "sy"]).arg(chart("switchyard")).args(["--namespace", NAMESPACE]);
+    command.args(["template", "sy"]).arg(chart(name)).args(["--namespace", NAMESPACE]);
     for set in sets {
         command.args(["--set", set]);
     }
@@ -79,7 +79,12 @@ fn template(sets: &[&str]) -> Result<Vec<Value>, String> {
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
-    let text = String::from_utf8(out.stdout).unwrap();
+    Ok(String::from_utf8(out.stdout).unwrap())
+}
+
+/// `helm template` of the switchyard chart with `--set` values: Ok(manifests) or Err(helm's message).
+fn template(sets: &[&str]) -> Result<Vec<Value>, String> {
+    let text = template_text("switchyard", sets)?;
     Ok(serde_yaml::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
         .filter(|d: &Value| !d.is_null())
@@ -404,6 +409,134 @@ fn the_values_schema_rejects_misspelt_keys_and_bad_values() {
     refused(&["replicas=0"], "replicas");
     refused(&["proxy.memoryLimit=lots"], "memoryLimit");
     refused(&["replicas=3", "leaderElection.enabled=false"], "leaderElection.enabled=false needs replicas: 1");
+}
+
+/// Every node of a YAML 1.2 reading as `[path, type]`, map keys as `[path{key}, type]`: the
+/// shape tests/python/yaml11.py prints for the YAML 1.1 reading.
+fn yaml_nodes(value: &serde_yaml::Value, path: &str, out: &mut Vec<(String, String)>) {
+    use serde_yaml::Value as Y;
+    let kind = |v: &Y| -> &'static str {
+        match v {
+            Y::Null => "null",
+            Y::Bool(_) => "bool",
+            Y::Number(n) if n.is_f64() => "float",
+            Y::Number(_) => "int",
+            Y::String(_) => "str",
+            Y::Sequence(_) => "seq",
+            Y::Mapping(_) => "map",
+            Y::Tagged(_) => "tagged",
+        }
+    };
+    out.push((path.to_string(), kind(value).to_string()));
+    match value {
+        Y::Mapping(map) => {
+            for (key, child) in map {
+                let text = match key {
+                    Y::String(s) => s.clone(),
+                    other => serde_yaml::to_string(other).unwrap_or_default().trim().to_string(),
+                };
+                out.push((format!("{path}{{{text}}}"), kind(key).to_string()));
+                yaml_nodes(child, &format!("{path}.{text}"), out);
+            }
+        }
+        Y::Sequence(items) => {
+            for (i, child) in items.iter().enumerate() {
+                yaml_nodes(child, &format!("{path}[{i}]"), out);
+            }
+        }
+        Y::Tagged(tagged) => yaml_nodes(&tagged.value, path, out),
+        _ => {}
+    }
+}
+
+/// The ```yaml blocks of a Markdown file.
+fn yaml_blocks(markdown: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut lines = markdown.lines();
+    while let Some(line) = lines.next() {
+        if line.trim_start() == "```yaml" {
+            let block: Vec<&str> = lines.by_ref().take_while(|l| l.trim_start() != "```").collect();
+            blocks.push(block.join("\n") + "\n");
+        }
+    }
+    blocks
+}
+
+/// kubectl and Helm read manifests as YAML 1.1, where an unquoted `on` is `true`, `yes` a bool and
+/// `1e3` a string. Every YAML a user or a tool reads must mean the same under both readings: the
+/// CRDs, both charts as rendered, the examples and every YAML block of the docs.
+#[test]
+fn every_manifest_and_yaml_block_reads_the_same_in_yaml_1_1() {
+    let root = Path::new(ROOT);
+    let mut sources: Vec<(String, String)> = Vec::new();
+    for dir in ["crds", "examples"] {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(root.join(dir)).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        for file in files.into_iter().filter(|f| f.extension().is_some_and(|e| e == "yaml" || e == "yml")) {
+            sources.push((file.display().to_string(), std::fs::read_to_string(&file).unwrap()));
+        }
+    }
+    let everything =
+        ["webhook.certManager.enabled=true", "metrics.serviceMonitor.enabled=true", "networkPolicy.enabled=true"];
+    for (name, sets) in [("switchyard", &[][..]), ("switchyard", &everything[..]), ("switchyard-crds", &[][..])] {
+        let text = template_text(name, sets).unwrap_or_else(|e| panic!("helm template {name}: {e}"));
+        sources.push((format!("helm template {name} {sets:?}"), text));
+    }
+    let mut docs: Vec<PathBuf> = std::fs::read_dir(root.join("docs")).unwrap().map(|e| e.unwrap().path()).collect();
+    docs.push(root.join("README.md"));
+    docs.sort();
+    for file in docs.into_iter().filter(|f| f.extension().is_some_and(|e| e == "md")) {
+        for (i, block) in yaml_blocks(&std::fs::read_to_string(&file).unwrap()).into_iter().enumerate() {
+            sources.push((format!("{} (yaml block {})", file.display(), i + 1), block));
+        }
+    }
+    assert!(sources.len() > 8, "{:?}", sources.iter().map(|s| &s.0).collect::<Vec<_>>());
+
+    let venv = common::python_venv("yaml11", "yaml-requirements.txt", |venv| {
+        Command::new(venv.join("bin/python")).args(["-c", "import yaml"]).output().is_ok_and(|o| o.status.success())
+    });
+    let mut child = Command::new(venv.join("bin/python"))
+        .arg(root.join("tests/python/yaml11.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let texts: Vec<&String> = sources.iter().map(|(_, text)| text).collect();
+    serde_json::to_writer(child.stdin.take().unwrap(), &texts).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "yaml11.py failed");
+    let yaml11: Vec<Vec<Vec<(String, String)>>> = serde_json::from_slice(&out.stdout).unwrap();
+
+    let mut problems = Vec::new();
+    for ((name, text), documents11) in sources.iter().zip(yaml11) {
+        let documents12: Vec<Vec<(String, String)>> = serde_yaml::Deserializer::from_str(text)
+            .map(|d| serde::Deserialize::deserialize(d).unwrap_or_else(|e| panic!("{name}: not YAML: {e}")))
+            .filter(|d: &serde_yaml::Value| !d.is_null())
+            .map(|d| {
+                let mut nodes = Vec::new();
+                yaml_nodes(&d, "", &mut nodes);
+                nodes
+            })
+            .collect();
+        assert_eq!(documents11.len(), documents12.len(), "{name}: documents");
+        for (d, (nodes11, nodes12)) in documents11.iter().zip(&documents12).enumerate() {
+            for (n11, n12) in nodes11.iter().zip(nodes12) {
+                if n11 != n12 {
+                    problems.push(format!(
+                        "{name}, document {}: YAML 1.1 reads {n11:?} where YAML 1.2 reads {n12:?}",
+                        d + 1
+                    ));
+                    break;
+                }
+            }
+            for (path, kind) in nodes11 {
+                if path.ends_with('}') && kind != "str" {
+                    problems.push(format!("{name}, document {}: the key {path} is a {kind} in YAML 1.1", d + 1));
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "YAML that kubectl and Helm read differently:\n{}", problems.join("\n"));
 }
 
 fn hadolint() -> PathBuf {

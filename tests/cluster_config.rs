@@ -165,7 +165,7 @@ spec:
     - name: fake
       api: mock
       baseUrl: mock://?chunks=3
-  fallback: {on: [connect, "5xx", 4xx-context-length], maxAttempts: 2}
+  fallback: {when: [connect, "5xx", 4xx-context-length], maxAttempts: 2}
 ---
 apiVersion: switchyard.dev/v1alpha1
 kind: ApiKeyBudget
@@ -210,7 +210,7 @@ fn the_serialised_form_keeps_the_api_spelling() {
     let route = &json["config"]["routes"][0];
     assert_eq!(route["holdBack"], "1500ms");
     assert_eq!(route["hedgeAfter"], "800ms");
-    assert_eq!(route["fallback"]["on"], serde_json::json!(["connect", "5xx", "4xx-context-length"]));
+    assert_eq!(route["fallback"]["when"], serde_json::json!(["connect", "5xx", "4xx-context-length"]));
     assert_eq!(route["workloadSelector"]["matchLabels"]["app"], "bot");
     let target = &route["targets"][0];
     assert_eq!(target["api"], "openai");

@@ -129,9 +129,9 @@ spec:
     for reason in
         [FallbackReason::Connect, FallbackReason::Timeout, FallbackReason::TooManyRequests, FallbackReason::ServerError]
     {
-        assert!(route.fallback.on.contains(reason), "{reason:?}");
+        assert!(route.fallback.when.contains(reason), "{reason:?}");
     }
-    assert!(!route.fallback.on.contains(FallbackReason::ClientError));
+    assert!(!route.fallback.when.contains(FallbackReason::ClientError));
     assert_eq!(route.health.consecutive_failures, 3);
     assert_eq!(route.health.base_ejection, Duration::from_secs(10));
     assert_eq!(route.health.max_ejection, Duration::from_secs(300));
@@ -187,6 +187,10 @@ fn yaml_and_type_errors_name_their_place() {
         (
             format!("{header}spec:\n  model: x\n  targets: [{{name: m, api: mock}}]\n  fallbak: {{}}\n"),
             "document 1 (ProviderRoute default/x): spec.fallbak: unknown field",
+        ),
+        (
+            format!("{header}spec:\n  model: x\n  targets: [{{name: m, api: mock}}]\n  fallback: {{on: [connect]}}\n"),
+            "spec.fallback.on: unknown field: the fallback reasons are set with `when`",
         ),
         (
             format!("{header}spec:\n  model: x\n  targets: [{{name: m, api: mock, weight: many}}]\n"),

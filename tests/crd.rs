@@ -264,7 +264,7 @@ fn valid_route() -> Value {
                 {"name": "demo", "api": "mock", "baseUrl": "mock://local?latency=5ms"}
             ],
             "strategy": "weighted",
-            "fallback": {"on": ["connect", "timeout", "429", "5xx", "4xx-context-length", "4xx"], "maxAttempts": 3},
+            "fallback": {"when": ["connect", "timeout", "429", "5xx", "4xx-context-length", "4xx"], "maxAttempts": 3},
             "health": {"consecutiveFailures": 3, "baseEjection": "10s", "maxEjection": "5m"},
             "holdBack": "2s",
             "hedge": {"after": "800ms"}
@@ -435,7 +435,7 @@ fn the_schema_and_standalone_mode_reject_the_same_routes() {
         ("empty model", "/spec/model", json!(""), "model"),
         ("duplicate aliases", "/spec/aliases", json!(["a", "a"]), "aliases"),
         ("alias repeats model", "/spec/aliases", json!(["chat"]), "aliases"),
-        ("unknown fallback reason", "/spec/fallback/on", json!(["connect", "4xx-content-filter"]), "fallback"),
+        ("unknown fallback reason", "/spec/fallback/when", json!(["connect", "4xx-content-filter"]), "fallback"),
         ("bad holdBack", "/spec/holdBack", json!("2 s"), "holdBack"),
         ("hedge without after", "/spec/hedge", json!({}), "hedge"),
         ("bad hedge duration", "/spec/hedge", json!({"after": "soon"}), "hedge"),

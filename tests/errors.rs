@@ -32,7 +32,7 @@ kind: ProviderRoute
 metadata: {{name: keyed-passthrough}}
 spec:
   model: keyed-passthrough
-  fallback: {{on: []}}
+  fallback: {{when: []}}
   targets:
     - {{name: echoes, baseUrl: "{echo}", credentials: {{env: TEST_PROVIDER_KEY}}}}
 ---

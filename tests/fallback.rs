@@ -1,4 +1,4 @@
-//! Fallback: each failure reason falls back when it is listed in `fallback.on` and does not when it
+//! Fallback: each failure reason falls back when it is listed in `fallback.when` and does not when it
 //! is not; attempts are bounded; a stream never falls back once it has started.
 //!
 //! One sidecar process serves a route per case, against a scripted upstream on 127.0.0.1.
@@ -64,7 +64,7 @@ fn route(model: &str, on: &[&str], bad_url: &str, timeouts: &str, good_url: &str
     let on: Vec<String> = on.iter().map(|r| format!("{r:?}")).collect();
     route_yaml(
         model,
-        &format!("fallback: {{on: [{}]}}", on.join(", ")),
+        &format!("fallback: {{when: [{}]}}", on.join(", ")),
         &[
             &format!("{{name: bad, baseUrl: \"{bad_url}\", model: bad-model, timeouts: {timeouts}}}"),
             &format!("{{name: good, baseUrl: \"{good_url}\", model: good-model}}"),
@@ -214,7 +214,7 @@ kind: ProviderRoute
 metadata: {{name: streamy}}
 spec:
   model: streamy
-  fallback: {{on: [connect, timeout, "429", "5xx", "4xx"]}}
+  fallback: {{when: [connect, timeout, "429", "5xx", "4xx"]}}
   targets:
     - {{name: breaks, baseUrl: "{a}"}}
     - {{name: spare, baseUrl: "{b}"}}

@@ -78,7 +78,7 @@ spec:
 #[tokio::test(flavor = "multi_thread")]
 async fn in_process_mock_knobs_inject_failures() {
     let route = |model: &str, url: &str, extra: &str| {
-        route_yaml(model, "fallback: {on: []}", &[&format!("{{name: m, api: mock, baseUrl: '{url}'{extra}}}")])
+        route_yaml(model, "fallback: {when: []}", &[&format!("{{name: m, api: mock, baseUrl: '{url}'{extra}}}")])
     };
     let config = [
         route("limited", "mock://local?fail-rate=1&fail-status=429", ""),

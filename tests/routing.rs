@@ -311,7 +311,7 @@ async fn prompts_go_to_targets_whose_context_window_fits() {
         ),
         route_yaml(
             "upstream-says",
-            "fallback: {on: [4xx-context-length]}",
+            "fallback: {when: [4xx-context-length]}",
             &[
                 &format!("{{name: small, baseUrl: \"{}\"}}", up.url("context-400")),
                 &format!("{{name: large, baseUrl: \"{}\"}}", up.url("ok/large2")),

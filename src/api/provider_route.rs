@@ -335,10 +335,10 @@ pub struct Fallback {
     /// at once. `connect`: the connection could not be opened or broke before the answer arrived;
     /// `timeout`: a connect, first-byte or total timeout; `429`; `5xx`; `4xx-context-length`: the
     /// prompt is too long for the target; `4xx`: any other 4xx status (context-length errors too).
-    #[serde(default = "default_fallback_on")]
+    #[serde(default = "default_fallback_when")]
     #[schemars(length(max = 8))]
     #[x_kube(merge_strategy = ListMerge::Set)]
-    pub on: Vec<FallbackReason>,
+    pub when: Vec<FallbackReason>,
     /// Most attempts (first try included) a request makes across the targets.
     #[serde(default = "default_max_attempts")]
     #[schemars(range(min = 1, max = 16))]
@@ -347,11 +347,11 @@ pub struct Fallback {
 
 impl Default for Fallback {
     fn default() -> Self {
-        Self { on: default_fallback_on(), max_attempts: default_max_attempts() }
+        Self { when: default_fallback_when(), max_attempts: default_max_attempts() }
     }
 }
 
-fn default_fallback_on() -> Vec<FallbackReason> {
+fn default_fallback_when() -> Vec<FallbackReason> {
     vec![FallbackReason::Connect, FallbackReason::Timeout, FallbackReason::TooManyRequests, FallbackReason::ServerError]
 }
 fn default_max_attempts() -> u32 {

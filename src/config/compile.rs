@@ -407,7 +407,7 @@ fn compile_route(
         strategy: spec.strategy,
         targets,
         fallback: FallbackPolicy {
-            on: fallback.on.iter().copied().collect::<ReasonSet>(),
+            when: fallback.when.iter().copied().collect::<ReasonSet>(),
             max_attempts: max_attempts?,
         },
         health: HealthPolicy {

@@ -267,6 +267,11 @@ fn strict<T: DeserializeOwned>(value: serde_yaml::Value) -> Result<T, (String, S
     })?;
     // Generated resource types check apiVersion and kind without keeping them.
     match unknown.into_iter().find(|p| p != "apiVersion" && p != "kind") {
+        // The field's old name: YAML 1.1 readers (kubectl, Helm) read an unquoted `on` as `true`.
+        Some(path) if path == "spec.fallback.on" || path == "spec.fallback.true" => Err((
+            path,
+            "unknown field: the fallback reasons are set with `when` (kubectl reads a key `on` as `true`)".into(),
+        )),
         Some(path) => Err((path, "unknown field".into())),
         None => Ok(object),
     }

@@ -227,7 +227,7 @@ pub struct Timeouts {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FallbackPolicy {
-    pub on: ReasonSet,
+    pub when: ReasonSet,
     pub max_attempts: u32,
 }
 
@@ -242,7 +242,7 @@ pub struct HealthPolicy {
 }
 
 /// A set of [`FallbackReason`]s as a bit set: checked on every failed attempt, so it is a mask test.
-/// Serialised as the list of reasons, as in `spec.fallback.on`.
+/// Serialised as the list of reasons, as in `spec.fallback.when`.
 #[derive(Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(into = "Vec<FallbackReason>", from = "Vec<FallbackReason>")]
 pub struct ReasonSet(u8);

@@ -347,9 +347,9 @@ async fn serve_route<'a>(
                         record_health(route, target, AttemptOutcome::Cancelled, probe);
                     }
                 }
-                let on = route.fallback.on;
-                let falls_back = on.contains(kind)
-                    || (kind == FallbackReason::ContextLength && on.contains(FallbackReason::ClientError));
+                let when = route.fallback.when;
+                let falls_back = when.contains(kind)
+                    || (kind == FallbackReason::ContextLength && when.contains(FallbackReason::ClientError));
                 tracing::debug!(route = %route.id, target = %target.name, reason = kind.as_str(), message = %failure.record.message, falls_back, "attempt failed");
                 trail.failures.push(failure.record);
                 if !falls_back && run.running.is_empty() {

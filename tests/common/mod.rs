@@ -139,7 +139,7 @@ pub fn base64_decode(text: &str) -> Vec<u8> {
 }
 
 /// A ProviderRoute document named and served as `model`. `spec` holds extra spec fields as one
-/// line (`fallback: {on: []}`), each of `targets` one target as a YAML flow mapping.
+/// line (`fallback: {when: []}`), each of `targets` one target as a YAML flow mapping.
 pub fn route_yaml(model: &str, spec: &str, targets: &[&str]) -> String {
     let mut yaml = format!(
         "---\napiVersion: switchyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {{name: {model}}}\nspec:\n  model: {model}\n"
