@@ -118,7 +118,7 @@ fn cel_rules_compile_and_fit_the_cost_budget() {
     for kind in ["ProviderRoute", "ApiKeyBudget"] {
         walk(&schema_of(kind), kind, &mut problems, &mut rules);
     }
-    assert_eq!(rules, 12, "every rule of both CRDs is checked");
+    assert_eq!(rules, 13, "every rule of both CRDs is checked");
     assert!(problems.is_empty(), "{problems:#?}");
 }
 
@@ -439,6 +439,8 @@ fn the_schema_and_standalone_mode_reject_the_same_routes() {
         ("bad holdBack", "/spec/holdBack", json!("2 s"), "holdBack"),
         ("hedge without after", "/spec/hedge", json!({}), "hedge"),
         ("bad hedge duration", "/spec/hedge", json!({"after": "soon"}), "hedge"),
+        ("hedge after hold-back ends", "/spec/hedge", json!({"after": "2s"}), "hedge"),
+        ("hedge without hold-back", "/spec/holdBack", json!("0s"), "hedge"),
         ("maxAttempts 0", "/spec/fallback/maxAttempts", json!(0), "maxAttempts"),
         ("maxAttempts 17", "/spec/fallback/maxAttempts", json!(17), "maxAttempts"),
         ("consecutiveFailures 0", "/spec/health/consecutiveFailures", json!(0), "consecutiveFailures"),

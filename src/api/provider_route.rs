@@ -30,8 +30,12 @@ use super::units::{DECIMAL_PATTERN, DURATION_PATTERN};
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.aliases) || !self.aliases.exists(a, a == self.model)")
-    .message("aliases must not repeat model"))]
+#[x_kube(
+    validation = Rule::new("!has(self.aliases) || !self.aliases.exists(a, a == self.model)")
+        .message("aliases must not repeat model"),
+    validation = Rule::new("!has(self.hedge) || !has(self.holdBack) || duration(self.hedge.after) < duration(self.holdBack)")
+        .message("hedge.after must be shorter than holdBack: a stream is committed to its first target when hold-back ends, so a later hedge would never start")
+)]
 pub struct ProviderRouteSpec {
     /// The model name that applications send in the request's `model` field. Unique per namespace
     /// across every route's `model` and `aliases`.
@@ -88,7 +92,8 @@ pub struct ProviderRouteSpec {
     pub reserved_completion_tokens: u32,
 
     /// Start the next target as well when an attempt has produced no first token after a while;
-    /// the first to produce one wins and the other is cancelled. Absent: no hedging.
+    /// the first to produce one wins and the other is cancelled. Absent: no hedging. `after` must
+    /// be shorter than `holdBack`, which is how long a stream may wait for its first token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hedge: Option<Hedge>,
 }

@@ -392,6 +392,12 @@ fn compile_route(
         None => Some(None),
         Some(h) => cx.check("spec.hedge.after", units::parse_duration(&h.after)).map(Some),
     };
+    if let (Some(hold_back), Some(Some(after))) = (hold_back, hedge_after)
+        && after >= hold_back
+    {
+        let message = "must be shorter than holdBack: a stream is committed to its first target when hold-back ends, so a later hedge would never start";
+        cx.error("spec.hedge.after", message.into());
+    }
     if let Some(selector) = &spec.workload_selector {
         cx.check("spec.workloadSelector", selector::validate(selector));
     }
