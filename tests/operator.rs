@@ -261,6 +261,46 @@ fn the_older_route_keeps_a_contested_model() {
 }
 
 #[test]
+fn a_route_created_in_the_same_second_never_takes_the_model_from_the_serving_one() {
+    let serving = route("zeta", 10, json!({"model": "chat", "targets": [{"name": "m", "api": "mock"}]}));
+    let mut world = World::new(vec![serving], vec![]);
+    let plan = world.plan();
+    world.apply(&plan);
+    // Created in the same second (timestamps have whole seconds), with a name that sorts first.
+    let newcomer = route("alpha", 10, json!({"model": "chat", "targets": [{"name": "m", "api": "mock"}]}));
+    world.routes.insert(0, newcomer);
+    let plan = world.plan();
+    let served: Vec<_> = match &plan.config {
+        ConfigAction::Keep => vec!["zeta".to_string()],
+        ConfigAction::Apply { .. } => applied_config(&plan).1.config.routes.iter().map(|r| r.name.clone()).collect(),
+        ConfigAction::Delete => panic!("the model is still served"),
+    };
+    assert_eq!(served, ["zeta"], "the serving route keeps the model");
+    let (status, reason, message) = condition(&route_status(&plan, "alpha").conditions, "Accepted");
+    assert_eq!((status, reason), ("False", "DuplicateModel"));
+    assert_eq!(message, "spec.model: model \"chat\" is already served by ProviderRoute team-a/zeta");
+
+    // Without a published configuration (nothing serves yet), the name breaks the tie.
+    let fresh = World::new(world.routes.clone(), vec![]);
+    let (_, compiled) = applied_config(&fresh.plan());
+    assert_eq!(compiled.config.routes.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["alpha"]);
+}
+
+#[test]
+fn a_budget_being_served_keeps_its_key_against_a_newcomer() {
+    let key = json!({"key": {"secretRef": {"name": "keys", "key": "app"}}});
+    let mut world = World::new(vec![keyed_route("chat", "chat", 0)], vec![keys()]);
+    world.budgets = vec![budget("zeta", 10, key.clone())];
+    let plan = world.plan();
+    world.apply(&plan);
+    world.budgets.insert(0, budget("alpha", 10, key));
+    let plan = world.plan();
+    let (_, reason, _) = condition(&plan.budgets.iter().find(|(n, _)| n == "alpha").unwrap().1.conditions, "Accepted");
+    assert_eq!(reason, "DuplicateKey");
+    assert!(plan.budgets.iter().all(|(n, _)| n != "zeta"), "the serving budget's status is unchanged: {plan:?}");
+}
+
+#[test]
 fn budgets_are_compiled_with_their_key_hash_and_reported() {
     let mut world = World::new(vec![keyed_route("chat", "chat", 0)], vec![keys()]);
     world.budgets = vec![

@@ -341,9 +341,9 @@ pub enum Reason {
     SecretNotFound,
     /// A `secretRef` names a key that the Secret does not have.
     KeyNotFound,
-    /// Another, older route already serves one of this route's model names.
+    /// Another route, served first, already has one of this route's model names.
     DuplicateModel,
-    /// Another, older budget already has this key.
+    /// Another budget, served first, already has this key.
     DuplicateKey,
 }
 

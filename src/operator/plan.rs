@@ -134,9 +134,12 @@ enum Compiled {
 pub fn plan(inputs: &Inputs<'_>) -> Plan {
     let mut routes: Vec<&ProviderRoute> = inputs.routes.iter().map(Arc::as_ref).collect();
     let mut budgets: Vec<&ApiKeyBudget> = inputs.budgets.iter().map(Arc::as_ref).collect();
-    // The older object keeps a contested model name or key; the name breaks ties.
-    routes.sort_by(|a, b| age(a.meta()).cmp(&age(b.meta())));
-    budgets.sort_by(|a, b| age(a.meta()).cmp(&age(b.meta())));
+    // What is being served keeps what it holds: a route the published configuration serves keeps
+    // its model names, a budget its key. Among the rest the older object claims first, and the
+    // name breaks ties (creation times have whole seconds).
+    let serving = Serving::of(inputs.published);
+    routes.sort_by_cached_key(|r| claim_order(r.meta(), &serving.routes));
+    budgets.sort_by_cached_key(|b| claim_order(b.meta(), &serving.budgets));
 
     let referenced = referenced_secrets(&routes, &budgets);
     let docs = Documents {
@@ -234,9 +237,47 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
     plan
 }
 
-/// Creation time, then name: the order in which objects claim what only one may have.
-fn age(meta: &ObjectMeta) -> (Option<Timestamp>, &str) {
-    (meta.creation_timestamp.as_ref().map(|t| t.0), meta.name.as_deref().unwrap_or_default())
+/// The order in which objects claim what only one may have: those being served first, then by
+/// creation time, then by name.
+fn claim_order(meta: &ObjectMeta, serving: &HashSet<String>) -> (bool, Option<Timestamp>, String) {
+    let name = meta.name.clone().unwrap_or_default();
+    (!serving.contains(&name), meta.creation_timestamp.as_ref().map(|t| t.0), name)
+}
+
+/// The routes and budgets, by name, that the namespace's published configuration serves.
+#[derive(Default)]
+struct Serving {
+    routes: HashSet<String>,
+    budgets: HashSet<String>,
+}
+
+impl Serving {
+    /// Read leniently: only names are needed, and a configuration an older operator published
+    /// must still count.
+    fn of(published: Option<&Published>) -> Serving {
+        #[derive(serde::Deserialize)]
+        struct Names {
+            name: String,
+        }
+        #[derive(serde::Deserialize)]
+        struct Content {
+            #[serde(default)]
+            routes: Vec<Names>,
+            #[serde(default)]
+            budgets: Vec<Names>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Document {
+            config: Content,
+        }
+        let Some(document) = published.and_then(|p| serde_json::from_slice::<Document>(&p.content).ok()) else {
+            return Serving::default();
+        };
+        Serving {
+            routes: document.config.routes.into_iter().map(|r| r.name).collect(),
+            budgets: document.config.budgets.into_iter().map(|b| b.name).collect(),
+        }
+    }
 }
 
 fn referenced_secrets<'a>(routes: &[&'a ProviderRoute], budgets: &[&'a ApiKeyBudget]) -> HashSet<&'a str> {
