@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 
 use crate::api::units::MICROS_PER_UNIT;
 use crate::config::{MockOptions, UsageChunk};
+use crate::providers::{BYTES_PER_TOKEN, Usage};
 
 /// Counters that tests and `GET /mock/stats` read.
 #[derive(Debug, Default)]
@@ -33,7 +34,7 @@ pub struct MockStats {
 
 /// The part of a chat completion request the mock looks at.
 #[derive(Deserialize)]
-struct ChatRequest {
+struct MockRequest {
     #[serde(default)]
     model: String,
     #[serde(default)]
@@ -77,12 +78,13 @@ pub async fn chat_completion(options: &MockOptions, stats: &MockStats, headers: 
         }
         return response;
     }
-    let request: ChatRequest = match serde_json::from_slice(body) {
+    let request: MockRequest = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_json", &format!("Invalid JSON body: {e}")),
     };
     let words = request.max_completion_tokens.or(request.max_tokens).map_or(options.chunks, |m| m.min(options.chunks));
-    let usage = Usage { prompt: (body.len() as u64 / 4).max(1), completion: u64::from(words) };
+    let usage =
+        Usage { prompt: (body.len() as u64 / BYTES_PER_TOKEN).max(1), completion: u64::from(words), cached_prompt: 0 };
     let id = format!("chatcmpl-mock-{n}");
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
 
@@ -94,7 +96,7 @@ pub async fn chat_completion(options: &MockOptions, stats: &MockStats, headers: 
         let body = serde_json::json!({
             "id": id, "object": "chat.completion", "created": created, "model": request.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content.join(" ")}, "finish_reason": "stop"}],
-            "usage": usage.json(),
+            "usage": usage_json(&usage),
         });
         return ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
     }
@@ -137,7 +139,7 @@ pub async fn chat_completion(options: &MockOptions, stats: &MockStats, headers: 
         if include_usage {
             let usage_chunk = serde_json::json!({
                 "id": id, "object": "chat.completion.chunk", "created": created, "model": request.model,
-                "choices": [], "usage": usage.json(),
+                "choices": [], "usage": usage_json(&usage),
             });
             let _ = tx.send(Ok(sse(&usage_chunk))).await;
         }
@@ -146,19 +148,13 @@ pub async fn chat_completion(options: &MockOptions, stats: &MockStats, headers: 
     ([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], body).into_response()
 }
 
-struct Usage {
-    prompt: u64,
-    completion: u64,
-}
-
-impl Usage {
-    fn json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "prompt_tokens": self.prompt,
-            "completion_tokens": self.completion,
-            "total_tokens": self.prompt + self.completion,
-        })
-    }
+/// Usage in OpenAI's shape.
+fn usage_json(usage: &Usage) -> serde_json::Value {
+    serde_json::json!({
+        "prompt_tokens": usage.prompt,
+        "completion_tokens": usage.completion,
+        "total_tokens": usage.total(),
+    })
 }
 
 fn sse(value: &serde_json::Value) -> Bytes {

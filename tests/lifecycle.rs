@@ -34,10 +34,15 @@ async fn reloads_good_configs_and_keeps_serving_through_bad_ones() {
         }
     };
 
+    let metrics = get(sidecar.admin, "/metrics").await.body;
+    assert!(metrics.contains("route=\"default/alpha\""), "{metrics}");
     replace(&sidecar.config_path, &route("beta", ""));
     eventually("beta is served", || async { status_of(sidecar.api, "beta").await == 200 }).await;
     assert_eq!(status_of(sidecar.api, "alpha").await, 404, "the old route is gone");
     assert_eq!(reloads("success").await, 1);
+    let metrics = get(sidecar.admin, "/metrics").await.body;
+    assert!(!metrics.contains("default/alpha"), "the removed route's series end with the reload:\n{metrics}");
+    assert!(metrics.contains("route=\"default/beta\""), "{metrics}");
 
     // Broken YAML: rejected, counted, logged with the file; beta keeps serving.
     replace(&sidecar.config_path, "apiVersion: switchyard.dev/v1alpha1\nkind: ProviderRoute\nspec: [\n");

@@ -165,7 +165,7 @@ impl Account {
     }
 }
 
-struct Shared {
+struct LedgerCore {
     accounts: Mutex<HashMap<String, Arc<Account>>>,
     /// Spend read from the file at start, for accounts not created yet.
     stored: Mutex<HashMap<String, Spend>>,
@@ -181,7 +181,7 @@ struct Shared {
     durable: AtomicU64,
 }
 
-impl Shared {
+impl LedgerCore {
     fn wake_writer(&self) {
         if let Some(wake) = &self.wake {
             // A full channel means a wake-up is already pending: this settle rides along.
@@ -195,7 +195,7 @@ impl Shared {
 /// The ledger: accounts by budget id, and their persistence.
 #[derive(Clone)]
 pub struct Ledger {
-    shared: Arc<Shared>,
+    shared: Arc<LedgerCore>,
     writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
@@ -203,7 +203,7 @@ impl Ledger {
     /// A ledger kept only in memory.
     pub fn in_memory(clock: Arc<dyn Clock>) -> Ledger {
         Ledger {
-            shared: Arc::new(Shared {
+            shared: Arc::new(LedgerCore {
                 accounts: Mutex::default(),
                 stored: Mutex::default(),
                 clock,
@@ -222,7 +222,7 @@ impl Ledger {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let (mut journal, stored, damage) = Journal::open(dir)?;
         let (wake, woken) = std::sync::mpsc::sync_channel(1);
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(LedgerCore {
             accounts: Mutex::default(),
             stored: Mutex::new(stored),
             clock,
@@ -309,7 +309,7 @@ impl Ledger {
 /// Credit held for one request.
 #[derive(Debug)]
 pub struct Reservation {
-    ledger: Arc<Shared>,
+    ledger: Arc<LedgerCore>,
     account: Arc<Account>,
     limit: Option<u64>,
     period: Period,
@@ -317,7 +317,7 @@ pub struct Reservation {
     open: bool,
 }
 
-impl std::fmt::Debug for Shared {
+impl std::fmt::Debug for LedgerCore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Ledger")
     }
@@ -366,7 +366,7 @@ impl Drop for Reservation {
 /// one fsync), which keeps the ledger's cost per request low at any request rate.
 const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(9);
 
-fn write_loop(journal: &mut Journal, shared: &std::sync::Weak<Shared>, woken: &Receiver<bool>) {
+fn write_loop(journal: &mut Journal, shared: &std::sync::Weak<LedgerCore>, woken: &Receiver<bool>) {
     loop {
         let mut closing = woken.recv().unwrap_or(true);
         if !closing {

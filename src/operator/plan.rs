@@ -267,10 +267,10 @@ impl Serving {
             budgets: Vec<Names>,
         }
         #[derive(serde::Deserialize)]
-        struct Document {
+        struct PublishedNames {
             config: Content,
         }
-        let Some(document) = published.and_then(|p| serde_json::from_slice::<Document>(&p.content).ok()) else {
+        let Some(document) = published.and_then(|p| serde_json::from_slice::<PublishedNames>(&p.content).ok()) else {
             return Serving::default();
         };
         Serving {

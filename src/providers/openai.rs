@@ -355,7 +355,7 @@ enum CostAt {
 /// and finds where the cost goes; the choices are read only for an answer without usage.
 pub fn answer_info(body: &[u8]) -> Result<AnswerInfo, serde_json::Error> {
     #[derive(Deserialize)]
-    struct Answer<'a> {
+    struct AnswerPeek<'a> {
         #[serde(borrow, default)]
         choices: Option<&'a RawValue>,
         #[serde(borrow, default)]
@@ -366,7 +366,7 @@ pub fn answer_info(body: &[u8]) -> Result<AnswerInfo, serde_json::Error> {
         #[serde(borrow, default)]
         message: Option<Output<'a>>,
     }
-    let answer: Answer<'_> = serde_json::from_slice(body)?;
+    let answer: AnswerPeek<'_> = serde_json::from_slice(body)?;
     let usage = answer.usage.filter(|u| u.get().starts_with('{'));
     let cost_at = CostAt::find(body, usage);
     let usage = usage.and_then(|raw| serde_json::from_str::<UsagePeek>(raw.get()).ok()).map(Usage::from);

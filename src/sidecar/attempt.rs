@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use tokio::time::timeout_at;
 
 use super::error::{AttemptFailure, ERROR_SOURCE};
-use super::health::{self, AttemptOutcome, Health};
+use super::health::{self, AttemptOutcome, HealthTracker};
 use super::relay::{Committed, StreamWatch};
 use super::shared::Shared;
 use super::snapshot::{ServedRoute, ServedTarget};
@@ -96,7 +96,7 @@ pub struct Finished {
 /// Releases a half-open probe if its attempt is abandoned (the caller left, or a hedge won), so the
 /// next request can probe.
 struct ProbeGuard<'a> {
-    health: &'a Health,
+    health: &'a HealthTracker,
     policy: &'a HealthPolicy,
     armed: bool,
 }

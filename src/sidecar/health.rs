@@ -73,7 +73,7 @@ pub enum Transition {
 }
 
 #[derive(Debug, Default)]
-pub struct Health {
+pub struct HealthTracker {
     consecutive_failures: AtomicU32,
     /// When the current ejection ends; 0 when not ejected. Stays set through the half-open probe.
     ejected_until: AtomicU64,
@@ -85,8 +85,8 @@ pub struct Health {
     cooling_until: AtomicU64,
 }
 
-impl Health {
-    /// Whether a request may use the target now. Does not claim the probe: see [`Health::acquire`].
+impl HealthTracker {
+    /// Whether a request may use the target now. Does not claim the probe: see [`HealthTracker::acquire`].
     pub fn admission(&self, now: Ticks) -> Admission {
         let cooling = self.cooling_until.load(Relaxed);
         if cooling > now {
@@ -208,14 +208,14 @@ mod tests {
         }
     }
 
-    fn fail(h: &Health, now: Ticks) -> Option<Transition> {
+    fn fail(h: &HealthTracker, now: Ticks) -> Option<Transition> {
         let probe = h.acquire(now).expect("the target should be available");
         h.record(AttemptOutcome::Failure, probe, &policy(), now)
     }
 
     #[test]
     fn ejects_after_consecutive_failures_and_lets_one_probe_through() {
-        let h = Health::default();
+        let h = HealthTracker::default();
         assert_eq!(fail(&h, S), None);
         assert_eq!(fail(&h, S), None);
         assert_eq!(fail(&h, S), Some(Transition::Ejected { duration: Duration::from_secs(10) }));
@@ -231,7 +231,7 @@ mod tests {
 
     #[test]
     fn a_success_resets_the_failure_count() {
-        let h = Health::default();
+        let h = HealthTracker::default();
         fail(&h, S);
         fail(&h, S);
         assert_eq!(h.record(AttemptOutcome::Success, false, &policy(), S), None);
@@ -242,7 +242,7 @@ mod tests {
 
     #[test]
     fn failed_probes_double_the_ejection_up_to_the_maximum() {
-        let h = Health::default();
+        let h = HealthTracker::default();
         for _ in 0..3 {
             fail(&h, 0);
         }
@@ -255,7 +255,7 @@ mod tests {
 
     #[test]
     fn a_long_healthy_spell_forgets_the_streak() {
-        let h = Health::default();
+        let h = HealthTracker::default();
         for _ in 0..3 {
             fail(&h, 0);
         }
@@ -263,7 +263,7 @@ mod tests {
         h.acquire(30 * S);
         h.record(AttemptOutcome::Success, true, &policy(), 30 * S);
         // Shortly after recovering, a new ejection continues the streak...
-        let h2 = Health::default();
+        let h2 = HealthTracker::default();
         for _ in 0..3 {
             fail(&h2, 0);
         }
@@ -282,7 +282,7 @@ mod tests {
 
     #[test]
     fn a_cancelled_probe_frees_the_probe_slot() {
-        let h = Health::default();
+        let h = HealthTracker::default();
         for _ in 0..3 {
             fail(&h, 0);
         }
@@ -293,7 +293,7 @@ mod tests {
 
     #[test]
     fn cooling_down_skips_without_counting_a_failure() {
-        let h = Health::default();
+        let h = HealthTracker::default();
         h.cool_down(5 * S);
         assert_eq!(h.admission(S), Admission::Cooling { until: 5 * S });
         assert_eq!(h.acquire(S), None);

@@ -32,7 +32,7 @@ pub struct Candidate<'a> {
 }
 
 #[derive(Debug, PartialEq, Eq)]
-pub struct Plan {
+pub struct TargetPlan {
     /// Target indices, in the order to try them.
     pub order: Vec<usize>,
     /// Every target was unavailable; `order` holds the one that recovers soonest.
@@ -76,7 +76,7 @@ pub fn plan(
     prefs: &Prefs<'_>,
     need_tokens: u64,
     tick: u64,
-) -> Result<Plan, Excluded> {
+) -> Result<TargetPlan, Excluded> {
     let mut keep: Vec<usize> = (0..targets.len()).collect();
     let mut by = Vec::new();
     let mut filter = |keep: &mut Vec<usize>, name: &'static str, ok: &dyn Fn(&Candidate<'_>) -> bool| {
@@ -143,14 +143,14 @@ pub fn plan(
     }
     if keep.iter().any(|&i| targets[i].admission.is_available()) {
         keep.retain(|&i| targets[i].admission.is_available());
-        return Ok(Plan { order: keep, panic: false });
+        return Ok(TargetPlan { order: keep, panic: false });
     }
     let until = |i: usize| match targets[i].admission {
         Admission::Ejected { until } | Admission::Cooling { until } => until,
         Admission::Open | Admission::HalfOpen => Ticks::MIN,
     };
     let soonest = keep.iter().copied().min_by_key(|&i| until(i)).unwrap_or(keep[0]);
-    Ok(Plan { order: vec![soonest], panic: true })
+    Ok(TargetPlan { order: vec![soonest], panic: true })
 }
 
 fn order_by_strategy(strategy: Strategy, schedule: &[u8], targets: &[Candidate<'_>], keep: &mut [usize], tick: u64) {
@@ -200,7 +200,7 @@ mod tests {
         }
     }
 
-    fn names(targets: &[Candidate<'_>], plan: &Plan) -> Vec<&'static str> {
+    fn names(targets: &[Candidate<'_>], plan: &TargetPlan) -> Vec<&'static str> {
         plan.order
             .iter()
             .map(|&i| match targets[i].name {
@@ -263,7 +263,7 @@ mod tests {
         t[1].admission = Admission::Cooling { until: 20 };
         t[2].admission = Admission::HalfOpen;
         let p = plan(Strategy::Priority, &[], &t, &Prefs::default(), 0, 1).unwrap();
-        assert_eq!(p, Plan { order: vec![2], panic: false });
+        assert_eq!(p, TargetPlan { order: vec![2], panic: false });
     }
 
     #[test]
@@ -273,7 +273,7 @@ mod tests {
         t[1].admission = Admission::Cooling { until: 20 };
         t[2].admission = Admission::Ejected { until: 30 };
         let p = plan(Strategy::Priority, &[], &t, &Prefs::default(), 0, 1).unwrap();
-        assert_eq!(p, Plan { order: vec![1], panic: true });
+        assert_eq!(p, TargetPlan { order: vec![1], panic: true });
     }
 
     #[test]

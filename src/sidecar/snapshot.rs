@@ -12,7 +12,7 @@ use super::billing::ServedBudget;
 use super::health::Ticks;
 use super::plan::{Candidate, weighted_schedule};
 use super::state::{RouteState, StateRegistry, TargetState};
-use super::upstream::{Clients, Upstream};
+use super::upstream::{Clients, TargetClient};
 use crate::api::Strategy;
 use crate::budget::Ledger;
 use crate::config::{self, Budget, Config, Credential, FallbackPolicy, HealthPolicy, Prices, Timeouts};
@@ -59,7 +59,7 @@ pub struct ServedTarget {
     pub provider: String,
     /// The upstream model as a JSON string literal, ready to splice into request bodies.
     pub model_json: String,
-    pub upstream: Upstream,
+    pub upstream: TargetClient,
     /// Content type, credentials and static headers of every request to this target.
     pub headers: HeaderMap,
     pub credential: Option<Credential>,
@@ -164,10 +164,10 @@ impl ServedTarget {
     ) -> Result<ServedTarget, String> {
         let upstream = match &t.upstream {
             config::Upstream::OpenAi { chat_completions, .. } => {
-                Upstream::http(clients, chat_completions.clone(), t.timeouts.connect)
+                TargetClient::http(clients, chat_completions.clone(), t.timeouts.connect)
             }
             config::Upstream::Mock { options, .. } => {
-                Upstream::Mock { options: options.clone(), stats: Arc::new(MockStats::default()) }
+                TargetClient::Mock { options: options.clone(), stats: Arc::new(MockStats::default()) }
             }
         };
         let mut headers = HeaderMap::with_capacity(2 + t.headers.len());

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use super::health::{Health, Ticks};
+use super::health::{HealthTracker, Ticks};
 use super::stats::TargetStats;
 use crate::api::FallbackReason;
 use crate::metrics::{Counter, Gauge, Histogram, StatusCounter};
@@ -26,7 +26,7 @@ pub struct TargetState {
     pub stream_errors: Counter,
     pub ejections: Counter,
     pub cooldowns: Counter,
-    pub health: Health,
+    pub health: HealthTracker,
     pub stats: TargetStats,
 }
 

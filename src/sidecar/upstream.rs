@@ -30,7 +30,7 @@ pub type HttpClient = Client<TimeoutConnector, Full<Bytes>>;
 
 /// Where a target's attempts go.
 #[derive(Clone, Debug)]
-pub enum Upstream {
+pub enum TargetClient {
     /// `https://`: hyper's pooled client, HTTP/2 where the upstream offers it.
     Http {
         client: Arc<HttpClient>,
@@ -48,28 +48,28 @@ pub enum Upstream {
     },
 }
 
-impl Upstream {
+impl TargetClient {
     /// Builds the upstream for a target's chat completions URL.
-    pub fn http(clients: &Clients, url: Uri, connect_timeout: Duration) -> Upstream {
+    pub fn http(clients: &Clients, url: Uri, connect_timeout: Duration) -> TargetClient {
         if url.scheme() == Some(&http::uri::Scheme::HTTP)
             && let Some((path, host, authority)) = h1::origin_form(&url)
         {
-            return Upstream::Plain { pool: clients.plain(authority, connect_timeout), path, host };
+            return TargetClient::Plain { pool: clients.plain(authority, connect_timeout), path, host };
         }
-        Upstream::Http { client: clients.get(connect_timeout), uri: url }
+        TargetClient::Http { client: clients.get(connect_timeout), uri: url }
     }
 
     /// Sends a request to the upstream's URL and waits for the response headers.
     pub async fn send(&self, mut request: Request<Full<Bytes>>) -> Result<Response<UpstreamBody>, SendError> {
         match self {
-            Upstream::Plain { pool, path, host } => {
+            TargetClient::Plain { pool, path, host } => {
                 pool.send(request, path, host).await.map(|r| r.map(UpstreamBody::Plain))
             }
-            Upstream::Http { client, uri } => {
+            TargetClient::Http { client, uri } => {
                 *request.uri_mut() = uri.clone();
                 client.request(request).await.map(|r| r.map(UpstreamBody::Http)).map_err(classify)
             }
-            Upstream::Mock { options, stats } => {
+            TargetClient::Mock { options, stats } => {
                 let (parts, body) = request.into_parts();
                 // Full<Bytes> holds the whole body; collecting it cannot fail or wait.
                 let body = http_body_util::BodyExt::collect(body).await.map(|c| c.to_bytes()).unwrap_or_default();
