@@ -268,3 +268,38 @@ fn every_subcommand_documents_its_flags() {
     assert_eq!(code, Some(64), "inconsistent lease timings are a configuration error");
     assert!(stderr.contains("--renew-deadline shorter than --lease-duration"), "{stderr}");
 }
+
+/// `sidecar::run` takes its shutdown future from the caller: it runs in a test's own runtime and
+/// stops, draining, when that future completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sidecar_runs_in_process_until_its_shutdown_future_completes() {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        args: switchyard::sidecar::SidecarArgs,
+    }
+    let free_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (api, admin) = (free_port(), free_port());
+    let dir = temp_dir("in-process");
+    let file = dir.join("routes.yaml");
+    std::fs::write(&file, route("chat", "")).unwrap();
+    let command = Command::parse_from([
+        "sidecar".to_string(),
+        format!("--file={}", file.display()),
+        format!("--listen={api}"),
+        format!("--admin-listen={admin}"),
+        format!("--state-dir={}", dir.join("state").display()),
+    ]);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(switchyard::sidecar::run(command.args, async {
+        let _ = stopped.await;
+    }));
+    eventually("the API listens", || async { tokio::net::TcpStream::connect(api).await.is_ok() }).await;
+    assert_eq!(status_of(api, "chat").await, 200);
+    stop.send(()).unwrap();
+    let result = tokio::time::timeout(PATIENCE, running).await.expect("it stops").expect("it did not panic");
+    assert!(result.is_ok(), "{result:?}");
+    assert!(tokio::net::TcpStream::connect(api).await.is_err(), "the listener is closed");
+}
