@@ -814,26 +814,34 @@ mod tests {
         assert_eq!(&renamed[..], b"data: {\"model\":\"chat\",\"x\":1}\r\n\r\n: keep\n\ndata: [DONE]\n\n");
     }
 
+    /// Every reader of caller and upstream bytes, on any bytes: an answer or an error, never a
+    /// panic.
+    fn read_all(input: &[u8]) {
+        if let Ok(chat) = parse_chat_request(input) {
+            let body = Bytes::copy_from_slice(input);
+            let _ = chat.upstream_body(&body, "\"m\"", true);
+        }
+        if let Ok(info) = answer_info(input) {
+            let _ = info.with_cost(&Bytes::copy_from_slice(input), "0.5");
+        }
+        let _ = with_cost(input, "0.5");
+        let _ = rename_model(input, "\"m\"");
+        let _ = rename_events(input, "\"m\"");
+        let _ = is_context_length_error(400, input);
+        let _ = upstream_error_message(input);
+        let _ = mentions_usage(input);
+        let _ = chunk_info(input);
+        for payload in sse::payloads(input) {
+            let _ = chunk_info(payload);
+        }
+    }
+
     #[test]
     fn no_cut_or_stray_byte_makes_a_reader_panic() {
         let request = br#"{"model":"chat","models":["b"],"stream":true,"stream_options":{"include_usage":true},"max_tokens":64,"provider":{"order":["x"],"sort":"price"},"messages":[{"role":"user","content":"Say \"hi\"\\"}]}"#;
         let answer = br#"{"id":"c","model":"up","choices":[{"message":{"content":"Hi \"there\"","refusal":null,"tool_calls":[{"function":{"arguments":"{}"}}]}}],"usage":{"prompt_tokens":3,"completion_tokens":7,"prompt_tokens_details":{"cached_tokens":1}}}"#;
         let events = b"data: {\"model\":\"up\",\"choices\":[{\"delta\":{\"content\":\"a\\\\\"}}]}\r\n\r\n: keep\n\ndata: {\"choices\":[],\"usage\":{\"completion_tokens\":2}}\n\ndata: [DONE]\n\n";
         let error = br#"{"error":{"message":"This model's maximum context length is 8192 tokens","code":"context_length_exceeded"}}"#;
-        let read_all = |input: &[u8]| {
-            let _ = parse_chat_request(input);
-            let _ = answer_info(input);
-            let _ = with_cost(input, "0.5");
-            let _ = rename_model(input, "\"m\"");
-            let _ = rename_events(input, "\"m\"");
-            let _ = is_context_length_error(400, input);
-            let _ = upstream_error_message(input);
-            let _ = mentions_usage(input);
-            let _ = chunk_info(input);
-            for payload in sse::payloads(input) {
-                let _ = chunk_info(payload);
-            }
-        };
         for input in [&request[..], answer, events, error] {
             for end in 0..=input.len() {
                 read_all(&input[..end]);
@@ -911,6 +919,7 @@ mod tests {
         use proptest::prelude::*;
         use serde_json::Value;
 
+        use super::read_all;
         use super::*;
         use crate::providers::arbitrary::{json, mutated, request};
 
@@ -918,27 +927,6 @@ mod tests {
             let compact = serde_json::to_vec(&value).unwrap_or_default();
             let pretty = serde_json::to_vec_pretty(&value).unwrap_or_default();
             prop_oneof![Just(compact.clone()), Just(pretty), mutated(compact)]
-        }
-
-        /// Every reader of caller and upstream bytes, on any bytes: an answer or an error, never a
-        /// panic.
-        fn read_all(input: &[u8]) {
-            if let Ok(chat) = parse_chat_request(input) {
-                let body = Bytes::copy_from_slice(input);
-                let _ = chat.upstream_body(&body, "\"m\"", true);
-            }
-            if let Ok(info) = answer_info(input) {
-                let _ = info.with_cost(&Bytes::copy_from_slice(input), "0.5");
-            }
-            let _ = with_cost(input, "0.5");
-            let _ = rename_model(input, "\"m\"");
-            let _ = rename_events(input, "\"m\"");
-            let _ = is_context_length_error(400, input);
-            let _ = upstream_error_message(input);
-            let _ = mentions_usage(input);
-            for payload in sse::payloads(input) {
-                let _ = chunk_info(payload);
-            }
         }
 
         proptest! {
