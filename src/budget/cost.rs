@@ -20,6 +20,7 @@ pub fn cost(usage: &Usage, prices: &Prices) -> u64 {
 
 /// The most an answer can cost with at most these prompt and completion tokens, whether or not
 /// the provider's cache serves part of the prompt.
+#[inline]
 pub fn worst_case(prompt_tokens: u64, completion_tokens: u64, prices: &Prices) -> u64 {
     let prices = Prices { prompt: prices.prompt.max(prices.cached_prompt), ..*prices };
     cost(&Usage { prompt: prompt_tokens, completion: completion_tokens, cached_prompt: 0 }, &prices)

@@ -94,14 +94,6 @@ impl Conn {
         matches!(self.tcp.try_read(&mut probe), Err(e) if e.kind() == ErrorKind::WouldBlock)
     }
 
-    /// Writes a request and reads its response head.
-    async fn exchange(&mut self, request: &[u8]) -> Result<(Response<()>, Framing, bool), HeadError> {
-        if let Err(e) = self.tcp.write_all(request).await {
-            return Err(HeadError { message: format!("write error: {e}"), received: false });
-        }
-        self.read_head().await
-    }
-
     /// Reads and parses the response head, skipping informational (1xx) responses.
     async fn read_head(&mut self) -> Result<(Response<()>, Framing, bool), HeadError> {
         let mut received = false;
@@ -240,20 +232,26 @@ impl Pool {
         // A Full body is one frame in memory: collecting it takes it out without copying.
         let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
         let message = encode(path, host, &parts.headers, &body);
-        let (mut conn, reused) = match self.take() {
+        let (mut conn, mut reused) = match self.take() {
             Some(conn) => (conn, true),
             None => (self.connect().await?, false),
         };
-        let head = match conn.exchange(&message).await {
-            // An upstream may close an idle connection at any time (HTTP/1.1 allows it without
-            // `connection: close`), and the close can cross the request on the wire: nothing
-            // of an answer came, so the upstream never took the request. A new connection gets
-            // it, once.
-            Err(e) if reused && !e.received => {
-                conn = self.connect().await?;
-                conn.exchange(&message).await
+        let head = loop {
+            let head = match conn.tcp.write_all(&message).await {
+                Ok(()) => conn.read_head().await,
+                Err(e) => Err(HeadError { message: format!("write error: {e}"), received: false }),
+            };
+            match head {
+                // An upstream may close an idle connection at any time (HTTP/1.1 allows it
+                // without `connection: close`), and the close can cross the request on the wire:
+                // nothing of an answer came, so the upstream never took the request. A new
+                // connection gets it, once.
+                Err(e) if reused && !e.received => {
+                    conn = self.connect().await?;
+                    reused = false;
+                }
+                head => break head,
             }
-            head => head,
         };
         let (response, framing, keep_alive) = head.map_err(|e| SendError::Connect(e.message))?;
         let pool = Arc::downgrade(self);

@@ -170,7 +170,7 @@ impl ServedTarget {
                 TargetClient::Mock { options: options.clone(), stats: Arc::new(MockStats::default()) }
             }
         };
-        let mut headers = HeaderMap::with_capacity(2 + t.headers.len());
+        let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         for (name, value) in &t.headers {
             headers.insert(name, value.clone());
