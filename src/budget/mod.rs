@@ -1,9 +1,11 @@
 //! Budgets: what answers cost, the credit held for requests in flight, and the ledger of spend.
 
 pub mod cost;
+pub mod fleet;
 mod journal;
 mod ledger;
 pub mod period;
+pub mod protocol;
 mod spend;
 
 pub use cost::{cost, worst_case};

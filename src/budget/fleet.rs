@@ -1,0 +1,788 @@
+//! The fleet's ledger: one book per budget, from which sidecars lease credit and rate allowance,
+//! and to which they report what they used. It lives in the operator's leader; this module is
+//! its pure core (time is passed in, persisting and serving are the caller's), so that its
+//! invariants are tested without a network:
+//!
+//! - A grant never exceeds the unleased remainder, `limit - spent - outstanding`: spend across
+//!   the fleet passes the limit only by what answers cost beyond their reservations, as in
+//!   standalone mode, never by lease sizes or by the number of sidecars.
+//! - Reports are cumulative per lease, so a repeated or late report counts once.
+//! - A lease's unreported credit stays outstanding until it is reported, or until
+//!   [`REPORT_GRACE`] after it expired (a sidecar stops spending a lease when it expires and
+//!   reports what it used).
+//! - Requests and tokens per minute are leased the same way from the current minute's allowance.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use super::period::period_start;
+use super::protocol::{Allowance, BudgetFigures, LeaseGrant, LeaseRequest, Mode, Refused, Report, Reserved};
+use crate::api::{BudgetState, Period};
+use crate::config::{Budget, RateLimitPolicy};
+
+/// How long a lease lasts when the budget has plenty left; it shrinks with the balance.
+pub const LEASE_LIFETIME_MS: u64 = 30_000;
+/// The shortest lease, near the limit.
+pub const MIN_LEASE_LIFETIME_MS: u64 = 5_000;
+/// How long a per-request reservation may stay open: the longest answer a route allows.
+pub const RESERVATION_LIFETIME_MS: u64 = 15 * 60_000;
+/// After a lease expires, how long its unreported credit still counts as outstanding, and how
+/// long a late report is still accepted.
+pub const REPORT_GRACE_MS: u64 = 60_000;
+
+/// What a budget's spec limits, as the ledger needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Terms {
+    pub limit: Option<u64>,
+    pub period: Period,
+    pub low_balance: Option<u64>,
+    pub rate: Option<RateLimitPolicy>,
+}
+
+impl From<&Budget> for Terms {
+    fn from(b: &Budget) -> Terms {
+        Terms { limit: b.limit, period: b.period, low_balance: b.low_balance, rate: b.rate_limit }
+    }
+}
+
+/// One lease (or per-request reservation) as the ledger keeps it, and as it is persisted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub id: String,
+    /// The sidecar that holds it (its pod), the only one that may report on it.
+    pub holder: String,
+    /// Credit for the lease's life; requests and tokens for `window`.
+    pub granted: Allowance,
+    /// What the holder reported using, cumulative.
+    pub used: Allowance,
+    /// The minute of the rate grants.
+    pub window: u64,
+    /// Unix milliseconds.
+    pub expires_at: u64,
+    /// Reported done: nothing more will be used.
+    pub done: bool,
+}
+
+impl Lease {
+    fn live(&self, now_ms: u64) -> bool {
+        !self.done && now_ms < self.expires_at
+    }
+
+    /// Credit that may still be spent on it, or reported late.
+    fn unreported_credit(&self, now_ms: u64) -> u64 {
+        if self.done || now_ms >= self.expires_at.saturating_add(REPORT_GRACE_MS) {
+            return 0;
+        }
+        self.granted.credit.saturating_sub(self.used.credit)
+    }
+
+    /// Requests or tokens it holds of `window`'s allowance: what it may still use while live,
+    /// what it used once done.
+    fn committed(&self, window: u64, now_ms: u64, pick: fn(&Allowance) -> u64) -> u64 {
+        if self.window != window {
+            return 0;
+        }
+        let used = pick(&self.used);
+        if self.live(now_ms) { used.max(pick(&self.granted)) } else { used }
+    }
+}
+
+/// A budget's book: its period's spend and every lease on it.
+#[derive(Clone, Debug)]
+struct Book {
+    terms: Terms,
+    period_start: u64,
+    spent: u64,
+    leases: BTreeMap<String, Lease>,
+    /// Changed since it was last persisted.
+    dirty: bool,
+}
+
+/// What persisting a budget's book keeps: enough for a new leader to go on where this one
+/// stopped, without losing reported spend or granting credit twice.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Persisted {
+    pub spent: u64,
+    /// Unix seconds.
+    pub period_start: u64,
+    pub leases: Vec<Lease>,
+}
+
+/// The books of every budget the ledger serves, by `namespace/name`.
+#[derive(Debug, Default)]
+pub struct FleetLedger {
+    books: HashMap<String, Book>,
+    /// Makes lease ids unique across leaders: the leader's identity and start.
+    id_prefix: String,
+    next_id: u64,
+}
+
+impl FleetLedger {
+    pub fn new(id_prefix: impl Into<String>) -> Self {
+        FleetLedger { books: HashMap::new(), id_prefix: id_prefix.into(), next_id: 0 }
+    }
+
+    /// Brings the served budgets in line with the configurations: new budgets start from what
+    /// was persisted for them (`restore`), changed terms apply at once, removed budgets go.
+    pub fn set_budgets(&mut self, budgets: impl IntoIterator<Item = (String, Terms, Option<Persisted>)>, now_ms: u64) {
+        let mut seen = BTreeSet::new();
+        for (id, terms, persisted) in budgets {
+            seen.insert(id.clone());
+            match self.books.get_mut(&id) {
+                Some(book) => book.terms = terms,
+                None => {
+                    let persisted = persisted.unwrap_or_default();
+                    let mut book = Book {
+                        terms,
+                        period_start: persisted.period_start,
+                        spent: persisted.spent,
+                        leases: persisted.leases.into_iter().map(|l| (l.id.clone(), l)).collect(),
+                        dirty: false,
+                    };
+                    book.roll(now_ms);
+                    self.books.insert(id, book);
+                }
+            }
+        }
+        self.books.retain(|id, _| seen.contains(id));
+    }
+
+    /// Grants a lease on `budget`, or more on the caller's lease, after applying what it used.
+    /// Outside state Active nothing more is granted: a Low budget is spent per request, an
+    /// Exhausted one not at all, and the answer's `mode` says which.
+    pub fn lease(
+        &mut self,
+        budget: &str,
+        holder: &str,
+        request: &LeaseRequest,
+        now_ms: u64,
+    ) -> Result<LeaseGrant, Refused> {
+        let held = request.lease_id.as_ref().filter(|id| {
+            self.books.get(budget).and_then(|b| b.leases.get(*id)).is_some_and(|l| l.holder == holder && !l.done)
+        });
+        let id = match held {
+            Some(id) => id.clone(),
+            None => self.fresh_id(),
+        };
+        let book = self.books.get_mut(budget).ok_or(Refused::UnknownBudget)?;
+        book.roll(now_ms);
+        if let Some(lease) = book.leases.get_mut(&id) {
+            book.spent = book.spent.saturating_add(apply_use(lease, &request.used));
+            book.dirty = true;
+        }
+        let mode = match book.state() {
+            BudgetState::Exhausted => Mode::Exhausted,
+            BudgetState::Low => Mode::PerRequest,
+            BudgetState::Active => Mode::Lease,
+        };
+        let window = minute(now_ms);
+        if mode != Mode::Lease {
+            let lease = book.leases.get(&id);
+            return Ok(LeaseGrant {
+                lease_id: lease.map_or_else(String::new, |l| l.id.clone()),
+                mode,
+                granted: lease.map_or_else(Allowance::default, |l| l.granted),
+                window,
+                expires_at: lease.map_or(now_ms, |l| l.expires_at),
+                budget: book.figures(now_ms),
+            });
+        }
+        let holders = book.holders(holder, now_ms);
+        let rate = book.terms.rate.unwrap_or(RateLimitPolicy { requests_per_minute: None, tokens_per_minute: None });
+        let add = Allowance {
+            credit: match book.terms.limit {
+                None => request.want.credit,
+                Some(_) => share(request.want.credit, book.unleased_credit(now_ms), holders),
+            },
+            requests: match rate.requests_per_minute {
+                None => request.want.requests,
+                Some(limit) => share(
+                    request.want.requests,
+                    book.unleased(u64::from(limit), window, now_ms, |a| a.requests),
+                    holders,
+                ),
+            },
+            tokens: match rate.tokens_per_minute {
+                None => request.want.tokens,
+                Some(limit) => share(request.want.tokens, book.unleased(limit, window, now_ms, |a| a.tokens), holders),
+            },
+        };
+        let expires_at = now_ms.saturating_add(book.lifetime());
+        let lease = book.leases.entry(id.clone()).or_insert_with(|| Lease {
+            id: id.clone(),
+            holder: holder.to_string(),
+            granted: Allowance::default(),
+            used: Allowance::default(),
+            window,
+            expires_at,
+            done: false,
+        });
+        if lease.window != window {
+            // A new minute: the old window's request and token grants are void on both sides.
+            lease.window = window;
+            lease.used.requests = 0;
+            lease.used.tokens = 0;
+            lease.granted.requests = 0;
+            lease.granted.tokens = 0;
+        }
+        lease.granted.credit = lease.granted.credit.saturating_add(add.credit);
+        lease.granted.requests = lease.granted.requests.saturating_add(add.requests);
+        lease.granted.tokens = lease.granted.tokens.saturating_add(add.tokens);
+        lease.expires_at = expires_at;
+        let granted = lease.granted;
+        book.dirty = true;
+        Ok(LeaseGrant { lease_id: id, mode, granted, window, expires_at, budget: book.figures(now_ms) })
+    }
+
+    /// Applies a report of what a lease used; `done` closes it.
+    pub fn report(
+        &mut self,
+        budget: &str,
+        holder: &str,
+        report: &Report,
+        now_ms: u64,
+    ) -> Result<BudgetFigures, Refused> {
+        let book = self.books.get_mut(budget).ok_or(Refused::UnknownBudget)?;
+        book.roll(now_ms);
+        let lease =
+            book.leases.get_mut(&report.lease_id).filter(|l| l.holder == holder).ok_or(Refused::UnknownLease)?;
+        let added = apply_use(lease, &report.used);
+        lease.done |= report.done;
+        book.spent = book.spent.saturating_add(added);
+        book.dirty = true;
+        Ok(book.figures(now_ms))
+    }
+
+    /// In per-request mode: holds `amount` of credit and one request for one answer, if the
+    /// unleased remainder and the minute's allowance have them.
+    pub fn reserve(&mut self, budget: &str, holder: &str, amount: u64, now_ms: u64) -> Result<Reserved, Refused> {
+        let id = self.fresh_id();
+        let book = self.books.get_mut(budget).ok_or(Refused::UnknownBudget)?;
+        book.roll(now_ms);
+        let window = minute(now_ms);
+        if let Some(rate) = book.terms.rate {
+            let reset = 60 - (now_ms / 1000) % 60;
+            if let Some(limit) = rate.requests_per_minute.map(u64::from)
+                && book.unleased(limit, window, now_ms, |a| a.requests) == 0
+            {
+                return Err(Refused::RateLimited { limit, reset });
+            }
+            if let Some(limit) = rate.tokens_per_minute
+                && book.unleased(limit, window, now_ms, |a| a.tokens) == 0
+            {
+                return Err(Refused::RateLimited { limit, reset });
+            }
+        }
+        if book.terms.limit.is_some() {
+            let remaining = book.unleased_credit(now_ms);
+            if amount > remaining || book.state() == BudgetState::Exhausted {
+                return Err(Refused::InsufficientCredits { remaining });
+            }
+        }
+        let expires_at = now_ms.saturating_add(RESERVATION_LIFETIME_MS);
+        let granted = Allowance { credit: amount, requests: 1, tokens: 0 };
+        let lease = Lease {
+            id: id.clone(),
+            holder: holder.to_string(),
+            granted,
+            used: Allowance { requests: 1, ..Allowance::default() },
+            window,
+            expires_at,
+            done: false,
+        };
+        book.leases.insert(id.clone(), lease);
+        book.dirty = true;
+        Ok(Reserved { reservation_id: id, expires_at, budget: book.figures(now_ms) })
+    }
+
+    /// Settles a per-request reservation at its answer's cost.
+    pub fn settle(
+        &mut self,
+        budget: &str,
+        holder: &str,
+        id: &str,
+        cost: u64,
+        tokens: u64,
+        now_ms: u64,
+    ) -> Result<BudgetFigures, Refused> {
+        let used = Allowance { credit: cost, requests: 1, tokens };
+        self.report(budget, holder, &Report { lease_id: id.to_string(), used, done: true }, now_ms)
+    }
+
+    /// Forgets leases that can no longer be reported on.
+    pub fn sweep(&mut self, now_ms: u64) {
+        for book in self.books.values_mut() {
+            let before = book.leases.len();
+            book.leases.retain(|_, l| {
+                let window_over = l.window < minute(now_ms);
+                let closed = l.done || now_ms >= l.expires_at.saturating_add(REPORT_GRACE_MS);
+                !(closed && window_over)
+            });
+            book.dirty |= book.leases.len() != before;
+        }
+    }
+
+    pub fn figures(&self, budget: &str, now_ms: u64) -> Option<BudgetFigures> {
+        self.books.get(budget).map(|b| b.figures(now_ms))
+    }
+
+    /// The budgets changed since they were last taken, with what to persist of each.
+    pub fn take_dirty(&mut self, now_ms: u64) -> Vec<(String, Persisted, BudgetFigures)> {
+        let mut out = Vec::new();
+        for (id, book) in &mut self.books {
+            if std::mem::take(&mut book.dirty) {
+                let persisted = Persisted {
+                    spent: book.spent,
+                    period_start: book.period_start,
+                    leases: book.leases.values().cloned().collect(),
+                };
+                out.push((id.clone(), persisted, book.figures(now_ms)));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// A lease id no book holds, even one an earlier leader issued.
+    fn fresh_id(&mut self) -> String {
+        loop {
+            self.next_id += 1;
+            let id = format!("{}-{}", self.id_prefix, self.next_id);
+            if !self.books.values().any(|b| b.leases.contains_key(&id)) {
+                return id;
+            }
+        }
+    }
+}
+
+/// Applies a cumulative report to a lease; returns the credit newly reported.
+fn apply_use(lease: &mut Lease, used: &Allowance) -> u64 {
+    let added = used.credit.saturating_sub(lease.used.credit);
+    lease.used.credit = lease.used.credit.max(used.credit);
+    lease.used.requests = lease.used.requests.max(used.requests);
+    lease.used.tokens = lease.used.tokens.max(used.tokens);
+    added
+}
+
+/// A share of what is left for one of `holders` sidecars: half of it divided among them (so
+/// that one more sidecar still finds some), at least one unit while anything is left, never
+/// more than wanted.
+fn share(want: u64, left: u64, holders: u64) -> u64 {
+    let fair = left / holders.saturating_mul(2).max(1);
+    want.min(fair.max(left.min(1)))
+}
+
+fn minute(now_ms: u64) -> u64 {
+    now_ms / 60_000
+}
+
+impl Book {
+    /// Starts a new period at its UTC boundary; outstanding leases go on counting.
+    fn roll(&mut self, now_ms: u64) {
+        let start = period_start(self.terms.period, now_ms / 1000);
+        if start != self.period_start {
+            self.period_start = start;
+            self.spent = 0;
+            self.dirty = true;
+        }
+    }
+
+    fn outstanding_credit(&self, now_ms: u64) -> u64 {
+        self.leases.values().map(|l| l.unreported_credit(now_ms)).fold(0, u64::saturating_add)
+    }
+
+    /// Credit that is neither spent nor granted: what a new grant may come from.
+    fn unleased_credit(&self, now_ms: u64) -> u64 {
+        match self.terms.limit {
+            None => u64::MAX,
+            Some(limit) => limit.saturating_sub(self.spent).saturating_sub(self.outstanding_credit(now_ms)),
+        }
+    }
+
+    /// Of a per-minute `limit`, what no lease holds in `window`.
+    fn unleased(&self, limit: u64, window: u64, now_ms: u64, pick: fn(&Allowance) -> u64) -> u64 {
+        let committed = self.leases.values().map(|l| l.committed(window, now_ms, pick)).fold(0, u64::saturating_add);
+        limit.saturating_sub(committed)
+    }
+
+    fn remaining(&self) -> Option<u64> {
+        self.terms.limit.map(|l| l.saturating_sub(self.spent))
+    }
+
+    fn state(&self) -> BudgetState {
+        match self.remaining() {
+            Some(0) => BudgetState::Exhausted,
+            Some(left) if self.terms.low_balance.is_some_and(|low| left < low) => BudgetState::Low,
+            _ => BudgetState::Active,
+        }
+    }
+
+    /// Sidecars holding live leases, counting `holder` whether or not it holds one yet.
+    fn holders(&self, holder: &str, now_ms: u64) -> u64 {
+        let mut holders: BTreeSet<&str> =
+            self.leases.values().filter(|l| l.live(now_ms)).map(|l| l.holder.as_str()).collect();
+        holders.insert(holder);
+        holders.len() as u64
+    }
+
+    /// Leases shorten as the balance falls, so that credit held by idle sidecars comes back soon.
+    fn lifetime(&self) -> u64 {
+        match (self.terms.limit, self.remaining()) {
+            (Some(limit), Some(left)) if limit > 0 => {
+                let scaled = u128::from(LEASE_LIFETIME_MS) * u128::from(left) / u128::from(limit);
+                u64::try_from(scaled).unwrap_or(LEASE_LIFETIME_MS).clamp(MIN_LEASE_LIFETIME_MS, LEASE_LIFETIME_MS)
+            }
+            _ => LEASE_LIFETIME_MS,
+        }
+    }
+
+    fn figures(&self, now_ms: u64) -> BudgetFigures {
+        BudgetFigures {
+            spent: self.spent,
+            remaining: self.remaining(),
+            outstanding: self.outstanding_credit(now_ms),
+            period_start: self.period_start,
+            state: self.state(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BUDGET: &str = "ns/key";
+    // 2026-11-30 12:00:00 UTC, in milliseconds.
+    const T: u64 = 1_796_040_000_000;
+
+    fn terms(limit: Option<u64>, low: Option<u64>, rate: Option<RateLimitPolicy>) -> Terms {
+        Terms { limit, period: Period::Monthly, low_balance: low, rate }
+    }
+
+    fn ledger(terms: Terms) -> FleetLedger {
+        let mut ledger = FleetLedger::new("test");
+        ledger.set_budgets([(BUDGET.to_string(), terms, None)], T);
+        ledger
+    }
+
+    fn want(credit: u64) -> LeaseRequest {
+        LeaseRequest {
+            budget: "key".into(),
+            lease_id: None,
+            used: Allowance::default(),
+            want: Allowance { credit, requests: 0, tokens: 0 },
+        }
+    }
+
+    fn renew(grant: &LeaseGrant, used: u64, more: u64) -> LeaseRequest {
+        LeaseRequest {
+            lease_id: Some(grant.lease_id.clone()),
+            used: Allowance { credit: used, ..Allowance::default() },
+            ..want(more)
+        }
+    }
+
+    #[test]
+    fn grants_are_shares_of_the_unleased_remainder() {
+        let mut l = ledger(terms(Some(1000), None, None));
+        let a = l.lease(BUDGET, "a", &want(1000), T).unwrap();
+        assert_eq!((a.mode, a.granted.credit), (Mode::Lease, 500), "alone: half of what is left");
+        let b = l.lease(BUDGET, "b", &want(1000), T).unwrap();
+        assert_eq!(b.granted.credit, 125, "500 left, two holders: a quarter of it");
+        assert_eq!(b.budget.outstanding, 625);
+        let a = l.lease(BUDGET, "a", &renew(&a, 500, 1000), T).unwrap();
+        assert_eq!(a.budget.spent, 500);
+        assert_eq!(a.granted.credit, 500 + 93, "375 unleased, two holders");
+        assert_eq!(a.budget.outstanding, 125 + 93);
+    }
+
+    #[test]
+    fn nothing_is_granted_beyond_the_limit_however_many_ask() {
+        let mut l = ledger(terms(Some(100), None, None));
+        let mut granted = 0;
+        for i in 0..500 {
+            let g = l.lease(BUDGET, &format!("pod-{}", i % 7), &want(1_000_000), T).unwrap();
+            granted += g.granted.credit;
+            // Each holder keeps asking on a new lease; nothing is reported.
+        }
+        assert_eq!(granted, 100, "exactly the limit, in ever smaller shares");
+        assert_eq!(l.figures(BUDGET, T).unwrap().outstanding, 100);
+    }
+
+    #[test]
+    fn reports_are_cumulative_so_repeats_and_late_ones_count_once() {
+        let mut l = ledger(terms(Some(1000), None, None));
+        let g = l.lease(BUDGET, "a", &want(400), T).unwrap();
+        let report = Report {
+            lease_id: g.lease_id.clone(),
+            used: Allowance { credit: 120, ..Allowance::default() },
+            done: false,
+        };
+        assert_eq!(l.report(BUDGET, "a", &report, T).unwrap().spent, 120);
+        assert_eq!(l.report(BUDGET, "a", &report, T).unwrap().spent, 120, "the same report again");
+        let older = Report { used: Allowance { credit: 80, ..Allowance::default() }, ..report.clone() };
+        assert_eq!(l.report(BUDGET, "a", &older, T).unwrap().spent, 120, "an older report, late");
+        assert_eq!(l.report(BUDGET, "b", &report, T), Err(Refused::UnknownLease), "another sidecar's lease");
+        let done = Report { used: Allowance { credit: 150, ..Allowance::default() }, done: true, ..report };
+        let figures = l.report(BUDGET, "a", &done, T).unwrap();
+        assert_eq!((figures.spent, figures.outstanding), (150, 0), "done: the rest comes back");
+    }
+
+    #[test]
+    fn an_expired_lease_stays_outstanding_through_the_grace_for_late_reports() {
+        let mut l = ledger(terms(Some(1000), None, None));
+        let g = l.lease(BUDGET, "a", &want(400), T).unwrap();
+        assert_eq!(g.granted.credit, 400);
+        let after = g.expires_at + 1;
+        assert_eq!(l.figures(BUDGET, after).unwrap().outstanding, 400, "it may have been spent before expiry");
+        let late = Report {
+            lease_id: g.lease_id.clone(),
+            used: Allowance { credit: 300, ..Allowance::default() },
+            done: false,
+        };
+        assert_eq!(l.report(BUDGET, "a", &late, after).unwrap().spent, 300);
+        let gone = g.expires_at + REPORT_GRACE_MS;
+        assert_eq!(l.figures(BUDGET, gone).unwrap().outstanding, 0, "after the grace, the rest is released");
+        l.sweep(gone + 60_000);
+        assert_eq!(l.report(BUDGET, "a", &late, gone + 60_000), Err(Refused::UnknownLease));
+        assert_eq!(l.figures(BUDGET, gone).unwrap().spent, 300);
+    }
+
+    #[test]
+    fn a_low_budget_is_spent_per_request_and_an_exhausted_one_not_at_all() {
+        let mut l = ledger(terms(Some(1000), Some(200), None));
+        let g = l.lease(BUDGET, "a", &want(900), T).unwrap();
+        assert_eq!(g.granted.credit, 500);
+        let done = Report {
+            lease_id: g.lease_id.clone(),
+            used: Allowance { credit: 850, ..Allowance::default() },
+            done: true,
+        };
+        assert_eq!(l.report(BUDGET, "a", &done, T).unwrap().state, BudgetState::Low, "overspent its lease: 150 left");
+        let low = l.lease(BUDGET, "a", &want(100), T).unwrap();
+        assert_eq!((low.mode, low.granted.credit), (Mode::PerRequest, 0));
+        let r = l.reserve(BUDGET, "a", 100, T).unwrap();
+        assert_eq!(r.budget.outstanding, 100);
+        assert_eq!(l.reserve(BUDGET, "b", 60, T), Err(Refused::InsufficientCredits { remaining: 50 }));
+        let figures = l.settle(BUDGET, "a", &r.reservation_id, 150, 10, T).unwrap();
+        assert_eq!((figures.spent, figures.remaining, figures.state), (1000, Some(0), BudgetState::Exhausted));
+        assert_eq!(l.lease(BUDGET, "b", &want(1), T).unwrap().mode, Mode::Exhausted);
+        assert_eq!(l.reserve(BUDGET, "b", 0, T), Err(Refused::InsufficientCredits { remaining: 0 }));
+    }
+
+    #[test]
+    fn rate_limits_are_leased_from_the_minute_across_the_fleet() {
+        let rate = RateLimitPolicy { requests_per_minute: Some(100), tokens_per_minute: None };
+        let mut l = ledger(terms(None, None, Some(rate)));
+        let ask = LeaseRequest { want: Allowance { credit: 0, requests: 1000, tokens: 0 }, ..want(0) };
+        let mut leases: Vec<(&str, LeaseGrant)> =
+            ["a", "b", "c"].into_iter().map(|pod| (pod, l.lease(BUDGET, pod, &ask, T).unwrap())).collect();
+        for _ in 0..50 {
+            for (pod, g) in &mut leases {
+                let more = LeaseRequest { lease_id: Some(g.lease_id.clone()), ..ask.clone() };
+                *g = l.lease(BUDGET, pod, &more, T).unwrap();
+            }
+        }
+        let granted: u64 = leases.iter().map(|(_, g)| g.granted.requests).sum();
+        assert_eq!(granted, 100, "three pods share one minute's 100 requests");
+        // The first to ask, alone, holds half; the others share the rest as they come.
+        assert!(leases.iter().all(|(_, g)| g.granted.requests > 0 && g.granted.requests <= 63), "{leases:?}");
+        let next = l.lease(BUDGET, "a", &ask, T + 60_000).unwrap();
+        assert_eq!(next.granted.requests, 50, "a new minute, a new allowance");
+        assert_eq!(l.reserve(BUDGET, "a", 0, T), Err(Refused::RateLimited { limit: 100, reset: 60 }));
+    }
+
+    #[test]
+    fn a_new_ledger_goes_on_from_what_was_persisted() {
+        let mut l = ledger(terms(Some(1000), None, None));
+        let g = l.lease(BUDGET, "a", &want(1000), T).unwrap();
+        l.report(
+            BUDGET,
+            "a",
+            &Report {
+                lease_id: g.lease_id.clone(),
+                used: Allowance { credit: 100, ..Allowance::default() },
+                done: false,
+            },
+            T,
+        )
+        .unwrap();
+        let persisted = l.take_dirty(T).pop().unwrap().1;
+        assert!(l.take_dirty(T).is_empty(), "taken once");
+
+        // A new leader, with another id prefix.
+        let mut next = FleetLedger::new("next");
+        next.set_budgets([(BUDGET.to_string(), terms(Some(1000), None, None), Some(persisted))], T + 1);
+        let figures = next.figures(BUDGET, T + 1).unwrap();
+        assert_eq!((figures.spent, figures.outstanding), (100, 400), "the lease still counts");
+        let b = next.lease(BUDGET, "b", &want(1000), T + 1).unwrap();
+        assert_eq!(b.granted.credit, 125, "500 unleased, two holders: nothing granted twice");
+        let late = Report {
+            lease_id: g.lease_id.clone(),
+            used: Allowance { credit: 250, ..Allowance::default() },
+            done: true,
+        };
+        let figures = next.report(BUDGET, "a", &late, T + 2).unwrap();
+        assert_eq!((figures.spent, figures.outstanding), (250, 125), "the old leader's lease, reported once");
+        assert!(b.lease_id.starts_with("next-") && g.lease_id.starts_with("test-"));
+    }
+
+    #[test]
+    fn spend_starts_over_at_the_period_boundary() {
+        let mut l = ledger(Terms { period: Period::Daily, ..terms(Some(1000), None, None) });
+        let g = l.lease(BUDGET, "a", &want(1000), T).unwrap();
+        l.report(
+            BUDGET,
+            "a",
+            &Report { lease_id: g.lease_id, used: Allowance { credit: 500, ..Allowance::default() }, done: true },
+            T,
+        )
+        .unwrap();
+        let tomorrow = T + 12 * 3_600_000;
+        let figures = l.figures(BUDGET, tomorrow).unwrap();
+        assert_eq!(figures.spent, 500, "figures do not move time");
+        let g = l.lease(BUDGET, "a", &want(1000), tomorrow).unwrap();
+        assert_eq!((g.budget.spent, g.budget.period_start), (0, tomorrow / 1000 - (tomorrow / 1000) % 86_400));
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        #[derive(Clone, Debug)]
+        enum Step {
+            /// A pod leases (or tops up) and spends up to `spend` of what it may, honestly.
+            Lease { pod: usize, want: u64, spend: u64 },
+            /// A pod reports (`done` or not), possibly twice.
+            Report { pod: usize, done: bool, twice: bool },
+            /// A pod in per-request mode reserves and settles at `cost` (may exceed the amount).
+            Request { pod: usize, amount: u64, cost: u64 },
+            /// Time passes.
+            Wait { ms: u64 },
+            /// The leader changes: what was persisted is all the next one knows.
+            Failover,
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            prop_oneof![
+                4 => (0usize..4, 1u64..400, 0u64..400).prop_map(|(pod, want, spend)| Step::Lease { pod, want, spend }),
+                2 => (0usize..4, any::<bool>(), any::<bool>()).prop_map(|(pod, done, twice)| Step::Report { pod, done, twice }),
+                1 => (0usize..4, 1u64..50, 0u64..60).prop_map(|(pod, amount, cost)| Step::Request { pod, amount, cost }),
+                1 => (0u64..40_000).prop_map(|ms| Step::Wait { ms }),
+                1 => Just(Step::Failover),
+            ]
+        }
+
+        /// A pod's view of its lease: the grant, and what it truly spent on it.
+        #[derive(Clone, Default)]
+        struct Held {
+            grant: Option<LeaseGrant>,
+            spent: u64,
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Pods that spend only what they were granted, before it expires, never make the
+            /// fleet overspend; what they report is what the ledger holds, exactly once; a
+            /// failover loses nothing reported and grants nothing twice.
+            #[test]
+            fn honest_pods_never_overspend_and_every_report_counts_once(steps in prop::collection::vec(step(), 1..80)) {
+                let limit = 1000;
+                let t = terms(Some(limit), Some(100), None);
+                let mut l = ledger(t);
+                let mut persisted: Option<Persisted> = None;
+                let mut now = T;
+                let mut pods = vec![Held::default(); 4];
+                let mut true_spend = 0u64; // spent within grants
+                let mut per_request_over = 0u64; // settles above their reservation (the stated bound)
+                let mut reported = 0u64;
+                for step in steps {
+                    match step {
+                        Step::Lease { pod, want: w, spend } => {
+                            let held = &mut pods[pod];
+                            let request = match &held.grant {
+                                Some(g) if now < g.expires_at => LeaseRequest {
+                                    lease_id: Some(g.lease_id.clone()),
+                                    used: Allowance { credit: held.spent, ..Allowance::default() },
+                                    ..want(w)
+                                },
+                                _ => {
+                                    *held = Held::default();
+                                    want(w)
+                                }
+                            };
+                            let before = l.figures(BUDGET, now).unwrap().spent;
+                            let g = l.lease(BUDGET, &format!("pod-{pod}"), &request, now).unwrap();
+                            reported += g.budget.spent.saturating_sub(before);
+                            if g.mode == Mode::Lease && !g.lease_id.is_empty() {
+                                if held.grant.as_ref().is_none_or(|old| old.lease_id != g.lease_id) {
+                                    held.spent = 0;
+                                }
+                                let may = g.granted.credit.saturating_sub(held.spent);
+                                let spend = spend.min(may);
+                                held.spent += spend;
+                                true_spend += spend;
+                                held.grant = Some(g);
+                            }
+                        }
+                        Step::Report { pod, done, twice } => {
+                            let held = &mut pods[pod];
+                            if let Some(g) = &held.grant {
+                                let report = Report { lease_id: g.lease_id.clone(), used: Allowance { credit: held.spent, ..Allowance::default() }, done };
+                                let before = l.figures(BUDGET, now).unwrap().spent;
+                                for _ in 0..if twice { 2 } else { 1 } {
+                                    let _ = l.report(BUDGET, &format!("pod-{pod}"), &report, now);
+                                }
+                                reported += l.figures(BUDGET, now).unwrap().spent.saturating_sub(before);
+                                if done {
+                                    *held = Held::default();
+                                }
+                            }
+                        }
+                        Step::Request { pod, amount, cost } => {
+                            if let Ok(r) = l.reserve(BUDGET, &format!("pod-{pod}"), amount, now) {
+                                let before = l.figures(BUDGET, now).unwrap().spent;
+                                l.settle(BUDGET, &format!("pod-{pod}"), &r.reservation_id, cost, 0, now).unwrap();
+                                reported += l.figures(BUDGET, now).unwrap().spent - before;
+                                true_spend += cost.min(amount);
+                                per_request_over += cost.saturating_sub(amount);
+                            }
+                        }
+                        Step::Wait { ms } => {
+                            // Honest sidecars stop spending a lease when it expires and report it.
+                            let until = now + ms;
+                            while let Some(pod) = (0..pods.len())
+                                .filter(|&p| pods[p].grant.as_ref().is_some_and(|g| g.expires_at <= until))
+                                .min_by_key(|&p| pods[p].grant.as_ref().map(|g| g.expires_at))
+                            {
+                                let held = std::mem::take(&mut pods[pod]);
+                                let g = held.grant.unwrap_or_else(|| unreachable!());
+                                now = now.max(g.expires_at);
+                                let report = Report { lease_id: g.lease_id, used: Allowance { credit: held.spent, ..Allowance::default() }, done: true };
+                                let before = l.figures(BUDGET, now).unwrap().spent;
+                                let _ = l.report(BUDGET, &format!("pod-{pod}"), &report, now);
+                                reported += l.figures(BUDGET, now).unwrap().spent.saturating_sub(before);
+                            }
+                            now = until;
+                            l.sweep(now);
+                        }
+                        Step::Failover => {
+                            for (_, p, _) in l.take_dirty(now) {
+                                persisted = Some(p);
+                            }
+                            // The same prefix as the last leader: ids must not collide anyway.
+                            let mut next = FleetLedger::new("leader");
+                            next.set_budgets([(BUDGET.to_string(), t, persisted.clone())], now);
+                            l = next;
+                        }
+                    }
+                    let figures = l.figures(BUDGET, now).unwrap();
+                    prop_assert!(true_spend <= limit, "true spend {true_spend} over the limit");
+                    prop_assert!(figures.spent <= limit + per_request_over, "{figures:?}");
+                    prop_assert_eq!(figures.spent, reported, "the ledger holds exactly what was reported");
+                }
+            }
+        }
+    }
+}

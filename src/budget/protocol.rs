@@ -1,0 +1,135 @@
+//! What sidecars and the operator's ledger say to each other, as JSON over HTTP/2.
+//!
+//! JSON with serde_json, which the project already uses everywhere: the messages are a few small
+//! objects exchanged a few times a minute per budget, so a binary encoding would buy nothing
+//! worth a second schema language and its code generator.
+//!
+//! Every figure a sidecar reports is cumulative for its lease (credit spent on it, requests and
+//! tokens used in its rate window), so a report sent twice, or late, counts once.
+
+use serde::{Deserialize, Serialize};
+
+/// Amounts of each thing a budget limits: credit (micro-units, per period) and the current
+/// minute's requests and tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Allowance {
+    #[serde(default)]
+    pub credit: u64,
+    #[serde(default)]
+    pub requests: u64,
+    #[serde(default)]
+    pub tokens: u64,
+}
+
+/// A sidecar asks for a lease on a budget of its namespace, or for more on the one it holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LeaseRequest {
+    /// The ApiKeyBudget's name; its namespace is the caller's.
+    pub budget: String,
+    /// The lease to renew and top up; absent for a new one.
+    #[serde(default)]
+    pub lease_id: Option<String>,
+    /// On the lease renewed: what was used so far (cumulative, as in a [`Report`]).
+    #[serde(default)]
+    pub used: Allowance,
+    /// How much more the sidecar would like to have available.
+    pub want: Allowance,
+}
+
+/// How a sidecar spends a budget now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Mode {
+    /// Spend locally against the lease.
+    Lease,
+    /// The budget is Low: every request reserves and settles with the ledger.
+    PerRequest,
+    /// Nothing is left in this period: refuse with 402.
+    Exhausted,
+}
+
+/// The ledger's answer to a [`LeaseRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LeaseGrant {
+    pub lease_id: String,
+    pub mode: Mode,
+    /// Granted on this lease so far (cumulative): credit for its life, requests and tokens for
+    /// the rate window `window`.
+    pub granted: Allowance,
+    /// The minute (Unix seconds / 60) that the request and token grants are for.
+    pub window: u64,
+    /// Unix milliseconds after which the lease may not be spent from.
+    pub expires_at: u64,
+    /// The budget as the whole fleet stands.
+    pub budget: BudgetFigures,
+}
+
+/// A budget's fleet-wide figures, for `GET /api/v1/key` and for choosing a mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BudgetFigures {
+    /// Reported spend in the current period.
+    pub spent: u64,
+    /// `limit - spent`; absent without a limit.
+    #[serde(default)]
+    pub remaining: Option<u64>,
+    /// Credit granted to leases and reservations and not yet reported.
+    pub outstanding: u64,
+    /// Unix seconds.
+    pub period_start: u64,
+    pub state: crate::api::BudgetState,
+}
+
+/// What a sidecar has used of a lease so far; `done` gives the rest back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Report {
+    pub lease_id: String,
+    pub used: Allowance,
+    #[serde(default)]
+    pub done: bool,
+}
+
+/// In per-request mode: hold `amount` for one request (and one request of the rate limit).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReserveRequest {
+    pub budget: String,
+    pub amount: u64,
+}
+
+/// A per-request reservation: settle it with [`Settle`] (a lease of one request).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Reserved {
+    pub reservation_id: String,
+    pub expires_at: u64,
+    pub budget: BudgetFigures,
+}
+
+/// The cost of a per-request reservation's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Settle {
+    pub reservation_id: String,
+    pub cost: u64,
+    #[serde(default)]
+    pub tokens: u64,
+}
+
+/// Why the ledger refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "reason", deny_unknown_fields)]
+pub enum Refused {
+    /// Not enough credit for the reservation.
+    InsufficientCredits { remaining: u64 },
+    /// The key's rate limit is used up in this window.
+    RateLimited { limit: u64, reset: u64 },
+    /// No such budget in the caller's namespace (or not one the ledger knows yet).
+    UnknownBudget,
+    /// No such lease or reservation, or another sidecar's.
+    UnknownLease,
+}
