@@ -217,12 +217,18 @@ fn the_default_install_is_two_locked_down_replicas_with_an_opt_in_webhook() {
 
     // Every port a Service or probe names is a port of the container.
     let ports: Vec<&str> = container["ports"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
-    assert_eq!(ports, ["admin", "webhook"]);
+    assert_eq!(ports, ["admin", "webhook", "ledger"]);
     let webhook_service = find(&docs, "Service", "switchyard-webhook");
     assert_eq!(
         webhook_service["spec"]["ports"],
-        json!([{"name": "https", "port": 443, "targetPort": "webhook", "protocol": "TCP"}])
+        json!([
+            {"name": "https", "port": 443, "targetPort": "webhook", "protocol": "TCP"},
+            {"name": "ledger", "port": 8444, "targetPort": "ledger", "protocol": "TCP"},
+        ])
     );
+    assert!(args.contains(&"--ledger=true".to_string()) && args.contains(&"--ledger-listen=0.0.0.0:8444".to_string()));
+    let pod_ip = container["env"].as_array().unwrap().iter().find(|e| e["name"] == "POD_IP");
+    assert_eq!(pod_ip.map(|e| &e["valueFrom"]["fieldRef"]["fieldPath"]), Some(&json!("status.podIP")), "the leader's ledger URL");
     assert_eq!(webhook_service["spec"]["selector"], deployment["spec"]["selector"]["matchLabels"]);
     assert_eq!(find(&docs, "Service", "switchyard-operator")["spec"]["ports"][0]["targetPort"], "admin");
 
@@ -377,6 +383,7 @@ fn cert_manager_monitoring_and_a_network_policy_render_valid_manifests() {
         policy["spec"]["ingress"],
         json!([
             {"ports": [{"port": "webhook", "protocol": "TCP"}]},
+            {"ports": [{"port": "ledger", "protocol": "TCP"}]},
             {"from": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}], "ports": [{"port": "admin", "protocol": "TCP"}]},
         ])
     );
@@ -390,6 +397,7 @@ fn without_the_webhook_nothing_of_it_is_rendered() {
     assert_valid(&docs);
     let args = operator_args(&docs);
     assert!(args.contains(&"--webhook=false".to_string()), "{args:?}");
+    assert!(args.contains(&"--ledger=false".to_string()), "the ledger serves the webhook's certificate: {args:?}");
     assert_binary_accepts(&args);
     let role = find(&docs, "Role", "switchyard-operator");
     assert!(!role["rules"].as_array().unwrap().iter().any(|r| r["resources"][0] == "secrets"), "{role}");

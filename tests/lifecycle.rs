@@ -229,6 +229,8 @@ fn every_subcommand_documents_its_flags() {
                 "SWITCHYARD_LEASE_DURATION",
                 "--webhook-listen",
                 "--webhook-cert-dir",
+                "--ledger-listen",
+                "--ledger-url",
                 "--proxy-image",
                 "--log-format",
             ],

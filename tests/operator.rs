@@ -455,6 +455,7 @@ fn cluster(routes: &[Arc<ProviderRoute>], secrets: &[Arc<Secret>], leadership: L
         metrics: Arc::new(OperatorMetrics::default()),
         own_writes: Default::default(),
         failures: Default::default(),
+        ledger: None,
     });
     Cluster { ctx, server, routes: routes_writer, secrets: secrets_writer, _others: (ns_writer, budgets_writer) }
 }
@@ -696,6 +697,7 @@ fn elector(identity: &str) -> (Elector, Leadership, ApiServer) {
         lease_duration: Duration::from_secs(15),
         renew_deadline: Duration::from_secs(10),
         retry_period: Duration::from_secs(2),
+        ledger_url: Some(format!("https://{identity}.example:8444")),
     };
     let (elector, leadership) = Elector::new(api, settings);
     (elector, leadership, server)
@@ -1111,6 +1113,8 @@ async fn the_operator_process_leads_publishes_reports_and_releases_its_lease() {
         "127.0.0.1:0",
         "--webhook-listen",
         "127.0.0.1:0",
+        "--ledger-listen",
+        "127.0.0.1:0",
         "--identity",
         "op-1",
         "--log-format",
@@ -1214,6 +1218,8 @@ async fn the_operator_process_exits_when_another_replica_takes_its_lease() {
         "--admin-listen",
         "127.0.0.1:0",
         "--webhook-listen",
+        "127.0.0.1:0",
+        "--ledger-listen",
         "127.0.0.1:0",
         "--identity",
         "op-1",

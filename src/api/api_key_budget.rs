@@ -160,6 +160,15 @@ pub struct ApiKeyBudgetStatus {
     /// `Active`, `Low` (remaining under lowBalanceThreshold) or `Exhausted` (nothing left).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<BudgetState>,
+    /// Credits granted to sidecars (leases and per-request reservations) and not reported as
+    /// spent yet, as a decimal string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outstanding: Option<String>,
+    /// The ledger's open leases, kept so that a new leader goes on where the last one stopped:
+    /// it counts their unreported credit as outstanding and accepts their late reports once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Atomic)]
+    pub leases: Vec<LedgerLease>,
     /// Current conditions: `Accepted` (the spec is valid and the key resolves) and `Ready`
     /// (compiled into the namespace's `switchyard-config`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -168,6 +177,38 @@ pub struct ApiKeyBudgetStatus {
     /// The version of the namespace's compiled configuration that carries this budget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_version: Option<i64>,
+}
+
+/// One lease the ledger granted to a sidecar (or one per-request reservation).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LedgerLease {
+    /// The lease's id, unique across leaders.
+    pub id: String,
+    /// The pod that holds it.
+    pub holder: String,
+    /// Credits granted on it, as a decimal string.
+    pub granted: String,
+    /// Credits its holder reported spent on it, as a decimal string.
+    pub used: String,
+    /// Requests and tokens granted on it for the minute `window`.
+    #[serde(default)]
+    pub granted_requests: u64,
+    #[serde(default)]
+    pub granted_tokens: u64,
+    /// Requests and tokens its holder reported using in that minute.
+    #[serde(default)]
+    pub used_requests: u64,
+    #[serde(default)]
+    pub used_tokens: u64,
+    /// The minute (Unix seconds / 60) of the request and token figures.
+    #[serde(default)]
+    pub window: u64,
+    /// When it expires, in Unix milliseconds.
+    pub expires_at_millis: u64,
+    /// Its holder reported it done.
+    #[serde(default)]
+    pub done: bool,
 }
 
 /// How much credit a key has left.

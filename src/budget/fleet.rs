@@ -127,23 +127,51 @@ impl FleetLedger {
         let mut seen = BTreeSet::new();
         for (id, terms, persisted) in budgets {
             seen.insert(id.clone());
-            match self.books.get_mut(&id) {
-                Some(book) => book.terms = terms,
-                None => {
-                    let persisted = persisted.unwrap_or_default();
-                    let mut book = Book {
-                        terms,
-                        period_start: persisted.period_start,
-                        spent: persisted.spent,
-                        leases: persisted.leases.into_iter().map(|l| (l.id.clone(), l)).collect(),
-                        dirty: false,
-                    };
-                    book.roll(now_ms);
-                    self.books.insert(id, book);
-                }
-            }
+            self.upsert(id, terms, persisted, now_ms);
         }
         self.books.retain(|id, _| seen.contains(id));
+    }
+
+    /// Like [`FleetLedger::set_budgets`], for the budgets of one namespace (ids `namespace/…`);
+    /// those of other namespaces are left as they are.
+    pub fn set_namespace(
+        &mut self,
+        namespace: &str,
+        budgets: impl IntoIterator<Item = (String, Terms, Option<Persisted>)>,
+        now_ms: u64,
+    ) {
+        let prefix = format!("{namespace}/");
+        let mut seen = BTreeSet::new();
+        for (id, terms, persisted) in budgets {
+            seen.insert(id.clone());
+            self.upsert(id, terms, persisted, now_ms);
+        }
+        self.books.retain(|id, _| !id.starts_with(&prefix) || seen.contains(id));
+    }
+
+    /// Marks a budget to be persisted again (its last write failed).
+    pub fn mark_dirty(&mut self, budget: &str) {
+        if let Some(book) = self.books.get_mut(budget) {
+            book.dirty = true;
+        }
+    }
+
+    fn upsert(&mut self, id: String, terms: Terms, persisted: Option<Persisted>, now_ms: u64) {
+        match self.books.get_mut(&id) {
+            Some(book) => book.terms = terms,
+            None => {
+                let persisted = persisted.unwrap_or_default();
+                let mut book = Book {
+                    terms,
+                    period_start: persisted.period_start,
+                    spent: persisted.spent,
+                    leases: persisted.leases.into_iter().map(|l| (l.id.clone(), l)).collect(),
+                    dirty: false,
+                };
+                book.roll(now_ms);
+                self.books.insert(id, book);
+            }
+        }
     }
 
     /// Grants a lease on `budget`, or more on the caller's lease, after applying what it used.
@@ -305,7 +333,12 @@ impl FleetLedger {
         now_ms: u64,
     ) -> Result<BudgetFigures, Refused> {
         let used = Allowance { credit: cost, requests: 1, tokens };
-        self.report(budget, holder, &Report { lease_id: id.to_string(), used, done: true }, now_ms)
+        self.report(
+            budget,
+            holder,
+            &Report { budget: String::new(), lease_id: id.to_string(), used, done: true },
+            now_ms,
+        )
     }
 
     /// Forgets leases that can no longer be reported on.
@@ -513,6 +546,7 @@ mod tests {
         let mut l = ledger(terms(Some(1000), None, None));
         let g = l.lease(BUDGET, "a", &want(400), T).unwrap();
         let report = Report {
+            budget: "key".into(),
             lease_id: g.lease_id.clone(),
             used: Allowance { credit: 120, ..Allowance::default() },
             done: false,
@@ -535,6 +569,7 @@ mod tests {
         let after = g.expires_at + 1;
         assert_eq!(l.figures(BUDGET, after).unwrap().outstanding, 400, "it may have been spent before expiry");
         let late = Report {
+            budget: "key".into(),
             lease_id: g.lease_id.clone(),
             used: Allowance { credit: 300, ..Allowance::default() },
             done: false,
@@ -553,6 +588,7 @@ mod tests {
         let g = l.lease(BUDGET, "a", &want(900), T).unwrap();
         assert_eq!(g.granted.credit, 500);
         let done = Report {
+            budget: "key".into(),
             lease_id: g.lease_id.clone(),
             used: Allowance { credit: 850, ..Allowance::default() },
             done: true,
@@ -599,6 +635,7 @@ mod tests {
             BUDGET,
             "a",
             &Report {
+                budget: "key".into(),
                 lease_id: g.lease_id.clone(),
                 used: Allowance { credit: 100, ..Allowance::default() },
                 done: false,
@@ -617,6 +654,7 @@ mod tests {
         let b = next.lease(BUDGET, "b", &want(1000), T + 1).unwrap();
         assert_eq!(b.granted.credit, 125, "500 unleased, two holders: nothing granted twice");
         let late = Report {
+            budget: "key".into(),
             lease_id: g.lease_id.clone(),
             used: Allowance { credit: 250, ..Allowance::default() },
             done: true,
@@ -633,7 +671,12 @@ mod tests {
         l.report(
             BUDGET,
             "a",
-            &Report { lease_id: g.lease_id, used: Allowance { credit: 500, ..Allowance::default() }, done: true },
+            &Report {
+                budget: "key".into(),
+                lease_id: g.lease_id,
+                used: Allowance { credit: 500, ..Allowance::default() },
+                done: true,
+            },
             T,
         )
         .unwrap();
@@ -729,7 +772,7 @@ mod tests {
                         Step::Report { pod, done, twice } => {
                             let held = &mut pods[pod];
                             if let Some(g) = &held.grant {
-                                let report = Report { lease_id: g.lease_id.clone(), used: Allowance { credit: held.spent, ..Allowance::default() }, done };
+                                let report = Report { budget: "key".into(), lease_id: g.lease_id.clone(), used: Allowance { credit: held.spent, ..Allowance::default() }, done };
                                 let before = l.figures(BUDGET, now).unwrap().spent;
                                 for _ in 0..if twice { 2 } else { 1 } {
                                     let _ = l.report(BUDGET, &format!("pod-{pod}"), &report, now);
@@ -759,7 +802,7 @@ mod tests {
                                 let held = std::mem::take(&mut pods[pod]);
                                 let g = held.grant.unwrap_or_else(|| unreachable!());
                                 now = now.max(g.expires_at);
-                                let report = Report { lease_id: g.lease_id, used: Allowance { credit: held.spent, ..Allowance::default() }, done: true };
+                                let report = Report { budget: "key".into(), lease_id: g.lease_id, used: Allowance { credit: held.spent, ..Allowance::default() }, done: true };
                                 let before = l.figures(BUDGET, now).unwrap().spent;
                                 let _ = l.report(BUDGET, &format!("pod-{pod}"), &report, now);
                                 reported += l.figures(BUDGET, now).unwrap().spent.saturating_sub(before);

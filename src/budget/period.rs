@@ -61,6 +61,31 @@ pub fn rfc3339(t: u64) -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", s / 3600, s % 3600 / 60, s % 60)
 }
 
+/// Reads back what [`rfc3339`] writes: `YYYY-MM-DDTHH:MM:SSZ`, UTC, from 1970 on. `None` for
+/// anything else.
+pub fn parse_rfc3339(text: &str) -> Option<u64> {
+    let b = text.as_bytes();
+    if b.len() != 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' || b[19] != b'Z'
+    {
+        return None;
+    }
+    let number = |range: std::ops::Range<usize>| -> Option<u32> {
+        let digits = text.get(range)?;
+        digits.bytes().all(|c| c.is_ascii_digit()).then(|| digits.parse().ok())?
+    };
+    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
+    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    let days = days_from_civil(i64::from(year), month, day);
+    if civil_from_days(days) != (i64::from(year), month, day) {
+        return None; // 31 April and the like
+    }
+    let days = u64::try_from(days).ok()?;
+    Some(days * DAY + u64::from(hour) * 3600 + u64::from(minute) * 60 + u64::from(second))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,6 +101,25 @@ mod tests {
         assert_eq!(rfc3339(month_start(T)), "2026-11-01T00:00:00Z");
         assert_eq!(period_start(Period::Never, T), 0);
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn rfc3339_reads_back() {
+        for t in [0, T, day_start(T), month_start(T), 4_102_444_800] {
+            assert_eq!(parse_rfc3339(&rfc3339(t)), Some(t));
+        }
+        for bad in [
+            "",
+            "2026-11-25",
+            "2026-11-25T13:45:10",
+            "2026-04-31T00:00:00Z",
+            "2026-13-01T00:00:00Z",
+            "1969-12-31T23:59:59Z",
+            "2026-11-25T24:00:00Z",
+            "2026-11-2xT00:00:00Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -87,6 +87,8 @@ pub struct BudgetFigures {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Report {
+    /// The ApiKeyBudget's name; its namespace is the caller's.
+    pub budget: String,
     pub lease_id: String,
     pub used: Allowance,
     #[serde(default)]
@@ -114,6 +116,8 @@ pub struct Reserved {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Settle {
+    /// The ApiKeyBudget's name; its namespace is the caller's.
+    pub budget: String,
     pub reservation_id: String,
     pub cost: u64,
     #[serde(default)]

@@ -74,6 +74,8 @@ pub struct Context {
     pub own_writes: OwnWrites,
     /// Consecutive failures per namespace, for the retry backoff.
     pub failures: Mutex<HashMap<String, u32>>,
+    /// The budget ledger, when this operator serves one: told each namespace's budgets.
+    pub ledger: Option<Arc<super::ledger::FleetService>>,
 }
 
 impl Context {
@@ -90,13 +92,15 @@ pub enum Error {
     Kube { step: &'static str, source: kube::Error },
     /// The lease lapsed before a write: the write was not made.
     NotLeader,
+    /// The ledger could not load a budget's stored status.
+    Ledger { step: &'static str, message: String },
 }
 
 impl Error {
     /// The metric label of the failed step.
     pub fn label(&self) -> &'static str {
         match self {
-            Error::Kube { step, .. } => step,
+            Error::Kube { step, .. } | Error::Ledger { step, .. } => step,
             Error::NotLeader => "not_leader",
         }
     }
@@ -107,6 +111,7 @@ impl fmt::Display for Error {
         match self {
             Error::Kube { step, source } => write!(f, "{step}: {source}"),
             Error::NotLeader => f.write_str("the leader lease lapsed; nothing more was written"),
+            Error::Ledger { step, message } => write!(f, "{step}: {message}"),
         }
     }
 }
@@ -234,7 +239,15 @@ pub async fn reconcile(namespace: Arc<Namespace>, ctx: Arc<Context>) -> Result<A
         published: published.as_ref(),
         now: Timestamp::now(),
     });
-    let result = apply(&ctx, &ns, plan).await;
+    let compiled_budgets = plan.compiled_budgets.clone();
+    let mut result = apply(&ctx, &ns, plan).await;
+    if let (Ok(()), Some(ledger)) = (&result, &ctx.ledger) {
+        // The ledger learns each budget's terms here, and loads a new one's stored spend.
+        result = ledger
+            .sync_namespace(&ns, &compiled_budgets)
+            .await
+            .map_err(|message| Error::Ledger { step: "load_ledger_status", message });
+    }
     ctx.metrics.reconcile_duration.observe(started.elapsed());
     let outcome = match &result {
         Ok(()) => ReconcileOutcome::Success,

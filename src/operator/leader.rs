@@ -23,7 +23,13 @@ pub struct LeaseSettings {
     pub lease_duration: Duration,
     pub renew_deadline: Duration,
     pub retry_period: Duration,
+    /// Where this replica serves the budget ledger, written on the Lease while it leads so
+    /// that the other replicas can tell sidecars where the leader is.
+    pub ledger_url: Option<String>,
 }
+
+/// The Lease annotation that names the leader's ledger URL.
+pub const LEDGER_URL_ANNOTATION: &str = "switchyard.dev/ledger-url";
 
 /// Whether this replica may write now. Cheap to clone and to ask.
 #[derive(Clone, Debug)]
@@ -93,12 +99,20 @@ pub struct Elector {
     /// seen: the lease expires a lease duration after that, by this replica's clock.
     observed: Option<(String, Instant)>,
     state: watch::Sender<Option<Instant>>,
+    /// The leader's ledger URL as the Lease last said.
+    leader_url: watch::Sender<Option<String>>,
 }
 
 impl Elector {
     pub fn new(api: Api<Lease>, settings: LeaseSettings) -> (Elector, Leadership) {
         let (state, leadership) = watch::channel(None);
-        (Elector { api, settings, observed: None, state }, Leadership(leadership))
+        let leader_url = watch::channel(None).0;
+        (Elector { api, settings, observed: None, state, leader_url }, Leadership(leadership))
+    }
+
+    /// The leader's ledger URL, as the Lease says it (this replica's own while it leads).
+    pub fn leader_url(&self) -> watch::Receiver<Option<String>> {
+        self.leader_url.subscribe()
     }
 
     /// Campaigns and renews until `shutdown` resolves (then releases the lease, so another
@@ -147,11 +161,14 @@ impl Elector {
         let now = MicroTime(Timestamp::now());
         let me = &self.settings.identity;
         let duration_secs = i32::try_from(self.settings.lease_duration.as_secs()).unwrap_or(i32::MAX);
+        let my_url = self.settings.ledger_url.clone();
+        let annotations = || my_url.clone().map(|url| [(LEDGER_URL_ANNOTATION.to_string(), url)].into());
         let Some(mut lease) = self.api.get_opt(&self.settings.name).await? else {
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(self.settings.name.clone()),
                     namespace: Some(self.settings.namespace.clone()),
+                    annotations: annotations(),
                     ..Default::default()
                 },
                 spec: Some(LeaseSpec {
@@ -163,8 +180,13 @@ impl Elector {
                     ..Default::default()
                 }),
             };
-            return conflict_is_false(self.api.create(&PostParams::default(), &lease).await);
+            let created = conflict_is_false(self.api.create(&PostParams::default(), &lease).await);
+            if matches!(created, Ok(true)) {
+                self.leader_url.send_replace(my_url);
+            }
+            return created;
         };
+        let their_url = lease.metadata.annotations.as_ref().and_then(|a| a.get(LEDGER_URL_ANNOTATION)).cloned();
         let version = lease.metadata.resource_version.clone().unwrap_or_default();
         let spec = lease.spec.get_or_insert_with(Default::default);
         let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
@@ -178,6 +200,7 @@ impl Elector {
                 .map_or(self.settings.lease_duration, Duration::from_secs);
             let since = self.observed.as_ref().map_or(seen_at, |(_, at)| *at);
             if holder.is_some() && seen_at < since + their_duration {
+                self.leader_url.send_replace(their_url);
                 return Ok(false);
             }
             tracing::info!(previous = ?holder, "taking over the expired lease");
@@ -187,9 +210,20 @@ impl Elector {
         }
         spec.renew_time = Some(now);
         spec.lease_duration_seconds = Some(duration_secs);
+        if let Some(url) = &my_url {
+            lease
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(LEDGER_URL_ANNOTATION.into(), url.clone());
+        }
         // The resourceVersion makes this a compare-and-swap: a concurrent writer wins, we lose.
         let name = self.settings.name.clone();
-        conflict_is_false(self.api.replace(&name, &PostParams::default(), &lease).await)
+        let replaced = conflict_is_false(self.api.replace(&name, &PostParams::default(), &lease).await);
+        if matches!(replaced, Ok(true)) {
+            self.leader_url.send_replace(my_url);
+        }
+        replaced
     }
 
     /// Gives the lease up, if held, so that another replica need not wait for it to expire.

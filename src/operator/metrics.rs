@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::sync::Mutex;
 
+use crate::api::units::format_micros;
 use crate::metrics::{Counter, Gauge, Histogram, escape, header};
 
 /// What a namespace reconcile counts as.
@@ -31,6 +32,14 @@ pub struct OperatorMetrics {
     pub leader: Gauge,
     /// Webhook reviews of pods, by result.
     injections: Mutex<BTreeMap<&'static str, u64>>,
+    /// Ledger calls by call and result.
+    ledger_calls: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// Sidecar tokens checked, by result.
+    token_reviews: Mutex<BTreeMap<&'static str, u64>>,
+    /// Credit granted in leases, in micro-units.
+    pub ledger_credit_granted: Counter,
+    /// Budget statuses the ledger could not write.
+    pub ledger_persist_failures: Counter,
 }
 
 impl OperatorMetrics {
@@ -43,6 +52,22 @@ impl OperatorMetrics {
     /// A pod review ended `injected`, `skipped` or `refused`.
     pub fn injection(&self, result: &'static str) {
         *lock(&self.injections).entry(result).or_default() += 1;
+    }
+
+    /// A ledger call (`lease`, `report`, `reserve`, `settle`) ended with `result` (`ok` or an
+    /// error code).
+    pub fn ledger_call(&self, call: &'static str, result: &'static str) {
+        *lock(&self.ledger_calls).entry((call, result)).or_default() += 1;
+    }
+
+    /// A sidecar's token was `authenticated`, `refused`, for the `wrong_namespace`, or could not
+    /// be checked (`error`).
+    pub fn token_review(&self, result: &'static str) {
+        *lock(&self.token_reviews).entry(result).or_default() += 1;
+    }
+
+    pub fn leased(&self, credit: u64) {
+        self.ledger_credit_granted.add(credit);
     }
 
     pub fn config_bytes(&self, namespace: &str, bytes: usize) {
@@ -124,6 +149,37 @@ impl OperatorMetrics {
         for (result, n) in lock(&self.injections).iter() {
             let _ = writeln!(out, "switchyard_webhook_pods_total{{result=\"{result}\"}} {n}");
         }
+        header(&mut out, "switchyard_ledger_calls_total", "counter", "Calls to the budget ledger, by call and result.");
+        for ((call, result), n) in lock(&self.ledger_calls).iter() {
+            let _ = writeln!(out, "switchyard_ledger_calls_total{{call=\"{call}\",result=\"{result}\"}} {n}");
+        }
+        header(
+            &mut out,
+            "switchyard_ledger_token_reviews_total",
+            "counter",
+            "Sidecar tokens the ledger checked, by result: authenticated, refused, wrong_namespace, error.",
+        );
+        for (result, n) in lock(&self.token_reviews).iter() {
+            let _ = writeln!(out, "switchyard_ledger_token_reviews_total{{result=\"{result}\"}} {n}");
+        }
+        header(
+            &mut out,
+            "switchyard_ledger_granted_credits_total",
+            "counter",
+            "Credits granted to sidecars in leases.",
+        );
+        let _ = writeln!(
+            out,
+            "switchyard_ledger_granted_credits_total {}",
+            format_micros(self.ledger_credit_granted.get())
+        );
+        header(
+            &mut out,
+            "switchyard_ledger_persist_failures_total",
+            "counter",
+            "Budget statuses the ledger could not write (the grants waiting on them were refused).",
+        );
+        let _ = writeln!(out, "switchyard_ledger_persist_failures_total {}", self.ledger_persist_failures.get());
         out
     }
 }

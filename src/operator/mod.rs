@@ -5,6 +5,7 @@
 pub mod controller;
 pub mod inject;
 pub mod leader;
+pub mod ledger;
 pub mod metrics;
 pub mod plan;
 pub mod tls;
@@ -35,6 +36,7 @@ use self::controller::{
 };
 use self::inject::InjectArgs;
 use self::leader::{Elector, Leadership, LeaseSettings};
+use self::ledger::{FleetService, KubeReviewer, KubeStatusStore};
 use self::metrics::OperatorMetrics;
 use self::tls::{CertSource, CertStore, TlsSettings};
 use self::webhook::Webhook;
@@ -111,6 +113,21 @@ pub struct OperatorArgs {
     #[arg(long, env = "SWITCHYARD_WEBHOOK_CERT_CHECK", default_value = "1h", value_parser = parse_duration)]
     pub webhook_cert_check: Duration,
 
+    /// Serve the fleet's budget ledger to sidecars (HTTPS, HTTP/2), with the webhook's
+    /// certificate; only the leader grants.
+    #[arg(long, env = "SWITCHYARD_LEDGER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ledger: bool,
+
+    /// Address of the budget ledger.
+    #[arg(long, env = "SWITCHYARD_LEDGER_LISTEN", default_value = "0.0.0.0:8444")]
+    pub ledger_listen: SocketAddr,
+
+    /// This replica's own ledger URL, which the leader writes on the Lease so that the other
+    /// replicas can name it to sidecars that reach them. Default: `https://<POD_IP>:<port>`
+    /// when the POD_IP variable is set (the chart sets it).
+    #[arg(long, env = "SWITCHYARD_LEDGER_URL")]
+    pub ledger_url: Option<String>,
+
     #[command(flatten)]
     pub inject: InjectArgs,
 }
@@ -153,7 +170,14 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let (leadership, election) = if args.leader_elect {
+    let ledger_url = args.ledger.then(|| {
+        args.ledger_url.clone().or_else(|| {
+            let ip = std::env::var("POD_IP").ok().filter(|ip| !ip.is_empty())?;
+            let host = if ip.contains(':') { format!("[{ip}]") } else { ip };
+            Some(format!("https://{host}:{}", args.ledger_listen.port()))
+        })
+    });
+    let (leadership, election, leader_url) = if args.leader_elect {
         let settings = LeaseSettings {
             name: args.lease_name.clone(),
             namespace: args.lease_namespace.clone().unwrap_or_else(|| client.default_namespace().to_string()),
@@ -161,13 +185,15 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
             lease_duration: args.lease_duration,
             renew_deadline: args.renew_deadline,
             retry_period: args.retry_period,
+            ledger_url: ledger_url.clone().flatten(),
         };
         tracing::info!(lease = %settings.name, namespace = %settings.namespace, %identity, "joining the leader election");
         let (elector, leadership) =
             Elector::new(Api::<Lease>::namespaced(client.clone(), &settings.namespace), settings);
-        (leadership, Some(tokio::spawn(elector.run(shutdown()))))
+        let leader_url = elector.leader_url();
+        (leadership, Some(tokio::spawn(elector.run(shutdown()))), leader_url)
     } else {
-        (Leadership::fixed(true), None)
+        (Leadership::fixed(true), None, tokio::sync::watch::channel(ledger_url.clone().flatten()).1)
     };
     let leader_gauge = {
         let (mut leadership, metrics) = (leadership.clone(), metrics.clone());
@@ -208,11 +234,8 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
         .await
         .map_err(|e| OperatorError::Failed(format!("cannot listen on {}: {e}", args.admin_listen)))?;
     let admin_addr = admin.local_addr().map_err(|e| OperatorError::Failed(e.to_string()))?;
-    let (webhook_addr, certs) = if args.webhook {
-        let listener = TcpListener::bind(args.webhook_listen)
-            .await
-            .map_err(|e| OperatorError::Failed(format!("cannot listen on {}: {e}", args.webhook_listen)))?;
-        let addr = listener.local_addr().map_err(|e| OperatorError::Failed(e.to_string()))?;
+    // The webhook and the ledger serve one certificate, for the webhook Service's names.
+    let certs = (args.webhook || args.ledger).then(|| {
         let certs = Arc::new(CertStore::default());
         let source = match &args.webhook_cert_dir {
             Some(dir) => CertSource::Files(dir.clone()),
@@ -226,11 +249,43 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
         let keeper =
             tls::keep_current(client.clone(), leadership.clone(), source, certs.clone(), args.webhook_cert_check);
         tokio::spawn(keeper);
-        let hook = Arc::new(Webhook { params: inject_params, metrics: metrics.clone() });
-        tokio::spawn(tls::serve_https(listener, webhook::router(hook), certs.clone(), shutdown()));
-        (Some(addr), Some(certs))
-    } else {
-        (None, None)
+        certs
+    });
+    let webhook_addr = match (&certs, args.webhook) {
+        (Some(certs), true) => {
+            let listener = TcpListener::bind(args.webhook_listen)
+                .await
+                .map_err(|e| OperatorError::Failed(format!("cannot listen on {}: {e}", args.webhook_listen)))?;
+            let addr = listener.local_addr().map_err(|e| OperatorError::Failed(e.to_string()))?;
+            let hook = Arc::new(Webhook { params: inject_params, metrics: metrics.clone() });
+            tokio::spawn(tls::serve_https(listener, webhook::router(hook), certs.clone(), shutdown()));
+            Some(addr)
+        }
+        _ => None,
+    };
+    let ledger = match (&certs, args.ledger) {
+        (Some(certs), true) => {
+            let listener = TcpListener::bind(args.ledger_listen)
+                .await
+                .map_err(|e| OperatorError::Failed(format!("cannot listen on {}: {e}", args.ledger_listen)))?;
+            let addr = listener.local_addr().map_err(|e| OperatorError::Failed(e.to_string()))?;
+            let service = FleetService::new(
+                format!("{identity}-{}", std::process::id()),
+                leadership.clone(),
+                Arc::new(KubeReviewer(client.clone())),
+                Arc::new(KubeStatusStore(client.clone())),
+                metrics.clone(),
+                leader_url,
+            );
+            tokio::spawn(service.clone().keep_persisted(shutdown()));
+            tokio::spawn(tls::serve_https(listener, ledger::router(service.clone()), certs.clone(), shutdown()));
+            Some((service, addr))
+        }
+        _ => None,
+    };
+    let (ledger, ledger_addr) = match ledger {
+        Some((service, addr)) => (Some(service), addr.to_string()),
+        None => (None, "off".to_string()),
     };
     let admin_state = Arc::new(Admin { stores: stores.clone(), metrics: metrics.clone(), certs });
     let admin =
@@ -248,6 +303,7 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
         metrics: metrics.clone(),
         own_writes: Default::default(),
         failures: Default::default(),
+        ledger,
     });
     let controller = controller(controller::namespace_watch(&client, ns_writer), namespaces, requests, metrics)
         .graceful_shutdown_on(shutdown())
@@ -258,7 +314,7 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
             }
         });
     let webhook_addr = webhook_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
-    tracing::info!(admin = %admin_addr, webhook = %webhook_addr, "operator running");
+    tracing::info!(admin = %admin_addr, webhook = %webhook_addr, ledger = %ledger_addr, "operator running");
 
     let mut election = election;
     let outcome = tokio::select! {

@@ -81,6 +81,8 @@ pub struct Plan {
     pub events: Vec<PlannedEvent>,
     /// Size of the compiled configuration; 0 without one.
     pub config_bytes: usize,
+    /// The namespace's accepted budgets, compiled: what the ledger serves.
+    pub compiled_budgets: Vec<crate::config::Budget>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -155,7 +157,7 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
     };
     let analysis = analyse(&docs, &ClusterResolver);
 
-    let mut plan = Plan::default();
+    let mut plan = Plan { compiled_budgets: analysis.config.budgets.clone(), ..Plan::default() };
     let compiled = if routes.is_empty() {
         if inputs.published.is_some_and(|p| p.ours) {
             plan.config = ConfigAction::Delete;

@@ -27,3 +27,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "switchyard.managesCert" -}}
 {{- if and .Values.webhook.enabled (not .Values.webhook.certManager.enabled) }}true{{ end }}
 {{- end }}
+
+{{/*
+The budget ledger runs when it is enabled and the webhook is: it serves the webhook's certificate.
+Renders "true" or nothing.
+*/}}
+{{- define "switchyard.ledger" -}}
+{{- if and .Values.ledger.enabled .Values.webhook.enabled }}true{{ end }}
+{{- end }}

@@ -1,0 +1,582 @@
+//! The fleet's budget ledger as the operator's leader serves it to sidecars: who is calling (a
+//! projected ServiceAccount token, checked with a TokenReview), which budgets they may touch
+//! (their namespace's), and what must be persisted (in `ApiKeyBudget.status`) before a grant is
+//! answered. The accounting itself is [`crate::budget::fleet`].
+//!
+//! Calls (JSON over HTTP/2, see [`crate::budget::protocol`]): `POST /ledger/v1/lease`, `/report`,
+//! `/reserve` and `/settle`. A replica that does not lead answers 503 `not_leader`, naming the
+//! leader's ledger URL when it knows it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use super::leader::Leadership;
+use super::metrics::OperatorMetrics;
+use crate::api::units::{format_micros, parse_micros};
+use crate::api::{ApiKeyBudgetStatus, LedgerLease};
+use crate::budget::fleet::{FleetLedger, Lease, Persisted, Terms};
+use crate::budget::period::{parse_rfc3339, rfc3339};
+use crate::budget::protocol::{Allowance, BudgetFigures, LeaseRequest, Refused, Report, ReserveRequest, Settle};
+use crate::config::Budget;
+
+/// The audience of the tokens sidecars present: a token minted for anything else is refused.
+pub const AUDIENCE: &str = "switchyard";
+/// The field manager of the ledger's status fields (the reconciler owns the conditions).
+pub const FIELD_MANAGER: &str = "switchyard-ledger";
+/// How long a checked token is trusted before it is checked again.
+const TOKEN_CACHE: Duration = Duration::from_secs(30);
+/// Budgets are written at most about this often, however busy.
+const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A sidecar, as its token says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub namespace: String,
+    /// The pod: a lease's holder.
+    pub pod: String,
+}
+
+/// What a token check found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Review {
+    /// A valid token for [`AUDIENCE`], of this user, with the pod it was bound to, if any.
+    Authenticated { username: String, pod: Option<String> },
+    /// Invalid, expired, or for another audience; the message says which, as far as known.
+    Rejected(String),
+}
+
+/// Checks tokens: the cluster's TokenReview, or a script in tests.
+pub trait Reviewer: Send + Sync + 'static {
+    fn review<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Review, String>>;
+}
+
+/// Where budgets' ledger figures are kept: `ApiKeyBudget.status` in a cluster.
+pub trait StatusStore: Send + Sync + 'static {
+    /// The status of `namespace/name` as stored now, to go on from.
+    fn load<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ApiKeyBudgetStatus>, String>>;
+    /// Writes the ledger's fields of a status.
+    fn save<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+        status: ApiKeyBudgetStatus,
+    ) -> BoxFuture<'a, Result<(), String>>;
+}
+
+/// The ledger service: the fleet's books behind the leader check, authentication and
+/// persistence.
+pub struct FleetService {
+    fleet: Mutex<FleetLedger>,
+    leadership: Leadership,
+    reviewer: Arc<dyn Reviewer>,
+    store: Arc<dyn StatusStore>,
+    metrics: Arc<OperatorMetrics>,
+    /// Checked tokens by their SHA-256, until when they are trusted.
+    tokens: Mutex<HashMap<[u8; 32], (Caller, Instant)>>,
+    /// Flushes started, and the last one completed with the budgets it could not write.
+    flushes_started: AtomicU64,
+    flushed: watch::Sender<Flushed>,
+    wake_flusher: Notify,
+    /// The leader's ledger URL, for the answer of a replica that does not lead.
+    leader_url: watch::Receiver<Option<String>>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Flushed {
+    number: u64,
+    failed: HashSet<String>,
+}
+
+/// An error answer: a status and a code a client can act on.
+#[derive(Debug)]
+pub struct LedgerError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    leader: Option<String>,
+}
+
+impl LedgerError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        LedgerError { status, code, message: message.into(), leader: None }
+    }
+}
+
+impl IntoResponse for LedgerError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": {"message": self.message, "code": self.code}});
+        let mut response =
+            (self.status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
+        if let Some(url) = self.leader.and_then(|u| HeaderValue::from_str(&u).ok()) {
+            response.headers_mut().insert(LEADER_HEADER, url);
+        }
+        response
+    }
+}
+
+/// Names the leader's ledger URL on a follower's answer.
+pub const LEADER_HEADER: &str = "x-switchyard-ledger-leader";
+
+fn refusal(refused: Refused) -> LedgerError {
+    let (status, code, message) = match &refused {
+        Refused::InsufficientCredits { remaining } => (
+            StatusCode::PAYMENT_REQUIRED,
+            "insufficient_credits",
+            format!("not enough credit: {} remain unleased", format_micros(*remaining)),
+        ),
+        Refused::RateLimited { limit, reset } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("the key's limit of {limit} per minute is used up; {reset} s to the next window"),
+        ),
+        Refused::UnknownBudget => (
+            StatusCode::NOT_FOUND,
+            "unknown_budget",
+            "no such ApiKeyBudget in the caller's namespace (or not compiled yet)".into(),
+        ),
+        Refused::UnknownLease => (StatusCode::NOT_FOUND, "unknown_lease", "no such lease of the caller's".into()),
+    };
+    let mut error = LedgerError::new(status, code, message);
+    // The refusal itself, for the client to read exactly.
+    error.message = format!("{}: {}", error.message, serde_json::to_string(&refused).unwrap_or_default());
+    error
+}
+
+impl FleetService {
+    pub fn new(
+        id_prefix: String,
+        leadership: Leadership,
+        reviewer: Arc<dyn Reviewer>,
+        store: Arc<dyn StatusStore>,
+        metrics: Arc<OperatorMetrics>,
+        leader_url: watch::Receiver<Option<String>>,
+    ) -> Arc<Self> {
+        Arc::new(FleetService {
+            fleet: Mutex::new(FleetLedger::new(id_prefix)),
+            leadership,
+            reviewer,
+            store,
+            metrics,
+            tokens: Mutex::default(),
+            flushes_started: AtomicU64::new(0),
+            flushed: watch::channel(Flushed::default()).0,
+            wake_flusher: Notify::new(),
+            leader_url,
+        })
+    }
+
+    /// The budgets of `namespace` the ledger serves, as compiled: new ones start from their
+    /// stored status, changed terms apply at once, removed ones go.
+    pub async fn sync_namespace(&self, namespace: &str, budgets: &[Budget]) -> Result<(), String> {
+        let now = now_ms();
+        let known: HashSet<String> = {
+            let fleet = lock(&self.fleet);
+            budgets.iter().map(|b| b.id()).filter(|id| fleet.figures(id, now).is_some()).collect()
+        };
+        let mut entries = Vec::with_capacity(budgets.len());
+        for budget in budgets {
+            let id = budget.id();
+            let persisted = if known.contains(&id) {
+                None
+            } else {
+                let status = self.store.load(&budget.namespace, &budget.name).await?;
+                Some(persisted_of(status.as_ref()))
+            };
+            entries.push((id, Terms::from(budget), persisted));
+        }
+        lock(&self.fleet).set_namespace(namespace, entries, now);
+        Ok(())
+    }
+
+    /// Forgets every book (when leadership is lost): the next leader term starts from what
+    /// was persisted.
+    pub fn forget(&self) {
+        *lock(&self.fleet) = FleetLedger::new(format!("{}-{}", identity_prefix(), now_ms()));
+    }
+
+    /// Writes changed budgets to their status, at most once per [`FLUSH_INTERVAL`], and tells
+    /// the calls waiting for their grants to be persisted. Runs until `shutdown`.
+    pub async fn keep_persisted(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = self.wake_flusher.notified() => {}
+                () = tokio::time::sleep(FLUSH_INTERVAL) => {}
+                () = &mut shutdown => return,
+            }
+            let started = Instant::now();
+            let now = now_ms();
+            let (number, dirty) = {
+                let mut fleet = lock(&self.fleet);
+                fleet.sweep(now);
+                (self.flushes_started.fetch_add(1, Ordering::SeqCst) + 1, fleet.take_dirty(now))
+            };
+            let mut failed = HashSet::new();
+            for (id, persisted, figures) in dirty {
+                let Some((namespace, name)) = id.split_once('/') else { continue };
+                let status = status_of(&persisted, &figures);
+                match self.store.save(namespace, name, status).await {
+                    Ok(()) => self.metrics.status_writes.inc(),
+                    Err(e) => {
+                        tracing::warn!(budget = %id, error = %e, "cannot write the budget's ledger status; grants wait for it");
+                        self.metrics.ledger_persist_failures.inc();
+                        lock(&self.fleet).mark_dirty(&id);
+                        failed.insert(id);
+                    }
+                }
+            }
+            self.flushed.send_replace(Flushed { number, failed });
+            tokio::time::sleep_until(started + FLUSH_INTERVAL).await;
+        }
+    }
+
+    /// Waits until what was changed in `budget` before `since` (a [`FleetService::flushes_started`]
+    /// reading taken with the change) is written.
+    async fn persisted(&self, budget: &str, since: u64) -> Result<(), LedgerError> {
+        self.wake_flusher.notify_one();
+        let mut flushed = self.flushed.subscribe();
+        let wait = flushed.wait_for(|f| f.number > since);
+        match tokio::time::timeout(FLUSH_INTERVAL * 10, wait).await {
+            Ok(Ok(f)) if !f.failed.contains(budget) => Ok(()),
+            _ => Err(LedgerError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ledger_unavailable",
+                "the ledger could not persist the budget's status; try again shortly",
+            )),
+        }
+    }
+
+    /// The caller, from `Authorization: Bearer <token>`.
+    async fn identify(&self, headers: &HeaderMap) -> Result<Caller, LedgerError> {
+        let unauthorized = |message: String| {
+            self.metrics.token_review("refused");
+            LedgerError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+        };
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| unauthorized("no token: send the pod's projected ServiceAccount token (audience switchyard) as Authorization: Bearer".into()))?;
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some((caller, until)) = lock(&self.tokens).get(&key)
+            && Instant::now() < *until
+        {
+            return Ok(caller.clone());
+        }
+        let review = self.reviewer.review(token).await.map_err(|e| {
+            self.metrics.token_review("error");
+            LedgerError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "token_review_failed",
+                format!("cannot check the token: {e}"),
+            )
+        })?;
+        let (username, pod) = match review {
+            Review::Authenticated { username, pod } => (username, pod),
+            Review::Rejected(reason) => return Err(unauthorized(format!("the token was refused: {reason}"))),
+        };
+        let Some((namespace, _account)) =
+            username.strip_prefix("system:serviceaccount:").and_then(|rest| rest.split_once(':'))
+        else {
+            return Err(unauthorized(format!("{username} is not a ServiceAccount")));
+        };
+        let caller = Caller { namespace: namespace.to_string(), pod: pod.unwrap_or_else(|| username.clone()) };
+        self.metrics.token_review("authenticated");
+        let mut tokens = lock(&self.tokens);
+        let now = Instant::now();
+        tokens.retain(|_, (_, until)| now < *until);
+        tokens.insert(key, (caller.clone(), now + TOKEN_CACHE));
+        Ok(caller)
+    }
+
+    /// The leader check, authentication and the budget's id, shared by every call.
+    async fn admit(&self, headers: &HeaderMap, budget: &str) -> Result<(Caller, String), LedgerError> {
+        if !self.leadership.is_leader() {
+            let leader = self.leader_url.borrow().clone();
+            let message = match &leader {
+                Some(url) => format!("this replica does not lead; the ledger is at {url}"),
+                None => "this replica does not lead, and the leader is not known yet; try again shortly".into(),
+            };
+            return Err(LedgerError {
+                leader,
+                ..LedgerError::new(StatusCode::SERVICE_UNAVAILABLE, "not_leader", message)
+            });
+        }
+        let caller = self.identify(headers).await?;
+        if budget.contains('/') {
+            self.metrics.token_review("wrong_namespace");
+            return Err(LedgerError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "a sidecar touches the budgets of its own namespace ({}) only; name the budget without a namespace",
+                    caller.namespace
+                ),
+            ));
+        }
+        let id = format!("{}/{budget}", caller.namespace);
+        Ok((caller, id))
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn identity_prefix() -> String {
+    std::env::var("HOSTNAME").unwrap_or_else(|_| "ledger".into())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The routes of the ledger.
+pub fn router(service: Arc<FleetService>) -> Router {
+    Router::new()
+        .route("/ledger/v1/lease", post(lease))
+        .route("/ledger/v1/report", post(report))
+        .route("/ledger/v1/reserve", post(reserve))
+        .route("/ledger/v1/settle", post(settle))
+        .with_state(service)
+}
+
+fn body<T: serde::de::DeserializeOwned>(bytes: &Bytes) -> Result<T, LedgerError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| LedgerError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("invalid request body: {e}")))
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], serde_json::to_string(value).unwrap_or_default()).into_response()
+}
+
+/// Runs one call and counts it by its result.
+async fn counted(
+    service: &FleetService,
+    call: &'static str,
+    run: impl Future<Output = Result<Response, LedgerError>>,
+) -> Response {
+    let result = run.await;
+    let label = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.code,
+    };
+    service.metrics.ledger_call(call, label);
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn lease(State(service): State<Arc<FleetService>>, headers: HeaderMap, bytes: Bytes) -> Response {
+    counted(&service.clone(), "lease", async move {
+        let request: LeaseRequest = body(&bytes)?;
+        let (caller, id) = service.admit(&headers, &request.budget).await?;
+        let (grant, since) = {
+            let mut fleet = lock(&service.fleet);
+            let grant = fleet.lease(&id, &caller.pod, &request, now_ms()).map_err(refusal)?;
+            (grant, service.flushes_started.load(Ordering::SeqCst))
+        };
+        service.metrics.leased(grant.granted.credit);
+        service.persisted(&id, since).await?;
+        Ok(json(&grant))
+    })
+    .await
+}
+
+async fn report(State(service): State<Arc<FleetService>>, headers: HeaderMap, bytes: Bytes) -> Response {
+    counted(&service.clone(), "report", async move {
+        let request: Report = body(&bytes)?;
+        let (caller, id) = service.admit(&headers, &request.budget).await?;
+        let (figures, since) = {
+            let mut fleet = lock(&service.fleet);
+            let figures = fleet.report(&id, &caller.pod, &request, now_ms()).map_err(refusal)?;
+            (figures, service.flushes_started.load(Ordering::SeqCst))
+        };
+        service.persisted(&id, since).await?;
+        Ok(json(&figures))
+    })
+    .await
+}
+
+async fn reserve(State(service): State<Arc<FleetService>>, headers: HeaderMap, bytes: Bytes) -> Response {
+    counted(&service.clone(), "reserve", async move {
+        let request: ReserveRequest = body(&bytes)?;
+        let (caller, id) = service.admit(&headers, &request.budget).await?;
+        let (reserved, since) = {
+            let mut fleet = lock(&service.fleet);
+            let reserved = fleet.reserve(&id, &caller.pod, request.amount, now_ms()).map_err(refusal)?;
+            (reserved, service.flushes_started.load(Ordering::SeqCst))
+        };
+        service.persisted(&id, since).await?;
+        Ok(json(&reserved))
+    })
+    .await
+}
+
+async fn settle(State(service): State<Arc<FleetService>>, headers: HeaderMap, bytes: Bytes) -> Response {
+    counted(&service.clone(), "settle", async move {
+        let request: Settle = body(&bytes)?;
+        let (caller, id) = service.admit(&headers, &request.budget).await?;
+        let (figures, since) = {
+            let mut fleet = lock(&service.fleet);
+            let figures = fleet
+                .settle(&id, &caller.pod, &request.reservation_id, request.cost, request.tokens, now_ms())
+                .map_err(refusal)?;
+            (figures, service.flushes_started.load(Ordering::SeqCst))
+        };
+        service.persisted(&id, since).await?;
+        Ok(json(&figures))
+    })
+    .await
+}
+
+/// The ledger's fields of a budget's status.
+pub fn status_of(persisted: &Persisted, figures: &BudgetFigures) -> ApiKeyBudgetStatus {
+    ApiKeyBudgetStatus {
+        spent: Some(format_micros(persisted.spent)),
+        remaining: figures.remaining.map(format_micros),
+        period_start: Some(rfc3339(persisted.period_start)),
+        state: Some(figures.state),
+        outstanding: Some(format_micros(figures.outstanding)),
+        leases: persisted
+            .leases
+            .iter()
+            .map(|l| LedgerLease {
+                id: l.id.clone(),
+                holder: l.holder.clone(),
+                granted: format_micros(l.granted.credit),
+                used: format_micros(l.used.credit),
+                granted_requests: l.granted.requests,
+                granted_tokens: l.granted.tokens,
+                used_requests: l.used.requests,
+                used_tokens: l.used.tokens,
+                window: l.window,
+                expires_at_millis: l.expires_at,
+                done: l.done,
+            })
+            .collect(),
+        ..ApiKeyBudgetStatus::default()
+    }
+}
+
+/// What a new leader goes on from: a stored status read back. Figures it cannot read count as
+/// nothing spent and no lease, with a warning (they were written by this code).
+pub fn persisted_of(status: Option<&ApiKeyBudgetStatus>) -> Persisted {
+    let Some(status) = status else { return Persisted::default() };
+    let micros = |s: &Option<String>| s.as_deref().and_then(|s| parse_micros(s).ok()).unwrap_or(0);
+    let leases = status
+        .leases
+        .iter()
+        .map(|l| Lease {
+            id: l.id.clone(),
+            holder: l.holder.clone(),
+            granted: Allowance {
+                credit: parse_micros(&l.granted).unwrap_or(0),
+                requests: l.granted_requests,
+                tokens: l.granted_tokens,
+            },
+            used: Allowance {
+                credit: parse_micros(&l.used).unwrap_or(0),
+                requests: l.used_requests,
+                tokens: l.used_tokens,
+            },
+            window: l.window,
+            expires_at: l.expires_at_millis,
+            done: l.done,
+        })
+        .collect();
+    let period_start = status.period_start.as_deref().and_then(parse_rfc3339).unwrap_or(0);
+    Persisted { spent: micros(&status.spent), period_start, leases }
+}
+
+/// The cluster's token check: a TokenReview for [`AUDIENCE`].
+pub struct KubeReviewer(pub kube::Client);
+
+impl Reviewer for KubeReviewer {
+    fn review<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Review, String>> {
+        use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+        Box::pin(async move {
+            let review = TokenReview {
+                spec: TokenReviewSpec { token: Some(token.to_string()), audiences: Some(vec![AUDIENCE.into()]) },
+                ..Default::default()
+            };
+            let api = kube::Api::<TokenReview>::all(self.0.clone());
+            let reviewed = api.create(&kube::api::PostParams::default(), &review).await.map_err(|e| e.to_string())?;
+            let status = reviewed.status.unwrap_or_default();
+            if status.authenticated != Some(true) {
+                let reason = status.error.unwrap_or_else(|| "not authenticated".into());
+                return Ok(Review::Rejected(reason));
+            }
+            if !status.audiences.unwrap_or_default().iter().any(|a| a == AUDIENCE) {
+                return Ok(Review::Rejected(format!("the token is not for the audience {AUDIENCE}")));
+            }
+            let user = status.user.unwrap_or_default();
+            let pod = user
+                .extra
+                .as_ref()
+                .and_then(|e| e.get("authentication.kubernetes.io/pod-name"))
+                .and_then(|v| v.first())
+                .cloned();
+            Ok(Review::Authenticated { username: user.username.unwrap_or_default(), pod })
+        })
+    }
+}
+
+/// The cluster's status store: `ApiKeyBudget.status`, written by server-side apply with the
+/// ledger's own field manager.
+pub struct KubeStatusStore(pub kube::Client);
+
+impl StatusStore for KubeStatusStore {
+    fn load<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ApiKeyBudgetStatus>, String>> {
+        Box::pin(async move {
+            let api = kube::Api::<crate::api::ApiKeyBudget>::namespaced(self.0.clone(), namespace);
+            match api.get_status(name).await {
+                Ok(budget) => Ok(budget.status),
+                Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    }
+
+    fn save<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+        status: ApiKeyBudgetStatus,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let api = kube::Api::<crate::api::ApiKeyBudget>::namespaced(self.0.clone(), namespace);
+            let patch = serde_json::json!({
+                "apiVersion": crate::api::API_VERSION,
+                "kind": "ApiKeyBudget",
+                "status": status,
+            });
+            let params = kube::api::PatchParams::apply(FIELD_MANAGER).force();
+            api.patch_status(name, &params, &kube::api::Patch::Apply(&patch))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
+}
