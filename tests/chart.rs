@@ -228,7 +228,11 @@ fn the_default_install_is_two_locked_down_replicas_with_an_opt_in_webhook() {
     );
     assert!(args.contains(&"--ledger=true".to_string()) && args.contains(&"--ledger-listen=0.0.0.0:8444".to_string()));
     let pod_ip = container["env"].as_array().unwrap().iter().find(|e| e["name"] == "POD_IP");
-    assert_eq!(pod_ip.map(|e| &e["valueFrom"]["fieldRef"]["fieldPath"]), Some(&json!("status.podIP")), "the leader's ledger URL");
+    assert_eq!(
+        pod_ip.map(|e| &e["valueFrom"]["fieldRef"]["fieldPath"]),
+        Some(&json!("status.podIP")),
+        "the leader's ledger URL"
+    );
     assert_eq!(webhook_service["spec"]["selector"], deployment["spec"]["selector"]["matchLabels"]);
     assert_eq!(find(&docs, "Service", "switchyard-operator")["spec"]["ports"][0]["targetPort"], "admin");
 
