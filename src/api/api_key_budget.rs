@@ -191,14 +191,16 @@ pub struct LedgerLease {
     pub granted: String,
     /// Credits its holder reported spent on it, as a decimal string.
     pub used: String,
-    /// Requests and tokens granted on it for the minute `window`.
+    /// Requests granted on it for the minute `window`.
     #[serde(default)]
     pub granted_requests: u64,
+    /// Tokens granted on it for the minute `window`.
     #[serde(default)]
     pub granted_tokens: u64,
-    /// Requests and tokens its holder reported using in that minute.
+    /// Requests its holder reported using in that minute.
     #[serde(default)]
     pub used_requests: u64,
+    /// Tokens its holder reported using in that minute.
     #[serde(default)]
     pub used_tokens: u64,
     /// The minute (Unix seconds / 60) of the request and token figures.

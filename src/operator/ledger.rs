@@ -205,12 +205,6 @@ impl FleetService {
         Ok(())
     }
 
-    /// Forgets every book (when leadership is lost): the next leader term starts from what
-    /// was persisted.
-    pub fn forget(&self) {
-        *lock(&self.fleet) = FleetLedger::new(format!("{}-{}", identity_prefix(), now_ms()));
-    }
-
     /// Writes changed budgets to their status, at most once per [`FLUSH_INTERVAL`], and tells
     /// the calls waiting for their grants to be persisted. Runs until `shutdown`.
     pub async fn keep_persisted(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
@@ -338,12 +332,9 @@ impl FleetService {
     }
 }
 
-fn now_ms() -> u64 {
+/// Unix milliseconds.
+pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-fn identity_prefix() -> String {
-    std::env::var("HOSTNAME").unwrap_or_else(|_| "ledger".into())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -270,7 +270,8 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
                 .map_err(|e| OperatorError::Failed(format!("cannot listen on {}: {e}", args.ledger_listen)))?;
             let addr = listener.local_addr().map_err(|e| OperatorError::Failed(e.to_string()))?;
             let service = FleetService::new(
-                format!("{identity}-{}", std::process::id()),
+                // Lease ids unique to this replica's term: a restarted pod starts a new prefix.
+                format!("{identity}-{}", ledger::now_ms()),
                 leadership.clone(),
                 Arc::new(KubeReviewer(client.clone())),
                 Arc::new(KubeStatusStore(client.clone())),
