@@ -1014,8 +1014,8 @@ async fn the_controller_reconciles_each_namespace_it_is_asked_to() {
 // ---------------------------------------------------------------------------------------------
 // The real process against a fake API server on 127.0.0.1
 
-/// Just enough of a kube-apiserver for the operator: lists, idle watches, leases, and recorded
-/// writes.
+/// Just enough of a kube-apiserver for the operator: lists, idle watches, leases, statuses it
+/// keeps, TokenReviews, and recorded writes.
 #[derive(Default)]
 struct FakeApi {
     crds_installed: bool,
@@ -1024,6 +1024,36 @@ struct FakeApi {
     writes: Mutex<Vec<(String, String, Value)>>,
     /// Another replica has taken the lease.
     stolen: std::sync::atomic::AtomicBool,
+    /// Statuses written, by the object's path: the object is read back with them.
+    statuses: Mutex<BTreeMap<String, Value>>,
+}
+
+/// The object a `…/{plural}/{name}` path names, from the cluster's lists.
+fn object_at(api: &FakeApi, path: &str) -> Option<Value> {
+    let (collection, name) = path.rsplit_once('/')?;
+    let (prefix, plural) = collection.rsplit_once('/')?;
+    let (group, _namespace) = prefix.rsplit_once("/namespaces/")?;
+    let list = &api.lists.get(&format!("{group}/{plural}"))?["items"];
+    list.as_array()?.iter().find(|o| o["metadata"]["name"] == name).cloned()
+}
+
+/// A TokenReview as the API server answers it, for the test tokens `namespace:pod` (a bound pod
+/// token of the namespace's default ServiceAccount) and `wrong-audience`.
+fn token_review(request: &Value) -> Value {
+    let token = request["spec"]["token"].as_str().unwrap_or_default();
+    let audiences = request["spec"]["audiences"].clone();
+    let status = match token.split_once(':') {
+        Some((ns, pod)) if token != "wrong-audience" => json!({
+            "authenticated": true,
+            "audiences": audiences,
+            "user": {"username": format!("system:serviceaccount:{ns}:default"),
+                     "extra": {"authentication.kubernetes.io/pod-name": [pod]}},
+        }),
+        _ => {
+            json!({"authenticated": false, "error": "[invalid bearer token, token audiences [\"https://kubernetes.default.svc\"] is invalid for the target audiences [\"switchyard\"]]"})
+        }
+    };
+    json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": request["spec"], "status": status})
 }
 
 async fn fake_api(State(api): State<Arc<FakeApi>>, request: axum::extract::Request) -> axum::response::Response {
@@ -1063,13 +1093,33 @@ async fn fake_api(State(api): State<Arc<FakeApi>>, request: axum::extract::Reque
             api.writes.lock().unwrap().push((method.to_string(), path, body));
             json(200, lease)
         }
+        (Method::POST, "/apis/authentication.k8s.io/v1/tokenreviews") => json(201, token_review(&body)),
+        (Method::GET, p) if p.ends_with("/status") => {
+            let object_path = p.trim_end_matches("/status");
+            match object_at(&api, object_path) {
+                Some(mut object) => {
+                    if let Some(status) = api.statuses.lock().unwrap().get(object_path) {
+                        object["status"] = status.clone();
+                    }
+                    json(200, object)
+                }
+                None => json(404, not_found()),
+            }
+        }
         (Method::PATCH, p) if p.ends_with("/status") => {
-            // Answer with the route, status applied.
-            let items = api.lists["/apis/switchyard.dev/v1alpha1/providerroutes"]["items"].as_array().unwrap().clone();
-            let mut route = items[0].clone();
-            route["status"] = body["status"].clone();
+            // Keeps the fields written, as server-side apply merges them, and answers with the
+            // object, status applied.
+            let object_path = p.trim_end_matches("/status").to_string();
+            let Some(mut object) = object_at(&api, &object_path) else { return json(404, not_found()) };
+            let mut statuses = api.statuses.lock().unwrap();
+            let status = statuses.entry(object_path).or_insert_with(|| json!({}));
+            for (field, value) in body["status"].as_object().into_iter().flatten() {
+                status[field] = value.clone();
+            }
+            object["status"] = status.clone();
+            drop(statuses);
             api.writes.lock().unwrap().push((method.to_string(), path, body));
-            json(200, route)
+            json(200, object)
         }
         (Method::PATCH | Method::POST, _) => {
             api.writes.lock().unwrap().push((method.to_string(), path, body.clone()));
@@ -1259,4 +1309,99 @@ async fn the_operator_refuses_to_start_without_its_crds() {
         "{stderr}"
     );
     assert!(stderr.contains("switchyard crd | kubectl apply --server-side -f -"), "{stderr}");
+}
+
+/// One route and one budget (limit 10.00, its key in Secret `keys`) in team-a.
+fn budget_cluster() -> Arc<FakeApi> {
+    let api = Arc::into_inner(one_route_cluster()).unwrap();
+    let bot = budget("bot", 0, json!({"key": {"secretRef": {"name": "keys", "key": "app"}}, "limit": "10"}));
+    let mut lists = api.lists;
+    lists.insert(
+        "/apis/switchyard.dev/v1alpha1/apikeybudgets".into(),
+        list("ApiKeyBudget", "switchyard.dev/v1alpha1", vec![serde_json::to_value(&*bot).unwrap()]),
+    );
+    Arc::new(FakeApi { lists, ..api })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_process_serves_the_ledger_over_https_and_keeps_it_in_the_status() {
+    let api = budget_cluster();
+    let kubeconfig = serve_fake_api(api.clone()).await;
+    let args = [
+        "operator",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--webhook-listen",
+        "127.0.0.1:0",
+        "--ledger-listen",
+        "127.0.0.1:0",
+        "--ledger-url",
+        "https://10.1.2.3:8444",
+        "--identity",
+        "op-1",
+        "--log-format",
+        "json",
+    ];
+    let (mut process, line) =
+        common::Process::start(&args, &[("KUBECONFIG", kubeconfig.to_str().unwrap())], "operator running");
+    let running: Value = serde_json::from_str(&line).expect("a JSON log line");
+    let admin: std::net::SocketAddr = running["admin"].as_str().unwrap().parse().unwrap();
+    let ledger: std::net::SocketAddr = running["ledger"].as_str().unwrap().parse().unwrap();
+    let status_path = format!("/apis/switchyard.dev/v1alpha1/namespaces/{NS}/apikeybudgets/bot/status");
+    let status =
+        || api.statuses.lock().unwrap().get(status_path.trim_end_matches("/status")).cloned().unwrap_or_default();
+    common::eventually("the ledger has loaded the budget and written its figures", || async {
+        status()["remaining"] == "10"
+    })
+    .await;
+    assert_eq!((status()["spent"].as_str(), status()["state"].as_str()), (Some("0"), Some("Active")));
+    let lease = writes_to(&api, "POST", "/apis/coordination.k8s.io/v1/namespaces/ops/leases");
+    assert_eq!(lease[0]["metadata"]["annotations"]["switchyard.dev/ledger-url"], "https://10.1.2.3:8444");
+    common::eventually("the certificate is issued", || async { common::get(admin, "/readyz").await.status == 200 })
+        .await;
+    let tls_secret = writes_to(&api, "PATCH", "/api/v1/namespaces/ops/secrets/switchyard-webhook-tls");
+    let ca = String::from_utf8(common::base64_decode(tls_secret[0]["data"]["ca.crt"].as_str().unwrap())).unwrap();
+
+    let call = |path: &'static str, token: Option<&'static str>, body: Value| {
+        let ca = ca.clone();
+        async move {
+            let body = serde_json::to_vec(&body).unwrap();
+            let (status, answer, _) =
+                common::https_call(ledger, &ca, "switchyard-webhook.ops.svc", path, body, token, true).await.unwrap();
+            (status.as_u16(), serde_json::from_slice::<Value>(&answer).unwrap_or(Value::Null))
+        }
+    };
+    let pod_a = Some("team-a:pod-a");
+    let (code, grant) = call("/ledger/v1/lease", pod_a, json!({"budget": "bot", "want": {"credit": 4_000_000}})).await;
+    assert_eq!(code, 200, "{grant}");
+    assert_eq!((grant["mode"].as_str(), grant["granted"]["credit"].as_u64()), (Some("lease"), Some(4_000_000)));
+    // Persisted before it was answered.
+    assert_eq!(status()["outstanding"], "4");
+    assert_eq!(status()["leases"][0]["holder"], "pod-a");
+    let lease_id = grant["leaseId"].as_str().unwrap().to_string();
+    let (code, figures) = call(
+        "/ledger/v1/report",
+        pod_a,
+        json!({"budget": "bot", "leaseId": lease_id, "used": {"credit": 1_500_000}, "done": true}),
+    )
+    .await;
+    assert_eq!(code, 200, "{figures}");
+    assert_eq!((status()["spent"].as_str(), status()["remaining"].as_str()), (Some("1.5"), Some("8.5")));
+    assert_eq!(status()["outstanding"], "0");
+    let ledger_writes = writes_to(&api, "PATCH", &status_path);
+    assert!(ledger_writes.iter().any(|w| w["status"].get("leases").is_some()), "{ledger_writes:?}");
+
+    let (code, refused) = call("/ledger/v1/lease", Some("wrong-audience"), json!({"budget": "bot", "want": {}})).await;
+    assert_eq!((code, refused["error"]["code"].as_str()), (401, Some("unauthorized")));
+    assert!(refused["error"]["message"].as_str().unwrap().contains("switchyard"), "{refused}");
+    let (code, _) = call("/ledger/v1/lease", None, json!({"budget": "bot", "want": {}})).await;
+    assert_eq!(code, 401);
+    let (code, _) = call("/ledger/v1/lease", Some("team-b:pod-x"), json!({"budget": "bot", "want": {}})).await;
+    assert_eq!(code, 404, "team-b has no budget bot; team-a's is not its to touch");
+
+    let metrics = common::get(admin, "/metrics").await.body;
+    assert_eq!(common::metric(&metrics, "switchyard_ledger_calls_total{call=\"lease\",result=\"ok\"}"), 1);
+    assert_eq!(common::metric(&metrics, "switchyard_ledger_token_reviews_total{result=\"refused\"}"), 2);
+    process.terminate();
+    assert!(process.wait_exit().success(), "{}", process.log());
 }

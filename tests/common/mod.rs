@@ -101,31 +101,64 @@ pub async fn https_post(
     path: &str,
     body: Vec<u8>,
 ) -> Result<(StatusCode, Bytes, Vec<u8>), String> {
+    https_call(addr, ca_pem, server_name, path, body, None, false).await
+}
+
+/// Like [`https_post`], with `Authorization: Bearer <token>` when given, and over HTTP/2 (the
+/// server must offer it by ALPN) when `http2`.
+pub async fn https_call(
+    addr: SocketAddr,
+    ca_pem: &str,
+    server_name: &str,
+    path: &str,
+    body: Vec<u8>,
+    token: Option<&str>,
+    http2: bool,
+) -> Result<(StatusCode, Bytes, Vec<u8>), String> {
     use tokio_rustls::rustls::{self, pki_types::CertificateDer, pki_types::ServerName, pki_types::pem::PemObject};
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(cert.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    if http2 {
+        config.alpn_protocols = vec![b"h2".to_vec()];
+    }
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let name = ServerName::try_from(server_name.to_string()).map_err(|e| e.to_string())?;
     let tls = connector.connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
     let presented = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()).unwrap_or_default();
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
-    tokio::spawn(connection);
-    let request = http::Request::post(path)
-        .header(header::HOST, server_name)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
-    let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+    if http2 && tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+        return Err("the server did not agree to HTTP/2".into());
+    }
+    // HTTP/2 carries the authority in the URI; HTTP/1.1 in Host, with an origin-form path.
+    let mut request = if http2 {
+        http::Request::post(format!("https://{server_name}{path}"))
+    } else {
+        http::Request::post(path).header(header::HOST, server_name)
+    };
+    request = request.header(header::CONTENT_TYPE, "application/json");
+    if let Some(token) = token {
+        request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let request = request.body(Full::new(Bytes::from(body))).map_err(|e| e.to_string())?;
+    let io = hyper_util::rt::TokioIo::new(tls);
+    let response = if http2 {
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        sender.send_request(request).await.map_err(|e| e.to_string())?
+    } else {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        sender.send_request(request).await.map_err(|e| e.to_string())?
+    };
     let status = response.status();
     let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
     Ok((status, body, presented))
