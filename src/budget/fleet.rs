@@ -665,6 +665,19 @@ mod tests {
     }
 
     #[test]
+    fn a_namespace_update_leaves_the_other_namespaces_alone() {
+        let mut l = FleetLedger::new("test");
+        let t = terms(Some(100), None, None);
+        l.set_budgets([("a/x".into(), t, None), ("a/y".into(), t, None), ("b/x".into(), t, None)], T);
+        l.set_namespace("a", [("a/x".to_string(), terms(Some(500), None, None), None)], T);
+        assert_eq!(l.figures("a/x", T).unwrap().remaining, Some(500), "new terms apply");
+        assert!(l.figures("a/y", T).is_none(), "gone from its namespace");
+        assert!(l.figures("b/x", T).is_some(), "another namespace's budget stays");
+        l.set_namespace("a", [], T);
+        assert!(l.figures("a/x", T).is_none());
+    }
+
+    #[test]
     fn spend_starts_over_at_the_period_boundary() {
         let mut l = ledger(Terms { period: Period::Daily, ..terms(Some(1000), None, None) });
         let g = l.lease(BUDGET, "a", &want(1000), T).unwrap();

@@ -228,6 +228,10 @@ pub async fn reconcile(namespace: Arc<Namespace>, ctx: Arc<Context>) -> Result<A
     let cached = secrets.iter().find(|s| s.name_any() == CONFIG_SECRET).map(|s| Published::from_secret(s));
     let published = ctx.own_writes.published(&ns, cached);
     if routes.is_empty() && budgets.is_empty() && published.is_none() {
+        if let Some(ledger) = &ctx.ledger {
+            // The namespace's last budget is gone: so is its book.
+            let _ = ledger.sync_namespace(&ns, &[]).await;
+        }
         return Ok(Action::await_change());
     }
 
