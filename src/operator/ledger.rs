@@ -111,17 +111,22 @@ pub struct LedgerError {
     code: &'static str,
     message: String,
     leader: Option<String>,
+    /// The ledger's refusal, for the client to act on (`error.refusal`).
+    refused: Option<Refused>,
 }
 
 impl LedgerError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        LedgerError { status, code, message: message.into(), leader: None }
+        LedgerError { status, code, message: message.into(), leader: None, refused: None }
     }
 }
 
 impl IntoResponse for LedgerError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {"message": self.message, "code": self.code}});
+        let mut body = serde_json::json!({"error": {"message": self.message, "code": self.code}});
+        if let Some(refused) = &self.refused {
+            body["error"]["refusal"] = serde_json::to_value(refused).unwrap_or_default();
+        }
         let mut response =
             (self.status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
         if let Some(url) = self.leader.and_then(|u| HeaderValue::from_str(&u).ok()) {
@@ -153,10 +158,7 @@ fn refusal(refused: Refused) -> LedgerError {
         ),
         Refused::UnknownLease => (StatusCode::NOT_FOUND, "unknown_lease", "no such lease of the caller's".into()),
     };
-    let mut error = LedgerError::new(status, code, message);
-    // The refusal itself, for the client to read exactly.
-    error.message = format!("{}: {}", error.message, serde_json::to_string(&refused).unwrap_or_default());
-    error
+    LedgerError { refused: Some(refused), ..LedgerError::new(status, code, message) }
 }
 
 impl FleetService {
