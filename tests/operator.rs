@@ -1148,16 +1148,9 @@ async fn serve_fake_api(api: Arc<FakeApi>) -> std::path::PathBuf {
     path
 }
 
-fn writes_to(api: &FakeApi, method: &str, path: &str) -> Vec<Value> {
-    api.writes.lock().unwrap().iter().filter(|(m, p, _)| m == method && p == path).map(|(_, _, b)| b.clone()).collect()
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn the_operator_process_leads_publishes_reports_and_releases_its_lease() {
-    let api = one_route_cluster();
-    let kubeconfig = serve_fake_api(api.clone()).await;
-    let kubeconfig = kubeconfig.to_str().unwrap();
-    let args = [
+/// `switchyard operator` on kernel-chosen local ports, with `extra` flags.
+fn operator_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
         "operator",
         "--admin-listen",
         "127.0.0.1:0",
@@ -1167,9 +1160,21 @@ async fn the_operator_process_leads_publishes_reports_and_releases_its_lease() {
         "127.0.0.1:0",
         "--identity",
         "op-1",
-        "--log-format",
-        "json",
     ];
+    args.extend_from_slice(extra);
+    args
+}
+
+fn writes_to(api: &FakeApi, method: &str, path: &str) -> Vec<Value> {
+    api.writes.lock().unwrap().iter().filter(|(m, p, _)| m == method && p == path).map(|(_, _, b)| b.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_process_leads_publishes_reports_and_releases_its_lease() {
+    let api = one_route_cluster();
+    let kubeconfig = serve_fake_api(api.clone()).await;
+    let kubeconfig = kubeconfig.to_str().unwrap();
+    let args = operator_args(&["--log-format", "json"]);
     let (mut process, line) = common::Process::start(&args, &[("KUBECONFIG", kubeconfig)], "operator running");
     let running: Value = serde_json::from_str(&line).expect("a JSON log line");
     let admin: std::net::SocketAddr = running["admin"].as_str().unwrap().parse().unwrap();
@@ -1263,23 +1268,7 @@ fn one_route_cluster() -> Arc<FakeApi> {
 async fn the_operator_process_exits_when_another_replica_takes_its_lease() {
     let api = one_route_cluster();
     let kubeconfig = serve_fake_api(api.clone()).await;
-    let args = [
-        "operator",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--webhook-listen",
-        "127.0.0.1:0",
-        "--ledger-listen",
-        "127.0.0.1:0",
-        "--identity",
-        "op-1",
-        "--retry-period",
-        "100ms",
-        "--renew-deadline",
-        "1s",
-        "--lease-duration",
-        "2s",
-    ];
+    let args = operator_args(&["--retry-period", "100ms", "--renew-deadline", "1s", "--lease-duration", "2s"]);
     let (mut process, _) =
         common::Process::start(&args, &[("KUBECONFIG", kubeconfig.to_str().unwrap())], "operator running");
     common::eventually("op-1 leads", || async { process.log().contains("became the leader") }).await;
@@ -1327,21 +1316,7 @@ fn budget_cluster() -> Arc<FakeApi> {
 async fn the_operator_process_serves_the_ledger_over_https_and_keeps_it_in_the_status() {
     let api = budget_cluster();
     let kubeconfig = serve_fake_api(api.clone()).await;
-    let args = [
-        "operator",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--webhook-listen",
-        "127.0.0.1:0",
-        "--ledger-listen",
-        "127.0.0.1:0",
-        "--ledger-url",
-        "https://10.1.2.3:8444",
-        "--identity",
-        "op-1",
-        "--log-format",
-        "json",
-    ];
+    let args = operator_args(&["--ledger-url", "https://10.1.2.3:8444", "--log-format", "json"]);
     let (mut process, line) =
         common::Process::start(&args, &[("KUBECONFIG", kubeconfig.to_str().unwrap())], "operator running");
     let running: Value = serde_json::from_str(&line).expect("a JSON log line");

@@ -506,6 +506,16 @@ mod tests {
         }
     }
 
+    /// A report of `credit` used on `grant`'s lease.
+    fn used(grant: &LeaseGrant, credit: u64, done: bool) -> Report {
+        Report {
+            budget: "key".into(),
+            lease_id: grant.lease_id.clone(),
+            used: Allowance { credit, ..Allowance::default() },
+            done,
+        }
+    }
+
     fn renew(grant: &LeaseGrant, used: u64, more: u64) -> LeaseRequest {
         LeaseRequest {
             lease_id: Some(grant.lease_id.clone()),
@@ -545,12 +555,7 @@ mod tests {
     fn reports_are_cumulative_so_repeats_and_late_ones_count_once() {
         let mut l = ledger(terms(Some(1000), None, None));
         let g = l.lease(BUDGET, "a", &want(400), T).unwrap();
-        let report = Report {
-            budget: "key".into(),
-            lease_id: g.lease_id.clone(),
-            used: Allowance { credit: 120, ..Allowance::default() },
-            done: false,
-        };
+        let report = used(&g, 120, false);
         assert_eq!(l.report(BUDGET, "a", &report, T).unwrap().spent, 120);
         assert_eq!(l.report(BUDGET, "a", &report, T).unwrap().spent, 120, "the same report again");
         let older = Report { used: Allowance { credit: 80, ..Allowance::default() }, ..report.clone() };
@@ -568,12 +573,7 @@ mod tests {
         assert_eq!(g.granted.credit, 400);
         let after = g.expires_at + 1;
         assert_eq!(l.figures(BUDGET, after).unwrap().outstanding, 400, "it may have been spent before expiry");
-        let late = Report {
-            budget: "key".into(),
-            lease_id: g.lease_id.clone(),
-            used: Allowance { credit: 300, ..Allowance::default() },
-            done: false,
-        };
+        let late = used(&g, 300, false);
         assert_eq!(l.report(BUDGET, "a", &late, after).unwrap().spent, 300);
         let gone = g.expires_at + REPORT_GRACE_MS;
         assert_eq!(l.figures(BUDGET, gone).unwrap().outstanding, 0, "after the grace, the rest is released");
@@ -587,12 +587,7 @@ mod tests {
         let mut l = ledger(terms(Some(1000), Some(200), None));
         let g = l.lease(BUDGET, "a", &want(900), T).unwrap();
         assert_eq!(g.granted.credit, 500);
-        let done = Report {
-            budget: "key".into(),
-            lease_id: g.lease_id.clone(),
-            used: Allowance { credit: 850, ..Allowance::default() },
-            done: true,
-        };
+        let done = used(&g, 850, true);
         assert_eq!(l.report(BUDGET, "a", &done, T).unwrap().state, BudgetState::Low, "overspent its lease: 150 left");
         let low = l.lease(BUDGET, "a", &want(100), T).unwrap();
         assert_eq!((low.mode, low.granted.credit), (Mode::PerRequest, 0));
@@ -631,18 +626,7 @@ mod tests {
     fn a_new_ledger_goes_on_from_what_was_persisted() {
         let mut l = ledger(terms(Some(1000), None, None));
         let g = l.lease(BUDGET, "a", &want(1000), T).unwrap();
-        l.report(
-            BUDGET,
-            "a",
-            &Report {
-                budget: "key".into(),
-                lease_id: g.lease_id.clone(),
-                used: Allowance { credit: 100, ..Allowance::default() },
-                done: false,
-            },
-            T,
-        )
-        .unwrap();
+        l.report(BUDGET, "a", &used(&g, 100, false), T).unwrap();
         let persisted = l.take_dirty(T).pop().unwrap().1;
         assert!(l.take_dirty(T).is_empty(), "taken once");
 
@@ -653,12 +637,7 @@ mod tests {
         assert_eq!((figures.spent, figures.outstanding), (100, 400), "the lease still counts");
         let b = next.lease(BUDGET, "b", &want(1000), T + 1).unwrap();
         assert_eq!(b.granted.credit, 125, "500 unleased, two holders: nothing granted twice");
-        let late = Report {
-            budget: "key".into(),
-            lease_id: g.lease_id.clone(),
-            used: Allowance { credit: 250, ..Allowance::default() },
-            done: true,
-        };
+        let late = used(&g, 250, true);
         let figures = next.report(BUDGET, "a", &late, T + 2).unwrap();
         assert_eq!((figures.spent, figures.outstanding), (250, 125), "the old leader's lease, reported once");
         assert!(b.lease_id.starts_with("next-") && g.lease_id.starts_with("test-"));
