@@ -362,81 +362,89 @@ fn json<T: serde::Serialize>(value: &T) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], serde_json::to_string(value).unwrap_or_default()).into_response()
 }
 
-/// Runs one call and counts it by its result.
-async fn counted(
-    service: &FleetService,
-    call: &'static str,
-    run: impl Future<Output = Result<Response, LedgerError>>,
-) -> Response {
-    let result = run.await;
-    let label = match &result {
-        Ok(_) => "ok",
-        Err(e) => e.code,
-    };
-    service.metrics.ledger_call(call, label);
-    result.unwrap_or_else(IntoResponse::into_response)
+/// One ledger call: its body read, the caller admitted, `apply` run on the caller's budget, and
+/// the answer sent once the budget's status holds what changed; counted by its result.
+async fn call<R, T>(
+    service: Arc<FleetService>,
+    name: &'static str,
+    headers: HeaderMap,
+    bytes: Bytes,
+    budget: fn(&R) -> &str,
+    apply: impl FnOnce(&mut FleetLedger, &str, &str, &R, u64) -> Result<T, Refused>,
+) -> Response
+where
+    R: serde::de::DeserializeOwned,
+    T: serde::Serialize,
+{
+    let result = async {
+        let request: R = body(&bytes)?;
+        let (caller, id) = service.admit(&headers, budget(&request)).await?;
+        let (answer, since) = {
+            let mut fleet = lock(&service.fleet);
+            let answer = apply(&mut fleet, &id, &caller.pod, &request, now_ms()).map_err(refusal)?;
+            (answer, service.flushes_started.load(Ordering::SeqCst))
+        };
+        service.persisted(&id, since).await?;
+        Ok::<_, LedgerError>(answer)
+    }
+    .await;
+    service.metrics.ledger_call(name, result.as_ref().map_or_else(|e| e.code, |_| "ok"));
+    match result {
+        Ok(answer) => json(&answer),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn lease(State(service): State<Arc<FleetService>>, headers: HeaderMap, bytes: Bytes) -> Response {
-    counted(&service.clone(), "lease", async move {
-        let request: LeaseRequest = body(&bytes)?;
-        let (caller, id) = service.admit(&headers, &request.budget).await?;
-        let (grant, since) = {
-            let mut fleet = lock(&service.fleet);
-            let grant = fleet.lease(&id, &caller.pod, &request, now_ms()).map_err(refusal)?;
-            (grant, service.flushes_started.load(Ordering::SeqCst))
-        };
-        service.metrics.leased(grant.granted.credit);
-        service.persisted(&id, since).await?;
-        Ok(json(&grant))
-    })
+    let metrics = service.metrics.clone();
+    call(
+        service,
+        "lease",
+        headers,
+        bytes,
+        |r: &LeaseRequest| &r.budget,
+        |fleet, id, pod, r, now| {
+            let grant = fleet.lease(id, pod, r, now)?;
+            metrics.leased(grant.granted.credit);
+            Ok(grant)
+        },
+    )
     .await
 }
 
 async fn report(State(service): State<Arc<FleetService>>, headers: HeaderMap, bytes: Bytes) -> Response {
-    counted(&service.clone(), "report", async move {
-        let request: Report = body(&bytes)?;
-        let (caller, id) = service.admit(&headers, &request.budget).await?;
-        let (figures, since) = {
-            let mut fleet = lock(&service.fleet);
-            let figures = fleet.report(&id, &caller.pod, &request, now_ms()).map_err(refusal)?;
-            (figures, service.flushes_started.load(Ordering::SeqCst))
-        };
-        service.persisted(&id, since).await?;
-        Ok(json(&figures))
-    })
+    call(
+        service,
+        "report",
+        headers,
+        bytes,
+        |r: &Report| &r.budget,
+        |fleet, id, pod, r, now| fleet.report(id, pod, r, now),
+    )
     .await
 }
 
 async fn reserve(State(service): State<Arc<FleetService>>, headers: HeaderMap, bytes: Bytes) -> Response {
-    counted(&service.clone(), "reserve", async move {
-        let request: ReserveRequest = body(&bytes)?;
-        let (caller, id) = service.admit(&headers, &request.budget).await?;
-        let (reserved, since) = {
-            let mut fleet = lock(&service.fleet);
-            let reserved = fleet.reserve(&id, &caller.pod, request.amount, now_ms()).map_err(refusal)?;
-            (reserved, service.flushes_started.load(Ordering::SeqCst))
-        };
-        service.persisted(&id, since).await?;
-        Ok(json(&reserved))
-    })
+    call(
+        service,
+        "reserve",
+        headers,
+        bytes,
+        |r: &ReserveRequest| &r.budget,
+        |fleet, id, pod, r, now| fleet.reserve(id, pod, r.amount, now),
+    )
     .await
 }
 
 async fn settle(State(service): State<Arc<FleetService>>, headers: HeaderMap, bytes: Bytes) -> Response {
-    counted(&service.clone(), "settle", async move {
-        let request: Settle = body(&bytes)?;
-        let (caller, id) = service.admit(&headers, &request.budget).await?;
-        let (figures, since) = {
-            let mut fleet = lock(&service.fleet);
-            let figures = fleet
-                .settle(&id, &caller.pod, &request.reservation_id, request.cost, request.tokens, now_ms())
-                .map_err(refusal)?;
-            (figures, service.flushes_started.load(Ordering::SeqCst))
-        };
-        service.persisted(&id, since).await?;
-        Ok(json(&figures))
-    })
+    call(
+        service,
+        "settle",
+        headers,
+        bytes,
+        |r: &Settle| &r.budget,
+        |fleet, id, pod, r, now| fleet.settle(id, pod, &r.reservation_id, r.cost, r.tokens, now),
+    )
     .await
 }
 

@@ -230,10 +230,7 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
         controller::on_leadership(leadership.clone(), namespaces.clone()).boxed(),
     ]);
 
-    let admin = TcpListener::bind(args.admin_listen)
-        .await
-        .map_err(|e| OperatorError::Failed(format!("cannot listen on {}: {e}", args.admin_listen)))?;
-    let admin_addr = admin.local_addr().map_err(|e| OperatorError::Failed(e.to_string()))?;
+    let (admin, admin_addr) = listen(args.admin_listen).await?;
     // The webhook and the ledger serve one certificate, for the webhook Service's names.
     let certs = (args.webhook || args.ledger).then(|| {
         let certs = Arc::new(CertStore::default());
@@ -253,10 +250,7 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
     });
     let webhook_addr = match (&certs, args.webhook) {
         (Some(certs), true) => {
-            let listener = TcpListener::bind(args.webhook_listen)
-                .await
-                .map_err(|e| OperatorError::Failed(format!("cannot listen on {}: {e}", args.webhook_listen)))?;
-            let addr = listener.local_addr().map_err(|e| OperatorError::Failed(e.to_string()))?;
+            let (listener, addr) = listen(args.webhook_listen).await?;
             let hook = Arc::new(Webhook { params: inject_params, metrics: metrics.clone() });
             tokio::spawn(tls::serve_https(listener, webhook::router(hook), certs.clone(), shutdown()));
             Some(addr)
@@ -265,10 +259,7 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
     };
     let ledger = match (&certs, args.ledger) {
         (Some(certs), true) => {
-            let listener = TcpListener::bind(args.ledger_listen)
-                .await
-                .map_err(|e| OperatorError::Failed(format!("cannot listen on {}: {e}", args.ledger_listen)))?;
-            let addr = listener.local_addr().map_err(|e| OperatorError::Failed(e.to_string()))?;
+            let (listener, addr) = listen(args.ledger_listen).await?;
             let service = FleetService::new(
                 // Lease ids unique to this replica's term: a restarted pod starts a new prefix.
                 format!("{identity}-{}", ledger::now_ms()),
@@ -359,6 +350,13 @@ async fn check_crds(client: &Client) -> Result<(), OperatorError> {
     }
     check::<ProviderRoute>(client).await?;
     check::<ApiKeyBudget>(client).await
+}
+
+async fn listen(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), OperatorError> {
+    let listener =
+        TcpListener::bind(addr).await.map_err(|e| OperatorError::Failed(format!("cannot listen on {addr}: {e}")))?;
+    let bound = listener.local_addr().map_err(|e| OperatorError::Failed(e.to_string()))?;
+    Ok((listener, bound))
 }
 
 fn hostname() -> String {
