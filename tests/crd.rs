@@ -118,7 +118,7 @@ fn cel_rules_compile_and_fit_the_cost_budget() {
     for kind in ["ProviderRoute", "ApiKeyBudget"] {
         walk(&schema_of(kind), kind, &mut problems, &mut rules);
     }
-    assert_eq!(rules, 13, "every rule of both CRDs is checked");
+    assert_eq!(rules, 14, "every rule of both CRDs is checked");
     assert!(problems.is_empty(), "{problems:#?}");
 }
 
@@ -301,6 +301,7 @@ fn valid_budget() -> Value {
             "period": "weekly",
             "lowBalanceThreshold": "10",
             "onLedgerUnavailable": "failOpen",
+            "maxDebt": "5.00",
             "allowedModels": ["chat", "gpt-4o"],
             "rateLimit": {"requestsPerMinute": 600, "tokensPerMinute": 200000},
             "workloadSelector": {"matchLabels": {"app": "support-bot"}}
@@ -346,6 +347,9 @@ fn the_schema_and_standalone_mode_reject_the_same_budgets() {
         ("unknown period", "/spec/period", json!("yearly"), "period"),
         ("threshold without limit", "/spec/limit", Value::Null, "lowBalanceThreshold"),
         ("unknown ledger policy", "/spec/onLedgerUnavailable", json!("ignore"), "onLedgerUnavailable"),
+        ("debt allowed while failing closed", "/spec/onLedgerUnavailable", json!("failClosed"), "maxDebt"),
+        ("debt allowed by default policy", "/spec/onLedgerUnavailable", Value::Null, "maxDebt"),
+        ("debt that is no decimal", "/spec/maxDebt", json!("lots"), "maxDebt"),
         ("empty rate limit", "/spec/rateLimit", json!({}), "rateLimit"),
         ("zero requests per minute", "/spec/rateLimit", json!({"requestsPerMinute": 0}), "rateLimit"),
         ("model with a space", "/spec/allowedModels", json!(["my model"]), "allowedModels"),

@@ -85,6 +85,7 @@ fn budget(name: &str, limit: Option<u64>, low: Option<u64>, rate: Option<RateLim
         period: Period::Monthly,
         low_balance: low,
         fail_open: false,
+        max_debt: None,
         allowed_models: None,
         rate_limit: rate,
         workload_selector: None,

@@ -31,6 +31,8 @@ use super::units::DECIMAL_PATTERN;
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.lowBalanceThreshold) || has(self.limit)")
     .message("lowBalanceThreshold needs a limit"))]
+#[x_kube(validation = Rule::new("!has(self.maxDebt) || (has(self.onLedgerUnavailable) && self.onLedgerUnavailable == 'failOpen')")
+    .message("maxDebt needs onLedgerUnavailable: failOpen"))]
 pub struct ApiKeyBudgetSpec {
     /// The key applications send as `Authorization: Bearer <key>`. The sidecar keeps only its
     /// SHA-256 hash.
@@ -56,6 +58,13 @@ pub struct ApiKeyBudgetSpec {
     /// `failClosed` rejects them (503), `failOpen` serves them and counts the spend in memory.
     #[serde(default)]
     pub on_ledger_unavailable: LedgerUnavailable,
+
+    /// With `onLedgerUnavailable: failOpen`, in a cluster: the most credit one sidecar may spend
+    /// on this key, as a decimal string, while the ledger cannot be reached; it is recorded as
+    /// debt and reported when the ledger is back. Absent: no bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DECIMAL_PATTERN))]
+    pub max_debt: Option<String>,
 
     /// The models (route names or aliases) this key may use. Absent: every route.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::period::period_start;
-use super::protocol::{Allowance, BudgetFigures, LeaseGrant, LeaseRequest, Mode, Refused, Report, Reserved};
+use super::protocol::{Allowance, BudgetFigures, Debt, LeaseGrant, LeaseRequest, Mode, Refused, Report, Reserved};
 use crate::api::{BudgetState, Period};
 use crate::config::{Budget, RateLimitPolicy};
 
@@ -339,6 +339,29 @@ impl FleetLedger {
             &Report { budget: String::new(), lease_id: id.to_string(), used, done: true },
             now_ms,
         )
+    }
+
+    /// Books spend made without a grant, under the sidecar's own id (cumulative, so a repeated
+    /// report counts once). It is recorded as a closed lease that was granted nothing.
+    pub fn debt(&mut self, budget: &str, holder: &str, debt: &Debt, now_ms: u64) -> Result<BudgetFigures, Refused> {
+        let book = self.books.get_mut(budget).ok_or(Refused::UnknownBudget)?;
+        book.roll(now_ms);
+        let lease = book.leases.entry(debt.debt_id.clone()).or_insert_with(|| Lease {
+            id: debt.debt_id.clone(),
+            holder: holder.to_string(),
+            granted: Allowance::default(),
+            used: Allowance::default(),
+            window: minute(now_ms),
+            expires_at: now_ms,
+            done: true,
+        });
+        if lease.holder != holder {
+            return Err(Refused::UnknownLease);
+        }
+        let added = apply_use(lease, &debt.used);
+        book.spent = book.spent.saturating_add(added);
+        book.dirty = true;
+        Ok(book.figures(now_ms))
     }
 
     /// Forgets leases that can no longer be reported on.

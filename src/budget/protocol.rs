@@ -124,6 +124,18 @@ pub struct Settle {
     pub tokens: u64,
 }
 
+/// Spend a sidecar made without a grant (while the ledger was unreachable, with
+/// `onLedgerUnavailable: failOpen`), or on a lease the ledger no longer knows. `id` is the
+/// sidecar's own and `used` cumulative for it, so a repeated report counts once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Debt {
+    /// The ApiKeyBudget's name; its namespace is the caller's.
+    pub budget: String,
+    pub debt_id: String,
+    pub used: Allowance,
+}
+
 /// Why the ledger refused.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "reason", deny_unknown_fields)]

@@ -239,6 +239,10 @@ fn compile_budget(b: &ApiKeyBudget, secrets: &SecretIndex<'_>, cx: &mut Cx<'_>) 
             cx.check(&format!("spec.allowedModels[{i}]"), model_name(m));
         }
     }
+    let max_debt = spec.max_debt.as_ref().and_then(|d| cx.check("spec.maxDebt", units::parse_micros(d)));
+    if spec.max_debt.is_some() && spec.on_ledger_unavailable != LedgerUnavailable::FailOpen {
+        cx.error("spec.maxDebt", "maxDebt needs onLedgerUnavailable: failOpen".into());
+    }
     if let Some(selector) = &spec.workload_selector {
         cx.check("spec.workloadSelector", selector::validate(selector));
     }
@@ -265,6 +269,7 @@ fn compile_budget(b: &ApiKeyBudget, secrets: &SecretIndex<'_>, cx: &mut Cx<'_>) 
         period: spec.period,
         low_balance,
         fail_open: spec.on_ledger_unavailable == LedgerUnavailable::FailOpen,
+        max_debt,
         allowed_models: spec.allowed_models.clone(),
         rate_limit,
         workload_selector: spec.workload_selector.clone(),

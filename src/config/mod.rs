@@ -36,6 +36,20 @@ use crate::api::{FallbackReason, Period, Strategy};
 pub struct Config {
     pub routes: Vec<Route>,
     pub budgets: Vec<Budget>,
+    /// In a cluster: the operator's budget ledger, which the sidecar leases credit from instead of
+    /// keeping its own. Absent in standalone mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger: Option<LedgerEndpoint>,
+}
+
+/// Where the fleet's budget ledger is, and how to trust it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LedgerEndpoint {
+    /// `https://<service>.<namespace>.svc:<port>`.
+    pub url: String,
+    /// PEM certificates that sign the ledger's serving certificate.
+    pub ca_bundle: String,
 }
 
 impl Config {
@@ -61,6 +75,10 @@ pub struct Budget {
     pub period: Period,
     pub low_balance: Option<u64>,
     pub fail_open: bool,
+    /// With `fail_open`, in a cluster: the most one sidecar may spend while the ledger is
+    /// unreachable; `None`: no bound.
+    #[serde(default)]
+    pub max_debt: Option<u64>,
     /// Model names (routes' models or aliases) the key may use; `None`: all.
     pub allowed_models: Option<Vec<String>>,
     pub rate_limit: Option<RateLimitPolicy>,
