@@ -15,7 +15,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use switchyard::config::{Documents, MapResolver, compile, parse_file};
-use switchyard::sidecar::{Clients, Limits, Shared, api_service};
+use switchyard::sidecar::{Clients, FleetOptions, Limits, Shared, api_service};
 
 const JSON_ANSWER: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the upstream, all good."},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":8,"total_tokens":20}}"#;
 const STREAM_ANSWER: &str = concat!(
@@ -91,7 +91,7 @@ stringData: {{key: {KEY}}}
         let state_dir = std::env::temp_dir().join(format!("switchyard-hot-path-{}", std::process::id()));
         let limits = Limits { max_request_bytes: 1 << 20, max_response_bytes: 1 << 20 };
         let clients = Clients::new(None).expect("clients");
-        let shared = Arc::new(Shared::new(&config, limits, clients, false, state_dir.clone()).expect("shared"));
+        let shared = Arc::new(Shared::new(&config, limits, clients, false, state_dir.clone(), FleetOptions::default()).expect("shared"));
         let app = api_service(shared.clone());
 
         let json = Bytes::from_static(br#"{"model":"chat","max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}"#);

@@ -57,13 +57,9 @@ pub enum Refusal {
     Unavailable,
 }
 
-/// One budget's account.
-#[derive(Debug)]
-pub struct Account {
-    id: String,
-    spend: Mutex<Spend>,
-    rate: Mutex<RateWindow>,
-    dirty: AtomicBool,
+/// What a budget's requests met, for its metrics (in standalone and in cluster mode).
+#[derive(Debug, Default)]
+pub struct BudgetCounters {
     /// Reservations in flight.
     pub in_flight: AtomicU64,
     /// Requests refused for want of credit (402).
@@ -74,6 +70,16 @@ pub struct Account {
     pub estimated: Counter,
 }
 
+/// One budget's account.
+#[derive(Debug)]
+pub struct Account {
+    id: String,
+    spend: Mutex<Spend>,
+    rate: Mutex<RateWindow>,
+    dirty: AtomicBool,
+    pub counters: BudgetCounters,
+}
+
 impl Account {
     fn new(id: String, spend: Spend) -> Account {
         Account {
@@ -81,10 +87,7 @@ impl Account {
             spend: Mutex::new(spend),
             rate: Mutex::default(),
             dirty: AtomicBool::new(false),
-            in_flight: AtomicU64::new(0),
-            refused: Counter::default(),
-            rate_limited: Counter::default(),
-            estimated: Counter::default(),
+            counters: BudgetCounters::default(),
         }
     }
 
@@ -292,7 +295,7 @@ impl Ledger {
             return Err(Refusal::Unavailable);
         }
         account.try_reserve(limit, period, amount, self.now())?;
-        account.in_flight.fetch_add(1, Relaxed);
+        account.counters.in_flight.fetch_add(1, Relaxed);
         Ok(Reservation { ledger: self.shared.clone(), account: account.clone(), limit, period, amount, open: true })
     }
 
@@ -339,13 +342,18 @@ impl Reservation {
         Ok(())
     }
 
-    /// Records the real cost and frees the rest of the reservation.
-    pub fn settle(mut self, cost: u64) {
+    /// Records the real cost and frees the rest of the reservation; `tokens` count against the
+    /// tokens-per-minute limit.
+    pub fn settle(mut self, cost: u64, tokens: u64) {
         self.open = false;
-        self.account.settle(self.period, self.amount, cost, self.ledger.clock.unix_seconds());
+        let now = self.ledger.clock.unix_seconds();
+        self.account.settle(self.period, self.amount, cost, now);
+        if tokens > 0 {
+            self.account.add_tokens(tokens, now);
+        }
         // After the account is marked dirty: a commit that counts this settle also writes it.
         self.ledger.settled.fetch_add(1, SeqCst);
-        self.account.in_flight.fetch_sub(1, Relaxed);
+        self.account.counters.in_flight.fetch_sub(1, Relaxed);
         self.ledger.wake_writer();
     }
 }
@@ -356,7 +364,7 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         if self.open {
             self.account.release(self.amount);
-            self.account.in_flight.fetch_sub(1, Relaxed);
+            self.account.counters.in_flight.fetch_sub(1, Relaxed);
         }
     }
 }
@@ -444,11 +452,11 @@ mod tests {
             ledger.reserve(&account, Some(100), Period::Monthly, false, 50).unwrap_err(),
             Refusal::Insufficient { remaining: 40 }
         );
-        first.settle(30);
+        first.settle(30, 0);
         let second = ledger.reserve(&account, Some(100), Period::Monthly, false, 50).unwrap();
-        assert_eq!(account.in_flight.load(Relaxed), 1);
+        assert_eq!(account.counters.in_flight.load(Relaxed), 1);
         drop(second);
-        assert_eq!(account.in_flight.load(Relaxed), 0, "a dropped reservation is released");
+        assert_eq!(account.counters.in_flight.load(Relaxed), 0, "a dropped reservation is released");
         let spend = account.view(Period::Monthly, T);
         assert_eq!((spend.spent, spend.reserved, spend.total), (30, 0, 30));
     }
@@ -461,7 +469,7 @@ mod tests {
         r.extend(40).unwrap();
         assert_eq!(r.extend(40), Err(Refusal::Insufficient { remaining: 20 }));
         assert_eq!(r.amount(), 80);
-        r.settle(90);
+        r.settle(90, 0);
         assert_eq!(account.view(Period::Never, T).spent, 90, "a stream may settle past its reservation");
     }
 
@@ -469,7 +477,7 @@ mod tests {
     fn periods_roll_over_at_utc_boundaries() {
         let (ledger, clock) = ledger_at(T);
         let account = ledger.account("ns/key");
-        ledger.reserve(&account, Some(1000), Period::Daily, false, 10).unwrap().settle(10);
+        ledger.reserve(&account, Some(1000), Period::Daily, false, 10).unwrap().settle(10, 0);
         assert_eq!(account.view(Period::Daily, T).spent, 10);
         // The next day: the daily spend starts over, the weekly and monthly windows go on.
         clock.0.store(T + DAY, Relaxed);
@@ -482,7 +490,7 @@ mod tests {
     fn weekly_periods_start_on_monday() {
         let (ledger, _) = ledger_at(T);
         let account = ledger.account("ns/key");
-        ledger.reserve(&account, None, Period::Weekly, false, 5).unwrap().settle(5);
+        ledger.reserve(&account, None, Period::Weekly, false, 5).unwrap().settle(5, 0);
         // Sunday 23:59:59 is still this week; Monday 00:00:00 is the next.
         let monday = week_start(T) + 7 * DAY;
         assert_eq!(account.view(Period::Weekly, monday - 1).spent, 5);
@@ -497,7 +505,7 @@ mod tests {
         {
             let ledger = Ledger::open(&dir, clock.clone()).unwrap();
             let account = ledger.account("ns/key");
-            ledger.reserve(&account, Some(100), Period::Monthly, false, 50).unwrap().settle(42);
+            ledger.reserve(&account, Some(100), Period::Monthly, false, 50).unwrap().settle(42, 0);
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while ledger.unsaved() > 0 {
                 assert!(std::time::Instant::now() < deadline, "the settle never reached the disk");

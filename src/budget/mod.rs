@@ -3,6 +3,7 @@
 pub mod cost;
 pub mod fleet;
 mod journal;
+pub mod lease;
 mod ledger;
 pub mod period;
 pub mod protocol;
@@ -10,5 +11,5 @@ mod spend;
 
 pub use cost::{cost, worst_case};
 pub use journal::Damage;
-pub use ledger::{Account, Clock, Ledger, RateStatus, Refusal, Reservation, SystemClock};
+pub use ledger::{Account, BudgetCounters, Clock, Ledger, RateStatus, Refusal, Reservation, SystemClock};
 pub use spend::Spend;

@@ -9,11 +9,12 @@ use http::{HeaderMap, header};
 use sha2::{Digest, Sha256};
 
 use super::error::ProxyError;
+use super::fleet::{self, Fleet, FleetAccount};
+use crate::api::BudgetState;
 use crate::api::units::format_micros;
-use crate::api::{BudgetState, Period};
-use crate::budget::Spend;
-use crate::budget::{Account, Ledger, Refusal, Reservation, cost, worst_case};
-use crate::config::{Budget, Prices, RateLimitPolicy};
+use crate::budget::protocol::BudgetFigures;
+use crate::budget::{Account, BudgetCounters, Ledger, RateStatus, Refusal, Reservation, Spend, cost, worst_case};
+use crate::config::{Budget, Prices};
 use crate::providers::openai::{ChunkInfo, with_cost};
 use crate::providers::{BYTES_PER_TOKEN, Usage};
 
@@ -21,29 +22,35 @@ use crate::providers::{BYTES_PER_TOKEN, Usage};
 pub struct ServedBudget {
     /// `namespace/name`.
     pub id: String,
-    pub limit: Option<u64>,
-    pub period: Period,
-    pub low_balance: Option<u64>,
-    pub fail_open: bool,
-    pub rate_limit: Option<RateLimitPolicy>,
+    /// What the ApiKeyBudget says.
+    pub terms: Budget,
     /// The route ids this key may use; `None`: every route.
     allowed: Option<HashSet<String>>,
-    pub account: Arc<Account>,
+    pub meter: Meter,
+}
+
+/// Where a budget's spend is kept: the sidecar's own ledger (standalone), or leases of the
+/// operator's ledger (cluster mode).
+pub enum Meter {
+    Embedded { ledger: Ledger, account: Arc<Account> },
+    Fleet { fleet: Arc<Fleet>, account: Arc<FleetAccount> },
+}
+
+/// Where a budget stands, from whichever ledger keeps it.
+pub struct Standing {
+    pub spent: u64,
+    pub remaining: Option<u64>,
+    pub state: BudgetState,
+    /// Unix seconds.
+    pub period_start: u64,
+    /// Since the budget was created, and per calendar window (standalone mode only).
+    pub windows: Option<Spend>,
 }
 
 impl ServedBudget {
     /// `allowed_routes` maps the budget's `allowedModels` to route ids.
-    pub fn new(budget: &Budget, allowed_routes: Option<HashSet<String>>, account: Arc<Account>) -> ServedBudget {
-        ServedBudget {
-            id: budget.id(),
-            limit: budget.limit,
-            period: budget.period,
-            low_balance: budget.low_balance,
-            fail_open: budget.fail_open,
-            rate_limit: budget.rate_limit,
-            allowed: allowed_routes,
-            account,
-        }
+    pub fn new(budget: &Budget, allowed_routes: Option<HashSet<String>>, meter: Meter) -> ServedBudget {
+        ServedBudget { id: budget.id(), terms: budget.clone(), allowed: allowed_routes, meter }
     }
 
     /// Whether the key may use the route with this id.
@@ -51,16 +58,89 @@ impl ServedBudget {
         self.allowed.as_ref().is_none_or(|ids| ids.contains(route_id))
     }
 
-    /// What is left of the limit after what was spent (reservations not counted).
-    pub fn remaining(&self, spend: &Spend) -> Option<u64> {
-        self.limit.map(|l| l.saturating_sub(spend.spent))
+    pub fn counters(&self) -> &BudgetCounters {
+        match &self.meter {
+            Meter::Embedded { account, .. } => &account.counters,
+            Meter::Fleet { account, .. } => &account.counters,
+        }
     }
 
-    pub fn state(&self, spend: &Spend) -> BudgetState {
-        match self.remaining(spend) {
-            Some(0) => BudgetState::Exhausted,
-            Some(left) if self.low_balance.is_some_and(|low| left < low) => BudgetState::Low,
-            _ => BudgetState::Active,
+    /// Where the budget stands now: from the embedded ledger, or the fleet's figures as of the
+    /// ledger's last answer (`None` before its first).
+    pub fn standing(&self) -> Option<Standing> {
+        match &self.meter {
+            Meter::Embedded { ledger, account } => {
+                let spend = account.view(self.terms.period, ledger.now());
+                let remaining = self.terms.limit.map(|l| l.saturating_sub(spend.spent));
+                let state = match remaining {
+                    Some(0) => BudgetState::Exhausted,
+                    Some(left) if self.terms.low_balance.is_some_and(|low| left < low) => BudgetState::Low,
+                    _ => BudgetState::Active,
+                };
+                Some(Standing {
+                    spent: spend.spent,
+                    remaining,
+                    state,
+                    period_start: spend.period_start,
+                    windows: Some(spend),
+                })
+            }
+            Meter::Fleet { account, .. } => {
+                let figures: BudgetFigures = account.leased.lock().figures?;
+                Some(Standing {
+                    spent: figures.spent,
+                    remaining: figures.remaining,
+                    state: figures.state,
+                    period_start: figures.period_start,
+                    windows: None,
+                })
+            }
+        }
+    }
+}
+
+/// Counts a request against the key's rate limits: `Ok` with the status for the
+/// `X-RateLimit-*` headers, or the 429.
+pub async fn admit_rate(budget: &ServedBudget) -> Result<Option<RateStatus>, ProxyError> {
+    let Some(policy) = budget.terms.rate_limit else { return Ok(None) };
+    let admitted = match &budget.meter {
+        Meter::Embedded { ledger, account } => account.admit_rate(policy, ledger.now()),
+        Meter::Fleet { fleet, account } => fleet.admit_rate(account, &budget.terms).await,
+    };
+    admitted.map_err(|status| {
+        budget.counters().rate_limited.inc();
+        ProxyError::RateLimited { status }
+    })
+}
+
+/// Credit held for one request, from either ledger.
+pub enum Hold {
+    Embedded(Reservation),
+    Fleet(fleet::Hold),
+}
+
+impl Hold {
+    fn extend(&mut self, more: u64) -> Result<(), Option<u64>> {
+        match self {
+            Hold::Embedded(r) => r.extend(more).map_err(|refusal| match refusal {
+                Refusal::Insufficient { remaining } => Some(remaining),
+                Refusal::Unavailable => None,
+            }),
+            Hold::Fleet(h) => h.extend(more).map_err(|()| None),
+        }
+    }
+
+    fn counters(&self) -> &BudgetCounters {
+        match self {
+            Hold::Embedded(r) => &r.account().counters,
+            Hold::Fleet(h) => &h.account().counters,
+        }
+    }
+
+    fn settle(self, cost: u64, tokens: u64) {
+        match self {
+            Hold::Embedded(r) => r.settle(cost, tokens),
+            Hold::Fleet(h) => h.settle(cost, tokens),
         }
     }
 }
@@ -80,29 +160,42 @@ pub fn key_hash(key: &str) -> [u8; 32] {
 /// Reserves the worst case of the targets a route may try (`prices`, one per target): every
 /// prompt token at its highest price (a token is at least one byte, so the body's length bounds
 /// the prompt) and `completion_tokens`.
-pub fn reserve<'a>(
-    ledger: &Ledger,
+pub async fn reserve<'a>(
     budget: &ServedBudget,
     prices: impl Iterator<Item = &'a Prices>,
     body_len: u64,
     completion_tokens: u64,
-) -> Result<Reservation, ProxyError> {
+) -> Result<Hold, ProxyError> {
     let amount = prices.map(|p| worst_case(body_len, completion_tokens, p)).max().unwrap_or(0);
-    ledger.reserve(&budget.account, budget.limit, budget.period, budget.fail_open, amount).map_err(|refusal| {
-        match refusal {
-            Refusal::Insufficient { remaining } => {
-                budget.account.refused.inc();
-                ProxyError::InsufficientCredits { remaining, reservation: amount }
+    let insufficient = |remaining| {
+        budget.counters().refused.inc();
+        ProxyError::InsufficientCredits { remaining, reservation: amount }
+    };
+    match &budget.meter {
+        Meter::Embedded { ledger, account } => {
+            let terms = &budget.terms;
+            match ledger.reserve(account, terms.limit, terms.period, terms.fail_open, amount) {
+                Ok(r) => Ok(Hold::Embedded(r)),
+                Err(Refusal::Insufficient { remaining }) => Err(insufficient(remaining)),
+                Err(Refusal::Unavailable) => Err(ProxyError::LedgerUnavailable { reason: None }),
             }
-            Refusal::Unavailable => ProxyError::LedgerUnavailable,
         }
-    })
+        Meter::Fleet { fleet, account } => match fleet.reserve(account, &budget.terms, amount).await {
+            Ok(h) => Ok(Hold::Fleet(h)),
+            Err(fleet::Refusal::Insufficient { remaining }) => Err(insufficient(remaining)),
+            Err(fleet::Refusal::RateLimited(status)) => {
+                budget.counters().rate_limited.inc();
+                Err(ProxyError::RateLimited { status })
+            }
+            Err(fleet::Refusal::Unavailable(reason)) => Err(ProxyError::LedgerUnavailable { reason: Some(reason) }),
+        },
+    }
 }
 
 /// What answering a request costs, once the answer is known. A JSON answer is billed at once
 /// ([`Bill::settle`]); a stream is billed as it goes ([`StreamBill`]).
 pub struct Bill {
-    pub reservation: Option<Reservation>,
+    pub reservation: Option<Hold>,
     pub prices: Prices,
     /// Estimated prompt tokens, for answers without usage.
     pub prompt_estimate: u64,
@@ -111,7 +204,7 @@ pub struct Bill {
 impl Bill {
     /// Settles an answer and returns its cost as a JSON number's text. Without a reported usage
     /// the tokens are estimated, and the estimate is counted.
-    pub fn settle(self, usage: Option<Usage>, output_bytes: u64, ledger: Option<&Ledger>) -> String {
+    pub fn settle(self, usage: Option<Usage>, output_bytes: u64) -> String {
         let estimated = usage.is_none();
         let usage = usage.unwrap_or(Usage {
             prompt: self.prompt_estimate,
@@ -119,15 +212,11 @@ impl Bill {
             cached_prompt: 0,
         });
         let amount = cost(&usage, &self.prices);
-        if let Some(reservation) = self.reservation {
-            let account = reservation.account().clone();
+        if let Some(hold) = self.reservation {
             if estimated {
-                account.estimated.inc();
+                hold.counters().estimated.inc();
             }
-            reservation.settle(amount);
-            if let Some(ledger) = ledger {
-                account.add_tokens(usage.total(), ledger.now());
-            }
+            hold.settle(amount, usage.total());
         }
         format_micros(amount)
     }
@@ -145,7 +234,6 @@ pub enum EventAction {
 /// and settles when the stream ends or the caller leaves.
 pub struct StreamBill {
     bill: Option<Bill>,
-    ledger: Option<Ledger>,
     /// The caller asked for the usage chunk; otherwise only the sidecar did, and it is dropped.
     keep_usage_chunk: bool,
     /// Completion tokens reserved so far, when the request set no `max_tokens`.
@@ -156,10 +244,9 @@ pub struct StreamBill {
 }
 
 impl StreamBill {
-    pub fn new(bill: Bill, ledger: Option<Ledger>, keep_usage_chunk: bool, reserved_completion: Option<u64>) -> Self {
+    pub fn new(bill: Bill, keep_usage_chunk: bool, reserved_completion: Option<u64>) -> Self {
         StreamBill {
             bill: Some(bill),
-            ledger,
             keep_usage_chunk,
             extend_by: reserved_completion.unwrap_or(0).max(64),
             reserved_completion,
@@ -206,7 +293,7 @@ impl StreamBill {
             |tokens: u64| worst_case(0, tokens, &Prices { prompt: 0, cached_prompt: 0, completion: price, request: 0 });
         let tokens = match reservation.extend(tokens_cost(self.extend_by)) {
             Ok(()) => self.extend_by,
-            Err(Refusal::Insufficient { remaining }) if price > 0 => {
+            Err(Some(remaining)) if price > 0 => {
                 let affordable =
                     u64::try_from(u128::from(remaining) * 1_000_000 / u128::from(price)).unwrap_or(u64::MAX);
                 if affordable == 0 || reservation.extend(tokens_cost(affordable)).is_err() {
@@ -223,7 +310,7 @@ impl StreamBill {
     /// Settles what the stream cost: exactly from its usage, or estimated from its output.
     pub fn settle(&mut self) {
         if let Some(bill) = self.bill.take() {
-            bill.settle(self.usage, self.output_bytes, self.ledger.as_ref());
+            bill.settle(self.usage, self.output_bytes);
         }
     }
 }

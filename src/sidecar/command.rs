@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::admin::admin_router;
+use super::fleet::FleetOptions;
 use super::health;
 use super::service::{ApiService, api_service};
 use super::shared::{Limits, Shared};
@@ -70,6 +71,20 @@ pub struct SidecarArgs {
     /// ApiKeyBudget is loaded. One sidecar per directory.
     #[arg(long, env = "SWITCHYARD_STATE_DIR", default_value = ".switchyard")]
     pub state_dir: PathBuf,
+
+    /// The operator's budget ledger (`https://…`), overriding the one the compiled configuration
+    /// names. With it, budgets are leased from that ledger instead of kept in `--state-dir`.
+    #[arg(long, env = "SWITCHYARD_LEDGER_URL")]
+    pub ledger_url: Option<String>,
+
+    /// PEM certificates to trust for the ledger, overriding the compiled configuration's bundle.
+    #[arg(long, env = "SWITCHYARD_LEDGER_CA_FILE")]
+    pub ledger_ca_file: Option<PathBuf>,
+
+    /// The projected ServiceAccount token (audience `switchyard`) the sidecar presents to the
+    /// ledger; re-read as the kubelet rotates it.
+    #[arg(long, env = "SWITCHYARD_LEDGER_TOKEN_FILE", default_value = "/var/run/secrets/switchyard.dev/token")]
+    pub ledger_token_file: PathBuf,
 }
 
 /// Why the sidecar stopped.
@@ -94,8 +109,13 @@ pub async fn run(args: SidecarArgs, shutdown: impl Future<Output = ()>) -> Resul
     };
     let clients = Clients::new(args.upstream_ca_file.as_deref()).map_err(|e| flag_error("--upstream-ca-file", e))?;
     let limits = Limits { max_request_bytes: args.max_request_bytes, max_response_bytes: args.max_response_bytes };
-    let shared = Shared::new(&loaded.config, limits, clients, args.require_key, args.state_dir.clone())
-        .map_err(|e| flag_error("--state-dir", e))?;
+    let fleet = FleetOptions {
+        url: args.ledger_url.clone(),
+        ca_file: args.ledger_ca_file.clone(),
+        token_file: args.ledger_token_file.clone(),
+    };
+    let shared = Shared::new(&loaded.config, limits, clients, args.require_key, args.state_dir.clone(), fleet)
+        .map_err(|e| flag_error("budgets", e))?;
     let shared = Arc::new(shared);
     shared.states.config_version.set(loaded.version.unwrap_or(0));
     tracing::info!(routes = loaded.config.routes.len(), version = loaded.version, files = ?args.files, "configuration loaded");
@@ -165,6 +185,9 @@ pub async fn run(args: SidecarArgs, shutdown: impl Future<Output = ()>) -> Resul
     let _ = admin.await;
     if let Some(ledger) = shared.ledger() {
         ledger.close();
+    }
+    if let Some(fleet) = shared.fleet() {
+        fleet.close(Duration::from_secs(5)).await;
     }
     tracing::info!("stopped");
     Ok(())

@@ -78,8 +78,10 @@ pub enum ProxyError {
         remaining: u64,
         reservation: u64,
     },
-    /// The ledger cannot record spend, and the budget fails closed.
-    LedgerUnavailable,
+    /// The ledger cannot record spend, and the budget fails closed: why, when it is known.
+    LedgerUnavailable {
+        reason: Option<String>,
+    },
 }
 
 impl ProxyError {
@@ -102,7 +104,7 @@ impl ProxyError {
             ProxyError::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
-            ProxyError::LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::LedgerUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -146,8 +148,11 @@ impl ProxyError {
                     "reservation": format_micros(reservation),
                 })),
             ),
-            ProxyError::LedgerUnavailable => error_body(
-                "The budget ledger cannot record spend right now; try again shortly.",
+            ProxyError::LedgerUnavailable { reason } => error_body(
+                &match reason {
+                    Some(reason) => format!("The budget ledger cannot record spend right now: {reason}."),
+                    None => "The budget ledger cannot record spend right now; try again shortly.".to_string(),
+                },
                 "server_error",
                 "ledger_unavailable",
                 None,

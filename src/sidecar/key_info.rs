@@ -16,28 +16,33 @@ use crate::api::units::format_micros;
 pub async fn key_info(State(shared): State<Arc<Shared>>, request: Request) -> Response {
     let snapshot = shared.snapshot.load();
     let budget = billing::bearer(request.headers()).and_then(|key| snapshot.budget(&billing::key_hash(key)));
-    let (Some(budget), Some(ledger)) = (budget, shared.ledger()) else {
+    let Some(budget) = budget else {
         let missing = billing::bearer(request.headers()).is_none();
         return ProxyError::Unauthorized { missing }.into_response();
     };
-    let spend = budget.account.view(budget.period, ledger.now());
+    let Some(standing) = budget.standing() else {
+        let reason = "the fleet's figures for this key have not arrived from the budget ledger yet".to_string();
+        return ProxyError::LedgerUnavailable { reason: Some(reason) }.into_response();
+    };
     let number = |micros: Option<u64>| micros.map_or_else(|| "null".to_string(), format_micros);
-    let reset = match budget.period {
+    let reset = match budget.terms.period {
         Period::Never => "null".to_string(),
         p => format!("\"{}\"", p.as_str()),
     };
+    // In cluster mode the ledger keeps the period's spend only: the calendar windows are null.
+    let windows = standing.windows;
     // Written by hand so the credit amounts stay exact decimals, never floats.
     let body = format!(
         r#"{{"data":{{"label":{label},"limit":{limit},"limit_reset":{reset},"limit_remaining":{remaining},"usage":{usage},"usage_daily":{daily},"usage_weekly":{weekly},"usage_monthly":{monthly},"is_free_tier":false,"state":"{state}","period_start":"{start}"}}}}"#,
         label = serde_json::Value::from(budget.id.as_str()),
-        limit = number(budget.limit),
-        remaining = number(budget.remaining(&spend)),
-        usage = format_micros(spend.total),
-        daily = format_micros(spend.day),
-        weekly = format_micros(spend.week),
-        monthly = format_micros(spend.month),
-        state = budget.state(&spend).as_str(),
-        start = crate::budget::period::rfc3339(spend.period_start),
+        limit = number(budget.terms.limit),
+        remaining = number(standing.remaining),
+        usage = format_micros(windows.map_or(standing.spent, |w| w.total)),
+        daily = number(windows.map(|w| w.day)),
+        weekly = number(windows.map(|w| w.week)),
+        monthly = number(windows.map(|w| w.month)),
+        state = standing.state.as_str(),
+        start = crate::budget::period::rfc3339(standing.period_start),
     );
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }

@@ -1,10 +1,14 @@
 //! The sidecar's Prometheus exposition: routes, targets and the process from the
-//! [`StateRegistry`], budgets from the ledger.
+//! [`StateRegistry`], budgets from the ledger (embedded, or the operator's in a cluster).
 
 use std::fmt::Write;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use super::billing::{Meter, ServedBudget};
+use super::fleet::{BILLED, Fleet};
 use super::health::Ticks;
+use super::ledger_client::{CALLS, RESULTS};
 use super::shared::Shared;
 use super::state::StateRegistry;
 use super::stats::{Cached, QUANTILES, TargetStats};
@@ -200,39 +204,47 @@ fn render_states(registry: &StateRegistry, now: Ticks) -> String {
     out
 }
 
-/// Per-budget metrics, from the ledger.
+/// Per-budget metrics, from whichever ledger keeps them.
 fn render_budgets(shared: &Shared, out: &mut String) {
-    let Some(ledger) = shared.ledger() else { return };
     let snapshot = shared.snapshot.load();
+    if shared.ledger().is_none() && shared.fleet().is_none() {
+        return;
+    }
     let mut budgets: Vec<_> = snapshot.budgets().collect();
     budgets.sort_by(|a, b| a.id.cmp(&b.id));
-    let now = ledger.now();
+    let standings: Vec<_> = budgets.iter().map(|b| (b, b.standing())).collect();
     let h = header;
-    h(out, "switchyard_budget_spent", "gauge", "Credits spent in the current period.");
-    for b in &budgets {
-        let spend = b.account.view(b.period, now);
-        let _ = writeln!(out, "switchyard_budget_spent{{budget=\"{}\"}} {}", b.id, format_micros(spend.spent));
+    h(
+        out,
+        "switchyard_budget_spent",
+        "gauge",
+        "Credits spent in the current period (in a cluster: fleet-wide, as of the ledger's last answer).",
+    );
+    for (b, standing) in &standings {
+        if let Some(s) = standing {
+            let _ = writeln!(out, "switchyard_budget_spent{{budget=\"{}\"}} {}", b.id, format_micros(s.spent));
+        }
     }
     h(out, "switchyard_budget_remaining", "gauge", "Credits left in the current period (budgets with a limit).");
-    for b in &budgets {
-        if let Some(left) = b.remaining(&b.account.view(b.period, now)) {
+    for (b, standing) in &standings {
+        if let Some(left) = standing.as_ref().and_then(|s| s.remaining) {
             let _ = writeln!(out, "switchyard_budget_remaining{{budget=\"{}\"}} {}", b.id, format_micros(left));
         }
     }
     h(out, "switchyard_budget_state", "gauge", "1 for the budget's state: Active, Low or Exhausted.");
-    for b in &budgets {
-        let state = b.state(&b.account.view(b.period, now));
+    for (b, standing) in &standings {
+        let Some(standing) = standing else { continue };
         for s in [BudgetState::Active, BudgetState::Low, BudgetState::Exhausted] {
             let _ = writeln!(
                 out,
                 "switchyard_budget_state{{budget=\"{}\",state=\"{}\"}} {}",
                 b.id,
                 s.as_str(),
-                u8::from(s == state)
+                u8::from(s == standing.state)
             );
         }
     }
-    type Read = fn(&crate::budget::Account) -> u64;
+    type Read = fn(&crate::budget::BudgetCounters) -> u64;
     let counters: [(&str, &str, Read); 4] = [
         ("switchyard_budget_reservations_in_flight", "Reservations held by requests in flight.", |a| {
             a.in_flight.load(Ordering::Relaxed)
@@ -250,9 +262,19 @@ fn render_budgets(shared: &Shared, out: &mut String) {
     for (name, help, value) in counters {
         h(out, name, if name.ends_with("_total") { "counter" } else { "gauge" }, help);
         for b in &budgets {
-            let _ = writeln!(out, "{name}{{budget=\"{}\"}} {}", b.id, value(&b.account));
+            let _ = writeln!(out, "{name}{{budget=\"{}\"}} {}", b.id, value(b.counters()));
         }
     }
+    if let Some(ledger) = shared.ledger() {
+        render_embedded_ledger(ledger, out);
+    }
+    if let Some(fleet) = shared.fleet() {
+        render_fleet(fleet, &budgets, out);
+    }
+}
+
+fn render_embedded_ledger(ledger: &crate::budget::Ledger, out: &mut String) {
+    let h = header;
     h(out, "switchyard_ledger_available", "gauge", "1 while the ledger can record spend durably.");
     let _ = writeln!(out, "switchyard_ledger_available {}", u8::from(ledger.is_available()));
     h(out, "switchyard_ledger_unsaved_settlements", "gauge", "Settled answers whose spend is not on disk yet.");
@@ -272,4 +294,87 @@ fn render_budgets(shared: &Shared, out: &mut String) {
         "Bytes of the ledger journal skipped as damaged when it was opened.",
     );
     let _ = writeln!(out, "switchyard_ledger_journal_damaged_bytes {}", damage.bytes);
+}
+
+/// Cluster mode: leases, billing modes, debt and the ledger calls.
+fn render_fleet(fleet: &Fleet, budgets: &[&Arc<ServedBudget>], out: &mut String) {
+    let h = header;
+    let m = &fleet.metrics;
+    h(
+        out,
+        "switchyard_ledger_leases_total",
+        "counter",
+        "Lease answers from the operator's ledger: new leases granted, leases renewed, and renewals of a lease that had expired.",
+    );
+    for (event, counter) in
+        [("granted", &m.leases_granted), ("renewed", &m.leases_renewed), ("expired", &m.leases_expired)]
+    {
+        let _ = writeln!(out, "switchyard_ledger_leases_total{{event=\"{event}\"}} {}", counter.get());
+    }
+    h(out, "switchyard_ledger_leased_credit_total", "counter", "Credits granted to this sidecar's leases.");
+    let _ = writeln!(out, "switchyard_ledger_leased_credit_total {}", format_micros(m.granted_credit.get()));
+    h(
+        out,
+        "switchyard_ledger_state_file_errors_total",
+        "counter",
+        "Failed writes of the unreported budget use to the state directory.",
+    );
+    let _ = writeln!(out, "switchyard_ledger_state_file_errors_total {}", m.state_file_errors.get());
+    h(
+        out,
+        "switchyard_ledger_client_calls_total",
+        "counter",
+        "Calls to the operator's ledger, by call and result (ok, refused, unreachable, rejected).",
+    );
+    for (call, results) in CALLS.iter().zip(&m.calls.results) {
+        for (result, counter) in RESULTS.iter().zip(results) {
+            let _ = writeln!(
+                out,
+                "switchyard_ledger_client_calls_total{{call=\"{call}\",result=\"{result}\"}} {}",
+                counter.get()
+            );
+        }
+    }
+    h(out, "switchyard_ledger_round_trip_seconds", "histogram", "Round trip of calls to the operator's ledger.");
+    for (call, histogram) in CALLS.iter().zip(&m.calls.round_trip) {
+        histogram.render(out, "switchyard_ledger_round_trip_seconds", &format!("call=\"{call}\""));
+    }
+    h(
+        out,
+        "switchyard_budget_requests_total",
+        "counter",
+        "Requests billed by mode: from the lease, per request with the ledger (state Low), or on debt (ledger unreachable, failOpen).",
+    );
+    for b in budgets {
+        let Meter::Fleet { account, .. } = &b.meter else { continue };
+        for (mode, counter) in BILLED.iter().zip(&account.billed) {
+            let _ = writeln!(
+                out,
+                "switchyard_budget_requests_total{{budget=\"{}\",mode=\"{mode}\"}} {}",
+                b.id,
+                counter.get()
+            );
+        }
+    }
+    h(out, "switchyard_budget_lease_credit", "gauge", "Credit left on the budget's current lease.");
+    h(
+        out,
+        "switchyard_budget_debt",
+        "gauge",
+        "Credits spent without a lease while the ledger was unreachable, not yet reported.",
+    );
+    h(out, "switchyard_budget_ledger_reachable", "gauge", "1 while the operator's ledger answers for the budget.");
+    for b in budgets {
+        let Meter::Fleet { account, .. } = &b.meter else { continue };
+        let (left, reachable) = {
+            let book = account.leased.lock();
+            (
+                book.lease.as_ref().map_or(0, |l| l.credit_left()),
+                book.unreachable_since.is_none() && book.mode.is_some(),
+            )
+        };
+        let _ = writeln!(out, "switchyard_budget_lease_credit{{budget=\"{}\"}} {}", b.id, format_micros(left));
+        let _ = writeln!(out, "switchyard_budget_debt{{budget=\"{}\"}} {}", b.id, format_micros(fleet.debt(account)));
+        let _ = writeln!(out, "switchyard_budget_ledger_reachable{{budget=\"{}\"}} {}", b.id, u8::from(reachable));
+    }
 }

@@ -25,7 +25,6 @@ use super::relay::SseRelay;
 use super::shared::Shared;
 use super::snapshot::{ServedRoute, ServedTarget, Snapshot};
 use crate::api::FallbackReason;
-use crate::budget::Ledger;
 use crate::providers::BYTES_PER_TOKEN;
 use crate::providers::openai::{ChatRequest, RequestError, parse_chat_request, rename_model};
 
@@ -69,15 +68,10 @@ pub async fn chat_completions(State(shared): State<Arc<Shared>>, request: Reques
         Err(e) => return unrouted(&shared, e),
     };
     let mut rate = None;
-    if let (Some(budget), Some(ledger)) = (&budget, shared.ledger())
-        && let Some(policy) = budget.rate_limit
-    {
-        match budget.account.admit_rate(policy, ledger.now()) {
+    if let Some(budget) = &budget {
+        match billing::admit_rate(budget).await {
             Ok(status) => rate = status,
-            Err(status) => {
-                budget.account.rate_limited.inc();
-                return unrouted(&shared, ProxyError::RateLimited { status });
-            }
+            Err(refused) => return unrouted(&shared, refused),
         }
     }
 
@@ -260,12 +254,12 @@ async fn serve_route<'a>(
             return Err(Stop::Exhausted);
         }
     };
-    let reservation = match (budget, shared.ledger()) {
-        (Some(budget), Some(ledger)) => {
+    let reservation = match budget {
+        Some(budget) => {
             let tries = plan.order.iter().take(route.fallback.max_attempts as usize);
             let prices = tries.map(|&i| &route.targets[i].prices);
             let completion = chat.max_tokens.unwrap_or(u64::from(route.reserved_completion_tokens));
-            match billing::reserve(ledger, budget, prices, body.len() as u64, completion) {
+            match billing::reserve(budget, prices, body.len() as u64, completion).await {
                 Ok(reservation) => Some(reservation),
                 Err(refused) => {
                     route.state.requests.inc(refused.status().as_u16());
@@ -273,7 +267,7 @@ async fn serve_route<'a>(
                 }
             }
         }
-        _ => None,
+        None => None,
     };
     if plan.panic {
         route.state.panics.inc();
@@ -332,7 +326,7 @@ async fn serve_route<'a>(
                 let fallback = trail.failures.last().map(|f| f.kind);
                 let bill =
                     Bill { reservation, prices: target.prices, prompt_estimate: body.len() as u64 / BYTES_PER_TOKEN };
-                let response = commit(answer, route, index, rename, bill, chat, shared.ledger());
+                let response = commit(answer, route, index, rename, bill, chat);
                 return Ok(finish(response, target, trail.attempts, fallback));
             }
             Err(failure) => {
@@ -401,11 +395,10 @@ fn commit(
     rename: Option<String>,
     bill: Bill,
     chat: &ChatRequest<'_>,
-    ledger: Option<&Ledger>,
 ) -> Response {
     match answer {
         Answer::Json { mut parts, body, info } => {
-            let cost = bill.settle(info.usage, info.output_bytes, ledger);
+            let cost = bill.settle(info.usage, info.output_bytes);
             let body = info.with_cost(&body, &cost);
             let body = match &rename {
                 Some(model) => rename_model(&body, model).unwrap_or(body),
@@ -420,8 +413,8 @@ fn commit(
             // Without max_tokens, a metered stream reserves more as it outgrows its reservation.
             let extendable =
                 (metered && chat.max_tokens.is_none()).then_some(u64::from(route.reserved_completion_tokens));
-            let stream_bill = (metered || chat.include_usage)
-                .then(|| StreamBill::new(bill, ledger.cloned(), chat.include_usage, extendable));
+            let stream_bill =
+                (metered || chat.include_usage).then(|| StreamBill::new(bill, chat.include_usage, extendable));
             let total = route.targets[index].timeouts.total;
             let relay = SseRelay::new(stream, route.clone(), index, total, rename, stream_bill);
             Response::from_parts(parts, Body::new(relay))

@@ -7,7 +7,8 @@ use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 
-use super::snapshot::Snapshot;
+use super::fleet::{Fleet, FleetOptions};
+use super::snapshot::{Meters, Snapshot};
 use super::state::StateRegistry;
 use super::upstream::Clients;
 use crate::budget::{Ledger, SystemClock};
@@ -28,8 +29,11 @@ pub struct Shared {
     pub limits: Limits,
     /// Refuse requests without a known key, even on routes without budgets.
     pub require_key: bool,
-    /// The budget ledger, opened in `state_dir` when the first budget appears.
+    /// The budget ledger, opened in `state_dir` when the first budget appears (standalone).
     ledger: OnceLock<Ledger>,
+    /// Leases of the operator's ledger, from the first configuration that names it (cluster).
+    fleet: OnceLock<Arc<Fleet>>,
+    fleet_options: FleetOptions,
     state_dir: PathBuf,
     /// Set on SIGTERM: `/readyz` fails so no new traffic is sent while in-flight requests finish.
     pub draining: AtomicBool,
@@ -42,6 +46,7 @@ impl Shared {
         clients: Clients,
         require_key: bool,
         state_dir: PathBuf,
+        fleet_options: FleetOptions,
     ) -> Result<Self, String> {
         let shared = Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
@@ -50,6 +55,8 @@ impl Shared {
             limits,
             require_key,
             ledger: OnceLock::new(),
+            fleet: OnceLock::new(),
+            fleet_options,
             state_dir,
             draining: AtomicBool::new(false),
         };
@@ -59,10 +66,19 @@ impl Shared {
     }
 
     /// Swaps in a new configuration; requests in flight finish on the one they started with.
-    /// Fails, changing nothing, if the configuration has budgets and the ledger cannot be opened.
+    /// Fails, changing nothing, if the configuration has budgets and their ledger cannot be
+    /// opened (standalone) or its endpoint is unusable (cluster mode).
     pub fn apply(&self, config: &Config) -> Result<(), String> {
-        let ledger = if config.budgets.is_empty() { self.ledger.get() } else { Some(self.open_ledger()?) };
-        let snapshot = Snapshot::build(config, &self.states, &self.clients, ledger)?;
+        let meters = if config.budgets.is_empty() {
+            Meters::None
+        } else if Fleet::wanted(config, &self.fleet_options) {
+            let fleet = self.open_fleet()?;
+            fleet.set_endpoint(config.ledger.as_ref())?;
+            Meters::Fleet(fleet)
+        } else {
+            Meters::Embedded(self.open_ledger()?)
+        };
+        let snapshot = Snapshot::build(config, &self.states, &self.clients, &meters)?;
         let routes = snapshot.routes.iter().map(|r| r.id.as_str()).collect();
         let targets = snapshot.routes.iter().flat_map(|r| r.targets.iter().map(|t| (r.id.as_str(), t.name.as_str())));
         self.states.retain(&routes, &targets.collect());
@@ -78,6 +94,25 @@ impl Shared {
 
     pub fn ledger(&self) -> Option<&Ledger> {
         self.ledger.get()
+    }
+
+    pub fn fleet(&self) -> Option<&Arc<Fleet>> {
+        self.fleet.get()
+    }
+
+    /// The lease client, created with its keeper task on first use.
+    fn open_fleet(&self) -> Result<&Arc<Fleet>, String> {
+        if let Some(fleet) = self.fleet.get() {
+            return Ok(fleet);
+        }
+        std::fs::create_dir_all(&self.state_dir)
+            .map_err(|e| format!("cannot create {}: {e}", self.state_dir.display()))?;
+        let fleet = Arc::new(Fleet::new(&self.fleet_options, &self.state_dir)?);
+        let fleet = self.fleet.get_or_init(|| fleet);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(fleet.clone().keep());
+        }
+        Ok(fleet)
     }
 
     fn open_ledger(&self) -> Result<&Ledger, String> {

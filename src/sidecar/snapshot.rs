@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, header};
 
-use super::billing::ServedBudget;
+use super::billing::{Meter, ServedBudget};
+use super::fleet::Fleet;
 use super::health::Ticks;
 use super::plan::{Candidate, weighted_schedule};
 use super::state::{RouteState, StateRegistry, TargetState};
@@ -18,6 +19,14 @@ use crate::budget::Ledger;
 use crate::config::{self, Budget, Config, Credential, FallbackPolicy, HealthPolicy, Prices, Timeouts};
 use crate::mock_provider::MockStats;
 use crate::providers::openai::json_string;
+
+/// What keeps the budgets of a configuration.
+pub enum Meters<'a> {
+    /// The configuration has no budgets.
+    None,
+    Embedded(&'a Ledger),
+    Fleet(&'a Arc<Fleet>),
+}
 
 /// One configuration, prepared for serving: everything a request needs is computed here once.
 #[derive(Default)]
@@ -78,7 +87,7 @@ impl Snapshot {
         config: &Config,
         states: &StateRegistry,
         clients: &Clients,
-        ledger: Option<&Ledger>,
+        meters: &Meters<'_>,
     ) -> Result<Snapshot, String> {
         let mut by_model = HashMap::new();
         let mut routes = Vec::with_capacity(config.routes.len());
@@ -117,7 +126,7 @@ impl Snapshot {
             routes.push(rt);
         }
         let mut budgets = HashMap::new();
-        if let Some(ledger) = ledger {
+        if !matches!(meters, Meters::None) {
             for budget in &config.budgets {
                 let allowed = budget.allowed_models.as_ref().map(|_| {
                     config
@@ -127,7 +136,14 @@ impl Snapshot {
                         .map(|r| format!("{}/{}", r.namespace, r.name))
                         .collect()
                 });
-                let rt = ServedBudget::new(budget, allowed, ledger.account(&budget.id()));
+                let meter = match meters {
+                    Meters::Embedded(ledger) => {
+                        Meter::Embedded { ledger: (*ledger).clone(), account: ledger.account(&budget.id()) }
+                    }
+                    Meters::Fleet(fleet) => Meter::Fleet { fleet: Arc::clone(fleet), account: fleet.account(budget) },
+                    Meters::None => continue,
+                };
+                let rt = ServedBudget::new(budget, allowed, meter);
                 budgets.insert(budget.key_hash, Arc::new(rt));
             }
         }

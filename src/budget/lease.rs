@@ -1,0 +1,608 @@
+//! A sidecar's side of a fleet budget (cluster mode): requests spend the credit and rate
+//! allowance leased from the operator's ledger locally, under one lock and without a network
+//! call; what they used is reported back by the sidecar's lease keeper.
+//!
+//! This module is the pure bookkeeping (time is passed in); talking to the ledger is the
+//! sidecar's. What a request may do, by the ledger's last word on the budget:
+//!
+//! - In mode `Lease`, spend the live lease while it has room; otherwise ask for more
+//!   ([`Miss::Lease`]).
+//! - In mode `PerRequest` (state Low), reserve and settle each request with the ledger.
+//! - In mode `Exhausted`, refuse.
+//! - The ledger unreachable and the lease spent or expired: refuse (`failClosed`), or spend on
+//!   a debt of at most `maxDebt` (`failOpen`), reported when the ledger is back.
+
+use std::sync::{Mutex, MutexGuard};
+
+use super::ledger::RateStatus;
+use super::protocol::{Allowance, BudgetFigures, LeaseGrant, Mode};
+use crate::api::BudgetState;
+use crate::config::{Budget, RateLimitPolicy};
+
+/// What a lease (or a debt, or a settled per-request reservation) has used, and what of that
+/// the ledger has acknowledged.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub id: String,
+    pub kind: UsageKind,
+    /// Cumulative: credit settled, and requests and tokens of `window`.
+    pub used: Allowance,
+    pub acked: Allowance,
+    /// The minute of `used.requests` and `used.tokens`.
+    pub window: u64,
+    /// Requests in flight on it, and the credit they hold.
+    pub holds: u32,
+    pub reserved: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UsageKind {
+    #[default]
+    Lease,
+    /// Spent without a grant: reported with [`super::protocol::Debt`].
+    Debt,
+    /// A settled per-request reservation: reported with [`super::protocol::Settle`].
+    Reservation,
+}
+
+impl Usage {
+    /// Reported and acknowledged in full.
+    pub fn is_acked(&self) -> bool {
+        self.used == self.acked
+    }
+
+    fn settle(&mut self, reserved: u64, cost: u64, tokens: u64, now_ms: u64) {
+        self.holds = self.holds.saturating_sub(1);
+        self.reserved = self.reserved.saturating_sub(reserved);
+        self.used.credit = self.used.credit.saturating_add(cost);
+        if self.window == minute(now_ms) {
+            self.used.tokens = self.used.tokens.saturating_add(tokens);
+        }
+    }
+}
+
+/// The lease a sidecar holds on a budget.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    pub usage: Usage,
+    /// Cumulative, as the ledger granted: credit for the lease's life, requests and tokens for
+    /// `usage.window`.
+    pub granted: Allowance,
+    /// Unix milliseconds.
+    pub expires_at: u64,
+    /// When it was last granted, to renew it ahead of expiry.
+    pub granted_at: u64,
+}
+
+impl Held {
+    fn live(&self, now_ms: u64) -> bool {
+        now_ms < self.expires_at
+    }
+
+    /// Credit neither spent nor held by a request in flight.
+    pub fn credit_left(&self) -> u64 {
+        self.granted.credit.saturating_sub(self.usage.used.credit).saturating_sub(self.usage.reserved)
+    }
+}
+
+/// Why a request cannot spend locally.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Miss {
+    /// The lease is missing, expired or short: ask the ledger for more.
+    Lease,
+    /// The budget is Low: reserve with the ledger.
+    PerRequest,
+    /// Nothing is left in this period (as of the ledger's last word).
+    Exhausted { remaining: u64 },
+    /// The ledger is unreachable, and the budget fails closed (or its debt is at `maxDebt`).
+    Unavailable,
+}
+
+/// A request's hold on a lease or a debt: settle it with [`LeasedAccount::settle`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct LocalHold {
+    pub id: String,
+    pub amount: u64,
+}
+
+/// The mutable state of a leased budget.
+#[derive(Clone, Debug, Default)]
+pub struct Book {
+    /// The ledger's last word; `None` before the first.
+    pub mode: Option<Mode>,
+    pub figures: Option<BudgetFigures>,
+    pub lease: Option<Held>,
+    /// Spend without a grant while the ledger is unreachable.
+    pub debt: Option<Usage>,
+    /// Retired leases, debts and settled reservations whose use is not acknowledged yet.
+    pub closing: Vec<Usage>,
+    /// The ledger could not be reached since this time (Unix ms), or answered since.
+    pub unreachable_since: Option<u64>,
+    /// Demand, for sizing the next request for a lease: the largest reservation seen, and the
+    /// credit, requests and tokens used since the lease was last granted.
+    pub largest_reservation: u64,
+    pub since_grant: Allowance,
+    /// Debt ids are `<debt_prefix>-<n>`: unique to the sidecar's pod and start.
+    pub debt_prefix: String,
+    pub debts: u64,
+    /// Answers to lease requests so far.
+    pub grants: u64,
+}
+
+impl Book {
+    pub fn new(debt_prefix: impl Into<String>) -> Book {
+        Book { debt_prefix: debt_prefix.into(), ..Book::default() }
+    }
+
+    fn new_debt(&mut self, credit: u64, now_ms: u64) -> Usage {
+        self.debts += 1;
+        Usage {
+            id: format!("{}-{}", self.debt_prefix, self.debts),
+            kind: UsageKind::Debt,
+            used: Allowance { credit, requests: 0, tokens: 0 },
+            window: minute(now_ms),
+            ..Usage::default()
+        }
+    }
+}
+
+/// One budget as a sidecar spends it in cluster mode.
+#[derive(Debug)]
+pub struct LeasedAccount {
+    /// The ApiKeyBudget's name (the ledger knows the namespace from the caller).
+    pub name: String,
+    book: Mutex<Book>,
+}
+
+impl LeasedAccount {
+    pub fn new(name: impl Into<String>, book: Book) -> LeasedAccount {
+        LeasedAccount { name: name.into(), book: Mutex::new(book) }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Holds `amount` of credit for one request, from the live lease (or from the debt when the
+    /// ledger is unreachable and `budget` fails open).
+    pub fn reserve(&self, budget: &Budget, amount: u64, now_ms: u64) -> Result<LocalHold, Miss> {
+        let mut book = self.lock();
+        book.largest_reservation = book.largest_reservation.max(amount);
+        match book.mode {
+            Some(Mode::Exhausted) if book.unreachable_since.is_none() => {
+                return Err(Miss::Exhausted { remaining: book.figures.and_then(|f| f.remaining).unwrap_or(0) });
+            }
+            Some(Mode::PerRequest) if book.unreachable_since.is_none() => return Err(Miss::PerRequest),
+            _ => {}
+        }
+        if let Some(lease) = book.lease.as_mut().filter(|l| l.live(now_ms) && l.usage.kind == UsageKind::Lease)
+            && (budget.limit.is_none() || lease.credit_left() >= amount)
+        {
+            lease.usage.holds += 1;
+            lease.usage.reserved = lease.usage.reserved.saturating_add(amount);
+            return Ok(LocalHold { id: lease.usage.id.clone(), amount });
+        }
+        if book.unreachable_since.is_none() {
+            return Err(Miss::Lease);
+        }
+        if !budget.fail_open {
+            return Err(Miss::Unavailable);
+        }
+        if book.debt.is_none() {
+            book.debt = Some(book.new_debt(0, now_ms));
+        }
+        let Some(debt) = book.debt.as_mut() else { return Err(Miss::Unavailable) };
+        let owed = debt.used.credit.saturating_add(debt.reserved);
+        if budget.max_debt.is_some_and(|max| owed.saturating_add(amount) > max) {
+            return Err(Miss::Unavailable);
+        }
+        debt.holds += 1;
+        debt.reserved = owed.saturating_add(amount) - debt.used.credit;
+        Ok(LocalHold { id: debt.id.clone(), amount })
+    }
+
+    /// Holds `more` for a request that already holds `hold` (a stream that outgrew its
+    /// reservation), from the same lease or debt.
+    pub fn extend(&self, budget: &Budget, hold: &mut LocalHold, more: u64, now_ms: u64) -> Result<(), Miss> {
+        let mut book = self.lock();
+        let Book { lease, debt, .. } = &mut *book;
+        if let Some(lease) = lease.as_mut().filter(|l| l.usage.id == hold.id) {
+            if !lease.live(now_ms) {
+                return Err(Miss::Lease);
+            }
+            if budget.limit.is_some() && lease.credit_left() < more {
+                return Err(Miss::Lease);
+            }
+            lease.usage.reserved = lease.usage.reserved.saturating_add(more);
+        } else if let Some(debt) = debt.as_mut().filter(|d| d.id == hold.id) {
+            let owed = debt.used.credit.saturating_add(debt.reserved);
+            if budget.max_debt.is_some_and(|max| owed.saturating_add(more) > max) {
+                return Err(Miss::Unavailable);
+            }
+            debt.reserved = debt.reserved.saturating_add(more);
+        } else {
+            return Err(Miss::Lease);
+        }
+        hold.amount = hold.amount.saturating_add(more);
+        Ok(())
+    }
+
+    /// Records what a held request cost (0 when it got no answer) and frees the rest.
+    pub fn settle(&self, hold: LocalHold, cost: u64, tokens: u64, now_ms: u64) {
+        let mut book = self.lock();
+        book.since_grant.credit = book.since_grant.credit.saturating_add(cost);
+        book.since_grant.tokens = book.since_grant.tokens.saturating_add(tokens);
+        let Book { lease, debt, closing, .. } = &mut *book;
+        let usage = lease
+            .as_mut()
+            .map(|l| &mut l.usage)
+            .into_iter()
+            .chain(debt.as_mut())
+            .chain(closing.iter_mut())
+            .find(|u| u.id == hold.id);
+        match usage {
+            Some(usage) => usage.settle(hold.amount, cost, tokens, now_ms),
+            // Its lease is gone (the ledger forgot it): the spend is owed as a debt of its own.
+            None if cost > 0 => {
+                let debt = book.new_debt(cost, now_ms);
+                book.closing.push(debt);
+            }
+            None => {}
+        }
+    }
+
+    /// Counts a request against the rate limits from the lease: `Ok(None)` without limits,
+    /// `Err(None)` when the lease has no allowance left (ask for more), `Err(Some)` when the
+    /// ledger said the window is used up.
+    pub fn admit_rate(&self, policy: RateLimitPolicy, now_ms: u64) -> Result<Option<RateStatus>, Miss> {
+        let mut book = self.lock();
+        if book.unreachable_since.is_some() {
+            // Rate limits are the ledger's to hold; without it, the credit rules decide.
+            return Ok(None);
+        }
+        if book.mode == Some(Mode::PerRequest) {
+            // Each per-request reservation is also one request of the window, counted by the ledger.
+            return Ok(None);
+        }
+        let window = minute(now_ms);
+        let reset = 60 - (now_ms / 1000) % 60;
+        book.since_grant.requests = book.since_grant.requests.saturating_add(1);
+        let Some(lease) = book.lease.as_mut().filter(|l| l.live(now_ms) && l.usage.window == window) else {
+            return Err(Miss::Lease);
+        };
+        if policy.tokens_per_minute.is_some() && lease.usage.used.tokens >= lease.granted.tokens {
+            return Err(Miss::Lease);
+        }
+        let Some(rpm) = policy.requests_per_minute.map(u64::from) else {
+            return Ok(policy.tokens_per_minute.map(|tpm| RateStatus {
+                limit: tpm,
+                remaining: lease.granted.tokens.saturating_sub(lease.usage.used.tokens),
+                reset,
+            }));
+        };
+        if lease.usage.used.requests >= lease.granted.requests {
+            return Err(Miss::Lease);
+        }
+        lease.usage.used.requests += 1;
+        Ok(Some(RateStatus {
+            limit: rpm,
+            remaining: lease.granted.requests.saturating_sub(lease.usage.used.requests),
+            reset,
+        }))
+    }
+
+    /// Takes in the ledger's answer to a lease request: a new lease, more on the one held, or a
+    /// mode without a grant.
+    pub fn granted(&self, grant: &LeaseGrant, now_ms: u64) {
+        let mut book = self.lock();
+        book.unreachable_since = None;
+        book.mode = Some(grant.mode);
+        book.figures = Some(grant.budget);
+        book.since_grant = Allowance::default();
+        book.grants += 1;
+        if grant.lease_id.is_empty() {
+            return;
+        }
+        let same = book.lease.as_ref().is_some_and(|l| l.usage.id == grant.lease_id);
+        if !same && let Some(old) = book.lease.take() {
+            book.closing.push(old.usage);
+        }
+        let lease = book.lease.get_or_insert_with(|| Held {
+            usage: Usage { id: grant.lease_id.clone(), window: grant.window, ..Usage::default() },
+            ..Held::default()
+        });
+        if lease.usage.window != grant.window {
+            // A new minute: the old window's requests and tokens are void on both sides.
+            lease.usage.window = grant.window;
+            lease.usage.used.requests = 0;
+            lease.usage.used.tokens = 0;
+            lease.usage.acked.requests = 0;
+            lease.usage.acked.tokens = 0;
+        }
+        lease.granted = grant.granted;
+        lease.expires_at = grant.expires_at;
+        lease.granted_at = now_ms;
+    }
+
+    /// Takes in the fleet's figures from a per-request answer: they say the mode too.
+    pub fn observed(&self, figures: BudgetFigures) {
+        let mut book = self.lock();
+        book.unreachable_since = None;
+        book.mode = Some(match figures.state {
+            BudgetState::Active => Mode::Lease,
+            BudgetState::Low => Mode::PerRequest,
+            BudgetState::Exhausted => Mode::Exhausted,
+        });
+        book.figures = Some(figures);
+    }
+
+    /// Records that the ledger acknowledged `used` for the lease, debt or reservation `id`.
+    pub fn acked(&self, id: &str, used: Allowance, figures: Option<BudgetFigures>) {
+        let mut book = self.lock();
+        book.unreachable_since = None;
+        if let Some(figures) = figures {
+            book.figures = Some(figures);
+        }
+        let Book { lease, debt, closing, .. } = &mut *book;
+        for usage in lease.as_mut().map(|l| &mut l.usage).into_iter().chain(debt.as_mut()).chain(closing.iter_mut()) {
+            if usage.id == id {
+                usage.acked.credit = usage.acked.credit.max(used.credit);
+                usage.acked.requests = usage.acked.requests.max(used.requests);
+                usage.acked.tokens = usage.acked.tokens.max(used.tokens);
+            }
+        }
+        // Done with what is acknowledged and has nothing in flight.
+        closing.retain(|u| !(u.is_acked() && u.holds == 0));
+    }
+
+    /// The ledger does not know lease `id`: what it had not acknowledged becomes a debt, and the
+    /// lease is no longer spent from.
+    pub fn forgotten(&self, id: &str, now_ms: u64) {
+        let mut book = self.lock();
+        let book = &mut *book;
+        let (lease, closing) = (&mut book.lease, &mut book.closing);
+        let mut owed = 0;
+        if lease.as_ref().is_some_and(|l| l.usage.id == id)
+            && let Some(old) = lease.take()
+        {
+            owed += old.usage.used.credit.saturating_sub(old.usage.acked.credit);
+            if old.usage.holds > 0 {
+                // Requests in flight settle onto it (and are owed as a debt of their own then).
+                // Under the lease's id, which the ledger no longer has, from zero.
+                closing.push(Usage {
+                    kind: UsageKind::Debt,
+                    used: Allowance::default(),
+                    acked: Allowance::default(),
+                    ..old.usage
+                });
+            }
+        }
+        closing.retain(|u| {
+            if u.id == id && u.holds == 0 {
+                owed += u.used.credit.saturating_sub(u.acked.credit);
+                false
+            } else {
+                true
+            }
+        });
+        if owed > 0 {
+            let debt = book.new_debt(owed, now_ms);
+            book.closing.push(debt);
+        }
+    }
+
+    /// The ledger could not be reached.
+    pub fn unreachable(&self, now_ms: u64) {
+        let mut book = self.lock();
+        book.unreachable_since.get_or_insert(now_ms);
+    }
+
+    /// The ledger is back: the debt stops growing and is reported like any closed usage.
+    pub fn reachable(&self) {
+        let mut book = self.lock();
+        book.unreachable_since = None;
+        if let Some(debt) = book.debt.take() {
+            book.closing.push(debt);
+        }
+    }
+
+    /// A settled per-request reservation, to report.
+    pub fn settled_remotely(&self, id: String, cost: u64, tokens: u64, now_ms: u64) {
+        let mut book = self.lock();
+        book.since_grant.credit = book.since_grant.credit.saturating_add(cost);
+        book.closing.push(Usage {
+            id,
+            kind: UsageKind::Reservation,
+            used: Allowance { credit: cost, requests: 1, tokens },
+            window: minute(now_ms),
+            ..Usage::default()
+        });
+    }
+
+    /// What to ask for when renewing: twice the use since the last grant, and at least room for
+    /// a few of the largest requests seen (`floor` before any).
+    pub fn want(&self, floor: Allowance) -> Allowance {
+        let book = self.lock();
+        let seen = Allowance {
+            credit: book.largest_reservation.saturating_mul(4),
+            requests: floor.requests,
+            tokens: floor.tokens,
+        };
+        Allowance {
+            credit: book.since_grant.credit.saturating_mul(2).max(seen.credit).max(floor.credit),
+            requests: book.since_grant.requests.saturating_mul(2).max(seen.requests),
+            tokens: book.since_grant.tokens.saturating_mul(2).max(seen.tokens),
+        }
+    }
+}
+
+/// Whether the held lease should be renewed now: a third of its life left, half of what was
+/// wanted left, or a new rate window.
+pub fn needs_renewal(
+    lease: &Held,
+    want: &Allowance,
+    limited: bool,
+    rate: Option<RateLimitPolicy>,
+    now_ms: u64,
+) -> bool {
+    let life = lease.expires_at.saturating_sub(lease.granted_at);
+    if lease.expires_at.saturating_sub(now_ms) <= life / 3 {
+        return true;
+    }
+    if limited && lease.credit_left() < want.credit / 2 {
+        return true;
+    }
+    let Some(rate) = rate else { return false };
+    if lease.usage.window != minute(now_ms) {
+        return true;
+    }
+    let short = |granted: u64, used: u64, want: u64| granted.saturating_sub(used) < want / 2;
+    (rate.requests_per_minute.is_some() && short(lease.granted.requests, lease.usage.used.requests, want.requests))
+        || (rate.tokens_per_minute.is_some() && short(lease.granted.tokens, lease.usage.used.tokens, want.tokens))
+}
+
+pub fn minute(now_ms: u64) -> u64 {
+    now_ms / 60_000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::Period;
+
+    // 2026-11-30 12:00:00 UTC, in milliseconds.
+    const T: u64 = 1_796_040_000_000;
+
+    fn budget(limit: Option<u64>, fail_open: bool, max_debt: Option<u64>) -> Budget {
+        Budget {
+            namespace: "ns".into(),
+            name: "key".into(),
+            key_hash: [0; 32],
+            limit,
+            period: Period::Monthly,
+            low_balance: None,
+            fail_open,
+            max_debt,
+            allowed_models: None,
+            rate_limit: None,
+            workload_selector: None,
+        }
+    }
+
+    fn figures(state: BudgetState) -> BudgetFigures {
+        BudgetFigures { spent: 0, remaining: Some(5), outstanding: 0, period_start: 0, state }
+    }
+
+    fn grant(id: &str, mode: Mode, credit: u64, requests: u64) -> LeaseGrant {
+        LeaseGrant {
+            lease_id: id.into(),
+            mode,
+            granted: Allowance { credit, requests, tokens: 0 },
+            window: minute(T),
+            expires_at: T + 30_000,
+            budget: figures(BudgetState::Active),
+        }
+    }
+
+    #[test]
+    fn requests_spend_the_lease_locally_until_it_is_short() {
+        let account = LeasedAccount::new("key", Book::new("pod-1"));
+        let b = budget(Some(1000), false, None);
+        assert_eq!(account.reserve(&b, 10, T), Err(Miss::Lease), "no lease yet");
+        account.granted(&grant("l-1", Mode::Lease, 100, 0), T);
+        let first = account.reserve(&b, 60, T).unwrap();
+        assert_eq!(account.reserve(&b, 60, T), Err(Miss::Lease), "40 left of the lease");
+        account.settle(first, 25, 7, T);
+        let lease = account.lock().lease.clone().unwrap();
+        assert_eq!((lease.usage.used.credit, lease.usage.reserved, lease.credit_left()), (25, 0, 75));
+        assert!(account.reserve(&b, 60, T).is_ok());
+        assert_eq!(account.reserve(&b, 10, T + 30_000), Err(Miss::Lease), "an expired lease is not spent");
+    }
+
+    #[test]
+    fn the_ledgers_mode_decides_before_the_lease() {
+        let account = LeasedAccount::new("key", Book::new("pod-1"));
+        let b = budget(Some(1000), false, None);
+        account.granted(&grant("l-1", Mode::Lease, 100, 0), T);
+        let mut low = grant("l-1", Mode::PerRequest, 100, 0);
+        low.budget = figures(BudgetState::Low);
+        account.granted(&low, T);
+        assert_eq!(account.reserve(&b, 10, T), Err(Miss::PerRequest));
+        let mut out = grant("", Mode::Exhausted, 0, 0);
+        out.budget = BudgetFigures { remaining: Some(0), ..figures(BudgetState::Exhausted) };
+        account.granted(&out, T);
+        assert_eq!(account.reserve(&b, 10, T), Err(Miss::Exhausted { remaining: 0 }));
+    }
+
+    #[test]
+    fn an_unreachable_ledger_fails_closed_or_runs_a_bounded_debt() {
+        let closed = LeasedAccount::new("key", Book::new("pod-1"));
+        closed.unreachable(T);
+        assert_eq!(closed.reserve(&budget(Some(1000), false, None), 10, T), Err(Miss::Unavailable));
+
+        let open = LeasedAccount::new("key", Book::new("pod-1"));
+        let b = budget(Some(1000), true, Some(50));
+        open.granted(&grant("l-1", Mode::Lease, 20, 0), T);
+        open.unreachable(T);
+        let on_lease = open.reserve(&b, 20, T).unwrap();
+        assert_eq!(on_lease.id, "l-1", "the live lease is spent first");
+        let mut debt = open.reserve(&b, 30, T).unwrap();
+        assert_eq!(debt.id, "pod-1-1", "then the debt");
+        assert_eq!(open.reserve(&b, 30, T), Err(Miss::Unavailable), "maxDebt bounds it");
+        assert_eq!(open.extend(&b, &mut debt, 20, T), Ok(()));
+        assert_eq!(open.extend(&b, &mut debt, 1, T), Err(Miss::Unavailable));
+        open.settle(debt, 45, 0, T);
+        open.settle(on_lease, 20, 0, T);
+        open.reachable();
+        let book = open.lock().clone();
+        assert!(book.debt.is_none());
+        assert_eq!(book.closing.len(), 1);
+        assert_eq!((book.closing[0].kind, book.closing[0].used.credit), (UsageKind::Debt, 45));
+        drop(book);
+        open.acked("pod-1-1", Allowance { credit: 45, requests: 0, tokens: 0 }, None);
+        assert!(open.lock().closing.is_empty(), "acknowledged debt is done");
+    }
+
+    #[test]
+    fn rate_allowance_comes_from_the_lease_window() {
+        let account = LeasedAccount::new("key", Book::new("pod-1"));
+        let policy = RateLimitPolicy { requests_per_minute: Some(10), tokens_per_minute: None };
+        assert_eq!(account.admit_rate(policy, T), Err(Miss::Lease));
+        account.granted(&grant("l-1", Mode::Lease, 0, 2), T);
+        assert_eq!(account.admit_rate(policy, T).unwrap(), Some(RateStatus { limit: 10, remaining: 1, reset: 60 }));
+        assert!(account.admit_rate(policy, T + 1).is_ok());
+        assert_eq!(account.admit_rate(policy, T + 2), Err(Miss::Lease), "the lease's two requests are used");
+        assert_eq!(account.admit_rate(policy, T + 60_000), Err(Miss::Lease), "a new window needs a new grant");
+    }
+
+    #[test]
+    fn a_forgotten_lease_becomes_a_debt_of_what_was_not_acknowledged() {
+        let account = LeasedAccount::new("key", Book::new("pod-1"));
+        let b = budget(Some(1000), false, None);
+        account.granted(&grant("l-1", Mode::Lease, 100, 0), T);
+        let hold = account.reserve(&b, 10, T).unwrap();
+        account.settle(hold, 10, 0, T);
+        account.acked("l-1", Allowance { credit: 4, requests: 0, tokens: 0 }, None);
+        let in_flight = account.reserve(&b, 10, T).unwrap();
+        account.forgotten("l-1", T);
+        account.settle(in_flight, 3, 0, T);
+        let book = account.lock().clone();
+        assert!(book.lease.is_none());
+        let owed: u64 = book.closing.iter().map(|u| u.used.credit - u.acked.credit).sum();
+        assert_eq!(owed, 6 + 3, "the unacknowledged 6, and the 3 settled after");
+        assert!(book.closing.iter().all(|u| u.kind == UsageKind::Debt));
+    }
+
+    #[test]
+    fn renewal_comes_ahead_of_expiry_and_of_running_short() {
+        let account = LeasedAccount::new("key", Book::new("pod-1"));
+        account.granted(&grant("l-1", Mode::Lease, 100, 0), T);
+        let lease = account.lock().lease.clone().unwrap();
+        let want = Allowance { credit: 100, requests: 0, tokens: 0 };
+        assert!(!needs_renewal(&lease, &want, true, None, T));
+        assert!(needs_renewal(&lease, &want, true, None, T + 20_000), "a third of its life left");
+        let want = Allowance { credit: 300, requests: 0, tokens: 0 };
+        assert!(needs_renewal(&lease, &want, true, None, T), "demand grew past twice what is left");
+        assert!(!needs_renewal(&lease, &want, false, None, T), "credit is not limited");
+    }
+}

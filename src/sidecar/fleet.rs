@@ -1,0 +1,709 @@
+//! Cluster mode's budgets: every budget is spent from a lease of the operator's ledger
+//! ([`crate::budget::lease`]), kept topped up ahead of need by [`Fleet::keep`], so that the
+//! request path calls the ledger only when a lease runs short, in state Low (a reservation per
+//! request) and when the ledger is unreachable.
+//!
+//! What the sidecar used and has not had acknowledged is kept in `ledger-leases.json` in the
+//! state directory (the pod's emptyDir), so a restarted container reports it.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
+use serde::{Deserialize, Serialize};
+
+use super::ledger_client::{CallError, CallMetrics, LedgerClient};
+use crate::budget::lease::{Book, Held, LeasedAccount, LocalHold, Miss, UsageKind, needs_renewal};
+use crate::budget::protocol::{
+    Allowance, BudgetFigures, Debt, LeaseGrant, LeaseRequest, Mode, Refused, Report, ReserveRequest, Reserved, Settle,
+};
+use crate::budget::{BudgetCounters, RateStatus};
+use crate::config::{Budget, LedgerEndpoint};
+use crate::metrics::Counter;
+
+const LEASE: usize = 0;
+const REPORT: usize = 1;
+const RESERVE: usize = 2;
+const SETTLE: usize = 3;
+const DEBT: usize = 4;
+
+/// How often the keeper looks at every lease.
+const KEEP_INTERVAL: Duration = Duration::from_millis(200);
+/// Spend on a lease is reported at least this often, so the fleet's figures stay live.
+const REPORT_INTERVAL_MS: u64 = 1_000;
+/// Outside state Active, how often the ledger is asked whether the state changed.
+const REFRESH_INTERVAL_MS: u64 = 2_000;
+/// While the ledger is unreachable, how often the keeper tries it again.
+const RETRY_INTERVAL_MS: u64 = 500;
+/// What a lease asks for before any request has been seen: one unit of credit, a few requests.
+const FLOOR: Allowance = Allowance { credit: 1_000_000, requests: 8, tokens: 4_096 };
+const STATE_FILE: &str = "ledger-leases.json";
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A budget as this sidecar spends it in cluster mode. The same for the budget's life in the
+/// process, across configurations.
+pub struct FleetAccount {
+    pub leased: LeasedAccount,
+    /// The budget's current terms.
+    budget: Mutex<Budget>,
+    /// One lease call at a time per budget; requests that miss wait for it.
+    renewing: tokio::sync::Mutex<()>,
+    pub counters: BudgetCounters,
+    /// Requests by how they were billed: from the lease, per request with the ledger, on debt.
+    pub billed: [Counter; 3],
+    last_report: AtomicU64,
+    last_attempt: AtomicU64,
+}
+
+pub const BILLED: [&str; 3] = ["lease", "per_request", "debt"];
+
+impl FleetAccount {
+    pub fn budget(&self) -> Budget {
+        self.budget.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Lease events, for metrics.
+#[derive(Default)]
+pub struct FleetMetrics {
+    pub calls: Arc<CallMetrics>,
+    pub leases_granted: Counter,
+    pub leases_renewed: Counter,
+    pub leases_expired: Counter,
+    /// Credit granted to this sidecar's leases, in micro-units.
+    pub granted_credit: Counter,
+    pub state_file_errors: Counter,
+}
+
+pub struct Fleet {
+    client: ArcSwapOption<LedgerClient>,
+    /// Overrides of the compiled configuration's ledger endpoint.
+    url_override: Option<String>,
+    ca_override: Option<String>,
+    token_file: PathBuf,
+    accounts: Mutex<HashMap<String, Arc<FleetAccount>>>,
+    /// Debt ids: the pod and this process's start.
+    debt_prefix: String,
+    state_file: PathBuf,
+    saved: Mutex<String>,
+    pub metrics: FleetMetrics,
+    /// Held by the keeper's rounds and by [`Fleet::close`], which ends them.
+    keeping: tokio::sync::Mutex<()>,
+    closed: AtomicBool,
+}
+
+/// Flags that point the sidecar at a ledger.
+#[derive(Clone, Debug, Default)]
+pub struct FleetOptions {
+    pub url: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub token_file: PathBuf,
+}
+
+impl Fleet {
+    pub fn new(options: &FleetOptions, state_dir: &std::path::Path) -> Result<Fleet, String> {
+        let ca_override = match &options.ca_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read --ledger-ca-file {}: {e}", path.display()))?,
+            ),
+            None => None,
+        };
+        let pod = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "sidecar".into());
+        let fleet = Fleet {
+            client: ArcSwapOption::empty(),
+            url_override: options.url.clone(),
+            ca_override,
+            token_file: options.token_file.clone(),
+            accounts: Mutex::default(),
+            debt_prefix: format!("{pod}-{}", now_ms()),
+            state_file: state_dir.join(STATE_FILE),
+            saved: Mutex::default(),
+            metrics: FleetMetrics::default(),
+            keeping: tokio::sync::Mutex::new(()),
+            closed: AtomicBool::new(false),
+        };
+        fleet.restore()?;
+        Ok(fleet)
+    }
+
+    /// Whether a configuration is served in cluster mode: it names a ledger, or the flags do.
+    pub fn wanted(config: &crate::config::Config, options: &FleetOptions) -> bool {
+        config.ledger.is_some() || options.url.is_some()
+    }
+
+    /// Points the client at the configuration's ledger (or the flags'), keeping the connection
+    /// when nothing changed.
+    pub fn set_endpoint(&self, configured: Option<&LedgerEndpoint>) -> Result<(), String> {
+        let url = self.url_override.clone().or_else(|| configured.map(|e| e.url.clone()));
+        let ca = self.ca_override.clone().or_else(|| configured.map(|e| e.ca_bundle.clone()));
+        let (Some(url), Some(ca_bundle)) = (url, ca) else {
+            return Err(
+                "the ledger's URL or CA bundle is missing: the configuration names none; set --ledger-url and --ledger-ca-file"
+                    .into(),
+            );
+        };
+        let endpoint = LedgerEndpoint { url, ca_bundle };
+        if self.client.load().as_ref().is_some_and(|c| c.endpoint == endpoint) {
+            return Ok(());
+        }
+        let client = LedgerClient::new(endpoint, self.token_file.clone(), self.metrics.calls.clone())?;
+        tracing::info!(url = %client.endpoint.url, "budget ledger client configured");
+        self.client.store(Some(Arc::new(client)));
+        Ok(())
+    }
+
+    /// The account of a budget, with its terms brought up to date.
+    pub fn account(&self, budget: &Budget) -> Arc<FleetAccount> {
+        let account = self.account_by_id(&budget.id(), &budget.name);
+        *account.budget.lock().unwrap_or_else(|e| e.into_inner()) = budget.clone();
+        account
+    }
+
+    fn account_by_id(&self, id: &str, name: &str) -> Arc<FleetAccount> {
+        let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+        accounts
+            .entry(id.to_string())
+            .or_insert_with(|| {
+                Arc::new(FleetAccount {
+                    leased: LeasedAccount::new(name, Book::new(format!("{}-{name}", self.debt_prefix))),
+                    budget: Mutex::new(Budget {
+                        namespace: id.split('/').next().unwrap_or_default().to_string(),
+                        name: name.to_string(),
+                        key_hash: [0; 32],
+                        limit: None,
+                        period: crate::api::Period::Never,
+                        low_balance: None,
+                        fail_open: false,
+                        max_debt: None,
+                        allowed_models: None,
+                        rate_limit: None,
+                        workload_selector: None,
+                    }),
+                    renewing: tokio::sync::Mutex::new(()),
+                    counters: BudgetCounters::default(),
+                    billed: Default::default(),
+                    last_report: AtomicU64::new(0),
+                    last_attempt: AtomicU64::new(0),
+                })
+            })
+            .clone()
+    }
+
+    fn accounts(&self) -> Vec<Arc<FleetAccount>> {
+        self.accounts.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    }
+
+    fn client(&self) -> Result<Arc<LedgerClient>, CallError> {
+        self.client.load_full().ok_or_else(|| CallError::Unreachable("no ledger is configured".into()))
+    }
+
+    /// Counts a request against the key's rate limits, topping the lease up when its allowance
+    /// ran out. `Err` carries the status for the 429.
+    pub async fn admit_rate(&self, account: &FleetAccount, budget: &Budget) -> Result<Option<RateStatus>, RateStatus> {
+        let Some(policy) = budget.rate_limit else { return Ok(None) };
+        match account.leased.admit_rate(policy, now_ms()) {
+            Err(Miss::Lease) => {}
+            other => return Ok(other.unwrap_or(None)),
+        }
+        self.renew(account, 0).await;
+        let now = now_ms();
+        account.leased.admit_rate(policy, now).map_err(|_| {
+            let limit = policy.requests_per_minute.map(u64::from).or(policy.tokens_per_minute).unwrap_or(0);
+            RateStatus { limit, remaining: 0, reset: 60 - (now / 1000) % 60 }
+        })
+    }
+
+    /// Holds `amount` of the budget's credit for one request.
+    pub async fn reserve(&self, account: &Arc<FleetAccount>, budget: &Budget, amount: u64) -> Result<Hold, Refusal> {
+        let mut renewed = false;
+        loop {
+            let miss = match account.leased.reserve(budget, amount, now_ms()) {
+                Ok(hold) => {
+                    let debt = account.leased.lock().debt.as_ref().is_some_and(|d| d.id == hold.id);
+                    account.billed[if debt { 2 } else { 0 }].inc();
+                    return Ok(Hold::Local { account: account.clone(), hold: Some(hold) });
+                }
+                Err(miss) => miss,
+            };
+            match miss {
+                Miss::Lease if !renewed => {
+                    renewed = true;
+                    self.renew(account, amount).await;
+                }
+                // The lease could not cover it: the ledger may still, from what no lease holds.
+                Miss::Lease | Miss::PerRequest => return self.reserve_remotely(account, budget, amount).await,
+                Miss::Exhausted { remaining } => return Err(Refusal::Insufficient { remaining }),
+                Miss::Unavailable => return Err(Refusal::Unavailable(self.unavailable_reason(account))),
+            }
+        }
+    }
+
+    async fn reserve_remotely(
+        &self,
+        account: &Arc<FleetAccount>,
+        budget: &Budget,
+        amount: u64,
+    ) -> Result<Hold, Refusal> {
+        let request = ReserveRequest { budget: account.leased.name.clone(), amount };
+        let answer = match self.client() {
+            Ok(client) => client.call::<Reserved>(RESERVE, &request).await,
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(reserved) => {
+                account.leased.observed(reserved.budget);
+                account.billed[1].inc();
+                Ok(Hold::Remote { account: account.clone(), id: Some(reserved.reservation_id) })
+            }
+            Err(CallError::Refused(Refused::InsufficientCredits { remaining })) => {
+                Err(Refusal::Insufficient { remaining })
+            }
+            Err(CallError::Refused(Refused::RateLimited { limit, reset })) => {
+                Err(Refusal::RateLimited(RateStatus { limit, remaining: 0, reset }))
+            }
+            Err(e) => {
+                self.note_failure(account, &e);
+                // Unreachable now: the debt, if the budget fails open.
+                match account.leased.reserve(budget, amount, now_ms()) {
+                    Ok(hold) => {
+                        account.billed[2].inc();
+                        Ok(Hold::Local { account: account.clone(), hold: Some(hold) })
+                    }
+                    Err(_) => Err(Refusal::Unavailable(e.to_string())),
+                }
+            }
+        }
+    }
+
+    fn unavailable_reason(&self, account: &FleetAccount) -> String {
+        let since = account.leased.lock().unreachable_since.unwrap_or(0);
+        let secs = now_ms().saturating_sub(since) / 1000;
+        let url = self.client.load().as_ref().map_or_else(|| "(none configured)".into(), |c| c.endpoint.url.clone());
+        format!(
+            "the budget ledger at {url} has been unreachable for {secs}s and this key's lease has run out; the key fails closed (onLedgerUnavailable: failClosed)"
+        )
+    }
+
+    fn note_failure(&self, account: &FleetAccount, error: &CallError) {
+        match error {
+            CallError::Refused(_) => {}
+            CallError::Unreachable(_) | CallError::Rejected { .. } => {
+                let newly = account.leased.lock().unreachable_since.is_none();
+                account.leased.unreachable(now_ms());
+                if newly {
+                    tracing::warn!(budget = %account.leased.name, error = %error, "the budget ledger cannot be reached");
+                }
+            }
+        }
+    }
+
+    /// Asks the ledger for a new lease, or more on the one held, unless another caller just did.
+    async fn renew(&self, account: &FleetAccount, need: u64) {
+        let grants = account.leased.lock().grants;
+        let _one = account.renewing.lock().await;
+        if account.leased.lock().grants != grants {
+            return;
+        }
+        self.lease_call(account, need).await;
+    }
+
+    async fn lease_call(&self, account: &FleetAccount, need: u64) {
+        let now = now_ms();
+        account.last_attempt.store(now, Relaxed);
+        let (lease_id, used, expired) = {
+            let book = account.leased.lock();
+            match &book.lease {
+                Some(l) => (Some(l.usage.id.clone()), l.usage.used, now >= l.expires_at),
+                None => (None, Allowance::default(), false),
+            }
+        };
+        let mut want = account.leased.want(FLOOR);
+        want.credit = want.credit.max(need);
+        let request = LeaseRequest { budget: account.leased.name.clone(), lease_id: lease_id.clone(), used, want };
+        let answer = match self.client() {
+            Ok(client) => client.call::<LeaseGrant>(LEASE, &request).await,
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(grant) => {
+                let was_unreachable = account.leased.lock().unreachable_since.is_some();
+                if was_unreachable {
+                    tracing::info!(budget = %account.leased.name, "the budget ledger is reachable again");
+                    account.leased.reachable();
+                }
+                if let Some(id) = &lease_id {
+                    account.leased.acked(id, used, None);
+                }
+                let fresh = lease_id.as_deref() != Some(grant.lease_id.as_str());
+                if !grant.lease_id.is_empty() {
+                    if fresh {
+                        self.metrics.leases_granted.inc();
+                    } else {
+                        self.metrics.leases_renewed.inc();
+                    }
+                }
+                if expired {
+                    self.metrics.leases_expired.inc();
+                }
+                let before = account.leased.lock().lease.as_ref().filter(|_| !fresh).map_or(0, |l| l.granted.credit);
+                self.metrics.granted_credit.add(grant.granted.credit.saturating_sub(before));
+                account.leased.granted(&grant, now_ms());
+            }
+            Err(CallError::Refused(Refused::UnknownBudget)) => {
+                // The ledger does not serve it (yet): as if unreachable, so the key's failure mode applies.
+                self.note_failure(account, &CallError::Unreachable("the ledger does not know this budget".into()));
+            }
+            Err(e) => self.note_failure(account, &e),
+        }
+    }
+
+    /// Keeps every lease topped up and every use reported, until [`Fleet::close`].
+    pub async fn keep(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(KEEP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let _keeping = self.keeping.lock().await;
+            if self.closed.load(Relaxed) {
+                return;
+            }
+            for account in self.accounts() {
+                self.keep_account(&account).await;
+            }
+            self.save();
+        }
+    }
+
+    async fn keep_account(&self, account: &FleetAccount) {
+        let now = now_ms();
+        let budget = account.budget();
+        let (mode, lease, unreachable, stale_report) = {
+            let book = account.leased.lock();
+            let stale = book.lease.as_ref().is_some_and(|l| {
+                !l.usage.is_acked() && now.saturating_sub(account.last_report.load(Relaxed)) >= REPORT_INTERVAL_MS
+            });
+            (book.mode, book.lease.clone(), book.unreachable_since.is_some(), stale)
+        };
+        let since_attempt = now.saturating_sub(account.last_attempt.load(Relaxed));
+        let want = account.leased.want(FLOOR);
+        let renew = if unreachable {
+            since_attempt >= RETRY_INTERVAL_MS
+        } else {
+            match (mode, &lease) {
+                (None, _) | (Some(Mode::Lease), None) => true,
+                (Some(Mode::Lease), Some(held)) => {
+                    needs_renewal(held, &want, budget.limit.is_some(), budget.rate_limit, now)
+                }
+                (Some(_), _) => since_attempt >= REFRESH_INTERVAL_MS,
+            }
+        };
+        if renew {
+            let _one = account.renewing.lock().await;
+            self.lease_call(account, 0).await;
+        } else if stale_report && let Some(held) = &lease {
+            self.report(account, held, false).await;
+        }
+        // Outside state Active the lease is not spent from: give its rest back once idle.
+        {
+            let mut book = account.leased.lock();
+            if book.mode.is_some_and(|m| m != Mode::Lease)
+                && book.lease.as_ref().is_some_and(|l| l.usage.holds == 0)
+                && let Some(old) = book.lease.take()
+            {
+                book.closing.push(old.usage);
+            }
+        }
+        let closing = account.leased.lock().closing.clone();
+        for usage in closing.iter().filter(|u| !u.is_acked() || u.holds == 0) {
+            if account.leased.lock().unreachable_since.is_some() && !renew {
+                break;
+            }
+            let done = usage.holds == 0;
+            let answer = match usage.kind {
+                UsageKind::Lease => {
+                    let report = Report {
+                        budget: account.leased.name.clone(),
+                        lease_id: usage.id.clone(),
+                        used: usage.used,
+                        done,
+                    };
+                    self.call::<BudgetFigures>(REPORT, &report).await
+                }
+                UsageKind::Debt => {
+                    let debt =
+                        Debt { budget: account.leased.name.clone(), debt_id: usage.id.clone(), used: usage.used };
+                    self.call::<BudgetFigures>(DEBT, &debt).await
+                }
+                UsageKind::Reservation => {
+                    let settle = Settle {
+                        budget: account.leased.name.clone(),
+                        reservation_id: usage.id.clone(),
+                        cost: usage.used.credit,
+                        tokens: usage.used.tokens,
+                    };
+                    self.call::<BudgetFigures>(SETTLE, &settle).await
+                }
+            };
+            match answer {
+                Ok(figures) => account.leased.acked(&usage.id, usage.used, Some(figures)),
+                Err(CallError::Refused(Refused::UnknownLease)) => account.leased.forgotten(&usage.id, now_ms()),
+                Err(e) => {
+                    self.note_failure(account, &e);
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn report(&self, account: &FleetAccount, held: &Held, done: bool) {
+        account.last_report.store(now_ms(), Relaxed);
+        let report = Report {
+            budget: account.leased.name.clone(),
+            lease_id: held.usage.id.clone(),
+            used: held.usage.used,
+            done,
+        };
+        match self.call::<BudgetFigures>(REPORT, &report).await {
+            Ok(figures) => account.leased.acked(&held.usage.id, held.usage.used, Some(figures)),
+            Err(CallError::Refused(Refused::UnknownLease)) => account.leased.forgotten(&held.usage.id, now_ms()),
+            Err(e) => self.note_failure(account, &e),
+        }
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(&self, call: usize, body: &impl Serialize) -> Result<T, CallError> {
+        self.client()?.call(call, body).await
+    }
+
+    /// At shutdown, once requests have drained: reports every lease as done, then saves what
+    /// could not be reported for the next start. Bounded by `within`.
+    pub async fn close(&self, within: Duration) {
+        let close = async {
+            let _keeping = self.keeping.lock().await;
+            self.closed.store(true, Relaxed);
+            for account in self.accounts() {
+                {
+                    let mut book = account.leased.lock();
+                    if let Some(lease) = book.lease.take() {
+                        book.closing.push(lease.usage);
+                    }
+                    if let Some(debt) = book.debt.take() {
+                        book.closing.push(debt);
+                    }
+                }
+                self.keep_account(&account).await;
+            }
+        };
+        if tokio::time::timeout(within, close).await.is_err() {
+            tracing::warn!(
+                "the budget ledger did not take the final reports in time; they are saved for the next start"
+            );
+        }
+        self.save();
+    }
+
+    /// Writes what is not acknowledged yet to the state file, when it changed. The file lives in
+    /// the pod's emptyDir, which outlives the container: a write and a rename suffice.
+    fn save(&self) {
+        let state = SavedState {
+            budgets: self
+                .accounts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .filter_map(|(id, account)| {
+                    let book = account.leased.lock();
+                    let usages: Vec<SavedUsage> = book
+                        .lease
+                        .iter()
+                        .map(|l| &l.usage)
+                        .chain(book.debt.iter())
+                        .chain(book.closing.iter())
+                        .filter(|u| !u.is_acked())
+                        .map(|u| SavedUsage {
+                            id: u.id.clone(),
+                            kind: kind_name(u.kind).into(),
+                            used: u.used,
+                            acked: u.acked,
+                        })
+                        .collect();
+                    (!usages.is_empty()).then(|| SavedBudget {
+                        id: id.clone(),
+                        name: account.leased.name.clone(),
+                        usages,
+                    })
+                })
+                .collect(),
+        };
+        let text = serde_json::to_string(&state).unwrap_or_default();
+        let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
+        if *saved == text {
+            return;
+        }
+        let tmp = self.state_file.with_extension("json.tmp");
+        let written = std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, &self.state_file));
+        match written {
+            Ok(()) => *saved = text,
+            Err(e) => {
+                self.metrics.state_file_errors.inc();
+                tracing::warn!(file = %self.state_file.display(), error = %e, "cannot save the unreported budget use");
+            }
+        }
+    }
+
+    /// Reads what an earlier container left unreported; it is reported as done.
+    fn restore(&self) -> Result<(), String> {
+        let text = match std::fs::read_to_string(&self.state_file) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("cannot read {}: {e}", self.state_file.display())),
+        };
+        let state: SavedState = match serde_json::from_str(&text) {
+            Ok(state) => state,
+            Err(e) => {
+                // A damaged file loses what it held; it must not stop the sidecar.
+                tracing::error!(file = %self.state_file.display(), error = %e, "the unreported budget use is unreadable and is skipped");
+                return Ok(());
+            }
+        };
+        let mut restored = 0;
+        for budget in state.budgets {
+            let account = self.account_by_id(&budget.id, &budget.name);
+            let mut book = account.leased.lock();
+            for usage in budget.usages {
+                let Some(kind) = kind_of(&usage.kind) else { continue };
+                restored += 1;
+                book.closing.push(crate::budget::lease::Usage {
+                    id: usage.id,
+                    kind,
+                    used: usage.used,
+                    acked: usage.acked,
+                    window: crate::budget::lease::minute(now_ms()),
+                    holds: 0,
+                    reserved: 0,
+                });
+            }
+        }
+        if restored > 0 {
+            tracing::info!(file = %self.state_file.display(), usages = restored, "reporting the budget use an earlier container left unreported");
+        }
+        Ok(())
+    }
+
+    /// Credit spent as debt and not yet acknowledged, per budget id.
+    pub fn debt(&self, account: &FleetAccount) -> u64 {
+        let book = account.leased.lock();
+        book.debt
+            .iter()
+            .chain(book.closing.iter())
+            .filter(|u| u.kind == UsageKind::Debt)
+            .map(|u| u.used.credit.saturating_sub(u.acked.credit))
+            .fold(0, u64::saturating_add)
+    }
+}
+
+fn kind_name(kind: UsageKind) -> &'static str {
+    match kind {
+        UsageKind::Lease => "lease",
+        UsageKind::Debt => "debt",
+        UsageKind::Reservation => "reservation",
+    }
+}
+
+fn kind_of(name: &str) -> Option<UsageKind> {
+    match name {
+        "lease" => Some(UsageKind::Lease),
+        "debt" => Some(UsageKind::Debt),
+        "reservation" => Some(UsageKind::Reservation),
+        _ => None,
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedState {
+    budgets: Vec<SavedBudget>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedBudget {
+    id: String,
+    name: String,
+    usages: Vec<SavedUsage>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedUsage {
+    id: String,
+    kind: String,
+    used: Allowance,
+    acked: Allowance,
+}
+
+/// Why a request could not hold credit.
+#[derive(Debug)]
+pub enum Refusal {
+    Insufficient {
+        remaining: u64,
+    },
+    RateLimited(RateStatus),
+    /// The ledger is unreachable and the key fails closed: why.
+    Unavailable(String),
+}
+
+/// A request's hold on a budget in cluster mode; released (at cost 0) if dropped unsettled.
+pub enum Hold {
+    /// On the lease or the debt.
+    Local { account: Arc<FleetAccount>, hold: Option<LocalHold> },
+    /// A per-request reservation of the ledger.
+    Remote { account: Arc<FleetAccount>, id: Option<String> },
+}
+
+impl Hold {
+    pub fn account(&self) -> &Arc<FleetAccount> {
+        match self {
+            Hold::Local { account, .. } | Hold::Remote { account, .. } => account,
+        }
+    }
+
+    /// Holds `more` for a stream that outgrew its reservation; a per-request reservation cannot
+    /// grow without a call to the ledger, so it does not.
+    pub fn extend(&mut self, more: u64) -> Result<(), ()> {
+        match self {
+            Hold::Local { account, hold: Some(hold) } => {
+                account.leased.extend(&account.budget(), hold, more, now_ms()).map_err(|_| ())
+            }
+            _ => Err(()),
+        }
+    }
+
+    pub fn settle(mut self, cost: u64, tokens: u64) {
+        self.finish(cost, tokens);
+    }
+
+    fn finish(&mut self, cost: u64, tokens: u64) {
+        match self {
+            Hold::Local { account, hold } => {
+                if let Some(hold) = hold.take() {
+                    account.leased.settle(hold, cost, tokens, now_ms());
+                }
+            }
+            Hold::Remote { account, id, .. } => {
+                if let Some(id) = id.take() {
+                    account.leased.settled_remotely(id, cost, tokens, now_ms());
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.finish(0, 0);
+    }
+}

@@ -1,0 +1,286 @@
+//! The sidecar's client of the operator's budget ledger: JSON calls over one long-lived HTTP/2
+//! connection (TLS, the ledger's CA), authenticated with the pod's projected ServiceAccount
+//! token, following the leader when a replica that does not lead says where it is.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::budget::protocol::Refused;
+use crate::config::LedgerEndpoint;
+use crate::metrics::{Counter, Histogram};
+
+/// The header a replica that does not lead names the leader's URL in.
+pub const LEADER_HEADER: &str = "x-switchyard-ledger-leader";
+/// How long one call may take, connecting included: past it the ledger counts as unreachable.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// A projected token is rotated by the kubelet well before it expires; reading it this often
+/// follows the rotation.
+const TOKEN_REFRESH: Duration = Duration::from_secs(60);
+const MAX_ANSWER_BYTES: usize = 1 << 20;
+
+/// Why a call got no answer to use.
+#[derive(Debug)]
+pub enum CallError {
+    /// The ledger answered with a refusal (402, 429, 404).
+    Refused(Refused),
+    /// No answer: connection, TLS, timeout, or a ledger that cannot serve now (503).
+    Unreachable(String),
+    /// The ledger rejected the call itself (401, 403, 400): no retry will help.
+    Rejected { status: u16, message: String },
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Refused(r) => write!(f, "refused: {r:?}"),
+            CallError::Unreachable(m) => write!(f, "unreachable: {m}"),
+            CallError::Rejected { status, message } => write!(f, "rejected ({status}): {message}"),
+        }
+    }
+}
+
+/// The ledger calls, for metric labels.
+pub const CALLS: [&str; 5] = ["lease", "report", "reserve", "settle", "debt"];
+
+/// Per call: outcomes and round trips.
+#[derive(Default)]
+pub struct CallMetrics {
+    /// By call, then `ok`, `refused`, `unreachable`, `rejected`.
+    pub results: [[Counter; 4]; CALLS.len()],
+    pub round_trip: [Histogram; CALLS.len()],
+}
+
+pub const RESULTS: [&str; 4] = ["ok", "refused", "unreachable", "rejected"];
+
+pub struct LedgerClient {
+    pub endpoint: LedgerEndpoint,
+    /// The Service's authority (`host:port`), dialled unless a leader was named.
+    authority: String,
+    /// The name the certificate is checked against, whoever is dialled.
+    server_name: ServerName<'static>,
+    tls: tokio_rustls::TlsConnector,
+    token_file: PathBuf,
+    token: Mutex<Option<(Instant, HeaderValue)>>,
+    /// The leader's authority, once a replica named it; forgotten when it fails.
+    leader: Mutex<Option<String>>,
+    /// The open connection and the authority it goes to.
+    connection: tokio::sync::Mutex<Option<(String, SendRequest<Full<Bytes>>)>>,
+    pub metrics: Arc<CallMetrics>,
+}
+
+impl LedgerClient {
+    pub fn new(endpoint: LedgerEndpoint, token_file: PathBuf, metrics: Arc<CallMetrics>) -> Result<Self, String> {
+        let uri: Uri = endpoint.url.parse().map_err(|e| format!("ledger URL {:?}: {e}", endpoint.url))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(format!("ledger URL {:?}: must be https://", endpoint.url));
+        }
+        let host = uri.host().ok_or_else(|| format!("ledger URL {:?}: no host", endpoint.url))?;
+        let port = uri.port_u16().unwrap_or(443);
+        let bare = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        let server_name =
+            ServerName::try_from(bare).map_err(|e| format!("ledger URL {:?}: host: {e}", endpoint.url))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(endpoint.ca_bundle.as_bytes()) {
+            let cert = cert.map_err(|e| format!("ledger CA bundle: {e}"))?;
+            roots.add(cert).map_err(|e| format!("ledger CA bundle: {e}"))?;
+        }
+        if roots.is_empty() {
+            return Err("ledger CA bundle: no certificate".into());
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(LedgerClient {
+            authority: format!("{host}:{port}"),
+            endpoint,
+            server_name,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            token_file,
+            token: Mutex::default(),
+            leader: Mutex::default(),
+            connection: tokio::sync::Mutex::default(),
+            metrics,
+        })
+    }
+
+    /// Calls `POST /ledger/v1/<call>` with `body`, following the leader once if told where it is.
+    pub async fn call<T: DeserializeOwned>(&self, call: usize, body: &impl Serialize) -> Result<T, CallError> {
+        let started = Instant::now();
+        let body = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
+        let mut result = self.call_once(call, body.clone()).await;
+        if let Err(Redirect::Leader) = result {
+            result = self.call_once(call, body).await;
+        }
+        let result = result.map_err(|r| match r {
+            Redirect::Leader => CallError::Unreachable("the ledger's leader moved twice during one call".into()),
+            Redirect::Failed(e) => e,
+        });
+        let result = result.and_then(|bytes| {
+            serde_json::from_slice(&bytes).map_err(|e| CallError::Unreachable(format!("unreadable answer: {e}")))
+        });
+        let outcome = match &result {
+            Ok(_) => 0,
+            Err(CallError::Refused(_)) => 1,
+            Err(CallError::Unreachable(_)) => 2,
+            Err(CallError::Rejected { .. }) => 3,
+        };
+        self.metrics.results[call][outcome].inc();
+        self.metrics.round_trip[call].observe(started.elapsed());
+        result
+    }
+
+    async fn call_once(&self, call: usize, body: Bytes) -> Result<Bytes, Redirect> {
+        let token = self.token().map_err(|e| Redirect::Failed(CallError::Rejected { status: 401, message: e }))?;
+        let path = format!("/ledger/v1/{}", CALLS[call]);
+        let attempt = async {
+            let mut sender = self.connect().await?;
+            let request = Request::post(format!("https://{}{path}", self.authority))
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::AUTHORIZATION, token)
+                .body(Full::new(body))
+                .map_err(|e| e.to_string())?;
+            let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+            let (parts, incoming) = response.into_parts();
+            let bytes = Limited::new(incoming, MAX_ANSWER_BYTES)
+                .collect()
+                .await
+                .map_err(|e| format!("reading the answer: {e}"))?
+                .to_bytes();
+            Ok::<_, String>((parts, bytes))
+        };
+        let (parts, bytes) = match tokio::time::timeout(CALL_TIMEOUT, attempt).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => return Err(self.failed(e).await),
+            Err(_) => return Err(self.failed(format!("no answer within {CALL_TIMEOUT:?}")).await),
+        };
+        if parts.status == StatusCode::OK {
+            return Ok(bytes);
+        }
+        if let Some(leader) = parts.headers.get(LEADER_HEADER).and_then(|v| v.to_str().ok())
+            && let Some(authority) = leader.parse::<Uri>().ok().and_then(|u| u.authority().map(|a| a.to_string()))
+        {
+            let mut known = self.leader.lock().unwrap_or_else(|e| e.into_inner());
+            if known.as_deref() != Some(authority.as_str()) {
+                *known = Some(authority);
+                return Err(Redirect::Leader);
+            }
+        }
+        Err(Redirect::Failed(error_of(parts.status, &bytes)))
+    }
+
+    /// Forgets the connection (and a leader that failed) after a failure.
+    async fn failed(&self, message: String) -> Redirect {
+        *self.connection.lock().await = None;
+        let leader = self.leader.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let at = leader.unwrap_or_else(|| self.authority.clone());
+        Redirect::Failed(CallError::Unreachable(format!("{at}: {message}")))
+    }
+
+    /// The open HTTP/2 connection to the leader (or the Service), opened if needed.
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, String> {
+        let target = self.leader.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let target = target.unwrap_or_else(|| self.authority.clone());
+        let mut connection = self.connection.lock().await;
+        if let Some((to, sender)) = connection.as_ref()
+            && *to == target
+            && !sender.is_closed()
+        {
+            return Ok(sender.clone());
+        }
+        let tcp = tokio::net::TcpStream::connect(&target).await.map_err(|e| format!("connect: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = self.tls.connect(self.server_name.clone(), tcp).await.map_err(|e| format!("TLS: {e}"))?;
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err("the ledger did not agree to HTTP/2".into());
+        }
+        let (sender, driver) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("HTTP/2: {e}"))?;
+        tokio::spawn(driver);
+        *connection = Some((target, sender.clone()));
+        Ok(sender)
+    }
+
+    /// `Bearer <token>` from the token file, re-read as the kubelet rotates it.
+    fn token(&self) -> Result<HeaderValue, String> {
+        let mut cached = self.token.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((read, value)) = cached.as_ref()
+            && read.elapsed() < TOKEN_REFRESH
+        {
+            return Ok(value.clone());
+        }
+        let file = &self.token_file;
+        let token = std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read the ledger token {}: {e}", file.display()))?;
+        let mut value = HeaderValue::try_from(format!("Bearer {}", token.trim()))
+            .map_err(|_| format!("the ledger token {} is not a header value", file.display()))?;
+        value.set_sensitive(true);
+        *cached = Some((Instant::now(), value.clone()));
+        Ok(value)
+    }
+}
+
+enum Redirect {
+    /// Told where the leader is: call again.
+    Leader,
+    Failed(CallError),
+}
+
+/// The ledger's error body, `{"error": {"message", "code", "refusal"?}}`, as a [`CallError`].
+fn error_of(status: StatusCode, body: &[u8]) -> CallError {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        error: Inner,
+    }
+    #[derive(serde::Deserialize)]
+    struct Inner {
+        #[serde(default)]
+        message: String,
+        #[serde(default)]
+        refusal: Option<Refused>,
+    }
+    let parsed: Option<Inner> = serde_json::from_slice::<Body>(body).ok().map(|b| b.error);
+    if let Some(refusal) = parsed.as_ref().and_then(|p| p.refusal.clone()) {
+        return CallError::Refused(refusal);
+    }
+    let message = parsed.map_or_else(|| format!("HTTP {status}"), |p| p.message);
+    match status.as_u16() {
+        401 | 403 | 400 | 413 => CallError::Rejected { status: status.as_u16(), message },
+        _ => CallError::Unreachable(format!("HTTP {status}: {message}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ledger_errors_become_refusals_rejections_or_unreachability() {
+        let refusal = br#"{"error":{"message":"m","code":"insufficient_credits","refusal":{"reason":"insufficientCredits","remaining":5}}}"#;
+        assert!(matches!(
+            error_of(StatusCode::PAYMENT_REQUIRED, refusal),
+            CallError::Refused(Refused::InsufficientCredits { remaining: 5 })
+        ));
+        let forbidden = br#"{"error":{"message":"another namespace","code":"forbidden"}}"#;
+        assert!(matches!(
+            error_of(StatusCode::FORBIDDEN, forbidden),
+            CallError::Rejected { status: 403, message } if message == "another namespace"
+        ));
+        assert!(matches!(error_of(StatusCode::SERVICE_UNAVAILABLE, b"<html>"), CallError::Unreachable(_)));
+    }
+}
