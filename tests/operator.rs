@@ -3,11 +3,9 @@
 //! `Controller::for_stream`), leader election, and a real process against a fake API server.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::response::IntoResponse;
 use futures::{StreamExt, stream};
 use http::{Method, Request, Response};
 use k8s_openapi::ByteString;
@@ -24,7 +22,7 @@ use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use switchyard::api::{ApiKeyBudget, ProviderRoute};
-use switchyard::config::{CompiledConfig, Reason};
+use switchyard::config::{CompiledConfig, LedgerEndpoint, Reason};
 use switchyard::operator::controller::{
     self, Context, Error, FIELD_MANAGER, Stores, generation, reconcile, resource_version, secret_matters, triggers,
 };
@@ -35,6 +33,8 @@ use switchyard::operator::plan::{
 };
 use switchyard::operator::tls::{self, TlsSettings};
 use tower_test::mock::Handle;
+
+use common::cluster::{FakeApi, lease, list, not_found, operator_args, serve_fake_api, writes_to};
 
 mod common;
 
@@ -104,11 +104,12 @@ struct World {
     budgets: Vec<Arc<ApiKeyBudget>>,
     secrets: Vec<Arc<Secret>>,
     published: Option<Published>,
+    ledger: Option<LedgerEndpoint>,
 }
 
 impl World {
     fn new(routes: Vec<Arc<ProviderRoute>>, secrets: Vec<Arc<Secret>>) -> World {
-        World { routes, budgets: Vec::new(), secrets, published: None }
+        World { routes, budgets: Vec::new(), secrets, published: None, ledger: None }
     }
 
     fn plan(&self) -> Plan {
@@ -119,6 +120,7 @@ impl World {
             secrets: &self.secrets,
             published: self.published.as_ref(),
             now: at(1000).0,
+            ledger: self.ledger.as_ref(),
         })
     }
 
@@ -323,6 +325,25 @@ fn budgets_are_compiled_with_their_key_hash_and_reported() {
 }
 
 #[test]
+fn configurations_with_budgets_name_the_fleet_ledger_and_others_do_not() {
+    let ledger = LedgerEndpoint { url: "https://switchyard-webhook.ops.svc:8444".into(), ca_bundle: "CA".into() };
+    let mut world = World::new(vec![keyed_route("chat", "chat", 0)], vec![keys()]);
+    world.ledger = Some(ledger.clone());
+    let (_, compiled) = applied_config(&world.plan());
+    assert_eq!(compiled.config.ledger, None, "no budgets: the sidecars need no ledger");
+    world.budgets =
+        vec![budget("bot", 0, json!({"key": {"secretRef": {"name": "keys", "key": "app"}}, "limit": "10"}))];
+    let plan = world.plan();
+    let (_, compiled) = applied_config(&plan);
+    assert_eq!(compiled.config.ledger.as_ref(), Some(&ledger));
+    world.apply(&plan);
+    // A new CA is a new configuration.
+    world.ledger = Some(LedgerEndpoint { ca_bundle: "CA2".into(), ..ledger });
+    let (_, compiled) = applied_config(&world.plan());
+    assert_eq!(compiled.config.ledger.unwrap().ca_bundle, "CA2");
+}
+
+#[test]
 fn env_and_file_credentials_are_refused_in_a_cluster() {
     let r = route(
         "env",
@@ -456,6 +477,7 @@ fn cluster(routes: &[Arc<ProviderRoute>], secrets: &[Arc<Secret>], leadership: L
         own_writes: Default::default(),
         failures: Default::default(),
         ledger: None,
+        sidecar_ledger: None,
     });
     Cluster { ctx, server, routes: routes_writer, secrets: secrets_writer, _others: (ns_writer, budgets_writer) }
 }
@@ -703,19 +725,6 @@ fn elector(identity: &str) -> (Elector, Leadership, ApiServer) {
     (elector, leadership, server)
 }
 
-fn lease(holder: &str, version: &str) -> Value {
-    json!({
-        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-        "metadata": {"name": "switchyard-operator", "namespace": "ops", "resourceVersion": version},
-        "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15, "leaseTransitions": 3,
-                 "renewTime": "2026-11-25T00:00:00.000000Z"}
-    })
-}
-
-fn not_found() -> Value {
-    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404})
-}
-
 fn lease_path() -> String {
     format!("{LEASES}/switchyard-operator")
 }
@@ -852,7 +861,8 @@ async fn the_leader_issues_the_webhook_certificate_and_publishes_its_ca() {
         let config = expect(&mut server, Method::PATCH, config_path, APPLY, 200, Value::clone).await;
         (secret, config)
     });
-    let (cert, key) = tls::managed_round(&client, &Leadership::fixed(true), &tls_settings()).await.unwrap().unwrap();
+    let pem = tls::managed_round(&client, &Leadership::fixed(true), &tls_settings()).await.unwrap().unwrap();
+    let (cert, key) = (pem.cert, pem.key);
     let (secret, config) = finished(api).await;
 
     assert_eq!(secret["type"], "kubernetes.io/tls");
@@ -860,6 +870,7 @@ async fn the_leader_issues_the_webhook_certificate_and_publishes_its_ca() {
     assert_eq!(served, cert);
     assert!(String::from_utf8(common::base64_decode(secret["data"]["tls.key"].as_str().unwrap())).unwrap() == key);
     let ca = common::base64_decode(secret["data"]["ca.crt"].as_str().unwrap());
+    assert_eq!(pem.ca.unwrap().as_bytes(), ca, "the CA that sidecars are given for the ledger");
     assert_eq!(
         secret["metadata"]["annotations"]["switchyard.dev/dns-names"],
         "switchyard-webhook,switchyard-webhook.ops,switchyard-webhook.ops.svc,switchyard-webhook.ops.svc.cluster.local"
@@ -885,7 +896,8 @@ async fn a_follower_only_reads_the_webhook_certificate_and_a_current_one_is_left
         server
     });
     let loaded = tls::managed_round(&client, &Leadership::fixed(false), &tls_settings()).await.unwrap();
-    assert_eq!(loaded, Some((cert.cert.clone(), cert.key.clone())));
+    let pem = tls::Pem { cert: cert.cert.clone(), key: cert.key.clone(), ca: Some(cert.ca_cert.clone()) };
+    assert_eq!(loaded, Some(pem.clone()));
     drop(finished(api).await);
 
     // The leader, with a current certificate and caBundle: reads, writes nothing.
@@ -901,7 +913,7 @@ async fn a_follower_only_reads_the_webhook_certificate_and_a_current_one_is_left
         server
     });
     let loaded = tls::managed_round(&client, &Leadership::fixed(true), &tls_settings()).await.unwrap();
-    assert_eq!(loaded, Some((cert.cert, cert.key)));
+    assert_eq!(loaded, Some(pem));
     drop(finished(api).await); // any write after the reads would have failed the round
 }
 
@@ -1013,161 +1025,6 @@ async fn the_controller_reconciles_each_namespace_it_is_asked_to() {
 
 // ---------------------------------------------------------------------------------------------
 // The real process against a fake API server on 127.0.0.1
-
-/// Just enough of a kube-apiserver for the operator: lists, idle watches, leases, statuses it
-/// keeps, TokenReviews, and recorded writes.
-#[derive(Default)]
-struct FakeApi {
-    crds_installed: bool,
-    lists: BTreeMap<String, Value>,
-    lease: Mutex<Option<Value>>,
-    writes: Mutex<Vec<(String, String, Value)>>,
-    /// Another replica has taken the lease.
-    stolen: std::sync::atomic::AtomicBool,
-    /// Statuses written, by the object's path: the object is read back with them.
-    statuses: Mutex<BTreeMap<String, Value>>,
-}
-
-/// The object a `…/{plural}/{name}` path names, from the cluster's lists.
-fn object_at(api: &FakeApi, path: &str) -> Option<Value> {
-    let (collection, name) = path.rsplit_once('/')?;
-    let (prefix, plural) = collection.rsplit_once('/')?;
-    let (group, _namespace) = prefix.rsplit_once("/namespaces/")?;
-    let list = &api.lists.get(&format!("{group}/{plural}"))?["items"];
-    list.as_array()?.iter().find(|o| o["metadata"]["name"] == name).cloned()
-}
-
-/// A TokenReview as the API server answers it, for the test tokens `namespace:pod` (a bound pod
-/// token of the namespace's default ServiceAccount) and `wrong-audience`.
-fn token_review(request: &Value) -> Value {
-    let token = request["spec"]["token"].as_str().unwrap_or_default();
-    let audiences = request["spec"]["audiences"].clone();
-    let status = match token.split_once(':') {
-        Some((ns, pod)) if token != "wrong-audience" => json!({
-            "authenticated": true,
-            "audiences": audiences,
-            "user": {"username": format!("system:serviceaccount:{ns}:default"),
-                     "extra": {"authentication.kubernetes.io/pod-name": [pod]}},
-        }),
-        _ => {
-            json!({"authenticated": false, "error": "[invalid bearer token, token audiences [\"https://kubernetes.default.svc\"] is invalid for the target audiences [\"switchyard\"]]"})
-        }
-    };
-    json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": request["spec"], "status": status})
-}
-
-async fn fake_api(State(api): State<Arc<FakeApi>>, request: axum::extract::Request) -> axum::response::Response {
-    let (method, path, query) = (
-        request.method().clone(),
-        request.uri().path().to_string(),
-        request.uri().query().unwrap_or_default().to_string(),
-    );
-    let body = axum::body::to_bytes(request.into_body(), 1 << 24).await.unwrap();
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let json = |status: u16, v: Value| {
-        (http::StatusCode::from_u16(status).unwrap(), [(http::header::CONTENT_TYPE, "application/json")], v.to_string())
-            .into_response()
-    };
-    let lease_path = "/apis/coordination.k8s.io/v1/namespaces/ops/leases/switchyard-operator";
-    if method == Method::GET && query.contains("watch=true") {
-        // A watch with nothing to report, held open.
-        let idle = futures::stream::pending::<Result<bytes::Bytes, std::convert::Infallible>>();
-        return (http::StatusCode::OK, axum::body::Body::from_stream(idle)).into_response();
-    }
-    match (method.clone(), path.as_str()) {
-        (Method::GET, p) if p.contains("switchyard.dev") && !api.crds_installed => json(404, not_found()),
-        (Method::GET, p) if api.lists.contains_key(p) => json(200, api.lists[p].clone()),
-        (Method::GET, p) if p == lease_path && api.stolen.load(std::sync::atomic::Ordering::Relaxed) => {
-            json(200, lease("op-2", "500"))
-        }
-        (Method::GET, p) if p == lease_path => match api.lease.lock().unwrap().clone() {
-            Some(lease) => json(200, lease),
-            None => json(404, not_found()),
-        },
-        (Method::POST, "/apis/coordination.k8s.io/v1/namespaces/ops/leases") | (Method::PUT, _)
-            if path.starts_with("/apis/coordination") =>
-        {
-            let mut lease = body.clone();
-            lease["metadata"]["resourceVersion"] = "100".into();
-            *api.lease.lock().unwrap() = Some(lease.clone());
-            api.writes.lock().unwrap().push((method.to_string(), path, body));
-            json(200, lease)
-        }
-        (Method::POST, "/apis/authentication.k8s.io/v1/tokenreviews") => json(201, token_review(&body)),
-        (Method::GET, p) if p.ends_with("/status") => {
-            let object_path = p.trim_end_matches("/status");
-            match object_at(&api, object_path) {
-                Some(mut object) => {
-                    if let Some(status) = api.statuses.lock().unwrap().get(object_path) {
-                        object["status"] = status.clone();
-                    }
-                    json(200, object)
-                }
-                None => json(404, not_found()),
-            }
-        }
-        (Method::PATCH, p) if p.ends_with("/status") => {
-            // Keeps the fields written, as server-side apply merges them, and answers with the
-            // object, status applied.
-            let object_path = p.trim_end_matches("/status").to_string();
-            let Some(mut object) = object_at(&api, &object_path) else { return json(404, not_found()) };
-            let mut statuses = api.statuses.lock().unwrap();
-            let status = statuses.entry(object_path).or_insert_with(|| json!({}));
-            for (field, value) in body["status"].as_object().into_iter().flatten() {
-                status[field] = value.clone();
-            }
-            object["status"] = status.clone();
-            drop(statuses);
-            api.writes.lock().unwrap().push((method.to_string(), path, body));
-            json(200, object)
-        }
-        (Method::PATCH | Method::POST, _) => {
-            api.writes.lock().unwrap().push((method.to_string(), path, body.clone()));
-            json(201, body)
-        }
-        _ => json(404, not_found()),
-    }
-}
-
-fn list(kind: &str, api_version: &str, items: Vec<Value>) -> Value {
-    json!({"apiVersion": api_version, "kind": format!("{kind}List"), "metadata": {"resourceVersion": "10"}, "items": items})
-}
-
-/// Serves `api` on 127.0.0.1 and writes a kubeconfig that points at it.
-async fn serve_fake_api(api: Arc<FakeApi>) -> std::path::PathBuf {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().fallback(fake_api).with_state(api);
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    let dir = common::temp_dir("kubeconfig");
-    let path = dir.join("config");
-    let config = format!(
-        "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: \"http://{addr}\"}}}}]\nusers: [{{name: fake, user: {{token: test}}}}]\ncontexts: [{{name: fake, context: {{cluster: fake, user: fake, namespace: ops}}}}]\ncurrent-context: fake\n"
-    );
-    std::fs::write(&path, config).unwrap();
-    path
-}
-
-/// `switchyard operator` on kernel-chosen local ports, with `extra` flags.
-fn operator_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "operator",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--webhook-listen",
-        "127.0.0.1:0",
-        "--ledger-listen",
-        "127.0.0.1:0",
-        "--identity",
-        "op-1",
-    ];
-    args.extend_from_slice(extra);
-    args
-}
-
-fn writes_to(api: &FakeApi, method: &str, path: &str) -> Vec<Value> {
-    api.writes.lock().unwrap().iter().filter(|(m, p, _)| m == method && p == path).map(|(_, _, b)| b.clone()).collect()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_operator_process_leads_publishes_reports_and_releases_its_lease() {

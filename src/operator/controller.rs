@@ -29,6 +29,7 @@ use super::leader::Leadership;
 use super::metrics::{OperatorMetrics, ReconcileOutcome};
 use super::plan::{CONFIG_SECRET, ConfigAction, Inputs, Plan, Published, plan};
 use crate::api::{ApiKeyBudget, ApiKeyBudgetStatus, ProviderRoute, ProviderRouteStatus};
+use crate::config::LedgerEndpoint;
 
 /// The field manager of every write: server-side apply tracks the fields the operator owns under
 /// it, so fields it stops setting are removed and nobody else's are touched.
@@ -76,6 +77,21 @@ pub struct Context {
     pub failures: Mutex<HashMap<String, u32>>,
     /// The budget ledger, when this operator serves one: told each namespace's budgets.
     pub ledger: Option<Arc<super::ledger::FleetService>>,
+    /// Where sidecars reach the ledger, and the CA they trust it by (once known).
+    pub sidecar_ledger: Option<SidecarLedger>,
+}
+
+/// The ledger as sidecars see it: the Service URL and the serving certificate's CA (PEM).
+pub struct SidecarLedger {
+    pub url: String,
+    pub ca: tokio::sync::watch::Receiver<Option<String>>,
+}
+
+impl SidecarLedger {
+    /// `None` until the CA is known: sidecars keep their own ledgers until then.
+    pub fn endpoint(&self) -> Option<LedgerEndpoint> {
+        Some(LedgerEndpoint { url: self.url.clone(), ca_bundle: self.ca.borrow().clone()? })
+    }
 }
 
 impl Context {
@@ -235,6 +251,7 @@ pub async fn reconcile(namespace: Arc<Namespace>, ctx: Arc<Context>) -> Result<A
         return Ok(Action::await_change());
     }
 
+    let ledger_endpoint = ctx.sidecar_ledger.as_ref().and_then(SidecarLedger::endpoint);
     let plan = plan(&Inputs {
         namespace: &ns,
         routes: &routes,
@@ -242,6 +259,7 @@ pub async fn reconcile(namespace: Arc<Namespace>, ctx: Arc<Context>) -> Result<A
         secrets: &secrets,
         published: published.as_ref(),
         now: Timestamp::now(),
+        ledger: ledger_endpoint.as_ref(),
     });
     let compiled_budgets = plan.compiled_budgets.clone();
     let mut result = apply(&ctx, &ns, plan).await;
@@ -502,6 +520,22 @@ pub fn on_leadership(
             }
             let all: Vec<_> = namespaces.state().iter().map(|n| ObjectRef::from_obj(n.as_ref())).collect();
             Some((stream::iter(all), leadership))
+        }
+    })
+    .flatten()
+}
+
+/// Every namespace, each time the ledger's CA changes: their configurations carry it.
+pub fn on_ca_change(
+    ca: tokio::sync::watch::Receiver<Option<String>>,
+    namespaces: Store<Namespace>,
+) -> impl Stream<Item = ObjectRef<Namespace>> + Send + 'static {
+    stream::unfold(ca, move |mut ca| {
+        let namespaces = namespaces.clone();
+        async move {
+            ca.changed().await.ok()?;
+            let all: Vec<_> = namespaces.state().iter().map(|n| ObjectRef::from_obj(n.as_ref())).collect();
+            Some((stream::iter(all), ca))
         }
     })
     .flatten()

@@ -9,8 +9,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EmptyDirVolumeSource,
-    EnvVar, HTTPGetAction, ObjectFieldSelector, Pod, PodSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    EnvVar, HTTPGetAction, ObjectFieldSelector, Pod, PodSpec, Probe, ProjectedVolumeSource, ResourceRequirements,
+    SeccompProfile, SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
+    VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -39,9 +40,16 @@ pub const ADMIN_PORT: i32 = 7701;
 const CONFIG_VOLUME: &str = "switchyard-config";
 const POD_INFO_VOLUME: &str = "switchyard-pod";
 const STATE_VOLUME: &str = "switchyard-state";
+const TOKEN_VOLUME: &str = "switchyard-token";
 const CONFIG_DIR: &str = "/etc/switchyard/config";
 const POD_INFO_DIR: &str = "/etc/switchyard/pod";
 const STATE_DIR: &str = "/var/run/switchyard";
+/// The projected ServiceAccount token the sidecar presents to the operator's budget ledger.
+const TOKEN_DIR: &str = "/var/run/secrets/switchyard.dev";
+/// The token's audience: the ledger accepts no other, so the token is useless to the API server.
+pub const TOKEN_AUDIENCE: &str = "switchyard";
+/// The kubelet rotates the token at 80% of this; the sidecar re-reads it.
+const TOKEN_SECONDS: i64 = 3600;
 
 /// Cluster-wide defaults (operator flags, chart values); pods override some by annotation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,7 +128,7 @@ pub fn inject(pod: &Pod, defaults: &InjectParams) -> Result<Injection, String> {
         "mode": if params.native_sidecar { "native" } else { "container" },
         "image": params.image,
         "containers": [CONTAINER_NAME],
-        "volumes": [CONFIG_VOLUME, POD_INFO_VOLUME, STATE_VOLUME],
+        "volumes": [CONFIG_VOLUME, POD_INFO_VOLUME, STATE_VOLUME, TOKEN_VOLUME],
     });
     annotations.insert(STATUS_ANNOTATION.into(), status.to_string());
     pod.metadata.annotations = Some(annotations);
@@ -228,6 +236,8 @@ fn sidecar_container(params: &InjectParams) -> Container {
                 &format!("0.0.0.0:{ADMIN_PORT}"),
                 "--state-dir",
                 STATE_DIR,
+                "--ledger-token-file",
+                &format!("{TOKEN_DIR}/token"),
                 "--log",
                 &params.log_level,
             ]
@@ -268,6 +278,7 @@ fn sidecar_container(params: &InjectParams) -> Container {
             mount(CONFIG_VOLUME, CONFIG_DIR, true),
             mount(POD_INFO_VOLUME, POD_INFO_DIR, true),
             mount(STATE_VOLUME, STATE_DIR, false),
+            mount(TOKEN_VOLUME, TOKEN_DIR, true),
         ]),
         restart_policy: params.native_sidecar.then(|| "Always".into()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
@@ -275,7 +286,7 @@ fn sidecar_container(params: &InjectParams) -> Container {
     }
 }
 
-fn volumes() -> [Volume; 3] {
+fn volumes() -> [Volume; 4] {
     [
         Volume {
             name: CONFIG_VOLUME.into(),
@@ -297,6 +308,21 @@ fn volumes() -> [Volume; 3] {
             ..Default::default()
         },
         Volume { name: STATE_VOLUME.into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
+        Volume {
+            name: TOKEN_VOLUME.into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(TOKEN_AUDIENCE.into()),
+                        expiration_seconds: Some(TOKEN_SECONDS),
+                        path: "token".into(),
+                    }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
     ]
 }
 

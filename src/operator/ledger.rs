@@ -23,17 +23,16 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use super::inject::TOKEN_AUDIENCE;
 use super::leader::Leadership;
 use super::metrics::OperatorMetrics;
 use crate::api::units::{format_micros, parse_micros};
 use crate::api::{ApiKeyBudgetStatus, LedgerLease};
 use crate::budget::fleet::{FleetLedger, Lease, Persisted, Terms};
 use crate::budget::period::{parse_rfc3339, rfc3339};
-use crate::budget::protocol::{Allowance, BudgetFigures, LeaseRequest, Refused, Report, ReserveRequest, Settle};
+use crate::budget::protocol::{Allowance, BudgetFigures, Debt, LeaseRequest, Refused, Report, ReserveRequest, Settle};
 use crate::config::Budget;
 
-/// The audience of the tokens sidecars present: a token minted for anything else is refused.
-pub const AUDIENCE: &str = "switchyard";
 /// The field manager of the ledger's status fields (the reconciler owns the conditions).
 pub const FIELD_MANAGER: &str = "switchyard-ledger";
 /// How long a checked token is trusted before it is checked again.
@@ -52,7 +51,7 @@ pub struct Caller {
 /// What a token check found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Review {
-    /// A valid token for [`AUDIENCE`], of this user, with the pod it was bound to, if any.
+    /// A valid token for [`TOKEN_AUDIENCE`], of this user, with the pod it was bound to, if any.
     Authenticated { username: String, pod: Option<String> },
     /// Invalid, expired, or for another audience; the message says which, as far as known.
     Rejected(String),
@@ -350,6 +349,7 @@ pub fn router(service: Arc<FleetService>) -> Router {
         .route("/ledger/v1/report", post(report))
         .route("/ledger/v1/reserve", post(reserve))
         .route("/ledger/v1/settle", post(settle))
+        .route("/ledger/v1/debt", post(debt))
         .with_state(service)
 }
 
@@ -448,6 +448,11 @@ async fn settle(State(service): State<Arc<FleetService>>, headers: HeaderMap, by
     .await
 }
 
+async fn debt(State(service): State<Arc<FleetService>>, headers: HeaderMap, bytes: Bytes) -> Response {
+    call(service, "debt", headers, bytes, |r: &Debt| &r.budget, |fleet, id, pod, r, now| fleet.debt(id, pod, r, now))
+        .await
+}
+
 /// The ledger's fields of a budget's status.
 pub fn status_of(persisted: &Persisted, figures: &BudgetFigures) -> ApiKeyBudgetStatus {
     ApiKeyBudgetStatus {
@@ -507,7 +512,7 @@ pub fn persisted_of(status: Option<&ApiKeyBudgetStatus>) -> Persisted {
     Persisted { spent: micros(&status.spent), period_start, leases }
 }
 
-/// The cluster's token check: a TokenReview for [`AUDIENCE`].
+/// The cluster's token check: a TokenReview for [`TOKEN_AUDIENCE`].
 pub struct KubeReviewer(pub kube::Client);
 
 impl Reviewer for KubeReviewer {
@@ -515,7 +520,7 @@ impl Reviewer for KubeReviewer {
         use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
         Box::pin(async move {
             let review = TokenReview {
-                spec: TokenReviewSpec { token: Some(token.to_string()), audiences: Some(vec![AUDIENCE.into()]) },
+                spec: TokenReviewSpec { token: Some(token.to_string()), audiences: Some(vec![TOKEN_AUDIENCE.into()]) },
                 ..Default::default()
             };
             let api = kube::Api::<TokenReview>::all(self.0.clone());
@@ -525,8 +530,8 @@ impl Reviewer for KubeReviewer {
                 let reason = status.error.unwrap_or_else(|| "not authenticated".into());
                 return Ok(Review::Rejected(reason));
             }
-            if !status.audiences.unwrap_or_default().iter().any(|a| a == AUDIENCE) {
-                return Ok(Review::Rejected(format!("the token is not for the audience {AUDIENCE}")));
+            if !status.audiences.unwrap_or_default().iter().any(|a| a == TOKEN_AUDIENCE) {
+                return Ok(Review::Rejected(format!("the token is not for the audience {TOKEN_AUDIENCE}")));
             }
             let user = status.user.unwrap_or_default();
             let pod = user

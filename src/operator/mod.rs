@@ -32,7 +32,8 @@ use kube::{Api, Client, CustomResourceExt, Resource};
 use tokio::net::TcpListener;
 
 use self::controller::{
-    Context, Stores, controller, error_policy, generation, reconcile, resource_version, secret_matters, triggers,
+    Context, SidecarLedger, Stores, controller, error_policy, generation, reconcile, resource_version, secret_matters,
+    triggers,
 };
 use self::inject::InjectArgs;
 use self::leader::{Elector, Leadership, LeaseSettings};
@@ -127,6 +128,12 @@ pub struct OperatorArgs {
     /// when the POD_IP variable is set (the chart sets it).
     #[arg(long, env = "SWITCHYARD_LEDGER_URL")]
     pub ledger_url: Option<String>,
+
+    /// The URL sidecars reach the ledger at, written with the CA into every namespace's
+    /// configuration that has budgets. Default:
+    /// `https://<webhook-service>.<operator namespace>.svc:<ledger port>`.
+    #[arg(long, env = "SWITCHYARD_LEDGER_SERVICE_URL")]
+    pub ledger_service_url: Option<String>,
 
     #[command(flatten)]
     pub inject: InjectArgs,
@@ -223,14 +230,8 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
         watcher::watcher(Api::<Secret>::all(client.clone()), watcher::Config::default().fields(IGNORED_SECRETS))
             .default_backoff()
             .reflect(secrets_writer);
-    let requests = futures::stream::select_all([
-        triggers(route_events, generation, |_, _| true).boxed(),
-        triggers(budget_events, generation, |_, _| true).boxed(),
-        triggers(secret_events, resource_version, move |ns, name| secret_matters(&routes, &budgets, ns, name)).boxed(),
-        controller::on_leadership(leadership.clone(), namespaces.clone()).boxed(),
-    ]);
-
     let (admin, admin_addr) = listen(args.admin_listen).await?;
+    let own_namespace = args.lease_namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
     // The webhook and the ledger serve one certificate, for the webhook Service's names.
     let certs = (args.webhook || args.ledger).then(|| {
         let certs = Arc::new(CertStore::default());
@@ -238,7 +239,7 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
             Some(dir) => CertSource::Files(dir.clone()),
             None => CertSource::Managed(TlsSettings {
                 service: args.webhook_service.clone(),
-                namespace: args.lease_namespace.clone().unwrap_or_else(|| client.default_namespace().to_string()),
+                namespace: own_namespace.clone(),
                 secret: args.webhook_secret.clone(),
                 webhook_configuration: args.webhook_configuration.clone(),
             }),
@@ -279,6 +280,26 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
         Some((service, addr)) => (Some(service), addr.to_string()),
         None => (None, "off".to_string()),
     };
+    let sidecar_ledger = match (&ledger, &certs) {
+        (Some(_), Some(certs)) => Some(SidecarLedger {
+            url: args.ledger_service_url.clone().unwrap_or_else(|| {
+                format!("https://{}.{own_namespace}.svc:{}", args.webhook_service, args.ledger_listen.port())
+            }),
+            ca: certs.watch_ca(),
+        }),
+        _ => None,
+    };
+    let ca_changes = match &sidecar_ledger {
+        Some(s) => controller::on_ca_change(s.ca.clone(), namespaces.clone()).boxed(),
+        None => futures::stream::empty().boxed(),
+    };
+    let requests = futures::stream::select_all([
+        triggers(route_events, generation, |_, _| true).boxed(),
+        triggers(budget_events, generation, |_, _| true).boxed(),
+        triggers(secret_events, resource_version, move |ns, name| secret_matters(&routes, &budgets, ns, name)).boxed(),
+        controller::on_leadership(leadership.clone(), namespaces.clone()).boxed(),
+        ca_changes,
+    ]);
     let admin_state = Arc::new(Admin { stores: stores.clone(), metrics: metrics.clone(), certs });
     let admin =
         tokio::spawn(axum::serve(admin, admin_router(admin_state)).with_graceful_shutdown(shutdown()).into_future());
@@ -296,6 +317,7 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
         own_writes: Default::default(),
         failures: Default::default(),
         ledger,
+        sidecar_ledger,
     });
     let controller = controller(controller::namespace_watch(&client, ns_writer), namespaces, requests, metrics)
         .graceful_shutdown_on(shutdown())

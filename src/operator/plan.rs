@@ -17,7 +17,7 @@ use kube::{Resource, ResourceExt};
 
 use crate::api::{ApiKeyBudget, ApiKeyBudgetStatus, ProviderRoute, ProviderRouteStatus, TargetStatus};
 use crate::config::{
-    CompiledConfig, ConfigError, CredentialState, Document, Documents, ObjectOutcome, Resolver, analyse,
+    CompiledConfig, ConfigError, CredentialState, Document, Documents, LedgerEndpoint, ObjectOutcome, Resolver, analyse,
 };
 
 /// The Secret each namespace's sidecars mount.
@@ -69,6 +69,8 @@ pub struct Inputs<'a> {
     pub secrets: &'a [Arc<Secret>],
     pub published: Option<&'a Published>,
     pub now: Timestamp,
+    /// The fleet's budget ledger, written into configurations that have budgets.
+    pub ledger: Option<&'a LedgerEndpoint>,
 }
 
 /// What to change.
@@ -155,7 +157,10 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
             .collect(),
         compiled: Vec::new(),
     };
-    let analysis = analyse(&docs, &ClusterResolver);
+    let mut analysis = analyse(&docs, &ClusterResolver);
+    if !analysis.config.budgets.is_empty() {
+        analysis.config.ledger = inputs.ledger.cloned();
+    }
 
     let mut plan = Plan { compiled_budgets: analysis.config.budgets.clone(), ..Plan::default() };
     let compiled = if routes.is_empty() {

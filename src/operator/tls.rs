@@ -185,23 +185,46 @@ pub fn certified_key(cert_pem: &str, key_pem: &str) -> Result<Arc<CertifiedKey>,
     Ok(Arc::new(CertifiedKey::new(chain, key)))
 }
 
-/// The serving certificate, swapped in place when it changes.
-#[derive(Debug, Default)]
-pub struct CertStore(ArcSwapOption<CertifiedKey>);
+/// The serving certificate, swapped in place when it changes, and the CA that signs it (which
+/// sidecars are given to trust the ledger).
+#[derive(Debug)]
+pub struct CertStore {
+    key: ArcSwapOption<CertifiedKey>,
+    ca: tokio::sync::watch::Sender<Option<String>>,
+}
+
+impl Default for CertStore {
+    fn default() -> Self {
+        CertStore { key: ArcSwapOption::empty(), ca: tokio::sync::watch::Sender::new(None) }
+    }
+}
 
 impl CertStore {
     pub fn set(&self, key: Arc<CertifiedKey>) {
-        self.0.store(Some(key));
+        self.key.store(Some(key));
     }
 
     pub fn loaded(&self) -> bool {
-        self.0.load().is_some()
+        self.key.load().is_some()
+    }
+
+    /// Records the CA (PEM); watchers hear of a change only.
+    pub fn set_ca(&self, ca: Option<String>) {
+        self.ca.send_if_modified(|current| {
+            let changed = *current != ca;
+            *current = ca;
+            changed
+        });
+    }
+
+    pub fn watch_ca(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.ca.subscribe()
     }
 }
 
 impl ResolvesServerCert for CertStore {
     fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.0.load_full()
+        self.key.load_full()
     }
 }
 
@@ -223,7 +246,7 @@ pub async fn keep_current(
     store: Arc<CertStore>,
     interval: Duration,
 ) {
-    let mut last: Option<(String, String)> = None;
+    let mut last: Option<Pem> = None;
     let mut leadership_changes = leadership.clone();
     loop {
         let result = match &source {
@@ -231,11 +254,12 @@ pub async fn keep_current(
             CertSource::Files(dir) => read_files(dir),
         };
         match result {
-            Ok(Some(pair)) if last.as_ref() != Some(&pair) => match certified_key(&pair.0, &pair.1) {
+            Ok(Some(pem)) if last.as_ref() != Some(&pem) => match certified_key(&pem.cert, &pem.key) {
                 Ok(key) => {
                     store.set(key);
+                    store.set_ca(pem.ca.clone());
                     tracing::info!("webhook certificate loaded");
-                    last = Some(pair);
+                    last = Some(pem);
                 }
                 Err(e) => tracing::error!(error = %e, "the webhook certificate cannot be used"),
             },
@@ -252,10 +276,21 @@ pub async fn keep_current(
     }
 }
 
-fn read_files(dir: &std::path::Path) -> Result<Option<(String, String)>, String> {
+/// A serving certificate, its key and, when known, its CA, as PEM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pem {
+    pub cert: String,
+    pub key: String,
+    pub ca: Option<String>,
+}
+
+fn read_files(dir: &std::path::Path) -> Result<Option<Pem>, String> {
     let read =
         |name: &str| std::fs::read_to_string(dir.join(name)).map_err(|e| format!("{}: {e}", dir.join(name).display()));
-    Ok(Some((read("tls.crt")?, read("tls.key")?)))
+    // cert-manager writes the issuer's CA beside the certificate; without it sidecars cannot be
+    // told whom to trust, and budgets stay per pod.
+    let ca = read("ca.crt").ok();
+    Ok(Some(Pem { cert: read("tls.crt")?, key: read("tls.key")?, ca }))
 }
 
 /// One round of a managed certificate: the Secret's certificate, issued or renewed first when this
@@ -264,13 +299,13 @@ pub async fn managed_round(
     client: &Client,
     leadership: &Leadership,
     settings: &TlsSettings,
-) -> Result<Option<(String, String)>, String> {
+) -> Result<Option<Pem>, String> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
     let existing =
         secrets.get_opt(&settings.secret).await.map_err(|e| format!("cannot read Secret {}: {e}", settings.secret))?;
     let mut current = existing.as_ref().and_then(ServingCert::from_secret);
     if !leadership.is_leader() {
-        return Ok(current.map(|c| (c.cert, c.key)));
+        return Ok(current.map(|c| Pem { cert: c.cert, key: c.key, ca: Some(c.ca_cert) }));
     }
     let names = dns_names(&settings.service, &settings.namespace);
     let params = PatchParams::apply(FIELD_MANAGER).force();
@@ -285,7 +320,7 @@ pub async fn managed_round(
     }
     let Some(current) = current else { return Ok(None) };
     publish_ca_bundle(client, settings, &current.ca_cert).await?;
-    Ok(Some((current.cert, current.key)))
+    Ok(Some(Pem { cert: current.cert, key: current.key, ca: Some(current.ca_cert) }))
 }
 
 /// Server-side applies the CA as the webhook's `caBundle` when it differs; the rest of the

@@ -25,6 +25,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::Semaphore;
 
+pub mod cluster;
+
 /// The upper bound on any single wait in a test. It only turns a hang into a failure; nothing is
 /// asserted about how long things take.
 pub const PATIENCE: Duration = Duration::from_secs(20);
