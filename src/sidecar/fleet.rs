@@ -16,7 +16,7 @@ use arc_swap::ArcSwapOption;
 use serde::{Deserialize, Serialize};
 
 use super::ledger_client::{CallError, CallMetrics, LedgerClient};
-use crate::budget::lease::{Book, Held, LeasedAccount, LocalHold, Miss, UsageKind, needs_renewal};
+use crate::budget::lease::{Book, Held, LeasedAccount, LocalHold, Miss, Usage, UsageKind, needs_renewal};
 use crate::budget::protocol::{
     Allowance, BudgetFigures, Debt, LeaseGrant, LeaseRequest, Mode, Refused, Report, ReserveRequest, Reserved, Settle,
 };
@@ -41,6 +41,10 @@ const RETRY_INTERVAL_MS: u64 = 500;
 /// What a lease asks for before any request has been seen: one unit of credit, a few requests.
 const FLOOR: Allowance = Allowance { credit: 1_000_000, requests: 8, tokens: 4_096 };
 const STATE_FILE: &str = "ledger-leases.json";
+/// How many lease calls one request may wait for while each brings more allowance (the
+/// ledger halves what is left among the sidecars asking, so a contended window drains in
+/// about log2 of its size).
+const MAX_TOP_UPS: usize = 16;
 
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -208,11 +212,20 @@ impl Fleet {
     /// ran out. `Err` carries the status for the 429.
     pub async fn admit_rate(&self, account: &FleetAccount, budget: &Budget) -> Result<Option<RateStatus>, RateStatus> {
         let Some(policy) = budget.rate_limit else { return Ok(None) };
-        match account.leased.admit_rate(policy, now_ms()) {
-            Err(Miss::Lease) => {}
-            other => return Ok(other.unwrap_or(None)),
+        // While renewals bring more allowance, a request that missed tries again: the ledger
+        // grants at least one request while the window has any left.
+        for _ in 0..MAX_TOP_UPS {
+            match account.leased.admit_rate(policy, now_ms()) {
+                Err(Miss::Lease) => {}
+                other => return Ok(other.unwrap_or(None)),
+            }
+            let before = account.leased.lock().lease.as_ref().map(|l| (l.usage.window, l.granted));
+            self.renew(account, 0).await;
+            let after = account.leased.lock().lease.as_ref().map(|l| (l.usage.window, l.granted));
+            if after.is_none() || after == before {
+                break;
+            }
         }
-        self.renew(account, 0).await;
         let now = now_ms();
         account.leased.admit_rate(policy, now).map_err(|_| {
             let limit = policy.requests_per_minute.map(u64::from).or(policy.tokens_per_minute).unwrap_or(0);
@@ -375,13 +388,15 @@ impl Fleet {
                 return;
             }
             for account in self.accounts() {
-                self.keep_account(&account).await;
+                self.keep_account(&account, false).await;
             }
             self.save();
         }
     }
 
-    async fn keep_account(&self, account: &FleetAccount) {
+    /// One round for one budget: renew or report the lease, then report what is closing. At
+    /// shutdown (`closing`) nothing is renewed and every report is tried once.
+    async fn keep_account(&self, account: &FleetAccount, closing: bool) {
         let now = now_ms();
         let budget = account.budget();
         let (mode, lease, unreachable, stale_report) = {
@@ -393,7 +408,9 @@ impl Fleet {
         };
         let since_attempt = now.saturating_sub(account.last_attempt.load(Relaxed));
         let want = account.leased.want(FLOOR);
-        let renew = if unreachable {
+        let renew = if closing {
+            false
+        } else if unreachable {
             since_attempt >= RETRY_INTERVAL_MS
         } else {
             match (mode, &lease) {
@@ -420,44 +437,44 @@ impl Fleet {
                 book.closing.push(old.usage);
             }
         }
+        if !closing && !renew && account.leased.lock().unreachable_since.is_some() {
+            return;
+        }
+        // Closed leases, settled reservations and debts: all at once, so that they share the
+        // ledger's next status write.
         let closing = account.leased.lock().closing.clone();
-        for usage in closing.iter().filter(|u| !u.is_acked() || u.holds == 0) {
-            if account.leased.lock().unreachable_since.is_some() && !renew {
-                break;
-            }
-            let done = usage.holds == 0;
-            let answer = match usage.kind {
-                UsageKind::Lease => {
-                    let report = Report {
-                        budget: account.leased.name.clone(),
-                        lease_id: usage.id.clone(),
-                        used: usage.used,
-                        done,
-                    };
-                    self.call::<BudgetFigures>(REPORT, &report).await
-                }
-                UsageKind::Debt => {
-                    let debt =
-                        Debt { budget: account.leased.name.clone(), debt_id: usage.id.clone(), used: usage.used };
-                    self.call::<BudgetFigures>(DEBT, &debt).await
-                }
-                UsageKind::Reservation => {
-                    let settle = Settle {
-                        budget: account.leased.name.clone(),
-                        reservation_id: usage.id.clone(),
-                        cost: usage.used.credit,
-                        tokens: usage.used.tokens,
-                    };
-                    self.call::<BudgetFigures>(SETTLE, &settle).await
-                }
-            };
+        let reports = closing
+            .iter()
+            .filter(|u| !u.is_acked() || u.holds == 0)
+            .map(|usage| async move { (usage, self.close_usage(account, usage).await) });
+        for (usage, answer) in futures::future::join_all(reports).await {
             match answer {
                 Ok(figures) => account.leased.acked(&usage.id, usage.used, Some(figures)),
                 Err(CallError::Refused(Refused::UnknownLease)) => account.leased.forgotten(&usage.id, now_ms()),
-                Err(e) => {
-                    self.note_failure(account, &e);
-                    break;
-                }
+                Err(e) => self.note_failure(account, &e),
+            }
+        }
+    }
+
+    /// Reports a closed lease (done once nothing is in flight on it), a debt or a settled
+    /// reservation.
+    async fn close_usage(&self, account: &FleetAccount, usage: &Usage) -> Result<BudgetFigures, CallError> {
+        let budget = account.leased.name.clone();
+        match usage.kind {
+            UsageKind::Lease => {
+                let done = usage.holds == 0;
+                let report = Report { budget, lease_id: usage.id.clone(), used: usage.used, done };
+                self.call(REPORT, &report).await
+            }
+            UsageKind::Debt => self.call(DEBT, &Debt { budget, debt_id: usage.id.clone(), used: usage.used }).await,
+            UsageKind::Reservation => {
+                let settle = Settle {
+                    budget,
+                    reservation_id: usage.id.clone(),
+                    cost: usage.used.credit,
+                    tokens: usage.used.tokens,
+                };
+                self.call(SETTLE, &settle).await
             }
         }
     }
@@ -497,7 +514,7 @@ impl Fleet {
                         book.closing.push(debt);
                     }
                 }
-                self.keep_account(&account).await;
+                self.keep_account(&account, true).await;
             }
         };
         if tokio::time::timeout(within, close).await.is_err() {

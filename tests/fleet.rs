@@ -1,0 +1,457 @@
+//! Cluster mode's budgets end to end: the real operator process serving its ledger (against the
+//! fake API server, which keeps ApiKeyBudget statuses and answers TokenReviews) and three real
+//! sidecar processes leasing from it, each with its own projected-token file, all on 127.0.0.1.
+//!
+//! Targets are the in-process mock provider, priced per call and per completion token, so every
+//! answer's cost is known exactly and equals its reservation: the fleet may then never pass a
+//! limit at all (the standalone overspend bound is zero for exact reservations).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::cluster::{FakeApi, list, serve_fake_api};
+use common::*;
+use serde_json::{Value, json};
+use switchyard::api::units::parse_micros;
+
+const NS: &str = "team-a";
+const KEY: &str = "sk-app";
+/// One answer: 0.01 per call and 5 completion tokens at 1000 per million.
+const COST: u64 = 15_000;
+const CHAT: &str = r#"{"model":"chat","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#;
+
+fn object(kind: &str, api_version: &str, name: &str, extra: Value) -> Value {
+    let mut o = json!({"apiVersion": api_version, "kind": kind, "metadata": {
+        "name": name, "namespace": NS, "uid": format!("uid-{name}"), "generation": 1, "resourceVersion": "1",
+        "creationTimestamp": "2026-11-01T00:00:00Z"}});
+    for (k, v) in extra.as_object().unwrap() {
+        o[k] = v.clone();
+    }
+    o
+}
+
+/// A namespace with one mock route and the given budgets (their key in Secret `keys`).
+fn cluster(budgets: &[(&str, Value)]) -> Arc<FakeApi> {
+    let sy = "switchyard.dev/v1alpha1";
+    let route = object(
+        "ProviderRoute",
+        sy,
+        "chat",
+        json!({"spec": {"model": "chat", "targets": [{
+        "name": "m", "api": "mock", "baseUrl": "mock://local", "model": "m",
+        "pricing": {"request": "0.01", "completion": "1000"}}]}}),
+    );
+    let budgets = budgets.iter().map(|(name, spec)| object("ApiKeyBudget", sy, name, json!({"spec": spec}))).collect();
+    let keys = object("Secret", "v1", "keys", json!({"data": {"app": "c2stYXBw", "other": "c2stb3RoZXI="}}));
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}});
+    Arc::new(FakeApi {
+        crds_installed: true,
+        lists: [
+            ("/apis/switchyard.dev/v1alpha1/providerroutes".to_string(), list("ProviderRoute", sy, vec![route])),
+            ("/apis/switchyard.dev/v1alpha1/apikeybudgets".into(), list("ApiKeyBudget", sy, budgets)),
+            ("/api/v1/namespaces".into(), list("Namespace", "v1", vec![ns])),
+            ("/api/v1/secrets".into(), list("Secret", "v1", vec![keys])),
+        ]
+        .into(),
+        ..Default::default()
+    })
+}
+
+/// The operator's serving certificate, for `localhost`, with its CA beside it (as cert-manager
+/// writes them).
+fn cert_dir() -> PathBuf {
+    let cert = switchyard::operator::tls::issue(&["localhost".into()], None, std::time::SystemTime::now()).unwrap();
+    let dir = temp_dir("ledger-cert");
+    std::fs::write(dir.join("tls.crt"), &cert.cert).unwrap();
+    std::fs::write(dir.join("tls.key"), &cert.key).unwrap();
+    std::fs::write(dir.join("ca.crt"), &cert.ca_cert).unwrap();
+    dir
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The operator, its ledger on `port` (so that a replica started later is found at the same
+/// address), and the sidecars' shared config directory.
+struct Fleet {
+    api: Arc<FakeApi>,
+    kubeconfig: PathBuf,
+    certs: PathBuf,
+    port: u16,
+    config_dir: PathBuf,
+}
+
+impl Fleet {
+    async fn start(budgets: &[(&str, Value)]) -> (Fleet, Process) {
+        let api = cluster(budgets);
+        let kubeconfig = serve_fake_api(api.clone()).await;
+        let fleet =
+            Fleet { api, kubeconfig, certs: cert_dir(), port: free_port(), config_dir: temp_dir("fleet-config") };
+        let operator = fleet.operator("op-1");
+        fleet.publish_config().await;
+        (fleet, operator)
+    }
+
+    /// A replica of the operator. Short leases, so that a replica takes over from a killed one
+    /// within seconds.
+    fn operator(&self, identity: &str) -> Process {
+        let (listen, url) = (format!("127.0.0.1:{}", self.port), format!("https://localhost:{}", self.port));
+        let args = [
+            "operator",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--webhook-listen",
+            "127.0.0.1:0",
+            "--ledger-listen",
+            &listen,
+            "--ledger-service-url",
+            &url,
+            "--webhook-cert-dir",
+            self.certs.to_str().unwrap(),
+            "--identity",
+            identity,
+            "--lease-duration",
+            "2s",
+            "--renew-deadline",
+            "1s",
+            "--retry-period",
+            "200ms",
+        ];
+        Process::start(&args, &[("KUBECONFIG", self.kubeconfig.to_str().unwrap())], "operator running").0
+    }
+
+    /// Writes the configuration the operator published where the sidecars read it.
+    async fn publish_config(&self) {
+        let path = format!("/api/v1/namespaces/{NS}/secrets/switchyard-config");
+        let api = self.api.clone();
+        let with_ledger = || {
+            let writes = common::cluster::writes_to(&api, "PATCH", &path);
+            writes.last().map(|w| base64_decode(w["data"]["config.json"].as_str().unwrap()))
+        };
+        eventually("the operator publishes a configuration that names its ledger", || async {
+            with_ledger().is_some_and(|c| String::from_utf8_lossy(&c).contains("\"ledger\""))
+        })
+        .await;
+        std::fs::write(self.config_dir.join("config.json"), with_ledger().unwrap()).unwrap();
+    }
+
+    /// A sidecar of pod `pod`, its state in `state`.
+    fn sidecar(&self, pod: &str, state: &Path) -> (Process, SocketAddr, SocketAddr) {
+        self.sidecar_with_token(pod, state, &format!("{NS}:{pod}"))
+    }
+
+    /// A sidecar presenting `token` (the fake API server reads `namespace:pod` tokens).
+    fn sidecar_with_token(&self, pod: &str, state: &Path, token: &str) -> (Process, SocketAddr, SocketAddr) {
+        let token_file = state.with_extension("token");
+        std::fs::write(&token_file, token).unwrap();
+        let token = token_file;
+        let args = [
+            "sidecar",
+            "-f",
+            self.config_dir.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--ledger-token-file",
+            token.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ];
+        let (process, line) = Process::start(&args, &[("HOSTNAME", pod)], "serving");
+        (process, addr_after(&line, "api="), addr_after(&line, "admin="))
+    }
+
+    /// A budget's status as the ledger last wrote it.
+    fn status(&self, budget: &str) -> Value {
+        let path = format!("/apis/switchyard.dev/v1alpha1/namespaces/{NS}/apikeybudgets/{budget}");
+        self.api.statuses.lock().unwrap().get(&path).cloned().unwrap_or_default()
+    }
+
+    fn spent(&self, budget: &str) -> Option<u64> {
+        self.status(budget)["spent"].as_str().map(|s| parse_micros(s).unwrap())
+    }
+}
+
+/// Sends a chat completion with `key`: its status and, when served, its `usage.cost`.
+async fn chat(api: SocketAddr, key: &str) -> (u16, u64, Value) {
+    let reply = read(send_as(api, Some(key), "POST", "/v1/chat/completions", CHAT).await).await;
+    let body: Value = serde_json::from_str(&reply.body).unwrap_or(Value::Null);
+    let cost = body["usage"]["cost"].as_f64().map_or(0, |c| (c * 1e6).round() as u64);
+    (reply.status.as_u16(), cost, body)
+}
+
+/// `n` requests at once, spread over `apis`: each one's status and cost.
+async fn burst(apis: &[SocketAddr], key: &str, n: usize) -> Vec<(u16, u64)> {
+    let requests = (0..n).map(|i| {
+        let api = apis[i % apis.len()];
+        let key = key.to_string();
+        tokio::spawn(async move {
+            let (status, cost, _) = chat(api, &key).await;
+            (status, cost)
+        })
+    });
+    futures::future::join_all(requests).await.into_iter().map(Result::unwrap).collect()
+}
+
+fn sidecars(fleet: &Fleet, n: usize) -> (Vec<Process>, Vec<SocketAddr>, Vec<SocketAddr>) {
+    let (mut processes, mut apis, mut admins) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        let (p, api, admin) = fleet.sidecar(&format!("pod-{i}"), &temp_dir(&format!("state-{i}")));
+        processes.push(p);
+        apis.push(api);
+        admins.push(admin);
+    }
+    (processes, apis, admins)
+}
+
+async fn metrics(admin: SocketAddr) -> String {
+    get(admin, "/metrics").await.body
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_limit_holds_across_three_sidecars_and_the_status_keeps_every_answer() {
+    // 4.50 affords 300 answers.
+    let spec = json!({"key": {"secretRef": {"name": "keys", "key": "app"}}, "limit": "4.5"});
+    let (fleet, _operator) = Fleet::start(&[("bot", spec)]).await;
+    let (_processes, apis, admins) = sidecars(&fleet, 3);
+
+    let answers = burst(&apis, KEY, 1000).await;
+    let served: Vec<u64> = answers.iter().filter(|(s, _)| *s == 200).map(|(_, c)| *c).collect();
+    let refused = answers.iter().filter(|(s, _)| *s == 402).count();
+    assert_eq!(served.len() + refused, 1000, "every request is served or refused for credit: {answers:?}");
+    assert!(served.iter().all(|c| *c == COST), "each answer costs its reservation");
+    let total: u64 = served.iter().sum();
+    assert!(total <= 4_500_000, "the fleet spent {total} of 4500000");
+    // What no sidecar could use: less than one answer per sidecar left on its lease, and less
+    // than one in the ledger.
+    assert!(4_500_000 - total < 4 * COST, "{} answers of 300 were served", served.len());
+
+    eventually("the ledger has every answer's cost", || async { fleet.spent("bot") == Some(total) }).await;
+    assert_eq!(fleet.status("bot")["remaining"].as_str().map(|r| parse_micros(r).unwrap()), Some(4_500_000 - total));
+    let leased: u64 = {
+        let mut sum = 0;
+        for admin in &admins {
+            sum += metric(
+                &metrics(*admin).await,
+                "switchyard_budget_requests_total{budget=\"team-a/bot\",mode=\"lease\"}",
+            );
+        }
+        sum
+    };
+    assert!(leased > 0, "answers were billed from leases, without a ledger call each");
+    // Every pod answers GET /api/v1/key from the fleet's figures.
+    for api in &apis {
+        let key_info = read(send_as(*api, Some(KEY), "GET", "/api/v1/key", "").await).await;
+        eventually("the pod's figures catch up", || async {
+            let info = read(send_as(*api, Some(KEY), "GET", "/api/v1/key", "").await).await.json();
+            info["data"]["usage"].as_f64().map(|u| (u * 1e6).round() as u64) == Some(total)
+        })
+        .await;
+        assert_eq!(key_info.status, 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rate_limit_holds_across_three_sidecars() {
+    let spec = json!({"key": {"secretRef": {"name": "keys", "key": "app"}}, "rateLimit": {"requestsPerMinute": 100}});
+    let (fleet, _operator) = Fleet::start(&[("bot", spec)]).await;
+    let (_processes, apis, _admins) = sidecars(&fleet, 3);
+    // The allowance is per UTC minute: start where one minute holds the whole run.
+    eventually("a minute with time left", || async {
+        let second = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() % 60;
+        second < 30
+    })
+    .await;
+    let answers = burst(&apis, KEY, 300).await;
+    let served = answers.iter().filter(|(s, _)| *s == 200).count();
+    let limited = answers.iter().filter(|(s, _)| *s == 429).count();
+    assert_eq!((served, limited), (100, 200), "{answers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn near_the_limit_every_request_reserves_with_the_ledger() {
+    let spec =
+        json!({"key": {"secretRef": {"name": "keys", "key": "app"}}, "limit": "0.3", "lowBalanceThreshold": "0.15"});
+    let (fleet, _operator) = Fleet::start(&[("bot", spec)]).await;
+    let (_processes, apis, admins) = sidecars(&fleet, 1);
+    let mut served = 0;
+    for _ in 0..40 {
+        let (status, _, body) = chat(apis[0], KEY).await;
+        match status {
+            200 => served += 1,
+            402 => break,
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert_eq!(served, 20, "0.30 affords exactly 20 answers");
+    let m = metrics(admins[0]).await;
+    let by =
+        |mode: &str| metric(&m, &format!("switchyard_budget_requests_total{{budget=\"team-a/bot\",mode=\"{mode}\"}}"));
+    assert!(by("lease") > 0 && by("per_request") > 0, "lease first, then per request below 0.15:\n{m}");
+    eventually("the ledger has it all", || async { fleet.spent("bot") == Some(20 * COST) }).await;
+    assert_eq!(fleet.status("bot")["state"], "Exhausted");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_leader_loses_no_reported_spend_and_a_new_one_goes_on() {
+    let spec = json!({"key": {"secretRef": {"name": "keys", "key": "app"}}, "limit": "100"});
+    let (fleet, mut operator) = Fleet::start(&[("bot", spec)]).await;
+    let (_processes, apis, _admins) = sidecars(&fleet, 3);
+    let first = burst(&apis, KEY, 150).await;
+    assert!(first.iter().all(|(s, _)| *s == 200), "{first:?}");
+    eventually("the first answers are reported", || async { fleet.spent("bot") == Some(150 * COST) }).await;
+    let outstanding_before = parse_micros(fleet.status("bot")["outstanding"].as_str().unwrap()).unwrap();
+
+    operator.child.kill().unwrap();
+    operator.wait_exit();
+    // Leases held by the sidecars carry the next answers while no replica leads.
+    let during = burst(&apis, KEY, 30).await;
+    let _replica = fleet.operator("op-2");
+    // Until op-2 leads and has loaded the budget, a sidecar whose lease ran out fails closed.
+    let mut probes = 0;
+    for api in &apis {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while chat(*api, KEY).await.0 != 200 {
+            assert!(tokio::time::Instant::now() < deadline, "no answers after the takeover");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        probes += 1;
+    }
+    let after = burst(&apis, KEY, 150).await;
+    let served = |answers: &[(u16, u64)]| answers.iter().filter(|(s, _)| *s == 200).count() as u64;
+    assert_eq!(served(&after), 150, "requests go on after the takeover: {after:?}");
+    let total = 150 + served(&during) + probes + 150;
+    eventually("every answer reaches the new leader", || async { fleet.spent("bot") == Some(total * COST) }).await;
+    let status = fleet.status("bot");
+    let outstanding = parse_micros(status["outstanding"].as_str().unwrap()).unwrap();
+    assert!(
+        total * COST + outstanding <= 100_000_000,
+        "granted credit is never more than the limit: spent {total} answers, {outstanding} outstanding (was {outstanding_before})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_the_ledger_a_key_fails_closed_or_runs_a_bounded_debt_reported_later() {
+    let closed = json!({"key": {"secretRef": {"name": "keys", "key": "app"}}, "limit": "100"});
+    let open = json!({"key": {"secretRef": {"name": "keys", "key": "other"}}, "limit": "100",
+                      "onLedgerUnavailable": "failOpen", "maxDebt": "0.3"});
+    let (fleet, mut operator) = Fleet::start(&[("closed", closed), ("open", open)]).await;
+    let (_processes, apis, admins) = sidecars(&fleet, 1);
+    assert_eq!(chat(apis[0], KEY).await.0, 200);
+    assert_eq!(chat(apis[0], "sk-other").await.0, 200);
+    operator.child.kill().unwrap();
+    operator.wait_exit();
+
+    // Each key spends its lease, then the closed one is refused and the open one owes.
+    let mut closed_served = 1;
+    loop {
+        let (status, _, body) = chat(apis[0], KEY).await;
+        if status == 503 {
+            assert_eq!(body["error"]["code"], "ledger_unavailable");
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(message.contains("unreachable") && message.contains("failClosed"), "{message}");
+            break;
+        }
+        assert_eq!(status, 200, "{body}");
+        closed_served += 1;
+        assert!(closed_served < 5000, "the lease never ran out");
+    }
+    let mut open_served = 1;
+    loop {
+        let (status, _, body) = chat(apis[0], "sk-other").await;
+        if status == 503 {
+            break;
+        }
+        assert_eq!(status, 200, "{body}");
+        open_served += 1;
+        assert!(open_served < 5000, "the lease and the debt never ran out");
+    }
+    let m = metrics(admins[0]).await;
+    let debt_served = metric(&m, "switchyard_budget_requests_total{budget=\"team-a/open\",mode=\"debt\"}");
+    assert_eq!(debt_served, 20, "maxDebt 0.30 is 20 answers:\n{m}");
+    assert_eq!(metric(&m, "switchyard_budget_ledger_reachable{budget=\"team-a/open\"}"), 0);
+
+    let _replica = fleet.operator("op-2");
+    eventually("the debt and the rest are reported to the ledger once it is back", || async {
+        fleet.spent("open") == Some(open_served * COST) && fleet.spent("closed") == Some(closed_served * COST)
+    })
+    .await;
+    assert_eq!(chat(apis[0], KEY).await.0, 200, "the closed key is served again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_sidecar_reports_what_its_predecessor_could_not() {
+    let spec = json!({"key": {"secretRef": {"name": "keys", "key": "app"}}, "limit": "100"});
+    let (fleet, mut operator) = Fleet::start(&[("bot", spec)]).await;
+    let state = temp_dir("restart-state");
+    let (mut sidecar, api, _) = fleet.sidecar("pod-r", &state);
+    assert_eq!(chat(api, KEY).await.0, 200);
+    eventually("the first answer is reported", || async { fleet.spent("bot") == Some(COST) }).await;
+
+    // With the ledger down, answers are spent from the lease and saved, not reported.
+    operator.child.kill().unwrap();
+    operator.wait_exit();
+    for _ in 0..10 {
+        assert_eq!(chat(api, KEY).await.0, 200);
+    }
+    let saved = state.join("ledger-leases.json");
+    eventually("the unreported use is saved", || async {
+        std::fs::read_to_string(&saved).is_ok_and(|s| s.contains(&format!("\"credit\":{}", 11 * COST)))
+    })
+    .await;
+    sidecar.child.kill().unwrap();
+    sidecar.wait_exit();
+
+    let _replica = fleet.operator("op-2");
+    let (_restarted, _, _) = fleet.sidecar("pod-r", &state);
+    eventually("the restarted sidecar reports its predecessor's answers", || async {
+        fleet.spent("bot") == Some(11 * COST)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sidecars_with_another_namespaces_token_or_another_audience_get_nothing() {
+    let spec = json!({"key": {"secretRef": {"name": "keys", "key": "app"}}, "limit": "100"});
+    let (fleet, _operator) = Fleet::start(&[("bot", spec)]).await;
+    // A token of team-b: team-a's budget is not its to touch.
+    let (_b, b_api, b_admin) = fleet.sidecar_with_token("pod-b", &temp_dir("team-b"), "team-b:pod-b");
+    // A token the API server issued for another audience.
+    let (_w, w_api, w_admin) = fleet.sidecar_with_token("pod-w", &temp_dir("audience"), "wrong-audience");
+    for (api, admin, result) in [(b_api, b_admin, "refused"), (w_api, w_admin, "rejected")] {
+        let (status, _, body) = chat(api, KEY).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (503, Some("ledger_unavailable")), "{body}");
+        let m = metrics(admin).await;
+        let series = format!("switchyard_ledger_client_calls_total{{call=\"lease\",result=\"{result}\"}}");
+        assert!(metric(&m, &series) > 0, "{m}");
+        assert_eq!(metric(&m, "switchyard_ledger_client_calls_total{call=\"lease\",result=\"ok\"}"), 0);
+    }
+    eventually("the budget is loaded", || async { fleet.spent("bot").is_some() }).await;
+    assert_eq!(fleet.spent("bot"), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sidecar_stopped_with_sigterm_reports_its_lease_done() {
+    let spec = json!({"key": {"secretRef": {"name": "keys", "key": "app"}}, "limit": "100"});
+    let (fleet, _operator) = Fleet::start(&[("bot", spec)]).await;
+    let (mut sidecar, api, _) = fleet.sidecar("pod-t", &temp_dir("sigterm"));
+    for _ in 0..5 {
+        assert_eq!(chat(api, KEY).await.0, 200);
+    }
+    sidecar.terminate();
+    assert!(sidecar.wait_exit().success(), "{}", sidecar.log());
+    let lease =
+        |status: &Value| status["leases"].as_array().and_then(|l| l.iter().find(|l| l["holder"] == "pod-t").cloned());
+    // Done and fully reported before the process exited: nothing is left outstanding for it.
+    eventually("the ledger has the final report", || async {
+        let status = fleet.status("bot");
+        fleet.spent("bot") == Some(5 * COST) && lease(&status).is_none_or(|l| l["done"] == true)
+    })
+    .await;
+    assert_eq!(fleet.status("bot")["outstanding"], "0", "{}", fleet.status("bot"));
+}
