@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::cluster::{FakeApi, list, serve_fake_api};
+use common::cluster::{FakeApi, list, replica_args, serve_fake_api};
 use common::*;
 use serde_json::{Value, json};
 use switchyard::api::units::parse_micros;
@@ -100,20 +100,11 @@ impl Fleet {
     /// within seconds.
     fn operator(&self, identity: &str) -> Process {
         let (listen, url) = (format!("127.0.0.1:{}", self.port), format!("https://localhost:{}", self.port));
-        let args = [
-            "operator",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--webhook-listen",
-            "127.0.0.1:0",
-            "--ledger-listen",
-            &listen,
+        let extra = [
             "--ledger-service-url",
             &url,
             "--webhook-cert-dir",
             self.certs.to_str().unwrap(),
-            "--identity",
-            identity,
             "--lease-duration",
             "2s",
             "--renew-deadline",
@@ -121,6 +112,7 @@ impl Fleet {
             "--retry-period",
             "200ms",
         ];
+        let args = replica_args(identity, &listen, &extra);
         Process::start(&args, &[("KUBECONFIG", self.kubeconfig.to_str().unwrap())], "operator running").0
     }
 

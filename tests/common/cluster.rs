@@ -145,6 +145,12 @@ pub async fn serve_fake_api(api: Arc<FakeApi>) -> std::path::PathBuf {
 
 /// `switchyard operator` on kernel-chosen local ports, with `extra` flags.
 pub fn operator_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    replica_args("op-1", "127.0.0.1:0", extra)
+}
+
+/// The operator replica `identity`, its ledger on `ledger_listen`, other ports chosen by the
+/// kernel.
+pub fn replica_args<'a>(identity: &'a str, ledger_listen: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "operator",
         "--admin-listen",
@@ -152,9 +158,9 @@ pub fn operator_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
         "--webhook-listen",
         "127.0.0.1:0",
         "--ledger-listen",
-        "127.0.0.1:0",
+        ledger_listen,
         "--identity",
-        "op-1",
+        identity,
     ];
     args.extend_from_slice(extra);
     args
