@@ -105,7 +105,10 @@ pub async fn admit_rate(budget: &ServedBudget) -> Result<Option<RateStatus>, Pro
     let Some(policy) = budget.terms.rate_limit else { return Ok(None) };
     let admitted = match &budget.meter {
         Meter::Embedded { ledger, account } => account.admit_rate(policy, ledger.now()),
-        Meter::Fleet { fleet, account } => fleet.admit_rate(account, &budget.terms).await,
+        Meter::Fleet { fleet, account } => match fleet.admit_rate_local(account, &budget.terms) {
+            Ok(status) => Ok(status),
+            Err(_) => fleet.admit_rate_slow(account, &budget.terms).await,
+        },
     };
     admitted.map_err(|status| {
         budget.counters().rate_limited.inc();
@@ -180,15 +183,21 @@ pub async fn reserve<'a>(
                 Err(Refusal::Unavailable) => Err(ProxyError::LedgerUnavailable { reason: None }),
             }
         }
-        Meter::Fleet { fleet, account } => match fleet.reserve(account, &budget.terms, amount).await {
-            Ok(h) => Ok(Hold::Fleet(h)),
-            Err(fleet::Refusal::Insufficient { remaining }) => Err(insufficient(remaining)),
-            Err(fleet::Refusal::RateLimited(status)) => {
-                budget.counters().rate_limited.inc();
-                Err(ProxyError::RateLimited { status })
+        Meter::Fleet { fleet, account } => {
+            let held = match fleet.reserve_local(account, &budget.terms, amount) {
+                Ok(hold) => Ok(hold),
+                Err(miss) => fleet.reserve_slow(account, &budget.terms, amount, miss).await,
+            };
+            match held {
+                Ok(h) => Ok(Hold::Fleet(h)),
+                Err(fleet::Refusal::Insufficient { remaining }) => Err(insufficient(remaining)),
+                Err(fleet::Refusal::RateLimited(status)) => {
+                    budget.counters().rate_limited.inc();
+                    Err(ProxyError::RateLimited { status })
+                }
+                Err(fleet::Refusal::Unavailable(reason)) => Err(ProxyError::LedgerUnavailable { reason: Some(reason) }),
             }
-            Err(fleet::Refusal::Unavailable(reason)) => Err(ProxyError::LedgerUnavailable { reason: Some(reason) }),
-        },
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use super::ledger_client::{CallError, CallMetrics, LedgerClient};
@@ -208,54 +209,76 @@ impl Fleet {
         self.client.load_full().ok_or_else(|| CallError::Unreachable("no ledger is configured".into()))
     }
 
-    /// Counts a request against the key's rate limits, topping the lease up when its allowance
-    /// ran out. `Err` carries the status for the 429.
-    pub async fn admit_rate(&self, account: &FleetAccount, budget: &Budget) -> Result<Option<RateStatus>, RateStatus> {
+    /// Counts a request against the key's rate limits from the lease, without a network call;
+    /// `Err` sends it to [`Fleet::admit_rate_slow`].
+    pub fn admit_rate_local(&self, account: &FleetAccount, budget: &Budget) -> Result<Option<RateStatus>, Miss> {
         let Some(policy) = budget.rate_limit else { return Ok(None) };
-        // While renewals bring more allowance, a request that missed tries again: the ledger
-        // grants at least one request while the window has any left.
-        for _ in 0..MAX_TOP_UPS {
-            match account.leased.admit_rate(policy, now_ms()) {
-                Err(Miss::Lease) => {}
-                other => return Ok(other.unwrap_or(None)),
+        account.leased.admit_rate(policy, now_ms())
+    }
+
+    /// Tops the lease up for a request whose allowance ran out, while top-ups bring more (the
+    /// ledger grants at least one request while the window has any left). `Err` carries the
+    /// status for the 429. Boxed: the request's own future stays as small as standalone mode's.
+    pub fn admit_rate_slow<'a>(
+        &'a self,
+        account: &'a FleetAccount,
+        budget: &'a Budget,
+    ) -> BoxFuture<'a, Result<Option<RateStatus>, RateStatus>> {
+        Box::pin(async move {
+            let Some(policy) = budget.rate_limit else { return Ok(None) };
+            for _ in 0..MAX_TOP_UPS {
+                let before = account.leased.lock().lease.as_ref().map(|l| (l.usage.window, l.granted));
+                self.renew(account, 0).await;
+                match account.leased.admit_rate(policy, now_ms()) {
+                    Err(Miss::Lease) => {}
+                    other => return Ok(other.unwrap_or(None)),
+                }
+                let after = account.leased.lock().lease.as_ref().map(|l| (l.usage.window, l.granted));
+                if after.is_none() || after == before {
+                    break;
+                }
             }
-            let before = account.leased.lock().lease.as_ref().map(|l| (l.usage.window, l.granted));
-            self.renew(account, 0).await;
-            let after = account.leased.lock().lease.as_ref().map(|l| (l.usage.window, l.granted));
-            if after.is_none() || after == before {
-                break;
-            }
-        }
-        let now = now_ms();
-        account.leased.admit_rate(policy, now).map_err(|_| {
             let limit = policy.requests_per_minute.map(u64::from).or(policy.tokens_per_minute).unwrap_or(0);
-            RateStatus { limit, remaining: 0, reset: 60 - (now / 1000) % 60 }
+            Err(RateStatus { limit, remaining: 0, reset: 60 - (now_ms() / 1000) % 60 })
         })
     }
 
-    /// Holds `amount` of the budget's credit for one request.
-    pub async fn reserve(&self, account: &Arc<FleetAccount>, budget: &Budget, amount: u64) -> Result<Hold, Refusal> {
-        let mut renewed = false;
-        loop {
-            let miss = match account.leased.reserve(budget, amount, now_ms()) {
-                Ok(hold) => {
-                    let debt = account.leased.lock().debt.as_ref().is_some_and(|d| d.id == hold.id);
-                    account.billed[if debt { 2 } else { 0 }].inc();
-                    return Ok(Hold::Local { account: account.clone(), hold: Some(hold) });
+    /// Holds `amount` of the budget's credit from the lease (or the debt), without a network
+    /// call; `Err` sends the request to [`Fleet::reserve_slow`].
+    pub fn reserve_local(&self, account: &Arc<FleetAccount>, budget: &Budget, amount: u64) -> Result<Hold, Miss> {
+        let hold = account.leased.reserve(budget, amount, now_ms())?;
+        let debt = account.leased.lock().debt.as_ref().is_some_and(|d| d.id == hold.id);
+        account.billed[if debt { 2 } else { 0 }].inc();
+        Ok(Hold::Local { account: account.clone(), hold: Some(hold) })
+    }
+
+    /// A request the lease could not cover: a top-up, then a reservation with the ledger itself.
+    /// Boxed, like [`Fleet::admit_rate_slow`].
+    pub fn reserve_slow<'a>(
+        &'a self,
+        account: &'a Arc<FleetAccount>,
+        budget: &'a Budget,
+        amount: u64,
+        miss: Miss,
+    ) -> BoxFuture<'a, Result<Hold, Refusal>> {
+        Box::pin(async move {
+            let miss = match miss {
+                Miss::Lease => {
+                    self.renew(account, amount).await;
+                    match self.reserve_local(account, budget, amount) {
+                        Ok(hold) => return Ok(hold),
+                        Err(miss) => miss,
+                    }
                 }
-                Err(miss) => miss,
+                other => other,
             };
             match miss {
-                Miss::Lease if !renewed => {
-                    renewed = true;
-                    self.renew(account, amount).await;
-                }
                 // The lease could not cover it: the ledger may still, from what no lease holds.
-                Miss::Lease | Miss::PerRequest => return self.reserve_remotely(account, budget, amount).await,
-                Miss::Exhausted { remaining } => return Err(Refusal::Insufficient { remaining }),
-                Miss::Unavailable => return Err(Refusal::Unavailable(self.unavailable_reason(account))),
+                Miss::Lease | Miss::PerRequest => self.reserve_remotely(account, budget, amount).await,
+                Miss::Exhausted { remaining } => Err(Refusal::Insufficient { remaining }),
+                Miss::Unavailable => Err(Refusal::Unavailable(self.unavailable_reason(account))),
             }
-        }
+        })
     }
 
     async fn reserve_remotely(
