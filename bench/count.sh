@@ -6,15 +6,27 @@
 # Instructions, not time: the count is the same on a busy or a quiet machine. Only the thread
 # that serves requests is counted; the ledger's writer thread commits on a timer, so its count
 # depends on timing.
+#
+# It also counts the same requests with the budget leased from the operator's ledger (cluster
+# mode) and fails when they cost more than 5% over standalone's in the same run: outside state
+# Low the request path must not call the ledger (the lease keeper shares the thread and runs on a
+# timer, which moves that count by a fraction of a percent). `--fleet` also runs state Low (every request
+# reserves with the ledger; about a minute) and prints the ledger's instructions per call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo build --locked --quiet --profile hotpath --example hot_path
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$out/callgrind" \
-  "${CARGO_TARGET_DIR:-target}/hotpath/examples/hot_path" >"$out/log" 2>&1 || { cat "$out/log"; exit 1; }
-count=$(awk '/^summary:/ {print $2}' "$out/callgrind-01")
+# Counts MODE under callgrind; thread 01 serves the requests, 02 is the ledger (cluster modes).
+run() {
+  mkdir -p "$out/$1"
+  valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$out/$1/callgrind" \
+    "${CARGO_TARGET_DIR:-target}/hotpath/examples/hot_path" "$1" >"$out/$1/log" 2>&1 || { cat "$out/$1/log"; exit 1; }
+}
+thread() { awk '/^summary:/ {print $2}' "$out/$1/callgrind-$2"; }
+run standalone
+count=$(thread standalone 01)
 
 if [ "${1:-}" = "--record" ]; then
   echo "$count" >bench/hot_path.instructions
@@ -27,4 +39,20 @@ echo "hot path: $count instructions for 2000 requests ($((count / 2000)) per req
 if [ "$count" -gt "$limit" ]; then
   echo "the request path costs more than 20% more than recorded: find out why, or record the new cost with bench/count.sh --record" >&2
   exit 1
+fi
+
+run leased
+leased=$(thread leased 01)
+echo "leased budget: $leased instructions ($((leased / 2000)) per request, $(( (leased - count) * 1000 / count ))‰ over standalone); ledger thread $(thread leased 02) for: $(grep -o 'call="[a-z]*",result="ok"} [0-9]*' "$out/leased/log" | tr '\n' ' ')"
+if [ "$leased" -gt $((count * 105 / 100)) ]; then
+  echo "with a leased budget the request path costs more than 5% over standalone: it must not wait on the ledger outside state Low" >&2
+  exit 1
+fi
+
+if [ "${1:-}" = "--fleet" ]; then
+  run low
+  low=$(thread low 01)
+  ledger=$(thread low 02)
+  calls=$(grep -o 'result="ok"} [0-9]*' "$out/low/log" | awk '{s += $2} END {print s}')
+  echo "state Low: $low instructions ($((low / 2000)) per request) in the sidecar; the ledger $ledger for $calls calls ($((ledger / calls)) per call)"
 fi

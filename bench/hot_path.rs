@@ -4,17 +4,33 @@
 //! over `bench/hot_path.instructions`.
 //!
 //! One route with three targets and one budget, as in the load benchmark: JSON and streamed
-//! requests, each with an API key.
+//! requests, each with an API key. The budget is kept as the first argument says:
+//!
+//! - `standalone` (the default): the embedded ledger, as counted by `.ci/run`;
+//! - `leased`: leased from the operator's ledger, which runs in process on its own thread (so
+//!   callgrind counts it apart) behind HTTPS, with an in-memory status store;
+//! - `low`: the same budget below its `lowBalanceThreshold`, so that every request reserves and
+//!   settles with the ledger (sent 100 at a time: the ledger answers once it has written the
+//!   status, about once a second when busy).
+//!
+//! It prints the wall time per request and, for the ledger, the calls it answered.
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use switchyard::config::{Documents, MapResolver, compile, parse_file};
+use futures::future::BoxFuture;
+use switchyard::api::ApiKeyBudgetStatus;
+use switchyard::config::{Budget, Documents, MapResolver, compile, parse_file};
+use switchyard::operator::leader::Leadership;
+use switchyard::operator::ledger::{FleetService, Review, Reviewer, StatusStore, router};
+use switchyard::operator::metrics::OperatorMetrics;
+use switchyard::operator::tls::{CertStore, certified_key, issue, serve_https};
 use switchyard::sidecar::{Clients, FleetOptions, Limits, Shared, api_service};
 
 const JSON_ANSWER: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the upstream, all good."},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":8,"total_tokens":20}}"#;
@@ -56,7 +72,77 @@ async fn upstream() -> std::net::SocketAddr {
     addr
 }
 
+/// Every token is pod `bench` of the namespace the budgets are compiled into.
+struct AnyToken;
+
+impl Reviewer for AnyToken {
+    fn review<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Review, String>> {
+        Box::pin(async {
+            Ok(Review::Authenticated {
+                username: "system:serviceaccount:default:default".into(),
+                pod: Some("bench".into()),
+            })
+        })
+    }
+}
+
+#[derive(Default)]
+struct Memory(std::sync::Mutex<std::collections::HashMap<String, ApiKeyBudgetStatus>>);
+
+impl StatusStore for Memory {
+    fn load<'a>(&'a self, _: &'a str, name: &'a str) -> BoxFuture<'a, Result<Option<ApiKeyBudgetStatus>, String>> {
+        Box::pin(async move { Ok(self.0.lock().expect("store").get(name).cloned()) })
+    }
+
+    fn save<'a>(&'a self, _: &'a str, name: &'a str, status: ApiKeyBudgetStatus) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            self.0.lock().expect("store").insert(name.to_string(), status);
+            Ok(())
+        })
+    }
+}
+
+/// The operator's ledger on its own thread and runtime: its port, its metrics, and the CA to
+/// trust it by.
+fn ledger(budgets: Vec<Budget>) -> (u16, Arc<OperatorMetrics>, String) {
+    let cert = issue(&["localhost".into()], None, std::time::SystemTime::now()).expect("certificate");
+    let (ready, started) = std::sync::mpsc::channel();
+    let ca = cert.ca_cert.clone();
+    std::thread::Builder::new()
+        .name("ledger".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async move {
+                let metrics = Arc::new(OperatorMetrics::default());
+                let (_, leader_url) = tokio::sync::watch::channel(None);
+                let service = FleetService::new(
+                    "bench".into(),
+                    Leadership::fixed(true),
+                    Arc::new(AnyToken),
+                    Arc::new(Memory::default()),
+                    metrics.clone(),
+                    leader_url,
+                );
+                service.sync_namespace("default", &budgets).await.expect("budgets");
+                tokio::spawn(service.clone().keep_persisted(std::future::pending()));
+                let certs = Arc::new(CertStore::default());
+                certs.set(certified_key(&cert.cert, &cert.key).expect("key"));
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                let port = listener.local_addr().expect("addr").port();
+                ready.send((port, metrics)).expect("main thread");
+                serve_https(listener, router(service), certs, std::future::pending()).await;
+            });
+        })
+        .expect("ledger thread");
+    let (port, metrics) = started.recv().expect("ledger started");
+    (port, metrics, ca)
+}
+
 fn main() {
+    let mode = std::env::args().nth(1).unwrap_or_else(|| "standalone".into());
+    assert!(["standalone", "leased", "low"].contains(&mode.as_str()), "usage: hot_path [standalone|leased|low]");
+    // Above the limit: the budget is Low from the start.
+    let low = if mode == "low" { r#", lowBalanceThreshold: "1000001""# } else { "" };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     runtime.block_on(async {
         let addr = upstream().await;
@@ -75,7 +161,7 @@ spec:
 apiVersion: switchyard.dev/v1alpha1
 kind: ApiKeyBudget
 metadata: {{name: bench}}
-spec: {{key: {{secretRef: {{name: key, key: key}}}}, limit: "1000000"}}
+spec: {{key: {{secretRef: {{name: key, key: key}}}}, limit: "1000000"{low}}}
 ---
 apiVersion: v1
 kind: Secret
@@ -91,24 +177,56 @@ stringData: {{key: {KEY}}}
         let state_dir = std::env::temp_dir().join(format!("switchyard-hot-path-{}", std::process::id()));
         let limits = Limits { max_request_bytes: 1 << 20, max_response_bytes: 1 << 20 };
         let clients = Clients::new(None).expect("clients");
-        let shared = Arc::new(Shared::new(&config, limits, clients, false, state_dir.clone(), FleetOptions::default()).expect("shared"));
+        let mut fleet = FleetOptions::default();
+        let mut ledger_metrics = None;
+        if mode != "standalone" {
+            std::fs::create_dir_all(&state_dir).expect("state dir");
+            let (port, metrics, ca) = ledger(config.budgets.clone());
+            let (ca_file, token_file) = (state_dir.join("ca.pem"), state_dir.join("token"));
+            std::fs::write(&ca_file, ca).expect("CA file");
+            std::fs::write(&token_file, "bench").expect("token file");
+            fleet = FleetOptions { url: Some(format!("https://localhost:{port}")), ca_file: Some(ca_file), token_file };
+            ledger_metrics = Some(metrics);
+        }
+        let shared = Arc::new(Shared::new(&config, limits, clients, false, state_dir.clone(), fleet).expect("shared"));
         let app = api_service(shared.clone());
 
         let json = Bytes::from_static(br#"{"model":"chat","max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}"#);
         let stream = Bytes::from_static(
             br#"{"model":"chat","stream":true,"max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}"#,
         );
-        for i in 0..REQUESTS {
-            let body = if i % 2 == 0 { json.clone() } else { stream.clone() };
+        let request = |i: usize| {
+            let body = if i.is_multiple_of(2) { json.clone() } else { stream.clone() };
             let request = http::Request::post("/v1/chat/completions")
                 .header("content-type", "application/json")
                 .header("authorization", format!("Bearer {KEY}"))
                 .body(axum::body::Body::from(body))
                 .expect("request");
-            let response = hyper::service::Service::call(&app, request).await.expect("infallible");
-            assert_eq!(response.status(), 200);
-            let bytes = response.into_body().collect().await.expect("body").to_bytes();
-            assert!(!bytes.is_empty());
+            let app = app.clone();
+            async move {
+                let response = hyper::service::Service::call(&app, request).await.expect("infallible");
+                let status = response.status();
+                let bytes = response.into_body().collect().await.expect("body").to_bytes();
+                assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
+                assert!(!bytes.is_empty());
+            }
+        };
+        let started = Instant::now();
+        if mode == "low" {
+            for batch in (0..REQUESTS).collect::<Vec<_>>().chunks(100) {
+                futures::future::join_all(batch.iter().map(|&i| request(i))).await;
+            }
+        } else {
+            for i in 0..REQUESTS {
+                request(i).await;
+            }
+        }
+        let elapsed = started.elapsed();
+        println!("{mode}: {:.1} µs per request (wall time)", elapsed.as_secs_f64() * 1e6 / REQUESTS as f64);
+        if let Some(metrics) = ledger_metrics {
+            let calls: Vec<String> =
+                metrics.render().lines().filter(|l| l.starts_with("switchyard_ledger_calls_total{")).map(String::from).collect();
+            println!("ledger calls answered: {}", calls.join(", "));
         }
         if let Some(ledger) = shared.ledger() {
             ledger.close();

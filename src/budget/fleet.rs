@@ -86,15 +86,30 @@ impl Lease {
     }
 }
 
-/// A budget's book: its period's spend and every lease on it.
+/// A budget's book: its period's spend and every open lease on it.
 #[derive(Clone, Debug)]
 struct Book {
     terms: Terms,
     period_start: u64,
     spent: u64,
+    /// Leases not reported done (live, or expired and still to be reported on).
     leases: BTreeMap<String, Lease>,
+    /// Leases reported done, and debts, kept for [`REPORT_GRACE_MS`] so that a repeated report
+    /// counts once. Not persisted: per-request reservations close at request rates, and the
+    /// status must stay small.
+    closed: HashMap<String, Closed>,
+    /// What closed leases used of a minute's requests and tokens: (minute, used).
+    window_used: (u64, Allowance),
     /// Changed since it was last persisted.
     dirty: bool,
+}
+
+/// A lease reported done, as far as a repeated report needs it.
+#[derive(Clone, Debug)]
+struct Closed {
+    holder: String,
+    used: Allowance,
+    closed_at: u64,
 }
 
 /// What persisting a budget's book keeps: enough for a new leader to go on where this one
@@ -165,9 +180,19 @@ impl FleetLedger {
                     terms,
                     period_start: persisted.period_start,
                     spent: persisted.spent,
-                    leases: persisted.leases.into_iter().map(|l| (l.id.clone(), l)).collect(),
+                    leases: BTreeMap::new(),
+                    closed: HashMap::new(),
+                    window_used: (0, Allowance::default()),
                     dirty: false,
                 };
+                for lease in persisted.leases {
+                    let id = lease.id.clone();
+                    let done = lease.done;
+                    book.leases.insert(id.clone(), lease);
+                    if done {
+                        book.close(&id, now_ms);
+                    }
+                }
                 book.roll(now_ms);
                 self.books.insert(id, book);
             }
@@ -271,10 +296,16 @@ impl FleetLedger {
     ) -> Result<BudgetFigures, Refused> {
         let book = self.books.get_mut(budget).ok_or(Refused::UnknownBudget)?;
         book.roll(now_ms);
-        let lease =
-            book.leases.get_mut(&report.lease_id).filter(|l| l.holder == holder).ok_or(Refused::UnknownLease)?;
-        let added = apply_use(lease, &report.used);
-        lease.done |= report.done;
+        let added = match book.leases.get_mut(&report.lease_id).filter(|l| l.holder == holder) {
+            Some(lease) => {
+                let added = apply_use(lease, &report.used);
+                if report.done {
+                    book.close(&report.lease_id, now_ms);
+                }
+                added
+            }
+            None => book.closed_use(&report.lease_id, holder, &report.used).ok_or(Refused::UnknownLease)?,
+        };
         book.spent = book.spent.saturating_add(added);
         book.dirty = true;
         Ok(book.figures(now_ms))
@@ -346,19 +377,19 @@ impl FleetLedger {
     pub fn debt(&mut self, budget: &str, holder: &str, debt: &Debt, now_ms: u64) -> Result<BudgetFigures, Refused> {
         let book = self.books.get_mut(budget).ok_or(Refused::UnknownBudget)?;
         book.roll(now_ms);
-        let lease = book.leases.entry(debt.debt_id.clone()).or_insert_with(|| Lease {
-            id: debt.debt_id.clone(),
-            holder: holder.to_string(),
-            granted: Allowance::default(),
-            used: Allowance::default(),
-            window: minute(now_ms),
-            expires_at: now_ms,
-            done: true,
-        });
-        if lease.holder != holder {
+        if book.leases.contains_key(&debt.debt_id) {
+            // An id of a lease the ledger granted is no debt id.
             return Err(Refused::UnknownLease);
         }
-        let added = apply_use(lease, &debt.used);
+        let closed = book.closed.entry(debt.debt_id.clone()).or_insert_with(|| Closed {
+            holder: holder.to_string(),
+            used: Allowance::default(),
+            closed_at: now_ms,
+        });
+        if closed.holder != holder {
+            return Err(Refused::UnknownLease);
+        }
+        let added = book.closed_use(&debt.debt_id, holder, &debt.used).unwrap_or(0);
         book.spent = book.spent.saturating_add(added);
         book.dirty = true;
         Ok(book.figures(now_ms))
@@ -374,6 +405,7 @@ impl FleetLedger {
                 !(closed && window_over)
             });
             book.dirty |= book.leases.len() != before;
+            book.closed.retain(|_, c| now_ms < c.closed_at.saturating_add(REPORT_GRACE_MS));
         }
     }
 
@@ -403,7 +435,7 @@ impl FleetLedger {
         loop {
             self.next_id += 1;
             let id = format!("{}-{}", self.id_prefix, self.next_id);
-            if !self.books.values().any(|b| b.leases.contains_key(&id)) {
+            if !self.books.values().any(|b| b.leases.contains_key(&id) || b.closed.contains_key(&id)) {
                 return id;
             }
         }
@@ -456,8 +488,37 @@ impl Book {
 
     /// Of a per-minute `limit`, what no lease holds in `window`.
     fn unleased(&self, limit: u64, window: u64, now_ms: u64, pick: fn(&Allowance) -> u64) -> u64 {
-        let committed = self.leases.values().map(|l| l.committed(window, now_ms, pick)).fold(0, u64::saturating_add);
+        let closed = if self.window_used.0 == window { pick(&self.window_used.1) } else { 0 };
+        let committed =
+            self.leases.values().map(|l| l.committed(window, now_ms, pick)).fold(closed, u64::saturating_add);
         limit.saturating_sub(committed)
+    }
+
+    /// Moves a lease reported done to `closed`, its requests and tokens of the current minute
+    /// into `window_used`.
+    fn close(&mut self, id: &str, now_ms: u64) {
+        let Some(lease) = self.leases.remove(id) else { return };
+        let window = minute(now_ms);
+        if lease.window == window {
+            if self.window_used.0 != window {
+                self.window_used = (window, Allowance::default());
+            }
+            let used = &mut self.window_used.1;
+            used.requests = used.requests.saturating_add(lease.used.requests);
+            used.tokens = used.tokens.saturating_add(lease.used.tokens);
+        }
+        self.closed.insert(id.to_string(), Closed { holder: lease.holder, used: lease.used, closed_at: now_ms });
+    }
+
+    /// Applies a (repeated or late) report to a closed lease or debt of `holder`: the credit
+    /// newly reported, `None` if there is no such one.
+    fn closed_use(&mut self, id: &str, holder: &str, used: &Allowance) -> Option<u64> {
+        let closed = self.closed.get_mut(id).filter(|c| c.holder == holder)?;
+        let added = used.credit.saturating_sub(closed.used.credit);
+        closed.used.credit = closed.used.credit.max(used.credit);
+        closed.used.requests = closed.used.requests.max(used.requests);
+        closed.used.tokens = closed.used.tokens.max(used.tokens);
+        Some(added)
     }
 
     fn remaining(&self) -> Option<u64> {
@@ -664,6 +725,35 @@ mod tests {
         let figures = next.report(BUDGET, "a", &late, T + 2).unwrap();
         assert_eq!((figures.spent, figures.outstanding), (250, 125), "the old leader's lease, reported once");
         assert!(b.lease_id.starts_with("next-") && g.lease_id.starts_with("test-"));
+    }
+
+    #[test]
+    fn closed_leases_leave_the_status_but_still_count_once_and_in_their_minute() {
+        let rate = RateLimitPolicy { requests_per_minute: Some(10), tokens_per_minute: None };
+        let mut l = ledger(terms(Some(1000), None, Some(rate)));
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            let r = l.reserve(BUDGET, "a", 10, T).unwrap();
+            l.settle(BUDGET, "a", &r.reservation_id, 7, 0, T).unwrap();
+            ids.push(r.reservation_id);
+        }
+        let again = l.settle(BUDGET, "a", &ids[0], 7, 0, T + 1).unwrap();
+        assert_eq!(again.spent, 28, "a repeated settle counts once");
+        assert_eq!(l.settle(BUDGET, "b", &ids[1], 7, 0, T + 1), Err(Refused::UnknownLease), "only its holder's");
+        let debt = Debt {
+            budget: "key".into(),
+            debt_id: "pod-a-1".into(),
+            used: Allowance { credit: 5, ..Allowance::default() },
+        };
+        l.debt(BUDGET, "a", &debt, T).unwrap();
+        assert_eq!(l.debt(BUDGET, "a", &debt, T + 1).unwrap().spent, 33, "a repeated debt counts once");
+        let (_, persisted, _) = l.take_dirty(T + 1).pop().unwrap();
+        assert!(persisted.leases.is_empty(), "closed leases are not persisted: {persisted:?}");
+        // The four requests still hold their minute: six are left of ten.
+        let ask = LeaseRequest { want: Allowance { credit: 0, requests: 100, tokens: 0 }, ..want(0) };
+        assert_eq!(l.lease(BUDGET, "b", &ask, T + 2).unwrap().granted.requests, 3, "half of the six left");
+        l.sweep(T + REPORT_GRACE_MS + 1);
+        assert_eq!(l.settle(BUDGET, "a", &ids[0], 7, 0, T + REPORT_GRACE_MS + 2), Err(Refused::UnknownLease));
     }
 
     #[test]

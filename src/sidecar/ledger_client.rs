@@ -23,7 +23,8 @@ use crate::metrics::{Counter, Histogram};
 /// The header a replica that does not lead names the leader's URL in.
 pub const LEADER_HEADER: &str = "x-switchyard-ledger-leader";
 /// How long one call may take, connecting included: past it the ledger counts as unreachable.
-const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// A busy ledger answers after its next status write, up to two write intervals (2 s) later.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// A projected token is rotated by the kubelet well before it expires; reading it this often
 /// follows the rotation.
 const TOKEN_REFRESH: Duration = Duration::from_secs(60);

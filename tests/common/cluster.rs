@@ -21,6 +21,8 @@ pub struct FakeApi {
     pub stolen: std::sync::atomic::AtomicBool,
     /// Statuses written, by the object's path: the object is read back with them.
     pub statuses: Mutex<BTreeMap<String, Value>>,
+    /// The status fields each (object, field manager) last applied.
+    pub status_owners: Mutex<BTreeMap<(String, String), std::collections::BTreeSet<String>>>,
 }
 
 /// The object a `…/{plural}/{name}` path names, from the cluster's lists.
@@ -102,14 +104,23 @@ async fn fake_api(State(api): State<Arc<FakeApi>>, request: axum::extract::Reque
             }
         }
         (Method::PATCH, p) if p.ends_with("/status") => {
-            // Keeps the fields written, as server-side apply merges them, and answers with the
-            // object, status applied.
+            // Server-side apply, by top-level field: a manager's fields are the ones it last
+            // applied, and one it leaves out is removed. Answers with the object, status applied.
             let object_path = p.trim_end_matches("/status").to_string();
             let Some(mut object) = object_at(&api, &object_path) else { return json(404, not_found()) };
+            let manager = query.split('&').find_map(|kv| kv.strip_prefix("fieldManager=")).unwrap_or("").to_string();
+            let applied: BTreeMap<String, Value> =
+                body["status"].as_object().into_iter().flatten().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let mut owners = api.status_owners.lock().unwrap();
+            let owned = owners.entry((object_path.clone(), manager)).or_default();
             let mut statuses = api.statuses.lock().unwrap();
             let status = statuses.entry(object_path).or_insert_with(|| json!({}));
-            for (field, value) in body["status"].as_object().into_iter().flatten() {
-                status[field] = value.clone();
+            for gone in owned.iter().filter(|f| !applied.contains_key(*f)) {
+                status.as_object_mut().unwrap().remove(gone);
+            }
+            *owned = applied.keys().cloned().collect();
+            for (field, value) in applied {
+                status[field] = value;
             }
             object["status"] = status.clone();
             drop(statuses);
