@@ -239,6 +239,13 @@ async fn a_limit_holds_across_three_sidecars_and_the_status_keeps_every_answer()
     assert!(4_500_000 - total < 4 * COST, "{} answers of 300 were served", served.len());
 
     eventually("the ledger has every answer's cost", || async { fleet.spent("bot") == Some(total) }).await;
+    let conditions = fleet.status("bot")["conditions"].as_array().cloned().unwrap_or_default();
+    let condition = |t: &str| conditions.iter().find(|c| c["type"] == t).cloned().unwrap_or_default();
+    assert_eq!(
+        (condition("Ledger")["status"].as_str(), condition("Ready")["status"].as_str()),
+        (Some("True"), Some("True"))
+    );
+    assert!(condition("Ledger")["message"].as_str().unwrap().contains("op-1"), "{conditions:?}");
     assert_eq!(fleet.status("bot")["remaining"].as_str().map(|r| parse_micros(r).unwrap()), Some(4_500_000 - total));
     let leased: u64 = {
         let mut sum = 0;

@@ -11,7 +11,7 @@ use http::{Method, Request, Response};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::client::Body;
@@ -322,6 +322,18 @@ fn budgets_are_compiled_with_their_key_hash_and_reported() {
     assert_eq!(condition(&status("ghost").conditions, "Accepted").1, "SecretNotFound");
     world.apply(&plan);
     assert!(world.plan().budgets.is_empty(), "steady budgets are not patched again");
+    // The ledger's own condition is not the reconciler's to remove.
+    let bot = world.budgets.iter_mut().find(|b| b.name_any() == "bot").unwrap();
+    let ledger = Condition {
+        type_: "Ledger".into(),
+        status: "True".into(),
+        reason: "Serving".into(),
+        message: "kept by the ledger of operator replica op-1".into(),
+        last_transition_time: at(5),
+        observed_generation: None,
+    };
+    Arc::make_mut(bot).status.as_mut().unwrap().conditions.push(ledger);
+    assert!(world.plan().budgets.is_empty(), "{:?}", world.plan().budgets);
 }
 
 #[test]

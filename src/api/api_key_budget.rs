@@ -178,8 +178,9 @@ pub struct ApiKeyBudgetStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Atomic)]
     pub leases: Vec<LedgerLease>,
-    /// Current conditions: `Accepted` (the spec is valid and the key resolves) and `Ready`
-    /// (compiled into the namespace's `switchyard-config`).
+    /// Current conditions: `Accepted` (the spec is valid and the key resolves), `Ready`
+    /// (compiled into the namespace's `switchyard-config`), and `Ledger` (in a cluster: which
+    /// operator replica's ledger keeps the budget's spend, and since when).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
@@ -187,6 +188,9 @@ pub struct ApiKeyBudgetStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_version: Option<i64>,
 }
+
+/// The condition the budget ledger keeps on each budget it serves (under its own field manager).
+pub const LEDGER_CONDITION: &str = "Ledger";
 
 /// One lease the ledger granted to a sidecar (or one per-request reservation).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]

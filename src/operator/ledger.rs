@@ -19,6 +19,8 @@ use axum::routing::post;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
@@ -27,7 +29,7 @@ use super::inject::TOKEN_AUDIENCE;
 use super::leader::Leadership;
 use super::metrics::OperatorMetrics;
 use crate::api::units::{format_micros, parse_micros};
-use crate::api::{ApiKeyBudgetStatus, LedgerLease};
+use crate::api::{ApiKeyBudgetStatus, LEDGER_CONDITION, LedgerLease};
 use crate::budget::fleet::{FleetLedger, Lease, Persisted, Terms};
 use crate::budget::period::{parse_rfc3339, rfc3339};
 use crate::budget::protocol::{Allowance, BudgetFigures, Debt, LeaseRequest, Refused, Report, ReserveRequest, Settle};
@@ -95,6 +97,10 @@ pub struct FleetService {
     wake_flusher: Notify,
     /// The leader's ledger URL, for the answer of a replica that does not lead.
     leader_url: watch::Receiver<Option<String>>,
+    /// This replica's term (its identity and start) and when it began, for the `Ledger`
+    /// condition.
+    term: String,
+    since: Time,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -170,6 +176,8 @@ impl FleetService {
         leader_url: watch::Receiver<Option<String>>,
     ) -> Arc<Self> {
         Arc::new(FleetService {
+            term: id_prefix.clone(),
+            since: Time(Timestamp::now()),
             fleet: Mutex::new(FleetLedger::new(id_prefix)),
             leadership,
             reviewer,
@@ -226,7 +234,7 @@ impl FleetService {
             let mut failed = HashSet::new();
             for (id, persisted, figures) in dirty {
                 let Some((namespace, name)) = id.split_once('/') else { continue };
-                let status = status_of(&persisted, &figures);
+                let status = status_of(&persisted, &figures, self.condition(&figures));
                 match self.store.save(namespace, name, status).await {
                     Ok(()) => self.metrics.status_writes.inc(),
                     Err(e) => {
@@ -239,6 +247,22 @@ impl FleetService {
             }
             self.flushed.send_replace(Flushed { number, failed });
             tokio::time::sleep_until(started + FLUSH_INTERVAL).await;
+        }
+    }
+
+    /// The `Ledger` condition of a budget this replica's ledger keeps.
+    fn condition(&self, figures: &BudgetFigures) -> Condition {
+        Condition {
+            type_: LEDGER_CONDITION.into(),
+            status: "True".into(),
+            reason: "Serving".into(),
+            message: format!(
+                "kept by the ledger of operator replica {}; {} outstanding in leases and reservations",
+                self.term,
+                format_micros(figures.outstanding)
+            ),
+            last_transition_time: self.since.clone(),
+            observed_generation: None,
         }
     }
 
@@ -454,8 +478,9 @@ async fn debt(State(service): State<Arc<FleetService>>, headers: HeaderMap, byte
 }
 
 /// The ledger's fields of a budget's status.
-pub fn status_of(persisted: &Persisted, figures: &BudgetFigures) -> ApiKeyBudgetStatus {
+pub fn status_of(persisted: &Persisted, figures: &BudgetFigures, condition: Condition) -> ApiKeyBudgetStatus {
     ApiKeyBudgetStatus {
+        conditions: vec![condition],
         spent: Some(format_micros(persisted.spent)),
         remaining: figures.remaining.map(format_micros),
         period_start: Some(rfc3339(persisted.period_start)),

@@ -15,7 +15,9 @@ use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 
-use crate::api::{ApiKeyBudget, ApiKeyBudgetStatus, ProviderRoute, ProviderRouteStatus, TargetStatus};
+use crate::api::{
+    ApiKeyBudget, ApiKeyBudgetStatus, LEDGER_CONDITION, ProviderRoute, ProviderRouteStatus, TargetStatus,
+};
 use crate::config::{
     CompiledConfig, ConfigError, CredentialState, Document, Documents, LedgerEndpoint, ObjectOutcome, Resolver, analyse,
 };
@@ -232,7 +234,8 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
         };
         let mine = ApiKeyBudgetStatus {
             observed_generation: current.observed_generation,
-            conditions: current.conditions.clone(),
+            // The ledger's condition is the ledger's to keep.
+            conditions: current.conditions.iter().filter(|c| c.type_ != LEDGER_CONDITION).cloned().collect(),
             config_version: current.config_version,
             ..Default::default()
         };

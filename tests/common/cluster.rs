@@ -104,23 +104,47 @@ async fn fake_api(State(api): State<Arc<FakeApi>>, request: axum::extract::Reque
             }
         }
         (Method::PATCH, p) if p.ends_with("/status") => {
-            // Server-side apply, by top-level field: a manager's fields are the ones it last
-            // applied, and one it leaves out is removed. Answers with the object, status applied.
+            // Server-side apply, by top-level field and by condition type (a map list): a
+            // manager's fields are the ones it last applied, and one it leaves out is removed.
+            // Answers with the object, status applied.
             let object_path = p.trim_end_matches("/status").to_string();
             let Some(mut object) = object_at(&api, &object_path) else { return json(404, not_found()) };
             let manager = query.split('&').find_map(|kv| kv.strip_prefix("fieldManager=")).unwrap_or("").to_string();
-            let applied: BTreeMap<String, Value> =
+            let mut applied: BTreeMap<String, Value> =
                 body["status"].as_object().into_iter().flatten().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let conditions = applied.remove("conditions").and_then(|c| c.as_array().cloned()).unwrap_or_default();
+            let mut keys: std::collections::BTreeSet<String> = applied.keys().cloned().collect();
+            keys.extend(conditions.iter().map(|c| format!("conditions/{}", c["type"].as_str().unwrap_or(""))));
             let mut owners = api.status_owners.lock().unwrap();
             let owned = owners.entry((object_path.clone(), manager)).or_default();
             let mut statuses = api.statuses.lock().unwrap();
             let status = statuses.entry(object_path).or_insert_with(|| json!({}));
-            for gone in owned.iter().filter(|f| !applied.contains_key(*f)) {
-                status.as_object_mut().unwrap().remove(gone);
+            let fields = status.as_object_mut().unwrap();
+            for gone in owned.iter().filter(|f| !keys.contains(*f)) {
+                match gone.strip_prefix("conditions/") {
+                    Some(type_) => {
+                        if let Some(list) = fields.get_mut("conditions").and_then(Value::as_array_mut) {
+                            list.retain(|c| c["type"] != type_);
+                        }
+                    }
+                    None => {
+                        fields.remove(gone);
+                    }
+                }
             }
-            *owned = applied.keys().cloned().collect();
+            *owned = keys;
             for (field, value) in applied {
-                status[field] = value;
+                fields.insert(field, value);
+            }
+            let list = fields.entry("conditions").or_insert_with(|| json!([])).as_array_mut().unwrap();
+            for condition in conditions {
+                match list.iter_mut().find(|c| c["type"] == condition["type"]) {
+                    Some(existing) => *existing = condition,
+                    None => list.push(condition),
+                }
+            }
+            if list.is_empty() {
+                fields.remove("conditions");
             }
             object["status"] = status.clone();
             drop(statuses);
