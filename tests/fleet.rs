@@ -488,3 +488,34 @@ async fn a_replica_that_does_not_lead_names_the_leader_and_sidecars_follow() {
     let m = metrics(follower_admin).await;
     assert!(metric(&m, "switchyard_ledger_calls_total{call=\"lease\",result=\"not_leader\"}") > 0, "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_budget_removed_from_the_configuration_gives_its_lease_back() {
+    let spec = json!({"key": {"secretRef": {"name": "keys", "key": "app"}}, "limit": "100"});
+    let (fleet, _operator) = Fleet::start(&[("bot", spec)]).await;
+    let (_sidecar, api, _) = fleet.sidecar("pod-g", &temp_dir("removed"));
+    for _ in 0..3 {
+        assert_eq!(chat(api, KEY).await.0, 200);
+    }
+    eventually("the sidecar holds a lease", || async {
+        fleet.status("bot")["leases"].as_array().is_some_and(|l| l.iter().any(|l| l["holder"] == "pod-g"))
+    })
+    .await;
+    // The namespace's next configuration has no budgets.
+    let path = fleet.config_dir.join("config.json");
+    let mut compiled: switchyard::config::CompiledConfig =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let mut config = compiled.config.clone();
+    config.budgets.clear();
+    config.ledger = None;
+    compiled = switchyard::config::CompiledConfig::new(NS, compiled.version + 1, config);
+    std::fs::write(&path, serde_json::to_vec(&compiled).unwrap()).unwrap();
+    eventually("the lease is reported done and its rest given back", || async {
+        let status = fleet.status("bot");
+        status["leases"].as_array().is_none_or(|l| l.iter().all(|l| l["holder"] != "pod-g"))
+            && status["outstanding"] == "0"
+            && fleet.spent("bot") == Some(3 * COST)
+    })
+    .await;
+    assert_eq!(chat(api, "sk-anyone").await.0, 200, "the route no longer asks for a key");
+}

@@ -406,6 +406,24 @@ impl LeasedAccount {
         }
     }
 
+    /// Stops spending: the lease and the debt are closed, to be reported done once nothing is
+    /// in flight on them.
+    pub fn retire(&self) {
+        let mut book = self.lock();
+        if let Some(lease) = book.lease.take() {
+            book.closing.push(lease.usage);
+        }
+        if let Some(debt) = book.debt.take() {
+            book.closing.push(debt);
+        }
+    }
+
+    /// Nothing held, nothing in flight, nothing left to report.
+    pub fn is_settled(&self) -> bool {
+        let book = self.lock();
+        book.lease.is_none() && book.debt.is_none() && book.closing.is_empty()
+    }
+
     /// A settled per-request reservation, to report.
     pub fn settled_remotely(&self, id: String, cost: u64, tokens: u64, now_ms: u64) {
         let mut book = self.lock();

@@ -64,6 +64,10 @@ pub struct FleetAccount {
     pub billed: [Counter; 3],
     last_report: AtomicU64,
     last_attempt: AtomicU64,
+    /// Why the last call failed, for the 503 of a key that fails closed.
+    last_error: Mutex<String>,
+    /// The current configuration has this budget; otherwise its use is reported and it goes.
+    in_config: AtomicBool,
 }
 
 pub const BILLED: [&str; 3] = ["lease", "per_request", "debt"];
@@ -168,7 +172,17 @@ impl Fleet {
     pub fn account(&self, budget: &Budget) -> Arc<FleetAccount> {
         let account = self.account_by_id(&budget.id(), &budget.name);
         *account.budget.lock().unwrap_or_else(|e| e.into_inner()) = budget.clone();
+        account.in_config.store(true, Relaxed);
         account
+    }
+
+    /// After a new configuration: budgets it no longer has stop leasing; what they used is
+    /// reported, and then they are forgotten.
+    pub fn retain(&self, budgets: &[Budget]) {
+        let ids: std::collections::HashSet<String> = budgets.iter().map(Budget::id).collect();
+        for (id, account) in self.accounts.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            account.in_config.store(ids.contains(id), Relaxed);
+        }
     }
 
     fn account_by_id(&self, id: &str, name: &str) -> Arc<FleetAccount> {
@@ -196,6 +210,8 @@ impl Fleet {
                     billed: Default::default(),
                     last_report: AtomicU64::new(0),
                     last_attempt: AtomicU64::new(0),
+                    last_error: Mutex::default(),
+                    in_config: AtomicBool::new(false),
                 })
             })
             .clone()
@@ -227,6 +243,9 @@ impl Fleet {
         Box::pin(async move {
             let Some(policy) = budget.rate_limit else { return Ok(None) };
             for _ in 0..MAX_TOP_UPS {
+                if !account.in_config.load(Relaxed) {
+                    break;
+                }
                 let before = account.leased.lock().lease.as_ref().map(|l| (l.usage.window, l.granted));
                 self.renew(account, 0).await;
                 match account.leased.admit_rate(policy, now_ms()) {
@@ -262,6 +281,9 @@ impl Fleet {
         miss: Miss,
     ) -> BoxFuture<'a, Result<Hold, Refusal>> {
         Box::pin(async move {
+            if !account.in_config.load(Relaxed) {
+                return Err(Refusal::Unavailable("this key's budget was just removed from the configuration".into()));
+            }
             let miss = match miss {
                 Miss::Lease => {
                     self.renew(account, amount).await;
@@ -322,8 +344,9 @@ impl Fleet {
         let since = account.leased.lock().unreachable_since.unwrap_or(0);
         let secs = now_ms().saturating_sub(since) / 1000;
         let url = self.client.load().as_ref().map_or_else(|| "(none configured)".into(), |c| c.endpoint.url.clone());
+        let error = account.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
         format!(
-            "the budget ledger at {url} has been unreachable for {secs}s and this key's lease has run out; the key fails closed (onLedgerUnavailable: failClosed)"
+            "the budget ledger at {url} has been unusable for {secs}s ({error}) and this key's lease has run out; the key fails closed (onLedgerUnavailable: failClosed)"
         )
     }
 
@@ -331,6 +354,7 @@ impl Fleet {
         match error {
             CallError::Refused(_) => {}
             CallError::Unreachable(_) | CallError::Rejected { .. } => {
+                *account.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error.to_string();
                 let newly = account.leased.lock().unreachable_since.is_none();
                 account.leased.unreachable(now_ms());
                 if newly {
@@ -411,14 +435,23 @@ impl Fleet {
                 return;
             }
             for account in self.accounts() {
-                self.keep_account(&account, false).await;
+                let retired = !account.in_config.load(Relaxed);
+                if retired {
+                    account.leased.retire();
+                }
+                self.keep_account(&account, retired).await;
+                if retired && account.leased.is_settled() {
+                    let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+                    accounts.retain(|_, a| !Arc::ptr_eq(a, &account));
+                }
             }
             self.save();
         }
     }
 
     /// One round for one budget: renew or report the lease, then report what is closing. At
-    /// shutdown (`closing`) nothing is renewed and every report is tried once.
+    /// shutdown and for a budget no longer configured (`closing`) nothing is renewed and every
+    /// report is tried.
     async fn keep_account(&self, account: &FleetAccount, closing: bool) {
         let now = now_ms();
         let budget = account.budget();
@@ -528,15 +561,7 @@ impl Fleet {
             let _keeping = self.keeping.lock().await;
             self.closed.store(true, Relaxed);
             for account in self.accounts() {
-                {
-                    let mut book = account.leased.lock();
-                    if let Some(lease) = book.lease.take() {
-                        book.closing.push(lease.usage);
-                    }
-                    if let Some(debt) = book.debt.take() {
-                        book.closing.push(debt);
-                    }
-                }
+                account.leased.retire();
                 self.keep_account(&account, true).await;
             }
         };

@@ -79,6 +79,9 @@ impl Shared {
             Meters::Embedded(self.open_ledger()?)
         };
         let snapshot = Snapshot::build(config, &self.states, &self.clients, &meters)?;
+        if let Some(fleet) = self.fleet.get() {
+            fleet.retain(&config.budgets);
+        }
         let routes = snapshot.routes.iter().map(|r| r.id.as_str()).collect();
         let targets = snapshot.routes.iter().flat_map(|r| r.targets.iter().map(|t| (r.id.as_str(), t.name.as_str())));
         self.states.retain(&routes, &targets.collect());
