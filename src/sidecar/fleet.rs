@@ -772,3 +772,53 @@ impl Drop for Hold {
         self.finish(0, 0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("switchyard-fleet-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn unreported_use_is_saved_and_restored_for_reporting_and_a_damaged_file_is_skipped() {
+        let dir = state_dir("saved");
+        let options = FleetOptions::default();
+        let fleet = Fleet::new(&options, &dir).unwrap();
+        let account = fleet.account_by_id("team-a/bot", "bot");
+        let grant = crate::budget::protocol::LeaseGrant {
+            lease_id: "l-1".into(),
+            mode: Mode::Lease,
+            granted: Allowance { credit: 100, requests: 0, tokens: 0 },
+            window: crate::budget::lease::minute(now_ms()),
+            expires_at: now_ms() + 30_000,
+            budget: BudgetFigures {
+                spent: 0,
+                remaining: None,
+                outstanding: 0,
+                period_start: 0,
+                state: crate::api::BudgetState::Active,
+            },
+        };
+        account.leased.granted(&grant, now_ms());
+        let budget = Budget { limit: Some(1000), ..account.budget() };
+        let hold = account.leased.reserve(&budget, 40, now_ms()).unwrap();
+        account.leased.settle(hold, 30, 0, now_ms());
+        fleet.save();
+
+        let restored = Fleet::new(&options, &dir).unwrap();
+        let book = restored.account_by_id("team-a/bot", "bot").leased.lock().clone();
+        assert!(book.lease.is_none(), "a restored lease is not spent from");
+        assert_eq!(book.closing.len(), 1);
+        assert_eq!((book.closing[0].id.as_str(), book.closing[0].used.credit), ("l-1", 30));
+
+        std::fs::write(dir.join(STATE_FILE), b"{\"budgets\": [{\"id\": 7").unwrap();
+        let damaged = Fleet::new(&options, &dir).unwrap();
+        assert!(damaged.accounts().is_empty(), "a damaged file does not stop the sidecar");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

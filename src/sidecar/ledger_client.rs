@@ -242,24 +242,16 @@ enum Redirect {
     Failed(CallError),
 }
 
-/// The ledger's error body, `{"error": {"message", "code", "refusal"?}}`, as a [`CallError`].
+/// The ledger's error body, `{"error": {"message", "code", "refusal"?}}`, as a [`CallError`]:
+/// each part read on its own, so that a refusal counts whatever else the body holds.
 fn error_of(status: StatusCode, body: &[u8]) -> CallError {
-    #[derive(serde::Deserialize)]
-    struct Body {
-        error: Inner,
-    }
-    #[derive(serde::Deserialize)]
-    struct Inner {
-        #[serde(default)]
-        message: String,
-        #[serde(default)]
-        refusal: Option<Refused>,
-    }
-    let parsed: Option<Inner> = serde_json::from_slice::<Body>(body).ok().map(|b| b.error);
-    if let Some(refusal) = parsed.as_ref().and_then(|p| p.refusal.clone()) {
+    let error = serde_json::from_slice::<serde_json::Value>(body).ok().map(|mut v| v["error"].take());
+    let refusal = error.as_ref().and_then(|e| serde_json::from_value::<Refused>(e["refusal"].clone()).ok());
+    if let Some(refusal) = refusal {
         return CallError::Refused(refusal);
     }
-    let message = parsed.map_or_else(|| format!("HTTP {status}"), |p| p.message);
+    let message =
+        error.as_ref().and_then(|e| e["message"].as_str()).map_or_else(|| format!("HTTP {status}"), String::from);
     match status.as_u16() {
         401 | 403 | 400 | 413 => CallError::Rejected { status: status.as_u16(), message },
         _ => CallError::Unreachable(format!("HTTP {status}: {message}")),
@@ -283,5 +275,47 @@ mod tests {
             CallError::Rejected { status: 403, message } if message == "another namespace"
         ));
         assert!(matches!(error_of(StatusCode::SERVICE_UNAVAILABLE, b"<html>"), CallError::Unreachable(_)));
+    }
+
+    mod properties {
+        use super::*;
+        use crate::providers::arbitrary::{json, mutated};
+        use proptest::prelude::*;
+
+        /// Error bodies as the ledger writes them, and whatever a proxy in between might.
+        fn body() -> impl Strategy<Value = Vec<u8>> {
+            let refusal = prop_oneof![
+                (0..u64::MAX).prop_map(|r| serde_json::json!({"reason": "insufficientCredits", "remaining": r})),
+                Just(serde_json::json!({"reason": "unknownLease"})),
+                json(),
+            ];
+            let shaped = (refusal, json()).prop_map(|(refusal, message)| {
+                serde_json::to_vec(&serde_json::json!({"error": {"message": message, "code": "x", "refusal": refusal}}))
+                    .unwrap_or_default()
+            });
+            let either = prop_oneof![Just(false), Just(true)];
+            let body = (shaped, either).prop_flat_map(
+                |(bytes, bend)| {
+                    if bend { mutated(bytes).boxed() } else { Just(bytes).boxed() }
+                },
+            );
+            prop_oneof![body, prop::collection::vec(any::<u8>(), 0..64)]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_answer_is_a_call_error_and_only_a_refusal_is_a_refusal(status in 100u16..600, body in body()) {
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+                let parsed = serde_json::from_slice::<serde_json::Value>(&body).ok();
+                let refusal = parsed.as_ref().and_then(|v| serde_json::from_value::<Refused>(v["error"]["refusal"].clone()).ok());
+                match error_of(status, &body) {
+                    CallError::Refused(r) => prop_assert_eq!(Some(r), refusal),
+                    CallError::Rejected { status, .. } => prop_assert!([400, 401, 403, 413].contains(&status)),
+                    CallError::Unreachable(_) => prop_assert!(refusal.is_none()),
+                }
+            }
+        }
     }
 }
