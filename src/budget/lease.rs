@@ -103,6 +103,8 @@ pub enum Miss {
 pub struct LocalHold {
     pub id: String,
     pub amount: u64,
+    /// Held on the debt (the ledger unreachable), not on a lease.
+    pub on_debt: bool,
 }
 
 /// The mutable state of a leased budget.
@@ -180,7 +182,7 @@ impl LeasedAccount {
         {
             lease.usage.holds += 1;
             lease.usage.reserved = lease.usage.reserved.saturating_add(amount);
-            return Ok(LocalHold { id: lease.usage.id.clone(), amount });
+            return Ok(LocalHold { id: lease.usage.id.clone(), amount, on_debt: false });
         }
         if book.unreachable_since.is_none() {
             return Err(Miss::Lease);
@@ -198,7 +200,7 @@ impl LeasedAccount {
         }
         debt.holds += 1;
         debt.reserved = owed.saturating_add(amount) - debt.used.credit;
-        Ok(LocalHold { id: debt.id.clone(), amount })
+        Ok(LocalHold { id: debt.id.clone(), amount, on_debt: true })
     }
 
     /// Holds `more` for a request that already holds `hold` (a stream that outgrew its

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
@@ -56,7 +56,7 @@ pub fn now_ms() -> u64 {
 pub struct FleetAccount {
     pub leased: LeasedAccount,
     /// The budget's current terms.
-    budget: Mutex<Budget>,
+    budget: ArcSwap<Budget>,
     /// One lease call at a time per budget; requests that miss wait for it.
     renewing: tokio::sync::Mutex<()>,
     pub counters: BudgetCounters,
@@ -73,8 +73,8 @@ pub struct FleetAccount {
 pub const BILLED: [&str; 3] = ["lease", "per_request", "debt"];
 
 impl FleetAccount {
-    pub fn budget(&self) -> Budget {
-        self.budget.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    pub fn budget(&self) -> Arc<Budget> {
+        self.budget.load_full()
     }
 }
 
@@ -171,7 +171,7 @@ impl Fleet {
     /// The account of a budget, with its terms brought up to date.
     pub fn account(&self, budget: &Budget) -> Arc<FleetAccount> {
         let account = self.account_by_id(&budget.id(), &budget.name);
-        *account.budget.lock().unwrap_or_else(|e| e.into_inner()) = budget.clone();
+        account.budget.store(Arc::new(budget.clone()));
         account.in_config.store(true, Relaxed);
         account
     }
@@ -192,7 +192,7 @@ impl Fleet {
             .or_insert_with(|| {
                 Arc::new(FleetAccount {
                     leased: LeasedAccount::new(name, Book::new(format!("{}-{name}", self.debt_prefix))),
-                    budget: Mutex::new(Budget {
+                    budget: ArcSwap::from_pointee(Budget {
                         namespace: id.split('/').next().unwrap_or_default().to_string(),
                         name: name.to_string(),
                         key_hash: [0; 32],
@@ -266,8 +266,7 @@ impl Fleet {
     /// call; `Err` sends the request to [`Fleet::reserve_slow`].
     pub fn reserve_local(&self, account: &Arc<FleetAccount>, budget: &Budget, amount: u64) -> Result<Hold, Miss> {
         let hold = account.leased.reserve(budget, amount, now_ms())?;
-        let debt = account.leased.lock().debt.as_ref().is_some_and(|d| d.id == hold.id);
-        account.billed[if debt { 2 } else { 0 }].inc();
+        account.billed[if hold.on_debt { 2 } else { 0 }].inc();
         Ok(Hold::Local { account: account.clone(), hold: Some(hold) })
     }
 
@@ -805,7 +804,7 @@ mod tests {
             },
         };
         account.leased.granted(&grant, now_ms());
-        let budget = Budget { limit: Some(1000), ..account.budget() };
+        let budget = Budget { limit: Some(1000), ..Budget::clone(&account.budget()) };
         let hold = account.leased.reserve(&budget, 40, now_ms()).unwrap();
         account.leased.settle(hold, 30, 0, now_ms());
         fleet.save();
