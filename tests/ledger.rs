@@ -184,6 +184,9 @@ async fn callers_without_a_valid_token_of_the_namespace_are_refused() {
 
     let (status, body, _) = l.call(Some(POD_A), "lease", json!({"budget": "team-b/bot", "want": {"credit": 1}})).await;
     assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("forbidden")));
+    // Its own namespace's budget, named in full, as sidecars name them.
+    let (status, body, _) = l.call(Some(POD_A), "lease", json!({"budget": "team-a/bot", "want": {"credit": 1}})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
 
     // A pod of another namespace asks for a budget of the same name: it is not there for it.
     let (status, body, _) = l.call(Some("team-b:pod-x"), "lease", lease.clone()).await;

@@ -1241,7 +1241,11 @@ async fn the_operator_process_serves_the_ledger_over_https_and_keeps_it_in_the_s
     let (code, _) = call("/ledger/v1/lease", None, json!({"budget": "bot", "want": {}})).await;
     assert_eq!(code, 401);
     let (code, _) = call("/ledger/v1/lease", Some("team-b:pod-x"), json!({"budget": "bot", "want": {}})).await;
-    assert_eq!(code, 404, "team-b has no budget bot; team-a's is not its to touch");
+    assert_eq!(code, 404, "team-b has no budget bot");
+    let (code, refused) =
+        call("/ledger/v1/lease", Some("team-b:pod-x"), json!({"budget": "team-a/bot", "want": {}})).await;
+    assert_eq!((code, refused["error"]["code"].as_str()), (403, Some("forbidden")), "team-a's is not its to touch");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("team-b"), "{refused}");
 
     let metrics = common::get(admin, "/metrics").await.body;
     assert_eq!(common::metric(&metrics, "switchyard_ledger_calls_total{call=\"lease\",result=\"ok\"}"), 1);

@@ -151,7 +151,7 @@ impl Book {
 /// One budget as a sidecar spends it in cluster mode.
 #[derive(Debug)]
 pub struct LeasedAccount {
-    /// The ApiKeyBudget's name (the ledger knows the namespace from the caller).
+    /// The ApiKeyBudget as `namespace/name`, as the ledger is told.
     pub name: String,
     book: Mutex<Book>,
 }

@@ -26,7 +26,8 @@ pub struct Allowance {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LeaseRequest {
-    /// The ApiKeyBudget's name; its namespace is the caller's.
+    /// The ApiKeyBudget as `namespace/name` (the namespace must be the caller's), or its name in
+    /// the caller's namespace.
     pub budget: String,
     /// The lease to renew and top up; absent for a new one.
     #[serde(default)]
@@ -87,7 +88,8 @@ pub struct BudgetFigures {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Report {
-    /// The ApiKeyBudget's name; its namespace is the caller's.
+    /// The ApiKeyBudget as `namespace/name` (the namespace must be the caller's), or its name in
+    /// the caller's namespace.
     pub budget: String,
     pub lease_id: String,
     pub used: Allowance,
@@ -116,7 +118,8 @@ pub struct Reserved {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Settle {
-    /// The ApiKeyBudget's name; its namespace is the caller's.
+    /// The ApiKeyBudget as `namespace/name` (the namespace must be the caller's), or its name in
+    /// the caller's namespace.
     pub budget: String,
     pub reservation_id: String,
     pub cost: u64,
@@ -130,7 +133,8 @@ pub struct Settle {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Debt {
-    /// The ApiKeyBudget's name; its namespace is the caller's.
+    /// The ApiKeyBudget as `namespace/name` (the namespace must be the caller's), or its name in
+    /// the caller's namespace.
     pub budget: String,
     pub debt_id: String,
     pub used: Allowance,

@@ -341,18 +341,20 @@ impl FleetService {
             });
         }
         let caller = self.identify(headers).await?;
-        if budget.contains('/') {
+        // `namespace/name`, or a name of the caller's namespace.
+        let (namespace, name) = budget.split_once('/').unwrap_or((caller.namespace.as_str(), budget));
+        if namespace != caller.namespace {
             self.metrics.token_review("wrong_namespace");
             return Err(LedgerError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 format!(
-                    "a sidecar touches the budgets of its own namespace ({}) only; name the budget without a namespace",
+                    "the token is of namespace {}: a sidecar touches the budgets of its own namespace only, not {namespace}'s",
                     caller.namespace
                 ),
             ));
         }
-        let id = format!("{}/{budget}", caller.namespace);
+        let id = format!("{namespace}/{name}");
         Ok((caller, id))
     }
 }

@@ -170,7 +170,7 @@ impl Fleet {
 
     /// The account of a budget, with its terms brought up to date.
     pub fn account(&self, budget: &Budget) -> Arc<FleetAccount> {
-        let account = self.account_by_id(&budget.id(), &budget.name);
+        let account = self.account_by_id(&budget.id());
         account.budget.store(Arc::new(budget.clone()));
         account.in_config.store(true, Relaxed);
         account
@@ -185,13 +185,15 @@ impl Fleet {
         }
     }
 
-    fn account_by_id(&self, id: &str, name: &str) -> Arc<FleetAccount> {
+    /// The account of budget `namespace/name`, the name the ledger is told too.
+    fn account_by_id(&self, id: &str) -> Arc<FleetAccount> {
+        let name = id.split_once('/').map_or(id, |(_, name)| name);
         let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
         accounts
             .entry(id.to_string())
             .or_insert_with(|| {
                 Arc::new(FleetAccount {
-                    leased: LeasedAccount::new(name, Book::new(format!("{}-{name}", self.debt_prefix))),
+                    leased: LeasedAccount::new(id, Book::new(format!("{}-{name}", self.debt_prefix))),
                     budget: ArcSwap::from_pointee(Budget {
                         namespace: id.split('/').next().unwrap_or_default().to_string(),
                         name: name.to_string(),
@@ -597,11 +599,7 @@ impl Fleet {
                             acked: u.acked,
                         })
                         .collect();
-                    (!usages.is_empty()).then(|| SavedBudget {
-                        id: id.clone(),
-                        name: account.leased.name.clone(),
-                        usages,
-                    })
+                    (!usages.is_empty()).then(|| SavedBudget { id: id.clone(), usages })
                 })
                 .collect(),
         };
@@ -638,7 +636,7 @@ impl Fleet {
         };
         let mut restored = 0;
         for budget in state.budgets {
-            let account = self.account_by_id(&budget.id, &budget.name);
+            let account = self.account_by_id(&budget.id);
             let mut book = account.leased.lock();
             for usage in budget.usages {
                 let Some(kind) = kind_of(&usage.kind) else { continue };
@@ -696,8 +694,8 @@ struct SavedState {
 
 #[derive(Serialize, Deserialize)]
 struct SavedBudget {
+    /// `namespace/name`.
     id: String,
-    name: String,
     usages: Vec<SavedUsage>,
 }
 
@@ -788,7 +786,7 @@ mod tests {
         let dir = state_dir("saved");
         let options = FleetOptions::default();
         let fleet = Fleet::new(&options, &dir).unwrap();
-        let account = fleet.account_by_id("team-a/bot", "bot");
+        let account = fleet.account_by_id("team-a/bot");
         let grant = crate::budget::protocol::LeaseGrant {
             lease_id: "l-1".into(),
             mode: Mode::Lease,
@@ -810,7 +808,7 @@ mod tests {
         fleet.save();
 
         let restored = Fleet::new(&options, &dir).unwrap();
-        let book = restored.account_by_id("team-a/bot", "bot").leased.lock().clone();
+        let book = restored.account_by_id("team-a/bot").leased.lock().clone();
         assert!(book.lease.is_none(), "a restored lease is not spent from");
         assert_eq!(book.closing.len(), 1);
         assert_eq!((book.closing[0].id.as_str(), book.closing[0].used.credit), ("l-1", 30));
