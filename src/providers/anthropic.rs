@@ -1,0 +1,466 @@
+//! Anthropic's Messages API, as a translation target of OpenAI's Chat Completions: a chat request
+//! becomes a Messages request here. Faithful by construction: what has a Messages equivalent is
+//! carried over with its meaning (prompt-cache markers included), what has none and would change
+//! the answer is a clear error naming the field, never silently dropped.
+//!
+//! | Chat Completions | Messages |
+//! | --- | --- |
+//! | `system` and `developer` messages | `system` text blocks, in order |
+//! | `user` text and `image_url` parts (URL or `data:` base64) | `text` and `image` blocks |
+//! | `assistant` content and `tool_calls` | `text` and `tool_use` blocks (`arguments` parsed) |
+//! | `tool` messages | `tool_result` blocks of the next user turn, ids kept |
+//! | `cache_control` on a content part or a tool | the same `cache_control` |
+//! | `max_completion_tokens`, `max_tokens` | `max_tokens` (required: the route's default without) |
+//! | `stop` | `stop_sequences` |
+//! | `temperature` (0-1), `top_p`, `stream`, `user` | the same, `metadata.user_id` |
+//! | `tools` (functions), `tool_choice`, `parallel_tool_calls: false` | `tools` with `input_schema`, `tool_choice` (`required` is `any`), `disable_parallel_tool_use` |
+//! | `response_format` `json_schema` | `output_format` `json_schema` |
+//! | `reasoning_effort` | `thinking` with a token budget (at most three quarters of `max_tokens`) |
+//! | an assistant's `reasoning_details` (as an earlier answer carried them) | `thinking` and `redacted_thinking` blocks, signatures unchanged |
+//!
+//! Left out, as they only tune sampling or the transport: `seed`, `frequency_penalty`,
+//! `presence_penalty`, `logit_bias`, `stream_options` (Anthropic streams always report usage),
+//! `service_tier`, `store`, `metadata`. Refused with a 400: `n` above 1, `logprobs`, audio,
+//! `json_object` without a schema, a temperature above 1, a tool result without its call.
+
+use serde_json::{Map, Value, json};
+
+/// Thinking budgets for `reasoning_effort`: Anthropic's minimum, then doublings up to a budget
+/// that still leaves room for the answer in common `max_tokens`.
+const THINKING_BUDGETS: [(&str, u64); 4] = [("minimal", 1024), ("low", 2048), ("medium", 8192), ("high", 24576)];
+const MIN_THINKING_BUDGET: u64 = 1024;
+
+/// Why a chat request cannot become a Messages request: the field and the reason, for a 400.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Untranslatable {
+    pub field: String,
+    pub message: String,
+}
+
+fn untranslatable(field: impl Into<String>, message: impl Into<String>) -> Untranslatable {
+    Untranslatable { field: field.into(), message: message.into() }
+}
+
+/// Translates a Chat Completions request body into a Messages request for `model`;
+/// `default_max_tokens` stands in for a missing `max_tokens`, which Anthropic requires.
+pub fn messages_request(chat: &[u8], model: &str, default_max_tokens: u64) -> Result<Vec<u8>, Untranslatable> {
+    let chat: Value =
+        serde_json::from_slice(chat).map_err(|e| untranslatable("", format!("the body is not JSON: {e}")))?;
+    let chat = chat.as_object().ok_or_else(|| untranslatable("", "the body is not a JSON object"))?;
+    let mut out = Map::new();
+    out.insert("model".into(), Value::from(model));
+
+    let (system, messages) = translate_messages(chat.get("messages"))?;
+    if !system.is_empty() {
+        out.insert("system".into(), Value::Array(system));
+    }
+    out.insert("messages".into(), Value::Array(messages));
+
+    let max_tokens = match chat.get("max_completion_tokens").or_else(|| chat.get("max_tokens")) {
+        None | Some(Value::Null) => default_max_tokens,
+        Some(v) => {
+            v.as_u64().filter(|n| *n > 0).ok_or_else(|| untranslatable("max_tokens", "must be a positive integer"))?
+        }
+    };
+    out.insert("max_tokens".into(), Value::from(max_tokens));
+
+    for (from, to) in [("top_p", "top_p"), ("stream", "stream")] {
+        if let Some(v) = chat.get(from).filter(|v| !v.is_null()) {
+            out.insert(to.into(), v.clone());
+        }
+    }
+    if let Some(t) = chat.get("temperature").filter(|v| !v.is_null()) {
+        match t.as_f64() {
+            Some(t) if (0.0..=1.0).contains(&t) => {
+                out.insert("temperature".into(), json!(t));
+            }
+            _ => return Err(untranslatable("temperature", "Anthropic models take a temperature from 0 to 1")),
+        }
+    }
+    match chat.get("stop") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => {
+            out.insert("stop_sequences".into(), json!([s]));
+        }
+        Some(Value::Array(list)) if list.iter().all(Value::is_string) => {
+            out.insert("stop_sequences".into(), Value::Array(list.clone()));
+        }
+        Some(_) => return Err(untranslatable("stop", "must be a string or an array of strings")),
+    }
+    if let Some(user) = chat.get("user").and_then(Value::as_str) {
+        out.insert("metadata".into(), json!({"user_id": user}));
+    }
+    if let Some(n) = chat.get("n").filter(|v| !v.is_null())
+        && n.as_u64() != Some(1)
+    {
+        return Err(untranslatable("n", "Anthropic models give one choice per request"));
+    }
+    for field in ["logprobs", "top_logprobs"] {
+        if chat.get(field).is_some_and(|v| !v.is_null() && *v != Value::Bool(false)) {
+            return Err(untranslatable(field, "Anthropic models do not return log probabilities"));
+        }
+    }
+    if chat.get("audio").is_some_and(|v| !v.is_null())
+        || chat.get("modalities").is_some_and(|m| m.to_string().contains("audio"))
+    {
+        return Err(untranslatable("audio", "Anthropic models do not answer with audio"));
+    }
+
+    if let Some(tools) = chat.get("tools").filter(|v| !v.is_null()) {
+        out.insert("tools".into(), Value::Array(translate_tools(tools)?));
+    }
+    let parallel = chat.get("parallel_tool_calls").and_then(Value::as_bool);
+    if let Some(choice) = translate_tool_choice(chat.get("tool_choice"), parallel)? {
+        out.insert("tool_choice".into(), choice);
+    }
+    match chat.get("response_format").filter(|v| !v.is_null()) {
+        None => {}
+        Some(format) => match format.get("type").and_then(Value::as_str) {
+            Some("text") => {}
+            Some("json_schema") => {
+                let schema = format.pointer("/json_schema/schema").filter(|s| s.is_object()).ok_or_else(|| {
+                    untranslatable("response_format.json_schema.schema", "must be a JSON schema object")
+                })?;
+                out.insert("output_format".into(), json!({"type": "json_schema", "schema": schema}));
+            }
+            Some("json_object") => {
+                return Err(untranslatable(
+                    "response_format",
+                    "Anthropic models have no JSON mode without a schema: use {\"type\": \"json_schema\"} with a schema",
+                ));
+            }
+            _ => return Err(untranslatable("response_format.type", "must be text, json_schema or json_object")),
+        },
+    }
+    if let Some(effort) = chat.get("reasoning_effort").filter(|v| !v.is_null()) {
+        let effort = effort.as_str().unwrap_or_default();
+        let (_, budget) = THINKING_BUDGETS
+            .iter()
+            .find(|(name, _)| *name == effort)
+            .ok_or_else(|| untranslatable("reasoning_effort", "must be minimal, low, medium or high"))?;
+        // The budget counts within max_tokens: a quarter at least stays for the answer.
+        let budget = (*budget).min(max_tokens - max_tokens / 4);
+        if budget < MIN_THINKING_BUDGET {
+            return Err(untranslatable(
+                "reasoning_effort",
+                format!("Anthropic models think with at least {MIN_THINKING_BUDGET} tokens: set max_tokens above that"),
+            ));
+        }
+        if out.get("temperature").is_some_and(|t| t.as_f64() != Some(1.0)) {
+            return Err(untranslatable("temperature", "Anthropic models think only at temperature 1: leave it unset"));
+        }
+        out.insert("thinking".into(), json!({"type": "enabled", "budget_tokens": budget}));
+    }
+    Ok(serde_json::to_vec(&Value::Object(out)).unwrap_or_default())
+}
+
+/// `system` blocks and the conversation, with tool results in the user turns that follow their
+/// calls, and every result matched to a call.
+fn translate_messages(messages: Option<&Value>) -> Result<(Vec<Value>, Vec<Value>), Untranslatable> {
+    let messages = messages
+        .and_then(Value::as_array)
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| untranslatable("messages", "must be a non-empty array"))?;
+    let mut system = Vec::new();
+    let mut out: Vec<Value> = Vec::new();
+    let mut calls = std::collections::HashSet::new();
+    for (i, message) in messages.iter().enumerate() {
+        let at = |field: &str| format!("messages[{i}].{field}");
+        let role = message.get("role").and_then(Value::as_str).unwrap_or_default();
+        let content = message.get("content").filter(|c| !c.is_null());
+        match role {
+            "system" | "developer" => system.extend(text_blocks(content, &at("content"))?),
+            "user" => push(&mut out, "user", content_blocks(content, &at("content"))?),
+            "assistant" => {
+                let mut blocks = thinking_blocks(message.get("reasoning_details"), &at("reasoning_details"))?;
+                blocks.extend(text_blocks(content, &at("content"))?);
+                for (k, call) in message.get("tool_calls").and_then(Value::as_array).into_iter().flatten().enumerate() {
+                    let call_at = |f: &str| format!("messages[{i}].tool_calls[{k}].{f}");
+                    let id = call
+                        .get("id")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| untranslatable(call_at("id"), "missing"))?;
+                    let function =
+                        call.get("function").ok_or_else(|| untranslatable(call_at("function"), "missing"))?;
+                    let name = function
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| untranslatable(call_at("function.name"), "missing"))?;
+                    let arguments = function.get("arguments").and_then(Value::as_str).unwrap_or("{}");
+                    let input: Value = if arguments.trim().is_empty() {
+                        json!({})
+                    } else {
+                        serde_json::from_str(arguments)
+                            .map_err(|e| untranslatable(call_at("function.arguments"), format!("is not JSON: {e}")))?
+                    };
+                    calls.insert(id.to_string());
+                    blocks.push(json!({"type": "tool_use", "id": id, "name": name, "input": input}));
+                }
+                push(&mut out, "assistant", blocks);
+            }
+            "tool" => {
+                let id = message
+                    .get("tool_call_id")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| untranslatable(at("tool_call_id"), "missing"))?;
+                if !calls.contains(id) {
+                    return Err(untranslatable(
+                        at("tool_call_id"),
+                        format!("no earlier assistant message has a tool call with id {id:?}"),
+                    ));
+                }
+                let mut result = json!({"type": "tool_result", "tool_use_id": id});
+                match content {
+                    Some(Value::String(text)) => result["content"] = Value::from(text.as_str()),
+                    other => result["content"] = Value::Array(content_blocks(other, &at("content"))?),
+                }
+                if let Some(cache) = message.get("cache_control") {
+                    result["cache_control"] = cache.clone();
+                }
+                push(&mut out, "user", vec![result]);
+            }
+            "" => return Err(untranslatable(at("role"), "missing")),
+            other => return Err(untranslatable(at("role"), format!("{other:?} has no Messages equivalent"))),
+        }
+    }
+    Ok((system, out))
+}
+
+/// Appends `blocks` to the conversation, joining a turn of the same role (tool results and the
+/// user's next words are one user turn), tool results first.
+fn push(out: &mut Vec<Value>, role: &str, blocks: Vec<Value>) {
+    if blocks.is_empty() {
+        return;
+    }
+    if let Some(last) = out.last_mut().filter(|m| m["role"] == role)
+        && let Some(content) = last["content"].as_array_mut()
+    {
+        content.extend(blocks);
+        content.sort_by_key(|b| b["type"] != "tool_result");
+        return;
+    }
+    out.push(json!({"role": role, "content": blocks}));
+}
+
+/// Text blocks of a string or of `text` parts (with their `cache_control`).
+fn text_blocks(content: Option<&Value>, at: &str) -> Result<Vec<Value>, Untranslatable> {
+    match content {
+        None => Ok(Vec::new()),
+        Some(Value::String(text)) if text.is_empty() => Ok(Vec::new()),
+        Some(Value::String(text)) => Ok(vec![json!({"type": "text", "text": text})]),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .enumerate()
+            .map(|(k, part)| match part.get("type").and_then(Value::as_str) {
+                Some("text") => text_part(part, &format!("{at}[{k}]")),
+                _ => Err(untranslatable(format!("{at}[{k}].type"), "only text parts are allowed here")),
+            })
+            .collect(),
+        Some(_) => Err(untranslatable(at, "must be a string or an array of parts")),
+    }
+}
+
+fn text_part(part: &Value, at: &str) -> Result<Value, Untranslatable> {
+    let text =
+        part.get("text").and_then(Value::as_str).ok_or_else(|| untranslatable(format!("{at}.text"), "missing"))?;
+    let mut block = json!({"type": "text", "text": text});
+    if let Some(cache) = part.get("cache_control") {
+        block["cache_control"] = cache.clone();
+    }
+    Ok(block)
+}
+
+/// Blocks of a user message: text and images.
+fn content_blocks(content: Option<&Value>, at: &str) -> Result<Vec<Value>, Untranslatable> {
+    let Some(Value::Array(parts)) = content else { return text_blocks(content, at) };
+    let mut blocks = Vec::with_capacity(parts.len());
+    for (k, part) in parts.iter().enumerate() {
+        let part_at = format!("{at}[{k}]");
+        match part.get("type").and_then(Value::as_str) {
+            Some("text") => blocks.push(text_part(part, &part_at)?),
+            Some("image_url") => {
+                let url = part
+                    .pointer("/image_url/url")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| untranslatable(format!("{part_at}.image_url.url"), "missing"))?;
+                let source = match url.strip_prefix("data:").and_then(|rest| rest.split_once(";base64,")) {
+                    Some((media_type, data)) => json!({"type": "base64", "media_type": media_type, "data": data}),
+                    None if url.starts_with("data:") => {
+                        return Err(untranslatable(format!("{part_at}.image_url.url"), "a data: URL must be base64"));
+                    }
+                    None => json!({"type": "url", "url": url}),
+                };
+                let mut block = json!({"type": "image", "source": source});
+                if let Some(cache) = part.get("cache_control") {
+                    block["cache_control"] = cache.clone();
+                }
+                blocks.push(block);
+            }
+            Some(other) => {
+                return Err(untranslatable(
+                    format!("{part_at}.type"),
+                    format!("{other:?} parts have no Messages equivalent"),
+                ));
+            }
+            None => return Err(untranslatable(format!("{part_at}.type"), "missing")),
+        }
+    }
+    Ok(blocks)
+}
+
+/// Thinking blocks an earlier Anthropic answer carried back as OpenRouter-style
+/// `reasoning_details`, byte for byte with their signatures; none is ever made up.
+fn thinking_blocks(details: Option<&Value>, at: &str) -> Result<Vec<Value>, Untranslatable> {
+    let Some(details) = details.filter(|d| !d.is_null()) else { return Ok(Vec::new()) };
+    let details = details.as_array().ok_or_else(|| untranslatable(at, "must be an array"))?;
+    let mut blocks = Vec::new();
+    for (k, detail) in details.iter().enumerate() {
+        match detail.get("type").and_then(Value::as_str) {
+            Some("reasoning.text") => {
+                let (Some(text), Some(signature)) =
+                    (detail.get("text").and_then(Value::as_str), detail.get("signature").and_then(Value::as_str))
+                else {
+                    return Err(untranslatable(format!("{at}[{k}]"), "thinking needs its text and its signature"));
+                };
+                blocks.push(json!({"type": "thinking", "thinking": text, "signature": signature}));
+            }
+            Some("reasoning.encrypted") => {
+                let data = detail
+                    .get("data")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| untranslatable(format!("{at}[{k}].data"), "missing"))?;
+                blocks.push(json!({"type": "redacted_thinking", "data": data}));
+            }
+            // Summaries carry no signature Anthropic could check: they stay behind.
+            _ => {}
+        }
+    }
+    Ok(blocks)
+}
+
+fn translate_tools(tools: &Value) -> Result<Vec<Value>, Untranslatable> {
+    let tools = tools.as_array().ok_or_else(|| untranslatable("tools", "must be an array"))?;
+    tools
+        .iter()
+        .enumerate()
+        .map(|(k, tool)| {
+            if tool.get("type").and_then(Value::as_str) != Some("function") {
+                return Err(untranslatable(
+                    format!("tools[{k}].type"),
+                    "only function tools have a Messages equivalent",
+                ));
+            }
+            let function =
+                tool.get("function").ok_or_else(|| untranslatable(format!("tools[{k}].function"), "missing"))?;
+            let name = function
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| untranslatable(format!("tools[{k}].function.name"), "missing"))?;
+            let mut out = json!({"name": name});
+            if let Some(description) = function.get("description").filter(|d| !d.is_null()) {
+                out["description"] = description.clone();
+            }
+            out["input_schema"] = function
+                .get("parameters")
+                .filter(|p| p.is_object())
+                .cloned()
+                .unwrap_or_else(|| json!({"type": "object"}));
+            if let Some(cache) = tool.get("cache_control").or_else(|| function.get("cache_control")) {
+                out["cache_control"] = cache.clone();
+            }
+            Ok(out)
+        })
+        .collect()
+}
+
+fn translate_tool_choice(choice: Option<&Value>, parallel: Option<bool>) -> Result<Option<Value>, Untranslatable> {
+    let mut out = match choice.filter(|c| !c.is_null()) {
+        None => json!({"type": "auto"}),
+        Some(Value::String(s)) => match s.as_str() {
+            "auto" => json!({"type": "auto"}),
+            "none" => json!({"type": "none"}),
+            "required" => json!({"type": "any"}),
+            _ => return Err(untranslatable("tool_choice", "must be auto, none, required or a function")),
+        },
+        Some(c) => match c.pointer("/function/name").and_then(Value::as_str) {
+            Some(name) if c.get("type").and_then(Value::as_str) == Some("function") => {
+                json!({"type": "tool", "name": name})
+            }
+            _ => return Err(untranslatable("tool_choice", "must be auto, none, required or a function")),
+        },
+    };
+    if parallel == Some(false) && out["type"] != "none" {
+        out["disable_parallel_tool_use"] = Value::Bool(true);
+    } else if choice.is_none_or(Value::is_null) {
+        // Nothing to say: Anthropic's default is auto.
+        return Ok(None);
+    }
+    Ok(Some(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::arbitrary::{json, mutated, request};
+    use proptest::prelude::*;
+
+    /// Messages of every role, their content plausible or anything.
+    fn message() -> impl Strategy<Value = Value> {
+        let role = prop::sample::select(vec!["system", "developer", "user", "assistant", "tool"]);
+        let content = prop_oneof![
+            ".{0,8}".prop_map(Value::from),
+            Just(json!([{"type": "text", "text": "t", "cache_control": {"type": "ephemeral"}},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}])),
+            json(),
+        ];
+        let calls = prop_oneof![
+            Just(Value::Null),
+            Just(json!([{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}])),
+            json(),
+        ];
+        (role, content, calls).prop_map(|(role, content, calls)| {
+            json!({"role": role, "content": content, "tool_calls": calls, "tool_call_id": "c1"})
+        })
+    }
+
+    /// Chat requests with the fields the translation reads set to anything.
+    fn chat() -> impl Strategy<Value = Vec<u8>> {
+        let fields = prop::collection::vec(
+            (
+                prop::sample::select(vec![
+                    "messages", "max_tokens", "stop", "temperature", "tools", "tool_choice", "response_format",
+                    "reasoning_effort", "n", "user", "parallel_tool_calls",
+                ]),
+                json(),
+            ),
+            0..4,
+        );
+        let messages = prop::collection::vec(message(), 1..5);
+        (request(), messages, fields, any::<bool>()).prop_flat_map(|(mut body, messages, fields, bend)| {
+            body["messages"] = Value::Array(messages);
+            for (name, value) in fields {
+                body[name] = value;
+            }
+            let bytes = serde_json::to_vec(&body).unwrap_or_default();
+            if bend { mutated(bytes).boxed() } else { Just(bytes).boxed() }
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_body_is_translated_or_refused_and_a_translation_is_a_messages_request(body in chat()) {
+            if let Ok(out) = messages_request(&body, "claude", 1024) {
+                let out: Value = serde_json::from_slice(&out).expect("JSON");
+                prop_assert_eq!(&out["model"], "claude");
+                prop_assert!(out["max_tokens"].as_u64().is_some_and(|n| n > 0));
+                let messages = out["messages"].as_array().expect("messages");
+                prop_assert!(messages.iter().all(|m| m["role"] == "user" || m["role"] == "assistant"));
+                if let Some(budget) = out.pointer("/thinking/budget_tokens").and_then(Value::as_u64) {
+                    prop_assert!(budget >= MIN_THINKING_BUDGET && budget < out["max_tokens"].as_u64().unwrap_or(0));
+                }
+            }
+        }
+    }
+}
