@@ -5,27 +5,27 @@
 use std::path::Path;
 
 use serde_json::Value;
-use switchyard::providers::anthropic::messages_request;
+use switchyard::providers::anthropic::{chat_completion, messages_request};
 
 const DIR: &str = "tests/testdata/anthropic/requests";
+const ANSWERS: &str = "tests/testdata/anthropic/answers";
 /// The route's `reservedCompletionTokens` in these cases.
 const DEFAULT_MAX_TOKENS: u64 = 1024;
 
-#[test]
-fn chat_requests_become_the_golden_messages_requests() {
-    let mut cases: Vec<_> = std::fs::read_dir(DIR)
+/// Translates every `<case><from>` file of `dir` with `translate` and compares the result with
+/// `<case><to>`.
+fn golden(dir: &str, from: &str, to: &str, translate: impl Fn(&[u8]) -> Vec<u8>) {
+    let mut cases: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.to_str().unwrap().ends_with(".chat.json"))
+        .filter(|p| p.to_str().unwrap().ends_with(from))
         .collect();
     cases.sort();
     assert!(cases.len() >= 5, "{cases:?}");
     let mut failures = Vec::new();
-    for chat in cases {
-        let golden = Path::new(&chat.to_str().unwrap().replace(".chat.json", ".messages.json")).to_path_buf();
-        let body = std::fs::read(&chat).unwrap();
-        let translated: Value =
-            serde_json::from_slice(&messages_request(&body, "claude-test", DEFAULT_MAX_TOKENS).unwrap()).unwrap();
+    for input in cases {
+        let golden = Path::new(&input.to_str().unwrap().replace(from, to)).to_path_buf();
+        let translated: Value = serde_json::from_slice(&translate(&std::fs::read(&input).unwrap())).unwrap();
         let pretty = serde_json::to_string_pretty(&translated).unwrap() + "\n";
         if std::env::var_os("SWITCHYARD_REFRESH_GOLDEN").is_some() {
             std::fs::write(&golden, &pretty).unwrap();
@@ -38,6 +38,35 @@ fn chat_requests_become_the_golden_messages_requests() {
         }
     }
     assert!(failures.is_empty(), "{}\n(SWITCHYARD_REFRESH_GOLDEN=1 rewrites them)", failures.join("\n"));
+}
+
+#[test]
+fn chat_requests_become_the_golden_messages_requests() {
+    golden(DIR, ".chat.json", ".messages.json", |body| {
+        messages_request(body, "claude-test", DEFAULT_MAX_TOKENS).unwrap()
+    });
+}
+
+#[test]
+fn messages_answers_become_the_golden_chat_completions() {
+    golden(ANSWERS, ".messages.json", ".chat.json", |body| chat_completion(body, "chat", 1_796_040_000).unwrap().0);
+}
+
+#[test]
+fn answers_chat_completions_cannot_carry_are_errors_never_a_silent_stop() {
+    let cases: Vec<Value> = serde_json::from_slice(&std::fs::read(format!("{ANSWERS}/errors.json")).unwrap()).unwrap();
+    for case in &cases {
+        let body = serde_json::to_vec(&case["body"]).unwrap();
+        let error = chat_completion(&body, "chat", 0).expect_err(case["case"].as_str().unwrap());
+        assert_eq!(error.field, case["field"], "{}", case["case"]);
+    }
+}
+
+#[test]
+fn usage_counts_cached_prompt_tokens_in_prompt_tokens_and_keeps_reads_and_writes_apart() {
+    let answer = std::fs::read(format!("{ANSWERS}/text-cached.messages.json")).unwrap();
+    let (_, usage) = chat_completion(&answer, "chat", 0).unwrap();
+    assert_eq!((usage.input, usage.cache_read, usage.cache_write, usage.output), (12, 2048, 512, 4));
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Anthropic's Messages API, as a translation target of OpenAI's Chat Completions: a chat request
-//! becomes a Messages request here. Faithful by construction: what has a Messages equivalent is
+//! becomes a Messages request ([`messages_request`]) and the answer a chat completion
+//! ([`chat_completion`]), usage with cache reads and writes kept apart. Faithful by construction: what has a Messages equivalent is
 //! carried over with its meaning (prompt-cache markers included), what has none and would change
 //! the answer is a clear error naming the field, never silently dropped.
 //!
@@ -398,6 +399,134 @@ fn translate_tool_choice(choice: Option<&Value>, parallel: Option<bool>) -> Resu
     Ok(Some(out))
 }
 
+/// A Messages answer's token counts, each kind apart: Anthropic's `input_tokens` excludes the
+/// prompt tokens read from or written to the cache, OpenAI's `prompt_tokens` includes them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MessagesUsage {
+    pub input: u64,
+    pub output: u64,
+    pub cache_read: u64,
+    pub cache_write: u64,
+}
+
+impl MessagesUsage {
+    fn of(usage: &Value) -> MessagesUsage {
+        let n = |k: &str| usage.get(k).and_then(Value::as_u64).unwrap_or(0);
+        MessagesUsage {
+            input: n("input_tokens"),
+            output: n("output_tokens"),
+            cache_read: n("cache_read_input_tokens"),
+            cache_write: n("cache_creation_input_tokens"),
+        }
+    }
+
+    /// In OpenAI's convention, cache reads and writes kept apart as OpenRouter reports them.
+    pub fn openai_json(&self) -> Value {
+        let prompt = self.input.saturating_add(self.cache_read).saturating_add(self.cache_write);
+        json!({
+            "prompt_tokens": prompt,
+            "completion_tokens": self.output,
+            "total_tokens": prompt.saturating_add(self.output),
+            "prompt_tokens_details": {"cached_tokens": self.cache_read, "cache_write_tokens": self.cache_write},
+        })
+    }
+}
+
+/// A Messages `stop_reason` as a Chat Completions `finish_reason`; `None` for a reason this
+/// version does not know (an error, never a silent `stop`).
+pub fn finish_reason(stop_reason: &str) -> Option<&'static str> {
+    Some(match stop_reason {
+        "end_turn" | "stop_sequence" => "stop",
+        "max_tokens" | "model_context_window_exceeded" => "length",
+        "tool_use" => "tool_calls",
+        "refusal" => "content_filter",
+        // Anthropic paused a long turn for the caller to continue: not an end, kept apart.
+        "pause_turn" => "pause_turn",
+        _ => return None,
+    })
+}
+
+/// Translates a Messages answer into a Chat Completions answer named `model`: text, tool calls
+/// (arguments as JSON text), thinking as `reasoning` and, with signatures, `reasoning_details`
+/// (so that a caller can send them back), the finish reason, and usage in OpenAI's convention.
+pub fn chat_completion(answer: &[u8], model: &str, created: u64) -> Result<(Vec<u8>, MessagesUsage), Untranslatable> {
+    let answer: Value =
+        serde_json::from_slice(answer).map_err(|e| untranslatable("", format!("the answer is not JSON: {e}")))?;
+    if answer.get("type").and_then(Value::as_str) != Some("message") {
+        return Err(untranslatable("type", "the answer is not a message"));
+    }
+    let mut text = String::new();
+    let mut reasoning = String::new();
+    let mut details = Vec::new();
+    let mut calls = Vec::new();
+    for (k, block) in answer.get("content").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        match block.get("type").and_then(Value::as_str) {
+            Some("text") => text.push_str(block.get("text").and_then(Value::as_str).unwrap_or_default()),
+            Some("thinking") => {
+                let thinking = block.get("thinking").and_then(Value::as_str).unwrap_or_default();
+                reasoning.push_str(thinking);
+                let mut detail = json!({"type": "reasoning.text", "text": thinking, "format": "anthropic-claude-v1"});
+                if let Some(signature) = block.get("signature") {
+                    detail["signature"] = signature.clone();
+                }
+                details.push(detail);
+            }
+            Some("redacted_thinking") => {
+                let data = block.get("data").cloned().unwrap_or_default();
+                details.push(json!({"type": "reasoning.encrypted", "data": data, "format": "anthropic-claude-v1"}));
+            }
+            Some("tool_use") => {
+                let input = block.get("input").cloned().unwrap_or_else(|| json!({}));
+                calls.push(json!({
+                    "id": block.get("id").cloned().unwrap_or_default(),
+                    "type": "function",
+                    "index": calls.len(),
+                    "function": {"name": block.get("name").cloned().unwrap_or_default(), "arguments": input.to_string()},
+                }));
+            }
+            other => {
+                return Err(untranslatable(
+                    format!("content[{k}].type"),
+                    format!("{other:?} blocks have no Chat Completions equivalent"),
+                ));
+            }
+        }
+    }
+    let stop = answer.get("stop_reason").and_then(Value::as_str).unwrap_or_default();
+    let finish = finish_reason(stop)
+        .ok_or_else(|| untranslatable("stop_reason", format!("{stop:?} is not a stop reason this version knows")))?;
+    let content =
+        if text.is_empty() && (!calls.is_empty() || stop == "refusal") { Value::Null } else { Value::from(text) };
+    let mut message = json!({"role": "assistant", "content": content});
+    if !calls.is_empty() {
+        message["tool_calls"] = Value::Array(calls);
+    }
+    if !reasoning.is_empty() {
+        message["reasoning"] = Value::from(reasoning);
+    }
+    if !details.is_empty() {
+        message["reasoning_details"] = Value::Array(details);
+    }
+    if stop == "refusal" {
+        // The refusal's explanation, where OpenAI's callers look for one.
+        let explanation = answer
+            .pointer("/stop_details/explanation")
+            .and_then(Value::as_str)
+            .unwrap_or("the model declined to answer");
+        message["refusal"] = Value::from(explanation);
+    }
+    let usage = MessagesUsage::of(answer.get("usage").unwrap_or(&Value::Null));
+    let out = json!({
+        "id": answer.get("id").cloned().unwrap_or_default(),
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+        "usage": usage.openai_json(),
+    });
+    Ok((serde_json::to_vec(&out).unwrap_or_default(), usage))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,8 +557,17 @@ mod tests {
         let fields = prop::collection::vec(
             (
                 prop::sample::select(vec![
-                    "messages", "max_tokens", "stop", "temperature", "tools", "tool_choice", "response_format",
-                    "reasoning_effort", "n", "user", "parallel_tool_calls",
+                    "messages",
+                    "max_tokens",
+                    "stop",
+                    "temperature",
+                    "tools",
+                    "tool_choice",
+                    "response_format",
+                    "reasoning_effort",
+                    "n",
+                    "user",
+                    "parallel_tool_calls",
                 ]),
                 json(),
             ),
@@ -446,8 +584,52 @@ mod tests {
         })
     }
 
+    /// Messages answers with every kind of block and stop reason, bent or not.
+    fn answer() -> impl Strategy<Value = Vec<u8>> {
+        let block = prop_oneof![
+            Just(json!({"type": "text", "text": "hi"})),
+            Just(json!({"type": "tool_use", "id": "t", "name": "f", "input": {"a": [1, 2]}})),
+            Just(json!({"type": "thinking", "thinking": "hm", "signature": "sig"})),
+            Just(json!({"type": "redacted_thinking", "data": "x"})),
+            json(),
+        ];
+        let stop = prop::sample::select(vec![
+            "end_turn",
+            "stop_sequence",
+            "max_tokens",
+            "tool_use",
+            "refusal",
+            "pause_turn",
+            "model_context_window_exceeded",
+            "unknown",
+        ]);
+        let usage = (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(i, o, r, w)| {
+            json!({"input_tokens": i, "output_tokens": o, "cache_read_input_tokens": r, "cache_creation_input_tokens": w})
+        });
+        (prop::collection::vec(block, 0..4), stop, usage, any::<bool>()).prop_flat_map(
+            |(content, stop, usage, bend)| {
+                let body =
+                    json!({"id": "m", "type": "message", "content": content, "stop_reason": stop, "usage": usage});
+                let bytes = serde_json::to_vec(&body).unwrap_or_default();
+                if bend { mutated(bytes).boxed() } else { Just(bytes).boxed() }
+            },
+        )
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_answer_is_translated_or_refused_never_a_silent_stop(body in answer()) {
+            let stop = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["stop_reason"].as_str().map(String::from));
+            if let Ok((out, usage)) = chat_completion(&body, "chat", 0) {
+                let out: Value = serde_json::from_slice(&out).expect("JSON");
+                let finish = out["choices"][0]["finish_reason"].as_str().unwrap_or_default().to_string();
+                prop_assert_eq!(Some(finish.as_str()), stop.as_deref().and_then(finish_reason));
+                let prompt = out["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
+                prop_assert!(prompt >= usage.input && prompt >= usage.cache_read, "saturating, never wrapped");
+            }
+        }
 
         #[test]
         fn any_body_is_translated_or_refused_and_a_translation_is_a_messages_request(body in chat()) {
