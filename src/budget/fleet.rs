@@ -8,7 +8,7 @@
 //!   standalone mode, never by lease sizes or by the number of sidecars.
 //! - Reports are cumulative per lease, so a repeated or late report counts once.
 //! - A lease's unreported credit stays outstanding until it is reported, or until
-//!   [`REPORT_GRACE`] after it expired (a sidecar stops spending a lease when it expires and
+//!   [`REPORT_GRACE_MS`] after it expired (a sidecar stops spending a lease when it expires and
 //!   reports what it used).
 //! - Requests and tokens per minute are leased the same way from the current minute's allowance.
 

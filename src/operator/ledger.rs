@@ -214,7 +214,7 @@ impl FleetService {
         Ok(())
     }
 
-    /// Writes changed budgets to their status, at most once per [`FLUSH_INTERVAL`], and tells
+    /// Writes changed budgets to their status, at most once per `FLUSH_INTERVAL` (1 s), and tells
     /// the calls waiting for their grants to be persisted. Runs until `shutdown`.
     pub async fn keep_persisted(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
