@@ -5,10 +5,12 @@
 use std::path::Path;
 
 use serde_json::Value;
-use switchyard::providers::anthropic::{chat_completion, messages_request};
+use switchyard::providers::anthropic::{ChunkStream, StreamEnd, chat_completion, messages_request};
+use switchyard::providers::sse;
 
 const DIR: &str = "tests/testdata/anthropic/requests";
 const ANSWERS: &str = "tests/testdata/anthropic/answers";
+const STREAMS: &str = "tests/testdata/anthropic/streams";
 /// The route's `reservedCompletionTokens` in these cases.
 const DEFAULT_MAX_TOKENS: u64 = 1024;
 
@@ -84,4 +86,38 @@ fn what_messages_cannot_express_is_a_clear_error_naming_the_field() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Every `<case>.events` stream, fed event by event, against `<case>.chunks`: the chunks, then
+/// how the stream ended.
+#[test]
+fn messages_streams_become_the_golden_chunk_streams() {
+    let mut cases: Vec<_> = std::fs::read_dir(STREAMS)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "events"))
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 5, "{cases:?}");
+    let mut failures = Vec::new();
+    for input in cases {
+        let events = std::fs::read(&input).unwrap();
+        let mut stream = ChunkStream::new("chat", 1_796_040_000);
+        let mut out = Vec::new();
+        let mut end = StreamEnd::Open;
+        for range in sse::events(&events) {
+            end = stream.event(&events[range], &mut out);
+            if end != StreamEnd::Open {
+                break;
+            }
+        }
+        let got = format!("{}END: {end:?}\n", String::from_utf8(out).unwrap());
+        let golden = input.with_extension("chunks");
+        if std::env::var_os("SWITCHYARD_REFRESH_GOLDEN").is_some() {
+            std::fs::write(&golden, &got).unwrap();
+        } else if std::fs::read_to_string(&golden).unwrap_or_default() != got {
+            failures.push(format!("{} differs; got:\n{got}", golden.display()));
+        }
+    }
+    assert!(failures.is_empty(), "{}\n(SWITCHYARD_REFRESH_GOLDEN=1 rewrites them)", failures.join("\n"));
 }

@@ -527,6 +527,169 @@ pub fn chat_completion(answer: &[u8], model: &str, created: u64) -> Result<(Vec<
     Ok((serde_json::to_vec(&out).unwrap_or_default(), usage))
 }
 
+/// Anthropic's event stream, translated event by event into `chat.completion.chunk` events:
+/// nothing is held back (a text delta becomes a chunk as it arrives), several tool calls keep
+/// their own indexes, and the stream ends with the finish reason, a usage chunk and
+/// `data: [DONE]`, or with the upstream's `error` event as [`StreamEnd::Error`].
+#[derive(Debug, Default)]
+pub struct ChunkStream {
+    model: String,
+    created: u64,
+    id: String,
+    /// Content block index -> tool call index, for the blocks that are tool uses.
+    tools: Vec<(u64, usize)>,
+    pub usage: MessagesUsage,
+    finish: Option<&'static str>,
+}
+
+/// How a translated stream ended, besides its chunks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// Still going.
+    Open,
+    /// `message_stop` came: the chunks end with `[DONE]`.
+    Done,
+    /// The upstream's `error` event (its type, such as `overloaded_error`, and message), or an
+    /// event this version cannot translate: the caller ends the stream with an error chunk.
+    Error { kind: String, message: String },
+}
+
+impl ChunkStream {
+    pub fn new(model: &str, created: u64) -> ChunkStream {
+        ChunkStream { model: model.to_string(), created, ..ChunkStream::default() }
+    }
+
+    /// Translates one whole event (its lines and blank line) into chunk events appended to `out`.
+    pub fn event(&mut self, event: &[u8], out: &mut Vec<u8>) -> StreamEnd {
+        let mut end = StreamEnd::Open;
+        for data in super::sse::payloads(event) {
+            let Ok(data) = serde_json::from_slice::<Value>(data) else {
+                return StreamEnd::Error {
+                    kind: "api_error".into(),
+                    message: "the provider sent an event that is not JSON".into(),
+                };
+            };
+            end = self.data(&data, out);
+            if end != StreamEnd::Open {
+                break;
+            }
+        }
+        end
+    }
+
+    fn data(&mut self, data: &Value, out: &mut Vec<u8>) -> StreamEnd {
+        let index = data.get("index").and_then(Value::as_u64).unwrap_or(0);
+        match data.get("type").and_then(Value::as_str).unwrap_or_default() {
+            "message_start" => {
+                let message = data.get("message").unwrap_or(&Value::Null);
+                self.id = message.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
+                self.usage = MessagesUsage::of(message.get("usage").unwrap_or(&Value::Null));
+                self.chunk(out, json!({"role": "assistant", "content": ""}), None);
+            }
+            "content_block_start" => {
+                let block = data.get("content_block").unwrap_or(&Value::Null);
+                match block.get("type").and_then(Value::as_str) {
+                    Some("text") => {
+                        if let Some(text) = block.get("text").and_then(Value::as_str).filter(|t| !t.is_empty()) {
+                            self.chunk(out, json!({"content": text}), None);
+                        }
+                    }
+                    Some("tool_use") => {
+                        let n = self.tools.len();
+                        self.tools.push((index, n));
+                        let call = json!({"index": n, "id": block.get("id").cloned().unwrap_or_default(), "type": "function",
+                            "function": {"name": block.get("name").cloned().unwrap_or_default(), "arguments": ""}});
+                        self.chunk(out, json!({"tool_calls": [call]}), None);
+                    }
+                    Some("thinking") => {}
+                    Some("redacted_thinking") => {
+                        let data = block.get("data").cloned().unwrap_or_default();
+                        let detail =
+                            json!({"type": "reasoning.encrypted", "data": data, "format": "anthropic-claude-v1"});
+                        self.chunk(out, json!({"reasoning_details": [detail]}), None);
+                    }
+                    other => {
+                        return StreamEnd::Error {
+                            kind: "api_error".into(),
+                            message: format!(
+                                "the provider streamed a {other:?} block, which has no Chat Completions equivalent"
+                            ),
+                        };
+                    }
+                }
+            }
+            "content_block_delta" => {
+                let delta = data.get("delta").unwrap_or(&Value::Null);
+                let text = |k: &str| delta.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+                match delta.get("type").and_then(Value::as_str) {
+                    Some("text_delta") => self.chunk(out, json!({"content": text("text")}), None),
+                    Some("input_json_delta") => {
+                        let n = self.tools.iter().find(|(block, _)| *block == index).map_or(0, |(_, n)| *n);
+                        let call = json!({"index": n, "function": {"arguments": text("partial_json")}});
+                        self.chunk(out, json!({"tool_calls": [call]}), None);
+                    }
+                    Some("thinking_delta") => {
+                        let thinking = text("thinking");
+                        let detail =
+                            json!({"type": "reasoning.text", "text": thinking, "format": "anthropic-claude-v1"});
+                        self.chunk(out, json!({"reasoning": thinking, "reasoning_details": [detail]}), None);
+                    }
+                    Some("signature_delta") => {
+                        let detail = json!({"type": "reasoning.text", "signature": text("signature"), "format": "anthropic-claude-v1"});
+                        self.chunk(out, json!({"reasoning_details": [detail]}), None);
+                    }
+                    other => {
+                        return StreamEnd::Error {
+                            kind: "api_error".into(),
+                            message: format!(
+                                "the provider streamed a {other:?} delta, which has no Chat Completions equivalent"
+                            ),
+                        };
+                    }
+                }
+            }
+            "message_delta" => {
+                if let Some(output) = data.pointer("/usage/output_tokens").and_then(Value::as_u64) {
+                    self.usage.output = output;
+                }
+                if let Some(stop) = data.pointer("/delta/stop_reason").and_then(Value::as_str) {
+                    let Some(finish) = finish_reason(stop) else {
+                        return StreamEnd::Error {
+                            kind: "api_error".into(),
+                            message: format!(
+                                "the provider ended with stop reason {stop:?}, which this version does not know"
+                            ),
+                        };
+                    };
+                    self.finish = Some(finish);
+                    self.chunk(out, json!({}), Some(finish));
+                }
+            }
+            "message_stop" => {
+                let chunk = json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                    "model": self.model, "choices": [], "usage": self.usage.openai_json()});
+                out.extend_from_slice(format!("data: {chunk}\n\ndata: [DONE]\n\n").as_bytes());
+                return StreamEnd::Done;
+            }
+            "content_block_stop" | "ping" => {}
+            "error" => {
+                let error = data.get("error").unwrap_or(&Value::Null);
+                let field = |k: &str| error.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+                return StreamEnd::Error { kind: field("type"), message: field("message") };
+            }
+            // New event types are to be ignored, Anthropic's versioning policy says.
+            _ => {}
+        }
+        StreamEnd::Open
+    }
+
+    fn chunk(&self, out: &mut Vec<u8>, delta: Value, finish: Option<&str>) {
+        let chunk = json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        out.extend_from_slice(format!("data: {chunk}\n\n").as_bytes());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -616,8 +779,46 @@ mod tests {
         )
     }
 
+    /// Event streams of plausible and arbitrary events, bent or not.
+    fn events() -> impl Strategy<Value = Vec<u8>> {
+        let data = prop_oneof![
+            Just(json!({"type": "message_start", "message": {"id": "m", "usage": {"input_tokens": 3}}})),
+            Just(
+                json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "t", "name": "f"}})
+            ),
+            Just(
+                json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{"}})
+            ),
+            Just(json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "x"}})),
+            Just(json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 2}})),
+            Just(json!({"type": "message_stop"})),
+            json(),
+        ];
+        (prop::collection::vec(data, 0..8), any::<bool>()).prop_flat_map(|(events, bend)| {
+            let bytes: Vec<u8> = events.iter().flat_map(|e| format!("event: x\ndata: {e}\n\n").into_bytes()).collect();
+            if bend { mutated(bytes).boxed() } else { Just(bytes).boxed() }
+        })
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_event_stream_becomes_chunks_or_ends_with_an_error(bytes in events()) {
+            let mut stream = ChunkStream::new("chat", 0);
+            let mut out = Vec::new();
+            for range in crate::providers::sse::events(&bytes) {
+                let before = out.len();
+                let end = stream.event(&bytes[range], &mut out);
+                for chunk in crate::providers::sse::payloads(&out[before..]) {
+                    prop_assert!(chunk == b"[DONE]" || serde_json::from_slice::<Value>(chunk).is_ok());
+                }
+                if end != StreamEnd::Open {
+                    prop_assert!(end != StreamEnd::Done || out.ends_with(b"data: [DONE]\n\n"));
+                    break;
+                }
+            }
+        }
 
         #[test]
         fn any_answer_is_translated_or_refused_never_a_silent_stop(body in answer()) {
