@@ -262,9 +262,12 @@ impl LeasedAccount {
             // Rate limits are the ledger's to hold; without it, the credit rules decide.
             return Ok(None);
         }
-        if book.mode == Some(Mode::PerRequest) {
+        match book.mode {
             // Each per-request reservation is also one request of the window, counted by the ledger.
-            return Ok(None);
+            Some(Mode::PerRequest) => return Ok(None),
+            // Refused for credit without asking the ledger, not held up by a lease call first.
+            Some(Mode::Exhausted) => return Ok(None),
+            _ => {}
         }
         let window = minute(now_ms);
         let reset = 60 - (now_ms / 1000) % 60;
@@ -552,6 +555,8 @@ mod tests {
         out.budget = BudgetFigures { remaining: Some(0), ..figures(BudgetState::Exhausted) };
         account.granted(&out, T);
         assert_eq!(account.reserve(&b, 10, T), Err(Miss::Exhausted { remaining: 0 }));
+        let policy = RateLimitPolicy { requests_per_minute: Some(10), tokens_per_minute: None };
+        assert_eq!(account.admit_rate(policy, T), Ok(None), "refused for credit, not held up for a lease first");
     }
 
     #[test]

@@ -399,10 +399,12 @@ impl Fleet {
                     tracing::info!(budget = %account.leased.name, "the budget ledger is reachable again");
                     account.leased.reachable();
                 }
-                if let Some(id) = &lease_id {
+                let fresh = lease_id.as_deref() != Some(grant.lease_id.as_str());
+                // Only the lease renewed took `used` in; a lease the ledger no longer had is
+                // reported on its own (and owed as a debt if it is gone for good).
+                if let Some(id) = lease_id.as_deref().filter(|_| !fresh) {
                     account.leased.acked(id, used, None);
                 }
-                let fresh = lease_id.as_deref() != Some(grant.lease_id.as_str());
                 if !grant.lease_id.is_empty() {
                     if fresh {
                         self.metrics.leases_granted.inc();
