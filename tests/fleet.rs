@@ -396,6 +396,12 @@ async fn without_the_ledger_a_key_fails_closed_or_runs_a_bounded_debt_reported_l
         fleet.spent("open") == Some(open_served * COST) && fleet.spent("closed") == Some(closed_served * COST)
     })
     .await;
+    // The closed key's spend may have reached the first leader before it died: wait for the
+    // sidecar to have heard from the new one.
+    eventually("the sidecar hears from the new leader", || async {
+        metric(&metrics(admins[0]).await, "switchyard_budget_ledger_reachable{budget=\"team-a/closed\"}") == 1
+    })
+    .await;
     assert_eq!(chat(apis[0], KEY).await.0, 200, "the closed key is served again");
 }
 

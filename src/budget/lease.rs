@@ -132,6 +132,15 @@ pub struct Book {
 }
 
 impl Book {
+    /// The ledger answered: the debt stops growing and is reported like any closed usage.
+    /// Every answer goes through here, whichever call it was.
+    fn answered(&mut self) {
+        self.unreachable_since = None;
+        if let Some(debt) = self.debt.take() {
+            self.closing.push(debt);
+        }
+    }
+
     pub fn new(debt_prefix: impl Into<String>) -> Book {
         Book { debt_prefix: debt_prefix.into(), ..Book::default() }
     }
@@ -300,7 +309,7 @@ impl LeasedAccount {
     /// mode without a grant.
     pub fn granted(&self, grant: &LeaseGrant, now_ms: u64) {
         let mut book = self.lock();
-        book.unreachable_since = None;
+        book.answered();
         book.mode = Some(grant.mode);
         book.figures = Some(grant.budget);
         book.since_grant = Allowance::default();
@@ -332,7 +341,7 @@ impl LeasedAccount {
     /// Takes in the fleet's figures from a per-request answer: they say the mode too.
     pub fn observed(&self, figures: BudgetFigures) {
         let mut book = self.lock();
-        book.unreachable_since = None;
+        book.answered();
         book.mode = Some(match figures.state {
             BudgetState::Active => Mode::Lease,
             BudgetState::Low => Mode::PerRequest,
@@ -344,7 +353,7 @@ impl LeasedAccount {
     /// Records that the ledger acknowledged `used` for the lease, debt or reservation `id`.
     pub fn acked(&self, id: &str, used: Allowance, figures: Option<BudgetFigures>) {
         let mut book = self.lock();
-        book.unreachable_since = None;
+        book.answered();
         if let Some(figures) = figures {
             book.figures = Some(figures);
         }
@@ -404,11 +413,7 @@ impl LeasedAccount {
 
     /// The ledger is back: the debt stops growing and is reported like any closed usage.
     pub fn reachable(&self) {
-        let mut book = self.lock();
-        book.unreachable_since = None;
-        if let Some(debt) = book.debt.take() {
-            book.closing.push(debt);
-        }
+        self.lock().answered();
     }
 
     /// Stops spending: the lease and the debt are closed, to be reported done once nothing is
@@ -578,7 +583,8 @@ mod tests {
         assert_eq!(open.extend(&b, &mut debt, 1, T), Err(Miss::Unavailable));
         open.settle(debt, 45, 0, T);
         open.settle(on_lease, 20, 0, T);
-        open.reachable();
+        // Any answer of the ledger ends the debt, here the acknowledgement of a report.
+        open.acked("l-1", Allowance { credit: 20, requests: 0, tokens: 0 }, None);
         let book = open.lock().clone();
         assert!(book.debt.is_none());
         assert_eq!(book.closing.len(), 1);

@@ -437,16 +437,23 @@ impl Fleet {
             if self.closed.load(Relaxed) {
                 return;
             }
-            for account in self.accounts() {
+            // Every budget at once: a ledger that hangs delays each by one call timeout, not by
+            // one per budget.
+            let accounts = self.accounts();
+            let fleet = &*self;
+            let rounds = accounts.iter().map(|account| async move {
                 let retired = !account.in_config.load(Relaxed);
                 if retired {
                     account.leased.retire();
                 }
-                self.keep_account(&account, retired).await;
-                if retired && account.leased.is_settled() {
-                    let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
-                    accounts.retain(|_, a| !Arc::ptr_eq(a, &account));
-                }
+                fleet.keep_account(account, retired).await;
+                retired && account.leased.is_settled()
+            });
+            let done = futures::future::join_all(rounds).await;
+            let gone: Vec<&Arc<FleetAccount>> = accounts.iter().zip(done).filter(|(_, d)| *d).map(|(a, _)| a).collect();
+            if !gone.is_empty() {
+                let mut registry = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+                registry.retain(|_, a| !gone.iter().any(|g| Arc::ptr_eq(a, g)));
             }
             self.save();
         }
@@ -563,10 +570,12 @@ impl Fleet {
         let close = async {
             let _keeping = self.keeping.lock().await;
             self.closed.store(true, Relaxed);
-            for account in self.accounts() {
+            let accounts = self.accounts();
+            futures::future::join_all(accounts.iter().map(|account| {
                 account.leased.retire();
-                self.keep_account(&account, true).await;
-            }
+                self.keep_account(account, true)
+            }))
+            .await;
         };
         if tokio::time::timeout(within, close).await.is_err() {
             tracing::warn!(
