@@ -316,7 +316,7 @@ async fn near_the_limit_every_request_reserves_with_the_ledger() {
 async fn a_killed_leader_loses_no_reported_spend_and_a_new_one_goes_on() {
     let spec = json!({"key": {"secretRef": {"name": "keys", "key": "app"}}, "limit": "100"});
     let (fleet, mut operator) = Fleet::start(&[("bot", spec)]).await;
-    let (_processes, apis, _admins) = sidecars(&fleet, 3);
+    let (_processes, apis, admins) = sidecars(&fleet, 3);
     let first = burst(&apis, KEY, 150).await;
     assert!(first.iter().all(|(s, _)| *s == 200), "{first:?}");
     eventually("the first answers are reported", || async { fleet.spent("bot") == Some(150 * COST) }).await;
@@ -336,6 +336,13 @@ async fn a_killed_leader_loses_no_reported_spend_and_a_new_one_goes_on() {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         probes += 1;
+    }
+    // A probe may have been served from a lease while its sidecar still waited for the leader.
+    for admin in &admins {
+        eventually("each sidecar hears from the new leader", || async {
+            metric(&metrics(*admin).await, "switchyard_budget_ledger_reachable{budget=\"team-a/bot\"}") == 1
+        })
+        .await;
     }
     let after = burst(&apis, KEY, 150).await;
     let served = |answers: &[(u16, u64)]| answers.iter().filter(|(s, _)| *s == 200).count() as u64;

@@ -285,15 +285,22 @@ impl Fleet {
             if !account.in_config.load(Relaxed) {
                 return Err(Refusal::Unavailable("this key's budget was just removed from the configuration".into()));
             }
-            let miss = match miss {
-                Miss::Lease => {
-                    self.renew(account, amount).await;
-                    match self.reserve_local(account, budget, amount) {
-                        Ok(hold) => return Ok(hold),
-                        Err(miss) => miss,
-                    }
+            // A short lease asks for more; a key failing closed tries the ledger again when a
+            // retry is due, so that it is served as soon as the ledger is back.
+            let retry_due = now_ms().saturating_sub(account.last_attempt.load(Relaxed)) >= RETRY_INTERVAL_MS;
+            let ask = match miss {
+                Miss::Lease => true,
+                Miss::Unavailable => retry_due,
+                _ => false,
+            };
+            let miss = if ask {
+                self.renew(account, amount).await;
+                match self.reserve_local(account, budget, amount) {
+                    Ok(hold) => return Ok(hold),
+                    Err(miss) => miss,
                 }
-                other => other,
+            } else {
+                miss
             };
             match miss {
                 // The lease could not cover it: the ledger may still, from what no lease holds.
