@@ -451,15 +451,11 @@ impl LeasedAccount {
     /// a few of the largest requests seen (`floor` before any).
     pub fn want(&self, floor: Allowance) -> Allowance {
         let book = self.lock();
-        let seen = Allowance {
-            credit: book.largest_reservation.saturating_mul(4),
-            requests: floor.requests,
-            tokens: floor.tokens,
-        };
+        let twice = |used: u64| used.saturating_mul(2);
         Allowance {
-            credit: book.since_grant.credit.saturating_mul(2).max(seen.credit).max(floor.credit),
-            requests: book.since_grant.requests.saturating_mul(2).max(seen.requests),
-            tokens: book.since_grant.tokens.saturating_mul(2).max(seen.tokens),
+            credit: twice(book.since_grant.credit).max(book.largest_reservation.saturating_mul(4)).max(floor.credit),
+            requests: twice(book.since_grant.requests).max(floor.requests),
+            tokens: twice(book.since_grant.tokens).max(floor.tokens),
         }
     }
 }
