@@ -124,11 +124,17 @@ struct MockFlags {
     #[arg(long, env = "SWITCHYARD_MOCK_STALL_AFTER", value_parser = parse_count)]
     stall_after: Option<u32>,
 
+    /// End a stream with the provider's own error event after this many streamed chunks
+    /// (`overloaded_error` in a Messages stream, an error chunk in a chat stream).
+    #[arg(long, env = "SWITCHYARD_MOCK_ERROR_AFTER", value_parser = parse_count)]
+    error_after: Option<u32>,
+
     /// Never send response headers.
     #[arg(long, env = "SWITCHYARD_MOCK_HANG")]
     hang: bool,
 
-    /// Answer 401 unless the request carries `Authorization: Bearer <KEY>`.
+    /// Answer 401 unless the request carries `Authorization: Bearer <KEY>` (or, on
+    /// `/v1/messages`, `x-api-key: <KEY>`).
     #[arg(long, env = "SWITCHYARD_MOCK_REQUIRE_KEY", hide_env_values = true, value_parser = Credential::parse)]
     require_key: Option<Credential>,
 }
@@ -145,6 +151,7 @@ impl MockFlags {
             fail_status: self.fail_status.unwrap_or(d.fail_status),
             reset_after: self.reset_after.or(d.reset_after),
             stall_after: self.stall_after.or(d.stall_after),
+            error_after: self.error_after.or(d.error_after),
             hang: self.hang || d.hang,
             require_key: self.require_key.or(d.require_key),
         }

@@ -1,4 +1,5 @@
-//! A fake OpenAI-compatible provider for tests, demos and load tests.
+//! A fake provider for tests, demos and load tests, speaking OpenAI's Chat Completions
+//! (`/v1/chat/completions`) and Anthropic's Messages (`/v1/messages`).
 //!
 //! The same generator serves `switchyard mock-provider` over HTTP and targets with `api: mock`
 //! inside the sidecar, so the quickstart runs offline with no keys. Knobs inject latency, failures,
@@ -23,7 +24,8 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use crate::api::units::MICROS_PER_UNIT;
-use crate::config::{MockOptions, UsageChunk};
+use crate::config::{Format, MockOptions, UsageChunk};
+use crate::providers::anthropic::error_type;
 use crate::providers::{BYTES_PER_TOKEN, Usage};
 
 /// Counters that tests and `GET /mock/stats` read.
@@ -55,8 +57,9 @@ struct StreamOptions {
 
 const WORDS: [&str; 8] = ["Hello", "from", "the", "Switchyard", "mock", "provider,", "all", "good."];
 
-/// Answers one chat completion request; used by the HTTP server and by in-process mock targets.
-pub async fn chat_completion(options: &MockOptions, stats: &MockStats, headers: &HeaderMap, body: &[u8]) -> Response {
+/// What every request goes through first, in either format: latency, hangs, the key, injected
+/// failures. `Ok` with the request's number, or the response that ends it.
+async fn admit(options: &MockOptions, stats: &MockStats, headers: &HeaderMap, format: Format) -> Result<u64, Response> {
     let n = stats.requests.fetch_add(1, Ordering::Relaxed) + 1;
     if !options.latency.is_zero() {
         tokio::time::sleep(options.latency).await;
@@ -65,37 +68,96 @@ pub async fn chat_completion(options: &MockOptions, stats: &MockStats, headers: 
         std::future::pending::<()>().await;
     }
     if let Some(key) = &options.require_key {
-        let expected = format!("Bearer {}", key.expose());
-        if headers.get(header::AUTHORIZATION).is_none_or(|v| v.as_bytes() != expected.as_bytes()) {
-            return error(StatusCode::UNAUTHORIZED, "invalid_api_key", "Incorrect API key provided.");
+        let sent = match format {
+            Format::OpenAi => headers.get(header::AUTHORIZATION).map(|v| v.as_bytes().strip_prefix(b"Bearer ")),
+            Format::Anthropic => headers.get("x-api-key").map(|v| Some(v.as_bytes())),
+        };
+        if sent.flatten() != Some(key.expose().as_bytes()) {
+            return Err(error(format, StatusCode::UNAUTHORIZED, "invalid_api_key", "Incorrect API key provided."));
         }
     }
     if options.fail_rate > 0 && random_ppm(n) < options.fail_rate {
         let status = StatusCode::from_u16(options.fail_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut response = error(status, "mock_failure", "Injected failure from the mock provider.");
+        let mut response = error(format, status, "mock_failure", "Injected failure from the mock provider.");
         if status == StatusCode::TOO_MANY_REQUESTS {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        return response;
+        return Err(response);
     }
+    Ok(n)
+}
+
+/// Sends the words of a streamed answer, an event each (`word_event`), until a knob cuts the
+/// stream: a reset, a stall, or the provider's own `error_event`. `Err` when the stream ended
+/// early, by a knob or because the client left.
+async fn send_words(
+    tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
+    options: &MockOptions,
+    words: u32,
+    word_event: impl Fn(u32) -> Bytes,
+    error_event: Bytes,
+) -> Result<(), ()> {
+    for i in 0..words {
+        if options.reset_after == Some(i) {
+            let _ = tx.send(Err(reset())).await;
+            return Err(());
+        }
+        if options.stall_after == Some(i) {
+            // Hold the connection open until the client gives up.
+            tx.closed().await;
+            return Err(());
+        }
+        if options.error_after == Some(i) {
+            let _ = tx.send(Ok(error_event)).await;
+            return Err(());
+        }
+        tokio::time::sleep(options.chunk_interval).await;
+        tx.send(Ok(word_event(i))).await.map_err(|_| ())?;
+    }
+    Ok(())
+}
+
+fn word(i: u32) -> String {
+    let word = WORDS[i as usize % WORDS.len()];
+    if i == 0 { word.to_string() } else { format!(" {word}") }
+}
+
+fn text(words: u32) -> String {
+    (0..words).map(word).collect()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Answers one chat completion request; used by the HTTP server and by in-process mock targets.
+pub async fn chat_completion(options: &MockOptions, stats: &MockStats, headers: &HeaderMap, body: &[u8]) -> Response {
+    let n = match admit(options, stats, headers, Format::OpenAi).await {
+        Ok(n) => n,
+        Err(response) => return response,
+    };
     let request: MockRequest = match serde_json::from_slice(body) {
         Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_json", &format!("Invalid JSON body: {e}")),
+        Err(e) => {
+            return error(Format::OpenAi, StatusCode::BAD_REQUEST, "invalid_json", &format!("Invalid JSON body: {e}"));
+        }
     };
     let words = request.max_completion_tokens.or(request.max_tokens).map_or(options.chunks, |m| m.min(options.chunks));
-    let usage =
-        Usage { prompt: (body.len() as u64 / BYTES_PER_TOKEN).max(1), completion: u64::from(words), cached_prompt: 0 };
+    let usage = Usage {
+        prompt: (body.len() as u64 / BYTES_PER_TOKEN).max(1),
+        completion: u64::from(words),
+        ..Usage::default()
+    };
     let id = format!("chatcmpl-mock-{n}");
-    let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let created = unix_now();
 
     if !request.stream {
         if options.reset_after.is_some() {
             return broken_body();
         }
-        let content: Vec<&str> = (0..words as usize).map(|i| WORDS[i % WORDS.len()]).collect();
         let body = serde_json::json!({
             "id": id, "object": "chat.completion", "created": created, "model": request.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content.join(" ")}, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text(words)}, "finish_reason": "stop"}],
             "usage": usage_json(&usage),
         });
         return ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
@@ -118,22 +180,10 @@ pub async fn chat_completion(options: &MockOptions, stats: &MockStats, headers: 
         if tx.send(Ok(chunk(serde_json::json!({"role": "assistant", "content": ""}), None))).await.is_err() {
             return;
         }
-        for i in 0..words {
-            if options.reset_after == Some(i) {
-                let _ = tx.send(Err(reset())).await;
-                return;
-            }
-            if options.stall_after == Some(i) {
-                // Hold the connection open until the client gives up.
-                tx.closed().await;
-                return;
-            }
-            tokio::time::sleep(options.chunk_interval).await;
-            let word = WORDS[i as usize % WORDS.len()];
-            let text = if i == 0 { word.to_string() } else { format!(" {word}") };
-            if tx.send(Ok(chunk(serde_json::json!({"content": text}), None))).await.is_err() {
-                return;
-            }
+        let error = serde_json::json!({"error": {"message": "Injected stream error from the mock provider.", "type": "server_error", "code": "mock_failure"}});
+        let word_chunk = |i| chunk(serde_json::json!({"content": word(i)}), None);
+        if send_words(&tx, &options, words, word_chunk, sse(&error)).await.is_err() {
+            return;
         }
         let _ = tx.send(Ok(chunk(serde_json::json!({}), Some("stop")))).await;
         if include_usage {
@@ -145,6 +195,96 @@ pub async fn chat_completion(options: &MockOptions, stats: &MockStats, headers: 
         }
         let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
     });
+    event_stream(body)
+}
+
+/// The part of a Messages request the mock looks at.
+#[derive(Deserialize)]
+struct MockMessagesRequest {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    stream: bool,
+    max_tokens: u32,
+}
+
+/// Answers one Messages request (`POST /v1/messages`), as Anthropic does: the same words, knobs
+/// and failures as [`chat_completion`], in Anthropic's shapes and event stream.
+pub async fn messages(options: &MockOptions, stats: &MockStats, headers: &HeaderMap, body: &[u8]) -> Response {
+    let n = match admit(options, stats, headers, Format::Anthropic).await {
+        Ok(n) => n,
+        Err(response) => return response,
+    };
+    let request: MockMessagesRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return error(Format::Anthropic, StatusCode::BAD_REQUEST, "invalid_request", &format!("{e}")),
+    };
+    let words = request.max_tokens.min(options.chunks);
+    let stop_reason = if words < options.chunks { "max_tokens" } else { "end_turn" };
+    let input_tokens = (body.len() as u64 / BYTES_PER_TOKEN).max(1);
+    let id = format!("msg_mock_{n}");
+    let usage = move |output: u32| {
+        serde_json::json!({"input_tokens": input_tokens, "output_tokens": output,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0})
+    };
+
+    if !request.stream {
+        if options.reset_after.is_some() {
+            return broken_body();
+        }
+        let body = serde_json::json!({
+            "id": id, "type": "message", "role": "assistant", "model": request.model,
+            "content": [{"type": "text", "text": text(words)}],
+            "stop_reason": stop_reason, "stop_sequence": null, "usage": usage(words),
+        });
+        return ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
+    }
+
+    let (tx, body) = channel_body();
+    let options = options.clone();
+    tokio::spawn(async move {
+        let event = |name: &str, data: serde_json::Value| Bytes::from(format!("event: {name}\ndata: {data}\n\n"));
+        let start = serde_json::json!({"type": "message_start", "message": {
+            "id": id, "type": "message", "role": "assistant", "model": request.model, "content": [],
+            "stop_reason": null, "stop_sequence": null, "usage": usage(1)}});
+        let block = serde_json::json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}});
+        for e in [
+            event("message_start", start),
+            event("content_block_start", block),
+            event("ping", serde_json::json!({"type": "ping"})),
+        ] {
+            if tx.send(Ok(e)).await.is_err() {
+                return;
+            }
+        }
+        let error =
+            serde_json::json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}});
+        let word_event = |i| {
+            let delta = serde_json::json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word(i)}});
+            event("content_block_delta", delta)
+        };
+        if send_words(&tx, &options, words, word_event, event("error", error)).await.is_err() {
+            return;
+        }
+        let end = [
+            event("content_block_stop", serde_json::json!({"type": "content_block_stop", "index": 0})),
+            event(
+                "message_delta",
+                serde_json::json!({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": null},
+                    "usage": {"output_tokens": words}}),
+            ),
+            event("message_stop", serde_json::json!({"type": "message_stop"})),
+        ];
+        for e in end {
+            if tx.send(Ok(e)).await.is_err() {
+                return;
+            }
+        }
+    });
+    event_stream(body)
+}
+
+fn event_stream(body: Body) -> Response {
     ([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], body).into_response()
 }
 
@@ -161,8 +301,14 @@ fn sse(value: &serde_json::Value) -> Bytes {
     Bytes::from(format!("data: {value}\n\n"))
 }
 
-fn error(status: StatusCode, code: &str, message: &str) -> Response {
-    let body = serde_json::json!({"error": {"message": message, "type": "mock_error", "code": code}});
+/// An error answer in the format's shape; Anthropic's names the kind of error by the status.
+fn error(format: Format, status: StatusCode, code: &str, message: &str) -> Response {
+    let body = match format {
+        Format::OpenAi => serde_json::json!({"error": {"message": message, "type": "mock_error", "code": code}}),
+        Format::Anthropic => {
+            serde_json::json!({"type": "error", "error": {"type": error_type(status.as_u16()), "message": message}})
+        }
+    };
     (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
@@ -196,6 +342,7 @@ struct MockState {
 pub fn router(options: Arc<MockOptions>, stats: Arc<MockStats>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(handle_chat))
+        .route("/v1/messages", post(handle_messages))
         .route("/v1/models", get(models))
         .route("/mock/stats", get(handle_stats))
         .with_state(MockState { options, stats })
@@ -203,11 +350,22 @@ pub fn router(options: Arc<MockOptions>, stats: Arc<MockStats>) -> Router {
 
 async fn handle_chat(State(state): State<MockState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let body = match body.collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return error(StatusCode::BAD_REQUEST, "invalid_body", "Could not read the request body."),
-    };
-    chat_completion(&state.options, &state.stats, &parts.headers, &body).await
+    match body.collect().await {
+        Ok(body) => chat_completion(&state.options, &state.stats, &parts.headers, &body.to_bytes()).await,
+        Err(_) => unreadable(Format::OpenAi),
+    }
+}
+
+async fn handle_messages(State(state): State<MockState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    match body.collect().await {
+        Ok(body) => messages(&state.options, &state.stats, &parts.headers, &body.to_bytes()).await,
+        Err(_) => unreadable(Format::Anthropic),
+    }
+}
+
+fn unreadable(format: Format) -> Response {
+    error(format, StatusCode::BAD_REQUEST, "invalid_body", "Could not read the request body.")
 }
 
 async fn models() -> impl IntoResponse {

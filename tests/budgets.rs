@@ -421,3 +421,43 @@ async fn failures_timeouts_and_hang_ups_release_their_reservation_at_once() {
     let spent = micros(&key_info(&sidecar).await["data"]["usage"]);
     assert!(spent > 0 && spent < 1_000_000, "the words streamed so far are paid for, not the whole answer: {spent}");
 }
+
+/// The same configuration with its targets speaking Anthropic's Messages API.
+fn anthropic(config: String) -> String {
+    config.replace("api: mock", "api: anthropic")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_translated_from_anthropic_are_metered_like_any_other() {
+    let sidecar = Sidecar::start(&anthropic(config("100", "", "", "0", "")));
+    let hi = r#""messages":[{"role":"user","content":"hi"}]"#;
+    let reply = call(&sidecar, Some(KEY), &format!(r#"{{"model":"chat",{hi}}}"#)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["usage"]["cost"], serde_json::json!(0.008), "8 words at 0.001");
+    assert_eq!(micros(&key_info(&sidecar).await["data"]["usage"]), 8000);
+
+    let body = format!(r#"{{"model":"chat",{hi},"stream":true,"stream_options":{{"include_usage":true}}}}"#);
+    let events = stream_events(&sidecar, &body).await;
+    let usage: serde_json::Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(usage["usage"]["cost"], serde_json::json!(0.008), "{usage}");
+    assert_eq!(micros(&key_info(&sidecar).await["data"]["usage"]), 16_000);
+
+    let events = stream_events(&sidecar, &format!(r#"{{"model":"chat",{hi},"stream":true}}"#)).await;
+    assert!(!events.iter().any(|e| e.contains("\"usage\"")), "asked for by the sidecar only: {events:?}");
+    assert_eq!(micros(&key_info(&sidecar).await["data"]["usage"]), 24_000);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_translated_stream_that_outgrows_the_budget_ends_with_a_typed_error() {
+    // Anthropic is sent max_tokens 200 (reservedCompletionTokens); 200 words estimate at about 310
+    // tokens, and the limit pays for 250.
+    let config = config("0.25", "", "reservedCompletionTokens: 200", "0", "&chunks=200");
+    let sidecar = Sidecar::start(&anthropic(config));
+    let events =
+        stream_events(&sidecar, r#"{"model":"chat","messages":[{"role":"user","content":"hi"}],"stream":true}"#).await;
+    let last: serde_json::Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "insufficient_credits", "{events:?}");
+    assert!(!events.contains(&"[DONE]".to_string()));
+    let spent = micros(&key_info(&sidecar).await["data"]["usage"]);
+    assert!((240_000..=260_000).contains(&spent), "{spent}");
+}

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use switchyard::api::FallbackReason;
 use switchyard::config::{
-    ConfigErrors, CredentialState, Documents, MapResolver, Reason, Upstream, analyse, compile, parse_file,
+    ConfigErrors, CredentialState, Documents, Format, MapResolver, Reason, Upstream, analyse, compile, parse_file,
 };
 
 fn compile_files(files: &[(&str, &str)], resolver: &MapResolver) -> Result<switchyard::config::Config, Vec<String>> {
@@ -140,9 +140,10 @@ spec:
     assert_eq!(local.model, "chat", "the upstream model defaults to the route's");
     assert_eq!(
         local.upstream,
-        Upstream::OpenAi {
+        Upstream::Http {
+            format: Format::OpenAi,
             base_url: "http://127.0.0.1:8000/v1".into(),
-            chat_completions: "http://127.0.0.1:8000/v1/chat/completions".parse().unwrap(),
+            conversation: "http://127.0.0.1:8000/v1/chat/completions".parse().unwrap(),
         }
     );
     assert_eq!(local.timeouts.connect, Duration::from_secs(2));
@@ -151,10 +152,43 @@ spec:
     assert_eq!(local.pricing.prompt, 2_500_000);
     assert_eq!(local.pricing.completion, 10_000_000);
     assert_eq!(local.pricing.cached_prompt, 2_500_000, "cached prompts cost the prompt price unless set");
+    assert_eq!(local.pricing.cache_write, 2_500_000, "cache writes cost the prompt price unless set");
     assert_eq!(local.pricing.request, 0);
     assert_eq!(local.weight, 1);
     assert!(local.credential.is_none());
     assert!(matches!(route.targets[1].upstream, Upstream::Mock { .. }));
+}
+
+#[test]
+fn anthropic_targets_take_conversations_at_v1_messages_or_run_the_mock_in_its_format() {
+    let yaml = r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {name: claude}
+spec:
+  model: claude
+  targets:
+    - {name: api, api: anthropic, baseUrl: 'https://api.anthropic.com/', pricing: {prompt: "3", cacheWrite: "3.75"}}
+    - {name: fake, api: anthropic, baseUrl: 'mock://local?chunks=2'}
+"#;
+    let config = compile_files(&[("r.yaml", yaml)], &MapResolver::default()).unwrap();
+    let targets = &config.routes[0].targets;
+    assert_eq!(
+        targets[0].upstream,
+        Upstream::Http {
+            format: Format::Anthropic,
+            base_url: "https://api.anthropic.com".into(),
+            conversation: "https://api.anthropic.com/v1/messages".parse().unwrap(),
+        }
+    );
+    assert_eq!(targets[0].pricing.cache_write, 3_750_000);
+    assert!(
+        matches!(&targets[1].upstream, Upstream::Mock { format: Format::Anthropic, options, .. } if options.chunks == 2)
+    );
+    // The compiled form the operator publishes reads back the same.
+    let json = serde_json::to_string(&config).unwrap();
+    assert!(json.contains(r#""api":"anthropic","baseUrl":"mock://local?chunks=2""#), "{json}");
+    assert_eq!(serde_json::from_str::<switchyard::config::Config>(&json).unwrap(), config);
 }
 
 #[test]
@@ -197,8 +231,24 @@ fn yaml_and_type_errors_name_their_place() {
             "spec.targets[0].weight: invalid type: string \"many\", expected u32",
         ),
         (
+            format!("{header}spec:\n  model: x\n  targets: [{{name: m, api: gemini}}]\n"),
+            "spec.targets[0].api: unknown variant `gemini`, expected one of `openai`, `anthropic`, `mock`",
+        ),
+        (
             format!("{header}spec:\n  model: x\n  targets: [{{name: m, api: anthropic}}]\n"),
-            "spec.targets[0].api: unknown variant `anthropic`, expected `openai` or `mock`",
+            "spec.targets[0].baseUrl: is required unless api is mock",
+        ),
+        (
+            format!(
+                "{header}spec:\n  model: x\n  targets: [{{name: m, api: anthropic, baseUrl: 'https://api.anthropic.com/v1'}}]\n"
+            ),
+            "spec.targets[0].baseUrl: must be the API's root, without /v1: /v1/messages is appended to it",
+        ),
+        (
+            format!(
+                "{header}spec:\n  model: x\n  targets: [{{name: m, baseUrl: 'https://a.example/v1', pricing: {{cacheWrite: lots}}}}]\n"
+            ),
+            "spec.targets[0].pricing.cacheWrite: ",
         ),
         (format!("{header}spec:\n  model: x\n"), "(ProviderRoute default/x): spec: missing field `targets`"),
         (

@@ -118,7 +118,7 @@ fn cel_rules_compile_and_fit_the_cost_budget() {
     for kind in ["ProviderRoute", "ApiKeyBudget"] {
         walk(&schema_of(kind), kind, &mut problems, &mut rules);
     }
-    assert_eq!(rules, 14, "every rule of both CRDs is checked");
+    assert_eq!(rules, 15, "every rule of both CRDs is checked");
     assert!(problems.is_empty(), "{problems:#?}");
 }
 
@@ -407,7 +407,8 @@ fn the_schema_and_standalone_mode_reject_the_same_routes() {
         ("openai without baseUrl", json!([{"name": "t"}]), "baseUrl"),
         ("mock with an https baseUrl", json!([target(json!({"api": "mock"}))]), "baseUrl"),
         ("openai with a mock baseUrl", json!([target(json!({"baseUrl": "mock://local"}))]), "baseUrl"),
-        ("unknown api", json!([target(json!({"api": "anthropic"}))]), "api"),
+        ("unknown api", json!([target(json!({"api": "gemini"}))]), "api"),
+        ("anthropic baseUrl with /v1", json!([target(json!({"api": "anthropic"}))]), "baseUrl"),
         ("bad target name", json!([target(json!({"name": "Bad_Name"}))]), "name"),
         ("bad provider label", json!([target(json!({"provider": "-x"}))]), "provider"),
         ("weight 0", json!([target(json!({"weight": 0}))]), "weight"),

@@ -152,7 +152,8 @@ impl Strategy {
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     validation = Rule::new("self.api == 'mock' || has(self.baseUrl)").message("baseUrl is required unless api is mock"),
-    validation = Rule::new("!has(self.baseUrl) || (self.api == 'mock') == self.baseUrl.startsWith('mock://')").message("baseUrl must use mock:// exactly when api is mock")
+    validation = Rule::new("!has(self.baseUrl) || self.api == 'anthropic' || (self.api == 'mock') == self.baseUrl.startsWith('mock://')").message("baseUrl must use mock:// when api is mock, and http:// or https:// when api is openai"),
+    validation = Rule::new("!has(self.baseUrl) || self.api != 'anthropic' || !(self.baseUrl.endsWith('/v1') || self.baseUrl.endsWith('/v1/'))").message("an anthropic baseUrl is the API's root, without /v1: /v1/messages is appended to it")
 )]
 pub struct Target {
     /// Unique name of the target within the route. Shows in metrics, response headers and status.
@@ -170,9 +171,10 @@ pub struct Target {
     #[serde(default)]
     pub api: ProviderApi,
 
-    /// Base URL of the API, up to and including the version path, for example
-    /// `https://api.openai.com/v1`. Required unless `api` is `mock`; for `mock`, an optional
-    /// `mock://local?latency=50ms&chunks=8` sets the fake provider's behaviour.
+    /// Base URL of the API: for `openai`, up to and including the version path
+    /// (`https://api.openai.com/v1`); for `anthropic`, the root (`https://api.anthropic.com`).
+    /// Required unless `api` is `mock`. A `mock://local?latency=50ms&chunks=8` URL runs the
+    /// built-in fake provider instead, speaking the target's `api` (`mock` speaks OpenAI's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048), pattern(r"^(https?|mock)://\S+$"))]
     pub base_url: Option<String>,
@@ -222,6 +224,8 @@ pub enum ProviderApi {
     /// OpenAI-compatible HTTP API (`POST {baseUrl}/chat/completions`).
     #[default]
     Openai,
+    /// Anthropic's Messages API (`POST {baseUrl}/v1/messages`, the key sent as `x-api-key`).
+    Anthropic,
     /// The built-in fake provider, served inside the sidecar.
     Mock,
 }
@@ -230,6 +234,7 @@ impl ProviderApi {
     pub fn as_str(self) -> &'static str {
         match self {
             ProviderApi::Openai => "openai",
+            ProviderApi::Anthropic => "anthropic",
             ProviderApi::Mock => "mock",
         }
     }
@@ -284,6 +289,11 @@ pub struct Pricing {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(DECIMAL_PATTERN))]
     pub cached_prompt: Option<String>,
+    /// Price per 1M prompt tokens written to the provider's prompt cache (Anthropic charges them
+    /// apart). Absent: the prompt price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DECIMAL_PATTERN))]
+    pub cache_write: Option<String>,
     /// Price per request, whatever its size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(DECIMAL_PATTERN))]

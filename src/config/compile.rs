@@ -473,6 +473,10 @@ fn compile_target(
         None => prompt,
         some => price(cx, "cachedPrompt", some),
     };
+    let cache_write = match &t.pricing.cache_write {
+        None => prompt,
+        some => price(cx, "cacheWrite", some),
+    };
     let request = price(cx, "request", &t.pricing.request);
     if t.context_window == Some(0) {
         cx.error(&at("contextWindow"), "must be at least 1".into());
@@ -500,7 +504,13 @@ fn compile_target(
         credential,
         headers: headers?,
         weight: t.weight,
-        pricing: Prices { prompt: prompt?, completion: completion?, cached_prompt: cached_prompt?, request: request? },
+        pricing: Prices {
+            prompt: prompt?,
+            completion: completion?,
+            cached_prompt: cached_prompt?,
+            cache_write: cache_write?,
+            request: request?,
+        },
         context_window: t.context_window,
         timeouts: Timeouts { connect: connect?, first_byte: first_byte?, total: total? },
     })

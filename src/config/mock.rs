@@ -26,6 +26,8 @@ pub struct MockOptions {
     pub reset_after: Option<u32>,
     /// Stop sending, leaving the connection open, after this many streamed chunks.
     pub stall_after: Option<u32>,
+    /// End the stream with the provider's own error event after this many streamed chunks.
+    pub error_after: Option<u32>,
     /// Never send response headers.
     pub hang: bool,
     /// Answer 401 unless the request carries `Authorization: Bearer <KEY>`.
@@ -52,6 +54,7 @@ impl Default for MockOptions {
             fail_status: 500,
             reset_after: None,
             stall_after: None,
+            error_after: None,
             hang: false,
             require_key: None,
         }
@@ -60,7 +63,7 @@ impl Default for MockOptions {
 
 /// The knobs a `mock://` query may set, for the error message of an unknown one.
 const QUERY_KNOBS: &str =
-    "latency, chunks, chunk-interval, usage, fail-rate, fail-status, reset-after, stall-after, hang";
+    "latency, chunks, chunk-interval, usage, fail-rate, fail-status, reset-after, stall-after, error-after, hang";
 
 impl MockOptions {
     /// Reads `latency=50ms&chunks=4&fail-rate=0.5`: the flag names without their dashes prefix.
@@ -78,6 +81,7 @@ impl MockOptions {
                 "fail-status" => o.fail_status = parse_fail_status(value).map_err(wrap)?,
                 "reset-after" => o.reset_after = Some(parse_count(value).map_err(wrap)?),
                 "stall-after" => o.stall_after = Some(parse_count(value).map_err(wrap)?),
+                "error-after" => o.error_after = Some(parse_count(value).map_err(wrap)?),
                 "hang" => o.hang = value == "true",
                 _ => return Err(format!("unknown mock option {key:?}; known: {QUERY_KNOBS}")),
             }

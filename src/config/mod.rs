@@ -156,14 +156,34 @@ pub struct Target {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(into = "wire::UpstreamSpec", try_from = "wire::UpstreamSpec")]
 pub enum Upstream {
-    /// An OpenAI-compatible HTTP API; `base_url` has no trailing slash.
-    OpenAi {
+    /// An HTTP API; `base_url` has no trailing slash.
+    Http {
+        format: Format,
         base_url: String,
-        /// `{base_url}/chat/completions`.
-        chat_completions: http::Uri,
+        /// Where conversations go: `{base_url}/chat/completions` (OpenAI) or
+        /// `{base_url}/v1/messages` (Anthropic).
+        conversation: http::Uri,
     },
-    /// The built-in fake provider, run in-process; `url` is the `mock://` URL it was configured by.
-    Mock { url: Option<String>, options: Arc<MockOptions> },
+    /// The built-in fake provider, run in-process, speaking `format`; `url` is the `mock://` URL
+    /// it was configured by.
+    Mock { format: Format, url: Option<String>, options: Arc<MockOptions> },
+}
+
+impl Upstream {
+    pub fn format(&self) -> Format {
+        match self {
+            Upstream::Http { format, .. } | Upstream::Mock { format, .. } => *format,
+        }
+    }
+}
+
+/// The wire format a target speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// OpenAI's Chat Completions.
+    OpenAi,
+    /// Anthropic's Messages.
+    Anthropic,
 }
 
 /// An upstream API key. Its `Debug` never shows the value, so it cannot leak into logs.
@@ -174,6 +194,8 @@ pub struct Credential {
     /// `Bearer <value>`, marked sensitive: kept out of HTTP/2 header compression tables and
     /// debug output.
     bearer: http::HeaderValue,
+    /// The value alone, marked sensitive likewise.
+    api_key: http::HeaderValue,
 }
 
 impl Credential {
@@ -185,10 +207,11 @@ impl Credential {
             return Err("the key is empty".into());
         }
         let not_a_header = |_| "the key contains characters that are not allowed in an HTTP header".to_string();
-        http::HeaderValue::from_str(value).map_err(not_a_header)?;
+        let mut api_key = http::HeaderValue::from_str(value).map_err(not_a_header)?;
+        api_key.set_sensitive(true);
         let mut bearer = http::HeaderValue::from_str(&format!("Bearer {value}")).map_err(not_a_header)?;
         bearer.set_sensitive(true);
-        Ok(Self { value: value.to_string(), bearer })
+        Ok(Self { value: value.to_string(), bearer, api_key })
     }
 
     /// The secret value, for the places that put it on the wire or look for it in answers.
@@ -199,6 +222,11 @@ impl Credential {
     /// The `Authorization` header value that sends this key.
     pub fn bearer(&self) -> &http::HeaderValue {
         &self.bearer
+    }
+
+    /// The key alone as a header value, as Anthropic's `x-api-key` sends it.
+    pub fn api_key(&self) -> &http::HeaderValue {
+        &self.api_key
     }
 }
 
@@ -228,6 +256,9 @@ pub struct Prices {
     pub prompt: u64,
     pub completion: u64,
     pub cached_prompt: u64,
+    /// Absent in configurations compiled before it existed, which had no Anthropic targets.
+    #[serde(default)]
+    pub cache_write: u64,
     pub request: u64,
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue, Uri};
 
-use super::{MockOptions, Upstream};
+use super::{Format, MockOptions, Upstream};
 use crate::api::ProviderApi;
 
 /// SHA-256 in hex, as `spec.key.sha256` and the serialised form write it.
@@ -25,16 +25,22 @@ pub fn sha256_hex(hex: &str) -> Result<[u8; 32], String> {
 
 /// A target's upstream from its `api` and `baseUrl`.
 pub fn upstream(api: ProviderApi, base_url: Option<&str>) -> Result<Upstream, String> {
+    let format = match api {
+        ProviderApi::Openai | ProviderApi::Mock => Format::OpenAi,
+        ProviderApi::Anthropic => Format::Anthropic,
+    };
     match (api, base_url) {
-        (ProviderApi::Mock, None) => Ok(Upstream::Mock { url: None, options: Arc::new(MockOptions::default()) }),
-        (ProviderApi::Mock, Some(url)) => {
-            let query = url.strip_prefix("mock://").ok_or("must start with mock:// when api is mock")?;
-            let query = query.split_once('?').map_or("", |(_, q)| q);
-            let options = Arc::new(MockOptions::from_query(query)?);
-            Ok(Upstream::Mock { url: Some(url.to_string()), options })
+        (ProviderApi::Mock, None) => {
+            Ok(Upstream::Mock { format, url: None, options: Arc::new(MockOptions::default()) })
         }
-        (ProviderApi::Openai, None) => Err("is required unless api is mock".into()),
-        (ProviderApi::Openai, Some(url)) => {
+        (ProviderApi::Mock | ProviderApi::Anthropic, Some(url)) if url.starts_with("mock://") => {
+            let query = url.split_once('?').map_or("", |(_, q)| q);
+            let options = Arc::new(MockOptions::from_query(query)?);
+            Ok(Upstream::Mock { format, url: Some(url.to_string()), options })
+        }
+        (ProviderApi::Mock, Some(_)) => Err("must start with mock:// when api is mock".into()),
+        (_, None) => Err("is required unless api is mock".into()),
+        (_, Some(url)) => {
             if url.len() > 2048 {
                 return Err("is longer than 2048 characters".into());
             }
@@ -50,10 +56,17 @@ pub fn upstream(api: ProviderApi, base_url: Option<&str>) -> Result<Upstream, St
             if uri.query().is_some() {
                 return Err("must not have a query string".into());
             }
-            let chat_completions: Uri = format!("{base_url}/chat/completions")
+            let path = match format {
+                Format::OpenAi => "/chat/completions",
+                Format::Anthropic if uri.path().ends_with("/v1") => {
+                    return Err("must be the API's root, without /v1: /v1/messages is appended to it".into());
+                }
+                Format::Anthropic => "/v1/messages",
+            };
+            let conversation: Uri = format!("{base_url}{path}")
                 .parse()
-                .map_err(|e| format!("is not a valid URL with /chat/completions appended: {e}"))?;
-            Ok(Upstream::OpenAi { base_url: base_url.to_string(), chat_completions })
+                .map_err(|e| format!("is not a valid URL with {path} appended: {e}"))?;
+            Ok(Upstream::Http { format, base_url: base_url.to_string(), conversation })
         }
     }
 }

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{Config, Upstream};
+use super::{Config, Format, Upstream};
 use crate::api::{API_VERSION, ProviderApi};
 
 /// `kind` of a compiled configuration document.
@@ -158,8 +158,18 @@ pub struct UpstreamSpec {
 impl From<Upstream> for UpstreamSpec {
     fn from(u: Upstream) -> Self {
         match u {
-            Upstream::OpenAi { base_url, .. } => UpstreamSpec { api: ProviderApi::Openai, base_url: Some(base_url) },
-            Upstream::Mock { url, .. } => UpstreamSpec { api: ProviderApi::Mock, base_url: url },
+            Upstream::Http { format: Format::OpenAi, base_url, .. } => {
+                UpstreamSpec { api: ProviderApi::Openai, base_url: Some(base_url) }
+            }
+            Upstream::Http { format: Format::Anthropic, base_url, .. } => {
+                UpstreamSpec { api: ProviderApi::Anthropic, base_url: Some(base_url) }
+            }
+            Upstream::Mock { format: Format::OpenAi, url, .. } => {
+                UpstreamSpec { api: ProviderApi::Mock, base_url: url }
+            }
+            Upstream::Mock { format: Format::Anthropic, url, .. } => {
+                UpstreamSpec { api: ProviderApi::Anthropic, base_url: url }
+            }
         }
     }
 }

@@ -24,7 +24,17 @@
 //! `service_tier`, `store`, `metadata`. Refused with a 400: `n` above 1, `logprobs`, audio,
 //! `json_object` without a schema, a temperature above 1, a tool result without its call.
 
+use http::HeaderName;
 use serde_json::{Map, Value, json};
+
+/// The API version every Messages request names.
+pub const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
+/// Beta features a Messages request opts into, comma-separated.
+pub const ANTHROPIC_BETA: HeaderName = HeaderName::from_static("anthropic-beta");
+/// Where Messages requests carry their key.
+pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+/// The version sent unless a target's `headers` name another: the one Anthropic's SDKs send.
+pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
 
 /// Thinking budgets for `reasoning_effort`: Anthropic's minimum, then doublings up to a budget
 /// that still leaves room for the answer in common `max_tokens`.
@@ -399,6 +409,39 @@ fn translate_tool_choice(choice: Option<&Value>, parallel: Option<bool>) -> Resu
     Ok(Some(out))
 }
 
+/// Anthropic's error types by the HTTP status that carries them.
+const ERROR_TYPES: [(u16, &str); 8] = [
+    (400, "invalid_request_error"),
+    (401, "authentication_error"),
+    (403, "permission_error"),
+    (404, "not_found_error"),
+    (413, "request_too_large"),
+    (429, "rate_limit_error"),
+    (529, "overloaded_error"),
+    (500, "api_error"),
+];
+
+/// The error type Anthropic names for an HTTP status: `api_error` for any other.
+pub fn error_type(status: u16) -> &'static str {
+    ERROR_TYPES.iter().find(|(s, _)| *s == status).map_or("api_error", |(_, t)| t)
+}
+
+/// The HTTP status of an error type, for errors that arrive without one (in a stream): 500 for a
+/// type this version does not know.
+pub fn error_status(error_type: &str) -> u16 {
+    ERROR_TYPES.iter().find(|(_, t)| *t == error_type).map_or(500, |(s, _)| *s)
+}
+
+/// An Anthropic error body (`{"type":"error","error":{"type","message"}}`) in OpenAI's shape, its
+/// type kept; `None` for a body of another shape.
+pub fn openai_error(body: &[u8]) -> Option<Vec<u8>> {
+    let body: Value = serde_json::from_slice(body).ok()?;
+    let error = body.get("error")?;
+    let message = error.get("message")?.as_str()?;
+    let kind = error.get("type").and_then(Value::as_str).unwrap_or("api_error");
+    serde_json::to_vec(&json!({"error": {"message": message, "type": kind, "param": null, "code": null}})).ok()
+}
+
 /// A Messages answer's token counts, each kind apart: Anthropic's `input_tokens` excludes the
 /// prompt tokens read from or written to the cache, OpenAI's `prompt_tokens` includes them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -540,6 +583,8 @@ pub struct ChunkStream {
     tools: Vec<(u64, usize)>,
     pub usage: MessagesUsage,
     finish: Option<&'static str>,
+    /// End with the usage chunk, as OpenAI does when `stream_options.include_usage` is set.
+    usage_chunk: bool,
 }
 
 /// How a translated stream ended, besides its chunks.
@@ -556,7 +601,13 @@ pub enum StreamEnd {
 
 impl ChunkStream {
     pub fn new(model: &str, created: u64) -> ChunkStream {
-        ChunkStream { model: model.to_string(), created, ..ChunkStream::default() }
+        ChunkStream { model: model.to_string(), created, usage_chunk: true, ..ChunkStream::default() }
+    }
+
+    /// Leaves out the usage chunk, for a caller that did not ask for it.
+    pub fn without_usage_chunk(mut self) -> ChunkStream {
+        self.usage_chunk = false;
+        self
     }
 
     /// Translates one whole event (its lines and blank line) into chunk events appended to `out`.
@@ -666,9 +717,12 @@ impl ChunkStream {
                 }
             }
             "message_stop" => {
-                let chunk = json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                    "model": self.model, "choices": [], "usage": self.usage.openai_json()});
-                out.extend_from_slice(format!("data: {chunk}\n\ndata: [DONE]\n\n").as_bytes());
+                if self.usage_chunk {
+                    let chunk = json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                        "model": self.model, "choices": [], "usage": self.usage.openai_json()});
+                    out.extend_from_slice(format!("data: {chunk}\n\n").as_bytes());
+                }
+                out.extend_from_slice(b"data: [DONE]\n\n");
                 return StreamEnd::Done;
             }
             "content_block_stop" | "ping" => {}

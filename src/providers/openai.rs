@@ -320,14 +320,19 @@ struct UsagePeek {
 struct PromptDetails {
     #[serde(default)]
     cached_tokens: Option<u64>,
+    /// As OpenRouter reports the tokens written to the cache, and the sidecar's own translations.
+    #[serde(default)]
+    cache_write_tokens: Option<u64>,
 }
 
 impl From<UsagePeek> for Usage {
     fn from(u: UsagePeek) -> Usage {
+        let details = u.prompt_tokens_details;
         Usage {
             prompt: u.prompt_tokens,
             completion: u.completion_tokens,
-            cached_prompt: u.prompt_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),
+            cached_prompt: details.as_ref().and_then(|d| d.cached_tokens).unwrap_or(0),
+            cache_write: details.and_then(|d| d.cache_write_tokens).unwrap_or(0),
         }
     }
 }
@@ -729,7 +734,7 @@ mod tests {
     fn reads_usage_and_output_of_a_whole_answer() {
         let answer = br#"{"choices":[{"message":{"role":"assistant","content":"Hello!"}}],"usage":{"prompt_tokens":9,"completion_tokens":2}}"#;
         let info = answer_info(answer).unwrap();
-        assert_eq!(info.usage, Some(Usage { prompt: 9, completion: 2, cached_prompt: 0 }));
+        assert_eq!(info.usage, Some(Usage { prompt: 9, completion: 2, ..Usage::default() }));
         assert_eq!(info.output_bytes, 0, "with usage, the output is not counted");
         let with = info.with_cost(&Bytes::from_static(answer), "0.5");
         assert!(with.ends_with(br#""completion_tokens":2,"cost":0.5}}"#), "{with:?}");
@@ -865,7 +870,7 @@ mod tests {
         let tool = br#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0}]}}]}"#;
         assert!(chunk_info(tool).has_output);
         let usage = br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":7,"prompt_tokens_details":{"cached_tokens":2}}}"#;
-        let expected = Usage { prompt: 3, completion: 7, cached_prompt: 2 };
+        let expected = Usage { prompt: 3, completion: 7, cached_prompt: 2, ..Usage::default() };
         assert_eq!(chunk_info(usage), ChunkInfo { has_output: false, output_bytes: 0, usage: Some(expected) });
         assert_eq!(chunk_info(word).output_bytes, 2);
         let escaped =
@@ -995,7 +1000,7 @@ mod tests {
                 let escaped = json_string(&content).len() - 2;
                 prop_assert_eq!(info.output_bytes, escaped as u64);
                 prop_assert_eq!(info.has_output, !content.is_empty());
-                let expected = with_usage.then_some(Usage { prompt, completion, cached_prompt: 0 });
+                let expected = with_usage.then_some(Usage { prompt, completion, ..Usage::default() });
                 prop_assert_eq!(info.usage, expected);
             }
 

@@ -7,6 +7,9 @@ pub struct Usage {
     pub completion: u64,
     /// Prompt tokens served from the provider's cache (part of `prompt`).
     pub cached_prompt: u64,
+    /// Prompt tokens written to the provider's cache (part of `prompt`), which Anthropic charges
+    /// apart.
+    pub cache_write: u64,
 }
 
 impl Usage {

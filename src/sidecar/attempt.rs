@@ -3,7 +3,7 @@
 //! replaced without the caller noticing.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::response::Response;
@@ -12,16 +12,17 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header, response::Parts};
 use http_body_util::{BodyExt, Full, Limited};
 use tokio::time::timeout_at;
 
-use super::error::{AttemptFailure, ERROR_SOURCE};
+use super::error::{AttemptFailure, ERROR_SOURCE, ProxyError};
 use super::health::{self, AttemptOutcome, HealthTracker};
-use super::relay::{Committed, StreamWatch};
+use super::relay::{Committed, StreamWatch, Translator};
 use super::shared::Shared;
 use super::snapshot::{ServedRoute, ServedTarget};
 use super::transport::{SendError, error_chain};
 use super::upstream::UpstreamBody;
 use crate::api::FallbackReason;
 use crate::api::units::format_duration;
-use crate::config::HealthPolicy;
+use crate::config::{Format, HealthPolicy};
+use crate::providers::anthropic::{self, ChunkStream, Untranslatable};
 use crate::providers::openai::{AnswerInfo, ChatRequest, answer_info, is_context_length_error, upstream_error_message};
 use crate::providers::{BYTES_PER_TOKEN, sse};
 
@@ -53,6 +54,8 @@ pub enum HealthEffect {
     Answered,
     /// A rate limit with a retry hint: pause the target this long.
     CoolDown(Duration),
+    /// Nothing was sent: the attempt says nothing of the target.
+    Untouched,
 }
 
 /// A failed attempt.
@@ -84,6 +87,24 @@ impl Failure {
             health: HealthEffect::Failure,
         }
     }
+}
+
+impl Failure {
+    /// A request the target's wire format cannot express: never sent, so the target's health is
+    /// untouched; the caller gets a 400 naming the field unless another target may take it.
+    fn untranslatable(route: &ServedRoute, target: &ServedTarget, e: Untranslatable) -> Failure {
+        let message = if e.field.is_empty() { e.message } else { format!("{}: {}", e.field, e.message) };
+        let message = format!("{message} (target {:?} speaks Anthropic's Messages API)", target.name);
+        let mut failure = Failure::new(route, target, FallbackReason::ClientError, None, message.clone());
+        failure.health = HealthEffect::Untouched;
+        let error = ProxyError::BadRequest { code: "untranslatable_request", message };
+        failure.passthrough = Some(error.into_response());
+        failure
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// An attempt's result, with the target it was on.
@@ -145,7 +166,16 @@ async fn try_target(
     let deadline = started + timeouts.total;
     let first_byte_deadline = (started + timeouts.first_byte).min(deadline);
 
-    let body = out.chat.upstream_body(out.body, &target.model_json, out.force_usage);
+    let body = match target.format {
+        Format::OpenAi => out.chat.upstream_body(out.body, &target.model_json, out.force_usage),
+        Format::Anthropic => {
+            let max_tokens = u64::from(route.reserved_completion_tokens);
+            match anthropic::messages_request(out.body, &target.model, max_tokens) {
+                Ok(body) => Bytes::from(body),
+                Err(e) => return Err(Failure::untranslatable(route, target, e)),
+            }
+        }
+    };
     let mut request = http::Request::new(Full::new(body));
     *request.method_mut() = Method::POST;
     let headers = request.headers_mut();
@@ -185,6 +215,11 @@ async fn try_target(
         let error_body = read_body(upstream_body, MAX_ERROR_BODY, deadline).await.unwrap_or_default();
         state.duration.observe(started.elapsed());
         let error_body = redact(error_body, target);
+        let error_body = match target.format {
+            Format::OpenAi => error_body,
+            // Chat callers read errors in OpenAI's shape.
+            Format::Anthropic => anthropic::openai_error(&error_body).map_or(error_body, Bytes::from),
+        };
         let code = status.as_u16();
         let kind = if is_context_length_error(code, &error_body) { FallbackReason::ContextLength } else { kind };
         let mut failure = fail(kind, Some(code), upstream_message(status, &error_body));
@@ -210,6 +245,14 @@ async fn try_target(
     strip_hop_by_hop(&mut parts.headers);
     if is_event_stream(&parts.headers) {
         parts.headers.remove(header::CONTENT_LENGTH);
+        let mut translator = match target.format {
+            Format::OpenAi => None,
+            Format::Anthropic => {
+                let chunks = ChunkStream::new(&target.model, unix_now());
+                let asked = out.chat.include_usage || out.force_usage;
+                Some(Box::new(Translator::new(if asked { chunks } else { chunks.without_usage_chunk() })))
+            }
+        };
         let mut watch = StreamWatch::new(started);
         let mut framer = sse::Framer::default();
         let mut prefix = BytesMut::new();
@@ -233,14 +276,31 @@ async fn try_target(
                         if let Ok(data) = frame.into_data()
                             && let Some(complete) = framer.push(data)
                         {
-                            watch.observe(&complete, &state.stats);
-                            prefix.extend_from_slice(&complete);
+                            let chunks = match &mut translator {
+                                None => complete,
+                                Some(translator) => match translator.events(&complete) {
+                                    Ok(chunks) => chunks,
+                                    // Nothing reached the caller yet: the attempt fails and may fall back.
+                                    Err((_, fault)) => {
+                                        state.duration.observe(started.elapsed());
+                                        let kind = FallbackReason::for_status(anthropic::error_status(&fault.kind))
+                                            .unwrap_or(FallbackReason::ServerError);
+                                        let message = format!(
+                                            "the provider's stream failed before the first token: {}: {}",
+                                            fault.kind, fault.message
+                                        );
+                                        return Err(fail(kind, Some(status.as_u16()), message));
+                                    }
+                                },
+                            };
+                            watch.observe(&chunks, &state.stats);
+                            prefix.extend_from_slice(&chunks);
                         }
                     }
                 }
             }
         }
-        let stream = Committed { body: upstream_body, framer, prefix: prefix.freeze(), watch, started };
+        let stream = Committed { body: upstream_body, framer, prefix: prefix.freeze(), watch, started, translator };
         return Ok(Answer::Stream { parts, stream });
     }
 
@@ -272,6 +332,16 @@ async fn try_target(
     };
     let total = started.elapsed();
     state.duration.observe(total);
+    let answer = match target.format {
+        Format::OpenAi => answer,
+        Format::Anthropic => match anthropic::chat_completion(&answer, &target.model, unix_now()) {
+            Ok((chat, _)) => Bytes::from(chat),
+            Err(e) => {
+                let message = format!("the provider's answer cannot be translated: {}: {}", e.field, e.message);
+                return Err(fail(FallbackReason::ServerError, Some(status.as_u16()), message));
+            }
+        },
+    };
     let Ok(info) = answer_info(&answer) else {
         let message = "the upstream answered with a body that is not valid JSON".to_string();
         return Err(fail(FallbackReason::ServerError, Some(status.as_u16()), message));

@@ -218,7 +218,7 @@ impl Bill {
         let usage = usage.unwrap_or(Usage {
             prompt: self.prompt_estimate,
             completion: output_bytes.div_ceil(BYTES_PER_TOKEN),
-            cached_prompt: 0,
+            ..Usage::default()
         });
         let amount = cost(&usage, &self.prices);
         if let Some(hold) = self.reservation {
@@ -298,8 +298,7 @@ impl StreamBill {
         let Some(bill) = self.bill.as_mut() else { return Ok(()) };
         let price = bill.prices.completion;
         let Some(reservation) = bill.reservation.as_mut() else { return Ok(()) };
-        let tokens_cost =
-            |tokens: u64| worst_case(0, tokens, &Prices { prompt: 0, cached_prompt: 0, completion: price, request: 0 });
+        let tokens_cost = |tokens: u64| worst_case(0, tokens, &Prices { completion: price, ..Prices::default() });
         let tokens = match reservation.extend(tokens_cost(self.extend_by)) {
             Ok(()) => self.extend_by,
             Err(Some(remaining)) if price > 0 => {

@@ -335,6 +335,7 @@ async fn serve_route<'a>(
                 match failure.health {
                     HealthEffect::Failure => record_health(route, target, AttemptOutcome::Failure, probe),
                     HealthEffect::Answered => record_health(route, target, AttemptOutcome::Success, probe),
+                    HealthEffect::Untouched => record_health(route, target, AttemptOutcome::Cancelled, probe),
                     HealthEffect::CoolDown(wait) => {
                         target.state.health.cool_down(health::now().saturating_add(health::ticks(wait)));
                         target.state.cooldowns.inc();

@@ -23,6 +23,7 @@ use super::stats::TargetStats;
 use super::transport::error_chain;
 use super::upstream::UpstreamBody;
 use crate::api::units::format_duration;
+use crate::providers::anthropic::{ChunkStream, StreamEnd};
 use crate::providers::openai::{ChunkInfo, chunk_info, mentions_usage, rename_events, stream_error_event};
 use crate::providers::sse;
 
@@ -78,6 +79,45 @@ impl StreamWatch {
     }
 }
 
+/// A stream in another wire format, translated event by event into chat completion chunks as it
+/// arrives, so the rest of the relay (watch, bill, rename) sees chunks as from an OpenAI upstream.
+pub struct Translator {
+    stream: ChunkStream,
+    done: bool,
+}
+
+/// A provider's error event, or an event that cannot be translated: the stream ends on it.
+pub struct Fault {
+    /// The provider's error type, such as `overloaded_error`.
+    pub kind: String,
+    pub message: String,
+}
+
+impl Translator {
+    pub fn new(stream: ChunkStream) -> Self {
+        Translator { stream, done: false }
+    }
+
+    /// Translates complete events. On a fault, the chunks of the events before it come with it.
+    pub fn events(&mut self, events: &[u8]) -> Result<Bytes, (Bytes, Fault)> {
+        let mut out = Vec::new();
+        for range in sse::events(events) {
+            if self.done {
+                break;
+            }
+            match self.stream.event(&events[range], &mut out) {
+                StreamEnd::Open => {}
+                StreamEnd::Done => self.done = true,
+                StreamEnd::Error { kind, message } => {
+                    self.done = true;
+                    return Err((Bytes::from(out), Fault { kind, message }));
+                }
+            }
+        }
+        Ok(Bytes::from(out))
+    }
+}
+
 /// The body of a streamed response: what hold-back already read, then the upstream's events, then
 /// either its clean end or one terminal error event.
 pub struct SseRelay {
@@ -94,6 +134,7 @@ pub struct SseRelay {
     rename: Option<String>,
     /// The stream's bill: present when it is metered or the caller wants its cost.
     bill: Option<StreamBill>,
+    translator: Option<Box<Translator>>,
     done: bool,
 }
 
@@ -104,6 +145,8 @@ pub struct Committed {
     pub prefix: Bytes,
     pub watch: StreamWatch,
     pub started: Instant,
+    /// For an upstream of another wire format; `prefix` is already translated.
+    pub translator: Option<Box<Translator>>,
 }
 
 impl SseRelay {
@@ -131,6 +174,7 @@ impl SseRelay {
             total,
             rename,
             bill,
+            translator: stream.translator,
             done: false,
         }
     }
@@ -221,6 +265,32 @@ impl SseRelay {
         out
     }
 
+    /// Complete events of the upstream's format as chat completion chunks. `Err` with the stream's
+    /// last bytes when the provider's error event ends it.
+    fn translate(&mut self, events: Bytes) -> Result<Bytes, Bytes> {
+        let Some(translator) = &mut self.translator else { return Ok(events) };
+        match translator.events(&events) {
+            Ok(chunks) => Ok(chunks),
+            Err((chunks, fault)) => {
+                let head = if chunks.is_empty() { chunks } else { self.forward(chunks, false) };
+                if self.done {
+                    // The budget ran out on the chunks before the fault; that ended the stream.
+                    return Err(head);
+                }
+                let message = format!("the provider ended the stream with {}: {}", fault.kind, fault.message);
+                let tail = self.fail(&fault.kind, message);
+                let mut both = BytesMut::from(&head[..]);
+                both.extend_from_slice(&tail);
+                Err(both.freeze())
+            }
+        }
+    }
+
+    /// Whether a translated stream ended without its last event: the provider's stream broke.
+    fn cut_short(&self) -> bool {
+        self.translator.as_ref().is_some_and(|t| !t.done)
+    }
+
     /// Ends a metered stream whose budget ran out mid-answer, with a typed error event.
     fn out_of_credit(&mut self) -> Bytes {
         self.done = true;
@@ -267,7 +337,13 @@ impl Body for SseRelay {
                     if let Ok(data) = frame.into_data()
                         && let Some(complete) = this.framer.push(data)
                     {
-                        return Poll::Ready(Some(Ok(Frame::data(this.forward(complete, false)))));
+                        let chunks = match this.translate(complete) {
+                            // Events without a chunk equivalent (`ping`) send nothing.
+                            Ok(chunks) if chunks.is_empty() => continue,
+                            Ok(chunks) => chunks,
+                            Err(last) => return Poll::Ready(Some(Ok(Frame::data(last)))),
+                        };
+                        return Poll::Ready(Some(Ok(Frame::data(this.forward(chunks, false)))));
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -277,13 +353,25 @@ impl Body for SseRelay {
                 Poll::Ready(None) => {
                     let rest = match this.framer.finish().map(|rest| sse::terminated(&rest)) {
                         None => None,
-                        Some(Some(whole)) => Some(this.forward(whole, false)),
+                        Some(Some(whole)) => match this.translate(whole) {
+                            Ok(chunks) => Some(this.forward(chunks, false)),
+                            Err(last) => return Poll::Ready(Some(Ok(Frame::data(last)))),
+                        },
                         // Ended in the middle of an event: a broken stream, whatever the framing said.
                         Some(None) => {
                             let message = "the upstream's stream ended in the middle of an event".to_string();
                             return Poll::Ready(Some(Ok(Frame::data(this.fail("upstream_disconnected", message)))));
                         }
                     };
+                    if this.cut_short() && !this.done {
+                        let message = "the provider's stream ended before its message_stop event".to_string();
+                        let tail = this.fail("upstream_disconnected", message);
+                        let last = match rest {
+                            Some(rest) => [rest, tail].concat().into(),
+                            None => tail,
+                        };
+                        return Poll::Ready(Some(Ok(Frame::data(last))));
+                    }
                     this.done = true;
                     let state = this.state();
                     state.duration.observe(this.watch.started.elapsed());

@@ -16,8 +16,9 @@ use super::state::{RouteState, StateRegistry, TargetState};
 use super::upstream::{Clients, TargetClient};
 use crate::api::Strategy;
 use crate::budget::Ledger;
-use crate::config::{self, Budget, Config, Credential, FallbackPolicy, HealthPolicy, Prices, Timeouts};
+use crate::config::{self, Budget, Config, Credential, FallbackPolicy, Format, HealthPolicy, Prices, Timeouts};
 use crate::mock_provider::MockStats;
+use crate::providers::anthropic::{ANTHROPIC_VERSION, DEFAULT_ANTHROPIC_VERSION, X_API_KEY};
 use crate::providers::openai::json_string;
 
 /// What keeps the budgets of a configuration.
@@ -66,6 +67,9 @@ pub struct ServedTarget {
     /// `name` as the value of the `x-switchyard-target` header.
     pub name_header: HeaderValue,
     pub provider: String,
+    pub format: Format,
+    /// The model name sent upstream.
+    pub model: String,
     /// The upstream model as a JSON string literal, ready to splice into request bodies.
     pub model_json: String,
     pub upstream: TargetClient,
@@ -178,28 +182,38 @@ impl ServedTarget {
         states: &StateRegistry,
         clients: &Clients,
     ) -> Result<ServedTarget, String> {
+        let format = t.upstream.format();
         let upstream = match &t.upstream {
-            config::Upstream::OpenAi { chat_completions, .. } => {
-                TargetClient::http(clients, chat_completions.clone(), t.timeouts.connect)
+            config::Upstream::Http { conversation, .. } => {
+                TargetClient::http(clients, conversation.clone(), t.timeouts.connect)
             }
             config::Upstream::Mock { options, .. } => {
-                TargetClient::Mock { options: options.clone(), stats: Arc::new(MockStats::default()) }
+                TargetClient::Mock { format, options: options.clone(), stats: Arc::new(MockStats::default()) }
             }
         };
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if format == Format::Anthropic {
+            // Overridable in `headers`, for a target that needs a newer version.
+            headers.insert(ANTHROPIC_VERSION, HeaderValue::from_static(DEFAULT_ANTHROPIC_VERSION));
+        }
         for (name, value) in &t.headers {
             headers.insert(name, value.clone());
         }
         if let Some(credential) = &t.credential {
-            headers.insert(header::AUTHORIZATION, credential.bearer().clone());
+            match format {
+                Format::OpenAi => headers.insert(header::AUTHORIZATION, credential.bearer().clone()),
+                Format::Anthropic => headers.insert(X_API_KEY, credential.api_key().clone()),
+            };
         }
         let name_header = HeaderValue::from_str(&t.name)
             .map_err(|_| format!("route {route_id}: target name {:?} is not a header value", t.name))?;
         Ok(ServedTarget {
             name: t.name.clone(),
             name_header,
+            format,
             provider: t.provider.clone(),
+            model: t.model.clone(),
             model_json: json_string(&t.model),
             upstream,
             headers,

@@ -23,8 +23,8 @@ use tokio::net::TcpStream;
 
 use super::h1::{self, H1Body, Pool};
 use super::transport::{BoxError, SendError, UPSTREAM_READ_BUFFER, error_chain};
-use crate::config::MockOptions;
-use crate::mock_provider::{MockStats, chat_completion};
+use crate::config::{Format, MockOptions};
+use crate::mock_provider::{MockStats, chat_completion, messages};
 
 pub type HttpClient = Client<TimeoutConnector, Full<Bytes>>;
 
@@ -43,6 +43,7 @@ pub enum TargetClient {
         host: HeaderValue,
     },
     Mock {
+        format: Format,
         options: Arc<MockOptions>,
         stats: Arc<MockStats>,
     },
@@ -69,11 +70,14 @@ impl TargetClient {
                 *request.uri_mut() = uri.clone();
                 client.request(request).await.map(|r| r.map(UpstreamBody::Http)).map_err(classify)
             }
-            TargetClient::Mock { options, stats } => {
+            TargetClient::Mock { format, options, stats } => {
                 let (parts, body) = request.into_parts();
                 // Full<Bytes> holds the whole body; collecting it cannot fail or wait.
                 let body = http_body_util::BodyExt::collect(body).await.map(|c| c.to_bytes()).unwrap_or_default();
-                let response = chat_completion(options, stats, &parts.headers, &body).await;
+                let response = match format {
+                    Format::OpenAi => chat_completion(options, stats, &parts.headers, &body).await,
+                    Format::Anthropic => messages(options, stats, &parts.headers, &body).await,
+                };
                 Ok(response.map(UpstreamBody::Mock))
             }
         }

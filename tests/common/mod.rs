@@ -450,6 +450,10 @@ pub struct Recorded {
 /// - `sse-slow-token`: the role chunk, then a word after 3 s; notes in [`ScriptedUpstream::cancelled`]
 ///   when the caller closes the connection first.
 /// - `latency-N`: a chat completion after N ms.
+/// - `anthropic-answer-CASE`: the Messages answer `tests/testdata/anthropic/answers/CASE.messages.json`.
+/// - `anthropic-stream-CASE`: the Messages events `tests/testdata/anthropic/streams/CASE.events`,
+///   sent in pieces that cut events and lines.
+/// - `anthropic-status-NNN`: an Anthropic error body with status NNN (429 adds `retry-after: 7`).
 #[derive(Clone)]
 pub struct ScriptedUpstream {
     pub addr: SocketAddr,
@@ -565,6 +569,34 @@ async fn script(
     }
     if let Some(ms) = behaviour.strip_prefix("ratelimit-ms-") {
         return rate_limited("retry-after-ms", ms);
+    }
+    if let Some(case) = behaviour.strip_prefix("anthropic-answer-") {
+        let answer = std::fs::read(format!("tests/testdata/anthropic/answers/{case}.messages.json")).unwrap();
+        return ([(header::CONTENT_TYPE, "application/json")], answer).into_response();
+    }
+    if let Some(case) = behaviour.strip_prefix("anthropic-stream-") {
+        let events = std::fs::read(format!("tests/testdata/anthropic/streams/{case}.events")).unwrap();
+        let (mut tx, body) = Channel::<Bytes, std::io::Error>::new(4);
+        tokio::spawn(async move {
+            for piece in events.chunks(37) {
+                if tx.send_data(Bytes::copy_from_slice(piece)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        return sse_response(body);
+    }
+    if let Some(code) = behaviour.strip_prefix("anthropic-status-") {
+        let status = StatusCode::from_u16(code.parse().unwrap()).unwrap();
+        let kind = switchyard::providers::anthropic::error_type(status.as_u16());
+        let mut response = json(
+            status,
+            serde_json::json!({"type": "error", "error": {"type": kind, "message": format!("anthropic says {code}")}}),
+        );
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            response.headers_mut().insert(header::RETRY_AFTER, "7".parse().unwrap());
+        }
+        return response;
     }
     if let Some(code) = behaviour.strip_prefix("status-") {
         let status = StatusCode::from_u16(code.parse().unwrap()).unwrap();
