@@ -284,6 +284,18 @@ pub async fn messages(options: &MockOptions, stats: &MockStats, headers: &Header
     event_stream(body)
 }
 
+/// Answers `POST /v1/messages/count_tokens`: the request's bytes over four, as a whole count.
+pub async fn count_tokens(options: &MockOptions, stats: &MockStats, headers: &HeaderMap, body: &[u8]) -> Response {
+    if let Err(response) = admit(options, stats, headers, Format::Anthropic).await {
+        return response;
+    }
+    if serde_json::from_slice::<serde_json::Value>(body).is_err() {
+        return error(Format::Anthropic, StatusCode::BAD_REQUEST, "invalid_request", "The body is not JSON.");
+    }
+    let body = serde_json::json!({"input_tokens": (body.len() as u64 / BYTES_PER_TOKEN).max(1)});
+    ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
 fn event_stream(body: Body) -> Response {
     ([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], body).into_response()
 }
@@ -343,6 +355,7 @@ pub fn router(options: Arc<MockOptions>, stats: Arc<MockStats>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(handle_chat))
         .route("/v1/messages", post(handle_messages))
+        .route("/v1/messages/count_tokens", post(handle_count_tokens))
         .route("/v1/models", get(models))
         .route("/mock/stats", get(handle_stats))
         .with_state(MockState { options, stats })
@@ -360,6 +373,14 @@ async fn handle_messages(State(state): State<MockState>, request: Request) -> Re
     let (parts, body) = request.into_parts();
     match body.collect().await {
         Ok(body) => messages(&state.options, &state.stats, &parts.headers, &body.to_bytes()).await,
+        Err(_) => unreadable(Format::Anthropic),
+    }
+}
+
+async fn handle_count_tokens(State(state): State<MockState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    match body.collect().await {
+        Ok(body) => count_tokens(&state.options, &state.stats, &parts.headers, &body.to_bytes()).await,
         Err(_) => unreadable(Format::Anthropic),
     }
 }

@@ -5,7 +5,8 @@
 use std::path::Path;
 
 use serde_json::Value;
-use switchyard::providers::anthropic::{ChunkStream, StreamEnd, chat_completion, messages_request};
+use switchyard::providers::anthropic::callers::{EventStream, chat_request, messages_answer};
+use switchyard::providers::anthropic::{ChunkStream, StreamEnd, Untranslatable, chat_completion, messages_request};
 use switchyard::providers::sse;
 
 const DIR: &str = "tests/testdata/anthropic/requests";
@@ -40,6 +41,68 @@ fn golden(dir: &str, from: &str, to: &str, translate: impl Fn(&[u8]) -> Vec<u8>)
         }
     }
     assert!(failures.is_empty(), "{}\n(SWITCHYARD_REFRESH_GOLDEN=1 rewrites them)", failures.join("\n"));
+}
+
+/// Feeds whole events of `events` to `event` until the stream ends.
+fn feed(events: &[u8], mut event: impl FnMut(&[u8], &mut Vec<u8>) -> StreamEnd) -> (Vec<u8>, StreamEnd) {
+    let mut out = Vec::new();
+    let mut end = StreamEnd::Open;
+    for range in sse::events(events) {
+        end = event(&events[range], &mut out);
+        if end != StreamEnd::Open {
+            break;
+        }
+    }
+    (out, end)
+}
+
+#[test]
+fn messages_streams_become_the_golden_chunk_streams() {
+    golden_streams(STREAMS, "events", "chunks", |events| {
+        let mut stream = ChunkStream::new("chat", 1_796_040_000);
+        feed(events, |e, out| stream.event(e, out))
+    });
+}
+
+const CALLERS: &str = "tests/testdata/anthropic/callers";
+
+#[test]
+fn messages_requests_become_the_golden_chat_requests() {
+    golden(&format!("{CALLERS}/requests"), ".messages.json", ".chat.json", |body| {
+        chat_request(body, "gpt-test").unwrap()
+    });
+}
+
+#[test]
+fn chat_answers_become_the_golden_messages_answers() {
+    golden(&format!("{CALLERS}/answers"), ".chat.json", ".messages.json", |body| {
+        messages_answer(body, "claude-sonnet-4-5").unwrap()
+    });
+}
+
+#[test]
+fn chunk_streams_become_the_golden_messages_event_streams() {
+    golden_streams(&format!("{CALLERS}/streams"), "chunks", "events", |chunks| {
+        let mut stream = EventStream::new("claude-sonnet-4-5");
+        feed(chunks, |e, out| stream.event(e, out))
+    });
+}
+
+#[test]
+fn what_chat_completions_cannot_express_is_a_clear_error_naming_the_field() {
+    for (file, translate) in [
+        ("requests", (|b: &[u8]| chat_request(b, "m").map(drop)) as fn(&[u8]) -> Result<(), Untranslatable>),
+        ("answers", |b: &[u8]| messages_answer(b, "m").map(drop)),
+    ] {
+        let cases: Vec<Value> =
+            serde_json::from_slice(&std::fs::read(format!("{CALLERS}/{file}/errors.json")).unwrap()).unwrap();
+        for case in &cases {
+            let body = serde_json::to_vec(&case["body"]).unwrap();
+            let error = translate(&body).expect_err(&case["body"].to_string());
+            assert_eq!(error.field, case["field"], "{}", case["body"]);
+            assert!(!error.message.is_empty());
+        }
+    }
 }
 
 #[test]
@@ -88,31 +151,21 @@ fn what_messages_cannot_express_is_a_clear_error_naming_the_field() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// Every `<case>.events` stream, fed event by event, against `<case>.chunks`: the chunks, then
-/// how the stream ended.
-#[test]
-fn messages_streams_become_the_golden_chunk_streams() {
-    let mut cases: Vec<_> = std::fs::read_dir(STREAMS)
+/// Every `<case>.<from>` stream of `dir`, fed event by event to a new `translate`, against
+/// `<case>.<to>`: the translated events, then how the stream ended.
+fn golden_streams(dir: &str, from: &str, to: &str, translate: impl Fn(&[u8]) -> (Vec<u8>, StreamEnd)) {
+    let mut cases: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "events"))
+        .filter(|p| p.extension().is_some_and(|e| e == from))
         .collect();
     cases.sort();
     assert!(cases.len() >= 5, "{cases:?}");
     let mut failures = Vec::new();
     for input in cases {
-        let events = std::fs::read(&input).unwrap();
-        let mut stream = ChunkStream::new("chat", 1_796_040_000);
-        let mut out = Vec::new();
-        let mut end = StreamEnd::Open;
-        for range in sse::events(&events) {
-            end = stream.event(&events[range], &mut out);
-            if end != StreamEnd::Open {
-                break;
-            }
-        }
+        let (out, end) = translate(&std::fs::read(&input).unwrap());
         let got = format!("{}END: {end:?}\n", String::from_utf8(out).unwrap());
-        let golden = input.with_extension("chunks");
+        let golden = input.with_extension(to);
         if std::env::var_os("SWITCHYARD_REFRESH_GOLDEN").is_some() {
             std::fs::write(&golden, &got).unwrap();
         } else if std::fs::read_to_string(&golden).unwrap_or_default() != got {

@@ -166,7 +166,8 @@ pub struct Target {
     #[schemars(length(min = 1, max = 63), pattern(r"^[A-Za-z0-9][A-Za-z0-9._-]*$"))]
     pub provider: Option<String>,
 
-    /// Wire protocol of the upstream. `openai`: an OpenAI-compatible HTTP API. `mock`: the built-in
+    /// Wire protocol of the upstream. `openai`: an OpenAI-compatible HTTP API. `anthropic`:
+    /// Anthropic's Messages API (requests of the other API are translated). `mock`: the built-in
     /// fake provider, run inside the sidecar (for demos and tests; no network, no key).
     #[serde(default)]
     pub api: ProviderApi,
@@ -184,7 +185,8 @@ pub struct Target {
     #[schemars(length(min = 1, max = 253), pattern(r"^\S+$"))]
     pub model: Option<String>,
 
-    /// Where the upstream API key comes from; sent as `Authorization: Bearer <key>`. Absent: no key.
+    /// Where the upstream API key comes from; sent as `Authorization: Bearer <key>` (for
+    /// `anthropic`, as `x-api-key: <key>`). Absent: no key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<Credentials>,
 
@@ -192,6 +194,12 @@ pub struct Target {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32))]
     pub headers: BTreeMap<String, String>,
+
+    /// For `anthropic`: the `anthropic-beta` values of callers of `/v1/messages` this target
+    /// accepts; the others are dropped from the header it is sent. Absent: all are forwarded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub anthropic_betas: Option<Vec<String>>,
 
     /// Relative share of traffic for the `weighted` strategy.
     #[serde(default = "default_weight")]

@@ -462,6 +462,11 @@ fn compile_target(
     };
     cx.credentials.push(TargetCredential { target: t.name.clone(), state });
     let headers = cx.check(&at("headers"), headers(&t.headers, credential.is_some()));
+    for (k, beta) in t.anthropic_betas.iter().flatten().enumerate() {
+        if beta.is_empty() || !beta.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+            cx.error(&at(&format!("anthropicBetas[{k}]")), format!("{beta:?} is not a beta name ([A-Za-z0-9._-])"));
+        }
+    }
     cx.check(&at("weight"), in_range(t.weight, 1, 1000));
     let price = |cx: &mut Cx<'_>, field: &str, value: &Option<String>| match value {
         None => Some(0),
@@ -503,6 +508,7 @@ fn compile_target(
         model: t.model.clone().unwrap_or_else(|| pr.spec.model.clone()),
         credential,
         headers: headers?,
+        anthropic_betas: t.anthropic_betas.clone(),
         weight: t.weight,
         pricing: Prices {
             prompt: prompt?,

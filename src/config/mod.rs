@@ -145,6 +145,9 @@ pub struct Target {
     /// Extra request headers.
     #[serde(with = "wire::headers")]
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// The `anthropic-beta` values forwarded from callers; `None`: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anthropic_betas: Option<Vec<String>>,
     pub weight: u32,
     pub pricing: Prices,
     pub context_window: Option<u32>,

@@ -24,8 +24,15 @@
 //! `service_tier`, `store`, `metadata`. Refused with a 400: `n` above 1, `logprobs`, audio,
 //! `json_object` without a schema, a temperature above 1, a tool result without its call.
 
+pub mod callers;
+
+use std::sync::LazyLock;
+
 use http::HeaderName;
+use memchr::memmem::Finder;
 use serde_json::{Map, Value, json};
+
+use super::openai::{self, ChunkInfo};
 
 /// The API version every Messages request names.
 pub const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
@@ -410,15 +417,17 @@ fn translate_tool_choice(choice: Option<&Value>, parallel: Option<bool>) -> Resu
 }
 
 /// Anthropic's error types by the HTTP status that carries them.
-const ERROR_TYPES: [(u16, &str); 8] = [
+const ERROR_TYPES: [(u16, &str); 10] = [
     (400, "invalid_request_error"),
     (401, "authentication_error"),
+    (402, "billing_error"),
     (403, "permission_error"),
     (404, "not_found_error"),
     (413, "request_too_large"),
     (429, "rate_limit_error"),
     (529, "overloaded_error"),
     (500, "api_error"),
+    (504, "timeout_error"),
 ];
 
 /// The error type Anthropic names for an HTTP status: `api_error` for any other.
@@ -568,6 +577,111 @@ pub fn chat_completion(answer: &[u8], model: &str, created: u64) -> Result<(Vec<
         "usage": usage.openai_json(),
     });
     Ok((serde_json::to_vec(&out).unwrap_or_default(), usage))
+}
+
+/// The keys [`event_info`] looks for, with their searchers built once.
+struct EventKeys {
+    output: [Finder<'static>; 3],
+    usage: Finder<'static>,
+    tool_use: Finder<'static>,
+    block_start: Finder<'static>,
+    message_start: Finder<'static>,
+    message_stop: Finder<'static>,
+    error: Finder<'static>,
+}
+
+static EVENT_KEYS: LazyLock<EventKeys> = LazyLock::new(|| EventKeys {
+    output: [Finder::new(b"\"text\""), Finder::new(b"\"thinking\""), Finder::new(b"\"partial_json\"")],
+    usage: Finder::new(b"\"usage\""),
+    tool_use: Finder::new(b"\"tool_use\""),
+    block_start: Finder::new(b"\"content_block_start\""),
+    message_start: Finder::new(b"\"message_start\""),
+    message_stop: Finder::new(b"\"message_stop\""),
+    error: Finder::new(b"\"error\""),
+});
+
+/// Reads one `data:` payload of a Messages stream, as [`openai::chunk_info`] reads a chunk: its
+/// output (text, thinking, tool input), a tool use's start, and its usage (`message_start`
+/// reports the prompt, `message_delta` the completion). It scans, without parsing the event.
+pub fn event_info(data: &[u8]) -> ChunkInfo {
+    if !data.starts_with(b"{") {
+        return ChunkInfo::default();
+    }
+    let keys = &*EVENT_KEYS;
+    let output_bytes = openai::string_bytes(data, &keys.output);
+    let starts_tool_use = keys.block_start.find(data).is_some() && keys.tool_use.find(data).is_some();
+    let usage = openai::value_of(data, &keys.usage, 0).and_then(|value| openai::usage_at(data, value));
+    let partial_usage = usage.is_some() && keys.message_start.find(data).is_some();
+    ChunkInfo { has_output: output_bytes > 0 || starts_tool_use, output_bytes, usage, partial_usage }
+}
+
+/// A Messages request passed through without the routing fields only the sidecar reads
+/// (`fallbacks`, or `models`), for `model`. Anthropic refuses fields it does not know.
+pub fn without_fallbacks(body: &[u8], model: &str) -> Result<Vec<u8>, Untranslatable> {
+    let mut request: Map<String, Value> =
+        serde_json::from_slice(body).map_err(|e| untranslatable("", format!("the body is not a JSON object: {e}")))?;
+    request.remove("fallbacks");
+    request.remove("models");
+    request.insert("model".into(), Value::from(model));
+    serde_json::to_vec(&request).map_err(|e| untranslatable("", e.to_string()))
+}
+
+/// Whether `kind` is an error type Anthropic names.
+pub fn is_error_type(kind: &str) -> bool {
+    ERROR_TYPES.iter().any(|(_, t)| *t == kind)
+}
+
+/// SSE events with `message_start`'s `message.model` renamed to `model_json` (a JSON string
+/// literal), for answers served by a route other than the one asked for; other events are kept
+/// as they are.
+pub fn rename_events(events: &[u8], model_json: &str) -> Vec<u8> {
+    let Ok(model) = serde_json::from_str::<Value>(model_json) else { return events.to_vec() };
+    let mut out = Vec::with_capacity(events.len() + 32);
+    for (i, line) in events.split(|&b| b == b'\n').enumerate() {
+        if i > 0 {
+            out.push(b'\n');
+        }
+        let renamed = line
+            .strip_prefix(b"data: ")
+            .filter(|data| EVENT_KEYS.message_start.find(data).is_some())
+            .and_then(|data| serde_json::from_slice::<Value>(data.strip_suffix(b"\r").unwrap_or(data)).ok())
+            .and_then(|mut value| {
+                *value.get_mut("message")?.get_mut("model")? = model.clone();
+                Some(value)
+            });
+        match renamed {
+            Some(value) => {
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(value.to_string().as_bytes());
+                if line.ends_with(b"\r") {
+                    out.push(b'\r');
+                }
+            }
+            None => out.extend_from_slice(line),
+        }
+    }
+    out
+}
+
+/// How one whole event of a Messages stream passed through ends it: an `error` event (its type
+/// and message), `message_stop`, or neither. Only events that mention either are parsed.
+pub fn event_end(event: &[u8]) -> StreamEnd {
+    for data in super::sse::payloads(event) {
+        let keys = &*EVENT_KEYS;
+        if keys.message_stop.find(data).is_some() {
+            return StreamEnd::Done;
+        }
+        if keys.error.find(data).is_none() {
+            continue;
+        }
+        let Ok(value) = serde_json::from_slice::<Value>(data) else { continue };
+        if value.get("type").and_then(Value::as_str) == Some("error") {
+            let error = value.get("error").unwrap_or(&Value::Null);
+            let field = |k: &str| error.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+            return StreamEnd::Error { kind: field("type"), message: field("message") };
+        }
+    }
+    StreamEnd::Open
 }
 
 /// Anthropic's event stream, translated event by event into `chat.completion.chunk` events:
@@ -745,7 +859,7 @@ impl ChunkStream {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::providers::arbitrary::{json, mutated, request};
     use proptest::prelude::*;
@@ -802,7 +916,7 @@ mod tests {
     }
 
     /// Messages answers with every kind of block and stop reason, bent or not.
-    fn answer() -> impl Strategy<Value = Vec<u8>> {
+    pub(super) fn answer() -> impl Strategy<Value = Vec<u8>> {
         let block = prop_oneof![
             Just(json!({"type": "text", "text": "hi"})),
             Just(json!({"type": "tool_use", "id": "t", "name": "f", "input": {"a": [1, 2]}})),
@@ -834,7 +948,7 @@ mod tests {
     }
 
     /// Event streams of plausible and arbitrary events, bent or not.
-    fn events() -> impl Strategy<Value = Vec<u8>> {
+    pub(super) fn events() -> impl Strategy<Value = Vec<u8>> {
         let data = prop_oneof![
             Just(json!({"type": "message_start", "message": {"id": "m", "usage": {"input_tokens": 3}}})),
             Just(
@@ -871,6 +985,30 @@ mod tests {
                     prop_assert!(end != StreamEnd::Done || out.ends_with(b"data: [DONE]\n\n"));
                     break;
                 }
+            }
+        }
+
+        #[test]
+        fn any_passed_through_event_is_read_without_panicking_and_renamed_in_place(bytes in events()) {
+            for range in crate::providers::sse::events(&bytes) {
+                let event = &bytes[range];
+                for payload in crate::providers::sse::payloads(event) {
+                    let info = event_info(payload);
+                    prop_assert!(info.output_bytes <= payload.len() as u64);
+                    prop_assert!(!info.partial_usage || info.usage.is_some());
+                }
+                let _ = event_end(event);
+            }
+            let renamed = rename_events(&bytes, "\"other\"");
+            prop_assert_eq!(renamed.iter().filter(|&&b| b == b'\n').count(), bytes.iter().filter(|&&b| b == b'\n').count());
+        }
+
+        #[test]
+        fn any_body_passed_through_keeps_every_field_but_the_routing_ones(body in chat()) {
+            if let Ok(out) = without_fallbacks(&body, "claude") {
+                let out: Value = serde_json::from_slice(&out).expect("JSON");
+                prop_assert_eq!(&out["model"], "claude");
+                prop_assert!(out.get("fallbacks").is_none() && out.get("models").is_none());
             }
         }
 

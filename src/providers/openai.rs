@@ -24,7 +24,8 @@ pub struct ChatRequest<'a> {
     /// Where the `model` value (with its quotes) sits in the body.
     model_span: Range<usize>,
     pub stream: bool,
-    /// OpenRouter's `models`: routes to try, in order, after `model`.
+    /// OpenRouter's `models` (Anthropic callers' `fallbacks`): routes to try, in order, after
+    /// `model`.
     pub models: Vec<Cow<'a, str>>,
     /// OpenRouter's `provider` preferences.
     pub prefs: Prefs<'a>,
@@ -65,7 +66,7 @@ struct Peek<'a> {
     model: Option<&'a RawValue>,
     #[serde(default)]
     stream: Option<bool>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, alias = "fallbacks")]
     models: Option<Vec<Cow<'a, str>>>,
     #[serde(borrow, default)]
     provider: Option<ProviderPeek<'a>>,
@@ -305,15 +306,25 @@ impl ChatRequest<'_> {
     }
 }
 
-/// Usage as providers report it, in a whole answer or a stream's usage chunk.
+/// Usage as providers report it, in a whole answer or a stream's usage chunk (or event), in
+/// OpenAI's convention (`prompt_tokens` includes the cache) or Anthropic's (`input_tokens`
+/// excludes it): one reader, one internal model.
 #[derive(Deserialize)]
 struct UsagePeek {
     #[serde(default)]
-    prompt_tokens: u64,
+    prompt_tokens: Option<u64>,
     #[serde(default)]
-    completion_tokens: u64,
+    completion_tokens: Option<u64>,
     #[serde(default)]
     prompt_tokens_details: Option<PromptDetails>,
+    #[serde(default)]
+    input_tokens: Option<u64>,
+    #[serde(default)]
+    output_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -327,10 +338,22 @@ struct PromptDetails {
 
 impl From<UsagePeek> for Usage {
     fn from(u: UsagePeek) -> Usage {
+        let anthropic = u.prompt_tokens.is_none()
+            && u.completion_tokens.is_none()
+            && (u.input_tokens.is_some() || u.output_tokens.is_some());
+        if anthropic {
+            let (read, written) = (u.cache_read_input_tokens.unwrap_or(0), u.cache_creation_input_tokens.unwrap_or(0));
+            return Usage {
+                prompt: u.input_tokens.unwrap_or(0).saturating_add(read).saturating_add(written),
+                completion: u.output_tokens.unwrap_or(0),
+                cached_prompt: read,
+                cache_write: written,
+            };
+        }
         let details = u.prompt_tokens_details;
         Usage {
-            prompt: u.prompt_tokens,
-            completion: u.completion_tokens,
+            prompt: u.prompt_tokens.unwrap_or(0),
+            completion: u.completion_tokens.unwrap_or(0),
             cached_prompt: details.as_ref().and_then(|d| d.cached_tokens).unwrap_or(0),
             cache_write: details.and_then(|d| d.cache_write_tokens).unwrap_or(0),
         }
@@ -529,6 +552,8 @@ pub struct ChunkInfo {
     pub has_output: bool,
     pub output_bytes: u64,
     pub usage: Option<Usage>,
+    /// The usage is a first report that a later event completes (Anthropic's `message_start`).
+    pub partial_usage: bool,
 }
 
 /// Reads one SSE `data:` payload of a chat completion stream.
@@ -542,29 +567,44 @@ pub fn chunk_info(data: &[u8]) -> ChunkInfo {
         return ChunkInfo::default();
     }
     let keys = &*KEYS;
-    let mut output_bytes = 0;
-    for key in &keys.output {
+    let output_bytes = string_bytes(data, &keys.output);
+    let has_tool_call = value_of(data, &keys.tool_calls, 0).is_some_and(|v| data.get(v) == Some(&b'['));
+    let usage = value_of(data, &keys.usage, 0).and_then(|value| usage_at(data, value));
+    ChunkInfo { has_output: output_bytes > 0 || has_tool_call, output_bytes, usage, partial_usage: false }
+}
+
+/// A parsed usage object, read in either convention.
+pub(super) fn usage_of(value: &serde_json::Value) -> Option<Usage> {
+    serde_json::from_value::<UsagePeek>(value.clone()).ok().map(Usage::from).filter(|_| value.is_object())
+}
+
+/// The usage object at or after `value` (the start of a `usage` value), read in either
+/// convention.
+pub(super) fn usage_at(data: &[u8], value: usize) -> Option<Usage> {
+    let mut values = serde_json::Deserializer::from_slice(data.get(value..)?).into_iter::<UsagePeek>();
+    values.next()?.ok().map(Usage::from)
+}
+
+/// The bytes of every string value of the `keys` (each quoted), wherever they are in `data`.
+pub(super) fn string_bytes(data: &[u8], keys: &[Finder<'static>]) -> u64 {
+    let mut bytes = 0;
+    for key in keys {
         let mut from = 0;
         while let Some(value) = value_of(data, key, from) {
             from = value;
             if data.get(value) == Some(&b'"') {
                 let len = string_len(&data[value + 1..]);
-                output_bytes += len as u64;
+                bytes += len as u64;
                 from = value + 1 + len;
             }
         }
     }
-    let has_tool_call = value_of(data, &keys.tool_calls, 0).is_some_and(|v| data.get(v) == Some(&b'['));
-    let usage = value_of(data, &keys.usage, 0).and_then(|value| {
-        let mut values = serde_json::Deserializer::from_slice(&data[value..]).into_iter::<UsagePeek>();
-        values.next()?.ok().map(Usage::from)
-    });
-    ChunkInfo { has_output: output_bytes > 0 || has_tool_call, output_bytes, usage }
+    bytes
 }
 
 /// Where the value of the next `key` (quoted) at or after `from` starts: the key must be followed
 /// by a colon, which tells it from a string value that happens to read the same.
-fn value_of(data: &[u8], key: &Finder<'static>, mut from: usize) -> Option<usize> {
+pub(super) fn value_of(data: &[u8], key: &Finder<'static>, mut from: usize) -> Option<usize> {
     let len = key.needle().len();
     loop {
         let at = from + key.find(&data[from..])?;
@@ -871,7 +911,7 @@ mod tests {
         assert!(chunk_info(tool).has_output);
         let usage = br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":7,"prompt_tokens_details":{"cached_tokens":2}}}"#;
         let expected = Usage { prompt: 3, completion: 7, cached_prompt: 2, ..Usage::default() };
-        assert_eq!(chunk_info(usage), ChunkInfo { has_output: false, output_bytes: 0, usage: Some(expected) });
+        assert_eq!(chunk_info(usage), ChunkInfo { usage: Some(expected), ..ChunkInfo::default() });
         assert_eq!(chunk_info(word).output_bytes, 2);
         let escaped =
             br#"{"choices":[{"delta":{"content":"say \"content\":\"x\" \\"},"logprobs":{"content":[{"token":"a"}]}}]}"#;
@@ -880,7 +920,7 @@ mod tests {
         let info = chunk_info(spaced);
         assert_eq!((info.has_output, info.output_bytes, info.usage.map(|u| u.completion)), (true, 3, Some(3)));
         let args = br#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"city\":"}}]}}]}"#;
-        assert_eq!(chunk_info(args), ChunkInfo { has_output: true, output_bytes: 10, usage: None });
+        assert_eq!(chunk_info(args), ChunkInfo { has_output: true, output_bytes: 10, ..ChunkInfo::default() });
         assert_eq!(chunk_info(b"[DONE]"), ChunkInfo::default());
         // Garbage from an upstream: events cut off inside a string, after a backslash.
         for (cut, bytes) in [(&b"{\"content\":\"abc\\"[..], 4), (b"{\"content\":\"\\", 1), (b"{\"content\":\"", 0)] {

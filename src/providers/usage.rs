@@ -16,6 +16,17 @@ impl Usage {
     pub fn total(&self) -> u64 {
         self.prompt.saturating_add(self.completion)
     }
+
+    /// Two reports of one answer's usage as one: Anthropic's stream reports the prompt at its
+    /// start and the completion at its end, each count growing, so the larger of each is the last.
+    pub fn merge(self, later: Usage) -> Usage {
+        Usage {
+            prompt: self.prompt.max(later.prompt),
+            completion: self.completion.max(later.completion),
+            cached_prompt: self.cached_prompt.max(later.cached_prompt),
+            cache_write: self.cache_write.max(later.cache_write),
+        }
+    }
 }
 
 /// Bytes per token, for estimates where no tokenizer's count is at hand: a prompt's share of a

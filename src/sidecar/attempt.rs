@@ -22,7 +22,8 @@ use super::upstream::UpstreamBody;
 use crate::api::FallbackReason;
 use crate::api::units::format_duration;
 use crate::config::{Format, HealthPolicy};
-use crate::providers::anthropic::{self, ChunkStream, Untranslatable};
+use crate::providers::anthropic::callers;
+use crate::providers::anthropic::{self, ANTHROPIC_BETA, ANTHROPIC_VERSION, Untranslatable};
 use crate::providers::openai::{AnswerInfo, ChatRequest, answer_info, is_context_length_error, upstream_error_message};
 use crate::providers::{BYTES_PER_TOKEN, sse};
 
@@ -92,14 +93,40 @@ impl Failure {
 impl Failure {
     /// A request the target's wire format cannot express: never sent, so the target's health is
     /// untouched; the caller gets a 400 naming the field unless another target may take it.
-    fn untranslatable(route: &ServedRoute, target: &ServedTarget, e: Untranslatable) -> Failure {
+    fn untranslatable(route: &ServedRoute, target: &ServedTarget, e: Untranslatable, caller: Format) -> Failure {
         let message = if e.field.is_empty() { e.message } else { format!("{}: {}", e.field, e.message) };
-        let message = format!("{message} (target {:?} speaks Anthropic's Messages API)", target.name);
+        let api = match target.format {
+            Format::OpenAi => "OpenAI's Chat Completions API",
+            Format::Anthropic => "Anthropic's Messages API",
+        };
+        let message = format!("{message} (target {:?} speaks {api})", target.name);
         let mut failure = Failure::new(route, target, FallbackReason::ClientError, None, message.clone());
         failure.health = HealthEffect::Untouched;
         let error = ProxyError::BadRequest { code: "untranslatable_request", message };
-        failure.passthrough = Some(error.into_response());
+        failure.passthrough = Some(error.into_response_as(caller));
         failure
+    }
+}
+
+/// A Messages request's version and betas, for an Anthropic target: the caller's version unless
+/// the target's `headers` pin one, and the caller's betas the target accepts, after any the
+/// target's `headers` set.
+pub(super) fn forward_anthropic_headers(caller: &HeaderMap, target: &ServedTarget, headers: &mut HeaderMap) {
+    if !target.pins_anthropic_version
+        && let Some(version) = caller.get(ANTHROPIC_VERSION)
+    {
+        headers.insert(ANTHROPIC_VERSION, version.clone());
+    }
+    let Some(asked) = caller.get(ANTHROPIC_BETA).and_then(|v| v.to_str().ok()) else { return };
+    let accepted = asked
+        .split(',')
+        .map(str::trim)
+        .filter(|beta| !beta.is_empty())
+        .filter(|beta| target.anthropic_betas.as_ref().is_none_or(|ok| ok.iter().any(|a| a == beta)));
+    let mut betas: Vec<&str> = headers.get(ANTHROPIC_BETA).and_then(|v| v.to_str().ok()).into_iter().collect();
+    betas.extend(accepted);
+    if let Ok(value) = HeaderValue::from_str(&betas.join(",")) {
+        headers.insert(ANTHROPIC_BETA, value);
     }
 }
 
@@ -132,6 +159,9 @@ impl Drop for ProbeGuard<'_> {
 
 /// The request an attempt sends, the same for each attempt but for the target.
 pub struct Outgoing<'a> {
+    /// The caller's format: what the request is in and what the answer must be in.
+    pub caller: Format,
+    /// The routing fields of the request.
     pub chat: &'a ChatRequest<'a>,
     pub body: &'a Bytes,
     pub caller_headers: &'a HeaderMap,
@@ -166,15 +196,24 @@ async fn try_target(
     let deadline = started + timeouts.total;
     let first_byte_deadline = (started + timeouts.first_byte).min(deadline);
 
-    let body = match target.format {
-        Format::OpenAi => out.chat.upstream_body(out.body, &target.model_json, out.force_usage),
-        Format::Anthropic => {
-            let max_tokens = u64::from(route.reserved_completion_tokens);
-            match anthropic::messages_request(out.body, &target.model, max_tokens) {
-                Ok(body) => Bytes::from(body),
-                Err(e) => return Err(Failure::untranslatable(route, target, e)),
-            }
+    let body = match (out.caller, target.format) {
+        (Format::OpenAi, Format::OpenAi) => Ok(out.chat.upstream_body(out.body, &target.model_json, out.force_usage)),
+        (Format::Anthropic, Format::Anthropic) if out.chat.models.is_empty() => {
+            Ok(out.chat.upstream_body(out.body, &target.model_json, false))
         }
+        // `fallbacks` is the sidecar's to read: Anthropic refuses fields it does not know.
+        (Format::Anthropic, Format::Anthropic) => {
+            anthropic::without_fallbacks(out.body, &target.model).map(Bytes::from)
+        }
+        (Format::OpenAi, Format::Anthropic) => {
+            let max_tokens = u64::from(route.reserved_completion_tokens);
+            anthropic::messages_request(out.body, &target.model, max_tokens).map(Bytes::from)
+        }
+        (Format::Anthropic, Format::OpenAi) => callers::chat_request(out.body, &target.model).map(Bytes::from),
+    };
+    let body = match body {
+        Ok(body) => body,
+        Err(e) => return Err(Failure::untranslatable(route, target, e, out.caller)),
     };
     let mut request = http::Request::new(Full::new(body));
     *request.method_mut() = Method::POST;
@@ -184,6 +223,9 @@ async fn try_target(
         if let Some(value) = out.caller_headers.get(name) {
             headers.insert(name, value.clone());
         }
+    }
+    if (out.caller, target.format) == (Format::Anthropic, Format::Anthropic) {
+        forward_anthropic_headers(out.caller_headers, target, headers);
     }
 
     let fail = |kind, status, message| Failure::new(route, target, kind, status, message);
@@ -215,12 +257,16 @@ async fn try_target(
         let error_body = read_body(upstream_body, MAX_ERROR_BODY, deadline).await.unwrap_or_default();
         state.duration.observe(started.elapsed());
         let error_body = redact(error_body, target);
-        let error_body = match target.format {
-            Format::OpenAi => error_body,
-            // Chat callers read errors in OpenAI's shape.
-            Format::Anthropic => anthropic::openai_error(&error_body).map_or(error_body, Bytes::from),
-        };
         let code = status.as_u16();
+        // Callers read errors in their own API's shape.
+        let error_body = match (out.caller, target.format) {
+            (Format::OpenAi, Format::Anthropic) => anthropic::openai_error(&error_body).map_or(error_body, Bytes::from),
+            (Format::Anthropic, Format::OpenAi) => {
+                let message = upstream_error_message(&error_body).unwrap_or_else(|| upstream_message(status, b""));
+                Bytes::from(callers::error_body(anthropic::error_type(code), &message))
+            }
+            _ => error_body,
+        };
         let kind = if is_context_length_error(code, &error_body) { FallbackReason::ContextLength } else { kind };
         let mut failure = fail(kind, Some(code), upstream_message(status, &error_body));
         failure.health = match (code, retry_hint(&parts.headers)) {
@@ -245,15 +291,9 @@ async fn try_target(
     strip_hop_by_hop(&mut parts.headers);
     if is_event_stream(&parts.headers) {
         parts.headers.remove(header::CONTENT_LENGTH);
-        let mut translator = match target.format {
-            Format::OpenAi => None,
-            Format::Anthropic => {
-                let chunks = ChunkStream::new(&target.model, unix_now());
-                let asked = out.chat.include_usage || out.force_usage;
-                Some(Box::new(Translator::new(if asked { chunks } else { chunks.without_usage_chunk() })))
-            }
-        };
-        let mut watch = StreamWatch::new(started);
+        let usage_chunk = out.chat.include_usage || out.force_usage;
+        let mut translator = Translator::between(target.format, out.caller, &target.model, usage_chunk);
+        let mut watch = StreamWatch::new(started, out.caller);
         let mut framer = sse::Framer::default();
         let mut prefix = BytesMut::new();
         if !route.hold_back.is_zero() {
@@ -278,7 +318,7 @@ async fn try_target(
                         {
                             let chunks = match &mut translator {
                                 None => complete,
-                                Some(translator) => match translator.events(&complete) {
+                                Some(translator) => match translator.events(complete) {
                                     Ok(chunks) => chunks,
                                     // Nothing reached the caller yet: the attempt fails and may fall back.
                                     Err((_, fault)) => {
@@ -332,15 +372,19 @@ async fn try_target(
     };
     let total = started.elapsed();
     state.duration.observe(total);
-    let answer = match target.format {
-        Format::OpenAi => answer,
-        Format::Anthropic => match anthropic::chat_completion(&answer, &target.model, unix_now()) {
-            Ok((chat, _)) => Bytes::from(chat),
-            Err(e) => {
-                let message = format!("the provider's answer cannot be translated: {}: {}", e.field, e.message);
-                return Err(fail(FallbackReason::ServerError, Some(status.as_u16()), message));
-            }
-        },
+    let translated = match (out.caller, target.format) {
+        (Format::OpenAi, Format::Anthropic) => {
+            anthropic::chat_completion(&answer, &target.model, unix_now()).map(|(chat, _)| Bytes::from(chat))
+        }
+        (Format::Anthropic, Format::OpenAi) => callers::messages_answer(&answer, &target.model).map(Bytes::from),
+        _ => Ok(answer),
+    };
+    let answer = match translated {
+        Ok(answer) => answer,
+        Err(e) => {
+            let message = format!("the provider's answer cannot be translated: {}: {}", e.field, e.message);
+            return Err(fail(FallbackReason::ServerError, Some(status.as_u16()), message));
+        }
     };
     let Ok(info) = answer_info(&answer) else {
         let message = "the upstream answered with a body that is not valid JSON".to_string();

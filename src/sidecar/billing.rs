@@ -15,6 +15,7 @@ use crate::api::units::format_micros;
 use crate::budget::protocol::BudgetFigures;
 use crate::budget::{Account, BudgetCounters, Ledger, RateStatus, Refusal, Reservation, Spend, cost, worst_case};
 use crate::config::{Budget, Prices};
+use crate::providers::anthropic::X_API_KEY;
 use crate::providers::openai::{ChunkInfo, with_cost};
 use crate::providers::{BYTES_PER_TOKEN, Usage};
 
@@ -148,8 +149,13 @@ impl Hold {
     }
 }
 
-/// The key of `Authorization: Bearer <key>`.
-pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+/// The caller's key: `Authorization: Bearer <key>`, or `x-api-key: <key>` as Anthropic's SDKs
+/// send it.
+pub fn caller_key(headers: &HeaderMap) -> Option<&str> {
+    bearer(headers).or_else(|| Some(headers.get(X_API_KEY)?.to_str().ok()?.trim()).filter(|k| !k.is_empty()))
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, key) = value.split_once(' ')?;
     let key = key.trim();
@@ -277,7 +283,12 @@ impl StreamBill {
     pub fn see(&mut self, payload: &[u8], info: &ChunkInfo) -> EventAction {
         self.output_bytes = self.output_bytes.saturating_add(info.output_bytes);
         let Some(usage) = info.usage else { return EventAction::Keep };
+        let usage = self.usage.map_or(usage, |earlier| earlier.merge(usage));
         self.usage = Some(usage);
+        if info.partial_usage {
+            // The cost goes where the usage is complete.
+            return EventAction::Keep;
+        }
         if !self.keep_usage_chunk {
             return EventAction::Drop;
         }

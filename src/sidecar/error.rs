@@ -10,6 +10,8 @@ use serde::Serialize;
 use crate::api::FallbackReason;
 use crate::api::units::format_micros;
 use crate::budget::RateStatus;
+use crate::config::Format;
+use crate::providers::anthropic;
 use crate::providers::openai::error_body;
 
 pub const ERROR_SOURCE: HeaderName = HeaderName::from_static("x-switchyard-error-source");
@@ -109,6 +111,12 @@ impl ProxyError {
     }
 
     pub fn into_response(self) -> Response {
+        self.into_response_as(Format::OpenAi)
+    }
+
+    /// The error in the shape of the caller's API: OpenAI's, or Anthropic's
+    /// (`{"type":"error","error":{"type","message"}}`, the type named by the status).
+    pub fn into_response_as(self, format: Format) -> Response {
         let status = self.status();
         let rate = match &self {
             ProxyError::RateLimited { status } => Some(*status),
@@ -117,7 +125,10 @@ impl ProxyError {
         let body = match self {
             ProxyError::Unauthorized { missing } => {
                 let (message, code) = if missing {
-                    ("Missing API key: send it as \"Authorization: Bearer <key>\".", "missing_api_key")
+                    (
+                        "Missing API key: send it as \"Authorization: Bearer <key>\" or \"x-api-key: <key>\".",
+                        "missing_api_key",
+                    )
                 } else {
                     ("Invalid API key.", "invalid_api_key")
                 };
@@ -202,6 +213,14 @@ impl ProxyError {
                         serde_json::json!({ "previous_errors": attempts, "excluded_by": excluded_by })
                     }),
                 )
+            }
+        };
+        let body = match format {
+            Format::OpenAi => body,
+            Format::Anthropic => {
+                let message = body["error"]["message"].as_str().unwrap_or_default();
+                let kind = anthropic::error_type(status.as_u16());
+                serde_json::json!({"type": "error", "error": {"type": kind, "message": message}})
             }
         };
         let mut response = json_response(status, &body, "proxy");

@@ -15,9 +15,9 @@ use crate::api::units::format_micros;
 /// `GET /api/v1/key`: the caller's key in OpenRouter's shape; credits as decimal numbers.
 pub async fn key_info(State(shared): State<Arc<Shared>>, request: Request) -> Response {
     let snapshot = shared.snapshot.load();
-    let budget = billing::bearer(request.headers()).and_then(|key| snapshot.budget(&billing::key_hash(key)));
+    let budget = billing::caller_key(request.headers()).and_then(|key| snapshot.budget(&billing::key_hash(key)));
     let Some(budget) = budget else {
-        let missing = billing::bearer(request.headers()).is_none();
+        let missing = billing::caller_key(request.headers()).is_none();
         return ProxyError::Unauthorized { missing }.into_response();
     };
     let Some(standing) = budget.standing() else {

@@ -245,7 +245,9 @@ enum Redirect {
 /// The ledger's error body, `{"error": {"message", "code", "refusal"?}}`, as a [`CallError`]:
 /// each part read on its own, so that a refusal counts whatever else the body holds.
 fn error_of(status: StatusCode, body: &[u8]) -> CallError {
-    let error = serde_json::from_slice::<serde_json::Value>(body).ok().map(|mut v| v["error"].take());
+    // Any JSON may come back, a bare number too: read it without indexing that could panic.
+    let error =
+        serde_json::from_slice::<serde_json::Value>(body).ok().and_then(|mut v| v.get_mut("error").map(|e| e.take()));
     let refusal = error.as_ref().and_then(|e| serde_json::from_value::<Refused>(e["refusal"].clone()).ok());
     if let Some(refusal) = refusal {
         return CallError::Refused(refusal);

@@ -1,4 +1,4 @@
-//! The sidecar: an OpenAI-compatible API on localhost that routes each call to a provider.
+//! The sidecar: the OpenAI and Anthropic APIs on localhost, each call routed to a provider.
 //!
 //! A request enters at [`service`], goes through [`proxy`] (routes, fallback, hedging) and
 //! [`attempt`] (one target) to an [`upstream`], and streams back through [`relay`]; [`billing`]
@@ -10,6 +10,7 @@ mod admin;
 mod attempt;
 mod billing;
 mod command;
+mod count_tokens;
 mod error;
 mod fleet;
 mod h1;

@@ -14,10 +14,11 @@ use std::task::Poll;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
+use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, header};
 
 use super::attempt::{Answer, Finished, HealthEffect, Outgoing, attempt};
-use super::billing::{self, Bill, ServedBudget, StreamBill, bearer, key_hash};
+use super::billing::{self, Bill, ServedBudget, StreamBill, caller_key, key_hash};
 use super::error::{ATTEMPTS, AttemptFailure, FALLBACK_REASON, ProxyError, TARGET, add_rate_headers};
 use super::health::{self, AttemptOutcome, Transition};
 use super::plan;
@@ -25,39 +26,45 @@ use super::relay::SseRelay;
 use super::shared::Shared;
 use super::snapshot::{ServedRoute, ServedTarget, Snapshot};
 use crate::api::FallbackReason;
+use crate::config::Format;
 use crate::providers::BYTES_PER_TOKEN;
-use crate::providers::openai::{ChatRequest, RequestError, parse_chat_request, rename_model};
+use crate::providers::openai::{RequestError, parse_chat_request, rename_model};
 
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    converse(shared, request, Format::OpenAi).await
+}
+
+/// `POST /v1/messages`: Anthropic's Messages API, routed the same way.
+pub async fn messages(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    converse(shared, request, Format::Anthropic).await
+}
+
+/// A conversation in the `caller`'s format, whatever format each target speaks. The routing
+/// fields have the same names in both (`model`, `stream`, `max_tokens`; Anthropic's `fallbacks`
+/// is read as `models`).
+async fn converse(shared: Arc<Shared>, request: Request, caller: Format) -> Response {
     let snapshot = shared.snapshot.load_full();
     let (parts, body) = request.into_parts();
-    let body = match axum::body::to_bytes(body, shared.limits.max_request_bytes).await {
+    let body = match read_request(&shared, body).await {
         Ok(body) => body,
-        Err(e) => {
-            let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            let error = if too_large {
-                ProxyError::PayloadTooLarge { limit: shared.limits.max_request_bytes }
-            } else {
-                ProxyError::BadRequest {
-                    code: "invalid_body",
-                    message: format!("Could not read the request body: {e}"),
-                }
-            };
-            return unrouted(&shared, error);
-        }
+        Err(error) => return unrouted_as(&shared, error, caller),
     };
     let chat = match parse_chat_request(&body) {
         Ok(chat) => chat,
-        Err(e) => return unrouted(&shared, bad_request(e)),
+        Err(e) => return unrouted_as(&shared, bad_request(e), caller),
     };
+    if caller == Format::Anthropic && chat.max_tokens.is_none() {
+        let error = ProxyError::BadRequest { code: "missing_max_tokens", message: "max_tokens: Field required".into() };
+        return unrouted_as(&shared, error, caller);
+    }
 
     // The routes to try: `model`, then each of `models` not already in the chain.
     let mut chain: Vec<&Arc<ServedRoute>> = Vec::with_capacity(1 + chat.models.len());
     for name in std::iter::once(&chat.model).chain(&chat.models) {
         let Some(route) = snapshot.route(name) else {
             let error = ProxyError::UnknownModel { model: name.to_string(), known: snapshot.known_models() };
-            return unrouted(&shared, error);
+            return unrouted_as(&shared, error, caller);
         };
         if !chain.iter().any(|r| Arc::ptr_eq(r, route)) {
             chain.push(route);
@@ -65,17 +72,18 @@ pub async fn chat_completions(State(shared): State<Arc<Shared>>, request: Reques
     }
     let budget = match authenticate(&parts.headers, &snapshot, &chain, shared.require_key) {
         Ok(budget) => budget,
-        Err(e) => return unrouted(&shared, e),
+        Err(e) => return unrouted_as(&shared, e, caller),
     };
     let mut rate = None;
     if let Some(budget) = &budget {
         match billing::admit_rate(budget).await {
             Ok(status) => rate = status,
-            Err(refused) => return unrouted(&shared, refused),
+            Err(refused) => return unrouted_as(&shared, refused, caller),
         }
     }
 
     let out = Outgoing {
+        caller,
         chat: &chat,
         body: &body,
         caller_headers: &parts.headers,
@@ -95,22 +103,34 @@ pub async fn chat_completions(State(shared): State<Arc<Shared>>, request: Reques
             Err(Stop::Exhausted) => break,
         }
     }
-    let mut response = response.unwrap_or_else(|| trail.into_response(&chat.model, chain[0]));
+    let mut response = response.unwrap_or_else(|| trail.into_response(&chat.model, chain[0], caller));
     if let Some(rate) = rate {
         add_rate_headers(response.headers_mut(), rate);
     }
     response
 }
 
-/// The caller's budget from `Authorization: Bearer <key>`. Without a known key, the request is
+/// A request's body, up to `--max-request-bytes`.
+pub(super) async fn read_request(shared: &Shared, body: Body) -> Result<Bytes, ProxyError> {
+    axum::body::to_bytes(body, shared.limits.max_request_bytes).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            ProxyError::PayloadTooLarge { limit: shared.limits.max_request_bytes }
+        } else {
+            ProxyError::BadRequest { code: "invalid_body", message: format!("Could not read the request body: {e}") }
+        }
+    })
+}
+
+/// The caller's budget from its key ([`caller_key`]). Without a known key, the request is
 /// refused if any of its routes has a budget, or if the sidecar requires keys.
-fn authenticate(
+pub(super) fn authenticate(
     headers: &HeaderMap,
     snapshot: &Snapshot,
     chain: &[&Arc<ServedRoute>],
     require_key: bool,
 ) -> Result<Option<Arc<ServedBudget>>, ProxyError> {
-    let key = bearer(headers);
+    let key = caller_key(headers);
     let budget = key.and_then(|k| snapshot.budget(&key_hash(k)));
     match budget {
         Some(budget) => {
@@ -160,7 +180,7 @@ impl Trail<'_> {
         self.failures.iter().rev().nth(1).map(|f| f.kind)
     }
 
-    fn into_response(self, model: &str, first: &ServedRoute) -> Response {
+    fn into_response(self, model: &str, first: &ServedRoute, caller: Format) -> Response {
         let attempts = self.attempts;
         let fell_back_on = self.fell_back_on();
         let error = if self.failures.is_empty() {
@@ -169,10 +189,12 @@ impl Trail<'_> {
             ProxyError::AttemptsFailed { model: model.to_string(), attempts: self.failures, excluded_by: self.excluded }
         };
         match self.last {
-            Some((route, index)) => finish(error.into_response(), &route.targets[index], attempts, fell_back_on),
+            Some((route, index)) => {
+                finish(error.into_response_as(caller), &route.targets[index], attempts, fell_back_on)
+            }
             None => {
                 first.state.requests.inc(error.status().as_u16());
-                error.into_response()
+                error.into_response_as(caller)
             }
         }
     }
@@ -263,7 +285,7 @@ async fn serve_route<'a>(
                 Ok(reservation) => Some(reservation),
                 Err(refused) => {
                     route.state.requests.inc(refused.status().as_u16());
-                    return Err(Stop::Passthrough(refused.into_response()));
+                    return Err(Stop::Passthrough(refused.into_response_as(out.caller)));
                 }
             }
         }
@@ -326,7 +348,7 @@ async fn serve_route<'a>(
                 let fallback = trail.failures.last().map(|f| f.kind);
                 let bill =
                     Bill { reservation, prices: target.prices, prompt_estimate: body.len() as u64 / BYTES_PER_TOKEN };
-                let response = commit(answer, route, index, rename, bill, chat);
+                let response = commit(answer, route, index, rename, bill, out);
                 return Ok(finish(response, target, trail.attempts, fallback));
             }
             Err(failure) => {
@@ -395,8 +417,9 @@ fn commit(
     index: usize,
     rename: Option<String>,
     bill: Bill,
-    chat: &ChatRequest<'_>,
+    out: &Outgoing<'_>,
 ) -> Response {
+    let chat = out.chat;
     match answer {
         Answer::Json { mut parts, body, info } => {
             let cost = bill.settle(info.usage, info.output_bytes);
@@ -414,8 +437,9 @@ fn commit(
             // Without max_tokens, a metered stream reserves more as it outgrows its reservation.
             let extendable =
                 (metered && chat.max_tokens.is_none()).then_some(u64::from(route.reserved_completion_tokens));
-            let stream_bill =
-                (metered || chat.include_usage).then(|| StreamBill::new(bill, chat.include_usage, extendable));
+            // Messages streams always end with their usage, which then carries the cost.
+            let wants_usage = chat.include_usage || out.caller == Format::Anthropic;
+            let stream_bill = (metered || wants_usage).then(|| StreamBill::new(bill, wants_usage, extendable));
             let total = route.targets[index].timeouts.total;
             let relay = SseRelay::new(stream, route.clone(), index, total, rename, stream_bill);
             Response::from_parts(parts, Body::new(relay))
@@ -450,11 +474,16 @@ fn small_number(n: usize) -> HeaderValue {
 }
 
 pub fn unrouted(shared: &Shared, error: ProxyError) -> Response {
-    shared.states.unrouted.inc(error.status().as_u16());
-    error.into_response()
+    unrouted_as(shared, error, Format::OpenAi)
 }
 
-fn bad_request(e: RequestError) -> ProxyError {
+/// A request answered before any route took it, in the caller's format.
+pub fn unrouted_as(shared: &Shared, error: ProxyError, caller: Format) -> Response {
+    shared.states.unrouted.inc(error.status().as_u16());
+    error.into_response_as(caller)
+}
+
+pub(super) fn bad_request(e: RequestError) -> ProxyError {
     let (code, message) = match e {
         RequestError::InvalidJson(detail) => ("invalid_json", format!("The request body is not valid JSON: {detail}")),
         RequestError::MissingModel => ("missing_model", "The request body must have a \"model\" field.".into()),

@@ -23,7 +23,9 @@ use super::stats::TargetStats;
 use super::transport::error_chain;
 use super::upstream::UpstreamBody;
 use crate::api::units::format_duration;
-use crate::providers::anthropic::{ChunkStream, StreamEnd};
+use crate::config::Format;
+use crate::providers::anthropic::callers::{self, EventStream};
+use crate::providers::anthropic::{self, ChunkStream, StreamEnd};
 use crate::providers::openai::{ChunkInfo, chunk_info, mentions_usage, rename_events, stream_error_event};
 use crate::providers::sse;
 
@@ -31,6 +33,8 @@ use crate::providers::sse;
 #[derive(Debug)]
 pub struct StreamWatch {
     started: Instant,
+    /// The format of the events watched: the caller's.
+    caller: Format,
     pub first_token: Option<Duration>,
     completion_tokens: Option<u64>,
     events: u64,
@@ -40,8 +44,16 @@ pub struct StreamWatch {
 }
 
 impl StreamWatch {
-    pub fn new(started: Instant) -> Self {
-        StreamWatch { started, first_token: None, completion_tokens: None, events: 0, held_output_bytes: 0 }
+    pub fn new(started: Instant, caller: Format) -> Self {
+        StreamWatch { started, caller, first_token: None, completion_tokens: None, events: 0, held_output_bytes: 0 }
+    }
+
+    /// What one event in the caller's format carries.
+    fn info(&self, payload: &[u8]) -> ChunkInfo {
+        match self.caller {
+            Format::OpenAi => chunk_info(payload),
+            Format::Anthropic => anthropic::event_info(payload),
+        }
     }
 
     /// Whether events must be read to learn something: until the first output, and in chunks that
@@ -66,7 +78,7 @@ impl StreamWatch {
     pub fn observe(&mut self, events: &[u8], stats: &TargetStats) {
         for payload in sse::payloads(events) {
             self.events += 1;
-            let info = chunk_info(payload);
+            let info = self.info(payload);
             self.held_output_bytes += info.output_bytes;
             self.see(&info, stats);
         }
@@ -79,11 +91,21 @@ impl StreamWatch {
     }
 }
 
-/// A stream in another wire format, translated event by event into chat completion chunks as it
-/// arrives, so the rest of the relay (watch, bill, rename) sees chunks as from an OpenAI upstream.
+/// What a stream goes through between the upstream and the rest of the relay, so that the watch,
+/// the bill and the rename see events in the caller's format: a translation event by event as
+/// they arrive, or, for a Messages stream passed through, a check for its `error` and last event.
 pub struct Translator {
-    stream: ChunkStream,
+    conversion: Conversion,
     done: bool,
+}
+
+enum Conversion {
+    /// Messages events into chat completion chunks.
+    Chunks(ChunkStream),
+    /// Chat completion chunks into Messages events.
+    Events(EventStream),
+    /// Messages events, passed through as they are.
+    Messages,
 }
 
 /// A provider's error event, or an event that cannot be translated: the stream ends on it.
@@ -94,18 +116,41 @@ pub struct Fault {
 }
 
 impl Translator {
-    pub fn new(stream: ChunkStream) -> Self {
-        Translator { stream, done: false }
+    /// What a stream from an upstream of format `upstream` needs to reach a `caller`; `None` for
+    /// chat completions passed through, which need nothing.
+    pub fn between(upstream: Format, caller: Format, model: &str, usage_chunk: bool) -> Option<Box<Translator>> {
+        let conversion = match (upstream, caller) {
+            (Format::OpenAi, Format::OpenAi) => return None,
+            (Format::Anthropic, Format::OpenAi) => {
+                let chunks = ChunkStream::new(model, unix_now());
+                Conversion::Chunks(if usage_chunk { chunks } else { chunks.without_usage_chunk() })
+            }
+            (Format::OpenAi, Format::Anthropic) => Conversion::Events(EventStream::new(model)),
+            (Format::Anthropic, Format::Anthropic) => Conversion::Messages,
+        };
+        Some(Box::new(Translator { conversion, done: false }))
     }
 
-    /// Translates complete events. On a fault, the chunks of the events before it come with it.
-    pub fn events(&mut self, events: &[u8]) -> Result<Bytes, (Bytes, Fault)> {
+    /// Translates complete events. On a fault, the events before it come with it.
+    pub fn events(&mut self, events: Bytes) -> Result<Bytes, (Bytes, Fault)> {
         let mut out = Vec::new();
-        for range in sse::events(events) {
+        for range in sse::events(&events) {
             if self.done {
                 break;
             }
-            match self.stream.event(&events[range], &mut out) {
+            let event = &events[range.clone()];
+            let end = match &mut self.conversion {
+                Conversion::Chunks(stream) => stream.event(event, &mut out),
+                Conversion::Events(stream) => stream.event(event, &mut out),
+                Conversion::Messages => match anthropic::event_end(event) {
+                    StreamEnd::Error { kind, message } => {
+                        self.done = true;
+                        return Err((events.slice(..range.start), Fault { kind, message }));
+                    }
+                    end => end,
+                },
+            };
+            match end {
                 StreamEnd::Open => {}
                 StreamEnd::Done => self.done = true,
                 StreamEnd::Error { kind, message } => {
@@ -114,8 +159,15 @@ impl Translator {
                 }
             }
         }
-        Ok(Bytes::from(out))
+        match self.conversion {
+            Conversion::Messages => Ok(events),
+            _ => Ok(Bytes::from(out)),
+        }
     }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// The body of a streamed response: what hold-back already read, then the upstream's events, then
@@ -193,8 +245,27 @@ impl SseRelay {
         target.state.health.record(AttemptOutcome::Failure, false, &self.route.health, health::now());
         tracing::warn!(route = %self.route.id, target = %target.name, %code, %message, "stream broke after the answer started");
         self.settle();
-        let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        stream_error_event(&route.model, &target.provider, "upstream_error", code, &message, created)
+        self.error_event("upstream_error", code, &message)
+    }
+
+    /// The terminal error event in the caller's format: OpenRouter's error chunk, or Anthropic's
+    /// `error` event typed as Anthropic would type the failure.
+    fn error_event(&self, kind: &str, code: &str, message: &str) -> Bytes {
+        match self.watch.caller {
+            Format::OpenAi => {
+                let target = &self.route.targets[self.target];
+                stream_error_event(&self.route.model, &target.provider, kind, code, message, unix_now())
+            }
+            Format::Anthropic => {
+                let kind = match code {
+                    "upstream_timeout" => "timeout_error",
+                    "insufficient_credits" => "billing_error",
+                    code if anthropic::is_error_type(code) => code,
+                    _ => "api_error",
+                };
+                callers::error_event(kind, message)
+            }
+        }
     }
 
     fn settle(&mut self) {
@@ -219,7 +290,7 @@ impl SseRelay {
                 let event = &events[range.clone()];
                 let mut action = EventAction::Keep;
                 for payload in sse::payloads(event) {
-                    let info = chunk_info(payload);
+                    let info = self.watch.info(payload);
                     if !watched {
                         self.watch.events += 1;
                         self.watch.see(&info, stats);
@@ -239,6 +310,11 @@ impl SseRelay {
                     }
                     EventAction::Replace(json) => {
                         let r = rebuilt.get_or_insert_with(|| BytesMut::from(&events[..range.start]));
+                        // A Messages event keeps its name.
+                        for line in event.split(|&b| b == b'\n').filter(|l| l.starts_with(b"event:")) {
+                            r.extend_from_slice(line);
+                            r.extend_from_slice(b"\n");
+                        }
                         r.extend_from_slice(b"data: ");
                         r.extend_from_slice(&json);
                         r.extend_from_slice(b"\n\n");
@@ -252,7 +328,10 @@ impl SseRelay {
             self.watch.events += sse::payloads(&events).count() as u64;
         }
         if let Some(model) = &self.rename {
-            out = rename_events(&out, model);
+            out = match self.watch.caller {
+                Format::OpenAi => rename_events(&out, model),
+                Format::Anthropic => Bytes::from(anthropic::rename_events(&out, model)),
+            };
         }
         if let Some(bill) = &mut self.bill
             && bill.keep_up().is_err()
@@ -269,7 +348,7 @@ impl SseRelay {
     /// last bytes when the provider's error event ends it.
     fn translate(&mut self, events: Bytes) -> Result<Bytes, Bytes> {
         let Some(translator) = &mut self.translator else { return Ok(events) };
-        match translator.events(&events) {
+        match translator.events(events) {
             Ok(chunks) => Ok(chunks),
             Err((chunks, fault)) => {
                 let head = if chunks.is_empty() { chunks } else { self.forward(chunks, false) };
@@ -299,16 +378,8 @@ impl SseRelay {
         target.state.duration.observe(self.watch.started.elapsed());
         tracing::info!(route = %self.route.id, target = %target.name, "stream stopped: the key's budget ran out");
         self.settle();
-        let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let message = "The API key's budget ran out while this answer was streaming.";
-        stream_error_event(
-            &route.model,
-            &target.provider,
-            "insufficient_credits",
-            "insufficient_credits",
-            message,
-            created,
-        )
+        self.error_event("insufficient_credits", "insufficient_credits", message)
     }
 }
 

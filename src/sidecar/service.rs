@@ -7,6 +7,7 @@ use axum::extract::{Request, State};
 use axum::response::Response;
 use axum::routing::{get, post};
 
+use super::count_tokens::count_tokens;
 use super::error::ProxyError;
 use super::key_info::key_info;
 use super::models::models;
@@ -62,6 +63,8 @@ where
 fn api_router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route(CHAT_COMPLETIONS, post(proxy::chat_completions))
+        .route("/v1/messages", post(proxy::messages))
+        .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/v1/models", get(models))
         .route("/api/v1/key", get(key_info))
         .method_not_allowed_fallback(method_not_allowed)

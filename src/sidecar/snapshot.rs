@@ -68,6 +68,10 @@ pub struct ServedTarget {
     pub name_header: HeaderValue,
     pub provider: String,
     pub format: Format,
+    /// The target's `headers` set `anthropic-version`: callers' versions are not forwarded.
+    pub pins_anthropic_version: bool,
+    /// The callers' `anthropic-beta` values forwarded; `None`: all.
+    pub anthropic_betas: Option<Vec<String>>,
     /// The model name sent upstream.
     pub model: String,
     /// The upstream model as a JSON string literal, ready to splice into request bodies.
@@ -212,6 +216,8 @@ impl ServedTarget {
             name: t.name.clone(),
             name_header,
             format,
+            pins_anthropic_version: t.headers.iter().any(|(name, _)| name == ANTHROPIC_VERSION),
+            anthropic_betas: t.anthropic_betas.clone(),
             provider: t.provider.clone(),
             model: t.model.clone(),
             model_json: json_string(&t.model),

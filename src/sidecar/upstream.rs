@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use super::h1::{self, H1Body, Pool};
 use super::transport::{BoxError, SendError, UPSTREAM_READ_BUFFER, error_chain};
 use crate::config::{Format, MockOptions};
-use crate::mock_provider::{MockStats, chat_completion, messages};
+use crate::mock_provider::{MockStats, chat_completion, count_tokens, messages};
 
 pub type HttpClient = Client<TimeoutConnector, Full<Bytes>>;
 
@@ -79,6 +79,34 @@ impl TargetClient {
                     Format::Anthropic => messages(options, stats, &parts.headers, &body).await,
                 };
                 Ok(response.map(UpstreamBody::Mock))
+            }
+        }
+    }
+}
+
+impl TargetClient {
+    /// Sends a request to a URL beside the target's conversation URL: that URL with `suffix`
+    /// appended (`/v1/messages` + `/count_tokens`).
+    pub async fn send_beside(
+        &self,
+        suffix: &str,
+        mut request: Request<Full<Bytes>>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        let beside = |uri: &Uri| -> Result<Uri, SendError> {
+            format!("{uri}{suffix}").parse().map_err(|e| SendError::Connect(format!("{uri}{suffix}: {e}")))
+        };
+        match self {
+            TargetClient::Plain { pool, path, host } => {
+                pool.send(request, &beside(path)?, host).await.map(|r| r.map(UpstreamBody::Plain))
+            }
+            TargetClient::Http { client, uri } => {
+                *request.uri_mut() = beside(uri)?;
+                client.request(request).await.map(|r| r.map(UpstreamBody::Http)).map_err(classify)
+            }
+            TargetClient::Mock { options, stats, .. } => {
+                let (parts, body) = request.into_parts();
+                let body = http_body_util::BodyExt::collect(body).await.map(|c| c.to_bytes()).unwrap_or_default();
+                Ok(count_tokens(options, stats, &parts.headers, &body).await.map(UpstreamBody::Mock))
             }
         }
     }

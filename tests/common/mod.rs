@@ -454,6 +454,8 @@ pub struct Recorded {
 /// - `anthropic-stream-CASE`: the Messages events `tests/testdata/anthropic/streams/CASE.events`,
 ///   sent in pieces that cut events and lines.
 /// - `anthropic-status-NNN`: an Anthropic error body with status NNN (429 adds `retry-after: 7`).
+/// - `openai-answer-CASE`, `openai-stream-CASE`: the chat completion
+///   `tests/testdata/anthropic/callers/answers/CASE.chat.json`, the chunks `.../streams/CASE.chunks`.
 #[derive(Clone)]
 pub struct ScriptedUpstream {
     pub addr: SocketAddr,
@@ -574,8 +576,17 @@ async fn script(
         let answer = std::fs::read(format!("tests/testdata/anthropic/answers/{case}.messages.json")).unwrap();
         return ([(header::CONTENT_TYPE, "application/json")], answer).into_response();
     }
-    if let Some(case) = behaviour.strip_prefix("anthropic-stream-") {
-        let events = std::fs::read(format!("tests/testdata/anthropic/streams/{case}.events")).unwrap();
+    if let Some(case) = behaviour.strip_prefix("openai-answer-") {
+        let answer = std::fs::read(format!("tests/testdata/anthropic/callers/answers/{case}.chat.json")).unwrap();
+        return ([(header::CONTENT_TYPE, "application/json")], answer).into_response();
+    }
+    let stream = match (behaviour.strip_prefix("anthropic-stream-"), behaviour.strip_prefix("openai-stream-")) {
+        (Some(case), _) => Some(format!("tests/testdata/anthropic/streams/{case}.events")),
+        (_, Some(case)) => Some(format!("tests/testdata/anthropic/callers/streams/{case}.chunks")),
+        _ => None,
+    };
+    if let Some(file) = stream {
+        let events = std::fs::read(file).unwrap();
         let (mut tx, body) = Channel::<Bytes, std::io::Error>::new(4);
         tokio::spawn(async move {
             for piece in events.chunks(37) {
