@@ -1,29 +1,20 @@
 //! The official OpenAI Python SDK, installed from PyPI into a virtualenv under target/, sends JSON
-//! and streaming requests through the sidecar and reads the answers.
+//! and streaming requests through the sidecar and reads the answers, including a route whose
+//! OpenAI target fails and whose fallback speaks Anthropic's API.
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
 
+/// The pinned SDK, as `tests/python/requirements.txt` installs it.
 const SDK: &str = "3.57.0";
-
-/// A virtualenv with the pinned SDK, created once and reused by later runs.
-fn python_with_sdk() -> PathBuf {
-    let venv = python_venv("openai-venv", "requirements.txt", |venv: &Path| {
-        Command::new(venv.join("bin/python"))
-            .args(["-c", &format!("import openai, sys; sys.exit(openai.__version__ != {SDK:?})")])
-            .status()
-            .is_ok_and(|s| s.success())
-    });
-    venv.join("bin/python")
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_openai_python_sdk_works_unchanged() {
-    let python = tokio::task::spawn_blocking(python_with_sdk).await.unwrap();
+    let python =
+        tokio::task::spawn_blocking(|| sdk_python("openai-venv", "requirements.txt", "openai", SDK)).await.unwrap();
     let up = ScriptedUpstream::start().await;
     let config = format!(
         r#"
@@ -43,9 +34,28 @@ spec:
   model: breaks
   targets:
     - {{name: flaky, baseUrl: "{breaks}"}}
+---
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {{name: to-claude}}
+spec:
+  model: to-claude
+  targets:
+    - {{name: gpt, baseUrl: "{down}"}}
+    - {{name: claude, api: anthropic, baseUrl: "mock://local?chunks=4&chunk-interval=1ms"}}
+---
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {{name: to-claude-tools}}
+spec:
+  model: to-claude-tools
+  targets:
+    - {{name: gpt, baseUrl: "{down}"}}
+    - {{name: claude, api: anthropic, baseUrl: "{tools}"}}
 "#,
         down = up.url("status-503"),
         breaks = up.url("sse-break"),
+        tools = up.url("anthropic-answer-tools"),
     );
     let sidecar = Sidecar::start(&config);
     let base_url = format!("http://{}/v1", sidecar.api);
@@ -69,7 +79,10 @@ spec:
             "stream: Hello from the Switchyard",
             "not found: 404 model_not_found",
             "broken stream: the upstream connection broke mid-stream: connection closed during a chunk size line",
-            "models: chat,breaks",
+            "models: chat,breaks,to-claude,to-claude-tools",
+            "fallback json: claude 5xx | Hello from the Switchyard | stop | 4",
+            "fallback stream: Hello from the Switchyard | stop | 4",
+            r#"fallback tools: toolu_A:weather:{"city":"Paris"} toolu_B:weather:{"city":"Rome"} | tool_calls"#,
         ]
     );
 }

@@ -64,6 +64,16 @@ pub fn python_venv(name: &str, requirements: &str, ready: impl Fn(&Path) -> bool
     venv
 }
 
+/// The Python of a virtualenv with an SDK installed from `tests/python/{requirements}`, where
+/// `import {module}` gives `version`: created once, reused by later runs.
+pub fn sdk_python(venv: &str, requirements: &str, module: &str, version: &str) -> PathBuf {
+    let check = format!("import {module}, sys; sys.exit({module}.__version__ != {version:?})");
+    let venv = python_venv(venv, requirements, |venv: &Path| {
+        Command::new(venv.join("bin/python")).args(["-c", &check]).status().is_ok_and(|s| s.success())
+    });
+    venv.join("bin/python")
+}
+
 /// `kubernetes-validate --strict` for Kubernetes 1.29 (the oldest we support: the first with
 /// native sidecars) and the newest it knows. Kinds it has no schema for (custom resources) pass
 /// with a warning; check those by hand.

@@ -33,3 +33,16 @@ except openai.APIError as e:
     print(f"broken stream: {e.message}")
 
 print("models: " + ",".join(m.id for m in client.models.list()))
+
+# A route whose OpenAI target fails and whose fallback speaks Anthropic's API.
+raw = client.chat.completions.with_raw_response.create(model="to-claude", messages=messages)
+reply = raw.parse()
+print(f"fallback json: {raw.headers['x-switchyard-target']} {raw.headers['x-switchyard-fallback-reason']} | {reply.choices[0].message.content} | {reply.choices[0].finish_reason} | {reply.usage.completion_tokens}")
+stream = client.chat.completions.create(model="to-claude", messages=messages, stream=True, stream_options={"include_usage": True})
+chunks = list(stream)
+text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+print(f"fallback stream: {text} | {finish[0]} | {chunks[-1].usage.completion_tokens}")
+reply = client.chat.completions.create(model="to-claude-tools", messages=messages, tools=[{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}])
+calls = " ".join(f"{c.id}:{c.function.name}:{c.function.arguments}" for c in reply.choices[0].message.tool_calls)
+print(f"fallback tools: {calls} | {reply.choices[0].finish_reason}")
