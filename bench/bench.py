@@ -42,6 +42,24 @@ SSE_ANSWER = "".join(
         {"id": "c", "object": "chat.completion.chunk", "model": "m", "choices": [], "usage": {"prompt_tokens": 14, "completion_tokens": 2, "total_tokens": 16}},
     ]
 ) + "data: [DONE]\n\n"
+MESSAGES_JSON_ANSWER = (
+    '{"id":"msg_bench","type":"message","role":"assistant","model":"m","content":[{"type":"text",'
+    '"text":"Hello from the benchmark upstream, all good."}],"stop_reason":"end_turn","stop_sequence":null,'
+    '"usage":{"input_tokens":14,"output_tokens":9}}'
+)
+MESSAGES_SSE_ANSWER = "".join(
+    f"event: {e['type']}\ndata: " + json.dumps(e, separators=(",", ":")) + "\n\n"
+    for e in [
+        {"type": "message_start", "message": {"id": "msg_bench", "type": "message", "role": "assistant", "model": "m", "content": [],
+                                              "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 14, "output_tokens": 1}}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hello"}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " there"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": 2}},
+        {"type": "message_stop"},
+    ]
+)
 JSON_BODY = '{"model":"chat","max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}'
 STREAM_BODY = '{"model":"stream","stream":true,"max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}'
 SLOW_BODY = '{"model":"slow","stream":true,"max_tokens":100,"messages":[{"role":"user","content":"Say hello."}]}'
@@ -131,7 +149,9 @@ def start_upstream(tmp):
         "upstream",
         f"  server {{\n    listen 127.0.0.1:{UPSTREAM} backlog=4096;\n    keepalive_requests 1000000;\n"
         f"    location /json/ {{ default_type application/json; return 200 '{JSON_ANSWER}'; }}\n"
-        f"    location /sse/ {{ default_type text/event-stream; return 200 '{sse}'; }}\n  }}",
+        f"    location /sse/ {{ default_type text/event-stream; return 200 '{sse}'; }}\n"
+        f"    location /ajson/ {{ default_type application/json; return 200 '{MESSAGES_JSON_ANSWER}'; }}\n"
+        f"    location /asse/ {{ default_type text/event-stream; return 200 '{MESSAGES_SSE_ANSWER}'; }}\n  }}",
     )
     return Proc("upstream", pinned(LOAD_CPU, ["nginx", "-c", conf]), with_children=True)
 
@@ -151,8 +171,10 @@ def start_nginx_proxy(tmp):
 
 
 def sidecar_config(tmp, routes=None):
+    # Anthropic's base URLs are roots, without a version: /v1/messages is appended.
+    api = lambda path: "anthropic" if path.startswith("a") else "openai"
     targets = lambda path: "\n".join(
-        f"    - {{name: {n}, baseUrl: 'http://127.0.0.1:{UPSTREAM}/{path}/v{i}', pricing: {{prompt: '2.5', completion: '10'}}}}"
+        f"    - {{name: {n}, api: {api(path)}, baseUrl: 'http://127.0.0.1:{UPSTREAM}/{path}/{'t' if api(path) == 'anthropic' else 'v'}{i}', pricing: {{prompt: '2.5', completion: '10'}}}}"
         for i, n in enumerate(["primary", "secondary", "tertiary"], 1)
     )
     docs = []
@@ -256,6 +278,60 @@ URLS = {
 }
 BODIES = {"json": JSON_BODY, "sse": STREAM_BODY}
 SYSTEMS = ["direct", "sidecar", "nginx"]
+
+
+# The two APIs across the two wire formats: (name, endpoint, model, upstream path, stream).
+TRANSLATION_CASES = [
+    ("chat passthrough", "/v1/chat/completions", "chat", "json", False),
+    ("chat to anthropic", "/v1/chat/completions", "to-anthropic", "ajson", False),
+    ("messages passthrough", "/v1/messages", "messages", "ajson", False),
+    ("messages to openai", "/v1/messages", "messages-to-openai", "json", False),
+    ("chat passthrough, stream", "/v1/chat/completions", "stream", "sse", True),
+    ("chat to anthropic, stream", "/v1/chat/completions", "to-anthropic-stream", "asse", True),
+    ("messages passthrough, stream", "/v1/messages", "messages-stream", "asse", True),
+    ("messages to openai, stream", "/v1/messages", "messages-to-openai-stream", "sse", True),
+]
+
+
+def run_translation(args):
+    """CPU per request through the sidecar for each API and target format, at each rate, in
+    alternating rounds: a translated request against the passthrough one of the same API."""
+    tmp = tempfile.mkdtemp(prefix="switchyard-bench-")
+    upstream = start_upstream(tmp)
+    config = sidecar_config(tmp, routes=[(model, path) for _, _, model, path, _ in TRANSLATION_CASES])
+    sidecar = start_sidecar(tmp, config, os.path.join(tmp, "state"))
+    wait_http(UPSTREAM, "/json/")
+    procs = {"sidecar": sidecar}
+    def body(model, stream):
+        streaming = '"stream":true,' if stream else ""
+        return f'{{"model":"{model}",{streaming}"max_tokens":64,"messages":[{{"role":"user","content":"Say hello."}}]}}'
+    results = {}
+    try:
+        for name, endpoint, model, _, stream in TRANSLATION_CASES:
+            oha(f"http://127.0.0.1:{SIDECAR}{endpoint}", body(model, stream), requests=1000, connections=16)
+        for rate in args.rates:
+            runs = {name: [] for name, *_ in TRANSLATION_CASES}
+            for round_ in range(args.rounds):
+                cases = TRANSLATION_CASES[round_ % 2::1] if round_ % 2 == 0 else list(reversed(TRANSLATION_CASES))
+                for name, endpoint, model, _, stream in cases:
+                    print(f"{name} {rate}/s round {round_ + 1}", file=sys.stderr)
+                    r = measure("sidecar", procs, f"http://127.0.0.1:{SIDECAR}{endpoint}", body(model, stream), rate=rate,
+                                duration=args.duration)
+                    if r["errors"] or r["ok"] < r["total"]:
+                        raise SystemExit(f"{name}: {r['total'] - r['ok']} failed requests, {r['errors']} errors")
+                    runs[name].append(r["cpu_us_per_request"])
+            results[rate] = {name: med(values) for name, values in runs.items()}
+    finally:
+        sidecar.stop()
+        upstream.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    lines = ["| Rate | Request | CPU per request | vs passthrough of the same API |", "| --- | --- | --- | --- |"]
+    for rate, cpu in results.items():
+        for name, endpoint, *_ in TRANSLATION_CASES:
+            base = next(n for n, e, m, p, st in TRANSLATION_CASES
+                        if e == endpoint and "passthrough" in n and (", stream" in n) == (", stream" in name))
+            lines.append(f"| {rate}/s | {name} | {cpu[name]:.1f} µs | {cpu[name] / cpu[base]:.2f}x |")
+    return "\n".join(lines) + "\n"
 
 
 def ms(seconds):
@@ -425,7 +501,12 @@ def main():
     parser.add_argument("--startups", type=int, default=7)
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--report", help="replace the results section of this Markdown file")
+    parser.add_argument("--translation", action="store_true",
+                        help="only measure CPU per request of translated against passthrough requests, both APIs")
     args = parser.parse_args()
+    if args.translation:
+        print(run_translation(args))
+        return
     results = run(args)
     if args.json:
         with open(args.json, "w") as f:

@@ -13,6 +13,14 @@
 //!   settles with the ledger (sent 100 at a time: the ledger answers once it has written the
 //!   status, about once a second when busy).
 //!
+//!
+//! Then the two APIs across the two wire formats, with the standalone budget (for the 1.5x bound
+//! a translated request keeps to a passthrough one):
+//!
+//! - `to-anthropic`: chat completions to targets that speak Anthropic's Messages API (translated);
+//! - `messages`: `/v1/messages` to Anthropic targets (passed through);
+//! - `messages-to-openai`: `/v1/messages` to OpenAI-compatible targets (translated).
+//!
 //! It prints the wall time per request and, for the ledger, the calls it answered.
 
 use std::convert::Infallible;
@@ -42,7 +50,18 @@ const STREAM_ANSWER: &str = concat!(
     "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":2,\"total_tokens\":14}}\n\n",
     "data: [DONE]\n\n",
 );
+const MESSAGES_ANSWER: &str = r#"{"id":"msg_1","type":"message","role":"assistant","model":"m","content":[{"type":"text","text":"Hello from the upstream, all good."}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":12,"output_tokens":8}}"#;
+const MESSAGES_STREAM: &str = concat!(
+    "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"m\",\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":12,\"output_tokens\":1}}}\n\n",
+    "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+    "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello\"}}\n\n",
+    "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\" there\"}}\n\n",
+    "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+    "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":2}}\n\n",
+    "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+);
 const REQUESTS: usize = 2000;
+const MODES: [&str; 6] = ["standalone", "leased", "low", "to-anthropic", "messages", "messages-to-openai"];
 const KEY: &str = "sk-hot-path";
 
 async fn upstream() -> std::net::SocketAddr {
@@ -53,10 +72,15 @@ async fn upstream() -> std::net::SocketAddr {
             let _ = tcp.set_nodelay(true);
             tokio::spawn(async move {
                 let service = service_fn(|request: http::Request<hyper::body::Incoming>| async move {
+                    let messages = request.uri().path().ends_with("/v1/messages");
                     let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                     let stream = body.windows(13).any(|w| w == b"\"stream\":true");
-                    let (content_type, answer) =
-                        if stream { ("text/event-stream", STREAM_ANSWER) } else { ("application/json", JSON_ANSWER) };
+                    let (content_type, answer) = match (stream, messages) {
+                        (true, false) => ("text/event-stream", STREAM_ANSWER),
+                        (false, false) => ("application/json", JSON_ANSWER),
+                        (true, true) => ("text/event-stream", MESSAGES_STREAM),
+                        (false, true) => ("application/json", MESSAGES_ANSWER),
+                    };
                     let response = http::Response::builder()
                         .header("content-type", content_type)
                         .body(Full::new(Bytes::from_static(answer.as_bytes())))
@@ -140,7 +164,12 @@ fn ledger(budgets: Vec<Budget>) -> (u16, Arc<OperatorMetrics>, String) {
 
 fn main() {
     let mode = std::env::args().nth(1).unwrap_or_else(|| "standalone".into());
-    assert!(["standalone", "leased", "low"].contains(&mode.as_str()), "usage: hot_path [standalone|leased|low]");
+    assert!(MODES.contains(&mode.as_str()), "usage: hot_path [{}]", MODES.join("|"));
+    let cluster = ["leased", "low"].contains(&mode.as_str());
+    // The targets speak Anthropic's API in these modes, OpenAI's otherwise.
+    let (api, path) =
+        if ["to-anthropic", "messages"].contains(&mode.as_str()) { ("anthropic", "") } else { ("openai", "/v1") };
+    let endpoint = if mode.starts_with("messages") { "/v1/messages" } else { "/v1/chat/completions" };
     // Above the limit: the budget is Low from the start.
     let low = if mode == "low" { r#", lowBalanceThreshold: "1000001""# } else { "" };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
@@ -154,9 +183,9 @@ metadata: {{name: chat}}
 spec:
   model: chat
   targets:
-    - {{name: primary, baseUrl: "http://{addr}/v1", model: upstream-model, pricing: {{prompt: "2.5", completion: "10"}}}}
-    - {{name: secondary, baseUrl: "http://{addr}/v2", pricing: {{prompt: "3", completion: "15"}}}}
-    - {{name: tertiary, baseUrl: "http://{addr}/v3", pricing: {{prompt: "1", completion: "2"}}}}
+    - {{name: primary, api: {api}, baseUrl: "http://{addr}{path}", model: upstream-model, pricing: {{prompt: "2.5", completion: "10"}}}}
+    - {{name: secondary, api: {api}, baseUrl: "http://{addr}/b{path}", pricing: {{prompt: "3", completion: "15"}}}}
+    - {{name: tertiary, api: {api}, baseUrl: "http://{addr}/c{path}", pricing: {{prompt: "1", completion: "2"}}}}
 ---
 apiVersion: switchyard.dev/v1alpha1
 kind: ApiKeyBudget
@@ -179,7 +208,7 @@ stringData: {{key: {KEY}}}
         let clients = Clients::new(None).expect("clients");
         let mut fleet = FleetOptions::default();
         let mut ledger_metrics = None;
-        if mode != "standalone" {
+        if cluster {
             std::fs::create_dir_all(&state_dir).expect("state dir");
             let (port, metrics, ca) = ledger(config.budgets.clone());
             let (ca_file, token_file) = (state_dir.join("ca.pem"), state_dir.join("token"));
@@ -197,7 +226,7 @@ stringData: {{key: {KEY}}}
         );
         let request = |i: usize| {
             let body = if i.is_multiple_of(2) { json.clone() } else { stream.clone() };
-            let request = http::Request::post("/v1/chat/completions")
+            let request = http::Request::post(endpoint)
                 .header("content-type", "application/json")
                 .header("authorization", format!("Bearer {KEY}"))
                 .body(axum::body::Body::from(body))

@@ -573,11 +573,6 @@ pub fn chunk_info(data: &[u8]) -> ChunkInfo {
     ChunkInfo { has_output: output_bytes > 0 || has_tool_call, output_bytes, usage, partial_usage: false }
 }
 
-/// A parsed usage object, read in either convention.
-pub(super) fn usage_of(value: &serde_json::Value) -> Option<Usage> {
-    serde_json::from_value::<UsagePeek>(value.clone()).ok().map(Usage::from).filter(|_| value.is_object())
-}
-
 /// The usage object at or after `value` (the start of a `usage` value), read in either
 /// convention.
 pub(super) fn usage_at(data: &[u8], value: usize) -> Option<Usage> {
@@ -600,6 +595,15 @@ pub(super) fn string_bytes(data: &[u8], keys: &[Finder<'static>]) -> u64 {
         }
     }
     bytes
+}
+
+/// The JSON string literal (quotes included) that starts at `value`, if one does and ends.
+pub(super) fn string_literal(data: &[u8], value: usize) -> Option<&[u8]> {
+    if data.get(value) != Some(&b'"') {
+        return None;
+    }
+    let end = value + 1 + string_len(data.get(value + 1..)?);
+    (data.get(end) == Some(&b'"')).then(|| &data[value..=end])
 }
 
 /// Where the value of the next `key` (quoted) at or after `from` starts: the key must be followed
