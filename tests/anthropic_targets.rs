@@ -308,3 +308,42 @@ async fn a_request_anthropic_cannot_express_is_a_clear_400_or_goes_to_a_target_t
     assert_eq!(reply.header("x-switchyard-target"), "gpt");
     assert_eq!(up.hits("anthropic-answer-tools"), 0, "nothing was sent to the target that cannot take it");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_translated_stream_reaches_the_caller_as_its_events_arrive_and_can_win_a_hedge() {
+    let up = ScriptedUpstream::start().await;
+    let config = route_yaml(
+        "gated",
+        "",
+        &[&format!("{{name: claude, api: anthropic, baseUrl: '{}'}}", up.url("anthropic-gated"))],
+    ) + &route_yaml(
+        "hedged",
+        "holdBack: 5s\n  hedge: {after: 200ms}",
+        &[
+            "{name: slow, api: mock, baseUrl: 'mock://local?latency=3s'}",
+            "{name: claude, api: anthropic, baseUrl: 'mock://local?chunk-interval=1ms'}",
+        ],
+    );
+    let sidecar = Sidecar::start(&config);
+
+    // The upstream holds the rest of its answer until the caller has the first token.
+    let response = send(sidecar.api, "POST", "/v1/chat/completions", &ask("gated", r#","stream":true"#)).await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut seen = String::new();
+    while !seen.contains("Hello") {
+        let chunk = next_chunk(&mut body).await.expect("the first token before the stream ends");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(!seen.contains("[DONE]"), "{seen}");
+    up.gate.add_permits(1);
+    seen.push_str(&rest(&mut body).await);
+    assert!(seen.ends_with("data: [DONE]\n\n"), "{seen}");
+
+    let (reply, events) = stream(&sidecar, &ask("hedged", r#","stream":true"#)).await;
+    assert_eq!(reply.header("x-switchyard-target"), "claude");
+    assert_eq!(reply.header("x-switchyard-attempts"), "2");
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let metrics = get(sidecar.admin, "/metrics").await.body;
+    assert_eq!(metric(&metrics, r#"switchyard_hedges_total{route="default/hedged",result="won"}"#), 1);
+}

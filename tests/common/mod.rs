@@ -463,6 +463,8 @@ pub struct Recorded {
 /// - `anthropic-answer-CASE`: the Messages answer `tests/testdata/anthropic/answers/CASE.messages.json`.
 /// - `anthropic-stream-CASE`: the Messages events `tests/testdata/anthropic/streams/CASE.events`,
 ///   sent in pieces that cut events and lines.
+/// - `anthropic-gated`: a Messages stream that sends its first text delta, then the rest only once
+///   the test opens the gate.
 /// - `anthropic-status-NNN`: an Anthropic error body with status NNN (429 adds `retry-after: 7`).
 /// - `openai-answer-CASE`, `openai-stream-CASE`: the chat completion
 ///   `tests/testdata/anthropic/callers/answers/CASE.chat.json`, the chunks `.../streams/CASE.chunks`.
@@ -604,6 +606,20 @@ async fn script(
                     return;
                 }
             }
+        });
+        return sse_response(body);
+    }
+    if behaviour == "anthropic-gated" {
+        let events = std::fs::read_to_string("tests/testdata/anthropic/streams/text.events").unwrap();
+        // Up to and with the first text delta, then the rest.
+        let cut = events.find("text_delta").and_then(|at| events[at..].find("\n\n").map(|end| at + end + 2)).unwrap();
+        let (first, rest) = (Bytes::from(events[..cut].to_string()), Bytes::from(events[cut..].to_string()));
+        let (mut tx, body) = Channel::<Bytes, std::io::Error>::new(2);
+        let gate = up.gate.clone();
+        tokio::spawn(async move {
+            let _ = tx.send_data(first).await;
+            gate.acquire().await.unwrap().forget();
+            let _ = tx.send_data(rest).await;
         });
         return sse_response(body);
     }
