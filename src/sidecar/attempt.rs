@@ -3,7 +3,7 @@
 //! replaced without the caller noticing.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::response::Response;
@@ -14,7 +14,7 @@ use tokio::time::timeout_at;
 
 use super::error::{AttemptFailure, ERROR_SOURCE, ProxyError};
 use super::health::{self, AttemptOutcome, HealthTracker};
-use super::relay::{Committed, StreamWatch, Translator};
+use super::relay::{Committed, StreamWatch, Translator, unix_now};
 use super::shared::Shared;
 use super::snapshot::{ServedRoute, ServedTarget};
 use super::transport::{SendError, error_chain};
@@ -128,10 +128,6 @@ pub(super) fn forward_anthropic_headers(caller: &HeaderMap, target: &ServedTarge
     if let Ok(value) = HeaderValue::from_str(&betas.join(",")) {
         headers.insert(ANTHROPIC_BETA, value);
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// An attempt's result, with the target it was on.

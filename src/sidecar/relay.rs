@@ -166,7 +166,8 @@ impl Translator {
     }
 }
 
-fn unix_now() -> u64 {
+/// Seconds since 1970, for the `created` of chunks the sidecar writes.
+pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 

@@ -1,4 +1,4 @@
-//! The API's service: what each request of the OpenAI-compatible API goes to.
+//! The API's service: what each request of the OpenAI and Anthropic APIs goes to.
 
 use std::sync::Arc;
 
