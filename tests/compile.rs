@@ -250,6 +250,12 @@ fn yaml_and_type_errors_name_their_place() {
             ),
             "spec.targets[0].pricing.cacheWrite: ",
         ),
+        (
+            format!(
+                "{header}spec:\n  model: x\n  targets: [{{name: m, api: anthropic, baseUrl: 'https://a.example', anthropicBetas: ['a b']}}]\n"
+            ),
+            "spec.targets[0].anthropicBetas[0]: \"a b\" is not a beta name",
+        ),
         (format!("{header}spec:\n  model: x\n"), "(ProviderRoute default/x): spec: missing field `targets`"),
         (
             format!("---\nkind: ProviderRoute\n---\n{header}spec: [\n"),
