@@ -131,7 +131,8 @@ fn answers_chat_completions_cannot_carry_are_errors_never_a_silent_stop() {
 fn usage_counts_cached_prompt_tokens_in_prompt_tokens_and_keeps_reads_and_writes_apart() {
     let answer = std::fs::read(format!("{ANSWERS}/text-cached.messages.json")).unwrap();
     let (_, usage) = chat_completion(&answer, "chat", 0).unwrap();
-    assert_eq!((usage.input, usage.cache_read, usage.cache_write, usage.output), (12, 2048, 512, 4));
+    let input = usage.prompt - usage.cached_prompt - usage.cache_write;
+    assert_eq!((input, usage.cached_prompt, usage.cache_write, usage.completion), (12, 2048, 512, 4));
 }
 
 #[test]

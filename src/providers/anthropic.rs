@@ -36,7 +36,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
-use super::openai::{self, ChunkInfo};
+use super::Usage;
+use super::openai::{self, ChunkInfo, json_string};
 
 /// The API version every Messages request names.
 pub const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
@@ -455,54 +456,6 @@ pub fn openai_error(body: &[u8]) -> Option<Vec<u8>> {
     serde_json::to_vec(&json!({"error": {"message": message, "type": kind, "param": null, "code": null}})).ok()
 }
 
-/// A Messages answer's token counts, each kind apart: Anthropic's `input_tokens` excludes the
-/// prompt tokens read from or written to the cache, OpenAI's `prompt_tokens` includes them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MessagesUsage {
-    pub input: u64,
-    pub output: u64,
-    pub cache_read: u64,
-    pub cache_write: u64,
-}
-
-impl MessagesUsage {
-    /// Read from a usage object's text, in Anthropic's convention.
-    fn of_raw(usage: &RawValue) -> MessagesUsage {
-        #[derive(Deserialize, Default)]
-        #[serde(default)]
-        struct Peek {
-            input_tokens: u64,
-            output_tokens: u64,
-            cache_read_input_tokens: u64,
-            cache_creation_input_tokens: u64,
-        }
-        let p: Peek = serde_json::from_str(usage.get()).unwrap_or_default();
-        MessagesUsage {
-            input: p.input_tokens,
-            output: p.output_tokens,
-            cache_read: p.cache_read_input_tokens,
-            cache_write: p.cache_creation_input_tokens,
-        }
-    }
-
-    /// In OpenAI's convention, cache reads and writes kept apart as OpenRouter reports them.
-    pub fn openai_json(&self) -> Value {
-        serde_json::from_str(&self.openai_text()).unwrap_or(Value::Null)
-    }
-
-    /// [`MessagesUsage::openai_json`] as JSON text, written directly.
-    pub fn openai_text(&self) -> String {
-        let prompt = self.input.saturating_add(self.cache_read).saturating_add(self.cache_write);
-        format!(
-            r#"{{"prompt_tokens":{prompt},"completion_tokens":{},"total_tokens":{},"prompt_tokens_details":{{"cached_tokens":{},"cache_write_tokens":{}}}}}"#,
-            self.output,
-            prompt.saturating_add(self.output),
-            self.cache_read,
-            self.cache_write
-        )
-    }
-}
-
 /// A Messages `stop_reason` as a Chat Completions `finish_reason`; `None` for a reason this
 /// version does not know (an error, never a silent `stop`).
 pub fn finish_reason(stop_reason: &str) -> Option<&'static str> {
@@ -520,7 +473,7 @@ pub fn finish_reason(stop_reason: &str) -> Option<&'static str> {
 /// Translates a Messages answer into a Chat Completions answer named `model`: text, tool calls
 /// (arguments as JSON text), thinking as `reasoning` and, with signatures, `reasoning_details`
 /// (so that a caller can send them back), the finish reason, and usage in OpenAI's convention.
-pub fn chat_completion(answer: &[u8], model: &str, created: u64) -> Result<(Vec<u8>, MessagesUsage), Untranslatable> {
+pub fn chat_completion(answer: &[u8], model: &str, created: u64) -> Result<(Vec<u8>, Usage), Untranslatable> {
     let answer: AnswerPeek<'_> =
         serde_json::from_slice(answer).map_err(|e| untranslatable("", format!("the answer is not JSON: {e}")))?;
     if answer.kind != "message" {
@@ -538,7 +491,7 @@ pub fn chat_completion(answer: &[u8], model: &str, created: u64) -> Result<(Vec<
                 let thinking = block.thinking.as_deref().unwrap_or_default();
                 reasoning.push_str(thinking);
                 let mut detail = String::from(r#"{"type":"reasoning.text","text":"#);
-                detail.push_str(&json_text(thinking));
+                detail.push_str(&json_string(thinking));
                 if let Some(signature) = block.signature {
                     detail.push_str(r#","signature":"#);
                     detail.push_str(signature.get());
@@ -558,7 +511,7 @@ pub fn chat_completion(answer: &[u8], model: &str, created: u64) -> Result<(Vec<
                     raw(block.id),
                     calls.len(),
                     raw(block.name),
-                    json_text(&input.to_string())
+                    json_string(&input.to_string())
                 ));
             }
             other => {
@@ -573,13 +526,13 @@ pub fn chat_completion(answer: &[u8], model: &str, created: u64) -> Result<(Vec<
     let finish = finish_reason(stop)
         .ok_or_else(|| untranslatable("stop_reason", format!("{stop:?} is not a stop reason this version knows")))?;
     let content =
-        if text.is_empty() && (!calls.is_empty() || stop == "refusal") { "null".into() } else { json_text(&text) };
+        if text.is_empty() && (!calls.is_empty() || stop == "refusal") { "null".into() } else { json_string(&text) };
     let mut message = format!(r#"{{"role":"assistant","content":{content}"#);
     if !calls.is_empty() {
         message.push_str(&format!(r#","tool_calls":[{}]"#, calls.join(",")));
     }
     if !reasoning.is_empty() {
-        message.push_str(&format!(r#","reasoning":{}"#, json_text(&reasoning)));
+        message.push_str(&format!(r#","reasoning":{}"#, json_string(&reasoning)));
     }
     if !details.is_empty() {
         message.push_str(&format!(r#","reasoning_details":[{}]"#, details.join(",")));
@@ -591,24 +544,17 @@ pub fn chat_completion(answer: &[u8], model: &str, created: u64) -> Result<(Vec<
             .as_ref()
             .and_then(|d| d.explanation.as_deref())
             .unwrap_or("the model declined to answer");
-        message.push_str(&format!(r#","refusal":{}"#, json_text(explanation)));
+        message.push_str(&format!(r#","refusal":{}"#, json_string(explanation)));
     }
     message.push('}');
-    let usage = answer.usage.map(MessagesUsage::of_raw).unwrap_or_default();
+    let usage = answer.usage.and_then(openai::usage_of).unwrap_or_default();
     let out = format!(
         r#"{{"id":{},"object":"chat.completion","created":{created},"model":{},"choices":[{{"index":0,"message":{message},"finish_reason":"{finish}"}}],"usage":{}}}"#,
         raw(answer.id),
-        json_text(model),
-        usage.openai_text()
+        json_string(model),
+        openai::usage_text(&usage)
     );
     Ok((out.into_bytes(), usage))
-}
-
-/// A string as a JSON string literal.
-fn json_text(s: &str) -> String {
-    let mut out = Vec::with_capacity(s.len() + 2);
-    push_json_str(&mut out, s);
-    String::from_utf8(out).unwrap_or_default()
 }
 
 /// The fields of a Messages answer that the translation reads.
@@ -777,7 +723,7 @@ pub struct ChunkStream {
     head: String,
     /// Content block index -> tool call index, for the blocks that are tool uses.
     tools: Vec<(u64, usize)>,
-    pub usage: MessagesUsage,
+    pub usage: Usage,
     finish: Option<&'static str>,
     /// End with the usage chunk, as OpenAI does when `stream_options.include_usage` is set.
     usage_chunk: bool,
@@ -972,7 +918,7 @@ impl ChunkStream {
             "message_start" => {
                 if let Some(message) = &data.message {
                     self.set_id(&message.id);
-                    self.usage = message.usage.map(MessagesUsage::of_raw).unwrap_or_default();
+                    self.usage = message.usage.and_then(openai::usage_of).unwrap_or_default();
                 }
                 self.open(out);
                 self.close(out, br#"{"role":"assistant","content":""}"#, None);
@@ -1018,8 +964,9 @@ impl ChunkStream {
                 }
             }
             "message_delta" => {
-                if let Some(output) = data.usage.and_then(|u| openai::usage_at(u.get().as_bytes(), 0)) {
-                    self.usage.output = output.completion;
+                // The completion, and in newer versions the prompt again: the larger count is the last.
+                if let Some(usage) = data.usage.and_then(openai::usage_of) {
+                    self.usage = self.usage.merge(usage);
                 }
                 if let Some(stop) = data.delta.as_ref().and_then(|d| d.stop_reason.as_deref()) {
                     let Some(finish) = finish_reason(stop) else {
@@ -1037,7 +984,7 @@ impl ChunkStream {
                     let head = self.head.strip_suffix(r#"[{"index":0,"delta":"#).unwrap_or(&self.head);
                     out.extend_from_slice(head.as_bytes());
                     out.extend_from_slice(b"[],\"usage\":");
-                    out.extend_from_slice(self.usage.openai_text().as_bytes());
+                    out.extend_from_slice(openai::usage_text(&self.usage).as_bytes());
                     out.extend_from_slice(b"}\n\n");
                 }
                 out.extend_from_slice(b"data: [DONE]\n\n");
@@ -1240,7 +1187,7 @@ pub(super) mod tests {
                     prop_assert_eq!(Some(finish.as_str()), stop.as_deref().and_then(finish_reason));
                 }
                 let prompt = out["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
-                prop_assert!(prompt >= usage.input && prompt >= usage.cache_read, "saturating, never wrapped");
+                prop_assert!(prompt >= usage.cached_prompt && prompt >= usage.cache_write, "saturating, never wrapped");
             }
         }
 

@@ -573,6 +573,24 @@ pub fn chunk_info(data: &[u8]) -> ChunkInfo {
     ChunkInfo { has_output: output_bytes > 0 || has_tool_call, output_bytes, usage, partial_usage: false }
 }
 
+/// A usage object's text, read in either convention.
+pub(super) fn usage_of(usage: &RawValue) -> Option<Usage> {
+    usage_at(usage.get().as_bytes(), 0)
+}
+
+/// Usage in OpenAI's convention, as JSON text: `prompt_tokens` includes the cache's reads and
+/// writes, which are also reported apart, as OpenRouter reports them.
+pub fn usage_text(usage: &Usage) -> String {
+    format!(
+        r#"{{"prompt_tokens":{},"completion_tokens":{},"total_tokens":{},"prompt_tokens_details":{{"cached_tokens":{},"cache_write_tokens":{}}}}}"#,
+        usage.prompt,
+        usage.completion,
+        usage.total(),
+        usage.cached_prompt,
+        usage.cache_write
+    )
+}
+
 /// The usage object at or after `value` (the start of a `usage` value), read in either
 /// convention.
 pub(super) fn usage_at(data: &[u8], value: usize) -> Option<Usage> {
@@ -667,7 +685,8 @@ fn string_len(s: &[u8]) -> usize {
 
 /// A string as a JSON string literal, quotes included.
 pub fn json_string(s: &str) -> String {
-    serde_json::Value::from(s).to_string()
+    // Serialising a string cannot fail.
+    serde_json::to_string(s).unwrap_or_default()
 }
 
 /// The error body every Switchyard error uses: `{"error": {"message", "type", "code", "metadata"}}`.

@@ -25,8 +25,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
-use super::{StreamEnd, Untranslatable, json_text, untranslatable};
-use crate::providers::openai;
+use super::{StreamEnd, Untranslatable, untranslatable};
+use crate::providers::openai::{self, json_string};
 use crate::providers::{Usage, sse};
 
 /// Thinking budgets below these map to the effort beside them; larger ones to `high`.
@@ -407,10 +407,10 @@ pub fn messages_answer(answer: &[u8], model: &str) -> Result<Vec<u8>, Untranslat
         && let Some(reasoning) = string(message.and_then(|m| m.reasoning)).filter(|r| !r.is_empty())
     {
         // Reasoning without a signature: shown, with an empty signature, never a made-up one.
-        content.push(format!(r#"{{"type":"thinking","thinking":{},"signature":""}}"#, json_text(&reasoning)));
+        content.push(format!(r#"{{"type":"thinking","thinking":{},"signature":""}}"#, json_string(&reasoning)));
     }
     if let Some(text) = string(message.and_then(|m| m.content)).filter(|t| !t.is_empty()) {
-        content.push(format!(r#"{{"type":"text","text":{}}}"#, json_text(&text)));
+        content.push(format!(r#"{{"type":"text","text":{}}}"#, json_string(&text)));
     }
     if let Some(calls) = message.and_then(|m| m.tool_calls) {
         let calls: Value = serde_json::from_str(calls.get()).unwrap_or(Value::Null);
@@ -432,7 +432,7 @@ pub fn messages_answer(answer: &[u8], model: &str) -> Result<Vec<u8>, Untranslat
     let stop = stop_reason(finish).ok_or_else(|| {
         untranslatable("finish_reason", format!("{finish:?} is not a finish reason this version knows"))
     })?;
-    let usage = answer.usage.and_then(|u| openai::usage_at(u.get().as_bytes(), 0)).unwrap_or_default();
+    let usage = answer.usage.and_then(openai::usage_of).unwrap_or_default();
     let refusal = match stop {
         "refusal" => format!(r#","stop_details":{}"#, stop_details(string(message.and_then(|m| m.refusal)).as_deref())),
         _ => String::new(),
@@ -440,7 +440,7 @@ pub fn messages_answer(answer: &[u8], model: &str) -> Result<Vec<u8>, Untranslat
     let out = format!(
         r#"{{"id":{},"type":"message","role":"assistant","model":{},"content":[{}],"stop_reason":"{stop}","stop_sequence":null{refusal},"usage":{}}}"#,
         answer.id.map_or("\"\"", RawValue::get),
-        json_text(model),
+        json_string(model),
         content.join(","),
         usage_text(&usage)
     );
@@ -560,12 +560,12 @@ impl EventStream {
     fn chunk(&mut self, chunk: &ChunkPeek<'_>, out: &mut Vec<u8>) -> Result<(), StreamEnd> {
         if !self.started {
             self.started = true;
-            let (id, model) = (json_text(chunk.id.as_deref().unwrap_or_default()), json_text(&self.model));
+            let (id, model) = (json_string(chunk.id.as_deref().unwrap_or_default()), json_string(&self.model));
             out.extend_from_slice(
                 format!("event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"id\":{id},\"type\":\"message\",\"role\":\"assistant\",\"model\":{model},\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{{\"input_tokens\":0,\"output_tokens\":0}}}}}}\n\n").as_bytes(),
             );
         }
-        if let Some(usage) = chunk.usage.and_then(|u| openai::usage_at(u.get().as_bytes(), 0)) {
+        if let Some(usage) = chunk.usage.and_then(openai::usage_of) {
             self.usage = usage;
         }
         let Some(choice) = chunk.choices.as_ref().and_then(|c| c.first()) else { return Ok(()) };
