@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 
 /// The pinned SDK, as `tests/python/anthropic-requirements.txt` installs it.
@@ -35,18 +33,8 @@ async fn the_anthropic_python_sdk_works_against_both_kinds_of_target() {
         + &route_yaml("gpt-tools-stream", "", &[&target("openai", "openai-stream-tools")]);
     let sidecar = Sidecar::start(&config);
     let base_url = format!("http://{}", sidecar.api);
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/anthropic_client.py"))
-            .env("SWITCHYARD_BASE_URL", base_url)
-            .env("CALLER_KEY", "sk-caller")
-            .output()
-            .expect("run the SDK script")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let envs = [("SWITCHYARD_BASE_URL", base_url.as_str()), ("CALLER_KEY", "sk-caller")];
+    let stdout = run_script(python, "anthropic_client.py", &envs).await;
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(
         lines,

@@ -5,33 +5,17 @@
 
 mod common;
 
-use bytes::Bytes;
 use common::*;
-use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 
 const KEY: &str = "sk-team-a-0123456789";
 
 /// `POST /v1/messages` with Anthropic SDK headers (`x-api-key` when a key is given).
 async fn messages(addr: std::net::SocketAddr, key: Option<&str>, extra: &[(&str, &str)], body: &str) -> Reply {
-    let mut request = http::Request::builder()
-        .method("POST")
-        .uri(format!("http://{addr}/v1/messages"))
-        .header("content-type", "application/json")
-        .header("anthropic-version", "2023-06-01");
-    if let Some(key) = key {
-        request = request.header("x-api-key", key);
-    }
-    for (name, value) in extra {
-        request = request.header(*name, *value);
-    }
-    let request = request.body(Full::new(Bytes::copy_from_slice(body.as_bytes()))).unwrap();
-    let client =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let response = tokio::time::timeout(PATIENCE, client.request(request)).await.expect("in time").expect("sent");
-    let (parts, body) = response.into_parts();
-    let body = tokio::time::timeout(PATIENCE, body.collect()).await.expect("body in time").expect("body").to_bytes();
-    Reply { status: parts.status, headers: parts.headers, body: String::from_utf8_lossy(&body).into() }
+    let mut headers = vec![("anthropic-version", "2023-06-01")];
+    headers.extend(key.map(|key| ("x-api-key", key)));
+    headers.extend_from_slice(extra);
+    read(send_with(addr, "POST", "/v1/messages", &headers, body).await).await
 }
 
 /// A Messages request for `model` with one user turn and the `extra` fields.
@@ -298,14 +282,7 @@ stringData: {{key: {KEY}}}
 
 /// `POST /v1/messages/count_tokens`.
 async fn count(addr: std::net::SocketAddr, body: &str) -> Reply {
-    let client =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let request = http::Request::post(format!("http://{addr}/v1/messages/count_tokens"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
-        .unwrap();
-    let response = tokio::time::timeout(PATIENCE, client.request(request)).await.expect("in time").expect("sent");
-    read(response).await
+    post(addr, "/v1/messages/count_tokens", body).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

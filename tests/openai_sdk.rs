@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 
 /// The pinned SDK, as `tests/python/requirements.txt` installs it.
@@ -59,17 +57,7 @@ spec:
     );
     let sidecar = Sidecar::start(&config);
     let base_url = format!("http://{}/v1", sidecar.api);
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/openai_client.py"))
-            .env("SWITCHYARD_BASE_URL", base_url)
-            .output()
-            .expect("run the SDK script")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = run_script(python, "openai_client.py", &[("SWITCHYARD_BASE_URL", base_url.as_str())]).await;
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(
         lines,

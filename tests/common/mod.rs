@@ -74,6 +74,20 @@ pub fn sdk_python(venv: &str, requirements: &str, module: &str, version: &str) -
     venv.join("bin/python")
 }
 
+/// Runs `tests/python/{script}` with `python` and `envs`, off the test's runtime; its stdout, once
+/// it has exited successfully.
+pub async fn run_script(python: PathBuf, script: &str, envs: &[(&str, &str)]) -> String {
+    let mut command = Command::new(python);
+    command.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python").join(script));
+    for (name, value) in envs {
+        command.env(name, value);
+    }
+    let output = tokio::task::spawn_blocking(move || command.output().expect("run the script")).await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    stdout
+}
+
 /// `kubernetes-validate --strict` for Kubernetes 1.29 (the oldest we support: the first with
 /// native sidecars) and the newest it knows. Kinds it has no schema for (custom resources) pass
 /// with a warning; check those by hand.
@@ -359,12 +373,25 @@ pub async fn send_as(
     path: &str,
     body: &str,
 ) -> http::Response<Incoming> {
+    let bearer = key.map(|key| format!("Bearer {key}"));
+    let headers: Vec<(&str, &str)> = bearer.iter().map(|b| ("authorization", b.as_str())).collect();
+    send_with(addr, method, path, &headers, body).await
+}
+
+/// Sends a JSON request with these extra headers.
+pub async fn send_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> http::Response<Incoming> {
     let mut request = http::Request::builder()
         .method(method)
         .uri(format!("http://{addr}{path}"))
         .header(header::CONTENT_TYPE, "application/json");
-    if let Some(key) = key {
-        request = request.header(header::AUTHORIZATION, format!("Bearer {key}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
     }
     let request = request.body(Full::new(Bytes::copy_from_slice(body.as_bytes()))).unwrap();
     tokio::time::timeout(PATIENCE, client().request(request))
