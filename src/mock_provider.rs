@@ -132,6 +132,63 @@ fn unix_now() -> u64 {
 
 /// Answers one chat completion request; used by the HTTP server and by in-process mock targets.
 pub async fn chat_completion(options: &MockOptions, stats: &MockStats, headers: &HeaderMap, body: &[u8]) -> Response {
+    generate(options, stats, headers, body, Shape::Chat).await
+}
+
+/// Answers one legacy completions request (`POST /v1/completions`): the same words and knobs as
+/// [`chat_completion`], as `choices[].text`.
+pub async fn completion(options: &MockOptions, stats: &MockStats, headers: &HeaderMap, body: &[u8]) -> Response {
+    generate(options, stats, headers, body, Shape::Text).await
+}
+
+/// The two OpenAI shapes of generated text.
+#[derive(Clone, Copy)]
+enum Shape {
+    /// Chat completions: `message` and `delta` objects.
+    Chat,
+    /// Legacy completions: `text`.
+    Text,
+}
+
+impl Shape {
+    fn names(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Shape::Chat => ("chatcmpl-mock", "chat.completion", "chat.completion.chunk"),
+            Shape::Text => ("cmpl-mock", "text_completion", "text_completion"),
+        }
+    }
+
+    /// A choice of a whole answer.
+    fn choice(self, text: String) -> serde_json::Value {
+        match self {
+            Shape::Chat => {
+                serde_json::json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"})
+            }
+            Shape::Text => serde_json::json!({"index": 0, "text": text, "logprobs": null, "finish_reason": "stop"}),
+        }
+    }
+
+    /// A choice of a stream's chunk: some text, or none with the finish reason.
+    fn chunk_choice(self, text: Option<String>, finish: Option<&str>) -> serde_json::Value {
+        match self {
+            Shape::Chat => {
+                let delta = text.map_or_else(|| serde_json::json!({}), |t| serde_json::json!({"content": t}));
+                serde_json::json!({"index": 0, "delta": delta, "finish_reason": finish})
+            }
+            Shape::Text => {
+                serde_json::json!({"index": 0, "text": text.unwrap_or_default(), "logprobs": null, "finish_reason": finish})
+            }
+        }
+    }
+}
+
+async fn generate(
+    options: &MockOptions,
+    stats: &MockStats,
+    headers: &HeaderMap,
+    body: &[u8],
+    shape: Shape,
+) -> Response {
     let n = match admit(options, stats, headers, Format::OpenAi).await {
         Ok(n) => n,
         Err(response) => return response,
@@ -148,7 +205,8 @@ pub async fn chat_completion(options: &MockOptions, stats: &MockStats, headers: 
         completion: u64::from(words),
         ..Usage::default()
     };
-    let id = format!("chatcmpl-mock-{n}");
+    let (id_prefix, object, chunk_object) = shape.names();
+    let id = format!("{id_prefix}-{n}");
     let created = unix_now();
 
     if !request.stream {
@@ -156,8 +214,8 @@ pub async fn chat_completion(options: &MockOptions, stats: &MockStats, headers: 
             return broken_body();
         }
         let body = serde_json::json!({
-            "id": id, "object": "chat.completion", "created": created, "model": request.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text(words)}, "finish_reason": "stop"}],
+            "id": id, "object": object, "created": created, "model": request.model,
+            "choices": [shape.choice(text(words))],
             "usage": usage_json(&usage),
         });
         return ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
@@ -171,24 +229,28 @@ pub async fn chat_completion(options: &MockOptions, stats: &MockStats, headers: 
     let (tx, body) = channel_body();
     let options = options.clone();
     tokio::spawn(async move {
-        let chunk = |delta: serde_json::Value, finish: Option<&str>| {
+        let chunk = |choice: serde_json::Value| {
             sse(&serde_json::json!({
-                "id": id, "object": "chat.completion.chunk", "created": created, "model": request.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                "id": id, "object": chunk_object, "created": created, "model": request.model,
+                "choices": [choice],
             }))
         };
-        if tx.send(Ok(chunk(serde_json::json!({"role": "assistant", "content": ""}), None))).await.is_err() {
-            return;
+        if let Shape::Chat = shape {
+            let role =
+                serde_json::json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null});
+            if tx.send(Ok(chunk(role))).await.is_err() {
+                return;
+            }
         }
         let error = serde_json::json!({"error": {"message": "Injected stream error from the mock provider.", "type": "server_error", "code": "mock_failure"}});
-        let word_chunk = |i| chunk(serde_json::json!({"content": word(i)}), None);
+        let word_chunk = |i| chunk(shape.chunk_choice(Some(word(i)), None));
         if send_words(&tx, &options, words, word_chunk, sse(&error)).await.is_err() {
             return;
         }
-        let _ = tx.send(Ok(chunk(serde_json::json!({}), Some("stop")))).await;
+        let _ = tx.send(Ok(chunk(shape.chunk_choice(None, Some("stop"))))).await;
         if include_usage {
             let usage_chunk = serde_json::json!({
-                "id": id, "object": "chat.completion.chunk", "created": created, "model": request.model,
+                "id": id, "object": chunk_object, "created": created, "model": request.model,
                 "choices": [], "usage": usage_json(&usage),
             });
             let _ = tx.send(Ok(sse(&usage_chunk))).await;
@@ -196,6 +258,109 @@ pub async fn chat_completion(options: &MockOptions, stats: &MockStats, headers: 
         let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
     });
     event_stream(body)
+}
+
+/// The part of an embeddings request the mock looks at.
+#[derive(Deserialize)]
+struct MockEmbeddingsRequest {
+    #[serde(default)]
+    model: String,
+    input: EmbeddingsInput,
+    #[serde(default)]
+    encoding_format: Option<String>,
+    #[serde(default)]
+    dimensions: Option<u16>,
+}
+
+/// `input` in each of the shapes OpenAI accepts.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum EmbeddingsInput {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+/// Answers one embeddings request (`POST /v1/embeddings`): a vector per input, the same for the
+/// same input, of `dimensions` values (8 by default); `encoding_format: base64` packs them as
+/// little-endian `f32`, as OpenAI does (the OpenAI SDKs ask for it by default).
+pub async fn embeddings(options: &MockOptions, stats: &MockStats, headers: &HeaderMap, body: &[u8]) -> Response {
+    if let Err(response) = admit(options, stats, headers, Format::OpenAi).await {
+        return response;
+    }
+    let request: MockEmbeddingsRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                Format::OpenAi,
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                &format!("Invalid embeddings request: {e}"),
+            );
+        }
+    };
+    // Each input as bytes to hash, and its tokens.
+    let text = |t: String| {
+        let tokens = (t.len() as u64).div_ceil(BYTES_PER_TOKEN).max(1);
+        (t.into_bytes(), tokens)
+    };
+    let ids = |ids: &[u32]| (ids.iter().flat_map(|i| i.to_le_bytes()).collect::<Vec<u8>>(), ids.len() as u64);
+    let inputs: Vec<(Vec<u8>, u64)> = match request.input {
+        EmbeddingsInput::Text(t) => vec![text(t)],
+        EmbeddingsInput::Texts(ts) => ts.into_iter().map(text).collect(),
+        EmbeddingsInput::Tokens(list) => vec![ids(&list)],
+        EmbeddingsInput::TokenLists(lists) => lists.iter().map(|list| ids(list)).collect(),
+    };
+    let dimensions = request.dimensions.unwrap_or(8).clamp(1, 4096);
+    let base64 = request.encoding_format.as_deref() == Some("base64");
+    let data: Vec<serde_json::Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(index, (input, _))| {
+            let vector = embedding(input, dimensions);
+            let embedding = if base64 {
+                serde_json::Value::from(base64_encode(
+                    &vector.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+                ))
+            } else {
+                serde_json::Value::from(vector)
+            };
+            serde_json::json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    let tokens: u64 = inputs.iter().map(|(_, n)| n).sum();
+    let body = serde_json::json!({
+        "object": "list", "data": data, "model": request.model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    });
+    ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+/// A unit-length vector of `dimensions` values drawn from the input's bytes.
+fn embedding(input: &[u8], dimensions: u16) -> Vec<f32> {
+    let seed = input.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let values: Vec<f32> =
+        (0..u64::from(dimensions)).map(|i| (random_ppm(seed ^ i) as f32 / 500_000.0) - 1.0).collect();
+    let norm = values.iter().map(|v| v * v).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+    values.into_iter().map(|v| v / norm).collect()
+}
+
+/// Standard base64 with padding.
+fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for group in bytes.chunks(3) {
+        let n = group.iter().enumerate().fold(0u32, |n, (i, &b)| n | (u32::from(b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= group.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// The part of a Messages request the mock looks at.
@@ -353,35 +518,40 @@ struct MockState {
 /// The HTTP API of `switchyard mock-provider`.
 pub fn router(options: Arc<MockOptions>, stats: Arc<MockStats>) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(handle_chat))
-        .route("/v1/messages", post(handle_messages))
-        .route("/v1/messages/count_tokens", post(handle_count_tokens))
+        .route("/v1/chat/completions", post(|State(s), r| handle(s, r, Endpoint::Chat)))
+        .route("/v1/completions", post(|State(s), r| handle(s, r, Endpoint::Completion)))
+        .route("/v1/embeddings", post(|State(s), r| handle(s, r, Endpoint::Embeddings)))
+        .route("/v1/messages", post(|State(s), r| handle(s, r, Endpoint::Messages)))
+        .route("/v1/messages/count_tokens", post(|State(s), r| handle(s, r, Endpoint::CountTokens)))
         .route("/v1/models", get(models))
         .route("/mock/stats", get(handle_stats))
         .with_state(MockState { options, stats })
 }
 
-async fn handle_chat(State(state): State<MockState>, request: Request) -> Response {
-    let (parts, body) = request.into_parts();
-    match body.collect().await {
-        Ok(body) => chat_completion(&state.options, &state.stats, &parts.headers, &body.to_bytes()).await,
-        Err(_) => unreadable(Format::OpenAi),
-    }
+/// The generators the HTTP API serves.
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Chat,
+    Completion,
+    Embeddings,
+    Messages,
+    CountTokens,
 }
 
-async fn handle_messages(State(state): State<MockState>, request: Request) -> Response {
+async fn handle(state: MockState, request: Request, endpoint: Endpoint) -> Response {
+    let format = match endpoint {
+        Endpoint::Messages | Endpoint::CountTokens => Format::Anthropic,
+        Endpoint::Chat | Endpoint::Completion | Endpoint::Embeddings => Format::OpenAi,
+    };
     let (parts, body) = request.into_parts();
-    match body.collect().await {
-        Ok(body) => messages(&state.options, &state.stats, &parts.headers, &body.to_bytes()).await,
-        Err(_) => unreadable(Format::Anthropic),
-    }
-}
-
-async fn handle_count_tokens(State(state): State<MockState>, request: Request) -> Response {
-    let (parts, body) = request.into_parts();
-    match body.collect().await {
-        Ok(body) => count_tokens(&state.options, &state.stats, &parts.headers, &body.to_bytes()).await,
-        Err(_) => unreadable(Format::Anthropic),
+    let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else { return unreadable(format) };
+    let (options, stats, headers) = (&*state.options, &*state.stats, &parts.headers);
+    match endpoint {
+        Endpoint::Chat => chat_completion(options, stats, headers, &body).await,
+        Endpoint::Completion => completion(options, stats, headers, &body).await,
+        Endpoint::Embeddings => embeddings(options, stats, headers, &body).await,
+        Endpoint::Messages => messages(options, stats, headers, &body).await,
+        Endpoint::CountTokens => count_tokens(options, stats, headers, &body).await,
     }
 }
 

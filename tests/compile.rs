@@ -732,3 +732,25 @@ stringData: {openai: sk-upstream, app: sk-app}
         assert_eq!((config.routes.len(), config.budgets.len()), (1, 1));
     }
 }
+
+/// One pass-through default per namespace: a second claim is refused with its own reason, which
+/// the operator writes into the route's status.
+#[test]
+fn a_namespace_has_at_most_one_pass_through_default() {
+    let route = |name: &str, namespace: &str| {
+        format!(
+            "---\napiVersion: switchyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  model: {name}\n  passthroughDefault: true\n  targets: [{{name: m, api: mock}}]\n"
+        )
+    };
+    let docs = docs_of(&[route("files", "team-a"), route("batches", "team-a"), route("files-b", "team-b")].concat());
+    let analysis = analyse(&docs, &MapResolver::default());
+    let defaults: Vec<&str> =
+        analysis.config.routes.iter().filter(|r| r.passthrough_default).map(|r| r.name.as_str()).collect();
+    assert_eq!(defaults, ["files", "files-b"]);
+    let refused = analysis.outcomes.iter().find(|o| o.object.name == "batches").unwrap();
+    assert_eq!(refused.errors.iter().map(|e| e.reason).collect::<Vec<_>>(), [Reason::DuplicatePassthroughDefault]);
+    assert_eq!(
+        refused.errors[0].to_string(),
+        "ns.yaml: document 2 (ProviderRoute team-a/batches): spec.passthroughDefault: ProviderRoute team-a/files is already the namespace's pass-through default; there is one per namespace"
+    );
+}

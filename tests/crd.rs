@@ -118,7 +118,7 @@ fn cel_rules_compile_and_fit_the_cost_budget() {
     for kind in ["ProviderRoute", "ApiKeyBudget"] {
         walk(&schema_of(kind), kind, &mut problems, &mut rules);
     }
-    assert_eq!(rules, 15, "every rule of both CRDs is checked");
+    assert_eq!(rules, 16, "every rule of both CRDs is checked");
     assert!(problems.is_empty(), "{problems:#?}");
 }
 
@@ -452,10 +452,15 @@ fn the_schema_and_standalone_mode_reject_the_same_routes() {
         ("baseEjection over maxEjection", "/spec/health/baseEjection", json!("10m"), "health"),
         ("bad ejection duration", "/spec/health/maxEjection", json!("forever"), "maxEjection"),
         ("missing targets", "/spec/targets", Value::Null, "targets"),
+        ("unknown serves", "/spec/serves", json!("images"), "serves"),
     ];
     for (what, pointer, value, field) in spec_cases {
         check(&mut failures, what, &mutated(pointer, value), field);
     }
+    let mut anthropic_embeddings = mutated("/spec/serves", json!("embeddings"));
+    anthropic_embeddings["spec"]["targets"] =
+        json!([target(json!({"api": "anthropic", "baseUrl": "https://api.anthropic.com"}))]);
+    check(&mut failures, "an embeddings route with an anthropic target", &anthropic_embeddings, "api");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 

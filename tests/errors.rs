@@ -86,7 +86,13 @@ async fn bad_requests_get_openai_shaped_errors() {
         serde_json::json!(["chat", "gpt-4o", "gpt-4o-mini", "keyed", "keyed-passthrough"])
     );
 
+    // Other `/v1/` calls pass through to the route their model names, or to the namespace's
+    // pass-through default, which this configuration has not.
     let reply = get(api, "/v1/nothing-here").await;
+    assert_eq!(reply.status, 404);
+    assert_eq!(reply.json()["error"]["code"], "no_passthrough_route");
+    assert!(reply.json()["error"]["message"].as_str().unwrap().contains("passthroughDefault: true"), "{}", reply.body);
+    let reply = get(api, "/nothing-here").await;
     assert_eq!(reply.status, 404);
     assert_eq!(reply.json()["error"]["code"], "unknown_endpoint");
     let reply = get(api, "/v1/chat/completions").await;
@@ -106,7 +112,7 @@ async fn bad_requests_get_openai_shaped_errors() {
 
     let metrics = get(sidecar.admin, "/metrics").await.body;
     assert_eq!(metric(&metrics, r#"switchyard_requests_total{route="",target="",status="400"}"#), 5);
-    assert_eq!(metric(&metrics, r#"switchyard_requests_total{route="",target="",status="404"}"#), 3);
+    assert_eq!(metric(&metrics, r#"switchyard_requests_total{route="",target="",status="404"}"#), 4);
     assert_eq!(metric(&metrics, r#"switchyard_requests_total{route="",target="",status="413"}"#), 1);
     assert_eq!(metric(&metrics, r#"switchyard_requests_total{route="default/chat",target="only",status="200"}"#), 1);
 }

@@ -34,7 +34,9 @@ use super::units::{DECIMAL_PATTERN, DURATION_PATTERN};
     validation = Rule::new("!has(self.aliases) || !self.aliases.exists(a, a == self.model)")
         .message("aliases must not repeat model"),
     validation = Rule::new("!has(self.hedge) || !has(self.holdBack) || duration(self.hedge.after) < duration(self.holdBack)")
-        .message("hedge.after must be shorter than holdBack: a stream is committed to its first target when hold-back ends, so a later hedge would never start")
+        .message("hedge.after must be shorter than holdBack: a stream is committed to its first target when hold-back ends, so a later hedge would never start"),
+    validation = Rule::new("!has(self.serves) || self.serves != 'embeddings' || self.targets.all(t, !has(t.api) || t.api != 'anthropic')")
+        .message("an embeddings route's targets must speak the OpenAI API: Anthropic's has no embeddings")
 )]
 pub struct ProviderRouteSpec {
     /// The model name that applications send in the request's `model` field. Unique per namespace
@@ -51,6 +53,19 @@ pub struct ProviderRouteSpec {
         validation = Rule::new("self.all(a, self.exists_one(b, b == a))").message("aliases must be unique")
     )]
     pub aliases: Vec<String>,
+
+    /// What the route's models do. `chat` (the default): conversations, served on
+    /// `/v1/chat/completions`, `/v1/messages` and (by OpenAI-compatible targets)
+    /// `/v1/completions`. `embeddings`: vectors, served on `/v1/embeddings`; every target must be
+    /// OpenAI-compatible.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub serves: Serves,
+
+    /// Make this route the namespace's pass-through default: API calls the sidecar does not serve
+    /// itself (files, batches, audio, images, ...) and that name no model go to this route's
+    /// first available target. At most one route per namespace.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub passthrough_default: bool,
 
     /// Which pods' sidecars receive this route, by pod labels. Absent: every injected pod in the
     /// namespace. Ignored in standalone mode.
@@ -96,6 +111,30 @@ pub struct ProviderRouteSpec {
     /// be shorter than `holdBack`, which is how long a stream may wait for its first token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hedge: Option<Hedge>,
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
+/// What a route's models do, and so which endpoints serve them.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Serves {
+    /// Conversations: chat completions, Messages, legacy completions.
+    #[default]
+    Chat,
+    /// Embeddings.
+    Embeddings,
+}
+
+impl Serves {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Serves::Chat => "chat",
+            Serves::Embeddings => "embeddings",
+        }
+    }
 }
 
 fn default_hold_back() -> String {

@@ -124,6 +124,8 @@ pub fn analyse(docs: &Documents, resolver: &dyn Resolver) -> Analysis {
     let mut analysis = Analysis::default();
     // Which route claimed each model name first, for conflicts across routes.
     let mut claimed: HashMap<String, ObjectRef> = HashMap::new();
+    // Which route is the pass-through default of each namespace.
+    let mut defaults: HashMap<String, ObjectRef> = HashMap::new();
     let mut seen: HashSet<ObjectRef> = HashSet::new();
 
     for doc in &docs.routes {
@@ -142,11 +144,19 @@ pub fn analyse(docs: &Documents, resolver: &dyn Resolver) -> Analysis {
                     cx.fail(&path, Problem(Reason::DuplicateModel, message));
                 }
             }
+            if let Some(owner) = defaults.get(&route.namespace).filter(|_| route.passthrough_default) {
+                let message =
+                    format!("{owner} is already the namespace's pass-through default; there is one per namespace");
+                cx.fail("spec.passthroughDefault", Problem(Reason::DuplicatePassthroughDefault, message));
+            }
         }
         match route {
             Some(route) if cx.errors.is_empty() => {
                 for name in route.model_names() {
                     claimed.insert(name.to_string(), cx.object.clone());
+                }
+                if route.passthrough_default {
+                    defaults.insert(route.namespace.clone(), cx.object.clone());
                 }
                 analysis.config.routes.push(route);
             }
@@ -430,6 +440,8 @@ fn compile_route(
         hedge_after: hedge_after?,
         reserved_completion_tokens: spec.reserved_completion_tokens,
         workload_selector: spec.workload_selector.clone(),
+        serves: spec.serves,
+        passthrough_default: spec.passthrough_default,
     })
 }
 
@@ -443,6 +455,12 @@ fn compile_target(
 ) -> Option<Target> {
     let errors_before = cx.errors.len();
     let at = |field: &str| format!("{path}.{field}");
+    if pr.spec.serves == api::Serves::Embeddings && t.api == api::ProviderApi::Anthropic {
+        cx.error(
+            &at("api"),
+            "an embeddings route's targets must speak the OpenAI API: Anthropic's has no embeddings".into(),
+        );
+    }
 
     cx.check(&at("name"), dns_label(&t.name));
     if let Some(provider) = &t.provider {

@@ -25,7 +25,7 @@ pub use load::{Fingerprint, Loaded, Sources, load, parse_file};
 pub use mock::{MockOptions, UsageChunk, parse_count, parse_fail_status, parse_rate, parse_usage};
 pub use wire::{COMPILED_CONFIG_KIND, CompiledConfig};
 
-use crate::api::{FallbackReason, Period, Strategy};
+use crate::api::{FallbackReason, Period, Serves, Strategy};
 
 /// A compiled, validated configuration. Immutable once built; the sidecar swaps whole configs.
 ///
@@ -122,6 +122,17 @@ pub struct Route {
     pub reserved_completion_tokens: u32,
     /// Which pods' sidecars serve this route; `None`: every pod.
     pub workload_selector: Option<LabelSelector>,
+    /// Written only when not the default, so that sidecars older than the field read the
+    /// configurations that do not use it.
+    #[serde(default, skip_serializing_if = "is_chat")]
+    pub serves: Serves,
+    /// The namespace's pass-through default route.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub passthrough_default: bool,
+}
+
+fn is_chat(serves: &Serves) -> bool {
+    *serves == Serves::Chat
 }
 
 impl Route {
@@ -397,6 +408,8 @@ pub enum Reason {
     DuplicateModel,
     /// Another budget, served first, already has this key.
     DuplicateKey,
+    /// Another route of the namespace, served first, is already its pass-through default.
+    DuplicatePassthroughDefault,
 }
 
 impl Reason {
@@ -407,6 +420,7 @@ impl Reason {
             Reason::KeyNotFound => "KeyNotFound",
             Reason::DuplicateModel => "DuplicateModel",
             Reason::DuplicateKey => "DuplicateKey",
+            Reason::DuplicatePassthroughDefault => "DuplicatePassthroughDefault",
         }
     }
 }

@@ -164,6 +164,27 @@ pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest<'_>, RequestError> 
     })
 }
 
+/// A JSON string read from a body, and its span there (quotes included).
+pub type Spanned<'a> = (Cow<'a, str>, Range<usize>);
+
+/// The `model` of a JSON request that need not name one (a call passed through as it is): the
+/// name and its span in `body`; `None` without one.
+pub fn optional_model(body: &[u8]) -> Result<Option<Spanned<'_>>, RequestError> {
+    #[derive(Deserialize)]
+    struct ModelPeek<'a> {
+        #[serde(borrow, default)]
+        model: Option<&'a RawValue>,
+    }
+    if body.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|&b| b != b'{') {
+        return Err(RequestError::InvalidJson("expected a JSON object".into()));
+    }
+    let peek: ModelPeek<'_> = serde_json::from_slice(body).map_err(|e| RequestError::InvalidJson(e.to_string()))?;
+    match peek.model {
+        None => Ok(None),
+        Some(raw) => string_at(raw, body).map(Some).ok_or(RequestError::InvalidModel),
+    }
+}
+
 /// Whether `stream_options` asks for usage, and how to make it ask.
 type StreamOptionsFound = (bool, Option<(Range<usize>, StreamOptionsShape)>);
 
@@ -190,7 +211,7 @@ fn stream_options(raw: &RawValue, body: &[u8]) -> Result<StreamOptionsFound, Req
 }
 
 /// A JSON string value borrowed from `body`, decoded, with its span (quotes included) in `body`.
-fn string_at<'a>(raw: &'a RawValue, body: &[u8]) -> Option<(Cow<'a, str>, Range<usize>)> {
+fn string_at<'a>(raw: &'a RawValue, body: &[u8]) -> Option<Spanned<'a>> {
     let text = raw.get();
     if !text.starts_with('"') {
         return None;
@@ -393,6 +414,9 @@ pub fn answer_info(body: &[u8]) -> Result<AnswerInfo, serde_json::Error> {
     struct Choice<'a> {
         #[serde(borrow, default)]
         message: Option<Output<'a>>,
+        /// Legacy completions' output.
+        #[serde(borrow, default)]
+        text: Option<Cow<'a, str>>,
     }
     let answer: AnswerPeek<'_> = serde_json::from_slice(body)?;
     let usage = answer.usage.filter(|u| u.get().starts_with('{'));
@@ -400,7 +424,13 @@ pub fn answer_info(body: &[u8]) -> Result<AnswerInfo, serde_json::Error> {
     let usage = usage.and_then(|raw| serde_json::from_str::<UsagePeek>(raw.get()).ok()).map(Usage::from);
     let output_bytes = match (&usage, answer.choices) {
         (None, Some(choices)) => serde_json::from_str::<Vec<Choice<'_>>>(choices.get())
-            .map(|c| c.iter().filter_map(|c| c.message.as_ref()).map(Output::bytes).sum())
+            .map(|c| {
+                c.iter()
+                    .map(|c| {
+                        c.message.as_ref().map_or(0, Output::bytes) + c.text.as_ref().map_or(0, |t| t.len() as u64)
+                    })
+                    .sum()
+            })
             .unwrap_or(0),
         _ => 0,
     };
@@ -573,6 +603,17 @@ pub fn chunk_info(data: &[u8]) -> ChunkInfo {
     ChunkInfo { has_output: output_bytes > 0 || has_tool_call, output_bytes, usage, partial_usage: false }
 }
 
+/// Reads one SSE `data:` payload of a legacy completions stream, whose output is `choices[].text`.
+pub fn text_chunk_info(data: &[u8]) -> ChunkInfo {
+    if !data.starts_with(b"{") {
+        return ChunkInfo::default();
+    }
+    let keys = &*KEYS;
+    let output_bytes = string_bytes(data, &keys.text);
+    let usage = value_of(data, &keys.usage, 0).and_then(|value| usage_at(data, value));
+    ChunkInfo { has_output: output_bytes > 0, output_bytes, usage, partial_usage: false }
+}
+
 /// A usage object's text, read in either convention.
 pub(super) fn usage_of(usage: &RawValue) -> Option<Usage> {
     usage_at(usage.get().as_bytes(), 0)
@@ -643,6 +684,8 @@ struct Keys {
     output: [Finder<'static>; 5],
     tool_calls: Finder<'static>,
     usage: Finder<'static>,
+    /// Legacy completions' output.
+    text: [Finder<'static>; 1],
 }
 
 static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys {
@@ -655,6 +698,7 @@ static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys {
     ],
     tool_calls: Finder::new(b"\"tool_calls\""),
     usage: Finder::new(b"\"usage\""),
+    text: [Finder::new(b"\"text\"")],
 });
 
 /// Whether complete events mention usage, so that only those are read for it.

@@ -12,6 +12,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header, response::Parts};
 use http_body_util::{BodyExt, Full, Limited};
 use tokio::time::timeout_at;
 
+use super::endpoint::{Endpoint, UpstreamPath};
 use super::error::{AttemptFailure, ERROR_SOURCE, ProxyError};
 use super::health::{self, AttemptOutcome, HealthTracker};
 use super::relay::{Committed, StreamWatch, Translator, unix_now};
@@ -76,14 +77,7 @@ impl Failure {
         message: String,
     ) -> Failure {
         Failure {
-            record: AttemptFailure {
-                model: route.model.clone(),
-                target: target.name.clone(),
-                status,
-                reason: kind.as_str(),
-                message,
-                kind,
-            },
+            record: AttemptFailure::new(&route.model, &target.name, kind, status, message),
             passthrough: None,
             health: HealthEffect::Failure,
         }
@@ -95,16 +89,38 @@ impl Failure {
     /// untouched; the caller gets a 400 naming the field unless another target may take it.
     fn untranslatable(route: &ServedRoute, target: &ServedTarget, e: Untranslatable, caller: Format) -> Failure {
         let message = if e.field.is_empty() { e.message } else { format!("{}: {}", e.field, e.message) };
-        let api = match target.format {
-            Format::OpenAi => "OpenAI's Chat Completions API",
-            Format::Anthropic => "Anthropic's Messages API",
-        };
-        let message = format!("{message} (target {:?} speaks {api})", target.name);
+        let message = format!("{message} (target {:?} speaks {})", target.name, api_name(target.format));
         let mut failure = Failure::new(route, target, FallbackReason::ClientError, None, message.clone());
         failure.health = HealthEffect::Untouched;
         let error = ProxyError::BadRequest { code: "untranslatable_request", message };
         failure.passthrough = Some(error.into_response_as(caller));
         failure
+    }
+}
+
+impl Failure {
+    /// A request of an endpoint the target's API does not have: never sent, like an
+    /// [untranslatable](Failure::untranslatable) one.
+    pub(super) fn unsupported(route: &ServedRoute, target: &ServedTarget, endpoint: Endpoint) -> Failure {
+        let message = format!(
+            "target {:?} speaks {}, which has no {} endpoint",
+            target.name,
+            api_name(target.format),
+            endpoint.api_name()
+        );
+        let mut failure = Failure::new(route, target, FallbackReason::ClientError, None, message.clone());
+        failure.health = HealthEffect::Untouched;
+        let error = ProxyError::BadRequest { code: "unsupported_endpoint", message };
+        failure.passthrough = Some(error.into_response_as(endpoint.format()));
+        failure
+    }
+}
+
+/// The API a target of `format` speaks, for error messages.
+fn api_name(format: Format) -> &'static str {
+    match format {
+        Format::OpenAi => "OpenAI's Chat Completions API",
+        Format::Anthropic => "Anthropic's Messages API",
     }
 }
 
@@ -155,8 +171,8 @@ impl Drop for ProbeGuard<'_> {
 
 /// The request an attempt sends, the same for each attempt but for the target.
 pub struct Outgoing<'a> {
-    /// The caller's format: what the request is in and what the answer must be in.
-    pub caller: Format,
+    /// The endpoint called: what the request is and what the answer must be.
+    pub endpoint: Endpoint,
     /// The routing fields of the request.
     pub chat: &'a ChatRequest<'a>,
     pub body: &'a Bytes,
@@ -192,7 +208,14 @@ async fn try_target(
     let deadline = started + timeouts.total;
     let first_byte_deadline = (started + timeouts.first_byte).min(deadline);
 
-    let body = match (out.caller, target.format) {
+    let caller = out.endpoint.format();
+    let Some(path) = out.endpoint.upstream(target.format) else {
+        return Err(Failure::unsupported(route, target, out.endpoint));
+    };
+    let body = match (caller, target.format) {
+        _ if path != UpstreamPath::Conversation => {
+            Ok(out.chat.upstream_body(out.body, &target.model_json, out.force_usage))
+        }
         (Format::OpenAi, Format::OpenAi) => Ok(out.chat.upstream_body(out.body, &target.model_json, out.force_usage)),
         (Format::Anthropic, Format::Anthropic) if out.chat.models.is_empty() => {
             Ok(out.chat.upstream_body(out.body, &target.model_json, false))
@@ -209,7 +232,7 @@ async fn try_target(
     };
     let body = match body {
         Ok(body) => body,
-        Err(e) => return Err(Failure::untranslatable(route, target, e, out.caller)),
+        Err(e) => return Err(Failure::untranslatable(route, target, e, caller)),
     };
     let mut request = http::Request::new(Full::new(body));
     *request.method_mut() = Method::POST;
@@ -220,12 +243,18 @@ async fn try_target(
             headers.insert(name, value.clone());
         }
     }
-    if (out.caller, target.format) == (Format::Anthropic, Format::Anthropic) {
+    if (caller, target.format) == (Format::Anthropic, Format::Anthropic) {
         forward_anthropic_headers(out.caller_headers, target, headers);
     }
 
     let fail = |kind, status, message| Failure::new(route, target, kind, status, message);
-    let response = match timeout_at(first_byte_deadline.into(), target.upstream.send(request)).await {
+    let sent = async {
+        match path {
+            UpstreamPath::Conversation => target.upstream.send(request).await,
+            UpstreamPath::Under(path) => target.upstream.send_to(path, request).await,
+        }
+    };
+    let response = match timeout_at(first_byte_deadline.into(), sent).await {
         Ok(Ok(response)) => response,
         Ok(Err(SendError::ConnectTimeout)) => {
             let message = format!("connect timeout after {}", format_duration(timeouts.connect));
@@ -255,7 +284,7 @@ async fn try_target(
         let error_body = redact(error_body, target);
         let code = status.as_u16();
         // Callers read errors in their own API's shape.
-        let error_body = match (out.caller, target.format) {
+        let error_body = match (caller, target.format) {
             (Format::OpenAi, Format::Anthropic) => anthropic::openai_error(&error_body).map_or(error_body, Bytes::from),
             (Format::Anthropic, Format::OpenAi) => {
                 let message = upstream_error_message(&error_body).unwrap_or_else(|| upstream_message(status, b""));
@@ -288,8 +317,8 @@ async fn try_target(
     if is_event_stream(&parts.headers) {
         parts.headers.remove(header::CONTENT_LENGTH);
         let usage_chunk = out.chat.include_usage || out.force_usage;
-        let mut translator = Translator::between(target.format, out.caller, &target.model, usage_chunk);
-        let mut watch = StreamWatch::new(started, out.caller);
+        let mut translator = Translator::between(target.format, caller, &target.model, usage_chunk);
+        let mut watch = StreamWatch::new(started, out.endpoint);
         let mut framer = sse::Framer::default();
         let mut prefix = BytesMut::new();
         if !route.hold_back.is_zero() {
@@ -368,7 +397,7 @@ async fn try_target(
     };
     let total = started.elapsed();
     state.duration.observe(total);
-    let translated = match (out.caller, target.format) {
+    let translated = match (caller, target.format) {
         (Format::OpenAi, Format::Anthropic) => {
             anthropic::chat_completion(&answer, &target.model, unix_now()).map(|(chat, _)| Bytes::from(chat))
         }
@@ -414,7 +443,7 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 }
 
 /// Connection-level headers belong to one hop; the sidecar's server sets its own.
-const HOP_BY_HOP: [header::HeaderName; 7] = [
+pub(super) const HOP_BY_HOP: [header::HeaderName; 7] = [
     header::CONNECTION,
     header::TRANSFER_ENCODING,
     header::TE,
@@ -426,7 +455,7 @@ const HOP_BY_HOP: [header::HeaderName; 7] = [
 
 /// Removes [`HOP_BY_HOP`] headers. A pass over the few names a response has finds them for less
 /// than a hashed removal of each of the seven.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     while let Some(name) = headers.keys().find(|name| HOP_BY_HOP.contains(name)).cloned() {
         headers.remove(name);
     }

@@ -76,11 +76,12 @@ async fn count_at(target: &ServedTarget, caller: &http::HeaderMap, body: &[u8]) 
     request.headers_mut().clone_from(&target.headers);
     forward_anthropic_headers(caller, target, request.headers_mut());
     let deadline = Instant::now() + target.timeouts.first_byte;
-    let response = match timeout_at(deadline.into(), target.upstream.send_beside("/count_tokens", request)).await {
-        Ok(Ok(response)) => response,
-        Ok(Err(e)) => return Err(format!("{e:?}")),
-        Err(_) => return Err("no answer within the firstByte timeout".into()),
-    };
+    let response =
+        match timeout_at(deadline.into(), target.upstream.send_to("/v1/messages/count_tokens", request)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => return Err(format!("{e:?}")),
+            Err(_) => return Err("no answer within the firstByte timeout".into()),
+        };
     let status = response.status();
     // The target's own key problems and overload are not the caller's: count another way.
     if status == StatusCode::UNAUTHORIZED

@@ -7,8 +7,9 @@ use axum::response::Response;
 use http::{HeaderName, HeaderValue, StatusCode, header};
 use serde::Serialize;
 
-use crate::api::FallbackReason;
+use super::endpoint::Endpoint;
 use crate::api::units::format_micros;
+use crate::api::{FallbackReason, Serves};
 use crate::budget::RateStatus;
 use crate::config::Format;
 use crate::providers::anthropic;
@@ -33,6 +34,19 @@ pub struct AttemptFailure {
     pub kind: FallbackReason,
 }
 
+impl AttemptFailure {
+    pub fn new(model: &str, target: &str, kind: FallbackReason, status: Option<u16>, message: String) -> Self {
+        AttemptFailure {
+            model: model.to_string(),
+            target: target.to_string(),
+            status,
+            reason: kind.as_str(),
+            message,
+            kind,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub enum ProxyError {
     /// The request body is not a valid request.
@@ -51,6 +65,19 @@ pub enum ProxyError {
         path: String,
     },
     MethodNotAllowed,
+    /// The model's route serves another kind of model than the endpoint's.
+    WrongEndpoint {
+        model: String,
+        serves: Serves,
+        endpoint: Endpoint,
+    },
+    /// A call to pass through that names no model, without a pass-through default route.
+    NoPassthroughDefault {
+        method: http::Method,
+        path: String,
+    },
+    /// The Realtime API, which is WebSocket sessions, not requests.
+    RealtimeUnsupported,
     /// Every attempt failed, or one failed in a way that does not fall back.
     AttemptsFailed {
         model: String,
@@ -93,6 +120,9 @@ impl ProxyError {
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::UnknownModel { .. } | ProxyError::UnknownPath { .. } => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::WrongEndpoint { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::NoPassthroughDefault { .. } => StatusCode::NOT_FOUND,
+            ProxyError::RealtimeUnsupported => StatusCode::NOT_IMPLEMENTED,
             ProxyError::AttemptsFailed { attempts, .. } => match attempts.last() {
                 Some(last) if last.kind == FallbackReason::Timeout => StatusCode::GATEWAY_TIMEOUT,
                 _ => StatusCode::BAD_GATEWAY,
@@ -187,6 +217,36 @@ impl ProxyError {
             ProxyError::MethodNotAllowed => {
                 error_body("Method not allowed on this endpoint.", "invalid_request_error", "method_not_allowed", None)
             }
+            ProxyError::WrongEndpoint { model, serves, endpoint } => {
+                let call = match serves {
+                    Serves::Chat => "POST /v1/chat/completions, /v1/responses or /v1/messages",
+                    Serves::Embeddings => "POST /v1/embeddings",
+                };
+                error_body(
+                    &format!(
+                        "The model {model:?} serves {}, not {}: call {call}.",
+                        serves.as_str(),
+                        endpoint.api_name()
+                    ),
+                    "invalid_request_error",
+                    "wrong_endpoint",
+                    None,
+                )
+            }
+            ProxyError::NoPassthroughDefault { method, path } => error_body(
+                &format!(
+                    "{method} {path} names no model, so it goes to the namespace's pass-through default route, and there is none: set `passthroughDefault: true` on the ProviderRoute whose provider should receive such calls."
+                ),
+                "invalid_request_error",
+                "no_passthrough_route",
+                None,
+            ),
+            ProxyError::RealtimeUnsupported => error_body(
+                "The Realtime API (WebSocket sessions) is not served by Switchyard; connect to the provider directly.",
+                "invalid_request_error",
+                "unsupported_endpoint",
+                None,
+            ),
             ProxyError::NoTarget { model, excluded_by } => error_body(
                 &format!(
                     "No target of model {model:?} can take this request; excluded by: {}.",

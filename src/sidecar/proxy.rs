@@ -15,10 +15,11 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, header};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
 
-use super::attempt::{Answer, Finished, HealthEffect, Outgoing, attempt};
+use super::attempt::{Answer, Failure, Finished, HealthEffect, Outgoing, attempt};
 use super::billing::{self, Bill, ServedBudget, StreamBill, caller_key, key_hash};
+use super::endpoint::Endpoint;
 use super::error::{ATTEMPTS, AttemptFailure, FALLBACK_REASON, ProxyError, TARGET, add_rate_headers};
 use super::health::{self, AttemptOutcome, Transition};
 use super::plan;
@@ -32,18 +33,29 @@ use crate::providers::openai::{RequestError, parse_chat_request, rename_model};
 
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(State(shared): State<Arc<Shared>>, request: Request) -> Response {
-    converse(shared, request, Format::OpenAi).await
+    converse(shared, request, Endpoint::Chat).await
 }
 
 /// `POST /v1/messages`: Anthropic's Messages API, routed the same way.
 pub async fn messages(State(shared): State<Arc<Shared>>, request: Request) -> Response {
-    converse(shared, request, Format::Anthropic).await
+    converse(shared, request, Endpoint::Messages).await
 }
 
-/// A conversation in the `caller`'s format, whatever format each target speaks. The routing
-/// fields have the same names in both (`model`, `stream`, `max_tokens`; Anthropic's `fallbacks`
-/// is read as `models`).
-async fn converse(shared: Arc<Shared>, request: Request, caller: Format) -> Response {
+/// `POST /v1/completions`: OpenAI's legacy completions, for OpenAI-compatible targets.
+pub async fn completions(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    converse(shared, request, Endpoint::Completions).await
+}
+
+/// `POST /v1/embeddings`, for routes that serve embeddings.
+pub async fn embeddings(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    converse(shared, request, Endpoint::Embeddings).await
+}
+
+/// A request of a routed `endpoint`, answered in the endpoint's format whatever format each target
+/// speaks. The routing fields have the same names in every one (`model`, `stream`, `max_tokens`;
+/// Anthropic's `fallbacks` is read as `models`).
+async fn converse(shared: Arc<Shared>, request: Request, endpoint: Endpoint) -> Response {
+    let caller = endpoint.format();
     let snapshot = shared.snapshot.load_full();
     let (parts, body) = request.into_parts();
     let body = match read_request(&shared, body).await {
@@ -66,6 +78,10 @@ async fn converse(shared: Arc<Shared>, request: Request, caller: Format) -> Resp
             let error = ProxyError::UnknownModel { model: name.to_string(), known: snapshot.known_models() };
             return unrouted_as(&shared, error, caller);
         };
+        if route.serves != endpoint.serves() {
+            let error = ProxyError::WrongEndpoint { model: name.to_string(), serves: route.serves, endpoint };
+            return unrouted_as(&shared, error, caller);
+        }
         if !chain.iter().any(|r| Arc::ptr_eq(r, route)) {
             chain.push(route);
         }
@@ -83,7 +99,7 @@ async fn converse(shared: Arc<Shared>, request: Request, caller: Format) -> Resp
     }
 
     let out = Outgoing {
-        caller,
+        endpoint,
         chat: &chat,
         body: &body,
         caller_headers: &parts.headers,
@@ -263,12 +279,18 @@ async fn serve_route<'a>(
     let (chat, body) = (out.chat, out.body);
     let now = health::now();
     let tick = route.ticks.fetch_add(1, Ordering::Relaxed);
+    // What the answer may generate: nothing for embeddings.
+    let completion = match chat.max_tokens {
+        _ if !out.endpoint.generates() => 0,
+        Some(max_tokens) => max_tokens,
+        None => u64::from(route.reserved_completion_tokens),
+    };
     let need_tokens = (body.len() as u64 / BYTES_PER_TOKEN).saturating_add(chat.max_tokens.unwrap_or(0));
     let plan = {
         let candidates: Vec<plan::Candidate<'_>> = route.targets.iter().map(|t| t.candidate(now)).collect();
         plan::plan(route.strategy, &route.schedule, &candidates, &chat.prefs, need_tokens, tick)
     };
-    let plan = match plan {
+    let mut plan = match plan {
         Ok(plan) => plan,
         Err(excluded) => {
             route.state.count_excluded(&excluded.by);
@@ -276,16 +298,25 @@ async fn serve_route<'a>(
             return Err(Stop::Exhausted);
         }
     };
+    // Targets whose API has no such endpoint (legacy completions on Anthropic's) are passed over.
+    if out.endpoint != Endpoint::Chat && out.endpoint != Endpoint::Messages {
+        let first = plan.order.first().copied();
+        plan.order.retain(|&i| out.endpoint.upstream(route.targets[i].format).is_some());
+        if let (Some(first), true) = (first, plan.order.is_empty()) {
+            let failure = Failure::unsupported(route, &route.targets[first], out.endpoint);
+            route.state.requests.inc(StatusCode::BAD_REQUEST.as_u16());
+            return Err(failure.passthrough.map_or(Stop::Exhausted, Stop::Passthrough));
+        }
+    }
     let reservation = match budget {
         Some(budget) => {
             let tries = plan.order.iter().take(route.fallback.max_attempts as usize);
             let prices = tries.map(|&i| &route.targets[i].prices);
-            let completion = chat.max_tokens.unwrap_or(u64::from(route.reserved_completion_tokens));
             match billing::reserve(budget, prices, body.len() as u64, completion).await {
                 Ok(reservation) => Some(reservation),
                 Err(refused) => {
                     route.state.requests.inc(refused.status().as_u16());
-                    return Err(Stop::Passthrough(refused.into_response_as(out.caller)));
+                    return Err(Stop::Passthrough(refused.into_response_as(out.endpoint.format())));
                 }
             }
         }
@@ -396,7 +427,7 @@ async fn serve_route<'a>(
     }
 }
 
-fn record_health(route: &ServedRoute, target: &ServedTarget, outcome: AttemptOutcome, probe: bool) {
+pub(super) fn record_health(route: &ServedRoute, target: &ServedTarget, outcome: AttemptOutcome, probe: bool) {
     match target.state.health.record(outcome, probe, &route.health, health::now()) {
         Some(Transition::Ejected { duration }) => {
             target.state.ejections.inc();
@@ -438,7 +469,7 @@ fn commit(
             let extendable =
                 (metered && chat.max_tokens.is_none()).then_some(u64::from(route.reserved_completion_tokens));
             // Messages streams always end with their usage, which then carries the cost.
-            let wants_usage = chat.include_usage || out.caller == Format::Anthropic;
+            let wants_usage = chat.include_usage || out.endpoint == Endpoint::Messages;
             let stream_bill = (metered || wants_usage).then(|| StreamBill::new(bill, wants_usage, extendable));
             let total = route.targets[index].timeouts.total;
             let relay = SseRelay::new(stream, route.clone(), index, total, rename, stream_bill);
@@ -448,7 +479,7 @@ fn commit(
 }
 
 /// Adds the routing headers and counts the response.
-fn finish(
+pub(super) fn finish(
     mut response: Response,
     target: &ServedTarget,
     attempts: usize,

@@ -16,6 +16,7 @@ use hyper::body::{Body, Frame};
 use tokio::time::Sleep;
 
 use super::billing::{EventAction, StreamBill};
+use super::endpoint::Endpoint;
 use super::health::{self, AttemptOutcome};
 use super::snapshot::ServedRoute;
 use super::state::TargetState;
@@ -26,15 +27,17 @@ use crate::api::units::format_duration;
 use crate::config::Format;
 use crate::providers::anthropic::callers::{self, EventStream};
 use crate::providers::anthropic::{self, ChunkStream, StreamEnd};
-use crate::providers::openai::{ChunkInfo, chunk_info, mentions_usage, rename_events, stream_error_event};
+use crate::providers::openai::{
+    ChunkInfo, chunk_info, mentions_usage, rename_events, stream_error_event, text_chunk_info,
+};
 use crate::providers::sse;
 
 /// What a stream has shown so far: when its first output arrived and how many tokens it made.
 #[derive(Debug)]
 pub struct StreamWatch {
     started: Instant,
-    /// The format of the events watched: the caller's.
-    caller: Format,
+    /// The endpoint whose events are watched: the caller's.
+    endpoint: Endpoint,
     pub first_token: Option<Duration>,
     completion_tokens: Option<u64>,
     events: u64,
@@ -44,15 +47,16 @@ pub struct StreamWatch {
 }
 
 impl StreamWatch {
-    pub fn new(started: Instant, caller: Format) -> Self {
-        StreamWatch { started, caller, first_token: None, completion_tokens: None, events: 0, held_output_bytes: 0 }
+    pub fn new(started: Instant, endpoint: Endpoint) -> Self {
+        StreamWatch { started, endpoint, first_token: None, completion_tokens: None, events: 0, held_output_bytes: 0 }
     }
 
     /// What one event in the caller's format carries.
     fn info(&self, payload: &[u8]) -> ChunkInfo {
-        match self.caller {
-            Format::OpenAi => chunk_info(payload),
-            Format::Anthropic => anthropic::event_info(payload),
+        match self.endpoint {
+            Endpoint::Chat | Endpoint::Embeddings => chunk_info(payload),
+            Endpoint::Completions => text_chunk_info(payload),
+            Endpoint::Messages => anthropic::event_info(payload),
         }
     }
 
@@ -252,7 +256,7 @@ impl SseRelay {
     /// The terminal error event in the caller's format: OpenRouter's error chunk, or Anthropic's
     /// `error` event typed as Anthropic would type the failure.
     fn error_event(&self, kind: &str, code: &str, message: &str) -> Bytes {
-        match self.watch.caller {
+        match self.watch.endpoint.format() {
             Format::OpenAi => {
                 let target = &self.route.targets[self.target];
                 stream_error_event(&self.route.model, &target.provider, kind, code, message, unix_now())
@@ -329,7 +333,7 @@ impl SseRelay {
             self.watch.events += sse::payloads(&events).count() as u64;
         }
         if let Some(model) = &self.rename {
-            out = match self.watch.caller {
+            out = match self.watch.endpoint.format() {
                 Format::OpenAi => rename_events(&out, model),
                 Format::Anthropic => Bytes::from(anthropic::rename_events(&out, model)),
             };

@@ -3,14 +3,16 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::State;
 use axum::response::Response;
 use axum::routing::{get, post};
 
 use super::count_tokens::count_tokens;
+use super::endpoint::Endpoint;
 use super::error::ProxyError;
 use super::key_info::key_info;
-use super::models::models;
+use super::models::{model, models};
+use super::passthrough::passthrough;
 use super::proxy::{self, unrouted};
 use super::shared::Shared;
 
@@ -63,18 +65,16 @@ where
 fn api_router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route(CHAT_COMPLETIONS, post(proxy::chat_completions))
-        .route("/v1/messages", post(proxy::messages))
+        .route(Endpoint::Messages.path(), post(proxy::messages))
         .route("/v1/messages/count_tokens", post(count_tokens))
+        .route(Endpoint::Completions.path(), post(proxy::completions))
+        .route(Endpoint::Embeddings.path(), post(proxy::embeddings))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/api/v1/key", get(key_info))
         .method_not_allowed_fallback(method_not_allowed)
-        .fallback(unknown_path)
+        .fallback(passthrough)
         .with_state(shared)
-}
-
-/// Any other path.
-async fn unknown_path(State(shared): State<Arc<Shared>>, request: Request) -> Response {
-    unrouted(&shared, ProxyError::UnknownPath { path: request.uri().path().to_string() })
 }
 
 /// A known path with the wrong method.

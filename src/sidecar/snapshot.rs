@@ -13,8 +13,8 @@ use super::fleet::Fleet;
 use super::health::Ticks;
 use super::plan::{Candidate, weighted_schedule};
 use super::state::{RouteState, StateRegistry, TargetState};
-use super::upstream::{Clients, TargetClient};
-use crate::api::Strategy;
+use super::upstream::{Clients, ForwardClient, TargetClient};
+use crate::api::{Serves, Strategy};
 use crate::budget::Ledger;
 use crate::config::{self, Budget, Config, Credential, FallbackPolicy, Format, HealthPolicy, Prices, Timeouts};
 use crate::mock_provider::MockStats;
@@ -57,6 +57,9 @@ pub struct ServedRoute {
     pub hold_back: Duration,
     pub hedge_after: Option<Duration>,
     pub reserved_completion_tokens: u32,
+    pub serves: Serves,
+    /// Calls passed through without a model come here.
+    pub passthrough_default: bool,
     /// Some budget covers this route, so callers need a key.
     pub budgeted: bool,
     pub state: Arc<RouteState>,
@@ -77,6 +80,8 @@ pub struct ServedTarget {
     /// The upstream model as a JSON string literal, ready to splice into request bodies.
     pub model_json: String,
     pub upstream: TargetClient,
+    /// For requests forwarded as they are.
+    pub forwarding: Arc<ForwardClient>,
     /// Content type, credentials and static headers of every request to this target.
     pub headers: HeaderMap,
     pub credential: Option<Credential>,
@@ -126,6 +131,8 @@ impl Snapshot {
                 hold_back: route.hold_back,
                 hedge_after: route.hedge_after,
                 reserved_completion_tokens: route.reserved_completion_tokens,
+                serves: route.serves,
+                passthrough_default: route.passthrough_default,
                 budgeted: config.budgets.iter().any(|b| covers(b, route)),
             });
             for name in route.model_names() {
@@ -171,6 +178,11 @@ impl Snapshot {
         self.by_model.get(model)
     }
 
+    /// The route that calls passed through without a model go to.
+    pub fn passthrough_default(&self) -> Option<&Arc<ServedRoute>> {
+        self.routes.iter().find(|r| r.passthrough_default)
+    }
+
     /// Every model name served, sorted, for error messages.
     pub fn known_models(&self) -> Vec<String> {
         let mut names: Vec<String> = self.by_model.keys().map(|k| k.to_string()).collect();
@@ -188,11 +200,11 @@ impl ServedTarget {
     ) -> Result<ServedTarget, String> {
         let format = t.upstream.format();
         let upstream = match &t.upstream {
-            config::Upstream::Http { conversation, .. } => {
-                TargetClient::http(clients, conversation.clone(), t.timeouts.connect)
+            config::Upstream::Http { base_url, conversation, .. } => {
+                TargetClient::http(clients, base_url, conversation.clone(), t.timeouts.connect)
             }
             config::Upstream::Mock { options, .. } => {
-                TargetClient::Mock { format, options: options.clone(), stats: Arc::new(MockStats::default()) }
+                TargetClient::mock(format, options.clone(), Arc::new(MockStats::default()))
             }
         };
         let mut headers = HeaderMap::new();
@@ -222,6 +234,7 @@ impl ServedTarget {
             model: t.model.clone(),
             model_json: json_string(&t.model),
             upstream,
+            forwarding: clients.forwarding(t.timeouts.connect),
             headers,
             credential: t.credential.clone(),
             timeouts: t.timeouts,

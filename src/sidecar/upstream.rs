@@ -24,91 +24,144 @@ use tokio::net::TcpStream;
 use super::h1::{self, H1Body, Pool};
 use super::transport::{BoxError, SendError, UPSTREAM_READ_BUFFER, error_chain};
 use crate::config::{Format, MockOptions};
-use crate::mock_provider::{MockStats, chat_completion, count_tokens, messages};
+use crate::mock_provider::MockStats;
 
 pub type HttpClient = Client<TimeoutConnector, Full<Bytes>>;
+/// A client for requests forwarded as they are, their bodies streamed.
+pub type ForwardClient = Client<TimeoutConnector, axum::body::Body>;
 
-/// Where a target's attempts go.
+/// Where a target's attempts go: its conversation URL, and the other URLs under its base URL.
 #[derive(Clone, Debug)]
 pub enum TargetClient {
     /// `https://`: hyper's pooled client, HTTP/2 where the upstream offers it.
     Http {
         client: Arc<HttpClient>,
-        uri: Uri,
+        conversation: Uri,
+        /// The base URL, without a trailing slash.
+        base: Arc<str>,
     },
     /// `http://`: HTTP/1.1, each connection driven by the request's own task.
     Plain {
         pool: Arc<Pool>,
-        path: Uri,
+        /// Origin-form, as the request line has it.
+        conversation: Uri,
+        /// The base URL's path, without a trailing slash.
+        base_path: Arc<str>,
         host: HeaderValue,
     },
-    Mock {
-        format: Format,
-        options: Arc<MockOptions>,
-        stats: Arc<MockStats>,
-    },
+    /// The built-in fake provider, served in-process by its own router.
+    Mock { router: axum::Router, conversation: Uri, base_path: &'static str },
 }
 
 impl TargetClient {
-    /// Builds the upstream for a target's chat completions URL.
-    pub fn http(clients: &Clients, url: Uri, connect_timeout: Duration) -> TargetClient {
-        if url.scheme() == Some(&http::uri::Scheme::HTTP)
-            && let Some((path, host, authority)) = h1::origin_form(&url)
+    /// Builds the upstream for a target's base URL and conversation URL.
+    pub fn http(clients: &Clients, base: &str, conversation: Uri, connect_timeout: Duration) -> TargetClient {
+        if conversation.scheme() == Some(&http::uri::Scheme::HTTP)
+            && let Some((path, host, authority)) = h1::origin_form(&conversation)
         {
-            return TargetClient::Plain { pool: clients.plain(authority, connect_timeout), path, host };
+            let base_path =
+                base.parse::<Uri>().map_or_else(|_| String::new(), |b| b.path().trim_end_matches('/').to_string());
+            return TargetClient::Plain {
+                pool: clients.plain(authority, connect_timeout),
+                conversation: path,
+                base_path: base_path.into(),
+                host,
+            };
         }
-        TargetClient::Http { client: clients.get(connect_timeout), uri: url }
+        TargetClient::Http {
+            client: clients.get(connect_timeout),
+            conversation,
+            base: base.trim_end_matches('/').into(),
+        }
     }
 
-    /// Sends a request to the upstream's URL and waits for the response headers.
-    pub async fn send(&self, mut request: Request<Full<Bytes>>) -> Result<Response<UpstreamBody>, SendError> {
+    /// The in-process fake provider speaking `format`, counting its requests in `stats`.
+    pub fn mock(format: Format, options: Arc<MockOptions>, stats: Arc<MockStats>) -> TargetClient {
+        let (base_path, conversation) = match format {
+            Format::OpenAi => ("/v1", "/v1/chat/completions"),
+            Format::Anthropic => ("", "/v1/messages"),
+        };
+        let router = crate::mock_provider::router(options, stats);
+        TargetClient::Mock { router, conversation: Uri::from_static(conversation), base_path }
+    }
+
+    /// Sends a request to the upstream's conversation URL and waits for the response headers.
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<UpstreamBody>, SendError> {
+        let uri = match self {
+            TargetClient::Http { conversation, .. }
+            | TargetClient::Plain { conversation, .. }
+            | TargetClient::Mock { conversation, .. } => conversation,
+        };
+        self.send_at(uri, request).await
+    }
+
+    /// Sends a POST to `path` under the base URL (`/embeddings`, `/v1/messages/count_tokens`).
+    pub async fn send_to(
+        &self,
+        path: &str,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        let uri = self.uri_of(path)?;
+        self.send_at(&uri, request).await
+    }
+
+    /// The URI of `path` (with any query) under the base URL, in the form the client sends.
+    pub fn uri_of(&self, path: &str) -> Result<Uri, SendError> {
+        let base: &str = match self {
+            TargetClient::Http { base, .. } => base,
+            TargetClient::Plain { base_path, .. } => base_path,
+            TargetClient::Mock { base_path, .. } => base_path,
+        };
+        let uri = format!("{base}{path}");
+        uri.parse().map_err(|e| SendError::Connect(format!("{uri}: {e}")))
+    }
+
+    async fn send_at(&self, uri: &Uri, mut request: Request<Full<Bytes>>) -> Result<Response<UpstreamBody>, SendError> {
         match self {
-            TargetClient::Plain { pool, path, host } => {
-                pool.send(request, path, host).await.map(|r| r.map(UpstreamBody::Plain))
+            TargetClient::Plain { pool, host, .. } => {
+                pool.send(request, uri, host).await.map(|r| r.map(UpstreamBody::Plain))
             }
-            TargetClient::Http { client, uri } => {
+            TargetClient::Http { client, .. } => {
                 *request.uri_mut() = uri.clone();
                 client.request(request).await.map(|r| r.map(UpstreamBody::Http)).map_err(classify)
             }
-            TargetClient::Mock { format, options, stats } => {
-                let (parts, body) = request.into_parts();
-                // Full<Bytes> holds the whole body; collecting it cannot fail or wait.
-                let body = http_body_util::BodyExt::collect(body).await.map(|c| c.to_bytes()).unwrap_or_default();
-                let response = match format {
-                    Format::OpenAi => chat_completion(options, stats, &parts.headers, &body).await,
-                    Format::Anthropic => messages(options, stats, &parts.headers, &body).await,
-                };
-                Ok(response.map(UpstreamBody::Mock))
+            TargetClient::Mock { router, .. } => {
+                *request.uri_mut() = uri.clone();
+                Ok(call_mock(router, request.map(axum::body::Body::new)).await)
             }
+        }
+    }
+
+    /// Forwards a request as it is (any method, its body streamed) to `path` (with its query)
+    /// under the base URL, with `forward`ing client for HTTP upstreams.
+    pub async fn forward(
+        &self,
+        forward: &ForwardClient,
+        path: &str,
+        mut request: Request<axum::body::Body>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        let uri = match self {
+            TargetClient::Plain { host, base_path, .. } => {
+                let uri = format!("http://{}{base_path}{path}", host.to_str().unwrap_or_default());
+                uri.parse().map_err(|e| SendError::Connect(format!("{uri}: {e}")))?
+            }
+            _ => self.uri_of(path)?,
+        };
+        *request.uri_mut() = uri;
+        match self {
+            TargetClient::Mock { router, .. } => Ok(call_mock(router, request).await),
+            _ => forward.request(request).await.map(|r| r.map(UpstreamBody::Http)).map_err(classify),
         }
     }
 }
 
-impl TargetClient {
-    /// Sends a request to a URL beside the target's conversation URL: that URL with `suffix`
-    /// appended (`/v1/messages` + `/count_tokens`).
-    pub async fn send_beside(
-        &self,
-        suffix: &str,
-        mut request: Request<Full<Bytes>>,
-    ) -> Result<Response<UpstreamBody>, SendError> {
-        let beside = |uri: &Uri| -> Result<Uri, SendError> {
-            format!("{uri}{suffix}").parse().map_err(|e| SendError::Connect(format!("{uri}{suffix}: {e}")))
-        };
-        match self {
-            TargetClient::Plain { pool, path, host } => {
-                pool.send(request, &beside(path)?, host).await.map(|r| r.map(UpstreamBody::Plain))
-            }
-            TargetClient::Http { client, uri } => {
-                *request.uri_mut() = beside(uri)?;
-                client.request(request).await.map(|r| r.map(UpstreamBody::Http)).map_err(classify)
-            }
-            TargetClient::Mock { options, stats, .. } => {
-                let (parts, body) = request.into_parts();
-                let body = http_body_util::BodyExt::collect(body).await.map(|c| c.to_bytes()).unwrap_or_default();
-                Ok(count_tokens(options, stats, &parts.headers, &body).await.map(UpstreamBody::Mock))
-            }
-        }
+async fn call_mock(router: &axum::Router, request: Request<axum::body::Body>) -> Response<UpstreamBody> {
+    use tower_service::Service;
+    // The router is always ready, and its errors are infallible.
+    let mut router = router.clone();
+    match router.call(request).await {
+        Ok(response) => response.map(UpstreamBody::Mock),
+        Err(never) => match never {},
     }
 }
 
@@ -156,6 +209,7 @@ impl Body for UpstreamBody {
 pub struct Clients {
     tls: rustls::ClientConfig,
     by_connect_timeout: Mutex<HashMap<Duration, Arc<HttpClient>>>,
+    forwarding: Mutex<HashMap<Duration, Arc<ForwardClient>>>,
     plain: Mutex<HashMap<(String, Duration), Arc<Pool>>>,
 }
 
@@ -181,11 +235,17 @@ impl Clients {
             .map_err(|e| format!("TLS configuration: {e}"))?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        Ok(Clients { tls, by_connect_timeout: Mutex::default(), plain: Mutex::default() })
+        Ok(Clients { tls, by_connect_timeout: Mutex::default(), forwarding: Mutex::default(), plain: Mutex::default() })
     }
 
     pub fn get(&self, connect_timeout: Duration) -> Arc<HttpClient> {
         let mut clients = self.by_connect_timeout.lock().unwrap_or_else(|e| e.into_inner());
+        clients.entry(connect_timeout).or_insert_with(|| Arc::new(self.new_client(connect_timeout))).clone()
+    }
+
+    /// The client for requests forwarded as they are (see [`TargetClient::forward`]).
+    pub fn forwarding(&self, connect_timeout: Duration) -> Arc<ForwardClient> {
+        let mut clients = self.forwarding.lock().unwrap_or_else(|e| e.into_inner());
         clients.entry(connect_timeout).or_insert_with(|| Arc::new(self.new_client(connect_timeout))).clone()
     }
 
@@ -195,7 +255,11 @@ impl Clients {
         pools.entry((authority, connect_timeout)).or_insert_with_key(|(a, t)| Pool::new(a.clone(), *t)).clone()
     }
 
-    fn new_client(&self, connect_timeout: Duration) -> HttpClient {
+    fn new_client<B>(&self, connect_timeout: Duration) -> Client<TimeoutConnector, B>
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+    {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);

@@ -465,7 +465,9 @@ where
 pub struct Recorded {
     /// The sidecar's end of the connection the request came on.
     pub peer: SocketAddr,
+    pub method: http::Method,
     pub path: String,
+    pub query: Option<String>,
     pub headers: HeaderMap,
     pub body: Bytes,
 }
@@ -493,6 +495,9 @@ pub struct Recorded {
 /// - `anthropic-gated`: a Messages stream that sends its first text delta, then the rest only once
 ///   the test opens the gate.
 /// - `anthropic-status-NNN`: an Anthropic error body with status NNN (429 adds `retry-after: 7`).
+/// - `provider-api`: under `/v1`, a file object for `POST /v1/files`, a transcription for
+///   `POST /v1/audio/transcriptions`, and for anything else what it received (method, path, query,
+///   JSON `model`).
 /// - `openai-answer-CASE`, `openai-stream-CASE`: the chat completion
 ///   `tests/testdata/anthropic/callers/answers/CASE.chat.json`, the chunks `.../streams/CASE.chunks`.
 #[derive(Clone)]
@@ -578,7 +583,9 @@ async fn script(
     let path = parts.uri.path().to_string();
     up.requests.lock().unwrap().push(Recorded {
         peer,
+        method: parts.method.clone(),
         path: path.clone(),
+        query: parts.uri.query().map(String::from),
         headers: parts.headers.clone(),
         body: body.clone(),
     });
@@ -672,6 +679,22 @@ async fn script(
             response.headers_mut().insert(header::RETRY_AFTER, "7".parse().unwrap());
         }
         return response;
+    }
+    if behaviour == "provider-api" {
+        let tail = path.trim_start_matches("/provider-api");
+        return match (parts.method.as_str(), tail) {
+            ("POST", "/v1/files") => json(
+                StatusCode::OK,
+                serde_json::json!({"id": "file-abc", "object": "file", "bytes": body.len(), "created_at": 1, "filename": "batch.jsonl", "purpose": "batch", "status": "processed"}),
+            ),
+            ("POST", "/v1/audio/transcriptions") => {
+                json(StatusCode::OK, serde_json::json!({"text": format!("heard {} bytes", body.len())}))
+            }
+            (method, tail) => json(
+                StatusCode::OK,
+                serde_json::json!({"object": "echo", "method": method, "path": tail, "query": parts.uri.query(), "model": model}),
+            ),
+        };
     }
     match behaviour.as_str() {
         "ok" => ok(model),
