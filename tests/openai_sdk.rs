@@ -1,6 +1,7 @@
 //! The official OpenAI Python SDK, installed from PyPI into a virtualenv under target/, sends JSON
 //! and streaming requests through the sidecar and reads the answers, including a route whose
-//! OpenAI target fails and whose fallback speaks Anthropic's API.
+//! OpenAI target fails and whose fallback speaks Anthropic's API; embeddings, legacy completions,
+//! and a file upload and a transcription passed through.
 
 mod common;
 
@@ -50,10 +51,39 @@ spec:
   targets:
     - {{name: gpt, baseUrl: "{down}"}}
     - {{name: claude, api: anthropic, baseUrl: "{tools}"}}
+---
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {{name: embed}}
+spec:
+  model: embed
+  serves: embeddings
+  targets:
+    - {{name: mock, api: mock, model: text-embedding-3-small, baseUrl: "mock://local"}}
+---
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {{name: instruct}}
+spec:
+  model: instruct
+  targets:
+    - {{name: claude, api: anthropic, baseUrl: "mock://local"}}
+    - {{name: mock, api: mock, model: instruct-1, baseUrl: "mock://local?chunks=4&chunk-interval=1ms"}}
+---
+apiVersion: switchyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {{name: files}}
+spec:
+  model: files
+  aliases: [whisper-1]
+  passthroughDefault: true
+  targets:
+    - {{name: provider, model: whisper-large, baseUrl: "{provider}/v1"}}
 "#,
         down = up.url("status-503"),
         breaks = up.url("sse-break"),
         tools = up.url("anthropic-answer-tools"),
+        provider = up.url("provider-api"),
     );
     let sidecar = Sidecar::start(&config);
     let base_url = format!("http://{}/v1", sidecar.api);
@@ -67,10 +97,15 @@ spec:
             "stream: Hello from the Switchyard",
             "not found: 404 model_not_found",
             "broken stream: the upstream connection broke mid-stream: connection closed during a chunk size line",
-            "models: chat,breaks,to-claude,to-claude-tools",
+            "models: chat,breaks,to-claude,to-claude-tools,embed,instruct,files,whisper-1",
             "fallback json: claude 5xx | Hello from the Switchyard | stop | 4",
             "fallback stream: Hello from the Switchyard | stop | 4",
             r#"fallback tools: toolu_A:weather:{"city":"Paris"} toolu_B:weather:{"city":"Rome"} | tool_calls"#,
+            "embeddings: 2 x 8 | 4 | text-embedding-3-small",
+            "completions: Hello from the | 3 | stop",
+            "completions stream: Hello from the Switchyard",
+            "files: file-abc batch processed",
+            "transcription: whisper-large heard",
         ]
     );
 }

@@ -120,7 +120,7 @@ async fn calls_go_to_the_target_their_model_names_with_its_credential_and_model(
     let reply = call(sidecar.api, "POST", "/v1/audio/transcriptions", FORM, form("whisper", &audio)).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     let expected = form("provider-model-1", &audio);
-    assert_eq!(reply.json()["text"], format!("heard {} bytes", expected.len()));
+    assert_eq!(reply.json()["text"], format!("provider-model-1 heard {} bytes", expected.len()));
     let recorded = up.recorded("provider-api").pop().unwrap();
     assert_eq!(recorded.path, "/provider-api/v1/audio/transcriptions");
     assert!(recorded.body == expected, "the form as sent, but for the model");

@@ -495,8 +495,8 @@ pub struct Recorded {
 /// - `anthropic-gated`: a Messages stream that sends its first text delta, then the rest only once
 ///   the test opens the gate.
 /// - `anthropic-status-NNN`: an Anthropic error body with status NNN (429 adds `retry-after: 7`).
-/// - `provider-api`: under `/v1`, a file object for `POST /v1/files`, a transcription for
-///   `POST /v1/audio/transcriptions`, and for anything else what it received (method, path, query,
+/// - `provider-api`: under `/v1`, a file object for `POST /v1/files`, a transcription naming the
+///   form's model for `POST /v1/audio/transcriptions`, and for anything else what it received (method, path, query,
 ///   JSON `model`).
 /// - `openai-answer-CASE`, `openai-stream-CASE`: the chat completion
 ///   `tests/testdata/anthropic/callers/answers/CASE.chat.json`, the chunks `.../streams/CASE.chunks`.
@@ -688,7 +688,13 @@ async fn script(
                 serde_json::json!({"id": "file-abc", "object": "file", "bytes": body.len(), "created_at": 1, "filename": "batch.jsonl", "purpose": "batch", "status": "processed"}),
             ),
             ("POST", "/v1/audio/transcriptions") => {
-                json(StatusCode::OK, serde_json::json!({"text": format!("heard {} bytes", body.len())}))
+                use switchyard::providers::multipart::{ModelField, boundary, model_field};
+                let content_type = parts.headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap()).unwrap_or("");
+                let model = match boundary(content_type).map(|b| model_field(&body, b)) {
+                    Some(ModelField::Found(span)) => String::from_utf8_lossy(&body[span]).into_owned(),
+                    _ => "no model".into(),
+                };
+                json(StatusCode::OK, serde_json::json!({"text": format!("{model} heard {} bytes", body.len())}))
             }
             (method, tail) => json(
                 StatusCode::OK,

@@ -46,3 +46,17 @@ print(f"fallback stream: {text} | {finish[0]} | {chunks[-1].usage.completion_tok
 reply = client.chat.completions.create(model="to-claude-tools", messages=messages, tools=[{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}])
 calls = " ".join(f"{c.id}:{c.function.name}:{c.function.arguments}" for c in reply.choices[0].message.tool_calls)
 print(f"fallback tools: {calls} | {reply.choices[0].finish_reason}")
+
+embeddings = client.embeddings.create(model="embed", input=["hello", "world"])
+print(f"embeddings: {len(embeddings.data)} x {len(embeddings.data[0].embedding)} | {embeddings.usage.prompt_tokens} | {embeddings.model}")
+
+completion = client.completions.create(model="instruct", prompt="Say hi", max_tokens=3)
+print(f"completions: {completion.choices[0].text} | {completion.usage.completion_tokens} | {completion.choices[0].finish_reason}")
+stream = client.completions.create(model="instruct", prompt="Say hi", stream=True)
+print("completions stream: " + "".join(c.choices[0].text for c in stream if c.choices))
+
+# Passed through: no model, so to the pass-through default; then a form naming its model.
+uploaded = client.files.create(file=("batch.jsonl", b'{"custom_id": "1"}\n'), purpose="batch")
+print(f"files: {uploaded.id} {uploaded.purpose} {uploaded.status}")
+transcription = client.audio.transcriptions.create(model="whisper-1", file=("hello.wav", b"RIFF\x00\x00\x00\x00WAVE"))
+print("transcription: " + transcription.text.split(" bytes")[0].rsplit(" ", 1)[0])
