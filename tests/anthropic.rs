@@ -6,8 +6,9 @@ use std::path::Path;
 
 use serde_json::Value;
 use switchyard::providers::anthropic::callers::{EventStream, chat_request, messages_answer};
-use switchyard::providers::anthropic::{ChunkStream, StreamEnd, Untranslatable, chat_completion, messages_request};
+use switchyard::providers::anthropic::{ChunkStream, chat_completion, messages_request};
 use switchyard::providers::sse;
+use switchyard::providers::{StreamEnd, Untranslatable};
 
 const DIR: &str = "tests/testdata/anthropic/requests";
 const ANSWERS: &str = "tests/testdata/anthropic/answers";

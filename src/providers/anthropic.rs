@@ -36,8 +36,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
-use super::Usage;
 use super::openai::{self, ChunkInfo, json_string};
+use super::{StreamEnd, Untranslatable};
+use super::{Usage, untranslatable};
 
 /// The API version every Messages request names.
 pub const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
@@ -52,17 +53,6 @@ pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
 /// that still leaves room for the answer in common `max_tokens`.
 const THINKING_BUDGETS: [(&str, u64); 4] = [("minimal", 1024), ("low", 2048), ("medium", 8192), ("high", 24576)];
 const MIN_THINKING_BUDGET: u64 = 1024;
-
-/// Why a chat request cannot become a Messages request: the field and the reason, for a 400.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Untranslatable {
-    pub field: String,
-    pub message: String,
-}
-
-fn untranslatable(field: impl Into<String>, message: impl Into<String>) -> Untranslatable {
-    Untranslatable { field: field.into(), message: message.into() }
-}
 
 /// Translates a Chat Completions request body into a Messages request for `model`;
 /// `default_max_tokens` stands in for a missing `max_tokens`, which Anthropic requires.
@@ -727,18 +717,6 @@ pub struct ChunkStream {
     finish: Option<&'static str>,
     /// End with the usage chunk, as OpenAI does when `stream_options.include_usage` is set.
     usage_chunk: bool,
-}
-
-/// How a translated stream ended, besides its chunks.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum StreamEnd {
-    /// Still going.
-    Open,
-    /// `message_stop` came: the chunks end with `[DONE]`.
-    Done,
-    /// The upstream's `error` event (its type, such as `overloaded_error`, and message), or an
-    /// event this version cannot translate: the caller ends the stream with an error chunk.
-    Error { kind: String, message: String },
 }
 
 /// The fields of a Messages event that the translation reads; the rest stays unread.

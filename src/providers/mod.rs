@@ -8,9 +8,11 @@ pub mod multipart;
 pub mod openai;
 mod prefs;
 pub mod sse;
+mod translation;
 mod usage;
 
 pub use prefs::{Cutoffs, MaxPrice, Prefs, Sort};
+pub use translation::{StreamEnd, Untranslatable, untranslatable};
 pub use usage::{BYTES_PER_TOKEN, Usage};
 
 /// `body` with the bytes at `span` replaced by `text`.

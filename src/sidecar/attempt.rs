@@ -23,8 +23,9 @@ use super::upstream::UpstreamBody;
 use crate::api::FallbackReason;
 use crate::api::units::format_duration;
 use crate::config::{Format, HealthPolicy};
+use crate::providers::Untranslatable;
 use crate::providers::anthropic::callers;
-use crate::providers::anthropic::{self, ANTHROPIC_BETA, ANTHROPIC_VERSION, Untranslatable};
+use crate::providers::anthropic::{self, ANTHROPIC_BETA, ANTHROPIC_VERSION};
 use crate::providers::openai::{AnswerInfo, ChatRequest, answer_info, is_context_length_error, upstream_error_message};
 use crate::providers::{BYTES_PER_TOKEN, sse};
 

@@ -25,8 +25,9 @@ use super::transport::error_chain;
 use super::upstream::UpstreamBody;
 use crate::api::units::format_duration;
 use crate::config::Format;
+use crate::providers::StreamEnd;
 use crate::providers::anthropic::callers::{self, EventStream};
-use crate::providers::anthropic::{self, ChunkStream, StreamEnd};
+use crate::providers::anthropic::{self, ChunkStream};
 use crate::providers::openai::{
     ChunkInfo, chunk_info, mentions_usage, rename_events, stream_error_event, text_chunk_info,
 };

@@ -25,8 +25,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
-use super::{StreamEnd, Untranslatable, untranslatable};
 use crate::providers::openai::{self, json_string};
+use crate::providers::{StreamEnd, Untranslatable, untranslatable};
 use crate::providers::{Usage, sse};
 
 /// Thinking budgets below these map to the effort beside them; larger ones to `high`.
