@@ -26,7 +26,8 @@ use tokio::sync::mpsc;
 use crate::api::units::MICROS_PER_UNIT;
 use crate::config::{Format, MockOptions, UsageChunk};
 use crate::providers::anthropic::error_type;
-use crate::providers::{BYTES_PER_TOKEN, Usage};
+use crate::providers::responses::{self as translation, ResponseStream};
+use crate::providers::{BYTES_PER_TOKEN, StreamEnd, Usage, sse};
 
 /// Counters that tests and `GET /mock/stats` read.
 #[derive(Debug, Default)]
@@ -258,6 +259,76 @@ async fn generate(
         let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
     });
     event_stream(body)
+}
+
+/// Answers one Responses request (`POST /v1/responses`) natively: the request is read as the
+/// sidecar's translation reads it, answered like a chat completion (same words, knobs and
+/// failures), and the answer or stream written in the Responses shapes and events; an injected
+/// stream error becomes `response.failed`.
+pub async fn responses(options: &MockOptions, stats: &MockStats, headers: &HeaderMap, body: &[u8]) -> Response {
+    #[derive(Deserialize)]
+    struct ModelOnly {
+        #[serde(default)]
+        model: String,
+    }
+    let model = serde_json::from_slice::<ModelOnly>(body).map(|m| m.model).unwrap_or_default();
+    let chat = match translation::chat_request(body, &model) {
+        Ok(chat) => chat,
+        Err(e) => {
+            let message = if e.field.is_empty() { e.message } else { format!("{}: {}", e.field, e.message) };
+            return error(Format::OpenAi, StatusCode::BAD_REQUEST, "invalid_request", &message);
+        }
+    };
+    let answer = generate(options, stats, headers, &chat, Shape::Chat).await;
+    let created = unix_now();
+    let streamed =
+        answer.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if !answer.status().is_success() {
+        return answer;
+    }
+    let body = answer.into_body();
+    if !streamed {
+        let Ok(chat) = body.collect().await.map(|b| b.to_bytes()) else { return broken_body() };
+        return match translation::response_answer(&chat, &model, created) {
+            Ok(response) => ([(header::CONTENT_TYPE, "application/json")], response).into_response(),
+            Err(e) => error(Format::OpenAi, StatusCode::INTERNAL_SERVER_ERROR, "mock_failure", &e.message),
+        };
+    }
+    let (tx, out) = channel_body();
+    tokio::spawn(async move {
+        let mut body = body;
+        let mut framer = sse::Framer::default();
+        let mut stream = ResponseStream::new(&model, created);
+        while let Some(frame) = body.frame().await {
+            let data = match frame {
+                Ok(frame) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(_) => continue,
+                },
+                Err(_) => {
+                    let _ = tx.send(Err(reset())).await;
+                    return;
+                }
+            };
+            let Some(events) = framer.push(data) else { continue };
+            for range in sse::events(&events) {
+                let mut translated = Vec::new();
+                let end = stream.event(&events[range], &mut translated);
+                if tx.send(Ok(Bytes::from(translated))).await.is_err() {
+                    return;
+                }
+                match end {
+                    StreamEnd::Open => {}
+                    StreamEnd::Done => return,
+                    StreamEnd::Error { message, .. } => {
+                        let _ = tx.send(Ok(translation::failed_event("server_error", &message, &model))).await;
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    event_stream(out)
 }
 
 /// The part of an embeddings request the mock looks at.
@@ -520,6 +591,7 @@ pub fn router(options: Arc<MockOptions>, stats: Arc<MockStats>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(|State(s), r| handle(s, r, Endpoint::Chat)))
         .route("/v1/completions", post(|State(s), r| handle(s, r, Endpoint::Completion)))
+        .route("/v1/responses", post(|State(s), r| handle(s, r, Endpoint::Responses)))
         .route("/v1/embeddings", post(|State(s), r| handle(s, r, Endpoint::Embeddings)))
         .route("/v1/messages", post(|State(s), r| handle(s, r, Endpoint::Messages)))
         .route("/v1/messages/count_tokens", post(|State(s), r| handle(s, r, Endpoint::CountTokens)))
@@ -533,6 +605,7 @@ pub fn router(options: Arc<MockOptions>, stats: Arc<MockStats>) -> Router {
 enum Endpoint {
     Chat,
     Completion,
+    Responses,
     Embeddings,
     Messages,
     CountTokens,
@@ -541,7 +614,7 @@ enum Endpoint {
 async fn handle(state: MockState, request: Request, endpoint: Endpoint) -> Response {
     let format = match endpoint {
         Endpoint::Messages | Endpoint::CountTokens => Format::Anthropic,
-        Endpoint::Chat | Endpoint::Completion | Endpoint::Embeddings => Format::OpenAi,
+        Endpoint::Chat | Endpoint::Completion | Endpoint::Responses | Endpoint::Embeddings => Format::OpenAi,
     };
     let (parts, body) = request.into_parts();
     let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else { return unreadable(format) };
@@ -549,6 +622,7 @@ async fn handle(state: MockState, request: Request, endpoint: Endpoint) -> Respo
     match endpoint {
         Endpoint::Chat => chat_completion(options, stats, headers, &body).await,
         Endpoint::Completion => completion(options, stats, headers, &body).await,
+        Endpoint::Responses => responses(options, stats, headers, &body).await,
         Endpoint::Embeddings => embeddings(options, stats, headers, &body).await,
         Endpoint::Messages => messages(options, stats, headers, &body).await,
         Endpoint::CountTokens => count_tokens(options, stats, headers, &body).await,

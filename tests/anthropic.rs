@@ -2,60 +2,19 @@
 //! fixtures in `tests/testdata/anthropic/`: `<case>.chat.json` becomes `<case>.messages.json`.
 //! `SWITCHYARD_REFRESH_GOLDEN=1 cargo test --test anthropic` rewrites them; review the diff.
 
-use std::path::Path;
+#[path = "common/golden.rs"]
+mod golden;
 
+use golden::{assert_refusals, feed, golden, golden_streams};
 use serde_json::Value;
 use switchyard::providers::anthropic::callers::{EventStream, chat_request, messages_answer};
 use switchyard::providers::anthropic::{ChunkStream, chat_completion, messages_request};
-use switchyard::providers::sse;
-use switchyard::providers::{StreamEnd, Untranslatable};
 
 const DIR: &str = "tests/testdata/anthropic/requests";
 const ANSWERS: &str = "tests/testdata/anthropic/answers";
 const STREAMS: &str = "tests/testdata/anthropic/streams";
 /// The route's `reservedCompletionTokens` in these cases.
 const DEFAULT_MAX_TOKENS: u64 = 1024;
-
-/// Translates every `<case><from>` file of `dir` with `translate` and compares the result with
-/// `<case><to>`.
-fn golden(dir: &str, from: &str, to: &str, translate: impl Fn(&[u8]) -> Vec<u8>) {
-    let mut cases: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.to_str().unwrap().ends_with(from))
-        .collect();
-    cases.sort();
-    assert!(cases.len() >= 5, "{cases:?}");
-    let mut failures = Vec::new();
-    for input in cases {
-        let golden = Path::new(&input.to_str().unwrap().replace(from, to)).to_path_buf();
-        let translated: Value = serde_json::from_slice(&translate(&std::fs::read(&input).unwrap())).unwrap();
-        let pretty = serde_json::to_string_pretty(&translated).unwrap() + "\n";
-        if std::env::var_os("SWITCHYARD_REFRESH_GOLDEN").is_some() {
-            std::fs::write(&golden, &pretty).unwrap();
-            continue;
-        }
-        let expected: Value =
-            serde_json::from_slice(&std::fs::read(&golden).unwrap_or_default()).unwrap_or(Value::Null);
-        if translated != expected {
-            failures.push(format!("{} differs; got:\n{pretty}", golden.display()));
-        }
-    }
-    assert!(failures.is_empty(), "{}\n(SWITCHYARD_REFRESH_GOLDEN=1 rewrites them)", failures.join("\n"));
-}
-
-/// Feeds whole events of `events` to `event` until the stream ends.
-fn feed(events: &[u8], mut event: impl FnMut(&[u8], &mut Vec<u8>) -> StreamEnd) -> (Vec<u8>, StreamEnd) {
-    let mut out = Vec::new();
-    let mut end = StreamEnd::Open;
-    for range in sse::events(events) {
-        end = event(&events[range], &mut out);
-        if end != StreamEnd::Open {
-            break;
-        }
-    }
-    (out, end)
-}
 
 #[test]
 fn messages_streams_become_the_golden_chunk_streams() {
@@ -91,19 +50,8 @@ fn chunk_streams_become_the_golden_messages_event_streams() {
 
 #[test]
 fn what_chat_completions_cannot_express_is_a_clear_error_naming_the_field() {
-    for (file, translate) in [
-        ("requests", (|b: &[u8]| chat_request(b, "m").map(drop)) as fn(&[u8]) -> Result<(), Untranslatable>),
-        ("answers", |b: &[u8]| messages_answer(b, "m").map(drop)),
-    ] {
-        let cases: Vec<Value> =
-            serde_json::from_slice(&std::fs::read(format!("{CALLERS}/{file}/errors.json")).unwrap()).unwrap();
-        for case in &cases {
-            let body = serde_json::to_vec(&case["body"]).unwrap();
-            let error = translate(&body).expect_err(&case["body"].to_string());
-            assert_eq!(error.field, case["field"], "{}", case["body"]);
-            assert!(!error.message.is_empty());
-        }
-    }
+    assert_refusals(&format!("{CALLERS}/requests/errors.json"), |b| chat_request(b, "m").map(drop));
+    assert_refusals(&format!("{CALLERS}/answers/errors.json"), |b| messages_answer(b, "m").map(drop));
 }
 
 #[test]
@@ -151,28 +99,4 @@ fn what_messages_cannot_express_is_a_clear_error_naming_the_field() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-}
-
-/// Every `<case>.<from>` stream of `dir`, fed event by event to a new `translate`, against
-/// `<case>.<to>`: the translated events, then how the stream ended.
-fn golden_streams(dir: &str, from: &str, to: &str, translate: impl Fn(&[u8]) -> (Vec<u8>, StreamEnd)) {
-    let mut cases: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == from))
-        .collect();
-    cases.sort();
-    assert!(cases.len() >= 5, "{cases:?}");
-    let mut failures = Vec::new();
-    for input in cases {
-        let (out, end) = translate(&std::fs::read(&input).unwrap());
-        let got = format!("{}END: {end:?}\n", String::from_utf8(out).unwrap());
-        let golden = input.with_extension(to);
-        if std::env::var_os("SWITCHYARD_REFRESH_GOLDEN").is_some() {
-            std::fs::write(&golden, &got).unwrap();
-        } else if std::fs::read_to_string(&golden).unwrap_or_default() != got {
-            failures.push(format!("{} differs; got:\n{got}", golden.display()));
-        }
-    }
-    assert!(failures.is_empty(), "{}\n(SWITCHYARD_REFRESH_GOLDEN=1 rewrites them)", failures.join("\n"));
 }

@@ -118,7 +118,7 @@ fn cel_rules_compile_and_fit_the_cost_budget() {
     for kind in ["ProviderRoute", "ApiKeyBudget"] {
         walk(&schema_of(kind), kind, &mut problems, &mut rules);
     }
-    assert_eq!(rules, 16, "every rule of both CRDs is checked");
+    assert_eq!(rules, 17, "every rule of both CRDs is checked");
     assert!(problems.is_empty(), "{problems:#?}");
 }
 
@@ -409,6 +409,13 @@ fn the_schema_and_standalone_mode_reject_the_same_routes() {
         ("openai with a mock baseUrl", json!([target(json!({"baseUrl": "mock://local"}))]), "baseUrl"),
         ("unknown api", json!([target(json!({"api": "gemini"}))]), "api"),
         ("anthropic baseUrl with /v1", json!([target(json!({"api": "anthropic"}))]), "baseUrl"),
+        (
+            "nativeResponses on an anthropic target",
+            json!([target(
+                json!({"api": "anthropic", "baseUrl": "https://api.anthropic.com", "nativeResponses": true})
+            )]),
+            "nativeResponses",
+        ),
         ("bad target name", json!([target(json!({"name": "Bad_Name"}))]), "name"),
         ("bad provider label", json!([target(json!({"provider": "-x"}))]), "provider"),
         ("weight 0", json!([target(json!({"weight": 0}))]), "weight"),

@@ -178,14 +178,18 @@ async fn models_say_what_each_serves_and_can_be_read_one_by_one() {
             (m["id"].as_str().unwrap().into(), info["serves"].as_str().unwrap().into(), info["endpoints"].clone())
         })
         .collect();
-    let chat = serde_json::json!(["/v1/chat/completions", "/v1/messages", "/v1/completions"]);
+    let chat = serde_json::json!(["/v1/chat/completions", "/v1/messages", "/v1/responses", "/v1/completions"]);
     assert_eq!(
         served,
         [
             ("embed".into(), "embeddings".into(), serde_json::json!(["/v1/embeddings"])),
             ("chat".into(), "chat".into(), chat.clone()),
             ("gpt-3.5-turbo-instruct".into(), "chat".into(), chat),
-            ("claude-only".into(), "chat".into(), serde_json::json!(["/v1/chat/completions", "/v1/messages"])),
+            (
+                "claude-only".into(),
+                "chat".into(),
+                serde_json::json!(["/v1/chat/completions", "/v1/messages", "/v1/responses"]),
+            ),
         ]
     );
 

@@ -192,7 +192,8 @@ impl Strategy {
 #[x_kube(
     validation = Rule::new("self.api == 'mock' || has(self.baseUrl)").message("baseUrl is required unless api is mock"),
     validation = Rule::new("!has(self.baseUrl) || self.api == 'anthropic' || (self.api == 'mock') == self.baseUrl.startsWith('mock://')").message("baseUrl must use mock:// when api is mock, and http:// or https:// when api is openai"),
-    validation = Rule::new("!has(self.baseUrl) || self.api != 'anthropic' || !(self.baseUrl.endsWith('/v1') || self.baseUrl.endsWith('/v1/'))").message("an anthropic baseUrl is the API's root, without /v1: /v1/messages is appended to it")
+    validation = Rule::new("!has(self.baseUrl) || self.api != 'anthropic' || !(self.baseUrl.endsWith('/v1') || self.baseUrl.endsWith('/v1/'))").message("an anthropic baseUrl is the API's root, without /v1: /v1/messages is appended to it"),
+    validation = Rule::new("!has(self.nativeResponses) || !self.nativeResponses || self.api != 'anthropic'").message("nativeResponses is for OpenAI-compatible targets: Anthropic's API has no Responses endpoint")
 )]
 pub struct Target {
     /// Unique name of the target within the route. Shows in metrics, response headers and status.
@@ -239,6 +240,12 @@ pub struct Target {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     pub anthropic_betas: Option<Vec<String>>,
+
+    /// For `openai` (and `mock`): whether the upstream serves OpenAI's Responses API itself, so
+    /// `/v1/responses` calls are passed to it (`{baseUrl}/responses`) instead of translated to
+    /// chat completions. Defaults to true for `https://api.openai.com`, false otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub native_responses: Option<bool>,
 
     /// Relative share of traffic for the `weighted` strategy.
     #[serde(default = "default_weight")]

@@ -455,6 +455,12 @@ fn compile_target(
 ) -> Option<Target> {
     let errors_before = cx.errors.len();
     let at = |field: &str| format!("{path}.{field}");
+    if t.native_responses == Some(true) && t.api == api::ProviderApi::Anthropic {
+        cx.error(
+            &at("nativeResponses"),
+            "is for OpenAI-compatible targets: Anthropic's API has no Responses endpoint".into(),
+        );
+    }
     if pr.spec.serves == api::Serves::Embeddings && t.api == api::ProviderApi::Anthropic {
         cx.error(
             &at("api"),
@@ -527,6 +533,7 @@ fn compile_target(
         credential,
         headers: headers?,
         anthropic_betas: t.anthropic_betas.clone(),
+        native_responses: t.native_responses.unwrap_or_else(|| is_openai(t.api, t.base_url.as_deref())),
         weight: t.weight,
         pricing: Prices {
             prompt: prompt?,
@@ -616,4 +623,10 @@ fn secret_value(secret: &Secret, key: &str) -> Option<Result<String, String>> {
         return Some(String::from_utf8(bytes.0.clone()).map_err(|_| format!("secret key {key:?} is not UTF-8")));
     }
     secret.string_data.as_ref().and_then(|d| d.get(key)).map(|v| Ok(v.clone()))
+}
+
+/// OpenAI's own API, which serves the Responses API.
+fn is_openai(api: api::ProviderApi, base_url: Option<&str>) -> bool {
+    api == api::ProviderApi::Openai
+        && base_url.and_then(|u| u.parse::<http::Uri>().ok()).is_some_and(|u| u.host() == Some("api.openai.com"))
 }

@@ -159,6 +159,9 @@ pub struct Target {
     /// The `anthropic-beta` values forwarded from callers; `None`: all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anthropic_betas: Option<Vec<String>>,
+    /// The upstream serves the Responses API itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub native_responses: bool,
     pub weight: u32,
     pub pricing: Prices,
     pub context_window: Option<u32>,

@@ -89,3 +89,43 @@ pub fn mutated(bytes: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
         out
     })
 }
+
+/// Chat answers with every finish reason, tool calls and reasoning, bent or not.
+pub fn chat_answer() -> impl Strategy<Value = Vec<u8>> {
+    let finish = prop::sample::select(vec!["stop", "length", "tool_calls", "content_filter", "pause_turn", "eos"]);
+    let message = prop_oneof![
+        Just(serde_json::json!({"role": "assistant", "content": "hi"})),
+        Just(
+            serde_json::json!({"role": "assistant", "content": null, "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{\"a\":1}"}}]})
+        ),
+        Just(
+            serde_json::json!({"role": "assistant", "content": "x", "reasoning_details": [{"type": "reasoning.text", "text": "r", "signature": "s"}]})
+        ),
+        json(),
+    ];
+    let usage = (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(p, c, r, w)| {
+        serde_json::json!({"prompt_tokens": p, "completion_tokens": c, "prompt_tokens_details": {"cached_tokens": r, "cache_write_tokens": w}})
+    });
+    (message, finish, usage, any::<bool>()).prop_flat_map(|(message, finish, usage, bend)| {
+        let body = serde_json::json!({"id": "x", "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage});
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        if bend { mutated(bytes).boxed() } else { Just(bytes).boxed() }
+    })
+}
+
+/// Chunk streams of plausible and arbitrary chunks, bent or not.
+pub fn chunks() -> impl Strategy<Value = Vec<u8>> {
+    let data = prop_oneof![
+        Just(serde_json::json!({"id": "c", "choices": [{"index": 0, "delta": {"role": "assistant", "content": "a"}}]}).to_string()),
+        Just(serde_json::json!({"id": "c", "choices": [{"index": 0, "delta": {"reasoning": "r", "reasoning_details": [{"type": "reasoning.text", "signature": "s"}]}}]}).to_string()),
+        Just(serde_json::json!({"id": "c", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 1, "id": "t", "function": {"name": "f", "arguments": "{"}}]}}]}).to_string()),
+        Just(serde_json::json!({"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}).to_string()),
+        Just(serde_json::json!({"id": "c", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}).to_string()),
+        Just("[DONE]".to_string()),
+        json().prop_map(|v| v.to_string()),
+    ];
+    (prop::collection::vec(data, 0..8), any::<bool>()).prop_flat_map(|(chunks, bend)| {
+        let bytes: Vec<u8> = chunks.iter().flat_map(|c| format!("data: {c}\n\n").into_bytes()).collect();
+        if bend { mutated(bytes).boxed() } else { Just(bytes).boxed() }
+    })
+}

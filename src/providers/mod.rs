@@ -7,6 +7,7 @@ pub mod arbitrary;
 pub mod multipart;
 pub mod openai;
 mod prefs;
+pub mod responses;
 pub mod sse;
 mod translation;
 mod usage;

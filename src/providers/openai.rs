@@ -14,7 +14,7 @@ use memchr::memmem::Finder;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{Cutoffs, MaxPrice, Prefs, Sort, Usage};
+use super::{Cutoffs, MaxPrice, Prefs, Sort, StreamEnd, Usage};
 use crate::api::units::parse_json_micros;
 
 /// What routing needs from a chat completion request.
@@ -29,7 +29,8 @@ pub struct ChatRequest<'a> {
     pub models: Vec<Cow<'a, str>>,
     /// OpenRouter's `provider` preferences.
     pub prefs: Prefs<'a>,
-    /// `max_completion_tokens`, or the older `max_tokens`.
+    /// `max_completion_tokens`, or the older `max_tokens`, or the Responses API's
+    /// `max_output_tokens`.
     pub max_tokens: Option<u64>,
     /// Whether the caller asked for the usage chunk at the end of a stream.
     pub include_usage: bool,
@@ -74,6 +75,9 @@ struct Peek<'a> {
     max_tokens: Option<u64>,
     #[serde(default)]
     max_completion_tokens: Option<u64>,
+    /// The Responses API's.
+    #[serde(default)]
+    max_output_tokens: Option<u64>,
     #[serde(borrow, default, deserialize_with = "present")]
     stream_options: Option<&'a RawValue>,
 }
@@ -158,7 +162,7 @@ pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest<'_>, RequestError> 
         stream: peek.stream.unwrap_or(false),
         models: peek.models.unwrap_or_default(),
         prefs,
-        max_tokens: peek.max_completion_tokens.or(peek.max_tokens),
+        max_tokens: peek.max_completion_tokens.or(peek.max_tokens).or(peek.max_output_tokens),
         include_usage,
         stream_options,
     })
@@ -346,6 +350,9 @@ struct UsagePeek {
     cache_read_input_tokens: Option<u64>,
     #[serde(default)]
     cache_creation_input_tokens: Option<u64>,
+    /// The Responses API's: its `input_tokens` include the cache's reads, as `prompt_tokens` do.
+    #[serde(default)]
+    input_tokens_details: Option<PromptDetails>,
 }
 
 #[derive(Deserialize)]
@@ -362,6 +369,14 @@ impl From<UsagePeek> for Usage {
         let anthropic = u.prompt_tokens.is_none()
             && u.completion_tokens.is_none()
             && (u.input_tokens.is_some() || u.output_tokens.is_some());
+        if anthropic && let Some(details) = u.input_tokens_details {
+            return Usage {
+                prompt: u.input_tokens.unwrap_or(0),
+                completion: u.output_tokens.unwrap_or(0),
+                cached_prompt: details.cached_tokens.unwrap_or(0),
+                cache_write: details.cache_write_tokens.unwrap_or(0),
+            };
+        }
         if anthropic {
             let (read, written) = (u.cache_read_input_tokens.unwrap_or(0), u.cache_creation_input_tokens.unwrap_or(0));
             return Usage {
@@ -768,6 +783,133 @@ pub fn upstream_error_message(body: &[u8]) -> Option<String> {
         message: String,
     }
     serde_json::from_slice::<Outer>(body).ok().map(|o| o.error.message)
+}
+
+/// The fields of a chat completion that translations into other formats read.
+#[derive(Deserialize)]
+pub(crate) struct ChatAnswerPeek<'a> {
+    #[serde(borrow, default)]
+    pub(crate) id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub(crate) choices: Option<Vec<ChatChoicePeek<'a>>>,
+    #[serde(borrow, default)]
+    pub(crate) usage: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ChatChoicePeek<'a> {
+    #[serde(borrow, default)]
+    pub(crate) message: Option<ChatMessagePeek<'a>>,
+    #[serde(borrow, default)]
+    pub(crate) finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ChatMessagePeek<'a> {
+    #[serde(borrow, default)]
+    pub(crate) content: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub(crate) reasoning: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub(crate) refusal: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub(crate) reasoning_details: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub(crate) tool_calls: Option<&'a RawValue>,
+}
+
+/// A translation of a chat completion chunk stream into another format's events.
+pub(crate) trait ChunkSink {
+    /// Translates one chunk; `Err` ends the stream.
+    fn chunk(&mut self, chunk: &ChunkPeek<'_>, out: &mut Vec<u8>) -> Result<(), StreamEnd>;
+    /// The stream's `[DONE]`: its last events.
+    fn finish(&mut self, out: &mut Vec<u8>) -> StreamEnd;
+}
+
+/// Feeds one whole chunk event (its lines and blank line) to `sink`: each chunk, the end, or the
+/// error that a chunk which is not JSON, or the provider's error chunk, is.
+pub(crate) fn translate_chunks(sink: &mut impl ChunkSink, event: &[u8], out: &mut Vec<u8>) -> StreamEnd {
+    for data in super::sse::payloads(event) {
+        if data == b"[DONE]" {
+            return sink.finish(out);
+        }
+        let Ok(chunk) = serde_json::from_slice::<ChunkPeek<'_>>(data) else {
+            return StreamEnd::Error {
+                kind: "api_error".into(),
+                message: "the provider sent a chunk that is not JSON".into(),
+            };
+        };
+        if let Some(error) = chunk.error {
+            let error: serde_json::Value = serde_json::from_str(error.get()).unwrap_or_default();
+            let message = error.get("message").and_then(serde_json::Value::as_str).unwrap_or("the provider failed");
+            return StreamEnd::Error { kind: "api_error".into(), message: message.to_string() };
+        }
+        if let Err(end) = sink.chunk(&chunk, out) {
+            return end;
+        }
+    }
+    StreamEnd::Open
+}
+
+/// The fields of a chat completion chunk that translations into other formats read.
+#[derive(Deserialize)]
+pub(crate) struct ChunkPeek<'a> {
+    #[serde(borrow, default)]
+    pub(crate) id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub(crate) choices: Option<Vec<ChoicePeek<'a>>>,
+    #[serde(borrow, default)]
+    pub(crate) usage: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub(crate) error: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ChoicePeek<'a> {
+    #[serde(borrow, default)]
+    pub(crate) delta: Option<ChatDelta<'a>>,
+    #[serde(borrow, default)]
+    pub(crate) finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ChatDelta<'a> {
+    #[serde(borrow, default)]
+    pub(crate) content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub(crate) reasoning: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub(crate) reasoning_content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub(crate) refusal: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub(crate) reasoning_details: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub(crate) tool_calls: Option<&'a RawValue>,
+}
+
+impl ChatDelta<'_> {
+    /// The delta's reasoning text, in whichever field the provider uses.
+    pub(crate) fn reasoning_text(&self) -> Option<&str> {
+        [&self.reasoning, &self.reasoning_content].into_iter().find_map(|t| t.as_deref().filter(|t| !t.is_empty()))
+    }
+
+    /// The delta's tool call deltas, each a JSON object.
+    pub(crate) fn tool_call_deltas(&self) -> Vec<serde_json::Value> {
+        let calls = self.tool_calls.and_then(|c| serde_json::from_str(c.get()).ok());
+        match calls {
+            Some(serde_json::Value::Array(calls)) => calls,
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// The end of a translated stream whose finish reason has no equivalent.
+pub(crate) fn unknown_finish(finish: &str) -> StreamEnd {
+    StreamEnd::Error {
+        kind: "api_error".into(),
+        message: format!("the provider ended with finish reason {finish:?}, which this version does not know"),
+    }
 }
 
 #[cfg(test)]

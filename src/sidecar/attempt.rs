@@ -27,7 +27,7 @@ use crate::providers::Untranslatable;
 use crate::providers::anthropic::callers;
 use crate::providers::anthropic::{self, ANTHROPIC_BETA, ANTHROPIC_VERSION};
 use crate::providers::openai::{AnswerInfo, ChatRequest, answer_info, is_context_length_error, upstream_error_message};
-use crate::providers::{BYTES_PER_TOKEN, sse};
+use crate::providers::{BYTES_PER_TOKEN, responses, sse};
 
 /// Caller headers worth passing upstream: identification and tracing, never the caller's key.
 const FORWARDED: [header::HeaderName; 4] = [
@@ -210,26 +210,39 @@ async fn try_target(
     let first_byte_deadline = (started + timeouts.first_byte).min(deadline);
 
     let caller = out.endpoint.format();
-    let Some(path) = out.endpoint.upstream(target.format) else {
+    let Some(path) = out.endpoint.upstream(target.format, target.native_responses) else {
         return Err(Failure::unsupported(route, target, out.endpoint));
     };
-    let body = match (caller, target.format) {
-        _ if path != UpstreamPath::Conversation => {
+    let reserved_completion = u64::from(route.reserved_completion_tokens);
+    let body = match (out.endpoint, path, caller, target.format) {
+        // The Responses API reports usage unasked, and knows no `stream_options.include_usage`.
+        (Endpoint::Responses, UpstreamPath::Under(_), ..) => {
+            Ok(out.chat.upstream_body(out.body, &target.model_json, false))
+        }
+        (_, UpstreamPath::Under(_), ..) => Ok(out.chat.upstream_body(out.body, &target.model_json, out.force_usage)),
+        // Chat Completions is the hub: a Responses request reaches Messages through it.
+        (Endpoint::Responses, ..) => {
+            responses::chat_request(out.body, &target.model).and_then(|chat| match target.format {
+                Format::OpenAi => Ok(Bytes::from(chat)),
+                Format::Anthropic => {
+                    anthropic::messages_request(&chat, &target.model, reserved_completion).map(Bytes::from)
+                }
+            })
+        }
+        (.., Format::OpenAi, Format::OpenAi) => {
             Ok(out.chat.upstream_body(out.body, &target.model_json, out.force_usage))
         }
-        (Format::OpenAi, Format::OpenAi) => Ok(out.chat.upstream_body(out.body, &target.model_json, out.force_usage)),
-        (Format::Anthropic, Format::Anthropic) if out.chat.models.is_empty() => {
+        (.., Format::Anthropic, Format::Anthropic) if out.chat.models.is_empty() => {
             Ok(out.chat.upstream_body(out.body, &target.model_json, false))
         }
         // `fallbacks` is the sidecar's to read: Anthropic refuses fields it does not know.
-        (Format::Anthropic, Format::Anthropic) => {
+        (.., Format::Anthropic, Format::Anthropic) => {
             anthropic::without_fallbacks(out.body, &target.model).map(Bytes::from)
         }
-        (Format::OpenAi, Format::Anthropic) => {
-            let max_tokens = u64::from(route.reserved_completion_tokens);
-            anthropic::messages_request(out.body, &target.model, max_tokens).map(Bytes::from)
+        (.., Format::OpenAi, Format::Anthropic) => {
+            anthropic::messages_request(out.body, &target.model, reserved_completion).map(Bytes::from)
         }
-        (Format::Anthropic, Format::OpenAi) => callers::chat_request(out.body, &target.model).map(Bytes::from),
+        (.., Format::Anthropic, Format::OpenAi) => callers::chat_request(out.body, &target.model).map(Bytes::from),
     };
     let body = match body {
         Ok(body) => body,
@@ -318,7 +331,7 @@ async fn try_target(
     if is_event_stream(&parts.headers) {
         parts.headers.remove(header::CONTENT_LENGTH);
         let usage_chunk = out.chat.include_usage || out.force_usage;
-        let mut translator = Translator::between(target.format, caller, &target.model, usage_chunk);
+        let mut translator = Translator::between(target.format, out.endpoint, path, &target.model, usage_chunk);
         let mut watch = StreamWatch::new(started, out.endpoint);
         let mut framer = sse::Framer::default();
         let mut prefix = BytesMut::new();
@@ -398,11 +411,20 @@ async fn try_target(
     };
     let total = started.elapsed();
     state.duration.observe(total);
-    let translated = match (caller, target.format) {
-        (Format::OpenAi, Format::Anthropic) => {
+    let translated = match (out.endpoint, path, caller, target.format) {
+        (Endpoint::Responses, UpstreamPath::Under(_), ..) => Ok(answer),
+        (Endpoint::Responses, _, _, Format::OpenAi) => {
+            responses::response_answer(&answer, &target.model, unix_now()).map(Bytes::from)
+        }
+        (Endpoint::Responses, _, _, Format::Anthropic) => {
+            anthropic::chat_completion(&answer, &target.model, unix_now())
+                .and_then(|(chat, _)| responses::response_answer(&chat, &target.model, unix_now()))
+                .map(Bytes::from)
+        }
+        (.., Format::OpenAi, Format::Anthropic) => {
             anthropic::chat_completion(&answer, &target.model, unix_now()).map(|(chat, _)| Bytes::from(chat))
         }
-        (Format::Anthropic, Format::OpenAi) => callers::messages_answer(&answer, &target.model).map(Bytes::from),
+        (.., Format::Anthropic, Format::OpenAi) => callers::messages_answer(&answer, &target.model).map(Bytes::from),
         _ => Ok(answer),
     };
     let answer = match translated {

@@ -16,7 +16,7 @@ use crate::budget::protocol::BudgetFigures;
 use crate::budget::{Account, BudgetCounters, Ledger, RateStatus, Refusal, Reservation, Spend, cost, worst_case};
 use crate::config::{Budget, Prices};
 use crate::providers::anthropic::X_API_KEY;
-use crate::providers::openai::{ChunkInfo, with_cost};
+use crate::providers::openai::ChunkInfo;
 use crate::providers::{BYTES_PER_TOKEN, Usage};
 
 /// A budget, ready for requests.
@@ -256,13 +256,19 @@ pub struct StreamBill {
     extend_by: u64,
     usage: Option<Usage>,
     output_bytes: u64,
+    /// Writes the cost into the event that carries the usage, where the stream's format has it.
+    price_event: PriceEvent,
 }
 
+/// An event with `usage.cost` set (a JSON number's text), if it is the kind that carries usage.
+pub type PriceEvent = fn(&[u8], &str) -> Option<Bytes>;
+
 impl StreamBill {
-    pub fn new(bill: Bill, keep_usage_chunk: bool, reserved_completion: Option<u64>) -> Self {
+    pub fn new(bill: Bill, keep_usage_chunk: bool, reserved_completion: Option<u64>, price_event: PriceEvent) -> Self {
         StreamBill {
             bill: Some(bill),
             keep_usage_chunk,
+            price_event,
             extend_by: reserved_completion.unwrap_or(0).max(64),
             reserved_completion,
             usage: None,
@@ -293,7 +299,7 @@ impl StreamBill {
             return EventAction::Drop;
         }
         let prices = self.bill.as_ref().map(|b| b.prices).unwrap_or_default();
-        match with_cost(payload, &format_micros(cost(&usage, &prices))) {
+        match (self.price_event)(payload, &format_micros(cost(&usage, &prices))) {
             Some(json) => EventAction::Replace(json),
             None => EventAction::Keep,
         }

@@ -11,6 +11,8 @@ pub enum Endpoint {
     Chat,
     /// `POST /v1/messages`: Anthropic's Messages.
     Messages,
+    /// `POST /v1/responses`: OpenAI's Responses, stateless.
+    Responses,
     /// `POST /v1/completions`: OpenAI's legacy text completions.
     Completions,
     /// `POST /v1/embeddings`.
@@ -22,7 +24,7 @@ impl Endpoint {
     pub fn format(self) -> Format {
         match self {
             Endpoint::Messages => Format::Anthropic,
-            Endpoint::Chat | Endpoint::Completions | Endpoint::Embeddings => Format::OpenAi,
+            Endpoint::Chat | Endpoint::Responses | Endpoint::Completions | Endpoint::Embeddings => Format::OpenAi,
         }
     }
 
@@ -30,6 +32,7 @@ impl Endpoint {
         match self {
             Endpoint::Chat => "/v1/chat/completions",
             Endpoint::Messages => "/v1/messages",
+            Endpoint::Responses => "/v1/responses",
             Endpoint::Completions => "/v1/completions",
             Endpoint::Embeddings => "/v1/embeddings",
         }
@@ -39,16 +42,19 @@ impl Endpoint {
     pub fn serves(self) -> Serves {
         match self {
             Endpoint::Embeddings => Serves::Embeddings,
-            Endpoint::Chat | Endpoint::Messages | Endpoint::Completions => Serves::Chat,
+            Endpoint::Chat | Endpoint::Messages | Endpoint::Responses | Endpoint::Completions => Serves::Chat,
         }
     }
 
-    /// Where a target speaking `format` takes this endpoint's requests: `Conversation` (its
-    /// conversation URL, translated between the formats where they differ), a path under its base
-    /// URL, or `None` when its API has no such endpoint.
-    pub fn upstream(self, format: Format) -> Option<UpstreamPath> {
+    /// Where a target speaking `format` (and, with `native_responses`, the Responses API) takes
+    /// this endpoint's requests: `Conversation` (its conversation URL, translated between the
+    /// formats where they differ), a path under its base URL, or `None` when its API has no such
+    /// endpoint.
+    pub fn upstream(self, format: Format, native_responses: bool) -> Option<UpstreamPath> {
         match (self, format) {
             (Endpoint::Chat | Endpoint::Messages, _) => Some(UpstreamPath::Conversation),
+            (Endpoint::Responses, Format::OpenAi) if native_responses => Some(UpstreamPath::Under("/responses")),
+            (Endpoint::Responses, _) => Some(UpstreamPath::Conversation),
             (Endpoint::Completions, Format::OpenAi) => Some(UpstreamPath::Under("/completions")),
             (Endpoint::Embeddings, Format::OpenAi) => Some(UpstreamPath::Under("/embeddings")),
             (Endpoint::Completions | Endpoint::Embeddings, Format::Anthropic) => None,
@@ -65,6 +71,7 @@ impl Endpoint {
         match self {
             Endpoint::Chat => "chat completions",
             Endpoint::Messages => "Messages",
+            Endpoint::Responses => "Responses",
             Endpoint::Completions => "legacy completions",
             Endpoint::Embeddings => "embeddings",
         }

@@ -15,7 +15,8 @@ use super::shared::Shared;
 use super::snapshot::ServedRoute;
 
 /// Every endpoint a route may be served on.
-const ENDPOINTS: [Endpoint; 4] = [Endpoint::Chat, Endpoint::Messages, Endpoint::Completions, Endpoint::Embeddings];
+const ENDPOINTS: [Endpoint; 5] =
+    [Endpoint::Chat, Endpoint::Messages, Endpoint::Responses, Endpoint::Completions, Endpoint::Embeddings];
 
 /// `GET /v1/models`: every model name served, in OpenAI's list shape.
 pub async fn models(State(shared): State<Arc<Shared>>) -> Response {
@@ -65,7 +66,10 @@ fn route_info(route: &ServedRoute, now: Ticks) -> serde_json::Value {
     // An endpoint serves the route if some target's API can take its requests.
     let endpoints: Vec<&str> = ENDPOINTS
         .iter()
-        .filter(|e| e.serves() == route.serves && route.targets.iter().any(|t| e.upstream(t.format).is_some()))
+        .filter(|e| {
+            e.serves() == route.serves
+                && route.targets.iter().any(|t| e.upstream(t.format, t.native_responses).is_some())
+        })
         .map(|e| e.path())
         .collect();
     serde_json::json!({

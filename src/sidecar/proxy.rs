@@ -29,7 +29,8 @@ use super::snapshot::{ServedRoute, ServedTarget, Snapshot};
 use crate::api::FallbackReason;
 use crate::config::Format;
 use crate::providers::BYTES_PER_TOKEN;
-use crate::providers::openai::{RequestError, parse_chat_request, rename_model};
+use crate::providers::openai::{self, RequestError, parse_chat_request, rename_model};
+use crate::providers::responses;
 
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(State(shared): State<Arc<Shared>>, request: Request) -> Response {
@@ -39,6 +40,11 @@ pub async fn chat_completions(State(shared): State<Arc<Shared>>, request: Reques
 /// `POST /v1/messages`: Anthropic's Messages API, routed the same way.
 pub async fn messages(State(shared): State<Arc<Shared>>, request: Request) -> Response {
     converse(shared, request, Endpoint::Messages).await
+}
+
+/// `POST /v1/responses`: OpenAI's Responses API, stateless.
+pub async fn responses(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    converse(shared, request, Endpoint::Responses).await
 }
 
 /// `POST /v1/completions`: OpenAI's legacy completions, for OpenAI-compatible targets.
@@ -301,7 +307,8 @@ async fn serve_route<'a>(
     // Targets whose API has no such endpoint (legacy completions on Anthropic's) are passed over.
     if out.endpoint != Endpoint::Chat && out.endpoint != Endpoint::Messages {
         let first = plan.order.first().copied();
-        plan.order.retain(|&i| out.endpoint.upstream(route.targets[i].format).is_some());
+        plan.order
+            .retain(|&i| out.endpoint.upstream(route.targets[i].format, route.targets[i].native_responses).is_some());
         if let (Some(first), true) = (first, plan.order.is_empty()) {
             let failure = Failure::unsupported(route, &route.targets[first], out.endpoint);
             route.state.requests.inc(StatusCode::BAD_REQUEST.as_u16());
@@ -469,8 +476,13 @@ fn commit(
             let extendable =
                 (metered && chat.max_tokens.is_none()).then_some(u64::from(route.reserved_completion_tokens));
             // Messages streams always end with their usage, which then carries the cost.
-            let wants_usage = chat.include_usage || out.endpoint == Endpoint::Messages;
-            let stream_bill = (metered || wants_usage).then(|| StreamBill::new(bill, wants_usage, extendable));
+            let wants_usage = chat.include_usage || matches!(out.endpoint, Endpoint::Messages | Endpoint::Responses);
+            let price_event = match out.endpoint {
+                Endpoint::Responses => responses::with_cost,
+                _ => openai::with_cost,
+            };
+            let stream_bill =
+                (metered || wants_usage).then(|| StreamBill::new(bill, wants_usage, extendable, price_event));
             let total = route.targets[index].timeouts.total;
             let relay = SseRelay::new(stream, route.clone(), index, total, rename, stream_bill);
             Response::from_parts(parts, Body::new(relay))

@@ -16,7 +16,7 @@ use hyper::body::{Body, Frame};
 use tokio::time::Sleep;
 
 use super::billing::{EventAction, StreamBill};
-use super::endpoint::Endpoint;
+use super::endpoint::{Endpoint, UpstreamPath};
 use super::health::{self, AttemptOutcome};
 use super::snapshot::ServedRoute;
 use super::state::TargetState;
@@ -31,6 +31,7 @@ use crate::providers::anthropic::{self, ChunkStream};
 use crate::providers::openai::{
     ChunkInfo, chunk_info, mentions_usage, rename_events, stream_error_event, text_chunk_info,
 };
+use crate::providers::responses::{self, ResponseStream};
 use crate::providers::sse;
 
 /// What a stream has shown so far: when its first output arrived and how many tokens it made.
@@ -58,6 +59,7 @@ impl StreamWatch {
             Endpoint::Chat | Endpoint::Embeddings => chunk_info(payload),
             Endpoint::Completions => text_chunk_info(payload),
             Endpoint::Messages => anthropic::event_info(payload),
+            Endpoint::Responses => responses::event_info(payload),
         }
     }
 
@@ -109,8 +111,10 @@ enum Conversion {
     Chunks(ChunkStream),
     /// Chat completion chunks into Messages events.
     Events(EventStream),
-    /// Messages events, passed through as they are.
-    Messages,
+    /// Chat completion chunks (or Messages events, through chunks) into Responses events.
+    Responses { chunks: Option<ChunkStream>, stream: ResponseStream },
+    /// Events passed through as they are (Messages, or Responses), checked for their end.
+    Checked(fn(&[u8]) -> StreamEnd),
 }
 
 /// A provider's error event, or an event that cannot be translated: the stream ends on it.
@@ -121,17 +125,31 @@ pub struct Fault {
 }
 
 impl Translator {
-    /// What a stream from an upstream of format `upstream` needs to reach a `caller`; `None` for
-    /// chat completions passed through, which need nothing.
-    pub fn between(upstream: Format, caller: Format, model: &str, usage_chunk: bool) -> Option<Box<Translator>> {
-        let conversion = match (upstream, caller) {
-            (Format::OpenAi, Format::OpenAi) => return None,
-            (Format::Anthropic, Format::OpenAi) => {
+    /// What a stream from an upstream of format `upstream`, reached at `path`, needs to reach a
+    /// caller of `endpoint`; `None` for chat completions passed through, which need nothing.
+    pub fn between(
+        upstream: Format,
+        endpoint: Endpoint,
+        path: UpstreamPath,
+        model: &str,
+        usage_chunk: bool,
+    ) -> Option<Box<Translator>> {
+        let conversion = match (endpoint, path, upstream, endpoint.format()) {
+            (Endpoint::Responses, UpstreamPath::Under(_), ..) => Conversion::Checked(responses::event_end),
+            (Endpoint::Responses, _, Format::OpenAi, _) => {
+                Conversion::Responses { chunks: None, stream: ResponseStream::new(model, unix_now()) }
+            }
+            (Endpoint::Responses, _, Format::Anthropic, _) => Conversion::Responses {
+                chunks: Some(ChunkStream::new(model, unix_now())),
+                stream: ResponseStream::new(model, unix_now()),
+            },
+            (.., Format::OpenAi, Format::OpenAi) => return None,
+            (.., Format::Anthropic, Format::OpenAi) => {
                 let chunks = ChunkStream::new(model, unix_now());
                 Conversion::Chunks(if usage_chunk { chunks } else { chunks.without_usage_chunk() })
             }
-            (Format::OpenAi, Format::Anthropic) => Conversion::Events(EventStream::new(model)),
-            (Format::Anthropic, Format::Anthropic) => Conversion::Messages,
+            (.., Format::OpenAi, Format::Anthropic) => Conversion::Events(EventStream::new(model)),
+            (.., Format::Anthropic, Format::Anthropic) => Conversion::Checked(anthropic::event_end),
         };
         Some(Box::new(Translator { conversion, done: false }))
     }
@@ -147,7 +165,18 @@ impl Translator {
             let end = match &mut self.conversion {
                 Conversion::Chunks(stream) => stream.event(event, &mut out),
                 Conversion::Events(stream) => stream.event(event, &mut out),
-                Conversion::Messages => match anthropic::event_end(event) {
+                Conversion::Responses { chunks: None, stream } => stream.event(event, &mut out),
+                Conversion::Responses { chunks: Some(chunks), stream } => {
+                    let mut chat = Vec::new();
+                    match chunks.event(event, &mut chat) {
+                        StreamEnd::Error { kind, message } => StreamEnd::Error { kind, message },
+                        _ => sse::events(&chat)
+                            .map(|r| stream.event(&chat[r], &mut out))
+                            .find(|end| *end != StreamEnd::Open)
+                            .unwrap_or(StreamEnd::Open),
+                    }
+                }
+                Conversion::Checked(end_of) => match end_of(event) {
                     StreamEnd::Error { kind, message } => {
                         self.done = true;
                         return Err((events.slice(..range.start), Fault { kind, message }));
@@ -165,7 +194,7 @@ impl Translator {
             }
         }
         match self.conversion {
-            Conversion::Messages => Ok(events),
+            Conversion::Checked(_) => Ok(events),
             _ => Ok(Bytes::from(out)),
         }
     }
@@ -257,6 +286,9 @@ impl SseRelay {
     /// The terminal error event in the caller's format: OpenRouter's error chunk, or Anthropic's
     /// `error` event typed as Anthropic would type the failure.
     fn error_event(&self, kind: &str, code: &str, message: &str) -> Bytes {
+        if self.watch.endpoint == Endpoint::Responses {
+            return responses::failed_event(code, message, &self.route.model);
+        }
         match self.watch.endpoint.format() {
             Format::OpenAi => {
                 let target = &self.route.targets[self.target];
@@ -334,9 +366,10 @@ impl SseRelay {
             self.watch.events += sse::payloads(&events).count() as u64;
         }
         if let Some(model) = &self.rename {
-            out = match self.watch.endpoint.format() {
-                Format::OpenAi => rename_events(&out, model),
-                Format::Anthropic => Bytes::from(anthropic::rename_events(&out, model)),
+            out = match self.watch.endpoint {
+                Endpoint::Responses => responses::rename_events(&out, model),
+                Endpoint::Messages => Bytes::from(anthropic::rename_events(&out, model)),
+                _ => rename_events(&out, model),
             };
         }
         if let Some(bill) = &mut self.bill

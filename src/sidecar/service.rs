@@ -67,6 +67,7 @@ fn api_router(shared: Arc<Shared>) -> Router {
         .route(CHAT_COMPLETIONS, post(proxy::chat_completions))
         .route(Endpoint::Messages.path(), post(proxy::messages))
         .route("/v1/messages/count_tokens", post(count_tokens))
+        .route(Endpoint::Responses.path(), post(proxy::responses))
         .route(Endpoint::Completions.path(), post(proxy::completions))
         .route(Endpoint::Embeddings.path(), post(proxy::embeddings))
         .route("/v1/models", get(models))

@@ -75,6 +75,8 @@ pub struct ServedTarget {
     pub pins_anthropic_version: bool,
     /// The callers' `anthropic-beta` values forwarded; `None`: all.
     pub anthropic_betas: Option<Vec<String>>,
+    /// The upstream serves the Responses API itself.
+    pub native_responses: bool,
     /// The model name sent upstream.
     pub model: String,
     /// The upstream model as a JSON string literal, ready to splice into request bodies.
@@ -230,6 +232,7 @@ impl ServedTarget {
             format,
             pins_anthropic_version: t.headers.iter().any(|(name, _)| name == ANTHROPIC_VERSION),
             anthropic_betas: t.anthropic_betas.clone(),
+            native_responses: t.native_responses,
             provider: t.provider.clone(),
             model: t.model.clone(),
             model_json: json_string(&t.model),

@@ -21,13 +21,14 @@
 use std::borrow::Cow;
 
 use bytes::Bytes;
-use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
-use crate::providers::openai::{self, json_string};
+use crate::providers::Usage;
+use crate::providers::openai::{
+    self, ChatAnswerPeek, ChunkPeek, ChunkSink, json_string, translate_chunks, unknown_finish,
+};
 use crate::providers::{StreamEnd, Untranslatable, untranslatable};
-use crate::providers::{Usage, sse};
 
 /// Thinking budgets below these map to the effort beside them; larger ones to `high`.
 const EFFORTS: [(u64, &str); 2] = [(4096, "low"), (16384, "medium")];
@@ -447,39 +448,6 @@ pub fn messages_answer(answer: &[u8], model: &str) -> Result<Vec<u8>, Untranslat
     Ok(out.into_bytes())
 }
 
-/// The fields of a chat completion that the translation reads.
-#[derive(Deserialize)]
-struct ChatAnswerPeek<'a> {
-    #[serde(borrow, default)]
-    id: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    choices: Option<Vec<ChatChoicePeek<'a>>>,
-    #[serde(borrow, default)]
-    usage: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct ChatChoicePeek<'a> {
-    #[serde(borrow, default)]
-    message: Option<ChatMessagePeek<'a>>,
-    #[serde(borrow, default)]
-    finish_reason: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct ChatMessagePeek<'a> {
-    #[serde(borrow, default)]
-    content: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    reasoning: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    refusal: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    reasoning_details: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    tool_calls: Option<&'a RawValue>,
-}
-
 /// A `reasoning_details` entry as the thinking block it came from, if it carries one.
 fn thinking_block(detail: &Value) -> Option<Value> {
     match detail.get("type").and_then(Value::as_str)? {
@@ -535,78 +503,7 @@ impl EventStream {
 
     /// Translates one whole chunk event (its lines and blank line) into Messages events.
     pub fn event(&mut self, event: &[u8], out: &mut Vec<u8>) -> StreamEnd {
-        for data in sse::payloads(event) {
-            if data == b"[DONE]" {
-                return self.finish(out);
-            }
-            let Ok(chunk) = serde_json::from_slice::<ChunkPeek<'_>>(data) else {
-                return StreamEnd::Error {
-                    kind: "api_error".into(),
-                    message: "the provider sent a chunk that is not JSON".into(),
-                };
-            };
-            if let Some(error) = chunk.error {
-                let error: Value = serde_json::from_str(error.get()).unwrap_or(Value::Null);
-                let message = error.get("message").and_then(Value::as_str).unwrap_or("the provider failed");
-                return StreamEnd::Error { kind: "api_error".into(), message: message.to_string() };
-            }
-            if let Err(end) = self.chunk(&chunk, out) {
-                return end;
-            }
-        }
-        StreamEnd::Open
-    }
-
-    fn chunk(&mut self, chunk: &ChunkPeek<'_>, out: &mut Vec<u8>) -> Result<(), StreamEnd> {
-        if !self.started {
-            self.started = true;
-            let (id, model) = (json_string(chunk.id.as_deref().unwrap_or_default()), json_string(&self.model));
-            out.extend_from_slice(
-                format!("event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"id\":{id},\"type\":\"message\",\"role\":\"assistant\",\"model\":{model},\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{{\"input_tokens\":0,\"output_tokens\":0}}}}}}\n\n").as_bytes(),
-            );
-        }
-        if let Some(usage) = chunk.usage.and_then(openai::usage_of) {
-            self.usage = usage;
-        }
-        let Some(choice) = chunk.choices.as_ref().and_then(|c| c.first()) else { return Ok(()) };
-        if let Some(delta) = &choice.delta {
-            let thinking = [&delta.reasoning, &delta.reasoning_content]
-                .into_iter()
-                .find_map(|t| t.as_deref().filter(|t| !t.is_empty()));
-            if let Some(thinking) = thinking {
-                self.open_block(Block::Thinking, out);
-                self.text_delta(out, "thinking_delta", "thinking", thinking);
-            }
-            if let Some(details) = delta.reasoning_details {
-                let details: Value = serde_json::from_str(details.get()).unwrap_or(Value::Null);
-                for detail in details.as_array().into_iter().flatten() {
-                    if let Some(signature) = detail.get("signature").and_then(Value::as_str).filter(|s| !s.is_empty()) {
-                        self.open_block(Block::Thinking, out);
-                        self.text_delta(out, "signature_delta", "signature", signature);
-                    }
-                }
-            }
-            if let Some(content) = delta.content.as_deref().filter(|t| !t.is_empty()) {
-                self.open_block(Block::Text, out);
-                self.text_delta(out, "text_delta", "text", content);
-            }
-            if let Some(refusal) = delta.refusal.as_deref().filter(|t| !t.is_empty()) {
-                self.refusal.get_or_insert_with(String::new).push_str(refusal);
-            }
-            if let Some(calls) = delta.tool_calls {
-                let calls: Value = serde_json::from_str(calls.get()).unwrap_or(Value::Null);
-                for call in calls.as_array().into_iter().flatten() {
-                    self.tool_call(call, out);
-                }
-            }
-        }
-        if let Some(finish) = choice.finish_reason.as_deref() {
-            self.stop = Some(stop_reason(finish).ok_or_else(|| StreamEnd::Error {
-                kind: "api_error".into(),
-                message: format!("the provider ended with finish reason {finish:?}, which this version does not know"),
-            })?);
-        }
-        Ok(())
+        translate_chunks(self, event, out)
     }
 
     /// A tool call's delta: its block started when the call first appears, its arguments as
@@ -669,6 +566,52 @@ impl EventStream {
             );
         }
     }
+}
+
+impl ChunkSink for EventStream {
+    fn chunk(&mut self, chunk: &ChunkPeek<'_>, out: &mut Vec<u8>) -> Result<(), StreamEnd> {
+        if !self.started {
+            self.started = true;
+            let (id, model) = (json_string(chunk.id.as_deref().unwrap_or_default()), json_string(&self.model));
+            out.extend_from_slice(
+                format!("event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"id\":{id},\"type\":\"message\",\"role\":\"assistant\",\"model\":{model},\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{{\"input_tokens\":0,\"output_tokens\":0}}}}}}\n\n").as_bytes(),
+            );
+        }
+        if let Some(usage) = chunk.usage.and_then(openai::usage_of) {
+            self.usage = usage;
+        }
+        let Some(choice) = chunk.choices.as_ref().and_then(|c| c.first()) else { return Ok(()) };
+        if let Some(delta) = &choice.delta {
+            let thinking = delta.reasoning_text();
+            if let Some(thinking) = thinking {
+                self.open_block(Block::Thinking, out);
+                self.text_delta(out, "thinking_delta", "thinking", thinking);
+            }
+            if let Some(details) = delta.reasoning_details {
+                let details: Value = serde_json::from_str(details.get()).unwrap_or(Value::Null);
+                for detail in details.as_array().into_iter().flatten() {
+                    if let Some(signature) = detail.get("signature").and_then(Value::as_str).filter(|s| !s.is_empty()) {
+                        self.open_block(Block::Thinking, out);
+                        self.text_delta(out, "signature_delta", "signature", signature);
+                    }
+                }
+            }
+            if let Some(content) = delta.content.as_deref().filter(|t| !t.is_empty()) {
+                self.open_block(Block::Text, out);
+                self.text_delta(out, "text_delta", "text", content);
+            }
+            if let Some(refusal) = delta.refusal.as_deref().filter(|t| !t.is_empty()) {
+                self.refusal.get_or_insert_with(String::new).push_str(refusal);
+            }
+            for call in delta.tool_call_deltas() {
+                self.tool_call(&call, out);
+            }
+        }
+        if let Some(finish) = choice.finish_reason.as_deref() {
+            self.stop = Some(stop_reason(finish).ok_or_else(|| unknown_finish(finish))?);
+        }
+        Ok(())
+    }
 
     fn finish(&mut self, out: &mut Vec<u8>) -> StreamEnd {
         let Some(stop) = self.stop else {
@@ -704,47 +647,11 @@ fn block_delta(out: &mut Vec<u8>, at: usize, kind: &str, field: &str, text: &str
     out.extend_from_slice(b"}}\n\n");
 }
 
-/// The fields of a chat completion chunk that the translation reads.
-#[derive(Deserialize)]
-struct ChunkPeek<'a> {
-    #[serde(borrow, default)]
-    id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    choices: Option<Vec<ChoicePeek<'a>>>,
-    #[serde(borrow, default)]
-    usage: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    error: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct ChoicePeek<'a> {
-    #[serde(borrow, default)]
-    delta: Option<ChatDelta<'a>>,
-    #[serde(borrow, default)]
-    finish_reason: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct ChatDelta<'a> {
-    #[serde(borrow, default)]
-    content: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    reasoning: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    reasoning_content: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    refusal: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    reasoning_details: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    tool_calls: Option<&'a RawValue>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::providers::arbitrary::{json, mutated};
+    use crate::providers::arbitrary::{chat_answer, chunks, json, mutated};
+    use crate::providers::sse;
     use proptest::prelude::*;
 
     /// Messages requests with plausible and arbitrary turns, blocks and fields, bent or not.
@@ -789,46 +696,6 @@ mod tests {
                 if bend { mutated(bytes).boxed() } else { Just(bytes).boxed() }
             },
         )
-    }
-
-    /// Chat answers with every finish reason, tool calls and reasoning, bent or not.
-    fn chat_answer() -> impl Strategy<Value = Vec<u8>> {
-        let finish = prop::sample::select(vec!["stop", "length", "tool_calls", "content_filter", "pause_turn", "eos"]);
-        let message = prop_oneof![
-            Just(json!({"role": "assistant", "content": "hi"})),
-            Just(
-                json!({"role": "assistant", "content": null, "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{\"a\":1}"}}]})
-            ),
-            Just(
-                json!({"role": "assistant", "content": "x", "reasoning_details": [{"type": "reasoning.text", "text": "r", "signature": "s"}]})
-            ),
-            json(),
-        ];
-        let usage = (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(p, c, r, w)| {
-            json!({"prompt_tokens": p, "completion_tokens": c, "prompt_tokens_details": {"cached_tokens": r, "cache_write_tokens": w}})
-        });
-        (message, finish, usage, any::<bool>()).prop_flat_map(|(message, finish, usage, bend)| {
-            let body = json!({"id": "x", "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage});
-            let bytes = serde_json::to_vec(&body).unwrap_or_default();
-            if bend { mutated(bytes).boxed() } else { Just(bytes).boxed() }
-        })
-    }
-
-    /// Chunk streams of plausible and arbitrary chunks, bent or not.
-    fn chunks() -> impl Strategy<Value = Vec<u8>> {
-        let data = prop_oneof![
-            Just(json!({"id": "c", "choices": [{"index": 0, "delta": {"role": "assistant", "content": "a"}}]}).to_string()),
-            Just(json!({"id": "c", "choices": [{"index": 0, "delta": {"reasoning": "r", "reasoning_details": [{"type": "reasoning.text", "signature": "s"}]}}]}).to_string()),
-            Just(json!({"id": "c", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 1, "id": "t", "function": {"name": "f", "arguments": "{"}}]}}]}).to_string()),
-            Just(json!({"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}).to_string()),
-            Just(json!({"id": "c", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}).to_string()),
-            Just("[DONE]".to_string()),
-            json().prop_map(|v| v.to_string()),
-        ];
-        (prop::collection::vec(data, 0..8), any::<bool>()).prop_flat_map(|(chunks, bend)| {
-            let bytes: Vec<u8> = chunks.iter().flat_map(|c| format!("data: {c}\n\n").into_bytes()).collect();
-            if bend { mutated(bytes).boxed() } else { Just(bytes).boxed() }
-        })
     }
 
     proptest! {
