@@ -109,3 +109,75 @@ spec:
         ]
     );
 }
+
+/// `responses.create`, JSON and streamed, and the SDK's stream helper, against a target that
+/// speaks the Responses API, one that speaks only Chat Completions and an Anthropic one; then a
+/// function-calling round trip with `call_id` through each kind.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_openai_python_sdk_uses_the_responses_api_with_any_target() {
+    let python =
+        tokio::task::spawn_blocking(|| sdk_python("openai-venv", "requirements.txt", "openai", SDK)).await.unwrap();
+    let up = ScriptedUpstream::start().await;
+    let mock = "baseUrl: 'mock://local?chunks=4&chunk-interval=1ms'";
+    let config = [
+        route_yaml("native", "", &[&format!("{{name: native, api: mock, nativeResponses: true, {mock}}}")]),
+        route_yaml("chat-only", "", &[&format!("{{name: chat, api: mock, {mock}}}")]),
+        route_yaml("claude", "", &[&format!("{{name: claude, api: anthropic, {mock}}}")]),
+        route_yaml(
+            "native-tools",
+            "",
+            &[&format!("{{name: native, nativeResponses: true, baseUrl: '{}'}}", up.url("responses-answer-tools"))],
+        ),
+        route_yaml("chat-tools", "", &[&format!("{{name: chat, baseUrl: '{}'}}", up.url("openai-answer-tools"))]),
+        route_yaml(
+            "claude-tools",
+            "",
+            &[&format!("{{name: claude, api: anthropic, baseUrl: '{}'}}", up.url("anthropic-answer-tools"))],
+        ),
+    ]
+    .concat();
+    let sidecar = Sidecar::start(&config);
+    let base_url = format!("http://{}/v1", sidecar.api);
+    let stdout = run_script(python, "responses_client.py", &[("SWITCHYARD_BASE_URL", base_url.as_str())]).await;
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "native json: Hello from the Switchyard | completed | 4",
+            "native stream: Hello from the Switchyard | response.created .. response.completed",
+            "chat-only json: Hello from the Switchyard | completed | 4",
+            "chat-only stream: Hello from the Switchyard | response.created .. response.completed",
+            "claude json: Hello from the Switchyard | completed | 4",
+            "claude stream: Hello from the Switchyard | response.created .. response.completed",
+            "stream helper: Hello from the Switchyard | completed",
+            r#"native-tools calls: call_A:weather:{"city":"Paris"} call_B:weather:{"city":"Rome"}"#,
+            "native-tools follow-up: completed",
+            r#"chat-tools calls: call_A:weather:{"city":"Paris"} call_B:weather:{"city":"Rome"}"#,
+            "chat-tools follow-up: completed",
+            r#"claude-tools calls: toolu_A:weather:{"city":"Paris"} toolu_B:weather:{"city":"Rome"}"#,
+            "claude-tools follow-up: completed",
+        ]
+    );
+    // The follow-ups carried each call's output to its call, in each upstream's own terms.
+    let sent = |behaviour: &str| -> serde_json::Value {
+        serde_json::from_slice(&up.recorded(behaviour).last().unwrap().body).unwrap()
+    };
+    let native = sent("responses-answer-tools");
+    let outputs: Vec<&serde_json::Value> =
+        native["input"].as_array().unwrap().iter().filter(|i| i["type"] == "function_call_output").collect();
+    assert_eq!(outputs.iter().map(|o| o["call_id"].as_str().unwrap()).collect::<Vec<_>>(), ["call_A", "call_B"]);
+    let chat = sent("openai-answer-tools");
+    let tools: Vec<&serde_json::Value> =
+        chat["messages"].as_array().unwrap().iter().filter(|m| m["role"] == "tool").collect();
+    assert_eq!(tools.iter().map(|m| m["tool_call_id"].as_str().unwrap()).collect::<Vec<_>>(), ["call_A", "call_B"]);
+    let claude = sent("anthropic-answer-tools");
+    let results: Vec<&str> = claude["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|m| m["content"].as_array().into_iter().flatten())
+        .filter(|b| b["type"] == "tool_result")
+        .map(|b| b["tool_use_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(results, ["toolu_A", "toolu_B"]);
+}

@@ -498,6 +498,7 @@ pub struct Recorded {
 /// - `provider-api`: under `/v1`, a file object for `POST /v1/files`, a transcription naming the
 ///   form's model for `POST /v1/audio/transcriptions`, and for anything else what it received (method, path, query,
 ///   JSON `model`).
+/// - `responses-answer-CASE`: the response `tests/testdata/responses/answers/CASE.response.json`.
 /// - `openai-answer-CASE`, `openai-stream-CASE`: the chat completion
 ///   `tests/testdata/anthropic/callers/answers/CASE.chat.json`, the chunks `.../streams/CASE.chunks`.
 #[derive(Clone)]
@@ -620,6 +621,10 @@ async fn script(
     }
     if let Some(case) = behaviour.strip_prefix("anthropic-answer-") {
         let answer = std::fs::read(format!("tests/testdata/anthropic/answers/{case}.messages.json")).unwrap();
+        return ([(header::CONTENT_TYPE, "application/json")], answer).into_response();
+    }
+    if let Some(case) = behaviour.strip_prefix("responses-answer-") {
+        let answer = std::fs::read(format!("tests/testdata/responses/answers/{case}.response.json")).unwrap();
         return ([(header::CONTENT_TYPE, "application/json")], answer).into_response();
     }
     if let Some(case) = behaviour.strip_prefix("openai-answer-") {
