@@ -60,6 +60,32 @@ MESSAGES_SSE_ANSWER = "".join(
         {"type": "message_stop"},
     ]
 )
+RESPONSES_JSON_ANSWER = (
+    '{"id":"resp_bench","object":"response","created_at":1,"status":"completed","error":null,"incomplete_details":null,'
+    '"model":"m","output":[{"type":"message","id":"msg_bench","status":"completed","role":"assistant","content":'
+    '[{"type":"output_text","text":"Hello from the benchmark upstream, all good.","annotations":[]}]}],'
+    '"usage":{"input_tokens":14,"input_tokens_details":{"cached_tokens":0},"output_tokens":9,'
+    '"output_tokens_details":{"reasoning_tokens":0},"total_tokens":23}}'
+)
+_RESPONSE = {"id": "resp_bench", "object": "response", "status": "in_progress", "model": "m", "output": [], "usage": None}
+_MESSAGE = {"type": "message", "id": "msg_bench", "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": "Hello there", "annotations": []}]}
+RESPONSES_SSE_ANSWER = "".join(
+    f"event: {e['type']}\ndata: " + json.dumps(dict(e, sequence_number=n), separators=(",", ":")) + "\n\n"
+    for n, e in enumerate([
+        {"type": "response.created", "response": _RESPONSE},
+        {"type": "response.output_item.added", "output_index": 0, "item": dict(_MESSAGE, status="in_progress", content=[])},
+        {"type": "response.output_text.delta", "item_id": "msg_bench", "output_index": 0, "content_index": 0, "delta": "Hello"},
+        {"type": "response.output_text.delta", "item_id": "msg_bench", "output_index": 0, "content_index": 0, "delta": " there"},
+        {"type": "response.output_item.done", "output_index": 0, "item": _MESSAGE},
+        {"type": "response.completed", "response": dict(_RESPONSE, status="completed", output=[_MESSAGE], usage={
+            "input_tokens": 14, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 2, "total_tokens": 16})},
+    ])
+)
+EMBEDDINGS_JSON_ANSWER = (
+    '{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.0123,-0.0456,0.0789,0.0012,-0.0345,'
+    '0.0678,-0.0901,0.0234]}],"model":"m","usage":{"prompt_tokens":4,"total_tokens":4}}'
+)
 JSON_BODY = '{"model":"chat","max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}'
 STREAM_BODY = '{"model":"stream","stream":true,"max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}'
 SLOW_BODY = '{"model":"slow","stream":true,"max_tokens":100,"messages":[{"role":"user","content":"Say hello."}]}'
@@ -151,7 +177,10 @@ def start_upstream(tmp):
         f"    location /json/ {{ default_type application/json; return 200 '{JSON_ANSWER}'; }}\n"
         f"    location /sse/ {{ default_type text/event-stream; return 200 '{sse}'; }}\n"
         f"    location /ajson/ {{ default_type application/json; return 200 '{MESSAGES_JSON_ANSWER}'; }}\n"
-        f"    location /asse/ {{ default_type text/event-stream; return 200 '{MESSAGES_SSE_ANSWER}'; }}\n  }}",
+        f"    location /asse/ {{ default_type text/event-stream; return 200 '{MESSAGES_SSE_ANSWER}'; }}\n"
+        f"    location /rjson/ {{ default_type application/json; return 200 '{RESPONSES_JSON_ANSWER}'; }}\n"
+        f"    location /rsse/ {{ default_type text/event-stream; return 200 '{RESPONSES_SSE_ANSWER}'; }}\n"
+        f"    location /ejson/ {{ default_type application/json; return 200 '{EMBEDDINGS_JSON_ANSWER}'; }}\n  }}",
     )
     return Proc("upstream", pinned(LOAD_CPU, ["nginx", "-c", conf]), with_children=True)
 
@@ -173,15 +202,18 @@ def start_nginx_proxy(tmp):
 def sidecar_config(tmp, routes=None):
     # Anthropic's base URLs are roots, without a version: /v1/messages is appended.
     api = lambda path: "anthropic" if path.startswith("a") else "openai"
+    # Upstream paths starting with r speak the Responses API; with e, embeddings.
+    native = lambda path: ", nativeResponses: true" if path.startswith("r") else ""
     targets = lambda path: "\n".join(
-        f"    - {{name: {n}, api: {api(path)}, baseUrl: 'http://127.0.0.1:{UPSTREAM}/{path}/{'t' if api(path) == 'anthropic' else 'v'}{i}', pricing: {{prompt: '2.5', completion: '10'}}}}"
+        f"    - {{name: {n}, api: {api(path)}, baseUrl: 'http://127.0.0.1:{UPSTREAM}/{path}/{'t' if api(path) == 'anthropic' else 'v'}{i}', pricing: {{prompt: '2.5', completion: '10'}}{native(path)}}}"
         for i, n in enumerate(["primary", "secondary", "tertiary"], 1)
     )
     docs = []
     for model, path in routes or [("chat", "json"), ("stream", "sse")]:
+        serves = "  serves: embeddings\n" if path.startswith("e") else ""
         docs.append(
             f"apiVersion: switchyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {{name: {model}}}\n"
-            f"spec:\n  model: {model}\n  targets:\n{targets(path)}\n"
+            f"spec:\n  model: {model}\n{serves}  targets:\n{targets(path)}\n"
         )
     if routes is None:
         docs.append(
@@ -290,6 +322,13 @@ TRANSLATION_CASES = [
     ("chat to anthropic, stream", "/v1/chat/completions", "to-anthropic-stream", "asse", True),
     ("messages passthrough, stream", "/v1/messages", "messages-stream", "asse", True),
     ("messages to openai, stream", "/v1/messages", "messages-to-openai-stream", "sse", True),
+    ("responses passthrough", "/v1/responses", "responses", "rjson", False),
+    ("responses to chat", "/v1/responses", "responses-to-chat", "json", False),
+    ("responses to anthropic", "/v1/responses", "responses-to-anthropic", "ajson", False),
+    ("responses passthrough, stream", "/v1/responses", "responses-stream", "rsse", True),
+    ("responses to chat, stream", "/v1/responses", "responses-to-chat-stream", "sse", True),
+    ("responses to anthropic, stream", "/v1/responses", "responses-to-anthropic-stream", "asse", True),
+    ("embeddings passthrough", "/v1/embeddings", "embeddings", "ejson", False),
 ]
 
 
@@ -304,6 +343,10 @@ def run_translation(args):
     procs = {"sidecar": sidecar}
     def body(model, stream):
         streaming = '"stream":true,' if stream else ""
+        if model.startswith("responses"):
+            return f'{{"model":"{model}",{streaming}"max_output_tokens":64,"input":"Say hello."}}'
+        if model.startswith("embeddings"):
+            return f'{{"model":"{model}","input":"Say hello."}}'
         return f'{{"model":"{model}",{streaming}"max_tokens":64,"messages":[{{"role":"user","content":"Say hello."}}]}}'
     results = {}
     try:
@@ -325,11 +368,13 @@ def run_translation(args):
         sidecar.stop()
         upstream.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    lines = ["| Rate | Request | CPU per request | vs passthrough of the same API |", "| --- | --- | --- | --- |"]
+    lines = ["| Rate | Request | CPU per request | vs passthrough of the same API (embeddings: chat's) |", "| --- | --- | --- | --- |"]
     for rate, cpu in results.items():
         for name, endpoint, *_ in TRANSLATION_CASES:
+            # Embeddings stand beside chat's passthrough.
+            base_endpoint = "/v1/chat/completions" if endpoint == "/v1/embeddings" else endpoint
             base = next(n for n, e, m, p, st in TRANSLATION_CASES
-                        if e == endpoint and "passthrough" in n and (", stream" in n) == (", stream" in name))
+                        if e == base_endpoint and "passthrough" in n and (", stream" in n) == (", stream" in name))
             lines.append(f"| {rate}/s | {name} | {cpu[name]:.1f} µs | {cpu[name] / cpu[base]:.2f}x |")
     return "\n".join(lines) + "\n"
 

@@ -66,6 +66,19 @@ if [ "$to_anthropic" -gt $((count * 2)) ] || [ "$to_openai" -gt $((messages * 2)
   exit 1
 fi
 
+# The Responses API: translated to chat completions against passed through; embeddings beside chat.
+run responses
+run responses-to-chat
+run embeddings
+responses=$(thread responses 01)
+to_chat=$(thread responses-to-chat 01)
+embeddings=$(thread embeddings 01)
+echo "responses: passthrough $((responses / 2000)) per request; to chat $((to_chat / 2000)) ($((to_chat * 100 / responses))% of passthrough); embeddings $((embeddings / 2000)) ($((embeddings * 100 / count))% of chat passthrough)"
+if [ "$to_chat" -gt $((responses * 2)) ]; then
+  echo "a translated Responses request costs more than twice the instructions of a passthrough one" >&2
+  exit 1
+fi
+
 if [ "${1:-}" = "--fleet" ]; then
   run low
   low=$(thread low 01)

@@ -19,7 +19,10 @@
 //!
 //! - `to-anthropic`: chat completions to targets that speak Anthropic's Messages API (translated);
 //! - `messages`: `/v1/messages` to Anthropic targets (passed through);
-//! - `messages-to-openai`: `/v1/messages` to OpenAI-compatible targets (translated).
+//! - `messages-to-openai`: `/v1/messages` to OpenAI-compatible targets (translated);
+//! - `responses`: `/v1/responses` to targets that speak it (passed through);
+//! - `responses-to-chat`: `/v1/responses` to chat-only targets (translated);
+//! - `embeddings`: `/v1/embeddings` (JSON only), beside chat's passthrough.
 //!
 //! It prints the wall time per request and, for the ledger, the calls it answered.
 
@@ -60,8 +63,28 @@ const MESSAGES_STREAM: &str = concat!(
     "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":2}}\n\n",
     "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
 );
+const RESPONSES_ANSWER: &str = r#"{"id":"resp_1","object":"response","created_at":1,"status":"completed","error":null,"incomplete_details":null,"model":"m","output":[{"type":"message","id":"msg_1","status":"completed","role":"assistant","content":[{"type":"output_text","text":"Hello from the upstream, all good.","annotations":[]}]}],"usage":{"input_tokens":12,"input_tokens_details":{"cached_tokens":0},"output_tokens":8,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":20}}"#;
+const RESPONSES_STREAM: &str = concat!(
+    "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"in_progress\",\"model\":\"m\",\"output\":[],\"usage\":null}}\n\n",
+    "event: response.output_item.added\ndata: {\"type\":\"response.output_item.added\",\"sequence_number\":1,\"output_index\":0,\"item\":{\"type\":\"message\",\"id\":\"msg_1\",\"status\":\"in_progress\",\"role\":\"assistant\",\"content\":[]}}\n\n",
+    "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"sequence_number\":2,\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"Hello\"}\n\n",
+    "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"sequence_number\":3,\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\" there\"}\n\n",
+    "event: response.output_item.done\ndata: {\"type\":\"response.output_item.done\",\"sequence_number\":4,\"output_index\":0,\"item\":{\"type\":\"message\",\"id\":\"msg_1\",\"status\":\"completed\",\"role\":\"assistant\",\"content\":[{\"type\":\"output_text\",\"text\":\"Hello there\",\"annotations\":[]}]}}\n\n",
+    "event: response.completed\ndata: {\"type\":\"response.completed\",\"sequence_number\":5,\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"completed\",\"model\":\"m\",\"output\":[{\"type\":\"message\",\"id\":\"msg_1\",\"status\":\"completed\",\"role\":\"assistant\",\"content\":[{\"type\":\"output_text\",\"text\":\"Hello there\",\"annotations\":[]}]}],\"usage\":{\"input_tokens\":12,\"input_tokens_details\":{\"cached_tokens\":0},\"output_tokens\":2,\"total_tokens\":14}}}\n\n",
+);
+const EMBEDDINGS_ANSWER: &str = r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.0123,-0.0456,0.0789,0.0012,-0.0345,0.0678,-0.0901,0.0234]}],"model":"m","usage":{"prompt_tokens":4,"total_tokens":4}}"#;
 const REQUESTS: usize = 2000;
-const MODES: [&str; 6] = ["standalone", "leased", "low", "to-anthropic", "messages", "messages-to-openai"];
+const MODES: [&str; 9] = [
+    "standalone",
+    "leased",
+    "low",
+    "to-anthropic",
+    "messages",
+    "messages-to-openai",
+    "responses",
+    "responses-to-chat",
+    "embeddings",
+];
 const KEY: &str = "sk-hot-path";
 
 async fn upstream() -> std::net::SocketAddr {
@@ -72,15 +95,17 @@ async fn upstream() -> std::net::SocketAddr {
             let _ = tcp.set_nodelay(true);
             tokio::spawn(async move {
                 let service = service_fn(|request: http::Request<hyper::body::Incoming>| async move {
-                    let messages = request.uri().path().ends_with("/v1/messages");
+                    let path = request.uri().path().to_string();
                     let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                     let stream = body.windows(13).any(|w| w == b"\"stream\":true");
-                    let (content_type, answer) = match (stream, messages) {
-                        (true, false) => ("text/event-stream", STREAM_ANSWER),
-                        (false, false) => ("application/json", JSON_ANSWER),
-                        (true, true) => ("text/event-stream", MESSAGES_STREAM),
-                        (false, true) => ("application/json", MESSAGES_ANSWER),
+                    let (json, events) = match path.rsplit('/').next() {
+                        Some("messages") => (MESSAGES_ANSWER, MESSAGES_STREAM),
+                        Some("responses") => (RESPONSES_ANSWER, RESPONSES_STREAM),
+                        Some("embeddings") => (EMBEDDINGS_ANSWER, ""),
+                        _ => (JSON_ANSWER, STREAM_ANSWER),
                     };
+                    let (content_type, answer) =
+                        if stream { ("text/event-stream", events) } else { ("application/json", json) };
                     let response = http::Response::builder()
                         .header("content-type", content_type)
                         .body(Full::new(Bytes::from_static(answer.as_bytes())))
@@ -169,7 +194,15 @@ fn main() {
     // The targets speak Anthropic's API in these modes, OpenAI's otherwise.
     let (api, path) =
         if ["to-anthropic", "messages"].contains(&mode.as_str()) { ("anthropic", "") } else { ("openai", "/v1") };
-    let endpoint = if mode.starts_with("messages") { "/v1/messages" } else { "/v1/chat/completions" };
+    let endpoint = match mode.split('-').next() {
+        Some("messages") => "/v1/messages",
+        Some("responses") => "/v1/responses",
+        Some("embeddings") => "/v1/embeddings",
+        _ => "/v1/chat/completions",
+    };
+    // Extra spec and target fields of the modes that need them.
+    let spec = if mode == "embeddings" { "\n  serves: embeddings" } else { "" };
+    let native = if mode == "responses" { ", nativeResponses: true" } else { "" };
     // Above the limit: the budget is Low from the start.
     let low = if mode == "low" { r#", lowBalanceThreshold: "1000001""# } else { "" };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
@@ -181,11 +214,11 @@ apiVersion: switchyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {{name: chat}}
 spec:
-  model: chat
+  model: chat{spec}
   targets:
-    - {{name: primary, api: {api}, baseUrl: "http://{addr}{path}", model: upstream-model, pricing: {{prompt: "2.5", completion: "10"}}}}
-    - {{name: secondary, api: {api}, baseUrl: "http://{addr}/b{path}", pricing: {{prompt: "3", completion: "15"}}}}
-    - {{name: tertiary, api: {api}, baseUrl: "http://{addr}/c{path}", pricing: {{prompt: "1", completion: "2"}}}}
+    - {{name: primary, api: {api}, baseUrl: "http://{addr}{path}", model: upstream-model, pricing: {{prompt: "2.5", completion: "10"}}{native}}}
+    - {{name: secondary, api: {api}, baseUrl: "http://{addr}/b{path}", pricing: {{prompt: "3", completion: "15"}}{native}}}
+    - {{name: tertiary, api: {api}, baseUrl: "http://{addr}/c{path}", pricing: {{prompt: "1", completion: "2"}}{native}}}
 ---
 apiVersion: switchyard.dev/v1alpha1
 kind: ApiKeyBudget
@@ -220,12 +253,20 @@ stringData: {{key: {KEY}}}
         let shared = Arc::new(Shared::new(&config, limits, clients, false, state_dir.clone(), fleet).expect("shared"));
         let app = api_service(shared.clone());
 
-        let json = Bytes::from_static(br#"{"model":"chat","max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}"#);
-        let stream = Bytes::from_static(
-            br#"{"model":"chat","stream":true,"max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}"#,
-        );
+        let (json, stream): (&'static [u8], &'static [u8]) = match endpoint {
+            "/v1/responses" => (
+                br#"{"model":"chat","max_output_tokens":64,"input":"Say hello."}"#,
+                br#"{"model":"chat","stream":true,"max_output_tokens":64,"input":"Say hello."}"#,
+            ),
+            // Embeddings are never streamed.
+            "/v1/embeddings" => (br#"{"model":"chat","input":"Say hello."}"#, br#"{"model":"chat","input":"Say hello."}"#),
+            _ => (
+                br#"{"model":"chat","max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}"#,
+                br#"{"model":"chat","stream":true,"max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}"#,
+            ),
+        };
         let request = |i: usize| {
-            let body = if i.is_multiple_of(2) { json.clone() } else { stream.clone() };
+            let body = Bytes::from_static(if i.is_multiple_of(2) { json } else { stream });
             let request = http::Request::post(endpoint)
                 .header("content-type", "application/json")
                 .header("authorization", format!("Bearer {KEY}"))

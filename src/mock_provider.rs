@@ -1,5 +1,6 @@
 //! A fake provider for tests, demos and load tests, speaking OpenAI's Chat Completions
-//! (`/v1/chat/completions`) and Anthropic's Messages (`/v1/messages`).
+//! (`/v1/chat/completions`), Responses (`/v1/responses`), legacy completions and embeddings, and
+//! Anthropic's Messages (`/v1/messages`).
 //!
 //! The same generator serves `switchyard mock-provider` over HTTP and targets with `api: mock`
 //! inside the sidecar, so the quickstart runs offline with no keys. Knobs inject latency, failures,

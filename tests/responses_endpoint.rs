@@ -201,3 +201,30 @@ async fn failures_before_the_first_token_fall_back_and_after_it_end_with_respons
         .collect();
     assert_eq!(deltas, "Hello from");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_native_stream_passes_through_and_one_cut_short_ends_with_response_failed() {
+    let up = ScriptedUpstream::start().await;
+    let route = |model: &str, case: &str| {
+        route_yaml(model, "", &[&format!("{{name: native, nativeResponses: true, baseUrl: '{}'}}", up.url(case))])
+    };
+    let sidecar =
+        Sidecar::start(&[route("whole", "responses-stream-tools"), route("cut", "responses-stream-error")].concat());
+
+    // Event for event as the provider sent them, the final usage with its cost (unpriced: 0).
+    let response =
+        send(sidecar.api, "POST", "/v1/responses", r#"{"model": "whole", "input": "hi", "stream": true}"#).await;
+    let relayed = rest(&mut response.into_body()).await;
+    let sent = std::fs::read_to_string("tests/testdata/responses/streams/tools.events").unwrap();
+    let sent = sent[..sent.find("END: ").unwrap()].replace(r#""total_tokens":110}"#, r#""total_tokens":110,"cost":0}"#);
+    assert_eq!(relayed, sent);
+
+    // The provider's stream ends after its first token without response.completed.
+    let response =
+        send(sidecar.api, "POST", "/v1/responses", r#"{"model": "cut", "input": "hi", "stream": true}"#).await;
+    let relayed = rest(&mut response.into_body()).await;
+    assert!(relayed.contains(r#""delta":"Partial""#), "{relayed}");
+    let last = relayed.trim_end().rsplit("\n\n").next().unwrap();
+    assert!(last.starts_with("event: response.failed\n"), "{last}");
+    assert!(last.contains("ended before its last event"), "{last}");
+}

@@ -1085,8 +1085,13 @@ mod tests {
         let _ = upstream_error_message(input);
         let _ = mentions_usage(input);
         let _ = chunk_info(input);
+        let _ = text_chunk_info(input);
+        if let Ok(Some((_, span))) = optional_model(input) {
+            let _ = crate::providers::splice(input, span, b"\"m\"");
+        }
         for payload in sse::payloads(input) {
             let _ = chunk_info(payload);
+            let _ = text_chunk_info(payload);
         }
     }
 

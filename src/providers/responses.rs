@@ -27,6 +27,7 @@
 //! `content_filter`: `incomplete` with `content_filter`); usage the Responses shape.
 
 use std::borrow::Cow;
+use std::io::Write;
 use std::sync::LazyLock;
 
 use bytes::{Bytes, BytesMut};
@@ -520,6 +521,8 @@ pub struct ResponseStream {
     started: bool,
     sequence: u64,
     items: Vec<Item>,
+    /// Each item's id, by output index.
+    ids: Vec<String>,
     /// The item still receiving deltas: reasoning or a message. Tool calls stay open until the end,
     /// as their arguments may come interleaved.
     open: Option<usize>,
@@ -537,17 +540,8 @@ impl ResponseStream {
         translate_chunks(self, event, out)
     }
 
-    /// Writes one event: its name, then `fields` (JSON object members) after its type and number.
-    fn emit(&mut self, out: &mut Vec<u8>, kind: &str, fields: &str) {
-        let n = self.sequence;
-        self.sequence += 1;
-        out.extend_from_slice(
-            format!("event: {kind}\ndata: {{\"type\":\"{kind}\",\"sequence_number\":{n},{fields}}}\n\n").as_bytes(),
-        );
-    }
-
-    /// The id of item `at`; a second message (or reasoning) of the response gets a suffix.
-    fn item_id(&self, at: usize) -> String {
+    /// The id of new item `at`; a second message (or reasoning) of the response gets a suffix.
+    fn new_item_id(&self, at: usize) -> String {
         let kind = std::mem::discriminant(&self.items[at]);
         let earlier = self.items[..at].iter().filter(|i| std::mem::discriminant(*i) == kind).count();
         let suffix = if earlier == 0 { String::new() } else { format!("_{earlier}") };
@@ -568,28 +562,42 @@ impl ResponseStream {
         }
         let at = self.items.len();
         self.items.push(kind);
+        self.ids.push(self.new_item_id(at));
         self.open = Some(at);
-        let item_id = self.item_id(at);
+        let item_id = &self.ids[at];
         let item = match &self.items[at] {
             Item::Reasoning { .. } => format!(r#"{{"type":"reasoning","id":"{item_id}","summary":[]}}"#),
-            Item::Message { .. } => message_item(&item_id, "in_progress", &[]),
+            Item::Message { .. } => message_item(item_id, "in_progress", &[]),
             Item::Call { call_id, name, .. } => function_call_item(call_id, name, "", "in_progress"),
         };
-        self.emit(out, "response.output_item.added", &format!(r#""output_index":{at},"item":{item}"#));
+        emit(
+            &mut self.sequence,
+            out,
+            "response.output_item.added",
+            format_args!(r#""output_index":{at},"item":{item}"#),
+        );
         at
     }
 
     fn reasoning_delta(&mut self, text: &str, out: &mut Vec<u8>) {
         let fresh = !matches!(self.open.map(|at| &self.items[at]), Some(Item::Reasoning { .. }));
         let at = self.open(Item::Reasoning { text: String::new() }, out);
-        let item_id = self.item_id(at);
+        let item_id = &self.ids[at];
         if fresh {
-            self.emit(out, "response.reasoning_summary_part.added", &format!(r#""item_id":"{item_id}","output_index":{at},"summary_index":0,"part":{{"type":"summary_text","text":""}}"#));
+            emit(
+                &mut self.sequence,
+                out,
+                "response.reasoning_summary_part.added",
+                format_args!(
+                    r#""item_id":"{item_id}","output_index":{at},"summary_index":0,"part":{{"type":"summary_text","text":""}}"#
+                ),
+            );
         }
-        self.delta(
+        delta(
+            &mut self.sequence,
             out,
             "response.reasoning_summary_text.delta",
-            &format!(r#""item_id":"{item_id}","output_index":{at},"summary_index":0"#),
+            format_args!(r#""item_id":"{item_id}","output_index":{at},"summary_index":0"#),
             text,
         );
         if let Item::Reasoning { text: all } = &mut self.items[at] {
@@ -600,7 +608,7 @@ impl ResponseStream {
     /// Text (or, with `refusal`, a refusal) of the message item; each is one content part.
     fn message_delta(&mut self, text: &str, refusal: bool, out: &mut Vec<u8>) {
         let at = self.open(Item::Message { parts: Vec::new() }, out);
-        let item_id = self.item_id(at);
+        let item_id = &self.ids[at];
         let Item::Message { parts } = &mut self.items[at] else { return };
         let (index, fresh) = match parts.iter().position(|(r, _)| *r == refusal) {
             Some(index) => (index, false),
@@ -617,9 +625,9 @@ impl ResponseStream {
         };
         let at_part = format!(r#""item_id":"{item_id}","output_index":{at},"content_index":{index}"#);
         if fresh {
-            self.emit(out, "response.content_part.added", &format!(r#"{at_part},"part":{part}"#));
+            emit(&mut self.sequence, out, "response.content_part.added", format_args!(r#"{at_part},"part":{part}"#));
         }
-        self.delta(out, event, &at_part, text);
+        delta(&mut self.sequence, out, event, format_args!("{at_part}"), text);
     }
 
     /// A tool call's delta: its item added when the call first appears, its arguments as deltas.
@@ -642,11 +650,12 @@ impl ResponseStream {
             }
         };
         if let Some(arguments) = call.pointer("/function/arguments").and_then(Value::as_str).filter(|a| !a.is_empty()) {
-            let item_id = self.item_id(at);
-            self.delta(
+            let item_id = &self.ids[at];
+            delta(
+                &mut self.sequence,
                 out,
                 "response.function_call_arguments.delta",
-                &format!(r#""item_id":"{item_id}","output_index":{at}"#),
+                format_args!(r#""item_id":"{item_id}","output_index":{at}"#),
                 arguments,
             );
             if let Item::Call { arguments: all, .. } = &mut self.items[at] {
@@ -655,28 +664,15 @@ impl ResponseStream {
         }
     }
 
-    /// A delta event, its text written straight out: deltas are most of a stream.
-    fn delta(&mut self, out: &mut Vec<u8>, kind: &str, fields: &str, text: &str) {
-        let n = self.sequence;
-        self.sequence += 1;
-        out.extend_from_slice(
-            format!("event: {kind}\ndata: {{\"type\":\"{kind}\",\"sequence_number\":{n},{fields},\"delta\":")
-                .as_bytes(),
-        );
-        // Writing a string into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut *out, text);
-        out.extend_from_slice(b"}\n\n");
-    }
-
     /// The item as it ends: its JSON text.
     fn done_item(&self, at: usize) -> String {
-        let item_id = self.item_id(at);
+        let item_id = &self.ids[at];
         match &self.items[at] {
-            Item::Reasoning { text } => reasoning_item(&item_id, text),
+            Item::Reasoning { text } => reasoning_item(item_id, text),
             Item::Message { parts } => {
                 let parts: Vec<String> =
                     parts.iter().map(|(refusal, s)| if *refusal { refusal_part(s) } else { text_part(s) }).collect();
-                message_item(&item_id, "completed", &parts)
+                message_item(item_id, "completed", &parts)
             }
             Item::Call { call_id, name, arguments, .. } => function_call_item(call_id, name, arguments, "completed"),
         }
@@ -684,16 +680,22 @@ impl ResponseStream {
 
     /// The `done` events of item `at`.
     fn close(&mut self, at: usize, out: &mut Vec<u8>) {
-        let item_id = self.item_id(at);
+        let item_id = &self.ids[at];
         match &self.items[at] {
             Item::Reasoning { text } => {
                 let (text, part) =
                     (json_string(text), format!(r#""item_id":"{item_id}","output_index":{at},"summary_index":0"#));
-                self.emit(out, "response.reasoning_summary_text.done", &format!(r#"{part},"text":{text}"#));
-                self.emit(
+                emit(
+                    &mut self.sequence,
+                    out,
+                    "response.reasoning_summary_text.done",
+                    format_args!(r#"{part},"text":{text}"#),
+                );
+                emit(
+                    &mut self.sequence,
                     out,
                     "response.reasoning_summary_part.done",
-                    &format!(r#"{part},"part":{{"type":"summary_text","text":{text}}}"#),
+                    format_args!(r#"{part},"part":{{"type":"summary_text","text":{text}}}"#),
                 );
             }
             Item::Message { parts } => {
@@ -705,21 +707,32 @@ impl ResponseStream {
                     } else {
                         ("response.output_text.done", "text", text_part(&content))
                     };
-                    self.emit(out, event, &format!(r#"{at_part},"{field}":{value}"#));
-                    self.emit(out, "response.content_part.done", &format!(r#"{at_part},"part":{part}"#));
+                    emit(&mut self.sequence, out, event, format_args!(r#"{at_part},"{field}":{value}"#));
+                    emit(
+                        &mut self.sequence,
+                        out,
+                        "response.content_part.done",
+                        format_args!(r#"{at_part},"part":{part}"#),
+                    );
                 }
             }
             Item::Call { arguments, .. } => {
                 let arguments = json_string(arguments);
-                self.emit(
+                emit(
+                    &mut self.sequence,
                     out,
                     "response.function_call_arguments.done",
-                    &format!(r#""item_id":"{item_id}","output_index":{at},"arguments":{arguments}"#),
+                    format_args!(r#""item_id":"{item_id}","output_index":{at},"arguments":{arguments}"#),
                 );
             }
         }
         let item = self.done_item(at);
-        self.emit(out, "response.output_item.done", &format!(r#""output_index":{at},"item":{item}"#));
+        emit(
+            &mut self.sequence,
+            out,
+            "response.output_item.done",
+            format_args!(r#""output_index":{at},"item":{item}"#),
+        );
     }
 }
 
@@ -729,8 +742,8 @@ impl ChunkSink for ResponseStream {
             self.started = true;
             self.id = ids(chunk.id.as_deref().unwrap_or_default());
             let response = response_json(&self.id, &self.model, self.created, "in_progress", None, &[], None);
-            self.emit(out, "response.created", &format!(r#""response":{response}"#));
-            self.emit(out, "response.in_progress", &format!(r#""response":{response}"#));
+            emit(&mut self.sequence, out, "response.created", format_args!(r#""response":{response}"#));
+            emit(&mut self.sequence, out, "response.in_progress", format_args!(r#""response":{response}"#));
         }
         if let Some(usage) = chunk.usage.and_then(openai::usage_of) {
             self.usage = usage;
@@ -776,9 +789,26 @@ impl ChunkSink for ResponseStream {
         let usage = self.usage;
         let response = response_json(&self.id, &self.model, self.created, status, incomplete, &output, Some(&usage));
         let kind = if status == "completed" { "response.completed" } else { "response.incomplete" };
-        self.emit(out, kind, &format!(r#""response":{response}"#));
+        emit(&mut self.sequence, out, kind, format_args!(r#""response":{response}"#));
         StreamEnd::Done
     }
+}
+
+/// Writes one event: its name, then `fields` (JSON object members) after its type and number.
+fn emit(sequence: &mut u64, out: &mut Vec<u8>, kind: &str, fields: std::fmt::Arguments<'_>) {
+    let n = *sequence;
+    *sequence += 1;
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "event: {kind}\ndata: {{\"type\":\"{kind}\",\"sequence_number\":{n},{fields}}}\n\n");
+}
+
+/// A delta event, its text written straight out: deltas are most of a stream.
+fn delta(sequence: &mut u64, out: &mut Vec<u8>, kind: &str, fields: std::fmt::Arguments<'_>, text: &str) {
+    let n = *sequence;
+    *sequence += 1;
+    let _ = write!(out, "event: {kind}\ndata: {{\"type\":\"{kind}\",\"sequence_number\":{n},{fields},\"delta\":");
+    let _ = serde_json::to_writer(&mut *out, text);
+    out.extend_from_slice(b"}\n\n");
 }
 
 /// The keys [`event_info`] and [`event_end`] look for, found without parsing.

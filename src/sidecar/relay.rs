@@ -474,7 +474,7 @@ impl Body for SseRelay {
                         }
                     };
                     if this.cut_short() && !this.done {
-                        let message = "the provider's stream ended before its message_stop event".to_string();
+                        let message = "the provider's stream ended before its last event".to_string();
                         let tail = this.fail("upstream_disconnected", message);
                         let last = match rest {
                             Some(rest) => [rest, tail].concat().into(),

@@ -498,7 +498,8 @@ pub struct Recorded {
 /// - `provider-api`: under `/v1`, a file object for `POST /v1/files`, a transcription naming the
 ///   form's model for `POST /v1/audio/transcriptions`, and for anything else what it received (method, path, query,
 ///   JSON `model`).
-/// - `responses-answer-CASE`: the response `tests/testdata/responses/answers/CASE.response.json`.
+/// - `responses-answer-CASE`: the response `tests/testdata/responses/answers/CASE.response.json`;
+///   `responses-stream-CASE`: the events of `tests/testdata/responses/streams/CASE.events`, in pieces.
 /// - `openai-answer-CASE`, `openai-stream-CASE`: the chat completion
 ///   `tests/testdata/anthropic/callers/answers/CASE.chat.json`, the chunks `.../streams/CASE.chunks`.
 #[derive(Clone)]
@@ -634,10 +635,16 @@ async fn script(
     let stream = match (behaviour.strip_prefix("anthropic-stream-"), behaviour.strip_prefix("openai-stream-")) {
         (Some(case), _) => Some(format!("tests/testdata/anthropic/streams/{case}.events")),
         (_, Some(case)) => Some(format!("tests/testdata/anthropic/callers/streams/{case}.chunks")),
-        _ => None,
+        _ => behaviour
+            .strip_prefix("responses-stream-")
+            .map(|case| format!("tests/testdata/responses/streams/{case}.events")),
     };
     if let Some(file) = stream {
-        let events = std::fs::read(file).unwrap();
+        let mut events = std::fs::read(file).unwrap();
+        // A translation's golden ends with how it ended, which is not part of the stream.
+        if let Some(end) = events.windows(5).position(|w| w == b"END: ") {
+            events.truncate(end);
+        }
         let (mut tx, body) = Channel::<Bytes, std::io::Error>::new(4);
         tokio::spawn(async move {
             for piece in events.chunks(37) {
