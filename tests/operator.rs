@@ -263,6 +263,32 @@ fn the_older_route_keeps_a_contested_model() {
 }
 
 #[test]
+fn the_older_route_stays_the_pass_through_default_and_the_newer_says_why_it_is_not_served() {
+    let newer = route(
+        "batches",
+        50,
+        json!({"model": "batches", "passthroughDefault": true, "targets": [{"name": "m", "api": "mock"}]}),
+    );
+    let older = route(
+        "files",
+        10,
+        json!({"model": "files", "passthroughDefault": true, "targets": [{"name": "m", "api": "mock"}]}),
+    );
+    let world = World::new(vec![newer, older], vec![]);
+    let plan = world.plan();
+    let (_, compiled) = applied_config(&plan);
+    let defaults: Vec<_> =
+        compiled.config.routes.iter().filter(|r| r.passthrough_default).map(|r| r.name.as_str()).collect();
+    assert_eq!(defaults, ["files"]);
+    let (status, reason, message) = condition(&route_status(&plan, "batches").conditions, "Accepted");
+    assert_eq!((status, reason), ("False", "DuplicatePassthroughDefault"));
+    assert_eq!(
+        message,
+        "spec.passthroughDefault: ProviderRoute team-a/files is already the namespace's pass-through default; there is one per namespace"
+    );
+}
+
+#[test]
 fn a_route_created_in_the_same_second_never_takes_the_model_from_the_serving_one() {
     let serving = route("zeta", 10, json!({"model": "chat", "targets": [{"name": "m", "api": "mock"}]}));
     let mut world = World::new(vec![serving], vec![]);

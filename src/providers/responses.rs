@@ -1028,6 +1028,17 @@ mod tests {
         assert!(with_cost(br#"{"type":"response.output_text.delta","delta":"x"}"#, "1").is_none());
     }
 
+    #[test]
+    fn renames_the_model_of_each_response_and_keeps_every_other_byte() {
+        let events = concat!(
+            "event: response.created\r\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"r\",\"model\":\"a\"}}\r\n\r\n",
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"model\"}\n\n",
+        );
+        let renamed = rename_events(events.as_bytes(), "\"b\"");
+        let expected = events.replacen(r#""model":"a""#, r#""model":"b""#, 1);
+        assert_eq!(std::str::from_utf8(&renamed).unwrap(), expected);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
 
