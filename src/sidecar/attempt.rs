@@ -262,13 +262,11 @@ async fn try_target(
     }
 
     let fail = |kind, status, message| Failure::new(route, target, kind, status, message);
-    let sent = async {
-        match path {
-            UpstreamPath::Conversation => target.upstream.send(request).await,
-            UpstreamPath::Under(path) => target.upstream.send_to(path, request).await,
-        }
+    let under = match path {
+        UpstreamPath::Conversation => None,
+        UpstreamPath::Under(path) => Some(path),
     };
-    let response = match timeout_at(first_byte_deadline.into(), sent).await {
+    let response = match timeout_at(first_byte_deadline.into(), target.upstream.send(under, request)).await {
         Ok(Ok(response)) => response,
         Ok(Err(SendError::ConnectTimeout)) => {
             let message = format!("connect timeout after {}", format_duration(timeouts.connect));

@@ -77,7 +77,7 @@ async fn count_at(target: &ServedTarget, caller: &http::HeaderMap, body: &[u8]) 
     forward_anthropic_headers(caller, target, request.headers_mut());
     let deadline = Instant::now() + target.timeouts.first_byte;
     let response =
-        match timeout_at(deadline.into(), target.upstream.send_to("/v1/messages/count_tokens", request)).await {
+        match timeout_at(deadline.into(), target.upstream.send(Some("/v1/messages/count_tokens"), request)).await {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => return Err(format!("{e:?}")),
             Err(_) => return Err("no answer within the firstByte timeout".into()),

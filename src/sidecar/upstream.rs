@@ -85,38 +85,24 @@ impl TargetClient {
         TargetClient::Mock { router, conversation: Uri::from_static(conversation), base_path }
     }
 
-    /// Sends a request to the upstream's conversation URL and waits for the response headers.
-    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<UpstreamBody>, SendError> {
-        let uri = match self {
-            TargetClient::Http { conversation, .. }
-            | TargetClient::Plain { conversation, .. }
-            | TargetClient::Mock { conversation, .. } => conversation,
-        };
-        self.send_at(uri, request).await
-    }
-
-    /// Sends a POST to `path` under the base URL (`/embeddings`, `/v1/messages/count_tokens`).
-    pub async fn send_to(
+    /// Sends a POST to the upstream's conversation URL, or with `under`, to that path under its
+    /// base URL (`/embeddings`, `/v1/messages/count_tokens`), and waits for the response headers.
+    /// One future for both: the request path moves it whole, so a wrapper would cost copies.
+    pub async fn send(
         &self,
-        path: &str,
-        request: Request<Full<Bytes>>,
+        under: Option<&str>,
+        mut request: Request<Full<Bytes>>,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        let uri = self.uri_of(path)?;
-        self.send_at(&uri, request).await
-    }
-
-    /// The URI of `path` (with any query) under the base URL, in the form the client sends.
-    pub fn uri_of(&self, path: &str) -> Result<Uri, SendError> {
-        let base: &str = match self {
-            TargetClient::Http { base, .. } => base,
-            TargetClient::Plain { base_path, .. } => base_path,
-            TargetClient::Mock { base_path, .. } => base_path,
+        let owned;
+        let uri = match (under, self) {
+            (Some(path), _) => {
+                owned = self.uri_of(path)?;
+                &owned
+            }
+            (None, TargetClient::Http { conversation, .. })
+            | (None, TargetClient::Plain { conversation, .. })
+            | (None, TargetClient::Mock { conversation, .. }) => conversation,
         };
-        let uri = format!("{base}{path}");
-        uri.parse().map_err(|e| SendError::Connect(format!("{uri}: {e}")))
-    }
-
-    async fn send_at(&self, uri: &Uri, mut request: Request<Full<Bytes>>) -> Result<Response<UpstreamBody>, SendError> {
         match self {
             TargetClient::Plain { pool, host, .. } => {
                 pool.send(request, uri, host).await.map(|r| r.map(UpstreamBody::Plain))
@@ -130,6 +116,17 @@ impl TargetClient {
                 Ok(call_mock(router, request.map(axum::body::Body::new)).await)
             }
         }
+    }
+
+    /// The URI of `path` (with any query) under the base URL, in the form the client sends.
+    pub fn uri_of(&self, path: &str) -> Result<Uri, SendError> {
+        let base: &str = match self {
+            TargetClient::Http { base, .. } => base,
+            TargetClient::Plain { base_path, .. } => base_path,
+            TargetClient::Mock { base_path, .. } => base_path,
+        };
+        let uri = format!("{base}{path}");
+        uri.parse().map_err(|e| SendError::Connect(format!("{uri}: {e}")))
     }
 
     /// Forwards a request as it is (any method, its body streamed) to `path` (with its query)
