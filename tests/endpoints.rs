@@ -162,6 +162,11 @@ async fn legacy_completions_go_to_openai_compatible_targets_only() {
         reply.json()["error"]["message"],
         "target \"claude\" speaks Anthropic's Messages API, which has no legacy completions endpoint"
     );
+
+    // Each API's calls are counted, whatever became of them.
+    let metrics = get(sidecar.admin, "/metrics").await.body;
+    assert_eq!(metric(&metrics, r#"switchyard_api_calls_total{api="completions"}"#), 3);
+    assert_eq!(metric(&metrics, r#"switchyard_api_calls_total{api="chat_completions"}"#), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

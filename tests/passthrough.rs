@@ -174,6 +174,9 @@ async fn calls_without_a_model_go_to_the_pass_through_default() {
     let reply = call(sidecar.api, "GET", "/v1/realtime?model=gpt-realtime", "", Vec::new()).await;
     assert_eq!(reply.status, 501);
     assert_eq!(reply.json()["error"]["code"], "unsupported_endpoint");
+    // Five calls passed through; the Realtime one was not.
+    let metrics = get(sidecar.admin, "/metrics").await.body;
+    assert_eq!(metric(&metrics, r#"switchyard_api_calls_total{api="passthrough"}"#), 5);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -15,6 +15,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use tokio::time::timeout_at;
 
 use super::attempt::forward_anthropic_headers;
+use super::endpoint::Api;
 use super::error::{ProxyError, TARGET};
 use super::health;
 use super::proxy::{authenticate, bad_request, read_request, unrouted_as};
@@ -33,6 +34,7 @@ pub const TOKEN_COUNT: HeaderName = HeaderName::from_static("x-switchyard-token-
 const MAX_ANSWER: usize = 64 * 1024;
 
 pub async fn count_tokens(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    shared.states.api_calls[Api::CountTokens.index()].inc();
     let caller = Format::Anthropic;
     let snapshot = shared.snapshot.load_full();
     let (parts, body) = request.into_parts();

@@ -84,3 +84,50 @@ pub enum UpstreamPath {
     Conversation,
     Under(&'static str),
 }
+
+/// What `switchyard_api_calls_total` counts calls of: each routed endpoint, token counts, and the
+/// calls passed through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    Routed(Endpoint),
+    CountTokens,
+    Passthrough,
+}
+
+impl Api {
+    pub const ALL: [Api; 7] = [
+        Api::Routed(Endpoint::Chat),
+        Api::Routed(Endpoint::Messages),
+        Api::Routed(Endpoint::Responses),
+        Api::Routed(Endpoint::Completions),
+        Api::Routed(Endpoint::Embeddings),
+        Api::CountTokens,
+        Api::Passthrough,
+    ];
+
+    /// Position in [`Api::ALL`], for its counter.
+    pub fn index(self) -> usize {
+        match self {
+            Api::Routed(Endpoint::Chat) => 0,
+            Api::Routed(Endpoint::Messages) => 1,
+            Api::Routed(Endpoint::Responses) => 2,
+            Api::Routed(Endpoint::Completions) => 3,
+            Api::Routed(Endpoint::Embeddings) => 4,
+            Api::CountTokens => 5,
+            Api::Passthrough => 6,
+        }
+    }
+
+    /// The label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Api::Routed(Endpoint::Chat) => "chat_completions",
+            Api::Routed(Endpoint::Messages) => "messages",
+            Api::Routed(Endpoint::Responses) => "responses",
+            Api::Routed(Endpoint::Completions) => "completions",
+            Api::Routed(Endpoint::Embeddings) => "embeddings",
+            Api::CountTokens => "count_tokens",
+            Api::Passthrough => "passthrough",
+        }
+    }
+}

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::billing::{Meter, ServedBudget};
+use super::endpoint::Api;
 use super::fleet::{BILLED, Fleet};
 use super::health::Ticks;
 use super::ledger_client::{CALLS, RESULTS};
@@ -48,6 +49,12 @@ fn render_states(registry: &StateRegistry, now: Ticks) -> String {
         for (status, n) in t.requests.snapshot() {
             let _ = writeln!(out, "switchyard_requests_total{{{l},status=\"{status}\"}} {n}");
         }
+    }
+
+    header(&mut out, "switchyard_api_calls_total", "counter", "Calls of each API, passed through included.");
+    for api in Api::ALL {
+        let n = registry.api_calls[api.index()].get();
+        let _ = writeln!(out, "switchyard_api_calls_total{{api=\"{}\"}} {n}", api.name());
     }
 
     header(

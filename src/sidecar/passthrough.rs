@@ -21,6 +21,7 @@ use tokio::time::timeout;
 
 use super::attempt::{HOP_BY_HOP, strip_hop_by_hop};
 use super::billing;
+use super::endpoint::Api;
 use super::error::{AttemptFailure, ERROR_SOURCE, ProxyError, add_rate_headers};
 use super::health::{self, AttemptOutcome};
 use super::plan;
@@ -76,6 +77,7 @@ pub async fn passthrough(State(shared): State<Arc<Shared>>, request: Request) ->
     if path == "/v1/realtime" || path.starts_with("/v1/realtime/") {
         return unrouted(&shared, ProxyError::RealtimeUnsupported);
     }
+    shared.states.api_calls[Api::Passthrough.index()].inc();
     let snapshot = shared.snapshot.load_full();
     let (parts, body) = request.into_parts();
     let (model, payload) = match read_payload(&shared, &parts.headers, body).await {

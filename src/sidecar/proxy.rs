@@ -19,7 +19,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 
 use super::attempt::{Answer, Failure, Finished, HealthEffect, Outgoing, attempt};
 use super::billing::{self, Bill, ServedBudget, StreamBill, caller_key, key_hash};
-use super::endpoint::Endpoint;
+use super::endpoint::{Api, Endpoint};
 use super::error::{ATTEMPTS, AttemptFailure, FALLBACK_REASON, ProxyError, TARGET, add_rate_headers};
 use super::health::{self, AttemptOutcome, Transition};
 use super::plan;
@@ -61,6 +61,7 @@ pub async fn embeddings(State(shared): State<Arc<Shared>>, request: Request) -> 
 /// speaks. The routing fields have the same names in every one (`model`, `stream`, `max_tokens`;
 /// Anthropic's `fallbacks` is read as `models`).
 async fn converse(shared: Arc<Shared>, request: Request, endpoint: Endpoint) -> Response {
+    shared.states.api_calls[Api::Routed(endpoint).index()].inc();
     let caller = endpoint.format();
     let snapshot = shared.snapshot.load_full();
     let (parts, body) = request.into_parts();

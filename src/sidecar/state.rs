@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
+use super::endpoint::Api;
 use super::health::{HealthTracker, Ticks};
 use super::stats::TargetStats;
 use crate::api::FallbackReason;
@@ -67,6 +68,8 @@ pub struct StateRegistry {
     routes: Mutex<BTreeMap<String, Arc<RouteState>>>,
     /// Responses to requests that reached no route: bad requests, unknown models.
     pub unrouted: StatusCounter,
+    /// Calls of each API, by [`Api::index`].
+    pub api_calls: [Counter; Api::ALL.len()],
     /// Times the configuration files were checked for changes.
     pub source_checks: Counter,
     pub reloads_ok: Counter,
