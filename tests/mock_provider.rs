@@ -145,4 +145,12 @@ async fn the_quickstart_example_serves_offline() {
     assert_eq!(response.status(), 200);
     let text = rest(&mut response.into_body()).await;
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+
+    // The README's other calls: the Responses API and embeddings.
+    let reply = post(api, "/v1/responses", r#"{"model": "chat", "input": "Hello"}"#).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["status"], "completed");
+    let reply = post(api, "/v1/embeddings", r#"{"model": "embed", "input": ["Hello", "world"]}"#).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["data"].as_array().unwrap().len(), 2);
 }
