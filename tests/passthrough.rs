@@ -63,6 +63,7 @@ fn caller_headers() -> Vec<(&'static str, String)> {
         ("authorization", format!("Bearer {CALLER_KEY}")),
         ("x-api-key", CALLER_KEY.to_string()),
         ("openai-organization", "org-caller".to_string()),
+        ("openai-beta", "assistants=v2".to_string()),
     ]
 }
 
@@ -92,11 +93,13 @@ fn form(model: &str, file: &[u8]) -> Vec<u8> {
 
 const FORM: &str = "multipart/form-data; boundary=b0undary";
 
-/// Whatever the caller sent, the upstream saw the target's credential and none of the caller's keys.
+/// Whatever the caller sent, the upstream saw the target's credential and none of the caller's keys
+/// or the account scope that goes with them.
 fn assert_credentials(recorded: &Recorded) {
     assert_eq!(recorded.headers["authorization"], format!("Bearer {PROVIDER_KEY}"));
     assert!(recorded.headers.get("x-api-key").is_none());
-    assert_eq!(recorded.headers["openai-organization"], "org-caller", "other caller headers go on");
+    assert!(recorded.headers.get("openai-organization").is_none());
+    assert_eq!(recorded.headers["openai-beta"], "assistants=v2", "other caller headers go on");
 }
 
 #[tokio::test(flavor = "multi_thread")]

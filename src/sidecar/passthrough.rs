@@ -40,12 +40,15 @@ use crate::providers::{Prefs, splice};
 /// How much of a form is read to find its `model` before it is sent on without one.
 const FORM_PEEK_LIMIT: usize = 1 << 20;
 
-/// Caller headers that never go upstream: the caller's keys (OpenAI's, Anthropic's, Azure's) and
-/// the framing the client sets.
-const WITHHELD: [header::HeaderName; 5] = [
+/// Caller headers that never go upstream: the caller's keys (OpenAI's, Anthropic's, Azure's), the
+/// account scope that belongs with a key (a caller's organization or project would not match the
+/// target's key: the target's `headers` set them), and the framing the client sets.
+const WITHHELD: [header::HeaderName; 7] = [
     header::AUTHORIZATION,
     X_API_KEY,
     header::HeaderName::from_static("api-key"),
+    header::HeaderName::from_static("openai-organization"),
+    header::HeaderName::from_static("openai-project"),
     header::HOST,
     header::CONTENT_LENGTH,
 ];
