@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::response::Response;
 use axum::routing::{get, post};
 
@@ -78,7 +78,11 @@ fn api_router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// A known path with the wrong method.
-async fn method_not_allowed(State(shared): State<Arc<Shared>>) -> Response {
+/// A known path with another method. Under `/v1/` the provider may serve it (`GET
+/// /v1/chat/completions` lists stored completions): passed through, as any other call.
+async fn method_not_allowed(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    if request.uri().path().starts_with("/v1/") {
+        return passthrough(State(shared), request).await;
+    }
     unrouted(&shared, ProxyError::MethodNotAllowed)
 }
