@@ -46,6 +46,7 @@ fn config(up: &ScriptedUpstream, streaming: SocketAddr) -> String {
             ],
         ),
         route_yaml("rejected", "", &[&format!("{{name: strict, baseUrl: '{}'}}", up.url("status-401"))]),
+        route_yaml("failing", "", &[&format!("{{name: failing, baseUrl: '{}/v1'}}", up.url("status-500"))]),
         route_yaml("streaming", "", &[&format!("{{name: streamer, baseUrl: 'http://{streaming}/v1'}}")]),
     ]
     .concat()
@@ -206,6 +207,14 @@ async fn a_json_call_falls_back_and_an_upload_does_not() {
     assert_eq!(reply.header("x-switchyard-error-source"), "upstream");
     assert_eq!(reply.json()["error"]["message"], "upstream says 503");
     assert_eq!(up.hits("status-503"), 2);
+
+    // A route whose every target is ejected still tries the one that recovers soonest, as chat does.
+    for _ in 0..4 {
+        let reply =
+            call(sidecar.api, "POST", "/v1/moderations", "application/json", br#"{"model": "failing"}"#.to_vec()).await;
+        assert_eq!(reply.status, 502, "{}", reply.body);
+    }
+    assert_eq!(up.hits("status-500"), 4, "the fourth call reached the ejected target too");
 
     // A provider refusing the sidecar's own credentials is not the caller's error to see.
     let reply =

@@ -192,8 +192,8 @@ async fn forward(
     let now = health::now();
     let tick = route.ticks.fetch_add(1, Ordering::Relaxed);
     let candidates: Vec<plan::Candidate<'_>> = route.targets.iter().map(|t| t.candidate(now)).collect();
-    let order = match plan::plan(route.strategy, &route.schedule, &candidates, &Prefs::default(), 0, tick) {
-        Ok(plan) => plan.order,
+    let (order, panic) = match plan::plan(route.strategy, &route.schedule, &candidates, &Prefs::default(), 0, tick) {
+        Ok(plan) => (plan.order, plan.panic),
         Err(excluded) => {
             let error = ProxyError::NoTarget { model: route.model.clone(), excluded_by: excluded.by };
             route.state.requests.inc(error.status().as_u16());
@@ -206,7 +206,16 @@ async fn forward(
     let mut last = None;
     for index in order.into_iter().take(route.fallback.max_attempts as usize) {
         let target = &route.targets[index];
-        let Some(probe) = target.state.health.acquire(health::now()) else { continue };
+        // Every target ejected: the one that recovers soonest is tried, as on chat.
+        let probe = if panic {
+            target.state.health.force_probe();
+            true
+        } else {
+            match target.state.health.acquire(health::now()) {
+                Some(probe) => probe,
+                None => continue,
+            }
+        };
         let Some((body, len)) = payload.body_for(target, model) else { break };
         attempts += 1;
         last = Some(index);
@@ -291,7 +300,9 @@ impl Payload {
             Payload::Streaming { prefix, rest, len } => {
                 let rest = rest.take()?;
                 let new_prefix = rewrite(prefix);
-                let len = len.map(|len| (len + new_prefix.len() as u64).saturating_sub(prefix.len() as u64));
+                // The caller's Content-Length is any number: saturating, never overflowing.
+                let len =
+                    len.map(|len| len.saturating_add(new_prefix.len() as u64).saturating_sub(prefix.len() as u64));
                 let stream = futures::stream::once(std::future::ready(Ok::<Bytes, axum::Error>(new_prefix)))
                     .chain(rest.into_data_stream());
                 Some((Body::from_stream(stream), len))
