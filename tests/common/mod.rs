@@ -47,6 +47,10 @@ pub fn temp_dir(name: &str) -> PathBuf {
 /// A virtualenv under target/ with the pinned packages of `tests/python/{requirements}`, created
 /// once and reused while `ready(venv)` holds.
 pub fn python_venv(name: &str, requirements: &str, ready: impl Fn(&Path) -> bool) -> PathBuf {
+    // Tests of one binary run in parallel: the second to ask for a venv waits for the first to
+    // create it, instead of creating it over the first's.
+    static CREATING: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = CREATING.lock().unwrap_or_else(|e| e.into_inner());
     let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
     if ready(&venv) {
         return venv;
