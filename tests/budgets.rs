@@ -25,23 +25,8 @@ fn config(limit: &str, budget_extra: &str, route_extra: &str, prompt_price: &str
         "",
         &[&format!("{{name: mock, api: mock, baseUrl: 'mock://local?chunk-interval=1ms{mock}'}}")],
     );
-    format!(
-        r#"{route}{open}---
-apiVersion: switchyard.dev/v1alpha1
-kind: ApiKeyBudget
-metadata: {{name: team-a}}
-spec:
-  key: {{secretRef: {{name: team-a-key, key: key}}}}
-  limit: "{limit}"
-  allowedModels: [chat]
-  {budget_extra}
----
-apiVersion: v1
-kind: Secret
-metadata: {{name: team-a-key}}
-stringData: {{key: {KEY}}}
-"#
-    )
+    let budget = budget_yaml("team-a", KEY, &format!("limit: \"{limit}\"\n  allowedModels: [chat]\n  {budget_extra}"));
+    format!("{route}{open}{budget}")
 }
 
 async fn call(sidecar: &Sidecar, key: Option<&str>, body: &str) -> Reply {
@@ -387,9 +372,7 @@ async fn the_budget_example_meters_and_refuses() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn failures_timeouts_and_hang_ups_release_their_reservation_at_once() {
-    let budget = format!(
-        "---\napiVersion: switchyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {{name: team-a}}\nspec: {{key: {{secretRef: {{name: k, key: key}}}}, limit: '10'}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: k}}\nstringData: {{key: {KEY}}}\n"
-    );
+    let budget = budget_yaml("team-a", KEY, "limit: '10'");
     let target = |url: &str, extra: &str| {
         format!("{{name: t, api: mock, baseUrl: '{url}', pricing: {{completion: '1000'}}{extra}}}")
     };

@@ -26,21 +26,7 @@ fn config(up: &ScriptedUpstream) -> String {
         ],
     );
     let claude = route_yaml("claude-only", "", &["{name: claude, api: anthropic, baseUrl: 'mock://local'}"]);
-    format!(
-        r#"{embed}{chat}{claude}---
-apiVersion: switchyard.dev/v1alpha1
-kind: ApiKeyBudget
-metadata: {{name: embedder}}
-spec:
-  key: {{secretRef: {{name: embedder-key, key: key}}}}
-  limit: "10"
----
-apiVersion: v1
-kind: Secret
-metadata: {{name: embedder-key}}
-stringData: {{key: {KEY}}}
-"#
-    )
+    [embed, chat, claude, budget_yaml("embedder", KEY, "limit: \"10\"")].concat()
 }
 
 async fn call(sidecar: &Sidecar, path: &str, body: &str) -> Reply {

@@ -128,9 +128,7 @@ fn config(upstream: SocketAddr) -> String {
     );
     let route = route_yaml("chat", "health: {consecutiveFailures: 100}\n  holdBack: 0s", &[&target]);
     // A budget without a limit: every answer is metered, whatever numbers it reports.
-    format!(
-        "{route}---\napiVersion: switchyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {{name: faults}}\nspec: {{key: {{secretRef: {{name: k, key: key}}}}}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: k}}\nstringData: {{key: {KEY}}}\n"
-    )
+    route + &budget_yaml("faults", KEY, "")
 }
 
 /// Sends one request and reads its whole answer: the status, and the body as it ended. A reset,

@@ -239,21 +239,7 @@ async fn a_key_is_metered_the_same_through_both_apis() {
         "chat",
         "",
         &["{name: mock, api: mock, baseUrl: 'mock://local?chunk-interval=1ms', pricing: {completion: '1000'}}"],
-    ) + &format!(
-        r#"---
-apiVersion: switchyard.dev/v1alpha1
-kind: ApiKeyBudget
-metadata: {{name: team-a}}
-spec:
-  key: {{secretRef: {{name: team-a-key, key: key}}}}
-  limit: "100"
----
-apiVersion: v1
-kind: Secret
-metadata: {{name: team-a-key}}
-stringData: {{key: {KEY}}}
-"#
-    );
+    ) + &budget_yaml("team-a", KEY, "limit: \"100\"");
     let sidecar = Sidecar::start(&config);
     let spent = || async {
         let reply = read(send_as(sidecar.api, Some(KEY), "GET", "/api/v1/key", "").await).await;

@@ -40,21 +40,7 @@ fn config(up: &ScriptedUpstream) -> String {
         ),
     ]
     .concat()
-        + &format!(
-            r#"---
-apiVersion: switchyard.dev/v1alpha1
-kind: ApiKeyBudget
-metadata: {{name: responder}}
-spec:
-  key: {{secretRef: {{name: responder-key, key: key}}}}
-  limit: "100"
----
-apiVersion: v1
-kind: Secret
-metadata: {{name: responder-key}}
-stringData: {{key: {KEY}}}
-"#
-        )
+        + &budget_yaml("responder", KEY, "limit: \"100\"")
 }
 
 async fn call(sidecar: &Sidecar, body: &str) -> Reply {

@@ -547,11 +547,7 @@ pub fn rename_model(json: &[u8], model_json: &str) -> Option<Bytes> {
     }
     let peek: ModelOnly<'_> = serde_json::from_slice(json).ok()?;
     let (_, span) = string_at(peek.model?, json)?;
-    let mut out = BytesMut::with_capacity(json.len() - span.len() + model_json.len());
-    out.extend_from_slice(&json[..span.start]);
-    out.extend_from_slice(model_json.as_bytes());
-    out.extend_from_slice(&json[span.end..]);
-    Some(out.freeze())
+    Some(super::splice(json, span, model_json.as_bytes()))
 }
 
 /// SSE events with each `data:` payload's `model` renamed (see [`rename_model`]); other lines and
@@ -902,6 +898,11 @@ impl ChatDelta<'_> {
             _ => Vec::new(),
         }
     }
+}
+
+/// The end of a translated chunk stream whose `[DONE]` came without a finish reason.
+pub(crate) fn no_finish() -> StreamEnd {
+    StreamEnd::Error { kind: "api_error".into(), message: "the provider's stream ended without a finish reason".into() }
 }
 
 /// The end of a translated stream whose finish reason has no equivalent.

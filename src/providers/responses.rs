@@ -37,7 +37,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use super::openai::{
-    self, ChatAnswerPeek, ChunkInfo, ChunkPeek, ChunkSink, json_string, translate_chunks, unknown_finish,
+    self, ChatAnswerPeek, ChunkInfo, ChunkPeek, ChunkSink, json_string, no_finish, translate_chunks, unknown_finish,
 };
 use super::{StreamEnd, Untranslatable, Usage, sse, untranslatable};
 
@@ -772,10 +772,7 @@ impl ChunkSink for ResponseStream {
 
     fn finish(&mut self, out: &mut Vec<u8>) -> StreamEnd {
         let Some((status, incomplete)) = self.finish else {
-            return StreamEnd::Error {
-                kind: "api_error".into(),
-                message: "the provider's stream ended without a finish reason".into(),
-            };
+            return no_finish();
         };
         if let Some(open) = self.open.take() {
             self.close(open, out);
@@ -907,6 +904,12 @@ pub fn failed_event(code: &str, message: &str, model: &str) -> Bytes {
 /// A final response event (`response.completed`, `response.incomplete`) with `usage.cost` set to
 /// `cost` in its response; `None` for other events.
 pub fn with_cost(event: &[u8], cost: &str) -> Option<Bytes> {
+    in_response(event, |response| openai::with_cost(response, cost))
+}
+
+/// An event with its `response` object replaced by what `change` makes of it; `None` for an event
+/// without one, or when `change` leaves it as it is.
+fn in_response(event: &[u8], change: impl FnOnce(&[u8]) -> Option<Bytes>) -> Option<Bytes> {
     #[derive(Deserialize)]
     struct ResponseOnly<'a> {
         #[serde(borrow)]
@@ -914,13 +917,10 @@ pub fn with_cost(event: &[u8], cost: &str) -> Option<Bytes> {
     }
     let peek: ResponseOnly<'_> = serde_json::from_slice(event).ok()?;
     let inner = peek.response.get().as_bytes();
+    // `inner` borrows from `event`, so its address locates it there.
     let start = inner.as_ptr() as usize - event.as_ptr() as usize;
-    let priced = openai::with_cost(inner, cost)?;
-    let mut out = BytesMut::with_capacity(event.len() + priced.len() - inner.len());
-    out.extend_from_slice(&event[..start]);
-    out.extend_from_slice(&priced);
-    out.extend_from_slice(&event[start + inner.len()..]);
-    Some(out.freeze())
+    let changed = change(inner)?;
+    Some(super::splice(event, start..start + inner.len(), &changed))
 }
 
 /// Response events with the `model` of each event's `response` renamed to `model_json`.
@@ -932,16 +932,8 @@ pub fn rename_events(events: &[u8], model_json: &str) -> Bytes {
                 Some(body) => (body, &payload[body.len()..]),
                 None => (payload, &b""[..]),
             };
-            #[derive(Deserialize)]
-            struct ResponseOnly<'a> {
-                #[serde(borrow)]
-                response: &'a RawValue,
-            }
-            let peek: ResponseOnly<'_> = serde_json::from_slice(payload).ok()?;
-            let inner = peek.response.get().as_bytes();
-            let start = inner.as_ptr() as usize - payload.as_ptr() as usize;
-            let renamed = openai::rename_model(inner, model_json)?;
-            Some([b"data: ", &payload[..start], &renamed[..], &payload[start + inner.len()..], end].concat())
+            let renamed = in_response(payload, |response| openai::rename_model(response, model_json))?;
+            Some([b"data: ", &renamed[..], end].concat())
         });
         match renamed {
             Some(line) => out.extend_from_slice(&line),

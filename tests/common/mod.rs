@@ -217,6 +217,19 @@ pub fn route_yaml(model: &str, spec: &str, targets: &[&str]) -> String {
     yaml
 }
 
+/// An ApiKeyBudget document named `name` for `key`, which a Secret `{name}-key` holds. `spec`
+/// holds extra spec fields as one line (`limit: "10"`; several joined by `\n  `).
+pub fn budget_yaml(name: &str, key: &str, spec: &str) -> String {
+    let mut yaml = format!(
+        "---\napiVersion: switchyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {{name: {name}}}\nspec:\n  key: {{secretRef: {{name: {name}-key, key: key}}}}\n"
+    );
+    if !spec.is_empty() {
+        yaml += &format!("  {spec}\n");
+    }
+    yaml += &format!("---\napiVersion: v1\nkind: Secret\nmetadata: {{name: {name}-key}}\nstringData: {{key: {key}}}\n");
+    yaml
+}
+
 /// A running `switchyard` process. Killed on drop.
 pub struct Process {
     pub child: Child,

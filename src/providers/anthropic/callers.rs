@@ -26,7 +26,7 @@ use serde_json::{Map, Value, json};
 
 use crate::providers::Usage;
 use crate::providers::openai::{
-    self, ChatAnswerPeek, ChunkPeek, ChunkSink, json_string, translate_chunks, unknown_finish,
+    self, ChatAnswerPeek, ChunkPeek, ChunkSink, json_string, no_finish, translate_chunks, unknown_finish,
 };
 use crate::providers::{StreamEnd, Untranslatable, untranslatable};
 
@@ -615,10 +615,7 @@ impl ChunkSink for EventStream {
 
     fn finish(&mut self, out: &mut Vec<u8>) -> StreamEnd {
         let Some(stop) = self.stop else {
-            return StreamEnd::Error {
-                kind: "api_error".into(),
-                message: "the provider's stream ended without a finish reason".into(),
-            };
+            return no_finish();
         };
         self.close(out, |_| true);
         let mut delta = json!({"stop_reason": stop, "stop_sequence": null});
