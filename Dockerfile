@@ -1,5 +1,5 @@
-# One image for both roles: `switchyard operator` (with the injection webhook) and the injected
-# `switchyard sidecar`. Build: docker build -t ghcr.io/switchyard/switchyard:0.1.0 .
+# One image for both roles: `sideyard operator` (with the injection webhook) and the injected
+# `sideyard sidecar`. Build: docker build -t ghcr.io/sideyard/sideyard:0.1.0 .
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 
@@ -13,23 +13,23 @@ RUN mkdir src bench \
 
 COPY src ./src
 COPY bench/hot_path.rs ./bench/hot_path.rs
-RUN cargo build --release --locked --offline --bin switchyard \
-    && install -D -m 0755 target/release/switchyard /out/switchyard
+RUN cargo build --release --locked --offline --bin sideyard \
+    && install -D -m 0755 target/release/sideyard /out/sideyard
 
 # glibc and libgcc, no shell, no package manager; runs as UID 65532 (nonroot).
 FROM gcr.io/distroless/cc-debian12:nonroot
 
 ARG VERSION=0.1.0
 ARG REVISION=unknown
-LABEL org.opencontainers.image.title="switchyard" \
+LABEL org.opencontainers.image.title="sideyard" \
       org.opencontainers.image.description="LLM API gateway for Kubernetes: operator, injection webhook and sidecar" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.source="https://github.com/switchyard/switchyard"
+      org.opencontainers.image.source="https://github.com/sideyard/sideyard"
 
-COPY --from=build /out/switchyard /switchyard
+COPY --from=build /out/sideyard /sideyard
 USER 65532:65532
 # 7700 sidecar API (loopback only), 7701 sidecar admin, 7801 operator admin, 8443 webhook.
 EXPOSE 7701 7801 8443
-ENTRYPOINT ["/switchyard"]
+ENTRYPOINT ["/sideyard"]

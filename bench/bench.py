@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Switchyard's load benchmark: the same load, in alternation, straight to an upstream, through
+"""Sideyard's load benchmark: the same load, in alternation, straight to an upstream, through
 the sidecar, and through nginx as a plain keep-alive reverse proxy. See bench/README.md.
 
-Standard library only. Expects `target/release/switchyard`, `oha` and `nginx` (bench/run.sh
+Standard library only. Expects `target/release/sideyard`, `oha` and `nginx` (bench/run.sh
 provides them).
 """
 
@@ -21,7 +21,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "switchyard")
+BIN = os.path.join(ROOT, "target", "release", "sideyard")
 PROXY_CPU = "0"  # the proxy under test
 LOAD_CPU = "1"  # the load generator and the upstream
 UPSTREAM, NGINX, SIDECAR, ADMIN, MOCK = 18090, 18091, 18092, 18093, 18094
@@ -212,16 +212,16 @@ def sidecar_config(tmp, routes=None):
     for model, path in routes or [("chat", "json"), ("stream", "sse")]:
         serves = "  serves: embeddings\n" if path.startswith("e") else ""
         docs.append(
-            f"apiVersion: switchyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {{name: {model}}}\n"
+            f"apiVersion: sideyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {{name: {model}}}\n"
             f"spec:\n  model: {model}\n{serves}  targets:\n{targets(path)}\n"
         )
     if routes is None:
         docs.append(
-            "apiVersion: switchyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {name: slow}\nspec:\n  model: slow\n"
+            "apiVersion: sideyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {name: slow}\nspec:\n  model: slow\n"
             f"  targets:\n    - {{name: mock, baseUrl: 'http://127.0.0.1:{MOCK}/v1', pricing: {{completion: '10'}}}}\n"
         )
     docs.append(
-        "apiVersion: switchyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {name: bench}\n"
+        "apiVersion: sideyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {name: bench}\n"
         "spec: {key: {secretRef: {name: bench-key, key: key}}, limit: '1000000000'}\n"
     )
     docs.append(f"apiVersion: v1\nkind: Secret\nmetadata: {{name: bench-key}}\nstringData: {{key: {KEY}}}\n")
@@ -335,7 +335,7 @@ TRANSLATION_CASES = [
 def run_translation(args):
     """CPU per request through the sidecar for each API and target format, at each rate, in
     alternating rounds: a translated request against the passthrough one of the same API."""
-    tmp = tempfile.mkdtemp(prefix="switchyard-bench-")
+    tmp = tempfile.mkdtemp(prefix="sideyard-bench-")
     upstream = start_upstream(tmp)
     config = sidecar_config(tmp, routes=[(model, path) for _, _, model, path, _ in TRANSLATION_CASES])
     sidecar = start_sidecar(tmp, config, os.path.join(tmp, "state"))
@@ -386,7 +386,7 @@ def ms(seconds):
 def run(args):
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    tmp = tempfile.mkdtemp(prefix="switchyard-bench-")
+    tmp = tempfile.mkdtemp(prefix="sideyard-bench-")
     results = {"rates": {}, "stream": {}, "saturation": {}, "memory": {}, "startup_ms": []}
     upstream = start_upstream(tmp)
     mock = Proc("mock", pinned(LOAD_CPU, [BIN, "mock-provider", "--listen", f"127.0.0.1:{MOCK}", "--chunks", "100",
@@ -470,7 +470,7 @@ def report(results, args):
         "cpu": sh(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"]).strip(),
         "cpus": os.cpu_count(),
         "kernel": platform.release(),
-        "switchyard": sh(["git", "-C", ROOT, "describe", "--always", "--dirty"]),
+        "sideyard": sh(["git", "-C", ROOT, "describe", "--always", "--dirty"]),
         "rustc": sh(["rustc", "--version"]),
         "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
         "oha": sh(["oha", "--version"]),

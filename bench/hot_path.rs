@@ -36,13 +36,13 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use futures::future::BoxFuture;
-use switchyard::api::ApiKeyBudgetStatus;
-use switchyard::config::{Budget, Documents, MapResolver, compile, parse_file};
-use switchyard::operator::leader::Leadership;
-use switchyard::operator::ledger::{FleetService, Review, Reviewer, StatusStore, router};
-use switchyard::operator::metrics::OperatorMetrics;
-use switchyard::operator::tls::{CertStore, certified_key, issue, serve_https};
-use switchyard::sidecar::{Clients, FleetOptions, Limits, Shared, api_service};
+use sideyard::api::ApiKeyBudgetStatus;
+use sideyard::config::{Budget, Documents, MapResolver, compile, parse_file};
+use sideyard::operator::leader::Leadership;
+use sideyard::operator::ledger::{FleetService, Review, Reviewer, StatusStore, router};
+use sideyard::operator::metrics::OperatorMetrics;
+use sideyard::operator::tls::{CertStore, certified_key, issue, serve_https};
+use sideyard::sidecar::{Clients, FleetOptions, Limits, Shared, api_service};
 
 const JSON_ANSWER: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the upstream, all good."},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":8,"total_tokens":20}}"#;
 const STREAM_ANSWER: &str = concat!(
@@ -210,7 +210,7 @@ fn main() {
         let addr = upstream().await;
         let yaml = format!(
             r#"
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {{name: chat}}
 spec:
@@ -220,7 +220,7 @@ spec:
     - {{name: secondary, api: {api}, baseUrl: "http://{addr}/b{path}", pricing: {{prompt: "3", completion: "15"}}{native}}}
     - {{name: tertiary, api: {api}, baseUrl: "http://{addr}/c{path}", pricing: {{prompt: "1", completion: "2"}}{native}}}
 ---
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ApiKeyBudget
 metadata: {{name: bench}}
 spec: {{key: {{secretRef: {{name: key, key: key}}}}, limit: "1000000"{low}}}
@@ -236,7 +236,7 @@ stringData: {{key: {KEY}}}
         parse_file("hot_path.yaml", &yaml, &mut docs, &mut errors);
         assert!(errors.is_empty(), "{errors:?}");
         let config = compile(&docs, &MapResolver::default()).expect("config");
-        let state_dir = std::env::temp_dir().join(format!("switchyard-hot-path-{}", std::process::id()));
+        let state_dir = std::env::temp_dir().join(format!("sideyard-hot-path-{}", std::process::id()));
         let limits = Limits { max_request_bytes: 1 << 20, max_response_bytes: 1 << 20 };
         let clients = Clients::new(None).expect("clients");
         let mut fleet = FleetOptions::default();
@@ -295,7 +295,7 @@ stringData: {{key: {KEY}}}
         println!("{mode}: {:.1} µs per request (wall time)", elapsed.as_secs_f64() * 1e6 / REQUESTS as f64);
         if let Some(metrics) = ledger_metrics {
             let calls: Vec<String> =
-                metrics.render().lines().filter(|l| l.starts_with("switchyard_ledger_calls_total{")).map(String::from).collect();
+                metrics.render().lines().filter(|l| l.starts_with("sideyard_ledger_calls_total{")).map(String::from).collect();
             println!("ledger calls answered: {}", calls.join(", "));
         }
         if let Some(ledger) = shared.ledger() {

@@ -21,24 +21,24 @@ pub const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser, Debug)]
 #[command(
-    name = "switchyard",
+    name = "sideyard",
     version,
     about = "An LLM gateway that runs next to your application: routing, fallback and streaming for OpenAI-compatible APIs.",
     after_help = "Every flag can also be set with the environment variable shown in its help."
 )]
 struct Cli {
     /// Log filter: a level (error, warn, info, debug, trace) or per-module directives such as
-    /// `info,switchyard=debug`.
-    #[arg(long, env = "SWITCHYARD_LOG", default_value = "info", global = true)]
+    /// `info,sideyard=debug`.
+    #[arg(long, env = "SIDEYARD_LOG", default_value = "info", global = true)]
     log: String,
 
     /// Log line format: `text`, or `json` (one object per line, for log collectors).
-    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"], global = true)]
+    #[arg(long, env = "SIDEYARD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"], global = true)]
     log_format: String,
 
     /// Threads that serve requests. Default: the CPUs this process may run on (its affinity and
     /// cgroup quota); with one, a single-threaded runtime without cross-thread handoffs.
-    #[arg(long, env = "SWITCHYARD_WORKER_THREADS", global = true)]
+    #[arg(long, env = "SIDEYARD_WORKER_THREADS", global = true)]
     worker_threads: Option<usize>,
 
     #[command(subcommand)]
@@ -61,7 +61,7 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct CrdArgs {
-    /// Print them as the switchyard-crds chart's template: annotated `helm.sh/resource-policy: keep`.
+    /// Print them as the sideyard-crds chart's template: annotated `helm.sh/resource-policy: keep`.
     #[arg(long)]
     helm: bool,
 }
@@ -80,7 +80,7 @@ struct InjectCmdArgs {
 #[derive(clap::Args, Debug)]
 struct MockProviderArgs {
     /// Address to listen on.
-    #[arg(long, env = "SWITCHYARD_MOCK_LISTEN", default_value = "127.0.0.1:7711")]
+    #[arg(long, env = "SIDEYARD_MOCK_LISTEN", default_value = "127.0.0.1:7711")]
     listen: SocketAddr,
 
     #[command(flatten)]
@@ -91,51 +91,51 @@ struct MockProviderArgs {
 #[derive(clap::Args, Debug)]
 struct MockFlags {
     /// Delay before the response headers [default: 0ms].
-    #[arg(long, env = "SWITCHYARD_MOCK_LATENCY", value_parser = parse_duration)]
+    #[arg(long, env = "SIDEYARD_MOCK_LATENCY", value_parser = parse_duration)]
     latency: Option<Duration>,
 
     /// Words in each answer; a stream sends one word per chunk. A request's `max_tokens` caps it
     /// [default: 8].
-    #[arg(long, env = "SWITCHYARD_MOCK_CHUNKS", value_parser = parse_count)]
+    #[arg(long, env = "SIDEYARD_MOCK_CHUNKS", value_parser = parse_count)]
     chunks: Option<u32>,
 
     /// Delay between streamed chunks [default: 20ms].
-    #[arg(long, env = "SWITCHYARD_MOCK_CHUNK_INTERVAL", value_parser = parse_duration)]
+    #[arg(long, env = "SIDEYARD_MOCK_CHUNK_INTERVAL", value_parser = parse_duration)]
     chunk_interval: Option<Duration>,
 
     /// When a stream ends with a usage chunk: `requested` (when the request sets
     /// `stream_options.include_usage`, as OpenAI does), `always` or `never` [default: requested].
-    #[arg(long, env = "SWITCHYARD_MOCK_USAGE", value_parser = parse_usage)]
+    #[arg(long, env = "SIDEYARD_MOCK_USAGE", value_parser = parse_usage)]
     usage: Option<UsageChunk>,
 
     /// Fraction of requests (0 to 1, decimal) that fail with `--fail-status` [default: 0].
-    #[arg(long, env = "SWITCHYARD_MOCK_FAIL_RATE", value_parser = parse_rate)]
+    #[arg(long, env = "SIDEYARD_MOCK_FAIL_RATE", value_parser = parse_rate)]
     fail_rate: Option<u64>,
 
     /// HTTP status of injected failures [default: 500].
-    #[arg(long, env = "SWITCHYARD_MOCK_FAIL_STATUS", value_parser = parse_fail_status)]
+    #[arg(long, env = "SIDEYARD_MOCK_FAIL_STATUS", value_parser = parse_fail_status)]
     fail_status: Option<u16>,
 
     /// Break the connection after this many streamed chunks (or, for JSON, before the body).
-    #[arg(long, env = "SWITCHYARD_MOCK_RESET_AFTER", value_parser = parse_count)]
+    #[arg(long, env = "SIDEYARD_MOCK_RESET_AFTER", value_parser = parse_count)]
     reset_after: Option<u32>,
 
     /// Stop sending, leaving the connection open, after this many streamed chunks.
-    #[arg(long, env = "SWITCHYARD_MOCK_STALL_AFTER", value_parser = parse_count)]
+    #[arg(long, env = "SIDEYARD_MOCK_STALL_AFTER", value_parser = parse_count)]
     stall_after: Option<u32>,
 
     /// End a stream with the provider's own error event after this many streamed chunks
     /// (`overloaded_error` in a Messages stream, an error chunk in a chat stream).
-    #[arg(long, env = "SWITCHYARD_MOCK_ERROR_AFTER", value_parser = parse_count)]
+    #[arg(long, env = "SIDEYARD_MOCK_ERROR_AFTER", value_parser = parse_count)]
     error_after: Option<u32>,
 
     /// Never send response headers.
-    #[arg(long, env = "SWITCHYARD_MOCK_HANG")]
+    #[arg(long, env = "SIDEYARD_MOCK_HANG")]
     hang: bool,
 
     /// Answer 401 unless the request carries `Authorization: Bearer <KEY>` (or, on
     /// `/v1/messages`, `x-api-key: <KEY>`).
-    #[arg(long, env = "SWITCHYARD_MOCK_REQUIRE_KEY", hide_env_values = true, value_parser = Credential::parse)]
+    #[arg(long, env = "SIDEYARD_MOCK_REQUIRE_KEY", hide_env_values = true, value_parser = Credential::parse)]
     require_key: Option<Credential>,
 }
 
@@ -174,7 +174,7 @@ pub fn main() -> ExitCode {
                     for e in &errors.0 {
                         tracing::error!("invalid configuration: {e}");
                     }
-                    eprintln!("switchyard: invalid configuration:\n{errors}");
+                    eprintln!("sideyard: invalid configuration:\n{errors}");
                     ExitCode::from(EXIT_CONFIG)
                 }
                 Ok(Err(SidecarError::Io(e))) | Err(e) => fail(&e),
@@ -185,7 +185,7 @@ pub fn main() -> ExitCode {
                 Ok(Ok(())) => ExitCode::SUCCESS,
                 Ok(Err(OperatorError::Usage(e))) => {
                     tracing::error!("{e}");
-                    eprintln!("switchyard: {e}");
+                    eprintln!("sideyard: {e}");
                     ExitCode::from(EXIT_CONFIG)
                 }
                 Ok(Err(OperatorError::Failed(e))) | Err(e) => fail(&e),
@@ -233,7 +233,7 @@ fn run_inject(args: &InjectCmdArgs) -> Result<String, String> {
 
 fn fail(message: &str) -> ExitCode {
     tracing::error!("{message}");
-    eprintln!("switchyard: {message}");
+    eprintln!("sideyard: {message}");
     ExitCode::FAILURE
 }
 
@@ -251,7 +251,7 @@ fn runtime(worker_threads: Option<usize>) -> Result<tokio::runtime::Runtime, Str
 
 fn init_logging(filter: &str, json: bool) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|e| {
-        eprintln!("switchyard: invalid --log filter {filter:?} ({e}); using \"info\"");
+        eprintln!("sideyard: invalid --log filter {filter:?} ({e}); using \"info\"");
         EnvFilter::new("info")
     });
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);

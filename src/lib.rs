@@ -1,4 +1,4 @@
-//! Switchyard: an LLM API gateway that runs as a sidecar next to the application.
+//! Sideyard: an LLM API gateway that runs as a sidecar next to the application.
 //!
 //! The binary's subcommands map onto the modules: `sidecar` ([`sidecar`]), `operator`
 //! ([`operator`]), `crd` ([`api`]) and `mock-provider` ([`mock_provider`]). [`config`] compiles the CRDs into what the sidecar serves.

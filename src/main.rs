@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    switchyard::cli::main()
+    sideyard::cli::main()
 }

@@ -2,7 +2,7 @@
 //! (`/v1/chat/completions`), Responses (`/v1/responses`), legacy completions and embeddings, and
 //! Anthropic's Messages (`/v1/messages`).
 //!
-//! The same generator serves `switchyard mock-provider` over HTTP and targets with `api: mock`
+//! The same generator serves `sideyard mock-provider` over HTTP and targets with `api: mock`
 //! inside the sidecar, so the quickstart runs offline with no keys. Knobs inject latency, failures,
 //! hangs and broken streams.
 
@@ -57,7 +57,7 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-const WORDS: [&str; 8] = ["Hello", "from", "the", "Switchyard", "mock", "provider,", "all", "good."];
+const WORDS: [&str; 8] = ["Hello", "from", "the", "Sideyard", "mock", "provider,", "all", "good."];
 
 /// What every request goes through first, in either format: latency, hangs, the key, injected
 /// failures. `Ok` with the request's number, or the response that ends it.
@@ -587,7 +587,7 @@ struct MockState {
     stats: Arc<MockStats>,
 }
 
-/// The HTTP API of `switchyard mock-provider`.
+/// The HTTP API of `sideyard mock-provider`.
 pub fn router(options: Arc<MockOptions>, stats: Arc<MockStats>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(|State(s), r| handle(s, r, Endpoint::Chat)))
@@ -635,7 +635,7 @@ fn unreadable(format: Format) -> Response {
 }
 
 async fn models() -> impl IntoResponse {
-    let body = serde_json::json!({"object": "list", "data": [{"id": "mock-model", "object": "model", "created": 0, "owned_by": "switchyard"}]});
+    let body = serde_json::json!({"object": "list", "data": [{"id": "mock-model", "object": "model", "created": 0, "owned_by": "sideyard"}]});
     ([(header::CONTENT_TYPE, "application/json")], body.to_string())
 }
 

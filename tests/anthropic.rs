@@ -1,14 +1,14 @@
 //! Translation between OpenAI's Chat Completions and Anthropic's Messages, against golden
 //! fixtures in `tests/testdata/anthropic/`: `<case>.chat.json` becomes `<case>.messages.json`.
-//! `SWITCHYARD_REFRESH_GOLDEN=1 cargo test --test anthropic` rewrites them; review the diff.
+//! `SIDEYARD_REFRESH_GOLDEN=1 cargo test --test anthropic` rewrites them; review the diff.
 
 #[path = "common/golden.rs"]
 mod golden;
 
 use golden::{assert_refusals, feed, golden, golden_streams};
 use serde_json::Value;
-use switchyard::providers::anthropic::callers::{EventStream, chat_request, messages_answer};
-use switchyard::providers::anthropic::{ChunkStream, chat_completion, messages_request};
+use sideyard::providers::anthropic::callers::{EventStream, chat_request, messages_answer};
+use sideyard::providers::anthropic::{ChunkStream, chat_completion, messages_request};
 
 const DIR: &str = "tests/testdata/anthropic/requests";
 const ANSWERS: &str = "tests/testdata/anthropic/answers";

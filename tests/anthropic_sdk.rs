@@ -33,16 +33,16 @@ async fn the_anthropic_python_sdk_works_against_both_kinds_of_target() {
         + &route_yaml("gpt-tools-stream", "", &[&target("openai", "openai-stream-tools")]);
     let sidecar = Sidecar::start(&config);
     let base_url = format!("http://{}", sidecar.api);
-    let envs = [("SWITCHYARD_BASE_URL", base_url.as_str()), ("CALLER_KEY", "sk-caller")];
+    let envs = [("SIDEYARD_BASE_URL", base_url.as_str()), ("CALLER_KEY", "sk-caller")];
     let stdout = run_script(python, "anthropic_client.py", &envs).await;
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(
         lines,
         [
-            "json claude-text: Hello from the Switchyard | end_turn | True 4",
-            "stream claude-text: Hello from the Switchyard | end_turn | 4",
-            "json gpt-text: Hello from the Switchyard | end_turn | True 4",
-            "stream gpt-text: Hello from the Switchyard | end_turn | 4",
+            "json claude-text: Hello from the Sideyard | end_turn | True 4",
+            "stream claude-text: Hello from the Sideyard | end_turn | 4",
+            "json gpt-text: Hello from the Sideyard | end_turn | True 4",
+            "stream gpt-text: Hello from the Sideyard | end_turn | 4",
             "tools claude-tools: toolu_A:weather:Paris toolu_B:weather:Rome | tool_use | 40",
             "tools stream claude-tools: toolu_A:weather:Paris toolu_B:weather:Rome | tool_use | 40",
             "tools gpt-tools: call_A:weather:Paris call_B:weather:Rome | tool_use | 30",

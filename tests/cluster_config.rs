@@ -7,7 +7,7 @@ use std::path::Path;
 
 use common::*;
 use sha2::{Digest, Sha256};
-use switchyard::config::{CompiledConfig, Config, Documents, MapResolver, compile, parse_file};
+use sideyard::config::{CompiledConfig, Config, Documents, MapResolver, compile, parse_file};
 
 /// `routes` compiled by the library, as the operator would publish them at `version`.
 fn compiled(routes: &str, version: u64) -> String {
@@ -45,7 +45,7 @@ async fn models(api: std::net::SocketAddr) -> Vec<String> {
 }
 
 async fn version(admin: std::net::SocketAddr) -> u64 {
-    metric(&get(admin, "/metrics").await.body, "switchyard_config_version")
+    metric(&get(admin, "/metrics").await.body, "sideyard_config_version")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -97,7 +97,7 @@ async fn serves_the_compiled_secret_for_its_own_pod_and_follows_its_updates() {
     let tampered = compiled(&third, 5).replace("\"model\":\"third\"", "\"model\":\"stolen\"");
     publish(&secret_dir, 3, &tampered);
     eventually("the tampered config is rejected", || async {
-        metric(&get(admin, "/metrics").await.body, r#"switchyard_config_reloads_total{result="failure"}"#) == 1
+        metric(&get(admin, "/metrics").await.body, r#"sideyard_config_reloads_total{result="failure"}"#) == 1
     })
     .await;
     assert_eq!(version(admin).await, 4);
@@ -142,7 +142,7 @@ fn an_unreadable_labels_file_is_a_configuration_error() {
 // The serialised form of a compiled configuration: what the operator writes and sidecars read.
 
 const COMPILED_ROUTES: &str = r#"
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {name: chat, namespace: team-a}
 spec:
@@ -167,7 +167,7 @@ spec:
       baseUrl: mock://?chunks=3
   fallback: {when: [connect, "5xx", 4xx-context-length], maxAttempts: 2}
 ---
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ApiKeyBudget
 metadata: {name: bot, namespace: team-a}
 spec:

@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
-use switchyard::api::FallbackReason;
-use switchyard::config::{
+use sideyard::api::FallbackReason;
+use sideyard::config::{
     ConfigErrors, CredentialState, Documents, Format, MapResolver, Reason, Upstream, analyse, compile, parse_file,
 };
 
-fn compile_files(files: &[(&str, &str)], resolver: &MapResolver) -> Result<switchyard::config::Config, Vec<String>> {
+fn compile_files(files: &[(&str, &str)], resolver: &MapResolver) -> Result<sideyard::config::Config, Vec<String>> {
     let mut docs = Documents::default();
     let mut errors = Vec::new();
     for (name, text) in files {
@@ -31,7 +31,7 @@ metadata: {name: anthropic, namespace: team-a}
 data:
   api-key: c2stYW50LWtleQo=
 ---
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {name: chat, namespace: team-a}
 spec:
@@ -82,7 +82,7 @@ fn secrets_resolve_in_their_namespace_only() {
 #[test]
 fn env_and_file_credentials_resolve_through_the_resolver() {
     let yaml = r#"
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {name: chat}
 spec:
@@ -113,7 +113,7 @@ spec:
 #[test]
 fn defaults_fill_what_the_route_leaves_out() {
     let yaml = r#"
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {name: chat}
 spec:
@@ -162,7 +162,7 @@ spec:
 #[test]
 fn anthropic_targets_take_conversations_at_v1_messages_or_run_the_mock_in_its_format() {
     let yaml = r#"
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {name: claude}
 spec:
@@ -188,14 +188,14 @@ spec:
     // The compiled form the operator publishes reads back the same.
     let json = serde_json::to_string(&config).unwrap();
     assert!(json.contains(r#""api":"anthropic","baseUrl":"mock://local?chunks=2""#), "{json}");
-    assert_eq!(serde_json::from_str::<switchyard::config::Config>(&json).unwrap(), config);
+    assert_eq!(serde_json::from_str::<sideyard::config::Config>(&json).unwrap(), config);
 }
 
 #[test]
 fn conflicting_models_and_names_are_rejected() {
     let route = |name: &str, model: &str, aliases: &str| {
         format!(
-            "---\napiVersion: switchyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {{name: {name}}}\nspec:\n  model: {model}\n  aliases: [{aliases}]\n  targets: [{{name: m, api: mock}}]\n"
+            "---\napiVersion: sideyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {{name: {name}}}\nspec:\n  model: {model}\n  aliases: [{aliases}]\n  targets: [{{name: m, api: mock}}]\n"
         )
     };
     let a = route("a", "chat", "gpt-4o");
@@ -216,7 +216,7 @@ fn conflicting_models_and_names_are_rejected() {
 
 #[test]
 fn yaml_and_type_errors_name_their_place() {
-    let header = "apiVersion: switchyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {name: x}\n";
+    let header = "apiVersion: sideyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {name: x}\n";
     let cases = [
         (
             format!("{header}spec:\n  model: x\n  targets: [{{name: m, api: mock}}]\n  fallbak: {{}}\n"),
@@ -263,12 +263,12 @@ fn yaml_and_type_errors_name_their_place() {
         ),
         ("a: 1\n---\nb: [\n".to_string(), "r.yaml: document 2: invalid YAML: "),
         (
-            "apiVersion: switchyard.dev/v1alpha1\nkind: ProviderRoutes\nmetadata: {name: x}\n".to_string(),
-            "unknown kind \"ProviderRoutes\" in \"switchyard.dev/v1alpha1\"",
+            "apiVersion: sideyard.dev/v1alpha1\nkind: ProviderRoutes\nmetadata: {name: x}\n".to_string(),
+            "unknown kind \"ProviderRoutes\" in \"sideyard.dev/v1alpha1\"",
         ),
         (
-            "apiVersion: switchyard.dev/v1\nkind: ProviderRoute\nmetadata: {name: x}\n".to_string(),
-            "unknown kind \"ProviderRoute\" in \"switchyard.dev/v1\"",
+            "apiVersion: sideyard.dev/v1\nkind: ProviderRoute\nmetadata: {name: x}\n".to_string(),
+            "unknown kind \"ProviderRoute\" in \"sideyard.dev/v1\"",
         ),
         (
             format!(
@@ -319,7 +319,7 @@ spec: {replicas: 1}
 apiVersion: v1
 kind: List
 items:
-  - apiVersion: switchyard.dev/v1alpha1
+  - apiVersion: sideyard.dev/v1alpha1
     kind: ProviderRoute
     metadata: {name: listed}
     spec: {model: listed, targets: [{name: m, api: mock}]}
@@ -338,10 +338,10 @@ items:
 
 #[test]
 fn budgets_keep_only_the_hash_of_their_key_and_a_key_has_one_budget() {
-    let route = "apiVersion: switchyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {name: chat}\nspec: {model: chat, targets: [{name: m, api: mock}]}\n";
+    let route = "apiVersion: sideyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {name: chat}\nspec: {model: chat, targets: [{name: m, api: mock}]}\n";
     let budget = |name: &str, key: &str| {
         format!(
-            "---\napiVersion: switchyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {{name: {name}}}\nspec: {{key: {key}, limit: '12.5', period: daily}}\n"
+            "---\napiVersion: sideyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {{name: {name}}}\nspec: {{key: {key}, limit: '12.5', period: daily}}\n"
         )
     };
     let secret = "---\napiVersion: v1\nkind: Secret\nmetadata: {name: k}\nstringData: {key: \"sk-abc\\n\"}\n";
@@ -349,7 +349,7 @@ fn budgets_keep_only_the_hash_of_their_key_and_a_key_has_one_budget() {
     let config = compile_files(&[("b.yaml", &yaml)], &MapResolver::default()).unwrap();
     let b = &config.budgets[0];
     assert_eq!(b.limit, Some(12_500_000));
-    assert_eq!(b.period, switchyard::api::Period::Daily);
+    assert_eq!(b.period, sideyard::api::Period::Daily);
     let expected: [u8; 32] = sha2_of("sk-abc");
     assert_eq!(b.key_hash, expected, "the trailing newline of the Secret is not part of the key");
     assert!(!format!("{config:?}").contains("sk-abc"));
@@ -387,7 +387,7 @@ fn docs_of(text: &str) -> Documents {
 fn analyse_keeps_the_valid_objects_and_gives_each_problem_a_reason() {
     let docs = docs_of(
         r#"
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {name: good, namespace: team-a}
 spec:
@@ -396,7 +396,7 @@ spec:
     - {name: keyed, baseUrl: "https://a.example/v1", credentials: {secretRef: {name: keys, key: openai}}}
     - {name: open, api: mock}
 ---
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {name: no-secret, namespace: team-a}
 spec:
@@ -405,7 +405,7 @@ spec:
     - {name: one, baseUrl: "https://a.example/v1", credentials: {secretRef: {name: missing, key: k}}}
     - {name: two, baseUrl: "https://b.example/v1", credentials: {secretRef: {name: keys, key: nope}}}
 ---
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {name: newer, namespace: team-a}
 spec:
@@ -413,7 +413,7 @@ spec:
   aliases: [chat]
   targets: [{name: m, api: mock}]
 ---
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {name: broken, namespace: team-a}
 spec:
@@ -421,12 +421,12 @@ spec:
   holdBack: soon
   targets: [{name: m, api: mock}]
 ---
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ApiKeyBudget
 metadata: {name: first, namespace: team-a}
 spec: {key: {secretRef: {name: keys, key: app}}}
 ---
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ApiKeyBudget
 metadata: {name: same-key, namespace: team-a}
 spec: {key: {secretRef: {name: keys, key: app}}}
@@ -489,14 +489,14 @@ stringData: {openai: sk-1, app: sk-app}
 fn an_invalid_route_does_not_hold_its_model_names() {
     let docs = docs_of(
         r#"
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {name: older}
 spec:
   model: chat
   targets: [{name: a, baseUrl: "https://a.example/v1", credentials: {secretRef: {name: missing, key: k}}}]
 ---
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {name: newer}
 spec:
@@ -512,7 +512,7 @@ spec:
 #[test]
 fn workload_selectors_are_kept_checked_and_applied_per_pod() {
     let yaml = r#"
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {name: bots}
 spec:
@@ -520,7 +520,7 @@ spec:
   workloadSelector: {matchLabels: {app: bot}}
   targets: [{name: m, api: mock}]
 ---
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {name: everyone}
 spec:
@@ -529,7 +529,7 @@ spec:
 "#;
     let config = compile_files(&[("r.yaml", yaml)], &MapResolver::default()).unwrap();
     let labels = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let names = |mut c: switchyard::config::Config, l| {
+    let names = |mut c: sideyard::config::Config, l| {
         c.retain_for(&l);
         c.routes.into_iter().map(|r| r.name).collect::<Vec<_>>()
     };
@@ -555,7 +555,7 @@ mod properties {
 
     /// A valid route, budget and Secret: the property tests bend one of its values at a time.
     const BASE: &str = r#"
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {name: chat, namespace: team-a}
 spec:
@@ -579,7 +579,7 @@ spec:
   hedge: {after: 800ms}
   reservedCompletionTokens: 512
 ---
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ApiKeyBudget
 metadata: {name: bot, namespace: team-a}
 spec:
@@ -739,7 +739,7 @@ stringData: {openai: sk-upstream, app: sk-app}
 fn a_namespace_has_at_most_one_pass_through_default() {
     let route = |name: &str, namespace: &str| {
         format!(
-            "---\napiVersion: switchyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  model: {name}\n  passthroughDefault: true\n  targets: [{{name: m, api: mock}}]\n"
+            "---\napiVersion: sideyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  model: {name}\n  passthroughDefault: true\n  targets: [{{name: m, api: mock}}]\n"
         )
     };
     let docs = docs_of(&[route("files", "team-a"), route("batches", "team-a"), route("files-b", "team-b")].concat());

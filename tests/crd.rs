@@ -7,32 +7,32 @@ mod common;
 use kube::core::cel::{Validator, compile_schema, estimate_rule_cost};
 use regex::Regex;
 use serde_json::Value;
-use switchyard::api::{self, ProviderRoute};
-use switchyard::config::{Documents, MapResolver, compile, parse_file};
+use sideyard::api::{self, ProviderRoute};
+use sideyard::config::{Documents, MapResolver, compile, parse_file};
 
 #[test]
 fn crds_folder_matches_the_generated_crds() {
-    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/switchyard.yaml")).unwrap();
+    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/sideyard.yaml")).unwrap();
     let (code, printed, stderr) = common::run(&["crd"]);
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(printed, api::crds_yaml());
     assert!(
         committed == printed,
-        "crds/switchyard.yaml is stale: regenerate it with `cargo run -- crd > crds/switchyard.yaml`"
+        "crds/sideyard.yaml is stale: regenerate it with `cargo run -- crd > crds/sideyard.yaml`"
     );
 }
 
 #[test]
 fn crds_chart_matches_the_generated_crds() {
     let committed =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/charts/switchyard-crds/templates/crds.yaml"))
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/charts/sideyard-crds/templates/crds.yaml"))
             .unwrap();
     let (code, printed, stderr) = common::run(&["crd", "--helm"]);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
         committed == printed,
-        "charts/switchyard-crds/templates/crds.yaml is stale: regenerate it with \
-         `cargo run -- crd --helm > charts/switchyard-crds/templates/crds.yaml`"
+        "charts/sideyard-crds/templates/crds.yaml is stale: regenerate it with \
+         `cargo run -- crd --helm > charts/sideyard-crds/templates/crds.yaml`"
     );
     assert!(!printed.contains("{{"), "the CRDs are a Helm template: braces would be read as template actions");
 }
@@ -41,10 +41,10 @@ fn crds_chart_matches_the_generated_crds() {
 fn names_columns_and_status_are_as_documented() {
     let crd = serde_json::to_value(&api::crds()[0]).unwrap();
     let spec = &crd["spec"];
-    assert_eq!(crd["metadata"]["name"], "providerroutes.switchyard.dev");
+    assert_eq!(crd["metadata"]["name"], "providerroutes.sideyard.dev");
     assert_eq!(spec["scope"], "Namespaced");
     assert_eq!(spec["names"]["shortNames"], serde_json::json!(["proute"]));
-    assert_eq!(spec["names"]["categories"], serde_json::json!(["switchyard"]));
+    assert_eq!(spec["names"]["categories"], serde_json::json!(["sideyard"]));
     let version = &spec["versions"][0];
     assert_eq!(version["name"], "v1alpha1");
     let columns: Vec<&str> =
@@ -124,7 +124,7 @@ fn cel_rules_compile_and_fit_the_cost_budget() {
 
 #[test]
 fn unit_patterns_match_their_parsers() {
-    use switchyard::api::units::*;
+    use sideyard::api::units::*;
     let duration = Regex::new(DURATION_PATTERN).unwrap();
     for s in ["0s", "800ms", "2s", "5m", "1h", "1h30m", "1m500ms", "", "2", "2 s", "1.5s", "-1s", "2d", "ms", "1msx"] {
         assert_eq!(duration.is_match(s), parse_duration(s).is_ok(), "duration {s:?}");
@@ -245,7 +245,7 @@ fn compile_rejects(object: &Value) -> Vec<String> {
 
 fn valid_route() -> Value {
     serde_json::json!({
-        "apiVersion": "switchyard.dev/v1alpha1",
+        "apiVersion": "sideyard.dev/v1alpha1",
         "kind": "ProviderRoute",
         "metadata": {"name": "chat", "namespace": "team-a"},
         "spec": {
@@ -292,7 +292,7 @@ fn mutated(pointer: &str, value: Value) -> Value {
 
 fn valid_budget() -> Value {
     serde_json::json!({
-        "apiVersion": "switchyard.dev/v1alpha1",
+        "apiVersion": "sideyard.dev/v1alpha1",
         "kind": "ApiKeyBudget",
         "metadata": {"name": "support-bot", "namespace": "team-a"},
         "spec": {

@@ -54,9 +54,9 @@ async fn embeddings_are_routed_with_fallback_and_metered_on_prompt_tokens() {
     for (i, (input, vectors, prompt_tokens)) in cases.into_iter().enumerate() {
         let reply = call(&sidecar, "/v1/embeddings", &format!(r#"{{"model": "embed", "input": {input}}}"#)).await;
         assert_eq!(reply.status, 200, "{input}: {}", reply.body);
-        assert_eq!(reply.header("x-switchyard-target"), "mock");
+        assert_eq!(reply.header("x-sideyard-target"), "mock");
         if i == 0 {
-            assert_eq!(reply.header("x-switchyard-fallback-reason"), "5xx");
+            assert_eq!(reply.header("x-sideyard-fallback-reason"), "5xx");
         }
         let answer = reply.json();
         let data = answer["data"].as_array().unwrap();
@@ -83,7 +83,7 @@ async fn embeddings_are_routed_with_fallback_and_metered_on_prompt_tokens() {
     // Calls went to the failing target first, until health checking ejected it.
     assert_eq!(up.hits("status-503"), 3);
     let metrics = get(sidecar.admin, "/metrics").await.body;
-    assert_eq!(metric(&metrics, r#"switchyard_requests_total{route="default/embed",target="mock",status="200"}"#), 5);
+    assert_eq!(metric(&metrics, r#"sideyard_requests_total{route="default/embed",target="mock",status="200"}"#), 5);
 
     // An embeddings model is not a chat model, and the other way round: a clear 400.
     let reply = call(&sidecar, "/v1/chat/completions", r#"{"model": "embed", "messages": []}"#).await;
@@ -117,8 +117,8 @@ async fn legacy_completions_go_to_openai_compatible_targets_only() {
     )
     .await;
     assert_eq!(reply.status, 200, "{}", reply.body);
-    assert_eq!(reply.header("x-switchyard-target"), "mock");
-    assert_eq!(reply.header("x-switchyard-attempts"), "1");
+    assert_eq!(reply.header("x-sideyard-target"), "mock");
+    assert_eq!(reply.header("x-sideyard-attempts"), "1");
     let answer = reply.json();
     assert_eq!(answer["object"], "text_completion");
     assert_eq!(answer["choices"][0]["text"], "Hello from the");
@@ -133,7 +133,7 @@ async fn legacy_completions_go_to_openai_compatible_targets_only() {
     let chunks: Vec<serde_json::Value> =
         events.iter().filter(|e| *e != "[DONE]").map(|e| serde_json::from_str(e).unwrap()).collect();
     let text: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
-    assert_eq!(text, "Hello from the Switchyard");
+    assert_eq!(text, "Hello from the Sideyard");
     let last = chunks.last().unwrap();
     assert_eq!(last["usage"]["completion_tokens"], 4);
     assert_eq!(last["usage"]["cost"].to_string(), "0.004");
@@ -151,8 +151,8 @@ async fn legacy_completions_go_to_openai_compatible_targets_only() {
 
     // Each API's calls are counted, whatever became of them.
     let metrics = get(sidecar.admin, "/metrics").await.body;
-    assert_eq!(metric(&metrics, r#"switchyard_api_calls_total{api="completions"}"#), 3);
-    assert_eq!(metric(&metrics, r#"switchyard_api_calls_total{api="chat_completions"}"#), 0);
+    assert_eq!(metric(&metrics, r#"sideyard_api_calls_total{api="completions"}"#), 3);
+    assert_eq!(metric(&metrics, r#"sideyard_api_calls_total{api="chat_completions"}"#), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -165,7 +165,7 @@ async fn models_say_what_each_serves_and_can_be_read_one_by_one() {
         .unwrap()
         .iter()
         .map(|m| {
-            let info = &m["switchyard"];
+            let info = &m["sideyard"];
             (m["id"].as_str().unwrap().into(), info["serves"].as_str().unwrap().into(), info["endpoints"].clone())
         })
         .collect();
@@ -189,7 +189,7 @@ async fn models_say_what_each_serves_and_can_be_read_one_by_one() {
     let one = one.json();
     assert_eq!(one["id"], "gpt-3.5-turbo-instruct");
     assert_eq!(one["object"], "model");
-    assert_eq!(one["switchyard"]["route"], "default/chat");
+    assert_eq!(one["sideyard"]["route"], "default/chat");
     let missing = get(sidecar.api, "/v1/models/gpt-5").await;
     assert_eq!(missing.status, 404);
     assert_eq!(missing.json()["error"]["code"], "model_not_found");

@@ -9,7 +9,7 @@ const KEY: &str = "sk-test-9f8e7d6c5b4a3210";
 fn config(up: &ScriptedUpstream) -> String {
     format!(
         r#"
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {{name: chat}}
 spec:
@@ -18,7 +18,7 @@ spec:
   targets:
     - {{name: only, baseUrl: "{ok}"}}
 ---
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {{name: keyed}}
 spec:
@@ -27,7 +27,7 @@ spec:
     - {{name: echoes, baseUrl: "{echo}", credentials: {{env: TEST_PROVIDER_KEY}}}}
     - {{name: fine, baseUrl: "{ok_keyed}", credentials: {{secretRef: {{name: provider, key: api-key}}}}}}
 ---
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {{name: keyed-passthrough}}
 spec:
@@ -67,7 +67,7 @@ async fn bad_requests_get_openai_shaped_errors() {
         let reply = post(api, "/v1/chat/completions", body).await;
         assert_eq!(reply.status, status, "{what}: {}", reply.body);
         assert_eq!(reply.header("content-type"), "application/json", "{what}");
-        assert_eq!(reply.header("x-switchyard-error-source"), "proxy", "{what}");
+        assert_eq!(reply.header("x-sideyard-error-source"), "proxy", "{what}");
         let error = &reply.json()["error"];
         assert_eq!(error["code"], code, "{what}: {error}");
         assert_eq!(error["type"], "invalid_request_error", "{what}");
@@ -116,10 +116,10 @@ async fn bad_requests_get_openai_shaped_errors() {
     assert_eq!(models.json()["object"], "list");
 
     let metrics = get(sidecar.admin, "/metrics").await.body;
-    assert_eq!(metric(&metrics, r#"switchyard_requests_total{route="",target="",status="400"}"#), 5);
-    assert_eq!(metric(&metrics, r#"switchyard_requests_total{route="",target="",status="404"}"#), 5);
-    assert_eq!(metric(&metrics, r#"switchyard_requests_total{route="",target="",status="413"}"#), 1);
-    assert_eq!(metric(&metrics, r#"switchyard_requests_total{route="default/chat",target="only",status="200"}"#), 1);
+    assert_eq!(metric(&metrics, r#"sideyard_requests_total{route="",target="",status="400"}"#), 5);
+    assert_eq!(metric(&metrics, r#"sideyard_requests_total{route="",target="",status="404"}"#), 5);
+    assert_eq!(metric(&metrics, r#"sideyard_requests_total{route="",target="",status="413"}"#), 1);
+    assert_eq!(metric(&metrics, r#"sideyard_requests_total{route="default/chat",target="only",status="200"}"#), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -129,7 +129,7 @@ async fn provider_keys_reach_the_upstream_and_nothing_else() {
 
     let reply = post(sidecar.api, "/v1/chat/completions", r#"{"model":"keyed"}"#).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
-    assert_eq!(reply.header("x-switchyard-target"), "fine");
+    assert_eq!(reply.header("x-sideyard-target"), "fine");
     for behaviour in ["echo-key", "ok/keyed"] {
         let recorded = up.recorded(behaviour);
         assert_eq!(recorded.len(), 1, "{behaviour}");
@@ -140,7 +140,7 @@ async fn provider_keys_reach_the_upstream_and_nothing_else() {
     // The upstream echoes the key in its error; the caller gets the error without it.
     let reply = post(sidecar.api, "/v1/chat/completions", r#"{"model":"keyed-passthrough"}"#).await;
     assert_eq!(reply.status, 500);
-    assert_eq!(reply.header("x-switchyard-error-source"), "upstream");
+    assert_eq!(reply.header("x-sideyard-error-source"), "upstream");
     assert_eq!(reply.json()["error"]["message"], "bad request with Bearer [redacted]");
 
     let metrics = get(sidecar.admin, "/metrics").await.body;

@@ -15,7 +15,7 @@ struct Case {
     timeouts: &'static str,
     /// Status the caller sees when the reason is not listed.
     unlisted_status: u16,
-    /// `x-switchyard-error-source` then.
+    /// `x-sideyard-error-source` then.
     unlisted_source: &'static str,
 }
 
@@ -101,9 +101,9 @@ async fn each_reason_falls_back_only_when_listed() {
         let reply =
             post(sidecar.api, "/v1/chat/completions", &format!(r#"{{"model":"{listed}","messages":[]}}"#)).await;
         assert_eq!(reply.status, 200, "{listed}: {}", reply.body);
-        assert_eq!(reply.header("x-switchyard-target"), "good", "{listed}");
-        assert_eq!(reply.header("x-switchyard-attempts"), "2", "{listed}");
-        assert_eq!(reply.header("x-switchyard-fallback-reason"), c.reason, "{listed}");
+        assert_eq!(reply.header("x-sideyard-target"), "good", "{listed}");
+        assert_eq!(reply.header("x-sideyard-attempts"), "2", "{listed}");
+        assert_eq!(reply.header("x-sideyard-fallback-reason"), c.reason, "{listed}");
         assert_eq!(reply.json()["model"], "good-model", "{listed}: the upstream model is spliced in");
         assert_eq!(up.hits(&format!("ok/{listed}")), 1, "{listed}");
 
@@ -111,11 +111,11 @@ async fn each_reason_falls_back_only_when_listed() {
         let reply =
             post(sidecar.api, "/v1/chat/completions", &format!(r#"{{"model":"{unlisted}","messages":[]}}"#)).await;
         assert_eq!(reply.status, c.unlisted_status, "{unlisted}: {}", reply.body);
-        assert_eq!(reply.header("x-switchyard-error-source"), c.unlisted_source, "{unlisted}");
-        assert_eq!(reply.header("x-switchyard-target"), "bad", "{unlisted}");
-        assert_eq!(reply.header("x-switchyard-attempts"), "1", "{unlisted}");
+        assert_eq!(reply.header("x-sideyard-error-source"), c.unlisted_source, "{unlisted}");
+        assert_eq!(reply.header("x-sideyard-target"), "bad", "{unlisted}");
+        assert_eq!(reply.header("x-sideyard-attempts"), "1", "{unlisted}");
         assert_eq!(up.hits(&format!("ok/{unlisted}")), 0, "{unlisted}: must not fall back");
-        assert_eq!(reply.header("x-switchyard-fallback-reason"), "", "{unlisted}: no fallback happened");
+        assert_eq!(reply.header("x-sideyard-fallback-reason"), "", "{unlisted}: no fallback happened");
         if c.unlisted_source == "proxy" {
             let errors = &reply.json()["error"]["metadata"]["previous_errors"];
             assert_eq!(errors.as_array().unwrap().len(), 1, "{unlisted}: {errors}");
@@ -134,7 +134,7 @@ async fn each_reason_falls_back_only_when_listed() {
     let metrics = get(sidecar.admin, "/metrics").await.body;
     for c in &cases {
         let series = format!(
-            "switchyard_fallbacks_total{{route=\"default/{}-listed\",target=\"bad\",reason=\"{}\"}}",
+            "sideyard_fallbacks_total{{route=\"default/{}-listed\",target=\"bad\",reason=\"{}\"}}",
             c.name, c.reason
         );
         assert_eq!(metric(&metrics, &series), 1, "{series}\n{metrics}");
@@ -146,7 +146,7 @@ async fn attempts_are_bounded_and_every_failure_is_reported() {
     let up = ScriptedUpstream::start().await;
     let config = format!(
         r#"
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {{name: bounded, namespace: team-a}}
 spec:
@@ -157,7 +157,7 @@ spec:
     - {{name: second, baseUrl: "{b}"}}
     - {{name: third, baseUrl: "{c}"}}
 ---
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {{name: slow-last, namespace: team-a}}
 spec:
@@ -176,9 +176,9 @@ spec:
 
     let reply = post(sidecar.api, "/v1/chat/completions", r#"{"model":"bounded"}"#).await;
     assert_eq!(reply.status, 502, "{}", reply.body);
-    assert_eq!(reply.header("x-switchyard-error-source"), "proxy");
-    assert_eq!(reply.header("x-switchyard-attempts"), "2");
-    assert_eq!(reply.header("x-switchyard-target"), "second");
+    assert_eq!(reply.header("x-sideyard-error-source"), "proxy");
+    assert_eq!(reply.header("x-sideyard-attempts"), "2");
+    assert_eq!(reply.header("x-sideyard-target"), "second");
     assert_eq!(up.hits("ok/third"), 0, "maxAttempts stops before the third target");
     let error = &reply.json()["error"];
     assert_eq!(error["type"], "upstream_error");
@@ -209,7 +209,7 @@ async fn a_stream_never_falls_back_after_its_first_byte() {
     let up = ScriptedUpstream::start().await;
     let config = format!(
         r#"
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {{name: streamy}}
 spec:
@@ -225,7 +225,7 @@ spec:
     let sidecar = Sidecar::start(&config);
     let response = send(sidecar.api, "POST", "/v1/chat/completions", r#"{"model":"streamy","stream":true}"#).await;
     assert_eq!(response.status(), 200);
-    assert_eq!(response.headers()["x-switchyard-target"], "breaks");
+    assert_eq!(response.headers()["x-sideyard-target"], "breaks");
     let mut body = response.into_body();
     let text = rest(&mut body).await;
     let events = sse_data(&text);
@@ -240,5 +240,5 @@ spec:
     assert_eq!(up.hits("sse-ok/spare"), 0, "no fallback once the answer started");
 
     let metrics = get(sidecar.admin, "/metrics").await.body;
-    assert_eq!(metric(&metrics, r#"switchyard_stream_errors_total{route="default/streamy",target="breaks"}"#), 1);
+    assert_eq!(metric(&metrics, r#"sideyard_stream_errors_total{route="default/streamy",target="breaks"}"#), 1);
 }

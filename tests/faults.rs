@@ -230,7 +230,7 @@ async fn mutated_upstream_answers_get_answers_or_terminal_events_and_never_a_res
         read(send_as(sidecar.api, Some(KEY), "POST", "/v1/chat/completions", r#"{"model":"chat"}"#).await).await;
     assert_eq!(reply.status, 200, "still serving: {}", reply.body);
     let metrics = get(sidecar.admin, "/metrics").await.body;
-    assert!(metrics.contains("switchyard_budget_spent{budget=\"default/faults\"}"), "{metrics}");
+    assert!(metrics.contains("sideyard_budget_spent{budget=\"default/faults\"}"), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

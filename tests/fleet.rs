@@ -15,7 +15,7 @@ use std::sync::Arc;
 use common::cluster::{FakeApi, list, replica_args, serve_fake_api};
 use common::*;
 use serde_json::{Value, json};
-use switchyard::api::units::parse_micros;
+use sideyard::api::units::parse_micros;
 
 const NS: &str = "team-a";
 const KEY: &str = "sk-app";
@@ -35,7 +35,7 @@ fn object(kind: &str, api_version: &str, name: &str, extra: Value) -> Value {
 
 /// A namespace with one mock route and the given budgets (their key in Secret `keys`).
 fn cluster(budgets: &[(&str, Value)]) -> Arc<FakeApi> {
-    let sy = "switchyard.dev/v1alpha1";
+    let sy = "sideyard.dev/v1alpha1";
     let route = object(
         "ProviderRoute",
         sy,
@@ -50,8 +50,8 @@ fn cluster(budgets: &[(&str, Value)]) -> Arc<FakeApi> {
     Arc::new(FakeApi {
         crds_installed: true,
         lists: [
-            ("/apis/switchyard.dev/v1alpha1/providerroutes".to_string(), list("ProviderRoute", sy, vec![route])),
-            ("/apis/switchyard.dev/v1alpha1/apikeybudgets".into(), list("ApiKeyBudget", sy, budgets)),
+            ("/apis/sideyard.dev/v1alpha1/providerroutes".to_string(), list("ProviderRoute", sy, vec![route])),
+            ("/apis/sideyard.dev/v1alpha1/apikeybudgets".into(), list("ApiKeyBudget", sy, budgets)),
             ("/api/v1/namespaces".into(), list("Namespace", "v1", vec![ns])),
             ("/api/v1/secrets".into(), list("Secret", "v1", vec![keys])),
         ]
@@ -63,7 +63,7 @@ fn cluster(budgets: &[(&str, Value)]) -> Arc<FakeApi> {
 /// The operator's serving certificate, for `localhost`, with its CA beside it (as cert-manager
 /// writes them).
 fn cert_dir() -> PathBuf {
-    let cert = switchyard::operator::tls::issue(&["localhost".into()], None, std::time::SystemTime::now()).unwrap();
+    let cert = sideyard::operator::tls::issue(&["localhost".into()], None, std::time::SystemTime::now()).unwrap();
     let dir = temp_dir("ledger-cert");
     std::fs::write(dir.join("tls.crt"), &cert.cert).unwrap();
     std::fs::write(dir.join("tls.key"), &cert.key).unwrap();
@@ -133,7 +133,7 @@ impl Fleet {
 
     /// Writes the configuration the operator published where the sidecars read it.
     async fn publish_config(&self) {
-        let path = format!("/api/v1/namespaces/{NS}/secrets/switchyard-config");
+        let path = format!("/api/v1/namespaces/{NS}/secrets/sideyard-config");
         let api = self.api.clone();
         let with_ledger = || {
             let writes = common::cluster::writes_to(&api, "PATCH", &path);
@@ -175,7 +175,7 @@ impl Fleet {
 
     /// A budget's status as the ledger last wrote it.
     fn status(&self, budget: &str) -> Value {
-        let path = format!("/apis/switchyard.dev/v1alpha1/namespaces/{NS}/apikeybudgets/{budget}");
+        let path = format!("/apis/sideyard.dev/v1alpha1/namespaces/{NS}/apikeybudgets/{budget}");
         self.api.statuses.lock().unwrap().get(&path).cloned().unwrap_or_default()
     }
 
@@ -250,10 +250,8 @@ async fn a_limit_holds_across_three_sidecars_and_the_status_keeps_every_answer()
     let leased: u64 = {
         let mut sum = 0;
         for admin in &admins {
-            sum += metric(
-                &metrics(*admin).await,
-                "switchyard_budget_requests_total{budget=\"team-a/bot\",mode=\"lease\"}",
-            );
+            sum +=
+                metric(&metrics(*admin).await, "sideyard_budget_requests_total{budget=\"team-a/bot\",mode=\"lease\"}");
         }
         sum
     };
@@ -306,7 +304,7 @@ async fn near_the_limit_every_request_reserves_with_the_ledger() {
     assert_eq!(served, 20, "0.30 affords exactly 20 answers");
     let m = metrics(admins[0]).await;
     let by =
-        |mode: &str| metric(&m, &format!("switchyard_budget_requests_total{{budget=\"team-a/bot\",mode=\"{mode}\"}}"));
+        |mode: &str| metric(&m, &format!("sideyard_budget_requests_total{{budget=\"team-a/bot\",mode=\"{mode}\"}}"));
     assert!(by("lease") > 0 && by("per_request") > 0, "lease first, then per request below 0.15:\n{m}");
     eventually("the ledger has it all", || async { fleet.spent("bot") == Some(20 * COST) }).await;
     assert_eq!(fleet.status("bot")["state"], "Exhausted");
@@ -340,7 +338,7 @@ async fn a_killed_leader_loses_no_reported_spend_and_a_new_one_goes_on() {
     // A probe may have been served from a lease while its sidecar still waited for the leader.
     for admin in &admins {
         eventually("each sidecar hears from the new leader", || async {
-            metric(&metrics(*admin).await, "switchyard_budget_ledger_reachable{budget=\"team-a/bot\"}") == 1
+            metric(&metrics(*admin).await, "sideyard_budget_ledger_reachable{budget=\"team-a/bot\"}") == 1
         })
         .await;
     }
@@ -394,9 +392,9 @@ async fn without_the_ledger_a_key_fails_closed_or_runs_a_bounded_debt_reported_l
         assert!(open_served < 5000, "the lease and the debt never ran out");
     }
     let m = metrics(admins[0]).await;
-    let debt_served = metric(&m, "switchyard_budget_requests_total{budget=\"team-a/open\",mode=\"debt\"}");
+    let debt_served = metric(&m, "sideyard_budget_requests_total{budget=\"team-a/open\",mode=\"debt\"}");
     assert_eq!(debt_served, 20, "maxDebt 0.30 is 20 answers:\n{m}");
-    assert_eq!(metric(&m, "switchyard_budget_ledger_reachable{budget=\"team-a/open\"}"), 0);
+    assert_eq!(metric(&m, "sideyard_budget_ledger_reachable{budget=\"team-a/open\"}"), 0);
 
     let _replica = fleet.operator("op-2");
     eventually("the debt and the rest are reported to the ledger once it is back", || async {
@@ -406,7 +404,7 @@ async fn without_the_ledger_a_key_fails_closed_or_runs_a_bounded_debt_reported_l
     // The closed key's spend may have reached the first leader before it died: wait for the
     // sidecar to have heard from the new one.
     eventually("the sidecar hears from the new leader", || async {
-        metric(&metrics(admins[0]).await, "switchyard_budget_ledger_reachable{budget=\"team-a/closed\"}") == 1
+        metric(&metrics(admins[0]).await, "sideyard_budget_ledger_reachable{budget=\"team-a/closed\"}") == 1
     })
     .await;
     assert_eq!(chat(apis[0], KEY).await.0, 200, "the closed key is served again");
@@ -455,8 +453,8 @@ async fn sidecars_with_another_namespaces_token_or_another_audience_get_nothing(
         let (status, _, body) = chat(api, KEY).await;
         assert_eq!((status, body["error"]["code"].as_str()), (503, Some("ledger_unavailable")), "{body}");
         let m = metrics(admin).await;
-        assert!(metric(&m, "switchyard_ledger_client_calls_total{call=\"lease\",result=\"rejected\"}") > 0, "{m}");
-        assert_eq!(metric(&m, "switchyard_ledger_client_calls_total{call=\"lease\",result=\"ok\"}"), 0);
+        assert!(metric(&m, "sideyard_ledger_client_calls_total{call=\"lease\",result=\"rejected\"}") > 0, "{m}");
+        assert_eq!(metric(&m, "sideyard_ledger_client_calls_total{call=\"lease\",result=\"ok\"}"), 0);
     }
     eventually("the budget is loaded", || async { fleet.spent("bot").is_some() }).await;
     assert_eq!(fleet.spent("bot"), Some(0));
@@ -498,7 +496,7 @@ async fn a_replica_that_does_not_lead_names_the_leader_and_sidecars_follow() {
     }
     eventually("the leader has the answers", || async { fleet.spent("bot") == Some(3 * COST) }).await;
     let m = metrics(follower_admin).await;
-    assert!(metric(&m, "switchyard_ledger_calls_total{call=\"lease\",result=\"not_leader\"}") > 0, "{m}");
+    assert!(metric(&m, "sideyard_ledger_calls_total{call=\"lease\",result=\"not_leader\"}") > 0, "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -515,12 +513,12 @@ async fn a_budget_removed_from_the_configuration_gives_its_lease_back() {
     .await;
     // The namespace's next configuration has no budgets.
     let path = fleet.config_dir.join("config.json");
-    let mut compiled: switchyard::config::CompiledConfig =
+    let mut compiled: sideyard::config::CompiledConfig =
         serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     let mut config = compiled.config.clone();
     config.budgets.clear();
     config.ledger = None;
-    compiled = switchyard::config::CompiledConfig::new(NS, compiled.version + 1, config);
+    compiled = sideyard::config::CompiledConfig::new(NS, compiled.version + 1, config);
     std::fs::write(&path, serde_json::to_vec(&compiled).unwrap()).unwrap();
     eventually("the lease is reported done and its rest given back", || async {
         let status = fleet.status("bot");

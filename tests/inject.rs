@@ -1,8 +1,8 @@
 //! Sidecar injection: AdmissionReviews through the webhook router, the returned JSON Patch applied
 //! and compared with golden injected pods (tests/testdata/inject, Istio's testdata style), and
-//! `switchyard inject` on manifests, its output checked by `kubernetes-validate --strict`.
+//! `sideyard inject` on manifests, its output checked by `kubernetes-validate --strict`.
 //!
-//! `SWITCHYARD_REFRESH_GOLDEN=1 cargo test --test inject` rewrites the golden files; review the diff.
+//! `SIDEYARD_REFRESH_GOLDEN=1 cargo test --test inject` rewrites the golden files; review the diff.
 
 mod common;
 
@@ -12,9 +12,9 @@ use std::sync::Arc;
 use axum::body::Body;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use switchyard::operator::inject::InjectParams;
-use switchyard::operator::metrics::OperatorMetrics;
-use switchyard::operator::webhook::{Webhook, router};
+use sideyard::operator::inject::InjectParams;
+use sideyard::operator::metrics::OperatorMetrics;
+use sideyard::operator::webhook::{Webhook, router};
 use tower::ServiceExt;
 
 const TESTDATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/testdata/inject");
@@ -42,7 +42,7 @@ fn review(pod: &Value) -> Value {
 
 fn webhook() -> (axum::Router, Arc<OperatorMetrics>) {
     let metrics = Arc::new(OperatorMetrics::default());
-    let params = InjectParams { image: "ghcr.io/switchyard/switchyard:test".into(), ..InjectParams::default() };
+    let params = InjectParams { image: "ghcr.io/sideyard/sideyard:test".into(), ..InjectParams::default() };
     (router(Arc::new(Webhook { params, metrics: metrics.clone() })), metrics)
 }
 
@@ -85,14 +85,14 @@ fn yaml_file(path: &Path) -> Value {
 
 /// Compares with the golden file, or rewrites it when asked to.
 fn golden(path: &Path, actual: &Value) {
-    if std::env::var_os("SWITCHYARD_REFRESH_GOLDEN").is_some() {
+    if std::env::var_os("SIDEYARD_REFRESH_GOLDEN").is_some() {
         std::fs::write(path, serde_yaml::to_string(actual).unwrap()).unwrap();
         return;
     }
     let expected = yaml_file(path);
     assert!(
         expected == *actual,
-        "{} differs; got:\n{}\n(SWITCHYARD_REFRESH_GOLDEN=1 rewrites it)",
+        "{} differs; got:\n{}\n(SIDEYARD_REFRESH_GOLDEN=1 rewrites it)",
         path.display(),
         serde_yaml::to_string(actual).unwrap()
     );
@@ -124,8 +124,8 @@ async fn each_fixture_pod_is_injected_as_its_golden_file_says() {
         assert!(again.get("patch").is_none_or(Value::is_null), "{}: a second pass patched: {again}", case.display());
     }
     let metrics = metrics.render();
-    assert!(metrics.contains("switchyard_webhook_pods_total{result=\"injected\"} 4"), "{metrics}");
-    assert!(metrics.contains("switchyard_webhook_pods_total{result=\"skipped\"} 10"), "{metrics}");
+    assert!(metrics.contains("sideyard_webhook_pods_total{result=\"injected\"} 4"), "{metrics}");
+    assert!(metrics.contains("sideyard_webhook_pods_total{result=\"skipped\"} 10"), "{metrics}");
 }
 
 #[tokio::test]
@@ -133,7 +133,7 @@ async fn the_injected_pod_is_locked_down_and_starts_the_app_after_the_proxy() {
     let (app, _) = webhook();
     let (_, pod) = admit(&app, &yaml_file(&Path::new(TESTDATA).join("basic.yaml"))).await;
     let sidecar = &pod["spec"]["initContainers"][0];
-    assert_eq!(sidecar["name"], "switchyard");
+    assert_eq!(sidecar["name"], "sideyard");
     assert_eq!(sidecar["restartPolicy"], "Always", "a native sidecar");
     assert_eq!(sidecar["startupProbe"]["httpGet"]["path"], "/readyz");
     let security = &sidecar["securityContext"];
@@ -145,10 +145,10 @@ async fn the_injected_pod_is_locked_down_and_starts_the_app_after_the_proxy() {
     assert_eq!(security["seccompProfile"]["type"], "RuntimeDefault");
     assert!(sidecar["resources"]["limits"].get("cpu").is_none(), "no CPU limit by default");
     let args: Vec<&str> = sidecar["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
-    assert_eq!(&args[..3], ["sidecar", "--file", "/etc/switchyard/config"]);
+    assert_eq!(&args[..3], ["sidecar", "--file", "/etc/sideyard/config"]);
     assert!(args.windows(2).any(|w| w == ["--listen", "127.0.0.1:7700"]));
     assert!(args.windows(2).any(|w| w == ["--admin-listen", "0.0.0.0:7701"]));
-    assert!(args.windows(2).any(|w| w == ["--pod-labels-file", "/etc/switchyard/pod/labels"]));
+    assert!(args.windows(2).any(|w| w == ["--pod-labels-file", "/etc/sideyard/pod/labels"]));
     let app_env = &pod["spec"]["containers"][0]["env"];
     assert_eq!(app_env[0], json!({"name": "OPENAI_BASE_URL", "value": "http://127.0.0.1:7700/v1"}));
     assert_eq!(pod["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"], "app");
@@ -158,15 +158,15 @@ async fn the_injected_pod_is_locked_down_and_starts_the_app_after_the_proxy() {
 async fn an_unusable_annotation_refuses_the_pod_with_the_reason() {
     let (app, metrics) = webhook();
     let mut pod = yaml_file(&Path::new(TESTDATA).join("basic.yaml"));
-    pod["metadata"]["annotations"] = json!({"switchyard.dev/proxy-memory-limit": "lots"});
+    pod["metadata"]["annotations"] = json!({"sideyard.dev/proxy-memory-limit": "lots"});
     let (response, patched) = admit(&app, &pod).await;
     assert_eq!(response["allowed"], false);
     assert_eq!(
         response["status"]["message"],
-        "annotation switchyard.dev/proxy-memory-limit: \"lots\" is not a quantity such as 100m or 128Mi"
+        "annotation sideyard.dev/proxy-memory-limit: \"lots\" is not a quantity such as 100m or 128Mi"
     );
     assert_eq!(patched, pod);
-    assert!(metrics.render().contains("switchyard_webhook_pods_total{result=\"refused\"} 1"));
+    assert!(metrics.render().contains("sideyard_webhook_pods_total{result=\"refused\"} 1"));
 }
 
 #[tokio::test]
@@ -186,21 +186,21 @@ async fn garbage_is_a_bad_request_not_a_crash() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// switchyard inject
+// sideyard inject
 
 #[test]
 fn inject_rewrites_the_pod_templates_of_workloads_and_passes_the_rest_through() {
     let input = Path::new(TESTDATA).join("workloads.manifest");
     let (code, stdout, stderr) =
-        common::run(&["inject", "-f", input.to_str().unwrap(), "--proxy-image", "ghcr.io/switchyard/switchyard:test"]);
+        common::run(&["inject", "-f", input.to_str().unwrap(), "--proxy-image", "ghcr.io/sideyard/sideyard:test"]);
     assert_eq!(code, Some(0), "{stderr}");
     let docs: Vec<Value> =
         serde_yaml::Deserializer::from_str(&stdout).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect();
     golden(&Path::new(TESTDATA).join("workloads.golden.manifest"), &Value::Array(docs.clone()));
     let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["Deployment", "CronJob", "ConfigMap"]);
-    assert_eq!(docs[0]["spec"]["template"]["spec"]["initContainers"][0]["name"], "switchyard");
-    assert_eq!(docs[1]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["initContainers"][0]["name"], "switchyard");
+    assert_eq!(docs[0]["spec"]["template"]["spec"]["initContainers"][0]["name"], "sideyard");
+    assert_eq!(docs[1]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["initContainers"][0]["name"], "sideyard");
     assert_eq!(docs[2], yaml_docs(&input)[2], "other kinds pass through unchanged");
     assert_eq!(
         docs[0]["spec"]["template"]["spec"]["containers"][0]["x-future-field"], "kept",
@@ -211,7 +211,7 @@ fn inject_rewrites_the_pod_templates_of_workloads_and_passes_the_rest_through() 
     let out = common::temp_dir("inject").join("injected.yaml");
     std::fs::write(&out, &stdout).unwrap();
     let (code, again, _) =
-        common::run(&["inject", "-f", out.to_str().unwrap(), "--proxy-image", "ghcr.io/switchyard/switchyard:test"]);
+        common::run(&["inject", "-f", out.to_str().unwrap(), "--proxy-image", "ghcr.io/sideyard/sideyard:test"]);
     assert_eq!(code, Some(0));
     assert_eq!(again, stdout);
 
@@ -252,9 +252,9 @@ fn inject_reports_bad_input_and_bad_flags() {
 
 use std::time::{Duration, SystemTime};
 
-use switchyard::operator::tls::{CertStore, ServingCert, certified_key, dns_names, due, issue, serve_https};
+use sideyard::operator::tls::{CertStore, ServingCert, certified_key, dns_names, due, issue, serve_https};
 
-const SERVER_NAME: &str = "switchyard-webhook.ops.svc";
+const SERVER_NAME: &str = "sideyard-webhook.ops.svc";
 
 /// The webhook router served over TLS on 127.0.0.1 with `cert`.
 async fn https_webhook(cert: &ServingCert) -> (std::net::SocketAddr, Arc<CertStore>) {
@@ -269,7 +269,7 @@ async fn https_webhook(cert: &ServingCert) -> (std::net::SocketAddr, Arc<CertSto
 
 #[tokio::test]
 async fn the_webhook_serves_tls_that_its_ca_bundle_verifies_and_renews_in_place() {
-    let names = dns_names("switchyard-webhook", "ops");
+    let names = dns_names("sideyard-webhook", "ops");
     let first = issue(&names, None, SystemTime::now()).unwrap();
     let (addr, store) = https_webhook(&first).await;
     let pod = yaml_file(&Path::new(TESTDATA).join("basic.yaml"));
@@ -311,7 +311,7 @@ fn rustls_pemfile_der(pem: &str) -> Vec<u8> {
 
 #[test]
 fn certificates_are_renewed_when_missing_renamed_or_near_expiry() {
-    let names = dns_names("switchyard-webhook", "ops");
+    let names = dns_names("sideyard-webhook", "ops");
     let now = SystemTime::now();
     let cert = issue(&names, None, now).unwrap();
     assert!(due(None, &names, now));
@@ -320,7 +320,7 @@ fn certificates_are_renewed_when_missing_renamed_or_near_expiry() {
     assert!(due(Some(&cert), &names, now + Duration::from_secs(340 * 24 * 3600)), "in its last 30 days");
     assert!(due(Some(&cert), &dns_names("renamed", "ops"), now));
     // What the Secret holds reads back as the same certificate.
-    let secret = cert.to_secret("switchyard-webhook-tls", "ops");
+    let secret = cert.to_secret("sideyard-webhook-tls", "ops");
     assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
     assert_eq!(ServingCert::from_secret(&secret), Some(cert));
 }

@@ -9,11 +9,11 @@ use futures::future::BoxFuture;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use switchyard::api::{ApiKeyBudgetStatus, BudgetState, Period};
-use switchyard::config::{Budget, RateLimitPolicy};
-use switchyard::operator::leader::Leadership;
-use switchyard::operator::ledger::{FleetService, LEADER_HEADER, Review, Reviewer, StatusStore, router};
-use switchyard::operator::metrics::OperatorMetrics;
+use sideyard::api::{ApiKeyBudgetStatus, BudgetState, Period};
+use sideyard::config::{Budget, RateLimitPolicy};
+use sideyard::operator::leader::Leadership;
+use sideyard::operator::ledger::{FleetService, LEADER_HEADER, Review, Reviewer, StatusStore, router};
+use sideyard::operator::metrics::OperatorMetrics;
 use tokio::sync::watch;
 use tower::ServiceExt;
 
@@ -26,7 +26,7 @@ impl Reviewer for Tokens {
         Box::pin(async move {
             if token == "wrong-audience" {
                 return Ok(Review::Rejected(
-                    "token audiences [\"https://kubernetes.default.svc\"] do not include switchyard".into(),
+                    "token audiences [\"https://kubernetes.default.svc\"] do not include sideyard".into(),
                 ));
             }
             if token == "unreachable" {
@@ -166,8 +166,8 @@ async fn a_lease_is_persisted_before_it_is_answered_and_reports_reach_the_status
         "another pod's lease"
     );
     let metrics = l.metrics.render();
-    assert!(metrics.contains("switchyard_ledger_calls_total{call=\"lease\",result=\"ok\"} 1"), "{metrics}");
-    assert!(metrics.contains("switchyard_ledger_granted_credits_total 5"), "{metrics}");
+    assert!(metrics.contains("sideyard_ledger_calls_total{call=\"lease\",result=\"ok\"} 1"), "{metrics}");
+    assert!(metrics.contains("sideyard_ledger_granted_credits_total 5"), "{metrics}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -176,11 +176,11 @@ async fn callers_without_a_valid_token_of_the_namespace_are_refused() {
     let lease = json!({"budget": "bot", "want": {"credit": 1}});
     let (status, body, _) = l.call(None, "lease", lease.clone()).await;
     assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("unauthorized")));
-    assert!(body["error"]["message"].as_str().unwrap().contains("audience switchyard"), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("audience sideyard"), "{body}");
 
     let (status, body, _) = l.call(Some("wrong-audience"), "lease", lease.clone()).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert!(body["error"]["message"].as_str().unwrap().contains("do not include switchyard"), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("do not include sideyard"), "{body}");
 
     let (status, body, _) = l.call(Some(POD_A), "lease", json!({"budget": "team-b/bot", "want": {"credit": 1}})).await;
     assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("forbidden")));
@@ -201,7 +201,7 @@ async fn callers_without_a_valid_token_of_the_namespace_are_refused() {
     let metrics = l.metrics.render();
     for (result, n) in [("refused", 2), ("wrong_namespace", 1), ("error", 1)] {
         assert!(
-            metrics.contains(&format!("switchyard_ledger_token_reviews_total{{result=\"{result}\"}} {n}")),
+            metrics.contains(&format!("sideyard_ledger_token_reviews_total{{result=\"{result}\"}} {n}")),
             "{metrics}"
         );
     }
@@ -228,7 +228,7 @@ async fn a_grant_that_cannot_be_persisted_is_not_answered() {
     assert_eq!(status, StatusCode::OK, "{grant}");
     // The refused grant's credit stays outstanding until that lease expires: never granted twice.
     assert_eq!(l.store.status("bot").outstanding.as_deref(), Some("2"));
-    assert!(l.metrics.render().contains("switchyard_ledger_persist_failures_total 1"));
+    assert!(l.metrics.render().contains("sideyard_ledger_persist_failures_total 1"));
 }
 
 #[tokio::test(start_paused = true)]

@@ -30,7 +30,7 @@ async fn reloads_good_configs_and_keeps_serving_through_bad_ones() {
         let admin = sidecar.admin;
         async move {
             let m = get(admin, "/metrics").await.body;
-            metric(&m, &format!("switchyard_config_reloads_total{{result=\"{result}\"}}"))
+            metric(&m, &format!("sideyard_config_reloads_total{{result=\"{result}\"}}"))
         }
     };
 
@@ -45,11 +45,11 @@ async fn reloads_good_configs_and_keeps_serving_through_bad_ones() {
     assert!(metrics.contains("route=\"default/beta\""), "{metrics}");
 
     // Broken YAML: rejected, counted, logged with the file; beta keeps serving.
-    replace(&sidecar.config_path, "apiVersion: switchyard.dev/v1alpha1\nkind: ProviderRoute\nspec: [\n");
+    replace(&sidecar.config_path, "apiVersion: sideyard.dev/v1alpha1\nkind: ProviderRoute\nspec: [\n");
     eventually("the broken file is rejected", || async { reloads("failure").await == 1 }).await;
     assert_eq!(status_of(sidecar.api, "beta").await, 200);
     let metrics = get(sidecar.admin, "/metrics").await.body;
-    assert_eq!(metric(&metrics, "switchyard_config_last_reload_success"), 0);
+    assert_eq!(metric(&metrics, "sideyard_config_last_reload_success"), 0);
     assert_eq!(get(sidecar.admin, "/readyz").await.status, 200, "still ready on the last good config");
     let log = sidecar.process.log();
     assert!(log.contains("routes.yaml: document 1: invalid YAML"), "{log}");
@@ -69,8 +69,7 @@ async fn reloads_good_configs_and_keeps_serving_through_bad_ones() {
         sidecar.process.log()
     );
     // The same bad file is not reported again on every check.
-    let checks =
-        || async { metric(&get(sidecar.admin, "/metrics").await.body, "switchyard_config_source_checks_total") };
+    let checks = || async { metric(&get(sidecar.admin, "/metrics").await.body, "sideyard_config_source_checks_total") };
     let seen = checks().await;
     eventually("three more checks of the files", || async { checks().await >= seen + 3 }).await;
     assert_eq!(reloads("failure").await, 2);
@@ -78,8 +77,8 @@ async fn reloads_good_configs_and_keeps_serving_through_bad_ones() {
     replace(&sidecar.config_path, &route("gamma", ""));
     eventually("the fixed config is served", || async { status_of(sidecar.api, "gamma").await == 200 }).await;
     let metrics = get(sidecar.admin, "/metrics").await.body;
-    assert_eq!(metric(&metrics, "switchyard_config_last_reload_success"), 1);
-    assert_eq!(metric(&metrics, r#"switchyard_config_reloads_total{result="success"}"#), 2);
+    assert_eq!(metric(&metrics, "sideyard_config_last_reload_success"), 1);
+    assert_eq!(metric(&metrics, r#"sideyard_config_reloads_total{result="success"}"#), 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -93,13 +92,13 @@ async fn reloads_when_a_credential_file_changes() {
     replace(&key_file, "second-key\n");
     eventually("the new key is loaded", || async {
         let m = get(sidecar.admin, "/metrics").await.body;
-        metric(&m, r#"switchyard_config_reloads_total{result="success"}"#) == 1
+        metric(&m, r#"sideyard_config_reloads_total{result="success"}"#) == 1
     })
     .await;
     std::fs::remove_file(&key_file).unwrap();
     eventually("a vanished key file is rejected", || async {
         let m = get(sidecar.admin, "/metrics").await.body;
-        metric(&m, r#"switchyard_config_reloads_total{result="failure"}"#) == 1
+        metric(&m, r#"sideyard_config_reloads_total{result="failure"}"#) == 1
     })
     .await;
     assert!(
@@ -116,7 +115,7 @@ fn an_invalid_config_at_start_exits_64_naming_the_problem() {
     let path = dir.join("routes.yaml");
     std::fs::write(
         &path,
-        "apiVersion: switchyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {name: x}\nspec:\n  model: x\n  targets:\n    - {name: a, baseUrl: 'https://api.example.com/v1', credentials: {secretRef: {name: openai, key: api-key}}}\n",
+        "apiVersion: sideyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {name: x}\nspec:\n  model: x\n  targets:\n    - {name: a, baseUrl: 'https://api.example.com/v1', credentials: {secretRef: {name: openai, key: api-key}}}\n",
     )
     .unwrap();
     let (code, _, stderr) = run(&["sidecar", "-f", path.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
@@ -176,10 +175,10 @@ async fn flags_can_come_from_the_environment() {
     let (process, line) = Process::start(
         &["sidecar"],
         &[
-            ("SWITCHYARD_FILES", path.to_str().unwrap()),
-            ("SWITCHYARD_LISTEN", "127.0.0.1:0"),
-            ("SWITCHYARD_ADMIN_LISTEN", "127.0.0.1:0"),
-            ("SWITCHYARD_LOG", "debug"),
+            ("SIDEYARD_FILES", path.to_str().unwrap()),
+            ("SIDEYARD_LISTEN", "127.0.0.1:0"),
+            ("SIDEYARD_ADMIN_LISTEN", "127.0.0.1:0"),
+            ("SIDEYARD_LOG", "debug"),
         ],
         "serving",
     );
@@ -192,16 +191,16 @@ async fn flags_can_come_from_the_environment() {
 fn every_subcommand_documents_its_flags() {
     let (code, stdout, _) = run(&["--version"]);
     assert_eq!(code, Some(0));
-    assert_eq!(stdout.trim(), format!("switchyard {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(stdout.trim(), format!("sideyard {}", env!("CARGO_PKG_VERSION")));
 
     let expectations: [(&str, &[&str]); 5] = [
         (
             "sidecar",
             &[
                 "--file",
-                "SWITCHYARD_FILES",
+                "SIDEYARD_FILES",
                 "--listen",
-                "SWITCHYARD_LISTEN",
+                "SIDEYARD_LISTEN",
                 "--admin-listen",
                 "--reload-interval",
                 "--drain-timeout",
@@ -209,9 +208,9 @@ fn every_subcommand_documents_its_flags() {
                 "--max-response-bytes",
                 "--upstream-ca-file",
                 "--pod-labels-file",
-                "SWITCHYARD_POD_LABELS_FILE",
+                "SIDEYARD_POD_LABELS_FILE",
                 "--log",
-                "SWITCHYARD_LOG",
+                "SIDEYARD_LOG",
                 "--log-format",
             ],
         ),
@@ -226,7 +225,7 @@ fn every_subcommand_documents_its_flags() {
                 "--lease-duration",
                 "--renew-deadline",
                 "--retry-period",
-                "SWITCHYARD_LEASE_DURATION",
+                "SIDEYARD_LEASE_DURATION",
                 "--webhook-listen",
                 "--webhook-cert-dir",
                 "--ledger-listen",
@@ -235,7 +234,7 @@ fn every_subcommand_documents_its_flags() {
                 "--log-format",
             ],
         ),
-        ("inject", &["--file", "--proxy-image", "--native-sidecar", "--proxy-memory-limit", "SWITCHYARD_PROXY_IMAGE"]),
+        ("inject", &["--file", "--proxy-image", "--native-sidecar", "--proxy-memory-limit", "SIDEYARD_PROXY_IMAGE"]),
         (
             "mock-provider",
             &[
@@ -250,7 +249,7 @@ fn every_subcommand_documents_its_flags() {
                 "--stall-after",
                 "--hang",
                 "--require-key",
-                "SWITCHYARD_MOCK_LATENCY",
+                "SIDEYARD_MOCK_LATENCY",
             ],
         ),
         ("crd", &["--log"]),
@@ -259,7 +258,7 @@ fn every_subcommand_documents_its_flags() {
         let (code, stdout, stderr) = run(&[subcommand, "--help"]);
         assert_eq!(code, Some(0), "{stderr}");
         for flag in flags {
-            assert!(stdout.contains(flag), "`switchyard {subcommand} --help` does not mention {flag}:\n{stdout}");
+            assert!(stdout.contains(flag), "`sideyard {subcommand} --help` does not mention {flag}:\n{stdout}");
         }
     }
     let (code, _, stderr) = run(&["sidecar"]);
@@ -280,7 +279,7 @@ async fn the_sidecar_runs_in_process_until_its_shutdown_future_completes() {
     #[derive(Parser)]
     struct Command {
         #[command(flatten)]
-        args: switchyard::sidecar::SidecarArgs,
+        args: sideyard::sidecar::SidecarArgs,
     }
     let free_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let (api, admin) = (free_port(), free_port());
@@ -295,7 +294,7 @@ async fn the_sidecar_runs_in_process_until_its_shutdown_future_completes() {
         format!("--state-dir={}", dir.join("state").display()),
     ]);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(switchyard::sidecar::run(command.args, async {
+    let running = tokio::spawn(sideyard::sidecar::run(command.args, async {
         let _ = stopped.await;
     }));
     eventually("the API listens", || async { tokio::net::TcpStream::connect(api).await.is_ok() }).await;

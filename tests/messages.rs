@@ -106,7 +106,7 @@ async fn an_openai_target_serves_messages_translated_both_ways() {
     let answer = reply.json();
     assert_eq!(answer["type"], "message");
     assert_eq!(answer["role"], "assistant");
-    assert_eq!(answer["content"], serde_json::json!([{"type": "text", "text": "Hello from the Switchyard"}]));
+    assert_eq!(answer["content"], serde_json::json!([{"type": "text", "text": "Hello from the Sideyard"}]));
     assert_eq!(answer["stop_reason"], "end_turn");
     assert_eq!(answer["usage"]["output_tokens"], 4);
     assert!(answer["usage"]["input_tokens"].as_u64().unwrap() > 0);
@@ -130,7 +130,7 @@ async fn an_openai_target_serves_messages_translated_both_ways() {
             "message_stop"
         ]
     );
-    assert_eq!(text_of(&got), "Hello from the Switchyard");
+    assert_eq!(text_of(&got), "Hello from the Sideyard");
     let delta = &got[7].1;
     assert_eq!(delta["delta"]["stop_reason"], "end_turn");
     assert_eq!(delta["usage"]["output_tokens"], 4);
@@ -193,7 +193,7 @@ async fn fallbacks_name_the_routes_to_try_next() {
     let sidecar = Sidecar::start(&config);
     let reply = messages(sidecar.api, None, &[], &ask("down", r#","fallbacks":["claude"]"#)).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
-    assert_eq!(reply.header("x-switchyard-target"), "claude");
+    assert_eq!(reply.header("x-sideyard-target"), "claude");
     assert_eq!(reply.json()["model"], "claude", "the answer names the route that served it");
 
     let reply = messages(sidecar.api, None, &[], &ask("down", r#","fallbacks":["claude"],"stream":true"#)).await;
@@ -220,8 +220,8 @@ async fn stream_errors_fall_back_before_the_first_token_and_end_with_an_error_ev
     let sidecar = Sidecar::start(&config);
 
     let reply = messages(sidecar.api, None, &[], &ask("held", r#","stream":true"#)).await;
-    assert_eq!(reply.header("x-switchyard-target"), "last", "{}", reply.body);
-    assert_eq!(reply.header("x-switchyard-attempts"), "3");
+    assert_eq!(reply.header("x-sideyard-target"), "last", "{}", reply.body);
+    assert_eq!(reply.header("x-sideyard-attempts"), "3");
     assert_eq!(events(&reply.body).last().unwrap().0, "message_stop");
 
     let reply = messages(sidecar.api, None, &[], &ask("live", r#","stream":true"#)).await;
@@ -287,14 +287,14 @@ async fn token_counts_come_from_an_anthropic_target_or_are_estimated_and_say_so(
 
     let reply = count(sidecar.api, &body("claude")).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
-    assert_eq!(reply.header("x-switchyard-token-count"), "anthropic");
-    assert_eq!(reply.header("x-switchyard-target"), "claude");
+    assert_eq!(reply.header("x-sideyard-token-count"), "anthropic");
+    assert_eq!(reply.header("x-sideyard-target"), "claude");
     assert!(reply.json()["input_tokens"].as_u64().unwrap() > 0);
 
     for model in ["gpt", "broken"] {
         let reply = count(sidecar.api, &body(model)).await;
         assert_eq!(reply.status, 200, "{}", reply.body);
-        assert_eq!(reply.header("x-switchyard-token-count"), "estimated", "{model}");
+        assert_eq!(reply.header("x-sideyard-token-count"), "estimated", "{model}");
         assert_eq!(reply.json()["input_tokens"], body(model).len() / 4);
     }
 

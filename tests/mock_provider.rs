@@ -1,4 +1,4 @@
-//! `switchyard mock-provider` as a real upstream process behind a real sidecar, the knobs of the
+//! `sideyard mock-provider` as a real upstream process behind a real sidecar, the knobs of the
 //! in-process `api: mock` targets, and the quickstart example.
 
 mod common;
@@ -20,7 +20,7 @@ async fn the_sidecar_proxies_to_a_mock_provider_process() {
     assert!(!mock.log().contains("sk-mock-secret"), "the mock logs its key: {}", mock.log());
     let config = format!(
         r#"
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {{name: chat}}
 spec:
@@ -28,7 +28,7 @@ spec:
   targets:
     - {{name: mock, baseUrl: "http://{mock_addr}/v1", model: upstream-model, credentials: {{env: MOCK_KEY}}}}
 ---
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {{name: keyless}}
 spec:
@@ -98,7 +98,7 @@ async fn in_process_mock_knobs_inject_failures() {
     let reply = post(sidecar.api, "/v1/chat/completions", r#"{"model":"limited"}"#).await;
     assert_eq!(reply.status, 429);
     assert_eq!(reply.header("retry-after"), "1");
-    assert_eq!(reply.header("x-switchyard-error-source"), "upstream");
+    assert_eq!(reply.header("x-sideyard-error-source"), "upstream");
 
     let response = send(sidecar.api, "POST", "/v1/chat/completions", r#"{"model":"resets","stream":true}"#).await;
     let events = sse_data(&rest(&mut response.into_body()).await);
@@ -135,7 +135,7 @@ async fn the_quickstart_example_serves_offline() {
             post(api, "/v1/chat/completions", r#"{"model":"chat","messages":[{"role":"user","content":"hi"}]}"#).await;
         assert_eq!(reply.status, 200, "the flaky target's failures fall back: {}", reply.body);
         *served_by
-            .entry((reply.header("x-switchyard-target").to_string(), reply.header("x-switchyard-attempts").to_string()))
+            .entry((reply.header("x-sideyard-target").to_string(), reply.header("x-sideyard-attempts").to_string()))
             .or_insert(0) += 1;
     }
     assert!(served_by.contains_key(&("flaky".into(), "1".into())), "{served_by:?}");

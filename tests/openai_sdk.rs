@@ -17,7 +17,7 @@ async fn the_openai_python_sdk_works_unchanged() {
     let up = ScriptedUpstream::start().await;
     let config = format!(
         r#"
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {{name: chat}}
 spec:
@@ -26,7 +26,7 @@ spec:
     - {{name: down, baseUrl: "{down}"}}
     - {{name: mock, api: mock, model: mock-1, baseUrl: "mock://local?chunks=4&chunk-interval=1ms"}}
 ---
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {{name: breaks}}
 spec:
@@ -34,7 +34,7 @@ spec:
   targets:
     - {{name: flaky, baseUrl: "{breaks}"}}
 ---
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {{name: to-claude}}
 spec:
@@ -43,7 +43,7 @@ spec:
     - {{name: gpt, baseUrl: "{down}"}}
     - {{name: claude, api: anthropic, baseUrl: "mock://local?chunks=4&chunk-interval=1ms"}}
 ---
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {{name: to-claude-tools}}
 spec:
@@ -52,7 +52,7 @@ spec:
     - {{name: gpt, baseUrl: "{down}"}}
     - {{name: claude, api: anthropic, baseUrl: "{tools}"}}
 ---
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {{name: embed}}
 spec:
@@ -61,7 +61,7 @@ spec:
   targets:
     - {{name: mock, api: mock, model: text-embedding-3-small, baseUrl: "mock://local"}}
 ---
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {{name: instruct}}
 spec:
@@ -70,7 +70,7 @@ spec:
     - {{name: claude, api: anthropic, baseUrl: "mock://local"}}
     - {{name: mock, api: mock, model: instruct-1, baseUrl: "mock://local?chunks=4&chunk-interval=1ms"}}
 ---
-apiVersion: switchyard.dev/v1alpha1
+apiVersion: sideyard.dev/v1alpha1
 kind: ProviderRoute
 metadata: {{name: files}}
 spec:
@@ -87,23 +87,23 @@ spec:
     );
     let sidecar = Sidecar::start(&config);
     let base_url = format!("http://{}/v1", sidecar.api);
-    let stdout = run_script(python, "openai_client.py", &[("SWITCHYARD_BASE_URL", base_url.as_str())]).await;
+    let stdout = run_script(python, "openai_client.py", &[("SIDEYARD_BASE_URL", base_url.as_str())]).await;
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(
         lines,
         [
-            "json: mock-1 | Hello from the Switchyard | 4",
+            "json: mock-1 | Hello from the Sideyard | 4",
             "headers: mock 2",
-            "stream: Hello from the Switchyard",
+            "stream: Hello from the Sideyard",
             "not found: 404 model_not_found",
             "broken stream: the upstream connection broke mid-stream: connection closed during a chunk size line",
             "models: chat,breaks,to-claude,to-claude-tools,embed,instruct,files,whisper-1",
-            "fallback json: claude 5xx | Hello from the Switchyard | stop | 4",
-            "fallback stream: Hello from the Switchyard | stop | 4",
+            "fallback json: claude 5xx | Hello from the Sideyard | stop | 4",
+            "fallback stream: Hello from the Sideyard | stop | 4",
             r#"fallback tools: toolu_A:weather:{"city":"Paris"} toolu_B:weather:{"city":"Rome"} | tool_calls"#,
             "embeddings: 2 x 8 | 4 | text-embedding-3-small",
             "completions: Hello from the | 3 | stop",
-            "completions stream: Hello from the Switchyard",
+            "completions stream: Hello from the Sideyard",
             "files: file-abc batch processed",
             "transcription: whisper-large heard",
         ]
@@ -138,18 +138,18 @@ async fn the_openai_python_sdk_uses_the_responses_api_with_any_target() {
     .concat();
     let sidecar = Sidecar::start(&config);
     let base_url = format!("http://{}/v1", sidecar.api);
-    let stdout = run_script(python, "responses_client.py", &[("SWITCHYARD_BASE_URL", base_url.as_str())]).await;
+    let stdout = run_script(python, "responses_client.py", &[("SIDEYARD_BASE_URL", base_url.as_str())]).await;
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(
         lines,
         [
-            "native json: Hello from the Switchyard | completed | 4",
-            "native stream: Hello from the Switchyard | response.created .. response.completed",
-            "chat-only json: Hello from the Switchyard | completed | 4",
-            "chat-only stream: Hello from the Switchyard | response.created .. response.completed",
-            "claude json: Hello from the Switchyard | completed | 4",
-            "claude stream: Hello from the Switchyard | response.created .. response.completed",
-            "stream helper: Hello from the Switchyard | completed",
+            "native json: Hello from the Sideyard | completed | 4",
+            "native stream: Hello from the Sideyard | response.created .. response.completed",
+            "chat-only json: Hello from the Sideyard | completed | 4",
+            "chat-only stream: Hello from the Sideyard | response.created .. response.completed",
+            "claude json: Hello from the Sideyard | completed | 4",
+            "claude stream: Hello from the Sideyard | response.created .. response.completed",
+            "stream helper: Hello from the Sideyard | completed",
             r#"native-tools calls: call_A:weather:{"city":"Paris"} call_B:weather:{"city":"Rome"}"#,
             "native-tools follow-up: completed",
             r#"chat-tools calls: call_A:weather:{"city":"Paris"} call_B:weather:{"city":"Rome"}"#,

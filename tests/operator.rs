@@ -21,17 +21,17 @@ use kube::runtime::reflector::{self, Store, store::Writer};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
-use switchyard::api::{ApiKeyBudget, ProviderRoute};
-use switchyard::config::{CompiledConfig, LedgerEndpoint, Reason};
-use switchyard::operator::controller::{
+use sideyard::api::{ApiKeyBudget, ProviderRoute};
+use sideyard::config::{CompiledConfig, LedgerEndpoint, Reason};
+use sideyard::operator::controller::{
     self, Context, Error, FIELD_MANAGER, Stores, generation, reconcile, resource_version, secret_matters, triggers,
 };
-use switchyard::operator::leader::{Elector, Leadership, LeaseSettings, LostLease};
-use switchyard::operator::metrics::OperatorMetrics;
-use switchyard::operator::plan::{
+use sideyard::operator::leader::{Elector, Leadership, LeaseSettings, LostLease};
+use sideyard::operator::metrics::OperatorMetrics;
+use sideyard::operator::plan::{
     CONFIG_SECRET, ConfigAction, Inputs, Plan, Published, SECRET_LIMIT, SECRET_WARNING, plan,
 };
-use switchyard::operator::tls::{self, TlsSettings};
+use sideyard::operator::tls::{self, TlsSettings};
 use tower_test::mock::Handle;
 
 use common::cluster::{FakeApi, lease, list, not_found, operator_args, serve_fake_api, writes_to};
@@ -61,7 +61,7 @@ fn meta(name: &str, created: i64) -> ObjectMeta {
 
 fn route(name: &str, created: i64, spec: Value) -> Arc<ProviderRoute> {
     let mut route: ProviderRoute = serde_json::from_value(
-        json!({"apiVersion": "switchyard.dev/v1alpha1", "kind": "ProviderRoute", "metadata": {}, "spec": spec}),
+        json!({"apiVersion": "sideyard.dev/v1alpha1", "kind": "ProviderRoute", "metadata": {}, "spec": spec}),
     )
     .unwrap();
     route.metadata = meta(name, created);
@@ -80,7 +80,7 @@ fn keyed_route(name: &str, model: &str, created: i64) -> Arc<ProviderRoute> {
 
 fn budget(name: &str, created: i64, spec: Value) -> Arc<ApiKeyBudget> {
     let mut budget: ApiKeyBudget = serde_json::from_value(
-        json!({"apiVersion": "switchyard.dev/v1alpha1", "kind": "ApiKeyBudget", "metadata": {}, "spec": spec}),
+        json!({"apiVersion": "sideyard.dev/v1alpha1", "kind": "ApiKeyBudget", "metadata": {}, "spec": spec}),
     )
     .unwrap();
     budget.metadata = meta(name, created);
@@ -156,7 +156,7 @@ fn condition<'a>(
     (c.status.as_str(), c.reason.as_str(), c.message.as_str())
 }
 
-fn route_status<'a>(plan: &'a Plan, name: &str) -> &'a switchyard::api::ProviderRouteStatus {
+fn route_status<'a>(plan: &'a Plan, name: &str) -> &'a sideyard::api::ProviderRouteStatus {
     &plan.routes.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no status for {name}: {plan:?}")).1
 }
 
@@ -175,9 +175,9 @@ fn a_valid_route_is_published_and_reported_ready() {
     let (secret, compiled) = applied_config(&plan);
     assert_eq!(secret.metadata.name.as_deref(), Some(CONFIG_SECRET));
     assert_eq!(secret.metadata.namespace.as_deref(), Some(NS));
-    assert_eq!(secret.labels()["app.kubernetes.io/managed-by"], "switchyard-operator");
-    assert_eq!(secret.annotations()["switchyard.dev/config-version"], "1");
-    assert_eq!(secret.annotations()["switchyard.dev/config-hash"], compiled.hash);
+    assert_eq!(secret.labels()["app.kubernetes.io/managed-by"], "sideyard-operator");
+    assert_eq!(secret.annotations()["sideyard.dev/config-version"], "1");
+    assert_eq!(secret.annotations()["sideyard.dev/config-hash"], compiled.hash);
     assert_eq!(compiled.version, 1);
     let config = compiled.into_config().unwrap();
     assert_eq!(config.routes.len(), 1);
@@ -191,7 +191,7 @@ fn a_valid_route_is_published_and_reported_ready() {
     );
     assert_eq!(
         condition(&status.conditions, "Ready"),
-        ("True", "Compiled", "compiled into Secret switchyard-config, version 1")
+        ("True", "Compiled", "compiled into Secret sideyard-config, version 1")
     );
     assert_eq!(status.config_version, Some(1));
     assert_eq!(status.targets[0].name, "openai");
@@ -239,7 +239,7 @@ fn a_secret_that_appears_later_turns_secret_not_found_into_ready() {
     assert_eq!(condition(&status.conditions, "Accepted").0, "True");
     assert_eq!(
         condition(&status.conditions, "Ready"),
-        ("True", "Compiled", "compiled into Secret switchyard-config, version 2")
+        ("True", "Compiled", "compiled into Secret sideyard-config, version 2")
     );
     assert_eq!(status.targets[0].credentials, "Resolved");
     assert_eq!(event_reasons(&plan), [("chat".into(), EventType::Normal, "Compiled".into())]);
@@ -364,7 +364,7 @@ fn budgets_are_compiled_with_their_key_hash_and_reported() {
 
 #[test]
 fn configurations_with_budgets_name_the_fleet_ledger_and_others_do_not() {
-    let ledger = LedgerEndpoint { url: "https://switchyard-webhook.ops.svc:8444".into(), ca_bundle: "CA".into() };
+    let ledger = LedgerEndpoint { url: "https://sideyard-webhook.ops.svc:8444".into(), ca_bundle: "CA".into() };
     let mut world = World::new(vec![keyed_route("chat", "chat", 0)], vec![keys()]);
     world.ledger = Some(ledger.clone());
     let (_, compiled) = applied_config(&world.plan());
@@ -582,8 +582,7 @@ fn with_status(route: &ProviderRoute, status: &Value) -> Value {
 async fn publishing_conversation(server: &mut ApiServer, route: &ProviderRoute) -> (Value, Value, Value) {
     let secret_path = format!("/api/v1/namespaces/{NS}/secrets/{CONFIG_SECRET}");
     let secret = expect(server, Method::PATCH, &secret_path, APPLY, 200, Value::clone).await;
-    let status_path =
-        format!("/apis/switchyard.dev/v1alpha1/namespaces/{NS}/providerroutes/{}/status", route.name_any());
+    let status_path = format!("/apis/sideyard.dev/v1alpha1/namespaces/{NS}/providerroutes/{}/status", route.name_any());
     let status = expect(server, Method::PATCH, &status_path, APPLY, 200, |b| with_status(route, &b["status"])).await;
     let event_path = format!("/apis/events.k8s.io/v1/namespaces/{NS}/events");
     let event = expect(server, Method::POST, &event_path, &[], 201, Value::clone).await;
@@ -604,14 +603,14 @@ async fn reconcile_publishes_the_config_then_the_status_then_an_event_and_a_seco
 
     assert_eq!(secret["apiVersion"], "v1");
     assert_eq!(secret["kind"], "Secret");
-    assert_eq!(secret["metadata"]["annotations"]["switchyard.dev/config-version"], "1");
-    assert_eq!(secret["metadata"]["labels"]["app.kubernetes.io/managed-by"], "switchyard-operator");
+    assert_eq!(secret["metadata"]["annotations"]["sideyard.dev/config-version"], "1");
+    assert_eq!(secret["metadata"]["labels"]["app.kubernetes.io/managed-by"], "sideyard-operator");
     let content = common::base64_decode(secret["data"]["config.json"].as_str().unwrap());
     let compiled: CompiledConfig = serde_json::from_slice(&content).unwrap();
     assert_eq!(compiled.version, 1);
     assert_eq!(compiled.config.routes[0].name, "chat");
 
-    assert_eq!(status["apiVersion"], "switchyard.dev/v1alpha1");
+    assert_eq!(status["apiVersion"], "sideyard.dev/v1alpha1");
     assert_eq!(status["kind"], "ProviderRoute");
     assert_eq!(status["status"]["observedGeneration"], 1);
     assert_eq!(status["status"]["configVersion"], 1);
@@ -624,7 +623,7 @@ async fn reconcile_publishes_the_config_then_the_status_then_an_event_and_a_seco
     assert_eq!(event["regarding"]["kind"], "ProviderRoute");
     assert_eq!(event["regarding"]["name"], "chat");
     assert_eq!(event["reportingController"], FIELD_MANAGER);
-    assert_eq!(event["note"], "compiled into Secret switchyard-config, version 1");
+    assert_eq!(event["note"], "compiled into Secret sideyard-config, version 1");
 
     // The caches have not seen the writes yet; the operator remembers them, so a second pass
     // writes nothing (any request would fail: the API server is gone).
@@ -632,12 +631,12 @@ async fn reconcile_publishes_the_config_then_the_status_then_an_event_and_a_seco
     assert_eq!(reconcile(namespace(), ctx.clone()).await.unwrap(), Action::requeue(controller::RESYNC));
     let metrics = ctx.metrics.render();
     assert!(
-        metrics.contains("switchyard_operator_reconciles_total{kind=\"ProviderRoute\",result=\"success\"} 2"),
+        metrics.contains("sideyard_operator_reconciles_total{kind=\"ProviderRoute\",result=\"success\"} 2"),
         "{metrics}"
     );
-    assert!(metrics.contains("switchyard_operator_config_writes_total 1"), "{metrics}");
-    assert!(metrics.contains("switchyard_operator_status_writes_total 1"), "{metrics}");
-    assert!(metrics.contains("switchyard_operator_events_total 1"), "{metrics}");
+    assert!(metrics.contains("sideyard_operator_config_writes_total 1"), "{metrics}");
+    assert!(metrics.contains("sideyard_operator_status_writes_total 1"), "{metrics}");
+    assert!(metrics.contains("sideyard_operator_events_total 1"), "{metrics}");
 }
 
 #[tokio::test]
@@ -645,7 +644,7 @@ async fn a_follower_writes_nothing() {
     let Cluster { ctx, server, .. } = cluster(&[keyed_route("chat", "chat", 0)], &[keys()], Leadership::fixed(false));
     drop(server);
     assert_eq!(reconcile(namespace(), ctx.clone()).await.unwrap(), Action::await_change());
-    assert!(ctx.metrics.render().contains("switchyard_operator_config_writes_total 0"));
+    assert!(ctx.metrics.render().contains("sideyard_operator_config_writes_total 0"));
 }
 
 #[tokio::test]
@@ -668,7 +667,7 @@ async fn a_lease_lost_mid_write_stops_the_writes_that_follow() {
     assert!(matches!(error, Error::NotLeader), "{error}");
     drop(server); // no status patch or event was attempted: the conversation ended with the Secret
     let metrics = ctx.metrics.render();
-    assert!(metrics.contains("switchyard_operator_status_writes_total 0"), "{metrics}");
+    assert!(metrics.contains("sideyard_operator_status_writes_total 0"), "{metrics}");
     assert!(metrics.contains("result=\"not_leader\"} 1"), "{metrics}");
 }
 
@@ -688,14 +687,14 @@ async fn a_secret_created_later_makes_the_route_ready_with_the_next_version() {
     reconcile(namespace(), ctx.clone()).await.unwrap();
     let ((secret1, status1, event1), (secret2, status2, event2)) = finished(api).await;
 
-    assert_eq!(secret1["metadata"]["annotations"]["switchyard.dev/config-version"], "1");
+    assert_eq!(secret1["metadata"]["annotations"]["sideyard.dev/config-version"], "1");
     assert_eq!(status1["status"]["conditions"][0]["reason"], "SecretNotFound");
     assert_eq!(status1["status"]["targets"][0]["credentials"], "SecretNotFound");
     assert_eq!((event1["type"].as_str(), event1["reason"].as_str()), (Some("Warning"), Some("SecretNotFound")));
 
-    assert_eq!(secret2["metadata"]["annotations"]["switchyard.dev/config-version"], "2");
+    assert_eq!(secret2["metadata"]["annotations"]["sideyard.dev/config-version"], "2");
     assert_eq!(status2["status"]["conditions"][0]["status"], "True");
-    assert_eq!(status2["status"]["conditions"][1]["message"], "compiled into Secret switchyard-config, version 2");
+    assert_eq!(status2["status"]["conditions"][1]["message"], "compiled into Secret sideyard-config, version 2");
     assert_eq!(status2["status"]["configVersion"], 2);
     assert_eq!((event2["type"].as_str(), event2["reason"].as_str()), (Some("Normal"), Some("Compiled")));
 }
@@ -715,7 +714,7 @@ async fn the_last_route_deleted_deletes_the_config_secret() {
     routes.apply_watcher_event(&watcher::Event::Delete((*keyed_route("chat", "chat", 0)).clone()));
     reconcile(namespace(), ctx.clone()).await.unwrap();
     finished(api).await;
-    assert!(ctx.metrics.render().contains("switchyard_operator_config_deletes_total 1"));
+    assert!(ctx.metrics.render().contains("sideyard_operator_config_deletes_total 1"));
 }
 
 #[tokio::test]
@@ -736,10 +735,10 @@ async fn a_refused_write_fails_the_reconcile_before_any_status_is_written() {
     assert_eq!(controller::error_policy(namespace(), &error, ctx.clone()), Action::requeue(Duration::from_secs(2)));
     let metrics = ctx.metrics.render();
     assert!(
-        metrics.contains("switchyard_operator_reconciles_total{kind=\"ProviderRoute\",result=\"apply_config\"} 1"),
+        metrics.contains("sideyard_operator_reconciles_total{kind=\"ProviderRoute\",result=\"apply_config\"} 1"),
         "{metrics}"
     );
-    assert!(metrics.contains("switchyard_operator_status_writes_total 0"), "{metrics}");
+    assert!(metrics.contains("sideyard_operator_status_writes_total 0"), "{metrics}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -751,7 +750,7 @@ fn elector(identity: &str) -> (Elector, Leadership, ApiServer) {
     let (service, server) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let api = Api::<Lease>::namespaced(Client::new(service, "ops"), "ops");
     let settings = LeaseSettings {
-        name: "switchyard-operator".into(),
+        name: "sideyard-operator".into(),
         namespace: "ops".into(),
         identity: identity.into(),
         lease_duration: Duration::from_secs(15),
@@ -764,7 +763,7 @@ fn elector(identity: &str) -> (Elector, Leadership, ApiServer) {
 }
 
 fn lease_path() -> String {
-    format!("{LEASES}/switchyard-operator")
+    format!("{LEASES}/sideyard-operator")
 }
 
 #[tokio::test(start_paused = true)]
@@ -867,23 +866,23 @@ async fn a_leader_that_cannot_renew_stops_leading_and_reports_the_lost_lease() {
 
 fn tls_settings() -> TlsSettings {
     TlsSettings {
-        service: "switchyard-webhook".into(),
+        service: "sideyard-webhook".into(),
         namespace: "ops".into(),
-        secret: "switchyard-webhook-tls".into(),
-        webhook_configuration: "switchyard".into(),
+        secret: "sideyard-webhook-tls".into(),
+        webhook_configuration: "sideyard".into(),
     }
 }
 
 fn webhook_configuration(ca_bundle: Option<&str>) -> Value {
     let mut hook = json!({
-        "name": "pods.switchyard.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
-        "clientConfig": {"service": {"name": "switchyard-webhook", "namespace": "ops", "path": "/mutate-pods"}}
+        "name": "pods.sideyard.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+        "clientConfig": {"service": {"name": "sideyard-webhook", "namespace": "ops", "path": "/mutate-pods"}}
     });
     if let Some(ca) = ca_bundle {
         hook["clientConfig"]["caBundle"] = ca.into();
     }
     json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
-           "metadata": {"name": "switchyard", "resourceVersion": "3"}, "webhooks": [hook]})
+           "metadata": {"name": "sideyard", "resourceVersion": "3"}, "webhooks": [hook]})
 }
 
 #[tokio::test]
@@ -891,10 +890,10 @@ async fn the_leader_issues_the_webhook_certificate_and_publishes_its_ca() {
     let (service, mut server) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "ops");
     let api = tokio::spawn(async move {
-        let secret_path = "/api/v1/namespaces/ops/secrets/switchyard-webhook-tls";
+        let secret_path = "/api/v1/namespaces/ops/secrets/sideyard-webhook-tls";
         expect(&mut server, Method::GET, secret_path, &[], 404, |_| not_found()).await;
         let secret = expect(&mut server, Method::PATCH, secret_path, APPLY, 200, Value::clone).await;
-        let config_path = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/switchyard";
+        let config_path = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/sideyard";
         expect(&mut server, Method::GET, config_path, &[], 200, |_| webhook_configuration(None)).await;
         let config = expect(&mut server, Method::PATCH, config_path, APPLY, 200, Value::clone).await;
         (secret, config)
@@ -910,26 +909,26 @@ async fn the_leader_issues_the_webhook_certificate_and_publishes_its_ca() {
     let ca = common::base64_decode(secret["data"]["ca.crt"].as_str().unwrap());
     assert_eq!(pem.ca.unwrap().as_bytes(), ca, "the CA that sidecars are given for the ledger");
     assert_eq!(
-        secret["metadata"]["annotations"]["switchyard.dev/dns-names"],
-        "switchyard-webhook,switchyard-webhook.ops,switchyard-webhook.ops.svc,switchyard-webhook.ops.svc.cluster.local"
+        secret["metadata"]["annotations"]["sideyard.dev/dns-names"],
+        "sideyard-webhook,sideyard-webhook.ops,sideyard-webhook.ops.svc,sideyard-webhook.ops.svc.cluster.local"
     );
     // Only the caBundle of our webhook is applied; the chart owns the rest.
     assert_eq!(
         config["webhooks"],
-        json!([{"name": "pods.switchyard.dev", "clientConfig": {"caBundle": secret["data"]["ca.crt"]}}])
+        json!([{"name": "pods.sideyard.dev", "clientConfig": {"caBundle": secret["data"]["ca.crt"]}}])
     );
     assert_eq!(common::base64_decode(config["webhooks"][0]["clientConfig"]["caBundle"].as_str().unwrap()), ca);
 }
 
 #[tokio::test]
 async fn a_follower_only_reads_the_webhook_certificate_and_a_current_one_is_left_alone() {
-    let cert = tls::issue(&tls::dns_names("switchyard-webhook", "ops"), None, std::time::SystemTime::now()).unwrap();
-    let secret = serde_json::to_value(cert.to_secret("switchyard-webhook-tls", "ops")).unwrap();
+    let cert = tls::issue(&tls::dns_names("sideyard-webhook", "ops"), None, std::time::SystemTime::now()).unwrap();
+    let secret = serde_json::to_value(cert.to_secret("sideyard-webhook-tls", "ops")).unwrap();
     let (service, mut server) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "ops");
     let answer = secret.clone();
     let api = tokio::spawn(async move {
-        let secret_path = "/api/v1/namespaces/ops/secrets/switchyard-webhook-tls";
+        let secret_path = "/api/v1/namespaces/ops/secrets/sideyard-webhook-tls";
         expect(&mut server, Method::GET, secret_path, &[], 200, move |_| answer).await;
         server
     });
@@ -943,9 +942,9 @@ async fn a_follower_only_reads_the_webhook_certificate_and_a_current_one_is_left
     let client = Client::new(service, "ops");
     let ca_bundle = serde_json::to_value(ByteString(cert.ca_cert.as_bytes().to_vec())).unwrap();
     let api = tokio::spawn(async move {
-        let secret_path = "/api/v1/namespaces/ops/secrets/switchyard-webhook-tls";
+        let secret_path = "/api/v1/namespaces/ops/secrets/sideyard-webhook-tls";
         expect(&mut server, Method::GET, secret_path, &[], 200, move |_| secret).await;
-        let config_path = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/switchyard";
+        let config_path = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/sideyard";
         let current = webhook_configuration(ca_bundle.as_str());
         expect(&mut server, Method::GET, config_path, &[], 200, move |_| current).await;
         server
@@ -1058,7 +1057,7 @@ async fn the_controller_reconciles_each_namespace_it_is_asked_to() {
     stop.send(()).unwrap();
     let results = finished(running).await;
     assert_eq!(results.len(), 2, "c had no change and was left alone: {results:?}");
-    assert!(metrics.render().contains("switchyard_operator_queue_depth 2"), "both requests were counted as queued");
+    assert!(metrics.render().contains("sideyard_operator_queue_depth 2"), "both requests were counted as queued");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1076,7 +1075,7 @@ async fn the_operator_process_leads_publishes_reports_and_releases_its_lease() {
     let webhook: std::net::SocketAddr = running["webhook"].as_str().unwrap().parse().unwrap();
 
     let config_path = format!("/api/v1/namespaces/{NS}/secrets/{CONFIG_SECRET}");
-    let status_path = format!("/apis/switchyard.dev/v1alpha1/namespaces/{NS}/providerroutes/chat/status");
+    let status_path = format!("/apis/sideyard.dev/v1alpha1/namespaces/{NS}/providerroutes/chat/status");
     common::eventually("the config and the status are written", || async {
         !writes_to(&api, "PATCH", &status_path).is_empty()
     })
@@ -1096,9 +1095,9 @@ async fn the_operator_process_leads_publishes_reports_and_releases_its_lease() {
     assert_eq!(writes_to(&api, "POST", &events_path)[0]["reason"], "Compiled");
 
     let metrics = common::get(admin, "/metrics").await.body;
-    assert_eq!(common::metric(&metrics, "switchyard_operator_leader"), 1);
-    assert_eq!(common::metric(&metrics, "switchyard_operator_config_writes_total"), 1);
-    assert!(metrics.contains(&format!("switchyard_operator_config_bytes{{namespace=\"{NS}\"}}")), "{metrics}");
+    assert_eq!(common::metric(&metrics, "sideyard_operator_leader"), 1);
+    assert_eq!(common::metric(&metrics, "sideyard_operator_config_writes_total"), 1);
+    assert!(metrics.contains(&format!("sideyard_operator_config_bytes{{namespace=\"{NS}\"}}")), "{metrics}");
     common::eventually("ready, with the webhook certificate issued", || async {
         common::get(admin, "/readyz").await.status == 200
     })
@@ -1106,7 +1105,7 @@ async fn the_operator_process_leads_publishes_reports_and_releases_its_lease() {
     assert_eq!(common::get(admin, "/healthz").await.status, 200);
 
     // The webhook serves HTTPS with the certificate the leader issued into its Secret.
-    let tls_secret = writes_to(&api, "PATCH", "/api/v1/namespaces/ops/secrets/switchyard-webhook-tls");
+    let tls_secret = writes_to(&api, "PATCH", "/api/v1/namespaces/ops/secrets/sideyard-webhook-tls");
     let ca = String::from_utf8(common::base64_decode(tls_secret[0]["data"]["ca.crt"].as_str().unwrap())).unwrap();
     let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bot", "namespace": NS},
                      "spec": {"containers": [{"name": "app", "image": "example/bot:1"}]}});
@@ -1117,7 +1116,7 @@ async fn the_operator_process_leads_publishes_reports_and_releases_its_lease() {
     let (status, answer, _) = common::https_post(
         webhook,
         &ca,
-        "switchyard-webhook.ops.svc",
+        "sideyard-webhook.ops.svc",
         "/mutate-pods",
         serde_json::to_vec(&review).unwrap(),
     )
@@ -1131,12 +1130,12 @@ async fn the_operator_process_leads_publishes_reports_and_releases_its_lease() {
     );
     assert_eq!(answer["response"]["patchType"], "JSONPatch");
     let metrics = common::get(admin, "/metrics").await.body;
-    assert_eq!(common::metric(&metrics, "switchyard_webhook_pods_total{result=\"injected\"}"), 1);
+    assert_eq!(common::metric(&metrics, "sideyard_webhook_pods_total{result=\"injected\"}"), 1);
     assert!(!process.log().contains("sk-upstream"), "credentials never reach the log");
 
     process.terminate();
     assert!(process.wait_exit().success(), "{}", process.log());
-    let released = writes_to(&api, "PUT", "/apis/coordination.k8s.io/v1/namespaces/ops/leases/switchyard-operator");
+    let released = writes_to(&api, "PUT", "/apis/coordination.k8s.io/v1/namespaces/ops/leases/sideyard-operator");
     assert!(released.last().is_some_and(|l| l["spec"].get("holderIdentity").is_none()), "{released:?}");
 }
 
@@ -1145,13 +1144,13 @@ fn one_route_cluster() -> Arc<FakeApi> {
     let chat = serde_json::to_value(&*keyed_route("chat", "chat", 0)).unwrap();
     let secret = serde_json::to_value(&*keys()).unwrap();
     let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}});
-    let routes = "/apis/switchyard.dev/v1alpha1/providerroutes";
-    let budgets = "/apis/switchyard.dev/v1alpha1/apikeybudgets";
+    let routes = "/apis/sideyard.dev/v1alpha1/providerroutes";
+    let budgets = "/apis/sideyard.dev/v1alpha1/apikeybudgets";
     Arc::new(FakeApi {
         crds_installed: true,
         lists: BTreeMap::from([
-            (routes.into(), list("ProviderRoute", "switchyard.dev/v1alpha1", vec![chat])),
-            (budgets.into(), list("ApiKeyBudget", "switchyard.dev/v1alpha1", vec![])),
+            (routes.into(), list("ProviderRoute", "sideyard.dev/v1alpha1", vec![chat])),
+            (budgets.into(), list("ApiKeyBudget", "sideyard.dev/v1alpha1", vec![])),
             ("/api/v1/namespaces".into(), list("Namespace", "v1", vec![ns])),
             ("/api/v1/secrets".into(), list("Secret", "v1", vec![secret])),
         ]),
@@ -1178,7 +1177,7 @@ async fn the_operator_process_exits_when_another_replica_takes_its_lease() {
 async fn the_operator_refuses_to_start_without_its_crds() {
     let kubeconfig = serve_fake_api(Arc::new(FakeApi::default())).await;
     let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        std::process::Command::new(env!("CARGO_BIN_EXE_sideyard"))
             .args(["operator", "--admin-listen", "127.0.0.1:0", "--webhook-listen", "127.0.0.1:0"])
             .env("KUBECONFIG", &kubeconfig)
             .output()
@@ -1189,10 +1188,10 @@ async fn the_operator_refuses_to_start_without_its_crds() {
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("the ProviderRoute CustomResourceDefinition (providerroutes.switchyard.dev) is not installed"),
+        stderr.contains("the ProviderRoute CustomResourceDefinition (providerroutes.sideyard.dev) is not installed"),
         "{stderr}"
     );
-    assert!(stderr.contains("switchyard crd | kubectl apply --server-side -f -"), "{stderr}");
+    assert!(stderr.contains("sideyard crd | kubectl apply --server-side -f -"), "{stderr}");
 }
 
 /// One route and one budget (limit 10.00, its key in Secret `keys`) in team-a.
@@ -1201,8 +1200,8 @@ fn budget_cluster() -> Arc<FakeApi> {
     let bot = budget("bot", 0, json!({"key": {"secretRef": {"name": "keys", "key": "app"}}, "limit": "10"}));
     let mut lists = api.lists;
     lists.insert(
-        "/apis/switchyard.dev/v1alpha1/apikeybudgets".into(),
-        list("ApiKeyBudget", "switchyard.dev/v1alpha1", vec![serde_json::to_value(&*bot).unwrap()]),
+        "/apis/sideyard.dev/v1alpha1/apikeybudgets".into(),
+        list("ApiKeyBudget", "sideyard.dev/v1alpha1", vec![serde_json::to_value(&*bot).unwrap()]),
     );
     Arc::new(FakeApi { lists, ..api })
 }
@@ -1217,7 +1216,7 @@ async fn the_operator_process_serves_the_ledger_over_https_and_keeps_it_in_the_s
     let running: Value = serde_json::from_str(&line).expect("a JSON log line");
     let admin: std::net::SocketAddr = running["admin"].as_str().unwrap().parse().unwrap();
     let ledger: std::net::SocketAddr = running["ledger"].as_str().unwrap().parse().unwrap();
-    let status_path = format!("/apis/switchyard.dev/v1alpha1/namespaces/{NS}/apikeybudgets/bot/status");
+    let status_path = format!("/apis/sideyard.dev/v1alpha1/namespaces/{NS}/apikeybudgets/bot/status");
     let status =
         || api.statuses.lock().unwrap().get(status_path.trim_end_matches("/status")).cloned().unwrap_or_default();
     common::eventually("the ledger has loaded the budget and written its figures", || async {
@@ -1226,10 +1225,10 @@ async fn the_operator_process_serves_the_ledger_over_https_and_keeps_it_in_the_s
     .await;
     assert_eq!((status()["spent"].as_str(), status()["state"].as_str()), (Some("0"), Some("Active")));
     let lease = writes_to(&api, "POST", "/apis/coordination.k8s.io/v1/namespaces/ops/leases");
-    assert_eq!(lease[0]["metadata"]["annotations"]["switchyard.dev/ledger-url"], "https://10.1.2.3:8444");
+    assert_eq!(lease[0]["metadata"]["annotations"]["sideyard.dev/ledger-url"], "https://10.1.2.3:8444");
     common::eventually("the certificate is issued", || async { common::get(admin, "/readyz").await.status == 200 })
         .await;
-    let tls_secret = writes_to(&api, "PATCH", "/api/v1/namespaces/ops/secrets/switchyard-webhook-tls");
+    let tls_secret = writes_to(&api, "PATCH", "/api/v1/namespaces/ops/secrets/sideyard-webhook-tls");
     let ca = String::from_utf8(common::base64_decode(tls_secret[0]["data"]["ca.crt"].as_str().unwrap())).unwrap();
 
     let call = |path: &'static str, token: Option<&'static str>, body: Value| {
@@ -1237,7 +1236,7 @@ async fn the_operator_process_serves_the_ledger_over_https_and_keeps_it_in_the_s
         async move {
             let body = serde_json::to_vec(&body).unwrap();
             let (status, answer, _) =
-                common::https_call(ledger, &ca, "switchyard-webhook.ops.svc", path, body, token, true).await.unwrap();
+                common::https_call(ledger, &ca, "sideyard-webhook.ops.svc", path, body, token, true).await.unwrap();
             (status.as_u16(), serde_json::from_slice::<Value>(&answer).unwrap_or(Value::Null))
         }
     };
@@ -1263,7 +1262,7 @@ async fn the_operator_process_serves_the_ledger_over_https_and_keeps_it_in_the_s
 
     let (code, refused) = call("/ledger/v1/lease", Some("wrong-audience"), json!({"budget": "bot", "want": {}})).await;
     assert_eq!((code, refused["error"]["code"].as_str()), (401, Some("unauthorized")));
-    assert!(refused["error"]["message"].as_str().unwrap().contains("switchyard"), "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("sideyard"), "{refused}");
     let (code, _) = call("/ledger/v1/lease", None, json!({"budget": "bot", "want": {}})).await;
     assert_eq!(code, 401);
     let (code, _) = call("/ledger/v1/lease", Some("team-b:pod-x"), json!({"budget": "bot", "want": {}})).await;
@@ -1274,8 +1273,8 @@ async fn the_operator_process_serves_the_ledger_over_https_and_keeps_it_in_the_s
     assert!(refused["error"]["message"].as_str().unwrap().contains("team-b"), "{refused}");
 
     let metrics = common::get(admin, "/metrics").await.body;
-    assert_eq!(common::metric(&metrics, "switchyard_ledger_calls_total{call=\"lease\",result=\"ok\"}"), 1);
-    assert_eq!(common::metric(&metrics, "switchyard_ledger_token_reviews_total{result=\"refused\"}"), 2);
+    assert_eq!(common::metric(&metrics, "sideyard_ledger_calls_total{call=\"lease\",result=\"ok\"}"), 1);
+    assert_eq!(common::metric(&metrics, "sideyard_ledger_token_reviews_total{result=\"refused\"}"), 2);
     process.terminate();
     assert!(process.wait_exit().success(), "{}", process.log());
 }

@@ -111,7 +111,7 @@ async fn calls_go_to_the_target_their_model_names_with_its_credential_and_model(
     let body = br#"{"model": "dall-e", "prompt": "a lighthouse", "size": "1024x1024"}"#.to_vec();
     let reply = call(sidecar.api, "POST", "/v1/images/generations?trace=1", "application/json", body).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
-    assert_eq!(reply.header("x-switchyard-target"), "provider");
+    assert_eq!(reply.header("x-sideyard-target"), "provider");
     assert_eq!(reply.json()["path"], "/v1/images/generations");
     assert_eq!(reply.json()["query"], "trace=1");
     let recorded = up.recorded("provider-api").pop().unwrap();
@@ -154,7 +154,7 @@ async fn calls_without_a_model_go_to_the_pass_through_default() {
         let uri = query.map_or(path.to_string(), |q| format!("{path}?{q}"));
         let reply = call(sidecar.api, method, &uri, "", Vec::new()).await;
         assert_eq!(reply.status, 200, "{method} {uri}: {}", reply.body);
-        assert_eq!(reply.header("x-switchyard-target"), "files-provider");
+        assert_eq!(reply.header("x-sideyard-target"), "files-provider");
         let recorded = up.recorded("provider-api").pop().unwrap();
         assert_eq!(
             (recorded.method.as_str(), recorded.path.as_str()),
@@ -174,13 +174,13 @@ async fn calls_without_a_model_go_to_the_pass_through_default() {
     assert_eq!(reply.json()["id"], "file-abc");
     assert_eq!(&up.recorded("provider-api").pop().unwrap().body[..], upload);
 
-    // The Realtime API is WebSocket sessions, which Switchyard does not serve; it says so.
+    // The Realtime API is WebSocket sessions, which Sideyard does not serve; it says so.
     let reply = call(sidecar.api, "GET", "/v1/realtime?model=gpt-realtime", "", Vec::new()).await;
     assert_eq!(reply.status, 501);
     assert_eq!(reply.json()["error"]["code"], "unsupported_endpoint");
     // Five calls passed through; the Realtime one was not.
     let metrics = get(sidecar.admin, "/metrics").await.body;
-    assert_eq!(metric(&metrics, r#"switchyard_api_calls_total{api="passthrough"}"#), 5);
+    assert_eq!(metric(&metrics, r#"sideyard_api_calls_total{api="passthrough"}"#), 5);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -195,16 +195,16 @@ async fn a_json_call_falls_back_and_an_upload_does_not() {
     )
     .await;
     assert_eq!(reply.status, 200, "{}", reply.body);
-    assert_eq!(reply.header("x-switchyard-target"), "provider");
-    assert_eq!(reply.header("x-switchyard-attempts"), "2");
-    assert_eq!(reply.header("x-switchyard-fallback-reason"), "5xx");
+    assert_eq!(reply.header("x-sideyard-target"), "provider");
+    assert_eq!(reply.header("x-sideyard-attempts"), "2");
+    assert_eq!(reply.header("x-sideyard-fallback-reason"), "5xx");
     assert_eq!(up.hits("status-503"), 1);
 
     // An upload's body streams to its first target once: that target's answer is the answer.
     let reply = call(sidecar.api, "POST", "/v1/audio/translations", FORM, form("moderation", b"RIFF")).await;
     assert_eq!(reply.status, 503);
-    assert_eq!(reply.header("x-switchyard-target"), "down");
-    assert_eq!(reply.header("x-switchyard-error-source"), "upstream");
+    assert_eq!(reply.header("x-sideyard-target"), "down");
+    assert_eq!(reply.header("x-sideyard-error-source"), "upstream");
     assert_eq!(reply.json()["error"]["message"], "upstream says 503");
     assert_eq!(up.hits("status-503"), 2);
 

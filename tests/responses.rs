@@ -1,13 +1,13 @@
 //! Translation of OpenAI's Responses API to and from Chat Completions, against golden fixtures
 //! in `tests/testdata/responses/`: requests (`<case>.responses.json` becomes `<case>.chat.json`),
 //! answers (`.chat.json` becomes `.response.json`) and streams (`.chunks` become `.events`).
-//! `SWITCHYARD_REFRESH_GOLDEN=1 cargo test --test responses` rewrites them; review the diff.
+//! `SIDEYARD_REFRESH_GOLDEN=1 cargo test --test responses` rewrites them; review the diff.
 
 #[path = "common/golden.rs"]
 mod golden;
 
 use golden::{assert_refusals, feed, golden, golden_streams};
-use switchyard::providers::responses::{ResponseStream, chat_request, response_answer};
+use sideyard::providers::responses::{ResponseStream, chat_request, response_answer};
 
 const DIR: &str = "tests/testdata/responses";
 

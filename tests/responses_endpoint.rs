@@ -7,7 +7,7 @@ mod common;
 use common::*;
 
 const KEY: &str = "sk-responder-0123456789";
-const WORDS: &str = "Hello from the Switchyard mock provider, all good.";
+const WORDS: &str = "Hello from the Sideyard mock provider, all good.";
 
 fn config(up: &ScriptedUpstream) -> String {
     let mock = "baseUrl: 'mock://local?chunk-interval=1ms', pricing: {prompt: '1000', completion: '1000'}";
@@ -84,7 +84,7 @@ async fn every_kind_of_target_answers_in_the_responses_shape() {
             format!(r#"{{"model": "{model}", "instructions": "Be nice.", "input": "Say hello", "store": false}}"#);
         let reply = call(&sidecar, &body).await;
         assert_eq!(reply.status, 200, "{model}: {}", reply.body);
-        assert_eq!(reply.header("x-switchyard-attempts"), "1");
+        assert_eq!(reply.header("x-sideyard-attempts"), "1");
         let response = reply.json();
         assert_eq!(response["object"], "response", "{model}");
         assert_eq!(response["status"], "completed", "{model}");
@@ -171,7 +171,7 @@ async fn failures_before_the_first_token_fall_back_and_after_it_end_with_respons
     assert_eq!(names.iter().filter(|n| **n == "response.created").count(), 1, "{names:?}");
     let reply = call(&sidecar, r#"{"model": "falls-back", "input": "hi"}"#).await;
     assert_eq!(reply.status, 200);
-    assert_eq!(reply.header("x-switchyard-fallback-reason"), "5xx");
+    assert_eq!(reply.header("x-sideyard-fallback-reason"), "5xx");
 
     // After the first token there is no going back: the stream ends with response.failed.
     let events = stream(&sidecar, r#"{"model": "breaks", "input": "hi", "stream": true}"#).await;

@@ -38,13 +38,13 @@ async fn an_ejected_target_gets_no_requests_during_its_ejection() {
     for i in 0..10 {
         let reply = post(sidecar.api, "/v1/chat/completions", &ask("chat")).await;
         assert_eq!(reply.status, 200, "request {i}: {}", reply.body);
-        assert_eq!(reply.header("x-switchyard-target"), "backup");
+        assert_eq!(reply.header("x-sideyard-target"), "backup");
         if i < 3 {
-            assert_eq!(reply.header("x-switchyard-attempts"), "2");
-            assert_eq!(reply.header("x-switchyard-fallback-reason"), "5xx");
+            assert_eq!(reply.header("x-sideyard-attempts"), "2");
+            assert_eq!(reply.header("x-sideyard-fallback-reason"), "5xx");
         } else {
-            assert_eq!(reply.header("x-switchyard-attempts"), "1", "the ejected primary is skipped, not tried");
-            assert_eq!(reply.header("x-switchyard-fallback-reason"), "");
+            assert_eq!(reply.header("x-sideyard-attempts"), "1", "the ejected primary is skipped, not tried");
+            assert_eq!(reply.header("x-sideyard-fallback-reason"), "");
         }
     }
     assert_eq!(up.hits("switch"), 3, "exactly the failures that ejected it");
@@ -52,11 +52,11 @@ async fn an_ejected_target_gets_no_requests_during_its_ejection() {
 
     let metrics = metrics_of(&sidecar).await;
     let labels = r#"route="default/chat",target="primary""#;
-    assert_eq!(metric(&metrics, &format!("switchyard_ejections_total{{{labels}}}")), 1);
-    assert_eq!(metric(&metrics, &format!("switchyard_target_health{{{labels},state=\"ejected\"}}")), 1);
-    assert_eq!(metric(&metrics, &format!("switchyard_upstream_outcomes_total{{{labels},outcome=\"5xx\"}}")), 3);
+    assert_eq!(metric(&metrics, &format!("sideyard_ejections_total{{{labels}}}")), 1);
+    assert_eq!(metric(&metrics, &format!("sideyard_target_health{{{labels},state=\"ejected\"}}")), 1);
+    assert_eq!(metric(&metrics, &format!("sideyard_upstream_outcomes_total{{{labels},outcome=\"5xx\"}}")), 3);
     let models = get(sidecar.api, "/v1/models").await.json();
-    let targets = &models["data"][0]["switchyard"]["targets"];
+    let targets = &models["data"][0]["sideyard"]["targets"];
     assert_eq!(targets[0]["health"], "ejected", "{models}");
     assert_eq!(targets[1]["health"], "healthy");
 }
@@ -77,7 +77,7 @@ async fn one_probe_at_a_time_then_recovery() {
     }
     assert_eq!(up.hits("gated-503"), 2);
     eventually("the ejection ends", || async {
-        get(sidecar.api, "/v1/models").await.json()["data"][0]["switchyard"]["targets"][0]["health"] == "half-open"
+        get(sidecar.api, "/v1/models").await.json()["data"][0]["sideyard"]["targets"][0]["health"] == "half-open"
     })
     .await;
 
@@ -95,7 +95,7 @@ async fn one_probe_at_a_time_then_recovery() {
         match done {
             Some(i) => {
                 let reply = requests.swap_remove(i).await.unwrap();
-                assert_eq!((reply.status.as_u16(), reply.header("x-switchyard-target")), (200, "backup"));
+                assert_eq!((reply.status.as_u16(), reply.header("x-sideyard-target")), (200, "backup"));
                 served += 1;
             }
             None => eventually("a request is served", || async { requests.iter().any(|r| r.is_finished()) }).await,
@@ -104,13 +104,9 @@ async fn one_probe_at_a_time_then_recovery() {
     assert_eq!(up.hits("gated-503"), 3, "exactly one probe");
     up.gate.add_permits(1);
     let probe = requests.pop().unwrap().await.unwrap();
-    assert_eq!((probe.status.as_u16(), probe.header("x-switchyard-target")), (200, "backup"), "the probe fell back");
+    assert_eq!((probe.status.as_u16(), probe.header("x-sideyard-target")), (200, "backup"), "the probe fell back");
     let metrics = metrics_of(&sidecar).await;
-    assert_eq!(
-        metric(&metrics, r#"switchyard_ejections_total{route="default/chat",target="primary"}"#),
-        2,
-        "re-ejected"
-    );
+    assert_eq!(metric(&metrics, r#"sideyard_ejections_total{route="default/chat",target="primary"}"#), 2, "re-ejected");
 
     // A target that comes back: the ejection ends, a probe succeeds, traffic returns.
     let up2 = ScriptedUpstream::start().await;
@@ -122,16 +118,16 @@ async fn one_probe_at_a_time_then_recovery() {
         &up2.url("ok/backup"),
     );
     let sidecar = Sidecar::start(&config);
-    assert_eq!(post(sidecar.api, "/v1/chat/completions", &ask("chat")).await.header("x-switchyard-target"), "backup");
+    assert_eq!(post(sidecar.api, "/v1/chat/completions", &ask("chat")).await.header("x-sideyard-target"), "backup");
     up2.down.store(false, Ordering::Relaxed);
     eventually("the primary serves again", || async {
-        post(sidecar.api, "/v1/chat/completions", &ask("chat")).await.header("x-switchyard-target") == "primary"
+        post(sidecar.api, "/v1/chat/completions", &ask("chat")).await.header("x-sideyard-target") == "primary"
     })
     .await;
     let reply = post(sidecar.api, "/v1/chat/completions", &ask("chat")).await;
-    assert_eq!((reply.header("x-switchyard-target"), reply.header("x-switchyard-attempts")), ("primary", "1"));
+    assert_eq!((reply.header("x-sideyard-target"), reply.header("x-sideyard-attempts")), ("primary", "1"));
     let models = get(sidecar.api, "/v1/models").await.json();
-    assert_eq!(models["data"][0]["switchyard"]["targets"][0]["health"], "healthy");
+    assert_eq!(models["data"][0]["sideyard"]["targets"][0]["health"], "healthy");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -147,7 +143,7 @@ async fn a_retry_hint_too_large_for_a_duration_still_gets_the_caller_an_answer()
         let reply =
             post(sidecar.api, "/v1/chat/completions", &format!(r#"{{"model":"huge","stream":{stream}}}"#)).await;
         assert_eq!(reply.status, 200, "stream {stream}: {}", reply.body);
-        assert_eq!(reply.header("x-switchyard-target"), "backup");
+        assert_eq!(reply.header("x-sideyard-target"), "backup");
         let reply =
             post(sidecar.api, "/v1/chat/completions", &format!(r#"{{"model":"alone","stream":{stream}}}"#)).await;
         // Nothing left to fall back to: the proxy's error, naming the 429 (never a reset).
@@ -155,9 +151,9 @@ async fn a_retry_hint_too_large_for_a_duration_still_gets_the_caller_an_answer()
         assert_eq!(reply.json()["error"]["metadata"]["previous_errors"][0]["status"], 429, "{}", reply.body);
     }
     let metrics = metrics_of(&sidecar).await;
-    assert_eq!(metric(&metrics, r#"switchyard_cooldowns_total{route="default/huge",target="primary"}"#), 1);
+    assert_eq!(metric(&metrics, r#"sideyard_cooldowns_total{route="default/huge",target="primary"}"#), 1);
     let models = get(sidecar.api, "/v1/models").await.json();
-    assert_eq!(models["data"][0]["switchyard"]["targets"][0]["health"], "cooling", "{models}");
+    assert_eq!(models["data"][0]["sideyard"]["targets"][0]["health"], "cooling", "{models}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -171,14 +167,14 @@ async fn retry_hints_cool_a_target_down_without_ejecting_it() {
     let sidecar = Sidecar::start(&config);
     for _ in 0..5 {
         let reply = post(sidecar.api, "/v1/chat/completions", &ask("long")).await;
-        assert_eq!((reply.status.as_u16(), reply.header("x-switchyard-target")), (200, "backup"));
+        assert_eq!((reply.status.as_u16(), reply.header("x-sideyard-target")), (200, "backup"));
     }
     assert_eq!(up.hits("ratelimit-after-30"), 1, "Retry-After: 30 keeps it out");
     let metrics = metrics_of(&sidecar).await;
     let labels = r#"route="default/long",target="primary""#;
-    assert_eq!(metric(&metrics, &format!("switchyard_cooldowns_total{{{labels}}}")), 1);
-    assert_eq!(metric(&metrics, &format!("switchyard_ejections_total{{{labels}}}")), 0, "not a health failure");
-    assert_eq!(metric(&metrics, &format!("switchyard_target_health{{{labels},state=\"cooling\"}}")), 1);
+    assert_eq!(metric(&metrics, &format!("sideyard_cooldowns_total{{{labels}}}")), 1);
+    assert_eq!(metric(&metrics, &format!("sideyard_ejections_total{{{labels}}}")), 0, "not a health failure");
+    assert_eq!(metric(&metrics, &format!("sideyard_target_health{{{labels},state=\"cooling\"}}")), 1);
 
     assert_eq!(post(sidecar.api, "/v1/chat/completions", &ask("short")).await.status, 200);
     eventually("the short cool-down ends and the target is asked again", || async {
@@ -187,7 +183,7 @@ async fn retry_hints_cool_a_target_down_without_ejecting_it() {
     })
     .await;
     let metrics = metrics_of(&sidecar).await;
-    assert_eq!(metric(&metrics, r#"switchyard_ejections_total{route="default/short",target="primary"}"#), 0);
+    assert_eq!(metric(&metrics, r#"sideyard_ejections_total{route="default/short",target="primary"}"#), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -208,9 +204,9 @@ async fn panic_mode_tries_the_target_that_recovers_soonest() {
 
     let reply = post(sidecar.api, "/v1/chat/completions", &ask("chat")).await;
     assert_eq!(reply.status, 502);
-    assert_eq!(reply.header("x-switchyard-target"), "first", "its ejection ends soonest");
+    assert_eq!(reply.header("x-sideyard-target"), "first", "its ejection ends soonest");
     assert_eq!((up.hits("status-500/first"), up.hits("status-500/second")), (2, 1));
-    assert_eq!(metric(&metrics_of(&sidecar).await, r#"switchyard_panic_routing_total{route="default/chat"}"#), 1);
+    assert_eq!(metric(&metrics_of(&sidecar).await, r#"sideyard_panic_routing_total{route="default/chat"}"#), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -234,7 +230,7 @@ async fn provider_preferences_choose_and_exclude_targets() {
         async move {
             let body = format!(r#"{{"model":"chat","provider":{provider}}}"#);
             let reply = post(api, "/v1/chat/completions", &body).await;
-            (reply.status.as_u16(), reply.header("x-switchyard-target").to_string(), reply.json())
+            (reply.status.as_u16(), reply.header("x-sideyard-target").to_string(), reply.json())
         }
     };
 
@@ -278,7 +274,7 @@ async fn models_fall_back_to_the_next_route_and_say_which_answered() {
     let reply = post(sidecar.api, "/v1/chat/completions", r#"{"model":"primary","models":["secondary"]}"#).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(reply.json()["model"], "secondary", "the model that answered, not the upstream's name");
-    assert_eq!(reply.header("x-switchyard-attempts"), "2");
+    assert_eq!(reply.header("x-sideyard-attempts"), "2");
 
     let response =
         send(sidecar.api, "POST", "/v1/chat/completions", r#"{"model":"primary","models":["streamy"],"stream":true}"#)
@@ -327,7 +323,7 @@ async fn prompts_go_to_targets_whose_context_window_fits() {
         &format!(r#"{{"model":"fit","messages":[{{"role":"user","content":"{long}"}}]}}"#),
     )
     .await;
-    assert_eq!((reply.status.as_u16(), reply.header("x-switchyard-target")), (200, "large"));
+    assert_eq!((reply.status.as_u16(), reply.header("x-sideyard-target")), (200, "large"));
     assert_eq!(up.hits("ok/small"), 0, "skipped without an attempt");
     let reply = post(sidecar.api, "/v1/chat/completions", r#"{"model":"fit","max_tokens":100000}"#).await;
     assert_eq!(reply.status, 404, "nothing fits a 100k-token answer: {}", reply.body);
@@ -335,7 +331,7 @@ async fn prompts_go_to_targets_whose_context_window_fits() {
 
     let reply = post(sidecar.api, "/v1/chat/completions", &ask("upstream-says")).await;
     assert_eq!(reply.status, 200);
-    assert_eq!(reply.header("x-switchyard-fallback-reason"), "4xx-context-length");
+    assert_eq!(reply.header("x-sideyard-fallback-reason"), "4xx-context-length");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -345,8 +341,8 @@ async fn hold_back_turns_a_failure_before_the_first_token_into_an_invisible_fall
     let sidecar = Sidecar::start(&config);
     let response = send(sidecar.api, "POST", "/v1/chat/completions", r#"{"model":"chat","stream":true}"#).await;
     assert_eq!(response.status(), 200);
-    assert_eq!(response.headers()["x-switchyard-target"], "backup");
-    assert_eq!(response.headers()["x-switchyard-fallback-reason"], "connect");
+    assert_eq!(response.headers()["x-sideyard-target"], "backup");
+    assert_eq!(response.headers()["x-sideyard-fallback-reason"], "connect");
     let text = rest(&mut response.into_body()).await;
     assert!(!text.contains("error"), "the caller never sees the first target's failure: {text}");
     assert_eq!(sse_data(&text).len(), 4, "the backup's whole stream: {text}");
@@ -355,7 +351,7 @@ async fn hold_back_turns_a_failure_before_the_first_token_into_an_invisible_fall
     let config = two_targets("chat", "holdBack: 0s", &up.url("sse-break-early"), &up.url("sse-ok/backup2"));
     let sidecar = Sidecar::start(&config);
     let response = send(sidecar.api, "POST", "/v1/chat/completions", r#"{"model":"chat","stream":true}"#).await;
-    assert_eq!(response.headers()["x-switchyard-target"], "primary");
+    assert_eq!(response.headers()["x-sideyard-target"], "primary");
     let text = rest(&mut response.into_body()).await;
     assert!(text.contains("\"finish_reason\":\"error\""), "{text}");
     assert_eq!(up.hits("sse-ok/backup2"), 0);
@@ -389,8 +385,8 @@ async fn a_hedge_wins_against_a_slow_primary_and_the_loser_is_cancelled() {
 
     let response = send(sidecar.api, "POST", "/v1/chat/completions", r#"{"model":"streamy","stream":true}"#).await;
     assert_eq!(response.status(), 200);
-    assert_eq!(response.headers()["x-switchyard-target"], "backup");
-    assert_eq!(response.headers()["x-switchyard-attempts"], "2");
+    assert_eq!(response.headers()["x-sideyard-target"], "backup");
+    assert_eq!(response.headers()["x-sideyard-attempts"], "2");
     let text = rest(&mut response.into_body()).await;
     assert!(!text.contains("thinking") && text.contains("\"three\""), "only the winner's stream: {text}");
     eventually("the slow primary's connection is closed", || async {
@@ -399,21 +395,18 @@ async fn a_hedge_wins_against_a_slow_primary_and_the_loser_is_cancelled() {
     .await;
 
     let reply = post(sidecar.api, "/v1/chat/completions", &ask("whole")).await;
-    assert_eq!((reply.status.as_u16(), reply.header("x-switchyard-target")), (200, "backup"));
+    assert_eq!((reply.status.as_u16(), reply.header("x-sideyard-target")), (200, "backup"));
 
     let metrics = metrics_of(&sidecar).await;
     for route in ["streamy", "whole"] {
         assert_eq!(
-            metric(&metrics, &format!("switchyard_hedges_total{{route=\"default/{route}\",result=\"started\"}}")),
+            metric(&metrics, &format!("sideyard_hedges_total{{route=\"default/{route}\",result=\"started\"}}")),
             1
         );
-        assert_eq!(
-            metric(&metrics, &format!("switchyard_hedges_total{{route=\"default/{route}\",result=\"won\"}}")),
-            1
-        );
+        assert_eq!(metric(&metrics, &format!("sideyard_hedges_total{{route=\"default/{route}\",result=\"won\"}}")), 1);
     }
     // A cancelled hedge loser is no health failure.
-    assert_eq!(metric(&metrics, r#"switchyard_ejections_total{route="default/streamy",target="primary"}"#), 0);
+    assert_eq!(metric(&metrics, r#"sideyard_ejections_total{route="default/streamy",target="primary"}"#), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -431,19 +424,21 @@ async fn the_latency_strategy_learns_which_target_is_faster() {
     // Unknown targets are explored now and then; once both are measured (and the cached
     // quantiles refreshed, once a second), the fast one goes first.
     eventually("the fast target is measured and preferred", || async {
-        let targets = get(sidecar.api, "/v1/models").await.json()["data"][0]["switchyard"]["targets"].clone();
+        let targets = get(sidecar.api, "/v1/models").await.json()["data"][0]["sideyard"]["targets"].clone();
         let measured = targets.as_array().unwrap().iter().all(|t| !t["time_to_first_token_p50_ms"].is_null());
         let first = post(sidecar.api, "/v1/chat/completions", &ask("chat")).await;
-        measured && first.header("x-switchyard-target") == "fast"
+        measured && first.header("x-sideyard-target") == "fast"
     })
     .await;
     let before = up.hits("latency-150");
     for _ in 0..10 {
-        assert_eq!(post(sidecar.api, "/v1/chat/completions", &ask("chat")).await.header("x-switchyard-target"), "fast");
+        assert_eq!(post(sidecar.api, "/v1/chat/completions", &ask("chat")).await.header("x-sideyard-target"), "fast");
     }
     assert_eq!(up.hits("latency-150"), before, "the slow target is not tried while the fast one answers");
     let metrics = metrics_of(&sidecar).await;
-    assert!(metrics.contains(
-        r#"switchyard_target_time_to_first_token_seconds{route="default/chat",target="fast",quantile="0.5"}"#
-    ));
+    assert!(
+        metrics.contains(
+            r#"sideyard_target_time_to_first_token_seconds{route="default/chat",target="fast",quantile="0.5"}"#
+        )
+    );
 }

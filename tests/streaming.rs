@@ -69,16 +69,13 @@ async fn a_complete_stream_is_passed_through_with_its_done_marker() {
     let sidecar = Sidecar::start(&route("fine", &up.url("sse-ok"), "{}"));
     let response = send(sidecar.api, "POST", "/v1/chat/completions", r#"{"model":"fine","stream":true}"#).await;
     assert_eq!(response.status(), 200);
-    assert_eq!(response.headers()["x-switchyard-target"], "only");
+    assert_eq!(response.headers()["x-sideyard-target"], "only");
     let text = rest(&mut response.into_body()).await;
     let events = sse_data(&text);
     assert_eq!(events.len(), 4, "{text}");
     assert_eq!(events[3], "[DONE]");
     let metrics = get(sidecar.admin, "/metrics").await.body;
-    assert_eq!(metric(&metrics, r#"switchyard_requests_total{route="default/fine",target="only",status="200"}"#), 1);
-    assert_eq!(
-        metric(&metrics, r#"switchyard_upstream_duration_seconds_count{route="default/fine",target="only"}"#),
-        1
-    );
-    assert_eq!(metric(&metrics, r#"switchyard_stream_errors_total{route="default/fine",target="only"}"#), 0);
+    assert_eq!(metric(&metrics, r#"sideyard_requests_total{route="default/fine",target="only",status="200"}"#), 1);
+    assert_eq!(metric(&metrics, r#"sideyard_upstream_duration_seconds_count{route="default/fine",target="only"}"#), 1);
+    assert_eq!(metric(&metrics, r#"sideyard_stream_errors_total{route="default/fine",target="only"}"#), 0);
 }

@@ -116,7 +116,7 @@ async fn a_connection_the_upstream_closed_is_not_used_again() {
         for i in 0..4 {
             let reply = post(sidecar.api, "/v1/chat/completions", r#"{"model":"chat"}"#).await;
             assert_eq!(reply.status, 200, "request {i} ({response:?}): {}", reply.body);
-            assert_eq!(reply.header("x-switchyard-attempts"), "1", "no fallback was needed");
+            assert_eq!(reply.header("x-sideyard-attempts"), "1", "no fallback was needed");
         }
         let heads = heads.lock().unwrap().clone();
         assert_eq!(heads.len(), 4, "each request reached the upstream once");
@@ -136,7 +136,7 @@ async fn a_close_that_crosses_the_next_request_costs_the_caller_nothing() {
     for i in 0..4 {
         let reply = post(sidecar.api, "/v1/chat/completions", r#"{"model":"chat"}"#).await;
         assert_eq!(reply.status, 200, "request {i}: {}", reply.body);
-        assert_eq!(reply.header("x-switchyard-attempts"), "1", "retried on a new connection, not a fallback");
+        assert_eq!(reply.header("x-sideyard-attempts"), "1", "retried on a new connection, not a fallback");
     }
     assert_eq!(heads.lock().unwrap().len(), 4, "each request answered once");
     assert_eq!(unanswered.load(std::sync::atomic::Ordering::SeqCst), 3, "requests 2 to 4 met a closing connection");
@@ -167,9 +167,9 @@ async fn the_fallback_after_a_429_survives_the_upstream_closing_the_connection()
         let body = format!(r#"{{"model":"chat","stream":{stream}}}"#);
         let reply = post(sidecar.api, "/v1/chat/completions", &body).await;
         assert_eq!(reply.status, 200, "stream {stream}: {}", reply.body);
-        assert_eq!(reply.header("x-switchyard-target"), "b");
-        assert_eq!(reply.header("x-switchyard-attempts"), "2");
-        assert_eq!(reply.header("x-switchyard-fallback-reason"), "429");
+        assert_eq!(reply.header("x-sideyard-target"), "b");
+        assert_eq!(reply.header("x-sideyard-attempts"), "2");
+        assert_eq!(reply.header("x-sideyard-fallback-reason"), "429");
     }
     assert_eq!(heads.lock().unwrap().len(), 4);
     assert!(unanswered.load(std::sync::atomic::Ordering::SeqCst) >= 1, "the close crossed a request");
@@ -199,7 +199,7 @@ async fn an_upstream_that_does_not_speak_http_is_a_proxy_error() {
             Sidecar::start(&route_yaml("chat", "", &[&format!("{{name: t, baseUrl: \"http://{addr}/v1\"}}")]));
         let reply = post(sidecar.api, "/v1/chat/completions", r#"{"model":"chat"}"#).await;
         assert_eq!(reply.status, 502, "{response:?}: {}", reply.body);
-        assert_eq!(reply.header("x-switchyard-error-source"), "proxy", "{:?}", reply.headers);
+        assert_eq!(reply.header("x-sideyard-error-source"), "proxy", "{:?}", reply.headers);
         assert!(reply.body.contains(detail), "{response:?}: {}", reply.body);
     }
 }

@@ -12,12 +12,12 @@ use super::units::DECIMAL_PATTERN;
 #[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
-    group = "switchyard.dev",
+    group = "sideyard.dev",
     version = "v1alpha1",
     kind = "ApiKeyBudget",
     namespaced,
     shortname = "akb",
-    category = "switchyard",
+    category = "sideyard",
     status = "ApiKeyBudgetStatus",
     derive = "PartialEq",
     doc = "An API key that applications present to the sidecar, with a credit limit per period and rate limits.",
@@ -179,7 +179,7 @@ pub struct ApiKeyBudgetStatus {
     #[x_kube(merge_strategy = ListMerge::Atomic)]
     pub leases: Vec<LedgerLease>,
     /// Current conditions: `Accepted` (the spec is valid and the key resolves), `Ready`
-    /// (compiled into the namespace's `switchyard-config`), and `Ledger` (in a cluster: which
+    /// (compiled into the namespace's `sideyard-config`), and `Ledger` (in a cluster: which
     /// operator replica's ledger keeps the budget's spend, and since when).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]

@@ -1,4 +1,4 @@
-//! The Kubernetes API of Switchyard: custom resource types, their schemas and validation rules.
+//! The Kubernetes API of Sideyard: custom resource types, their schemas and validation rules.
 
 mod api_key_budget;
 mod provider_route;
@@ -10,24 +10,24 @@ use kube::CustomResourceExt;
 pub use api_key_budget::*;
 pub use provider_route::*;
 
-/// API group of every Switchyard resource.
-pub const GROUP: &str = "switchyard.dev";
+/// API group of every Sideyard resource.
+pub const GROUP: &str = "sideyard.dev";
 /// The served and stored version.
 pub const VERSION: &str = "v1alpha1";
-/// `apiVersion` of every Switchyard resource.
-pub const API_VERSION: &str = "switchyard.dev/v1alpha1";
+/// `apiVersion` of every Sideyard resource.
+pub const API_VERSION: &str = "sideyard.dev/v1alpha1";
 
-/// Every CustomResourceDefinition Switchyard installs, in a stable order.
+/// Every CustomResourceDefinition Sideyard installs, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![ProviderRoute::crd(), ApiKeyBudget::crd()]
 }
 
-/// The CRDs as one multi-document YAML stream, as `switchyard crd` prints and `crds/` holds.
+/// The CRDs as one multi-document YAML stream, as `sideyard crd` prints and `crds/` holds.
 pub fn crds_yaml() -> String {
     yaml_of(crds())
 }
 
-/// The CRDs for the switchyard-crds Helm chart: marked `helm.sh/resource-policy: keep`, so that
+/// The CRDs for the sideyard-crds Helm chart: marked `helm.sh/resource-policy: keep`, so that
 /// uninstalling the chart does not delete every ProviderRoute and ApiKeyBudget with them.
 pub fn crds_helm_yaml() -> String {
     let mut crds = crds();

@@ -14,12 +14,12 @@ use super::units::{DECIMAL_PATTERN, DURATION_PATTERN};
 #[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
-    group = "switchyard.dev",
+    group = "sideyard.dev",
     version = "v1alpha1",
     kind = "ProviderRoute",
     namespaced,
     shortname = "proute",
-    category = "switchyard",
+    category = "sideyard",
     status = "ProviderRouteStatus",
     derive = "PartialEq",
     doc = "Routes one model name to an ordered list of LLM providers, with fallback, timeouts and prices.",
@@ -537,13 +537,13 @@ pub struct ProviderRouteStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// Current conditions: `Accepted` (the spec is valid and its references resolve), `Ready`
-    /// (compiled into the namespace's `switchyard-config`), and `ConfigNearLimit` while that
+    /// (compiled into the namespace's `sideyard-config`), and `ConfigNearLimit` while that
     /// Secret nears the 1 MiB object limit.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
     /// The version of the namespace's compiled configuration that serves this route (see the
-    /// sidecar's `switchyard_config_version`).
+    /// sidecar's `sideyard_config_version`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_version: Option<i64>,
     /// Whether each target's credentials could be read.

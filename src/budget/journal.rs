@@ -285,7 +285,7 @@ struct Replayed {
 /// skipped: it is spend this version cannot read.
 fn replay(bytes: &[u8]) -> Result<Replayed, String> {
     if bytes.len() < MAGIC.len() || bytes[..6] != MAGIC[..6] {
-        return Err("not a Switchyard ledger journal".into());
+        return Err("not a Sideyard ledger journal".into());
     }
     if bytes[..MAGIC.len()] != MAGIC {
         return Err(format!("ledger journal format {} is not supported by this version", bytes[7]));
@@ -340,7 +340,7 @@ mod tests {
     }
 
     fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("switchyard-journal-{name}-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("sideyard-journal-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
@@ -502,12 +502,12 @@ mod tests {
 
     #[test]
     fn files_that_are_not_a_journal_are_refused_not_overwritten() {
-        assert_eq!(replay(b"\x00\x00\x00\x00redb...").unwrap_err(), "not a Switchyard ledger journal");
+        assert_eq!(replay(b"\x00\x00\x00\x00redb...").unwrap_err(), "not a Sideyard ledger journal");
         assert!(replay(b"SWYLDG\x00\x09").unwrap_err().contains("format 9 is not supported"));
         let dir = temp_dir("foreign");
         std::fs::write(dir.join(FILE_NAME), b"something else entirely").unwrap();
         let error = Journal::open(&dir).err().unwrap();
-        assert!(error.contains("not a Switchyard ledger journal"), "{error}");
+        assert!(error.contains("not a Sideyard ledger journal"), "{error}");
         assert_eq!(std::fs::read(dir.join(FILE_NAME)).unwrap(), b"something else entirely");
         let _ = std::fs::remove_dir_all(&dir);
     }

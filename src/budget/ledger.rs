@@ -499,7 +499,7 @@ mod tests {
 
     #[test]
     fn settled_spend_survives_reopening_the_file() {
-        let dir = std::env::temp_dir().join(format!("switchyard-ledger-test-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("sideyard-ledger-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let clock: Arc<dyn Clock> = Arc::new(FakeClock(AtomicU64::new(T)));
         {

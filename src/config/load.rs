@@ -164,7 +164,7 @@ fn from_compiled(compiled: Document<CompiledConfig>, rest: &Documents) -> Result
     Ok((config, Some(version)))
 }
 
-/// Splits a file into YAML documents and sorts the Switchyard objects and Secrets into `docs`.
+/// Splits a file into YAML documents and sorts the Sideyard objects and Secrets into `docs`.
 /// Documents of other kinds are skipped, so a directory can hold a whole application's manifests.
 pub fn parse_file(file: &str, text: &str, docs: &mut Documents, errors: &mut Vec<ConfigError>) {
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -244,7 +244,7 @@ fn parse_object(value: serde_yaml::Value, origin: &Origin, docs: &mut Documents,
             error(
                 "",
                 format!(
-                    "unknown kind {k:?} in {v:?}: this Switchyard knows ProviderRoute and ApiKeyBudget in {API_VERSION}"
+                    "unknown kind {k:?} in {v:?}: this Sideyard knows ProviderRoute and ApiKeyBudget in {API_VERSION}"
                 ),
             );
         }

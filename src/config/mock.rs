@@ -1,5 +1,5 @@
 //! How the built-in fake provider behaves, as plain data: the knobs of a `mock://` base URL and of
-//! `switchyard mock-provider`'s flags, with their defaults and parsers in one place.
+//! `sideyard mock-provider`'s flags, with their defaults and parsers in one place.
 
 use std::time::Duration;
 

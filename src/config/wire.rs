@@ -1,5 +1,5 @@
 //! The serialised form of a [`Config`]: what the operator writes into each namespace's
-//! `switchyard-config` Secret and the sidecar reads back.
+//! `sideyard-config` Secret and the sidecar reads back.
 //!
 //! Values keep the spelling of the ProviderRoute API (durations as `"2s"`, upstreams as `api` and
 //! `baseUrl`) and are parsed back by the same functions compile uses, so a hand-edited or corrupted

@@ -33,8 +33,8 @@ use crate::config::LedgerEndpoint;
 
 /// The field manager of every write: server-side apply tracks the fields the operator owns under
 /// it, so fields it stops setting are removed and nobody else's are touched.
-pub const FIELD_MANAGER: &str = "switchyard-operator";
-/// A namespace with Switchyard objects is reconciled again this often even without changes, to
+pub const FIELD_MANAGER: &str = "sideyard-operator";
+/// A namespace with Sideyard objects is reconciled again this often even without changes, to
 /// repair what a missed event or a hand edit left behind.
 pub const RESYNC: Duration = Duration::from_secs(300);
 /// How long the reconciler trusts its own last write over a cache that has not seen it yet.
@@ -188,7 +188,7 @@ impl OwnWrites {
     }
 }
 
-/// The status subresource of a Switchyard object.
+/// The status subresource of a Sideyard object.
 pub trait HasStatus<S> {
     fn set_status(&mut self, status: S);
 }
@@ -458,7 +458,7 @@ where
         })
 }
 
-/// The spec fingerprint of a Switchyard object.
+/// The spec fingerprint of a Sideyard object.
 pub fn generation<K: Resource>(o: &K) -> Option<String> {
     o.meta().generation.map(|g| g.to_string())
 }

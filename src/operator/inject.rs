@@ -1,7 +1,7 @@
 //! Sidecar injection: a pure `inject(pod) -> pod`, shared by the admission webhook and
-//! `switchyard inject`.
+//! `sideyard inject`.
 //!
-//! The injected pod runs `switchyard sidecar` on its namespace's `switchyard-config` Secret, with
+//! The injected pod runs `sideyard sidecar` on its namespace's `sideyard-config` Secret, with
 //! the pod's labels from the downward API for `workloadSelector`. The status annotation makes
 //! injection idempotent: a pod that carries it is left as it is.
 
@@ -21,33 +21,33 @@ use super::plan::CONFIG_SECRET;
 
 /// Namespace label that turns injection on (`enabled`), and pod label that opts a pod in or out
 /// (`true`, `false`).
-pub const INJECT_LABEL: &str = "switchyard.dev/inject";
+pub const INJECT_LABEL: &str = "sideyard.dev/inject";
 /// Records what was injected; its presence makes injection a no-op.
-pub const STATUS_ANNOTATION: &str = "switchyard.dev/status";
-pub const IMAGE_ANNOTATION: &str = "switchyard.dev/image";
-pub const LOG_LEVEL_ANNOTATION: &str = "switchyard.dev/log-level";
-pub const CPU_REQUEST_ANNOTATION: &str = "switchyard.dev/proxy-cpu-request";
-pub const MEMORY_REQUEST_ANNOTATION: &str = "switchyard.dev/proxy-memory-request";
-pub const MEMORY_LIMIT_ANNOTATION: &str = "switchyard.dev/proxy-memory-limit";
+pub const STATUS_ANNOTATION: &str = "sideyard.dev/status";
+pub const IMAGE_ANNOTATION: &str = "sideyard.dev/image";
+pub const LOG_LEVEL_ANNOTATION: &str = "sideyard.dev/log-level";
+pub const CPU_REQUEST_ANNOTATION: &str = "sideyard.dev/proxy-cpu-request";
+pub const MEMORY_REQUEST_ANNOTATION: &str = "sideyard.dev/proxy-memory-request";
+pub const MEMORY_LIMIT_ANNOTATION: &str = "sideyard.dev/proxy-memory-limit";
 /// `"false"`: inject a regular container instead of a native sidecar (clusters before 1.29).
-pub const NATIVE_SIDECAR_ANNOTATION: &str = "switchyard.dev/native-sidecar";
+pub const NATIVE_SIDECAR_ANNOTATION: &str = "sideyard.dev/native-sidecar";
 const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
 
 /// The injected container's name.
-pub const CONTAINER_NAME: &str = "switchyard";
+pub const CONTAINER_NAME: &str = "sideyard";
 pub const API_PORT: u16 = 7700;
 pub const ADMIN_PORT: i32 = 7701;
-const CONFIG_VOLUME: &str = "switchyard-config";
-const POD_INFO_VOLUME: &str = "switchyard-pod";
-const STATE_VOLUME: &str = "switchyard-state";
-const TOKEN_VOLUME: &str = "switchyard-token";
-const CONFIG_DIR: &str = "/etc/switchyard/config";
-const POD_INFO_DIR: &str = "/etc/switchyard/pod";
-const STATE_DIR: &str = "/var/run/switchyard";
+const CONFIG_VOLUME: &str = "sideyard-config";
+const POD_INFO_VOLUME: &str = "sideyard-pod";
+const STATE_VOLUME: &str = "sideyard-state";
+const TOKEN_VOLUME: &str = "sideyard-token";
+const CONFIG_DIR: &str = "/etc/sideyard/config";
+const POD_INFO_DIR: &str = "/etc/sideyard/pod";
+const STATE_DIR: &str = "/var/run/sideyard";
 /// The projected ServiceAccount token the sidecar presents to the operator's budget ledger.
-const TOKEN_DIR: &str = "/var/run/secrets/switchyard.dev";
+const TOKEN_DIR: &str = "/var/run/secrets/sideyard.dev";
 /// The token's audience: the ledger accepts no other, so the token is useless to the API server.
-pub const TOKEN_AUDIENCE: &str = "switchyard";
+pub const TOKEN_AUDIENCE: &str = "sideyard";
 /// The kubelet rotates the token at 80% of this; the sidecar re-reads it.
 const TOKEN_SECONDS: i64 = 3600;
 
@@ -67,7 +67,7 @@ pub struct InjectParams {
 impl Default for InjectParams {
     fn default() -> Self {
         InjectParams {
-            image: format!("ghcr.io/switchyard/switchyard:{}", env!("CARGO_PKG_VERSION")),
+            image: format!("ghcr.io/sideyard/sideyard:{}", env!("CARGO_PKG_VERSION")),
             native_sidecar: true,
             uid: 65532,
             cpu_request: "50m".into(),
@@ -160,7 +160,7 @@ fn with_overrides(defaults: &InjectParams, annotations: &BTreeMap<String, String
         let ok = !level.is_empty()
             && level.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '=' | ',' | ':' | '-'));
         if !ok {
-            return Err(bad(LOG_LEVEL_ANNOTATION, level, "a log filter such as debug or info,switchyard=debug"));
+            return Err(bad(LOG_LEVEL_ANNOTATION, level, "a log filter such as debug or info,sideyard=debug"));
         }
         params.log_level = level.clone();
     }
@@ -341,37 +341,37 @@ mod tests {
     }
 }
 
-/// The sidecar's settings as flags, shared by `switchyard operator` (for the webhook) and
-/// `switchyard inject`.
+/// The sidecar's settings as flags, shared by `sideyard operator` (for the webhook) and
+/// `sideyard inject`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct InjectArgs {
     /// Image of the injected sidecar.
-    #[arg(long = "proxy-image", env = "SWITCHYARD_PROXY_IMAGE", default_value_t = InjectParams::default().image)]
+    #[arg(long = "proxy-image", env = "SIDEYARD_PROXY_IMAGE", default_value_t = InjectParams::default().image)]
     pub image: String,
 
     /// Inject a native sidecar (an init container with `restartPolicy: Always`, Kubernetes 1.29+);
     /// `false` injects a regular container, for older clusters.
-    #[arg(long, env = "SWITCHYARD_NATIVE_SIDECAR", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "SIDEYARD_NATIVE_SIDECAR", default_value_t = true, action = clap::ArgAction::Set)]
     pub native_sidecar: bool,
 
     /// UID and GID the sidecar runs as.
-    #[arg(long = "proxy-uid", env = "SWITCHYARD_PROXY_UID", default_value_t = 65532)]
+    #[arg(long = "proxy-uid", env = "SIDEYARD_PROXY_UID", default_value_t = 65532)]
     pub uid: i64,
 
     /// CPU request of the sidecar (no CPU limit is set).
-    #[arg(long = "proxy-cpu-request", env = "SWITCHYARD_PROXY_CPU_REQUEST", default_value = "50m")]
+    #[arg(long = "proxy-cpu-request", env = "SIDEYARD_PROXY_CPU_REQUEST", default_value = "50m")]
     pub cpu_request: String,
 
     /// Memory request of the sidecar.
-    #[arg(long = "proxy-memory-request", env = "SWITCHYARD_PROXY_MEMORY_REQUEST", default_value = "64Mi")]
+    #[arg(long = "proxy-memory-request", env = "SIDEYARD_PROXY_MEMORY_REQUEST", default_value = "64Mi")]
     pub memory_request: String,
 
     /// Memory limit of the sidecar.
-    #[arg(long = "proxy-memory-limit", env = "SWITCHYARD_PROXY_MEMORY_LIMIT", default_value = "256Mi")]
+    #[arg(long = "proxy-memory-limit", env = "SIDEYARD_PROXY_MEMORY_LIMIT", default_value = "256Mi")]
     pub memory_limit: String,
 
     /// Log filter of the sidecar.
-    #[arg(long = "proxy-log-level", env = "SWITCHYARD_PROXY_LOG_LEVEL", default_value = "info")]
+    #[arg(long = "proxy-log-level", env = "SIDEYARD_PROXY_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
 }
 
@@ -412,7 +412,7 @@ impl InjectArgs {
     }
 }
 
-/// `switchyard inject`: every document of a YAML stream, with the sidecar injected into each Pod
+/// `sideyard inject`: every document of a YAML stream, with the sidecar injected into each Pod
 /// and pod template (Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, also inside a
 /// List); other kinds pass through unchanged. Changes are applied as a JSON Patch to the document
 /// itself, so fields this version does not know are kept.

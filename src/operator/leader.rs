@@ -29,7 +29,7 @@ pub struct LeaseSettings {
 }
 
 /// The Lease annotation that names the leader's ledger URL.
-pub const LEDGER_URL_ANNOTATION: &str = "switchyard.dev/ledger-url";
+pub const LEDGER_URL_ANNOTATION: &str = "sideyard.dev/ledger-url";
 
 /// Whether this replica may write now. Cheap to clone and to ask.
 #[derive(Clone, Debug)]

@@ -36,7 +36,7 @@ use crate::budget::protocol::{Allowance, BudgetFigures, Debt, LeaseRequest, Refu
 use crate::config::Budget;
 
 /// The field manager of the ledger's status fields (the reconciler owns the conditions).
-pub const FIELD_MANAGER: &str = "switchyard-ledger";
+pub const FIELD_MANAGER: &str = "sideyard-ledger";
 /// How long a checked token is trusted before it is checked again.
 const TOKEN_CACHE: Duration = Duration::from_secs(30);
 /// Budgets are written at most about this often, however busy.
@@ -142,7 +142,7 @@ impl IntoResponse for LedgerError {
 }
 
 /// Names the leader's ledger URL on a follower's answer.
-pub const LEADER_HEADER: &str = "x-switchyard-ledger-leader";
+pub const LEADER_HEADER: &str = "x-sideyard-ledger-leader";
 
 fn refusal(refused: Refused) -> LedgerError {
     let (status, code, message) = match &refused {
@@ -294,7 +294,7 @@ impl FleetService {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| unauthorized("no token: send the pod's projected ServiceAccount token (audience switchyard) as Authorization: Bearer".into()))?;
+            .ok_or_else(|| unauthorized("no token: send the pod's projected ServiceAccount token (audience sideyard) as Authorization: Bearer".into()))?;
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some((caller, until)) = lock(&self.tokens).get(&key)
             && Instant::now() < *until

@@ -93,7 +93,7 @@ impl OperatorMetrics {
         let mut out = String::new();
         header(
             &mut out,
-            "switchyard_operator_reconciles_total",
+            "sideyard_operator_reconciles_total",
             "counter",
             "ProviderRoutes and ApiKeyBudgets reconciled, by kind and result (an error result names the failed step).",
         );
@@ -102,84 +102,71 @@ impl OperatorMetrics {
                 ReconcileOutcome::Success => "success",
                 ReconcileOutcome::Error(step) => step,
             };
-            let _ = writeln!(out, "switchyard_operator_reconciles_total{{kind=\"{kind}\",result=\"{result}\"}} {n}");
+            let _ = writeln!(out, "sideyard_operator_reconciles_total{{kind=\"{kind}\",result=\"{result}\"}} {n}");
         }
         header(
             &mut out,
-            "switchyard_operator_reconcile_duration_seconds",
+            "sideyard_operator_reconcile_duration_seconds",
             "histogram",
             "Time to reconcile one namespace, API writes included.",
         );
-        self.reconcile_duration.render(&mut out, "switchyard_operator_reconcile_duration_seconds", "");
+        self.reconcile_duration.render(&mut out, "sideyard_operator_reconcile_duration_seconds", "");
         header(
             &mut out,
-            "switchyard_operator_config_bytes",
+            "sideyard_operator_config_bytes",
             "gauge",
             "Size of each namespace's compiled configuration (the Secret limit is 1048576).",
         );
         for (ns, bytes) in lock(&self.config_bytes).iter() {
-            let _ = writeln!(out, "switchyard_operator_config_bytes{{namespace=\"{}\"}} {bytes}", escape(ns));
+            let _ = writeln!(out, "sideyard_operator_config_bytes{{namespace=\"{}\"}} {bytes}", escape(ns));
         }
-        header(
-            &mut out,
-            "switchyard_operator_queue_depth",
-            "gauge",
-            "Namespaces with changes waiting for a reconcile.",
-        );
-        let _ = writeln!(out, "switchyard_operator_queue_depth {}", lock(&self.queued).len());
+        header(&mut out, "sideyard_operator_queue_depth", "gauge", "Namespaces with changes waiting for a reconcile.");
+        let _ = writeln!(out, "sideyard_operator_queue_depth {}", lock(&self.queued).len());
         let writes = [
-            ("switchyard_operator_config_writes_total", "Compiled configurations applied.", &self.config_writes),
-            ("switchyard_operator_config_deletes_total", "Configuration Secrets deleted.", &self.config_deletes),
-            ("switchyard_operator_status_writes_total", "Status patches applied.", &self.status_writes),
-            ("switchyard_operator_events_total", "Events posted.", &self.events_posted),
-            ("switchyard_operator_event_failures_total", "Events the API server refused.", &self.events_failed),
+            ("sideyard_operator_config_writes_total", "Compiled configurations applied.", &self.config_writes),
+            ("sideyard_operator_config_deletes_total", "Configuration Secrets deleted.", &self.config_deletes),
+            ("sideyard_operator_status_writes_total", "Status patches applied.", &self.status_writes),
+            ("sideyard_operator_events_total", "Events posted.", &self.events_posted),
+            ("sideyard_operator_event_failures_total", "Events the API server refused.", &self.events_failed),
         ];
         for (name, help, counter) in writes {
             header(&mut out, name, "counter", help);
             let _ = writeln!(out, "{name} {}", counter.get());
         }
-        header(&mut out, "switchyard_operator_leader", "gauge", "1 while this replica holds the leader lease.");
-        let _ = writeln!(out, "switchyard_operator_leader {}", self.leader.get());
+        header(&mut out, "sideyard_operator_leader", "gauge", "1 while this replica holds the leader lease.");
+        let _ = writeln!(out, "sideyard_operator_leader {}", self.leader.get());
         header(
             &mut out,
-            "switchyard_webhook_pods_total",
+            "sideyard_webhook_pods_total",
             "counter",
             "Pods the injection webhook reviewed, by result: injected, skipped or refused.",
         );
         for (result, n) in lock(&self.injections).iter() {
-            let _ = writeln!(out, "switchyard_webhook_pods_total{{result=\"{result}\"}} {n}");
+            let _ = writeln!(out, "sideyard_webhook_pods_total{{result=\"{result}\"}} {n}");
         }
-        header(&mut out, "switchyard_ledger_calls_total", "counter", "Calls to the budget ledger, by call and result.");
+        header(&mut out, "sideyard_ledger_calls_total", "counter", "Calls to the budget ledger, by call and result.");
         for ((call, result), n) in lock(&self.ledger_calls).iter() {
-            let _ = writeln!(out, "switchyard_ledger_calls_total{{call=\"{call}\",result=\"{result}\"}} {n}");
+            let _ = writeln!(out, "sideyard_ledger_calls_total{{call=\"{call}\",result=\"{result}\"}} {n}");
         }
         header(
             &mut out,
-            "switchyard_ledger_token_reviews_total",
+            "sideyard_ledger_token_reviews_total",
             "counter",
             "Sidecar tokens the ledger checked, by result: authenticated, refused, wrong_namespace, error.",
         );
         for (result, n) in lock(&self.token_reviews).iter() {
-            let _ = writeln!(out, "switchyard_ledger_token_reviews_total{{result=\"{result}\"}} {n}");
+            let _ = writeln!(out, "sideyard_ledger_token_reviews_total{{result=\"{result}\"}} {n}");
         }
+        header(&mut out, "sideyard_ledger_granted_credits_total", "counter", "Credits granted to sidecars in leases.");
+        let _ =
+            writeln!(out, "sideyard_ledger_granted_credits_total {}", format_micros(self.ledger_credit_granted.get()));
         header(
             &mut out,
-            "switchyard_ledger_granted_credits_total",
-            "counter",
-            "Credits granted to sidecars in leases.",
-        );
-        let _ = writeln!(
-            out,
-            "switchyard_ledger_granted_credits_total {}",
-            format_micros(self.ledger_credit_granted.get())
-        );
-        header(
-            &mut out,
-            "switchyard_ledger_persist_failures_total",
+            "sideyard_ledger_persist_failures_total",
             "counter",
             "Budget statuses the ledger could not write (the grants waiting on them were refused).",
         );
-        let _ = writeln!(out, "switchyard_ledger_persist_failures_total {}", self.ledger_persist_failures.get());
+        let _ = writeln!(out, "sideyard_ledger_persist_failures_total {}", self.ledger_persist_failures.get());
         out
     }
 }

@@ -1,5 +1,5 @@
-//! `switchyard operator`: compiles each namespace's ProviderRoutes, ApiKeyBudgets and the Secrets
-//! they refer to into the `switchyard-config` Secret its sidecars mount, and reports on every
+//! `sideyard operator`: compiles each namespace's ProviderRoutes, ApiKeyBudgets and the Secrets
+//! they refer to into the `sideyard-config` Secret its sidecars mount, and reports on every
 //! object in its status and in events. See docs/operator.md.
 
 pub mod controller;
@@ -44,95 +44,95 @@ use self::webhook::Webhook;
 use crate::api::units::parse_duration;
 use crate::api::{ApiKeyBudget, ProviderRoute};
 
-/// `switchyard operator`.
+/// `sideyard operator`.
 #[derive(clap::Args, Debug)]
 pub struct OperatorArgs {
     /// Address of /healthz, /readyz and /metrics.
-    #[arg(long, env = "SWITCHYARD_ADMIN_LISTEN", default_value = "0.0.0.0:7801")]
+    #[arg(long, env = "SIDEYARD_ADMIN_LISTEN", default_value = "0.0.0.0:7801")]
     pub admin_listen: SocketAddr,
 
     /// Elect one leader among the replicas through a Lease; only the leader writes. Turn off only
     /// when exactly one replica runs.
-    #[arg(long, env = "SWITCHYARD_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "SIDEYARD_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
     pub leader_elect: bool,
 
     /// Name of the coordination.k8s.io Lease the replicas elect a leader with.
-    #[arg(long, env = "SWITCHYARD_LEASE_NAME", default_value = "switchyard-operator")]
+    #[arg(long, env = "SIDEYARD_LEASE_NAME", default_value = "sideyard-operator")]
     pub lease_name: String,
 
     /// Namespace of the Lease. Default: the operator's own namespace (from its service account,
     /// or the kubeconfig context).
-    #[arg(long, env = "SWITCHYARD_LEASE_NAMESPACE")]
+    #[arg(long, env = "SIDEYARD_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
 
     /// This replica's identity in the Lease; must differ between replicas. Default: the host name
     /// (the pod name in a cluster).
-    #[arg(long, env = "SWITCHYARD_IDENTITY")]
+    #[arg(long, env = "SIDEYARD_IDENTITY")]
     pub identity: Option<String>,
 
     /// How long a Lease stays valid without renewal before another replica may take it.
-    #[arg(long, env = "SWITCHYARD_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, env = "SIDEYARD_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     pub lease_duration: Duration,
 
     /// How long the leader keeps writing without a successful renewal; shorter than the lease
     /// duration, so that no two replicas write at once.
-    #[arg(long, env = "SWITCHYARD_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "SIDEYARD_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
     pub renew_deadline: Duration,
 
     /// How often the Lease is renewed, or tried for by the other replicas.
-    #[arg(long, env = "SWITCHYARD_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, env = "SIDEYARD_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
     pub retry_period: Duration,
 
     /// Serve the sidecar injection webhook (`POST /mutate-pods`, HTTPS).
-    #[arg(long, env = "SWITCHYARD_WEBHOOK", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "SIDEYARD_WEBHOOK", default_value_t = true, action = clap::ArgAction::Set)]
     pub webhook: bool,
 
     /// Address of the injection webhook.
-    #[arg(long, env = "SWITCHYARD_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
+    #[arg(long, env = "SIDEYARD_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
     pub webhook_listen: SocketAddr,
 
     /// The webhook's Service (in the operator's namespace): the certificate is issued for its DNS
     /// names.
-    #[arg(long, env = "SWITCHYARD_WEBHOOK_SERVICE", default_value = "switchyard-webhook")]
+    #[arg(long, env = "SIDEYARD_WEBHOOK_SERVICE", default_value = "sideyard-webhook")]
     pub webhook_service: String,
 
     /// The Secret (in the operator's namespace) where the leader keeps the webhook's CA and
     /// certificate.
-    #[arg(long, env = "SWITCHYARD_WEBHOOK_SECRET", default_value = "switchyard-webhook-tls")]
+    #[arg(long, env = "SIDEYARD_WEBHOOK_SECRET", default_value = "sideyard-webhook-tls")]
     pub webhook_secret: String,
 
     /// The MutatingWebhookConfiguration whose caBundle the leader keeps current.
-    #[arg(long, env = "SWITCHYARD_WEBHOOK_CONFIGURATION", default_value = "switchyard")]
+    #[arg(long, env = "SIDEYARD_WEBHOOK_CONFIGURATION", default_value = "sideyard")]
     pub webhook_configuration: String,
 
     /// Read the webhook's certificate from `tls.crt` and `tls.key` in this directory (for
     /// cert-manager) instead of managing it; they are reloaded when they change.
-    #[arg(long, env = "SWITCHYARD_WEBHOOK_CERT_DIR")]
+    #[arg(long, env = "SIDEYARD_WEBHOOK_CERT_DIR")]
     pub webhook_cert_dir: Option<std::path::PathBuf>,
 
     /// How often the webhook certificate is checked for renewal (and, from files, for changes).
-    #[arg(long, env = "SWITCHYARD_WEBHOOK_CERT_CHECK", default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, env = "SIDEYARD_WEBHOOK_CERT_CHECK", default_value = "1h", value_parser = parse_duration)]
     pub webhook_cert_check: Duration,
 
     /// Serve the fleet's budget ledger to sidecars (HTTPS, HTTP/2), with the webhook's
     /// certificate; only the leader grants.
-    #[arg(long, env = "SWITCHYARD_LEDGER", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "SIDEYARD_LEDGER", default_value_t = true, action = clap::ArgAction::Set)]
     pub ledger: bool,
 
     /// Address of the budget ledger.
-    #[arg(long, env = "SWITCHYARD_LEDGER_LISTEN", default_value = "0.0.0.0:8444")]
+    #[arg(long, env = "SIDEYARD_LEDGER_LISTEN", default_value = "0.0.0.0:8444")]
     pub ledger_listen: SocketAddr,
 
     /// This replica's own ledger URL, which the leader writes on the Lease so that the other
     /// replicas can name it to sidecars that reach them. Default: `https://<POD_IP>:<port>`
     /// when the POD_IP variable is set (the chart sets it).
-    #[arg(long, env = "SWITCHYARD_LEDGER_URL")]
+    #[arg(long, env = "SIDEYARD_LEDGER_URL")]
     pub ledger_url: Option<String>,
 
     /// The URL sidecars reach the ledger at, written with the CA into every namespace's
     /// configuration that has budgets. Default:
     /// `https://<webhook-service>.<operator namespace>.svc:<ledger port>`.
-    #[arg(long, env = "SWITCHYARD_LEDGER_SERVICE_URL")]
+    #[arg(long, env = "SIDEYARD_LEDGER_SERVICE_URL")]
     pub ledger_service_url: Option<String>,
 
     #[command(flatten)]
@@ -363,7 +363,7 @@ async fn check_crds(client: &Client) -> Result<(), OperatorError> {
         match Api::<K>::all(client.clone()).list_metadata(&ListParams::default().limit(1)).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(s)) if s.code == 404 => Err(OperatorError::Failed(format!(
-                "the {} CustomResourceDefinition ({}) is not installed: install the switchyard-crds chart, or run `switchyard crd | kubectl apply --server-side -f -`",
+                "the {} CustomResourceDefinition ({}) is not installed: install the sideyard-crds chart, or run `sideyard crd | kubectl apply --server-side -f -`",
                 K::kind(&()),
                 K::crd_name()
             ))),
@@ -387,7 +387,7 @@ fn hostname() -> String {
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "switchyard-operator".into())
+        .unwrap_or_else(|| "sideyard-operator".into())
 }
 
 struct Admin {

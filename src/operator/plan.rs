@@ -23,14 +23,14 @@ use crate::config::{
 };
 
 /// The Secret each namespace's sidecars mount.
-pub const CONFIG_SECRET: &str = "switchyard-config";
+pub const CONFIG_SECRET: &str = "sideyard-config";
 /// Its one key.
 pub const CONFIG_KEY: &str = "config.json";
-pub const VERSION_ANNOTATION: &str = "switchyard.dev/config-version";
-pub const HASH_ANNOTATION: &str = "switchyard.dev/config-hash";
+pub const VERSION_ANNOTATION: &str = "sideyard.dev/config-version";
+pub const HASH_ANNOTATION: &str = "sideyard.dev/config-hash";
 /// Marks the Secrets the operator owns; it deletes no other.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
-pub const MANAGED_BY: &str = "switchyard-operator";
+pub const MANAGED_BY: &str = "sideyard-operator";
 /// The API server refuses a Secret whose data is larger.
 pub const SECRET_LIMIT: usize = 1 << 20;
 /// Above this, statuses and events warn that the limit is near.
@@ -52,7 +52,7 @@ pub struct Published {
 }
 
 impl Published {
-    /// Reads a `switchyard-config` Secret; one without a readable version counts as version 0.
+    /// Reads a `sideyard-config` Secret; one without a readable version counts as version 0.
     pub fn from_secret(secret: &Secret) -> Published {
         let version = secret.annotations().get(VERSION_ANNOTATION).and_then(|v| v.parse().ok()).unwrap_or(0);
         let content = secret.data.as_ref().and_then(|d| d.get(CONFIG_KEY)).map(|b| b.0.clone()).unwrap_or_default();
@@ -310,7 +310,7 @@ pub fn config_secret(namespace: &str, version: u64, hash: &str, content: Vec<u8>
             namespace: Some(namespace.into()),
             labels: Some(BTreeMap::from([
                 (MANAGED_BY_LABEL.into(), MANAGED_BY.into()),
-                ("app.kubernetes.io/part-of".into(), "switchyard".into()),
+                ("app.kubernetes.io/part-of".into(), "sideyard".into()),
             ])),
             annotations: Some(BTreeMap::from([
                 (VERSION_ANNOTATION.into(), version.to_string()),

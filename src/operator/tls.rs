@@ -30,13 +30,13 @@ use super::controller::FIELD_MANAGER;
 use super::leader::Leadership;
 
 /// The webhook's name inside the MutatingWebhookConfiguration (the chart uses the same).
-pub const WEBHOOK_NAME: &str = "pods.switchyard.dev";
-const NOT_AFTER_ANNOTATION: &str = "switchyard.dev/not-after";
-const DNS_NAMES_ANNOTATION: &str = "switchyard.dev/dns-names";
+pub const WEBHOOK_NAME: &str = "pods.sideyard.dev";
+const NOT_AFTER_ANNOTATION: &str = "sideyard.dev/not-after";
+const DNS_NAMES_ANNOTATION: &str = "sideyard.dev/dns-names";
 /// A serving certificate lasts a year and is renewed in its last 30 days.
 const LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 const RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
-const CA_NAME: &str = "switchyard-webhook-ca";
+const CA_NAME: &str = "sideyard-webhook-ca";
 
 /// Where the operator manages its certificates.
 #[derive(Clone, Debug)]

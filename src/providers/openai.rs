@@ -744,7 +744,7 @@ pub fn json_string(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_default()
 }
 
-/// The error body every Switchyard error uses: `{"error": {"message", "type", "code", "metadata"}}`.
+/// The error body every Sideyard error uses: `{"error": {"message", "type", "code", "metadata"}}`.
 pub fn error_body(message: &str, kind: &str, code: &str, metadata: Option<serde_json::Value>) -> serde_json::Value {
     let mut error = serde_json::json!({"message": message, "type": kind, "code": code});
     if let Some(metadata) = metadata {
@@ -757,7 +757,7 @@ pub fn error_body(message: &str, kind: &str, code: &str, metadata: Option<serde_
 /// `error` object and `finish_reason: "error"`. OpenAI's SDKs raise an `APIError` on it.
 pub fn stream_error_event(model: &str, provider: &str, kind: &str, code: &str, message: &str, created: u64) -> Bytes {
     let chunk = serde_json::json!({
-        "id": "switchyard-error",
+        "id": "sideyard-error",
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,

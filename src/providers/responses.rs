@@ -375,7 +375,7 @@ fn ids(chat_id: &str) -> String {
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
         .collect();
-    if id.is_empty() { "switchyard".into() } else { id }
+    if id.is_empty() { "sideyard".into() } else { id }
 }
 
 /// A response object: `output` is its items' JSON texts, `status` and `incomplete` as

@@ -311,7 +311,7 @@ async fn try_target(
             (429 | 500..=599, _) => HealthEffect::Failure,
             _ => HealthEffect::Answered,
         };
-        // A provider rejecting Switchyard's own credentials is not the caller's error to see.
+        // A provider rejecting Sideyard's own credentials is not the caller's error to see.
         if status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN {
             let mut response = Response::from_parts(parts, Body::from(error_body));
             let headers = response.headers_mut();

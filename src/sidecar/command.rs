@@ -1,4 +1,4 @@
-//! `switchyard sidecar`: its flags, loading the configuration, the listeners, reloads and the
+//! `sideyard sidecar`: its flags, loading the configuration, the listeners, reloads and the
 //! drain at shutdown.
 
 use std::net::SocketAddr;
@@ -19,71 +19,71 @@ use super::upstream::Clients;
 use crate::api::units::parse_duration;
 use crate::config::{ConfigError, ConfigErrors, Loaded, Sources, load, watch::watch as watch_sources};
 
-/// `switchyard sidecar`.
+/// `sideyard sidecar`.
 #[derive(clap::Args, Debug)]
 pub struct SidecarArgs {
     /// ProviderRoute and Secret YAML files, or directories of them (their *.yaml, *.yml and *.json
     /// files). Repeat the flag, or separate paths with commas.
-    #[arg(short = 'f', long = "file", env = "SWITCHYARD_FILES", value_delimiter = ',', required = true)]
+    #[arg(short = 'f', long = "file", env = "SIDEYARD_FILES", value_delimiter = ',', required = true)]
     pub files: Vec<PathBuf>,
 
     /// The pod's labels, as the downward API writes them (`key="value"` lines). Routes and budgets
     /// whose `workloadSelector` does not select these labels are left out. Without it, every
     /// selector matches (standalone).
-    #[arg(long, env = "SWITCHYARD_POD_LABELS_FILE")]
+    #[arg(long, env = "SIDEYARD_POD_LABELS_FILE")]
     pub pod_labels_file: Option<PathBuf>,
 
     /// Address of the OpenAI-compatible API.
-    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:7700")]
+    #[arg(long, env = "SIDEYARD_LISTEN", default_value = "127.0.0.1:7700")]
     pub listen: SocketAddr,
 
     /// Address of /healthz, /readyz and /metrics.
-    #[arg(long, env = "SWITCHYARD_ADMIN_LISTEN", default_value = "127.0.0.1:7701")]
+    #[arg(long, env = "SIDEYARD_ADMIN_LISTEN", default_value = "127.0.0.1:7701")]
     pub admin_listen: SocketAddr,
 
     /// How often the files are checked for changes.
-    #[arg(long, env = "SWITCHYARD_RELOAD_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, env = "SIDEYARD_RELOAD_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub reload_interval: Duration,
 
     /// On SIGTERM or SIGINT, how long in-flight requests and streams may take to finish.
-    #[arg(long, env = "SWITCHYARD_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "SIDEYARD_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
     /// Largest request body accepted, in bytes.
-    #[arg(long, env = "SWITCHYARD_MAX_REQUEST_BYTES", default_value_t = 32 << 20)]
+    #[arg(long, env = "SIDEYARD_MAX_REQUEST_BYTES", default_value_t = 32 << 20)]
     pub max_request_bytes: usize,
 
     /// Largest non-streamed upstream answer accepted, in bytes.
-    #[arg(long, env = "SWITCHYARD_MAX_RESPONSE_BYTES", default_value_t = 64 << 20)]
+    #[arg(long, env = "SIDEYARD_MAX_RESPONSE_BYTES", default_value_t = 64 << 20)]
     pub max_response_bytes: usize,
 
     /// PEM file of extra certificate authorities to trust for upstream TLS, besides the bundled
     /// Mozilla roots (for providers behind a private CA). Read at start.
-    #[arg(long, env = "SWITCHYARD_UPSTREAM_CA_FILE")]
+    #[arg(long, env = "SIDEYARD_UPSTREAM_CA_FILE")]
     pub upstream_ca_file: Option<PathBuf>,
 
     /// Refuse requests without a known API key (401) on every route, not only on routes that an
     /// ApiKeyBudget covers.
-    #[arg(long, env = "SWITCHYARD_REQUIRE_KEY")]
+    #[arg(long, env = "SIDEYARD_REQUIRE_KEY")]
     pub require_key: bool,
 
     /// Directory of the embedded budget ledger (`ledger.journal`), created when the first
     /// ApiKeyBudget is loaded. One sidecar per directory.
-    #[arg(long, env = "SWITCHYARD_STATE_DIR", default_value = ".switchyard")]
+    #[arg(long, env = "SIDEYARD_STATE_DIR", default_value = ".sideyard")]
     pub state_dir: PathBuf,
 
     /// The operator's budget ledger (`https://…`), overriding the one the compiled configuration
     /// names. With it, budgets are leased from that ledger instead of kept in `--state-dir`.
-    #[arg(long, env = "SWITCHYARD_LEDGER_URL")]
+    #[arg(long, env = "SIDEYARD_LEDGER_URL")]
     pub ledger_url: Option<String>,
 
     /// PEM certificates to trust for the ledger, overriding the compiled configuration's bundle.
-    #[arg(long, env = "SWITCHYARD_LEDGER_CA_FILE")]
+    #[arg(long, env = "SIDEYARD_LEDGER_CA_FILE")]
     pub ledger_ca_file: Option<PathBuf>,
 
-    /// The projected ServiceAccount token (audience `switchyard`) the sidecar presents to the
+    /// The projected ServiceAccount token (audience `sideyard`) the sidecar presents to the
     /// ledger; re-read as the kubelet rotates it.
-    #[arg(long, env = "SWITCHYARD_LEDGER_TOKEN_FILE", default_value = "/var/run/secrets/switchyard.dev/token")]
+    #[arg(long, env = "SIDEYARD_LEDGER_TOKEN_FILE", default_value = "/var/run/secrets/sideyard.dev/token")]
     pub ledger_token_file: PathBuf,
 }
 

@@ -1,6 +1,6 @@
 //! `POST /v1/messages/count_tokens`: a prompt's tokens, counted by an Anthropic target of the
 //! model's route, or estimated locally when none can count them (said in
-//! `x-switchyard-token-count: estimated`). Counting costs nothing, so no budget is charged; a
+//! `x-sideyard-token-count: estimated`). Counting costs nothing, so no budget is charged; a
 //! route with budgets still wants a known key.
 
 use std::sync::Arc;
@@ -26,9 +26,9 @@ use crate::providers::BYTES_PER_TOKEN;
 use crate::providers::anthropic;
 use crate::providers::openai::parse_chat_request;
 
-/// Says how a count was made: `anthropic` (by the target named in `x-switchyard-target`) or
+/// Says how a count was made: `anthropic` (by the target named in `x-sideyard-target`) or
 /// `estimated` (the request's bytes over four).
-pub const TOKEN_COUNT: HeaderName = HeaderName::from_static("x-switchyard-token-count");
+pub const TOKEN_COUNT: HeaderName = HeaderName::from_static("x-sideyard-token-count");
 
 /// The largest count answer read.
 const MAX_ANSWER: usize = 64 * 1024;

@@ -85,7 +85,7 @@ pub enum UpstreamPath {
     Under(&'static str),
 }
 
-/// What `switchyard_api_calls_total` counts calls of: each routed endpoint, token counts, and the
+/// What `sideyard_api_calls_total` counts calls of: each routed endpoint, token counts, and the
 /// calls passed through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Api {

@@ -1,5 +1,5 @@
 //! Every error the proxy itself answers with, mapped in one place to a status and an OpenAI-shaped
-//! body. Synthetic responses carry `x-switchyard-error-source: proxy`; upstream errors passed
+//! body. Synthetic responses carry `x-sideyard-error-source: proxy`; upstream errors passed
 //! through carry `upstream`, so callers and dashboards can tell them apart.
 
 use axum::body::Body;
@@ -15,10 +15,10 @@ use crate::config::Format;
 use crate::providers::anthropic;
 use crate::providers::openai::error_body;
 
-pub const ERROR_SOURCE: HeaderName = HeaderName::from_static("x-switchyard-error-source");
-pub const TARGET: HeaderName = HeaderName::from_static("x-switchyard-target");
-pub const ATTEMPTS: HeaderName = HeaderName::from_static("x-switchyard-attempts");
-pub const FALLBACK_REASON: HeaderName = HeaderName::from_static("x-switchyard-fallback-reason");
+pub const ERROR_SOURCE: HeaderName = HeaderName::from_static("x-sideyard-error-source");
+pub const TARGET: HeaderName = HeaderName::from_static("x-sideyard-target");
+pub const ATTEMPTS: HeaderName = HeaderName::from_static("x-sideyard-attempts");
+pub const FALLBACK_REASON: HeaderName = HeaderName::from_static("x-sideyard-fallback-reason");
 
 /// One failed attempt, as reported in `error.metadata.previous_errors`.
 #[derive(Clone, Debug, Serialize)]
@@ -242,7 +242,7 @@ impl ProxyError {
                 None,
             ),
             ProxyError::RealtimeUnsupported => error_body(
-                "The Realtime API (WebSocket sessions) is not served by Switchyard; connect to the provider directly.",
+                "The Realtime API (WebSocket sessions) is not served by Sideyard; connect to the provider directly.",
                 "invalid_request_error",
                 "unsupported_endpoint",
                 None,

@@ -793,7 +793,7 @@ mod tests {
     use super::*;
 
     fn state_dir(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("switchyard-fleet-{name}-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("sideyard-fleet-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir

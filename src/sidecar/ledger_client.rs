@@ -21,7 +21,7 @@ use crate::config::LedgerEndpoint;
 use crate::metrics::{Counter, Histogram};
 
 /// The header a replica that does not lead names the leader's URL in.
-pub const LEADER_HEADER: &str = "x-switchyard-ledger-leader";
+pub const LEADER_HEADER: &str = "x-sideyard-ledger-leader";
 /// How long one call may take, connecting included: past it the ledger counts as unreachable.
 /// A busy ledger answers after its next status write, up to two write intervals (2 s) later.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);

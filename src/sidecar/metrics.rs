@@ -32,110 +32,107 @@ fn render_states(registry: &StateRegistry, now: Ticks) -> String {
     let per_target = || labels.iter().zip(targets.iter().map(|(_, s)| s));
     let mut out = String::with_capacity(8192 + targets.len() * 6144);
 
-    header(&mut out, "switchyard_requests_total", "counter", "Responses to callers, by route, target and HTTP status.");
+    header(&mut out, "sideyard_requests_total", "counter", "Responses to callers, by route, target and HTTP status.");
     for (status, n) in registry.unrouted.snapshot() {
-        let _ = writeln!(out, "switchyard_requests_total{{route=\"\",target=\"\",status=\"{status}\"}} {n}");
+        let _ = writeln!(out, "sideyard_requests_total{{route=\"\",target=\"\",status=\"{status}\"}} {n}");
     }
     for (r, s) in &routes {
         for (status, n) in s.requests.snapshot() {
-            let _ = writeln!(
-                out,
-                "switchyard_requests_total{{route=\"{}\",target=\"\",status=\"{status}\"}} {n}",
-                escape(r)
-            );
+            let _ =
+                writeln!(out, "sideyard_requests_total{{route=\"{}\",target=\"\",status=\"{status}\"}} {n}", escape(r));
         }
     }
     for (l, t) in per_target() {
         for (status, n) in t.requests.snapshot() {
-            let _ = writeln!(out, "switchyard_requests_total{{{l},status=\"{status}\"}} {n}");
+            let _ = writeln!(out, "sideyard_requests_total{{{l},status=\"{status}\"}} {n}");
         }
     }
 
-    header(&mut out, "switchyard_api_calls_total", "counter", "Calls of each API, passed through included.");
+    header(&mut out, "sideyard_api_calls_total", "counter", "Calls of each API, passed through included.");
     for api in Api::ALL {
         let n = registry.api_calls[api.index()].get();
-        let _ = writeln!(out, "switchyard_api_calls_total{{api=\"{}\"}} {n}", api.name());
+        let _ = writeln!(out, "sideyard_api_calls_total{{api=\"{}\"}} {n}", api.name());
     }
 
     header(
         &mut out,
-        "switchyard_upstream_first_byte_seconds",
+        "sideyard_upstream_first_byte_seconds",
         "histogram",
         "Time from sending an attempt to the upstream's response headers.",
     );
     for (l, t) in per_target() {
-        t.first_byte.render(&mut out, "switchyard_upstream_first_byte_seconds", l);
+        t.first_byte.render(&mut out, "sideyard_upstream_first_byte_seconds", l);
     }
     header(
         &mut out,
-        "switchyard_upstream_duration_seconds",
+        "sideyard_upstream_duration_seconds",
         "histogram",
         "Time until an attempt's answer was complete or failed.",
     );
     for (l, t) in per_target() {
-        t.duration.render(&mut out, "switchyard_upstream_duration_seconds", l);
+        t.duration.render(&mut out, "sideyard_upstream_duration_seconds", l);
     }
 
     header(
         &mut out,
-        "switchyard_upstream_outcomes_total",
+        "sideyard_upstream_outcomes_total",
         "counter",
         "Attempts by outcome: success or the failure reason.",
     );
     for (l, t) in per_target() {
         for (i, n) in t.outcomes.iter().enumerate() {
             let outcome = if i == 0 { "success" } else { FallbackReason::ALL[i - 1].as_str() };
-            let _ = writeln!(out, "switchyard_upstream_outcomes_total{{{l},outcome=\"{outcome}\"}} {}", n.get());
+            let _ = writeln!(out, "sideyard_upstream_outcomes_total{{{l},outcome=\"{outcome}\"}} {}", n.get());
         }
     }
     header(
         &mut out,
-        "switchyard_fallbacks_total",
+        "sideyard_fallbacks_total",
         "counter",
         "Failed attempts that moved on to the next target, by reason.",
     );
     for (l, t) in per_target() {
         for (reason, n) in FallbackReason::ALL.iter().zip(&t.fallbacks) {
-            let _ = writeln!(out, "switchyard_fallbacks_total{{{l},reason=\"{}\"}} {}", reason.as_str(), n.get());
+            let _ = writeln!(out, "sideyard_fallbacks_total{{{l},reason=\"{}\"}} {}", reason.as_str(), n.get());
         }
     }
-    header(&mut out, "switchyard_stream_errors_total", "counter", "Streams that broke after the answer started.");
+    header(&mut out, "sideyard_stream_errors_total", "counter", "Streams that broke after the answer started.");
     for (l, t) in per_target() {
-        let _ = writeln!(out, "switchyard_stream_errors_total{{{l}}} {}", t.stream_errors.get());
+        let _ = writeln!(out, "sideyard_stream_errors_total{{{l}}} {}", t.stream_errors.get());
     }
 
-    header(&mut out, "switchyard_target_health", "gauge", "1 for the target's current health state.");
+    header(&mut out, "sideyard_target_health", "gauge", "1 for the target's current health state.");
     for (l, t) in per_target() {
         let state = t.health.admission(now).name();
         for s in ["healthy", "ejected", "half-open", "cooling"] {
-            let _ = writeln!(out, "switchyard_target_health{{{l},state=\"{s}\"}} {}", u8::from(s == state));
+            let _ = writeln!(out, "sideyard_target_health{{{l},state=\"{s}\"}} {}", u8::from(s == state));
         }
     }
-    header(&mut out, "switchyard_ejections_total", "counter", "Times a target was ejected after failures.");
+    header(&mut out, "sideyard_ejections_total", "counter", "Times a target was ejected after failures.");
     for (l, t) in per_target() {
-        let _ = writeln!(out, "switchyard_ejections_total{{{l}}} {}", t.ejections.get());
+        let _ = writeln!(out, "sideyard_ejections_total{{{l}}} {}", t.ejections.get());
     }
     header(
         &mut out,
-        "switchyard_cooldowns_total",
+        "sideyard_cooldowns_total",
         "counter",
         "Rate-limit answers with a retry hint that paused a target.",
     );
     for (l, t) in per_target() {
-        let _ = writeln!(out, "switchyard_cooldowns_total{{{l}}} {}", t.cooldowns.get());
+        let _ = writeln!(out, "sideyard_cooldowns_total{{{l}}} {}", t.cooldowns.get());
     }
 
     type Pick = fn(&TargetStats) -> &Cached;
     let quantile_gauges: [(&str, &str, Pick, f64); 3] = [
         (
-            "switchyard_target_time_to_first_token_seconds",
+            "sideyard_target_time_to_first_token_seconds",
             "Time to first token over the last 5 minutes.",
             |s| &s.ttft_cached,
             1e6,
         ),
-        ("switchyard_target_total_seconds", "Attempt duration over the last 5 minutes.", |s| &s.total_cached, 1e6),
+        ("sideyard_target_total_seconds", "Attempt duration over the last 5 minutes.", |s| &s.total_cached, 1e6),
         (
-            "switchyard_target_output_tokens_per_second",
+            "sideyard_target_output_tokens_per_second",
             "Output tokens per second over the last 5 minutes.",
             |s| &s.throughput_cached,
             1e3,
@@ -155,22 +152,22 @@ fn render_states(registry: &StateRegistry, now: Ticks) -> String {
 
     header(
         &mut out,
-        "switchyard_panic_routing_total",
+        "sideyard_panic_routing_total",
         "counter",
         "Requests sent to an unavailable target because every target was.",
     );
     for (r, s) in &routes {
-        let _ = writeln!(out, "switchyard_panic_routing_total{{route=\"{}\"}} {}", escape(r), s.panics.get());
+        let _ = writeln!(out, "sideyard_panic_routing_total{{route=\"{}\"}} {}", escape(r), s.panics.get());
     }
-    header(&mut out, "switchyard_hedges_total", "counter", "Hedged attempts: started, and whether the hedge won.");
+    header(&mut out, "sideyard_hedges_total", "counter", "Hedged attempts: started, and whether the hedge won.");
     for (r, s) in &routes {
         for (result, n) in [("started", &s.hedges_started), ("won", &s.hedges_won), ("lost", &s.hedges_lost)] {
-            let _ = writeln!(out, "switchyard_hedges_total{{route=\"{}\",result=\"{result}\"}} {}", escape(r), n.get());
+            let _ = writeln!(out, "sideyard_hedges_total{{route=\"{}\",result=\"{result}\"}} {}", escape(r), n.get());
         }
     }
     header(
         &mut out,
-        "switchyard_excluded_requests_total",
+        "sideyard_excluded_requests_total",
         "counter",
         "Requests no target could serve, by the constraint.",
     );
@@ -178,36 +175,36 @@ fn render_states(registry: &StateRegistry, now: Ticks) -> String {
         let excluded = s.excluded.lock().unwrap_or_else(|e| e.into_inner());
         for (by, n) in excluded.iter() {
             let _ =
-                writeln!(out, "switchyard_excluded_requests_total{{route=\"{}\",excluded_by=\"{by}\"}} {n}", escape(r));
+                writeln!(out, "sideyard_excluded_requests_total{{route=\"{}\",excluded_by=\"{by}\"}} {n}", escape(r));
         }
     }
 
     header(
         &mut out,
-        "switchyard_config_source_checks_total",
+        "sideyard_config_source_checks_total",
         "counter",
         "Times the configuration files were checked for changes.",
     );
-    let _ = writeln!(out, "switchyard_config_source_checks_total {}", registry.source_checks.get());
-    header(&mut out, "switchyard_config_reloads_total", "counter", "Configuration reloads, by result.");
-    let _ = writeln!(out, "switchyard_config_reloads_total{{result=\"success\"}} {}", registry.reloads_ok.get());
-    let _ = writeln!(out, "switchyard_config_reloads_total{{result=\"failure\"}} {}", registry.reloads_failed.get());
+    let _ = writeln!(out, "sideyard_config_source_checks_total {}", registry.source_checks.get());
+    header(&mut out, "sideyard_config_reloads_total", "counter", "Configuration reloads, by result.");
+    let _ = writeln!(out, "sideyard_config_reloads_total{{result=\"success\"}} {}", registry.reloads_ok.get());
+    let _ = writeln!(out, "sideyard_config_reloads_total{{result=\"failure\"}} {}", registry.reloads_failed.get());
     header(
         &mut out,
-        "switchyard_config_last_reload_success",
+        "sideyard_config_last_reload_success",
         "gauge",
         "1 if the last configuration change was loaded, 0 if it was rejected.",
     );
-    let _ = writeln!(out, "switchyard_config_last_reload_success {}", registry.last_reload_ok.get());
-    header(&mut out, "switchyard_config_routes", "gauge", "Routes in the configuration being served.");
-    let _ = writeln!(out, "switchyard_config_routes {}", registry.routes_loaded.get());
+    let _ = writeln!(out, "sideyard_config_last_reload_success {}", registry.last_reload_ok.get());
+    header(&mut out, "sideyard_config_routes", "gauge", "Routes in the configuration being served.");
+    let _ = writeln!(out, "sideyard_config_routes {}", registry.routes_loaded.get());
     header(
         &mut out,
-        "switchyard_config_version",
+        "sideyard_config_version",
         "gauge",
         "Version of the operator-compiled configuration being served (0: loaded from ProviderRoute files).",
     );
-    let _ = writeln!(out, "switchyard_config_version {}", registry.config_version.get());
+    let _ = writeln!(out, "sideyard_config_version {}", registry.config_version.get());
     out
 }
 
@@ -223,28 +220,28 @@ fn render_budgets(shared: &Shared, out: &mut String) {
     let h = header;
     h(
         out,
-        "switchyard_budget_spent",
+        "sideyard_budget_spent",
         "gauge",
         "Credits spent in the current period (in a cluster: fleet-wide, as of the ledger's last answer).",
     );
     for (b, standing) in &standings {
         if let Some(s) = standing {
-            let _ = writeln!(out, "switchyard_budget_spent{{budget=\"{}\"}} {}", b.id, format_micros(s.spent));
+            let _ = writeln!(out, "sideyard_budget_spent{{budget=\"{}\"}} {}", b.id, format_micros(s.spent));
         }
     }
-    h(out, "switchyard_budget_remaining", "gauge", "Credits left in the current period (budgets with a limit).");
+    h(out, "sideyard_budget_remaining", "gauge", "Credits left in the current period (budgets with a limit).");
     for (b, standing) in &standings {
         if let Some(left) = standing.as_ref().and_then(|s| s.remaining) {
-            let _ = writeln!(out, "switchyard_budget_remaining{{budget=\"{}\"}} {}", b.id, format_micros(left));
+            let _ = writeln!(out, "sideyard_budget_remaining{{budget=\"{}\"}} {}", b.id, format_micros(left));
         }
     }
-    h(out, "switchyard_budget_state", "gauge", "1 for the budget's state: Active, Low or Exhausted.");
+    h(out, "sideyard_budget_state", "gauge", "1 for the budget's state: Active, Low or Exhausted.");
     for (b, standing) in &standings {
         let Some(standing) = standing else { continue };
         for s in [BudgetState::Active, BudgetState::Low, BudgetState::Exhausted] {
             let _ = writeln!(
                 out,
-                "switchyard_budget_state{{budget=\"{}\",state=\"{}\"}} {}",
+                "sideyard_budget_state{{budget=\"{}\",state=\"{}\"}} {}",
                 b.id,
                 s.as_str(),
                 u8::from(s == standing.state)
@@ -253,15 +250,15 @@ fn render_budgets(shared: &Shared, out: &mut String) {
     }
     type Read = fn(&crate::budget::BudgetCounters) -> u64;
     let counters: [(&str, &str, Read); 4] = [
-        ("switchyard_budget_reservations_in_flight", "Reservations held by requests in flight.", |a| {
+        ("sideyard_budget_reservations_in_flight", "Reservations held by requests in flight.", |a| {
             a.in_flight.load(Ordering::Relaxed)
         }),
-        ("switchyard_budget_insufficient_credits_total", "Requests refused with 402.", |a| a.refused.get()),
-        ("switchyard_budget_rate_limited_total", "Requests refused with 429 by the key's rate limit.", |a| {
+        ("sideyard_budget_insufficient_credits_total", "Requests refused with 402.", |a| a.refused.get()),
+        ("sideyard_budget_rate_limited_total", "Requests refused with 429 by the key's rate limit.", |a| {
             a.rate_limited.get()
         }),
         (
-            "switchyard_budget_estimated_costs_total",
+            "sideyard_budget_estimated_costs_total",
             "Answers billed on an estimate: the provider reported no usage.",
             |a| a.estimated.get(),
         ),
@@ -282,25 +279,25 @@ fn render_budgets(shared: &Shared, out: &mut String) {
 
 fn render_embedded_ledger(ledger: &crate::budget::Ledger, out: &mut String) {
     let h = header;
-    h(out, "switchyard_ledger_available", "gauge", "1 while the ledger can record spend durably.");
-    let _ = writeln!(out, "switchyard_ledger_available {}", u8::from(ledger.is_available()));
-    h(out, "switchyard_ledger_unsaved_settlements", "gauge", "Settled answers whose spend is not on disk yet.");
-    let _ = writeln!(out, "switchyard_ledger_unsaved_settlements {}", ledger.unsaved());
+    h(out, "sideyard_ledger_available", "gauge", "1 while the ledger can record spend durably.");
+    let _ = writeln!(out, "sideyard_ledger_available {}", u8::from(ledger.is_available()));
+    h(out, "sideyard_ledger_unsaved_settlements", "gauge", "Settled answers whose spend is not on disk yet.");
+    let _ = writeln!(out, "sideyard_ledger_unsaved_settlements {}", ledger.unsaved());
     let damage = ledger.damage();
     h(
         out,
-        "switchyard_ledger_journal_damaged_regions",
+        "sideyard_ledger_journal_damaged_regions",
         "gauge",
         "Damaged stretches of the ledger journal skipped when it was opened (a copy of the file is kept).",
     );
-    let _ = writeln!(out, "switchyard_ledger_journal_damaged_regions {}", damage.regions);
+    let _ = writeln!(out, "sideyard_ledger_journal_damaged_regions {}", damage.regions);
     h(
         out,
-        "switchyard_ledger_journal_damaged_bytes",
+        "sideyard_ledger_journal_damaged_bytes",
         "gauge",
         "Bytes of the ledger journal skipped as damaged when it was opened.",
     );
-    let _ = writeln!(out, "switchyard_ledger_journal_damaged_bytes {}", damage.bytes);
+    let _ = writeln!(out, "sideyard_ledger_journal_damaged_bytes {}", damage.bytes);
 }
 
 /// Cluster mode: leases, billing modes, debt and the ledger calls.
@@ -309,27 +306,27 @@ fn render_fleet(fleet: &Fleet, budgets: &[&Arc<ServedBudget>], out: &mut String)
     let m = &fleet.metrics;
     h(
         out,
-        "switchyard_ledger_leases_total",
+        "sideyard_ledger_leases_total",
         "counter",
         "Lease answers from the operator's ledger: new leases granted, leases renewed, and renewals of a lease that had expired.",
     );
     for (event, counter) in
         [("granted", &m.leases_granted), ("renewed", &m.leases_renewed), ("expired", &m.leases_expired)]
     {
-        let _ = writeln!(out, "switchyard_ledger_leases_total{{event=\"{event}\"}} {}", counter.get());
+        let _ = writeln!(out, "sideyard_ledger_leases_total{{event=\"{event}\"}} {}", counter.get());
     }
-    h(out, "switchyard_ledger_leased_credit_total", "counter", "Credits granted to this sidecar's leases.");
-    let _ = writeln!(out, "switchyard_ledger_leased_credit_total {}", format_micros(m.granted_credit.get()));
+    h(out, "sideyard_ledger_leased_credit_total", "counter", "Credits granted to this sidecar's leases.");
+    let _ = writeln!(out, "sideyard_ledger_leased_credit_total {}", format_micros(m.granted_credit.get()));
     h(
         out,
-        "switchyard_ledger_state_file_errors_total",
+        "sideyard_ledger_state_file_errors_total",
         "counter",
         "Failed writes of the unreported budget use to the state directory.",
     );
-    let _ = writeln!(out, "switchyard_ledger_state_file_errors_total {}", m.state_file_errors.get());
+    let _ = writeln!(out, "sideyard_ledger_state_file_errors_total {}", m.state_file_errors.get());
     h(
         out,
-        "switchyard_ledger_client_calls_total",
+        "sideyard_ledger_client_calls_total",
         "counter",
         "Calls to the operator's ledger, by call and result (ok, refused, unreachable, rejected).",
     );
@@ -337,18 +334,18 @@ fn render_fleet(fleet: &Fleet, budgets: &[&Arc<ServedBudget>], out: &mut String)
         for (result, counter) in RESULTS.iter().zip(results) {
             let _ = writeln!(
                 out,
-                "switchyard_ledger_client_calls_total{{call=\"{call}\",result=\"{result}\"}} {}",
+                "sideyard_ledger_client_calls_total{{call=\"{call}\",result=\"{result}\"}} {}",
                 counter.get()
             );
         }
     }
-    h(out, "switchyard_ledger_round_trip_seconds", "histogram", "Round trip of calls to the operator's ledger.");
+    h(out, "sideyard_ledger_round_trip_seconds", "histogram", "Round trip of calls to the operator's ledger.");
     for (call, histogram) in CALLS.iter().zip(&m.calls.round_trip) {
-        histogram.render(out, "switchyard_ledger_round_trip_seconds", &format!("call=\"{call}\""));
+        histogram.render(out, "sideyard_ledger_round_trip_seconds", &format!("call=\"{call}\""));
     }
     h(
         out,
-        "switchyard_budget_requests_total",
+        "sideyard_budget_requests_total",
         "counter",
         "Requests billed by mode: from the lease, per request with the ledger (state Low), or on debt (ledger unreachable, failOpen).",
     );
@@ -357,20 +354,20 @@ fn render_fleet(fleet: &Fleet, budgets: &[&Arc<ServedBudget>], out: &mut String)
         for (mode, counter) in BILLED.iter().zip(&account.billed) {
             let _ = writeln!(
                 out,
-                "switchyard_budget_requests_total{{budget=\"{}\",mode=\"{mode}\"}} {}",
+                "sideyard_budget_requests_total{{budget=\"{}\",mode=\"{mode}\"}} {}",
                 b.id,
                 counter.get()
             );
         }
     }
-    h(out, "switchyard_budget_lease_credit", "gauge", "Credit left on the budget's current lease.");
+    h(out, "sideyard_budget_lease_credit", "gauge", "Credit left on the budget's current lease.");
     h(
         out,
-        "switchyard_budget_debt",
+        "sideyard_budget_debt",
         "gauge",
         "Credits spent without a lease while the ledger was unreachable, not yet reported.",
     );
-    h(out, "switchyard_budget_ledger_reachable", "gauge", "1 while the operator's ledger answers for the budget.");
+    h(out, "sideyard_budget_ledger_reachable", "gauge", "1 while the operator's ledger answers for the budget.");
     for b in budgets {
         let Meter::Fleet { account, .. } = &b.meter else { continue };
         let (left, reachable) = {
@@ -380,8 +377,8 @@ fn render_fleet(fleet: &Fleet, budgets: &[&Arc<ServedBudget>], out: &mut String)
                 book.unreachable_since.is_none() && book.mode.is_some(),
             )
         };
-        let _ = writeln!(out, "switchyard_budget_lease_credit{{budget=\"{}\"}} {}", b.id, format_micros(left));
-        let _ = writeln!(out, "switchyard_budget_debt{{budget=\"{}\"}} {}", b.id, format_micros(fleet.debt(account)));
-        let _ = writeln!(out, "switchyard_budget_ledger_reachable{{budget=\"{}\"}} {}", b.id, u8::from(reachable));
+        let _ = writeln!(out, "sideyard_budget_lease_credit{{budget=\"{}\"}} {}", b.id, format_micros(left));
+        let _ = writeln!(out, "sideyard_budget_debt{{budget=\"{}\"}} {}", b.id, format_micros(fleet.debt(account)));
+        let _ = writeln!(out, "sideyard_budget_ledger_reachable{{budget=\"{}\"}} {}", b.id, u8::from(reachable));
     }
 }

@@ -41,9 +41,9 @@ pub async fn model(State(shared): State<Arc<Shared>>, Path(id): Path<String>) ->
     }
 }
 
-/// A model in OpenAI's shape, with the route's details under `switchyard`.
+/// A model in OpenAI's shape, with the route's details under `sideyard`.
 fn model_object(name: &str, info: &serde_json::Value) -> serde_json::Value {
-    serde_json::json!({"id": name, "object": "model", "created": 0, "owned_by": "switchyard", "switchyard": info})
+    serde_json::json!({"id": name, "object": "model", "created": 0, "owned_by": "sideyard", "sideyard": info})
 }
 
 /// What a route serves and on which endpoints, and its targets, their health and recent

@@ -67,7 +67,7 @@ pub struct ServedRoute {
 
 pub struct ServedTarget {
     pub name: String,
-    /// `name` as the value of the `x-switchyard-target` header.
+    /// `name` as the value of the `x-sideyard-target` header.
     pub name_header: HeaderValue,
     pub provider: String,
     pub format: Format,

@@ -47,7 +47,7 @@ fn token_review(request: &Value) -> Value {
                      "extra": {"authentication.kubernetes.io/pod-name": [pod]}},
         }),
         _ => {
-            json!({"authenticated": false, "error": "[invalid bearer token, token audiences [\"https://kubernetes.default.svc\"] is invalid for the target audiences [\"switchyard\"]]"})
+            json!({"authenticated": false, "error": "[invalid bearer token, token audiences [\"https://kubernetes.default.svc\"] is invalid for the target audiences [\"sideyard\"]]"})
         }
     };
     json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": request["spec"], "status": status})
@@ -65,14 +65,14 @@ async fn fake_api(State(api): State<Arc<FakeApi>>, request: axum::extract::Reque
         (http::StatusCode::from_u16(status).unwrap(), [(http::header::CONTENT_TYPE, "application/json")], v.to_string())
             .into_response()
     };
-    let lease_path = "/apis/coordination.k8s.io/v1/namespaces/ops/leases/switchyard-operator";
+    let lease_path = "/apis/coordination.k8s.io/v1/namespaces/ops/leases/sideyard-operator";
     if method == Method::GET && query.contains("watch=true") {
         // A watch with nothing to report, held open.
         let idle = futures::stream::pending::<Result<bytes::Bytes, std::convert::Infallible>>();
         return (http::StatusCode::OK, axum::body::Body::from_stream(idle)).into_response();
     }
     match (method.clone(), path.as_str()) {
-        (Method::GET, p) if p.contains("switchyard.dev") && !api.crds_installed => json(404, not_found()),
+        (Method::GET, p) if p.contains("sideyard.dev") && !api.crds_installed => json(404, not_found()),
         (Method::GET, p) if api.lists.contains_key(p) => json(200, api.lists[p].clone()),
         (Method::GET, p) if p == lease_path && api.stolen.load(std::sync::atomic::Ordering::Relaxed) => {
             json(200, lease("op-2", "500"))
@@ -178,7 +178,7 @@ pub async fn serve_fake_api(api: Arc<FakeApi>) -> std::path::PathBuf {
     path
 }
 
-/// `switchyard operator` on kernel-chosen local ports, with `extra` flags.
+/// `sideyard operator` on kernel-chosen local ports, with `extra` flags.
 pub fn operator_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     replica_args("op-1", "127.0.0.1:0", extra)
 }
@@ -208,7 +208,7 @@ pub fn writes_to(api: &FakeApi, method: &str, path: &str) -> Vec<Value> {
 pub fn lease(holder: &str, version: &str) -> Value {
     json!({
         "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-        "metadata": {"name": "switchyard-operator", "namespace": "ops", "resourceVersion": version},
+        "metadata": {"name": "sideyard-operator", "namespace": "ops", "resourceVersion": version},
         "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15, "leaseTransitions": 3,
                  "renewTime": "2026-11-25T00:00:00.000000Z"}
     })

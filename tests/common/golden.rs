@@ -1,10 +1,10 @@
 //! Golden fixtures for translations: each `<case><from>` input file, translated, against its
-//! `<case><to>` golden. `SWITCHYARD_REFRESH_GOLDEN=1` rewrites the goldens; review the diff.
+//! `<case><to>` golden. `SIDEYARD_REFRESH_GOLDEN=1` rewrites the goldens; review the diff.
 
 use std::path::Path;
 
 use serde_json::Value;
-use switchyard::providers::{StreamEnd, sse};
+use sideyard::providers::{StreamEnd, sse};
 
 /// Translates every `<case><from>` file of `dir` with `translate` and compares the result with
 /// `<case><to>`.
@@ -21,7 +21,7 @@ pub fn golden(dir: &str, from: &str, to: &str, translate: impl Fn(&[u8]) -> Vec<
         let golden = Path::new(&input.to_str().unwrap().replace(from, to)).to_path_buf();
         let translated: Value = serde_json::from_slice(&translate(&std::fs::read(&input).unwrap())).unwrap();
         let pretty = serde_json::to_string_pretty(&translated).unwrap() + "\n";
-        if std::env::var_os("SWITCHYARD_REFRESH_GOLDEN").is_some() {
+        if std::env::var_os("SIDEYARD_REFRESH_GOLDEN").is_some() {
             std::fs::write(&golden, &pretty).unwrap();
             continue;
         }
@@ -31,7 +31,7 @@ pub fn golden(dir: &str, from: &str, to: &str, translate: impl Fn(&[u8]) -> Vec<
             failures.push(format!("{} differs; got:\n{pretty}", golden.display()));
         }
     }
-    assert!(failures.is_empty(), "{}\n(SWITCHYARD_REFRESH_GOLDEN=1 rewrites them)", failures.join("\n"));
+    assert!(failures.is_empty(), "{}\n(SIDEYARD_REFRESH_GOLDEN=1 rewrites them)", failures.join("\n"));
 }
 
 /// Feeds whole events of `events` to `event` until the stream ends.
@@ -62,18 +62,18 @@ pub fn golden_streams(dir: &str, from: &str, to: &str, translate: impl Fn(&[u8])
         let (out, end) = translate(&std::fs::read(&input).unwrap());
         let got = format!("{}END: {end:?}\n", String::from_utf8(out).unwrap());
         let golden = input.with_extension(to);
-        if std::env::var_os("SWITCHYARD_REFRESH_GOLDEN").is_some() {
+        if std::env::var_os("SIDEYARD_REFRESH_GOLDEN").is_some() {
             std::fs::write(&golden, &got).unwrap();
         } else if std::fs::read_to_string(&golden).unwrap_or_default() != got {
             failures.push(format!("{} differs; got:\n{got}", golden.display()));
         }
     }
-    assert!(failures.is_empty(), "{}\n(SWITCHYARD_REFRESH_GOLDEN=1 rewrites them)", failures.join("\n"));
+    assert!(failures.is_empty(), "{}\n(SIDEYARD_REFRESH_GOLDEN=1 rewrites them)", failures.join("\n"));
 }
 
 /// Every case of the JSON list `path` (`{"body", "field"}`) is refused by `translate`, naming
 /// the case's field.
-pub fn assert_refusals(path: &str, translate: impl Fn(&[u8]) -> Result<(), switchyard::providers::Untranslatable>) {
+pub fn assert_refusals(path: &str, translate: impl Fn(&[u8]) -> Result<(), sideyard::providers::Untranslatable>) {
     let cases: Vec<Value> = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     for case in &cases {
         let body = serde_json::to_vec(&case["body"]).unwrap();

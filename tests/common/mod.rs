@@ -1,4 +1,4 @@
-//! Test harness: the real `switchyard` binary as a child process, a scripted upstream, and a small
+//! Test harness: the real `sideyard` binary as a child process, a scripted upstream, and a small
 //! HTTP client. Everything listens on 127.0.0.1 with ports chosen by the kernel.
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
@@ -205,7 +205,7 @@ pub fn base64_decode(text: &str) -> Vec<u8> {
 /// line (`fallback: {when: []}`), each of `targets` one target as a YAML flow mapping.
 pub fn route_yaml(model: &str, spec: &str, targets: &[&str]) -> String {
     let mut yaml = format!(
-        "---\napiVersion: switchyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {{name: {model}}}\nspec:\n  model: {model}\n"
+        "---\napiVersion: sideyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {{name: {model}}}\nspec:\n  model: {model}\n"
     );
     if !spec.is_empty() {
         yaml += &format!("  {spec}\n");
@@ -221,7 +221,7 @@ pub fn route_yaml(model: &str, spec: &str, targets: &[&str]) -> String {
 /// holds extra spec fields as one line (`limit: "10"`; several joined by `\n  `).
 pub fn budget_yaml(name: &str, key: &str, spec: &str) -> String {
     let mut yaml = format!(
-        "---\napiVersion: switchyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {{name: {name}}}\nspec:\n  key: {{secretRef: {{name: {name}-key, key: key}}}}\n"
+        "---\napiVersion: sideyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {{name: {name}}}\nspec:\n  key: {{secretRef: {{name: {name}-key, key: key}}}}\n"
     );
     if !spec.is_empty() {
         yaml += &format!("  {spec}\n");
@@ -230,21 +230,21 @@ pub fn budget_yaml(name: &str, key: &str, spec: &str) -> String {
     yaml
 }
 
-/// A running `switchyard` process. Killed on drop.
+/// A running `sideyard` process. Killed on drop.
 pub struct Process {
     pub child: Child,
     pub stderr: Arc<Mutex<String>>,
 }
 
 impl Process {
-    /// Starts `switchyard ARGS` and waits for the stderr line containing `ready_marker`.
+    /// Starts `sideyard ARGS` and waits for the stderr line containing `ready_marker`.
     pub fn start(args: &[&str], envs: &[(&str, &str)], ready_marker: &str) -> (Process, String) {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sideyard"));
         command.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         for (k, v) in envs {
             command.env(k, v);
         }
-        let mut child = command.spawn().expect("spawn switchyard");
+        let mut child = command.spawn().expect("spawn sideyard");
         let stderr = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let reader = BufReader::new(child.stderr.take().expect("stderr"));
@@ -265,7 +265,7 @@ impl Process {
         let process = Process { child, stderr };
         match rx.recv_timeout(PATIENCE) {
             Ok(line) => (process, line),
-            Err(_) => panic!("switchyard did not log {ready_marker:?}; stderr:\n{}", process.log()),
+            Err(_) => panic!("sideyard did not log {ready_marker:?}; stderr:\n{}", process.log()),
         }
     }
 
@@ -286,7 +286,7 @@ impl Process {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(std::time::Instant::now() < deadline, "switchyard did not exit; stderr:\n{}", self.log());
+            assert!(std::time::Instant::now() < deadline, "sideyard did not exit; stderr:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -299,9 +299,9 @@ impl Drop for Process {
     }
 }
 
-/// Runs `switchyard ARGS` to completion: (exit code, stdout, stderr).
+/// Runs `sideyard ARGS` to completion: (exit code, stdout, stderr).
 pub fn run(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_switchyard")).args(args).output().expect("run switchyard");
+    let out = Command::new(env!("CARGO_BIN_EXE_sideyard")).args(args).output().expect("run sideyard");
     (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
@@ -688,7 +688,7 @@ async fn script(
     }
     if let Some(code) = behaviour.strip_prefix("anthropic-status-") {
         let status = StatusCode::from_u16(code.parse().unwrap()).unwrap();
-        let kind = switchyard::providers::anthropic::error_type(status.as_u16());
+        let kind = sideyard::providers::anthropic::error_type(status.as_u16());
         let mut response = json(
             status,
             serde_json::json!({"type": "error", "error": {"type": kind, "message": format!("anthropic says {code}")}}),
@@ -717,7 +717,7 @@ async fn script(
                 serde_json::json!({"id": "file-abc", "object": "file", "bytes": body.len(), "created_at": 1, "filename": "batch.jsonl", "purpose": "batch", "status": "processed"}),
             ),
             ("POST", "/v1/audio/transcriptions") => {
-                use switchyard::providers::multipart::{ModelField, boundary, model_field};
+                use sideyard::providers::multipart::{ModelField, boundary, model_field};
                 let content_type = parts.headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap()).unwrap_or("");
                 let model = match boundary(content_type).map(|b| model_field(&body, b)) {
                     Some(ModelField::Found(span)) => String::from_utf8_lossy(&body[span]).into_owned(),

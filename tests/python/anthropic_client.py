@@ -8,7 +8,7 @@ import os
 
 import anthropic
 
-client = anthropic.Anthropic(base_url=os.environ["SWITCHYARD_BASE_URL"], api_key=os.environ["CALLER_KEY"], max_retries=0)
+client = anthropic.Anthropic(base_url=os.environ["SIDEYARD_BASE_URL"], api_key=os.environ["CALLER_KEY"], max_retries=0)
 hello = [{"role": "user", "content": "Say hello"}]
 weather = [{"role": "user", "content": "Weather in Paris and Rome?"}]
 tools = [{"name": "weather", "description": "Current weather.", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]

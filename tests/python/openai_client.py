@@ -8,14 +8,14 @@ import os
 import openai
 from openai import OpenAI
 
-client = OpenAI(base_url=os.environ["SWITCHYARD_BASE_URL"], api_key="unused-by-the-sidecar", max_retries=0)
+client = OpenAI(base_url=os.environ["SIDEYARD_BASE_URL"], api_key="unused-by-the-sidecar", max_retries=0)
 messages = [{"role": "user", "content": "Say hello"}]
 
 reply = client.chat.completions.create(model="chat", messages=messages)
 print(f"json: {reply.model} | {reply.choices[0].message.content} | {reply.usage.completion_tokens}")
 
 raw = client.chat.completions.with_raw_response.create(model="chat", messages=messages)
-print(f"headers: {raw.headers['x-switchyard-target']} {raw.headers['x-switchyard-attempts']}")
+print(f"headers: {raw.headers['x-sideyard-target']} {raw.headers['x-sideyard-attempts']}")
 
 stream = client.chat.completions.create(model="chat", messages=messages, stream=True)
 print("stream: " + "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices))
@@ -37,7 +37,7 @@ print("models: " + ",".join(m.id for m in client.models.list()))
 # A route whose OpenAI target fails and whose fallback speaks Anthropic's API.
 raw = client.chat.completions.with_raw_response.create(model="to-claude", messages=messages)
 reply = raw.parse()
-print(f"fallback json: {raw.headers['x-switchyard-target']} {raw.headers['x-switchyard-fallback-reason']} | {reply.choices[0].message.content} | {reply.choices[0].finish_reason} | {reply.usage.completion_tokens}")
+print(f"fallback json: {raw.headers['x-sideyard-target']} {raw.headers['x-sideyard-fallback-reason']} | {reply.choices[0].message.content} | {reply.choices[0].finish_reason} | {reply.usage.completion_tokens}")
 stream = client.chat.completions.create(model="to-claude", messages=messages, stream=True, stream_options={"include_usage": True})
 chunks = list(stream)
 text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

@@ -7,7 +7,7 @@ import os
 
 from openai import OpenAI
 
-client = OpenAI(base_url=os.environ["SWITCHYARD_BASE_URL"], api_key="unused-by-the-sidecar", max_retries=0)
+client = OpenAI(base_url=os.environ["SIDEYARD_BASE_URL"], api_key="unused-by-the-sidecar", max_retries=0)
 
 for model in ["native", "chat-only", "claude"]:
     reply = client.responses.create(model=model, instructions="Be nice.", input="Say hello", store=False)

@@ -4,27 +4,27 @@ MutatingWebhookConfiguration are cluster-wide, so one release serves the whole c
 operator's defaults (Lease, webhook Service, Secret and configuration) use the same names.
 */}}
 
-{{- define "switchyard.labels" -}}
+{{- define "sideyard.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
-app.kubernetes.io/name: switchyard
+app.kubernetes.io/name: sideyard
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
-app.kubernetes.io/part-of: switchyard
+app.kubernetes.io/part-of: sideyard
 {{- end }}
 
-{{- define "switchyard.selectorLabels" -}}
-app.kubernetes.io/name: switchyard
+{{- define "sideyard.selectorLabels" -}}
+app.kubernetes.io/name: sideyard
 app.kubernetes.io/component: operator
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
-{{- define "switchyard.image" -}}
+{{- define "sideyard.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end }}
 
 {{/* Whether the operator manages the webhook certificate itself. */}}
-{{- define "switchyard.managesCert" -}}
+{{- define "sideyard.managesCert" -}}
 {{- if and .Values.webhook.enabled (not .Values.webhook.certManager.enabled) }}true{{ end }}
 {{- end }}
 
@@ -32,6 +32,6 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 The budget ledger runs when it is enabled and the webhook is: it serves the webhook's certificate.
 Renders "true" or nothing.
 */}}
-{{- define "switchyard.ledger" -}}
+{{- define "sideyard.ledger" -}}
 {{- if and .Values.ledger.enabled .Values.webhook.enabled }}true{{ end }}
 {{- end }}
