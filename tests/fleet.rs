@@ -482,21 +482,33 @@ async fn a_sidecar_stopped_with_sigterm_reports_its_lease_done() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_replica_that_does_not_lead_names_the_leader_and_sidecars_follow() {
-    let spec = json!({"key": {"secretRef": {"name": "keys", "key": "app"}}, "limit": "100"});
-    let fleet = Fleet::new(&[("bot", spec)]).await;
+async fn a_replica_that_does_not_lead_redirects_every_call_and_no_caller_sees_an_error() {
+    // Two budgets, so that the sidecar's first lease calls go out together and both land on the
+    // replica that does not lead: each must be redirected, not only the first.
+    let key = |k: &str| json!({"key": {"secretRef": {"name": "keys", "key": k}}, "limit": "100"});
+    let fleet = Fleet::new(&[("bot", key("app")), ("other", key("other"))]).await;
     // op-1 leads with its ledger elsewhere; the address sidecars are given is op-2's.
     let (_leader, _) = fleet.replica("op-1", free_port());
     fleet.publish_config().await;
     let (_follower, follower_admin) = fleet.replica("op-2", fleet.port);
-    let (_sidecar, api, _) = fleet.sidecar("pod-f", &temp_dir("follow"));
-    for _ in 0..3 {
-        let (status, _, body) = chat(api, KEY).await;
-        assert_eq!(status, 200, "{body}");
+    let (_sidecar, api, admin) = fleet.sidecar("pod-f", &temp_dir("follow"));
+    let first = futures::future::join_all((0..6).map(|i| chat(api, if i % 2 == 0 { KEY } else { "sk-other" }))).await;
+    for (status, _, body) in &first {
+        assert_eq!(*status, 200, "{body}");
     }
-    eventually("the leader has the answers", || async { fleet.spent("bot") == Some(3 * COST) }).await;
+    eventually("the leader has the answers", || async {
+        fleet.spent("bot") == Some(3 * COST) && fleet.spent("other") == Some(3 * COST)
+    })
+    .await;
     let m = metrics(follower_admin).await;
-    assert!(metric(&m, "sideyard_ledger_calls_total{call=\"lease\",result=\"not_leader\"}") > 0, "{m}");
+    assert!(metric(&m, "sideyard_ledger_calls_total{call=\"lease\",result=\"not_leader\"}") >= 2, "{m}");
+    let m = metrics(admin).await;
+    for result in ["unreachable", "rejected"] {
+        for call in ["lease", "reserve"] {
+            let series = format!("sideyard_ledger_client_calls_total{{call=\"{call}\",result=\"{result}\"}}");
+            assert_eq!(metric(&m, &series), 0, "a redirect counted as a failed call: {series}\n{m}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -149,7 +149,7 @@ impl LedgerClient {
         let token = self.token().map_err(|e| Redirect::Failed(CallError::Rejected { status: 401, message: e }))?;
         let path = format!("/ledger/v1/{}", CALLS[call]);
         let attempt = async {
-            let mut sender = self.connect().await?;
+            let (dialled, mut sender) = self.connect().await?;
             let request = Request::post(format!("https://{}{path}", self.authority))
                 .header(header::CONTENT_TYPE, "application/json")
                 .header(header::AUTHORIZATION, token)
@@ -162,9 +162,9 @@ impl LedgerClient {
                 .await
                 .map_err(|e| format!("reading the answer: {e}"))?
                 .to_bytes();
-            Ok::<_, String>((parts, bytes))
+            Ok::<_, String>((dialled, parts, bytes))
         };
-        let (parts, bytes) = match tokio::time::timeout(CALL_TIMEOUT, attempt).await {
+        let (dialled, parts, bytes) = match tokio::time::timeout(CALL_TIMEOUT, attempt).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => return Err(self.failed(e).await),
             Err(_) => return Err(self.failed(format!("no answer within {CALL_TIMEOUT:?}")).await),
@@ -172,12 +172,15 @@ impl LedgerClient {
         if parts.status == StatusCode::OK {
             return Ok(bytes);
         }
+        // A replica that does not lead names the leader: remembered for every later call, and
+        // this call goes there at once, unless it was already sent there (a leader that no
+        // longer leads is a real failure). Calls in flight together are each redirected.
         if let Some(leader) = parts.headers.get(LEADER_HEADER).and_then(|v| v.to_str().ok())
             && let Some(authority) = leader.parse::<Uri>().ok().and_then(|u| u.authority().map(|a| a.to_string()))
         {
-            let mut known = self.leader.lock().unwrap_or_else(|e| e.into_inner());
-            if known.as_deref() != Some(authority.as_str()) {
-                *known = Some(authority);
+            let redirect = authority != dialled;
+            *self.leader.lock().unwrap_or_else(|e| e.into_inner()) = Some(authority);
+            if redirect {
                 return Err(Redirect::Leader);
             }
         }
@@ -192,8 +195,9 @@ impl LedgerClient {
         Redirect::Failed(CallError::Unreachable(format!("{at}: {message}")))
     }
 
-    /// The open HTTP/2 connection to the leader (or the Service), opened if needed.
-    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, String> {
+    /// The open HTTP/2 connection to the leader (or the Service), opened if needed, and the
+    /// authority it goes to.
+    async fn connect(&self) -> Result<(String, SendRequest<Full<Bytes>>), String> {
         let target = self.leader.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let target = target.unwrap_or_else(|| self.authority.clone());
         let mut connection = self.connection.lock().await;
@@ -201,7 +205,7 @@ impl LedgerClient {
             && *to == target
             && !sender.is_closed()
         {
-            return Ok(sender.clone());
+            return Ok((target, sender.clone()));
         }
         let tcp = tokio::net::TcpStream::connect(&target).await.map_err(|e| format!("connect: {e}"))?;
         let _ = tcp.set_nodelay(true);
@@ -213,8 +217,8 @@ impl LedgerClient {
             .await
             .map_err(|e| format!("HTTP/2: {e}"))?;
         tokio::spawn(driver);
-        *connection = Some((target, sender.clone()));
-        Ok(sender)
+        *connection = Some((target.clone(), sender.clone()));
+        Ok((target, sender))
     }
 
     /// `Bearer <token>` from the token file, re-read as the kubelet rotates it.
