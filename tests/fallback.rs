@@ -242,3 +242,62 @@ spec:
     let metrics = get(sidecar.admin, "/metrics").await.body;
     assert_eq!(metric(&metrics, r#"sideyard_stream_errors_total{route="default/streamy",target="breaks"}"#), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn when_every_provider_rate_limits_the_caller_gets_429_with_the_soonest_retry_after() {
+    let up = ScriptedUpstream::start().await;
+    // The same two rate-limited providers behind one route per request kind: each route's
+    // targets cool down on their own.
+    let targets = [
+        format!("{{name: slow-to-recover, baseUrl: '{}'}}", up.url("ratelimit-after-30")),
+        format!("{{name: soon, baseUrl: '{}'}}", up.url("ratelimit-ms-4500")),
+    ];
+    let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
+    let config =
+        ["json", "stream", "messages", "messages-stream"].map(|model| route_yaml(model, "", &targets)).concat()
+            + &route_yaml(
+                "mixed",
+                "",
+                &[
+                    &format!("{{name: limited, baseUrl: '{}'}}", up.url("ratelimit-after-3")),
+                    &format!("{{name: down, baseUrl: '{}'}}", up.url("status-503")),
+                ],
+            );
+    let sidecar = Sidecar::start(&config);
+    let ask = |model: &str, extra: &str| {
+        format!(r#"{{"model":"{model}","max_tokens":8,"messages":[{{"role":"user","content":"hi"}}]{extra}}}"#)
+    };
+    let previous = serde_json::json!([
+        {"model": "json", "target": "slow-to-recover", "status": 429, "reason": "429", "message": "upstream answered 429: slow down"},
+        {"model": "json", "target": "soon", "status": 429, "reason": "429", "message": "upstream answered 429: slow down"},
+    ]);
+
+    let reply = post(sidecar.api, "/v1/chat/completions", &ask("json", "")).await;
+    assert_eq!(reply.status, 429, "{}", reply.body);
+    assert_eq!(reply.header("retry-after"), "5", "the soonest hint, 4.5 s, in whole seconds rounded up");
+    assert_eq!(reply.header("x-sideyard-attempts"), "2");
+    let error = &reply.json()["error"];
+    assert_eq!(
+        (error["type"].as_str(), error["code"].as_str()),
+        (Some("rate_limit_error"), Some("rate_limit_exceeded"))
+    );
+    assert_eq!(error["metadata"]["previous_errors"], previous, "each attempt's error stays");
+
+    let reply = post(sidecar.api, "/v1/chat/completions", &ask("stream", r#","stream":true"#)).await;
+    assert_eq!(reply.status, 429, "a stream that never started: {}", reply.body);
+    assert_eq!(reply.header("retry-after"), "5");
+    assert_eq!(reply.json()["error"]["code"], "rate_limit_exceeded");
+
+    for (model, extra) in [("messages", ""), ("messages-stream", r#","stream":true"#)] {
+        let reply = post(sidecar.api, "/v1/messages", &ask(model, extra)).await;
+        assert_eq!(reply.status, 429, "{model}: {}", reply.body);
+        assert_eq!(reply.header("retry-after"), "5", "{model}");
+        let body = reply.json();
+        assert_eq!((body["type"].as_str(), body["error"]["type"].as_str()), (Some("error"), Some("rate_limit_error")));
+    }
+
+    // Failures of mixed kinds keep the gateway's answer.
+    let reply = post(sidecar.api, "/v1/chat/completions", &ask("mixed", "")).await;
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "upstream_failed");
+}

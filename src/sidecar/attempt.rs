@@ -306,7 +306,9 @@ async fn try_target(
         };
         let kind = if is_context_length_error(code, &error_body) { FallbackReason::ContextLength } else { kind };
         let mut failure = fail(kind, Some(code), upstream_message(status, &error_body));
-        failure.health = match (code, retry_hint(&parts.headers)) {
+        let hint = retry_hint(&parts.headers);
+        failure.record.retry_after = hint.filter(|_| kind == FallbackReason::TooManyRequests);
+        failure.health = match (code, hint) {
             (429 | 503, Some(wait)) => HealthEffect::CoolDown(wait.min(route.health.max_ejection)),
             (429 | 500..=599, _) => HealthEffect::Failure,
             _ => HealthEffect::Answered,

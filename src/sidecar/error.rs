@@ -2,6 +2,8 @@
 //! body. Synthetic responses carry `x-sideyard-error-source: proxy`; upstream errors passed
 //! through carry `upstream`, so callers and dashboards can tell them apart.
 
+use std::time::Duration;
+
 use axum::body::Body;
 use axum::response::Response;
 use http::{HeaderName, HeaderValue, StatusCode, header};
@@ -32,6 +34,9 @@ pub struct AttemptFailure {
     pub message: String,
     #[serde(skip)]
     pub kind: FallbackReason,
+    /// How long a rate-limited target asked to be left alone (or is still cooling down).
+    #[serde(skip)]
+    pub retry_after: Option<Duration>,
 }
 
 impl AttemptFailure {
@@ -43,6 +48,7 @@ impl AttemptFailure {
             reason: kind.as_str(),
             message,
             kind,
+            retry_after: None,
         }
     }
 }
@@ -123,6 +129,8 @@ impl ProxyError {
             ProxyError::WrongEndpoint { .. } => StatusCode::BAD_REQUEST,
             ProxyError::NoPassthroughDefault { .. } => StatusCode::NOT_FOUND,
             ProxyError::RealtimeUnsupported => StatusCode::NOT_IMPLEMENTED,
+            // Every provider rate-limited the request: the caller backs off as it would for one.
+            ProxyError::AttemptsFailed { attempts, .. } if all_rate_limited(attempts) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::AttemptsFailed { attempts, .. } => match attempts.last() {
                 Some(last) if last.kind == FallbackReason::Timeout => StatusCode::GATEWAY_TIMEOUT,
                 _ => StatusCode::BAD_GATEWAY,
@@ -150,6 +158,13 @@ impl ProxyError {
         let status = self.status();
         let rate = match &self {
             ProxyError::RateLimited { status } => Some(*status),
+            _ => None,
+        };
+        // The soonest any rate-limited target said it takes requests again.
+        let retry_after = match &self {
+            ProxyError::AttemptsFailed { attempts, .. } if status == StatusCode::TOO_MANY_REQUESTS => {
+                attempts.iter().filter_map(|a| a.retry_after).min()
+            }
             _ => None,
         };
         let body = match self {
@@ -257,10 +272,12 @@ impl ProxyError {
                 Some(serde_json::json!({ "excluded_by": excluded_by })),
             ),
             ProxyError::AttemptsFailed { model, attempts, excluded_by } => {
-                let (kind, code, summary) = if status == StatusCode::GATEWAY_TIMEOUT {
-                    ("upstream_error", "upstream_timeout", "timed out")
-                } else {
-                    ("upstream_error", "upstream_failed", "failed")
+                let (kind, code, summary) = match status {
+                    StatusCode::GATEWAY_TIMEOUT => ("upstream_error", "upstream_timeout", "timed out"),
+                    StatusCode::TOO_MANY_REQUESTS => {
+                        ("rate_limit_error", "rate_limit_exceeded", "were rate limited by their providers")
+                    }
+                    _ => ("upstream_error", "upstream_failed", "failed"),
                 };
                 let detail: Vec<String> = attempts.iter().map(|a| format!("{}: {}", a.target, a.message)).collect();
                 error_body(
@@ -289,8 +306,18 @@ impl ProxyError {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(rate.reset));
             add_rate_headers(headers, rate);
         }
+        if let Some(wait) = retry_after {
+            // Whole seconds, rounded up: retrying early would only meet the limit again.
+            let seconds = wait.as_secs().saturating_add(u64::from(wait.subsec_nanos() > 0));
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         response
     }
+}
+
+/// Whether every attempt failed on a provider's rate limit (and there was one).
+fn all_rate_limited(attempts: &[AttemptFailure]) -> bool {
+    !attempts.is_empty() && attempts.iter().all(|a| a.kind == FallbackReason::TooManyRequests)
 }
 
 /// A JSON response with the error source header.

@@ -188,6 +188,12 @@ impl HealthTracker {
         policy.base_ejection.saturating_mul(1u32 << repeats.min(31)).min(policy.max_ejection)
     }
 
+    /// How much longer the target cools down after a rate limit, if it does.
+    pub fn cooling_for(&self, now: Ticks) -> Option<Duration> {
+        let until = self.cooling_until.load(Relaxed);
+        (until > now).then(|| Duration::from_nanos(until - now))
+    }
+
     /// Skips the target until `until` without counting a failure (a rate limit with a retry hint).
     pub fn cool_down(&self, until: Ticks) {
         self.cooling_until.fetch_max(until, Relaxed);

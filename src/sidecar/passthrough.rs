@@ -19,7 +19,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::BodyExt;
 use tokio::time::timeout;
 
-use super::attempt::{HOP_BY_HOP, strip_hop_by_hop};
+use super::attempt::{HOP_BY_HOP, retry_hint, strip_hop_by_hop};
 use super::billing;
 use super::endpoint::Api;
 use super::error::{AttemptFailure, ERROR_SOURCE, ProxyError, add_rate_headers};
@@ -232,6 +232,7 @@ async fn forward(
             Format::Anthropic => path_and_query,
         };
         let sent = timeout(wait, target.upstream.forward(&target.forwarding, path, request)).await;
+        let mut retry_after = None;
         let (kind, status, message) = match sent {
             Ok(Ok(response)) => {
                 let status = response.status();
@@ -247,6 +248,9 @@ async fn forward(
                     return finish(answer(response, &route.model, target), target, attempts, fell_back_on);
                 }
                 let kind = kind.unwrap_or(FallbackReason::ServerError);
+                if kind == FallbackReason::TooManyRequests {
+                    retry_after = retry_hint(response.headers());
+                }
                 (kind, Some(status.as_u16()), format!("upstream answered {}", status.as_u16()))
             }
             Ok(Err(SendError::ConnectTimeout)) => {
@@ -264,7 +268,9 @@ async fn forward(
             }
         };
         target.state.count_outcome(Some(kind));
-        failures.push(AttemptFailure::new(&route.model, &target.name, kind, status, message));
+        let mut failure = AttemptFailure::new(&route.model, &target.name, kind, status, message);
+        failure.retry_after = retry_after;
+        failures.push(failure);
         if !replayable || !route.fallback.when.contains(kind) {
             break;
         }

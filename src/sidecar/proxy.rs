@@ -407,7 +407,11 @@ async fn serve_route<'a>(
                 let falls_back = when.contains(kind)
                     || (kind == FallbackReason::ContextLength && when.contains(FallbackReason::ClientError));
                 tracing::debug!(route = %route.id, target = %target.name, reason = kind.as_str(), message = %failure.record.message, falls_back, "attempt failed");
-                trail.failures.push(failure.record);
+                let mut record = failure.record;
+                if kind == FallbackReason::TooManyRequests && record.retry_after.is_none() {
+                    record.retry_after = target.state.health.cooling_for(health::now());
+                }
+                trail.failures.push(record);
                 if !falls_back && run.running.is_empty() {
                     // The caller gets this failure as it is: an upstream's own error answer passes
                     // through; a failure without one becomes a proxy error.
