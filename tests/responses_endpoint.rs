@@ -194,8 +194,14 @@ async fn a_native_stream_passes_through_and_one_cut_short_ends_with_response_fai
     let route = |model: &str, case: &str| {
         route_yaml(model, "", &[&format!("{{name: native, nativeResponses: true, baseUrl: '{}'}}", up.url(case))])
     };
-    let sidecar =
-        Sidecar::start(&[route("whole", "responses-stream-tools"), route("cut", "responses-stream-error")].concat());
+    let sidecar = Sidecar::start(
+        &[
+            route("whole", "responses-stream-tools"),
+            route("cut", "responses-stream-error"),
+            route("type-last", "responses-native-pydantic-order"),
+        ]
+        .concat(),
+    );
 
     // Event for event as the provider sent them, the final usage with its cost (unpriced: 0).
     let response =
@@ -204,6 +210,14 @@ async fn a_native_stream_passes_through_and_one_cut_short_ends_with_response_fai
     let sent = std::fs::read_to_string("tests/testdata/responses/streams/tools.events").unwrap();
     let sent = sent[..sent.find("END: ").unwrap()].replace(r#""total_tokens":110}"#, r#""total_tokens":110,"cost":0}"#);
     assert_eq!(relayed, sent);
+
+    // Written by a server built on OpenAI's Python types (vLLM, say), `type` after `response`:
+    // the same, and nothing after its response.completed.
+    let response =
+        send(sidecar.api, "POST", "/v1/responses", r#"{"model": "type-last", "input": "hi", "stream": true}"#).await;
+    let relayed = rest(&mut response.into_body()).await;
+    let sent = std::fs::read_to_string("tests/testdata/responses/native/pydantic-order.events").unwrap();
+    assert_eq!(relayed, sent.replace(r#""total_tokens":14}"#, r#""total_tokens":14,"cost":0}"#));
 
     // The provider's stream ends after its first token without response.completed.
     let response =

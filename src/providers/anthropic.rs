@@ -1002,7 +1002,7 @@ impl ChunkStream {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::providers::arbitrary::{json, mutated, request};
+    use crate::providers::arbitrary::{json, mutated, request, shuffled};
     use proptest::prelude::*;
 
     /// Messages of every role, their content plausible or anything.
@@ -1088,22 +1088,34 @@ pub(super) mod tests {
         )
     }
 
-    /// Event streams of plausible and arbitrary events, bent or not.
-    pub(super) fn events() -> impl Strategy<Value = Vec<u8>> {
-        let data = prop_oneof![
-            Just(json!({"type": "message_start", "message": {"id": "m", "usage": {"input_tokens": 3}}})),
+    /// Messages events as Anthropic sends them, and arbitrary JSON.
+    fn event() -> impl Strategy<Value = Value> {
+        prop_oneof![
             Just(
-                json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "t", "name": "f"}})
+                json!({"type": "message_start", "message": {"id": "m", "type": "message", "role": "assistant", "model": "claude", "content": [], "usage": {"input_tokens": 3, "cache_read_input_tokens": 1}}})
+            ),
+            Just(
+                json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {}}})
             ),
             Just(
                 json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{"}})
             ),
             Just(json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "x"}})),
-            Just(json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 2}})),
+            Just(
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "hm"}})
+            ),
+            Just(
+                json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 2}})
+            ),
+            Just(json!({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}})),
             Just(json!({"type": "message_stop"})),
             json(),
-        ];
-        (prop::collection::vec(data, 0..8), any::<bool>()).prop_flat_map(|(events, bend)| {
+        ]
+    }
+
+    /// Event streams of plausible and arbitrary events, bent or not.
+    pub(super) fn events() -> impl Strategy<Value = Vec<u8>> {
+        (prop::collection::vec(event(), 0..8), any::<bool>()).prop_flat_map(|(events, bend)| {
             let bytes: Vec<u8> = events.iter().flat_map(|e| format!("event: x\ndata: {e}\n\n").into_bytes()).collect();
             if bend { mutated(bytes).boxed() } else { Just(bytes).boxed() }
         })
@@ -1127,6 +1139,25 @@ pub(super) mod tests {
                     break;
                 }
             }
+        }
+
+        /// Key order carries no meaning: an event reads, ends and translates the same whatever
+        /// the order of its keys (pydantic-based servers write `type` last).
+        #[test]
+        fn key_order_does_not_change_what_an_event_says(events in prop::collection::vec(event(), 1..8), seed in any::<u64>()) {
+            let read = |datas: Vec<Vec<u8>>| {
+                let mut stream = ChunkStream::new("chat", 0);
+                let mut out = Vec::new();
+                let mut seen = Vec::new();
+                for data in datas {
+                    let event = [b"event: x\ndata: ", &data[..], b"\n\n"].concat();
+                    seen.push((event_info(&data), event_end(&event), stream.event(&event, &mut out)));
+                }
+                (seen, out)
+            };
+            let sorted = events.iter().map(|e| serde_json::to_vec(e).unwrap_or_default()).collect();
+            let shuffled = events.iter().map(|e| shuffled(e, seed)).collect();
+            prop_assert_eq!(read(sorted), read(shuffled));
         }
 
         #[test]

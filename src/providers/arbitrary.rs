@@ -113,19 +113,74 @@ pub fn chat_answer() -> impl Strategy<Value = Vec<u8>> {
     })
 }
 
+/// Chat completion chunks as providers send them, and arbitrary JSON.
+pub fn chunk() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(
+            serde_json::json!({"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"role": "assistant", "content": "a"}, "finish_reason": null}]})
+        ),
+        Just(
+            serde_json::json!({"id": "c", "choices": [{"index": 0, "delta": {"reasoning": "r", "reasoning_details": [{"type": "reasoning.text", "signature": "s"}]}}]})
+        ),
+        Just(
+            serde_json::json!({"id": "c", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 1, "id": "t", "type": "function", "function": {"name": "f", "arguments": "{"}}]}}]})
+        ),
+        Just(serde_json::json!({"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})),
+        Just(
+            serde_json::json!({"id": "c", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 1}}})
+        ),
+        json(),
+    ]
+}
+
 /// Chunk streams of plausible and arbitrary chunks, bent or not.
 pub fn chunks() -> impl Strategy<Value = Vec<u8>> {
-    let data = prop_oneof![
-        Just(serde_json::json!({"id": "c", "choices": [{"index": 0, "delta": {"role": "assistant", "content": "a"}}]}).to_string()),
-        Just(serde_json::json!({"id": "c", "choices": [{"index": 0, "delta": {"reasoning": "r", "reasoning_details": [{"type": "reasoning.text", "signature": "s"}]}}]}).to_string()),
-        Just(serde_json::json!({"id": "c", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 1, "id": "t", "function": {"name": "f", "arguments": "{"}}]}}]}).to_string()),
-        Just(serde_json::json!({"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}).to_string()),
-        Just(serde_json::json!({"id": "c", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}).to_string()),
-        Just("[DONE]".to_string()),
-        json().prop_map(|v| v.to_string()),
-    ];
+    let data = prop_oneof![6 => chunk().prop_map(|v| v.to_string()), 1 => Just("[DONE]".to_string())];
     (prop::collection::vec(data, 0..8), any::<bool>()).prop_flat_map(|(chunks, bend)| {
         let bytes: Vec<u8> = chunks.iter().flat_map(|c| format!("data: {c}\n\n").into_bytes()).collect();
         if bend { mutated(bytes).boxed() } else { Just(bytes).boxed() }
     })
+}
+
+/// `value` as JSON text with the keys of every object in an order that `seed` picks. Key order
+/// carries no meaning in JSON (servers built on pydantic write `type` last, others first), so a
+/// reader must read every order the same.
+pub fn shuffled(value: &Value, seed: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_shuffled(value, seed, &mut out);
+    out
+}
+
+fn write_shuffled(value: &Value, seed: u64, out: &mut Vec<u8>) {
+    match value {
+        Value::Object(map) => {
+            // An order per object: each key ranked by a hash of it and the seed.
+            let rank = |key: &str| {
+                key.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+            };
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_by_key(|(key, _)| rank(key));
+            out.push(b'{');
+            for (i, (key, value)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(Value::from(key.as_str()).to_string().as_bytes());
+                out.push(b':');
+                write_shuffled(value, seed.rotate_left(7), out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_shuffled(item, seed, out);
+            }
+            out.push(b']');
+        }
+        leaf => out.extend_from_slice(leaf.to_string().as_bytes()),
+    }
 }

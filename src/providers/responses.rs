@@ -837,11 +837,19 @@ pub fn event_info(data: &[u8]) -> ChunkInfo {
 
 /// How a Responses event stream passed through stands after `event`: done after
 /// `response.completed` or `response.incomplete`, an error on `response.failed` or `error`.
+///
+/// The event's `type` is read wherever it stands: servers built on OpenAI's Python types write it
+/// after the `response` object, and key order carries no meaning in JSON. Only an event that
+/// names one of those types somewhere is parsed (a quote inside a string is escaped, so the
+/// quoted name is a key or a whole string value).
 pub fn event_end(event: &[u8]) -> StreamEnd {
     #[derive(Deserialize)]
-    struct Failure<'a> {
+    struct Kind<'a> {
         #[serde(rename = "type", borrow, default)]
         kind: Cow<'a, str>,
+    }
+    #[derive(Deserialize)]
+    struct Failure {
         #[serde(default)]
         response: Option<FailedResponse>,
         #[serde(default)]
@@ -863,20 +871,21 @@ pub fn event_end(event: &[u8]) -> StreamEnd {
     }
     let keys = &*KEYS;
     for data in sse::payloads(event) {
-        let head = &data[..data.len().min(64)];
-        if keys.terminal.iter().any(|k| k.find(head).is_some()) {
-            return StreamEnd::Done;
-        }
-        if !keys.failed.iter().any(|k| k.find(head).is_some()) {
+        if !keys.terminal.iter().chain(&keys.failed).any(|k| k.find(data).is_some()) {
             continue;
         }
-        let Ok(failure) = serde_json::from_slice::<Failure<'_>>(data) else { continue };
-        let (code, message) = match failure.kind.as_ref() {
+        let Ok(Kind { kind }) = serde_json::from_slice::<Kind<'_>>(data) else { continue };
+        let (code, message) = match kind.as_ref() {
+            "response.completed" | "response.incomplete" => return StreamEnd::Done,
             "response.failed" => {
-                let error = failure.response.and_then(|r| r.error);
+                let failure = serde_json::from_slice::<Failure>(data).ok();
+                let error = failure.and_then(|f| f.response).and_then(|r| r.error);
                 (error.as_ref().and_then(|e| e.code.clone()), error.and_then(|e| e.message))
             }
-            "error" => (failure.code, failure.message),
+            "error" => match serde_json::from_slice::<Failure>(data) {
+                Ok(failure) => (failure.code, failure.message),
+                Err(_) => (None, None),
+            },
             _ => continue,
         };
         let kind = match code.as_deref() {
@@ -949,7 +958,7 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::providers::arbitrary::{chat_answer, chunks, json as any_json, mutated};
+    use crate::providers::arbitrary::{chat_answer, chunks, json as any_json, mutated, shuffled};
 
     /// Responses requests with plausible and arbitrary items and fields, bent or not.
     fn request() -> impl Strategy<Value = Vec<u8>> {
@@ -992,17 +1001,29 @@ mod tests {
     }
 
     /// Response event streams: well-formed events of every kind, arbitrary ones, bent or not.
-    fn response_events() -> impl Strategy<Value = Vec<u8>> {
-        let data = prop_oneof![
-            Just(json!({"type": "response.output_text.delta", "delta": "hi"})),
+    /// Response events as providers send them, and arbitrary JSON.
+    fn response_event() -> impl Strategy<Value = Value> {
+        prop_oneof![
             Just(
-                json!({"type": "response.completed", "response": {"model": "m", "usage": {"input_tokens": 3, "input_tokens_details": {"cached_tokens": 1}, "output_tokens": 2}}})
+                json!({"type": "response.output_text.delta", "sequence_number": 4, "item_id": "msg_1", "delta": "hi"})
+            ),
+            Just(
+                json!({"type": "response.completed", "sequence_number": 9, "response": {"id": "resp_1", "status": "completed", "error": null, "model": "m", "output": [{"type": "message", "content": [{"type": "output_text", "text": "hi"}]}], "usage": {"input_tokens": 3, "input_tokens_details": {"cached_tokens": 1}, "output_tokens": 2}}})
+            ),
+            Just(
+                json!({"type": "response.incomplete", "response": {"status": "incomplete", "error": null, "incomplete_details": {"reason": "max_output_tokens"}}})
+            ),
+            Just(
+                json!({"type": "response.created", "response": {"id": "resp_1", "status": "in_progress", "error": null, "output": []}})
             ),
             Just(json!({"type": "response.failed", "response": {"error": {"code": "server_error", "message": "x"}}})),
             Just(json!({"type": "error", "code": "rate_limit_exceeded", "message": "slow"})),
             any_json(),
-        ];
-        (prop::collection::vec(data, 0..6), any::<bool>()).prop_flat_map(|(events, bend)| {
+        ]
+    }
+
+    fn response_events() -> impl Strategy<Value = Vec<u8>> {
+        (prop::collection::vec(response_event(), 0..6), any::<bool>()).prop_flat_map(|(events, bend)| {
             let bytes: Vec<u8> =
                 events.iter().flat_map(|e| format!("event: {}\ndata: {e}\n\n", e["type"]).into_bytes()).collect();
             if bend { mutated(bytes).boxed() } else { Just(bytes).boxed() }
@@ -1073,6 +1094,39 @@ mod tests {
                     }
                     break;
                 }
+            }
+        }
+
+        /// Key order carries no meaning: an event reads the same whether `type` comes first, last
+        /// (as pydantic-based servers write it) or anywhere.
+        #[test]
+        fn key_order_does_not_change_what_an_event_says(event in response_event(), seed in any::<u64>()) {
+            let frame = |data: &[u8]| [b"data: ", data, b"\n\n"].concat();
+            // The reference: `type` first, as OpenAI writes it.
+            let first = match (event.get("type"), event.as_object()) {
+                (Some(kind), Some(object)) => {
+                    let rest: serde_json::Map<String, Value> = object.iter().filter(|(k, _)| *k != "type").map(|(k, v)| (k.clone(), v.clone())).collect();
+                    let rest = serde_json::to_string(&rest).unwrap_or_default();
+                    let sep = if rest == "{}" { "" } else { "," };
+                    format!("{{\"type\":{kind}{sep}{}", &rest[1..])
+                }
+                _ => serde_json::to_string(&event).unwrap_or_default(),
+            };
+            let end = event_end(&frame(first.as_bytes()));
+            for data in [serde_json::to_vec(&event).unwrap_or_default(), shuffled(&event, seed)] {
+                prop_assert_eq!(&event_end(&frame(&data)), &end, "{}", String::from_utf8_lossy(&data));
+                prop_assert_eq!(event_info(&data), event_info(first.as_bytes()));
+            }
+            let expected = match event["type"].as_str() {
+                Some("response.completed" | "response.incomplete") => Some(true),
+                Some("response.failed" | "error") if event.get("response").is_some() || event.get("code").is_some() => Some(false),
+                Some("response.output_text.delta" | "response.created") => None,
+                _ => return Ok(()),
+            };
+            match expected {
+                Some(true) => prop_assert_eq!(end, StreamEnd::Done),
+                Some(false) => prop_assert!(matches!(end, StreamEnd::Error { .. }), "{:?}", end),
+                None => prop_assert_eq!(end, StreamEnd::Open),
             }
         }
 

@@ -516,7 +516,8 @@ pub struct Recorded {
 ///   form's model for `POST /v1/audio/transcriptions`, and for anything else what it received (method, path, query,
 ///   JSON `model`).
 /// - `responses-answer-CASE`: the response `tests/testdata/responses/answers/CASE.response.json`;
-///   `responses-stream-CASE`: the events of `tests/testdata/responses/streams/CASE.events`, in pieces.
+///   `responses-stream-CASE`: the events of `tests/testdata/responses/streams/CASE.events`, in pieces;
+///   `responses-native-CASE`: a provider's own stream, `tests/testdata/responses/native/CASE.events`.
 /// - `openai-answer-CASE`, `openai-stream-CASE`: the chat completion
 ///   `tests/testdata/anthropic/callers/answers/CASE.chat.json`, the chunks `.../streams/CASE.chunks`.
 #[derive(Clone)]
@@ -652,9 +653,11 @@ async fn script(
     let stream = match (behaviour.strip_prefix("anthropic-stream-"), behaviour.strip_prefix("openai-stream-")) {
         (Some(case), _) => Some(format!("tests/testdata/anthropic/streams/{case}.events")),
         (_, Some(case)) => Some(format!("tests/testdata/anthropic/callers/streams/{case}.chunks")),
-        _ => behaviour
-            .strip_prefix("responses-stream-")
-            .map(|case| format!("tests/testdata/responses/streams/{case}.events")),
+        _ => match (behaviour.strip_prefix("responses-stream-"), behaviour.strip_prefix("responses-native-")) {
+            (Some(case), _) => Some(format!("tests/testdata/responses/streams/{case}.events")),
+            (_, Some(case)) => Some(format!("tests/testdata/responses/native/{case}.events")),
+            _ => None,
+        },
     };
     if let Some(file) = stream {
         let mut events = std::fs::read(file).unwrap();

@@ -647,7 +647,8 @@ fn block_delta(out: &mut Vec<u8>, at: usize, kind: &str, field: &str, text: &str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::providers::arbitrary::{chat_answer, chunks, json, mutated};
+    use crate::providers::arbitrary::{chat_answer, chunk, chunks, json, mutated, shuffled};
+    use crate::providers::responses::ResponseStream;
     use crate::providers::sse;
     use proptest::prelude::*;
 
@@ -721,6 +722,26 @@ mod tests {
                 }
                 prop_assert!(out["usage"]["input_tokens"].as_u64().is_some(), "saturating, never wrapped");
             }
+        }
+
+        /// Key order carries no meaning: a chunk stream reads and translates (to Messages events
+        /// and to Responses events) the same whatever the order of its chunks' keys.
+        #[test]
+        fn key_order_does_not_change_what_a_chunk_says(chunks in prop::collection::vec(chunk(), 1..8), seed in any::<u64>()) {
+            let read = |datas: Vec<Vec<u8>>| {
+                let (mut messages, mut responses) = (EventStream::new("claude"), ResponseStream::new("gpt", 0));
+                let (mut to_messages, mut to_responses) = (Vec::new(), Vec::new());
+                let mut seen = Vec::new();
+                for data in datas.iter().map(Vec::as_slice).chain([&b"[DONE]"[..]]) {
+                    let event = [b"data: ", data, b"\n\n"].concat();
+                    let ends = (messages.event(&event, &mut to_messages), responses.event(&event, &mut to_responses));
+                    seen.push((openai::chunk_info(data), ends));
+                }
+                (seen, to_messages, to_responses)
+            };
+            let sorted = chunks.iter().map(|c| serde_json::to_vec(c).unwrap_or_default()).collect();
+            let shuffled = chunks.iter().map(|c| shuffled(c, seed)).collect();
+            prop_assert_eq!(read(sorted), read(shuffled));
         }
 
         #[test]
