@@ -23,7 +23,7 @@ pub const EXIT_CONFIG: u8 = 64;
 #[command(
     name = "sideyard",
     version,
-    about = "An LLM gateway that runs next to your application: routing, fallback and streaming for OpenAI-compatible APIs.",
+    about = "An LLM gateway that runs next to your application: routing, fallback, budgets and streaming for the OpenAI and Anthropic APIs.",
     after_help = "Every flag can also be set with the environment variable shown in its help."
 )]
 struct Cli {
@@ -36,27 +36,47 @@ struct Cli {
     #[arg(long, env = "SIDEYARD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"], global = true)]
     log_format: String,
 
-    /// Threads that serve requests. Default: the CPUs this process may run on (its affinity and
-    /// cgroup quota); with one, a single-threaded runtime without cross-thread handoffs.
-    #[arg(long, env = "SIDEYARD_WORKER_THREADS", global = true)]
-    worker_threads: Option<usize>,
-
     #[command(subcommand)]
     command: Command,
 }
 
+/// The flag of the commands that serve (sidecar, operator, mock provider).
+#[derive(clap::Args, Debug)]
+struct RuntimeArgs {
+    /// Threads that serve requests. Default: the CPUs this process may run on (its affinity and
+    /// cgroup quota); with one, a single-threaded runtime without cross-thread handoffs.
+    #[arg(long, env = "SIDEYARD_WORKER_THREADS")]
+    worker_threads: Option<usize>,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Serve the OpenAI-compatible API from ProviderRoute YAML files, reloading them when they change.
-    Sidecar(SidecarArgs),
+    /// Serve the OpenAI and Anthropic APIs from ProviderRoute YAML files, reloading them when they
+    /// change.
+    Sidecar {
+        #[command(flatten)]
+        args: SidecarArgs,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+    },
     /// Reconcile ProviderRoutes and ApiKeyBudgets into each namespace's sidecar configuration.
-    Operator(Box<OperatorArgs>),
+    Operator {
+        #[command(flatten)]
+        args: Box<OperatorArgs>,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+    },
     /// Print manifests with the sidecar injected into their pods, as the webhook would inject it.
     Inject(InjectCmdArgs),
     /// Print the CustomResourceDefinitions as YAML, for `kubectl apply -f -`.
     Crd(CrdArgs),
-    /// Run a fake OpenAI-compatible provider, for tests, demos and load tests.
-    MockProvider(MockProviderArgs),
+    /// Run a fake OpenAI- and Anthropic-compatible provider, for tests, demos and load tests.
+    MockProvider {
+        #[command(flatten)]
+        args: MockProviderArgs,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -167,8 +187,8 @@ pub fn main() -> ExitCode {
             print!("{}", if args.helm { crate::api::crds_helm_yaml() } else { crate::api::crds_yaml() });
             ExitCode::SUCCESS
         }
-        Command::Sidecar(args) => {
-            match runtime(cli.worker_threads).map(|rt| rt.block_on(crate::sidecar::run(args, shutdown_signal()))) {
+        Command::Sidecar { args, runtime: threads } => {
+            match runtime(threads.worker_threads).map(|rt| rt.block_on(crate::sidecar::run(args, shutdown_signal()))) {
                 Ok(Ok(())) => ExitCode::SUCCESS,
                 Ok(Err(SidecarError::Config(errors))) => {
                     for e in &errors.0 {
@@ -180,8 +200,8 @@ pub fn main() -> ExitCode {
                 Ok(Err(SidecarError::Io(e))) | Err(e) => fail(&e),
             }
         }
-        Command::Operator(args) => {
-            match runtime(cli.worker_threads).map(|rt| rt.block_on(crate::operator::run(*args, shutdown_signal()))) {
+        Command::Operator { args, runtime: threads } => {
+            match runtime(threads.worker_threads).map(|rt| rt.block_on(crate::operator::run(*args, shutdown_signal()))) {
                 Ok(Ok(())) => ExitCode::SUCCESS,
                 Ok(Err(OperatorError::Usage(e))) => {
                     tracing::error!("{e}");
@@ -198,8 +218,8 @@ pub fn main() -> ExitCode {
             }
             Err(e) => fail(&e),
         },
-        Command::MockProvider(args) => {
-            let result = runtime(cli.worker_threads).and_then(|rt| {
+        Command::MockProvider { args, runtime: threads } => {
+            let result = runtime(threads.worker_threads).and_then(|rt| {
                 rt.block_on(async move {
                     let listener = tokio::net::TcpListener::bind(args.listen)
                         .await

@@ -161,12 +161,12 @@ impl Shape {
     }
 
     /// A choice of a whole answer.
-    fn choice(self, text: String) -> serde_json::Value {
+    fn choice(self, text: String, finish: &str) -> serde_json::Value {
         match self {
             Shape::Chat => {
-                serde_json::json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"})
+                serde_json::json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish})
             }
-            Shape::Text => serde_json::json!({"index": 0, "text": text, "logprobs": null, "finish_reason": "stop"}),
+            Shape::Text => serde_json::json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish}),
         }
     }
 
@@ -202,6 +202,8 @@ async fn generate(
         }
     };
     let words = request.max_completion_tokens.or(request.max_tokens).map_or(options.chunks, |m| m.min(options.chunks));
+    // Cut short by the request's cap, as providers say it.
+    let finish = if words < options.chunks { "length" } else { "stop" };
     let usage = Usage {
         prompt: (body.len() as u64 / BYTES_PER_TOKEN).max(1),
         completion: u64::from(words),
@@ -217,7 +219,7 @@ async fn generate(
         }
         let body = serde_json::json!({
             "id": id, "object": object, "created": created, "model": request.model,
-            "choices": [shape.choice(text(words))],
+            "choices": [shape.choice(text(words), finish)],
             "usage": usage_json(&usage),
         });
         return ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
@@ -249,7 +251,7 @@ async fn generate(
         if send_words(&tx, &options, words, word_chunk, sse(&error)).await.is_err() {
             return;
         }
-        let _ = tx.send(Ok(chunk(shape.chunk_choice(None, Some("stop"))))).await;
+        let _ = tx.send(Ok(chunk(shape.chunk_choice(None, Some(finish))))).await;
         if include_usage {
             let usage_chunk = serde_json::json!({
                 "id": id, "object": chunk_object, "created": created, "model": request.model,

@@ -76,7 +76,7 @@ async fn concurrent_requests_never_overspend_the_limit() {
             402 => {
                 let error = &reply.json()["error"];
                 assert_eq!(error["code"], "insufficient_credits");
-                assert_eq!(error["metadata"]["reservation"], "0.008");
+                assert_eq!(error["metadata"]["reservation"], serde_json::json!(0.008));
             }
             other => panic!("unexpected {other}: {}", reply.body),
         }
@@ -138,6 +138,14 @@ async fn reservations_above_the_cost_release_the_difference() {
     let reservation = micros(&refusal["error"]["metadata"]["reservation"]);
     assert_eq!(remaining, 1_000_000 - spent, "no credit is held after settling: {refusal}");
     assert!(remaining < reservation, "refused only when the credit does not cover it: {refusal}");
+    // The amounts are numbers, as in /api/v1/key, and the message says when credit comes back:
+    // a monthly budget's, on the first of next month.
+    let metadata = &refusal["error"]["metadata"];
+    assert!(metadata["remaining"].is_number() && metadata["reservation"].is_number(), "{refusal}");
+    let resets_at = metadata["resets_at"].as_str().unwrap_or_else(|| panic!("{refusal}"));
+    assert!(resets_at.ends_with("-01T00:00:00Z"), "{resets_at}");
+    let message = refusal["error"]["message"].as_str().unwrap();
+    assert!(message.ends_with(&format!("; the credit resets at {resets_at}.")), "{message}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -91,11 +91,16 @@ async fn embeddings_are_routed_with_fallback_and_metered_on_prompt_tokens() {
     assert_eq!(reply.json()["error"]["code"], "wrong_endpoint");
     assert_eq!(
         reply.json()["error"]["message"],
-        "The model \"embed\" serves embeddings, not chat completions: call POST /v1/embeddings."
+        "The model \"embed\" serves embeddings, not chat completions: call POST /v1/embeddings; a route serves chat when its ProviderRoute leaves `serves` out or sets `serves: chat`."
     );
     let reply = call(&sidecar, "/v1/embeddings", r#"{"model": "chat", "input": "x"}"#).await;
     assert_eq!(reply.status, 400);
     assert_eq!(reply.json()["error"]["code"], "wrong_endpoint");
+    // What the caller can do, and what the operator can.
+    assert_eq!(
+        reply.json()["error"]["message"],
+        "The model \"chat\" serves chat, not embeddings: call POST /v1/chat/completions, /v1/responses or /v1/messages; a route serves embeddings when its ProviderRoute sets `serves: embeddings`."
+    );
     let reply = call(&sidecar, "/v1/embeddings", r#"{"model": "nope", "input": "x"}"#).await;
     assert_eq!(reply.status, 404);
     assert_eq!(reply.json()["error"]["code"], "model_not_found");

@@ -59,7 +59,7 @@ async fn bad_requests_get_openai_shaped_errors() {
         ("not an object", r#"["chat"]"#, 400, "invalid_json"),
         ("missing model", r#"{"messages": []}"#, 400, "missing_model"),
         ("model not a string", r#"{"model": 4}"#, 400, "invalid_model"),
-        ("stream not a bool", r#"{"model": "chat", "stream": "yes"}"#, 400, "invalid_json"),
+        ("stream not a bool", r#"{"model": "chat", "stream": "yes"}"#, 400, "invalid_parameter"),
         ("unknown model", r#"{"model": "gpt-5"}"#, 404, "model_not_found"),
         ("too large", &format!(r#"{{"model": "chat", "pad": "{}"}}"#, "x".repeat(2000)), 413, "request_too_large"),
     ];
@@ -74,6 +74,13 @@ async fn bad_requests_get_openai_shaped_errors() {
         assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}");
     }
     assert_eq!(up.requests.lock().unwrap().len(), 0, "no bad request reaches an upstream");
+
+    // A field of the wrong type is named, with what it should be: not "not valid JSON".
+    let reply = post(api, "/v1/chat/completions", r#"{"model": "chat", "stream": "yes"}"#).await;
+    assert_eq!(
+        reply.json()["error"]["message"],
+        r#"The field stream has the wrong type: invalid type: string "yes", expected a boolean."#
+    );
 
     let reply = post(api, "/v1/chat/completions", r#"{"model": "gpt-5"}"#).await;
     let error = &reply.json()["error"];
@@ -116,7 +123,7 @@ async fn bad_requests_get_openai_shaped_errors() {
     assert_eq!(models.json()["object"], "list");
 
     let metrics = get(sidecar.admin, "/metrics").await.body;
-    assert_eq!(metric(&metrics, r#"sideyard_requests_total{route="",target="",status="400"}"#), 5);
+    assert_eq!(metric(&metrics, r#"sideyard_requests_total{route="",target="",status="400"}"#), 6);
     assert_eq!(metric(&metrics, r#"sideyard_requests_total{route="",target="",status="404"}"#), 5);
     assert_eq!(metric(&metrics, r#"sideyard_requests_total{route="",target="",status="413"}"#), 1);
     assert_eq!(metric(&metrics, r#"sideyard_requests_total{route="default/chat",target="only",status="200"}"#), 1);

@@ -212,11 +212,13 @@ fn every_subcommand_documents_its_flags() {
                 "--log",
                 "SIDEYARD_LOG",
                 "--log-format",
+                "--worker-threads",
             ],
         ),
         (
             "operator",
             &[
+                "--worker-threads",
                 "--admin-listen",
                 "--leader-elect",
                 "--lease-name",
@@ -238,6 +240,7 @@ fn every_subcommand_documents_its_flags() {
         (
             "mock-provider",
             &[
+                "--worker-threads",
                 "--listen",
                 "--latency",
                 "--chunks",
@@ -261,6 +264,13 @@ fn every_subcommand_documents_its_flags() {
             assert!(stdout.contains(flag), "`sideyard {subcommand} --help` does not mention {flag}:\n{stdout}");
         }
     }
+    // A flag of the serving commands is not offered where it does nothing.
+    for subcommand in ["crd", "inject"] {
+        let (_, stdout, _) = run(&[subcommand, "--help"]);
+        assert!(!stdout.contains("--worker-threads"), "`sideyard {subcommand} --help`:\n{stdout}");
+    }
+    let (_, stdout, _) = run(&["--help"]);
+    assert!(stdout.contains("OpenAI and Anthropic APIs"), "{stdout}");
     let (code, _, stderr) = run(&["sidecar"]);
     assert_eq!(code, Some(2), "missing --file is a usage error");
     assert!(stderr.contains("--file"), "{stderr}");

@@ -118,6 +118,19 @@ async fn in_process_mock_knobs_inject_failures() {
 
     let reply = post(sidecar.api, "/v1/chat/completions", r#"{"model":"slow","max_tokens":1}"#).await;
     assert_eq!(reply.json()["choices"][0]["message"]["content"], "Hello", "max_tokens caps the answer");
+    assert_eq!(reply.json()["choices"][0]["finish_reason"], "length", "and says so, as providers do");
+    let reply = post(sidecar.api, "/v1/chat/completions", r#"{"model":"slow","max_tokens":100}"#).await;
+    assert_eq!(reply.json()["choices"][0]["finish_reason"], "stop", "an answer not cut short stops");
+    let response =
+        send(sidecar.api, "POST", "/v1/chat/completions", r#"{"model":"slow","max_tokens":1,"stream":true}"#).await;
+    let events = sse_data(&rest(&mut response.into_body()).await);
+    assert!(events.iter().any(|e| e.contains(r#""finish_reason":"length""#)), "{events:?}");
+
+    // Through the Messages API: the stop reason and id as Anthropic writes them.
+    let ask = r#"{"model":"slow","max_tokens":1,"messages":[{"role":"user","content":"hi"}]}"#;
+    let answer = post(sidecar.api, "/v1/messages", ask).await.json();
+    assert_eq!(answer["stop_reason"], "max_tokens", "{answer}");
+    assert!(answer["id"].as_str().is_some_and(|id| id.starts_with("msg_")), "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

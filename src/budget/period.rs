@@ -54,6 +54,17 @@ pub fn period_start(period: Period, t: u64) -> u64 {
     }
 }
 
+/// When the period containing `t` ends (the next one starts); `None` for `never`.
+pub fn period_end(period: Period, t: u64) -> Option<u64> {
+    match period {
+        Period::Daily => Some(day_start(t) + DAY),
+        Period::Weekly => Some(week_start(t) + 7 * DAY),
+        // The 32nd day after the first is always in the next month.
+        Period::Monthly => Some(month_start(month_start(t) + 32 * DAY)),
+        Period::Never => None,
+    }
+}
+
 /// `2026-11-25T00:00:00Z`.
 pub fn rfc3339(t: u64) -> String {
     let (y, m, d) = civil_from_days((t / DAY) as i64);
@@ -100,6 +111,12 @@ mod tests {
         assert_eq!(rfc3339(week_start(T)), "2026-11-23T00:00:00Z", "the Monday before");
         assert_eq!(rfc3339(month_start(T)), "2026-11-01T00:00:00Z");
         assert_eq!(period_start(Period::Never, T), 0);
+        assert_eq!(period_end(Period::Daily, T).map(rfc3339).as_deref(), Some("2026-11-26T00:00:00Z"));
+        assert_eq!(period_end(Period::Weekly, T).map(rfc3339).as_deref(), Some("2026-11-30T00:00:00Z"));
+        assert_eq!(period_end(Period::Monthly, T).map(rfc3339).as_deref(), Some("2026-12-01T00:00:00Z"));
+        let december = parse_rfc3339("2026-12-31T23:59:59Z").unwrap();
+        assert_eq!(period_end(Period::Monthly, december).map(rfc3339).as_deref(), Some("2027-01-01T00:00:00Z"));
+        assert_eq!(period_end(Period::Never, T), None);
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
     }
 

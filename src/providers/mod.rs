@@ -13,7 +13,7 @@ mod translation;
 mod usage;
 
 pub use prefs::{Cutoffs, MaxPrice, Prefs, Sort};
-pub use translation::{StreamEnd, Untranslatable, untranslatable};
+pub use translation::{StreamEnd, Untranslatable, id_suffix, untranslatable};
 pub use usage::{BYTES_PER_TOKEN, Usage};
 
 /// `body` with the bytes at `span` replaced by `text`.

@@ -57,6 +57,30 @@ pub enum RequestError {
     InvalidModel,
     /// A field has a value the proxy cannot use: (field path, reason).
     InvalidField(&'static str, String),
+    /// Valid JSON with a field of the wrong type (`"stream": "yes"`): its path and what was
+    /// expected.
+    WrongType {
+        field: String,
+        detail: String,
+    },
+}
+
+/// A body the peek `T` could not read: a field of the wrong type, named by its path, or JSON
+/// that is not valid. The path is found only on this error path, by reading the body again.
+fn peek_error<'de, T: Deserialize<'de>>(body: &'de [u8], e: serde_json::Error) -> RequestError {
+    if !e.is_data() {
+        return RequestError::InvalidJson(e.to_string());
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    match serde_path_to_error::deserialize::<_, T>(&mut de) {
+        Err(located) if !located.path().to_string().is_empty() && located.path().to_string() != "." => {
+            let message = located.inner().to_string();
+            // serde_json adds where the value was; the path says it better.
+            let detail = message.rfind(" at line ").map_or(message.as_str(), |at| &message[..at]).to_string();
+            RequestError::WrongType { field: located.path().to_string(), detail }
+        }
+        _ => RequestError::InvalidJson(e.to_string()),
+    }
 }
 
 // Named for error messages: serde says "expected struct ChatCompletionRequest".
@@ -145,7 +169,7 @@ pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest<'_>, RequestError> 
     if body.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|&b| b != b'{') {
         return Err(RequestError::InvalidJson("expected a JSON object".into()));
     }
-    let peek: Peek<'_> = serde_json::from_slice(body).map_err(|e| RequestError::InvalidJson(e.to_string()))?;
+    let peek: Peek<'_> = serde_json::from_slice(body).map_err(|e| peek_error::<Peek<'_>>(body, e))?;
     let raw = peek.model.ok_or(RequestError::MissingModel)?;
     let (model, model_span) = string_at(raw, body).ok_or(RequestError::InvalidModel)?;
     let prefs = match peek.provider {
@@ -182,7 +206,7 @@ pub fn optional_model(body: &[u8]) -> Result<Option<Spanned<'_>>, RequestError> 
     if body.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|&b| b != b'{') {
         return Err(RequestError::InvalidJson("expected a JSON object".into()));
     }
-    let peek: ModelPeek<'_> = serde_json::from_slice(body).map_err(|e| RequestError::InvalidJson(e.to_string()))?;
+    let peek: ModelPeek<'_> = serde_json::from_slice(body).map_err(|e| peek_error::<ModelPeek<'_>>(body, e))?;
     match peek.model {
         None => Ok(None),
         Some(raw) => string_at(raw, body).map(Some).ok_or(RequestError::InvalidModel),
@@ -1052,7 +1076,10 @@ mod tests {
                 other => panic!("{body}: {other:?}"),
             }
         }
-        assert!(matches!(parse_chat_request(br#"{"model":"a","models":"b"}"#), Err(RequestError::InvalidJson(_))));
+        assert!(matches!(
+            parse_chat_request(br#"{"model":"a","models":"b"}"#),
+            Err(RequestError::WrongType { field, .. }) if field == "models"
+        ));
     }
 
     #[test]
@@ -1170,7 +1197,17 @@ mod tests {
         assert_eq!(parse_chat_request(br#"{"model":null}"#).unwrap_err(), RequestError::MissingModel);
         assert!(matches!(parse_chat_request(br#"{"model":"m""#), Err(RequestError::InvalidJson(_))));
         assert!(matches!(parse_chat_request(br#"[1]"#), Err(RequestError::InvalidJson(_))));
-        assert!(matches!(parse_chat_request(br#"{"model":"m","stream":"yes"}"#), Err(RequestError::InvalidJson(_))));
+        assert_eq!(
+            parse_chat_request(br#"{"model":"m","stream":"yes"}"#).unwrap_err(),
+            RequestError::WrongType {
+                field: "stream".into(),
+                detail: r#"invalid type: string "yes", expected a boolean"#.into()
+            }
+        );
+        assert!(matches!(
+            parse_chat_request(br#"{"model":"m","provider":{"order":[1]}}"#),
+            Err(RequestError::WrongType { field, .. }) if field == "provider.order[0]"
+        ));
         assert!(matches!(parse_chat_request(br#"{"model":"a","model":"b"}"#), Err(RequestError::InvalidJson(_))));
         assert!(matches!(parse_chat_request(b"{\"model\":\"m\"} trailing"), Err(RequestError::InvalidJson(_))));
     }

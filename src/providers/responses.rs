@@ -39,7 +39,7 @@ use serde_json::{Map, Value, json};
 use super::openai::{
     self, ChatAnswerPeek, ChunkInfo, ChunkPeek, ChunkSink, json_string, no_finish, translate_chunks, unknown_finish,
 };
-use super::{StreamEnd, Untranslatable, Usage, sse, untranslatable};
+use super::{StreamEnd, Untranslatable, Usage, id_suffix, sse, untranslatable};
 
 /// Request fields that only make sense with a store of earlier responses, and what each does.
 const NEEDS_STORE: [(&str, &str); 4] = [
@@ -368,16 +368,6 @@ fn status_of(finish_reason: &str) -> Option<(&'static str, Option<&'static str>)
     }
 }
 
-/// The ids of a response and its items, from the chat completion's id.
-fn ids(chat_id: &str) -> String {
-    let id: String = chat_id
-        .trim_start_matches("chatcmpl-")
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
-        .collect();
-    if id.is_empty() { "sideyard".into() } else { id }
-}
-
 /// A response object: `output` is its items' JSON texts, `status` and `incomplete` as
 /// [`status_of`] says.
 fn response_json(
@@ -425,7 +415,7 @@ fn refusal_part(refusal: &str) -> String {
 fn function_call_item(call_id: &str, name: &str, arguments: &str, status: &str) -> String {
     format!(
         r#"{{"type":"function_call","id":"fc_{}","call_id":{},"name":{},"arguments":{},"status":"{status}"}}"#,
-        ids(call_id),
+        id_suffix(call_id),
         json_string(call_id),
         json_string(name),
         json_string(arguments)
@@ -444,7 +434,7 @@ pub fn response_answer(answer: &[u8], model: &str, created: u64) -> Result<Vec<u
     let message = choice.message.as_ref();
     let string = |raw: Option<&RawValue>| raw.and_then(|r| serde_json::from_str::<Cow<'_, str>>(r.get()).ok());
     let chat_id = answer.id.and_then(|r| serde_json::from_str::<Cow<'_, str>>(r.get()).ok()).unwrap_or_default();
-    let id = ids(&chat_id);
+    let id = id_suffix(&chat_id);
     let mut output = Vec::new();
     let reasoning = string(message.and_then(|m| m.reasoning))
         .filter(|r| !r.is_empty())
@@ -548,7 +538,7 @@ impl ResponseStream {
         match &self.items[at] {
             Item::Reasoning { .. } => format!("rs_{}{suffix}", self.id),
             Item::Message { .. } => format!("msg_{}{suffix}", self.id),
-            Item::Call { call_id, .. } => format!("fc_{}", ids(call_id)),
+            Item::Call { call_id, .. } => format!("fc_{}", id_suffix(call_id)),
         }
     }
 
@@ -740,7 +730,7 @@ impl ChunkSink for ResponseStream {
     fn chunk(&mut self, chunk: &ChunkPeek<'_>, out: &mut Vec<u8>) -> Result<(), StreamEnd> {
         if !self.started {
             self.started = true;
-            self.id = ids(chunk.id.as_deref().unwrap_or_default());
+            self.id = id_suffix(chunk.id.as_deref().unwrap_or_default());
             let response = response_json(&self.id, &self.model, self.created, "in_progress", None, &[], None);
             emit(&mut self.sequence, out, "response.created", format_args!(r#""response":{response}"#));
             emit(&mut self.sequence, out, "response.in_progress", format_args!(r#""response":{response}"#));

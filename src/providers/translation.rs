@@ -25,3 +25,15 @@ pub enum StreamEnd {
     /// kind of error event.
     Error { kind: String, message: String },
 }
+
+/// The part of a chat completion's id that names the answer, for the ids of its translations
+/// (`resp_…`, `msg_…`, as each API prefixes its own): `chatcmpl-` dropped, only the characters
+/// ids are made of kept, `sideyard` when nothing is left.
+pub fn id_suffix(chat_id: &str) -> String {
+    let id: String = chat_id
+        .trim_start_matches("chatcmpl-")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+        .collect();
+    if id.is_empty() { "sideyard".into() } else { id }
+}

@@ -12,6 +12,7 @@ use super::error::ProxyError;
 use super::fleet::{self, Fleet, FleetAccount};
 use crate::api::BudgetState;
 use crate::api::units::format_micros;
+use crate::budget::period::period_end;
 use crate::budget::protocol::BudgetFigures;
 use crate::budget::{Account, BudgetCounters, Ledger, RateStatus, Refusal, Reservation, Spend, cost, worst_case};
 use crate::config::{Budget, Prices};
@@ -178,7 +179,8 @@ pub async fn reserve<'a>(
     let amount = prices.map(|p| worst_case(body_len, completion_tokens, p)).max().unwrap_or(0);
     let insufficient = |remaining| {
         budget.counters().refused.inc();
-        ProxyError::InsufficientCredits { remaining, reservation: amount }
+        let resets_at = period_end(budget.terms.period, fleet::now_ms() / 1000);
+        ProxyError::InsufficientCredits { remaining, reservation: amount, resets_at }
     };
     match &budget.meter {
         Meter::Embedded { ledger, account } => {

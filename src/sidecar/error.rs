@@ -13,6 +13,7 @@ use super::endpoint::Endpoint;
 use crate::api::units::format_micros;
 use crate::api::{FallbackReason, Serves};
 use crate::budget::RateStatus;
+use crate::budget::period::rfc3339;
 use crate::config::Format;
 use crate::providers::anthropic;
 use crate::providers::openai::error_body;
@@ -108,10 +109,12 @@ pub enum ProxyError {
     RateLimited {
         status: RateStatus,
     },
-    /// Not enough credit left for the request's worst case (micro-units).
+    /// Not enough credit left for the request's worst case (micro-units), and when the period's
+    /// credit comes back (Unix seconds; `None` for a budget that never resets).
     InsufficientCredits {
         remaining: u64,
         reservation: u64,
+        resets_at: Option<u64>,
     },
     /// The ledger cannot record spend, and the budget fails closed: why, when it is known.
     LedgerUnavailable {
@@ -191,19 +194,30 @@ impl ProxyError {
                 "rate_limit_exceeded",
                 None,
             ),
-            ProxyError::InsufficientCredits { remaining, reservation } => error_body(
-                &format!(
-                    "Insufficient credits: this request may cost up to {} and {} remain.",
+            ProxyError::InsufficientCredits { remaining, reservation, resets_at } => {
+                let message = format!(
+                    "Insufficient credits: this request may cost up to {} and {} remain; {}.",
                     format_micros(reservation),
-                    format_micros(remaining)
-                ),
-                "insufficient_credits",
-                "insufficient_credits",
-                Some(serde_json::json!({
-                    "remaining": format_micros(remaining),
-                    "reservation": format_micros(reservation),
-                })),
-            ),
+                    format_micros(remaining),
+                    match resets_at {
+                        Some(at) => format!("the credit resets at {}", rfc3339(at)),
+                        None => "the budget's period is never, so its credit does not reset: raise its limit".into(),
+                    }
+                );
+                if format == Format::OpenAi {
+                    // Written by hand, as `GET /api/v1/key` is, so the amounts are exact decimal
+                    // numbers, never floats.
+                    let resets_at = resets_at.map_or_else(|| "null".to_string(), |at| format!("\"{}\"", rfc3339(at)));
+                    let body = format!(
+                        r#"{{"error":{{"message":{},"type":"insufficient_credits","code":"insufficient_credits","metadata":{{"remaining":{},"reservation":{},"resets_at":{resets_at}}}}}}}"#,
+                        serde_json::Value::from(message),
+                        format_micros(remaining),
+                        format_micros(reservation),
+                    );
+                    return json_text_response(status, body, "proxy");
+                }
+                error_body(&message, "insufficient_credits", "insufficient_credits", None)
+            }
             ProxyError::LedgerUnavailable { reason } => error_body(
                 &match reason {
                     Some(reason) => format!("The budget ledger cannot record spend right now: {reason}."),
@@ -233,13 +247,20 @@ impl ProxyError {
                 error_body("Method not allowed on this endpoint.", "invalid_request_error", "method_not_allowed", None)
             }
             ProxyError::WrongEndpoint { model, serves, endpoint } => {
-                let call = match serves {
-                    Serves::Chat => "POST /v1/chat/completions, /v1/responses or /v1/messages",
-                    Serves::Embeddings => "POST /v1/embeddings",
+                // The caller's fix, then the operator's.
+                let (call, fix) = match serves {
+                    Serves::Chat => (
+                        "POST /v1/chat/completions, /v1/responses or /v1/messages",
+                        "a route serves embeddings when its ProviderRoute sets `serves: embeddings`",
+                    ),
+                    Serves::Embeddings => (
+                        "POST /v1/embeddings",
+                        "a route serves chat when its ProviderRoute leaves `serves` out or sets `serves: chat`",
+                    ),
                 };
                 error_body(
                     &format!(
-                        "The model {model:?} serves {}, not {}: call {call}.",
+                        "The model {model:?} serves {}, not {}: call {call}; {fix}.",
                         serves.as_str(),
                         endpoint.api_name()
                     ),
@@ -322,7 +343,12 @@ fn all_rate_limited(attempts: &[AttemptFailure]) -> bool {
 
 /// A JSON response with the error source header.
 pub fn json_response(status: StatusCode, body: &serde_json::Value, source: &'static str) -> Response {
-    let mut response = Response::new(Body::from(body.to_string()));
+    json_text_response(status, body.to_string(), source)
+}
+
+/// [`json_response`] of JSON text.
+fn json_text_response(status: StatusCode, body: String, source: &'static str) -> Response {
+    let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));

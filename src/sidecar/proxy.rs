@@ -537,6 +537,9 @@ pub(super) fn bad_request(e: RequestError) -> ProxyError {
         RequestError::MissingModel => ("missing_model", "The request body must have a \"model\" field.".into()),
         RequestError::InvalidModel => ("invalid_model", "The \"model\" field must be a string.".into()),
         RequestError::InvalidField(field, detail) => ("invalid_parameter", format!("{field}: {detail}")),
+        RequestError::WrongType { field, detail } => {
+            ("invalid_parameter", format!("The field {field} has the wrong type: {detail}."))
+        }
     };
     ProxyError::BadRequest { code, message }
 }

@@ -28,7 +28,7 @@ use crate::providers::Usage;
 use crate::providers::openai::{
     self, ChatAnswerPeek, ChunkPeek, ChunkSink, json_string, no_finish, translate_chunks, unknown_finish,
 };
-use crate::providers::{StreamEnd, Untranslatable, untranslatable};
+use crate::providers::{StreamEnd, Untranslatable, id_suffix, untranslatable};
 
 /// Thinking budgets below these map to the effort beside them; larger ones to `high`.
 const EFFORTS: [(u64, &str); 2] = [(4096, "low"), (16384, "medium")];
@@ -439,8 +439,8 @@ pub fn messages_answer(answer: &[u8], model: &str) -> Result<Vec<u8>, Untranslat
         _ => String::new(),
     };
     let out = format!(
-        r#"{{"id":{},"type":"message","role":"assistant","model":{},"content":[{}],"stop_reason":"{stop}","stop_sequence":null{refusal},"usage":{}}}"#,
-        answer.id.map_or("\"\"", RawValue::get),
+        r#"{{"id":"msg_{}","type":"message","role":"assistant","model":{},"content":[{}],"stop_reason":"{stop}","stop_sequence":null{refusal},"usage":{}}}"#,
+        id_suffix(&string(answer.id).unwrap_or_default()),
         json_string(model),
         content.join(","),
         usage_text(&usage)
@@ -572,9 +572,9 @@ impl ChunkSink for EventStream {
     fn chunk(&mut self, chunk: &ChunkPeek<'_>, out: &mut Vec<u8>) -> Result<(), StreamEnd> {
         if !self.started {
             self.started = true;
-            let (id, model) = (json_string(chunk.id.as_deref().unwrap_or_default()), json_string(&self.model));
+            let (id, model) = (id_suffix(chunk.id.as_deref().unwrap_or_default()), json_string(&self.model));
             out.extend_from_slice(
-                format!("event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"id\":{id},\"type\":\"message\",\"role\":\"assistant\",\"model\":{model},\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{{\"input_tokens\":0,\"output_tokens\":0}}}}}}\n\n").as_bytes(),
+                format!("event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"id\":\"msg_{id}\",\"type\":\"message\",\"role\":\"assistant\",\"model\":{model},\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{{\"input_tokens\":0,\"output_tokens\":0}}}}}}\n\n").as_bytes(),
             );
         }
         if let Some(usage) = chunk.usage.and_then(openai::usage_of) {
