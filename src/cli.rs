@@ -201,7 +201,8 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Operator { args, runtime: threads } => {
-            match runtime(threads.worker_threads).map(|rt| rt.block_on(crate::operator::run(*args, shutdown_signal()))) {
+            match runtime(threads.worker_threads).map(|rt| rt.block_on(crate::operator::run(*args, shutdown_signal())))
+            {
                 Ok(Ok(())) => ExitCode::SUCCESS,
                 Ok(Err(OperatorError::Usage(e))) => {
                     tracing::error!("{e}");

@@ -19,7 +19,7 @@ struct Case {
     unlisted_source: &'static str,
 }
 
-const ALL_REASONS: [&str; 5] = ["connect", "timeout", "429", "5xx", "4xx"];
+const ALL_REASONS: [&str; 6] = ["connect", "timeout", "429", "5xx", "auth", "4xx"];
 
 async fn cases(up: &ScriptedUpstream) -> Vec<Case> {
     let case = |name, reason, base_url: String, timeouts, status, source| Case {
@@ -56,7 +56,8 @@ async fn cases(up: &ScriptedUpstream) -> Vec<Case> {
         case("server-503", "5xx", up.url("status-503"), "{}", 503, "upstream"),
         case("garbage", "5xx", up.url("garbage"), "{}", 502, "proxy"),
         case("bad-request", "4xx", up.url("status-400"), "{}", 400, "upstream"),
-        case("unauthorized", "4xx", up.url("status-401"), "{}", 502, "proxy"),
+        case("unauthorized", "auth", up.url("status-401"), "{}", 502, "proxy"),
+        case("forbidden", "auth", up.url("status-403"), "{}", 502, "proxy"),
     ]
 }
 
@@ -78,7 +79,9 @@ async fn each_reason_falls_back_only_when_listed() {
     let cases = cases(&up).await;
     let mut config = String::new();
     for c in &cases {
-        let others: Vec<&str> = ALL_REASONS.iter().copied().filter(|r| *r != c.reason).collect();
+        // `4xx` covers `auth` too: it is left out where `auth` must not fall back.
+        let others: Vec<&str> =
+            ALL_REASONS.iter().copied().filter(|r| *r != c.reason && !(c.reason == "auth" && *r == "4xx")).collect();
         config += &route(
             &format!("{}-listed", c.name),
             &[c.reason],
@@ -300,4 +303,48 @@ async fn when_every_provider_rate_limits_the_caller_gets_429_with_the_soonest_re
     let reply = post(sidecar.api, "/v1/chat/completions", &ask("mixed", "")).await;
     assert_eq!(reply.status, 502, "{}", reply.body);
     assert_eq!(reply.json()["error"]["code"], "upstream_failed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_whose_credentials_are_refused_falls_back_and_is_ejected_with_one_warning() {
+    const PROVIDER_KEY: &str = "sk-provider-revoked-0123456789";
+    let up = ScriptedUpstream::start().await;
+    // The default fallback.when, and maxEjection long enough to outlast the test.
+    let config = route_yaml(
+        "chat",
+        "health: {maxEjection: 10m}",
+        &[
+            &format!("{{name: revoked, baseUrl: '{}', credentials: {{env: PROVIDER_KEY}}}}", up.url("status-401")),
+            &format!("{{name: good, baseUrl: '{}'}}", up.url("ok/good")),
+        ],
+    ) + &route_yaml("alone", "", &[&format!("{{name: forbidden, baseUrl: '{}'}}", up.url("status-403"))]);
+    let sidecar = Sidecar::start_with(&config, &[], &[("PROVIDER_KEY", PROVIDER_KEY)]);
+    let ask = |model: &str| format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#);
+
+    let reply = post(sidecar.api, "/v1/chat/completions", &ask("chat")).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.header("x-sideyard-fallback-reason"), "auth");
+    assert_eq!(reply.header("x-sideyard-attempts"), "2");
+    // Ejected at once: the next requests go straight to the good target.
+    for _ in 0..3 {
+        let reply = post(sidecar.api, "/v1/chat/completions", &ask("chat")).await;
+        assert_eq!((reply.status.as_u16(), reply.header("x-sideyard-attempts")), (200, "1"), "{}", reply.body);
+    }
+    assert_eq!(up.hits("status-401"), 1);
+    let metrics = get(sidecar.admin, "/metrics").await.body;
+    assert_eq!(metric(&metrics, r#"sideyard_ejections_total{route="default/chat",target="revoked"}"#), 1);
+    assert_eq!(metric(&metrics, r#"sideyard_target_health{route="default/chat",target="revoked",state="ejected"}"#), 1);
+
+    // A route with no other target: a 502 naming the reason, never the provider's complaint.
+    let reply = post(sidecar.api, "/v1/chat/completions", &ask("alone")).await;
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["metadata"]["previous_errors"][0]["reason"], "auth");
+
+    // One warning per ejection, naming the route, target and status, never the key.
+    let log = sidecar.process.log();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("refused the target's credentials")).collect();
+    assert_eq!(warnings.len(), 2, "one per ejected target:\n{log}");
+    assert!(warnings[0].contains("WARN") && warnings[0].contains("default/chat") && warnings[0].contains("revoked"));
+    assert!(warnings[0].contains("status=401") && warnings[1].contains("status=403"), "{warnings:?}");
+    assert!(!log.contains(PROVIDER_KEY), "the provider key never reaches the log");
 }

@@ -402,8 +402,9 @@ fn default_total_timeout() -> String {
 pub struct Fallback {
     /// The failures that move on to the next target. Any other failure is returned to the caller
     /// at once. `connect`: the connection could not be opened or broke before the answer arrived;
-    /// `timeout`: a connect, first-byte or total timeout; `429`; `5xx`; `4xx-context-length`: the
-    /// prompt is too long for the target; `4xx`: any other 4xx status (context-length errors too).
+    /// `timeout`: a connect, first-byte or total timeout; `429`; `5xx`; `auth`: the provider
+    /// refused the target's own credentials (401, 403); `4xx-context-length`: the prompt is too
+    /// long for the target; `4xx`: any other 4xx status (context-length and auth errors too).
     #[serde(default = "default_fallback_when")]
     #[schemars(length(max = 8))]
     #[x_kube(merge_strategy = ListMerge::Set)]
@@ -421,7 +422,13 @@ impl Default for Fallback {
 }
 
 fn default_fallback_when() -> Vec<FallbackReason> {
-    vec![FallbackReason::Connect, FallbackReason::Timeout, FallbackReason::TooManyRequests, FallbackReason::ServerError]
+    vec![
+        FallbackReason::Connect,
+        FallbackReason::Timeout,
+        FallbackReason::TooManyRequests,
+        FallbackReason::ServerError,
+        FallbackReason::Auth,
+    ]
 }
 fn default_max_attempts() -> u32 {
     3
@@ -442,23 +449,28 @@ pub enum FallbackReason {
     /// The upstream answered with a 5xx status, or with a body that is not valid.
     #[serde(rename = "5xx")]
     ServerError,
-    /// The upstream answered with a 4xx status other than 429.
+    /// The upstream answered with a 4xx status other than 429, 401 and 403.
     #[serde(rename = "4xx")]
     ClientError,
     /// The upstream rejected the request as too long for its context window (a 400 or 413 saying
     /// so); the next target may have a larger one.
     #[serde(rename = "4xx-context-length")]
     ContextLength,
+    /// The upstream refused the target's own credentials (401 or 403): the caller's key never
+    /// goes upstream, so the target is misconfigured or its key revoked.
+    #[serde(rename = "auth")]
+    Auth,
 }
 
 impl FallbackReason {
-    pub const ALL: [FallbackReason; 6] = [
+    pub const ALL: [FallbackReason; 7] = [
         FallbackReason::Connect,
         FallbackReason::Timeout,
         FallbackReason::TooManyRequests,
         FallbackReason::ServerError,
         FallbackReason::ClientError,
         FallbackReason::ContextLength,
+        FallbackReason::Auth,
     ];
 
     /// Position in [`FallbackReason::ALL`], for per-reason counters.
@@ -475,13 +487,23 @@ impl FallbackReason {
             FallbackReason::ServerError => "5xx",
             FallbackReason::ClientError => "4xx",
             FallbackReason::ContextLength => "4xx-context-length",
+            FallbackReason::Auth => "auth",
         }
+    }
+
+    /// Whether a `when` list falls back on this reason: listed, or a more specific 4xx of a
+    /// listed `4xx`.
+    pub fn listed_in(self, when: impl Fn(FallbackReason) -> bool) -> bool {
+        when(self)
+            || (matches!(self, FallbackReason::ContextLength | FallbackReason::Auth)
+                && when(FallbackReason::ClientError))
     }
 
     /// The reason a completed upstream response with this status counts as, if it is a failure.
     pub fn for_status(status: u16) -> Option<FallbackReason> {
         match status {
             429 => Some(FallbackReason::TooManyRequests),
+            401 | 403 => Some(FallbackReason::Auth),
             500..=599 => Some(FallbackReason::ServerError),
             400..=499 => Some(FallbackReason::ClientError),
             _ => None,

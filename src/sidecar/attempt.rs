@@ -57,6 +57,8 @@ pub enum HealthEffect {
     Answered,
     /// A rate limit with a retry hint: pause the target this long.
     CoolDown(Duration),
+    /// The provider refused the target's own credentials: eject it for `maxEjection`.
+    Eject,
     /// Nothing was sent: the attempt says nothing of the target.
     Untouched,
 }
@@ -311,10 +313,11 @@ async fn try_target(
         failure.health = match (code, hint) {
             (429 | 503, Some(wait)) => HealthEffect::CoolDown(wait.min(route.health.max_ejection)),
             (429 | 500..=599, _) => HealthEffect::Failure,
+            (401 | 403, _) => HealthEffect::Eject,
             _ => HealthEffect::Answered,
         };
         // A provider rejecting Sideyard's own credentials is not the caller's error to see.
-        if status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN {
+        if kind != FallbackReason::Auth {
             let mut response = Response::from_parts(parts, Body::from(error_body));
             let headers = response.headers_mut();
             strip_hop_by_hop(headers);

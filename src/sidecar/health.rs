@@ -188,6 +188,23 @@ impl HealthTracker {
         policy.base_ejection.saturating_mul(1u32 << repeats.min(31)).min(policy.max_ejection)
     }
 
+    /// Ejects the target for `duration` at once, without counting failures (a provider refusing
+    /// the target's own credentials will not change its mind soon). Only the call that ejects a
+    /// healthy target reports the ejection, so concurrent refusals log it once.
+    pub fn eject_for(&self, duration: Duration, probe: bool, now: Ticks) -> Option<Transition> {
+        let until = now.saturating_add(ticks(duration));
+        let current = self.ejected_until.load(Acquire);
+        if probe {
+            self.ejected_until.store(until, Release);
+            self.probing.store(false, Release);
+        } else if current > now || self.ejected_until.compare_exchange(current, until, AcqRel, Relaxed).is_err() {
+            return None;
+        }
+        self.ejections.fetch_add(1, Relaxed);
+        self.consecutive_failures.store(0, Relaxed);
+        Some(Transition::Ejected { duration })
+    }
+
     /// How much longer the target cools down after a rate limit, if it does.
     pub fn cooling_for(&self, now: Ticks) -> Option<Duration> {
         let until = self.cooling_until.load(Relaxed);

@@ -25,7 +25,7 @@ use super::endpoint::Api;
 use super::error::{AttemptFailure, ERROR_SOURCE, ProxyError, add_rate_headers};
 use super::health::{self, AttemptOutcome};
 use super::plan;
-use super::proxy::{authenticate, bad_request, finish, read_request, record_health, unrouted};
+use super::proxy::{authenticate, bad_request, finish, read_request, record_health, refused_credentials, unrouted};
 use super::shared::Shared;
 use super::snapshot::{ServedRoute, ServedTarget};
 use super::transport::SendError;
@@ -237,12 +237,14 @@ async fn forward(
             Ok(Ok(response)) => {
                 let status = response.status();
                 let kind = FallbackReason::for_status(status.as_u16());
-                let falls_back = replayable && kind.is_some_and(|k| route.fallback.when.contains(k));
-                let outcome = match kind {
-                    Some(FallbackReason::TooManyRequests | FallbackReason::ServerError) => AttemptOutcome::Failure,
-                    _ => AttemptOutcome::Success,
-                };
-                record_health(route, target, outcome, probe);
+                let falls_back = replayable && kind.is_some_and(|k| k.listed_in(|r| route.fallback.when.contains(r)));
+                match kind {
+                    Some(FallbackReason::TooManyRequests | FallbackReason::ServerError) => {
+                        record_health(route, target, AttemptOutcome::Failure, probe);
+                    }
+                    Some(FallbackReason::Auth) => refused_credentials(route, target, Some(status.as_u16()), probe),
+                    _ => record_health(route, target, AttemptOutcome::Success, probe),
+                }
                 if !falls_back {
                     let fell_back_on = failures.last().map(|f| f.kind);
                     return finish(answer(response, &route.model, target), target, attempts, fell_back_on);
@@ -271,7 +273,7 @@ async fn forward(
         let mut failure = AttemptFailure::new(&route.model, &target.name, kind, status, message);
         failure.retry_after = retry_after;
         failures.push(failure);
-        if !replayable || !route.fallback.when.contains(kind) {
+        if !replayable || !kind.listed_in(|r| route.fallback.when.contains(r)) {
             break;
         }
     }
@@ -343,8 +345,7 @@ fn answer(response: http::Response<super::upstream::UpstreamBody>, model: &str, 
     let status = response.status();
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
         let message = format!("the provider rejected the configured credentials ({})", status.as_u16());
-        let failure =
-            AttemptFailure::new(model, &target.name, FallbackReason::ClientError, Some(status.as_u16()), message);
+        let failure = AttemptFailure::new(model, &target.name, FallbackReason::Auth, Some(status.as_u16()), message);
         let error =
             ProxyError::AttemptsFailed { model: model.to_string(), attempts: vec![failure], excluded_by: Vec::new() };
         return error.into_response();

@@ -402,10 +402,10 @@ async fn serve_route<'a>(
                         target.state.cooldowns.inc();
                         record_health(route, target, AttemptOutcome::Cancelled, probe);
                     }
+                    HealthEffect::Eject => refused_credentials(route, target, failure.record.status, probe),
                 }
                 let when = route.fallback.when;
-                let falls_back = when.contains(kind)
-                    || (kind == FallbackReason::ContextLength && when.contains(FallbackReason::ClientError));
+                let falls_back = kind.listed_in(|r| when.contains(r));
                 tracing::debug!(route = %route.id, target = %target.name, reason = kind.as_str(), message = %failure.record.message, falls_back, "attempt failed");
                 let mut record = failure.record;
                 if kind == FallbackReason::TooManyRequests && record.retry_after.is_none() {
@@ -449,6 +449,22 @@ pub(super) fn record_health(route: &ServedRoute, target: &ServedTarget, outcome:
             tracing::info!(route = %route.id, target = %target.name, "target recovered");
         }
         None => {}
+    }
+}
+
+/// A provider refused the target's own credentials: the target is ejected for `maxEjection`,
+/// with one warning per ejection that names the route, target and status (never the key).
+pub(super) fn refused_credentials(route: &ServedRoute, target: &ServedTarget, status: Option<u16>, probe: bool) {
+    let max = route.health.max_ejection;
+    if target.state.health.eject_for(max, probe, health::now()).is_some() {
+        target.state.ejections.inc();
+        tracing::warn!(
+            route = %route.id,
+            upstream_target = %target.name,
+            status = status.unwrap_or_default(),
+            ejected_for = %crate::api::units::format_duration(max),
+            "the provider refused the target's credentials; target ejected: check its credentials (secret or env)"
+        );
     }
 }
 
