@@ -1,13 +1,11 @@
 //! The command line: subcommands and flags only; each subcommand's logic lives in its module.
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 use crate::api::units::parse_duration;
 use crate::config::{Credential, MockOptions, UsageChunk, parse_count, parse_fail_status, parse_rate, parse_usage};
@@ -181,7 +179,7 @@ impl MockFlags {
 /// Runs the command line and returns the process exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log, cli.log_format == "json");
+    crate::logs::init(&cli.log, cli.log_format == "json");
     match cli.command {
         Command::Crd(args) => {
             print!("{}", if args.helm { crate::api::crds_helm_yaml() } else { crate::api::crds_yaml() });
@@ -268,19 +266,6 @@ fn runtime(worker_threads: Option<usize>) -> Result<tokio::runtime::Runtime, Str
         b
     };
     builder.enable_all().build().map_err(|e| format!("cannot start the async runtime: {e}"))
-}
-
-fn init_logging(filter: &str, json: bool) {
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|e| {
-        eprintln!("sideyard: invalid --log filter {filter:?} ({e}); using \"info\"");
-        EnvFilter::new("info")
-    });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.with_ansi(std::io::stderr().is_terminal()).init();
-    }
 }
 
 /// Resolves on SIGTERM (how Kubernetes stops a pod) or SIGINT.

@@ -7,6 +7,7 @@ pub mod api;
 pub mod budget;
 pub mod cli;
 pub mod config;
+pub mod logs;
 pub mod metrics;
 pub mod mock_provider;
 pub mod operator;

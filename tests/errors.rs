@@ -158,3 +158,94 @@ async fn provider_keys_reach_the_upstream_and_nothing_else() {
     }
     assert!(log.contains("attempt failed"), "the trace log covered the failed attempt:\n{log}");
 }
+
+/// Any JSON, refused when an object repeats a key (serde_json's `Value` would keep the last).
+struct UniqueKeys;
+
+impl<'de> serde::Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = UniqueKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("JSON")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<UniqueKeys, E> {
+                Ok(UniqueKeys)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<UniqueKeys, E> {
+                Ok(UniqueKeys)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<UniqueKeys, E> {
+                Ok(UniqueKeys)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<UniqueKeys, E> {
+                Ok(UniqueKeys)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<UniqueKeys, E> {
+                Ok(UniqueKeys)
+            }
+            fn visit_unit<E>(self) -> Result<UniqueKeys, E> {
+                Ok(UniqueKeys)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<UniqueKeys, A::Error> {
+                while seq.next_element::<UniqueKeys>()?.is_some() {}
+                Ok(UniqueKeys)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<UniqueKeys, A::Error> {
+                let mut seen = std::collections::HashSet::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if !seen.insert(key.clone()) {
+                        return Err(serde::de::Error::custom(format!("the key {key:?} repeats")));
+                    }
+                    map.next_value::<UniqueKeys>()?;
+                }
+                Ok(UniqueKeys)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_log_lines_repeat_no_key_and_keep_the_upstream_target_and_lists() {
+    let up = ScriptedUpstream::start().await;
+    let config = route_yaml(
+        "chat",
+        "health: {consecutiveFailures: 1}",
+        &[
+            &format!("{{name: down, baseUrl: '{}'}}", up.url("status-503")),
+            &format!("{{name: up, baseUrl: '{}'}}", up.url("ok/up")),
+        ],
+    );
+    let sidecar = Sidecar::start_with(&config, &["--log-format", "json", "--log", "debug"], &[]);
+    let reply = post(sidecar.api, "/v1/chat/completions", r#"{"model": "chat"}"#).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let reply = post(sidecar.api, "/v1/chat/completions", r#"{"model": "nope"}"#).await;
+    assert_eq!(reply.status, 404);
+    eventually("the ejection is logged", || async { sidecar.process.log().contains("target ejected") }).await;
+
+    let log = sidecar.process.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|line| {
+            if let Err(e) = serde_json::from_str::<UniqueKeys>(line) {
+                panic!("{e}: {line}");
+            }
+            serde_json::from_str(line).unwrap()
+        })
+        .collect();
+    let with = |message: &str| {
+        lines
+            .iter()
+            .find(|l| l["message"].as_str().is_some_and(|m| m.contains(message)))
+            .unwrap_or_else(|| panic!("no {message:?} line in:\n{log}"))
+    };
+    let loaded = with("configuration loaded");
+    assert!(loaded["files"].as_array().is_some_and(|f| f.len() == 1), "a list is an array: {loaded}");
+    let failed = with("attempt failed");
+    assert_eq!(failed["upstream_target"], "down", "{failed}");
+    assert_eq!(failed["target"], "sideyard::sidecar::proxy", "the module, kept apart: {failed}");
+    assert!(failed["detail"].as_str().is_some_and(|d| d.contains("503")), "{failed}");
+    assert_eq!(with("target ejected")["upstream_target"], "down");
+}

@@ -67,7 +67,7 @@ fn review_pod(webhook: &Webhook, request: &AdmissionRequest<Pod>) -> AdmissionRe
         }
         Err(message) => {
             webhook.metrics.injection("refused");
-            tracing::info!(pod = %name, %message, "refused a pod");
+            tracing::info!(pod = %name, detail = %message, "refused a pod");
             response.deny(message)
         }
     }

@@ -59,7 +59,7 @@ pub async fn count_tokens(State(shared): State<Arc<Shared>>, request: Request) -
         match count_at(target, &parts.headers, &body).await {
             Ok(response) => return response,
             Err(reason) => {
-                tracing::debug!(route = %route.id, target = %target.name, %reason, "token count failed; trying the next way");
+                tracing::debug!(route = %route.id, upstream_target = %target.name, %reason, "token count failed; trying the next way");
             }
         }
     }

@@ -333,7 +333,7 @@ async fn serve_route<'a>(
     if plan.panic {
         route.state.panics.inc();
         let target = &route.targets[plan.order[0]];
-        tracing::warn!(route = %route.id, target = %target.name, "every target is ejected or cooling down; trying the one that recovers soonest");
+        tracing::warn!(route = %route.id, upstream_target = %target.name, "every target is ejected or cooling down; trying the one that recovers soonest");
     }
     let mut run = RouteAttempts {
         route,
@@ -366,7 +366,7 @@ async fn serve_route<'a>(
                 trail.attempts += run.started - before;
                 if let Some(index) = hedge_target {
                     route.state.hedges_started.inc();
-                    tracing::debug!(route = %route.id, target = %route.targets[index].name, "no first token yet; hedging");
+                    tracing::debug!(route = %route.id, upstream_target = %route.targets[index].name, "no first token yet; hedging");
                 }
                 continue;
             }
@@ -406,7 +406,7 @@ async fn serve_route<'a>(
                 }
                 let when = route.fallback.when;
                 let falls_back = kind.listed_in(|r| when.contains(r));
-                tracing::debug!(route = %route.id, target = %target.name, reason = kind.as_str(), message = %failure.record.message, falls_back, "attempt failed");
+                tracing::debug!(route = %route.id, upstream_target = %target.name, reason = kind.as_str(), detail = %failure.record.message, falls_back, "attempt failed");
                 let mut record = failure.record;
                 if kind == FallbackReason::TooManyRequests && record.retry_after.is_none() {
                     record.retry_after = target.state.health.cooling_for(health::now());
@@ -443,10 +443,10 @@ pub(super) fn record_health(route: &ServedRoute, target: &ServedTarget, outcome:
     match target.state.health.record(outcome, probe, &route.health, health::now()) {
         Some(Transition::Ejected { duration }) => {
             target.state.ejections.inc();
-            tracing::warn!(route = %route.id, target = %target.name, ejected_for = ?duration, "target ejected after failures");
+            tracing::warn!(route = %route.id, upstream_target = %target.name, ejected_for = ?duration, "target ejected after failures");
         }
         Some(Transition::Recovered) => {
-            tracing::info!(route = %route.id, target = %target.name, "target recovered");
+            tracing::info!(route = %route.id, upstream_target = %target.name, "target recovered");
         }
         None => {}
     }

@@ -278,7 +278,7 @@ impl SseRelay {
         target.state.stream_errors.inc();
         target.state.duration.observe(self.watch.started.elapsed());
         target.state.health.record(AttemptOutcome::Failure, false, &self.route.health, health::now());
-        tracing::warn!(route = %self.route.id, target = %target.name, %code, %message, "stream broke after the answer started");
+        tracing::warn!(route = %self.route.id, upstream_target = %target.name, %code, detail = %message, "stream broke after the answer started");
         self.settle();
         self.error_event("upstream_error", code, &message)
     }
@@ -415,7 +415,7 @@ impl SseRelay {
         let route = self.route.clone();
         let target = &route.targets[self.target];
         target.state.duration.observe(self.watch.started.elapsed());
-        tracing::info!(route = %self.route.id, target = %target.name, "stream stopped: the key's budget ran out");
+        tracing::info!(route = %self.route.id, upstream_target = %target.name, "stream stopped: the key's budget ran out");
         self.settle();
         let message = "The API key's budget ran out while this answer was streaming.";
         self.error_event("insufficient_credits", "insufficient_credits", message)

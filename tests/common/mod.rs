@@ -350,8 +350,13 @@ impl Sidecar {
     }
 }
 
-/// Reads `KEY=127.0.0.1:PORT` out of a log line.
+/// Reads `KEY=127.0.0.1:PORT` out of a log line, or the field `KEY` of a JSON log line.
 pub fn addr_after(line: &str, key: &str) -> SocketAddr {
+    if let Ok(serde_json::Value::Object(fields)) = serde_json::from_str(line) {
+        let field = fields.get(key.trim_end_matches('=')).and_then(|v| v.as_str());
+        let field = field.unwrap_or_else(|| panic!("no {key} in {line:?}"));
+        return field.parse().unwrap_or_else(|e| panic!("bad address in {line:?}: {e}"));
+    }
     let rest = &line[line.find(key).unwrap_or_else(|| panic!("no {key} in {line:?}")) + key.len()..];
     rest.split_whitespace().next().unwrap().parse().unwrap_or_else(|e| panic!("bad address in {line:?}: {e}"))
 }
