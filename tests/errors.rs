@@ -249,3 +249,74 @@ async fn json_log_lines_repeat_no_key_and_keep_the_upstream_target_and_lists() {
     assert!(failed["detail"].as_str().is_some_and(|d| d.contains("503")), "{failed}");
     assert_eq!(with("target ejected")["upstream_target"], "down");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_and_fallen_back_requests_are_logged_at_info_within_a_rate_limit() {
+    let up = ScriptedUpstream::start().await;
+    let config = route_yaml(
+        "chat",
+        "health: {consecutiveFailures: 100}",
+        &[
+            &format!("{{name: down, baseUrl: '{}'}}", up.url("status-503")),
+            &format!("{{name: up, baseUrl: '{}'}}", up.url("ok/up")),
+        ],
+    ) + &route_yaml("broken", "", &[&format!("{{name: only, baseUrl: 'http://{}'}}", closed_port())]);
+    let sidecar = Sidecar::start(&config);
+    let lines = |what: &str| -> Vec<String> {
+        sidecar.process.log().lines().filter(|l| l.contains(what)).map(String::from).collect()
+    };
+
+    // Served at the first try: nothing at info.
+    let response =
+        send_with(sidecar.api, "POST", "/v1/chat/completions", &[("x-request-id", "req-fell")], r#"{"model": "chat"}"#)
+            .await;
+    assert_eq!(response.status(), 200);
+    let response = send_with(
+        sidecar.api,
+        "POST",
+        "/v1/chat/completions",
+        &[("x-request-id", "req-failed")],
+        r#"{"model": "broken"}"#,
+    )
+    .await;
+    assert_eq!(response.status(), 502);
+    let response = send_with(
+        sidecar.api,
+        "POST",
+        "/v1/chat/completions",
+        &[("x-request-id", "req-unknown")],
+        r#"{"model": "nope"}"#,
+    )
+    .await;
+    assert_eq!(response.status(), 404);
+    eventually("three request lines", || async { lines("request_id=").len() == 3 }).await;
+
+    let fell = lines("request_id=req-fell");
+    assert!(fell[0].contains("INFO") && fell[0].contains("request served after a fallback"), "{fell:?}");
+    for part in [
+        "path=/v1/chat/completions",
+        "model=chat",
+        "route=default/chat",
+        "upstream_target=up",
+        r#"attempts=["down: 5xx (503)"]"#,
+        "status=200",
+    ] {
+        assert!(fell[0].contains(part), "{part} in {}", fell[0]);
+    }
+    let failed = lines("request_id=req-failed");
+    assert!(failed[0].contains("request failed") && failed[0].contains("status=502"), "{failed:?}");
+    assert!(failed[0].contains(r#"attempts=["only: connect"]"#), "{failed:?}");
+    let unknown = lines("request_id=req-unknown");
+    assert!(unknown[0].contains("status=404") && unknown[0].contains("model=nope"), "{unknown:?}");
+
+    // An outage: every line is written or counted as left out, never more than the limit a second.
+    const N: usize = 120;
+    let requests = (0..N).map(|_| post(sidecar.api, "/v1/chat/completions", r#"{"model": "broken"}"#));
+    assert!(futures::future::join_all(requests).await.iter().all(|r| r.status.is_server_error()));
+    let metrics = get(sidecar.admin, "/metrics").await.body;
+    let left_out = metric(&metrics, "sideyard_request_log_suppressed_total") as usize;
+    eventually("every line of the outage is written or counted", || async {
+        lines("request_id=-").len() + left_out == N
+    })
+    .await;
+}

@@ -387,6 +387,7 @@ async fn a_hedge_wins_against_a_slow_primary_and_the_loser_is_cancelled() {
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-sideyard-target"], "backup");
     assert_eq!(response.headers()["x-sideyard-attempts"], "2");
+    assert_eq!(response.headers()["x-sideyard-hedged"], "won", "the hedge answered, and says so");
     let text = rest(&mut response.into_body()).await;
     assert!(!text.contains("thinking") && text.contains("\"three\""), "only the winner's stream: {text}");
     eventually("the slow primary's connection is closed", || async {
@@ -396,6 +397,7 @@ async fn a_hedge_wins_against_a_slow_primary_and_the_loser_is_cancelled() {
 
     let reply = post(sidecar.api, "/v1/chat/completions", &ask("whole")).await;
     assert_eq!((reply.status.as_u16(), reply.header("x-sideyard-target")), (200, "backup"));
+    assert_eq!(reply.header("x-sideyard-hedged"), "won");
 
     let metrics = metrics_of(&sidecar).await;
     for route in ["streamy", "whole"] {

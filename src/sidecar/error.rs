@@ -22,6 +22,8 @@ pub const ERROR_SOURCE: HeaderName = HeaderName::from_static("x-sideyard-error-s
 pub const TARGET: HeaderName = HeaderName::from_static("x-sideyard-target");
 pub const ATTEMPTS: HeaderName = HeaderName::from_static("x-sideyard-attempts");
 pub const FALLBACK_REASON: HeaderName = HeaderName::from_static("x-sideyard-fallback-reason");
+/// On an answer from a hedged attempt: `won`.
+pub const HEDGED: HeaderName = HeaderName::from_static("x-sideyard-hedged");
 
 /// One failed attempt, as reported in `error.metadata.previous_errors`.
 #[derive(Clone, Debug, Serialize)]

@@ -186,6 +186,14 @@ fn render_states(registry: &StateRegistry, now: Ticks) -> String {
         "Times the configuration files were checked for changes.",
     );
     let _ = writeln!(out, "sideyard_config_source_checks_total {}", registry.source_checks.get());
+    header(
+        &mut out,
+        "sideyard_request_log_suppressed_total",
+        "counter",
+        "Log lines of failed or fallen-back requests left out by the log's rate limit.",
+    );
+    let _ = writeln!(out, "sideyard_request_log_suppressed_total {}", registry.request_log.suppressed.get());
+
     header(&mut out, "sideyard_config_reloads_total", "counter", "Configuration reloads, by result.");
     let _ = writeln!(out, "sideyard_config_reloads_total{{result=\"success\"}} {}", registry.reloads_ok.get());
     let _ = writeln!(out, "sideyard_config_reloads_total{{result=\"failure\"}} {}", registry.reloads_failed.get());

@@ -24,6 +24,7 @@ mod passthrough;
 pub mod plan;
 mod proxy;
 mod relay;
+mod request_log;
 mod service;
 mod shared;
 mod snapshot;

@@ -26,6 +26,7 @@ use super::error::{AttemptFailure, ERROR_SOURCE, ProxyError, add_rate_headers};
 use super::health::{self, AttemptOutcome};
 use super::plan;
 use super::proxy::{authenticate, bad_request, finish, read_request, record_health, refused_credentials, unrouted};
+use super::request_log::{Outcome, RequestLog};
 use super::shared::Shared;
 use super::snapshot::{ServedRoute, ServedTarget};
 use super::transport::SendError;
@@ -83,10 +84,18 @@ pub async fn passthrough(State(shared): State<Arc<Shared>>, request: Request) ->
     shared.states.api_calls[Api::Passthrough.index()].inc();
     let snapshot = shared.snapshot.load_full();
     let (parts, body) = request.into_parts();
+    // A call refused before any target took it, logged as it ends.
+    let refuse = |error: ProxyError, model: Option<&str>| {
+        let response = unrouted(&shared, error);
+        let outcome = Outcome::refused(&parts.headers, parts.uri.path(), model, response.status().as_u16());
+        shared.states.request_log.record(outcome);
+        response
+    };
     let (model, payload) = match read_payload(&shared, &parts.headers, body).await {
         Ok(read) => read,
-        Err(error) => return unrouted(&shared, error),
+        Err(error) => return refuse(error, None),
     };
+    let name = model.as_ref().map(|m| m.name.as_str());
     let route = match &model {
         Some(model) => snapshot
             .route(&model.name)
@@ -98,20 +107,20 @@ pub async fn passthrough(State(shared): State<Arc<Shared>>, request: Request) ->
     };
     let route = match route {
         Ok(route) => route,
-        Err(error) => return unrouted(&shared, error),
+        Err(error) => return refuse(error, name),
     };
     let budget = match authenticate(&parts.headers, &snapshot, &[route], shared.require_key) {
         Ok(budget) => budget,
-        Err(error) => return unrouted(&shared, error),
+        Err(error) => return refuse(error, name),
     };
     let mut rate = None;
     if let Some(budget) = &budget {
         match billing::admit_rate(budget).await {
             Ok(status) => rate = status,
-            Err(refused) => return unrouted(&shared, refused),
+            Err(refused) => return refuse(refused, name),
         }
     }
-    let mut response = forward(route, &parts, model.as_ref(), payload).await;
+    let mut response = forward(route, &parts, model.as_ref(), payload, &shared.states.request_log).await;
     if let Some(rate) = rate {
         add_rate_headers(response.headers_mut(), rate);
     }
@@ -188,7 +197,20 @@ async fn forward(
     parts: &http::request::Parts,
     model: Option<&Model>,
     mut payload: Payload,
+    log: &RequestLog,
 ) -> Response {
+    fn outcome<'a>(
+        parts: &'a http::request::Parts,
+        route: &'a ServedRoute,
+        model: Option<&'a Model>,
+        failures: &'a [AttemptFailure],
+        target: Option<&'a str>,
+        status: StatusCode,
+    ) -> Outcome<'a> {
+        let model = model.map(|m| m.name.as_str());
+        let (headers, path, route) = (&parts.headers, parts.uri.path(), Some(route.id.as_str()));
+        Outcome { headers, path, model, route, target, failures, status: status.as_u16() }
+    }
     let now = health::now();
     let tick = route.ticks.fetch_add(1, Ordering::Relaxed);
     let candidates: Vec<plan::Candidate<'_>> = route.targets.iter().map(|t| t.candidate(now)).collect();
@@ -247,7 +269,9 @@ async fn forward(
                 }
                 if !falls_back {
                     let fell_back_on = failures.last().map(|f| f.kind);
-                    return finish(answer(response, &route.model, target), target, attempts, fell_back_on);
+                    let response = finish(answer(response, &route.model, target), target, attempts, fell_back_on);
+                    log.record(outcome(parts, route, model, &failures, Some(&target.name), response.status()));
+                    return response;
                 }
                 let kind = kind.unwrap_or(FallbackReason::ServerError);
                 if kind == FallbackReason::TooManyRequests {
@@ -283,13 +307,20 @@ async fn forward(
     } else {
         ProxyError::AttemptsFailed { model: route.model.clone(), attempts: failures, excluded_by: Vec::new() }
     };
-    match last {
+    let failures = match &error {
+        ProxyError::AttemptsFailed { attempts, .. } => attempts.clone(),
+        _ => Vec::new(),
+    };
+    let response = match last {
         Some(index) => finish(error.into_response(), &route.targets[index], attempts, fell_back_on),
         None => {
             route.state.requests.inc(error.status().as_u16());
             error.into_response()
         }
-    }
+    };
+    let last_target = last.map(|i| route.targets[i].name.as_str());
+    log.record(outcome(parts, route, model, &failures, last_target, response.status()));
+    response
 }
 
 impl Payload {

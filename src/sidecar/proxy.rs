@@ -20,10 +20,11 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use super::attempt::{Answer, Failure, Finished, HealthEffect, Outgoing, attempt};
 use super::billing::{self, Bill, ServedBudget, StreamBill, caller_key, key_hash};
 use super::endpoint::{Api, Endpoint};
-use super::error::{ATTEMPTS, AttemptFailure, FALLBACK_REASON, ProxyError, TARGET, add_rate_headers};
+use super::error::{ATTEMPTS, AttemptFailure, FALLBACK_REASON, HEDGED, ProxyError, TARGET, add_rate_headers};
 use super::health::{self, AttemptOutcome, Transition};
 use super::plan;
 use super::relay::SseRelay;
+use super::request_log::Outcome;
 use super::shared::Shared;
 use super::snapshot::{ServedRoute, ServedTarget, Snapshot};
 use crate::api::FallbackReason;
@@ -65,17 +66,24 @@ async fn converse(shared: Arc<Shared>, request: Request, endpoint: Endpoint) -> 
     let caller = endpoint.format();
     let snapshot = shared.snapshot.load_full();
     let (parts, body) = request.into_parts();
+    // A request refused before any route took it, logged as it ends.
+    let refuse = |error: ProxyError, model: Option<&str>| {
+        let response = unrouted_as(&shared, error, caller);
+        let outcome = Outcome::refused(&parts.headers, parts.uri.path(), model, response.status().as_u16());
+        shared.states.request_log.record(outcome);
+        response
+    };
     let body = match read_request(&shared, body).await {
         Ok(body) => body,
-        Err(error) => return unrouted_as(&shared, error, caller),
+        Err(error) => return refuse(error, None),
     };
     let chat = match parse_chat_request(&body) {
         Ok(chat) => chat,
-        Err(e) => return unrouted_as(&shared, bad_request(e), caller),
+        Err(e) => return refuse(bad_request(e), None),
     };
     if caller == Format::Anthropic && chat.max_tokens.is_none() {
         let error = ProxyError::BadRequest { code: "missing_max_tokens", message: "max_tokens: Field required".into() };
-        return unrouted_as(&shared, error, caller);
+        return refuse(error, Some(&chat.model));
     }
 
     // The routes to try: `model`, then each of `models` not already in the chain.
@@ -83,11 +91,11 @@ async fn converse(shared: Arc<Shared>, request: Request, endpoint: Endpoint) -> 
     for name in std::iter::once(&chat.model).chain(&chat.models) {
         let Some(route) = snapshot.route(name) else {
             let error = ProxyError::UnknownModel { model: name.to_string(), known: snapshot.known_models() };
-            return unrouted_as(&shared, error, caller);
+            return refuse(error, Some(&chat.model));
         };
         if route.serves != endpoint.serves() {
             let error = ProxyError::WrongEndpoint { model: name.to_string(), serves: route.serves, endpoint };
-            return unrouted_as(&shared, error, caller);
+            return refuse(error, Some(&chat.model));
         }
         if !chain.iter().any(|r| Arc::ptr_eq(r, route)) {
             chain.push(route);
@@ -95,13 +103,13 @@ async fn converse(shared: Arc<Shared>, request: Request, endpoint: Endpoint) -> 
     }
     let budget = match authenticate(&parts.headers, &snapshot, &chain, shared.require_key) {
         Ok(budget) => budget,
-        Err(e) => return unrouted_as(&shared, e, caller),
+        Err(e) => return refuse(e, Some(&chat.model)),
     };
     let mut rate = None;
     if let Some(budget) = &budget {
         match billing::admit_rate(budget).await {
             Ok(status) => rate = status,
-            Err(refused) => return unrouted_as(&shared, refused, caller),
+            Err(refused) => return refuse(refused, Some(&chat.model)),
         }
     }
 
@@ -126,9 +134,23 @@ async fn converse(shared: Arc<Shared>, request: Request, endpoint: Endpoint) -> 
             Err(Stop::Exhausted) => break,
         }
     }
+    // The log line's copy of the failures: made only when there are some.
+    let failures = trail.failures.clone();
     let mut response = response.unwrap_or_else(|| trail.into_response(&chat.model, chain[0], caller));
     if let Some(rate) = rate {
         add_rate_headers(response.headers_mut(), rate);
+    }
+    let status = response.status().as_u16();
+    if status >= 400 || !failures.is_empty() {
+        shared.states.request_log.record(Outcome {
+            headers: &parts.headers,
+            path: parts.uri.path(),
+            model: Some(&chat.model),
+            route: Some(&chain[0].id),
+            target: response.headers().get(TARGET).and_then(|v| v.to_str().ok()),
+            failures: &failures,
+            status,
+        });
     }
     response
 }
@@ -388,7 +410,11 @@ async fn serve_route<'a>(
                 let bill =
                     Bill { reservation, prices: target.prices, prompt_estimate: body.len() as u64 / BYTES_PER_TOKEN };
                 let response = commit(answer, route, index, rename, bill, out);
-                return Ok(finish(response, target, trail.attempts, fallback));
+                let mut response = finish(response, target, trail.attempts, fallback);
+                if hedge_target == Some(index) {
+                    response.headers_mut().insert(HEDGED, HeaderValue::from_static("won"));
+                }
+                return Ok(response);
             }
             Err(failure) => {
                 let kind = failure.record.kind;

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use super::endpoint::Api;
 use super::health::{HealthTracker, Ticks};
+use super::request_log::RequestLog;
 use super::stats::TargetStats;
 use crate::api::FallbackReason;
 use crate::metrics::{Counter, Gauge, Histogram, StatusCounter};
@@ -78,6 +79,8 @@ pub struct StateRegistry {
     pub routes_loaded: Gauge,
     /// The operator's version of the configuration being served; 0 in standalone mode.
     pub config_version: Gauge,
+    /// The log lines of requests that failed or fell back.
+    pub request_log: RequestLog,
 }
 
 impl StateRegistry {
