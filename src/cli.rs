@@ -189,9 +189,7 @@ pub fn main() -> ExitCode {
             match runtime(threads.worker_threads).map(|rt| rt.block_on(crate::sidecar::run(args, shutdown_signal()))) {
                 Ok(Ok(())) => ExitCode::SUCCESS,
                 Ok(Err(SidecarError::Config(errors))) => {
-                    for e in &errors.0 {
-                        tracing::error!("invalid configuration: {e}");
-                    }
+                    // Printed once, not also as log lines: the process stops on it.
                     eprintln!("sideyard: invalid configuration:\n{errors}");
                     ExitCode::from(EXIT_CONFIG)
                 }

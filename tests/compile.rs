@@ -5,19 +5,16 @@ use std::time::Duration;
 
 use sideyard::api::FallbackReason;
 use sideyard::config::{
-    ConfigErrors, CredentialState, Documents, Format, MapResolver, Reason, Upstream, analyse, compile, parse_file,
+    ConfigErrors, CredentialState, Documents, Format, MapResolver, Reason, Upstream, analyse, compile, compile_texts,
+    parse_file,
 };
 
+/// Reads and compiles the files as standalone mode does.
 fn compile_files(files: &[(&str, &str)], resolver: &MapResolver) -> Result<sideyard::config::Config, Vec<String>> {
-    let mut docs = Documents::default();
-    let mut errors = Vec::new();
-    for (name, text) in files {
-        parse_file(name, text, &mut docs, &mut errors);
-    }
-    if !errors.is_empty() {
-        return Err(errors.iter().map(ToString::to_string).collect());
-    }
-    compile(&docs, resolver).map_err(|ConfigErrors(e)| e.iter().map(ToString::to_string).collect())
+    let texts: Vec<(String, String)> = files.iter().map(|(n, t)| (n.to_string(), t.to_string())).collect();
+    compile_texts(&texts, resolver)
+        .map(|(config, _)| config)
+        .map_err(|ConfigErrors(e)| e.iter().map(ToString::to_string).collect())
 }
 
 fn errors_of(files: &[(&str, &str)]) -> Vec<String> {
@@ -220,7 +217,7 @@ fn yaml_and_type_errors_name_their_place() {
     let cases = [
         (
             format!("{header}spec:\n  model: x\n  targets: [{{name: m, api: mock}}]\n  fallbak: {{}}\n"),
-            "document 1 (ProviderRoute default/x): spec.fallbak: unknown field",
+            "document 1 (ProviderRoute default/x): spec.fallbak: unknown field; did you mean fallback?",
         ),
         (
             format!("{header}spec:\n  model: x\n  targets: [{{name: m, api: mock}}]\n  fallback: {{on: [connect]}}\n"),
@@ -228,11 +225,11 @@ fn yaml_and_type_errors_name_their_place() {
         ),
         (
             format!("{header}spec:\n  model: x\n  targets: [{{name: m, api: mock, weight: many}}]\n"),
-            "spec.targets[0].weight: invalid type: string \"many\", expected u32",
+            "spec.targets[0].weight: expected an integer, got the string \"many\"",
         ),
         (
             format!("{header}spec:\n  model: x\n  targets: [{{name: m, api: gemini}}]\n"),
-            "spec.targets[0].api: unknown variant `gemini`, expected one of `openai`, `anthropic`, `mock`",
+            "spec.targets[0].api: the string \"gemini\" is not one of openai, anthropic, mock",
         ),
         (
             format!("{header}spec:\n  model: x\n  targets: [{{name: m, api: anthropic}}]\n"),
@@ -256,7 +253,7 @@ fn yaml_and_type_errors_name_their_place() {
             ),
             "spec.targets[0].anthropicBetas[0]: \"a b\" is not a beta name",
         ),
-        (format!("{header}spec:\n  model: x\n"), "(ProviderRoute default/x): spec: missing field `targets`"),
+        (format!("{header}spec:\n  model: x\n"), "(ProviderRoute default/x): spec.targets: required field is missing"),
         (
             format!("---\nkind: ProviderRoute\n---\n{header}spec: [\n"),
             "r.yaml: document 1 (ProviderRoute default/): not a Kubernetes object: apiVersion and kind are required",
@@ -306,6 +303,32 @@ fn yaml_and_type_errors_name_their_place() {
         assert!(errors.iter().any(|e| e.contains(expected)), "expected {expected:?} in {errors:?}");
         assert!(!errors.iter().any(|e| e.contains("hunter2")), "an error repeats a password: {errors:?}");
     }
+}
+
+#[test]
+fn every_problem_of_every_document_is_reported_in_one_run() {
+    let header = |kind: &str, name: &str| {
+        format!("apiVersion: sideyard.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}}}\n")
+    };
+    let first = format!(
+        "{}spec:\n  model: a\n  strategy: fastest\n  fallbak: {{}}\n  targets: [{{name: m, api: mock, weight: many}}]\n---\n{}spec:\n  model: b\n  targets: [{{name: m, api: mock, baseUrl: 'mock://local?latency=soon'}}]\n",
+        header("ProviderRoute", "a"),
+        header("ProviderRoute", "b")
+    );
+    let second = format!("{}spec: {{key: {{sha256: abc}}, limt: '1', period: hourly}}\n", header("ApiKeyBudget", "k"));
+    let errors = errors_of(&[("first.yaml", &first), ("second.yaml", &second)]);
+    for expected in [
+        "first.yaml: document 1 (ProviderRoute default/a): spec.strategy: the string \"fastest\" is not one of",
+        "first.yaml: document 1 (ProviderRoute default/a): spec.fallbak: unknown field; did you mean fallback?",
+        "first.yaml: document 1 (ProviderRoute default/a): spec.targets[0].weight: expected an integer",
+        // A document that reads well is compiled too, and its problems are reported beside.
+        "first.yaml: document 2 (ProviderRoute default/b): spec.targets[0].baseUrl: mock option latency",
+        "second.yaml: document 1 (ApiKeyBudget default/k): spec.limt: unknown field; did you mean limit?",
+        "second.yaml: document 1 (ApiKeyBudget default/k): spec.period: the string \"hourly\" is not one of",
+    ] {
+        assert!(errors.iter().any(|e| e.starts_with(expected)), "expected {expected:?} in {errors:#?}");
+    }
+    assert_eq!(errors.len(), 6, "{errors:#?}");
 }
 
 #[test]

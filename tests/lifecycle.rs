@@ -124,10 +124,19 @@ fn an_invalid_config_at_start_exits_64_naming_the_problem() {
         stderr.contains("routes.yaml: document 1 (ProviderRoute default/x): spec.targets[0].credentials: secret \"openai\" not found"),
         "{stderr}"
     );
+    assert_eq!(stderr.matches("not found").count(), 1, "printed once, not also as a log line: {stderr}");
 
     let (code, _, stderr) = run(&["sidecar", "-f", "/nonexistent/routes.yaml"]);
     assert_eq!(code, Some(64), "{stderr}");
     assert!(stderr.contains("/nonexistent/routes.yaml: No such file or directory"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn require_key_without_a_budget_warns_that_every_request_is_refused() {
+    let sidecar = Sidecar::start_with(&route("chat", ""), &["--require-key"], &[]);
+    assert_eq!(status_of(sidecar.api, "chat").await, 401);
+    let log = sidecar.process.log();
+    assert!(log.contains("WARN") && log.contains("every request will be refused"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -22,6 +22,14 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![ProviderRoute::crd(), ApiKeyBudget::crd()]
 }
 
+/// The structural schema (`openAPIV3Schema`, as JSON) of the kind `kind` of [`API_VERSION`]:
+/// what the API server checks a document against before it stores it.
+pub fn schema_of(kind: &str) -> Option<serde_json::Value> {
+    let crd = crds().into_iter().find(|crd| crd.spec.names.kind == kind)?;
+    let version = crd.spec.versions.into_iter().find(|v| v.name == VERSION)?;
+    serde_json::to_value(version.schema?.open_api_v3_schema?).ok()
+}
+
 /// The CRDs as one multi-document YAML stream, as `sideyard crd` prints and `crds/` holds.
 pub fn crds_yaml() -> String {
     yaml_of(crds())

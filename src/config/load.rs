@@ -4,6 +4,7 @@ use std::cell::RefCell;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
 
 use k8s_openapi::api::core::v1::Secret;
 use serde::Deserialize;
@@ -11,7 +12,7 @@ use serde::de::DeserializeOwned;
 
 use super::compile::{DEFAULT_NAMESPACE, Document, Documents, Resolver, compile};
 use super::wire::{COMPILED_CONFIG_KIND, CompiledConfig};
-use super::{Config, ConfigError, ConfigErrors, ObjectRef, Origin, Reason, selector};
+use super::{Config, ConfigError, ConfigErrors, ObjectRef, Origin, Reason, schema, selector};
 use crate::api::{API_VERSION, GROUP};
 
 /// The paths the sidecar was started with (`-f`): files, or directories whose `*.yaml`, `*.yml` and
@@ -114,30 +115,50 @@ fn io_error(path: &Path, e: &std::io::Error) -> ConfigErrors {
 /// Reads and compiles the sources, and keeps what selects this pod.
 pub fn load(sources: &Sources) -> Result<Loaded, ConfigErrors> {
     let snapshot = sources.read()?;
-    let mut docs = Documents::default();
-    let mut errors = Vec::new();
-    for (name, text) in &snapshot.texts {
-        parse_file(name, text, &mut docs, &mut errors);
-    }
-    if !errors.is_empty() {
-        return Err(ConfigErrors(errors));
-    }
     let labels = match (&snapshot.pod_labels, &sources.pod_labels_file) {
-        (Some(text), Some(path)) => Some(
-            selector::parse_labels_file(text)
-                .map_err(|e| ConfigError::input("--pod-labels-file", format!("{}: {e}", path.display())))?,
-        ),
-        _ => None,
+        (Some(text), Some(path)) => selector::parse_labels_file(text)
+            .map(Some)
+            .map_err(|e| ConfigError::input("--pod-labels-file", format!("{}: {e}", path.display()))),
+        _ => Ok(None),
     };
     let resolver = FsResolver::default();
-    let (mut config, version) = match docs.compiled.pop() {
-        None => (compile(&docs, &resolver)?, None),
-        Some(compiled) => from_compiled(compiled, &docs)?,
+    let ((mut config, version), labels) = match (compile_texts(&snapshot.texts, &resolver), labels) {
+        (Ok(compiled), Ok(labels)) => (compiled, labels),
+        (compiled, labels) => {
+            let mut errors = compiled.err().map(|e| e.0).unwrap_or_default();
+            errors.extend(labels.err());
+            return Err(ConfigErrors(errors));
+        }
     };
     if let Some(labels) = &labels {
         config.retain_for(labels);
     }
     Ok(Loaded { config, version, fingerprint: Fingerprint::new(snapshot.hash, resolver.files.into_inner()) })
+}
+
+/// Reads every document of `texts` (each a file's name and text) and compiles them: the
+/// configuration, with the operator's version when it is a [`CompiledConfig`], or every problem of
+/// every document. The documents that read well are compiled even when others did not, so that one
+/// run reports all there is to fix.
+pub fn compile_texts(
+    texts: &[(String, String)],
+    resolver: &dyn Resolver,
+) -> Result<(Config, Option<u64>), ConfigErrors> {
+    let mut docs = Documents::default();
+    let mut errors = Vec::new();
+    for (name, text) in texts {
+        parse_file(name, text, &mut docs, &mut errors);
+    }
+    let compiled = match docs.compiled.pop() {
+        // Without one route that read well, "no route" would only repeat the problems above.
+        None if !errors.is_empty() && docs.routes.is_empty() => None,
+        None => compile(&docs, resolver).map(|config| (config, None)).map_err(|e| errors.extend(e.0)).ok(),
+        Some(compiled) => from_compiled(compiled, &docs).map_err(|e| errors.extend(e.0)).ok(),
+    };
+    match compiled {
+        Some(compiled) if errors.is_empty() => Ok(compiled),
+        _ => Err(ConfigErrors(errors)),
+    }
 }
 
 /// The configuration of an operator-compiled document, which must be the only input: mixing it
@@ -211,26 +232,31 @@ fn parse_object(value: serde_yaml::Value, origin: &Origin, docs: &mut Documents,
             reason: Reason::Invalid,
         })
     };
+    let mut report = |problems: Vec<(String, String)>| {
+        for (path, message) in problems {
+            error(&path, message);
+        }
+    };
     let (Some(api_version), Some(kind)) = (api_version, kind) else {
         error("", "not a Kubernetes object: apiVersion and kind are required".into());
         return;
     };
     match (api_version.as_str(), kind.as_str()) {
-        (API_VERSION, "ProviderRoute") => match strict::<crate::api::ProviderRoute>(value) {
+        (API_VERSION, "ProviderRoute") => match checked::<crate::api::ProviderRoute>("ProviderRoute", value) {
             Ok(route) => docs.routes.push(Document { origin: Some(origin.clone()), object: route }),
-            Err((path, message)) => error(&path, message),
+            Err(problems) => report(problems),
         },
-        (API_VERSION, "ApiKeyBudget") => match strict::<crate::api::ApiKeyBudget>(value) {
+        (API_VERSION, "ApiKeyBudget") => match checked::<crate::api::ApiKeyBudget>("ApiKeyBudget", value) {
             Ok(budget) => docs.budgets.push(Document { origin: Some(origin.clone()), object: budget }),
-            Err((path, message)) => error(&path, message),
+            Err(problems) => report(problems),
         },
         (API_VERSION, COMPILED_CONFIG_KIND) => match strict::<CompiledConfig>(value) {
             Ok(compiled) => docs.compiled.push(Document { origin: Some(origin.clone()), object: compiled }),
-            Err((path, message)) => error(&path, message),
+            Err(problems) => report(problems),
         },
         ("v1", "Secret") => match strict::<Secret>(value) {
             Ok(secret) => docs.secrets.push(Document { origin: Some(origin.clone()), object: secret }),
-            Err((path, message)) => error(&path, message),
+            Err(problems) => report(problems),
         },
         ("v1", "List") => match value.get("items").and_then(|i| i.as_sequence()) {
             Some(items) => {
@@ -238,43 +264,64 @@ fn parse_object(value: serde_yaml::Value, origin: &Origin, docs: &mut Documents,
                     parse_object(item.clone(), origin, docs, errors);
                 }
             }
-            None => error("items", "a List must have items".into()),
+            None => report(vec![("items".into(), "a List must have items".into())]),
         },
-        (v, k) if v.split('/').next() == Some(GROUP) => {
-            error(
-                "",
-                format!(
-                    "unknown kind {k:?} in {v:?}: this Sideyard knows ProviderRoute and ApiKeyBudget in {API_VERSION}"
-                ),
-            );
-        }
+        (v, k) if v.split('/').next() == Some(GROUP) => report(vec![(
+            String::new(),
+            format!("unknown kind {k:?} in {v:?}: this Sideyard knows ProviderRoute and ApiKeyBudget in {API_VERSION}"),
+        )]),
         _ => {
             tracing::debug!(file = %origin.file, document = origin.document, %kind, "skipping a document of another kind")
         }
     }
 }
 
-/// Deserialises an object, naming the field path of a type error, and rejecting fields that the
-/// type does not have (a misspelt field would otherwise be silently ignored).
-fn strict<T: DeserializeOwned>(value: serde_yaml::Value) -> Result<T, (String, String)> {
+/// A Sideyard object: checked against its CRD's schema first, as the API server would, so that
+/// every type problem of the document is reported at once; then read.
+fn checked<T: DeserializeOwned>(kind: &str, value: serde_yaml::Value) -> Result<T, Vec<schema::Problem>> {
+    static SCHEMAS: LazyLock<[(&str, Option<serde_json::Value>); 2]> =
+        LazyLock::new(|| ["ProviderRoute", "ApiKeyBudget"].map(|kind| (kind, crate::api::schema_of(kind))));
+    let schema = SCHEMAS.iter().find(|(k, _)| *k == kind).and_then(|(_, s)| s.as_ref());
+    let problems = schema.map(|s| schema::problems(s, &value)).unwrap_or_default();
+    if !problems.is_empty() {
+        return Err(problems.into_iter().map(|(path, message)| explained(path, message)).collect());
+    }
+    strict(value)
+}
+
+/// Deserialises an object, naming the field path of a type error, and rejecting every field that
+/// the type does not have (a misspelt field would otherwise be silently ignored).
+fn strict<T: DeserializeOwned>(value: serde_yaml::Value) -> Result<T, Vec<schema::Problem>> {
     let mut unknown = Vec::new();
     let mut record = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
     let de = serde_ignored::Deserializer::new(value, &mut record);
-    let object: T = serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let path = if path == "." { String::new() } else { path };
-        (path, e.into_inner().to_string())
-    })?;
+    let object: Result<T, _> = serde_path_to_error::deserialize(de);
     // Generated resource types check apiVersion and kind without keeping them.
-    match unknown.into_iter().find(|p| p != "apiVersion" && p != "kind") {
-        // The field's old name: YAML 1.1 readers (kubectl, Helm) read an unquoted `on` as `true`.
-        Some(path) if path == "spec.fallback.on" || path == "spec.fallback.true" => Err((
-            path,
-            "unknown field: the fallback reasons are set with `when` (kubectl reads a key `on` as `true`)".into(),
-        )),
-        Some(path) => Err((path, "unknown field".into())),
-        None => Ok(object),
+    let mut problems: Vec<schema::Problem> = unknown
+        .into_iter()
+        .filter(|p| p != "apiVersion" && p != "kind")
+        .map(|path| explained(path, "unknown field".into()))
+        .collect();
+    match object {
+        Ok(object) if problems.is_empty() => Ok(object),
+        Ok(_) => Err(problems),
+        Err(e) => {
+            let path = e.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            problems.push((path, e.into_inner().to_string()));
+            Err(problems)
+        }
     }
+}
+
+/// A problem, with what to do for the one every kubectl user meets: the field's old name `on`,
+/// which YAML 1.1 readers (kubectl, Helm) read as `true`.
+fn explained(path: String, message: String) -> schema::Problem {
+    if message.starts_with("unknown field") && (path == "spec.fallback.on" || path == "spec.fallback.true") {
+        let message = "unknown field: the fallback reasons are set with `when` (kubectl reads a key `on` as `true`)";
+        return (path, message.into());
+    }
+    (path, message)
 }
 
 /// The real environment and file system, remembering which files it read.

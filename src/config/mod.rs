@@ -7,6 +7,7 @@
 mod compile;
 mod load;
 mod mock;
+mod schema;
 pub mod selector;
 mod values;
 pub mod watch;
@@ -21,7 +22,7 @@ pub use compile::{
     Analysis, CredentialState, DEFAULT_NAMESPACE, Document, Documents, MapResolver, ObjectOutcome, Resolver,
     TargetCredential, analyse, compile,
 };
-pub use load::{Fingerprint, Loaded, Sources, load, parse_file};
+pub use load::{Fingerprint, Loaded, Sources, compile_texts, load, parse_file};
 pub use mock::{MockOptions, UsageChunk, parse_count, parse_fail_status, parse_rate, parse_usage};
 pub use wire::{COMPILED_CONFIG_KIND, CompiledConfig};
 

@@ -119,6 +119,7 @@ pub async fn run(args: SidecarArgs, shutdown: impl Future<Output = ()>) -> Resul
     let shared = Arc::new(shared);
     shared.states.config_version.set(loaded.version.unwrap_or(0));
     tracing::info!(routes = loaded.config.routes.len(), version = loaded.version, files = ?args.files, "configuration loaded");
+    warn_if_every_request_is_refused(args.require_key, &loaded.config);
 
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr).await.map_err(|e| SidecarError::Io(format!("cannot listen on {addr}: {e}")))
@@ -193,6 +194,16 @@ pub async fn run(args: SidecarArgs, shutdown: impl Future<Output = ()>) -> Resul
     Ok(())
 }
 
+/// `--require-key` refuses every request without a known key: with no ApiKeyBudget, that is all
+/// of them, which is rarely what was meant.
+fn warn_if_every_request_is_refused(require_key: bool, config: &crate::config::Config) {
+    if require_key && config.budgets.is_empty() {
+        tracing::warn!(
+            "--require-key is set and the configuration has no ApiKeyBudget: every request will be refused with 401 until one is added"
+        );
+    }
+}
+
 /// A configuration error that comes from a flag rather than the YAML.
 fn flag_error(flag: &str, message: String) -> SidecarError {
     SidecarError::Config(ConfigError::input(flag, message).into())
@@ -211,6 +222,7 @@ fn apply_reload(shared: &Shared, result: Result<Loaded, ConfigErrors>) {
                     version = loaded.version,
                     "configuration reloaded"
                 );
+                warn_if_every_request_is_refused(shared.require_key, &loaded.config);
             }
             Err(e) => {
                 shared.states.reloads_failed.inc();
