@@ -250,11 +250,11 @@ fn parse_object(value: serde_yaml::Value, origin: &Origin, docs: &mut Documents,
             Ok(budget) => docs.budgets.push(Document { origin: Some(origin.clone()), object: budget }),
             Err(problems) => report(problems),
         },
-        (API_VERSION, COMPILED_CONFIG_KIND) => match strict::<CompiledConfig>(value) {
+        (API_VERSION, COMPILED_CONFIG_KIND) => match strict::<CompiledConfig>(&value) {
             Ok(compiled) => docs.compiled.push(Document { origin: Some(origin.clone()), object: compiled }),
             Err(problems) => report(problems),
         },
-        ("v1", "Secret") => match strict::<Secret>(value) {
+        ("v1", "Secret") => match strict::<Secret>(&value) {
             Ok(secret) => docs.secrets.push(Document { origin: Some(origin.clone()), object: secret }),
             Err(problems) => report(problems),
         },
@@ -276,22 +276,27 @@ fn parse_object(value: serde_yaml::Value, origin: &Origin, docs: &mut Documents,
     }
 }
 
-/// A Sideyard object: checked against its CRD's schema first, as the API server would, so that
-/// every type problem of the document is reported at once; then read.
+/// A Sideyard object, read; one that does not read is checked against its CRD's schema, as the
+/// API server would check it, so that every problem of the document is reported at once rather
+/// than the first that stopped the reading. (Building the schema costs more than reading a whole
+/// configuration: only a document that needs it pays.)
 fn checked<T: DeserializeOwned>(kind: &str, value: serde_yaml::Value) -> Result<T, Vec<schema::Problem>> {
     static SCHEMAS: LazyLock<[(&str, Option<serde_json::Value>); 2]> =
         LazyLock::new(|| ["ProviderRoute", "ApiKeyBudget"].map(|kind| (kind, crate::api::schema_of(kind))));
-    let schema = SCHEMAS.iter().find(|(k, _)| *k == kind).and_then(|(_, s)| s.as_ref());
-    let problems = schema.map(|s| schema::problems(s, &value)).unwrap_or_default();
-    if !problems.is_empty() {
-        return Err(problems.into_iter().map(|(path, message)| explained(path, message)).collect());
-    }
-    strict(value)
+    strict(&value).map_err(|first| {
+        let schema = SCHEMAS.iter().find(|(k, _)| *k == kind).and_then(|(_, s)| s.as_ref());
+        let problems = schema.map(|s| schema::problems(s, &value)).unwrap_or_default();
+        match problems.is_empty() {
+            // What the schema cannot see (a number too large for its field, say).
+            true => first,
+            false => problems.into_iter().map(|(path, message)| explained(path, message)).collect(),
+        }
+    })
 }
 
 /// Deserialises an object, naming the field path of a type error, and rejecting every field that
 /// the type does not have (a misspelt field would otherwise be silently ignored).
-fn strict<T: DeserializeOwned>(value: serde_yaml::Value) -> Result<T, Vec<schema::Problem>> {
+fn strict<T: DeserializeOwned>(value: &serde_yaml::Value) -> Result<T, Vec<schema::Problem>> {
     let mut unknown = Vec::new();
     let mut record = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
     let de = serde_ignored::Deserializer::new(value, &mut record);

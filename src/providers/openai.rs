@@ -67,6 +67,8 @@ pub enum RequestError {
 
 /// A body the peek `T` could not read: a field of the wrong type, named by its path, or JSON
 /// that is not valid. The path is found only on this error path, by reading the body again.
+#[cold]
+#[inline(never)]
 fn peek_error<'de, T: Deserialize<'de>>(body: &'de [u8], e: serde_json::Error) -> RequestError {
     if !e.is_data() {
         return RequestError::InvalidJson(e.to_string());

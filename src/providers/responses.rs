@@ -828,10 +828,10 @@ pub fn event_info(data: &[u8]) -> ChunkInfo {
 /// How a Responses event stream passed through stands after `event`: done after
 /// `response.completed` or `response.incomplete`, an error on `response.failed` or `error`.
 ///
-/// The event's `type` is read wherever it stands: servers built on OpenAI's Python types write it
-/// after the `response` object, and key order carries no meaning in JSON. Only an event that
-/// names one of those types somewhere is parsed (a quote inside a string is escaped, so the
-/// quoted name is a key or a whole string value).
+/// An event is what its `event:` line names; without one, its `type` is read wherever it stands:
+/// servers built on OpenAI's Python types write it after the `response` object, and key order
+/// carries no meaning in JSON. Only an event that names one of those types somewhere is parsed
+/// (a quote inside a string is escaped, so the quoted name is a key or a whole string value).
 pub fn event_end(event: &[u8]) -> StreamEnd {
     #[derive(Deserialize)]
     struct Kind<'a> {
@@ -858,6 +858,12 @@ pub fn event_end(event: &[u8]) -> StreamEnd {
         code: Option<String>,
         #[serde(default)]
         message: Option<String>,
+    }
+    // An event that names itself says what it is without its data being read.
+    match sse::event_name(event) {
+        Some(b"response.completed" | b"response.incomplete") => return StreamEnd::Done,
+        Some(b"response.failed" | b"error") | None => {}
+        Some(_) => return StreamEnd::Open,
     }
     let keys = &*KEYS;
     for data in sse::payloads(event) {

@@ -108,6 +108,15 @@ pub fn events(bytes: &[u8]) -> impl Iterator<Item = Range<usize>> + '_ {
     })
 }
 
+/// The name an event gives itself on an `event:` line, when that is its first line (as servers
+/// write it); `None` for an event that starts otherwise.
+pub fn event_name(event: &[u8]) -> Option<&[u8]> {
+    let rest = event.strip_prefix(b"event:")?;
+    let line = &rest[..memchr::memchr(b'\n', rest).unwrap_or(rest.len())];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    Some(line.strip_prefix(b" ").unwrap_or(line))
+}
+
 /// The `data:` payloads of the lines of `events`, without the field name and its one optional
 /// space. Lines are found with memchr: every event of a metered stream passes through here.
 pub fn payloads(events: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -131,6 +140,14 @@ mod tests {
 
     fn push(f: &mut Framer, s: &'static str) -> Option<String> {
         f.push(Bytes::from_static(s.as_bytes())).map(|b| String::from_utf8(b.to_vec()).unwrap())
+    }
+
+    #[test]
+    fn an_event_names_itself_on_its_first_line() {
+        assert_eq!(event_name(b"event: response.completed\ndata: {}\n\n"), Some(&b"response.completed"[..]));
+        assert_eq!(event_name(b"event:ping\r\ndata: {}\r\n\r\n"), Some(&b"ping"[..]));
+        assert_eq!(event_name(b"data: {}\nevent: late\n\n"), None);
+        assert_eq!(event_name(b"event: x"), Some(&b"x"[..]));
     }
 
     #[test]

@@ -482,7 +482,7 @@ pub(super) const HOP_BY_HOP: [header::HeaderName; 7] = [
 /// Removes [`HOP_BY_HOP`] headers. A pass over the few names a response has finds them for less
 /// than a hashed removal of each of the seven.
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    while let Some(name) = headers.keys().find(|name| HOP_BY_HOP.contains(name)).cloned() {
+    while let Some(name) = headers.keys().find(|name| HOP_BY_HOP.iter().any(|h| h == *name)).cloned() {
         headers.remove(name);
     }
 }

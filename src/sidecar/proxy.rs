@@ -134,9 +134,14 @@ async fn converse(shared: Arc<Shared>, request: Request, endpoint: Endpoint) -> 
             Err(Stop::Exhausted) => break,
         }
     }
-    // The log line's copy of the failures: made only when there are some.
-    let failures = trail.failures.clone();
-    let mut response = response.unwrap_or_else(|| trail.into_response(&chat.model, chain[0], caller));
+    // The failures, for the log line: taken from the trail, copied only when it makes the error.
+    let (mut response, failures) = match response {
+        Some(response) => (response, std::mem::take(&mut trail.failures)),
+        None => {
+            let failures = trail.failures.clone();
+            (trail.into_response(&chat.model, chain[0], caller), failures)
+        }
+    };
     if let Some(rate) = rate {
         add_rate_headers(response.headers_mut(), rate);
     }
