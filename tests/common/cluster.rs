@@ -21,6 +21,8 @@ pub struct FakeApi {
     pub stolen: std::sync::atomic::AtomicBool,
     /// Statuses written, by the object's path: the object is read back with them.
     pub statuses: Mutex<BTreeMap<String, Value>>,
+    /// Lease writes so far, for their resourceVersions.
+    pub lease_versions: std::sync::atomic::AtomicU64,
     /// The status fields each (object, field manager) last applied.
     pub status_owners: Mutex<BTreeMap<(String, String), std::collections::BTreeSet<String>>>,
 }
@@ -84,8 +86,11 @@ async fn fake_api(State(api): State<Arc<FakeApi>>, request: axum::extract::Reque
         (Method::POST, "/apis/coordination.k8s.io/v1/namespaces/ops/leases") | (Method::PUT, _)
             if path.starts_with("/apis/coordination") =>
         {
+            // A new resourceVersion for every write, as the API server gives: another replica
+            // sees the holder renew, rather than a lease that never changes and so expires.
             let mut lease = body.clone();
-            lease["metadata"]["resourceVersion"] = "100".into();
+            let version = api.lease_versions.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 100;
+            lease["metadata"]["resourceVersion"] = version.to_string().into();
             *api.lease.lock().unwrap() = Some(lease.clone());
             api.writes.lock().unwrap().push((method.to_string(), path, body));
             json(200, lease)
