@@ -133,7 +133,7 @@ const POD_A: &str = "team-a:pod-a";
 const POD_B: &str = "team-a:pod-b";
 
 #[tokio::test(start_paused = true)]
-async fn a_lease_is_persisted_before_it_is_answered_and_reports_reach_the_status() {
+async fn a_lease_is_persisted_before_it_is_answered_and_reports_reach_the_status_at_the_next_write() {
     let l = ledger(true, Arc::default(), &[budget("bot", Some(10_000_000), None, None)]).await;
     let (status, grant, _) =
         l.call(Some(POD_A), "lease", json!({"budget": "bot", "want": {"credit": 8_000_000}})).await;
@@ -151,6 +151,13 @@ async fn a_lease_is_persisted_before_it_is_answered_and_reports_reach_the_status
     assert_eq!(figures["spent"], 1_250_000);
     let (_, again, _) = l.call(Some(POD_A), "report", report).await;
     assert_eq!(again["spent"], 1_250_000, "a repeated report counts once");
+    // Use on a live lease is answered at once (the sidecar reports it again, cumulatively, until
+    // the lease is done) and written with the budget's next status write.
+    let metrics = l.metrics.render();
+    assert!(metrics.contains("sideyard_ledger_persist_waits_total{call=\"report\"} 0"), "{metrics}");
+    // (The clock is paused: this waits for no real time. A write comes at most two write
+    // intervals after the change.)
+    tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
     let stored = l.store.status("bot");
     assert_eq!(
         (stored.spent.as_deref(), stored.remaining.as_deref(), stored.outstanding.as_deref(), stored.state),

@@ -29,6 +29,15 @@ pub const RESERVATION_LIFETIME_MS: u64 = 15 * 60_000;
 /// long a late report is still accepted.
 pub const REPORT_GRACE_MS: u64 = 60_000;
 
+/// Whether a call's answer must wait for the budget's book to be persisted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Persist {
+    /// What changed must survive a new leader before the caller relies on it.
+    BeforeAnswer,
+    /// The caller will say it again if it is lost: the next write takes it.
+    Eventually,
+}
+
 /// What a budget's spec limits, as the ledger needs it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Terms {
@@ -209,6 +218,20 @@ impl FleetLedger {
         request: &LeaseRequest,
         now_ms: u64,
     ) -> Result<LeaseGrant, Refused> {
+        self.lease_persisting(budget, holder, request, now_ms).map(|(grant, _)| grant)
+    }
+
+    /// [`FleetLedger::lease`], and whether its answer must wait until the book is persisted: only
+    /// a grant that grew must (a new leader has to count it). Use reported on a live lease is
+    /// reported again, cumulatively, until it is done, so an answer that grants nothing more, as
+    /// to a sidecar whose rate window is used up, is answered at once.
+    pub fn lease_persisting(
+        &mut self,
+        budget: &str,
+        holder: &str,
+        request: &LeaseRequest,
+        now_ms: u64,
+    ) -> Result<(LeaseGrant, Persist), Refused> {
         let held = request.lease_id.as_ref().filter(|id| {
             self.books.get(budget).and_then(|b| b.leases.get(*id)).is_some_and(|l| l.holder == holder && !l.done)
         });
@@ -230,36 +253,62 @@ impl FleetLedger {
         let window = minute(now_ms);
         if mode != Mode::Lease {
             let lease = book.leases.get(&id);
-            return Ok(LeaseGrant {
+            let grant = LeaseGrant {
                 lease_id: lease.map_or_else(String::new, |l| l.id.clone()),
                 mode,
                 granted: lease.map_or_else(Allowance::default, |l| l.granted),
                 window,
                 expires_at: lease.map_or(now_ms, |l| l.expires_at),
                 budget: book.figures(now_ms),
-            });
+            };
+            return Ok((grant, Persist::Eventually));
         }
         let holders = book.holders(holder, now_ms);
         let rate = book.terms.rate.unwrap_or(RateLimitPolicy { requests_per_minute: None, tokens_per_minute: None });
+        // The room the caller's lease has now; its requests and tokens only in the current window.
+        let room = book.leases.get(&id).map_or_else(Allowance::default, |l| Allowance {
+            credit: l.granted.credit.saturating_sub(l.used.credit),
+            requests: if l.window == window { l.granted.requests.saturating_sub(l.used.requests) } else { 0 },
+            tokens: if l.window == window { l.granted.tokens.saturating_sub(l.used.tokens) } else { 0 },
+        });
+        let (want, need) = (&request.want, &request.need);
         let add = Allowance {
-            credit: match book.terms.limit {
-                None => request.want.credit,
-                Some(_) => share(request.want.credit, book.unleased_credit(now_ms), holders),
-            },
-            requests: match rate.requests_per_minute {
-                None => request.want.requests,
-                Some(limit) => share(
-                    request.want.requests,
-                    book.unleased(u64::from(limit), window, now_ms, |a| a.requests),
-                    holders,
-                ),
-            },
-            tokens: match rate.tokens_per_minute {
-                None => request.want.tokens,
-                Some(limit) => share(request.want.tokens, book.unleased(limit, window, now_ms, |a| a.tokens), holders),
-            },
+            credit: top_up(
+                want.credit,
+                need.credit,
+                room.credit,
+                book.terms.limit.map(|_| book.unleased_credit(now_ms)),
+                holders,
+            ),
+            requests: top_up(
+                want.requests,
+                need.requests,
+                room.requests,
+                rate.requests_per_minute.map(|limit| book.unleased(u64::from(limit), window, now_ms, |a| a.requests)),
+                holders,
+            ),
+            tokens: top_up(
+                want.tokens,
+                need.tokens,
+                room.tokens,
+                rate.tokens_per_minute.map(|limit| book.unleased(limit, window, now_ms, |a| a.tokens)),
+                holders,
+            ),
         };
         let expires_at = now_ms.saturating_add(book.lifetime());
+        let created = !book.leases.contains_key(&id);
+        if created && add.is_zero() {
+            // Nothing wanted, or nothing to give: the fleet's figures, without a lease.
+            let grant = LeaseGrant {
+                lease_id: String::new(),
+                mode,
+                granted: Allowance::default(),
+                window,
+                expires_at: now_ms,
+                budget: book.figures(now_ms),
+            };
+            return Ok((grant, Persist::Eventually));
+        }
         let lease = book.leases.entry(id.clone()).or_insert_with(|| Lease {
             id: id.clone(),
             holder: holder.to_string(),
@@ -277,13 +326,20 @@ impl FleetLedger {
             lease.granted.requests = 0;
             lease.granted.tokens = 0;
         }
+        let before = lease.granted;
         lease.granted.credit = lease.granted.credit.saturating_add(add.credit);
         lease.granted.requests = lease.granted.requests.saturating_add(add.requests);
         lease.granted.tokens = lease.granted.tokens.saturating_add(add.tokens);
         lease.expires_at = expires_at;
         let granted = lease.granted;
         book.dirty = true;
-        Ok(LeaseGrant { lease_id: id, mode, granted, window, expires_at, budget: book.figures(now_ms) })
+        // Only what a limit bounds must be known to a new leader: an unlimited budget's grants
+        // count nothing.
+        let grew = (book.terms.limit.is_some() && granted.credit > before.credit)
+            || (rate.requests_per_minute.is_some() && granted.requests > before.requests)
+            || (rate.tokens_per_minute.is_some() && granted.tokens > before.tokens);
+        let persist = if created || grew { Persist::BeforeAnswer } else { Persist::Eventually };
+        Ok((LeaseGrant { lease_id: id, mode, granted, window, expires_at, budget: book.figures(now_ms) }, persist))
     }
 
     /// Applies a report of what a lease used; `done` closes it.
@@ -451,6 +507,15 @@ fn apply_use(lease: &mut Lease, used: &Allowance) -> u64 {
     added
 }
 
+/// What a lease with `room` is given to reach the `want`ed room, of `unleased` (`None`: no
+/// limit): what requests waiting now `need` first and in full, then a [`share`] of the rest.
+fn top_up(want: u64, need: u64, room: u64, unleased: Option<u64>, holders: u64) -> u64 {
+    let missing = want.max(need).saturating_sub(room);
+    let Some(left) = unleased else { return missing };
+    let urgent = need.saturating_sub(room).min(left);
+    urgent.saturating_add(share(missing.saturating_sub(urgent), left - urgent, holders))
+}
+
 /// A share of what is left for one of `holders` sidecars: half of it divided among them (so
 /// that one more sidecar still finds some), at least one unit while anything is left, never
 /// more than wanted.
@@ -587,6 +652,7 @@ mod tests {
             lease_id: None,
             used: Allowance::default(),
             want: Allowance { credit, requests: 0, tokens: 0 },
+            need: Allowance::default(),
         }
     }
 
@@ -620,6 +686,30 @@ mod tests {
         assert_eq!(a.budget.spent, 500);
         assert_eq!(a.granted.credit, 500 + 93, "375 unleased, two holders");
         assert_eq!(a.budget.outstanding, 125 + 93);
+    }
+
+    #[test]
+    fn a_lease_is_topped_up_to_the_room_wanted_and_requests_waiting_now_come_first() {
+        let mut l = ledger(terms(Some(1000), None, None));
+        let g = l.lease(BUDGET, "a", &want(100), T).unwrap();
+        assert_eq!(g.granted.credit, 100);
+        for _ in 0..5 {
+            let again = l.lease(BUDGET, "a", &renew(&g, 0, 100), T).unwrap();
+            assert_eq!(again.granted.credit, 100, "an idle lease renewed gains nothing");
+        }
+        let g = l.lease(BUDGET, "a", &renew(&g, 30, 100), T).unwrap();
+        assert_eq!((g.granted.credit, g.budget.outstanding), (130, 100), "30 used: back to 100 of room");
+
+        let rate = RateLimitPolicy { requests_per_minute: Some(100), tokens_per_minute: None };
+        let mut l = ledger(terms(None, None, Some(rate)));
+        let ask = |need| LeaseRequest {
+            want: Allowance { credit: 0, requests: 8, tokens: 0 },
+            need: Allowance { credit: 0, requests: need, tokens: 0 },
+            ..want(0)
+        };
+        assert_eq!(l.lease(BUDGET, "a", &ask(60), T).unwrap().granted.requests, 60, "in full, not halved");
+        assert_eq!(l.lease(BUDGET, "b", &ask(60), T).unwrap().granted.requests, 40, "what is left");
+        assert_eq!(l.lease(BUDGET, "c", &ask(1), T).unwrap().granted.requests, 0);
     }
 
     #[test]
@@ -826,6 +916,8 @@ mod tests {
         struct Held {
             grant: Option<LeaseGrant>,
             spent: u64,
+            /// The largest room asked for on this lease.
+            asked: u64,
         }
 
         proptest! {
@@ -866,7 +958,13 @@ mod tests {
                             if g.mode == Mode::Lease && !g.lease_id.is_empty() {
                                 if held.grant.as_ref().is_none_or(|old| old.lease_id != g.lease_id) {
                                     held.spent = 0;
+                                    held.asked = 0;
                                 }
+                                // A lease's room follows what its holder asks for, not the number
+                                // of renewals: an idle one does not grow.
+                                held.asked = held.asked.max(w);
+                                let room = g.granted.credit.saturating_sub(held.spent);
+                                prop_assert!(room <= held.asked, "room {room} past the {} asked", held.asked);
                                 let may = g.granted.credit.saturating_sub(held.spent);
                                 let spend = spend.min(may);
                                 held.spent += spend;

@@ -428,6 +428,15 @@ impl LeasedAccount {
         }
     }
 
+    /// Gives the lease back: it is no longer spent from, and is reported done (returning what it
+    /// did not use) once nothing is in flight on it.
+    pub fn retire_lease(&self) {
+        let mut book = self.lock();
+        if let Some(lease) = book.lease.take() {
+            book.closing.push(lease.usage);
+        }
+    }
+
     /// Nothing held, nothing in flight, nothing left to report.
     pub fn is_settled(&self) -> bool {
         let book = self.lock();
@@ -447,16 +456,32 @@ impl LeasedAccount {
         });
     }
 
-    /// What to ask for when renewing: twice the use since the last grant, and at least room for
-    /// a few of the largest requests seen (`floor` before any).
+    /// The room to ask the lease to have, from demand: twice the use since the last grant, and
+    /// room for a few of the largest requests seen (`floor` before any), besides what requests in
+    /// flight hold. The ledger tops a lease up to it, never past it.
     pub fn want(&self, floor: Allowance) -> Allowance {
         let book = self.lock();
         let twice = |used: u64| used.saturating_mul(2);
+        let in_flight = book.lease.as_ref().map_or(0, |l| l.usage.reserved);
         Allowance {
-            credit: twice(book.since_grant.credit).max(book.largest_reservation.saturating_mul(4)).max(floor.credit),
+            credit: twice(book.since_grant.credit)
+                .max(book.largest_reservation.saturating_mul(4))
+                .max(floor.credit)
+                .saturating_add(in_flight),
             requests: twice(book.since_grant.requests).max(floor.requests),
             tokens: twice(book.since_grant.tokens).max(floor.tokens),
         }
+    }
+
+    /// The credit the lease must have for a request of `amount` besides those in flight.
+    pub fn need_for(&self, amount: u64) -> u64 {
+        self.lock().lease.as_ref().map_or(0, |l| l.usage.reserved).saturating_add(amount)
+    }
+
+    /// Whether the lease went unused since it was last granted, with nothing in flight: idle.
+    pub fn is_idle(&self) -> bool {
+        let book = self.lock();
+        book.since_grant.is_zero() && book.lease.as_ref().is_none_or(|l| l.usage.holds == 0)
     }
 }
 

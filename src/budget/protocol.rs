@@ -22,6 +22,12 @@ pub struct Allowance {
     pub tokens: u64,
 }
 
+impl Allowance {
+    pub fn is_zero(&self) -> bool {
+        *self == Allowance::default()
+    }
+}
+
 /// A sidecar asks for a lease on a budget of its namespace, or for more on the one it holds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -35,8 +41,15 @@ pub struct LeaseRequest {
     /// On the lease renewed: what was used so far (cumulative, as in a [`Report`]).
     #[serde(default)]
     pub used: Allowance,
-    /// How much more the sidecar would like to have available.
+    /// The room the sidecar would like the lease to have after this answer, from its demand:
+    /// credit not yet used (what requests in flight hold included), requests and tokens left in
+    /// the window. A lease that has it already is given nothing more, so leases follow demand
+    /// instead of growing with every renewal.
     pub want: Allowance,
+    /// Of that, what requests waiting now need: granted first and in full while the remainder
+    /// has it, before the share of the rest.
+    #[serde(default, skip_serializing_if = "Allowance::is_zero")]
+    pub need: Allowance,
 }
 
 /// How a sidecar spends a budget now.

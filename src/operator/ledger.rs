@@ -30,7 +30,7 @@ use super::leader::Leadership;
 use super::metrics::OperatorMetrics;
 use crate::api::units::{format_micros, parse_micros};
 use crate::api::{ApiKeyBudgetStatus, LEDGER_CONDITION, LedgerLease};
-use crate::budget::fleet::{FleetLedger, Lease, Persisted, Terms};
+use crate::budget::fleet::{FleetLedger, Lease, Persist, Persisted, Terms};
 use crate::budget::period::{parse_rfc3339, rfc3339};
 use crate::budget::protocol::{Allowance, BudgetFigures, Debt, LeaseRequest, Refused, Report, ReserveRequest, Settle};
 use crate::config::Budget;
@@ -389,14 +389,15 @@ fn json<T: serde::Serialize>(value: &T) -> Response {
 }
 
 /// One ledger call: its body read, the caller admitted, `apply` run on the caller's budget, and
-/// the answer sent once the budget's status holds what changed; counted by its result.
+/// the answer sent, once the budget's status holds what changed when `apply` says it must
+/// (refusals change nothing and are answered at once); counted by its result.
 async fn call<R, T>(
     service: Arc<FleetService>,
     name: &'static str,
     headers: HeaderMap,
     bytes: Bytes,
     budget: fn(&R) -> &str,
-    apply: impl FnOnce(&mut FleetLedger, &str, &str, &R, u64) -> Result<T, Refused>,
+    apply: impl FnOnce(&mut FleetLedger, &str, &str, &R, u64) -> Result<(T, Persist), Refused>,
 ) -> Response
 where
     R: serde::de::DeserializeOwned,
@@ -405,12 +406,15 @@ where
     let result = async {
         let request: R = body(&bytes)?;
         let (caller, id) = service.admit(&headers, budget(&request)).await?;
-        let (answer, since) = {
+        let (answer, persist, since) = {
             let mut fleet = lock(&service.fleet);
-            let answer = apply(&mut fleet, &id, &caller.pod, &request, now_ms()).map_err(refusal)?;
-            (answer, service.flushes_started.load(Ordering::SeqCst))
+            let (answer, persist) = apply(&mut fleet, &id, &caller.pod, &request, now_ms()).map_err(refusal)?;
+            (answer, persist, service.flushes_started.load(Ordering::SeqCst))
         };
-        service.persisted(&id, since).await?;
+        if persist == Persist::BeforeAnswer {
+            service.metrics.ledger_persist_wait(name);
+            service.persisted(&id, since).await?;
+        }
         Ok::<_, LedgerError>(answer)
     }
     .await;
@@ -430,9 +434,9 @@ async fn lease(State(service): State<Arc<FleetService>>, headers: HeaderMap, byt
         bytes,
         |r: &LeaseRequest| &r.budget,
         |fleet, id, pod, r, now| {
-            let grant = fleet.lease(id, pod, r, now)?;
+            let (grant, persist) = fleet.lease_persisting(id, pod, r, now)?;
             metrics.leased(grant.granted.credit);
-            Ok(grant)
+            Ok((grant, persist))
         },
     )
     .await
@@ -445,7 +449,12 @@ async fn report(State(service): State<Arc<FleetService>>, headers: HeaderMap, by
         headers,
         bytes,
         |r: &Report| &r.budget,
-        |fleet, id, pod, r, now| fleet.report(id, pod, r, now),
+        // A lease reported done is forgotten by its holder once answered; use on a live one is
+        // reported again.
+        |fleet, id, pod, r, now| {
+            let persist = if r.done { Persist::BeforeAnswer } else { Persist::Eventually };
+            fleet.report(id, pod, r, now).map(|figures| (figures, persist))
+        },
     )
     .await
 }
@@ -457,7 +466,7 @@ async fn reserve(State(service): State<Arc<FleetService>>, headers: HeaderMap, b
         headers,
         bytes,
         |r: &ReserveRequest| &r.budget,
-        |fleet, id, pod, r, now| fleet.reserve(id, pod, r.amount, now),
+        |fleet, id, pod, r, now| fleet.reserve(id, pod, r.amount, now).map(|r| (r, Persist::BeforeAnswer)),
     )
     .await
 }
@@ -469,14 +478,23 @@ async fn settle(State(service): State<Arc<FleetService>>, headers: HeaderMap, by
         headers,
         bytes,
         |r: &Settle| &r.budget,
-        |fleet, id, pod, r, now| fleet.settle(id, pod, &r.reservation_id, r.cost, r.tokens, now),
+        |fleet, id, pod, r, now| {
+            fleet.settle(id, pod, &r.reservation_id, r.cost, r.tokens, now).map(|f| (f, Persist::BeforeAnswer))
+        },
     )
     .await
 }
 
 async fn debt(State(service): State<Arc<FleetService>>, headers: HeaderMap, bytes: Bytes) -> Response {
-    call(service, "debt", headers, bytes, |r: &Debt| &r.budget, |fleet, id, pod, r, now| fleet.debt(id, pod, r, now))
-        .await
+    call(
+        service,
+        "debt",
+        headers,
+        bytes,
+        |r: &Debt| &r.budget,
+        |fleet, id, pod, r, now| fleet.debt(id, pod, r, now).map(|f| (f, Persist::BeforeAnswer)),
+    )
+    .await
 }
 
 /// The ledger's fields of a budget's status.

@@ -40,6 +40,8 @@ pub struct OperatorMetrics {
     pub ledger_credit_granted: Counter,
     /// Budget statuses the ledger could not write.
     pub ledger_persist_failures: Counter,
+    /// Ledger calls answered only once the budget's status was written, by call.
+    ledger_persist_waits: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl OperatorMetrics {
@@ -58,6 +60,11 @@ impl OperatorMetrics {
     /// error code).
     pub fn ledger_call(&self, call: &'static str, result: &'static str) {
         *lock(&self.ledger_calls).entry((call, result)).or_default() += 1;
+    }
+
+    /// A ledger call waited for the budget's status to be written before it was answered.
+    pub fn ledger_persist_wait(&self, call: &'static str) {
+        *lock(&self.ledger_persist_waits).entry(call).or_default() += 1;
     }
 
     /// A sidecar's token was `authenticated`, `refused`, for the `wrong_namespace`, or could not
@@ -167,6 +174,16 @@ impl OperatorMetrics {
             "Budget statuses the ledger could not write (the grants waiting on them were refused).",
         );
         let _ = writeln!(out, "sideyard_ledger_persist_failures_total {}", self.ledger_persist_failures.get());
+        header(
+            &mut out,
+            "sideyard_ledger_persist_waits_total",
+            "counter",
+            "Ledger calls answered only once the budget's status was written (a grant a new leader must count, a lease reported done), by call.",
+        );
+        for call in ["lease", "report", "reserve", "settle", "debt"] {
+            let n = lock(&self.ledger_persist_waits).get(call).copied().unwrap_or(0);
+            let _ = writeln!(out, "sideyard_ledger_persist_waits_total{{call=\"{call}\"}} {n}");
+        }
         out
     }
 }

@@ -37,15 +37,13 @@ const KEEP_INTERVAL: Duration = Duration::from_millis(200);
 const REPORT_INTERVAL_MS: u64 = 1_000;
 /// Outside state Active, how often the ledger is asked whether the state changed.
 const REFRESH_INTERVAL_MS: u64 = 2_000;
+/// Without a lease (given back when idle), how often the fleet's figures are asked for.
+const IDLE_REFRESH_MS: u64 = 5_000;
 /// While the ledger is unreachable, how often the keeper tries it again.
 const RETRY_INTERVAL_MS: u64 = 500;
 /// What a lease asks for before any request has been seen: one unit of credit, a few requests.
 const FLOOR: Allowance = Allowance { credit: 1_000_000, requests: 8, tokens: 4_096 };
 const STATE_FILE: &str = "ledger-leases.json";
-/// How many lease calls one request may wait for while each brings more allowance (the
-/// ledger halves what is left among the sidecars asking, so a contended window drains in
-/// about log2 of its size).
-const MAX_TOP_UPS: usize = 16;
 
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -62,6 +60,13 @@ pub struct FleetAccount {
     pub counters: BudgetCounters,
     /// Requests by how they were billed: from the lease, per request with the ledger, on debt.
     pub billed: [Counter; 3],
+    /// Ledger calls made for requests waiting on them: top-ups and per-request reservations.
+    pub waits: Counter,
+    /// The last lease call gave the lease nothing more: the keeper does not ask again for more
+    /// before [`REFRESH_INTERVAL_MS`], unless the lease expires or a new rate window starts.
+    starved: AtomicBool,
+    /// Requests waiting for a top-up of the rate allowance.
+    rate_waiting: AtomicU64,
     last_report: AtomicU64,
     last_attempt: AtomicU64,
     /// Why the last call failed, for the 503 of a key that fails closed.
@@ -210,6 +215,9 @@ impl Fleet {
                     renewing: tokio::sync::Mutex::new(()),
                     counters: BudgetCounters::default(),
                     billed: Default::default(),
+                    waits: Counter::default(),
+                    rate_waiting: AtomicU64::new(0),
+                    starved: AtomicBool::new(false),
                     last_report: AtomicU64::new(0),
                     last_attempt: AtomicU64::new(0),
                     last_error: Mutex::default(),
@@ -234,9 +242,11 @@ impl Fleet {
         account.leased.admit_rate(policy, now_ms())
     }
 
-    /// Tops the lease up for a request whose allowance ran out, while top-ups bring more (the
-    /// ledger grants at least one request while the window has any left). `Err` carries the
-    /// status for the 429. Boxed: the request's own future stays as small as standalone mode's.
+    /// Tops the lease up once for a request whose allowance ran out: a caller over the key's rate
+    /// limit gets its 429 after one ledger round trip (the ledger answers a call that grants
+    /// nothing at once), and an admitted request waits for one top-up at most. `Err` carries the
+    /// status for the 429, its reset the window's end. Boxed: the request's own future stays as
+    /// small as standalone mode's.
     pub fn admit_rate_slow<'a>(
         &'a self,
         account: &'a FleetAccount,
@@ -244,19 +254,19 @@ impl Fleet {
     ) -> BoxFuture<'a, Result<Option<RateStatus>, RateStatus>> {
         Box::pin(async move {
             let Some(policy) = budget.rate_limit else { return Ok(None) };
-            for _ in 0..MAX_TOP_UPS {
-                if !account.in_config.load(Relaxed) {
-                    break;
+            if account.in_config.load(Relaxed) {
+                // Requests waiting together are asked for in one call, and granted first.
+                account.rate_waiting.fetch_add(1, Relaxed);
+                let called = self.renew(account, Need::Requests).await;
+                let mut admitted = account.leased.admit_rate(policy, now_ms());
+                if admitted.is_err() && !called {
+                    // Another request's call answered meanwhile, not for this one: its own call.
+                    self.renew(account, Need::Requests).await;
+                    admitted = account.leased.admit_rate(policy, now_ms());
                 }
-                let before = account.leased.lock().lease.as_ref().map(|l| (l.usage.window, l.granted));
-                self.renew(account, 0).await;
-                match account.leased.admit_rate(policy, now_ms()) {
-                    Err(Miss::Lease) => {}
-                    other => return Ok(other.unwrap_or(None)),
-                }
-                let after = account.leased.lock().lease.as_ref().map(|l| (l.usage.window, l.granted));
-                if after.is_none() || after == before {
-                    break;
+                account.rate_waiting.fetch_sub(1, Relaxed);
+                if let Ok(status) = admitted {
+                    return Ok(status);
                 }
             }
             let limit = policy.requests_per_minute.map(u64::from).or(policy.tokens_per_minute).unwrap_or(0);
@@ -294,7 +304,7 @@ impl Fleet {
                 _ => false,
             };
             let miss = if ask {
-                self.renew(account, amount).await;
+                self.renew(account, Need::Credit(amount)).await;
                 match self.reserve_local(account, budget, amount) {
                     Ok(hold) => return Ok(hold),
                     Err(miss) => miss,
@@ -317,6 +327,7 @@ impl Fleet {
         budget: &Budget,
         amount: u64,
     ) -> Result<Hold, Refusal> {
+        account.waits.inc();
         let request = ReserveRequest { budget: account.leased.name.clone(), amount };
         let answer = match self.client() {
             Ok(client) => client.call::<Reserved>(RESERVE, &request).await,
@@ -372,17 +383,20 @@ impl Fleet {
         }
     }
 
-    /// Asks the ledger for a new lease, or more on the one held, unless another caller just did.
-    async fn renew(&self, account: &FleetAccount, need: u64) {
+    /// Asks the ledger for a new lease, or more on the one held, unless another caller's call
+    /// answered meanwhile; whether this one called.
+    async fn renew(&self, account: &FleetAccount, need: Need) -> bool {
         let grants = account.leased.lock().grants;
         let _one = account.renewing.lock().await;
         if account.leased.lock().grants != grants {
-            return;
+            return false;
         }
+        account.waits.inc();
         self.lease_call(account, need).await;
+        true
     }
 
-    async fn lease_call(&self, account: &FleetAccount, need: u64) {
+    async fn lease_call(&self, account: &FleetAccount, need: Need) {
         let now = now_ms();
         account.last_attempt.store(now, Relaxed);
         let (lease_id, used, expired) = {
@@ -392,9 +406,17 @@ impl Fleet {
                 None => (None, Allowance::default(), false),
             }
         };
-        let mut want = account.leased.want(FLOOR);
-        want.credit = want.credit.max(need);
-        let request = LeaseRequest { budget: account.leased.name.clone(), lease_id: lease_id.clone(), used, want };
+        let want = match need {
+            Need::Figures => Allowance::default(),
+            _ => account.leased.want(FLOOR),
+        };
+        let need = match need {
+            Need::Nothing | Need::Figures => Allowance::default(),
+            Need::Credit(amount) => Allowance { credit: account.leased.need_for(amount), ..Allowance::default() },
+            Need::Requests => Allowance { requests: account.rate_waiting.load(Relaxed), ..Allowance::default() },
+        };
+        let request =
+            LeaseRequest { budget: account.leased.name.clone(), lease_id: lease_id.clone(), used, want, need };
         let answer = match self.client() {
             Ok(client) => client.call::<LeaseGrant>(LEASE, &request).await,
             Err(e) => Err(e),
@@ -422,8 +444,10 @@ impl Fleet {
                 if expired {
                     self.metrics.leases_expired.inc();
                 }
-                let before = account.leased.lock().lease.as_ref().filter(|_| !fresh).map_or(0, |l| l.granted.credit);
+                let held = account.leased.lock().lease.as_ref().filter(|_| !fresh).map(|l| (l.granted, l.usage.window));
+                let before = held.map_or(0, |(granted, _)| granted.credit);
                 self.metrics.granted_credit.add(grant.granted.credit.saturating_sub(before));
+                account.starved.store(held == Some((grant.granted, grant.window)), Relaxed);
                 account.leased.granted(&grant, now_ms());
             }
             Err(CallError::Refused(Refused::UnknownBudget)) => {
@@ -481,22 +505,44 @@ impl Fleet {
         };
         let since_attempt = now.saturating_sub(account.last_attempt.load(Relaxed));
         let want = account.leased.want(FLOOR);
+        let mut give_back = false;
         let renew = if closing {
             false
         } else if unreachable {
             since_attempt >= RETRY_INTERVAL_MS
         } else {
             match (mode, &lease) {
-                (None, _) | (Some(Mode::Lease), None) => true,
+                (None, _) => true,
+                // Given back when idle: the next request tops up; the figures are kept fresh.
+                (Some(Mode::Lease), None) => {
+                    if since_attempt >= IDLE_REFRESH_MS {
+                        let _one = account.renewing.lock().await;
+                        self.lease_call(account, Need::Figures).await;
+                    }
+                    false
+                }
                 (Some(Mode::Lease), Some(held)) => {
-                    needs_renewal(held, &want, budget.limit.is_some(), budget.rate_limit, now)
+                    let due = needs_renewal(held, &want, budget.limit.is_some(), budget.rate_limit, now);
+                    let life = held.expires_at.saturating_sub(held.granted_at);
+                    let ending = held.expires_at.saturating_sub(now) <= life / 3
+                        || held.usage.window != crate::budget::lease::minute(now);
+                    // Near its end, a lease nobody used since its last grant is not renewed: its
+                    // credit goes back.
+                    give_back = ending && account.leased.is_idle();
+                    // Asked for more and got none: not again every round, unless the lease is
+                    // near its end or its rate window is over.
+                    let retry = ending || !account.starved.load(Relaxed) || since_attempt >= REFRESH_INTERVAL_MS;
+                    due && retry && !give_back
                 }
                 (Some(_), _) => since_attempt >= REFRESH_INTERVAL_MS,
             }
         };
+        if give_back {
+            account.leased.retire_lease();
+        }
         if renew {
             let _one = account.renewing.lock().await;
-            self.lease_call(account, 0).await;
+            self.lease_call(account, Need::Nothing).await;
         } else if stale_report && let Some(held) = &lease {
             self.report(account, held, false).await;
         }
@@ -723,6 +769,18 @@ struct SavedUsage {
     kind: String,
     used: Allowance,
     acked: Allowance,
+}
+
+/// What requests waiting for a lease call need of it now.
+#[derive(Clone, Copy)]
+enum Need {
+    Nothing,
+    /// No lease at all: only the fleet's figures (the lease was given back when idle).
+    Figures,
+    /// Credit for a request of this amount.
+    Credit(u64),
+    /// One request of the window for each request waiting for one.
+    Requests,
 }
 
 /// Why a request could not hold credit.

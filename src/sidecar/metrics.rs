@@ -368,6 +368,16 @@ fn render_fleet(fleet: &Fleet, budgets: &[&Arc<ServedBudget>], out: &mut String)
             );
         }
     }
+    h(
+        out,
+        "sideyard_budget_ledger_waits_total",
+        "counter",
+        "Ledger calls that requests waited for: lease top-ups and per-request reservations.",
+    );
+    for b in budgets {
+        let Meter::Fleet { account, .. } = &b.meter else { continue };
+        let _ = writeln!(out, "sideyard_budget_ledger_waits_total{{budget=\"{}\"}} {}", b.id, account.waits.get());
+    }
     h(out, "sideyard_budget_lease_credit", "gauge", "Credit left on the budget's current lease.");
     h(
         out,
