@@ -102,7 +102,7 @@ spec:
             "fallback stream: Hello from the Sideyard | stop | 4",
             r#"fallback tools: toolu_A:weather:{"city":"Paris"} toolu_B:weather:{"city":"Rome"} | tool_calls"#,
             "embeddings: 2 x 8 | 4 | text-embedding-3-small",
-            "completions: Hello from the | 3 | stop",
+            "completions: Hello from the | 3 | length",
             "completions stream: Hello from the Sideyard",
             "files: file-abc batch processed",
             "transcription: whisper-large heard",

@@ -146,8 +146,10 @@ async fn a_retry_hint_too_large_for_a_duration_still_gets_the_caller_an_answer()
         assert_eq!(reply.header("x-sideyard-target"), "backup");
         let reply =
             post(sidecar.api, "/v1/chat/completions", &format!(r#"{{"model":"alone","stream":{stream}}}"#)).await;
-        // Nothing left to fall back to: the proxy's error, naming the 429 (never a reset).
-        assert_eq!(reply.status, 502, "stream {stream}: {}", reply.body);
+        // Nothing left to fall back to: the caller's 429, naming the provider's (never a reset),
+        // its Retry-After believed up to maxEjection (5m).
+        assert_eq!(reply.status, 429, "stream {stream}: {}", reply.body);
+        assert_eq!(reply.header("retry-after"), "300");
         assert_eq!(reply.json()["error"]["metadata"]["previous_errors"][0]["status"], 429, "{}", reply.body);
     }
     let metrics = metrics_of(&sidecar).await;

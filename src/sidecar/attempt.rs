@@ -309,9 +309,11 @@ async fn try_target(
         let kind = if is_context_length_error(code, &error_body) { FallbackReason::ContextLength } else { kind };
         let mut failure = fail(kind, Some(code), upstream_message(status, &error_body));
         let hint = retry_hint(&parts.headers);
+        // A hint is believed up to maxEjection, as for the cooldown.
+        let hint = hint.map(|wait| wait.min(route.health.max_ejection));
         failure.record.retry_after = hint.filter(|_| kind == FallbackReason::TooManyRequests);
         failure.health = match (code, hint) {
-            (429 | 503, Some(wait)) => HealthEffect::CoolDown(wait.min(route.health.max_ejection)),
+            (429 | 503, Some(wait)) => HealthEffect::CoolDown(wait),
             (429 | 500..=599, _) => HealthEffect::Failure,
             (401 | 403, _) => HealthEffect::Eject,
             _ => HealthEffect::Answered,

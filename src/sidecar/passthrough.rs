@@ -275,9 +275,13 @@ async fn forward(
                 }
                 let kind = kind.unwrap_or(FallbackReason::ServerError);
                 if kind == FallbackReason::TooManyRequests {
-                    retry_after = retry_hint(response.headers());
+                    retry_after = retry_hint(response.headers()).map(|wait| wait.min(route.health.max_ejection));
                 }
-                (kind, Some(status.as_u16()), format!("upstream answered {}", status.as_u16()))
+                let message = match kind {
+                    FallbackReason::Auth => credentials_refused(status),
+                    _ => format!("upstream answered {}", status.as_u16()),
+                };
+                (kind, Some(status.as_u16()), message)
             }
             Ok(Err(SendError::ConnectTimeout)) => {
                 record_health(route, target, AttemptOutcome::Failure, probe);
@@ -375,7 +379,7 @@ fn upstream_request(parts: &http::request::Parts, target: &ServedTarget, body: B
 fn answer(response: http::Response<super::upstream::UpstreamBody>, model: &str, target: &ServedTarget) -> Response {
     let status = response.status();
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-        let message = format!("the provider rejected the configured credentials ({})", status.as_u16());
+        let message = credentials_refused(status);
         let failure = AttemptFailure::new(model, &target.name, FallbackReason::Auth, Some(status.as_u16()), message);
         let error =
             ProxyError::AttemptsFailed { model: model.to_string(), attempts: vec![failure], excluded_by: Vec::new() };
@@ -387,4 +391,9 @@ fn answer(response: http::Response<super::upstream::UpstreamBody>, model: &str, 
         parts.headers.insert(ERROR_SOURCE, HeaderValue::from_static("upstream"));
     }
     Response::from_parts(parts, Body::new(body))
+}
+
+/// A provider's 401 or 403, as the caller is told of it: the sidecar's credentials, not theirs.
+fn credentials_refused(status: StatusCode) -> String {
+    format!("the provider rejected the configured credentials ({})", status.as_u16())
 }
