@@ -10,8 +10,11 @@
 //! - `leased`: leased from the operator's ledger, which runs in process on its own thread (so
 //!   callgrind counts it apart) behind HTTPS, with an in-memory status store;
 //! - `low`: the same budget below its `lowBalanceThreshold`, so that every request reserves and
-//!   settles with the ledger (sent 100 at a time: the ledger answers once it has written the
-//!   status, about once a second when busy).
+//!   settles with the ledger (sent 100 at a time);
+//! - `low-latency`: per-request mode timed rather than counted: 200 requests/s, open loop, for
+//!   10 s, against a status store whose writes take 10 ms (as an API server's), beside the same
+//!   requests to a route without a budget; prints the latency percentiles of both and the status
+//!   writes per second (docs/benchmarks.md, "Budgets in a cluster").
 //!
 //!
 //! Then the two APIs across the two wire formats, with the standalone budget (for the 1.5x bound
@@ -74,10 +77,11 @@ const RESPONSES_STREAM: &str = concat!(
 );
 const EMBEDDINGS_ANSWER: &str = r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.0123,-0.0456,0.0789,0.0012,-0.0345,0.0678,-0.0901,0.0234]}],"model":"m","usage":{"prompt_tokens":4,"total_tokens":4}}"#;
 const REQUESTS: usize = 2000;
-const MODES: [&str; 9] = [
+const MODES: [&str; 10] = [
     "standalone",
     "leased",
     "low",
+    "low-latency",
     "to-anthropic",
     "messages",
     "messages-to-openai",
@@ -135,17 +139,24 @@ impl Reviewer for AnyToken {
     }
 }
 
+/// Statuses in memory; a write takes `write_time`, as an API server's would.
 #[derive(Default)]
-struct Memory(std::sync::Mutex<std::collections::HashMap<String, ApiKeyBudgetStatus>>);
+struct Memory {
+    statuses: std::sync::Mutex<std::collections::HashMap<String, ApiKeyBudgetStatus>>,
+    write_time: std::time::Duration,
+}
 
 impl StatusStore for Memory {
     fn load<'a>(&'a self, _: &'a str, name: &'a str) -> BoxFuture<'a, Result<Option<ApiKeyBudgetStatus>, String>> {
-        Box::pin(async move { Ok(self.0.lock().expect("store").get(name).cloned()) })
+        Box::pin(async move { Ok(self.statuses.lock().expect("store").get(name).cloned()) })
     }
 
     fn save<'a>(&'a self, _: &'a str, name: &'a str, status: ApiKeyBudgetStatus) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            self.0.lock().expect("store").insert(name.to_string(), status);
+            if !self.write_time.is_zero() {
+                tokio::time::sleep(self.write_time).await;
+            }
+            self.statuses.lock().expect("store").insert(name.to_string(), status);
             Ok(())
         })
     }
@@ -153,7 +164,7 @@ impl StatusStore for Memory {
 
 /// The operator's ledger on its own thread and runtime: its port, its metrics, and the CA to
 /// trust it by.
-fn ledger(budgets: Vec<Budget>) -> (u16, Arc<OperatorMetrics>, String) {
+fn ledger(budgets: Vec<Budget>, write_time: std::time::Duration) -> (u16, Arc<OperatorMetrics>, String) {
     let cert = issue(&["localhost".into()], None, std::time::SystemTime::now()).expect("certificate");
     let (ready, started) = std::sync::mpsc::channel();
     let ca = cert.ca_cert.clone();
@@ -168,7 +179,7 @@ fn ledger(budgets: Vec<Budget>) -> (u16, Arc<OperatorMetrics>, String) {
                     "bench".into(),
                     Leadership::fixed(true),
                     Arc::new(AnyToken),
-                    Arc::new(Memory::default()),
+                    Arc::new(Memory { write_time, ..Memory::default() }),
                     metrics.clone(),
                     leader_url,
                 );
@@ -190,7 +201,7 @@ fn ledger(budgets: Vec<Budget>) -> (u16, Arc<OperatorMetrics>, String) {
 fn main() {
     let mode = std::env::args().nth(1).unwrap_or_else(|| "standalone".into());
     assert!(MODES.contains(&mode.as_str()), "usage: hot_path [{}]", MODES.join("|"));
-    let cluster = ["leased", "low"].contains(&mode.as_str());
+    let cluster = ["leased", "low", "low-latency"].contains(&mode.as_str());
     // The targets speak Anthropic's API in these modes, OpenAI's otherwise.
     let (api, path) =
         if ["to-anthropic", "messages"].contains(&mode.as_str()) { ("anthropic", "") } else { ("openai", "/v1") };
@@ -204,7 +215,7 @@ fn main() {
     let spec = if mode == "embeddings" { "\n  serves: embeddings" } else { "" };
     let native = if mode == "responses" { ", nativeResponses: true" } else { "" };
     // Above the limit: the budget is Low from the start.
-    let low = if mode == "low" { r#", lowBalanceThreshold: "1000001""# } else { "" };
+    let low = if mode.starts_with("low") { r#", lowBalanceThreshold: "1000001""# } else { "" };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     runtime.block_on(async {
         let addr = upstream().await;
@@ -229,6 +240,14 @@ apiVersion: v1
 kind: Secret
 metadata: {{name: key}}
 stringData: {{key: {KEY}}}
+---
+apiVersion: sideyard.dev/v1alpha1
+kind: ProviderRoute
+metadata: {{name: open}}
+spec:
+  model: open
+  targets:
+    - {{name: primary, api: {api}, baseUrl: "http://{addr}{path}", model: upstream-model}}
 "#
         );
         let mut docs = Documents::default();
@@ -243,7 +262,8 @@ stringData: {{key: {KEY}}}
         let mut ledger_metrics = None;
         if cluster {
             std::fs::create_dir_all(&state_dir).expect("state dir");
-            let (port, metrics, ca) = ledger(config.budgets.clone());
+            let write_time = std::time::Duration::from_millis(if mode == "low-latency" { 10 } else { 0 });
+            let (port, metrics, ca) = ledger(config.budgets.clone(), write_time);
             let (ca_file, token_file) = (state_dir.join("ca.pem"), state_dir.join("token"));
             std::fs::write(&ca_file, ca).expect("CA file");
             std::fs::write(&token_file, "bench").expect("token file");
@@ -281,6 +301,26 @@ stringData: {{key: {KEY}}}
                 assert!(!bytes.is_empty());
             }
         };
+        if mode == "low-latency" {
+            let budgeted = timed(&app, br#"{"model":"chat","max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}"#).await;
+            let open = timed(&app, br#"{"model":"open","max_tokens":64,"messages":[{"role":"user","content":"Say hello."}]}"#).await;
+            let writes = ledger_metrics.as_ref().map_or(0, |m| {
+                let text = m.render();
+                text.lines().find_map(|l| l.strip_prefix("sideyard_operator_status_writes_total ")).and_then(|n| n.trim().parse::<u64>().ok()).unwrap_or(0)
+            });
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            println!(
+                "per-request mode at {RATE} req/s, status writes of 10 ms: p50 {:.2} ms, p99 {:.2} ms; without a budget p50 {:.2} ms, p99 {:.2} ms; added p50 {:.2} ms, p99 {:.2} ms; {:.1} status writes a second",
+                ms(budgeted.0), ms(budgeted.1), ms(open.0), ms(open.1),
+                ms(budgeted.0.saturating_sub(open.0)), ms(budgeted.1.saturating_sub(open.1)),
+                writes as f64 / (2.0 * SECONDS as f64)
+            );
+            if let Some(m) = &ledger_metrics {
+                let waits: Vec<String> = m.render().lines().filter(|l| l.starts_with("sideyard_ledger_persist_waits_total{") && !l.ends_with(" 0")).map(String::from).collect();
+                println!("calls answered after a write: {}", if waits.is_empty() { "none".into() } else { waits.join(", ") });
+            }
+            return;
+        }
         let started = Instant::now();
         if mode == "low" {
             for batch in (0..REQUESTS).collect::<Vec<_>>().chunks(100) {
@@ -303,4 +343,36 @@ stringData: {{key: {KEY}}}
         }
         let _ = std::fs::remove_dir_all(state_dir);
     });
+}
+
+/// The open-loop rate and duration of `low-latency`.
+const RATE: u64 = 200;
+const SECONDS: u64 = 10;
+
+/// `body` sent with the key at [`RATE`] a second for [`SECONDS`], each on time whatever the last
+/// one took: the 50th and 99th percentiles of the time each took.
+async fn timed(app: &sideyard::sidecar::ApiService, body: &'static [u8]) -> (std::time::Duration, std::time::Duration) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_micros(1_000_000 / RATE));
+    let mut running = Vec::new();
+    for _ in 0..RATE * SECONDS {
+        tick.tick().await;
+        let request = http::Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {KEY}"))
+            .body(axum::body::Body::from(Bytes::from_static(body)))
+            .expect("request");
+        let app = app.clone();
+        running.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let response = hyper::service::Service::call(&app, request).await.expect("infallible");
+            let status = response.status();
+            let bytes = response.into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
+            started.elapsed()
+        }));
+    }
+    let mut times: Vec<std::time::Duration> =
+        futures::future::join_all(running).await.into_iter().map(|t| t.expect("request")).collect();
+    times.sort();
+    (times[times.len() / 2], times[times.len() * 99 / 100])
 }

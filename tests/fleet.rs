@@ -399,6 +399,49 @@ async fn a_killed_leader_loses_no_reported_spend_and_a_new_one_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn per_request_spend_survives_a_leader_killed_before_writing_it_and_never_passes_the_limit() {
+    // Low from the start: every request reserves and settles with the ledger. 0.6 affords
+    // exactly 40 answers.
+    let spec =
+        json!({"key": {"secretRef": {"name": "keys", "key": "app"}}, "limit": "0.6", "lowBalanceThreshold": "0.6"});
+    let (fleet, mut operator) = Fleet::start(&[("bot", spec)]).await;
+    let (_processes, apis, _admins) = sidecars(&fleet, 2);
+    let served = |answers: &[(u16, u64)]| answers.iter().filter(|(s, _)| *s == 200).count() as u64;
+    let first = burst(&apis, KEY, 16).await;
+    assert_eq!(served(&first), 16, "{first:?}");
+    // Killed at once: what it took in since its last write is in no status.
+    operator.child.kill().unwrap();
+    operator.wait_exit();
+    let (_replica, replica_admin) = fleet.replica("op-2", fleet.port);
+    // Each sidecar tells the new leader what it holds (its settles of the first answers among
+    // them) before the new leader grants what the last write did not prove free.
+    eventually("both sidecars have told the new leader what they hold", || async {
+        let m = metrics(replica_admin).await;
+        metric_if_present(&m, "sideyard_ledger_calls_total{call=\"holdings\",result=\"ok\"}").unwrap_or(0) >= 2
+    })
+    .await;
+    let mut after = Vec::new();
+    loop {
+        let round = burst(&apis, KEY, 4).await;
+        let done = round.iter().any(|(s, _)| *s == 402);
+        assert!(round.iter().all(|(s, _)| *s == 200 || *s == 402), "{round:?}");
+        after.extend(round);
+        if done {
+            break;
+        }
+        assert!(after.len() < 100, "the limit holds");
+    }
+    let total = served(&first) + served(&after);
+    assert!(total <= 40, "{total} answers of 0.6 at 0.015: the limit passed");
+    assert!(total >= 38, "{total} answers: the takeover lost credit for good");
+    eventually("every answer's cost is in the status, once", || async { fleet.spent("bot") == Some(total * COST) })
+        .await;
+    // No reservation waited for a status write but a sidecar's first (which names it).
+    let m = metrics(replica_admin).await;
+    assert!(metric(&m, "sideyard_ledger_persist_waits_total{call=\"reserve\"}") <= 2, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn without_the_ledger_a_key_fails_closed_or_runs_a_bounded_debt_reported_later() {
     let closed = json!({"key": {"secretRef": {"name": "keys", "key": "app"}}, "limit": "100"});
     let open = json!({"key": {"secretRef": {"name": "keys", "key": "other"}}, "limit": "100",

@@ -1,6 +1,7 @@
 //! The operator's budget ledger service, in process: its calls as a sidecar makes them, with a
 //! scripted token check and an in-memory status store in place of the API server.
 
+use sideyard::api::units::parse_micros;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -239,7 +240,7 @@ async fn a_grant_that_cannot_be_persisted_is_not_answered() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_new_leader_goes_on_from_the_stored_status() {
+async fn a_new_leader_goes_on_from_the_stored_status_once_the_holders_say_what_they_hold() {
     let store: Arc<Store> = Arc::default();
     let budgets = [budget("bot", Some(10_000_000), None, None)];
     let first = ledger(true, store.clone(), &budgets).await;
@@ -248,12 +249,26 @@ async fn a_new_leader_goes_on_from_the_stored_status() {
     first
         .call(Some(POD_A), "report", json!({"budget": "bot", "leaseId": lease_id, "used": {"credit": 1_000_000}}))
         .await;
+    // (The clock is paused: the next write comes without waiting.)
+    tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+    let written = store.status("bot");
+    assert_eq!((written.spent.as_deref(), written.holders.as_slice()), (Some("1"), &["pod-a".to_string()][..]));
 
-    // The old leader is gone; a new one loads the statuses.
+    // The old leader is gone; a new one loads the statuses. What the old one pledged stays out
+    // until pod-a says what it holds.
     let second = ledger(true, store.clone(), &[budgets[0].clone(), budget("other", None, None, None)]).await;
     let (status, grant_b, _) =
         second.call(Some(POD_B), "lease", json!({"budget": "bot", "want": {"credit": 8_000_000}})).await;
     assert_eq!(status, StatusCode::OK);
+    let pledged = parse_micros(written.pledged.as_deref().unwrap()).unwrap();
+    let proven_free = 10_000_000u64.saturating_sub(1_000_000 + 4_000_000 + pledged);
+    assert!(grant_b["granted"]["credit"].as_u64().unwrap() <= proven_free, "{grant_b}");
+    let holdings = json!({"budget": "bot", "held": [{"id": lease_id, "kind": "lease", "granted": {"credit": 5_000_000},
+        "used": {"credit": 1_000_000}, "window": grant["window"], "expiresAt": grant["expiresAt"]}]});
+    let (status, taken, _) = second.call(Some(POD_A), "holdings", holdings).await;
+    assert_eq!((status, taken["written"].clone()), (StatusCode::OK, json!([])), "{taken}");
+    let (_, grant_b, _) =
+        second.call(Some(POD_B), "lease", json!({"budget": "bot", "want": {"credit": 8_000_000}})).await;
     assert_eq!(grant_b["granted"]["credit"], 1_250_000, "10 - 1 spent - 4 still leased to pod-a = 5, shared by two");
     let (status, figures, _) = second
         .call(

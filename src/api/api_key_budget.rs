@@ -178,6 +178,20 @@ pub struct ApiKeyBudgetStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Atomic)]
     pub leases: Vec<LedgerLease>,
+    /// Credits the ledger may have out beyond `spent` (granted and not reported, or reported and
+    /// not yet written here), as a decimal string: a new leader grants none of it until the
+    /// `holders` have said what they hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pledged: Option<String>,
+    /// The pods (sidecars) that may hold credit of this budget.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Atomic)]
+    pub holders: Vec<String>,
+    /// For each ledger term (leader) whose reports these figures hold, the last change they hold:
+    /// a new leader takes a sidecar's report it finds here as counted already.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Atomic)]
+    pub ledger_writes: Vec<LedgerWrite>,
     /// Current conditions: `Accepted` (the spec is valid and the key resolves), `Ready`
     /// (compiled into the namespace's `sideyard-config`), and `Ledger` (in a cluster: which
     /// operator replica's ledger keeps the budget's spend, and since when).
@@ -187,6 +201,16 @@ pub struct ApiKeyBudgetStatus {
     /// The version of the namespace's compiled configuration that carries this budget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_version: Option<i64>,
+}
+
+/// A ledger term and the last of its changes a status holds.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LedgerWrite {
+    /// The leader's term (a number its answers name).
+    pub term: u64,
+    /// The last of that term's changes these figures hold.
+    pub version: u64,
 }
 
 /// The condition the budget ledger keeps on each budget it serves (under its own field manager).

@@ -15,7 +15,7 @@
 use std::sync::{Mutex, MutexGuard};
 
 use super::ledger::RateStatus;
-use super::protocol::{Allowance, BudgetFigures, LeaseGrant, Mode};
+use super::protocol::{Acked, Allowance, BudgetFigures, Holding, HoldingKind, Holdings, LeaseGrant, Mode};
 use crate::api::BudgetState;
 use crate::config::{Budget, RateLimitPolicy};
 
@@ -33,6 +33,11 @@ pub struct Usage {
     /// Requests in flight on it, and the credit they hold.
     pub holds: u32,
     pub reserved: u64,
+    /// The leader term and change that took its last report in: it is kept until an answer of
+    /// that term says a write holds the change.
+    pub acked_at: Option<Acked>,
+    /// Its report as done (nothing in flight) was taken in.
+    pub done_acked: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -49,6 +54,35 @@ impl Usage {
     /// Reported and acknowledged in full.
     pub fn is_acked(&self) -> bool {
         self.used == self.acked
+    }
+
+    /// Not reported in full, or not yet as done once nothing is in flight on it.
+    pub fn needs_report(&self) -> bool {
+        !self.is_acked() || (self.holds == 0 && !self.done_acked)
+    }
+
+    /// Its last report is in a write of the leader of `term`, which holds changes up to `durable`.
+    pub fn is_written(&self, term: u64, durable: u64) -> bool {
+        self.acked_at.as_ref().is_some_and(|a| a.term == term && a.version <= durable)
+    }
+
+    /// As a new leader is told of it.
+    fn holding(&self, granted: Allowance, expires_at: u64) -> Holding {
+        let (kind, done) = match self.kind {
+            UsageKind::Lease => (HoldingKind::Lease, self.holds == 0),
+            UsageKind::Debt => (HoldingKind::Debt, false),
+            UsageKind::Reservation => (HoldingKind::Reservation, true),
+        };
+        Holding {
+            id: self.id.clone(),
+            kind,
+            granted,
+            used: self.used,
+            window: self.window,
+            expires_at,
+            done,
+            acked: self.acked_at.clone(),
+        }
     }
 
     fn settle(&mut self, reserved: u64, cost: u64, tokens: u64, now_ms: u64) {
@@ -129,6 +163,24 @@ pub struct Book {
     pub debts: u64,
     /// Answers to lease requests so far.
     pub grants: u64,
+    /// The term of the leader that last answered, and the last change of it that its write
+    /// holds.
+    pub term: u64,
+    pub durable: u64,
+    /// A new leader answered: tell it what this sidecar holds ([`LeasedAccount::holdings`]).
+    pub holdings_due: bool,
+    /// Per-request reservations of the ledger in flight, by id.
+    pub reservations: std::collections::BTreeMap<String, InFlight>,
+}
+
+/// A per-request reservation of the ledger that a request holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InFlight {
+    pub amount: u64,
+    /// Unix milliseconds.
+    pub expires_at: u64,
+    /// The minute it was granted in (its one request counts there).
+    pub window: u64,
 }
 
 impl Book {
@@ -139,6 +191,19 @@ impl Book {
         if let Some(debt) = self.debt.take() {
             self.closing.push(debt);
         }
+    }
+
+    /// An answer's figures: a new leader is told what is held; what a write holds is done with.
+    fn heard(&mut self, figures: &BudgetFigures) {
+        if figures.term != self.term {
+            self.term = figures.term;
+            self.durable = 0;
+            self.holdings_due = true;
+        }
+        self.durable = self.durable.max(figures.durable);
+        self.figures = Some(*figures);
+        let (term, durable) = (self.term, self.durable);
+        self.closing.retain(|u| !(u.holds == 0 && u.is_acked() && u.is_written(term, durable)));
     }
 
     pub fn new(debt_prefix: impl Into<String>) -> Book {
@@ -310,8 +375,8 @@ impl LeasedAccount {
     pub fn granted(&self, grant: &LeaseGrant, now_ms: u64) {
         let mut book = self.lock();
         book.answered();
+        book.heard(&grant.budget);
         book.mode = Some(grant.mode);
-        book.figures = Some(grant.budget);
         book.since_grant = Allowance::default();
         book.grants += 1;
         if grant.lease_id.is_empty() {
@@ -347,26 +412,94 @@ impl LeasedAccount {
             BudgetState::Low => Mode::PerRequest,
             BudgetState::Exhausted => Mode::Exhausted,
         });
-        book.figures = Some(figures);
+        book.heard(&figures);
     }
 
     /// Records that the ledger acknowledged `used` for the lease, debt or reservation `id`.
     pub fn acked(&self, id: &str, used: Allowance, figures: Option<BudgetFigures>) {
         let mut book = self.lock();
         book.answered();
-        if let Some(figures) = figures {
-            book.figures = Some(figures);
-        }
+        let acked_at = figures.map(|f| Acked { term: f.term, version: f.version });
         let Book { lease, debt, closing, .. } = &mut *book;
         for usage in lease.as_mut().map(|l| &mut l.usage).into_iter().chain(debt.as_mut()).chain(closing.iter_mut()) {
             if usage.id == id {
                 usage.acked.credit = usage.acked.credit.max(used.credit);
                 usage.acked.requests = usage.acked.requests.max(used.requests);
                 usage.acked.tokens = usage.acked.tokens.max(used.tokens);
+                if acked_at.is_some() {
+                    usage.acked_at.clone_from(&acked_at);
+                }
             }
         }
-        // Done with what is acknowledged and has nothing in flight.
-        closing.retain(|u| !(u.is_acked() && u.holds == 0));
+        // Done with what a write holds and has nothing in flight.
+        if let Some(figures) = figures {
+            book.heard(&figures);
+        }
+    }
+
+    /// A closing usage's report (`usage` as it was sent) was taken in: done when nothing was in
+    /// flight on it.
+    pub fn closed_acked(&self, usage: &Usage, figures: BudgetFigures) {
+        self.acked(&usage.id, usage.used, Some(figures));
+        if usage.holds == 0 {
+            let mut book = self.lock();
+            if let Some(u) = book.closing.iter_mut().find(|u| u.id == usage.id && u.holds == 0) {
+                u.done_acked = true;
+            }
+        }
+    }
+
+    /// What this sidecar holds, to tell a leader that has just taken over: its lease, its debt,
+    /// its reservations in flight, and what it reported that no write is known to hold.
+    pub fn holdings(&self) -> Holdings {
+        let book = self.lock();
+        let mut held: Vec<Holding> = Vec::new();
+        if let Some(lease) = &book.lease {
+            let mut holding = lease.usage.holding(lease.granted, lease.expires_at);
+            holding.done = false;
+            held.push(holding);
+        }
+        held.extend(book.debt.iter().map(|d| d.holding(Allowance::default(), 0)));
+        for usage in &book.closing {
+            let granted = Allowance { credit: usage.used.credit.saturating_add(usage.reserved), ..usage.used };
+            held.push(usage.holding(granted, 0));
+        }
+        for (id, r) in &book.reservations {
+            held.push(Holding {
+                id: id.clone(),
+                kind: HoldingKind::Reservation,
+                granted: Allowance { credit: r.amount, requests: 1, tokens: 0 },
+                used: Allowance { credit: 0, requests: 1, tokens: 0 },
+                window: r.window,
+                expires_at: r.expires_at,
+                done: false,
+                acked: None,
+            });
+        }
+        Holdings { budget: self.name.clone(), held }
+    }
+
+    /// The new leader's answer to [`LeasedAccount::holdings`]: what its predecessor's write holds
+    /// is done with; the rest is kept until a write of the new leader's holds it.
+    pub fn holdings_taken(&self, written: &[String], figures: BudgetFigures) {
+        let mut book = self.lock();
+        book.answered();
+        book.holdings_due = false;
+        let acked_at = Some(Acked { term: figures.term, version: figures.version });
+        let Book { lease, debt, closing, .. } = &mut *book;
+        closing.retain(|u| !(u.holds == 0 && written.contains(&u.id)));
+        for usage in lease.as_mut().map(|l| &mut l.usage).into_iter().chain(debt.as_mut()).chain(closing.iter_mut()) {
+            usage.acked = usage.used;
+            usage.acked_at.clone_from(&acked_at);
+        }
+        book.heard(&figures);
+        book.holdings_due = false;
+    }
+
+    /// A per-request reservation of the ledger, in flight until [`LeasedAccount::settled_remotely`].
+    pub fn reserved_remotely(&self, id: &str, amount: u64, expires_at: u64, now_ms: u64) {
+        let reservation = InFlight { amount, expires_at, window: minute(now_ms) };
+        self.lock().reservations.insert(id.to_string(), reservation);
     }
 
     /// The ledger does not know lease `id`: what it had not acknowledged becomes a debt, and the
@@ -428,6 +561,18 @@ impl LeasedAccount {
         }
     }
 
+    /// Outside state Active the lease is not spent from: once nothing is in flight on it, it is
+    /// given back.
+    pub fn give_back_unspendable(&self) {
+        let mut book = self.lock();
+        if book.mode.is_some_and(|m| m != Mode::Lease)
+            && book.lease.as_ref().is_some_and(|l| l.usage.holds == 0)
+            && let Some(old) = book.lease.take()
+        {
+            book.closing.push(old.usage);
+        }
+    }
+
     /// Gives the lease back: it is no longer spent from, and is reported done (returning what it
     /// did not use) once nothing is in flight on it.
     pub fn retire_lease(&self) {
@@ -446,6 +591,7 @@ impl LeasedAccount {
     /// A settled per-request reservation, to report.
     pub fn settled_remotely(&self, id: String, cost: u64, tokens: u64, now_ms: u64) {
         let mut book = self.lock();
+        book.reservations.remove(&id);
         book.since_grant.credit = book.since_grant.credit.saturating_add(cost);
         book.closing.push(Usage {
             id,
@@ -539,7 +685,16 @@ mod tests {
     }
 
     fn figures(state: BudgetState) -> BudgetFigures {
-        BudgetFigures { spent: 0, remaining: Some(5), outstanding: 0, period_start: 0, state }
+        BudgetFigures {
+            spent: 0,
+            remaining: Some(5),
+            outstanding: 0,
+            period_start: 0,
+            state,
+            term: 0,
+            version: 0,
+            durable: 0,
+        }
     }
 
     fn grant(id: &str, mode: Mode, credit: u64, requests: u64) -> LeaseGrant {
@@ -611,8 +766,11 @@ mod tests {
         assert_eq!(book.closing.len(), 1);
         assert_eq!((book.closing[0].kind, book.closing[0].used.credit), (UsageKind::Debt, 45));
         drop(book);
-        open.acked("pod-1-1", Allowance { credit: 45, requests: 0, tokens: 0 }, None);
-        assert!(open.lock().closing.is_empty(), "acknowledged debt is done");
+        let taken_in = BudgetFigures { term: 7, version: 3, durable: 2, ..figures(BudgetState::Active) };
+        open.acked("pod-1-1", Allowance { credit: 45, requests: 0, tokens: 0 }, Some(taken_in));
+        assert_eq!(open.lock().closing.len(), 1, "acknowledged, kept until a write holds it");
+        open.observed(BudgetFigures { durable: 3, ..taken_in });
+        assert!(open.lock().closing.is_empty(), "acknowledged and written: done");
     }
 
     #[test]
@@ -643,6 +801,51 @@ mod tests {
         let owed: u64 = book.closing.iter().map(|u| u.used.credit - u.acked.credit).sum();
         assert_eq!(owed, 6 + 3, "the unacknowledged 6, and the 3 settled after");
         assert!(book.closing.iter().all(|u| u.kind == UsageKind::Debt));
+    }
+
+    #[test]
+    fn a_new_leader_is_told_everything_held_and_what_its_predecessor_wrote_is_let_go() {
+        let account = LeasedAccount::new("team-a/key", Book::new("pod-1"));
+        let b = budget(Some(1000), false, None);
+        let first = BudgetFigures { term: 1, version: 4, durable: 4, ..figures(BudgetState::Active) };
+        account.granted(&LeaseGrant { budget: first, ..grant("l-1", Mode::Lease, 100, 0) }, T);
+        assert!(account.lock().holdings_due, "the first leader heard from is told too (of nothing yet)");
+        account.holdings_taken(&[], first);
+        let hold = account.reserve(&b, 10, T).unwrap();
+        account.settle(hold, 10, 0, T);
+        account.retire_lease();
+        let reported = account.lock().closing[0].clone();
+        account.closed_acked(&reported, BudgetFigures { version: 5, ..first });
+        account.granted(
+            &LeaseGrant { budget: BudgetFigures { version: 6, ..first }, ..grant("l-2", Mode::Lease, 50, 0) },
+            T,
+        );
+        account.reserved_remotely("r-1", 7, T + 60_000, T);
+        assert!(!account.lock().holdings_due, "the same leader");
+
+        // Another leader answers: it is told of the lease, the closed lease and the reservation.
+        let next = BudgetFigures { term: 2, version: 1, durable: 0, ..first };
+        account.observed(next);
+        assert!(account.lock().holdings_due);
+        let holdings = account.holdings();
+        let ids: Vec<(&str, HoldingKind, bool)> =
+            holdings.held.iter().map(|h| (h.id.as_str(), h.kind, h.done)).collect();
+        assert_eq!(
+            ids,
+            [
+                ("l-2", HoldingKind::Lease, false),
+                ("l-1", HoldingKind::Lease, true),
+                ("r-1", HoldingKind::Reservation, false)
+            ]
+        );
+        assert_eq!(holdings.held[1].acked, Some(Acked { term: 1, version: 5 }), "where it was taken in");
+        assert_eq!(holdings.budget, "team-a/key");
+
+        // l-1 was in the last leader's write: let go; the rest is kept for the new leader's.
+        account.holdings_taken(&["l-1".to_string()], BudgetFigures { version: 2, ..next });
+        let book = account.lock().clone();
+        assert!(!book.holdings_due && book.closing.is_empty());
+        assert_eq!(book.lease.as_ref().unwrap().usage.acked_at, Some(Acked { term: 2, version: 2 }));
     }
 
     #[test]

@@ -95,6 +95,78 @@ pub struct BudgetFigures {
     /// Unix seconds.
     pub period_start: u64,
     pub state: crate::api::BudgetState,
+    /// The term of the leader that answered: a new one means the sidecar tells it what it holds
+    /// ([`Holdings`]).
+    #[serde(default)]
+    pub term: u64,
+    /// The change this answer made, and the last change the budget's status holds: a sidecar
+    /// keeps what it reported until `durable` reaches the change that took it in.
+    #[serde(default)]
+    pub version: u64,
+    #[serde(default)]
+    pub durable: u64,
+}
+
+/// What a sidecar holds of a budget, told to a leader that has just taken over: its open leases
+/// and reservations with what they were granted and used, and what it reported done that the last
+/// leader may not have written. The new leader goes on from it instead of from a guess.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Holdings {
+    pub budget: String,
+    pub held: Vec<Holding>,
+}
+
+/// The ledger's answer to [`Holdings`]: the budget's figures, and what the last leader's write
+/// holds already (the sidecar keeps none of it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HoldingsTaken {
+    pub budget: BudgetFigures,
+    #[serde(default)]
+    pub written: Vec<String>,
+}
+
+/// One lease, reservation or debt a sidecar holds or reported.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Holding {
+    pub id: String,
+    pub kind: HoldingKind,
+    /// As granted (cumulative); nothing for a debt.
+    #[serde(default)]
+    pub granted: Allowance,
+    /// Used so far (cumulative).
+    pub used: Allowance,
+    /// The minute of the request and token figures.
+    #[serde(default)]
+    pub window: u64,
+    /// Unix milliseconds; 0 for a debt.
+    #[serde(default)]
+    pub expires_at: u64,
+    /// Reported done: nothing more will be used.
+    #[serde(default)]
+    pub done: bool,
+    /// The leader term and change that took its last report in, if one did: a leader whose last
+    /// write holds that change has it already.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acked: Option<Acked>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum HoldingKind {
+    Lease,
+    Reservation,
+    Debt,
+}
+
+/// Where a report was taken in: the leader's term and the change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Acked {
+    pub term: u64,
+    pub version: u64,
 }
 
 /// What a sidecar has used of a lease so far; `done` gives the rest back.
@@ -165,4 +237,7 @@ pub enum Refused {
     UnknownBudget,
     /// No such lease or reservation, or another sidecar's.
     UnknownLease,
+    /// The ledger has just taken over from another leader, and the credit asked for is among
+    /// what that one may still have out: free again once every pod has said what it holds.
+    TakingOver,
 }

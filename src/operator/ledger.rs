@@ -29,10 +29,12 @@ use super::inject::TOKEN_AUDIENCE;
 use super::leader::Leadership;
 use super::metrics::OperatorMetrics;
 use crate::api::units::{format_micros, parse_micros};
-use crate::api::{ApiKeyBudgetStatus, LEDGER_CONDITION, LedgerLease};
+use crate::api::{ApiKeyBudgetStatus, LEDGER_CONDITION, LedgerLease, LedgerWrite};
 use crate::budget::fleet::{FleetLedger, Lease, Persist, Persisted, Terms};
 use crate::budget::period::{parse_rfc3339, rfc3339};
-use crate::budget::protocol::{Allowance, BudgetFigures, Debt, LeaseRequest, Refused, Report, ReserveRequest, Settle};
+use crate::budget::protocol::{
+    Allowance, BudgetFigures, Debt, Holdings, LeaseRequest, Refused, Report, ReserveRequest, Settle,
+};
 use crate::config::Budget;
 
 /// The field manager of the ledger's status fields (the reconciler owns the conditions).
@@ -95,6 +97,7 @@ pub struct FleetService {
     flushes_started: AtomicU64,
     flushed: watch::Sender<Flushed>,
     wake_flusher: Notify,
+    urgent_flush: Notify,
     /// The leader's ledger URL, for the answer of a replica that does not lead.
     leader_url: watch::Receiver<Option<String>>,
     /// This replica's term (its identity and start) and when it began, for the `Ledger`
@@ -162,6 +165,11 @@ fn refusal(refused: Refused) -> LedgerError {
             "no such ApiKeyBudget in the caller's namespace (or not compiled yet)".into(),
         ),
         Refused::UnknownLease => (StatusCode::NOT_FOUND, "unknown_lease", "no such lease of the caller's".into()),
+        Refused::TakingOver => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "taking_over",
+            "this ledger has just taken over: what the last one may have had out is counted once every pod has said what it holds; try again in a few seconds".into(),
+        ),
     };
     LedgerError { refused: Some(refused), ..LedgerError::new(status, code, message) }
 }
@@ -187,6 +195,7 @@ impl FleetService {
             flushes_started: AtomicU64::new(0),
             flushed: watch::channel(Flushed::default()).0,
             wake_flusher: Notify::new(),
+            urgent_flush: Notify::new(),
             leader_url,
         })
     }
@@ -236,7 +245,10 @@ impl FleetService {
                 let Some((namespace, name)) = id.split_once('/') else { continue };
                 let status = status_of(&persisted, &figures, self.condition(&figures));
                 match self.store.save(namespace, name, status).await {
-                    Ok(()) => self.metrics.status_writes.inc(),
+                    Ok(()) => {
+                        self.metrics.status_writes.inc();
+                        lock(&self.fleet).confirm(&id, &persisted);
+                    }
                     Err(e) => {
                         tracing::warn!(budget = %id, error = %e, "cannot write the budget's ledger status; grants wait for it");
                         self.metrics.ledger_persist_failures.inc();
@@ -246,7 +258,11 @@ impl FleetService {
                 }
             }
             self.flushed.send_replace(Flushed { number, failed });
-            tokio::time::sleep_until(started + FLUSH_INTERVAL).await;
+            // At most a write a second per budget, but for a new sidecar's first calls.
+            tokio::select! {
+                () = tokio::time::sleep_until(started + FLUSH_INTERVAL) => {}
+                () = self.urgent_flush.notified() => {}
+            }
         }
     }
 
@@ -268,8 +284,13 @@ impl FleetService {
 
     /// Waits until what was changed in `budget` before `since` (a [`FleetService::flushes_started`]
     /// reading taken with the change) is written.
-    async fn persisted(&self, budget: &str, since: u64) -> Result<(), LedgerError> {
+    /// `urgent`: for a sidecar the written status does not name yet, the write is not held back
+    /// until the write interval has passed (a pod's first calls, at its start).
+    async fn persisted(&self, budget: &str, since: u64, urgent: bool) -> Result<(), LedgerError> {
         self.wake_flusher.notify_one();
+        if urgent {
+            self.urgent_flush.notify_one();
+        }
         let mut flushed = self.flushed.subscribe();
         let wait = flushed.wait_for(|f| f.number > since);
         match tokio::time::timeout(FLUSH_INTERVAL * 10, wait).await {
@@ -376,6 +397,7 @@ pub fn router(service: Arc<FleetService>) -> Router {
         .route("/ledger/v1/reserve", post(reserve))
         .route("/ledger/v1/settle", post(settle))
         .route("/ledger/v1/debt", post(debt))
+        .route("/ledger/v1/holdings", post(holdings))
         .with_state(service)
 }
 
@@ -411,9 +433,9 @@ where
             let (answer, persist) = apply(&mut fleet, &id, &caller.pod, &request, now_ms()).map_err(refusal)?;
             (answer, persist, service.flushes_started.load(Ordering::SeqCst))
         };
-        if persist == Persist::BeforeAnswer {
+        if persist.waits() {
             service.metrics.ledger_persist_wait(name);
-            service.persisted(&id, since).await?;
+            service.persisted(&id, since, persist == Persist::NewHolder).await?;
         }
         Ok::<_, LedgerError>(answer)
     }
@@ -449,12 +471,8 @@ async fn report(State(service): State<Arc<FleetService>>, headers: HeaderMap, by
         headers,
         bytes,
         |r: &Report| &r.budget,
-        // A lease reported done is forgotten by its holder once answered; use on a live one is
-        // reported again.
-        |fleet, id, pod, r, now| {
-            let persist = if r.done { Persist::BeforeAnswer } else { Persist::Eventually };
-            fleet.report(id, pod, r, now).map(|figures| (figures, persist))
-        },
+        // The sidecar keeps what it reported until an answer says a write holds it.
+        |fleet, id, pod, r, now| fleet.report(id, pod, r, now).map(|figures| (figures, Persist::Eventually)),
     )
     .await
 }
@@ -466,7 +484,7 @@ async fn reserve(State(service): State<Arc<FleetService>>, headers: HeaderMap, b
         headers,
         bytes,
         |r: &ReserveRequest| &r.budget,
-        |fleet, id, pod, r, now| fleet.reserve(id, pod, r.amount, now).map(|r| (r, Persist::BeforeAnswer)),
+        |fleet, id, pod, r, now| fleet.reserve_persisting(id, pod, r.amount, now),
     )
     .await
 }
@@ -479,7 +497,7 @@ async fn settle(State(service): State<Arc<FleetService>>, headers: HeaderMap, by
         bytes,
         |r: &Settle| &r.budget,
         |fleet, id, pod, r, now| {
-            fleet.settle(id, pod, &r.reservation_id, r.cost, r.tokens, now).map(|f| (f, Persist::BeforeAnswer))
+            fleet.settle(id, pod, &r.reservation_id, r.cost, r.tokens, now).map(|f| (f, Persist::Eventually))
         },
     )
     .await
@@ -492,7 +510,19 @@ async fn debt(State(service): State<Arc<FleetService>>, headers: HeaderMap, byte
         headers,
         bytes,
         |r: &Debt| &r.budget,
-        |fleet, id, pod, r, now| fleet.debt(id, pod, r, now).map(|f| (f, Persist::BeforeAnswer)),
+        |fleet, id, pod, r, now| fleet.debt(id, pod, r, now).map(|f| (f, Persist::Eventually)),
+    )
+    .await
+}
+
+async fn holdings(State(service): State<Arc<FleetService>>, headers: HeaderMap, bytes: Bytes) -> Response {
+    call(
+        service,
+        "holdings",
+        headers,
+        bytes,
+        |r: &Holdings| &r.budget,
+        |fleet, id, pod, r, now| fleet.holdings(id, pod, r, now).map(|f| (f, Persist::Eventually)),
     )
     .await
 }
@@ -523,6 +553,9 @@ pub fn status_of(persisted: &Persisted, figures: &BudgetFigures, condition: Cond
                 done: l.done,
             })
             .collect(),
+        pledged: Some(format_micros(persisted.pledged)),
+        holders: persisted.holders.clone(),
+        ledger_writes: persisted.writes.iter().map(|&(term, version)| LedgerWrite { term, version }).collect(),
         ..ApiKeyBudgetStatus::default()
     }
 }
@@ -554,7 +587,14 @@ pub fn persisted_of(status: Option<&ApiKeyBudgetStatus>) -> Persisted {
         })
         .collect();
     let period_start = status.period_start.as_deref().and_then(parse_rfc3339).unwrap_or(0);
-    Persisted { spent: micros(&status.spent), period_start, leases }
+    Persisted {
+        spent: micros(&status.spent),
+        period_start,
+        leases,
+        pledged: micros(&status.pledged),
+        holders: status.holders.clone(),
+        writes: status.ledger_writes.iter().map(|w| (w.term, w.version)).collect(),
+    }
 }
 
 /// The cluster's token check: a TokenReview for [`TOKEN_AUDIENCE`].

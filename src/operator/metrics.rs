@@ -180,7 +180,7 @@ impl OperatorMetrics {
             "counter",
             "Ledger calls answered only once the budget's status was written (a grant a new leader must count, a lease reported done), by call.",
         );
-        for call in ["lease", "report", "reserve", "settle", "debt"] {
+        for call in ["lease", "report", "reserve", "settle", "debt", "holdings"] {
             let n = lock(&self.ledger_persist_waits).get(call).copied().unwrap_or(0);
             let _ = writeln!(out, "sideyard_ledger_persist_waits_total{{call=\"{call}\"}} {n}");
         }

@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 use super::ledger_client::{CallError, CallMetrics, LedgerClient};
 use crate::budget::lease::{Book, Held, LeasedAccount, LocalHold, Miss, Usage, UsageKind, needs_renewal};
 use crate::budget::protocol::{
-    Allowance, BudgetFigures, Debt, LeaseGrant, LeaseRequest, Mode, Refused, Report, ReserveRequest, Reserved, Settle,
+    Allowance, BudgetFigures, Debt, HoldingsTaken, LeaseGrant, LeaseRequest, Mode, Refused, Report, ReserveRequest,
+    Reserved, Settle,
 };
 use crate::budget::{BudgetCounters, RateStatus};
 use crate::config::{Budget, LedgerEndpoint};
@@ -30,6 +31,7 @@ const REPORT: usize = 1;
 const RESERVE: usize = 2;
 const SETTLE: usize = 3;
 const DEBT: usize = 4;
+const HOLDINGS: usize = 5;
 
 /// How often the keeper looks at every lease.
 const KEEP_INTERVAL: Duration = Duration::from_millis(200);
@@ -329,12 +331,18 @@ impl Fleet {
     ) -> Result<Hold, Refusal> {
         account.waits.inc();
         let request = ReserveRequest { budget: account.leased.name.clone(), amount };
-        let answer = match self.client() {
-            Ok(client) => client.call::<Reserved>(RESERVE, &request).await,
-            Err(e) => Err(e),
-        };
+        let mut answer = self.call::<Reserved>(RESERVE, &request).await;
+        // Near the limit, what this sidecar's settled requests hold until their settles are
+        // sent may be all that is missing: sent now, and asked once more.
+        if let Err(CallError::Refused(Refused::InsufficientCredits { .. })) = &answer
+            && self.settle_now(account).await
+        {
+            account.waits.inc();
+            answer = self.call::<Reserved>(RESERVE, &request).await;
+        }
         match answer {
             Ok(reserved) => {
+                account.leased.reserved_remotely(&reserved.reservation_id, amount, reserved.expires_at, now_ms());
                 account.leased.observed(reserved.budget);
                 account.billed[1].inc();
                 Ok(Hold::Remote { account: account.clone(), id: Some(reserved.reservation_id) })
@@ -345,6 +353,9 @@ impl Fleet {
             Err(CallError::Refused(Refused::RateLimited { limit, reset })) => {
                 Err(Refusal::RateLimited(RateStatus { limit, remaining: 0, reset }))
             }
+            Err(CallError::Refused(Refused::TakingOver)) => Err(Refusal::Unavailable(
+                "the budget ledger has just taken over from another replica and counts this key's credit again once every pod has said what it holds; try again in a few seconds".into(),
+            )),
             Err(e) => {
                 self.note_failure(account, &e);
                 // Unreachable now: the debt, if the budget fails open.
@@ -432,7 +443,7 @@ impl Fleet {
                 // Only the lease renewed took `used` in; a lease the ledger no longer had is
                 // reported on its own (and owed as a debt if it is gone for good).
                 if let Some(id) = lease_id.as_deref().filter(|_| !fresh) {
-                    account.leased.acked(id, used, None);
+                    account.leased.acked(id, used, Some(grant.budget));
                 }
                 if !grant.lease_id.is_empty() {
                     if fresh {
@@ -494,6 +505,10 @@ impl Fleet {
     /// shutdown and for a budget no longer configured (`closing`) nothing is renewed and every
     /// report is tried.
     async fn keep_account(&self, account: &FleetAccount, closing: bool) {
+        // A new leader is told what this sidecar holds before anything else.
+        if account.leased.lock().holdings_due {
+            self.tell_holdings(account).await;
+        }
         let now = now_ms();
         let budget = account.budget();
         let (mode, lease, unreachable, stale_report) = {
@@ -546,16 +561,7 @@ impl Fleet {
         } else if stale_report && let Some(held) = &lease {
             self.report(account, held, false).await;
         }
-        // Outside state Active the lease is not spent from: give its rest back once idle.
-        {
-            let mut book = account.leased.lock();
-            if book.mode.is_some_and(|m| m != Mode::Lease)
-                && book.lease.as_ref().is_some_and(|l| l.usage.holds == 0)
-                && let Some(old) = book.lease.take()
-            {
-                book.closing.push(old.usage);
-            }
-        }
+        account.leased.give_back_unspendable();
         if !closing && !renew && account.leased.lock().unreachable_since.is_some() {
             return;
         }
@@ -564,14 +570,39 @@ impl Fleet {
         let closing = account.leased.lock().closing.clone();
         let reports = closing
             .iter()
-            .filter(|u| !u.is_acked() || u.holds == 0)
+            .filter(|u| u.needs_report())
             .map(|usage| async move { (usage, self.close_usage(account, usage).await) });
         for (usage, answer) in futures::future::join_all(reports).await {
             match answer {
-                Ok(figures) => account.leased.acked(&usage.id, usage.used, Some(figures)),
+                Ok(figures) => account.leased.closed_acked(usage, figures),
                 Err(CallError::Refused(Refused::UnknownLease)) => account.leased.forgotten(&usage.id, now_ms()),
                 Err(e) => self.note_failure(account, &e),
             }
+        }
+    }
+
+    /// Reports now what holds credit for nothing (settled reservations, and a lease not spent
+    /// from outside state Active) instead of at the keeper's next round; whether there was
+    /// any and the ledger took it.
+    async fn settle_now(&self, account: &FleetAccount) -> bool {
+        account.leased.give_back_unspendable();
+        let pending: Vec<Usage> = account.leased.lock().closing.iter().filter(|u| u.needs_report()).cloned().collect();
+        let mut settled = false;
+        for usage in &pending {
+            if let Ok(figures) = self.close_usage(account, usage).await {
+                account.leased.closed_acked(usage, figures);
+                settled = true;
+            }
+        }
+        settled
+    }
+
+    /// Tells a leader that has just taken over what this sidecar holds of the budget.
+    async fn tell_holdings(&self, account: &FleetAccount) {
+        let holdings = account.leased.holdings();
+        match self.call::<HoldingsTaken>(HOLDINGS, &holdings).await {
+            Ok(taken) => account.leased.holdings_taken(&taken.written, taken.budget),
+            Err(e) => self.note_failure(account, &e),
         }
     }
 
@@ -655,12 +686,13 @@ impl Fleet {
                         .map(|l| &l.usage)
                         .chain(book.debt.iter())
                         .chain(book.closing.iter())
-                        .filter(|u| !u.is_acked())
+                        .filter(|u| !u.is_acked() || !u.is_written(book.term, book.durable))
                         .map(|u| SavedUsage {
                             id: u.id.clone(),
                             kind: kind_name(u.kind).into(),
                             used: u.used,
                             acked: u.acked,
+                            acked_at: u.acked_at.clone(),
                         })
                         .collect();
                     (!usages.is_empty()).then(|| SavedBudget { id: id.clone(), usages })
@@ -713,6 +745,8 @@ impl Fleet {
                     window: crate::budget::lease::minute(now_ms()),
                     holds: 0,
                     reserved: 0,
+                    acked_at: usage.acked_at,
+                    done_acked: false,
                 });
             }
         }
@@ -769,6 +803,9 @@ struct SavedUsage {
     kind: String,
     used: Allowance,
     acked: Allowance,
+    /// Where the ledger took its last report in, while no write is known to hold it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    acked_at: Option<crate::budget::protocol::Acked>,
 }
 
 /// What requests waiting for a lease call need of it now.
@@ -875,6 +912,9 @@ mod tests {
                 outstanding: 0,
                 period_start: 0,
                 state: crate::api::BudgetState::Active,
+                term: 0,
+                version: 0,
+                durable: 0,
             },
         };
         account.leased.granted(&grant, now_ms());

@@ -52,7 +52,7 @@ impl std::fmt::Display for CallError {
 }
 
 /// The ledger calls, for metric labels.
-pub const CALLS: [&str; 5] = ["lease", "report", "reserve", "settle", "debt"];
+pub const CALLS: [&str; 6] = ["lease", "report", "reserve", "settle", "debt", "holdings"];
 
 /// Per call: outcomes and round trips.
 #[derive(Default)]
