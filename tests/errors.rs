@@ -260,36 +260,25 @@ async fn failed_and_fallen_back_requests_are_logged_at_info_within_a_rate_limit(
             &format!("{{name: down, baseUrl: '{}'}}", up.url("status-503")),
             &format!("{{name: up, baseUrl: '{}'}}", up.url("ok/up")),
         ],
-    ) + &route_yaml("broken", "", &[&format!("{{name: only, baseUrl: 'http://{}'}}", closed_port())]);
+    ) + &route_yaml("broken", "", &[&format!("{{name: only, baseUrl: 'http://{}'}}", closed_port())])
+        + &route_yaml("fine", "", &[&format!("{{name: only, baseUrl: '{}'}}", up.url("ok/fine"))]);
     let sidecar = Sidecar::start(&config);
     let lines = |what: &str| -> Vec<String> {
         sidecar.process.log().lines().filter(|l| l.contains(what)).map(String::from).collect()
     };
 
-    // Served at the first try: nothing at info.
-    let response =
-        send_with(sidecar.api, "POST", "/v1/chat/completions", &[("x-request-id", "req-fell")], r#"{"model": "chat"}"#)
-            .await;
-    assert_eq!(response.status(), 200);
-    let response = send_with(
-        sidecar.api,
-        "POST",
-        "/v1/chat/completions",
-        &[("x-request-id", "req-failed")],
-        r#"{"model": "broken"}"#,
-    )
-    .await;
-    assert_eq!(response.status(), 502);
-    let response = send_with(
-        sidecar.api,
-        "POST",
-        "/v1/chat/completions",
-        &[("x-request-id", "req-unknown")],
-        r#"{"model": "nope"}"#,
-    )
-    .await;
-    assert_eq!(response.status(), 404);
+    for (request_id, body, status) in [
+        ("req-fine", r#"{"model": "fine"}"#, 200),
+        ("req-fell", r#"{"model": "chat"}"#, 200),
+        ("req-failed", r#"{"model": "broken"}"#, 502),
+        ("req-unknown", r#"{"model": "nope"}"#, 404),
+    ] {
+        let response =
+            send_with(sidecar.api, "POST", "/v1/chat/completions", &[("x-request-id", request_id)], body).await;
+        assert_eq!(response.status(), status, "{request_id}");
+    }
     eventually("three request lines", || async { lines("request_id=").len() == 3 }).await;
+    assert!(lines("request_id=req-fine").is_empty(), "served at the first try: nothing at info");
 
     let fell = lines("request_id=req-fell");
     assert!(fell[0].contains("INFO") && fell[0].contains("request served after a fallback"), "{fell:?}");

@@ -24,7 +24,7 @@ use super::error::{ATTEMPTS, AttemptFailure, FALLBACK_REASON, HEDGED, ProxyError
 use super::health::{self, AttemptOutcome, Transition};
 use super::plan;
 use super::relay::SseRelay;
-use super::request_log::Outcome;
+use super::request_log::{self, Outcome};
 use super::shared::Shared;
 use super::snapshot::{ServedRoute, ServedTarget, Snapshot};
 use crate::api::FallbackReason;
@@ -146,7 +146,8 @@ async fn converse(shared: Arc<Shared>, request: Request, endpoint: Endpoint) -> 
         add_rate_headers(response.headers_mut(), rate);
     }
     let status = response.status().as_u16();
-    if status >= 400 || !failures.is_empty() {
+    // Asked first: a request served at its first try builds nothing.
+    if request_log::wanted(status, &failures) {
         shared.states.request_log.record(Outcome {
             headers: &parts.headers,
             path: parts.uri.path(),

@@ -56,7 +56,7 @@ impl RequestLog {
     /// Writes the line for a request that ended in an error status or fell back; nothing for one
     /// that was served at its first try.
     pub fn record(&self, outcome: Outcome<'_>) {
-        if outcome.status < 400 && outcome.failures.is_empty() {
+        if !wanted(outcome.status, outcome.failures) {
             return;
         }
         let Some(left_out) = self.admit(unix_now()) else { return };
@@ -95,6 +95,13 @@ impl RequestLog {
         }
         Some(self.pending.swap(0, Relaxed))
     }
+}
+
+/// Whether a request that ended with `status` after `failures` gets a line: a caller may ask
+/// before building its [`Outcome`].
+#[inline]
+pub fn wanted(status: u16, failures: &[AttemptFailure]) -> bool {
+    status >= 400 || !failures.is_empty()
 }
 
 fn unix_now() -> u64 {
