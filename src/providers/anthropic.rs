@@ -623,7 +623,7 @@ pub fn event_info(data: &[u8]) -> ChunkInfo {
     let keys = &*EVENT_KEYS;
     let output_bytes = openai::string_bytes(data, &keys.output);
     let starts_tool_use = keys.block_start.find(data).is_some() && keys.tool_use.find(data).is_some();
-    let usage = openai::value_of(data, &keys.usage, 0).and_then(|value| openai::usage_at(data, value));
+    let usage = openai::usage_in(data, &keys.usage);
     let partial_usage = usage.is_some() && keys.message_start.find(data).is_some();
     ChunkInfo { has_output: output_bytes > 0 || starts_tool_use, output_bytes, usage, partial_usage }
 }
@@ -781,11 +781,14 @@ struct DeltaPeek<'a> {
 
 /// The text of a `text_delta` event as the JSON string literal it is in the event, found by
 /// scanning rather than parsing (text deltas are most of a stream); `None` for any other event,
-/// and for one whose text is not a well-formed string, which the parser then reads.
+/// and for one whose text is not a well-formed string or has a second `text` key (which one is
+/// the delta's depends on nesting, not order), which the parser then reads.
 fn text_delta(data: &[u8]) -> Option<&[u8]> {
     let keys = &*EVENT_KEYS;
     keys.text_delta.find(data)?;
-    let literal = openai::string_literal(data, openai::value_of(data, &keys.output[0], 0)?)?;
+    let mut texts = openai::values_of(data, &keys.output[0]);
+    let (Some(value), None) = (texts.next(), texts.next()) else { return None };
+    let literal = openai::string_literal(data, value)?;
     serde_json::from_slice::<Cow<'_, str>>(literal).ok()?;
     Some(literal)
 }

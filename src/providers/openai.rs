@@ -635,8 +635,9 @@ pub fn chunk_info(data: &[u8]) -> ChunkInfo {
     }
     let keys = &*KEYS;
     let output_bytes = string_bytes(data, &keys.output);
-    let has_tool_call = value_of(data, &keys.tool_calls, 0).is_some_and(|v| data.get(v) == Some(&b'['));
-    let usage = value_of(data, &keys.usage, 0).and_then(|value| usage_at(data, value));
+    let has_tool_call = values_of(data, &keys.tool_calls)
+        .any(|v| data.get(v) == Some(&b'[') && data.get(skip_whitespace(data, v + 1)).is_some_and(|&b| b != b']'));
+    let usage = usage_in(data, &keys.usage);
     ChunkInfo { has_output: output_bytes > 0 || has_tool_call, output_bytes, usage, partial_usage: false }
 }
 
@@ -647,7 +648,7 @@ pub fn text_chunk_info(data: &[u8]) -> ChunkInfo {
     }
     let keys = &*KEYS;
     let output_bytes = string_bytes(data, &keys.text);
-    let usage = value_of(data, &keys.usage, 0).and_then(|value| usage_at(data, value));
+    let usage = usage_in(data, &keys.usage);
     ChunkInfo { has_output: output_bytes > 0, output_bytes, usage, partial_usage: false }
 }
 
@@ -667,6 +668,14 @@ pub fn usage_text(usage: &Usage) -> String {
         usage.cached_prompt,
         usage.cache_write
     )
+}
+
+/// The usage object under `key` in `data`. Only a stray object nests another `usage`; of several,
+/// the largest is taken, so that where each stands in the text cannot change the answer.
+pub(super) fn usage_in(data: &[u8], key: &Finder<'static>) -> Option<Usage> {
+    values_of(data, key)
+        .filter_map(|value| usage_at(data, value))
+        .max_by_key(|u| (u.prompt, u.completion, u.cached_prompt, u.cache_write))
 }
 
 /// The usage object at or after `value` (the start of a `usage` value), read in either
@@ -714,6 +723,16 @@ pub(super) fn value_of(data: &[u8], key: &Finder<'static>, mut from: usize) -> O
         }
         from = at + len;
     }
+}
+
+/// Where the value of every `key` (quoted) in `data` starts, first to last.
+pub(super) fn values_of<'d>(data: &'d [u8], key: &'d Finder<'static>) -> impl Iterator<Item = usize> + 'd {
+    let mut from = 0;
+    std::iter::from_fn(move || {
+        let value = value_of(data, key, from)?;
+        from = value;
+        Some(value)
+    })
 }
 
 /// The keys [`chunk_info`] looks for, with their searchers built once.
@@ -1178,6 +1197,25 @@ mod tests {
         }
         let events = b"data: {\"a\":1}\n\n: comment\n\ndata:[DONE]\r\n\r\n";
         assert_eq!(sse::payloads(events).collect::<Vec<_>>(), [&b"{\"a\":1}"[..], b"[DONE]"]);
+    }
+
+    #[test]
+    fn a_nested_key_of_the_same_name_reads_the_same_before_or_after() {
+        let pairs: [(&[u8], &[u8]); 2] = [
+            (
+                br#"{"models":{"tool_calls":null},"tool_calls":[]}"#,
+                br#"{"tool_calls":[],"models":{"tool_calls":null}}"#,
+            ),
+            (
+                br#"{"x":{"usage":{"prompt_tokens":1}},"usage":{"prompt_tokens":5,"completion_tokens":2}}"#,
+                br#"{"usage":{"prompt_tokens":5,"completion_tokens":2},"x":{"usage":{"prompt_tokens":1}}}"#,
+            ),
+        ];
+        for (one, other) in pairs {
+            assert_eq!(chunk_info(one), chunk_info(other), "{}", String::from_utf8_lossy(one));
+        }
+        assert!(!chunk_info(pairs[0].0).has_output, "an empty tool_calls list is no output");
+        assert_eq!(chunk_info(pairs[1].0).usage.map(|u| u.prompt), Some(5));
     }
 
     #[test]

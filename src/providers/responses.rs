@@ -821,7 +821,7 @@ pub fn event_info(data: &[u8]) -> ChunkInfo {
     }
     let keys = &*KEYS;
     let output_bytes = openai::string_bytes(data, &keys.delta);
-    let usage = openai::value_of(data, &keys.usage, 0).and_then(|value| openai::usage_at(data, value));
+    let usage = openai::usage_in(data, &keys.usage);
     ChunkInfo { has_output: output_bytes > 0, output_bytes, usage, partial_usage: false }
 }
 
