@@ -19,7 +19,38 @@ pub const API_VERSION: &str = "sideyard.dev/v1alpha1";
 
 /// Every CustomResourceDefinition Sideyard installs, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![ProviderRoute::crd(), ApiKeyBudget::crd()]
+    vec![ProviderRoute::crd(), ApiKeyBudget::crd()].into_iter().map(with_known_formats).collect()
+}
+
+/// The CRD with only the integer formats the API server knows: schemars writes `uint32` and
+/// `uint64`, which it warns about on every write. A `uint32` keeps its bound as a `maximum`.
+fn with_known_formats(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn walk(node: &mut serde_json::Value) {
+        match node {
+            serde_json::Value::Object(map) => {
+                let format = map.get("format").and_then(serde_json::Value::as_str).map(str::to_owned);
+                match format.as_deref() {
+                    Some("uint32") => {
+                        map.remove("format");
+                        map.entry("maximum").or_insert_with(|| u32::MAX.into());
+                    }
+                    Some("uint64" | "uint" | "uint16" | "uint8" | "int16" | "int8") => {
+                        map.remove("format");
+                    }
+                    _ => {}
+                }
+                map.values_mut().for_each(walk);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    // A CRD is plain data: it serialises, and what it serialised to reads back.
+    let Ok(mut value) = serde_json::to_value(&crd) else { return crd };
+    if let Some(versions) = value.pointer_mut("/spec/versions") {
+        walk(versions);
+    }
+    serde_json::from_value(value).unwrap_or(crd)
 }
 
 /// The structural schema (`openAPIV3Schema`, as JSON) of the kind `kind` of [`API_VERSION`]:

@@ -6,7 +6,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use super::units::{DECIMAL_PATTERN, DURATION_PATTERN};
+use super::units::{DECIMAL_PATTERN, DURATION_PATTERN, durations_valid};
 
 /// Desired routing for one model name: the providers that serve it, in what order, at what price,
 /// and when to fall back from one to the next.
@@ -25,7 +25,7 @@ use super::units::{DECIMAL_PATTERN, DURATION_PATTERN};
     doc = "Routes one model name to an ordered list of LLM providers, with fallback, timeouts and prices.",
     printcolumn(name = "Model", type_ = "string", json_path = ".spec.model"),
     printcolumn(name = "Strategy", type_ = "string", json_path = ".spec.strategy"),
-    printcolumn(name = "Targets", type_ = "string", json_path = ".spec.targets[*].name"),
+    printcolumn(name = "Targets", type_ = "string", json_path = ".status.targetNames"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
@@ -33,7 +33,7 @@ use super::units::{DECIMAL_PATTERN, DURATION_PATTERN};
 #[x_kube(
     validation = Rule::new("!has(self.aliases) || !self.aliases.exists(a, a == self.model)")
         .message("aliases must not repeat model"),
-    validation = Rule::new("!has(self.hedge) || !has(self.holdBack) || duration(self.hedge.after) < duration(self.holdBack)")
+    validation = Rule::new(concat!("!has(self.hedge) || !has(self.holdBack) || !(", durations_valid!("self.hedge.after", "self.holdBack"), ") || duration(self.hedge.after) < duration(self.holdBack)"))
         .message("hedge.after must be shorter than holdBack: a stream is committed to its first target when hold-back ends, so a later hedge would never start"),
     validation = Rule::new("!has(self.serves) || self.serves != 'embeddings' || self.targets.all(t, !has(t.api) || t.api != 'anthropic')")
         .message("an embeddings route's targets must speak the OpenAI API: Anthropic's has no embeddings")
@@ -97,7 +97,7 @@ pub struct ProviderRouteSpec {
     /// this long, so that a target failing before its first token falls back invisibly. `0s`
     /// commits as soon as the upstream's headers arrive.
     #[serde(default = "default_hold_back")]
-    #[schemars(pattern(DURATION_PATTERN))]
+    #[schemars(length(max = 64), pattern(DURATION_PATTERN))]
     pub hold_back: String,
 
     /// Completion tokens reserved against the caller's budget for a request that sets no
@@ -150,7 +150,7 @@ fn default_reserved_completion_tokens() -> u32 {
 #[serde(rename_all = "camelCase")]
 pub struct Hedge {
     /// How long the first attempt may go without a first token before the next target starts.
-    #[schemars(pattern(DURATION_PATTERN))]
+    #[schemars(length(max = 64), pattern(DURATION_PATTERN))]
     pub after: String,
 }
 
@@ -358,21 +358,21 @@ pub struct Pricing {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("duration(self.connect) <= duration(self.total)").message("connect must not exceed total"),
-    validation = Rule::new("duration(self.firstByte) <= duration(self.total)").message("firstByte must not exceed total")
+    validation = Rule::new(concat!("!(", durations_valid!("self.connect", "self.total"), ") || duration(self.connect) <= duration(self.total)")).message("connect must not exceed total"),
+    validation = Rule::new(concat!("!(", durations_valid!("self.firstByte", "self.total"), ") || duration(self.firstByte) <= duration(self.total)")).message("firstByte must not exceed total")
 )]
 pub struct Timeouts {
     /// Time to open the connection (TCP and TLS) to the upstream.
     #[serde(default = "default_connect_timeout")]
-    #[schemars(pattern(DURATION_PATTERN))]
+    #[schemars(length(max = 64), pattern(DURATION_PATTERN))]
     pub connect: String,
     /// Time from sending the request until the upstream's response headers arrive.
     #[serde(default = "default_first_byte_timeout")]
-    #[schemars(pattern(DURATION_PATTERN))]
+    #[schemars(length(max = 64), pattern(DURATION_PATTERN))]
     pub first_byte: String,
     /// Time for the whole attempt, including streaming the answer.
     #[serde(default = "default_total_timeout")]
-    #[schemars(pattern(DURATION_PATTERN))]
+    #[schemars(length(max = 64), pattern(DURATION_PATTERN))]
     pub total: String,
 }
 
@@ -514,7 +514,7 @@ impl FallbackReason {
 /// Passive health checking of targets.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("duration(self.baseEjection) <= duration(self.maxEjection)")
+#[x_kube(validation = Rule::new(concat!("!(", durations_valid!("self.baseEjection", "self.maxEjection"), ") || duration(self.baseEjection) <= duration(self.maxEjection)"))
     .message("baseEjection must not exceed maxEjection"))]
 pub struct Health {
     /// Consecutive failures after which a target is ejected.
@@ -523,11 +523,11 @@ pub struct Health {
     pub consecutive_failures: u32,
     /// How long the first ejection lasts; each repeat doubles it.
     #[serde(default = "default_base_ejection")]
-    #[schemars(pattern(DURATION_PATTERN))]
+    #[schemars(length(max = 64), pattern(DURATION_PATTERN))]
     pub base_ejection: String,
     /// The longest an ejection lasts.
     #[serde(default = "default_max_ejection")]
-    #[schemars(pattern(DURATION_PATTERN))]
+    #[schemars(length(max = 64), pattern(DURATION_PATTERN))]
     pub max_ejection: String,
 }
 
@@ -572,6 +572,10 @@ pub struct ProviderRouteStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub targets: Vec<TargetStatus>,
+    /// Every target's name, in the order written, comma-separated: the `Targets` column of
+    /// `kubectl get` (a printer column shows only the first of a list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_names: Option<String>,
 }
 
 /// The observed state of one target.

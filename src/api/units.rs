@@ -6,8 +6,42 @@
 use std::time::Duration;
 
 /// Durations as Go and Kubernetes write them, restricted to whole numbers: `800ms`, `2s`, `5m`,
-/// `1h30m`. The CEL `duration()` function accepts every string this matches.
-pub const DURATION_PATTERN: &str = "^([0-9]{1,9}(ms|s|m|h))+$";
+/// `1h30m`. Bounded so that the CEL `duration()` function converts every string this matches
+/// (Go's durations end at about 292 years): at most four parts, hours of at most 5 digits (11
+/// years), minutes of 7 (19 years), seconds and milliseconds of 9 (31 years, 11 days).
+pub const DURATION_PATTERN: &str = duration_pattern!();
+
+/// [`DURATION_PATTERN`] as a literal, for the CEL rules that `concat!` it.
+macro_rules! duration_pattern {
+    () => {
+        "^([0-9]{1,5}h|[0-9]{1,7}m|[0-9]{1,9}s|[0-9]{1,9}ms){1,4}$"
+    };
+}
+pub(crate) use duration_pattern;
+
+/// A CEL condition that holds when both fields are well-formed durations. The API server runs
+/// an object's rules even when a field has failed its pattern; a rule that converts durations
+/// checks them first, so that a bad duration gets the pattern's message alone, not a
+/// conversion error beside it.
+macro_rules! durations_valid {
+    ($a:literal, $b:literal) => {
+        concat!(
+            $a,
+            ".matches('",
+            $crate::api::units::duration_pattern!(),
+            "') && ",
+            $b,
+            ".matches('",
+            $crate::api::units::duration_pattern!(),
+            "')"
+        )
+    };
+}
+pub(crate) use durations_valid;
+
+/// Most digits of a duration's part, by unit, and most parts: what [`DURATION_PATTERN`] says.
+const DURATION_DIGITS: [(&str, usize); 4] = [("ms", 9), ("s", 9), ("m", 7), ("h", 5)];
+const DURATION_PARTS: usize = 4;
 
 /// Non-negative decimals with at most six fractional digits, so that every value is an exact
 /// number of micro-units: `0`, `2.50`, `0.000125`.
@@ -20,7 +54,7 @@ pub const MICROS_PER_UNIT: u64 = 1_000_000;
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let invalid = || {
         format!(
-            "invalid duration {s:?}: expected a whole number with a unit (ms, s, m, h), for example \"800ms\", \"2s\" or \"1m30s\""
+            "invalid duration {s:?}: expected up to four whole numbers with units (ms, s, m, h), for example \"800ms\", \"2s\" or \"1m30s\"; hours take at most 5 digits, minutes 7, seconds and milliseconds 9"
         )
     };
     if s.is_empty() {
@@ -28,31 +62,30 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     let bytes = s.as_bytes();
     let mut total = Duration::ZERO;
-    let mut i = 0;
+    let (mut i, mut parts) = (0, 0);
     while i < bytes.len() {
         let start = i;
         while i < bytes.len() && bytes[i].is_ascii_digit() {
             i += 1;
         }
-        if i == start || i - start > 9 {
+        let digits = i - start;
+        let Some(&(unit, most)) = DURATION_DIGITS.iter().find(|(unit, _)| s[i..].starts_with(unit)) else {
+            return Err(invalid());
+        };
+        parts += 1;
+        if digits == 0 || digits > most || parts > DURATION_PARTS {
             return Err(invalid());
         }
         // At most 9 ASCII digits: always fits in a u64.
         let n: u64 = s[start..i].parse().map_err(|_| invalid())?;
-        let unit = if s[i..].starts_with("ms") {
-            i += 2;
-            Duration::from_millis(n)
-        } else {
-            let d = match bytes.get(i) {
-                Some(b's') => Duration::from_secs(n),
-                Some(b'm') => Duration::from_secs(n * 60),
-                Some(b'h') => Duration::from_secs(n * 3600),
-                _ => return Err(invalid()),
-            };
-            i += 1;
-            d
+        let part = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            _ => Duration::from_secs(n * 3600),
         };
-        total = total.checked_add(unit).ok_or_else(invalid)?;
+        i += unit.len();
+        total = total.checked_add(part).ok_or_else(invalid)?;
     }
     Ok(total)
 }

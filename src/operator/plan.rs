@@ -215,6 +215,7 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
             conditions,
             config_version: version,
             targets: outcome.credentials.iter().map(target_status).collect(),
+            target_names: Some(route.spec.targets.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(",")),
         };
         events(&mut plan.events, *route, &current.conditions, &desired.conditions);
         if desired != current {
