@@ -26,6 +26,8 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::Semaphore;
 
 pub mod cluster;
+pub mod crd_cases;
+pub mod helm;
 
 /// The upper bound on any single wait in a test. It only turns a hang into a failure; nothing is
 /// asserted about how long things take.
