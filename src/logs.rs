@@ -28,7 +28,8 @@ pub fn init(filter: &str, json: bool) {
     });
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
-        builder.event_format(JsonLines).init();
+        // Span fields are formatted before an event is, and would carry colour codes.
+        builder.with_ansi(false).event_format(JsonLines).init();
     } else {
         builder.with_ansi(std::io::stderr().is_terminal()).init();
     }

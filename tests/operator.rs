@@ -1093,6 +1093,9 @@ async fn the_operator_process_leads_publishes_reports_and_releases_its_lease() {
     let events_path = format!("/apis/events.k8s.io/v1/namespaces/{NS}/events");
     common::eventually("the event is posted", || async { !writes_to(&api, "POST", &events_path).is_empty() }).await;
     assert_eq!(writes_to(&api, "POST", &events_path)[0]["reason"], "Compiled");
+    let log = process.log();
+    assert!(log.contains(r#""spans":["reconciling object{object.ref="#), "spans as plain text: {log}");
+    assert!(!log.contains('\u{1b}'), "no terminal escape codes in JSON lines: {log}");
 
     let metrics = common::get(admin, "/metrics").await.body;
     assert_eq!(common::metric(&metrics, "sideyard_operator_leader"), 1);
