@@ -7,6 +7,7 @@
 mod common;
 
 mod crds;
+mod operator;
 mod server;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

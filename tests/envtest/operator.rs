@@ -1,0 +1,165 @@
+//! The operator process against the real API server, running with a token of the chart's own
+//! ServiceAccount under the chart's rendered RBAC: reconcile, statuses, Events, the Lease, the
+//! webhook certificate and caBundle, with not one request forbidden.
+
+use serde_json::{Value, json};
+
+use crate::common::cluster::replica_args;
+use crate::common::helm::{NAMESPACE, template};
+use crate::common::{self, Process};
+use crate::server::{ApiServer, kubeconfig};
+use crate::{cluster_or_skip, namespace};
+
+/// Operators reconcile every namespace, so two at once would fight over the same Secrets: the
+/// tests that run one take turns.
+pub fn one_operator_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// `kubectl apply -f -` of `objects` as cluster admin.
+pub fn apply(server: &ApiServer, objects: &[Value]) {
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": objects});
+    let out = server.kubectl_as(&server.admin_kubeconfig, &["apply", "-f", "-"], Some(&list.to_string()));
+    assert!(out.status.success(), "kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `kubectl get ARGS -o json` as cluster admin: the object, or None when there is none.
+pub fn get(server: &ApiServer, args: &[&str]) -> Option<Value> {
+    let mut args = [&["get"], args, &["-o", "json"]].concat();
+    let out = server.kubectl(&args);
+    out.status.success().then(|| serde_json::from_slice(&out.stdout).expect("kubectl's JSON"))
+}
+
+/// A kubeconfig for a token of the ServiceAccount `name` in `namespace`.
+pub fn service_account_kubeconfig(server: &ApiServer, namespace: &str, name: &str) -> std::path::PathBuf {
+    let out = server.kubectl(&["create", "token", name, "-n", namespace, "--duration=2h"]);
+    assert!(out.status.success(), "kubectl create token: {}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let path = server.dir.join(format!("{namespace}-{name}.kubeconfig"));
+    let text = kubeconfig(&server.url, &server.ca_pem, &format!("token: {token}"))
+        .replace("namespace: default", &format!("namespace: {namespace}"));
+    std::fs::write(&path, text).expect("write kubeconfig");
+    path
+}
+
+/// The chart as `helm template` renders it by default, installed in its namespace.
+pub async fn install_chart(server: &ApiServer) {
+    let client = server.admin().await;
+    if get(server, &["namespace", NAMESPACE]).is_none() {
+        let ns: k8s_openapi::api::core::v1::Namespace =
+            serde_json::from_value(json!({"metadata": {"name": NAMESPACE}})).expect("namespace");
+        kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(client)
+            .create(&Default::default(), &ns)
+            .await
+            .expect("create the chart's namespace");
+    }
+    let docs = template(&[]).expect("helm template");
+    apply(server, &docs);
+}
+
+/// Waits (within [`common::PATIENCE`]) for `check`, failing with the operator's log.
+pub async fn until<F, Fut>(operator: &Process, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gave up waiting for: {what}; the operator's log:\n{}",
+            operator.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+fn condition<'a>(object: &'a Value, type_: &str) -> Option<&'a Value> {
+    object["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn under_the_charts_rbac_the_operator_reconciles_leads_and_keeps_the_webhook_ca_without_a_403() {
+    let server = cluster_or_skip!();
+    let _turn = one_operator_at_a_time();
+    install_chart(server).await;
+    let client = server.admin().await;
+    let team = namespace(&client, "team", json!({})).await;
+
+    let kubeconfig = service_account_kubeconfig(server, NAMESPACE, "sideyard-operator");
+    let args = replica_args("op-rbac", "127.0.0.1:0", &["--log-format", "json", "--lease-namespace", NAMESPACE]);
+    let (operator, _) =
+        Process::start(&args, &[("KUBECONFIG", kubeconfig.to_str().expect("path"))], "operator running");
+
+    let route = |name: &str, model: &str, secret: &str| {
+        json!({
+            "apiVersion": "sideyard.dev/v1alpha1", "kind": "ProviderRoute",
+            "metadata": {"name": name, "namespace": team},
+            "spec": {"model": model, "targets": [
+                {"name": "openai", "baseUrl": "https://api.openai.com/v1", "credentials": {"secretRef": {"name": secret, "key": "key"}}},
+                {"name": "backup", "baseUrl": "http://10.0.0.7:8000/v1"},
+                {"name": "demo", "api": "mock"},
+            ]}
+        })
+    };
+    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "keys", "namespace": team}, "stringData": {"key": "sk-1"}});
+    apply(server, &[secret, route("chat", "chat", "keys")]);
+
+    let routes = |name: &str| get(server, &["proute", name, "-n", &team]);
+    until(&operator, "the route is Ready and the config Secret published", || async {
+        let ready = routes("chat").is_some_and(|r| condition(&r, "Ready").is_some_and(|c| c["status"] == "True"));
+        ready && get(server, &["secret", "sideyard-config", "-n", &team]).is_some()
+    })
+    .await;
+    let table = String::from_utf8_lossy(&server.kubectl(&["get", "proute", "-n", &team]).stdout).into_owned();
+    let row: Vec<&str> = table.lines().nth(1).unwrap_or_default().split_whitespace().collect();
+    assert_eq!(row[..5], ["chat", "chat", "priority", "openai,backup,demo", "True"], "{table}");
+
+    // Events through events.k8s.io, as kubectl shows them.
+    until(&operator, "a Compiled event", || async {
+        get(server, &["events.events.k8s.io", "-n", &team])
+            .is_some_and(|list| list["items"].as_array().into_iter().flatten().any(|e| e["reason"] == "Compiled"))
+    })
+    .await;
+
+    // A missing Secret, and two routes of one model created in the same second.
+    apply(
+        server,
+        &[route("orphan", "orphan", "missing"), route("twin-a", "twin", "keys"), route("twin-b", "twin", "keys")],
+    );
+    until(&operator, "the orphan says SecretNotFound, one twin DuplicateModel", || async {
+        let reason = |name: &str| routes(name).and_then(|r| condition(&r, "Accepted").map(|c| c["reason"].clone()));
+        let twins = [reason("twin-a"), reason("twin-b")];
+        reason("orphan") == Some("SecretNotFound".into())
+            && twins.contains(&Some("DuplicateModel".into()))
+            && twins.contains(&Some("Accepted".into()))
+    })
+    .await;
+
+    // Deleting a route takes it out of the published configuration.
+    let version = |secret: &Value| secret["metadata"]["annotations"]["sideyard.dev/config-version"].clone();
+    let before = get(server, &["secret", "sideyard-config", "-n", &team]).expect("config");
+    let out = server.kubectl(&["delete", "proute", "chat", "-n", &team]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    until(&operator, "a new configuration without the route", || async {
+        get(server, &["secret", "sideyard-config", "-n", &team]).is_some_and(|s| version(&s) != version(&before))
+    })
+    .await;
+
+    // The Lease, the webhook's certificate Secret and the caBundle it keeps.
+    let lease = get(server, &["lease", "sideyard-operator", "-n", NAMESPACE]).expect("the Lease");
+    assert_eq!(lease["spec"]["holderIdentity"], "op-rbac");
+    until(&operator, "the caBundle is the CA of the webhook's Secret", || async {
+        let ca = get(server, &["secret", "sideyard-webhook-tls", "-n", NAMESPACE]).map(|s| s["data"]["ca.crt"].clone());
+        let bundle = get(server, &["mutatingwebhookconfiguration", "sideyard"])
+            .map(|c| c["webhooks"][0]["clientConfig"]["caBundle"].clone());
+        ca.is_some_and(|ca| ca.is_string() && Some(ca) == bundle)
+    })
+    .await;
+
+    let log = operator.log();
+    for forbidden in ["forbidden", "Forbidden", "403"] {
+        assert!(!log.contains(forbidden), "the operator was refused something under the chart's RBAC:\n{log}");
+    }
+}
