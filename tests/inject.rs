@@ -170,6 +170,49 @@ async fn an_unusable_annotation_refuses_the_pod_with_the_reason() {
 }
 
 #[tokio::test]
+async fn a_pod_whose_names_or_ports_clash_with_the_sidecar_is_refused_naming_the_clash() {
+    let (app, metrics) = webhook();
+    let basic = yaml_file(&Path::new(TESTDATA).join("basic.yaml"));
+    let cases = [
+        (
+            "/spec/volumes",
+            json!([{"name": "sideyard-config", "emptyDir": {}}]),
+            "volume \"sideyard-config\" is named like one the Sideyard sidecar adds",
+        ),
+        (
+            "/spec/containers/0/ports",
+            json!([{"containerPort": 7700}]),
+            "container \"app\" declares port 7700, which the Sideyard sidecar listens on",
+        ),
+        (
+            "/spec/initContainers",
+            json!([{"name": "setup", "image": "busybox", "ports": [{"containerPort": 7701}]}]),
+            "container \"setup\" declares port 7701",
+        ),
+        (
+            "/spec/containers/0/name",
+            json!("sideyard"),
+            "container \"sideyard\" is named like the sidecar Sideyard injects",
+        ),
+    ];
+    for (pointer, value, says) in cases {
+        let mut pod = basic.clone();
+        let (parent, key) = pointer.rsplit_once('/').unwrap();
+        match pod.pointer_mut(parent).unwrap() {
+            Value::Array(list) => list[key.parse::<usize>().unwrap()] = value,
+            parent => parent[key] = value,
+        }
+        let (response, patched) = admit(&app, &pod).await;
+        assert_eq!(response["allowed"], false, "{pointer}");
+        let message = response["status"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{pointer}: {message}");
+        assert!(message.contains("sideyard.dev/inject=false"), "says the way out: {message}");
+        assert_eq!(patched, pod);
+    }
+    assert!(metrics.render().contains("sideyard_webhook_pods_total{result=\"refused\"} 4"));
+}
+
+#[tokio::test]
 async fn garbage_is_a_bad_request_not_a_crash() {
     let (app, _) = webhook();
     let (status, body) = post(&app, b"{not json".to_vec()).await;

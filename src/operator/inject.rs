@@ -95,15 +95,16 @@ pub fn inject(pod: &Pod, defaults: &InjectParams) -> Result<Injection, String> {
         return Ok(Injection::Skipped("opted out"));
     }
     let Some(spec) = &pod.spec else { return Ok(Injection::Skipped("no pod spec")) };
-    let has_sidecar =
-        spec.containers.iter().chain(spec.init_containers.iter().flatten()).any(|c| c.name == CONTAINER_NAME);
-    if annotations.contains_key(STATUS_ANNOTATION) || has_sidecar {
+    // Only the annotation says so: a container that happens to be named like the sidecar is a
+    // clash, refused below.
+    if annotations.contains_key(STATUS_ANNOTATION) {
         return Ok(Injection::Skipped("already injected"));
     }
     if spec.host_network == Some(true) {
         // The sidecar's loopback port would be the node's.
         return Ok(Injection::Skipped("host network"));
     }
+    clash(spec)?;
     let params = with_overrides(defaults, &annotations)?;
 
     let mut pod = pod.clone();
@@ -133,6 +134,34 @@ pub fn inject(pod: &Pod, defaults: &InjectParams) -> Result<Injection, String> {
     annotations.insert(STATUS_ANNOTATION.into(), status.to_string());
     pod.metadata.annotations = Some(annotations);
     Ok(Injection::Injected(Box::new(pod)))
+}
+
+/// A name or port of the pod that the sidecar's would clash with. The API server would refuse a
+/// duplicate volume with a message that does not say where it came from, and would only warn
+/// about a duplicate port, which then fails at run time: the pod is refused here instead, with
+/// the clash named.
+fn clash(spec: &PodSpec) -> Result<(), String> {
+    let way_out = format!("or opt the pod out of injection with the label {INJECT_LABEL}=false");
+    let containers = || spec.init_containers.iter().flatten().chain(&spec.containers);
+    if let Some(c) = containers().find(|c| c.name == CONTAINER_NAME) {
+        return Err(format!("container {:?} is named like the sidecar Sideyard injects: rename it, {way_out}", c.name));
+    }
+    let ours = [CONFIG_VOLUME, POD_INFO_VOLUME, STATE_VOLUME, TOKEN_VOLUME];
+    if let Some(v) = spec.volumes.iter().flatten().find(|v| ours.contains(&v.name.as_str())) {
+        return Err(format!("volume {:?} is named like one the Sideyard sidecar adds: rename it, {way_out}", v.name));
+    }
+    for c in containers() {
+        if let Some(p) =
+            c.ports.iter().flatten().find(|p| [i32::from(API_PORT), ADMIN_PORT].contains(&p.container_port))
+        {
+            return Err(format!(
+                "container {:?} declares port {}, which the Sideyard sidecar listens on in the pod's network: \
+                 move it, {way_out}",
+                c.name, p.container_port
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn with_overrides(defaults: &InjectParams, annotations: &BTreeMap<String, String>) -> Result<InjectParams, String> {
