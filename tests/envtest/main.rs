@@ -9,6 +9,7 @@ mod common;
 mod crds;
 mod operator;
 mod server;
+mod webhook;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -26,7 +26,7 @@ pub fn apply(server: &ApiServer, objects: &[Value]) {
 
 /// `kubectl get ARGS -o json` as cluster admin: the object, or None when there is none.
 pub fn get(server: &ApiServer, args: &[&str]) -> Option<Value> {
-    let mut args = [&["get"], args, &["-o", "json"]].concat();
+    let args = [&["get"], args, &["-o", "json"]].concat();
     let out = server.kubectl(&args);
     out.status.success().then(|| serde_json::from_slice(&out.stdout).expect("kubectl's JSON"))
 }

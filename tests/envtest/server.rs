@@ -26,6 +26,8 @@ pub struct ApiServer {
     pub admin_kubeconfig: PathBuf,
     /// The CA that signed the serving certificate, PEM.
     pub ca_pem: String,
+    /// `tls.crt`, `tls.key` and `ca.crt` for a webhook on 127.0.0.1, signed by that CA.
+    pub webhook_cert_dir: PathBuf,
     pub assets: PathBuf,
     _processes: Vec<Child>,
 }
@@ -117,6 +119,15 @@ fn start(assets: PathBuf) -> ApiServer {
         ExtendedKeyUsagePurpose::ServerAuth,
     );
     let (admin_cert, admin_key) = issue(vec![], "admin", Some("system:masters"), ExtendedKeyUsagePurpose::ClientAuth);
+    // For the operator's webhook on 127.0.0.1, which the API server calls trusting the same CA
+    // (the certificate the operator manages names only the webhook Service).
+    let (webhook_cert, webhook_key) =
+        issue(vec!["127.0.0.1".into()], "sideyard-webhook", None, ExtendedKeyUsagePurpose::ServerAuth);
+    let webhook_cert_dir = dir.join("webhook-tls");
+    std::fs::create_dir_all(&webhook_cert_dir).expect("webhook cert dir");
+    write(&webhook_cert_dir.join("tls.crt"), &webhook_cert);
+    write(&webhook_cert_dir.join("tls.key"), &webhook_key);
+    write(&webhook_cert_dir.join("ca.crt"), &ca_pem);
     // The key ServiceAccount tokens are signed with (ECDSA P-256 is accepted as RSA is).
     let sa_key = KeyPair::generate().expect("key");
     write(&dir.join("ca.crt"), &ca_pem);
@@ -173,7 +184,8 @@ fn start(assets: PathBuf) -> ApiServer {
             &format!("client-certificate-data: {}\n    client-key-data: {}", b64(&admin_cert), b64(&admin_key)),
         ),
     );
-    let server = ApiServer { url, dir, admin_kubeconfig, ca_pem, assets, _processes: vec![apiserver, etcd] };
+    let server =
+        ApiServer { url, dir, admin_kubeconfig, ca_pem, webhook_cert_dir, assets, _processes: vec![apiserver, etcd] };
     server.wait_ready(started);
     server
 }

@@ -1,0 +1,127 @@
+//! The injection webhook called by the real API server: a MutatingWebhookConfiguration as the
+//! chart renders it, pointed at the operator on 127.0.0.1; pods stored injected and accepted by
+//! the API server's own Pod validation, once; clashes refused with our message; and what a pod
+//! meets while the webhook is down.
+
+use serde_json::{Value, json};
+
+use crate::common::Process;
+use crate::common::cluster::replica_args;
+use crate::common::helm::{find, template};
+use crate::operator::{apply, get, one_operator_at_a_time, until};
+use crate::server::{ApiServer, b64};
+use crate::{cluster_or_skip, namespace};
+
+fn pod(name: &str, ns: &str) -> Value {
+    // No ServiceAccount admission plugin runs here to fill in the pod's account.
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns},
+           "spec": {"serviceAccountName": "default", "containers": [{"name": "app", "image": "example/bot:1"}]}})
+}
+
+/// `kubectl create -f -` of `object`: the stored object, or kubectl's error.
+fn create(server: &ApiServer, object: &Value, dry_run: bool) -> Result<Value, String> {
+    let mut args = vec!["create", "-o", "json", "-f", "-"];
+    if dry_run {
+        args.push("--dry-run=server");
+    }
+    let out = server.kubectl_as(&server.admin_kubeconfig, &args, Some(&object.to_string()));
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).expect("kubectl's JSON"))
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn sidecars(pod: &Value) -> usize {
+    let spec = &pod["spec"];
+    [&spec["initContainers"], &spec["containers"]]
+        .iter()
+        .flat_map(|list| list.as_array().into_iter().flatten())
+        .filter(|c| c["name"] == "sideyard")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_server_stores_pods_injected_once_refuses_clashes_and_fails_closed_without_the_webhook() {
+    let server = cluster_or_skip!();
+    let _turn = one_operator_at_a_time();
+    let client = server.admin().await;
+    let ops = namespace(&client, "hook-ops", json!({})).await;
+    let injected = namespace(&client, "hook-on", json!({"sideyard.dev/inject": "enabled"})).await;
+    let plain = namespace(&client, "hook-off", json!({})).await;
+
+    let cert_dir = server.webhook_cert_dir.to_str().expect("path");
+    let args = replica_args(
+        "op-hook",
+        "127.0.0.1:0",
+        &["--log-format", "json", "--lease-namespace", &ops, "--webhook-cert-dir", cert_dir],
+    );
+    let kubeconfig = server.admin_kubeconfig.to_str().expect("path");
+    let (mut operator, line) = Process::start(&args, &[("KUBECONFIG", kubeconfig)], "operator running");
+    let running: Value = serde_json::from_str(&line).expect("a JSON log line");
+    let webhook = running["webhook"].as_str().expect("the webhook's address").to_string();
+
+    // The chart's MutatingWebhookConfiguration, its clientConfig pointed at 127.0.0.1.
+    let docs = template(&[]).expect("helm template");
+    let mut configuration = find(&docs, "MutatingWebhookConfiguration", "sideyard").clone();
+    configuration["webhooks"][0]["clientConfig"] =
+        json!({"url": format!("https://{webhook}/mutate-pods"), "caBundle": b64(&server.ca_pem)});
+    apply(server, &[configuration]);
+
+    // The API server picks the configuration up within moments: a dry run shows when.
+    until(&operator, "the API server calls the webhook", || async {
+        create(server, &pod("probe", &injected), true).is_ok_and(|p| sidecars(&p) == 1)
+    })
+    .await;
+
+    let stored = create(server, &pod("bot", &injected), false).expect("the injected pod is valid");
+    let init = &stored["spec"]["initContainers"][0];
+    assert_eq!(init["name"], "sideyard");
+    assert_eq!(init["restartPolicy"], "Always", "a native sidecar");
+    let token = stored["spec"]["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "sideyard-token"))
+        .expect("the token volume");
+    assert_eq!(token["projected"]["sources"][0]["serviceAccountToken"]["audience"], "sideyard");
+    let env = &stored["spec"]["containers"][0]["env"];
+    assert!(env.as_array().into_iter().flatten().any(|e| e["name"] == "OPENAI_BASE_URL"), "{env}");
+    assert!(stored["metadata"]["annotations"]["sideyard.dev/status"].is_string());
+
+    // Created again from what was stored (as a controller or a backup restore would): not
+    // injected twice.
+    let mut again = stored.clone();
+    again["metadata"] =
+        json!({"name": "bot-again", "namespace": injected, "annotations": stored["metadata"]["annotations"]});
+    assert_eq!(sidecars(&create(server, &again, false).expect("stored")), 1);
+
+    // A namespace without the label is not the webhook's.
+    let untouched = create(server, &pod("bot", &plain), false).expect("stored");
+    assert_eq!(sidecars(&untouched), 0);
+    assert_eq!(untouched["spec"].get("volumes").and_then(Value::as_array).map_or(0, Vec::len), 0);
+
+    // A clash is refused with our message, not the API server's duplicate-name error.
+    let mut clashing = pod("clash", &injected);
+    clashing["spec"]["volumes"] = json!([{"name": "sideyard-config", "emptyDir": {}}]);
+    let refused = create(server, &clashing, false).expect_err("refused");
+    assert!(
+        refused.contains(r#"denied the request: volume "sideyard-config" is named like one the Sideyard sidecar adds"#),
+        "{refused}"
+    );
+    assert!(!refused.contains("Duplicate value"), "{refused}");
+    let mut port = pod("port", &injected);
+    port["spec"]["containers"][0]["ports"] = json!([{"containerPort": 7700}]);
+    let refused = create(server, &port, false).expect_err("refused");
+    assert!(refused.contains("declares port 7700"), "{refused}");
+
+    // With the webhook down, failurePolicy Fail (the chart's default) refuses pods of labelled
+    // namespaces, as docs/install.md says; other namespaces are not affected.
+    operator.terminate();
+    operator.wait_exit();
+    let refused = create(server, &pod("down", &injected), false).expect_err("refused while the webhook is down");
+    assert!(refused.contains(r#"failed calling webhook "pods.sideyard.dev""#), "{refused}");
+    assert!(create(server, &pod("down", &plain), false).is_ok());
+    let pods = get(server, &["pods", "-n", &injected]).expect("pods");
+    let names: Vec<&str> =
+        pods["items"].as_array().into_iter().flatten().filter_map(|p| p["metadata"]["name"].as_str()).collect();
+    assert_eq!(names, ["bot", "bot-again"], "nothing else was stored in the labelled namespace");
+}
