@@ -12,9 +12,9 @@ use crate::{cluster_or_skip, namespace};
 
 /// Operators reconcile every namespace, so two at once would fight over the same Secrets: the
 /// tests that run one take turns.
-pub fn one_operator_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+pub async fn one_operator_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    TURN.lock().await
 }
 
 /// `kubectl apply -f -` of `objects` as cluster admin.
@@ -82,7 +82,7 @@ fn condition<'a>(object: &'a Value, type_: &str) -> Option<&'a Value> {
 #[tokio::test(flavor = "multi_thread")]
 async fn under_the_charts_rbac_the_operator_reconciles_leads_and_keeps_the_webhook_ca_without_a_403() {
     let server = cluster_or_skip!();
-    let _turn = one_operator_at_a_time();
+    let _turn = one_operator_at_a_time().await;
     install_chart(server).await;
     let client = server.admin().await;
     let team = namespace(&client, "team", json!({})).await;

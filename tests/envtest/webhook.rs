@@ -44,7 +44,7 @@ fn sidecars(pod: &Value) -> usize {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_api_server_stores_pods_injected_once_refuses_clashes_and_fails_closed_without_the_webhook() {
     let server = cluster_or_skip!();
-    let _turn = one_operator_at_a_time();
+    let _turn = one_operator_at_a_time().await;
     let client = server.admin().await;
     let ops = namespace(&client, "hook-ops", json!({})).await;
     let injected = namespace(&client, "hook-on", json!({"sideyard.dev/inject": "enabled"})).await;
