@@ -7,6 +7,7 @@
 mod common;
 
 mod crds;
+mod ledger;
 mod operator;
 mod server;
 mod webhook;

@@ -1,0 +1,157 @@
+//! The budget ledger with real tokens: a sidecar presenting a ServiceAccount token bound to its
+//! Pod (audience `sideyard`) spends its namespace's budget, and the spend and leases are in
+//! `ApiKeyBudget.status` in the API server; a token of another namespace, of another audience,
+//! or bound to a deleted Pod gets nothing. The operator runs under the chart's RBAC.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use crate::common::cluster::replica_args;
+use crate::common::helm::NAMESPACE;
+use crate::common::{self, Process, addr_after, base64_decode, metric, read, send_as, temp_dir};
+use crate::operator::{apply, get, install_chart, one_operator_at_a_time, service_account_kubeconfig, until};
+use crate::server::{ApiServer, free_port};
+use crate::{cluster_or_skip, namespace};
+
+const KEY: &str = "sk-app";
+const CHAT: &str = r#"{"model":"chat","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#;
+
+/// Creates a Pod record (nothing runs it) and returns its uid.
+fn pod(server: &ApiServer, ns: &str, name: &str) -> String {
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns},
+                     "spec": {"serviceAccountName": "default", "containers": [{"name": "app", "image": "example/bot:1"}]}});
+    apply(server, &[pod]);
+    let stored = get(server, &["pod", name, "-n", ns]).expect("the pod");
+    stored["metadata"]["uid"].as_str().expect("uid").to_string()
+}
+
+/// A token of `ns`'s default ServiceAccount for `audience`, bound to the Pod `pod` when given.
+fn token(server: &ApiServer, ns: &str, audience: &str, pod: Option<(&str, &str)>) -> String {
+    let mut args = vec!["create", "token", "default", "-n", ns, "--audience", audience, "--duration=1h"];
+    let bound;
+    if let Some((name, uid)) = pod {
+        bound = [format!("--bound-object-name={name}"), format!("--bound-object-uid={uid}")];
+        args.extend(["--bound-object-kind", "Pod", &bound[0], &bound[1]]);
+    }
+    let out = server.kubectl(&args);
+    assert!(out.status.success(), "kubectl create token: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A sidecar of pod `pod` on the configuration in `config_dir`, presenting `token`.
+fn sidecar(config_dir: &Path, pod: &str, token: &str) -> (Process, SocketAddr, SocketAddr) {
+    let state = temp_dir(&format!("ledger-{pod}"));
+    let token_file = state.join("token");
+    std::fs::write(&token_file, token).expect("token file");
+    let args = [
+        "sidecar",
+        "-f",
+        config_dir.to_str().expect("path"),
+        "--state-dir",
+        state.to_str().expect("path"),
+        "--ledger-token-file",
+        token_file.to_str().expect("path"),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ];
+    let (process, line) = Process::start(&args, &[("HOSTNAME", pod)], "serving");
+    (process, addr_after(&line, "api="), addr_after(&line, "admin="))
+}
+
+async fn chat(api: SocketAddr) -> (u16, Value) {
+    let reply = read(send_as(api, Some(KEY), "POST", "/v1/chat/completions", CHAT).await).await;
+    (reply.status.as_u16(), serde_json::from_str(&reply.body).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_bound_token_spends_its_namespaces_budget_and_other_tokens_get_nothing() {
+    let server = cluster_or_skip!();
+    let _turn = one_operator_at_a_time().await;
+    install_chart(server).await;
+    let client = server.admin().await;
+    let team = namespace(&client, "spend", json!({})).await;
+    let other = namespace(&client, "elsewhere", json!({})).await;
+
+    let port = free_port();
+    let ledger_url = format!("https://127.0.0.1:{port}");
+    let cert_dir = server.webhook_cert_dir.to_str().expect("path");
+    let listen = format!("127.0.0.1:{port}");
+    let extra = [
+        "--log-format",
+        "json",
+        "--lease-namespace",
+        NAMESPACE,
+        "--webhook-cert-dir",
+        cert_dir,
+        "--ledger-service-url",
+        &ledger_url,
+    ];
+    let args = replica_args("op-ledger", &listen, &extra);
+    let kubeconfig = service_account_kubeconfig(server, NAMESPACE, "sideyard-operator");
+    let (operator, _) =
+        Process::start(&args, &[("KUBECONFIG", kubeconfig.to_str().expect("path"))], "operator running");
+
+    let sy = "sideyard.dev/v1alpha1";
+    apply(
+        server,
+        &[
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "keys", "namespace": team}, "stringData": {"app": KEY}}),
+            json!({"apiVersion": sy, "kind": "ProviderRoute", "metadata": {"name": "chat", "namespace": team},
+                   "spec": {"model": "chat", "targets": [{"name": "m", "api": "mock", "pricing": {"request": "0.01"}}]}}),
+            json!({"apiVersion": sy, "kind": "ApiKeyBudget", "metadata": {"name": "bot", "namespace": team},
+                   "spec": {"key": {"secretRef": {"name": "keys", "key": "app"}}, "limit": "100"}}),
+        ],
+    );
+    // The published configuration, where a sidecar would have it mounted.
+    let config_dir = temp_dir("ledger-config");
+    until(&operator, "a configuration that names the ledger", || async {
+        let Some(secret) = get(server, &["secret", "sideyard-config", "-n", &team]) else { return false };
+        let config = base64_decode(secret["data"]["config.json"].as_str().unwrap_or_default());
+        let names_ledger = String::from_utf8_lossy(&config).contains(&ledger_url);
+        names_ledger && std::fs::write(config_dir.join("config.json"), &config).is_ok()
+    })
+    .await;
+
+    let uid = pod(server, &team, "bot-1");
+    let (_bot, api, _) = sidecar(&config_dir, "bot-1", &token(server, &team, "sideyard", Some(("bot-1", &uid))));
+    for _ in 0..3 {
+        let (status, body) = chat(api).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let budget = || get(server, &["apikeybudget", "bot", "-n", &team]);
+    until(&operator, "the budget's status in the API server holds the lease and its spend", || async {
+        budget().is_some_and(|b| {
+            let holds = b["status"]["leases"].as_array().is_some_and(|l| l.iter().any(|l| l["holder"] == "bot-1"));
+            holds && b["status"]["spent"].as_str().is_some_and(|s| s != "0")
+        })
+    })
+    .await;
+
+    // Tokens that must get nothing: another namespace's, another audience's, a deleted Pod's.
+    let elsewhere_uid = pod(server, &other, "stranger");
+    let doomed_uid = pod(server, &team, "doomed");
+    let doomed_token = token(server, &team, "sideyard", Some(("doomed", &doomed_uid)));
+    let out = server.kubectl(&["delete", "pod", "doomed", "-n", &team, "--wait=true"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let refused = [
+        ("another namespace", "stranger", token(server, &other, "sideyard", Some(("stranger", &elsewhere_uid)))),
+        ("another audience", "bot-1", token(server, &team, "https://kubernetes.default.svc", Some(("bot-1", &uid)))),
+        ("a deleted pod", "doomed", doomed_token),
+    ];
+    for (what, pod, token) in refused {
+        let (_sidecar, api, admin) = sidecar(&config_dir, pod, &token);
+        let (status, body) = chat(api).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (503, Some("ledger_unavailable")), "{what}: {body}");
+        let m = common::get(admin, "/metrics").await.body;
+        assert!(
+            metric(&m, "sideyard_ledger_client_calls_total{call=\"lease\",result=\"rejected\"}") > 0,
+            "{what}: {m}"
+        );
+    }
+    let log = operator.log();
+    assert!(!log.contains("forbidden") && !log.contains("403"), "TokenReviews under the chart's RBAC:\n{log}");
+}
