@@ -163,3 +163,65 @@ async fn under_the_charts_rbac_the_operator_reconciles_leads_and_keeps_the_webho
         assert!(!log.contains(forbidden), "the operator was refused something under the chart's RBAC:\n{log}");
     }
 }
+
+/// MicroTime as the API server writes it (`2026-12-06T19:17:06.938123Z`), in microseconds since
+/// the epoch.
+fn micros(time: &Value) -> i64 {
+    let parsed: k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime =
+        serde_json::from_value(time.clone()).unwrap_or_else(|e| panic!("{time}: {e}"));
+    parsed.0.as_microsecond()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn when_the_leader_is_killed_the_other_replica_takes_the_lease_after_it_expires_and_reconciles() {
+    let server = cluster_or_skip!();
+    let _turn = one_operator_at_a_time().await;
+    let client = server.admin().await;
+    let ops = namespace(&client, "failover", json!({})).await;
+    let kubeconfig = server.admin_kubeconfig.to_str().expect("path");
+    let lease_seconds = 3;
+    let replica = |identity: &'static str| {
+        let args = replica_args(
+            identity,
+            "127.0.0.1:0",
+            &["--lease-namespace", &ops, "--lease-duration", "3s", "--renew-deadline", "2s", "--retry-period", "500ms"],
+        )
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Process::start(&args, &[("KUBECONFIG", kubeconfig)], "operator running").0
+    };
+    let mut first = replica("op-a");
+    until(&first, "op-a leads", || async { first.log().contains("became the leader") }).await;
+    let second = replica("op-b");
+
+    // kill -9: no release of the Lease, so the other must wait for it to expire.
+    first.child.kill().expect("kill -9");
+    first.wait_exit();
+    let held = get(server, &["lease", "sideyard-operator", "-n", &ops]).expect("the Lease");
+    assert_eq!(held["spec"]["holderIdentity"], "op-a");
+    until(&second, "op-b takes the Lease", || async {
+        get(server, &["lease", "sideyard-operator", "-n", &ops]).is_some_and(|l| l["spec"]["holderIdentity"] == "op-b")
+    })
+    .await;
+    let taken = get(server, &["lease", "sideyard-operator", "-n", &ops]).expect("the Lease");
+    let waited = micros(&taken["spec"]["acquireTime"]) - micros(&held["spec"]["renewTime"]);
+    assert!(waited >= lease_seconds * 1_000_000, "op-b took a Lease op-a still held: {waited} µs after its renewal");
+    eprintln!("op-b took the Lease {:.2}s after op-a's last renewal (lease {lease_seconds}s)", waited as f64 / 1e6);
+    assert_eq!(taken["spec"]["leaseTransitions"].as_i64(), held["spec"]["leaseTransitions"].as_i64().map(|n| n + 1));
+
+    // The new leader writes: a route applied now is compiled.
+    let team = namespace(&client, "after-failover", json!({})).await;
+    apply(
+        server,
+        &[
+            json!({"apiVersion": "sideyard.dev/v1alpha1", "kind": "ProviderRoute", "metadata": {"name": "chat", "namespace": team},
+                  "spec": {"model": "chat", "targets": [{"name": "m", "api": "mock"}]}}),
+        ],
+    );
+    until(&second, "op-b publishes the configuration", || async {
+        get(server, &["secret", "sideyard-config", "-n", &team]).is_some()
+    })
+    .await;
+}
