@@ -219,9 +219,11 @@ pub struct FleetLedger {
 impl FleetLedger {
     pub fn new(id_prefix: impl Into<String>) -> Self {
         let id_prefix = id_prefix.into();
-        // FNV-1a: stable across builds, as the number goes into statuses.
+        // FNV-1a: stable across builds, as the number goes into statuses; 63 bits of it, as the
+        // API server stores integers as int64 and refuses a status with a larger one.
         let term =
-            id_prefix.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+            id_prefix.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+                >> 1;
         FleetLedger { books: HashMap::new(), id_prefix, term, next_id: 0 }
     }
 
@@ -242,20 +244,28 @@ impl FleetLedger {
     }
 
     /// Like [`FleetLedger::set_budgets`], for the budgets of one namespace (ids `namespace/…`);
-    /// those of other namespaces are left as they are.
+    /// those of other namespaces are left as they are. Returns the ids it no longer keeps.
     pub fn set_namespace(
         &mut self,
         namespace: &str,
         budgets: impl IntoIterator<Item = (String, Terms, Option<Persisted>)>,
         now_ms: u64,
-    ) {
+    ) -> Vec<String> {
         let prefix = format!("{namespace}/");
         let mut seen = BTreeSet::new();
         for (id, terms, persisted) in budgets {
             seen.insert(id.clone());
             self.upsert(id, terms, persisted, now_ms);
         }
-        self.books.retain(|id, _| !id.starts_with(&prefix) || seen.contains(id));
+        let mut dropped = Vec::new();
+        self.books.retain(|id, _| {
+            let keep = !id.starts_with(&prefix) || seen.contains(id);
+            if !keep {
+                dropped.push(id.clone());
+            }
+            keep
+        });
+        dropped
     }
 
     /// Marks a budget to be persisted again (its last write failed).
@@ -286,7 +296,8 @@ impl FleetLedger {
                     leases: BTreeMap::new(),
                     closed: HashMap::new(),
                     window_used: (0, Allowance::default()),
-                    dirty: false,
+                    // Written once soon, so that its status says which ledger keeps it now.
+                    dirty: true,
                     version: 0,
                     durable: Durable {
                         version: 0,
@@ -1195,15 +1206,23 @@ mod tests {
     }
 
     #[test]
+    fn terms_fit_the_api_servers_integers() {
+        for prefix in (0..1000).map(|i| format!("op-{i}-1765000000000")) {
+            assert!(i64::try_from(FleetLedger::new(prefix.as_str()).term()).is_ok(), "{prefix}");
+        }
+    }
+
+    #[test]
     fn a_namespace_update_leaves_the_other_namespaces_alone() {
         let mut l = FleetLedger::new("test");
         let t = terms(Some(100), None, None);
         l.set_budgets([("a/x".into(), t, None), ("a/y".into(), t, None), ("b/x".into(), t, None)], T);
-        l.set_namespace("a", [("a/x".to_string(), terms(Some(500), None, None), None)], T);
+        let dropped = l.set_namespace("a", [("a/x".to_string(), terms(Some(500), None, None), None)], T);
+        assert_eq!(dropped, ["a/y"], "what the ledger no longer keeps, for its status to say so");
         assert_eq!(l.figures("a/x", T).unwrap().remaining, Some(500), "new terms apply");
         assert!(l.figures("a/y", T).is_none(), "gone from its namespace");
         assert!(l.figures("b/x", T).is_some(), "another namespace's budget stays");
-        l.set_namespace("a", [], T);
+        assert_eq!(l.set_namespace("a", [], T), ["a/x"]);
         assert!(l.figures("a/x", T).is_none());
     }
 
