@@ -327,6 +327,10 @@ fn budgets_print_their_spend() {
         .map(|c| c["name"].as_str().unwrap())
         .collect();
     assert_eq!(columns, ["Limit", "Spent", "Remaining", "State", "Ready", "Age"]);
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/budgets.md")).unwrap();
+    let (last, rest) = columns.split_last().unwrap();
+    let listed = format!("`kubectl get akb` shows {} and {last}.", rest.join(", "));
+    assert!(docs.contains(&listed), "docs/budgets.md lists the columns: {listed}");
 }
 
 #[test]

@@ -465,6 +465,7 @@ fn budgets_in_a_namespace_without_routes_are_not_ready() {
     let status = &plan.budgets[0].1;
     assert_eq!(condition(&status.conditions, "Accepted").0, "True");
     assert_eq!(condition(&status.conditions, "Ready").1, "NoRoutes");
+    assert!(plan.compiled_budgets.is_empty(), "the ledger is given nothing to grant for");
 }
 
 // ---------------------------------------------------------------------------------------------

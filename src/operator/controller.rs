@@ -263,12 +263,33 @@ pub async fn reconcile(namespace: Arc<Namespace>, ctx: Arc<Context>) -> Result<A
     });
     let compiled_budgets = plan.compiled_budgets.clone();
     let mut result = apply(&ctx, &ns, plan).await;
-    if let (Ok(()), Some(ledger)) = (&result, &ctx.ledger) {
-        // The ledger learns each budget's terms here, and loads a new one's stored spend.
-        result = ledger
-            .sync_namespace(&ns, &compiled_budgets)
-            .await
-            .map_err(|message| Error::Ledger { step: "load_ledger_status", message });
+    match (&result, &ctx.ledger) {
+        (Ok(()), Some(ledger)) => {
+            // The ledger learns each budget's terms here, and loads a new one's stored spend.
+            result = ledger
+                .sync_namespace(&ns, &compiled_budgets)
+                .await
+                .map_err(|message| Error::Ledger { step: "load_ledger_status", message });
+        }
+        (Ok(()), None) => {
+            // A ledger that kept these budgets before this operator ran with --ledger=false
+            // left its condition saying it does.
+            let store = super::ledger::KubeStatusStore(ctx.client.clone());
+            let message = "the operator runs with --ledger=false: each sidecar keeps this budget in its own \
+                           ledger; the figures here are the last the fleet's ledger wrote";
+            let serving = |b: &&Arc<ApiKeyBudget>| {
+                b.status.as_ref().is_some_and(|s| {
+                    s.conditions.iter().any(|c| c.type_ == crate::api::LEDGER_CONDITION && c.status == "True")
+                })
+            };
+            for budget in budgets.iter().filter(serving) {
+                let name = budget.name_any();
+                if let Err(message) = super::ledger::retire(&store, &ns, &name, "LedgerOff", message).await {
+                    result = Err(Error::Ledger { step: "retire_ledger_status", message });
+                }
+            }
+        }
+        _ => {}
     }
     ctx.metrics.reconcile_duration.observe(started.elapsed());
     let outcome = match &result {

@@ -219,7 +219,13 @@ impl FleetService {
             };
             entries.push((id, Terms::from(budget), persisted));
         }
-        lock(&self.fleet).set_namespace(namespace, entries, now);
+        let dropped = lock(&self.fleet).set_namespace(namespace, entries, now);
+        for id in dropped {
+            let Some((namespace, name)) = id.split_once('/') else { continue };
+            let message = "not in the namespace's compiled configuration (see the Ready condition): the ledger grants \
+                           nothing for it; leases already granted run out";
+            retire(&*self.store, namespace, name, "NotServed", message).await?;
+        }
         Ok(())
     }
 
@@ -558,6 +564,36 @@ pub fn status_of(persisted: &Persisted, figures: &BudgetFigures, condition: Cond
         ledger_writes: persisted.writes.iter().map(|&(term, version)| LedgerWrite { term, version }).collect(),
         ..ApiKeyBudgetStatus::default()
     }
+}
+
+/// Says in a budget's status that the fleet's ledger no longer keeps it (`reason`, `message`),
+/// when its `Ledger` condition still says it does. The ledger's figures stay as last written:
+/// leases already granted stay true until they expire, and a ledger that keeps the budget again
+/// goes on from them.
+pub async fn retire(
+    store: &dyn StatusStore,
+    namespace: &str,
+    name: &str,
+    reason: &str,
+    message: &str,
+) -> Result<(), String> {
+    let Some(status) = store.load(namespace, name).await? else { return Ok(()) };
+    let serving = status.conditions.iter().any(|c| c.type_ == LEDGER_CONDITION && c.status == "True");
+    if !serving {
+        return Ok(());
+    }
+    let condition = Condition {
+        type_: LEDGER_CONDITION.into(),
+        status: "False".into(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: Time(Timestamp::now()),
+        observed_generation: None,
+    };
+    // Only the ledger's fields: the others are the controller's.
+    let status =
+        ApiKeyBudgetStatus { observed_generation: None, config_version: None, conditions: vec![condition], ..status };
+    store.save(namespace, name, status).await
 }
 
 /// What a new leader goes on from: a stored status read back. Figures it cannot read count as

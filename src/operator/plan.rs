@@ -166,6 +166,8 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
 
     let mut plan = Plan { compiled_budgets: analysis.config.budgets.clone(), ..Plan::default() };
     let compiled = if routes.is_empty() {
+        // Nothing is compiled, so the ledger keeps no budget of the namespace.
+        plan.compiled_budgets.clear();
         if inputs.published.is_some_and(|p| p.ours) {
             plan.config = ConfigAction::Delete;
         }

@@ -7,7 +7,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
 use serde_json::Value;
 
-use crate::common::crd_cases::{refused_budgets, refused_routes, valid_route};
+use crate::common::crd_cases::{refused_budgets, refused_routes, valid_budget, valid_route};
 use crate::common::helm::yaml_blocks;
 use crate::{cluster_or_skip, namespace};
 
@@ -201,4 +201,12 @@ async fn kubectl_get_prints_the_documented_columns() {
     assert_eq!(header, ["NAME", "MODEL", "STRATEGY", "TARGETS", "READY", "AGE"], "{table}");
     let row: Vec<&str> = table.lines().nth(1).unwrap_or_default().split_whitespace().collect();
     assert_eq!(row[..3], ["chat", "chat", "weighted"], "{table}");
+
+    let mut budget = valid_budget();
+    budget["metadata"]["namespace"] = ns.clone().into();
+    let out = server.kubectl_as(&server.admin_kubeconfig, &["apply", "-f", "-"], Some(&budget.to_string()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = String::from_utf8_lossy(&server.kubectl(&["get", "akb", "-n", &ns]).stdout).into_owned();
+    let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "LIMIT", "SPENT", "REMAINING", "STATE", "READY", "AGE"], "{table}");
 }

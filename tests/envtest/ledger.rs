@@ -154,4 +154,47 @@ async fn a_pod_bound_token_spends_its_namespaces_budget_and_other_tokens_get_not
     }
     let log = operator.log();
     assert!(!log.contains("forbidden") && !log.contains("403"), "TokenReviews under the chart's RBAC:\n{log}");
+
+    // The budget's conditions say what is true now: an operator without its ledger does not
+    // leave `Ledger=True` behind, and a budget whose routes are gone is not served.
+    let ledger_condition = || budget().map(|b| condition_of(&b, "Ledger"));
+    // Stopped as a rollout stops it: the Lease is released and the next replica leads at once.
+    let stop = |mut operator: Process| {
+        operator.terminate();
+        assert!(operator.wait_exit().success(), "{}", operator.log());
+    };
+    stop(operator);
+    let ledger_off = [&extra[..], &["--ledger=false"]].concat();
+    let args = replica_args("op-no-ledger", "127.0.0.1:0", &ledger_off);
+    let (operator, _) =
+        Process::start(&args, &[("KUBECONFIG", kubeconfig.to_str().expect("path"))], "operator running");
+    until(&operator, "Ledger=False LedgerOff", || async {
+        ledger_condition() == Some(("False".into(), "LedgerOff".into()))
+    })
+    .await;
+    stop(operator);
+    let (operator, _) = Process::start(
+        &replica_args("op-ledger-2", &listen, &extra),
+        &[("KUBECONFIG", kubeconfig.to_str().expect("path"))],
+        "operator running",
+    );
+    until(&operator, "Ledger=True Serving again", || async {
+        ledger_condition() == Some(("True".into(), "Serving".into()))
+    })
+    .await;
+    let out = server.kubectl(&["delete", "proute", "chat", "-n", &team]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    until(&operator, "Ready=False NoRoutes and Ledger=False NotServed", || async {
+        let ready = budget().map(|b| condition_of(&b, "Ready"));
+        ready == Some(("False".into(), "NoRoutes".into()))
+            && ledger_condition() == Some(("False".into(), "NotServed".into()))
+    })
+    .await;
+}
+
+/// A condition's status and reason, or empty strings when it is missing.
+fn condition_of(object: &Value, type_: &str) -> (String, String) {
+    let found = object["status"]["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == type_));
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    found.map(|c| (text(&c["status"]), text(&c["reason"]))).unwrap_or_default()
 }
