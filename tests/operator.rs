@@ -16,7 +16,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::client::Body;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::{self, Store, store::Writer};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
@@ -26,6 +26,7 @@ use sideyard::config::{CompiledConfig, LedgerEndpoint, Reason};
 use sideyard::operator::controller::{
     self, Context, Error, FIELD_MANAGER, Stores, generation, reconcile, resource_version, secret_matters, triggers,
 };
+use sideyard::operator::events::Events;
 use sideyard::operator::leader::{Elector, Leadership, LeaseSettings, LostLease};
 use sideyard::operator::metrics::OperatorMetrics;
 use sideyard::operator::plan::{
@@ -505,13 +506,12 @@ fn cluster(routes: &[Arc<ProviderRoute>], secrets: &[Arc<Secret>], leadership: L
     let (routes, routes_writer) = store(routes);
     let (budgets, budgets_writer) = store::<ApiKeyBudget>(&[]);
     let (secrets, secrets_writer) = store(secrets);
-    let recorder =
-        Recorder::new(client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance: Some("test".into()) });
+    let events = Events::new(client.clone(), FIELD_MANAGER, "test");
     let ctx = Arc::new(Context {
         client,
         stores: Stores { namespaces, routes, budgets, secrets },
         leadership,
-        recorder,
+        events,
         metrics: Arc::new(OperatorMetrics::default()),
         own_writes: Default::default(),
         failures: Default::default(),

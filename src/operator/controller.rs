@@ -16,7 +16,6 @@ use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::runtime::{Controller, WatchStreamExt};
@@ -70,7 +69,7 @@ pub struct Context {
     pub client: Client,
     pub stores: Stores,
     pub leadership: Leadership,
-    pub recorder: Recorder,
+    pub events: super::events::Events,
     pub metrics: Arc<OperatorMetrics>,
     pub own_writes: OwnWrites,
     /// Consecutive failures per namespace, for the retry backoff.
@@ -362,19 +361,12 @@ async fn apply(ctx: &Context, ns: &str, plan: Plan) -> Result<(), Error> {
 
     for event in plan.events {
         ctx.ensure_leader()?;
-        let e = Event {
-            type_: event.type_,
-            reason: event.reason,
-            note: Some(event.note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
         // Events are informational: a refused one must not hold back the namespace.
-        match ctx.recorder.publish(&e, &event.regarding).await {
+        match ctx.events.publish(&event.regarding, event.type_, &event.reason, &event.note).await {
             Ok(()) => ctx.metrics.events_posted.inc(),
             Err(error) => {
                 ctx.metrics.events_failed.inc();
-                tracing::warn!(namespace = %ns, %error, reason = %e.reason, "could not post an event");
+                tracing::warn!(namespace = %ns, %error, reason = %event.reason, "could not post an event");
             }
         }
     }

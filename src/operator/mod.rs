@@ -3,6 +3,7 @@
 //! object in its status and in events. See docs/operator.md.
 
 pub mod controller;
+pub mod events;
 pub mod inject;
 pub mod leader;
 pub mod ledger;
@@ -25,7 +26,6 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::ListParams;
 use kube::runtime::WatchStreamExt;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector;
 use kube::runtime::watcher;
 use kube::{Api, Client, CustomResourceExt, Resource};
@@ -35,6 +35,7 @@ use self::controller::{
     Context, SidecarLedger, Stores, controller, error_policy, generation, reconcile, resource_version, secret_matters,
     triggers,
 };
+use self::events::Events;
 use self::inject::InjectArgs;
 use self::leader::{Elector, Leadership, LeaseSettings};
 use self::ledger::{FleetService, KubeReviewer, KubeStatusStore};
@@ -304,15 +305,12 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
     let admin =
         tokio::spawn(axum::serve(admin, admin_router(admin_state)).with_graceful_shutdown(shutdown()).into_future());
 
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter { controller: controller::FIELD_MANAGER.into(), instance: Some(identity) },
-    );
+    let events = Events::new(client.clone(), controller::FIELD_MANAGER, identity);
     let ctx = Arc::new(Context {
         client: client.clone(),
         stores,
         leadership,
-        recorder,
+        events,
         metrics: metrics.clone(),
         own_writes: Default::default(),
         failures: Default::default(),

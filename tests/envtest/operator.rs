@@ -225,3 +225,34 @@ async fn when_the_leader_is_killed_the_other_replica_takes_the_lease_after_it_ex
     })
     .await;
 }
+
+/// An Event series is a repeat of one note; a new note is a new Event (it used to be counted on
+/// the first, which kept saying "version 8" after versions 10 and 12).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repeated_event_becomes_a_series_and_a_new_note_a_new_event() {
+    let server = cluster_or_skip!();
+    let client = server.admin().await;
+    let team = namespace(&client, "events", json!({})).await;
+    let events = sideyard::operator::events::Events::new(client, "sideyard-operator", "op-events");
+    let regarding = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("sideyard.dev/v1alpha1".into()),
+        kind: Some("ProviderRoute".into()),
+        name: Some("chat".into()),
+        namespace: Some(team.clone()),
+        uid: Some("7c5d3a4e-0000-4000-8000-000000000001".into()),
+        ..Default::default()
+    };
+    let normal = kube::runtime::events::EventType::Normal;
+    for note in ["version 8", "version 8", "version 8", "version 10", "version 12"] {
+        events.publish(&regarding, normal, "Compiled", note).await.expect("posted");
+    }
+    let list = get(server, &["events.events.k8s.io", "-n", &team]).expect("events");
+    let mut seen: Vec<(String, i64)> = list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| (e["note"].as_str().unwrap_or_default().to_string(), e["series"]["count"].as_i64().unwrap_or(1)))
+        .collect();
+    seen.sort();
+    assert_eq!(seen, [("version 10".into(), 1), ("version 12".into(), 1), ("version 8".into(), 3)]);
+}
