@@ -461,6 +461,7 @@ async fn without_the_ledger_a_key_fails_closed_or_runs_a_bounded_debt_reported_l
             assert_eq!(body["error"]["code"], "ledger_unavailable");
             let message = body["error"]["message"].as_str().unwrap();
             assert!(message.contains("unreachable") && message.contains("failClosed"), "{message}");
+            assert!(message.contains("this key's lease has run out"), "{message}");
             break;
         }
         assert_eq!(status, 200, "{body}");
@@ -538,6 +539,8 @@ async fn sidecars_with_another_namespaces_token_or_another_audience_get_nothing(
     for (api, admin) in [(b_api, b_admin), (w_api, w_admin)] {
         let (status, _, body) = chat(api, KEY).await;
         assert_eq!((status, body["error"]["code"].as_str()), (503, Some("ledger_unavailable")), "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("the ledger has not yet granted this sidecar a lease for this key"), "{message}");
         let m = metrics(admin).await;
         assert!(metric(&m, "sideyard_ledger_client_calls_total{call=\"lease\",result=\"rejected\"}") > 0, "{m}");
         assert_eq!(metric(&m, "sideyard_ledger_client_calls_total{call=\"lease\",result=\"ok\"}"), 0);

@@ -371,12 +371,20 @@ impl Fleet {
     }
 
     fn unavailable_reason(&self, account: &FleetAccount) -> String {
-        let since = account.leased.lock().unreachable_since.unwrap_or(0);
+        let (since, granted) = {
+            let book = account.leased.lock();
+            (book.unreachable_since.unwrap_or(0), book.grants > 0)
+        };
         let secs = now_ms().saturating_sub(since) / 1000;
         let url = self.client.load().as_ref().map_or_else(|| "(none configured)".into(), |c| c.endpoint.url.clone());
         let error = account.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let lease = if granted {
+            "this key's lease has run out"
+        } else {
+            "the ledger has not yet granted this sidecar a lease for this key"
+        };
         format!(
-            "the budget ledger at {url} has been unusable for {secs}s ({error}) and this key's lease has run out; the key fails closed (onLedgerUnavailable: failClosed)"
+            "the budget ledger at {url} has been unusable for {secs}s ({error}) and {lease}; the key fails closed (onLedgerUnavailable: failClosed)"
         )
     }
 

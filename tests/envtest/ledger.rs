@@ -146,6 +146,8 @@ async fn a_pod_bound_token_spends_its_namespaces_budget_and_other_tokens_get_not
         let (_sidecar, api, admin) = sidecar(&config_dir, pod, &token);
         let (status, body) = chat(api).await;
         assert_eq!((status, body["error"]["code"].as_str()), (503, Some("ledger_unavailable")), "{what}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("has not yet granted this sidecar a lease"), "{what}: {message}");
         let m = common::get(admin, "/metrics").await.body;
         assert!(
             metric(&m, "sideyard_ledger_client_calls_total{call=\"lease\",result=\"rejected\"}") > 0,
