@@ -155,22 +155,7 @@ impl Fleet {
     fn sidecar_with_token(&self, pod: &str, state: &Path, token: &str) -> (Process, SocketAddr, SocketAddr) {
         let token_file = state.with_extension("token");
         std::fs::write(&token_file, token).unwrap();
-        let token = token_file;
-        let args = [
-            "sidecar",
-            "-f",
-            self.config_dir.to_str().unwrap(),
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--ledger-token-file",
-            token.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ];
-        let (process, line) = Process::start(&args, &[("HOSTNAME", pod)], "serving");
-        (process, addr_after(&line, "api="), addr_after(&line, "admin="))
+        common::cluster::ledger_sidecar(&self.config_dir, state, &token_file, pod)
     }
 
     /// A budget's status as the ledger last wrote it.

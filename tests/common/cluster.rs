@@ -222,3 +222,31 @@ pub fn lease(holder: &str, version: &str) -> Value {
 pub fn not_found() -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404})
 }
+
+/// A cluster-mode sidecar of pod `pod` on the configuration in `config_dir` (as the operator
+/// published it), its state in `state`, presenting the token in `token_file` to the ledger: its
+/// process, API and admin addresses.
+pub fn ledger_sidecar(
+    config_dir: &std::path::Path,
+    state: &std::path::Path,
+    token_file: &std::path::Path,
+    pod: &str,
+) -> (super::Process, std::net::SocketAddr, std::net::SocketAddr) {
+    let path = |p: &std::path::Path| p.to_str().expect("a UTF-8 path").to_string();
+    let (config_dir, state, token_file) = (path(config_dir), path(state), path(token_file));
+    let args = [
+        "sidecar",
+        "-f",
+        &config_dir,
+        "--state-dir",
+        &state,
+        "--ledger-token-file",
+        &token_file,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ];
+    let (process, line) = super::Process::start(&args, &[("HOSTNAME", pod)], "serving");
+    (process, super::addr_after(&line, "api="), super::addr_after(&line, "admin="))
+}

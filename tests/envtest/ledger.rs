@@ -8,9 +8,9 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use crate::common::cluster::replica_args;
+use crate::common::cluster::{ledger_sidecar, replica_args};
 use crate::common::helm::NAMESPACE;
-use crate::common::{self, Process, addr_after, base64_decode, metric, read, send_as, temp_dir};
+use crate::common::{self, Process, base64_decode, metric, read, send_as, temp_dir};
 use crate::operator::{apply, get, install_chart, one_operator_at_a_time, service_account_kubeconfig, until};
 use crate::server::{ApiServer, free_port};
 use crate::{cluster_or_skip, namespace};
@@ -45,21 +45,7 @@ fn sidecar(config_dir: &Path, pod: &str, token: &str) -> (Process, SocketAddr, S
     let state = temp_dir(&format!("ledger-{pod}"));
     let token_file = state.join("token");
     std::fs::write(&token_file, token).expect("token file");
-    let args = [
-        "sidecar",
-        "-f",
-        config_dir.to_str().expect("path"),
-        "--state-dir",
-        state.to_str().expect("path"),
-        "--ledger-token-file",
-        token_file.to_str().expect("path"),
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-    ];
-    let (process, line) = Process::start(&args, &[("HOSTNAME", pod)], "serving");
-    (process, addr_after(&line, "api="), addr_after(&line, "admin="))
+    ledger_sidecar(config_dir, &state, &token_file, pod)
 }
 
 async fn chat(api: SocketAddr) -> (u16, Value) {
