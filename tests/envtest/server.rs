@@ -43,9 +43,15 @@ pub fn api_server() -> Option<&'static ApiServer> {
                 Ok(assets) => Some(start(assets)),
                 Err(why) if required => panic!("SIDEYARD_REQUIRE_ENVTEST=1, but {why}"),
                 Err(why) => {
-                    eprintln!(
-                        "\n=== SKIPPED: the envtest suite needs a real API server, but {why}.\n\
-                         === Provide one with: export KUBEBUILDER_ASSETS=\"$(scripts/envtest-assets)\"\n"
+                    // Straight to the process's stderr: libtest captures eprintln! of passing
+                    // tests, and a skip must be seen.
+                    let _ = std::io::Write::write_all(
+                        &mut std::io::stderr(),
+                        format!(
+                            "\n=== SKIPPED: the envtest suite needs a real API server, but {why}.\n\
+                             === Provide one with: export KUBEBUILDER_ASSETS=\"$(scripts/envtest-assets)\"\n\n"
+                        )
+                        .as_bytes(),
                     );
                     None
                 }
