@@ -105,7 +105,9 @@ impl Fleet {
     }
 
     /// A replica with its ledger on `port`, announcing it for when it leads, and its admin
-    /// address. Short leases, so that a replica takes over from a killed one within seconds.
+    /// address. Short leases, so that a replica takes over from a killed one within seconds; a
+    /// renew deadline of seconds, so that a leader starved of CPU (the fake API server shares the
+    /// test's threads) does not step down mid-test.
     fn replica(&self, identity: &str, port: u16) -> (Process, SocketAddr) {
         let listen = format!("127.0.0.1:{port}");
         let (own, url) = (format!("https://localhost:{port}"), format!("https://localhost:{}", self.port));
@@ -117,11 +119,11 @@ impl Fleet {
             "--webhook-cert-dir",
             self.certs.to_str().unwrap(),
             "--lease-duration",
-            "2s",
+            "4s",
             "--renew-deadline",
-            "1s",
+            "3s",
             "--retry-period",
-            "200ms",
+            "250ms",
         ];
         let mut args = replica_args(identity, &listen, &extra);
         args.extend(["--log-format", "json"]);
