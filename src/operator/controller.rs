@@ -262,33 +262,9 @@ pub async fn reconcile(namespace: Arc<Namespace>, ctx: Arc<Context>) -> Result<A
     });
     let compiled_budgets = plan.compiled_budgets.clone();
     let mut result = apply(&ctx, &ns, plan).await;
-    match (&result, &ctx.ledger) {
-        (Ok(()), Some(ledger)) => {
-            // The ledger learns each budget's terms here, and loads a new one's stored spend.
-            result = ledger
-                .sync_namespace(&ns, &compiled_budgets)
-                .await
-                .map_err(|message| Error::Ledger { step: "load_ledger_status", message });
-        }
-        (Ok(()), None) => {
-            // A ledger that kept these budgets before this operator ran with --ledger=false
-            // left its condition saying it does.
-            let store = super::ledger::KubeStatusStore(ctx.client.clone());
-            let message = "the operator runs with --ledger=false: each sidecar keeps this budget in its own \
-                           ledger; the figures here are the last the fleet's ledger wrote";
-            let serving = |b: &&Arc<ApiKeyBudget>| {
-                b.status.as_ref().is_some_and(|s| {
-                    s.conditions.iter().any(|c| c.type_ == crate::api::LEDGER_CONDITION && c.status == "True")
-                })
-            };
-            for budget in budgets.iter().filter(serving) {
-                let name = budget.name_any();
-                if let Err(message) = super::ledger::retire(&store, &ns, &name, "LedgerOff", message).await {
-                    result = Err(Error::Ledger { step: "retire_ledger_status", message });
-                }
-            }
-        }
-        _ => {}
+    if result.is_ok() {
+        let informed = ctx.stores.budgets.state_filter(|b| in_ns(b));
+        result = sync_ledger(&ctx, &ns, &informed, &compiled_budgets).await;
     }
     ctx.metrics.reconcile_duration.observe(started.elapsed());
     let outcome = match &result {
@@ -300,6 +276,59 @@ pub async fn reconcile(namespace: Arc<Namespace>, ctx: Arc<Context>) -> Result<A
     result?;
     lock(&ctx.failures).remove(&ns);
     Ok(Action::requeue(RESYNC))
+}
+
+/// Gives the ledger the namespace's compiled budgets, and makes every other budget whose status
+/// still says a ledger keeps it say that none does: a budget no longer compiled (its routes are
+/// gone), or every budget when this operator runs with `--ledger=false`. Checked on every
+/// reconcile, so a restart or a write that raced the change cannot leave it saying so.
+async fn sync_ledger(
+    ctx: &Context,
+    ns: &str,
+    budgets: &[Arc<ApiKeyBudget>],
+    compiled: &[crate::config::Budget],
+) -> Result<(), Error> {
+    let (dropped, reason, message) = match &ctx.ledger {
+        Some(ledger) => {
+            // The ledger learns each budget's terms here, and loads a new one's stored spend.
+            let dropped = ledger
+                .sync_namespace(ns, compiled)
+                .await
+                .map_err(|message| Error::Ledger { step: "load_ledger_status", message })?;
+            (
+                dropped,
+                "NotServed",
+                "not in the namespace's compiled configuration (see the Ready condition): the ledger grants \
+                 nothing for it; leases already granted run out",
+            )
+        }
+        None => (
+            Vec::new(),
+            "LedgerOff",
+            "the operator runs with --ledger=false: each sidecar keeps this budget in its own ledger; the \
+             figures here are the last the fleet's ledger wrote",
+        ),
+    };
+    let kept = |name: &str| ctx.ledger.is_some() && compiled.iter().any(|b| b.name == name);
+    let says_kept = |b: &ApiKeyBudget| {
+        b.status
+            .as_ref()
+            .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == crate::api::LEDGER_CONDITION && c.status == "True"))
+    };
+    // What the ledger just dropped, and what the informer's copy (not our own writes', which
+    // leave the ledger's condition out) still says is kept.
+    let mut stale: Vec<String> =
+        budgets.iter().filter(|b| says_kept(b) && !kept(&b.name_any())).map(|b| b.name_any()).collect();
+    stale.extend(dropped);
+    stale.sort();
+    stale.dedup();
+    let store = super::ledger::KubeStatusStore(ctx.client.clone());
+    for name in stale {
+        super::ledger::retire(&store, ns, &name, reason, message)
+            .await
+            .map_err(|message| Error::Ledger { step: "retire_ledger_status", message })?;
+    }
+    Ok(())
 }
 
 /// Namespaced objects, for one filter over the three caches.

@@ -201,8 +201,8 @@ impl FleetService {
     }
 
     /// The budgets of `namespace` the ledger serves, as compiled: new ones start from their
-    /// stored status, changed terms apply at once, removed ones go.
-    pub async fn sync_namespace(&self, namespace: &str, budgets: &[Budget]) -> Result<(), String> {
+    /// stored status, changed terms apply at once, removed ones go (their names are returned).
+    pub async fn sync_namespace(&self, namespace: &str, budgets: &[Budget]) -> Result<Vec<String>, String> {
         let now = now_ms();
         let known: HashSet<String> = {
             let fleet = lock(&self.fleet);
@@ -220,13 +220,7 @@ impl FleetService {
             entries.push((id, Terms::from(budget), persisted));
         }
         let dropped = lock(&self.fleet).set_namespace(namespace, entries, now);
-        for id in dropped {
-            let Some((namespace, name)) = id.split_once('/') else { continue };
-            let message = "not in the namespace's compiled configuration (see the Ready condition): the ledger grants \
-                           nothing for it; leases already granted run out";
-            retire(&*self.store, namespace, name, "NotServed", message).await?;
-        }
-        Ok(())
+        Ok(dropped.into_iter().filter_map(|id| id.split_once('/').map(|(_, name)| name.to_string())).collect())
     }
 
     /// Writes changed budgets to their status, at most once per `FLUSH_INTERVAL` (1 s), and tells
