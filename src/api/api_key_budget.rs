@@ -216,6 +216,13 @@ pub struct LedgerWrite {
 /// The condition the budget ledger keeps on each budget it serves (under its own field manager).
 pub const LEDGER_CONDITION: &str = "Ledger";
 
+impl ApiKeyBudgetStatus {
+    /// Whether the status says a fleet ledger keeps the budget (`Ledger=True`).
+    pub fn kept_by_ledger(&self) -> bool {
+        self.conditions.iter().any(|c| c.type_ == LEDGER_CONDITION && c.status == "True")
+    }
+}
+
 /// One lease the ledger granted to a sidecar (or one per-request reservation).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]

@@ -310,11 +310,7 @@ async fn sync_ledger(
         ),
     };
     let kept = |name: &str| ctx.ledger.is_some() && compiled.iter().any(|b| b.name == name);
-    let says_kept = |b: &ApiKeyBudget| {
-        b.status
-            .as_ref()
-            .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == crate::api::LEDGER_CONDITION && c.status == "True"))
-    };
+    let says_kept = |b: &ApiKeyBudget| b.status.as_ref().is_some_and(ApiKeyBudgetStatus::kept_by_ledger);
     // What the ledger just dropped, and what the informer's copy (not our own writes', which
     // leave the ledger's condition out) still says is kept.
     let mut stale: Vec<String> =

@@ -6,6 +6,7 @@
 //! first note ("version 8", count 3) while the versions moved on.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -15,7 +16,6 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::events::EventType;
 use kube::{Client, ResourceExt};
-use tokio::sync::Mutex;
 
 /// How long a posted event can gain a series: client-go's and kube's figure.
 const SERIES_WINDOW: Duration = Duration::from_secs(6 * 60);
@@ -65,13 +65,16 @@ impl Events {
             note: note.into(),
         };
         let window = SignedDuration::try_from(SERIES_WINDOW).unwrap_or(SignedDuration::ZERO);
-        let mut posted = self.posted.lock().await;
-        posted.retain(|_, e| last_seen(e).is_some_and(|t| t + window > now));
+        // The cache is not held across the API call: namespaces reconcile concurrently.
+        let earlier = {
+            let mut posted = self.posted.lock().unwrap_or_else(|e| e.into_inner());
+            posted.retain(|_, e| last_seen(e).is_some_and(|t| t + window > now));
+            posted.get(&key).cloned()
+        };
         let api: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
-        let event = match posted.get(&key) {
-            Some(earlier) => {
-                let count = earlier.series.as_ref().map_or(2, |s| s.count + 1);
-                let mut event = earlier.clone();
+        let event = match earlier {
+            Some(mut event) => {
+                let count = event.series.as_ref().map_or(2, |s| s.count + 1);
                 event.series = Some(EventSeries { count, last_observed_time: MicroTime(now) });
                 let patch = serde_json::json!({"series": event.series});
                 api.patch(&event.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
@@ -101,7 +104,7 @@ impl Events {
                 api.create(&PostParams::default(), &event).await?
             }
         };
-        posted.insert(key, event);
+        self.posted.lock().unwrap_or_else(|e| e.into_inner()).insert(key, event);
         Ok(())
     }
 }

@@ -572,8 +572,7 @@ pub async fn retire(
     message: &str,
 ) -> Result<(), String> {
     let Some(status) = store.load(namespace, name).await? else { return Ok(()) };
-    let serving = status.conditions.iter().any(|c| c.type_ == LEDGER_CONDITION && c.status == "True");
-    if !serving {
+    if !status.kept_by_ledger() {
         return Ok(());
     }
     let condition = Condition {
