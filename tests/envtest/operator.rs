@@ -43,6 +43,15 @@ pub fn service_account_kubeconfig(server: &ApiServer, namespace: &str, name: &st
     path
 }
 
+/// `sideyard operator ARGS`, logging JSON lines, as the identity `kubeconfig` names; once it runs,
+/// the process and its `operator running` line.
+pub fn start_operator(args: &[&str], kubeconfig: &std::path::Path) -> (Process, Value) {
+    let args = [args, &["--log-format", "json"]].concat();
+    let kubeconfig = kubeconfig.to_str().expect("a UTF-8 path");
+    let (process, line) = Process::start(&args, &[("KUBECONFIG", kubeconfig)], "operator running");
+    (process, serde_json::from_str(&line).expect("a JSON log line"))
+}
+
 /// The chart as `helm template` renders it by default, installed in its namespace.
 pub async fn install_chart(server: &ApiServer) {
     let client = server.admin().await;
@@ -88,9 +97,14 @@ async fn under_the_charts_rbac_the_operator_reconciles_leads_and_keeps_the_webho
     let team = namespace(&client, "team", json!({})).await;
 
     let kubeconfig = service_account_kubeconfig(server, NAMESPACE, "sideyard-operator");
-    let args = replica_args("op-rbac", "127.0.0.1:0", &["--log-format", "json", "--lease-namespace", NAMESPACE]);
-    let (operator, _) =
-        Process::start(&args, &[("KUBECONFIG", kubeconfig.to_str().expect("path"))], "operator running");
+    let (operator, _) = start_operator(
+        &replica_args(
+            "op-rbac",
+            "127.0.0.1:0",
+            &["--lease-namespace", NAMESPACE, "--log", "info,sideyard::operator=debug"],
+        ),
+        &kubeconfig,
+    );
 
     let route = |name: &str, model: &str, secret: &str| {
         json!({
@@ -159,9 +173,12 @@ async fn under_the_charts_rbac_the_operator_reconciles_leads_and_keeps_the_webho
     .await;
 
     let log = operator.log();
-    for forbidden in ["forbidden", "Forbidden", "403"] {
-        assert!(!log.contains(forbidden), "the operator was refused something under the chart's RBAC:\n{log}");
-    }
+    // The API server's refusals say `forbidden` (a bare 403 would match timestamps); reconcile
+    // errors are logged at debug, which this operator logs.
+    assert!(
+        !log.to_lowercase().contains("forbidden"),
+        "the operator was refused something under the chart's RBAC:\n{log}"
+    );
 }
 
 /// MicroTime as the API server writes it (`2026-12-06T19:17:06.938123Z`), in microseconds since
@@ -178,20 +195,11 @@ async fn when_the_leader_is_killed_the_other_replica_takes_the_lease_after_it_ex
     let _turn = one_operator_at_a_time().await;
     let client = server.admin().await;
     let ops = namespace(&client, "failover", json!({})).await;
-    let kubeconfig = server.admin_kubeconfig.to_str().expect("path");
     let lease_seconds = 3;
-    let replica = |identity: &'static str| {
-        let args = replica_args(
-            identity,
-            "127.0.0.1:0",
-            &["--lease-namespace", &ops, "--lease-duration", "3s", "--renew-deadline", "2s", "--retry-period", "500ms"],
-        )
-        .into_iter()
-        .map(String::from)
-        .collect::<Vec<_>>();
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Process::start(&args, &[("KUBECONFIG", kubeconfig)], "operator running").0
-    };
+    let short_lease =
+        ["--lease-namespace", &ops, "--lease-duration", "3s", "--renew-deadline", "2s", "--retry-period", "500ms"];
+    let replica =
+        |identity| start_operator(&replica_args(identity, "127.0.0.1:0", &short_lease), &server.admin_kubeconfig).0;
     let mut first = replica("op-a");
     until(&first, "op-a leads", || async { first.log().contains("became the leader") }).await;
     let second = replica("op-b");

@@ -5,10 +5,9 @@
 
 use serde_json::{Value, json};
 
-use crate::common::Process;
 use crate::common::cluster::replica_args;
 use crate::common::helm::{find, template};
-use crate::operator::{apply, get, one_operator_at_a_time, until};
+use crate::operator::{apply, get, one_operator_at_a_time, start_operator, until};
 use crate::server::{ApiServer, b64};
 use crate::{cluster_or_skip, namespace};
 
@@ -51,14 +50,8 @@ async fn the_api_server_stores_pods_injected_once_refuses_clashes_and_fails_clos
     let plain = namespace(&client, "hook-off", json!({})).await;
 
     let cert_dir = server.webhook_cert_dir.to_str().expect("path");
-    let args = replica_args(
-        "op-hook",
-        "127.0.0.1:0",
-        &["--log-format", "json", "--lease-namespace", &ops, "--webhook-cert-dir", cert_dir],
-    );
-    let kubeconfig = server.admin_kubeconfig.to_str().expect("path");
-    let (mut operator, line) = Process::start(&args, &[("KUBECONFIG", kubeconfig)], "operator running");
-    let running: Value = serde_json::from_str(&line).expect("a JSON log line");
+    let args = replica_args("op-hook", "127.0.0.1:0", &["--lease-namespace", &ops, "--webhook-cert-dir", cert_dir]);
+    let (mut operator, running) = start_operator(&args, &server.admin_kubeconfig);
     let webhook = running["webhook"].as_str().expect("the webhook's address").to_string();
 
     // The chart's MutatingWebhookConfiguration, its clientConfig pointed at 127.0.0.1.
