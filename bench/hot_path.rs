@@ -44,7 +44,7 @@ use futures::future::BoxFuture;
 use sideyard::api::ApiKeyBudgetStatus;
 use sideyard::config::{Budget, Documents, MapResolver, compile, parse_file};
 use sideyard::operator::leader::Leadership;
-use sideyard::operator::ledger::{FleetService, Review, Reviewer, StatusStore, router};
+use sideyard::operator::ledger::{BoundPod, FleetService, Review, Reviewer, StatusStore, router};
 use sideyard::operator::metrics::OperatorMetrics;
 use sideyard::operator::tls::{CertStore, certified_key, issue, serve_https};
 use sideyard::sidecar::{Clients, FleetOptions, Limits, Shared, api_service};
@@ -136,7 +136,7 @@ impl Reviewer for AnyToken {
         Box::pin(async {
             Ok(Review::Authenticated {
                 username: "system:serviceaccount:default:default".into(),
-                pod: Some("bench".into()),
+                pod: Some(BoundPod { name: "bench".into(), uid: None }),
             })
         })
     }

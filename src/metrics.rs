@@ -37,6 +37,15 @@ impl Gauge {
     pub fn get(&self) -> u64 {
         self.0.load(Relaxed)
     }
+
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+
+    /// Never below zero.
+    pub fn dec(&self) {
+        let _ = self.0.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_sub(1)));
+    }
 }
 
 /// Bucket upper bounds in microseconds, from 1 ms to 10 minutes: LLM calls span that whole range.

@@ -47,6 +47,12 @@ fn cluster(budgets: &[(&str, Value)]) -> Arc<FakeApi> {
     let budgets = budgets.iter().map(|(name, spec)| object("ApiKeyBudget", sy, name, json!({"spec": spec}))).collect();
     let keys = object("Secret", "v1", "keys", json!({"data": {"app": "c2stYXBw", "other": "c2stb3RoZXI="}}));
     let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}});
+    // The pods the sidecars below belong to, as the operator reads them for their streams.
+    let pods = ["pod-0", "pod-1", "pod-2", "pod-r", "pod-t", "pod-f", "pod-g", "pod-p"].map(|name| {
+        let mut pod = object("Pod", "v1", name, json!({}));
+        pod["metadata"]["labels"] = json!({"app": "web"});
+        pod
+    });
     Arc::new(FakeApi {
         crds_installed: true,
         lists: [
@@ -54,6 +60,7 @@ fn cluster(budgets: &[(&str, Value)]) -> Arc<FakeApi> {
             ("/apis/sideyard.dev/v1alpha1/apikeybudgets".into(), list("ApiKeyBudget", sy, budgets)),
             ("/api/v1/namespaces".into(), list("Namespace", "v1", vec![ns])),
             ("/api/v1/secrets".into(), list("Secret", "v1", vec![keys])),
+            ("/api/v1/pods".into(), list("Pod", "v1", pods.to_vec())),
         ]
         .into(),
         ..Default::default()
@@ -616,4 +623,62 @@ async fn a_budget_removed_from_the_configuration_gives_its_lease_back() {
     })
     .await;
     assert_eq!(chat(api, "sk-anyone").await.0, 200, "the route no longer asks for a key");
+}
+
+/// A request for `model`: its status.
+async fn chat_with(api: SocketAddr, model: &str) -> u16 {
+    let body = CHAT.replace("\"chat\"", &format!("{model:?}"));
+    read(send(api, "POST", "/v1/chat/completions", &body).await).await.status.as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sidecar_serves_what_the_operator_pushes_and_then_the_newest_version_from_either_source() {
+    let (fleet, mut operator) = Fleet::start(&[]).await;
+    let path = fleet.config_dir.join("config.json");
+    let published: sideyard::config::CompiledConfig = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let pushed = published.version;
+    // The mounted configuration, as it may be on a pod's start: older, its model named `old`.
+    let version = |version: u64, model: &str| {
+        let mut config = published.clone().into_config().unwrap();
+        config.routes[0].model = model.into();
+        serde_json::to_vec(&sideyard::config::CompiledConfig::new(NS, version, config)).unwrap()
+    };
+    std::fs::write(&path, version(pushed - 1, "old")).unwrap();
+    let (_sidecar, api, admin) = fleet.sidecar("pod-p", &temp_dir("push"));
+
+    eventually("the pushed version is served", || async {
+        let m = metrics(admin).await;
+        metric(&m, "sideyard_config_version") == pushed && metric(&m, "sideyard_config_source{source=\"push\"}") == 1
+    })
+    .await;
+    assert_eq!(chat_with(api, "chat").await, 200, "the operator's route, while the file still has the old one");
+    assert_eq!(chat_with(api, "old").await, 404);
+    assert_eq!(std::fs::read(&path).unwrap(), version(pushed - 1, "old"), "the mounted file did not change");
+    assert_eq!(metric(&metrics(admin).await, "sideyard_config_stream_connected"), 1);
+
+    // The operator goes: the sidecar keeps serving what it has.
+    operator.terminate();
+    operator.wait_exit();
+    eventually("the stream is seen to end", || async {
+        metric(&metrics(admin).await, "sideyard_config_stream_connected") == 0
+    })
+    .await;
+    assert_eq!(chat_with(api, "chat").await, 200);
+    // A newer version in the mounted files is taken …
+    std::fs::write(&path, version(pushed + 1, "newer")).unwrap();
+    eventually("the newer mounted version is served", || async {
+        let m = metrics(admin).await;
+        metric(&m, "sideyard_config_version") == pushed + 1
+            && metric(&m, "sideyard_config_source{source=\"files\"}") == 1
+    })
+    .await;
+    assert_eq!(chat_with(api, "newer").await, 200);
+    // … an older one is not.
+    std::fs::write(&path, version(pushed, "chat")).unwrap();
+    eventually("the older mounted version is seen and kept out", || async {
+        metric(&metrics(admin).await, "sideyard_config_not_newer_total{source=\"files\"}") == 1
+    })
+    .await;
+    assert_eq!(metric(&metrics(admin).await, "sideyard_config_version"), pushed + 1);
+    assert_eq!((chat_with(api, "newer").await, chat_with(api, "chat").await), (200, 404));
 }

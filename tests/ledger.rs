@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use sideyard::api::{ApiKeyBudgetStatus, BudgetState, Period};
 use sideyard::config::{Budget, RateLimitPolicy};
 use sideyard::operator::leader::Leadership;
-use sideyard::operator::ledger::{FleetService, LEADER_HEADER, Review, Reviewer, StatusStore, router};
+use sideyard::operator::ledger::{BoundPod, FleetService, LEADER_HEADER, Review, Reviewer, StatusStore, router};
 use sideyard::operator::metrics::OperatorMetrics;
 use tokio::sync::watch;
 use tower::ServiceExt;
@@ -34,7 +34,10 @@ impl Reviewer for Tokens {
                 return Err("connection refused".into());
             }
             let (ns, pod) = token.split_once(':').ok_or("not a test token")?;
-            Ok(Review::Authenticated { username: format!("system:serviceaccount:{ns}:default"), pod: Some(pod.into()) })
+            Ok(Review::Authenticated {
+                username: format!("system:serviceaccount:{ns}:default"),
+                pod: Some(BoundPod { name: pod.into(), uid: None }),
+            })
         })
     }
 }

@@ -364,12 +364,14 @@ fn budgets_are_compiled_with_their_key_hash_and_reported() {
 }
 
 #[test]
-fn configurations_with_budgets_name_the_fleet_ledger_and_others_do_not() {
+fn every_configuration_names_the_fleet_ledger_once_it_is_known() {
     let ledger = LedgerEndpoint { url: "https://sideyard-webhook.ops.svc:8444".into(), ca_bundle: "CA".into() };
     let mut world = World::new(vec![keyed_route("chat", "chat", 0)], vec![keys()]);
+    let (_, compiled) = applied_config(&world.plan());
+    assert_eq!(compiled.config.ledger, None, "not known yet: the sidecars keep their mounted configuration");
     world.ledger = Some(ledger.clone());
     let (_, compiled) = applied_config(&world.plan());
-    assert_eq!(compiled.config.ledger, None, "no budgets: the sidecars need no ledger");
+    assert_eq!(compiled.config.ledger.as_ref(), Some(&ledger), "without budgets too: the stream is there");
     world.budgets =
         vec![budget("bot", 0, json!({"key": {"secretRef": {"name": "keys", "key": "app"}}, "limit": "10"}))];
     let plan = world.plan();
@@ -517,6 +519,7 @@ fn cluster(routes: &[Arc<ProviderRoute>], secrets: &[Arc<Secret>], leadership: L
         failures: Default::default(),
         ledger: None,
         sidecar_ledger: None,
+        hub: Default::default(),
     });
     Cluster { ctx, server, routes: routes_writer, secrets: secrets_writer, _others: (ns_writer, budgets_writer) }
 }
@@ -1083,8 +1086,8 @@ async fn the_operator_process_leads_publishes_reports_and_releases_its_lease() {
     .await;
     let lease = writes_to(&api, "POST", "/apis/coordination.k8s.io/v1/namespaces/ops/leases");
     assert_eq!(lease[0]["spec"]["holderIdentity"], "op-1");
+    // Version 1, and version 2 once the ledger's CA is known (then the configuration names it).
     let config = writes_to(&api, "PATCH", &config_path);
-    assert_eq!(config.len(), 1);
     let compiled: CompiledConfig =
         serde_json::from_slice(&common::base64_decode(config[0]["data"]["config.json"].as_str().unwrap())).unwrap();
     assert_eq!(compiled.version, 1);
@@ -1100,7 +1103,15 @@ async fn the_operator_process_leads_publishes_reports_and_releases_its_lease() {
 
     let metrics = common::get(admin, "/metrics").await.body;
     assert_eq!(common::metric(&metrics, "sideyard_operator_leader"), 1);
-    assert_eq!(common::metric(&metrics, "sideyard_operator_config_writes_total"), 1);
+    let names_ledger = || {
+        let config = writes_to(&api, "PATCH", &config_path);
+        let last = config.last().map(|c| common::base64_decode(c["data"]["config.json"].as_str().unwrap()));
+        last.is_some_and(|c| String::from_utf8_lossy(&c).contains("\"ledger\""))
+    };
+    common::eventually("a configuration that names the ledger", || async { names_ledger() }).await;
+    let metrics = common::get(admin, "/metrics").await.body;
+    let written = writes_to(&api, "PATCH", &config_path).len() as u64;
+    assert_eq!(common::metric(&metrics, "sideyard_operator_config_writes_total"), written);
     assert!(metrics.contains(&format!("sideyard_operator_config_bytes{{namespace=\"{NS}\"}}")), "{metrics}");
     common::eventually("ready, with the webhook certificate issued", || async {
         common::get(admin, "/readyz").await.status == 200

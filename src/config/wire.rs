@@ -13,6 +13,9 @@ use crate::api::{API_VERSION, ProviderApi};
 
 /// `kind` of a compiled configuration document.
 pub const COMPILED_CONFIG_KIND: &str = "CompiledConfig";
+/// Where a sidecar takes its pushed configuration from, on the operator's ledger listener: one
+/// [`CompiledConfig`] in JSON per line.
+pub const CONFIG_STREAM_PATH: &str = "/config/v1/stream";
 
 /// A namespace's compiled configuration, as the operator publishes it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -40,6 +43,18 @@ impl CompiledConfig {
             hash: content_hash(&config),
             config,
         }
+    }
+
+    /// Reads one pushed frame: a [`CompiledConfig`] in JSON, its kind and hash checked.
+    pub fn from_frame(frame: &[u8]) -> Result<Self, String> {
+        let compiled: CompiledConfig = serde_json::from_slice(frame).map_err(|e| e.to_string())?;
+        if compiled.api_version != API_VERSION || compiled.kind != COMPILED_CONFIG_KIND {
+            return Err(format!(
+                "a {} {} where a {API_VERSION} {COMPILED_CONFIG_KIND} was expected",
+                compiled.api_version, compiled.kind
+            ));
+        }
+        Ok(compiled)
     }
 
     /// The configuration, once its hash is checked.

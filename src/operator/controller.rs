@@ -78,6 +78,8 @@ pub struct Context {
     pub ledger: Option<Arc<super::ledger::FleetService>>,
     /// Where sidecars reach the ledger, and the CA they trust it by (once known).
     pub sidecar_ledger: Option<SidecarLedger>,
+    /// Each namespace's published configuration, for the sidecars' streams.
+    pub hub: Arc<super::push::ConfigHub>,
 }
 
 /// The ledger as sidecars see it: the Service URL and the serving certificate's CA (PEM).
@@ -261,7 +263,18 @@ pub async fn reconcile(namespace: Arc<Namespace>, ctx: Arc<Context>) -> Result<A
         ledger: ledger_endpoint.as_ref(),
     });
     let compiled_budgets = plan.compiled_budgets.clone();
+    let pushed = match &plan.config {
+        ConfigAction::Apply { published, .. } => Some(published.clone()),
+        ConfigAction::Keep => published,
+        ConfigAction::Delete => None,
+    };
     let mut result = apply(&ctx, &ns, plan).await;
+    if result.is_ok()
+        && let Some(pushed) = &pushed
+    {
+        // Once the Secret holds it: a sidecar never serves a version the API server may not keep.
+        ctx.hub.publish(&ns, pushed);
+    }
     if result.is_ok() {
         let informed = ctx.stores.budgets.state_filter(|b| in_ns(b));
         result = sync_ledger(&ctx, &ns, &informed, &compiled_budgets).await;

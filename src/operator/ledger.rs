@@ -48,15 +48,25 @@ const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Caller {
     pub namespace: String,
-    /// The pod: a lease's holder.
+    /// The pod: a lease's holder (the user name, for a token bound to no pod).
     pub pod: String,
+    /// The pod the token is bound to: whose configuration the stream serves.
+    pub bound_pod: Option<BoundPod>,
+}
+
+/// The pod a token is bound to, as the TokenReview names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BoundPod {
+    pub name: String,
+    /// Absent from reviews of older API servers.
+    pub uid: Option<String>,
 }
 
 /// What a token check found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Review {
     /// A valid token for [`TOKEN_AUDIENCE`], of this user, with the pod it was bound to, if any.
-    Authenticated { username: String, pod: Option<String> },
+    Authenticated { username: String, pod: Option<BoundPod> },
     /// Invalid, expired, or for another audience; the message says which, as far as known.
     Rejected(String),
 }
@@ -124,7 +134,7 @@ pub struct LedgerError {
 }
 
 impl LedgerError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(super) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         LedgerError { status, code, message: message.into(), leader: None, refused: None }
     }
 }
@@ -339,7 +349,11 @@ impl FleetService {
         else {
             return Err(unauthorized(format!("{username} is not a ServiceAccount")));
         };
-        let caller = Caller { namespace: namespace.to_string(), pod: pod.unwrap_or_else(|| username.clone()) };
+        let caller = Caller {
+            namespace: namespace.to_string(),
+            pod: pod.as_ref().map_or_else(|| username.clone(), |p| p.name.clone()),
+            bound_pod: pod,
+        };
         self.metrics.token_review("authenticated");
         let mut tokens = lock(&self.tokens);
         let now = Instant::now();
@@ -348,8 +362,8 @@ impl FleetService {
         Ok(caller)
     }
 
-    /// The leader check, authentication and the budget's id, shared by every call.
-    async fn admit(&self, headers: &HeaderMap, budget: &str) -> Result<(Caller, String), LedgerError> {
+    /// The leader check, then the caller: what every call to the ledger's listener starts with.
+    pub(super) async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, LedgerError> {
         if !self.leadership.is_leader() {
             let leader = self.leader_url.borrow().clone();
             let message = match &leader {
@@ -361,7 +375,12 @@ impl FleetService {
                 ..LedgerError::new(StatusCode::SERVICE_UNAVAILABLE, "not_leader", message)
             });
         }
-        let caller = self.identify(headers).await?;
+        self.identify(headers).await
+    }
+
+    /// [`FleetService::authenticate`], and the budget's id, shared by every ledger call.
+    async fn admit(&self, headers: &HeaderMap, budget: &str) -> Result<(Caller, String), LedgerError> {
+        let caller = self.authenticate(headers).await?;
         // `namespace/name`, or a name of the caller's namespace.
         let (namespace, name) = budget.split_once('/').unwrap_or((caller.namespace.as_str(), budget));
         if namespace != caller.namespace {
@@ -648,12 +667,9 @@ impl Reviewer for KubeReviewer {
                 return Ok(Review::Rejected(format!("the token is not for the audience {TOKEN_AUDIENCE}")));
             }
             let user = status.user.unwrap_or_default();
-            let pod = user
-                .extra
-                .as_ref()
-                .and_then(|e| e.get("authentication.kubernetes.io/pod-name"))
-                .and_then(|v| v.first())
-                .cloned();
+            let extra = |key: &str| user.extra.as_ref().and_then(|e| e.get(key)).and_then(|v| v.first()).cloned();
+            let pod = extra("authentication.kubernetes.io/pod-name")
+                .map(|name| BoundPod { name, uid: extra("authentication.kubernetes.io/pod-uid") });
             Ok(Review::Authenticated { username: user.username.unwrap_or_default(), pod })
         })
     }

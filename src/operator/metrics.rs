@@ -42,6 +42,12 @@ pub struct OperatorMetrics {
     pub ledger_persist_failures: Counter,
     /// Ledger calls answered only once the budget's status was written, by call.
     ledger_persist_waits: Mutex<BTreeMap<&'static str, u64>>,
+    /// Sidecars connected to the configuration stream now.
+    pub config_streams: Gauge,
+    /// Configuration streams asked for, by result.
+    config_stream_opens: Mutex<BTreeMap<&'static str, u64>>,
+    pub config_frames: Counter,
+    pub config_frame_bytes: Counter,
 }
 
 impl OperatorMetrics {
@@ -71,6 +77,18 @@ impl OperatorMetrics {
     /// be checked (`error`).
     pub fn token_review(&self, result: &'static str) {
         *lock(&self.token_reviews).entry(result).or_default() += 1;
+    }
+
+    /// A sidecar asked for its configuration stream: `opened`, `refused` (its token or pod), or
+    /// `error` (the pod could not be read).
+    pub fn config_stream(&self, result: &'static str) {
+        *lock(&self.config_stream_opens).entry(result).or_default() += 1;
+    }
+
+    /// A configuration frame of `bytes` was sent to a sidecar.
+    pub fn config_frame(&self, bytes: usize) {
+        self.config_frames.inc();
+        self.config_frame_bytes.add(bytes as u64);
     }
 
     pub fn leased(&self, credit: u64) {
@@ -183,6 +201,35 @@ impl OperatorMetrics {
         for call in ["lease", "report", "reserve", "settle", "debt", "holdings"] {
             let n = lock(&self.ledger_persist_waits).get(call).copied().unwrap_or(0);
             let _ = writeln!(out, "sideyard_ledger_persist_waits_total{{call=\"{call}\"}} {n}");
+        }
+        header(
+            &mut out,
+            "sideyard_operator_config_streams",
+            "gauge",
+            "Sidecars connected to this replica's configuration stream.",
+        );
+        let _ = writeln!(out, "sideyard_operator_config_streams {}", self.config_streams.get());
+        header(
+            &mut out,
+            "sideyard_operator_config_stream_requests_total",
+            "counter",
+            "Configuration streams sidecars asked for, by result: opened, refused (token or pod), error (the pod could not be read).",
+        );
+        for result in ["opened", "refused", "error"] {
+            let n = lock(&self.config_stream_opens).get(result).copied().unwrap_or(0);
+            let _ = writeln!(out, "sideyard_operator_config_stream_requests_total{{result=\"{result}\"}} {n}");
+        }
+        let sent = [
+            ("sideyard_operator_config_frames_total", "Configuration versions sent to sidecars.", &self.config_frames),
+            (
+                "sideyard_operator_config_frame_bytes_total",
+                "Bytes of configuration sent to sidecars.",
+                &self.config_frame_bytes,
+            ),
+        ];
+        for (name, help, counter) in sent {
+            header(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name} {}", counter.get());
         }
         out
     }

@@ -9,6 +9,7 @@ pub mod leader;
 pub mod ledger;
 pub mod metrics;
 pub mod plan;
+pub mod push;
 pub mod tls;
 pub mod webhook;
 
@@ -40,6 +41,7 @@ use self::inject::InjectArgs;
 use self::leader::{Elector, Leadership, LeaseSettings};
 use self::ledger::{FleetService, KubeReviewer, KubeStatusStore};
 use self::metrics::OperatorMetrics;
+use self::push::{ConfigHub, ConfigPush, KubePods};
 use self::tls::{CertSource, CertStore, TlsSettings};
 use self::webhook::Webhook;
 use crate::api::units::parse_duration;
@@ -259,6 +261,8 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
         }
         _ => None,
     };
+    // Sidecars' configuration streams are served with the ledger, on its listener.
+    let hub = Arc::new(ConfigHub::default());
     let ledger = match (&certs, args.ledger) {
         (Some(certs), true) => {
             let (listener, addr) = listen(args.ledger_listen).await?;
@@ -272,7 +276,15 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
                 leader_url,
             );
             tokio::spawn(service.clone().keep_persisted(shutdown()));
-            tokio::spawn(tls::serve_https(listener, ledger::router(service.clone()), certs.clone(), shutdown()));
+            let push = Arc::new(ConfigPush {
+                hub: hub.clone(),
+                pods: Arc::new(KubePods(client.clone())),
+                ledger: service.clone(),
+                leadership: leadership.clone(),
+                metrics: metrics.clone(),
+            });
+            let routes = ledger::router(service.clone()).merge(push::router(push));
+            tokio::spawn(tls::serve_https(listener, routes, certs.clone(), shutdown()));
             Some((service, addr))
         }
         _ => None,
@@ -316,6 +328,7 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
         failures: Default::default(),
         ledger,
         sidecar_ledger,
+        hub,
     });
     let controller = controller(controller::namespace_watch(&client, ns_writer), namespaces, requests, metrics)
         .graceful_shutdown_on(shutdown())

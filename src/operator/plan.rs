@@ -71,7 +71,7 @@ pub struct Inputs<'a> {
     pub secrets: &'a [Arc<Secret>],
     pub published: Option<&'a Published>,
     pub now: Timestamp,
-    /// The fleet's budget ledger, written into configurations that have budgets.
+    /// The fleet's budget ledger (and configuration stream), written into every configuration.
     pub ledger: Option<&'a LedgerEndpoint>,
 }
 
@@ -160,9 +160,9 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
         compiled: Vec::new(),
     };
     let mut analysis = analyse(&docs, &ClusterResolver);
-    if !analysis.config.budgets.is_empty() {
-        analysis.config.ledger = inputs.ledger.cloned();
-    }
+    // Every configuration names the ledger: its budgets lease there, and its sidecars take their
+    // configuration stream from the same listener.
+    analysis.config.ledger = inputs.ledger.cloned();
 
     let mut plan = Plan { compiled_budgets: analysis.config.budgets.clone(), ..Plan::default() };
     let compiled = if routes.is_empty() {

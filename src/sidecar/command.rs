@@ -11,10 +11,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::admin::admin_router;
-use super::fleet::FleetOptions;
+use super::fleet::{EndpointOverrides, FleetOptions};
 use super::health;
+use super::push::{self, Offer, PushOptions, Served};
 use super::service::{ApiService, api_service};
 use super::shared::{Limits, Shared};
+use super::state::Source;
 use super::upstream::Clients;
 use crate::api::units::parse_duration;
 use crate::config::{ConfigError, ConfigErrors, Loaded, Sources, load, watch::watch as watch_sources};
@@ -114,12 +116,18 @@ pub async fn run(args: SidecarArgs, shutdown: impl Future<Output = ()>) -> Resul
         ca_file: args.ledger_ca_file.clone(),
         token_file: args.ledger_token_file.clone(),
     };
+    let push = PushOptions {
+        overrides: EndpointOverrides::read(&fleet).map_err(|e| flag_error("--ledger-ca-file", e))?,
+        token_file: fleet.token_file.clone(),
+        labels_file: args.pod_labels_file.clone(),
+        check_interval: args.reload_interval,
+    };
     let shared = Shared::new(&loaded.config, limits, clients, args.require_key, args.state_dir.clone(), fleet)
         .map_err(|e| flag_error("budgets", e))?;
     let shared = Arc::new(shared);
-    shared.states.config_version.set(loaded.version.unwrap_or(0));
     tracing::info!(routes = loaded.config.routes.len(), version = loaded.version, files = ?args.files, "configuration loaded");
     warn_if_every_request_is_refused(args.require_key, &loaded.config);
+    let served = Arc::new(Served::new(&shared, loaded.version, loaded.config));
 
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr).await.map_err(|e| SidecarError::Io(format!("cannot listen on {addr}: {e}")))
@@ -142,16 +150,18 @@ pub async fn run(args: SidecarArgs, shutdown: impl Future<Output = ()>) -> Resul
     };
 
     let reloader = {
-        let shared = shared.clone();
+        let (shared, served) = (shared.clone(), served.clone());
         let counter = shared.clone();
         tokio::spawn(watch_sources(
             sources,
             args.reload_interval,
             loaded.fingerprint,
-            move |result| apply_reload(&shared, result),
+            move |result| apply_reload(&shared, &served, result),
             move || counter.states.source_checks.inc(),
         ))
     };
+    // In a cluster, the operator's stream; it waits while the configuration names no ledger.
+    let pusher = tokio::spawn(push::follow(shared.clone(), served, push));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -170,6 +180,7 @@ pub async fn run(args: SidecarArgs, shutdown: impl Future<Output = ()>) -> Resul
         result = &mut api => {
             reloader.abort();
             refresher.abort();
+            pusher.abort();
             return Err(SidecarError::Io(format!("the API server stopped: {result:?}")));
         }
     }
@@ -177,6 +188,7 @@ pub async fn run(args: SidecarArgs, shutdown: impl Future<Output = ()>) -> Resul
     shared.draining.store(true, Ordering::Relaxed);
     reloader.abort();
     refresher.abort();
+    pusher.abort();
     let _ = stop_tx.send(true);
     if tokio::time::timeout(args.drain_timeout, &mut api).await.is_err() {
         tracing::warn!("drain timeout reached; closing the remaining connections");
@@ -198,10 +210,14 @@ pub async fn run(args: SidecarArgs, shutdown: impl Future<Output = ()>) -> Resul
 /// of them, which is rarely what was meant.
 fn warn_if_every_request_is_refused(require_key: bool, config: &crate::config::Config) {
     if require_key && config.budgets.is_empty() {
-        tracing::warn!(
-            "--require-key is set and the configuration has no ApiKeyBudget: every request will be refused with 401 until one is added"
-        );
+        warn_every_request_refused();
     }
+}
+
+fn warn_every_request_refused() {
+    tracing::warn!(
+        "--require-key is set and the configuration has no ApiKeyBudget: every request will be refused with 401 until one is added"
+    );
 }
 
 /// A configuration error that comes from a flag rather than the YAML.
@@ -209,27 +225,32 @@ fn flag_error(flag: &str, message: String) -> SidecarError {
     SidecarError::Config(ConfigError::input(flag, message).into())
 }
 
-fn apply_reload(shared: &Shared, result: Result<Loaded, ConfigErrors>) {
+fn apply_reload(shared: &Shared, served: &Served, result: Result<Loaded, ConfigErrors>) {
     match result {
-        Ok(loaded) => match shared.apply(&loaded.config) {
-            Ok(()) => {
-                shared.states.reloads_ok.inc();
-                shared.states.last_reload_ok.set(1);
-                shared.states.config_version.set(loaded.version.unwrap_or(0));
-                tracing::info!(
-                    routes = loaded.config.routes.len(),
-                    budgets = loaded.config.budgets.len(),
-                    version = loaded.version,
-                    "configuration reloaded"
-                );
-                warn_if_every_request_is_refused(shared.require_key, &loaded.config);
+        Ok(loaded) => {
+            let (routes, budgets) = (loaded.config.routes.len(), loaded.config.budgets.len());
+            let none_kept = shared.require_key && budgets == 0;
+            match served.offer(shared, Source::Files, loaded.version, loaded.config) {
+                Offer::Applied => {
+                    shared.states.reloads_ok.inc();
+                    shared.states.last_reload_ok.set(1);
+                    tracing::info!(routes, budgets, version = loaded.version, "configuration reloaded");
+                    if none_kept {
+                        warn_every_request_refused();
+                    }
+                }
+                // Read well; the stream brought this version or a newer one first.
+                Offer::NotNewer => {
+                    shared.states.reloads_ok.inc();
+                    shared.states.last_reload_ok.set(1);
+                }
+                Offer::Rejected(e) => {
+                    shared.states.reloads_failed.inc();
+                    shared.states.last_reload_ok.set(0);
+                    tracing::error!(error = %e, "configuration rejected; still serving the previous one");
+                }
             }
-            Err(e) => {
-                shared.states.reloads_failed.inc();
-                shared.states.last_reload_ok.set(0);
-                tracing::error!(error = %e, "configuration rejected; still serving the previous one");
-            }
-        },
+        }
         Err(errors) => {
             shared.states.reloads_failed.inc();
             shared.states.last_reload_ok.set(0);

@@ -99,9 +99,7 @@ pub struct FleetMetrics {
 
 pub struct Fleet {
     client: ArcSwapOption<LedgerClient>,
-    /// Overrides of the compiled configuration's ledger endpoint.
-    url_override: Option<String>,
-    ca_override: Option<String>,
+    overrides: EndpointOverrides,
     token_file: PathBuf,
     accounts: Mutex<HashMap<String, Arc<FleetAccount>>>,
     /// Debt ids: the pod and this process's start.
@@ -122,20 +120,40 @@ pub struct FleetOptions {
     pub token_file: PathBuf,
 }
 
-impl Fleet {
-    pub fn new(options: &FleetOptions, state_dir: &std::path::Path) -> Result<Fleet, String> {
-        let ca_override = match &options.ca_file {
+/// The flags' overrides of the ledger endpoint a configuration names, read once.
+#[derive(Clone, Debug, Default)]
+pub struct EndpointOverrides {
+    url: Option<String>,
+    ca: Option<String>,
+}
+
+impl EndpointOverrides {
+    pub fn read(options: &FleetOptions) -> Result<Self, String> {
+        let ca = match &options.ca_file {
             Some(path) => Some(
                 std::fs::read_to_string(path)
                     .map_err(|e| format!("cannot read --ledger-ca-file {}: {e}", path.display()))?,
             ),
             None => None,
         };
+        Ok(EndpointOverrides { url: options.url.clone(), ca })
+    }
+
+    /// The ledger to use with a configuration that names `configured`: `None` when neither it
+    /// nor the flags give both a URL and a CA bundle.
+    pub fn endpoint(&self, configured: Option<&LedgerEndpoint>) -> Option<LedgerEndpoint> {
+        let url = self.url.clone().or_else(|| configured.map(|e| e.url.clone()))?;
+        let ca_bundle = self.ca.clone().or_else(|| configured.map(|e| e.ca_bundle.clone()))?;
+        Some(LedgerEndpoint { url, ca_bundle })
+    }
+}
+
+impl Fleet {
+    pub fn new(options: &FleetOptions, state_dir: &std::path::Path) -> Result<Fleet, String> {
         let pod = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "sidecar".into());
         let fleet = Fleet {
             client: ArcSwapOption::empty(),
-            url_override: options.url.clone(),
-            ca_override,
+            overrides: EndpointOverrides::read(options)?,
             token_file: options.token_file.clone(),
             accounts: Mutex::default(),
             debt_prefix: format!("{pod}-{}", now_ms()),
@@ -157,15 +175,12 @@ impl Fleet {
     /// Points the client at the configuration's ledger (or the flags'), keeping the connection
     /// when nothing changed.
     pub fn set_endpoint(&self, configured: Option<&LedgerEndpoint>) -> Result<(), String> {
-        let url = self.url_override.clone().or_else(|| configured.map(|e| e.url.clone()));
-        let ca = self.ca_override.clone().or_else(|| configured.map(|e| e.ca_bundle.clone()));
-        let (Some(url), Some(ca_bundle)) = (url, ca) else {
+        let Some(endpoint) = self.overrides.endpoint(configured) else {
             return Err(
                 "the ledger's URL or CA bundle is missing: the configuration names none; set --ledger-url and --ledger-ca-file"
                     .into(),
             );
         };
-        let endpoint = LedgerEndpoint { url, ca_bundle };
         if self.client.load().as_ref().is_some_and(|c| c.endpoint == endpoint) {
             return Ok(());
         }

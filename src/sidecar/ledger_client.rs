@@ -7,10 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, StatusCode, Uri, header};
+use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde::Serialize;
@@ -29,6 +30,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// follows the rotation.
 const TOKEN_REFRESH: Duration = Duration::from_secs(60);
 const MAX_ANSWER_BYTES: usize = 1 << 20;
+/// Interval and timeout of HTTP/2 pings on the connection.
+const KEEP_ALIVE: Duration = Duration::from_secs(10);
 
 /// Why a call got no answer to use.
 #[derive(Debug)]
@@ -123,17 +126,16 @@ impl LedgerClient {
     pub async fn call<T: DeserializeOwned>(&self, call: usize, body: &impl Serialize) -> Result<T, CallError> {
         let started = Instant::now();
         let body = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
-        let mut result = self.call_once(call, body.clone()).await;
-        if let Err(Redirect::Leader) = result {
-            result = self.call_once(call, body).await;
-        }
-        let result = result.map_err(|r| match r {
-            Redirect::Leader => CallError::Unreachable("the ledger's leader moved twice during one call".into()),
-            Redirect::Failed(e) => e,
-        });
-        let result = result.and_then(|bytes| {
-            serde_json::from_slice(&bytes).map_err(|e| CallError::Unreachable(format!("unreadable answer: {e}")))
-        });
+        let path = format!("/ledger/v1/{}", CALLS[call]);
+        let result = match self.request(Method::POST, &path, body).await {
+            Ok(response) => match tokio::time::timeout(CALL_TIMEOUT, read_answer(response.into_body())).await {
+                Ok(Ok(bytes)) => serde_json::from_slice(&bytes)
+                    .map_err(|e| CallError::Unreachable(format!("unreadable answer: {e}"))),
+                Ok(Err(e)) => Err(self.failed(e).await),
+                Err(_) => Err(self.failed(format!("no answer within {CALL_TIMEOUT:?}")).await),
+            },
+            Err(e) => Err(e),
+        };
         let outcome = match &result {
             Ok(_) => 0,
             Err(CallError::Refused(_)) => 1,
@@ -145,33 +147,56 @@ impl LedgerClient {
         result
     }
 
-    async fn call_once(&self, call: usize, body: Bytes) -> Result<Bytes, Redirect> {
+    /// Opens `GET <path>` and hands back the body as it streams, once the answer is 200.
+    pub async fn stream(&self, path: &str) -> Result<Incoming, CallError> {
+        Ok(self.request(Method::GET, path, Bytes::new()).await?.into_body())
+    }
+
+    /// Sends a request and waits for a 200's head, following the leader once if told where it is.
+    async fn request(&self, method: Method, path: &str, body: Bytes) -> Result<http::Response<Incoming>, CallError> {
+        let mut result = self.request_once(&method, path, body.clone()).await;
+        if let Err(Redirect::Leader) = result {
+            result = self.request_once(&method, path, body).await;
+        }
+        result.map_err(|r| match r {
+            Redirect::Leader => CallError::Unreachable("the ledger's leader moved twice during one call".into()),
+            Redirect::Failed(e) => e,
+        })
+    }
+
+    async fn request_once(
+        &self,
+        method: &Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<http::Response<Incoming>, Redirect> {
         let token = self.token().map_err(|e| Redirect::Failed(CallError::Rejected { status: 401, message: e }))?;
-        let path = format!("/ledger/v1/{}", CALLS[call]);
         let attempt = async {
             let (dialled, mut sender) = self.connect().await?;
-            let request = Request::post(format!("https://{}{path}", self.authority))
+            let request = Request::builder()
+                .method(method.clone())
+                .uri(format!("https://{}{path}", self.authority))
                 .header(header::CONTENT_TYPE, "application/json")
                 .header(header::AUTHORIZATION, token)
                 .body(Full::new(body))
                 .map_err(|e| e.to_string())?;
             let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
-            let (parts, incoming) = response.into_parts();
-            let bytes = Limited::new(incoming, MAX_ANSWER_BYTES)
-                .collect()
-                .await
-                .map_err(|e| format!("reading the answer: {e}"))?
-                .to_bytes();
-            Ok::<_, String>((dialled, parts, bytes))
+            Ok::<_, String>((dialled, response))
         };
-        let (dialled, parts, bytes) = match tokio::time::timeout(CALL_TIMEOUT, attempt).await {
+        let (dialled, response) = match tokio::time::timeout(CALL_TIMEOUT, attempt).await {
             Ok(Ok(answer)) => answer,
-            Ok(Err(e)) => return Err(self.failed(e).await),
-            Err(_) => return Err(self.failed(format!("no answer within {CALL_TIMEOUT:?}")).await),
+            Ok(Err(e)) => return Err(Redirect::Failed(self.failed(e).await)),
+            Err(_) => return Err(Redirect::Failed(self.failed(format!("no answer within {CALL_TIMEOUT:?}")).await)),
         };
-        if parts.status == StatusCode::OK {
-            return Ok(bytes);
+        if response.status() == StatusCode::OK {
+            return Ok(response);
         }
+        let (parts, incoming) = response.into_parts();
+        let bytes = match tokio::time::timeout(CALL_TIMEOUT, read_answer(incoming)).await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(e)) => return Err(Redirect::Failed(self.failed(e).await)),
+            Err(_) => return Err(Redirect::Failed(self.failed(format!("no answer within {CALL_TIMEOUT:?}")).await)),
+        };
         // A replica that does not lead names the leader: remembered for every later call, and
         // this call goes there at once, unless it was already sent there (a leader that no
         // longer leads is a real failure). Calls in flight together are each redirected.
@@ -188,11 +213,11 @@ impl LedgerClient {
     }
 
     /// Forgets the connection (and a leader that failed) after a failure.
-    async fn failed(&self, message: String) -> Redirect {
+    async fn failed(&self, message: String) -> CallError {
         *self.connection.lock().await = None;
         let leader = self.leader.lock().unwrap_or_else(|e| e.into_inner()).take();
         let at = leader.unwrap_or_else(|| self.authority.clone());
-        Redirect::Failed(CallError::Unreachable(format!("{at}: {message}")))
+        CallError::Unreachable(format!("{at}: {message}"))
     }
 
     /// The open HTTP/2 connection to the leader (or the Service), opened if needed, and the
@@ -213,7 +238,14 @@ impl LedgerClient {
         if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
             return Err("the ledger did not agree to HTTP/2".into());
         }
-        let (sender, driver) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+        // Pings find a peer that vanished without closing, which a long-lived stream would
+        // otherwise wait on forever.
+        let (sender, driver) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(KEEP_ALIVE)
+            .keep_alive_timeout(KEEP_ALIVE)
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(tls))
             .await
             .map_err(|e| format!("HTTP/2: {e}"))?;
         tokio::spawn(driver);
@@ -238,6 +270,11 @@ impl LedgerClient {
         *cached = Some((Instant::now(), value.clone()));
         Ok(value)
     }
+}
+
+/// A whole (small) answer body.
+async fn read_answer(body: Incoming) -> Result<Bytes, String> {
+    Ok(Limited::new(body, MAX_ANSWER_BYTES).collect().await.map_err(|e| format!("reading the answer: {e}"))?.to_bytes())
 }
 
 enum Redirect {

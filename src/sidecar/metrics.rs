@@ -11,7 +11,7 @@ use super::fleet::{BILLED, Fleet};
 use super::health::Ticks;
 use super::ledger_client::{CALLS, RESULTS};
 use super::shared::Shared;
-use super::state::StateRegistry;
+use super::state::{Source, StateRegistry};
 use super::stats::{Cached, QUANTILES, TargetStats};
 use crate::api::units::format_micros;
 use crate::api::{BudgetState, FallbackReason};
@@ -213,6 +213,36 @@ fn render_states(registry: &StateRegistry, now: Ticks) -> String {
         "Version of the operator-compiled configuration being served (0: loaded from ProviderRoute files).",
     );
     let _ = writeln!(out, "sideyard_config_version {}", registry.config_version.get());
+    header(
+        &mut out,
+        "sideyard_config_source",
+        "gauge",
+        "1 for the source the served configuration came from: the mounted files or the operator's stream.",
+    );
+    for source in Source::ALL {
+        let from = u64::from(registry.config_source.get() == source.index() as u64);
+        let _ = writeln!(out, "sideyard_config_source{{source=\"{}\"}} {from}", source.label());
+    }
+    header(
+        &mut out,
+        "sideyard_config_not_newer_total",
+        "counter",
+        "Configurations kept out because their version was not newer than the one served, by source.",
+    );
+    for source in Source::ALL {
+        let n = registry.not_newer[source.index()].get();
+        let _ = writeln!(out, "sideyard_config_not_newer_total{{source=\"{}\"}} {n}", source.label());
+    }
+    header(
+        &mut out,
+        "sideyard_config_stream_connected",
+        "gauge",
+        "1 while the operator's configuration stream is open.",
+    );
+    let _ = writeln!(out, "sideyard_config_stream_connected {}", registry.stream_connected.get());
+    header(&mut out, "sideyard_config_pushes_total", "counter", "Configurations pushed by the operator, by result.");
+    let _ = writeln!(out, "sideyard_config_pushes_total{{result=\"applied\"}} {}", registry.pushes_applied.get());
+    let _ = writeln!(out, "sideyard_config_pushes_total{{result=\"rejected\"}} {}", registry.push_rejected.get());
     out
 }
 

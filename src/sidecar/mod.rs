@@ -23,6 +23,7 @@ mod models;
 mod passthrough;
 pub mod plan;
 mod proxy;
+mod push;
 mod relay;
 mod request_log;
 mod service;

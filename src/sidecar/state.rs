@@ -79,6 +79,14 @@ pub struct StateRegistry {
     pub routes_loaded: Gauge,
     /// The operator's version of the configuration being served; 0 in standalone mode.
     pub config_version: Gauge,
+    /// Where the served configuration came from, by [`Source::index`].
+    pub config_source: Gauge,
+    /// Configurations kept out as not newer than the one served, by [`Source::index`].
+    pub not_newer: [Counter; Source::ALL.len()],
+    /// 1 while the operator's configuration stream is open.
+    pub stream_connected: Gauge,
+    pub pushes_applied: Counter,
+    pub push_rejected: Counter,
     /// The log lines of requests that failed or fell back.
     pub request_log: RequestLog,
 }
@@ -122,5 +130,29 @@ impl StateRegistry {
         for (_, target) in self.targets() {
             target.stats.refresh(now);
         }
+    }
+}
+
+/// Where a configuration came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The files given with `-f` (the mounted Secret, in a pod).
+    Files,
+    /// The operator's stream.
+    Push,
+}
+
+impl Source {
+    pub const ALL: [Source; 2] = [Source::Files, Source::Push];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::Files => "files",
+            Source::Push => "push",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
     }
 }

@@ -9,8 +9,8 @@ use axum::response::IntoResponse;
 use http::Method;
 use serde_json::{Value, json};
 
-/// Just enough of a kube-apiserver for the operator: lists, idle watches, leases, statuses it
-/// keeps, TokenReviews, and recorded writes.
+/// Just enough of a kube-apiserver for the operator: lists (and their objects), idle watches,
+/// leases, statuses it keeps, TokenReviews, and recorded writes.
 #[derive(Default)]
 pub struct FakeApi {
     pub crds_installed: bool,
@@ -108,6 +108,7 @@ async fn fake_api(State(api): State<Arc<FakeApi>>, request: axum::extract::Reque
                 None => json(404, not_found()),
             }
         }
+        (Method::GET, p) if object_at(&api, p).is_some() => json(200, object_at(&api, p).unwrap_or_default()),
         (Method::PATCH, p) if p.ends_with("/status") => {
             // Server-side apply, by top-level field and by condition type (a map list): a
             // manager's fields are the ones it last applied, and one it leaves out is removed.

@@ -147,6 +147,26 @@ pub async fn https_call(
     token: Option<&str>,
     http2: bool,
 ) -> Result<(StatusCode, Bytes, Vec<u8>), String> {
+    let (response, presented) =
+        https_open(addr, ca_pem, server_name, http::Method::POST, path, body, token, http2).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((status, body, presented))
+}
+
+/// A request over TLS as [`https_call`] makes it, answered with the response as it streams and the
+/// certificate the server presented.
+#[allow(clippy::too_many_arguments)]
+pub async fn https_open(
+    addr: SocketAddr,
+    ca_pem: &str,
+    server_name: &str,
+    method: http::Method,
+    path: &str,
+    body: Vec<u8>,
+    token: Option<&str>,
+    http2: bool,
+) -> Result<(http::Response<Incoming>, Vec<u8>), String> {
     use tokio_rustls::rustls::{self, pki_types::CertificateDer, pki_types::ServerName, pki_types::pem::PemObject};
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -171,9 +191,9 @@ pub async fn https_call(
     }
     // HTTP/2 carries the authority in the URI; HTTP/1.1 in Host, with an origin-form path.
     let mut request = if http2 {
-        http::Request::post(format!("https://{server_name}{path}"))
+        http::Request::builder().method(method).uri(format!("https://{server_name}{path}"))
     } else {
-        http::Request::post(path).header(header::HOST, server_name)
+        http::Request::builder().method(method).uri(path).header(header::HOST, server_name)
     };
     request = request.header(header::CONTENT_TYPE, "application/json");
     if let Some(token) = token {
@@ -191,9 +211,7 @@ pub async fn https_call(
         tokio::spawn(connection);
         sender.send_request(request).await.map_err(|e| e.to_string())?
     };
-    let status = response.status();
-    let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok((status, body, presented))
+    Ok((response, presented))
 }
 
 /// Decodes base64 as the Kubernetes API writes it (Secret data, admission patches).

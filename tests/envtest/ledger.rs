@@ -4,7 +4,7 @@
 //! or bound to a deleted Pod gets nothing. The operator runs under the chart's RBAC.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
@@ -20,9 +20,9 @@ use crate::{cluster_or_skip, namespace};
 const KEY: &str = "sk-app";
 const CHAT: &str = r#"{"model":"chat","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#;
 
-/// Creates a Pod record (nothing runs it) and returns its uid.
-fn pod(server: &ApiServer, ns: &str, name: &str) -> String {
-    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns},
+/// Creates a Pod record with `labels` (nothing runs it) and returns its uid.
+pub fn pod(server: &ApiServer, ns: &str, name: &str, labels: Value) -> String {
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": labels},
                      "spec": {"serviceAccountName": "default", "containers": [{"name": "app", "image": "example/bot:1"}]}});
     apply(server, &[pod]);
     let stored = get(server, &["pod", name, "-n", ns]).expect("the pod");
@@ -30,7 +30,7 @@ fn pod(server: &ApiServer, ns: &str, name: &str) -> String {
 }
 
 /// A token of `ns`'s default ServiceAccount for `audience`, bound to the Pod `pod` when given.
-fn token(server: &ApiServer, ns: &str, audience: &str, pod: Option<(&str, &str)>) -> String {
+pub fn token(server: &ApiServer, ns: &str, audience: &str, pod: Option<(&str, &str)>) -> String {
     let mut args = vec!["create", "token", "default", "-n", ns, "--audience", audience, "--duration=1h"];
     let bound;
     if let Some((name, uid)) = pod {
@@ -43,11 +43,63 @@ fn token(server: &ApiServer, ns: &str, audience: &str, pod: Option<(&str, &str)>
 }
 
 /// A sidecar of pod `pod` on the configuration in `config_dir`, presenting `token`.
-fn sidecar(config_dir: &Path, pod: &str, token: &str) -> (Process, SocketAddr, SocketAddr) {
+pub fn sidecar(config_dir: &Path, pod: &str, token: &str) -> (Process, SocketAddr, SocketAddr) {
     let state = temp_dir(&format!("ledger-{pod}"));
     let token_file = state.join("token");
     std::fs::write(&token_file, token).expect("token file");
     ledger_sidecar(config_dir, &state, &token_file, pod)
+}
+
+/// Operator replicas under the chart's RBAC whose ledger (and configuration stream) listens on
+/// `port`, at the `url` every configuration names.
+pub struct LedgerReplicas {
+    pub port: u16,
+    pub url: String,
+    kubeconfig: PathBuf,
+    cert_dir: String,
+}
+
+impl LedgerReplicas {
+    pub fn new(server: &ApiServer) -> Self {
+        let port = free_port();
+        LedgerReplicas {
+            port,
+            url: format!("https://127.0.0.1:{port}"),
+            kubeconfig: service_account_kubeconfig(server, NAMESPACE, "sideyard-operator"),
+            cert_dir: server.webhook_cert_dir.to_str().expect("path").to_string(),
+        }
+    }
+
+    /// Replica `identity`, serving the ledger, or not (`--ledger=false`).
+    pub fn start(&self, identity: &str, ledger: bool) -> Process {
+        let listen = if ledger { format!("127.0.0.1:{}", self.port) } else { "127.0.0.1:0".into() };
+        let mut extra = vec![
+            "--lease-namespace",
+            NAMESPACE,
+            "--webhook-cert-dir",
+            &self.cert_dir,
+            "--ledger-service-url",
+            &self.url,
+        ];
+        if !ledger {
+            extra.push("--ledger=false");
+        }
+        start_operator(&replica_args(identity, &listen, &extra), &self.kubeconfig).0
+    }
+
+    /// Waits for `ns`'s published configuration to name the ledger, and writes it into `dir`,
+    /// where a sidecar has it mounted: its bytes.
+    pub async fn mount_config(&self, server: &ApiServer, operator: &Process, ns: &str, dir: &Path) -> Vec<u8> {
+        let published = || {
+            let secret = get(server, &["secret", "sideyard-config", "-n", ns])?;
+            let config = base64_decode(secret["data"]["config.json"].as_str()?);
+            String::from_utf8_lossy(&config).contains(&self.url).then_some(config)
+        };
+        until(operator, "a configuration that names the ledger", || async { published().is_some() }).await;
+        let config = published().expect("the published configuration");
+        std::fs::write(dir.join("config.json"), &config).expect("config file");
+        config
+    }
 }
 
 async fn chat(api: SocketAddr) -> (u16, Value) {
@@ -64,13 +116,8 @@ async fn a_pod_bound_token_spends_its_namespaces_budget_and_other_tokens_get_not
     let team = namespace(&client, "spend", json!({})).await;
     let other = namespace(&client, "elsewhere", json!({})).await;
 
-    let port = free_port();
-    let ledger_url = format!("https://127.0.0.1:{port}");
-    let cert_dir = server.webhook_cert_dir.to_str().expect("path");
-    let listen = format!("127.0.0.1:{port}");
-    let extra = ["--lease-namespace", NAMESPACE, "--webhook-cert-dir", cert_dir, "--ledger-service-url", &ledger_url];
-    let kubeconfig = service_account_kubeconfig(server, NAMESPACE, "sideyard-operator");
-    let (operator, _) = start_operator(&replica_args("op-ledger", &listen, &extra), &kubeconfig);
+    let replicas = LedgerReplicas::new(server);
+    let operator = replicas.start("op-ledger", true);
 
     let sy = "sideyard.dev/v1alpha1";
     apply(
@@ -85,15 +132,9 @@ async fn a_pod_bound_token_spends_its_namespaces_budget_and_other_tokens_get_not
     );
     // The published configuration, where a sidecar would have it mounted.
     let config_dir = temp_dir("ledger-config");
-    until(&operator, "a configuration that names the ledger", || async {
-        let Some(secret) = get(server, &["secret", "sideyard-config", "-n", &team]) else { return false };
-        let config = base64_decode(secret["data"]["config.json"].as_str().unwrap_or_default());
-        let names_ledger = String::from_utf8_lossy(&config).contains(&ledger_url);
-        names_ledger && std::fs::write(config_dir.join("config.json"), &config).is_ok()
-    })
-    .await;
+    replicas.mount_config(server, &operator, &team, &config_dir).await;
 
-    let uid = pod(server, &team, "bot-1");
+    let uid = pod(server, &team, "bot-1", json!({}));
     let (_bot, api, _) = sidecar(&config_dir, "bot-1", &token(server, &team, "sideyard", Some(("bot-1", &uid))));
     for _ in 0..3 {
         let (status, body) = chat(api).await;
@@ -109,8 +150,8 @@ async fn a_pod_bound_token_spends_its_namespaces_budget_and_other_tokens_get_not
     .await;
 
     // Tokens that must get nothing: another namespace's, another audience's, a deleted Pod's.
-    let elsewhere_uid = pod(server, &other, "stranger");
-    let doomed_uid = pod(server, &team, "doomed");
+    let elsewhere_uid = pod(server, &other, "stranger", json!({}));
+    let doomed_uid = pod(server, &team, "doomed", json!({}));
     let doomed_token = token(server, &team, "sideyard", Some(("doomed", &doomed_uid)));
     let out = server.kubectl(&["delete", "pod", "doomed", "-n", &team, "--wait=true"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -144,14 +185,13 @@ async fn a_pod_bound_token_spends_its_namespaces_budget_and_other_tokens_get_not
         assert!(operator.wait_exit().success(), "{}", operator.log());
     };
     stop(operator);
-    let ledger_off = [&extra[..], &["--ledger=false"]].concat();
-    let (operator, _) = start_operator(&replica_args("op-no-ledger", "127.0.0.1:0", &ledger_off), &kubeconfig);
+    let operator = replicas.start("op-no-ledger", false);
     until(&operator, "Ledger=False LedgerOff", || async {
         ledger_condition() == Some(("False".into(), "LedgerOff".into()))
     })
     .await;
     stop(operator);
-    let (operator, _) = start_operator(&replica_args("op-ledger-2", &listen, &extra), &kubeconfig);
+    let operator = replicas.start("op-ledger-2", true);
     until(&operator, "Ledger=True Serving again", || async {
         ledger_condition() == Some(("True".into(), "Serving".into()))
     })

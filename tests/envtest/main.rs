@@ -9,6 +9,7 @@ mod common;
 mod crds;
 mod ledger;
 mod operator;
+mod push;
 mod server;
 mod webhook;
 

@@ -1,0 +1,266 @@
+//! Pushed configuration: the leader streams each sidecar the configuration of its own pod, the
+//! current version when it connects and every newer one after, so a change is served within the
+//! time of one reconcile instead of the kubelet's Secret refresh (a minute or two).
+//!
+//! `GET /config/v1/stream` on the ledger's listener, with the ledger's authentication and leader
+//! redirect, answers newline-delimited [`CompiledConfig`] frames. The pod is the one the caller's
+//! token is bound to; the operator reads its labels itself (a pod's own word is not trusted) and
+//! sends only the routes and budgets whose `workloadSelector` selects it, credentials included.
+//! A replica that stops leading ends its streams, so sidecars move to the new leader.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http::{HeaderMap, StatusCode, header};
+use tokio::sync::watch;
+
+use super::leader::Leadership;
+use super::ledger::{FleetService, LedgerError};
+use super::metrics::OperatorMetrics;
+use super::plan::Published;
+use crate::config::selector::Labels;
+use crate::config::{CONFIG_STREAM_PATH, CompiledConfig, Config};
+
+/// How often a stream checks that this replica still leads.
+const LEADERSHIP_CHECK: Duration = Duration::from_secs(1);
+
+/// A namespace's configuration as last published.
+#[derive(Debug)]
+pub struct Current {
+    pub version: u64,
+    pub config: Config,
+}
+
+type Channel = watch::Sender<Option<Arc<Current>>>;
+
+/// Each namespace's newest published configuration, for its streams to follow. A version is only
+/// ever replaced by a higher one, so no stream sends an older version after a newer.
+#[derive(Default)]
+pub struct ConfigHub {
+    namespaces: Mutex<HashMap<String, Channel>>,
+}
+
+impl ConfigHub {
+    /// Makes `published` the namespace's current configuration, unless the hub has that version
+    /// or a newer one.
+    pub fn publish(&self, namespace: &str, published: &Published) {
+        let channel = self.channel(namespace);
+        if channel.borrow().as_ref().is_some_and(|c| c.version >= published.version) {
+            return;
+        }
+        let config = serde_json::from_slice::<CompiledConfig>(&published.content)
+            .map_err(|e| e.to_string())
+            .and_then(CompiledConfig::into_config);
+        let config = match config {
+            Ok(config) => config,
+            Err(error) => {
+                // Only the operator writes it; a hand edit is repaired by the next reconcile.
+                tracing::warn!(namespace, version = published.version, %error, "the published configuration cannot be read; not pushed");
+                return;
+            }
+        };
+        let current = Arc::new(Current { version: published.version, config });
+        channel.send_if_modified(|slot| {
+            let newer = slot.as_ref().is_none_or(|c| c.version < current.version);
+            if newer {
+                *slot = Some(current);
+            }
+            newer
+        });
+    }
+
+    /// The namespace's configuration as it changes; `None` until one is published.
+    pub fn subscribe(&self, namespace: &str) -> watch::Receiver<Option<Arc<Current>>> {
+        self.channel(namespace).subscribe()
+    }
+
+    /// The namespace's current version, if any.
+    pub fn version(&self, namespace: &str) -> Option<u64> {
+        self.channel(namespace).borrow().as_ref().map(|c| c.version)
+    }
+
+    fn channel(&self, namespace: &str) -> Channel {
+        let mut namespaces = self.namespaces.lock().unwrap_or_else(|e| e.into_inner());
+        namespaces.entry(namespace.to_string()).or_insert_with(|| watch::channel(None).0).clone()
+    }
+}
+
+/// One frame of a pod's stream: the configuration of its namespace that selects `labels`,
+/// hashed afresh, as one JSON line.
+pub fn frame(namespace: &str, current: &Current, labels: &Labels) -> Bytes {
+    let mut config = current.config.clone();
+    config.retain_for(labels);
+    let mut line = serde_json::to_vec(&CompiledConfig::new(namespace, current.version, config)).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// A pod as the operator reads it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodMeta {
+    pub uid: Option<String>,
+    pub labels: Labels,
+}
+
+/// Reads pods: the API server, or a script in tests.
+pub trait Pods: Send + Sync + 'static {
+    fn get<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, Result<Option<PodMeta>, String>>;
+}
+
+/// The cluster's pods: a metadata-only `get` (RBAC: `get` on pods).
+pub struct KubePods(pub kube::Client);
+
+impl Pods for KubePods {
+    fn get<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, Result<Option<PodMeta>, String>> {
+        Box::pin(async move {
+            let api = kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(self.0.clone(), namespace);
+            let pod = api.get_metadata_opt(name).await.map_err(|e| e.to_string())?;
+            Ok(pod.map(|p| PodMeta {
+                uid: p.metadata.uid,
+                labels: p.metadata.labels.unwrap_or_default().into_iter().collect(),
+            }))
+        })
+    }
+}
+
+/// The configuration stream's service.
+pub struct ConfigPush {
+    pub hub: Arc<ConfigHub>,
+    pub pods: Arc<dyn Pods>,
+    pub ledger: Arc<FleetService>,
+    pub leadership: Leadership,
+    pub metrics: Arc<OperatorMetrics>,
+}
+
+/// The stream's route, served beside the ledger's.
+pub fn router(push: Arc<ConfigPush>) -> Router {
+    Router::new().route(CONFIG_STREAM_PATH, get(stream)).with_state(push)
+}
+
+async fn stream(State(push): State<Arc<ConfigPush>>, headers: HeaderMap) -> Response {
+    match open(&push, &headers).await {
+        Ok((namespace, labels)) => {
+            push.metrics.config_stream("opened");
+            let frames = frames(push, namespace, labels);
+            ([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(frames)).into_response()
+        }
+        Err((result, error)) => {
+            push.metrics.config_stream(result);
+            error.into_response()
+        }
+    }
+}
+
+/// The caller's namespace and its pod's labels, or why it gets no stream (with the metric label).
+async fn open(push: &ConfigPush, headers: &HeaderMap) -> Result<(String, Labels), (&'static str, LedgerError)> {
+    let caller = push.ledger.authenticate(headers).await.map_err(|e| ("refused", e))?;
+    let forbidden = |message: String| ("refused", LedgerError::new(StatusCode::FORBIDDEN, "forbidden", message));
+    let Some(bound) = caller.bound_pod else {
+        return Err(forbidden(
+            "the token is bound to no pod: the configuration stream serves the pod a projected ServiceAccount token \
+             (audience sideyard) is bound to, as the injector mounts it"
+                .into(),
+        ));
+    };
+    let pod = push.pods.get(&caller.namespace, &bound.name).await.map_err(|e| {
+        let message = format!("cannot read pod {}/{}: {e}", caller.namespace, bound.name);
+        tracing::warn!(%message, "a sidecar's configuration stream is refused");
+        ("error", LedgerError::new(StatusCode::SERVICE_UNAVAILABLE, "pod_unreadable", message))
+    })?;
+    match pod {
+        Some(pod) if bound.uid.is_none() || pod.uid == bound.uid => Ok((caller.namespace, pod.labels)),
+        _ => Err(forbidden(format!(
+            "pod {}/{} that the token is bound to does not exist (any more)",
+            caller.namespace, bound.name
+        ))),
+    }
+}
+
+/// The frames of one stream: the current version as soon as there is one, then each newer one,
+/// until this replica stops leading or the sidecar goes.
+fn frames(
+    push: Arc<ConfigPush>,
+    namespace: String,
+    labels: Labels,
+) -> impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> {
+    struct Open {
+        push: Arc<ConfigPush>,
+        namespace: String,
+        labels: Labels,
+        changes: watch::Receiver<Option<Arc<Current>>>,
+        sent: Option<u64>,
+        _connected: Connected,
+    }
+    let changes = push.hub.subscribe(&namespace);
+    let connected = Connected::new(push.metrics.clone());
+    let open = Open { push, namespace, labels, changes, sent: None, _connected: connected };
+    futures::stream::unfold(open, |mut open| async move {
+        let mut check = tokio::time::interval(LEADERSHIP_CHECK);
+        loop {
+            let current = open.changes.borrow_and_update().clone();
+            if let Some(current) = current.filter(|c| open.sent.is_none_or(|v| v < c.version)) {
+                let frame = frame(&open.namespace, &current, &open.labels);
+                open.sent = Some(current.version);
+                open.push.metrics.config_frame(frame.len());
+                return Some((Ok(frame), open));
+            }
+            tokio::select! {
+                changed = open.changes.changed() => if changed.is_err() { return None },
+                _ = check.tick() => if !open.push.leadership.is_leader() { return None },
+            }
+        }
+    })
+}
+
+/// Counts a stream as connected for as long as it lives.
+struct Connected(Arc<OperatorMetrics>);
+
+impl Connected {
+    fn new(metrics: Arc<OperatorMetrics>) -> Self {
+        metrics.config_streams.inc();
+        Connected(metrics)
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0.config_streams.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn published(version: u64, config: &Config) -> Published {
+        let content = serde_json::to_vec(&CompiledConfig::new("team-a", version, config.clone())).unwrap();
+        Published { version, content, ours: true }
+    }
+
+    #[test]
+    fn the_hub_only_ever_moves_to_a_newer_version() {
+        let hub = ConfigHub::default();
+        let mut changes = hub.subscribe("team-a");
+        assert_eq!(hub.version("team-a"), None);
+        hub.publish("team-a", &published(3, &Config::default()));
+        assert_eq!(hub.version("team-a"), Some(3));
+        assert!(changes.has_changed().unwrap());
+        changes.borrow_and_update();
+        hub.publish("team-a", &published(2, &Config::default()));
+        hub.publish("team-a", &published(3, &Config::default()));
+        assert_eq!(hub.version("team-a"), Some(3));
+        assert!(!changes.has_changed().unwrap(), "an older or equal version is not a change");
+        let garbled = Published { version: 9, content: b"{not json".to_vec(), ours: true };
+        hub.publish("team-a", &garbled);
+        assert_eq!(hub.version("team-a"), Some(3), "an unreadable configuration is not pushed");
+        assert_eq!(hub.version("team-b"), None, "namespaces are apart");
+    }
+}

@@ -1,0 +1,373 @@
+//! Pushed configuration: the stream on which the operator's leader sends this pod's
+//! configuration, and the rule for which configuration is served when the mounted files and the
+//! stream disagree: the newest version, whichever source it came from.
+//!
+//! The mounted Secret is the bootstrap (the pod starts with warm routing before the operator is
+//! reached) and the fallback while the operator is away; the stream brings each new version
+//! within a reconcile instead of the kubelet's refresh of a minute or two.
+
+use std::hash::BuildHasher;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::sync::watch;
+
+use super::fleet::EndpointOverrides;
+use super::ledger_client::{CallMetrics, LedgerClient};
+use super::shared::Shared;
+use super::state::Source;
+use crate::config::{CONFIG_STREAM_PATH, CompiledConfig, Config, LedgerEndpoint};
+
+/// The largest frame read: a configuration fits in a Secret (1 MiB), with room for its JSON.
+const MAX_FRAME: usize = 4 << 20;
+/// Reconnection delays grow from this …
+const FIRST_RETRY: Duration = Duration::from_millis(250);
+/// … up to this, each with up to half again at random so a fleet does not reconnect in step.
+const LAST_RETRY: Duration = Duration::from_secs(15);
+
+/// What became of a configuration offered to be served.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Offer {
+    Applied,
+    /// Its version is not newer than the one served: kept out.
+    NotNewer,
+    /// It could not be served (its budgets' ledger cannot be used); the previous one stays.
+    Rejected(String),
+}
+
+/// Whether a configuration of version `offered` replaces the served one of version `served`.
+///
+/// Versions come from the operator and only grow; a configuration without one (standalone files)
+/// always replaces. The same version replaces only with different content: the same version
+/// selected anew after the pod's labels changed.
+pub fn replaces(served: Option<u64>, offered: Option<u64>, same_content: bool) -> bool {
+    match (served, offered) {
+        (_, None) | (None, Some(_)) => true,
+        (Some(served), Some(offered)) => offered > served || (offered == served && !same_content),
+    }
+}
+
+/// The configuration served, from either source.
+pub struct Served {
+    current: Mutex<Current>,
+    /// The ledger the served configuration names: where the stream is opened.
+    ledger: watch::Sender<Option<LedgerEndpoint>>,
+}
+
+struct Current {
+    version: Option<u64>,
+    config: Config,
+}
+
+impl Served {
+    /// Starts from the configuration the sidecar was started with, already applied.
+    pub fn new(shared: &Shared, version: Option<u64>, config: Config) -> Self {
+        shared.states.config_version.set(version.unwrap_or(0));
+        shared.states.config_source.set(Source::Files.index() as u64);
+        let ledger = watch::channel(config.ledger.clone()).0;
+        Served { current: Mutex::new(Current { version, config }), ledger }
+    }
+
+    /// Serves `config` if it is newer than the one served ([`replaces`]).
+    pub fn offer(&self, shared: &Shared, source: Source, version: Option<u64>, config: Config) -> Offer {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if !replaces(current.version, version, config == current.config) {
+            shared.states.not_newer[source.index()].inc();
+            tracing::debug!(
+                source = source.label(),
+                version,
+                served = current.version,
+                "configuration not newer than the one served; kept out"
+            );
+            return Offer::NotNewer;
+        }
+        if let Err(e) = shared.apply(&config) {
+            return Offer::Rejected(e);
+        }
+        let states = &shared.states;
+        states.config_version.set(version.unwrap_or(0));
+        states.config_source.set(source.index() as u64);
+        self.ledger.send_if_modified(|ledger| {
+            let changed = *ledger != config.ledger;
+            ledger.clone_from(&config.ledger);
+            changed
+        });
+        *current = Current { version, config };
+        Offer::Applied
+    }
+
+    /// The ledger named by the configuration served, as it changes.
+    pub fn ledger(&self) -> watch::Receiver<Option<LedgerEndpoint>> {
+        self.ledger.subscribe()
+    }
+}
+
+/// Splits a byte stream into newline-terminated frames of at most [`MAX_FRAME`] bytes.
+#[derive(Default)]
+pub struct Frames {
+    pending: Vec<u8>,
+}
+
+/// A frame longer than [`MAX_FRAME`]: the stream cannot be followed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TooLong;
+
+impl Frames {
+    /// Adds `chunk` and returns the frames it completes (empty lines are skipped).
+    pub fn feed(&mut self, mut chunk: &[u8]) -> Result<Vec<Vec<u8>>, TooLong> {
+        let mut frames = Vec::new();
+        while let Some(end) = memchr::memchr(b'\n', chunk) {
+            self.pending.extend_from_slice(&chunk[..end]);
+            chunk = &chunk[end + 1..];
+            let frame = std::mem::take(&mut self.pending);
+            if frame.len() > MAX_FRAME {
+                return Err(TooLong);
+            }
+            if !frame.iter().all(u8::is_ascii_whitespace) {
+                frames.push(frame);
+            }
+        }
+        self.pending.extend_from_slice(chunk);
+        if self.pending.len() > MAX_FRAME {
+            return Err(TooLong);
+        }
+        Ok(frames)
+    }
+}
+
+/// What the stream needs besides the served configuration.
+pub struct PushOptions {
+    pub overrides: EndpointOverrides,
+    pub token_file: PathBuf,
+    /// The pod's labels file: when it changes, the stream is opened again so the operator selects
+    /// anew (it reads the labels itself; the file is only the sign of a change).
+    pub labels_file: Option<PathBuf>,
+    pub check_interval: Duration,
+}
+
+/// Follows the operator's stream for as long as the served configuration names a ledger:
+/// connects, serves each newer version, and reconnects after a failure with a growing delay.
+pub async fn follow(shared: Arc<Shared>, served: Arc<Served>, options: PushOptions) {
+    let mut ledger = served.ledger();
+    let mut client: Option<LedgerClient> = None;
+    let mut failures = 0u32;
+    loop {
+        let endpoint = options.overrides.endpoint(ledger.borrow_and_update().as_ref());
+        let Some(endpoint) = endpoint else {
+            // Standalone, or a configuration without a ledger yet.
+            client = None;
+            if ledger.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        if client.as_ref().is_none_or(|c| c.endpoint != endpoint) {
+            match LedgerClient::new(endpoint, options.token_file.clone(), Arc::new(CallMetrics::default())) {
+                Ok(c) => client = Some(c),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot follow the configuration stream; serving the mounted configuration");
+                    client = None;
+                    if ledger.changed().await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        let Some(client) = client.as_ref() else { continue };
+        let ended = match client.stream(CONFIG_STREAM_PATH).await {
+            Ok(body) => {
+                shared.states.stream_connected.set(1);
+                tracing::info!(url = %client.endpoint.url, "configuration stream open");
+                let ended = read(&shared, &served, body, &mut ledger, &options).await;
+                shared.states.stream_connected.set(0);
+                ended
+            }
+            Err(e) => Ended::Failed(e.to_string()),
+        };
+        let delay = match ended {
+            Ended::Reselect => {
+                tracing::info!("the pod's labels changed: opening the configuration stream again");
+                failures = 0;
+                continue;
+            }
+            Ended::Served(reason) => {
+                // It worked: start over at once, as after a leader change.
+                tracing::info!(%reason, "configuration stream ended; reconnecting");
+                failures = 0;
+                FIRST_RETRY
+            }
+            Ended::Failed(error) => {
+                failures = failures.saturating_add(1);
+                let delay = retry_delay(failures);
+                if failures == 1 {
+                    tracing::warn!(%error, retry_in = ?delay, "configuration stream unavailable; serving the mounted configuration meanwhile");
+                } else {
+                    tracing::debug!(%error, retry_in = ?delay, failures, "configuration stream still unavailable");
+                }
+                delay
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            changed = ledger.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Why a stream stopped being read.
+enum Ended {
+    /// After at least one frame: the operator ended it (its leadership moved) or the connection
+    /// broke.
+    Served(String),
+    /// Before any frame, or on a frame that could not be read.
+    Failed(String),
+    /// The pod's labels changed.
+    Reselect,
+}
+
+async fn read(
+    shared: &Shared,
+    served: &Served,
+    mut body: Incoming,
+    ledger: &mut watch::Receiver<Option<LedgerEndpoint>>,
+    options: &PushOptions,
+) -> Ended {
+    let mut frames = Frames::default();
+    let mut received = 0u64;
+    let labels = |file: &Option<PathBuf>| file.as_ref().map(std::fs::read);
+    let first_labels = labels(&options.labels_file).map(Result::ok);
+    let mut check = tokio::time::interval(options.check_interval);
+    let ended = |received: u64, why: String| if received > 0 { Ended::Served(why) } else { Ended::Failed(why) };
+    loop {
+        let next = tokio::select! {
+            next = body.frame() => next,
+            _ = check.tick() => {
+                if labels(&options.labels_file).map(Result::ok) != first_labels {
+                    return Ended::Reselect;
+                }
+                continue;
+            }
+            // A new ledger URL: the next stream goes there.
+            _ = ledger.changed() => return Ended::Served("the ledger's address changed".into()),
+        };
+        let data = match next {
+            None => return ended(received, "the operator ended it".into()),
+            Some(Err(e)) => return ended(received, format!("the connection broke: {e}")),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue,
+            },
+        };
+        let Ok(lines) = frames.feed(data.chunk()) else {
+            return Ended::Failed(format!("a frame of more than {MAX_FRAME} bytes"));
+        };
+        for line in lines {
+            match apply_frame(shared, served, Bytes::from(line)) {
+                Ok(()) => received += 1,
+                Err(e) => {
+                    shared.states.push_rejected.inc();
+                    tracing::error!(error = %e, "a pushed configuration was rejected; still serving the previous one");
+                    return Ended::Failed(e);
+                }
+            }
+        }
+    }
+}
+
+/// Reads and serves one pushed configuration if it is newer than the one served.
+fn apply_frame(shared: &Shared, served: &Served, frame: Bytes) -> Result<(), String> {
+    let compiled = CompiledConfig::from_frame(&frame)?;
+    let version = compiled.version;
+    let config = compiled.into_config()?;
+    let (routes, budgets) = (config.routes.len(), config.budgets.len());
+    match served.offer(shared, Source::Push, Some(version), config) {
+        Offer::Applied => {
+            shared.states.pushes_applied.inc();
+            tracing::info!(routes, budgets, version, "configuration pushed");
+            Ok(())
+        }
+        Offer::NotNewer => Ok(()),
+        Offer::Rejected(e) => Err(e),
+    }
+}
+
+/// The delay before the `failures`th reconnection: doubling from [`FIRST_RETRY`] to
+/// [`LAST_RETRY`], plus up to half of it again.
+fn retry_delay(failures: u32) -> Duration {
+    let base = FIRST_RETRY.saturating_mul(1 << failures.saturating_sub(1).min(10)).min(LAST_RETRY);
+    // std's hasher keys are random per process: enough to spread a fleet's reconnections.
+    let spread = std::collections::hash_map::RandomState::new().hash_one(failures) % 1000;
+    base + base.mul_f64(spread as f64 / 2000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_version_is_served_whichever_source_brings_it() {
+        assert!(replaces(Some(4), Some(5), false));
+        assert!(!replaces(Some(5), Some(4), false), "never an older version after a newer one");
+        assert!(!replaces(Some(5), Some(5), true), "the same version from the other source changes nothing");
+        assert!(replaces(Some(5), Some(5), false), "the same version selected anew for new labels");
+        assert!(replaces(None, Some(1), false));
+        assert!(replaces(Some(5), None, true), "standalone files carry no version and always apply");
+    }
+
+    #[test]
+    fn frames_are_lines_and_a_frame_too_long_stops_the_stream() {
+        let mut frames = Frames::default();
+        assert_eq!(frames.feed(b"{\"a\":1}\n{\"b\"").unwrap(), vec![b"{\"a\":1}".to_vec()]);
+        assert_eq!(frames.feed(b":2}\n\n  \n").unwrap(), vec![b"{\"b\":2}".to_vec()]);
+        assert_eq!(frames.feed(&vec![b'x'; MAX_FRAME + 1]), Err(TooLong));
+    }
+
+    #[test]
+    fn reconnections_spread_out_and_stop_growing() {
+        assert!(retry_delay(1) >= FIRST_RETRY && retry_delay(1) <= FIRST_RETRY * 3 / 2);
+        assert!(retry_delay(3) >= FIRST_RETRY * 4);
+        assert!(retry_delay(u32::MAX) <= LAST_RETRY * 3 / 2);
+    }
+
+    mod properties {
+        use super::*;
+        use crate::providers::arbitrary::mutated;
+        use proptest::prelude::*;
+
+        fn frame() -> Vec<u8> {
+            serde_json::to_vec(&CompiledConfig::new("team-a", 7, Config::default())).unwrap_or_default()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// However the bytes are cut into chunks, the same frames come out.
+            #[test]
+            fn frames_do_not_depend_on_chunking(bytes in prop::collection::vec(prop_oneof![Just(b'\n'), Just(b' '), any::<u8>()], 0..300), cuts in prop::collection::vec(0usize..300, 0..8)) {
+                let whole = Frames::default().feed(&bytes).unwrap();
+                let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
+                cuts.sort_unstable();
+                let (mut frames, mut chunked, mut at) = (Frames::default(), Vec::new(), 0);
+                for cut in cuts.into_iter().chain([bytes.len()]) {
+                    chunked.extend(frames.feed(&bytes[at..cut]).unwrap());
+                    at = cut;
+                }
+                prop_assert_eq!(chunked, whole);
+            }
+
+            /// A frame is any bytes: a damaged one is an error, never a panic nor another
+            /// configuration than the one hashed.
+            #[test]
+            fn any_frame_reads_or_fails(bytes in prop_oneof![mutated(frame()), prop::collection::vec(any::<u8>(), 0..200)]) {
+                if let Ok(config) = CompiledConfig::from_frame(&bytes).and_then(CompiledConfig::into_config) {
+                    prop_assert_eq!(config, Config::default());
+                }
+            }
+        }
+    }
+}
