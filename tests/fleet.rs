@@ -676,9 +676,39 @@ async fn a_sidecar_serves_what_the_operator_pushes_and_then_the_newest_version_f
     // … an older one is not.
     std::fs::write(&path, version(pushed, "chat")).unwrap();
     eventually("the older mounted version is seen and kept out", || async {
-        metric(&metrics(admin).await, "sideyard_config_not_newer_total{source=\"files\"}") == 1
+        metric(&metrics(admin).await, "sideyard_config_older_total{source=\"files\"}") == 1
     })
     .await;
     assert_eq!(metric(&metrics(admin).await, "sideyard_config_version"), pushed + 1);
     assert_eq!((chat_with(api, "newer").await, chat_with(api, "chat").await), (200, 404));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn configuration_streams_follow_the_leader_and_never_go_back_a_version() {
+    let fleet = Fleet::new(&[]).await;
+    // op-1 leads with its ledger elsewhere; the address sidecars are given is op-2's.
+    let (mut leader, leader_admin) = fleet.replica("op-1", free_port());
+    fleet.publish_config().await;
+    let (_follower, follower_admin) = fleet.replica("op-2", fleet.port);
+    let (_sidecar, api, admin) = fleet.sidecar("pod-p", &temp_dir("push-leader"));
+    let streams = |admin| async move { metric(&metrics(admin).await, "sideyard_operator_config_streams") };
+    eventually("the follower redirects the stream to the leader", || async {
+        streams(leader_admin).await == 1 && metric(&metrics(admin).await, "sideyard_config_stream_connected") == 1
+    })
+    .await;
+    let before = metric(&metrics(admin).await, "sideyard_config_version");
+    assert!(before >= 1);
+    assert_eq!(streams(follower_admin).await, 0);
+
+    leader.child.kill().unwrap();
+    leader.wait_exit();
+    eventually("the stream moves to the new leader", || async {
+        streams(follower_admin).await == 1 && metric(&metrics(admin).await, "sideyard_config_stream_connected") == 1
+    })
+    .await;
+    // The new leader publishes from what the API server holds: the same version or a newer one.
+    let m = metrics(admin).await;
+    assert!(metric(&m, "sideyard_config_version") >= before, "{m}");
+    assert_eq!(metric(&m, "sideyard_config_older_total{source=\"push\"}"), 0, "{m}");
+    assert_eq!(chat_with(api, "chat").await, 200);
 }

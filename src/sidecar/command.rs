@@ -240,7 +240,7 @@ fn apply_reload(shared: &Shared, served: &Served, result: Result<Loaded, ConfigE
                     }
                 }
                 // Read well; the stream brought this version or a newer one first.
-                Offer::NotNewer => {
+                Offer::Unchanged | Offer::Older => {
                     shared.states.reloads_ok.inc();
                     shared.states.last_reload_ok.set(1);
                 }

@@ -225,13 +225,13 @@ fn render_states(registry: &StateRegistry, now: Ticks) -> String {
     }
     header(
         &mut out,
-        "sideyard_config_not_newer_total",
+        "sideyard_config_older_total",
         "counter",
-        "Configurations kept out because their version was not newer than the one served, by source.",
+        "Configurations kept out because their version was older than the one served, by source.",
     );
     for source in Source::ALL {
-        let n = registry.not_newer[source.index()].get();
-        let _ = writeln!(out, "sideyard_config_not_newer_total{{source=\"{}\"}} {n}", source.label());
+        let n = registry.older[source.index()].get();
+        let _ = writeln!(out, "sideyard_config_older_total{{source=\"{}\"}} {n}", source.label());
     }
     header(
         &mut out,

@@ -33,8 +33,10 @@ const LAST_RETRY: Duration = Duration::from_secs(15);
 #[derive(Debug, PartialEq, Eq)]
 pub enum Offer {
     Applied,
-    /// Its version is not newer than the one served: kept out.
-    NotNewer,
+    /// The version served, with the same content: nothing to do.
+    Unchanged,
+    /// Older than the one served: kept out.
+    Older,
     /// It could not be served (its budgets' ledger cannot be used); the previous one stays.
     Rejected(String),
 }
@@ -44,10 +46,11 @@ pub enum Offer {
 /// Versions come from the operator and only grow; a configuration without one (standalone files)
 /// always replaces. The same version replaces only with different content: the same version
 /// selected anew after the pod's labels changed.
-pub fn replaces(served: Option<u64>, offered: Option<u64>, same_content: bool) -> bool {
+pub fn judge(served: Option<u64>, offered: Option<u64>, same_content: bool) -> Offer {
     match (served, offered) {
-        (_, None) | (None, Some(_)) => true,
-        (Some(served), Some(offered)) => offered > served || (offered == served && !same_content),
+        (Some(served), Some(offered)) if offered < served => Offer::Older,
+        (Some(served), Some(offered)) if offered == served && same_content => Offer::Unchanged,
+        _ => Offer::Applied,
     }
 }
 
@@ -72,18 +75,22 @@ impl Served {
         Served { current: Mutex::new(Current { version, config }), ledger }
     }
 
-    /// Serves `config` if it is newer than the one served ([`replaces`]).
+    /// Serves `config` if it is newer than the one served ([`judge`]).
     pub fn offer(&self, shared: &Shared, source: Source, version: Option<u64>, config: Config) -> Offer {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if !replaces(current.version, version, config == current.config) {
-            shared.states.not_newer[source.index()].inc();
-            tracing::debug!(
-                source = source.label(),
-                version,
-                served = current.version,
-                "configuration not newer than the one served; kept out"
-            );
-            return Offer::NotNewer;
+        match judge(current.version, version, config == current.config) {
+            Offer::Applied => {}
+            Offer::Older => {
+                shared.states.older[source.index()].inc();
+                tracing::info!(
+                    source = source.label(),
+                    version,
+                    served = current.version,
+                    "configuration older than the one served; kept out"
+                );
+                return Offer::Older;
+            }
+            other => return other,
         }
         if let Err(e) = shared.apply(&config) {
             return Offer::Rejected(e);
@@ -291,7 +298,7 @@ fn apply_frame(shared: &Shared, served: &Served, frame: Bytes) -> Result<(), Str
             tracing::info!(routes, budgets, version, "configuration pushed");
             Ok(())
         }
-        Offer::NotNewer => Ok(()),
+        Offer::Unchanged | Offer::Older => Ok(()),
         Offer::Rejected(e) => Err(e),
     }
 }
@@ -311,12 +318,12 @@ mod tests {
 
     #[test]
     fn the_newest_version_is_served_whichever_source_brings_it() {
-        assert!(replaces(Some(4), Some(5), false));
-        assert!(!replaces(Some(5), Some(4), false), "never an older version after a newer one");
-        assert!(!replaces(Some(5), Some(5), true), "the same version from the other source changes nothing");
-        assert!(replaces(Some(5), Some(5), false), "the same version selected anew for new labels");
-        assert!(replaces(None, Some(1), false));
-        assert!(replaces(Some(5), None, true), "standalone files carry no version and always apply");
+        assert_eq!(judge(Some(4), Some(5), false), Offer::Applied);
+        assert_eq!(judge(Some(5), Some(4), false), Offer::Older, "never an older version after a newer one");
+        assert_eq!(judge(Some(5), Some(5), true), Offer::Unchanged, "the same version from the other source");
+        assert_eq!(judge(Some(5), Some(5), false), Offer::Applied, "the same version selected anew for new labels");
+        assert_eq!(judge(None, Some(1), false), Offer::Applied);
+        assert_eq!(judge(Some(5), None, true), Offer::Applied, "standalone files carry no version and always apply");
     }
 
     #[test]

@@ -81,8 +81,8 @@ pub struct StateRegistry {
     pub config_version: Gauge,
     /// Where the served configuration came from, by [`Source::index`].
     pub config_source: Gauge,
-    /// Configurations kept out as not newer than the one served, by [`Source::index`].
-    pub not_newer: [Counter; Source::ALL.len()],
+    /// Configurations kept out as older than the one served, by [`Source::index`].
+    pub older: [Counter; Source::ALL.len()],
     /// 1 while the operator's configuration stream is open.
     pub stream_connected: Gauge,
     pub pushes_applied: Counter,
