@@ -655,6 +655,18 @@ async fn a_sidecar_serves_what_the_operator_pushes_and_then_the_newest_version_f
     assert_eq!(chat_with(api, "old").await, 404);
     assert_eq!(std::fs::read(&path).unwrap(), version(pushed - 1, "old"), "the mounted file did not change");
     assert_eq!(metric(&metrics(admin).await, "sideyard_config_stream_connected"), 1);
+    // The sidecar said which version it serves: the route is Programmed.
+    let route = format!("/apis/sideyard.dev/v1alpha1/namespaces/{NS}/providerroutes/chat");
+    let programmed = || {
+        let statuses = fleet.api.statuses.lock().unwrap();
+        let conditions = statuses.get(&route).and_then(|s| s["conditions"].as_array().cloned()).unwrap_or_default();
+        conditions.into_iter().find(|c| c["type"] == "Programmed").unwrap_or_default()
+    };
+    let all_serve = format!("all 1 selected, connected pods serve configuration version {pushed} or newer");
+    eventually("the route is Programmed", || async {
+        programmed()["status"] == "True" && programmed()["message"] == all_serve.as_str()
+    })
+    .await;
 
     // The operator goes: the sidecar keeps serving what it has.
     operator.terminate();

@@ -30,7 +30,7 @@ use sideyard::operator::events::Events;
 use sideyard::operator::leader::{Elector, Leadership, LeaseSettings, LostLease};
 use sideyard::operator::metrics::OperatorMetrics;
 use sideyard::operator::plan::{
-    CONFIG_SECRET, ConfigAction, Inputs, Plan, Published, SECRET_LIMIT, SECRET_WARNING, plan,
+    CONFIG_SECRET, ConfigAction, ConnectedPod, Inputs, Plan, Published, SECRET_LIMIT, SECRET_WARNING, plan,
 };
 use sideyard::operator::tls::{self, TlsSettings};
 use tower_test::mock::Handle;
@@ -106,11 +106,12 @@ struct World {
     secrets: Vec<Arc<Secret>>,
     published: Option<Published>,
     ledger: Option<LedgerEndpoint>,
+    connected: Option<Vec<ConnectedPod>>,
 }
 
 impl World {
     fn new(routes: Vec<Arc<ProviderRoute>>, secrets: Vec<Arc<Secret>>) -> World {
-        World { routes, budgets: Vec::new(), secrets, published: None, ledger: None }
+        World { routes, budgets: Vec::new(), secrets, published: None, ledger: None, connected: None }
     }
 
     fn plan(&self) -> Plan {
@@ -122,6 +123,7 @@ impl World {
             published: self.published.as_ref(),
             now: at(1000).0,
             ledger: self.ledger.as_ref(),
+            connected: self.connected.as_deref(),
         })
     }
 
@@ -385,6 +387,66 @@ fn every_configuration_names_the_fleet_ledger_once_it_is_known() {
 }
 
 #[test]
+fn programmed_counts_the_selected_connected_pods_that_serve_the_routes_version() {
+    let billing = route(
+        "invoices",
+        0,
+        json!({"model": "invoices", "workloadSelector": {"matchLabels": {"app": "billing"}},
+               "targets": [{"name": "openai", "baseUrl": "https://api.example.com/v1",
+                            "credentials": {"secretRef": {"name": "keys", "key": "openai"}}}]}),
+    );
+    let mut world = World::new(vec![keyed_route("chat", "chat", 0), billing], vec![keys()]);
+    let pod = |app: &str, serves: Option<u64>| ConnectedPod { labels: [("app".into(), app.into())].into(), serves };
+    let programmed = |plan: &Plan, route: &str| {
+        let (status, reason, message) = condition(&route_status(plan, route).conditions, "Programmed");
+        (status.to_string(), reason.to_string(), message.to_string())
+    };
+    // Without the stream, there is nothing to count.
+    let plan = world.plan();
+    assert!(route_status(&plan, "chat").conditions.iter().all(|c| c.type_ != "Programmed"));
+    // Version 1 is being published: every connected pod lags until it says it serves it.
+    world.connected = Some(vec![pod("web", None), pod("billing", None)]);
+    let plan = world.plan();
+    assert_eq!(
+        programmed(&plan, "chat"),
+        (
+            "False".into(),
+            "RollingOut".into(),
+            "0 of 2 selected, connected pods serve configuration version 1; 2 lag behind".into()
+        )
+    );
+    assert_eq!(
+        programmed(&plan, "invoices").2,
+        "0 of 1 selected, connected pods serve configuration version 1; 1 lag behind",
+        "only the pods the route selects count"
+    );
+    world.apply(&plan);
+    world.connected = Some(vec![pod("web", Some(1)), pod("billing", None)]);
+    let plan = world.plan();
+    assert_eq!(
+        programmed(&plan, "chat").2,
+        "1 of 2 selected, connected pods serve configuration version 1; 1 lag behind"
+    );
+    assert!(plan.routes.iter().all(|(name, _)| name != "invoices"), "the billing route's count did not change");
+    world.apply(&plan);
+    world.connected = Some(vec![pod("web", Some(1)), pod("billing", Some(2))]);
+    let plan = world.plan();
+    assert_eq!(
+        programmed(&plan, "chat"),
+        (
+            "True".into(),
+            "Programmed".into(),
+            "all 2 selected, connected pods serve configuration version 1 or newer".into()
+        )
+    );
+    world.apply(&plan);
+    assert!(world.plan().routes.is_empty(), "nothing changed: no status write");
+    world.connected = Some(vec![]);
+    let plan = world.plan();
+    assert_eq!(programmed(&plan, "chat").2, "no connected pod is selected; configuration version 1 is published");
+}
+
+#[test]
 fn env_and_file_credentials_are_refused_in_a_cluster() {
     let r = route(
         "env",
@@ -520,6 +582,7 @@ fn cluster(routes: &[Arc<ProviderRoute>], secrets: &[Arc<Secret>], leadership: L
         ledger: None,
         sidecar_ledger: None,
         hub: Default::default(),
+        connections: None,
     });
     Cluster { ctx, server, routes: routes_writer, secrets: secrets_writer, _others: (ns_writer, budgets_writer) }
 }

@@ -15,6 +15,7 @@ use sideyard::operator::leader::{LeaderSwitch, Leadership};
 use sideyard::operator::ledger::{BoundPod, FleetService, LEADER_HEADER, Review, Reviewer, StatusStore};
 use sideyard::operator::metrics::OperatorMetrics;
 use sideyard::operator::plan::Published;
+use sideyard::operator::plan::ConnectedPod;
 use sideyard::operator::push::{ConfigHub, ConfigPush, PodMeta, Pods, router};
 use tokio::sync::watch;
 use tower::ServiceExt;
@@ -126,6 +127,7 @@ fn push() -> Push {
     );
     let push = Arc::new(ConfigPush {
         hub: Arc::new(ConfigHub::default()),
+        connections: Arc::default(),
         pods: Arc::new(Cluster),
         ledger,
         leadership,
@@ -258,4 +260,29 @@ async fn tokens_without_a_pod_of_their_own_get_nothing_and_another_namespace_get
     assert_eq!((frame["namespace"].as_str(), frame["version"].as_u64()), (Some("team-b"), Some(7)));
     let metrics = p.metrics.render();
     assert!(metrics.contains("sideyard_operator_config_stream_requests_total{result=\"refused\"} 5"), "{metrics}");
+}
+
+#[tokio::test]
+async fn connected_pods_are_counted_with_the_version_they_say_they_serve() {
+    let p = push();
+    p.publish(&team_a(4, "gpt-4o-mini"));
+    let stream = p.open("team-a:web").await;
+    let served = |token: &str, body: &str| {
+        let request = Request::post("/config/v1/served")
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        router(p.push.clone()).oneshot(request)
+    };
+    let web = |serves| ConnectedPod { labels: [("app".to_string(), "web".to_string())].into(), serves };
+    assert_eq!(p.push.connections.in_namespace("team-a"), [web(None)]);
+    assert_eq!(served("team-a:web", r#"{"version": 4}"#).await.unwrap().status(), StatusCode::NO_CONTENT);
+    assert_eq!(p.push.connections.in_namespace("team-a"), [web(Some(4))]);
+    // A pod without a stream is not counted; a body that is not a version is refused.
+    assert_eq!(served("team-a:billing", r#"{"version": 4}"#).await.unwrap().status(), StatusCode::NO_CONTENT);
+    assert_eq!(served("team-a:web", r#"{"version": "four"}"#).await.unwrap().status(), StatusCode::BAD_REQUEST);
+    assert_eq!(p.push.connections.in_namespace("team-a").len(), 1);
+    assert_eq!(p.push.connections.take_changed(), ["team-a".to_string()].into(), "the namespace is reconciled again");
+    drop(stream);
+    assert!(p.push.connections.in_namespace("team-a").is_empty(), "a closed stream's pod is not counted");
 }

@@ -24,7 +24,7 @@ pub use compile::{
 };
 pub use load::{Fingerprint, Loaded, Sources, compile_texts, load, parse_file};
 pub use mock::{MockOptions, UsageChunk, parse_count, parse_fail_status, parse_rate, parse_usage};
-pub use wire::{COMPILED_CONFIG_KIND, CONFIG_STREAM_PATH, CompiledConfig};
+pub use wire::{COMPILED_CONFIG_KIND, CONFIG_SERVED_PATH, CONFIG_STREAM_PATH, CompiledConfig, ServedVersion};
 
 use crate::api::{FallbackReason, Period, Serves, Strategy};
 

@@ -16,6 +16,14 @@ pub const COMPILED_CONFIG_KIND: &str = "CompiledConfig";
 /// Where a sidecar takes its pushed configuration from, on the operator's ledger listener: one
 /// [`CompiledConfig`] in JSON per line.
 pub const CONFIG_STREAM_PATH: &str = "/config/v1/stream";
+/// Where a sidecar says which version it serves: a [`ServedVersion`].
+pub const CONFIG_SERVED_PATH: &str = "/config/v1/served";
+
+/// The version of the configuration a sidecar serves, from either source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedVersion {
+    pub version: u64,
+}
 
 /// A namespace's compiled configuration, as the operator publishes it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

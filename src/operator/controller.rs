@@ -80,6 +80,9 @@ pub struct Context {
     pub sidecar_ledger: Option<SidecarLedger>,
     /// Each namespace's published configuration, for the sidecars' streams.
     pub hub: Arc<super::push::ConfigHub>,
+    /// The sidecars on those streams, for the routes' `Programmed` condition; `None` when the
+    /// stream is not served.
+    pub connections: Option<Arc<super::push::Connections>>,
 }
 
 /// The ledger as sidecars see it: the Service URL and the serving certificate's CA (PEM).
@@ -253,6 +256,7 @@ pub async fn reconcile(namespace: Arc<Namespace>, ctx: Arc<Context>) -> Result<A
     }
 
     let ledger_endpoint = ctx.sidecar_ledger.as_ref().and_then(SidecarLedger::endpoint);
+    let connected = ctx.connections.as_ref().map(|c| c.in_namespace(&ns));
     let plan = plan(&Inputs {
         namespace: &ns,
         routes: &routes,
@@ -261,6 +265,7 @@ pub async fn reconcile(namespace: Arc<Namespace>, ctx: Arc<Context>) -> Result<A
         published: published.as_ref(),
         now: Timestamp::now(),
         ledger: ledger_endpoint.as_ref(),
+        connected: connected.as_deref(),
     });
     let compiled_budgets = plan.compiled_budgets.clone();
     let pushed = match &plan.config {

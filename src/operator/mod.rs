@@ -41,7 +41,7 @@ use self::inject::InjectArgs;
 use self::leader::{Elector, Leadership, LeaseSettings};
 use self::ledger::{FleetService, KubeReviewer, KubeStatusStore};
 use self::metrics::OperatorMetrics;
-use self::push::{ConfigHub, ConfigPush, KubePods};
+use self::push::{ConfigHub, ConfigPush, Connections, KubePods};
 use self::tls::{CertSource, CertStore, TlsSettings};
 use self::webhook::Webhook;
 use crate::api::units::parse_duration;
@@ -263,6 +263,7 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
     };
     // Sidecars' configuration streams are served with the ledger, on its listener.
     let hub = Arc::new(ConfigHub::default());
+    let connections = args.ledger.then(|| Arc::new(Connections::default()));
     let ledger = match (&certs, args.ledger) {
         (Some(certs), true) => {
             let (listener, addr) = listen(args.ledger_listen).await?;
@@ -278,6 +279,7 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
             tokio::spawn(service.clone().keep_persisted(shutdown()));
             let push = Arc::new(ConfigPush {
                 hub: hub.clone(),
+                connections: connections.clone().unwrap_or_default(),
                 pods: Arc::new(KubePods(client.clone())),
                 ledger: service.clone(),
                 leadership: leadership.clone(),
@@ -306,12 +308,17 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
         Some(s) => controller::on_ca_change(s.ca.clone(), namespaces.clone()).boxed(),
         None => futures::stream::empty().boxed(),
     };
+    let rollout = match &connections {
+        Some(c) => push::rollout_changes(c.clone()).boxed(),
+        None => futures::stream::empty().boxed(),
+    };
     let requests = futures::stream::select_all([
         triggers(route_events, generation, |_, _| true).boxed(),
         triggers(budget_events, generation, |_, _| true).boxed(),
         triggers(secret_events, resource_version, move |ns, name| secret_matters(&routes, &budgets, ns, name)).boxed(),
         controller::on_leadership(leadership.clone(), namespaces.clone()).boxed(),
         ca_changes,
+        rollout,
     ]);
     let admin_state = Arc::new(Admin { stores: stores.clone(), metrics: metrics.clone(), certs });
     let admin =
@@ -329,6 +336,7 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
         ledger,
         sidecar_ledger,
         hub,
+        connections,
     });
     let controller = controller(controller::namespace_watch(&client, ns_writer), namespaces, requests, metrics)
         .graceful_shutdown_on(shutdown())

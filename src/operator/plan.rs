@@ -40,6 +40,9 @@ pub const SECRET_WARNING: usize = SECRET_LIMIT / 10 * 9;
 pub const ACCEPTED: &str = "Accepted";
 pub const READY: &str = "Ready";
 pub const NEAR_LIMIT: &str = "ConfigNearLimit";
+/// On routes, while sidecars follow the configuration stream: whether every selected, connected
+/// pod serves the version the route's generation is in.
+pub const PROGRAMMED: &str = "Programmed";
 
 /// The configuration a namespace has now, as far as the operator knows.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,6 +76,17 @@ pub struct Inputs<'a> {
     pub now: Timestamp,
     /// The fleet's budget ledger (and configuration stream), written into every configuration.
     pub ledger: Option<&'a LedgerEndpoint>,
+    /// The namespace's sidecars connected to the configuration stream; `None` when the stream is
+    /// not served (then routes get no `Programmed` condition).
+    pub connected: Option<&'a [ConnectedPod]>,
+}
+
+/// A sidecar connected to the configuration stream: its pod's labels and the version it says it
+/// serves.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConnectedPod {
+    pub labels: crate::config::selector::Labels,
+    pub serves: Option<u64>,
 }
 
 /// What to change.
@@ -211,7 +225,10 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
     for route in &routes {
         let Some(outcome) = outcome("ProviderRoute", &route.name_any()) else { continue };
         let current = route.status.clone().unwrap_or_default();
-        let (conditions, version) = conditions(outcome, &compiled, route.meta(), &current.conditions, inputs.now);
+        let (mut conditions, version) = conditions(outcome, &compiled, route.meta(), &current.conditions, inputs.now);
+        if let Some(pods) = inputs.connected {
+            conditions.push(programmed(route, version, pods, &current.conditions, inputs.now));
+        }
         let desired = ProviderRouteStatus {
             observed_generation: route.metadata.generation,
             conditions,
@@ -337,20 +354,7 @@ fn conditions(
     now: Timestamp,
 ) -> (Vec<Condition>, Option<i64>) {
     let condition = |type_: &str, ok: bool, reason: &str, message: String| {
-        let status = if ok { "True" } else { "False" };
-        // The transition time moves only when the status does.
-        let since = current
-            .iter()
-            .find(|c| c.type_ == type_ && c.status == status)
-            .map_or(Time(now), |c| c.last_transition_time.clone());
-        Condition {
-            type_: type_.into(),
-            status: status.into(),
-            reason: reason.into(),
-            message,
-            observed_generation: meta.generation,
-            last_transition_time: since,
-        }
+        condition(type_, ok, reason, message, meta, current, now)
     };
     let accepted = match outcome.errors.first() {
         None => condition(ACCEPTED, true, "Accepted", "the spec is valid and its references resolve".into()),
@@ -394,6 +398,67 @@ fn conditions(
         conditions.push(condition(NEAR_LIMIT, true, "ConfigNearLimit", message));
     }
     (conditions, version)
+}
+
+/// A condition of an object whose conditions are `current` now: its transition time moves only
+/// when its status does.
+fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    meta: &ObjectMeta,
+    current: &[Condition],
+    now: Timestamp,
+) -> Condition {
+    let status = if ok { "True" } else { "False" };
+    let since = current
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map_or(Time(now), |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: meta.generation,
+        last_transition_time: since,
+    }
+}
+
+/// The `Programmed` condition of a route in configuration `version` (none: not served): how many
+/// of the connected pods its `workloadSelector` selects serve that version or a newer one.
+fn programmed(
+    route: &ProviderRoute,
+    version: Option<i64>,
+    pods: &[ConnectedPod],
+    current: &[Condition],
+    now: Timestamp,
+) -> Condition {
+    let condition = |ok: bool, reason: &str, message: String| {
+        condition(PROGRAMMED, ok, reason, message, route.meta(), current, now)
+    };
+    let Some(version) = version.and_then(|v| u64::try_from(v).ok()) else {
+        return condition(false, "NotReady", "not in the namespace's configuration: see the Ready condition".into());
+    };
+    let selector = route.spec.workload_selector.as_ref();
+    let selected: Vec<&ConnectedPod> =
+        pods.iter().filter(|p| selector.is_none_or(|s| crate::config::selector::matches(s, &p.labels))).collect();
+    let serving = selected.iter().filter(|p| p.serves.is_some_and(|v| v >= version)).count();
+    let lagging = selected.len() - serving;
+    if lagging == 0 {
+        let message = match serving {
+            0 => format!("no connected pod is selected; configuration version {version} is published"),
+            n => format!("all {n} selected, connected pods serve configuration version {version} or newer"),
+        };
+        condition(true, "Programmed", message)
+    } else {
+        let message = format!(
+            "{serving} of {} selected, connected pods serve configuration version {version}; {lagging} lag behind",
+            selected.len()
+        );
+        condition(false, "RollingOut", message)
+    }
 }
 
 /// Every problem of an object, without the object's name (the status is on the object).

@@ -8,7 +8,7 @@
 //! sends only the routes and budgets whose `workloadSelector` selects it, credentials included.
 //! A replica that stops leading ends its streams, so sidecars move to the new leader.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,8 +16,9 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use bytes::Bytes;
+use futures::StreamExt;
 use futures::future::BoxFuture;
 use http::{HeaderMap, StatusCode, header};
 use tokio::sync::watch;
@@ -25,9 +26,9 @@ use tokio::sync::watch;
 use super::leader::Leadership;
 use super::ledger::{FleetService, LedgerError};
 use super::metrics::OperatorMetrics;
-use super::plan::Published;
+use super::plan::{ConnectedPod, Published};
 use crate::config::selector::Labels;
-use crate::config::{CONFIG_STREAM_PATH, CompiledConfig, Config};
+use crate::config::{CONFIG_SERVED_PATH, CONFIG_STREAM_PATH, CompiledConfig, Config, ServedVersion};
 
 /// How often a stream checks that this replica still leads.
 const LEADERSHIP_CHECK: Duration = Duration::from_secs(1);
@@ -103,6 +104,90 @@ pub fn frame(namespace: &str, current: &Current, labels: &Labels) -> Bytes {
     Bytes::from(line)
 }
 
+/// The sidecars connected to this replica's streams, with the version each says it serves: what
+/// the routes' `Programmed` condition counts.
+#[derive(Default)]
+pub struct Connections {
+    pods: Mutex<HashMap<(String, String), Connection>>,
+    /// Namespaces whose counts changed since the last [`Connections::take_changed`].
+    changed: Mutex<BTreeSet<String>>,
+}
+
+struct Connection {
+    /// Streams open (a reconnecting sidecar may briefly hold two).
+    streams: usize,
+    pod: ConnectedPod,
+}
+
+impl Connections {
+    fn connect(&self, namespace: &str, pod: &str, labels: &Labels) {
+        let mut pods = lock(&self.pods);
+        let entry = pods
+            .entry((namespace.to_string(), pod.to_string()))
+            .or_insert_with(|| Connection { streams: 0, pod: ConnectedPod { labels: labels.clone(), serves: None } });
+        entry.streams += 1;
+        entry.pod.labels.clone_from(labels);
+        self.touch(namespace);
+    }
+
+    fn disconnect(&self, namespace: &str, pod: &str) {
+        let mut pods = lock(&self.pods);
+        let key = (namespace.to_string(), pod.to_string());
+        if let Some(entry) = pods.get_mut(&key) {
+            entry.streams = entry.streams.saturating_sub(1);
+            if entry.streams == 0 {
+                pods.remove(&key);
+            }
+        }
+        self.touch(namespace);
+    }
+
+    /// Records what a connected pod serves; a pod without a stream here is not counted.
+    pub fn served(&self, namespace: &str, pod: &str, version: u64) {
+        let mut pods = lock(&self.pods);
+        if let Some(entry) = pods.get_mut(&(namespace.to_string(), pod.to_string()))
+            && entry.pod.serves != Some(version)
+        {
+            entry.pod.serves = Some(version);
+            self.touch(namespace);
+        }
+    }
+
+    /// The namespace's connected pods.
+    pub fn in_namespace(&self, namespace: &str) -> Vec<ConnectedPod> {
+        let pods = lock(&self.pods);
+        pods.iter().filter(|((ns, _), _)| ns == namespace).map(|(_, c)| c.pod.clone()).collect()
+    }
+
+    /// The namespaces whose pods connected, left or served something new since the last call.
+    pub fn take_changed(&self) -> BTreeSet<String> {
+        std::mem::take(&mut *lock(&self.changed))
+    }
+
+    fn touch(&self, namespace: &str) {
+        lock(&self.changed).insert(namespace.to_string());
+    }
+}
+
+/// Every second, the namespaces whose connected pods changed, to be reconciled again so that their
+/// routes' `Programmed` condition follows: at most one status write a second per route, however
+/// many pods report.
+pub fn rollout_changes(
+    connections: Arc<Connections>,
+) -> impl futures::Stream<Item = kube::runtime::reflector::ObjectRef<k8s_openapi::api::core::v1::Namespace>> {
+    let tick = tokio::time::interval(Duration::from_secs(1));
+    futures::stream::unfold((connections, tick), |(connections, mut tick)| async move {
+        tick.tick().await;
+        let changed = connections.take_changed().into_iter().map(|ns| kube::runtime::reflector::ObjectRef::new(&ns));
+        Some((futures::stream::iter(changed), (connections, tick)))
+    })
+    .flatten()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A pod as the operator reads it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodMeta {
@@ -134,6 +219,7 @@ impl Pods for KubePods {
 /// The configuration stream's service.
 pub struct ConfigPush {
     pub hub: Arc<ConfigHub>,
+    pub connections: Arc<Connections>,
     pub pods: Arc<dyn Pods>,
     pub ledger: Arc<FleetService>,
     pub leadership: Leadership,
@@ -142,14 +228,14 @@ pub struct ConfigPush {
 
 /// The stream's route, served beside the ledger's.
 pub fn router(push: Arc<ConfigPush>) -> Router {
-    Router::new().route(CONFIG_STREAM_PATH, get(stream)).with_state(push)
+    Router::new().route(CONFIG_STREAM_PATH, get(stream)).route(CONFIG_SERVED_PATH, post(served)).with_state(push)
 }
 
 async fn stream(State(push): State<Arc<ConfigPush>>, headers: HeaderMap) -> Response {
     match open(&push, &headers).await {
-        Ok((namespace, labels)) => {
+        Ok((namespace, pod, labels)) => {
             push.metrics.config_stream("opened");
-            let frames = frames(push, namespace, labels);
+            let frames = frames(push, namespace, pod, labels);
             ([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(frames)).into_response()
         }
         Err((result, error)) => {
@@ -159,8 +245,26 @@ async fn stream(State(push): State<Arc<ConfigPush>>, headers: HeaderMap) -> Resp
     }
 }
 
-/// The caller's namespace and its pod's labels, or why it gets no stream (with the metric label).
-async fn open(push: &ConfigPush, headers: &HeaderMap) -> Result<(String, Labels), (&'static str, LedgerError)> {
+/// What a sidecar reports on `POST /config/v1/served`: `{"version": 7}`, the version it serves.
+async fn served(State(push): State<Arc<ConfigPush>>, headers: HeaderMap, body: Bytes) -> Response {
+    let report = async {
+        let caller = push.ledger.authenticate(&headers).await?;
+        let served: ServedVersion = serde_json::from_slice(&body).map_err(|e| {
+            LedgerError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("invalid request body: {e}"))
+        })?;
+        if let Some(pod) = caller.bound_pod {
+            push.connections.served(&caller.namespace, &pod.name, served.version);
+        }
+        Ok::<_, LedgerError>(())
+    };
+    match report.await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The caller's namespace, pod and its labels, or why it gets no stream (with the metric label).
+async fn open(push: &ConfigPush, headers: &HeaderMap) -> Result<(String, String, Labels), (&'static str, LedgerError)> {
     let caller = push.ledger.authenticate(headers).await.map_err(|e| ("refused", e))?;
     let forbidden = |message: String| ("refused", LedgerError::new(StatusCode::FORBIDDEN, "forbidden", message));
     let Some(bound) = caller.bound_pod else {
@@ -176,7 +280,7 @@ async fn open(push: &ConfigPush, headers: &HeaderMap) -> Result<(String, Labels)
         ("error", LedgerError::new(StatusCode::SERVICE_UNAVAILABLE, "pod_unreadable", message))
     })?;
     match pod {
-        Some(pod) if bound.uid.is_none() || pod.uid == bound.uid => Ok((caller.namespace, pod.labels)),
+        Some(pod) if bound.uid.is_none() || pod.uid == bound.uid => Ok((caller.namespace, bound.name, pod.labels)),
         _ => Err(forbidden(format!(
             "pod {}/{} that the token is bound to does not exist (any more)",
             caller.namespace, bound.name
@@ -189,6 +293,7 @@ async fn open(push: &ConfigPush, headers: &HeaderMap) -> Result<(String, Labels)
 fn frames(
     push: Arc<ConfigPush>,
     namespace: String,
+    pod: String,
     labels: Labels,
 ) -> impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> {
     struct Open {
@@ -200,7 +305,7 @@ fn frames(
         _connected: Connected,
     }
     let changes = push.hub.subscribe(&namespace);
-    let connected = Connected::new(push.metrics.clone());
+    let connected = Connected::new(&push, &namespace, &pod, &labels);
     let open = Open { push, namespace, labels, changes, sent: None, _connected: connected };
     futures::stream::unfold(open, |mut open| async move {
         let mut check = tokio::time::interval(LEADERSHIP_CHECK);
@@ -220,19 +325,31 @@ fn frames(
     })
 }
 
-/// Counts a stream as connected for as long as it lives.
-struct Connected(Arc<OperatorMetrics>);
+/// Counts a stream's pod as connected for as long as the stream lives.
+struct Connected {
+    metrics: Arc<OperatorMetrics>,
+    connections: Arc<Connections>,
+    namespace: String,
+    pod: String,
+}
 
 impl Connected {
-    fn new(metrics: Arc<OperatorMetrics>) -> Self {
-        metrics.config_streams.inc();
-        Connected(metrics)
+    fn new(push: &ConfigPush, namespace: &str, pod: &str, labels: &Labels) -> Self {
+        push.metrics.config_streams.inc();
+        push.connections.connect(namespace, pod, labels);
+        Connected {
+            metrics: push.metrics.clone(),
+            connections: push.connections.clone(),
+            namespace: namespace.into(),
+            pod: pod.into(),
+        }
     }
 }
 
 impl Drop for Connected {
     fn drop(&mut self) {
-        self.0.config_streams.dec();
+        self.metrics.config_streams.dec();
+        self.connections.disconnect(&self.namespace, &self.pod);
     }
 }
 

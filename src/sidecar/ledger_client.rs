@@ -125,17 +125,9 @@ impl LedgerClient {
     /// Calls `POST /ledger/v1/<call>` with `body`, following the leader once if told where it is.
     pub async fn call<T: DeserializeOwned>(&self, call: usize, body: &impl Serialize) -> Result<T, CallError> {
         let started = Instant::now();
-        let body = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
-        let path = format!("/ledger/v1/{}", CALLS[call]);
-        let result = match self.request(Method::POST, &path, body).await {
-            Ok(response) => match tokio::time::timeout(CALL_TIMEOUT, read_answer(response.into_body())).await {
-                Ok(Ok(bytes)) => serde_json::from_slice(&bytes)
-                    .map_err(|e| CallError::Unreachable(format!("unreadable answer: {e}"))),
-                Ok(Err(e)) => Err(self.failed(e).await),
-                Err(_) => Err(self.failed(format!("no answer within {CALL_TIMEOUT:?}")).await),
-            },
-            Err(e) => Err(e),
-        };
+        let result = self.post(&format!("/ledger/v1/{}", CALLS[call]), body).await.and_then(|bytes| {
+            serde_json::from_slice(&bytes).map_err(|e| CallError::Unreachable(format!("unreadable answer: {e}")))
+        });
         let outcome = match &result {
             Ok(_) => 0,
             Err(CallError::Refused(_)) => 1,
@@ -145,6 +137,18 @@ impl LedgerClient {
         self.metrics.results[call][outcome].inc();
         self.metrics.round_trip[call].observe(started.elapsed());
         result
+    }
+
+    /// `POST <path>` with `body` in JSON: the answer's body, following the leader once if told
+    /// where it is.
+    pub async fn post(&self, path: &str, body: &impl Serialize) -> Result<Bytes, CallError> {
+        let body = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
+        let response = self.request(Method::POST, path, body).await?;
+        match tokio::time::timeout(CALL_TIMEOUT, read_answer(response.into_body())).await {
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(e)) => Err(self.failed(e).await),
+            Err(_) => Err(self.failed(format!("no answer within {CALL_TIMEOUT:?}")).await),
+        }
     }
 
     /// Opens `GET <path>` and hands back the body as it streams, once the answer is 200.
@@ -188,7 +192,7 @@ impl LedgerClient {
             Ok(Err(e)) => return Err(Redirect::Failed(self.failed(e).await)),
             Err(_) => return Err(Redirect::Failed(self.failed(format!("no answer within {CALL_TIMEOUT:?}")).await)),
         };
-        if response.status() == StatusCode::OK {
+        if response.status().is_success() {
             return Ok(response);
         }
         let (parts, incoming) = response.into_parts();

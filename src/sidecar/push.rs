@@ -20,7 +20,7 @@ use super::fleet::EndpointOverrides;
 use super::ledger_client::{CallMetrics, LedgerClient};
 use super::shared::Shared;
 use super::state::Source;
-use crate::config::{CONFIG_STREAM_PATH, CompiledConfig, Config, LedgerEndpoint};
+use crate::config::{CONFIG_SERVED_PATH, CONFIG_STREAM_PATH, CompiledConfig, Config, LedgerEndpoint, ServedVersion};
 
 /// The largest frame read: a configuration fits in a Secret (1 MiB), with room for its JSON.
 const MAX_FRAME: usize = 4 << 20;
@@ -57,6 +57,8 @@ pub fn judge(served: Option<u64>, offered: Option<u64>, same_content: bool) -> O
 /// The configuration served, from either source.
 pub struct Served {
     current: Mutex<Current>,
+    /// The version served, for the operator to be told.
+    version: watch::Sender<Option<u64>>,
     /// The ledger the served configuration names: where the stream is opened.
     ledger: watch::Sender<Option<LedgerEndpoint>>,
 }
@@ -72,7 +74,7 @@ impl Served {
         shared.states.config_version.set(version.unwrap_or(0));
         shared.states.config_source.set(Source::Files.index() as u64);
         let ledger = watch::channel(config.ledger.clone()).0;
-        Served { current: Mutex::new(Current { version, config }), ledger }
+        Served { current: Mutex::new(Current { version, config }), version: watch::channel(version).0, ledger }
     }
 
     /// Serves `config` if it is newer than the one served ([`judge`]).
@@ -104,7 +106,13 @@ impl Served {
             changed
         });
         *current = Current { version, config };
+        self.version.send_replace(version);
         Offer::Applied
+    }
+
+    /// The version served, as it changes.
+    pub fn version(&self) -> watch::Receiver<Option<u64>> {
+        self.version.subscribe()
     }
 
     /// The ledger named by the configuration served, as it changes.
@@ -190,7 +198,7 @@ pub async fn follow(shared: Arc<Shared>, served: Arc<Served>, options: PushOptio
             Ok(body) => {
                 shared.states.stream_connected.set(1);
                 tracing::info!(url = %client.endpoint.url, "configuration stream open");
-                let ended = read(&shared, &served, body, &mut ledger, &options).await;
+                let ended = read(&shared, &served, client, body, &mut ledger, &options).await;
                 shared.states.stream_connected.set(0);
                 ended
             }
@@ -240,6 +248,7 @@ enum Ended {
 async fn read(
     shared: &Shared,
     served: &Served,
+    client: &LedgerClient,
     mut body: Incoming,
     ledger: &mut watch::Receiver<Option<LedgerEndpoint>>,
     options: &PushOptions,
@@ -250,9 +259,21 @@ async fn read(
     let first_labels = labels(&options.labels_file).map(Result::ok);
     let mut check = tokio::time::interval(options.check_interval);
     let ended = |received: u64, why: String| if received > 0 { Ended::Served(why) } else { Ended::Failed(why) };
+    // Told once the stream's first frame is in, then at every change, from either source.
+    let mut version = served.version();
+    let mut told = None;
     loop {
+        if received > 0 && *version.borrow_and_update() != told {
+            told = *version.borrow();
+            if let Some(v) = told
+                && let Err(e) = client.post(CONFIG_SERVED_PATH, &ServedVersion { version: v }).await
+            {
+                tracing::debug!(error = %e, version = v, "could not tell the operator the version served");
+            }
+        }
         let next = tokio::select! {
             next = body.frame() => next,
+            _ = version.changed() => continue,
             _ = check.tick() => {
                 if labels(&options.labels_file).map(Result::ok) != first_labels {
                     return Ended::Reselect;

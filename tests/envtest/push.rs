@@ -135,6 +135,20 @@ async fn pushed_configuration_reaches_each_pod_with_only_what_selects_it() {
         .expect("the published version");
     let m = admin_metrics().await;
     assert_eq!(metric(&m, "sideyard_config_version"), version, "{m}");
+    // Every selected, connected pod (the web pod) says it serves it: the route is Programmed for
+    // its new generation, and `kubectl wait` says so.
+    until(&operator, "Programmed for the new generation", || async {
+        let Some(route) = get(server, &["proute", "chat", "-n", &team]) else { return false };
+        let conditions = route["status"]["conditions"].as_array().cloned().unwrap_or_default();
+        conditions.iter().any(|c| {
+            c["type"] == "Programmed"
+                && c["status"] == "True"
+                && c["observedGeneration"] == route["metadata"]["generation"]
+        })
+    })
+    .await;
+    let out = server.kubectl(&["wait", "--for=condition=Programmed", "proute/chat", "-n", &team, "--timeout=20s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(metric(&m, "sideyard_config_source{source=\"push\"}"), 1);
     assert_eq!(std::fs::read(config_dir.join("config.json")).expect("config file"), mounted);
 
