@@ -273,7 +273,7 @@ spec:
             fleet = FleetOptions { url: Some(format!("https://localhost:{port}")), ca_file: Some(ca_file), token_file };
             ledger_metrics = Some(metrics);
         }
-        let shared = Arc::new(Shared::new(&config, limits, clients, false, state_dir.clone(), fleet).expect("shared"));
+        let shared = Arc::new(Shared::new(&config, None, limits, clients, false, state_dir.clone(), fleet).expect("shared"));
         let app = api_service(shared.clone());
 
         let (json, stream): (&'static [u8], &'static [u8]) = match endpoint {

@@ -92,6 +92,8 @@ async fn serves_the_compiled_secret_for_its_own_pod_and_follows_its_updates() {
     publish(&secret_dir, 2, &compiled(&format!("{everyone}{third}"), 4));
     eventually("version 4 is served", || async { version(admin).await == 4 }).await;
     assert_eq!(models(api).await, ["everyone", "third"]);
+    let reply = post(api, "/v1/chat/completions", r#"{"model":"third"}"#).await;
+    assert_eq!(reply.header("x-sideyard-config-version"), "4", "answers say which version served them");
 
     // Content that does not match its hash is refused, and version 4 keeps serving.
     let tampered = compiled(&third, 5).replace("\"model\":\"third\"", "\"model\":\"stolen\"");

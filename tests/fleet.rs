@@ -651,7 +651,9 @@ async fn a_sidecar_serves_what_the_operator_pushes_and_then_the_newest_version_f
         metric(&m, "sideyard_config_version") == pushed && metric(&m, "sideyard_config_source{source=\"push\"}") == 1
     })
     .await;
-    assert_eq!(chat_with(api, "chat").await, 200, "the operator's route, while the file still has the old one");
+    let answer = read(send(api, "POST", "/v1/chat/completions", CHAT).await).await;
+    assert_eq!(answer.status, 200, "the operator's route, while the file still has the old one");
+    assert_eq!(answer.header("x-sideyard-config-version"), pushed.to_string());
     assert_eq!(chat_with(api, "old").await, 404);
     assert_eq!(std::fs::read(&path).unwrap(), version(pushed - 1, "old"), "the mounted file did not change");
     assert_eq!(metric(&metrics(admin).await, "sideyard_config_stream_connected"), 1);

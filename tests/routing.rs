@@ -39,6 +39,7 @@ async fn an_ejected_target_gets_no_requests_during_its_ejection() {
         let reply = post(sidecar.api, "/v1/chat/completions", &ask("chat")).await;
         assert_eq!(reply.status, 200, "request {i}: {}", reply.body);
         assert_eq!(reply.header("x-sideyard-target"), "backup");
+        assert_eq!(reply.header("x-sideyard-config-version"), "", "standalone files have no version");
         if i < 3 {
             assert_eq!(reply.header("x-sideyard-attempts"), "2");
             assert_eq!(reply.header("x-sideyard-fallback-reason"), "5xx");

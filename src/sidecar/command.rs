@@ -122,8 +122,9 @@ pub async fn run(args: SidecarArgs, shutdown: impl Future<Output = ()>) -> Resul
         labels_file: args.pod_labels_file.clone(),
         check_interval: args.reload_interval,
     };
-    let shared = Shared::new(&loaded.config, limits, clients, args.require_key, args.state_dir.clone(), fleet)
-        .map_err(|e| flag_error("budgets", e))?;
+    let shared =
+        Shared::new(&loaded.config, loaded.version, limits, clients, args.require_key, args.state_dir.clone(), fleet)
+            .map_err(|e| flag_error("budgets", e))?;
     let shared = Arc::new(shared);
     tracing::info!(routes = loaded.config.routes.len(), version = loaded.version, files = ?args.files, "configuration loaded");
     warn_if_every_request_is_refused(args.require_key, &loaded.config);

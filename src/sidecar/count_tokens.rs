@@ -16,7 +16,7 @@ use tokio::time::timeout_at;
 
 use super::attempt::forward_anthropic_headers;
 use super::endpoint::Api;
-use super::error::{ProxyError, TARGET};
+use super::error::{CONFIG_VERSION, ProxyError, TARGET};
 use super::health;
 use super::proxy::{authenticate, bad_request, read_request, unrouted_as};
 use super::shared::Shared;
@@ -102,6 +102,9 @@ async fn count_at(target: &ServedTarget, caller: &http::HeaderMap, body: &[u8]) 
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(TARGET, target.name_header.clone());
+    if let Some(version) = &target.config_version {
+        headers.insert(CONFIG_VERSION, version.clone());
+    }
     if status.is_success() {
         headers.insert(TOKEN_COUNT, HeaderValue::from_static("anthropic"));
     }

@@ -21,6 +21,8 @@ use crate::providers::openai::error_body;
 pub const ERROR_SOURCE: HeaderName = HeaderName::from_static("x-sideyard-error-source");
 pub const TARGET: HeaderName = HeaderName::from_static("x-sideyard-target");
 pub const ATTEMPTS: HeaderName = HeaderName::from_static("x-sideyard-attempts");
+/// The operator's version of the configuration that served the answer (cluster mode).
+pub const CONFIG_VERSION: HeaderName = HeaderName::from_static("x-sideyard-config-version");
 pub const FALLBACK_REASON: HeaderName = HeaderName::from_static("x-sideyard-fallback-reason");
 /// On an answer from a hedged attempt: `won`.
 pub const HEDGED: HeaderName = HeaderName::from_static("x-sideyard-hedged");

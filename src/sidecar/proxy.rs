@@ -20,7 +20,9 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use super::attempt::{Answer, Failure, Finished, HealthEffect, Outgoing, attempt};
 use super::billing::{self, Bill, ServedBudget, StreamBill, caller_key, key_hash};
 use super::endpoint::{Api, Endpoint};
-use super::error::{ATTEMPTS, AttemptFailure, FALLBACK_REASON, HEDGED, ProxyError, TARGET, add_rate_headers};
+use super::error::{
+    ATTEMPTS, AttemptFailure, CONFIG_VERSION, FALLBACK_REASON, HEDGED, ProxyError, TARGET, add_rate_headers,
+};
 use super::health::{self, AttemptOutcome, Transition};
 use super::plan;
 use super::relay::SseRelay;
@@ -554,6 +556,9 @@ pub(super) fn finish(
     let headers = response.headers_mut();
     headers.insert(TARGET, target.name_header.clone());
     headers.insert(ATTEMPTS, small_number(attempts));
+    if let Some(version) = &target.config_version {
+        headers.insert(CONFIG_VERSION, version.clone());
+    }
     if let Some(reason) = fallback {
         headers.insert(FALLBACK_REASON, HeaderValue::from_static(reason.as_str()));
     }

@@ -94,7 +94,7 @@ impl Served {
             }
             other => return other,
         }
-        if let Err(e) = shared.apply(&config) {
+        if let Err(e) = shared.apply(&config, version) {
             return Offer::Rejected(e);
         }
         let states = &shared.states;

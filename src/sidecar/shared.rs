@@ -42,6 +42,7 @@ pub struct Shared {
 impl Shared {
     pub fn new(
         config: &Config,
+        version: Option<u64>,
         limits: Limits,
         clients: Clients,
         require_key: bool,
@@ -60,7 +61,7 @@ impl Shared {
             state_dir,
             draining: AtomicBool::new(false),
         };
-        shared.apply(config)?;
+        shared.apply(config, version)?;
         shared.states.last_reload_ok.set(1);
         Ok(shared)
     }
@@ -68,7 +69,7 @@ impl Shared {
     /// Swaps in a new configuration; requests in flight finish on the one they started with.
     /// Fails, changing nothing, if the configuration has budgets and their ledger cannot be
     /// opened (standalone) or its endpoint is unusable (cluster mode).
-    pub fn apply(&self, config: &Config) -> Result<(), String> {
+    pub fn apply(&self, config: &Config, version: Option<u64>) -> Result<(), String> {
         let meters = if config.budgets.is_empty() {
             Meters::None
         } else if Fleet::wanted(config, &self.fleet_options) {
@@ -78,7 +79,7 @@ impl Shared {
         } else {
             Meters::Embedded(self.open_ledger()?)
         };
-        let snapshot = Snapshot::build(config, &self.states, &self.clients, &meters)?;
+        let snapshot = Snapshot::build(config, version, &self.states, &self.clients, &meters)?;
         if let Some(fleet) = self.fleet.get() {
             fleet.retain(&config.budgets);
         }

@@ -69,6 +69,9 @@ pub struct ServedTarget {
     pub name: String,
     /// `name` as the value of the `x-sideyard-target` header.
     pub name_header: HeaderValue,
+    /// The operator's version of this configuration, for `x-sideyard-config-version`; none for
+    /// standalone files.
+    pub config_version: Option<HeaderValue>,
     pub provider: String,
     pub format: Format,
     /// The target's `headers` set `anthropic-version`: callers' versions are not forwarded.
@@ -100,6 +103,7 @@ impl Snapshot {
     /// not fit (a target name that is not a header value) refuses the whole configuration.
     pub fn build(
         config: &Config,
+        version: Option<u64>,
         states: &StateRegistry,
         clients: &Clients,
         meters: &Meters<'_>,
@@ -113,10 +117,14 @@ impl Snapshot {
                 .as_ref()
                 .is_none_or(|allowed| route.model_names().any(|n| allowed.iter().any(|a| a == n)))
         };
+        let version = version.map(HeaderValue::from);
         for route in &config.routes {
             let id = format!("{}/{}", route.namespace, route.name);
-            let targets: Vec<ServedTarget> =
-                route.targets.iter().map(|t| ServedTarget::build(&id, t, states, clients)).collect::<Result<_, _>>()?;
+            let targets: Vec<ServedTarget> = route
+                .targets
+                .iter()
+                .map(|t| ServedTarget::build(&id, t, version.as_ref(), states, clients))
+                .collect::<Result<_, _>>()?;
             let weights: Vec<u32> = targets.iter().map(|t| t.weight).collect();
             let rt = Arc::new(ServedRoute {
                 state: states.route(&id),
@@ -197,6 +205,7 @@ impl ServedTarget {
     fn build(
         route_id: &str,
         t: &config::Target,
+        config_version: Option<&HeaderValue>,
         states: &StateRegistry,
         clients: &Clients,
     ) -> Result<ServedTarget, String> {
@@ -229,6 +238,7 @@ impl ServedTarget {
         Ok(ServedTarget {
             name: t.name.clone(),
             name_header,
+            config_version: config_version.cloned(),
             format,
             pins_anthropic_version: t.headers.iter().any(|(name, _)| name == ANTHROPIC_VERSION),
             anthropic_betas: t.anthropic_betas.clone(),
