@@ -10,10 +10,10 @@ use futures::{StreamExt, stream};
 use http::{Method, Request, Response};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::Api;
+use kube::api::{Api, PartialObjectMeta};
 use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -30,7 +30,8 @@ use sideyard::operator::events::Events;
 use sideyard::operator::leader::{Elector, Leadership, LeaseSettings, LostLease};
 use sideyard::operator::metrics::OperatorMetrics;
 use sideyard::operator::plan::{
-    CONFIG_SECRET, ConfigAction, ConnectedPod, Inputs, Plan, Published, SECRET_LIMIT, SECRET_WARNING, plan,
+    CONFIG_SECRET, ConfigAction, ConnectedPod, Inputs, Plan, Published, SECRET_LIMIT, SECRET_WARNING, config_group,
+    group_key, plan,
 };
 use sideyard::operator::tls::{self, TlsSettings};
 use tower_test::mock::Handle;
@@ -107,11 +108,20 @@ struct World {
     published: Option<Published>,
     ledger: Option<LedgerEndpoint>,
     connected: Option<Vec<ConnectedPod>>,
+    groups: BTreeMap<String, Vec<BTreeMap<String, String>>>,
 }
 
 impl World {
     fn new(routes: Vec<Arc<ProviderRoute>>, secrets: Vec<Arc<Secret>>) -> World {
-        World { routes, budgets: Vec::new(), secrets, published: None, ledger: None, connected: None }
+        World {
+            routes,
+            budgets: Vec::new(),
+            secrets,
+            published: None,
+            ledger: None,
+            connected: None,
+            groups: BTreeMap::new(),
+        }
     }
 
     fn plan(&self) -> Plan {
@@ -124,6 +134,7 @@ impl World {
             now: at(1000).0,
             ledger: self.ledger.as_ref(),
             connected: self.connected.as_deref(),
+            groups: &self.groups,
         })
     }
 
@@ -447,6 +458,54 @@ fn programmed_counts_the_selected_connected_pods_that_serve_the_routes_version()
 }
 
 #[test]
+fn each_configuration_group_gets_only_what_selects_all_its_pods_and_versions_do_not_move_for_groups() {
+    let billing = route(
+        "invoices",
+        0,
+        json!({"model": "invoices", "workloadSelector": {"matchLabels": {"app": "billing"}},
+               "targets": [{"name": "openai", "baseUrl": "https://api.example.com/v1",
+                            "credentials": {"secretRef": {"name": "keys", "key": "invoices"}}}]}),
+    );
+    let keys = secret("keys", &[("openai", "sk-upstream"), ("invoices", "sk-invoices")]);
+    let mut world = World::new(vec![keyed_route("chat", "chat", 0), billing], vec![keys]);
+    let labels = |app: &str, hash: &str| -> BTreeMap<String, String> {
+        [("app".to_string(), app.to_string()), ("pod-template-hash".to_string(), hash.to_string())].into()
+    };
+    let (web, billing) = (labels("web", "5d4f"), labels("billing", "77aa"));
+    assert_eq!(config_group(&web), config_group(&labels("web", "6c1e")), "one group across a workload's rollouts");
+    assert_ne!(config_group(&web), config_group(&billing));
+    world.groups = [
+        (config_group(&web), vec![web.clone()]),
+        (config_group(&billing), vec![billing.clone(), billing.clone()]),
+        // A group whose pods were relabelled apart: only what selects both.
+        ("mixed".to_string(), vec![web.clone(), billing.clone()]),
+    ]
+    .into();
+    let plan = world.plan();
+    let (secret, compiled) = applied_config(&plan);
+    let data = secret.data.unwrap();
+    let group = |key: &str| -> CompiledConfig { serde_json::from_slice(&data[key].0).unwrap() };
+    let models = |c: &CompiledConfig| c.config.routes.iter().map(|r| r.model.clone()).collect::<Vec<_>>();
+    assert_eq!(models(&compiled), ["chat", "invoices"], "config.json keeps the whole namespace");
+    assert_eq!(models(&group(&group_key(&config_group(&web)))), ["chat"]);
+    assert_eq!(models(&group(&group_key(&config_group(&billing)))), ["chat", "invoices"]);
+    assert_eq!(models(&group("mixed.json")), ["chat"]);
+    let web_bytes = String::from_utf8_lossy(&data[&group_key(&config_group(&web))].0).into_owned();
+    assert!(!web_bytes.contains("sk-invoices"), "no credential of a route that does not select the group");
+    assert_eq!(group("mixed.json").version, compiled.version);
+    group("mixed.json").into_config().expect("each group's hash is of its own content");
+    world.apply(&plan);
+    assert_eq!(world.plan().config, ConfigAction::Keep, "nothing changed");
+
+    // A new group is a new key, not a new version.
+    world.groups.insert(config_group(&labels("batch", "1")), vec![labels("batch", "1")]);
+    let plan = world.plan();
+    let ConfigAction::Apply { published, .. } = &plan.config else { panic!("the new group is written") };
+    assert_eq!((published.version, published.groups.len()), (compiled.version, 4));
+    assert!(plan.routes.is_empty(), "statuses do not change with groups");
+}
+
+#[test]
 fn env_and_file_credentials_are_refused_in_a_cluster() {
     let r = route(
         "env",
@@ -560,7 +619,7 @@ struct Cluster {
     server: ApiServer,
     routes: Writer<ProviderRoute>,
     secrets: Writer<Secret>,
-    _others: (Writer<Namespace>, Writer<ApiKeyBudget>),
+    _others: (Writer<Namespace>, Writer<ApiKeyBudget>, Writer<PartialObjectMeta<Pod>>),
 }
 
 fn cluster(routes: &[Arc<ProviderRoute>], secrets: &[Arc<Secret>], leadership: Leadership) -> Cluster {
@@ -570,10 +629,11 @@ fn cluster(routes: &[Arc<ProviderRoute>], secrets: &[Arc<Secret>], leadership: L
     let (routes, routes_writer) = store(routes);
     let (budgets, budgets_writer) = store::<ApiKeyBudget>(&[]);
     let (secrets, secrets_writer) = store(secrets);
+    let (pods, pods_writer) = store::<PartialObjectMeta<Pod>>(&[]);
     let events = Events::new(client.clone(), FIELD_MANAGER, "test");
     let ctx = Arc::new(Context {
         client,
-        stores: Stores { namespaces, routes, budgets, secrets },
+        stores: Stores { namespaces, routes, budgets, secrets, pods },
         leadership,
         events,
         metrics: Arc::new(OperatorMetrics::default()),
@@ -584,7 +644,13 @@ fn cluster(routes: &[Arc<ProviderRoute>], secrets: &[Arc<Secret>], leadership: L
         hub: Default::default(),
         connections: None,
     });
-    Cluster { ctx, server, routes: routes_writer, secrets: secrets_writer, _others: (ns_writer, budgets_writer) }
+    Cluster {
+        ctx,
+        server,
+        routes: routes_writer,
+        secrets: secrets_writer,
+        _others: (ns_writer, budgets_writer, pods_writer),
+    }
 }
 
 /// How long a scripted API conversation waits for the operator's next request or for the script

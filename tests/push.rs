@@ -104,7 +104,7 @@ stringData: {{chat: sk-chat-credential, invoices: sk-invoices-credential}}
     );
     let (config, _) = compile_texts(&[("team-a.yaml".into(), yaml)], &MapResolver::default()).expect("a valid config");
     let content = serde_json::to_vec(&CompiledConfig::new("team-a", version, config)).unwrap();
-    Published { version, content, ours: true }
+    Published { version, content, ours: true, ..Published::default() }
 }
 
 struct Push {

@@ -24,7 +24,9 @@ pub use compile::{
 };
 pub use load::{Fingerprint, Loaded, Sources, compile_texts, load, parse_file};
 pub use mock::{MockOptions, UsageChunk, parse_count, parse_fail_status, parse_rate, parse_usage};
-pub use wire::{COMPILED_CONFIG_KIND, CONFIG_SERVED_PATH, CONFIG_STREAM_PATH, CompiledConfig, ServedVersion};
+pub use wire::{
+    COMPILED_CONFIG_KIND, CONFIG_SERVED_PATH, CONFIG_STREAM_PATH, CompiledConfig, ServedVersion, content_hash, hex,
+};
 
 use crate::api::{FallbackReason, Period, Serves, Strategy};
 
@@ -56,7 +58,14 @@ pub struct LedgerEndpoint {
 impl Config {
     /// Keeps the routes and budgets whose `workloadSelector` selects a pod with `labels`.
     pub fn retain_for(&mut self, labels: &selector::Labels) {
-        let selected = |s: &Option<LabelSelector>| s.as_ref().is_none_or(|s| selector::matches(s, labels));
+        self.retain_for_all(std::slice::from_ref(labels));
+    }
+
+    /// Keeps the routes and budgets whose `workloadSelector` selects every one of the pods.
+    pub fn retain_for_all(&mut self, pods: &[selector::Labels]) {
+        let selected = |s: &Option<LabelSelector>| {
+            s.as_ref().is_none_or(|s| pods.iter().all(|labels| selector::matches(s, labels)))
+        };
         self.routes.retain(|r| selected(&r.workload_selector));
         self.budgets.retain(|b| selected(&b.workload_selector));
     }

@@ -6,15 +6,15 @@
 //! only, applies the plan: the config Secret first, then statuses, then events, so a `Ready`
 //! status never names a version that is not published yet.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt, stream};
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{DeleteParams, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
@@ -26,9 +26,10 @@ use tokio::time::Instant;
 
 use super::leader::Leadership;
 use super::metrics::{OperatorMetrics, ReconcileOutcome};
-use super::plan::{CONFIG_SECRET, ConfigAction, Inputs, Plan, Published, plan};
+use super::plan::{CONFIG_GROUP_LABEL, CONFIG_SECRET, ConfigAction, Inputs, Plan, Published, plan};
 use crate::api::{ApiKeyBudget, ApiKeyBudgetStatus, ProviderRoute, ProviderRouteStatus};
 use crate::config::LedgerEndpoint;
+use crate::config::selector::Labels;
 
 /// The field manager of every write: server-side apply tracks the fields the operator owns under
 /// it, so fields it stops setting are removed and nobody else's are touched.
@@ -46,6 +47,8 @@ pub struct Stores {
     pub routes: Store<ProviderRoute>,
     pub budgets: Store<ApiKeyBudget>,
     pub secrets: Store<Secret>,
+    /// Injected pods (those with a configuration group), metadata only.
+    pub pods: Store<PartialObjectMeta<Pod>>,
 }
 
 impl Stores {
@@ -58,6 +61,7 @@ impl Stores {
             self.routes.wait_until_ready().now_or_never(),
             self.budgets.wait_until_ready().now_or_never(),
             self.secrets.wait_until_ready().now_or_never(),
+            self.pods.wait_until_ready().now_or_never(),
         ]
         .iter()
         .all(|r| matches!(r, Some(Ok(()))))
@@ -158,7 +162,7 @@ impl OwnWrites {
         let mut configs = lock(&self.configs);
         let Some((written, at)) = configs.get(namespace).cloned() else { return cached };
         let cache_caught_up = match (&written, &cached) {
-            (Some(w), Some(c)) => c.version >= w.version,
+            (Some(w), Some(c)) => c.version > w.version || (c.version == w.version && c.groups == w.groups),
             (None, None) => true,
             _ => false,
         };
@@ -257,6 +261,13 @@ pub async fn reconcile(namespace: Arc<Namespace>, ctx: Arc<Context>) -> Result<A
 
     let ledger_endpoint = ctx.sidecar_ledger.as_ref().and_then(SidecarLedger::endpoint);
     let connected = ctx.connections.as_ref().map(|c| c.in_namespace(&ns));
+    let mut groups: BTreeMap<String, Vec<Labels>> = BTreeMap::new();
+    for pod in ctx.stores.pods.state_filter(|p| in_ns(p)) {
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        if let Some(group) = labels.get(CONFIG_GROUP_LABEL) {
+            groups.entry(group.clone()).or_default().push(labels.clone());
+        }
+    }
     let plan = plan(&Inputs {
         namespace: &ns,
         routes: &routes,
@@ -266,6 +277,7 @@ pub async fn reconcile(namespace: Arc<Namespace>, ctx: Arc<Context>) -> Result<A
         now: Timestamp::now(),
         ledger: ledger_endpoint.as_ref(),
         connected: connected.as_deref(),
+        groups: &groups,
     });
     let compiled_budgets = plan.compiled_budgets.clone();
     let pushed = match &plan.config {
@@ -517,6 +529,11 @@ where
 /// The spec fingerprint of a Sideyard object.
 pub fn generation<K: Resource>(o: &K) -> Option<String> {
     o.meta().generation.map(|g| g.to_string())
+}
+
+/// A pod counts when its labels change (they choose its group and what selects it).
+pub fn labels<K: Resource>(o: &K) -> Option<String> {
+    o.meta().labels.as_ref().map(|labels| format!("{labels:?}"))
 }
 
 /// Every change to a Secret counts.

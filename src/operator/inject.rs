@@ -9,15 +9,15 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EmptyDirVolumeSource,
-    EnvVar, HTTPGetAction, ObjectFieldSelector, Pod, PodSpec, Probe, ProjectedVolumeSource, ResourceRequirements,
-    SeccompProfile, SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
-    VolumeProjection,
+    EnvVar, HTTPGetAction, KeyToPath, ObjectFieldSelector, Pod, PodSpec, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::json;
 
-use super::plan::CONFIG_SECRET;
+use super::plan::{CONFIG_GROUP_LABEL, CONFIG_KEY, CONFIG_SECRET, config_group, group_key};
 
 /// Namespace label that turns injection on (`enabled`), and pod label that opts a pod in or out
 /// (`true`, `false`).
@@ -123,7 +123,13 @@ pub fn inject(pod: &Pod, defaults: &InjectParams) -> Result<Injection, String> {
     } else {
         spec.containers.insert(0, sidecar);
     }
-    spec.volumes.get_or_insert_with(Vec::new).extend(volumes());
+    // The pod's configuration group, from its labels as created: it mounts only its group's key,
+    // which holds only what selects every pod of the group.
+    let labels = pod.metadata.labels.get_or_insert_with(BTreeMap::new);
+    let group = config_group(labels);
+    labels.insert(CONFIG_GROUP_LABEL.into(), group.clone());
+    let spec = pod.spec.get_or_insert_with(PodSpec::default);
+    spec.volumes.get_or_insert_with(Vec::new).extend(volumes(&group));
     let status = json!({
         "version": env!("CARGO_PKG_VERSION"),
         "mode": if params.native_sidecar { "native" } else { "container" },
@@ -315,13 +321,17 @@ fn sidecar_container(params: &InjectParams) -> Container {
     }
 }
 
-fn volumes() -> [Volume; 4] {
+fn volumes(group: &str) -> [Volume; 4] {
     [
         Volume {
             name: CONFIG_VOLUME.into(),
-            // Not optional: the pod waits for its namespace's configuration rather than starting
-            // without one.
-            secret: Some(SecretVolumeSource { secret_name: Some(CONFIG_SECRET.into()), ..Default::default() }),
+            // Not optional: the pod waits for its group's configuration rather than starting
+            // without one. Only the group's key is written into the pod, as `config.json`.
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(CONFIG_SECRET.into()),
+                items: Some(vec![KeyToPath { key: group_key(group), path: CONFIG_KEY.into(), mode: None }]),
+                ..Default::default()
+            }),
             ..Default::default()
         },
         Volume {

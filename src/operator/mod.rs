@@ -24,8 +24,8 @@ use axum::routing::get;
 use futures::StreamExt;
 use http::{StatusCode, header};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::ListParams;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{ListParams, PartialObjectMeta};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector;
 use kube::runtime::watcher;
@@ -222,7 +222,9 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
     let (routes, routes_writer) = reflector::store();
     let (budgets, budgets_writer) = reflector::store();
     let (secrets, secrets_writer) = reflector::store();
-    let stores = Stores { namespaces: namespaces.clone(), routes: routes.clone(), budgets: budgets.clone(), secrets };
+    let (pods, pods_writer) = reflector::store();
+    let stores =
+        Stores { namespaces: namespaces.clone(), routes: routes.clone(), budgets: budgets.clone(), secrets, pods };
     let route_events = watcher::watcher(Api::<ProviderRoute>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .reflect(routes_writer);
@@ -233,6 +235,13 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
         watcher::watcher(Api::<Secret>::all(client.clone()), watcher::Config::default().fields(IGNORED_SECRETS))
             .default_backoff()
             .reflect(secrets_writer);
+    // Injected pods' labels, metadata only: which configuration groups each namespace needs.
+    let pod_events = watcher::watcher(
+        Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+        watcher::Config::default().labels(plan::CONFIG_GROUP_LABEL),
+    )
+    .default_backoff()
+    .reflect(pods_writer);
     let (admin, admin_addr) = listen(args.admin_listen).await?;
     let own_namespace = args.lease_namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
     // The webhook and the ledger serve one certificate, for the webhook Service's names.
@@ -316,6 +325,7 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
         triggers(route_events, generation, |_, _| true).boxed(),
         triggers(budget_events, generation, |_, _| true).boxed(),
         triggers(secret_events, resource_version, move |ns, name| secret_matters(&routes, &budgets, ns, name)).boxed(),
+        triggers(pod_events, controller::labels, |_, _| true).boxed(),
         controller::on_leadership(leadership.clone(), namespaces.clone()).boxed(),
         ca_changes,
         rollout,

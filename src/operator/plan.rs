@@ -19,13 +19,51 @@ use crate::api::{
     ApiKeyBudget, ApiKeyBudgetStatus, LEDGER_CONDITION, ProviderRoute, ProviderRouteStatus, TargetStatus,
 };
 use crate::config::{
-    CompiledConfig, ConfigError, CredentialState, Document, Documents, LedgerEndpoint, ObjectOutcome, Resolver, analyse,
+    CompiledConfig, ConfigError, CredentialState, Document, Documents, LedgerEndpoint, ObjectOutcome, Resolver,
+    analyse, content_hash,
 };
 
 /// The Secret each namespace's sidecars mount.
 pub const CONFIG_SECRET: &str = "sideyard-config";
-/// Its one key.
+/// The key of the namespace's whole configuration: the operator's record and the stream's source,
+/// never mounted whole by a pod injected now.
 pub const CONFIG_KEY: &str = "config.json";
+/// The pod label the injector sets to the pod's configuration group: pods of one group mount the
+/// key `<group>.json`, which holds only what selects every pod of the group.
+pub const CONFIG_GROUP_LABEL: &str = "sideyard.dev/config-group";
+/// Labels that tell apart pods of one workload (revisions, ordinals, job runs): left out of the
+/// group, so a workload's pods share one key across rollouts.
+const VOLATILE_LABELS: [&str; 8] = [
+    "pod-template-hash",
+    "controller-revision-hash",
+    "statefulset.kubernetes.io/pod-name",
+    "apps.kubernetes.io/pod-index",
+    "batch.kubernetes.io/controller-uid",
+    "controller-uid",
+    "batch.kubernetes.io/job-completion-index",
+    "job-completion-index",
+];
+
+/// A pod's configuration group: 16 hex digits of the SHA-256 of its labels but the volatile ones
+/// (and the group label itself).
+pub fn config_group(labels: &BTreeMap<String, String>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for (key, value) in labels {
+        if key != CONFIG_GROUP_LABEL && !VOLATILE_LABELS.contains(&key.as_str()) {
+            hash.update(key.as_bytes());
+            hash.update(b"=");
+            hash.update(value.as_bytes());
+            hash.update(b"\n");
+        }
+    }
+    crate::config::hex(&hash.finalize()[..8])
+}
+
+/// The Secret key of a configuration group.
+pub fn group_key(group: &str) -> String {
+    format!("{group}.json")
+}
 pub const VERSION_ANNOTATION: &str = "sideyard.dev/config-version";
 pub const HASH_ANNOTATION: &str = "sideyard.dev/config-hash";
 /// Marks the Secrets the operator owns; it deletes no other.
@@ -45,11 +83,13 @@ pub const NEAR_LIMIT: &str = "ConfigNearLimit";
 pub const PROGRAMMED: &str = "Programmed";
 
 /// The configuration a namespace has now, as far as the operator knows.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Published {
     pub version: u64,
     /// The bytes of [`CONFIG_KEY`].
     pub content: Vec<u8>,
+    /// Each configuration group's key and bytes.
+    pub groups: BTreeMap<String, Vec<u8>>,
     /// Whether the Secret carries the operator's label.
     pub ours: bool,
 }
@@ -58,9 +98,11 @@ impl Published {
     /// Reads a `sideyard-config` Secret; one without a readable version counts as version 0.
     pub fn from_secret(secret: &Secret) -> Published {
         let version = secret.annotations().get(VERSION_ANNOTATION).and_then(|v| v.parse().ok()).unwrap_or(0);
-        let content = secret.data.as_ref().and_then(|d| d.get(CONFIG_KEY)).map(|b| b.0.clone()).unwrap_or_default();
+        let data = secret.data.clone().unwrap_or_default();
+        let content = data.get(CONFIG_KEY).map(|b| b.0.clone()).unwrap_or_default();
+        let groups = data.into_iter().filter(|(key, _)| key != CONFIG_KEY).map(|(key, bytes)| (key, bytes.0)).collect();
         let ours = secret.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY);
-        Published { version, content, ours }
+        Published { version, content, groups, ours }
     }
 }
 
@@ -79,6 +121,8 @@ pub struct Inputs<'a> {
     /// The namespace's sidecars connected to the configuration stream; `None` when the stream is
     /// not served (then routes get no `Programmed` condition).
     pub connected: Option<&'a [ConnectedPod]>,
+    /// The labels of the namespace's injected pods, by configuration group.
+    pub groups: &'a BTreeMap<String, Vec<crate::config::selector::Labels>>,
 }
 
 /// A sidecar connected to the configuration stream: its pod's labels and the version it says it
@@ -189,8 +233,9 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
     } else {
         let current = inputs.published.map_or(0, |p| p.version);
         let unchanged = serialise(&CompiledConfig::new(inputs.namespace, current, analysis.config.clone()));
-        if inputs.published.is_some_and(|p| p.content == unchanged) {
-            Compiled::Published { version: current, bytes: unchanged.len() }
+        // The version grows with the namespace's configuration only, not with its pods' groups.
+        let (version, content) = if inputs.published.is_some_and(|p| p.content == unchanged) {
+            (current, unchanged)
         } else {
             // Statuses remember versions too: a Secret deleted by hand does not restart the count.
             let reported = routes
@@ -201,18 +246,27 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
                 .and_then(|v| u64::try_from(v).ok())
                 .unwrap_or(0);
             let version = current.max(reported) + 1;
-            let compiled = CompiledConfig::new(inputs.namespace, version, analysis.config);
-            let content = serialise(&compiled);
-            if content.len() > SECRET_LIMIT {
-                Compiled::TooLarge { bytes: content.len() }
-            } else {
-                let bytes = content.len();
-                let secret = config_secret(inputs.namespace, version, &compiled.hash, content.clone());
-                let ours = true;
-                plan.config =
-                    ConfigAction::Apply { secret: Box::new(secret), published: Published { version, content, ours } };
-                Compiled::Published { version, bytes }
+            (version, serialise(&CompiledConfig::new(inputs.namespace, version, analysis.config.clone())))
+        };
+        let groups: BTreeMap<String, Vec<u8>> = inputs
+            .groups
+            .iter()
+            .map(|(group, pods)| {
+                let mut config = analysis.config.clone();
+                config.retain_for_all(pods);
+                (group_key(group), serialise(&CompiledConfig::new(inputs.namespace, version, config)))
+            })
+            .collect();
+        let bytes = content.len() + groups.iter().map(|(key, data)| key.len() + data.len()).sum::<usize>();
+        let desired = Published { version, content, groups, ours: true };
+        if bytes > SECRET_LIMIT {
+            Compiled::TooLarge { bytes }
+        } else {
+            if inputs.published != Some(&desired) {
+                let secret = config_secret(inputs.namespace, &desired, &content_hash(&analysis.config));
+                plan.config = ConfigAction::Apply { secret: Box::new(secret), published: desired };
             }
+            Compiled::Published { version, bytes }
         }
     };
     plan.config_bytes = match compiled {
@@ -322,8 +376,10 @@ fn serialise(compiled: &CompiledConfig) -> Vec<u8> {
     serde_json::to_vec(compiled).unwrap_or_default()
 }
 
-/// The Secret that publishes `content` as `version` of the namespace's configuration.
-pub fn config_secret(namespace: &str, version: u64, hash: &str, content: Vec<u8>) -> Secret {
+/// The Secret that publishes `published`, whose configuration's content hash is `hash`.
+pub fn config_secret(namespace: &str, published: &Published, hash: &str) -> Secret {
+    let mut data = BTreeMap::from([(CONFIG_KEY.to_string(), ByteString(published.content.clone()))]);
+    data.extend(published.groups.iter().map(|(key, bytes)| (key.clone(), ByteString(bytes.clone()))));
     Secret {
         metadata: ObjectMeta {
             name: Some(CONFIG_SECRET.into()),
@@ -333,13 +389,13 @@ pub fn config_secret(namespace: &str, version: u64, hash: &str, content: Vec<u8>
                 ("app.kubernetes.io/part-of".into(), "sideyard".into()),
             ])),
             annotations: Some(BTreeMap::from([
-                (VERSION_ANNOTATION.into(), version.to_string()),
+                (VERSION_ANNOTATION.into(), published.version.to_string()),
                 (HASH_ANNOTATION.into(), hash.into()),
             ])),
             ..Default::default()
         },
         type_: Some("Opaque".into()),
-        data: Some(BTreeMap::from([(CONFIG_KEY.into(), ByteString(content))])),
+        data: Some(data),
         ..Default::default()
     }
 }

@@ -359,7 +359,7 @@ mod tests {
 
     fn published(version: u64, config: &Config) -> Published {
         let content = serde_json::to_vec(&CompiledConfig::new("team-a", version, config.clone())).unwrap();
-        Published { version, content, ours: true }
+        Published { version, content, ours: true, ..Published::default() }
     }
 
     #[test]
@@ -375,7 +375,7 @@ mod tests {
         hub.publish("team-a", &published(3, &Config::default()));
         assert_eq!(hub.version("team-a"), Some(3));
         assert!(!changes.has_changed().unwrap(), "an older or equal version is not a change");
-        let garbled = Published { version: 9, content: b"{not json".to_vec(), ours: true };
+        let garbled = Published { version: 9, content: b"{not json".to_vec(), ours: true, ..Published::default() };
         hub.publish("team-a", &garbled);
         assert_eq!(hub.version("team-a"), Some(3), "an unreadable configuration is not pushed");
         assert_eq!(hub.version("team-b"), None, "namespaces are apart");

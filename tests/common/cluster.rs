@@ -76,6 +76,8 @@ async fn fake_api(State(api): State<Arc<FakeApi>>, request: axum::extract::Reque
     match (method.clone(), path.as_str()) {
         (Method::GET, p) if p.contains("sideyard.dev") && !api.crds_installed => json(404, not_found()),
         (Method::GET, p) if api.lists.contains_key(p) => json(200, api.lists[p].clone()),
+        // Injected pods: none unless a test lists some.
+        (Method::GET, "/api/v1/pods") => json(200, list("Pod", "v1", Vec::new())),
         (Method::GET, p) if p == lease_path && api.stolen.load(std::sync::atomic::Ordering::Relaxed) => {
             json(200, lease("op-2", "500"))
         }

@@ -80,6 +80,44 @@ async fn the_api_server_stores_pods_injected_once_refuses_clashes_and_fails_clos
     assert!(env.as_array().into_iter().flatten().any(|e| e["name"] == "OPENAI_BASE_URL"), "{env}");
     assert!(stored["metadata"]["annotations"]["sideyard.dev/status"].is_string());
 
+    // The pod mounts only its configuration group's key, which the operator renders with only
+    // what selects the group's pods: not another workload's route, nor its credential.
+    let group = stored["metadata"]["labels"]["sideyard.dev/config-group"].as_str().expect("the group label");
+    let config = stored["spec"]["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "sideyard-config"))
+        .expect("the config volume");
+    let key = format!("{group}.json");
+    assert_eq!(config["secret"]["items"], json!([{"key": key, "path": "config.json"}]));
+    let sy = "sideyard.dev/v1alpha1";
+    let mock = json!([{"name": "m", "api": "mock", "credentials": {"secretRef": {"name": "keys", "key": "other"}}}]);
+    apply(
+        server,
+        &[
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "keys", "namespace": injected},
+                   "stringData": {"other": "sk-other-workload"}}),
+            json!({"apiVersion": sy, "kind": "ProviderRoute", "metadata": {"name": "everyone", "namespace": injected},
+                   "spec": {"model": "everyone", "targets": [{"name": "m", "api": "mock"}]}}),
+            json!({"apiVersion": sy, "kind": "ProviderRoute", "metadata": {"name": "others", "namespace": injected},
+                   "spec": {"model": "others", "workloadSelector": {"matchLabels": {"app": "other"}}, "targets": mock}}),
+        ],
+    );
+    let group_config = || {
+        let secret = get(server, &["secret", "sideyard-config", "-n", &injected])?;
+        let bytes = crate::common::base64_decode(secret["data"][key.as_str()].as_str()?);
+        Some(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    until(&operator, "the pod's group is rendered with both routes compiled", || async {
+        let whole = get(server, &["secret", "sideyard-config", "-n", &injected])
+            .and_then(|s| s["data"]["config.json"].as_str().map(crate::common::base64_decode))
+            .is_some_and(|c| String::from_utf8_lossy(&c).contains("\"others\""));
+        whole && group_config().is_some()
+    })
+    .await;
+    let rendered = group_config().expect("the group's key");
+    assert!(rendered.contains("\"everyone\"") && !rendered.contains("\"others\""), "{rendered}");
+    assert!(!rendered.contains("sk-other-workload"), "no credential of a route that does not select the pod");
+
     // Created again from what was stored (as a controller or a backup restore would): not
     // injected twice.
     let mut again = stored.clone();
