@@ -9,10 +9,11 @@ RUN mkdir src bench \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
     && echo 'fn main() {}' > bench/hot_path.rs \
+    && echo 'fn main() {}' > bench/push.rs \
     && cargo fetch --locked
 
 COPY src ./src
-COPY bench/hot_path.rs ./bench/hot_path.rs
+COPY bench/hot_path.rs bench/push.rs ./bench/
 RUN cargo build --release --locked --offline --bin sideyard \
     && install -D -m 0755 target/release/sideyard /out/sideyard
 

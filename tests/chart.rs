@@ -482,7 +482,7 @@ fn the_dockerfile_passes_hadolint_and_copies_only_what_the_build_needs() {
             parts[1..parts.len() - 1].to_vec()
         })
         .collect();
-    assert_eq!(copied, ["Cargo.toml", "Cargo.lock", "src", "bench/hot_path.rs"]);
+    assert_eq!(copied, ["Cargo.toml", "Cargo.lock", "src", "bench/hot_path.rs", "bench/push.rs"]);
     for path in copied {
         assert!(Path::new(ROOT).join(path).exists(), "{path}");
         assert!(allowed.contains(&path), "{path} is not in .dockerignore's allow list");

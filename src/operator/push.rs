@@ -38,6 +38,15 @@ const LEADERSHIP_CHECK: Duration = Duration::from_secs(1);
 pub struct Current {
     pub version: u64,
     pub config: Config,
+    /// Frames made so far, by the labels they were selected for: the pods of one workload share
+    /// labels, so a change is serialised once per workload rather than once per pod.
+    frames: Mutex<HashMap<Labels, Bytes>>,
+}
+
+impl Current {
+    pub fn new(version: u64, config: Config) -> Self {
+        Current { version, config, frames: Mutex::default() }
+    }
 }
 
 type Channel = watch::Sender<Option<Arc<Current>>>;
@@ -68,7 +77,7 @@ impl ConfigHub {
                 return;
             }
         };
-        let current = Arc::new(Current { version: published.version, config });
+        let current = Arc::new(Current::new(published.version, config));
         channel.send_if_modified(|slot| {
             let newer = slot.as_ref().is_none_or(|c| c.version < current.version);
             if newer {
@@ -97,11 +106,16 @@ impl ConfigHub {
 /// One frame of a pod's stream: the configuration of its namespace that selects `labels`,
 /// hashed afresh, as one JSON line.
 pub fn frame(namespace: &str, current: &Current, labels: &Labels) -> Bytes {
+    if let Some(frame) = lock(&current.frames).get(labels) {
+        return frame.clone();
+    }
     let mut config = current.config.clone();
     config.retain_for(labels);
     let mut line = serde_json::to_vec(&CompiledConfig::new(namespace, current.version, config)).unwrap_or_default();
     line.push(b'\n');
-    Bytes::from(line)
+    let frame = Bytes::from(line);
+    lock(&current.frames).insert(labels.clone(), frame.clone());
+    frame
 }
 
 /// The sidecars connected to this replica's streams, with the version each says it serves: what
