@@ -223,8 +223,13 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
     let (budgets, budgets_writer) = reflector::store();
     let (secrets, secrets_writer) = reflector::store();
     let (pods, pods_writer) = reflector::store();
-    let stores =
-        Stores { namespaces: namespaces.clone(), routes: routes.clone(), budgets: budgets.clone(), secrets, pods };
+    let stores = Stores {
+        namespaces: namespaces.clone(),
+        routes: routes.clone(),
+        budgets: budgets.clone(),
+        secrets,
+        pods: pods.clone(),
+    };
     let route_events = watcher::watcher(Api::<ProviderRoute>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .reflect(routes_writer);
@@ -289,7 +294,7 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
             let push = Arc::new(ConfigPush {
                 hub: hub.clone(),
                 connections: connections.clone().unwrap_or_default(),
-                pods: Arc::new(KubePods(client.clone())),
+                pods: Arc::new(KubePods { client: client.clone(), injected: pods.clone() }),
                 ledger: service.clone(),
                 leadership: leadership.clone(),
                 metrics: metrics.clone(),

@@ -214,18 +214,27 @@ pub trait Pods: Send + Sync + 'static {
     fn get<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, Result<Option<PodMeta>, String>>;
 }
 
-/// The cluster's pods: a metadata-only `get` (RBAC: `get` on pods).
-pub struct KubePods(pub kube::Client);
+type PodStore = kube::runtime::reflector::Store<kube::api::PartialObjectMeta<k8s_openapi::api::core::v1::Pod>>;
+
+/// The cluster's pods: the operator's cache of injected pods, else a metadata-only `get` (RBAC:
+/// `get` on pods), so that a fleet reconnecting after a leader change costs the API server nothing
+/// but the pods it has not seen yet.
+pub struct KubePods {
+    pub client: kube::Client,
+    pub injected: PodStore,
+}
 
 impl Pods for KubePods {
     fn get<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, Result<Option<PodMeta>, String>> {
+        let meta = |m: kube::api::ObjectMeta| PodMeta { uid: m.uid, labels: m.labels.unwrap_or_default() };
+        let cached = self.injected.get(&kube::runtime::reflector::ObjectRef::new(name).within(namespace));
         Box::pin(async move {
-            let api = kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(self.0.clone(), namespace);
+            if let Some(pod) = cached {
+                return Ok(Some(meta(pod.metadata.clone())));
+            }
+            let api = kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(self.client.clone(), namespace);
             let pod = api.get_metadata_opt(name).await.map_err(|e| e.to_string())?;
-            Ok(pod.map(|p| PodMeta {
-                uid: p.metadata.uid,
-                labels: p.metadata.labels.unwrap_or_default().into_iter().collect(),
-            }))
+            Ok(pod.map(|p| meta(p.metadata)))
         })
     }
 }
@@ -374,6 +383,44 @@ mod tests {
     fn published(version: u64, config: &Config) -> Published {
         let content = serde_json::to_vec(&CompiledConfig::new("team-a", version, config.clone())).unwrap();
         Published { version, content, ours: true, ..Published::default() }
+    }
+
+    #[tokio::test]
+    async fn an_injected_pod_is_read_from_the_cache_and_another_from_the_api_server() {
+        use kube::api::{ObjectMeta, PartialObjectMeta};
+        use kube::runtime::watcher::Event;
+        let (service, mut server) =
+            tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<kube::client::Body>>();
+        let (injected, mut writer) = kube::runtime::reflector::store();
+        let pod = PartialObjectMeta::<k8s_openapi::api::core::v1::Pod> {
+            metadata: ObjectMeta {
+                name: Some("web-1".into()),
+                namespace: Some("team-a".into()),
+                uid: Some("uid-1".into()),
+                labels: Some([("app".to_string(), "web".to_string())].into()),
+                ..ObjectMeta::default()
+            },
+            ..Default::default()
+        };
+        writer.apply_watcher_event(&Event::Apply(pod));
+        let pods = KubePods { client: kube::Client::new(service, "team-a"), injected };
+        let cached = tokio::time::timeout(Duration::from_secs(10), pods.get("team-a", "web-1")).await;
+        let cached = cached.expect("answered without an API call").expect("no error");
+        assert_eq!(cached, Some(PodMeta { uid: Some("uid-1".into()), labels: [("app".into(), "web".into())].into() }));
+        // Not in the cache: one GET of its metadata, and 404 is no pod.
+        let answer = async {
+            let (request, send) = server.next_request().await.expect("a GET");
+            assert_eq!(request.uri().path(), "/api/v1/namespaces/team-a/pods/other");
+            let status = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404});
+            let mut response = http::Response::new(kube::client::Body::from(status.to_string().into_bytes()));
+            *response.status_mut() = http::StatusCode::NOT_FOUND;
+            send.send_response(response);
+        };
+        let (missing, ()) =
+            tokio::time::timeout(Duration::from_secs(10), futures::future::join(pods.get("team-a", "other"), answer))
+                .await
+                .expect("in time");
+        assert_eq!(missing, Ok(None));
     }
 
     #[test]

@@ -94,7 +94,9 @@ async fn pushed_configuration_reaches_each_pod_with_only_what_selects_it() {
     let compiled: Value = serde_json::from_slice(&mounted).expect("JSON");
     let ca = compiled["config"]["ledger"]["caBundle"].as_str().expect("the ledger's CA").to_string();
 
-    let web_uid = pod(server, &team, "web-1", json!({"app": "web"}));
+    // The web pod as the injector labels it (its labels are then read from the operator's cache
+    // of injected pods); the others are read with a GET.
+    let web_uid = pod(server, &team, "web-1", json!({"app": "web", "sideyard.dev/config-group": "web"}));
     let web_token = token(server, &team, "sideyard", Some(("web-1", &web_uid)));
     let (_web, api, admin) = sidecar(&config_dir, "web-1", &web_token);
     let admin_metrics = || async move { common::get(admin, "/metrics").await.body };
