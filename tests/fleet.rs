@@ -33,17 +33,17 @@ fn object(kind: &str, api_version: &str, name: &str, extra: Value) -> Value {
     o
 }
 
-/// A namespace with one mock route and the given budgets (their key in Secret `keys`).
-fn cluster(budgets: &[(&str, Value)]) -> Arc<FakeApi> {
+/// The route `chat`'s one target.
+fn priced_mock() -> Value {
+    json!([{"name": "m", "api": "mock", "baseUrl": "mock://local", "model": "m",
+            "pricing": {"request": "0.01", "completion": "1000"}}])
+}
+
+/// A namespace with the route `chat` of `targets` and the given budgets (their key in Secret
+/// `keys`).
+fn cluster(targets: Value, budgets: &[(&str, Value)]) -> Arc<FakeApi> {
     let sy = "sideyard.dev/v1alpha1";
-    let route = object(
-        "ProviderRoute",
-        sy,
-        "chat",
-        json!({"spec": {"model": "chat", "targets": [{
-        "name": "m", "api": "mock", "baseUrl": "mock://local", "model": "m",
-        "pricing": {"request": "0.01", "completion": "1000"}}]}}),
-    );
+    let route = object("ProviderRoute", sy, "chat", json!({"spec": {"model": "chat", "targets": targets}}));
     let budgets = budgets.iter().map(|(name, spec)| object("ApiKeyBudget", sy, name, json!({"spec": spec}))).collect();
     let keys = object("Secret", "v1", "keys", json!({"data": {"app": "c2stYXBw", "other": "c2stb3RoZXI="}}));
     let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}});
@@ -101,7 +101,11 @@ impl Fleet {
     }
 
     async fn new(budgets: &[(&str, Value)]) -> Fleet {
-        let api = cluster(budgets);
+        Fleet::with_targets(priced_mock(), budgets).await
+    }
+
+    async fn with_targets(targets: Value, budgets: &[(&str, Value)]) -> Fleet {
+        let api = cluster(targets, budgets);
         let kubeconfig = serve_fake_api(api.clone()).await;
         Fleet { api, kubeconfig, certs: cert_dir(), port: free_port(), config_dir: temp_dir("fleet-config") }
     }
@@ -725,4 +729,51 @@ async fn configuration_streams_follow_the_leader_and_never_go_back_a_version() {
     assert!(metric(&m, "sideyard_config_version") >= before, "{m}");
     assert_eq!(metric(&m, "sideyard_config_older_total{source=\"push\"}"), 0, "{m}");
     assert_eq!(chat_with(api, "chat").await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_one_pod_ejects_is_avoided_by_a_pod_that_has_seen_no_failure() {
+    let targets = json!([
+        {"name": "flaky", "api": "mock", "baseUrl": "mock://local?fail-rate=1&fail-status=503"},
+        {"name": "good", "api": "mock", "baseUrl": "mock://local"}]);
+    let fleet = Fleet::with_targets(targets, &[]).await;
+    let _operator = fleet.operator("op-1");
+    fleet.publish_config().await;
+    let (_a, a_api, a_admin) = fleet.sidecar("pod-0", &temp_dir("outage-a"));
+    let (_b, b_api, b_admin) = fleet.sidecar("pod-1", &temp_dir("outage-b"));
+    for admin in [a_admin, b_admin] {
+        eventually("both streams are open", || async {
+            metric(&metrics(admin).await, "sideyard_config_stream_connected") == 1
+        })
+        .await;
+    }
+    let series = |name: &str, target: &str| format!("{name}{{route=\"{NS}/chat\",target=\"{target}\"}}");
+    // Pod A meets the outage: each request falls back, and the third failure ejects the target.
+    for _ in 0..3 {
+        let answer = read(send(a_api, "POST", "/v1/chat/completions", CHAT).await).await;
+        assert_eq!((answer.status.as_u16(), answer.header("x-sideyard-target")), (200, "good"), "{}", answer.body);
+    }
+    assert_eq!(metric(&metrics(a_admin).await, &series("sideyard_ejections_total", "flaky")), 1);
+    // Pod B, which has sent nothing, holds the target too once the operator pushes the ejection.
+    eventually("the ejection reaches the other pod", || async {
+        metric(&metrics(b_admin).await, &series("sideyard_fleet_ejections_total", "flaky")) >= 1
+    })
+    .await;
+    let health = format!("sideyard_target_health{{route=\"{NS}/chat\",target=\"flaky\",state=\"ejected\"}}");
+    assert_eq!(metric(&metrics(b_admin).await, &health), 1);
+    let answer = read(send(b_api, "POST", "/v1/chat/completions", CHAT).await).await;
+    assert_eq!(
+        (answer.status.as_u16(), answer.header("x-sideyard-target"), answer.header("x-sideyard-attempts")),
+        (200, "good", "1"),
+        "no attempt on the target the fleet ejected"
+    );
+    let b = metrics(b_admin).await;
+    assert_eq!(metric(&b, &series("sideyard_ejections_total", "flaky")), 0, "B ejected nothing itself");
+    assert_eq!(
+        metric(
+            &b,
+            &format!("sideyard_upstream_outcomes_total{{route=\"{NS}/chat\",target=\"flaky\",outcome=\"5xx\"}}")
+        ),
+        0
+    );
 }

@@ -128,6 +128,7 @@ fn push() -> Push {
     let push = Arc::new(ConfigPush {
         hub: Arc::new(ConfigHub::default()),
         connections: Arc::default(),
+        outages: Arc::default(),
         pods: Arc::new(Cluster),
         ledger,
         leadership,
@@ -143,6 +144,15 @@ impl Push {
     async fn open(&self, token: &str) -> http::Response<Body> {
         let request = Request::get("/config/v1/stream").header("authorization", format!("Bearer {token}"));
         router(self.push.clone()).oneshot(request.body(Body::empty()).unwrap()).await.unwrap()
+    }
+
+    /// A sidecar's report: its status.
+    async fn report(&self, path: &str, token: &str, body: &str) -> StatusCode {
+        let request = Request::post(path)
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        router(self.push.clone()).oneshot(request).await.unwrap().status()
     }
 
     fn publish(&self, published: &Published) {
@@ -267,22 +277,40 @@ async fn connected_pods_are_counted_with_the_version_they_say_they_serve() {
     let p = push();
     p.publish(&team_a(4, "gpt-4o-mini"));
     let stream = p.open("team-a:web").await;
-    let served = |token: &str, body: &str| {
-        let request = Request::post("/config/v1/served")
-            .header("authorization", format!("Bearer {token}"))
-            .body(Body::from(body.to_string()))
-            .unwrap();
-        router(p.push.clone()).oneshot(request)
-    };
+    let served = |token: &'static str, body: &'static str| p.report("/config/v1/served", token, body);
     let web = |serves| ConnectedPod { labels: [("app".to_string(), "web".to_string())].into(), serves };
     assert_eq!(p.push.connections.in_namespace("team-a"), [web(None)]);
-    assert_eq!(served("team-a:web", r#"{"version": 4}"#).await.unwrap().status(), StatusCode::NO_CONTENT);
+    assert_eq!(served("team-a:web", r#"{"version": 4}"#).await, StatusCode::NO_CONTENT);
     assert_eq!(p.push.connections.in_namespace("team-a"), [web(Some(4))]);
     // A pod without a stream is not counted; a body that is not a version is refused.
-    assert_eq!(served("team-a:billing", r#"{"version": 4}"#).await.unwrap().status(), StatusCode::NO_CONTENT);
-    assert_eq!(served("team-a:web", r#"{"version": "four"}"#).await.unwrap().status(), StatusCode::BAD_REQUEST);
+    assert_eq!(served("team-a:billing", r#"{"version": 4}"#).await, StatusCode::NO_CONTENT);
+    assert_eq!(served("team-a:web", r#"{"version": "four"}"#).await, StatusCode::BAD_REQUEST);
     assert_eq!(p.push.connections.in_namespace("team-a").len(), 1);
     assert_eq!(p.push.connections.take_changed(), ["team-a".to_string()].into(), "the namespace is reconciled again");
     drop(stream);
     assert!(p.push.connections.in_namespace("team-a").is_empty(), "a closed stream's pod is not counted");
+}
+
+#[tokio::test]
+async fn an_outage_one_pod_reports_is_pushed_to_the_other_pods_of_the_namespace() {
+    let p = push();
+    p.publish(&team_a(1, "gpt-4o-mini"));
+    let mut web = p.open("team-a:web").await.into_body();
+    let mut pending = Vec::new();
+    assert_eq!(next_frame(&mut web, &mut pending).await.unwrap().0["kind"], "CompiledConfig");
+    let report = |token: &'static str, body: &'static str| p.report("/config/v1/health", token, body);
+    let outage = r#"{"targets": [{"route": "team-a/chat", "target": "openai", "ejectedMs": 10000}]}"#;
+    assert_eq!(report("team-a:billing", outage).await, StatusCode::NO_CONTENT);
+    let (frame, _) = next_frame(&mut web, &mut pending).await.unwrap();
+    assert_eq!((frame["kind"].as_str(), frame["targets"][0]["target"].as_str()), (Some("FleetHealth"), Some("openai")));
+    assert!(frame["targets"][0]["ejectedMs"].as_u64().is_some_and(|ms| ms > 0 && ms <= 10_000), "{frame}");
+    // A pod that connects later is told right after its configuration.
+    let mut late = p.open("team-a:billing").await.into_body();
+    let mut late_pending = Vec::new();
+    assert_eq!(next_frame(&mut late, &mut late_pending).await.unwrap().0["kind"], "CompiledConfig");
+    assert_eq!(next_frame(&mut late, &mut late_pending).await.unwrap().0["kind"], "FleetHealth");
+    // Reports need a pod's token and a readable body.
+    assert_eq!(report("team-a:", outage).await, StatusCode::FORBIDDEN);
+    assert_eq!(report("team-a:web", "{").await, StatusCode::BAD_REQUEST);
+    assert!(p.metrics.render().contains("sideyard_operator_fleet_outages_total 1"));
 }

@@ -19,6 +19,41 @@ pub const CONFIG_STREAM_PATH: &str = "/config/v1/stream";
 /// Where a sidecar says which version it serves: a [`ServedVersion`].
 pub const CONFIG_SERVED_PATH: &str = "/config/v1/served";
 
+/// Where a sidecar tells what it sees of its targets' health: a [`HealthReport`], about once a
+/// second while its stream is open.
+pub const HEALTH_REPORT_PATH: &str = "/config/v1/health";
+/// `kind` of the stream's frames about the fleet's view of targets' health, between the
+/// configurations: a [`FleetHealth`].
+pub const FLEET_HEALTH_KIND: &str = "FleetHealth";
+
+/// A target kept out of use, and for how long from when the message was written.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetOutage {
+    /// `namespace/name` of the route.
+    pub route: String,
+    pub target: String,
+    /// Ejected for this many more milliseconds (0: not ejected).
+    #[serde(default)]
+    pub ejected_ms: u64,
+    /// Cooling down after a rate limit for this many more milliseconds (0: not).
+    #[serde(default)]
+    pub cooling_ms: u64,
+}
+
+/// A sidecar's own ejections and cooldowns (never those the fleet told it of).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthReport {
+    pub targets: Vec<TargetOutage>,
+}
+
+/// The fleet's ejections and cooldowns for a namespace's targets, pushed to its sidecars.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetHealth {
+    pub kind: String,
+    pub targets: Vec<TargetOutage>,
+}
+
 /// The version of the configuration a sidecar serves, from either source.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServedVersion {

@@ -48,6 +48,8 @@ pub struct OperatorMetrics {
     config_stream_opens: Mutex<BTreeMap<&'static str, u64>>,
     pub config_frames: Counter,
     pub config_frame_bytes: Counter,
+    /// Sidecars' reports that put a target out for their namespace's fleet.
+    pub fleet_holds: Counter,
 }
 
 impl OperatorMetrics {
@@ -220,7 +222,16 @@ impl OperatorMetrics {
             let _ = writeln!(out, "sideyard_operator_config_stream_requests_total{{result=\"{result}\"}} {n}");
         }
         let sent = [
-            ("sideyard_operator_config_frames_total", "Configuration versions sent to sidecars.", &self.config_frames),
+            (
+                "sideyard_operator_fleet_outages_total",
+                "Sidecar reports of an ejection or cooldown that was pushed to their namespace's other sidecars.",
+                &self.fleet_holds,
+            ),
+            (
+                "sideyard_operator_config_frames_total",
+                "Frames (configurations and fleet health) sent to sidecars.",
+                &self.config_frames,
+            ),
             (
                 "sideyard_operator_config_frame_bytes_total",
                 "Bytes of configuration sent to sidecars.",

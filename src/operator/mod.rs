@@ -8,6 +8,7 @@ pub mod inject;
 pub mod leader;
 pub mod ledger;
 pub mod metrics;
+pub mod outages;
 pub mod plan;
 pub mod push;
 pub mod tls;
@@ -294,6 +295,7 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
             let push = Arc::new(ConfigPush {
                 hub: hub.clone(),
                 connections: connections.clone().unwrap_or_default(),
+                outages: Arc::default(),
                 pods: Arc::new(KubePods { client: client.clone(), injected: pods.clone() }),
                 ledger: service.clone(),
                 leadership: leadership.clone(),

@@ -26,9 +26,12 @@ use tokio::sync::watch;
 use super::leader::Leadership;
 use super::ledger::{FleetService, LedgerError};
 use super::metrics::OperatorMetrics;
+use super::outages::{self, Held, Outages};
 use super::plan::{ConnectedPod, Published};
 use crate::config::selector::Labels;
-use crate::config::{CONFIG_SERVED_PATH, CONFIG_STREAM_PATH, CompiledConfig, Config, ServedVersion};
+use crate::config::{
+    CONFIG_SERVED_PATH, CONFIG_STREAM_PATH, CompiledConfig, Config, HEALTH_REPORT_PATH, HealthReport, ServedVersion,
+};
 
 /// How often a stream checks that this replica still leads.
 const LEADERSHIP_CHECK: Duration = Duration::from_secs(1);
@@ -243,6 +246,8 @@ impl Pods for KubePods {
 pub struct ConfigPush {
     pub hub: Arc<ConfigHub>,
     pub connections: Arc<Connections>,
+    /// What the sidecars report of their targets' outages, pushed back to them all.
+    pub outages: Arc<Outages>,
     pub pods: Arc<dyn Pods>,
     pub ledger: Arc<FleetService>,
     pub leadership: Leadership,
@@ -251,7 +256,11 @@ pub struct ConfigPush {
 
 /// The stream's route, served beside the ledger's.
 pub fn router(push: Arc<ConfigPush>) -> Router {
-    Router::new().route(CONFIG_STREAM_PATH, get(stream)).route(CONFIG_SERVED_PATH, post(served)).with_state(push)
+    Router::new()
+        .route(CONFIG_STREAM_PATH, get(stream))
+        .route(CONFIG_SERVED_PATH, post(served))
+        .route(HEALTH_REPORT_PATH, post(health))
+        .with_state(push)
 }
 
 async fn stream(State(push): State<Arc<ConfigPush>>, headers: HeaderMap) -> Response {
@@ -268,22 +277,45 @@ async fn stream(State(push): State<Arc<ConfigPush>>, headers: HeaderMap) -> Resp
     }
 }
 
-/// What a sidecar reports on `POST /config/v1/served`: `{"version": 7}`, the version it serves.
-async fn served(State(push): State<Arc<ConfigPush>>, headers: HeaderMap, body: Bytes) -> Response {
-    let report = async {
-        let caller = push.ledger.authenticate(&headers).await?;
-        let served: ServedVersion = serde_json::from_slice(&body).map_err(|e| {
-            LedgerError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("invalid request body: {e}"))
-        })?;
-        if let Some(pod) = caller.bound_pod {
-            push.connections.served(&caller.namespace, &pod.name, served.version);
-        }
-        Ok::<_, LedgerError>(())
-    };
-    match report.await {
+/// A sidecar's report: its namespace, its pod and the body, or the error answer.
+async fn pod_report<T: serde::de::DeserializeOwned>(
+    push: &ConfigPush,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(String, String, T), LedgerError> {
+    let caller = push.ledger.authenticate(headers).await?;
+    let report = serde_json::from_slice(body).map_err(|e| {
+        LedgerError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("invalid request body: {e}"))
+    })?;
+    let pod = caller
+        .bound_pod
+        .ok_or_else(|| LedgerError::new(StatusCode::FORBIDDEN, "forbidden", "the token is bound to no pod"))?;
+    Ok((caller.namespace, pod.name, report))
+}
+
+fn no_content(result: Result<(), LedgerError>) -> Response {
+    match result {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+/// What a sidecar reports on `POST /config/v1/served`: `{"version": 7}`, the version it serves.
+async fn served(State(push): State<Arc<ConfigPush>>, headers: HeaderMap, body: Bytes) -> Response {
+    no_content(pod_report(&push, &headers, &body).await.map(|(namespace, pod, served): (_, _, ServedVersion)| {
+        push.connections.served(&namespace, &pod, served.version);
+    }))
+}
+
+/// What a sidecar reports on `POST /config/v1/health`: its own ejections and cooldowns, pushed to
+/// the namespace's other sidecars when they are news.
+async fn health(State(push): State<Arc<ConfigPush>>, headers: HeaderMap, body: Bytes) -> Response {
+    no_content(pod_report(&push, &headers, &body).await.map(|(namespace, pod, report): (_, _, HealthReport)| {
+        if push.outages.report(&namespace, &pod, &report.targets, tokio::time::Instant::now()) {
+            push.metrics.fleet_holds.inc();
+            tracing::info!(%namespace, %pod, outages = ?report.targets, "a sidecar's outage is pushed to its namespace's sidecars");
+        }
+    }))
 }
 
 /// The caller's namespace, pod and its labels, or why it gets no stream (with the metric label).
@@ -325,11 +357,15 @@ fn frames(
         labels: Labels,
         changes: watch::Receiver<Option<Arc<Current>>>,
         sent: Option<u64>,
+        /// The fleet's outages: told once the first configuration is out, then at each change.
+        held: watch::Receiver<Held>,
+        held_due: bool,
         _connected: Connected,
     }
     let changes = push.hub.subscribe(&namespace);
+    let held = push.outages.subscribe(&namespace);
     let connected = Connected::new(&push, &namespace, &pod, &labels);
-    let open = Open { push, namespace, labels, changes, sent: None, _connected: connected };
+    let open = Open { push, namespace, labels, changes, sent: None, held, held_due: true, _connected: connected };
     futures::stream::unfold(open, |mut open| async move {
         let mut check = tokio::time::interval(LEADERSHIP_CHECK);
         loop {
@@ -340,8 +376,20 @@ fn frames(
                 open.push.metrics.config_frame(frame.len());
                 return Some((Ok(frame), open));
             }
+            if open.sent.is_some() && open.held_due {
+                open.held_due = false;
+                let held = open.held.borrow_and_update().clone();
+                if let Some(frame) = outages::frame(&held, tokio::time::Instant::now()) {
+                    open.push.metrics.config_frame(frame.len());
+                    return Some((Ok(frame), open));
+                }
+            }
             tokio::select! {
                 changed = open.changes.changed() => if changed.is_err() { return None },
+                changed = open.held.changed(), if open.sent.is_some() => match changed {
+                    Ok(()) => open.held_due = true,
+                    Err(_) => return None,
+                },
                 _ = check.tick() => if !open.push.leadership.is_leader() { return None },
             }
         }
@@ -352,6 +400,7 @@ fn frames(
 struct Connected {
     metrics: Arc<OperatorMetrics>,
     connections: Arc<Connections>,
+    outages: Arc<Outages>,
     namespace: String,
     pod: String,
 }
@@ -363,6 +412,7 @@ impl Connected {
         Connected {
             metrics: push.metrics.clone(),
             connections: push.connections.clone(),
+            outages: push.outages.clone(),
             namespace: namespace.into(),
             pod: pod.into(),
         }
@@ -373,6 +423,7 @@ impl Drop for Connected {
     fn drop(&mut self) {
         self.metrics.config_streams.dec();
         self.connections.disconnect(&self.namespace, &self.pod);
+        self.outages.forget(&self.namespace, &self.pod);
     }
 }
 

@@ -83,6 +83,9 @@ pub struct HealthTracker {
     recovered_at: AtomicU64,
     probing: AtomicBool,
     cooling_until: AtomicU64,
+    /// Ejected by the fleet (another pod ejected it) until then; 0 when not. Only adds to this
+    /// pod's own health: its own success ends it.
+    fleet_until: AtomicU64,
 }
 
 impl HealthTracker {
@@ -94,7 +97,10 @@ impl HealthTracker {
         }
         let until = self.ejected_until.load(Acquire);
         if until == 0 {
-            Admission::Open
+            match self.fleet_until.load(Relaxed) {
+                fleet if fleet > now => Admission::Ejected { until: fleet },
+                _ => Admission::Open,
+            }
         } else if until > now || self.probing.load(Acquire) {
             Admission::Ejected { until }
         } else {
@@ -134,6 +140,7 @@ impl HealthTracker {
             }
             AttemptOutcome::Success => {
                 self.consecutive_failures.store(0, Relaxed);
+                self.fleet_until.store(0, Relaxed);
                 if probe || self.ejected_until.load(Acquire) != 0 {
                     self.ejected_until.store(0, Release);
                     self.recovered_at.store(now, Relaxed);
@@ -203,6 +210,19 @@ impl HealthTracker {
         self.ejections.fetch_add(1, Relaxed);
         self.consecutive_failures.store(0, Relaxed);
         Some(Transition::Ejected { duration })
+    }
+
+    /// How much longer this pod itself keeps the target ejected, if it does: what it tells the
+    /// fleet (never what the fleet told it, which would keep an ejection alive on its own echo).
+    pub fn own_ejection(&self, now: Ticks) -> Option<Duration> {
+        let until = self.ejected_until.load(Acquire);
+        (until > now).then(|| Duration::from_nanos(until - now))
+    }
+
+    /// Skips the target until `until` because another pod ejected it, unless this pod's own
+    /// success ends that first.
+    pub fn fleet_eject(&self, until: Ticks) {
+        self.fleet_until.fetch_max(until, Relaxed);
     }
 
     /// How much longer the target cools down after a rate limit, if it does.
@@ -312,6 +332,27 @@ mod tests {
         assert_eq!(h.acquire(10 * S), Some(true));
         assert_eq!(h.record(AttemptOutcome::Cancelled, true, &policy(), 10 * S), None);
         assert_eq!(h.acquire(10 * S), Some(true), "another request may probe");
+    }
+
+    #[test]
+    fn a_fleet_ejection_only_adds_and_the_pods_own_success_ends_it() {
+        let h = HealthTracker::default();
+        h.fleet_eject(20 * S);
+        assert_eq!(h.admission(S), Admission::Ejected { until: 20 * S });
+        assert_eq!(h.own_ejection(S), None, "what the fleet said is not reported back as this pod's");
+        assert_eq!(h.acquire(S), None);
+        assert_eq!(h.admission(20 * S), Admission::Open, "over when the fleet's time is");
+        h.fleet_eject(30 * S);
+        // A success of this pod's (a request already in flight, or panic routing) ends it.
+        assert_eq!(h.record(AttemptOutcome::Success, false, &policy(), 21 * S), None);
+        assert_eq!(h.admission(21 * S), Admission::Open);
+        // Its own ejection is reported, and wins over a shorter fleet one.
+        for _ in 0..3 {
+            fail(&h, 22 * S);
+        }
+        h.fleet_eject(25 * S);
+        assert_eq!(h.own_ejection(22 * S), Some(Duration::from_secs(10)));
+        assert_eq!(h.admission(26 * S), Admission::Ejected { until: 32 * S });
     }
 
     #[test]

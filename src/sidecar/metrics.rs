@@ -121,6 +121,15 @@ fn render_states(registry: &StateRegistry, now: Ticks) -> String {
     for (l, t) in per_target() {
         let _ = writeln!(out, "sideyard_cooldowns_total{{{l}}} {}", t.cooldowns.get());
     }
+    header(
+        &mut out,
+        "sideyard_fleet_ejections_total",
+        "counter",
+        "Ejections another pod of the namespace made, held here as the operator pushed them.",
+    );
+    for (l, t) in per_target() {
+        let _ = writeln!(out, "sideyard_fleet_ejections_total{{{l}}} {}", t.fleet_ejections.get());
+    }
 
     type Pick = fn(&TargetStats) -> &Cached;
     let quantile_gauges: [(&str, &str, Pick, f64); 3] = [

@@ -17,11 +17,17 @@ use hyper::body::Incoming;
 use tokio::sync::watch;
 
 use super::fleet::EndpointOverrides;
+use super::health;
 use super::ledger_client::{CallMetrics, LedgerClient};
 use super::shared::Shared;
 use super::state::Source;
-use crate::config::{CONFIG_SERVED_PATH, CONFIG_STREAM_PATH, CompiledConfig, Config, LedgerEndpoint, ServedVersion};
+use crate::config::{
+    CONFIG_SERVED_PATH, CONFIG_STREAM_PATH, CompiledConfig, Config, FLEET_HEALTH_KIND, FleetHealth, HEALTH_REPORT_PATH,
+    HealthReport, LedgerEndpoint, ServedVersion, TargetOutage,
+};
 
+/// How often this pod's outages are told to the operator.
+const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// The largest frame read: a configuration fits in a Secret (1 MiB), with room for its JSON.
 const MAX_FRAME: usize = 4 << 20;
 /// Reconnection delays grow from this …
@@ -262,6 +268,9 @@ async fn read(
     // Told once the stream's first frame is in, then at every change, from either source.
     let mut version = served.version();
     let mut told = None;
+    // This pod's own outages, told about once a second while there are any (and once after).
+    let mut report = tokio::time::interval(REPORT_INTERVAL);
+    let mut reported_outages = false;
     loop {
         if received > 0 && *version.borrow_and_update() != told {
             told = *version.borrow();
@@ -274,6 +283,16 @@ async fn read(
         let next = tokio::select! {
             next = body.frame() => next,
             _ = version.changed() => continue,
+            _ = report.tick() => {
+                let targets = own_outages(shared);
+                if received > 0 && (reported_outages || !targets.is_empty()) {
+                    reported_outages = !targets.is_empty();
+                    if let Err(e) = client.post(HEALTH_REPORT_PATH, &HealthReport { targets }).await {
+                        tracing::debug!(error = %e, "could not tell the operator of this pod's outages");
+                    }
+                }
+                continue;
+            }
             _ = check.tick() => {
                 if labels(&options.labels_file).map(Result::ok) != first_labels {
                     return Ended::Reselect;
@@ -295,7 +314,11 @@ async fn read(
             return Ended::Failed(format!("a frame of more than {MAX_FRAME} bytes"));
         };
         for line in lines {
-            match apply_frame(shared, served, Bytes::from(line)) {
+            let applied = match serde_json::from_slice::<Kind>(&line) {
+                Ok(Kind { kind }) if kind == FLEET_HEALTH_KIND => apply_fleet_health(shared, &line),
+                _ => apply_frame(shared, served, Bytes::from(line)),
+            };
+            match applied {
                 Ok(()) => received += 1,
                 Err(e) => {
                     shared.states.push_rejected.inc();
@@ -305,6 +328,49 @@ async fn read(
             }
         }
     }
+}
+
+/// A frame's kind, read before the rest.
+#[derive(serde::Deserialize)]
+struct Kind {
+    kind: String,
+}
+
+/// This pod's own ejections and cooldowns now, for the fleet.
+fn own_outages(shared: &Shared) -> Vec<TargetOutage> {
+    let now = health::now();
+    let ms = |d: Option<Duration>| d.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    shared
+        .states
+        .targets()
+        .into_iter()
+        .map(|((route, target), state)| TargetOutage {
+            route,
+            target,
+            ejected_ms: ms(state.health.own_ejection(now)),
+            cooling_ms: ms(state.health.cooling_for(now)),
+        })
+        .filter(|o| o.ejected_ms > 0 || o.cooling_ms > 0)
+        .collect()
+}
+
+/// Holds the targets the fleet says are out; those this pod does not serve are ignored.
+fn apply_fleet_health(shared: &Shared, frame: &[u8]) -> Result<(), String> {
+    let fleet: FleetHealth = serde_json::from_slice(frame).map_err(|e| format!("a fleet health frame: {e}"))?;
+    let now = health::now();
+    let until = |ms: u64| now.saturating_add(health::ticks(Duration::from_millis(ms)));
+    for outage in &fleet.targets {
+        let Some(state) = shared.states.existing(&outage.route, &outage.target) else { continue };
+        if outage.ejected_ms > 0 {
+            state.health.fleet_eject(until(outage.ejected_ms));
+            state.fleet_ejections.inc();
+        }
+        if outage.cooling_ms > 0 {
+            state.health.cool_down(until(outage.cooling_ms));
+        }
+        tracing::info!(route = %outage.route, target = %outage.target, ejected_ms = outage.ejected_ms, cooling_ms = outage.cooling_ms, "another pod's outage: the target is held here too");
+    }
+    Ok(())
 }
 
 /// Reads and serves one pushed configuration if it is newer than the one served.

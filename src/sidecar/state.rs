@@ -28,6 +28,8 @@ pub struct TargetState {
     pub stream_errors: Counter,
     pub ejections: Counter,
     pub cooldowns: Counter,
+    /// Ejections another pod made that the fleet pushed here.
+    pub fleet_ejections: Counter,
     pub health: HealthTracker,
     pub stats: TargetStats,
 }
@@ -96,6 +98,12 @@ impl StateRegistry {
     pub fn target(&self, route: &str, target: &str) -> Arc<TargetState> {
         let mut targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
         targets.entry((route.to_string(), target.to_string())).or_default().clone()
+    }
+
+    /// The state of a target this pod serves, without making one.
+    pub fn existing(&self, route: &str, target: &str) -> Option<Arc<TargetState>> {
+        let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        targets.get(&(route.to_string(), target.to_string())).cloned()
     }
 
     pub fn route(&self, route: &str) -> Arc<RouteState> {

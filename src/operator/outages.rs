@@ -1,0 +1,191 @@
+//! Fleet health: what the sidecars of a namespace see of their targets' outages, merged, so that
+//! an ejection one pod makes is pushed to every other pod of the namespace on its configuration
+//! stream and the outage is avoided by all within about two seconds.
+//!
+//! Each sidecar reports its own ejections and rate-limit cooldowns about once a second; its
+//! latest report replaces its previous one. A target is out for the fleet until the latest end
+//! any pod reported, never longer than [`MAX_HOLD`] from a report, however long a pod asks for: a
+//! pod can make its namespace avoid a target for that long at most. Pure but for the channels:
+//! time is passed in.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::{FLEET_HEALTH_KIND, FleetHealth, TargetOutage};
+
+/// The longest a report can keep a target out for the fleet.
+pub const MAX_HOLD: Duration = Duration::from_secs(300);
+/// An outage's end moving by less than this is not news for the fleet.
+const SLACK: Duration = Duration::from_secs(1);
+
+/// (route `namespace/name`, target name).
+type Target = (String, String);
+
+/// When a target's ejection and cooldown end for the fleet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Hold {
+    pub ejected_until: Option<Instant>,
+    pub cooling_until: Option<Instant>,
+}
+
+/// A namespace's targets that are out for the fleet.
+pub type Held = Arc<BTreeMap<Target, Hold>>;
+
+#[derive(Default)]
+pub struct Outages {
+    namespaces: Mutex<HashMap<String, Namespace>>,
+}
+
+struct Namespace {
+    /// Each pod's latest report, as ends.
+    by_pod: HashMap<String, BTreeMap<Target, Hold>>,
+    held: watch::Sender<Held>,
+}
+
+impl Default for Namespace {
+    fn default() -> Self {
+        Namespace { by_pod: HashMap::new(), held: watch::channel(Held::default()).0 }
+    }
+}
+
+impl Outages {
+    /// A pod's report of its own outages at `now`; returns whether the fleet's view changed
+    /// enough to be pushed (then it is).
+    pub fn report(&self, namespace: &str, pod: &str, outages: &[TargetOutage], now: Instant) -> bool {
+        let cap = |ms: u64| (ms > 0).then(|| now + Duration::from_millis(ms).min(MAX_HOLD));
+        let reported = outages
+            .iter()
+            .map(|o| {
+                let hold = Hold { ejected_until: cap(o.ejected_ms), cooling_until: cap(o.cooling_ms) };
+                ((o.route.clone(), o.target.clone()), hold)
+            })
+            .filter(|(_, h)| h.ejected_until.is_some() || h.cooling_until.is_some())
+            .collect();
+        let mut namespaces = lock(&self.namespaces);
+        let ns = namespaces.entry(namespace.to_string()).or_default();
+        ns.by_pod.insert(pod.to_string(), reported);
+        ns.merge(now)
+    }
+
+    /// A pod whose stream closed: its report no longer counts (what it reported still runs out).
+    pub fn forget(&self, namespace: &str, pod: &str) {
+        if let Some(ns) = lock(&self.namespaces).get_mut(namespace) {
+            ns.by_pod.remove(pod);
+        }
+    }
+
+    /// The namespace's held targets, as they change.
+    pub fn subscribe(&self, namespace: &str) -> watch::Receiver<Held> {
+        lock(&self.namespaces).entry(namespace.to_string()).or_default().held.subscribe()
+    }
+}
+
+impl Namespace {
+    /// Merges the pods' reports: each target out until the latest end any pod reported. Pushes
+    /// when a target is newly out or its end moves later by more than [`SLACK`]; ends that pass,
+    /// and pods that recover, need no push (each sidecar's hold runs out on its own).
+    fn merge(&mut self, now: Instant) -> bool {
+        let mut merged: BTreeMap<Target, Hold> = BTreeMap::new();
+        for (target, hold) in self.by_pod.values().flatten() {
+            let entry = merged.entry(target.clone()).or_default();
+            entry.ejected_until = entry.ejected_until.max(hold.ejected_until);
+            entry.cooling_until = entry.cooling_until.max(hold.cooling_until);
+        }
+        merged.retain(|_, h| h.ejected_until.is_some_and(|t| t > now) || h.cooling_until.is_some_and(|t| t > now));
+        let pushed = self.held.borrow().clone();
+        let later = |new: Option<Instant>, old: Option<Instant>| match (new, old) {
+            (Some(new), Some(old)) => new > old + SLACK,
+            (Some(new), None) => new > now,
+            (None, _) => false,
+        };
+        let news = merged.iter().any(|(target, hold)| {
+            let old = pushed.get(target).copied().unwrap_or_default();
+            later(hold.ejected_until, old.ejected_until) || later(hold.cooling_until, old.cooling_until)
+        });
+        if news {
+            self.held.send_replace(Arc::new(merged));
+        }
+        news
+    }
+}
+
+/// The stream frame that tells a sidecar of `held` at `now`, as one JSON line; `None` when
+/// nothing is held any more.
+pub fn frame(held: &Held, now: Instant) -> Option<bytes::Bytes> {
+    let left = |until: Option<Instant>| {
+        until.map_or(0, |t| u64::try_from(t.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX))
+    };
+    let targets: Vec<TargetOutage> = held
+        .iter()
+        .map(|((route, target), hold)| TargetOutage {
+            route: route.clone(),
+            target: target.clone(),
+            ejected_ms: left(hold.ejected_until),
+            cooling_ms: left(hold.cooling_until),
+        })
+        .filter(|o| o.ejected_ms > 0 || o.cooling_ms > 0)
+        .collect();
+    if targets.is_empty() {
+        return None;
+    }
+    let mut line = serde_json::to_vec(&FleetHealth { kind: FLEET_HEALTH_KIND.into(), targets }).unwrap_or_default();
+    line.push(b'\n');
+    Some(bytes::Bytes::from(line))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outage(target: &str, ejected_ms: u64, cooling_ms: u64) -> TargetOutage {
+        TargetOutage { route: "team-a/chat".into(), target: target.into(), ejected_ms, cooling_ms }
+    }
+
+    fn held_for(frame: &Option<bytes::Bytes>) -> Vec<(String, u64, u64)> {
+        let Some(bytes) = frame else { return Vec::new() };
+        let health: FleetHealth = serde_json::from_slice(bytes).expect("a frame");
+        health.targets.into_iter().map(|o| (o.target, o.ejected_ms, o.cooling_ms)).collect()
+    }
+
+    #[test]
+    fn one_pods_ejection_is_the_fleets_until_the_latest_reported_end() {
+        let outages = Outages::default();
+        let held = outages.subscribe("team-a");
+        let t0 = Instant::now();
+        assert!(!outages.report("team-a", "pod-a", &[], t0), "nothing to say");
+        assert!(outages.report("team-a", "pod-a", &[outage("flaky", 10_000, 0)], t0));
+        assert_eq!(held_for(&frame(&held.borrow(), t0)), [("flaky".into(), 10_000, 0)]);
+        // The same ejection reported again a second later is no news.
+        assert!(!outages.report("team-a", "pod-a", &[outage("flaky", 9_000, 0)], t0 + Duration::from_secs(1)));
+        // Another pod ejects it for longer, and cools another target: news.
+        let t2 = t0 + Duration::from_secs(2);
+        assert!(outages.report("team-a", "pod-b", &[outage("flaky", 20_000, 0), outage("busy", 0, 5_000)], t2));
+        assert_eq!(held_for(&frame(&held.borrow(), t2)), [("busy".into(), 0, 5_000), ("flaky".into(), 20_000, 0)]);
+        // A new stream at t3 is told what is left.
+        let t3 = t2 + Duration::from_secs(3);
+        assert_eq!(held_for(&frame(&held.borrow(), t3)), [("busy".into(), 0, 2_000), ("flaky".into(), 17_000, 0)]);
+        // Pods recovering push nothing; what was pushed runs out.
+        assert!(!outages.report("team-a", "pod-b", &[], t3));
+        outages.forget("team-a", "pod-a");
+        assert_eq!(held_for(&frame(&held.borrow(), t2 + Duration::from_secs(21))), []);
+        assert!(outages.subscribe("team-b").borrow().is_empty(), "namespaces are apart");
+    }
+
+    #[test]
+    fn no_report_holds_a_target_longer_than_the_cap() {
+        let outages = Outages::default();
+        let held = outages.subscribe("team-a");
+        let t0 = Instant::now();
+        assert!(outages.report("team-a", "pod-a", &[outage("flaky", u64::MAX, u64::MAX)], t0));
+        let cap = u64::try_from(MAX_HOLD.as_millis()).unwrap_or(0);
+        assert_eq!(held_for(&frame(&held.borrow(), t0)), [("flaky".into(), cap, cap)]);
+    }
+}
