@@ -776,4 +776,15 @@ async fn a_target_one_pod_ejects_is_avoided_by_a_pod_that_has_seen_no_failure() 
         ),
         0
     );
+    // And the route's status says so.
+    let route = format!("/apis/sideyard.dev/v1alpha1/namespaces/{NS}/providerroutes/chat");
+    let target_health = |name: &str| {
+        let statuses = fleet.api.statuses.lock().unwrap();
+        let targets = statuses.get(&route).and_then(|s| s["targets"].as_array().cloned()).unwrap_or_default();
+        targets.into_iter().find(|t| t["name"] == name).map(|t| t["health"].clone()).unwrap_or_default()
+    };
+    eventually("the status shows the fleet's hold", || async {
+        target_health("flaky") == "Ejected" && target_health("good") == "Healthy"
+    })
+    .await;
 }

@@ -30,8 +30,8 @@ use sideyard::operator::events::Events;
 use sideyard::operator::leader::{Elector, Leadership, LeaseSettings, LostLease};
 use sideyard::operator::metrics::OperatorMetrics;
 use sideyard::operator::plan::{
-    CONFIG_SECRET, ConfigAction, ConnectedPod, Inputs, Plan, Published, SECRET_LIMIT, SECRET_WARNING, config_group,
-    group_key, plan,
+    CONFIG_SECRET, ConfigAction, ConnectedPod, HeldTarget, Inputs, Plan, Published, SECRET_LIMIT, SECRET_WARNING,
+    config_group, group_key, plan,
 };
 use sideyard::operator::tls::{self, TlsSettings};
 use tower_test::mock::Handle;
@@ -109,6 +109,7 @@ struct World {
     ledger: Option<LedgerEndpoint>,
     connected: Option<Vec<ConnectedPod>>,
     groups: BTreeMap<String, Vec<BTreeMap<String, String>>>,
+    held: Option<BTreeMap<(String, String), HeldTarget>>,
 }
 
 impl World {
@@ -121,6 +122,7 @@ impl World {
             ledger: None,
             connected: None,
             groups: BTreeMap::new(),
+            held: None,
         }
     }
 
@@ -135,6 +137,7 @@ impl World {
             ledger: self.ledger.as_ref(),
             connected: self.connected.as_deref(),
             groups: &self.groups,
+            held: self.held.as_ref(),
         })
     }
 
@@ -506,6 +509,32 @@ fn each_configuration_group_gets_only_what_selects_all_its_pods_and_versions_do_
 }
 
 #[test]
+fn targets_say_what_the_fleet_holds_of_them() {
+    let mut world = World::new(vec![keyed_route("chat", "chat", 0)], vec![keys()]);
+    let health = |plan: &Plan| {
+        let target = &route_status(plan, "chat").targets[0];
+        (target.health.clone(), target.held_until.clone())
+    };
+    // Without the stream there is no fleet to speak for.
+    let plan = world.plan();
+    assert_eq!(health(&plan), (None, None));
+    world.apply(&plan);
+    world.held = Some(BTreeMap::new());
+    let plan = world.plan();
+    assert_eq!(health(&plan), (Some("Healthy".into()), None));
+    world.apply(&plan);
+    let until = "2026-12-06T23:10:42.250Z".parse().unwrap();
+    let ejected = HeldTarget { ejected_until: Some(until), cooling_until: None };
+    world.held = Some([((format!("{NS}/chat"), "openai".to_string()), ejected)].into());
+    let plan = world.plan();
+    assert_eq!(health(&plan), (Some("Ejected".into()), Some("2026-12-06T23:10:42Z".into())), "to the second");
+    world.apply(&plan);
+    assert!(world.plan().routes.is_empty(), "the same hold writes nothing");
+    world.held = Some(BTreeMap::new());
+    assert_eq!(health(&world.plan()), (Some("Healthy".into()), None));
+}
+
+#[test]
 fn env_and_file_credentials_are_refused_in_a_cluster() {
     let r = route(
         "env",
@@ -643,6 +672,7 @@ fn cluster(routes: &[Arc<ProviderRoute>], secrets: &[Arc<Secret>], leadership: L
         sidecar_ledger: None,
         hub: Default::default(),
         connections: None,
+        outages: None,
     });
     Cluster {
         ctx,

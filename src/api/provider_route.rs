@@ -589,4 +589,12 @@ pub struct TargetStatus {
     /// Why the credentials could not be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The fleet's view, while sidecars follow the operator's configuration stream: `Healthy`,
+    /// `Ejected` (a pod ejected it after failures, and every pod of the namespace skips it) or
+    /// `CoolingDown` (a rate limit's retry hint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
+    /// Until when the fleet skips the target (RFC 3339), while it is not `Healthy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_until: Option<String>,
 }

@@ -87,6 +87,8 @@ pub struct Context {
     /// The sidecars on those streams, for the routes' `Programmed` condition; `None` when the
     /// stream is not served.
     pub connections: Option<Arc<super::push::Connections>>,
+    /// What the fleet holds of targets, for the routes' target health; `None` likewise.
+    pub outages: Option<Arc<super::outages::Outages>>,
 }
 
 /// The ledger as sidecars see it: the Service URL and the serving certificate's CA (PEM).
@@ -261,6 +263,7 @@ pub async fn reconcile(namespace: Arc<Namespace>, ctx: Arc<Context>) -> Result<A
 
     let ledger_endpoint = ctx.sidecar_ledger.as_ref().and_then(SidecarLedger::endpoint);
     let connected = ctx.connections.as_ref().map(|c| c.in_namespace(&ns));
+    let held = ctx.outages.as_ref().map(|o| o.held(&ns, Instant::now(), Timestamp::now()));
     let mut groups: BTreeMap<String, Vec<Labels>> = BTreeMap::new();
     for pod in ctx.stores.pods.state_filter(|p| in_ns(p)) {
         let labels = pod.metadata.labels.clone().unwrap_or_default();
@@ -278,6 +281,7 @@ pub async fn reconcile(namespace: Arc<Namespace>, ctx: Arc<Context>) -> Result<A
         ledger: ledger_endpoint.as_ref(),
         connected: connected.as_deref(),
         groups: &groups,
+        held: held.as_ref(),
     });
     let compiled_budgets = plan.compiled_budgets.clone();
     let pushed = match &plan.config {

@@ -42,6 +42,7 @@ use self::inject::InjectArgs;
 use self::leader::{Elector, Leadership, LeaseSettings};
 use self::ledger::{FleetService, KubeReviewer, KubeStatusStore};
 use self::metrics::OperatorMetrics;
+use self::outages::Outages;
 use self::push::{ConfigHub, ConfigPush, Connections, KubePods};
 use self::tls::{CertSource, CertStore, TlsSettings};
 use self::webhook::Webhook;
@@ -279,6 +280,7 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
     // Sidecars' configuration streams are served with the ledger, on its listener.
     let hub = Arc::new(ConfigHub::default());
     let connections = args.ledger.then(|| Arc::new(Connections::default()));
+    let outages = args.ledger.then(|| Arc::new(Outages::default()));
     let ledger = match (&certs, args.ledger) {
         (Some(certs), true) => {
             let (listener, addr) = listen(args.ledger_listen).await?;
@@ -295,7 +297,7 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
             let push = Arc::new(ConfigPush {
                 hub: hub.clone(),
                 connections: connections.clone().unwrap_or_default(),
-                outages: Arc::default(),
+                outages: outages.clone().unwrap_or_default(),
                 pods: Arc::new(KubePods { client: client.clone(), injected: pods.clone() }),
                 ledger: service.clone(),
                 leadership: leadership.clone(),
@@ -324,9 +326,9 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
         Some(s) => controller::on_ca_change(s.ca.clone(), namespaces.clone()).boxed(),
         None => futures::stream::empty().boxed(),
     };
-    let rollout = match &connections {
-        Some(c) => push::rollout_changes(c.clone()).boxed(),
-        None => futures::stream::empty().boxed(),
+    let rollout = match (&connections, &outages) {
+        (Some(c), Some(o)) => push::rollout_changes(c.clone(), o.clone()).boxed(),
+        _ => futures::stream::empty().boxed(),
     };
     let requests = futures::stream::select_all([
         triggers(route_events, generation, |_, _| true).boxed(),
@@ -354,6 +356,7 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
         sidecar_ledger,
         hub,
         connections,
+        outages,
     });
     let controller = controller(controller::namespace_watch(&client, ns_writer), namespaces, requests, metrics)
         .graceful_shutdown_on(shutdown())

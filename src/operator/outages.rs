@@ -8,13 +8,16 @@
 //! pod can make its namespace avoid a target for that long at most. Pure but for the channels:
 //! time is passed in.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+use super::plan::HeldTarget;
 use crate::config::{FLEET_HEALTH_KIND, FleetHealth, TargetOutage};
 
 /// The longest a report can keep a target out for the fleet.
@@ -38,6 +41,10 @@ pub type Held = Arc<BTreeMap<Target, Hold>>;
 #[derive(Default)]
 pub struct Outages {
     namespaces: Mutex<HashMap<String, Namespace>>,
+    /// Namespaces whose routes' status should say something new: a hold was pushed, or the
+    /// latest pushed hold ran out (with when that is).
+    changed: Mutex<BTreeSet<String>>,
+    runs_out: Mutex<HashMap<String, Instant>>,
 }
 
 struct Namespace {
@@ -68,7 +75,48 @@ impl Outages {
         let mut namespaces = lock(&self.namespaces);
         let ns = namespaces.entry(namespace.to_string()).or_default();
         ns.by_pod.insert(pod.to_string(), reported);
-        ns.merge(now)
+        let news = ns.merge(now);
+        if news {
+            let last = ns.held.borrow().values().flat_map(|h| [h.ejected_until, h.cooling_until]).flatten().max();
+            lock(&self.changed).insert(namespace.to_string());
+            if let Some(last) = last {
+                lock(&self.runs_out).insert(namespace.to_string(), last);
+            }
+        }
+        news
+    }
+
+    /// The namespaces whose targets' health changed since the last call: a hold pushed, or the
+    /// last of a namespace's holds run out by `now`.
+    pub fn take_changed(&self, now: Instant) -> BTreeSet<String> {
+        let mut changed = std::mem::take(&mut *lock(&self.changed));
+        lock(&self.runs_out).retain(|ns, until| {
+            let over = *until <= now;
+            if over {
+                changed.insert(ns.clone());
+            }
+            !over
+        });
+        changed
+    }
+
+    /// What the fleet holds of the namespace's targets at `now`, in wall-clock time (`wall` is
+    /// `now` on the wall clock).
+    pub fn held(&self, namespace: &str, now: Instant, wall: Timestamp) -> BTreeMap<Target, HeldTarget> {
+        let held = self.subscribe(namespace).borrow().clone();
+        let at = |until: Option<Instant>| {
+            let left = until?.checked_duration_since(now).filter(|d| !d.is_zero())?;
+            wall.checked_add(SignedDuration::try_from(left).ok()?).ok()
+        };
+        held.iter()
+            .map(|(target, hold)| {
+                (
+                    target.clone(),
+                    HeldTarget { ejected_until: at(hold.ejected_until), cooling_until: at(hold.cooling_until) },
+                )
+            })
+            .filter(|(_, h)| h.ejected_until.is_some() || h.cooling_until.is_some())
+            .collect()
     }
 
     /// A pod whose stream closed: its report no longer counts (what it reported still runs out).
@@ -177,6 +225,23 @@ mod tests {
         outages.forget("team-a", "pod-a");
         assert_eq!(held_for(&frame(&held.borrow(), t2 + Duration::from_secs(21))), []);
         assert!(outages.subscribe("team-b").borrow().is_empty(), "namespaces are apart");
+    }
+
+    #[test]
+    fn statuses_hear_of_a_hold_when_it_is_pushed_and_when_it_runs_out() {
+        let outages = Outages::default();
+        let t0 = Instant::now();
+        let wall: Timestamp = "2026-12-06T23:00:00Z".parse().expect("a time");
+        outages.report("team-a", "pod-a", &[outage("flaky", 10_000, 0)], t0);
+        assert_eq!(outages.take_changed(t0), BTreeSet::from(["team-a".to_string()]));
+        assert!(outages.take_changed(t0 + Duration::from_secs(5)).is_empty(), "nothing new");
+        let held = outages.held("team-a", t0 + Duration::from_secs(4), wall);
+        let until = held[&("team-a/chat".to_string(), "flaky".to_string())].ejected_until;
+        assert_eq!(until, Some("2026-12-06T23:00:06Z".parse().expect("a time")), "wall time of the end");
+        let over = t0 + Duration::from_secs(10);
+        assert_eq!(outages.take_changed(over), BTreeSet::from(["team-a".to_string()]), "ran out");
+        assert!(outages.held("team-a", over, wall).is_empty());
+        assert!(outages.take_changed(over).is_empty(), "once");
     }
 
     #[test]

@@ -123,6 +123,16 @@ pub struct Inputs<'a> {
     pub connected: Option<&'a [ConnectedPod]>,
     /// The labels of the namespace's injected pods, by configuration group.
     pub groups: &'a BTreeMap<String, Vec<crate::config::selector::Labels>>,
+    /// Targets the fleet holds, by (route `namespace/name`, target); `None` when the stream is not
+    /// served (then targets report no health).
+    pub held: Option<&'a BTreeMap<(String, String), HeldTarget>>,
+}
+
+/// Until when the fleet holds a target out of use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeldTarget {
+    pub ejected_until: Option<Timestamp>,
+    pub cooling_until: Option<Timestamp>,
 }
 
 /// A sidecar connected to the configuration stream: its pod's labels and the version it says it
@@ -287,7 +297,11 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
             observed_generation: route.metadata.generation,
             conditions,
             config_version: version,
-            targets: outcome.credentials.iter().map(target_status).collect(),
+            targets: outcome
+                .credentials
+                .iter()
+                .map(|t| target_status(t, inputs.held.map(|h| h.get(&(route_id(route), t.target.clone())))))
+                .collect(),
             target_names: Some(route.spec.targets.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(",")),
         };
         events(&mut plan.events, *route, &current.conditions, &desired.conditions);
@@ -524,13 +538,43 @@ fn problems(errors: &[ConfigError]) -> String {
     each.collect::<Vec<_>>().join("; ")
 }
 
-fn target_status(t: &crate::config::TargetCredential) -> TargetStatus {
+/// A target's status: its credentials, and what the fleet holds of it (`held`: `None` when the
+/// stream is not served, `Some(None)` when nothing is held).
+fn target_status(t: &crate::config::TargetCredential, held: Option<Option<&HeldTarget>>) -> TargetStatus {
     let (credentials, message) = match &t.state {
         CredentialState::NotConfigured => ("NotConfigured", None),
         CredentialState::Resolved => ("Resolved", None),
         CredentialState::Unresolved { reason, message } => (reason.as_str(), Some(message.clone())),
     };
-    TargetStatus { name: t.target.clone(), credentials: credentials.into(), message }
+    let (health, held_until) = match held {
+        None => (None, None),
+        Some(held) => {
+            let held = held.copied().unwrap_or_default();
+            let seconds = |t: Timestamp| rfc3339_seconds(t);
+            match (held.ejected_until, held.cooling_until) {
+                (Some(until), _) => (Some("Ejected"), Some(seconds(until))),
+                (None, Some(until)) => (Some("CoolingDown"), Some(seconds(until))),
+                (None, None) => (Some("Healthy"), None),
+            }
+        }
+    };
+    TargetStatus {
+        name: t.target.clone(),
+        credentials: credentials.into(),
+        message,
+        health: health.map(String::from),
+        held_until,
+    }
+}
+
+/// `namespace/name`, as routes are named in metrics and by sidecars.
+fn route_id(route: &ProviderRoute) -> String {
+    format!("{}/{}", route.namespace().unwrap_or_default(), route.name_any())
+}
+
+/// A time to the second, so that a status does not change with sub-second jitter.
+fn rfc3339_seconds(t: Timestamp) -> String {
+    Timestamp::from_second(t.as_second()).unwrap_or(t).to_string()
 }
 
 /// Events for the conditions that changed: a problem appearing or changing, readiness gained, and

@@ -191,12 +191,15 @@ impl Connections {
 /// many pods report.
 pub fn rollout_changes(
     connections: Arc<Connections>,
+    outages: Arc<Outages>,
 ) -> impl futures::Stream<Item = kube::runtime::reflector::ObjectRef<k8s_openapi::api::core::v1::Namespace>> {
     let tick = tokio::time::interval(Duration::from_secs(1));
-    futures::stream::unfold((connections, tick), |(connections, mut tick)| async move {
+    futures::stream::unfold((connections, outages, tick), |(connections, outages, mut tick)| async move {
         tick.tick().await;
-        let changed = connections.take_changed().into_iter().map(|ns| kube::runtime::reflector::ObjectRef::new(&ns));
-        Some((futures::stream::iter(changed), (connections, tick)))
+        let mut changed = connections.take_changed();
+        changed.extend(outages.take_changed(tokio::time::Instant::now()));
+        let changed = changed.into_iter().map(|ns| kube::runtime::reflector::ObjectRef::new(&ns));
+        Some((futures::stream::iter(changed), (connections, outages, tick)))
     })
     .flatten()
 }
