@@ -340,7 +340,10 @@ async fn a_target_whose_credentials_are_refused_falls_back_and_is_ejected_with_o
     assert_eq!(reply.status, 502, "{}", reply.body);
     assert_eq!(reply.json()["error"]["metadata"]["previous_errors"][0]["reason"], "auth");
 
-    // One warning per ejection, naming the route, target and status, never the key.
+    // One warning per ejection, naming the route, target and status, never the key. The log is
+    // read from the process's stderr by another thread: wait for the second line to arrive.
+    let warned = |log: &str| log.lines().filter(|l| l.contains("refused the target's credentials")).count();
+    eventually("both warnings reach the log", || async { warned(&sidecar.process.log()) >= 2 }).await;
     let log = sidecar.process.log();
     let warnings: Vec<&str> = log.lines().filter(|l| l.contains("refused the target's credentials")).collect();
     assert_eq!(warnings.len(), 2, "one per ejected target:\n{log}");
