@@ -788,3 +788,31 @@ async fn a_target_one_pod_ejects_is_avoided_by_a_pod_that_has_seen_no_failure() 
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_without_measures_of_its_own_ranks_targets_by_the_fleets() {
+    let targets = json!([{"name": "slow", "api": "mock", "baseUrl": "mock://local?latency=60ms"}]);
+    let fleet = Fleet::with_targets(targets, &[]).await;
+    let _operator = fleet.operator("op-1");
+    fleet.publish_config().await;
+    let (_a, a_api, a_admin) = fleet.sidecar("pod-0", &temp_dir("measures-a"));
+    let (_b, _b_api, b_admin) = fleet.sidecar("pod-1", &temp_dir("measures-b"));
+    // Pod A measures the target; pod B sends nothing.
+    let answers = futures::future::join_all((0..12).map(|_| chat_with(a_api, "chat"))).await;
+    assert!(answers.iter().all(|s| *s == 200), "{answers:?}");
+    let ttft = |exposition: &str| -> Option<f64> {
+        let series = format!(
+            "sideyard_target_time_to_first_token_seconds{{route=\"{NS}/chat\",target=\"slow\",quantile=\"0.5\"}} "
+        );
+        exposition.lines().find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
+    };
+    // Within a report or two (measures go every 5 s), B's ranking measure is the fleet's.
+    eventually("pod B has the fleet's time to first token", || async {
+        ttft(&metrics(b_admin).await).is_some_and(|s| s > 0.0)
+    })
+    .await;
+    let (a, b) = (ttft(&metrics(a_admin).await).unwrap_or(0.0), ttft(&metrics(b_admin).await).unwrap_or(0.0));
+    assert!((0.05..0.2).contains(&b), "about the mock's 60 ms: {b}");
+    assert!((a - b).abs() < 0.02, "A measured {a}, B was told {b}");
+    assert_eq!(metric(&metrics(b_admin).await, "sideyard_api_calls_total{api=\"chat_completions\"}"), 0);
+}

@@ -41,17 +41,43 @@ pub struct TargetOutage {
     pub cooling_ms: u64,
 }
 
-/// A sidecar's own ejections and cooldowns (never those the fleet told it of).
+/// One measure of a target's recent performance: its samples over the last five minutes and
+/// their p50, p75, p90 and p99.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Measure {
+    pub samples: u64,
+    pub values: [u64; 4],
+}
+
+/// A target's recent performance: time to first token in microseconds, output tokens per second
+/// times 1000.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetPerformance {
+    /// `namespace/name` of the route.
+    pub route: String,
+    pub target: String,
+    pub ttft: Measure,
+    pub throughput: Measure,
+}
+
+/// A sidecar's own ejections and cooldowns (never those the fleet told it of), and, every few
+/// seconds, its own measures of its targets' performance.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthReport {
     pub targets: Vec<TargetOutage>,
+    #[serde(default)]
+    pub performance: Vec<TargetPerformance>,
 }
 
-/// The fleet's ejections and cooldowns for a namespace's targets, pushed to its sidecars.
+/// The fleet's ejections and cooldowns for a namespace's targets, and its merged measures of
+/// their performance, pushed to its sidecars.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FleetHealth {
     pub kind: String,
     pub targets: Vec<TargetOutage>,
+    #[serde(default)]
+    pub performance: Vec<TargetPerformance>,
 }
 
 /// The version of the configuration a sidecar serves, from either source.

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use super::plan::HeldTarget;
-use crate::config::{FLEET_HEALTH_KIND, FleetHealth, TargetOutage};
+use crate::config::{FLEET_HEALTH_KIND, FleetHealth, Measure, TargetOutage, TargetPerformance};
 
 /// The longest a report can keep a target out for the fleet.
 pub const MAX_HOLD: Duration = Duration::from_secs(300);
@@ -35,8 +35,18 @@ pub struct Hold {
     pub cooling_until: Option<Instant>,
 }
 
-/// A namespace's targets that are out for the fleet.
-pub type Held = Arc<BTreeMap<Target, Hold>>;
+/// What the fleet knows of a namespace's targets: those out of use, and the merged measures of
+/// their performance (time to first token, throughput).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FleetView {
+    pub holds: BTreeMap<Target, Hold>,
+    pub performance: BTreeMap<Target, [Measure; 2]>,
+}
+
+pub type Held = Arc<FleetView>;
+
+/// Merged measures are pushed at most this often: they move with every request.
+const MEASURES_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 pub struct Outages {
@@ -50,19 +60,34 @@ pub struct Outages {
 struct Namespace {
     /// Each pod's latest report, as ends.
     by_pod: HashMap<String, BTreeMap<Target, Hold>>,
+    /// Each pod's latest measures.
+    measures_by_pod: HashMap<String, BTreeMap<Target, [Measure; 2]>>,
+    measures_pushed_at: Option<Instant>,
     held: watch::Sender<Held>,
 }
 
 impl Default for Namespace {
     fn default() -> Self {
-        Namespace { by_pod: HashMap::new(), held: watch::channel(Held::default()).0 }
+        Namespace {
+            by_pod: HashMap::new(),
+            measures_by_pod: HashMap::new(),
+            measures_pushed_at: None,
+            held: watch::channel(Held::default()).0,
+        }
     }
 }
 
 impl Outages {
-    /// A pod's report of its own outages at `now`; returns whether the fleet's view changed
-    /// enough to be pushed (then it is).
-    pub fn report(&self, namespace: &str, pod: &str, outages: &[TargetOutage], now: Instant) -> bool {
+    /// A pod's report of its own outages (and, when it sends them, its measures) at `now`;
+    /// returns whether the fleet's outages changed enough to be pushed (then they are).
+    pub fn report(
+        &self,
+        namespace: &str,
+        pod: &str,
+        outages: &[TargetOutage],
+        measures: &[TargetPerformance],
+        now: Instant,
+    ) -> bool {
         let cap = |ms: u64| (ms > 0).then(|| now + Duration::from_millis(ms).min(MAX_HOLD));
         let reported = outages
             .iter()
@@ -75,9 +100,14 @@ impl Outages {
         let mut namespaces = lock(&self.namespaces);
         let ns = namespaces.entry(namespace.to_string()).or_default();
         ns.by_pod.insert(pod.to_string(), reported);
+        if !measures.is_empty() {
+            let measures =
+                measures.iter().map(|m| ((m.route.clone(), m.target.clone()), [m.ttft, m.throughput])).collect();
+            ns.measures_by_pod.insert(pod.to_string(), measures);
+        }
         let news = ns.merge(now);
         if news {
-            let last = ns.held.borrow().values().flat_map(|h| [h.ejected_until, h.cooling_until]).flatten().max();
+            let last = ns.held.borrow().holds.values().flat_map(|h| [h.ejected_until, h.cooling_until]).flatten().max();
             lock(&self.changed).insert(namespace.to_string());
             if let Some(last) = last {
                 lock(&self.runs_out).insert(namespace.to_string(), last);
@@ -108,7 +138,8 @@ impl Outages {
             let left = until?.checked_duration_since(now).filter(|d| !d.is_zero())?;
             wall.checked_add(SignedDuration::try_from(left).ok()?).ok()
         };
-        held.iter()
+        held.holds
+            .iter()
             .map(|(target, hold)| {
                 (
                     target.clone(),
@@ -123,6 +154,7 @@ impl Outages {
     pub fn forget(&self, namespace: &str, pod: &str) {
         if let Some(ns) = lock(&self.namespaces).get_mut(namespace) {
             ns.by_pod.remove(pod);
+            ns.measures_by_pod.remove(pod);
         }
     }
 
@@ -145,20 +177,54 @@ impl Namespace {
         }
         merged.retain(|_, h| h.ejected_until.is_some_and(|t| t > now) || h.cooling_until.is_some_and(|t| t > now));
         let pushed = self.held.borrow().clone();
+        let measures = merge_measures(self.measures_by_pod.values());
+        let measures_due = measures != pushed.performance
+            && self.measures_pushed_at.is_none_or(|at| now.saturating_duration_since(at) >= MEASURES_INTERVAL);
         let later = |new: Option<Instant>, old: Option<Instant>| match (new, old) {
             (Some(new), Some(old)) => new > old + SLACK,
             (Some(new), None) => new > now,
             (None, _) => false,
         };
         let news = merged.iter().any(|(target, hold)| {
-            let old = pushed.get(target).copied().unwrap_or_default();
+            let old = pushed.holds.get(target).copied().unwrap_or_default();
             later(hold.ejected_until, old.ejected_until) || later(hold.cooling_until, old.cooling_until)
         });
-        if news {
-            self.held.send_replace(Arc::new(merged));
+        if news || measures_due {
+            if measures_due {
+                self.measures_pushed_at = Some(now);
+            }
+            let performance = if measures_due { measures } else { pushed.performance.clone() };
+            self.held.send_replace(Arc::new(FleetView { holds: merged, performance }));
         }
         news
     }
+}
+
+/// The pods' measures of each target, merged: samples added, each quantile the samples-weighted
+/// mean of the pods' (an estimate: quantiles do not add, but pods of one workload see alike).
+fn merge_measures<'a>(
+    pods: impl Iterator<Item = &'a BTreeMap<Target, [Measure; 2]>>,
+) -> BTreeMap<Target, [Measure; 2]> {
+    let mut sums: BTreeMap<Target, [(u64, [u128; 4]); 2]> = BTreeMap::new();
+    for (target, measures) in pods.flatten() {
+        let sum = sums.entry(target.clone()).or_default();
+        for (total, m) in sum.iter_mut().zip(measures) {
+            total.0 = total.0.saturating_add(m.samples);
+            for (s, v) in total.1.iter_mut().zip(m.values) {
+                *s += u128::from(m.samples) * u128::from(v);
+            }
+        }
+    }
+    sums.into_iter()
+        .filter(|(_, sum)| sum.iter().any(|(samples, _)| *samples > 0))
+        .map(|(target, sum)| {
+            let measure = |(samples, weighted): (u64, [u128; 4])| Measure {
+                samples,
+                values: weighted.map(|w| u64::try_from(w / u128::from(samples.max(1))).unwrap_or(u64::MAX)),
+            };
+            (target, sum.map(measure))
+        })
+        .collect()
 }
 
 /// The stream frame that tells a sidecar of `held` at `now`, as one JSON line; `None` when
@@ -168,6 +234,7 @@ pub fn frame(held: &Held, now: Instant) -> Option<bytes::Bytes> {
         until.map_or(0, |t| u64::try_from(t.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX))
     };
     let targets: Vec<TargetOutage> = held
+        .holds
         .iter()
         .map(|((route, target), hold)| TargetOutage {
             route: route.clone(),
@@ -177,10 +244,21 @@ pub fn frame(held: &Held, now: Instant) -> Option<bytes::Bytes> {
         })
         .filter(|o| o.ejected_ms > 0 || o.cooling_ms > 0)
         .collect();
-    if targets.is_empty() {
+    let performance: Vec<TargetPerformance> = held
+        .performance
+        .iter()
+        .map(|((route, target), [ttft, throughput])| TargetPerformance {
+            route: route.clone(),
+            target: target.clone(),
+            ttft: *ttft,
+            throughput: *throughput,
+        })
+        .collect();
+    if targets.is_empty() && performance.is_empty() {
         return None;
     }
-    let mut line = serde_json::to_vec(&FleetHealth { kind: FLEET_HEALTH_KIND.into(), targets }).unwrap_or_default();
+    let health = FleetHealth { kind: FLEET_HEALTH_KIND.into(), targets, performance };
+    let mut line = serde_json::to_vec(&health).unwrap_or_default();
     line.push(b'\n');
     Some(bytes::Bytes::from(line))
 }
@@ -208,23 +286,23 @@ mod tests {
         let outages = Outages::default();
         let held = outages.subscribe("team-a");
         let t0 = Instant::now();
-        assert!(!outages.report("team-a", "pod-a", &[], t0), "nothing to say");
-        assert!(outages.report("team-a", "pod-a", &[outage("flaky", 10_000, 0)], t0));
+        assert!(!outages.report("team-a", "pod-a", &[], &[], t0), "nothing to say");
+        assert!(outages.report("team-a", "pod-a", &[outage("flaky", 10_000, 0)], &[], t0));
         assert_eq!(held_for(&frame(&held.borrow(), t0)), [("flaky".into(), 10_000, 0)]);
         // The same ejection reported again a second later is no news.
-        assert!(!outages.report("team-a", "pod-a", &[outage("flaky", 9_000, 0)], t0 + Duration::from_secs(1)));
+        assert!(!outages.report("team-a", "pod-a", &[outage("flaky", 9_000, 0)], &[], t0 + Duration::from_secs(1)));
         // Another pod ejects it for longer, and cools another target: news.
         let t2 = t0 + Duration::from_secs(2);
-        assert!(outages.report("team-a", "pod-b", &[outage("flaky", 20_000, 0), outage("busy", 0, 5_000)], t2));
+        assert!(outages.report("team-a", "pod-b", &[outage("flaky", 20_000, 0), outage("busy", 0, 5_000)], &[], t2));
         assert_eq!(held_for(&frame(&held.borrow(), t2)), [("busy".into(), 0, 5_000), ("flaky".into(), 20_000, 0)]);
         // A new stream at t3 is told what is left.
         let t3 = t2 + Duration::from_secs(3);
         assert_eq!(held_for(&frame(&held.borrow(), t3)), [("busy".into(), 0, 2_000), ("flaky".into(), 17_000, 0)]);
         // Pods recovering push nothing; what was pushed runs out.
-        assert!(!outages.report("team-a", "pod-b", &[], t3));
+        assert!(!outages.report("team-a", "pod-b", &[], &[], t3));
         outages.forget("team-a", "pod-a");
         assert_eq!(held_for(&frame(&held.borrow(), t2 + Duration::from_secs(21))), []);
-        assert!(outages.subscribe("team-b").borrow().is_empty(), "namespaces are apart");
+        assert!(outages.subscribe("team-b").borrow().holds.is_empty(), "namespaces are apart");
     }
 
     #[test]
@@ -232,7 +310,7 @@ mod tests {
         let outages = Outages::default();
         let t0 = Instant::now();
         let wall: Timestamp = "2026-12-06T23:00:00Z".parse().expect("a time");
-        outages.report("team-a", "pod-a", &[outage("flaky", 10_000, 0)], t0);
+        outages.report("team-a", "pod-a", &[outage("flaky", 10_000, 0)], &[], t0);
         assert_eq!(outages.take_changed(t0), BTreeSet::from(["team-a".to_string()]));
         assert!(outages.take_changed(t0 + Duration::from_secs(5)).is_empty(), "nothing new");
         let held = outages.held("team-a", t0 + Duration::from_secs(4), wall);
@@ -245,11 +323,37 @@ mod tests {
     }
 
     #[test]
+    fn measures_are_merged_weighted_by_samples_and_pushed_at_most_every_five_seconds() {
+        let outages = Outages::default();
+        let held = outages.subscribe("team-a");
+        let measure = |samples, p50| Measure { samples, values: [p50, p50, p50, p50] };
+        let of = |ttft: Measure| TargetPerformance {
+            route: "team-a/chat".into(),
+            target: "m".into(),
+            ttft,
+            throughput: Measure::default(),
+        };
+        let t0 = Instant::now();
+        assert!(!outages.report("team-a", "pod-a", &[], &[of(measure(30, 100_000))], t0), "not an outage");
+        assert!(!outages.report("team-a", "pod-b", &[], &[of(measure(10, 200_000))], t0));
+        let merged = |held: &Held| held.performance.get(&("team-a/chat".to_string(), "m".to_string())).copied();
+        assert_eq!(merged(&held.borrow()).map(|m| m[0]), Some(measure(30, 100_000)), "pushed at once, the first");
+        let t1 = t0 + Duration::from_secs(1);
+        outages.report("team-a", "pod-b", &[], &[of(measure(10, 200_000))], t1);
+        assert_eq!(merged(&held.borrow()).map(|m| m[0].samples), Some(30), "not again within five seconds");
+        let t5 = t0 + Duration::from_secs(5);
+        outages.report("team-a", "pod-b", &[], &[of(measure(10, 200_000))], t5);
+        assert_eq!(merged(&held.borrow()).map(|m| m[0]), Some(measure(40, 125_000)), "weighted by samples");
+        let frame: FleetHealth = serde_json::from_slice(&frame(&held.borrow(), t5).expect("a frame")).expect("JSON");
+        assert_eq!((frame.targets.len(), frame.performance.len()), (0, 1));
+    }
+
+    #[test]
     fn no_report_holds_a_target_longer_than_the_cap() {
         let outages = Outages::default();
         let held = outages.subscribe("team-a");
         let t0 = Instant::now();
-        assert!(outages.report("team-a", "pod-a", &[outage("flaky", u64::MAX, u64::MAX)], t0));
+        assert!(outages.report("team-a", "pod-a", &[outage("flaky", u64::MAX, u64::MAX)], &[], t0));
         let cap = u64::try_from(MAX_HOLD.as_millis()).unwrap_or(0);
         assert_eq!(held_for(&frame(&held.borrow(), t0)), [("flaky".into(), cap, cap)]);
     }

@@ -220,9 +220,9 @@ impl HealthTracker {
     }
 
     /// Skips the target until `until` because another pod ejected it, unless this pod's own
-    /// success ends that first.
-    pub fn fleet_eject(&self, until: Ticks) {
-        self.fleet_until.fetch_max(until, Relaxed);
+    /// success ends that first. Whether that holds it longer than before.
+    pub fn fleet_eject(&self, until: Ticks) -> bool {
+        self.fleet_until.fetch_max(until, Relaxed) < until
     }
 
     /// How much longer the target cools down after a rate limit, if it does.

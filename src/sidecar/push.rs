@@ -23,11 +23,13 @@ use super::shared::Shared;
 use super::state::Source;
 use crate::config::{
     CONFIG_SERVED_PATH, CONFIG_STREAM_PATH, CompiledConfig, Config, FLEET_HEALTH_KIND, FleetHealth, HEALTH_REPORT_PATH,
-    HealthReport, LedgerEndpoint, ServedVersion, TargetOutage,
+    HealthReport, LedgerEndpoint, ServedVersion, TargetOutage, TargetPerformance,
 };
 
 /// How often this pod's outages are told to the operator.
 const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// Its measures go with every this many reports.
+const MEASURES_EVERY: u64 = 5;
 /// The largest frame read: a configuration fits in a Secret (1 MiB), with room for its JSON.
 const MAX_FRAME: usize = 4 << 20;
 /// Reconnection delays grow from this …
@@ -268,9 +270,11 @@ async fn read(
     // Told once the stream's first frame is in, then at every change, from either source.
     let mut version = served.version();
     let mut told = None;
-    // This pod's own outages, told about once a second while there are any (and once after).
+    // This pod's own outages, told about once a second while there are any (and once after);
+    // its measures every few seconds.
     let mut report = tokio::time::interval(REPORT_INTERVAL);
     let mut reported_outages = false;
+    let mut ticks = 0u64;
     loop {
         if received > 0 && *version.borrow_and_update() != told {
             told = *version.borrow();
@@ -285,9 +289,11 @@ async fn read(
             _ = version.changed() => continue,
             _ = report.tick() => {
                 let targets = own_outages(shared);
-                if received > 0 && (reported_outages || !targets.is_empty()) {
+                ticks += 1;
+                let performance = if ticks.is_multiple_of(MEASURES_EVERY) { own_measures(shared) } else { Vec::new() };
+                if received > 0 && (reported_outages || !targets.is_empty() || !performance.is_empty()) {
                     reported_outages = !targets.is_empty();
-                    if let Err(e) = client.post(HEALTH_REPORT_PATH, &HealthReport { targets }).await {
+                    if let Err(e) = client.post(HEALTH_REPORT_PATH, &HealthReport { targets, performance }).await {
                         tracing::debug!(error = %e, "could not tell the operator of this pod's outages");
                     }
                 }
@@ -354,6 +360,15 @@ fn own_outages(shared: &Shared) -> Vec<TargetOutage> {
         .collect()
 }
 
+/// This pod's own measures of its targets' performance, for the fleet.
+fn own_measures(shared: &Shared) -> Vec<TargetPerformance> {
+    let measured = shared.states.targets().into_iter().filter_map(|((route, target), state)| {
+        let [ttft, throughput] = state.stats.own()?;
+        Some(TargetPerformance { route, target, ttft, throughput })
+    });
+    measured.collect()
+}
+
 /// Holds the targets the fleet says are out; those this pod does not serve are ignored.
 fn apply_fleet_health(shared: &Shared, frame: &[u8]) -> Result<(), String> {
     let fleet: FleetHealth = serde_json::from_slice(frame).map_err(|e| format!("a fleet health frame: {e}"))?;
@@ -361,14 +376,18 @@ fn apply_fleet_health(shared: &Shared, frame: &[u8]) -> Result<(), String> {
     let until = |ms: u64| now.saturating_add(health::ticks(Duration::from_millis(ms)));
     for outage in &fleet.targets {
         let Some(state) = shared.states.existing(&outage.route, &outage.target) else { continue };
-        if outage.ejected_ms > 0 {
-            state.health.fleet_eject(until(outage.ejected_ms));
+        if outage.ejected_ms > 0 && state.health.fleet_eject(until(outage.ejected_ms)) {
             state.fleet_ejections.inc();
         }
         if outage.cooling_ms > 0 {
             state.health.cool_down(until(outage.cooling_ms));
         }
         tracing::info!(route = %outage.route, target = %outage.target, ejected_ms = outage.ejected_ms, cooling_ms = outage.cooling_ms, "another pod's outage: the target is held here too");
+    }
+    for measured in &fleet.performance {
+        if let Some(state) = shared.states.existing(&measured.route, &measured.target) {
+            state.stats.set_fleet([measured.ttft, measured.throughput], now);
+        }
     }
     Ok(())
 }

@@ -5,11 +5,12 @@
 //! Quantiles are computed once a second by [`TargetStats::refresh`] (a background task), so the
 //! strategies that read them on every request only load cached values.
 
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use super::health::Ticks;
+use crate::config::Measure;
 
 const MINUTE: Ticks = 60_000_000_000;
 const SLOTS: usize = 5;
@@ -119,6 +120,12 @@ impl Cached {
     }
 }
 
+/// Below this many samples of its own, a pod ranks a target by the fleet's measures, when the
+/// fleet has more.
+pub const MIN_OWN_SAMPLES: u64 = 10;
+/// The fleet's measures count for as long as the window they were taken over.
+const FLEET_MEASURES_KEPT: Ticks = SLOTS as Ticks * MINUTE;
+
 /// One target's recent performance.
 #[derive(Default)]
 pub struct TargetStats {
@@ -131,6 +138,11 @@ pub struct TargetStats {
     pub ttft_cached: Cached,
     pub total_cached: Cached,
     pub throughput_cached: Cached,
+    /// This pod's own time to first token and throughput at the last refresh: what it tells the
+    /// fleet (never the fleet's own measures).
+    own: Mutex<[Measure; 2]>,
+    /// The fleet's merged measures, and when they came.
+    fleet: Mutex<Option<([Measure; 2], Ticks)>>,
 }
 
 impl TargetStats {
@@ -149,20 +161,43 @@ impl TargetStats {
         }
     }
 
-    /// Recomputes the cached quantiles from the window.
+    /// Recomputes the cached quantiles from the window. Time to first token and throughput come
+    /// from the fleet's measures instead while this pod has fewer than [`MIN_OWN_SAMPLES`] of its
+    /// own and the fleet has more.
     pub fn refresh(&self, now: Ticks) {
         let percentiles: Vec<u64> = QUANTILES.iter().map(|(_, p)| *p).collect();
-        for (rolling, cached) in [
-            (&self.ttft, &self.ttft_cached),
-            (&self.total, &self.total_cached),
-            (&self.throughput, &self.throughput_cached),
-        ] {
+        let measure = |rolling: &Rolling| {
             let (samples, values) = rolling.quantiles(now, &percentiles);
-            for (slot, v) in cached.values.iter().zip(values) {
+            Measure { samples, values: std::array::from_fn(|i| values.get(i).copied().unwrap_or(0)) }
+        };
+        let own = [measure(&self.ttft), measure(&self.throughput)];
+        *lock(&self.own) = own;
+        let fleet = lock(&self.fleet).filter(|(_, at)| now.saturating_sub(*at) < FLEET_MEASURES_KEPT).map(|(m, _)| m);
+        let used = |i: usize| match fleet {
+            Some(fleet) if own[i].samples < MIN_OWN_SAMPLES && fleet[i].samples > own[i].samples => fleet[i],
+            _ => own[i],
+        };
+        for (cached, m) in [
+            (&self.ttft_cached, used(0)),
+            (&self.total_cached, measure(&self.total)),
+            (&self.throughput_cached, used(1)),
+        ] {
+            for (slot, v) in cached.values.iter().zip(m.values) {
                 slot.store(v, Relaxed);
             }
-            cached.samples.store(samples, Relaxed);
+            cached.samples.store(m.samples, Relaxed);
         }
+    }
+
+    /// This pod's own time to first token and throughput, for the fleet; `None` without samples.
+    pub fn own(&self) -> Option<[Measure; 2]> {
+        let own = *lock(&self.own);
+        own.iter().any(|m| m.samples > 0).then_some(own)
+    }
+
+    /// The fleet's merged time to first token and throughput, received at `now`.
+    pub fn set_fleet(&self, measures: [Measure; 2], now: Ticks) {
+        *lock(&self.fleet) = Some((measures, now));
     }
 
     /// Median time to first token, if known.
@@ -174,6 +209,10 @@ impl TargetStats {
     pub fn throughput_p50(&self) -> Option<u64> {
         self.throughput_cached.get(0)
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn micros(d: Duration) -> u64 {
@@ -219,6 +258,29 @@ mod tests {
         assert_eq!(r.quantiles(5 * MINUTE, &[50]).0, 0, "five minutes later it does not");
         r.record(2000, 5 * MINUTE);
         assert_eq!(r.quantiles(5 * MINUTE, &[50]).0, 1, "its slot was reused, not added to");
+    }
+
+    #[test]
+    fn too_few_samples_of_its_own_and_a_pod_ranks_by_the_fleets_measures() {
+        let s = TargetStats::default();
+        let fleet = [Measure { samples: 500, values: [80_000, 90_000, 100_000, 200_000] }, Measure::default()];
+        s.set_fleet(fleet, 0);
+        s.refresh(0);
+        assert_eq!(s.ttft_p50(), Some(Duration::from_millis(80)), "no sample of its own: the fleet's");
+        assert_eq!(s.own(), None, "nothing of its own to tell");
+        assert_eq!(s.throughput_p50(), None, "the fleet knows nothing of it either");
+        for _ in 0..MIN_OWN_SAMPLES {
+            s.record_first_token(Duration::from_millis(20), 0);
+        }
+        s.refresh(0);
+        let p50 = s.ttft_p50().expect("its own");
+        assert!(p50.abs_diff(Duration::from_millis(20)) < Duration::from_millis(3), "enough of its own: {p50:?}");
+        assert_eq!(s.own().map(|m| m[0].samples), Some(MIN_OWN_SAMPLES), "its own, not the fleet's, is told");
+        // The fleet's measures are forgotten with the window they were taken over.
+        let later = TargetStats::default();
+        later.set_fleet(fleet, 0);
+        later.refresh(FLEET_MEASURES_KEPT);
+        assert_eq!(later.ttft_p50(), None);
     }
 
     #[test]
