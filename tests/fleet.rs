@@ -731,22 +731,33 @@ async fn configuration_streams_follow_the_leader_and_never_go_back_a_version() {
     assert_eq!(chat_with(api, "chat").await, 200);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_target_one_pod_ejects_is_avoided_by_a_pod_that_has_seen_no_failure() {
+/// The route `chat` of a target that always answers 503 (`flaky`), then one that works (`good`),
+/// with its operator, the configuration published.
+async fn flaky_fleet() -> (Fleet, Process) {
     let targets = json!([
         {"name": "flaky", "api": "mock", "baseUrl": "mock://local?fail-rate=1&fail-status=503"},
         {"name": "good", "api": "mock", "baseUrl": "mock://local"}]);
     let fleet = Fleet::with_targets(targets, &[]).await;
-    let _operator = fleet.operator("op-1");
+    let operator = fleet.operator("op-1");
     fleet.publish_config().await;
-    let (_a, a_api, a_admin) = fleet.sidecar("pod-0", &temp_dir("outage-a"));
-    let (_b, b_api, b_admin) = fleet.sidecar("pod-1", &temp_dir("outage-b"));
-    for admin in [a_admin, b_admin] {
-        eventually("both streams are open", || async {
-            metric(&metrics(admin).await, "sideyard_config_stream_connected") == 1
+    (fleet, operator)
+}
+
+async fn streams_open(admins: &[SocketAddr]) {
+    for admin in admins {
+        eventually("every stream is open", || async {
+            metric(&metrics(*admin).await, "sideyard_config_stream_connected") == 1
         })
         .await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_one_pod_ejects_is_avoided_by_a_pod_that_has_seen_no_failure() {
+    let (fleet, _operator) = flaky_fleet().await;
+    let (_a, a_api, a_admin) = fleet.sidecar("pod-0", &temp_dir("outage-a"));
+    let (_b, b_api, b_admin) = fleet.sidecar("pod-1", &temp_dir("outage-b"));
+    streams_open(&[a_admin, b_admin]).await;
     let series = |name: &str, target: &str| format!("{name}{{route=\"{NS}/chat\",target=\"{target}\"}}");
     // Pod A meets the outage: each request falls back, and the third failure ejects the target.
     for _ in 0..3 {
@@ -815,4 +826,26 @@ async fn a_pod_without_measures_of_its_own_ranks_targets_by_the_fleets() {
     assert!((0.05..0.2).contains(&b), "about the mock's 60 ms: {b}");
     assert!((a - b).abs() < 0.02, "A measured {a}, B was told {b}");
     assert_eq!(metric(&metrics(b_admin).await, "sideyard_api_calls_total{api=\"chat_completions\"}"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failures_spread_over_pods_eject_a_target_that_no_single_pod_ejected() {
+    let (fleet, _operator) = flaky_fleet().await;
+    let (_processes, apis, admins) = sidecars(&fleet, 3);
+    streams_open(&admins).await;
+    // One failure in each pod: below each pod's threshold of 3, the fleet's all the same.
+    for api in &apis {
+        let answer = read(send(*api, "POST", "/v1/chat/completions", CHAT).await).await;
+        assert_eq!((answer.status.as_u16(), answer.header("x-sideyard-attempts")), (200, "2"), "{}", answer.body);
+    }
+    let series = |name: &str| format!("{name}{{route=\"{NS}/chat\",target=\"flaky\"}}");
+    for admin in &admins {
+        eventually("the fleet's ejection reaches every pod", || async {
+            metric(&metrics(*admin).await, &series("sideyard_fleet_ejections_total")) >= 1
+        })
+        .await;
+        assert_eq!(metric(&metrics(*admin).await, &series("sideyard_ejections_total")), 0, "no pod ejected it itself");
+    }
+    let answer = read(send(apis[0], "POST", "/v1/chat/completions", CHAT).await).await;
+    assert_eq!((answer.header("x-sideyard-target"), answer.header("x-sideyard-attempts")), ("good", "1"));
 }

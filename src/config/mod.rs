@@ -26,7 +26,8 @@ pub use load::{Fingerprint, Loaded, Sources, compile_texts, load, parse_file};
 pub use mock::{MockOptions, UsageChunk, parse_count, parse_fail_status, parse_rate, parse_usage};
 pub use wire::{
     COMPILED_CONFIG_KIND, CONFIG_SERVED_PATH, CONFIG_STREAM_PATH, CompiledConfig, FLEET_HEALTH_KIND, FleetHealth,
-    HEALTH_REPORT_PATH, HealthReport, Measure, ServedVersion, TargetOutage, TargetPerformance, content_hash, hex,
+    HEALTH_REPORT_PATH, HealthReport, Measure, ServedVersion, TargetOutage, TargetOutcomes, TargetPerformance,
+    content_hash, hex,
 };
 
 use crate::api::{FallbackReason, Period, Serves, Strategy};

@@ -61,11 +61,26 @@ pub struct TargetPerformance {
     pub throughput: Measure,
 }
 
-/// A sidecar's own ejections and cooldowns (never those the fleet told it of), and, every few
-/// seconds, its own measures of its targets' performance.
+/// A target's attempts since the pod's last report: successes, and failures by the class of
+/// [`crate::api::FallbackReason`] (`connect`, `timeout`, `5xx`, `429`, ...).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetOutcomes {
+    /// `namespace/name` of the route.
+    pub route: String,
+    pub target: String,
+    pub successes: u64,
+    #[serde(default)]
+    pub failures: std::collections::BTreeMap<String, u64>,
+}
+
+/// A sidecar's own ejections and cooldowns (never those the fleet told it of), its attempts'
+/// outcomes since its last report, and, every few seconds, its own measures of its targets'
+/// performance.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthReport {
     pub targets: Vec<TargetOutage>,
+    #[serde(default)]
+    pub outcomes: Vec<TargetOutcomes>,
     #[serde(default)]
     pub performance: Vec<TargetPerformance>,
 }

@@ -8,7 +8,7 @@
 //! pod can make its namespace avoid a target for that long at most. Pure but for the channels:
 //! time is passed in.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,7 +18,11 @@ use tokio::time::Instant;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use super::plan::HeldTarget;
-use crate::config::{FLEET_HEALTH_KIND, FleetHealth, Measure, TargetOutage, TargetPerformance};
+use crate::api::FallbackReason;
+use crate::config::{
+    FLEET_HEALTH_KIND, FleetHealth, HealthPolicy, HealthReport, Measure, TargetOutage, TargetOutcomes,
+    TargetPerformance,
+};
 
 /// The longest a report can keep a target out for the fleet.
 pub const MAX_HOLD: Duration = Duration::from_secs(300);
@@ -58,8 +62,10 @@ pub struct Outages {
 }
 
 struct Namespace {
-    /// Each pod's latest report, as ends.
+    /// Each pod's latest report, as ends (and the fleet's own ejections, under [`FLEET`]).
     by_pod: HashMap<String, BTreeMap<Target, Hold>>,
+    /// Reported attempts within the window: when, which target, successes, target failures.
+    attempts: VecDeque<(Instant, Target, u64, u64)>,
     /// Each pod's latest measures.
     measures_by_pod: HashMap<String, BTreeMap<Target, [Measure; 2]>>,
     measures_pushed_at: Option<Instant>,
@@ -70,6 +76,7 @@ impl Default for Namespace {
     fn default() -> Self {
         Namespace {
             by_pod: HashMap::new(),
+            attempts: VecDeque::new(),
             measures_by_pod: HashMap::new(),
             measures_pushed_at: None,
             held: watch::channel(Held::default()).0,
@@ -80,14 +87,18 @@ impl Default for Namespace {
 impl Outages {
     /// A pod's report of its own outages (and, when it sends them, its measures) at `now`;
     /// returns whether the fleet's outages changed enough to be pushed (then they are).
+    /// `policy` gives a route's (`namespace/name`) health policy: the fleet ejects a target whose
+    /// pods together failed it that many times within [`OUTCOME_WINDOW`] without a success,
+    /// although no single pod did.
     pub fn report(
         &self,
         namespace: &str,
         pod: &str,
-        outages: &[TargetOutage],
-        measures: &[TargetPerformance],
+        report: &HealthReport,
+        policy: &dyn Fn(&str) -> Option<HealthPolicy>,
         now: Instant,
     ) -> bool {
+        let (outages, measures) = (&report.targets, &report.performance);
         let cap = |ms: u64| (ms > 0).then(|| now + Duration::from_millis(ms).min(MAX_HOLD));
         let reported = outages
             .iter()
@@ -100,6 +111,7 @@ impl Outages {
         let mut namespaces = lock(&self.namespaces);
         let ns = namespaces.entry(namespace.to_string()).or_default();
         ns.by_pod.insert(pod.to_string(), reported);
+        ns.count(&report.outcomes, policy, now);
         if !measures.is_empty() {
             let measures =
                 measures.iter().map(|m| ((m.route.clone(), m.target.clone()), [m.ttft, m.throughput])).collect();
@@ -164,7 +176,44 @@ impl Outages {
     }
 }
 
+/// What the fleet's pods say of a target's attempts over this long decides a fleet ejection.
+pub const OUTCOME_WINDOW: Duration = Duration::from_secs(10);
+/// The failure classes that say a target is down (others say the request was at fault).
+const TARGET_FAILURES: [FallbackReason; 3] =
+    [FallbackReason::Connect, FallbackReason::Timeout, FallbackReason::ServerError];
+/// The pod name the fleet's own ejections are kept under.
+const FLEET: &str = "";
+
 impl Namespace {
+    /// Adds a report's outcomes to the window, and ejects for the fleet each target that failed
+    /// its route's `consecutiveFailures` times across pods within the window without a success.
+    fn count(&mut self, outcomes: &[TargetOutcomes], policy: &dyn Fn(&str) -> Option<HealthPolicy>, now: Instant) {
+        for o in outcomes {
+            let failures = TARGET_FAILURES.iter().filter_map(|r| o.failures.get(r.as_str())).sum::<u64>();
+            self.attempts.push_back((now, (o.route.clone(), o.target.clone()), o.successes, failures));
+        }
+        while self.attempts.front().is_some_and(|(at, ..)| now.saturating_duration_since(*at) > OUTCOME_WINDOW) {
+            self.attempts.pop_front();
+        }
+        let mut sums: BTreeMap<&Target, (u64, u64)> = BTreeMap::new();
+        for (_, target, successes, failures) in &self.attempts {
+            let sum = sums.entry(target).or_default();
+            *sum = (sum.0.saturating_add(*successes), sum.1.saturating_add(*failures));
+        }
+        let fleet = self.by_pod.entry(FLEET.to_string()).or_default();
+        fleet.retain(|_, h| h.ejected_until.is_some_and(|t| t > now));
+        for (target, (successes, failures)) in sums {
+            let Some(policy) = policy(&target.0) else { continue };
+            if successes == 0
+                && failures >= u64::from(policy.consecutive_failures.max(1))
+                && !fleet.contains_key(target)
+            {
+                let hold = Hold { ejected_until: Some(now + policy.base_ejection.min(MAX_HOLD)), cooling_until: None };
+                fleet.insert(target.clone(), hold);
+            }
+        }
+    }
+
     /// Merges the pods' reports: each target out until the latest end any pod reported. Pushes
     /// when a target is newly out or its end moves later by more than [`SLACK`]; ends that pass,
     /// and pods that recover, need no push (each sidecar's hold runs out on its own).
@@ -271,6 +320,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    fn report(targets: &[TargetOutage], performance: &[TargetPerformance]) -> HealthReport {
+        HealthReport { targets: targets.to_vec(), outcomes: Vec::new(), performance: performance.to_vec() }
+    }
+
     fn outage(target: &str, ejected_ms: u64, cooling_ms: u64) -> TargetOutage {
         TargetOutage { route: "team-a/chat".into(), target: target.into(), ejected_ms, cooling_ms }
     }
@@ -286,20 +339,32 @@ mod tests {
         let outages = Outages::default();
         let held = outages.subscribe("team-a");
         let t0 = Instant::now();
-        assert!(!outages.report("team-a", "pod-a", &[], &[], t0), "nothing to say");
-        assert!(outages.report("team-a", "pod-a", &[outage("flaky", 10_000, 0)], &[], t0));
+        assert!(!outages.report("team-a", "pod-a", &report(&[], &[]), &|_| None, t0), "nothing to say");
+        assert!(outages.report("team-a", "pod-a", &report(&[outage("flaky", 10_000, 0)], &[]), &|_| None, t0));
         assert_eq!(held_for(&frame(&held.borrow(), t0)), [("flaky".into(), 10_000, 0)]);
         // The same ejection reported again a second later is no news.
-        assert!(!outages.report("team-a", "pod-a", &[outage("flaky", 9_000, 0)], &[], t0 + Duration::from_secs(1)));
+        assert!(!outages.report(
+            "team-a",
+            "pod-a",
+            &report(&[outage("flaky", 9_000, 0)], &[]),
+            &|_| None,
+            t0 + Duration::from_secs(1)
+        ));
         // Another pod ejects it for longer, and cools another target: news.
         let t2 = t0 + Duration::from_secs(2);
-        assert!(outages.report("team-a", "pod-b", &[outage("flaky", 20_000, 0), outage("busy", 0, 5_000)], &[], t2));
+        assert!(outages.report(
+            "team-a",
+            "pod-b",
+            &report(&[outage("flaky", 20_000, 0), outage("busy", 0, 5_000)], &[]),
+            &|_| None,
+            t2
+        ));
         assert_eq!(held_for(&frame(&held.borrow(), t2)), [("busy".into(), 0, 5_000), ("flaky".into(), 20_000, 0)]);
         // A new stream at t3 is told what is left.
         let t3 = t2 + Duration::from_secs(3);
         assert_eq!(held_for(&frame(&held.borrow(), t3)), [("busy".into(), 0, 2_000), ("flaky".into(), 17_000, 0)]);
         // Pods recovering push nothing; what was pushed runs out.
-        assert!(!outages.report("team-a", "pod-b", &[], &[], t3));
+        assert!(!outages.report("team-a", "pod-b", &report(&[], &[]), &|_| None, t3));
         outages.forget("team-a", "pod-a");
         assert_eq!(held_for(&frame(&held.borrow(), t2 + Duration::from_secs(21))), []);
         assert!(outages.subscribe("team-b").borrow().holds.is_empty(), "namespaces are apart");
@@ -310,7 +375,7 @@ mod tests {
         let outages = Outages::default();
         let t0 = Instant::now();
         let wall: Timestamp = "2026-12-06T23:00:00Z".parse().expect("a time");
-        outages.report("team-a", "pod-a", &[outage("flaky", 10_000, 0)], &[], t0);
+        outages.report("team-a", "pod-a", &report(&[outage("flaky", 10_000, 0)], &[]), &|_| None, t0);
         assert_eq!(outages.take_changed(t0), BTreeSet::from(["team-a".to_string()]));
         assert!(outages.take_changed(t0 + Duration::from_secs(5)).is_empty(), "nothing new");
         let held = outages.held("team-a", t0 + Duration::from_secs(4), wall);
@@ -334,18 +399,58 @@ mod tests {
             throughput: Measure::default(),
         };
         let t0 = Instant::now();
-        assert!(!outages.report("team-a", "pod-a", &[], &[of(measure(30, 100_000))], t0), "not an outage");
-        assert!(!outages.report("team-a", "pod-b", &[], &[of(measure(10, 200_000))], t0));
+        assert!(
+            !outages.report("team-a", "pod-a", &report(&[], &[of(measure(30, 100_000))]), &|_| None, t0),
+            "not an outage"
+        );
+        assert!(!outages.report("team-a", "pod-b", &report(&[], &[of(measure(10, 200_000))]), &|_| None, t0));
         let merged = |held: &Held| held.performance.get(&("team-a/chat".to_string(), "m".to_string())).copied();
         assert_eq!(merged(&held.borrow()).map(|m| m[0]), Some(measure(30, 100_000)), "pushed at once, the first");
         let t1 = t0 + Duration::from_secs(1);
-        outages.report("team-a", "pod-b", &[], &[of(measure(10, 200_000))], t1);
+        outages.report("team-a", "pod-b", &report(&[], &[of(measure(10, 200_000))]), &|_| None, t1);
         assert_eq!(merged(&held.borrow()).map(|m| m[0].samples), Some(30), "not again within five seconds");
         let t5 = t0 + Duration::from_secs(5);
-        outages.report("team-a", "pod-b", &[], &[of(measure(10, 200_000))], t5);
+        outages.report("team-a", "pod-b", &report(&[], &[of(measure(10, 200_000))]), &|_| None, t5);
         assert_eq!(merged(&held.borrow()).map(|m| m[0]), Some(measure(40, 125_000)), "weighted by samples");
         let frame: FleetHealth = serde_json::from_slice(&frame(&held.borrow(), t5).expect("a frame")).expect("JSON");
         assert_eq!((frame.targets.len(), frame.performance.len()), (0, 1));
+    }
+
+    #[test]
+    fn failures_spread_over_pods_eject_a_target_no_pod_ejected() {
+        let outages = Outages::default();
+        let held = outages.subscribe("team-a");
+        let policy = |route: &str| {
+            (route == "team-a/chat").then_some(HealthPolicy {
+                consecutive_failures: 3,
+                base_ejection: Duration::from_secs(10),
+                max_ejection: Duration::from_secs(60),
+            })
+        };
+        let attempts = |successes, failures: &[(&str, u64)]| HealthReport {
+            outcomes: vec![TargetOutcomes {
+                route: "team-a/chat".into(),
+                target: "flaky".into(),
+                successes,
+                failures: failures.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            }],
+            ..HealthReport::default()
+        };
+        let t0 = Instant::now();
+        // Each pod fails once: no pod reaches its threshold, the fleet does.
+        assert!(!outages.report("team-a", "pod-a", &attempts(0, &[("5xx", 1)]), &policy, t0));
+        assert!(!outages.report("team-a", "pod-b", &attempts(0, &[("timeout", 1), ("4xx", 5)]), &policy, t0));
+        assert!(outages.report("team-a", "pod-c", &attempts(0, &[("connect", 1)]), &policy, t0), "the third");
+        assert_eq!(held_for(&frame(&held.borrow(), t0)), [("flaky".into(), 10_000, 0)]);
+        // A success anywhere in the window, or failures that blame the request, eject nothing.
+        let other = Outages::default();
+        other.report("team-a", "pod-a", &attempts(1, &[("5xx", 5)]), &policy, t0);
+        assert!(!other.report("team-a", "pod-b", &attempts(0, &[("4xx", 9), ("429", 9)]), &policy, t0));
+        // Failures older than the window are forgotten.
+        let spread = Outages::default();
+        spread.report("team-a", "pod-a", &attempts(0, &[("5xx", 2)]), &policy, t0);
+        let later = t0 + OUTCOME_WINDOW + Duration::from_secs(1);
+        assert!(!spread.report("team-a", "pod-b", &attempts(0, &[("5xx", 1)]), &policy, later));
     }
 
     #[test]
@@ -353,7 +458,7 @@ mod tests {
         let outages = Outages::default();
         let held = outages.subscribe("team-a");
         let t0 = Instant::now();
-        assert!(outages.report("team-a", "pod-a", &[outage("flaky", u64::MAX, u64::MAX)], &[], t0));
+        assert!(outages.report("team-a", "pod-a", &report(&[outage("flaky", u64::MAX, u64::MAX)], &[]), &|_| None, t0));
         let cap = u64::try_from(MAX_HOLD.as_millis()).unwrap_or(0);
         assert_eq!(held_for(&frame(&held.borrow(), t0)), [("flaky".into(), cap, cap)]);
     }

@@ -314,7 +314,12 @@ async fn served(State(push): State<Arc<ConfigPush>>, headers: HeaderMap, body: B
 /// the namespace's other sidecars when they are news.
 async fn health(State(push): State<Arc<ConfigPush>>, headers: HeaderMap, body: Bytes) -> Response {
     no_content(pod_report(&push, &headers, &body).await.map(|(namespace, pod, report): (_, _, HealthReport)| {
-        if push.outages.report(&namespace, &pod, &report.targets, &report.performance, tokio::time::Instant::now()) {
+        let current = push.hub.subscribe(&namespace).borrow().clone();
+        let policy = |route: &str| {
+            let routes = &current.as_ref()?.config.routes;
+            routes.iter().find(|r| format!("{}/{}", r.namespace, r.name) == route).map(|r| r.health)
+        };
+        if push.outages.report(&namespace, &pod, &report, &policy, tokio::time::Instant::now()) {
             push.metrics.fleet_holds.inc();
             tracing::info!(%namespace, %pod, outages = ?report.targets, "a sidecar's outage is pushed to its namespace's sidecars");
         }

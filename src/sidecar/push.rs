@@ -6,6 +6,7 @@
 //! reached) and the fallback while the operator is away; the stream brings each new version
 //! within a reconcile instead of the kubelet's refresh of a minute or two.
 
+use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -21,9 +22,10 @@ use super::health;
 use super::ledger_client::{CallMetrics, LedgerClient};
 use super::shared::Shared;
 use super::state::Source;
+use crate::api::FallbackReason;
 use crate::config::{
     CONFIG_SERVED_PATH, CONFIG_STREAM_PATH, CompiledConfig, Config, FLEET_HEALTH_KIND, FleetHealth, HEALTH_REPORT_PATH,
-    HealthReport, LedgerEndpoint, ServedVersion, TargetOutage, TargetPerformance,
+    HealthReport, LedgerEndpoint, ServedVersion, TargetOutage, TargetOutcomes, TargetPerformance,
 };
 
 /// How often this pod's outages are told to the operator.
@@ -275,6 +277,9 @@ async fn read(
     let mut report = tokio::time::interval(REPORT_INTERVAL);
     let mut reported_outages = false;
     let mut ticks = 0u64;
+    // Attempts are told as counts since the last report, from what they were when the stream
+    // opened.
+    let mut counted = outcome_counts(shared);
     loop {
         if received > 0 && *version.borrow_and_update() != told {
             told = *version.borrow();
@@ -291,9 +296,14 @@ async fn read(
                 let targets = own_outages(shared);
                 ticks += 1;
                 let performance = if ticks.is_multiple_of(MEASURES_EVERY) { own_measures(shared) } else { Vec::new() };
-                if received > 0 && (reported_outages || !targets.is_empty() || !performance.is_empty()) {
+                let now_counted = outcome_counts(shared);
+                let outcomes = outcomes_since(&counted, &now_counted);
+                counted = now_counted;
+                let news = !targets.is_empty() || !outcomes.is_empty() || !performance.is_empty();
+                if received > 0 && (reported_outages || news) {
                     reported_outages = !targets.is_empty();
-                    if let Err(e) = client.post(HEALTH_REPORT_PATH, &HealthReport { targets, performance }).await {
+                    let report = HealthReport { targets, outcomes, performance };
+                    if let Err(e) = client.post(HEALTH_REPORT_PATH, &report).await {
                         tracing::debug!(error = %e, "could not tell the operator of this pod's outages");
                     }
                 }
@@ -358,6 +368,40 @@ fn own_outages(shared: &Shared) -> Vec<TargetOutage> {
         })
         .filter(|o| o.ejected_ms > 0 || o.cooling_ms > 0)
         .collect()
+}
+
+/// Each target's attempts so far, by outcome (index 0 success, then one per [`FallbackReason`]).
+fn outcome_counts(shared: &Shared) -> HashMap<(String, String), Vec<u64>> {
+    let targets = shared.states.targets().into_iter();
+    targets.map(|(target, state)| (target, state.outcomes.iter().map(|c| c.get()).collect())).collect()
+}
+
+/// The attempts between two counts, for the fleet: successes, and failures by class.
+fn outcomes_since(
+    before: &HashMap<(String, String), Vec<u64>>,
+    now: &HashMap<(String, String), Vec<u64>>,
+) -> Vec<TargetOutcomes> {
+    let mut outcomes: Vec<TargetOutcomes> = now
+        .iter()
+        .filter_map(|((route, target), counts)| {
+            let earlier = before.get(&(route.clone(), target.clone()));
+            let delta = |i: usize| counts[i].saturating_sub(earlier.and_then(|e| e.get(i).copied()).unwrap_or(0));
+            let failures: BTreeMap<String, u64> = FallbackReason::ALL
+                .iter()
+                .map(|r| (r.as_str().to_string(), delta(1 + r.index())))
+                .filter(|(_, n)| *n > 0)
+                .collect();
+            let successes = delta(0);
+            (successes > 0 || !failures.is_empty()).then(|| TargetOutcomes {
+                route: route.clone(),
+                target: target.clone(),
+                successes,
+                failures,
+            })
+        })
+        .collect();
+    outcomes.sort_by(|a, b| (&a.route, &a.target).cmp(&(&b.route, &b.target)));
+    outcomes
 }
 
 /// This pod's own measures of its targets' performance, for the fleet.
