@@ -49,8 +49,8 @@ pub struct Measure {
     pub values: [u64; 4],
 }
 
-/// A target's recent performance: time to first token in microseconds, output tokens per second
-/// times 1000.
+/// A target's recent performance: time to first token and total attempt time in microseconds,
+/// output tokens per second times 1000.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TargetPerformance {
@@ -58,6 +58,8 @@ pub struct TargetPerformance {
     pub route: String,
     pub target: String,
     pub ttft: Measure,
+    #[serde(default)]
+    pub total: Measure,
     pub throughput: Measure,
 }
 

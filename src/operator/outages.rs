@@ -40,11 +40,11 @@ pub struct Hold {
 }
 
 /// What the fleet knows of a namespace's targets: those out of use, and the merged measures of
-/// their performance (time to first token, throughput).
+/// their performance (time to first token, total time, throughput).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FleetView {
     pub holds: BTreeMap<Target, Hold>,
-    pub performance: BTreeMap<Target, [Measure; 2]>,
+    pub performance: BTreeMap<Target, [Measure; 3]>,
 }
 
 pub type Held = Arc<FleetView>;
@@ -67,7 +67,7 @@ struct Namespace {
     /// Reported attempts within the window: when, which target, successes, target failures.
     attempts: VecDeque<(Instant, Target, u64, u64)>,
     /// Each pod's latest measures.
-    measures_by_pod: HashMap<String, BTreeMap<Target, [Measure; 2]>>,
+    measures_by_pod: HashMap<String, BTreeMap<Target, [Measure; 3]>>,
     measures_pushed_at: Option<Instant>,
     held: watch::Sender<Held>,
 }
@@ -113,8 +113,10 @@ impl Outages {
         ns.by_pod.insert(pod.to_string(), reported);
         ns.count(&report.outcomes, policy, now);
         if !measures.is_empty() {
-            let measures =
-                measures.iter().map(|m| ((m.route.clone(), m.target.clone()), [m.ttft, m.throughput])).collect();
+            let measures = measures
+                .iter()
+                .map(|m| ((m.route.clone(), m.target.clone()), [m.ttft, m.total, m.throughput]))
+                .collect();
             ns.measures_by_pod.insert(pod.to_string(), measures);
         }
         let news = ns.merge(now);
@@ -252,9 +254,9 @@ impl Namespace {
 /// The pods' measures of each target, merged: samples added, each quantile the samples-weighted
 /// mean of the pods' (an estimate: quantiles do not add, but pods of one workload see alike).
 fn merge_measures<'a>(
-    pods: impl Iterator<Item = &'a BTreeMap<Target, [Measure; 2]>>,
-) -> BTreeMap<Target, [Measure; 2]> {
-    let mut sums: BTreeMap<Target, [(u64, [u128; 4]); 2]> = BTreeMap::new();
+    pods: impl Iterator<Item = &'a BTreeMap<Target, [Measure; 3]>>,
+) -> BTreeMap<Target, [Measure; 3]> {
+    let mut sums: BTreeMap<Target, [(u64, [u128; 4]); 3]> = BTreeMap::new();
     for (target, measures) in pods.flatten() {
         let sum = sums.entry(target.clone()).or_default();
         for (total, m) in sum.iter_mut().zip(measures) {
@@ -296,10 +298,11 @@ pub fn frame(held: &Held, now: Instant) -> Option<bytes::Bytes> {
     let performance: Vec<TargetPerformance> = held
         .performance
         .iter()
-        .map(|((route, target), [ttft, throughput])| TargetPerformance {
+        .map(|((route, target), [ttft, total, throughput])| TargetPerformance {
             route: route.clone(),
             target: target.clone(),
             ttft: *ttft,
+            total: *total,
             throughput: *throughput,
         })
         .collect();
@@ -396,6 +399,7 @@ mod tests {
             route: "team-a/chat".into(),
             target: "m".into(),
             ttft,
+            total: Measure::default(),
             throughput: Measure::default(),
         };
         let t0 = Instant::now();

@@ -407,8 +407,8 @@ fn outcomes_since(
 /// This pod's own measures of its targets' performance, for the fleet.
 fn own_measures(shared: &Shared) -> Vec<TargetPerformance> {
     let measured = shared.states.targets().into_iter().filter_map(|((route, target), state)| {
-        let [ttft, throughput] = state.stats.own()?;
-        Some(TargetPerformance { route, target, ttft, throughput })
+        let [ttft, total, throughput] = state.stats.own()?;
+        Some(TargetPerformance { route, target, ttft, total, throughput })
     });
     measured.collect()
 }
@@ -430,7 +430,7 @@ fn apply_fleet_health(shared: &Shared, frame: &[u8]) -> Result<(), String> {
     }
     for measured in &fleet.performance {
         if let Some(state) = shared.states.existing(&measured.route, &measured.target) {
-            state.stats.set_fleet([measured.ttft, measured.throughput], now);
+            state.stats.set_fleet([measured.ttft, measured.total, measured.throughput], now);
         }
     }
     Ok(())

@@ -138,11 +138,11 @@ pub struct TargetStats {
     pub ttft_cached: Cached,
     pub total_cached: Cached,
     pub throughput_cached: Cached,
-    /// This pod's own time to first token and throughput at the last refresh: what it tells the
-    /// fleet (never the fleet's own measures).
-    own: Mutex<[Measure; 2]>,
+    /// This pod's own time to first token, total time and throughput at the last refresh: what it
+    /// tells the fleet (never the fleet's own measures).
+    own: Mutex<[Measure; 3]>,
     /// The fleet's merged measures, and when they came.
-    fleet: Mutex<Option<([Measure; 2], Ticks)>>,
+    fleet: Mutex<Option<([Measure; 3], Ticks)>>,
 }
 
 impl TargetStats {
@@ -161,7 +161,7 @@ impl TargetStats {
         }
     }
 
-    /// Recomputes the cached quantiles from the window. Time to first token and throughput come
+    /// Recomputes the cached quantiles from the window. The three measures come
     /// from the fleet's measures instead while this pod has fewer than [`MIN_OWN_SAMPLES`] of its
     /// own and the fleet has more.
     pub fn refresh(&self, now: Ticks) {
@@ -170,18 +170,16 @@ impl TargetStats {
             let (samples, values) = rolling.quantiles(now, &percentiles);
             Measure { samples, values: std::array::from_fn(|i| values.get(i).copied().unwrap_or(0)) }
         };
-        let own = [measure(&self.ttft), measure(&self.throughput)];
+        let own = [measure(&self.ttft), measure(&self.total), measure(&self.throughput)];
         *lock(&self.own) = own;
         let fleet = lock(&self.fleet).filter(|(_, at)| now.saturating_sub(*at) < FLEET_MEASURES_KEPT).map(|(m, _)| m);
         let used = |i: usize| match fleet {
             Some(fleet) if own[i].samples < MIN_OWN_SAMPLES && fleet[i].samples > own[i].samples => fleet[i],
             _ => own[i],
         };
-        for (cached, m) in [
-            (&self.ttft_cached, used(0)),
-            (&self.total_cached, measure(&self.total)),
-            (&self.throughput_cached, used(1)),
-        ] {
+        for (cached, m) in
+            [(&self.ttft_cached, used(0)), (&self.total_cached, used(1)), (&self.throughput_cached, used(2))]
+        {
             for (slot, v) in cached.values.iter().zip(m.values) {
                 slot.store(v, Relaxed);
             }
@@ -189,14 +187,15 @@ impl TargetStats {
         }
     }
 
-    /// This pod's own time to first token and throughput, for the fleet; `None` without samples.
-    pub fn own(&self) -> Option<[Measure; 2]> {
+    /// This pod's own time to first token, total time and throughput, for the fleet; `None`
+    /// without samples.
+    pub fn own(&self) -> Option<[Measure; 3]> {
         let own = *lock(&self.own);
         own.iter().any(|m| m.samples > 0).then_some(own)
     }
 
-    /// The fleet's merged time to first token and throughput, received at `now`.
-    pub fn set_fleet(&self, measures: [Measure; 2], now: Ticks) {
+    /// The fleet's merged time to first token, total time and throughput, received at `now`.
+    pub fn set_fleet(&self, measures: [Measure; 3], now: Ticks) {
         *lock(&self.fleet) = Some((measures, now));
     }
 
@@ -263,7 +262,8 @@ mod tests {
     #[test]
     fn too_few_samples_of_its_own_and_a_pod_ranks_by_the_fleets_measures() {
         let s = TargetStats::default();
-        let fleet = [Measure { samples: 500, values: [80_000, 90_000, 100_000, 200_000] }, Measure::default()];
+        let ttft = Measure { samples: 500, values: [80_000, 90_000, 100_000, 200_000] };
+        let fleet = [ttft, Measure::default(), Measure::default()];
         s.set_fleet(fleet, 0);
         s.refresh(0);
         assert_eq!(s.ttft_p50(), Some(Duration::from_millis(80)), "no sample of its own: the fleet's");
