@@ -90,6 +90,7 @@ pub struct HealthTracker {
 
 impl HealthTracker {
     /// Whether a request may use the target now. Does not claim the probe: see [`HealthTracker::acquire`].
+    #[inline]
     pub fn admission(&self, now: Ticks) -> Admission {
         let cooling = self.cooling_until.load(Relaxed);
         if cooling > now {
