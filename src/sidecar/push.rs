@@ -221,10 +221,11 @@ pub async fn follow(shared: Arc<Shared>, served: Arc<Served>, options: PushOptio
                 continue;
             }
             Ended::Served(reason) => {
-                // It worked: start over at once, as after a leader change.
+                // It worked (a leader change ends streams so): start over after the first, jittered
+                // delay, so a fleet does not reconnect in step.
                 tracing::info!(%reason, "configuration stream ended; reconnecting");
                 failures = 0;
-                FIRST_RETRY
+                retry_delay(1)
             }
             Ended::Failed(error) => {
                 failures = failures.saturating_add(1);
