@@ -249,6 +249,24 @@ async fn a_stream_that_outgrows_the_budget_ends_with_a_typed_error() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_stream_read_whole_during_hold_back_counts_its_output_once() {
+    // The answer ("Hello there", 11 bytes: 3 tokens at most) and its usage (2 tokens) come in one
+    // read, before hold-back ends. The reservation covers 3 tokens and the limit nothing more:
+    // counting the output twice would take 6 and cut the stream for want of credit.
+    let up = ScriptedUpstream::start().await;
+    let target = format!(
+        "{{name: up, api: openai, baseUrl: '{}', pricing: {{prompt: '0', completion: '1000'}}}}",
+        up.url("openai-whole-text")
+    );
+    let route = route_yaml("chat", "reservedCompletionTokens: 3", &[&target]);
+    let sidecar = Sidecar::start(&(route + &budget_yaml("team-a", KEY, "limit: \"0.003\"")));
+    let events = stream_events(&sidecar, r#"{"model":"chat","stream":true}"#).await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+    assert!(!events.iter().any(|e| e.contains("insufficient_credits")), "{events:?}");
+    assert_eq!(micros(&key_info(&sidecar).await["data"]["usage"]), 2000, "billed from the usage: 2 tokens");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_crash_mid_load_keeps_settled_spend_and_no_reservation() {
     let dir = temp_dir("crash");
     let yaml = config("1000", "", "", "0", "");

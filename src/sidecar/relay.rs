@@ -327,9 +327,14 @@ impl SseRelay {
             for range in sse::events(&events) {
                 let event = &events[range.clone()];
                 let mut action = EventAction::Keep;
-                for payload in sse::payloads(event) {
-                    let info = self.watch.info(payload);
-                    if !watched {
+                // Of the events hold-back read, only one with usage is read again.
+                let reread = !watched || mentions_usage(event);
+                for payload in sse::payloads(event).filter(|_| reread) {
+                    let mut info = self.watch.info(payload);
+                    if watched {
+                        // Its output is in the bill already (`held_output_bytes`).
+                        info.output_bytes = 0;
+                    } else {
                         self.watch.events += 1;
                         self.watch.see(&info, stats);
                     }

@@ -502,6 +502,25 @@ where
     }
 }
 
+/// Polls `value` until it is `wanted`, failing the test after [`PATIENCE`] with the last value
+/// seen: a wait on a figure says how far off it stayed.
+pub async fn eventually_equal<T, F, Fut>(what: &str, wanted: T, mut value: F)
+where
+    T: PartialEq + std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = T>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let seen = value().await;
+        if seen == wanted {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "gave up waiting for: {what}: {seen:?}, not {wanted:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// A request as the scripted upstream received it.
 #[derive(Clone, Debug)]
 pub struct Recorded {
@@ -675,7 +694,10 @@ async fn script(
         let answer = std::fs::read(format!("tests/testdata/anthropic/callers/answers/{case}.chat.json")).unwrap();
         return ([(header::CONTENT_TYPE, "application/json")], answer).into_response();
     }
-    let stream = match (behaviour.strip_prefix("anthropic-stream-"), behaviour.strip_prefix("openai-stream-")) {
+    // `openai-whole-` sends the stream in one write, which usually arrives in one read.
+    let whole = behaviour.strip_prefix("openai-whole-");
+    let stream = match (behaviour.strip_prefix("anthropic-stream-"), behaviour.strip_prefix("openai-stream-").or(whole))
+    {
         (Some(case), _) => Some(format!("tests/testdata/anthropic/streams/{case}.events")),
         (_, Some(case)) => Some(format!("tests/testdata/anthropic/callers/streams/{case}.chunks")),
         _ => match (behaviour.strip_prefix("responses-stream-"), behaviour.strip_prefix("responses-native-")) {
@@ -690,9 +712,10 @@ async fn script(
         if let Some(end) = events.windows(5).position(|w| w == b"END: ") {
             events.truncate(end);
         }
+        let piece = if whole.is_some() { events.len().max(1) } else { 37 };
         let (mut tx, body) = Channel::<Bytes, std::io::Error>::new(4);
         tokio::spawn(async move {
-            for piece in events.chunks(37) {
+            for piece in events.chunks(piece) {
                 if tx.send_data(Bytes::copy_from_slice(piece)).await.is_err() {
                     return;
                 }
