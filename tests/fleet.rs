@@ -82,9 +82,15 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// How many fleets run at once. Each is an operator or two, up to three sidecars and a fake API
+/// server sharing its test's threads: all of this binary's at once starve each other of CPU on
+/// two cores, past the leader's renew deadline and the ledger's call timeouts.
+static TURNS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
 /// The operator, its ledger on `port` (so that a replica started later is found at the same
 /// address), and the sidecars' shared config directory.
 struct Fleet {
+    _turn: tokio::sync::SemaphorePermit<'static>,
     api: Arc<FakeApi>,
     kubeconfig: PathBuf,
     certs: PathBuf,
@@ -105,9 +111,17 @@ impl Fleet {
     }
 
     async fn with_targets(targets: Value, budgets: &[(&str, Value)]) -> Fleet {
+        let turn = TURNS.acquire().await.expect("the semaphore is never closed");
         let api = cluster(targets, budgets);
         let kubeconfig = serve_fake_api(api.clone()).await;
-        Fleet { api, kubeconfig, certs: cert_dir(), port: free_port(), config_dir: temp_dir("fleet-config") }
+        Fleet {
+            _turn: turn,
+            api,
+            kubeconfig,
+            certs: cert_dir(),
+            port: free_port(),
+            config_dir: temp_dir("fleet-config"),
+        }
     }
 
     /// A replica of the operator whose ledger is the one the sidecars are told of.
@@ -222,8 +236,8 @@ async fn metrics(admin: SocketAddr) -> String {
 async fn a_limit_holds_across_three_sidecars_and_the_status_keeps_every_answer() {
     // 4.50 affords 300 answers.
     let spec = json!({"key": {"secretRef": {"name": "keys", "key": "app"}}, "limit": "4.5"});
-    let (fleet, _operator) = Fleet::start(&[("bot", spec)]).await;
-    let (_processes, apis, admins) = sidecars(&fleet, 3);
+    let (fleet, operator) = Fleet::start(&[("bot", spec)]).await;
+    let (processes, apis, admins) = sidecars(&fleet, 3);
 
     let answers = burst(&apis, KEY, 1000).await;
     let served: Vec<u64> = answers.iter().filter(|(s, _)| *s == 200).map(|(_, c)| *c).collect();
@@ -236,7 +250,21 @@ async fn a_limit_holds_across_three_sidecars_and_the_status_keeps_every_answer()
     // than one in the ledger.
     assert!(4_500_000 - total < 4 * COST, "{} answers of 300 were served", served.len());
 
-    eventually("the ledger has every answer's cost", || async { fleet.spent("bot") == Some(total) }).await;
+    let settled = tokio::time::timeout(PATIENCE, async {
+        while fleet.spent("bot") != Some(total) {
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+    });
+    if settled.await.is_err() {
+        let logs: Vec<String> = processes.iter().map(Process::log).collect();
+        panic!(
+            "the ledger has {:?} of the answers' {total}; its status: {:#}\nthe operator's log:\n{}\nthe sidecars' logs:\n{}",
+            fleet.spent("bot"),
+            fleet.status("bot"),
+            operator.log(),
+            logs.join("\n---\n")
+        );
+    }
     let conditions = fleet.status("bot")["conditions"].as_array().cloned().unwrap_or_default();
     let condition = |t: &str| conditions.iter().find(|c| c["type"] == t).cloned().unwrap_or_default();
     assert_eq!(

@@ -502,25 +502,6 @@ where
     }
 }
 
-/// Polls `value` until it is `wanted`, failing the test after [`PATIENCE`] with the last value
-/// seen: a wait on a figure says how far off it stayed.
-pub async fn eventually_equal<T, F, Fut>(what: &str, wanted: T, mut value: F)
-where
-    T: PartialEq + std::fmt::Debug,
-    F: FnMut() -> Fut,
-    Fut: Future<Output = T>,
-{
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let seen = value().await;
-        if seen == wanted {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "gave up waiting for: {what}: {seen:?}, not {wanted:?}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 /// A request as the scripted upstream received it.
 #[derive(Clone, Debug)]
 pub struct Recorded {
