@@ -245,7 +245,7 @@ async fn json_log_lines_repeat_no_key_and_keep_the_upstream_target_and_lists() {
     assert!(loaded["files"].as_array().is_some_and(|f| f.len() == 1), "a list is an array: {loaded}");
     let failed = with("attempt failed");
     assert_eq!(failed["upstream_target"], "down", "{failed}");
-    assert_eq!(failed["target"], "sideyard::sidecar::proxy", "the module, kept apart: {failed}");
+    assert_eq!(failed["target"], "sideyard::sidecar::calls::proxy", "the module, kept apart: {failed}");
     assert!(failed["detail"].as_str().is_some_and(|d| d.contains("503")), "{failed}");
     assert_eq!(with("target ejected")["upstream_target"], "down");
 }

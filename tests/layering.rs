@@ -478,5 +478,6 @@ fn the_checker_sees_what_it_must() {
     ]);
     assert_eq!(find_cycle(&graph), Some(vec!["a".into(), "b".into(), "a".into()]));
     assert_eq!(module_of(&root().join("src/sidecar/mod.rs")), ["sidecar"]);
-    assert_eq!(module_of(&root().join("src/sidecar/h1.rs")), ["sidecar", "h1"]);
+    assert_eq!(module_of(&root().join("src/sidecar/upstream/mod.rs")), ["sidecar", "upstream"]);
+    assert_eq!(module_of(&root().join("src/sidecar/upstream/h1.rs")), ["sidecar", "upstream", "h1"]);
 }

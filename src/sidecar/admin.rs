@@ -8,8 +8,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http::{StatusCode, header};
 
-use super::health;
 use super::metrics;
+use super::routing::health;
 use super::shared::Shared;
 
 /// Health, readiness and metrics.

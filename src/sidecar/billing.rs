@@ -8,8 +8,8 @@ use bytes::Bytes;
 use http::{HeaderMap, header};
 use sha2::{Digest, Sha256};
 
-use super::error::ProxyError;
-use super::fleet::{self, Fleet, FleetAccount};
+use super::calls::error::ProxyError;
+use super::cluster::fleet::{self, Fleet, FleetAccount};
 use crate::api::BudgetState;
 use crate::api::units::format_micros;
 use crate::budget::period::period_end;

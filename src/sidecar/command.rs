@@ -11,10 +11,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::admin::admin_router;
-use super::fleet::{EndpointOverrides, FleetOptions};
-use super::health;
-use super::push::{self, Offer, PushOptions, Served};
-use super::service::{ApiService, api_service};
+use super::calls::service::{ApiService, api_service};
+use super::cluster::fleet::{EndpointOverrides, FleetOptions};
+use super::cluster::push::{self, Offer, PushOptions, Served};
+use super::routing::health;
 use super::shared::{Limits, Shared};
 use super::state::Source;
 use super::upstream::Clients;

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::billing::{Meter, ServedBudget};
-use super::endpoint::Api;
-use super::fleet::{BILLED, Fleet};
-use super::health::Ticks;
-use super::ledger_client::{CALLS, RESULTS};
+use super::calls::endpoint::Api;
+use super::cluster::fleet::{BILLED, Fleet};
+use super::cluster::ledger_client::{CALLS, RESULTS};
+use super::routing::health::Ticks;
+use super::routing::stats::{Cached, QUANTILES, TargetStats};
 use super::shared::Shared;
 use super::state::{Source, StateRegistry};
-use super::stats::{Cached, QUANTILES, TargetStats};
 use crate::api::units::format_micros;
 use crate::api::{BudgetState, FallbackReason};
 use crate::metrics::{escape, header};

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 
-use super::fleet::{Fleet, FleetOptions};
+use super::cluster::fleet::{Fleet, FleetOptions};
 use super::snapshot::{Meters, Snapshot};
 use super::state::StateRegistry;
 use super::upstream::Clients;

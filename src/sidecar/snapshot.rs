@@ -9,9 +9,9 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderValue, header};
 
 use super::billing::{Meter, ServedBudget};
-use super::fleet::Fleet;
-use super::health::Ticks;
-use super::plan::{Candidate, weighted_schedule};
+use super::cluster::fleet::Fleet;
+use super::routing::health::Ticks;
+use super::routing::plan::{Candidate, weighted_schedule};
 use super::state::{RouteState, StateRegistry, TargetState};
 use super::upstream::{Clients, ForwardClient, TargetClient};
 use crate::api::{Serves, Strategy};
@@ -260,8 +260,9 @@ impl ServedTarget {
 
     /// What the planner needs to know about this target now.
     pub fn candidate(&self, now: Ticks) -> Candidate<'_> {
-        let quantiles =
-            |c: &super::stats::Cached| -> Option<[u64; 4]> { Some([c.get(0)?, c.get(1)?, c.get(2)?, c.get(3)?]) };
+        let quantiles = |c: &super::routing::stats::Cached| -> Option<[u64; 4]> {
+            Some([c.get(0)?, c.get(1)?, c.get(2)?, c.get(3)?])
+        };
         let stats = &self.state.stats;
         Candidate {
             name: &self.name,

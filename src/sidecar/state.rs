@@ -4,10 +4,10 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use super::endpoint::Api;
-use super::health::{HealthTracker, Ticks};
-use super::request_log::RequestLog;
-use super::stats::TargetStats;
+use super::calls::endpoint::Api;
+use super::calls::request_log::RequestLog;
+use super::routing::health::{HealthTracker, Ticks};
+use super::routing::stats::TargetStats;
 use crate::api::FallbackReason;
 use crate::metrics::{Counter, Gauge, Histogram, StatusCounter};
 

@@ -12,14 +12,9 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header, response::Parts};
 use http_body_util::{BodyExt, Full, Limited};
 use tokio::time::timeout_at;
 
-use super::endpoint::{Endpoint, UpstreamPath};
-use super::error::{AttemptFailure, ERROR_SOURCE, ProxyError};
-use super::health::{self, AttemptOutcome, HealthTracker};
+use super::UpstreamBody;
 use super::relay::{Committed, StreamWatch, Translator, unix_now};
-use super::shared::Shared;
-use super::snapshot::{ServedRoute, ServedTarget};
 use super::transport::{SendError, error_chain};
-use super::upstream::UpstreamBody;
 use crate::api::FallbackReason;
 use crate::api::units::format_duration;
 use crate::config::{Format, HealthPolicy};
@@ -28,6 +23,11 @@ use crate::providers::anthropic::callers;
 use crate::providers::anthropic::{self, ANTHROPIC_BETA, ANTHROPIC_VERSION};
 use crate::providers::openai::{AnswerInfo, ChatRequest, answer_info, is_context_length_error, upstream_error_message};
 use crate::providers::{BYTES_PER_TOKEN, responses, sse};
+use crate::sidecar::calls::endpoint::{Endpoint, UpstreamPath};
+use crate::sidecar::calls::error::{AttemptFailure, ERROR_SOURCE, ProxyError};
+use crate::sidecar::routing::health::{self, AttemptOutcome, HealthTracker};
+use crate::sidecar::shared::Shared;
+use crate::sidecar::snapshot::{ServedRoute, ServedTarget};
 
 /// Caller headers worth passing upstream: identification and tracing, never the caller's key.
 const FORWARDED: [header::HeaderName; 4] = [
@@ -104,7 +104,7 @@ impl Failure {
 impl Failure {
     /// A request of an endpoint the target's API does not have: never sent, like an
     /// [untranslatable](Failure::untranslatable) one.
-    pub(super) fn unsupported(route: &ServedRoute, target: &ServedTarget, endpoint: Endpoint) -> Failure {
+    pub(in crate::sidecar) fn unsupported(route: &ServedRoute, target: &ServedTarget, endpoint: Endpoint) -> Failure {
         let message = format!(
             "target {:?} speaks {}, which has no {} endpoint",
             target.name,
@@ -130,7 +130,11 @@ fn api_name(format: Format) -> &'static str {
 /// A Messages request's version and betas, for an Anthropic target: the caller's version unless
 /// the target's `headers` pin one, and the caller's betas the target accepts, after any the
 /// target's `headers` set.
-pub(super) fn forward_anthropic_headers(caller: &HeaderMap, target: &ServedTarget, headers: &mut HeaderMap) {
+pub(in crate::sidecar) fn forward_anthropic_headers(
+    caller: &HeaderMap,
+    target: &ServedTarget,
+    headers: &mut HeaderMap,
+) {
     if !target.pins_anthropic_version
         && let Some(version) = caller.get(ANTHROPIC_VERSION)
     {
@@ -471,7 +475,7 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 }
 
 /// Connection-level headers belong to one hop; the sidecar's server sets its own.
-pub(super) const HOP_BY_HOP: [header::HeaderName; 7] = [
+pub(in crate::sidecar) const HOP_BY_HOP: [header::HeaderName; 7] = [
     header::CONNECTION,
     header::TRANSFER_ENCODING,
     header::TE,
@@ -483,7 +487,7 @@ pub(super) const HOP_BY_HOP: [header::HeaderName; 7] = [
 
 /// Removes [`HOP_BY_HOP`] headers. A pass over the few names a response has finds them for less
 /// than a hashed removal of each of the seven.
-pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(in crate::sidecar) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     while let Some(name) = headers.keys().find(|name| HOP_BY_HOP.iter().any(|h| h == *name)).cloned() {
         headers.remove(name);
     }

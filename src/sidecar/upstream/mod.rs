@@ -1,5 +1,12 @@
-//! Sending one attempt to an upstream: HTTP/1.1 over TCP (`h1.rs`), pooled HTTP/1.1 and HTTP/2
-//! over TLS, or the in-process mock provider.
+//! Reaching a provider: one attempt ([`attempt`]: send, classify, hold-back), its stream relayed
+//! to the caller ([`relay`]), and the clients it is sent with (here): HTTP/1.1 over TCP ([`h1`]),
+//! pooled HTTP/1.1 and HTTP/2 over TLS, or the in-process mock provider; [`transport`] holds what
+//! every client shares.
+
+pub mod attempt;
+pub mod h1;
+pub mod relay;
+pub mod transport;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -21,8 +28,8 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tokio::net::TcpStream;
 
-use super::h1::{self, H1Body, Pool};
-use super::transport::{BoxError, SendError, UPSTREAM_READ_BUFFER, error_chain};
+use self::h1::{H1Body, Pool};
+use self::transport::{BoxError, SendError, UPSTREAM_READ_BUFFER, error_chain};
 use crate::config::{Format, MockOptions};
 use crate::mock_provider::MockStats;
 

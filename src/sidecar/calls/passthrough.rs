@@ -19,17 +19,10 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::BodyExt;
 use tokio::time::timeout;
 
-use super::attempt::{HOP_BY_HOP, retry_hint, strip_hop_by_hop};
-use super::billing;
 use super::endpoint::Api;
 use super::error::{AttemptFailure, ERROR_SOURCE, ProxyError, add_rate_headers};
-use super::health::{self, AttemptOutcome};
-use super::plan;
 use super::proxy::{authenticate, bad_request, finish, read_request, record_health, refused_credentials, unrouted};
 use super::request_log::{Outcome, RequestLog};
-use super::shared::Shared;
-use super::snapshot::{ServedRoute, ServedTarget};
-use super::transport::SendError;
 use crate::api::FallbackReason;
 use crate::api::units::format_duration;
 use crate::config::Format;
@@ -37,6 +30,13 @@ use crate::providers::anthropic::X_API_KEY;
 use crate::providers::multipart::{self, ModelField};
 use crate::providers::openai::optional_model;
 use crate::providers::{Prefs, splice};
+use crate::sidecar::billing;
+use crate::sidecar::routing::health::{self, AttemptOutcome};
+use crate::sidecar::routing::plan;
+use crate::sidecar::shared::Shared;
+use crate::sidecar::snapshot::{ServedRoute, ServedTarget};
+use crate::sidecar::upstream::attempt::{HOP_BY_HOP, retry_hint, strip_hop_by_hop};
+use crate::sidecar::upstream::transport::SendError;
 
 /// How much of a form is read to find its `model` before it is sent on without one.
 const FORM_PEEK_LIMIT: usize = 1 << 20;
@@ -376,7 +376,11 @@ fn upstream_request(parts: &http::request::Parts, target: &ServedTarget, body: B
 
 /// The target's answer, streamed to the caller as it comes. A provider refusing the sidecar's own
 /// credentials is not the caller's error: that becomes a 502 saying so.
-fn answer(response: http::Response<super::upstream::UpstreamBody>, model: &str, target: &ServedTarget) -> Response {
+fn answer(
+    response: http::Response<crate::sidecar::upstream::UpstreamBody>,
+    model: &str,
+    target: &ServedTarget,
+) -> Response {
     let status = response.status();
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
         let message = credentials_refused(status);

@@ -15,14 +15,8 @@ use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame};
 use tokio::time::Sleep;
 
-use super::billing::{EventAction, StreamBill};
-use super::endpoint::{Endpoint, UpstreamPath};
-use super::health::{self, AttemptOutcome};
-use super::snapshot::ServedRoute;
-use super::state::TargetState;
-use super::stats::TargetStats;
+use super::UpstreamBody;
 use super::transport::error_chain;
-use super::upstream::UpstreamBody;
 use crate::api::units::format_duration;
 use crate::config::Format;
 use crate::providers::StreamEnd;
@@ -33,6 +27,12 @@ use crate::providers::openai::{
 };
 use crate::providers::responses::{self, ResponseStream};
 use crate::providers::sse;
+use crate::sidecar::billing::{EventAction, StreamBill};
+use crate::sidecar::calls::endpoint::{Endpoint, UpstreamPath};
+use crate::sidecar::routing::health::{self, AttemptOutcome};
+use crate::sidecar::routing::stats::TargetStats;
+use crate::sidecar::snapshot::ServedRoute;
+use crate::sidecar::state::TargetState;
 
 /// What a stream has shown so far: when its first output arrived and how many tokens it made.
 #[derive(Debug)]

@@ -17,23 +17,23 @@ use axum::response::Response;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 
-use super::attempt::{Answer, Failure, Finished, HealthEffect, Outgoing, attempt};
-use super::billing::{self, Bill, ServedBudget, StreamBill, caller_key, key_hash};
 use super::endpoint::{Api, Endpoint};
 use super::error::{
     ATTEMPTS, AttemptFailure, CONFIG_VERSION, FALLBACK_REASON, HEDGED, ProxyError, TARGET, add_rate_headers,
 };
-use super::health::{self, AttemptOutcome, Transition};
-use super::plan;
-use super::relay::SseRelay;
 use super::request_log::{self, Outcome};
-use super::shared::Shared;
-use super::snapshot::{ServedRoute, ServedTarget, Snapshot};
 use crate::api::FallbackReason;
 use crate::config::Format;
 use crate::providers::BYTES_PER_TOKEN;
 use crate::providers::openai::{self, RequestError, parse_chat_request, rename_model};
 use crate::providers::responses;
+use crate::sidecar::billing::{self, Bill, ServedBudget, StreamBill, caller_key, key_hash};
+use crate::sidecar::routing::health::{self, AttemptOutcome, Transition};
+use crate::sidecar::routing::plan;
+use crate::sidecar::shared::Shared;
+use crate::sidecar::snapshot::{ServedRoute, ServedTarget, Snapshot};
+use crate::sidecar::upstream::attempt::{Answer, Failure, Finished, HealthEffect, Outgoing, attempt};
+use crate::sidecar::upstream::relay::SseRelay;
 
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(State(shared): State<Arc<Shared>>, request: Request) -> Response {
@@ -164,7 +164,7 @@ async fn converse(shared: Arc<Shared>, request: Request, endpoint: Endpoint) -> 
 }
 
 /// A request's body, up to `--max-request-bytes`.
-pub(super) async fn read_request(shared: &Shared, body: Body) -> Result<Bytes, ProxyError> {
+pub(in crate::sidecar) async fn read_request(shared: &Shared, body: Body) -> Result<Bytes, ProxyError> {
     axum::body::to_bytes(body, shared.limits.max_request_bytes).await.map_err(|e| {
         let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
@@ -177,7 +177,7 @@ pub(super) async fn read_request(shared: &Shared, body: Body) -> Result<Bytes, P
 
 /// The caller's budget from its key ([`caller_key`]). Without a known key, the request is
 /// refused if any of its routes has a budget, or if the sidecar requires keys.
-pub(super) fn authenticate(
+pub(in crate::sidecar) fn authenticate(
     headers: &HeaderMap,
     snapshot: &Snapshot,
     chain: &[&Arc<ServedRoute>],
@@ -473,7 +473,12 @@ async fn serve_route<'a>(
     }
 }
 
-pub(super) fn record_health(route: &ServedRoute, target: &ServedTarget, outcome: AttemptOutcome, probe: bool) {
+pub(in crate::sidecar) fn record_health(
+    route: &ServedRoute,
+    target: &ServedTarget,
+    outcome: AttemptOutcome,
+    probe: bool,
+) {
     match target.state.health.record(outcome, probe, &route.health, health::now()) {
         Some(Transition::Ejected { duration }) => {
             target.state.ejections.inc();
@@ -488,7 +493,12 @@ pub(super) fn record_health(route: &ServedRoute, target: &ServedTarget, outcome:
 
 /// A provider refused the target's own credentials: the target is ejected for `maxEjection`,
 /// with one warning per ejection that names the route, target and status (never the key).
-pub(super) fn refused_credentials(route: &ServedRoute, target: &ServedTarget, status: Option<u16>, probe: bool) {
+pub(in crate::sidecar) fn refused_credentials(
+    route: &ServedRoute,
+    target: &ServedTarget,
+    status: Option<u16>,
+    probe: bool,
+) {
     let max = route.health.max_ejection;
     if target.state.health.eject_for(max, probe, health::now()).is_some() {
         target.state.ejections.inc();
@@ -546,7 +556,7 @@ fn commit(
 }
 
 /// Adds the routing headers and counts the response.
-pub(super) fn finish(
+pub(in crate::sidecar) fn finish(
     mut response: Response,
     target: &ServedTarget,
     attempts: usize,
@@ -584,7 +594,7 @@ pub fn unrouted_as(shared: &Shared, error: ProxyError, caller: Format) -> Respon
     error.into_response_as(caller)
 }
 
-pub(super) fn bad_request(e: RequestError) -> ProxyError {
+pub(in crate::sidecar) fn bad_request(e: RequestError) -> ProxyError {
     let (code, message) = match e {
         RequestError::InvalidJson(detail) => ("invalid_json", format!("The request body is not valid JSON: {detail}")),
         RequestError::MissingModel => ("missing_model", "The request body must have a \"model\" field.".into()),

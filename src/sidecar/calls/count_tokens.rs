@@ -14,17 +14,17 @@ use http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use tokio::time::timeout_at;
 
-use super::attempt::forward_anthropic_headers;
 use super::endpoint::Api;
 use super::error::{CONFIG_VERSION, ProxyError, TARGET};
-use super::health;
 use super::proxy::{authenticate, bad_request, read_request, unrouted_as};
-use super::shared::Shared;
-use super::snapshot::ServedTarget;
 use crate::config::Format;
 use crate::providers::BYTES_PER_TOKEN;
 use crate::providers::anthropic;
 use crate::providers::openai::parse_chat_request;
+use crate::sidecar::routing::health;
+use crate::sidecar::shared::Shared;
+use crate::sidecar::snapshot::ServedTarget;
+use crate::sidecar::upstream::attempt::forward_anthropic_headers;
 
 /// Says how a count was made: `anthropic` (by the target named in `x-sideyard-target`) or
 /// `estimated` (the request's bytes over four).

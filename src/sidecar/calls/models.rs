@@ -9,10 +9,10 @@ use http::header;
 
 use super::endpoint::Endpoint;
 use super::error::ProxyError;
-use super::health::{self, Ticks};
 use super::proxy::unrouted;
-use super::shared::Shared;
-use super::snapshot::ServedRoute;
+use crate::sidecar::routing::health::{self, Ticks};
+use crate::sidecar::shared::Shared;
+use crate::sidecar::snapshot::ServedRoute;
 
 /// Every endpoint a route may be served on.
 const ENDPOINTS: [Endpoint; 5] =

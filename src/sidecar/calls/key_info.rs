@@ -6,11 +6,11 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use http::header;
 
-use super::billing;
 use super::error::ProxyError;
-use super::shared::Shared;
 use crate::api::Period;
 use crate::api::units::format_micros;
+use crate::sidecar::billing;
+use crate::sidecar::shared::Shared;
 
 /// `GET /api/v1/key`: the caller's key in OpenRouter's shape; credits as decimal numbers.
 pub async fn key_info(State(shared): State<Arc<Shared>>, request: Request) -> Response {

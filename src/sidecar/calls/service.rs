@@ -14,7 +14,7 @@ use super::key_info::key_info;
 use super::models::{model, models};
 use super::passthrough::passthrough;
 use super::proxy::{self, unrouted};
-use super::shared::Shared;
+use crate::sidecar::shared::Shared;
 
 /// The OpenAI-compatible API, as served: see [`ApiService`].
 pub fn api_service(shared: Arc<Shared>) -> ApiService {

@@ -18,15 +18,15 @@ use hyper::body::Incoming;
 use tokio::sync::watch;
 
 use super::fleet::EndpointOverrides;
-use super::health;
 use super::ledger_client::{CallMetrics, LedgerClient};
-use super::shared::Shared;
-use super::state::Source;
 use crate::api::FallbackReason;
 use crate::config::{
     CONFIG_SERVED_PATH, CONFIG_STREAM_PATH, CompiledConfig, Config, FLEET_HEALTH_KIND, FleetHealth, HEALTH_REPORT_PATH,
     HealthReport, LedgerEndpoint, ServedVersion, TargetOutage, TargetOutcomes, TargetPerformance,
 };
+use crate::sidecar::routing::health;
+use crate::sidecar::shared::Shared;
+use crate::sidecar::state::Source;
 
 /// How often this pod's outages are told to the operator.
 const REPORT_INTERVAL: Duration = Duration::from_secs(1);
