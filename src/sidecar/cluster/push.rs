@@ -421,13 +421,18 @@ fn apply_fleet_health(shared: &Shared, frame: &[u8]) -> Result<(), String> {
     let until = |ms: u64| now.saturating_add(health::ticks(Duration::from_millis(ms)));
     for outage in &fleet.targets {
         let Some(state) = shared.states.existing(&outage.route, &outage.target) else { continue };
-        if outage.ejected_ms > 0 && state.health.fleet_eject(until(outage.ejected_ms)) {
+        // Every frame repeats every hold while it lasts: only a new one is counted and logged.
+        let ejected = outage.ejected_ms > 0 && state.health.fleet_eject(until(outage.ejected_ms), now);
+        if ejected {
             state.fleet_ejections.inc();
         }
+        let cooling = outage.cooling_ms > 0 && state.health.cooling_for(now).is_none();
         if outage.cooling_ms > 0 {
             state.health.cool_down(until(outage.cooling_ms));
         }
-        tracing::info!(route = %outage.route, target = %outage.target, ejected_ms = outage.ejected_ms, cooling_ms = outage.cooling_ms, "another pod's outage: the target is held here too");
+        if ejected || cooling {
+            tracing::info!(route = %outage.route, target = %outage.target, ejected_ms = outage.ejected_ms, cooling_ms = outage.cooling_ms, "another pod's outage: the target is held here too");
+        }
     }
     for measured in &fleet.performance {
         if let Some(state) = shared.states.existing(&measured.route, &measured.target) {

@@ -216,26 +216,30 @@ impl HealthTracker {
     /// How much longer this pod itself keeps the target ejected, if it does: what it tells the
     /// fleet (never what the fleet told it, which would keep an ejection alive on its own echo).
     pub fn own_ejection(&self, now: Ticks) -> Option<Duration> {
-        let until = self.ejected_until.load(Acquire);
-        (until > now).then(|| Duration::from_nanos(until - now))
+        left(self.ejected_until.load(Acquire), now)
     }
 
     /// Skips the target until `until` because another pod ejected it, unless this pod's own
-    /// success ends that first. Whether that holds it longer than before.
-    pub fn fleet_eject(&self, until: Ticks) -> bool {
-        self.fleet_until.fetch_max(until, Relaxed) < until
+    /// success ends that first. Whether the fleet did not hold it at `now` already: a new hold,
+    /// not the same one told again (every frame repeats every hold while it lasts).
+    pub fn fleet_eject(&self, until: Ticks, now: Ticks) -> bool {
+        self.fleet_until.fetch_max(until, Relaxed) <= now && until > now
     }
 
     /// How much longer the target cools down after a rate limit, if it does.
     pub fn cooling_for(&self, now: Ticks) -> Option<Duration> {
-        let until = self.cooling_until.load(Relaxed);
-        (until > now).then(|| Duration::from_nanos(until - now))
+        left(self.cooling_until.load(Relaxed), now)
     }
 
     /// Skips the target until `until` without counting a failure (a rate limit with a retry hint).
     pub fn cool_down(&self, until: Ticks) {
         self.cooling_until.fetch_max(until, Relaxed);
     }
+}
+
+/// The time from `now` to `until`, if `until` is later.
+fn left(until: Ticks, now: Ticks) -> Option<Duration> {
+    (until > now).then(|| Duration::from_nanos(until - now))
 }
 
 #[cfg(test)]
@@ -338,12 +342,12 @@ mod tests {
     #[test]
     fn a_fleet_ejection_only_adds_and_the_pods_own_success_ends_it() {
         let h = HealthTracker::default();
-        h.fleet_eject(20 * S);
+        h.fleet_eject(20 * S, S);
         assert_eq!(h.admission(S), Admission::Ejected { until: 20 * S });
         assert_eq!(h.own_ejection(S), None, "what the fleet said is not reported back as this pod's");
         assert_eq!(h.acquire(S), None);
         assert_eq!(h.admission(20 * S), Admission::Open, "over when the fleet's time is");
-        h.fleet_eject(30 * S);
+        h.fleet_eject(30 * S, 20 * S);
         // A success of this pod's (a request already in flight, or panic routing) ends it.
         assert_eq!(h.record(AttemptOutcome::Success, false, &policy(), 21 * S), None);
         assert_eq!(h.admission(21 * S), Admission::Open);
@@ -351,9 +355,22 @@ mod tests {
         for _ in 0..3 {
             fail(&h, 22 * S);
         }
-        h.fleet_eject(25 * S);
+        h.fleet_eject(25 * S, 22 * S);
         assert_eq!(h.own_ejection(22 * S), Some(Duration::from_secs(10)));
         assert_eq!(h.admission(26 * S), Admission::Ejected { until: 32 * S });
+    }
+
+    #[test]
+    fn a_fleet_hold_told_again_is_not_a_new_one() {
+        let h = HealthTracker::default();
+        assert!(h.fleet_eject(20 * S, S), "a new hold");
+        // Every frame repeats every hold; its end, measured again, moves by a few milliseconds.
+        assert!(!h.fleet_eject(20 * S, 2 * S));
+        assert!(!h.fleet_eject(20 * S + 1, 3 * S));
+        assert!(!h.fleet_eject(15 * S, 3 * S), "an earlier end neither shortens nor renews it");
+        assert_eq!(h.admission(3 * S), Admission::Ejected { until: 20 * S + 1 });
+        assert!(h.fleet_eject(40 * S, 30 * S), "a hold after the last one ended is new");
+        assert!(!h.fleet_eject(25 * S, 30 * S), "one already over at its arrival is no hold");
     }
 
     #[test]
