@@ -262,7 +262,8 @@ fn merge_measures<'a>(
         for (total, m) in sum.iter_mut().zip(measures) {
             total.0 = total.0.saturating_add(m.samples);
             for (s, v) in total.1.iter_mut().zip(m.values) {
-                *s += u128::from(m.samples) * u128::from(v);
+                // Saturating: the figures come from sidecars.
+                *s = s.saturating_add(u128::from(m.samples) * u128::from(v));
             }
         }
     }
@@ -388,6 +389,17 @@ mod tests {
         assert_eq!(outages.take_changed(over), BTreeSet::from(["team-a".to_string()]), "ran out");
         assert!(outages.held("team-a", over, wall).is_empty());
         assert!(outages.take_changed(over).is_empty(), "once");
+    }
+
+    #[test]
+    fn the_largest_measures_pods_can_send_merge_without_overflowing() {
+        let most = Measure { samples: u64::MAX, values: [u64::MAX; 4] };
+        let target = ("team-a/chat".to_string(), "m".to_string());
+        let pods: Vec<BTreeMap<Target, [Measure; 3]>> =
+            (0..3).map(|_| [(target.clone(), [most, most, most])].into()).collect();
+        let merged = merge_measures(pods.iter());
+        assert_eq!(merged[&target][0].samples, u64::MAX, "samples saturate");
+        assert!(merged[&target][0].values.iter().all(|v| *v > 0), "{:?}", merged[&target]);
     }
 
     #[test]
