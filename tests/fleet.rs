@@ -250,21 +250,22 @@ async fn a_limit_holds_across_three_sidecars_and_the_status_keeps_every_answer()
     // than one in the ledger.
     assert!(4_500_000 - total < 4 * COST, "{} answers of 300 were served", served.len());
 
-    let settled = tokio::time::timeout(PATIENCE, async {
-        while fleet.spent("bot") != Some(total) {
-            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-        }
-    });
-    if settled.await.is_err() {
+    let explain = || {
         let logs: Vec<String> = processes.iter().map(Process::log).collect();
-        panic!(
-            "the ledger has {:?} of the answers' {total}; its status: {:#}\nthe operator's log:\n{}\nthe sidecars' logs:\n{}",
+        format!(
+            "the ledger has {:?}; its status: {:#}\nthe operator's log:\n{}\nthe sidecars' logs:\n{}",
             fleet.spent("bot"),
             fleet.status("bot"),
             operator.log(),
             logs.join("\n---\n")
-        );
-    }
+        )
+    };
+    eventually_or_explain(
+        "the ledger has every answer's cost",
+        || async { fleet.spent("bot") == Some(total) },
+        explain,
+    )
+    .await;
     let conditions = fleet.status("bot")["conditions"].as_array().cloned().unwrap_or_default();
     let condition = |t: &str| conditions.iter().find(|c| c["type"] == t).cloned().unwrap_or_default();
     assert_eq!(

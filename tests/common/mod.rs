@@ -490,14 +490,28 @@ pub fn metric_if_present(exposition: &str, series: &str) -> Option<u64> {
 }
 
 /// Polls until `check` holds, failing the test after [`PATIENCE`].
-pub async fn eventually<F, Fut>(what: &str, mut check: F)
+pub async fn eventually<F, Fut>(what: &str, check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    eventually_or_explain(what, check, String::new).await;
+}
+
+/// [`eventually`], and when it gives up, says what `explain` finds then (the state that kept
+/// `check` from holding).
+pub async fn eventually_or_explain<F, Fut>(what: &str, mut check: F, explain: impl FnOnce() -> String)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "gave up waiting for: {what}");
+        if tokio::time::Instant::now() >= deadline {
+            let detail = explain();
+            let detail = if detail.is_empty() { detail } else { format!("\n{detail}") };
+            panic!("gave up waiting for: {what}{detail}");
+        }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
