@@ -12,7 +12,7 @@ use super::cluster::ledger_client::{CALLS, RESULTS};
 use super::routing::health::Ticks;
 use super::routing::stats::{Cached, QUANTILES, TargetStats};
 use super::shared::Shared;
-use super::state::{Source, StateRegistry};
+use super::state::{Source, StateRegistry, TargetState};
 use crate::api::units::format_micros;
 use crate::api::{BudgetState, FallbackReason};
 use crate::metrics::{escape, header};
@@ -108,27 +108,23 @@ fn render_states(registry: &StateRegistry, now: Ticks) -> String {
             let _ = writeln!(out, "sideyard_target_health{{{l},state=\"{s}\"}} {}", u8::from(s == state));
         }
     }
-    header(&mut out, "sideyard_ejections_total", "counter", "Times a target was ejected after failures.");
-    for (l, t) in per_target() {
-        let _ = writeln!(out, "sideyard_ejections_total{{{l}}} {}", t.ejections.get());
-    }
-    header(
-        &mut out,
-        "sideyard_cooldowns_total",
-        "counter",
-        "Rate-limit answers with a retry hint that paused a target.",
-    );
-    for (l, t) in per_target() {
-        let _ = writeln!(out, "sideyard_cooldowns_total{{{l}}} {}", t.cooldowns.get());
-    }
-    header(
-        &mut out,
-        "sideyard_fleet_ejections_total",
-        "counter",
-        "Ejections another pod of the namespace made, held here as the operator pushed them.",
-    );
-    for (l, t) in per_target() {
-        let _ = writeln!(out, "sideyard_fleet_ejections_total{{{l}}} {}", t.fleet_ejections.get());
+    type Count = fn(&TargetState) -> u64;
+    let health_counters: [(&str, &str, Count); 3] = [
+        ("sideyard_ejections_total", "Times a target was ejected after failures.", |t| t.ejections.get()),
+        ("sideyard_cooldowns_total", "Rate-limit answers with a retry hint that paused a target.", |t| {
+            t.cooldowns.get()
+        }),
+        (
+            "sideyard_fleet_ejections_total",
+            "Ejections another pod of the namespace made, held here as the operator pushed them.",
+            |t| t.fleet_ejections.get(),
+        ),
+    ];
+    for (name, help, count) in health_counters {
+        header(&mut out, name, "counter", help);
+        for (l, t) in per_target() {
+            let _ = writeln!(out, "{name}{{{l}}} {}", count(t));
+        }
     }
 
     type Pick = fn(&TargetStats) -> &Cached;
