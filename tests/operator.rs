@@ -80,6 +80,18 @@ fn keyed_route(name: &str, model: &str, created: i64) -> Arc<ProviderRoute> {
     )
 }
 
+/// Route `invoices`, for pods labelled `app: billing` only, its credential the key
+/// `credential_key` of Secret `keys`.
+fn billing_route(credential_key: &str) -> Arc<ProviderRoute> {
+    route(
+        "invoices",
+        0,
+        json!({"model": "invoices", "workloadSelector": {"matchLabels": {"app": "billing"}},
+               "targets": [{"name": "openai", "baseUrl": "https://api.example.com/v1",
+                            "credentials": {"secretRef": {"name": "keys", "key": credential_key}}}]}),
+    )
+}
+
 fn budget(name: &str, created: i64, spec: Value) -> Arc<ApiKeyBudget> {
     let mut budget: ApiKeyBudget = serde_json::from_value(
         json!({"apiVersion": "sideyard.dev/v1alpha1", "kind": "ApiKeyBudget", "metadata": {}, "spec": spec}),
@@ -402,13 +414,7 @@ fn every_configuration_names_the_fleet_ledger_once_it_is_known() {
 
 #[test]
 fn programmed_counts_the_selected_connected_pods_that_serve_the_routes_version() {
-    let billing = route(
-        "invoices",
-        0,
-        json!({"model": "invoices", "workloadSelector": {"matchLabels": {"app": "billing"}},
-               "targets": [{"name": "openai", "baseUrl": "https://api.example.com/v1",
-                            "credentials": {"secretRef": {"name": "keys", "key": "openai"}}}]}),
-    );
+    let billing = billing_route("openai");
     let mut world = World::new(vec![keyed_route("chat", "chat", 0), billing], vec![keys()]);
     let pod = |app: &str, serves: Option<u64>| ConnectedPod { labels: [("app".into(), app.into())].into(), serves };
     let programmed = |plan: &Plan, route: &str| {
@@ -462,13 +468,7 @@ fn programmed_counts_the_selected_connected_pods_that_serve_the_routes_version()
 
 #[test]
 fn each_configuration_group_gets_only_what_selects_all_its_pods_and_versions_do_not_move_for_groups() {
-    let billing = route(
-        "invoices",
-        0,
-        json!({"model": "invoices", "workloadSelector": {"matchLabels": {"app": "billing"}},
-               "targets": [{"name": "openai", "baseUrl": "https://api.example.com/v1",
-                            "credentials": {"secretRef": {"name": "keys", "key": "invoices"}}}]}),
-    );
+    let billing = billing_route("invoices");
     let keys = secret("keys", &[("openai", "sk-upstream"), ("invoices", "sk-invoices")]);
     let mut world = World::new(vec![keyed_route("chat", "chat", 0), billing], vec![keys]);
     let labels = |app: &str, hash: &str| -> BTreeMap<String, String> {
