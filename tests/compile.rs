@@ -374,7 +374,7 @@ fn budgets_keep_only_the_hash_of_their_key_and_a_key_has_one_budget() {
     assert_eq!(b.limit, Some(12_500_000));
     assert_eq!(b.period, sideyard::api::Period::Daily);
     let expected: [u8; 32] = sha2_of("sk-abc");
-    assert_eq!(b.key_hash, expected, "the trailing newline of the Secret is not part of the key");
+    assert_eq!(b.key_hash, Some(expected), "the trailing newline of the Secret is not part of the key");
     assert!(!format!("{config:?}").contains("sk-abc"));
 
     let hex: String = expected.iter().map(|b| format!("{b:02x}")).collect();
@@ -390,6 +390,87 @@ fn budgets_keep_only_the_hash_of_their_key_and_a_key_has_one_budget() {
         errors_of(&[("b.yaml", &missing)]),
         ["b.yaml: document 2 (ApiKeyBudget default/a): spec.key.secretRef: secret \"nope\" not found"]
     );
+}
+
+#[test]
+fn a_chain_of_parents_ends_within_three_budgets_of_its_namespace_without_a_cycle() {
+    let route = "apiVersion: sideyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {name: chat, namespace: t}\nspec: {model: chat, targets: [{name: m, api: mock}]}\n";
+    // `parent` as `name: parent`; a budget named `key-*` has a key, the others are only parents.
+    let budgets = |chain: &[(&str, Option<&str>)]| {
+        let mut yaml = route.to_string();
+        for (i, (name, parent)) in chain.iter().enumerate() {
+            let key = if name.starts_with("key") {
+                // A distinct hash per budget: its index, in each of the 64 digits.
+                format!("key: {{sha256: {}}}, ", format!("{i:x}").repeat(64))
+            } else {
+                String::new()
+            };
+            let parent = parent.map(|p| format!(", parent: {p}")).unwrap_or_default();
+            yaml += &format!(
+                "---\napiVersion: sideyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {{name: {name}, namespace: t}}\nspec: {{{key}limit: '10'{parent}}}\n"
+            );
+        }
+        analyse(&docs_of(&yaml), &MapResolver::default())
+    };
+    let reasons = |analysis: &sideyard::config::Analysis, name: &str| -> Vec<(Reason, String)> {
+        let outcome = analysis.outcomes.iter().find(|o| o.object.name == name).expect("an outcome per object");
+        outcome.errors.iter().map(|e| (e.reason, e.to_string())).collect()
+    };
+
+    // A key, its team, the team's organisation: three levels, all accepted; the organisation has
+    // no key of its own.
+    let three = budgets(&[("key-a", Some("team")), ("team", Some("org")), ("org", None)]);
+    assert!(three.outcomes.iter().all(|o| o.accepted()), "{:?}", three.outcomes);
+    let compiled = |name: &str| three.config.budgets.iter().find(|b| b.name == name).cloned();
+    assert_eq!(compiled("key-a").and_then(|b| b.parent), Some("team".to_string()));
+    assert_eq!(compiled("org").map(|b| b.key_hash), Some(None), "a budget may exist only to be a parent");
+
+    // A fourth level is one too many: only the budget at its bottom is refused.
+    let four = budgets(&[("key-a", Some("team")), ("team", Some("dept")), ("dept", Some("org")), ("org", None)]);
+    assert_eq!(
+        reasons(&four, "key-a"),
+        [(
+            Reason::ParentTooDeep,
+            "ns.yaml: document 2 (ApiKeyBudget t/key-a): spec.parent: the chain of parents key-a -> team -> dept -> org is longer than 3 budgets".to_string()
+        )]
+    );
+    assert!(["team", "dept", "org"].iter().all(|n| reasons(&four, n).is_empty()));
+    assert_eq!(four.config.budgets.len(), 3);
+
+    // A missing parent refuses its child and every budget below it, each told whose parent is missing.
+    let missing = budgets(&[("key-a", Some("team")), ("team", Some("gone"))]);
+    let (reason, message) = &reasons(&missing, "team")[0];
+    assert_eq!(*reason, Reason::ParentNotFound);
+    assert!(message.ends_with("spec.parent: names \"gone\", which is not an accepted ApiKeyBudget of namespace \"t\": create it, fix it, or remove spec.parent"), "{message}");
+    let (reason, message) = &reasons(&missing, "key-a")[0];
+    assert_eq!(*reason, Reason::ParentNotFound);
+    assert!(message.contains("names \"gone\" (the parent of \"team\")"), "{message}");
+    assert!(missing.config.budgets.is_empty());
+
+    // A cycle refuses every budget on it or below it, and says where it closes.
+    let cycle = budgets(&[("key-a", Some("team")), ("team", Some("org")), ("org", Some("team"))]);
+    for name in ["key-a", "team", "org"] {
+        assert_eq!(reasons(&cycle, name)[0].0, Reason::ParentCycle, "{name}");
+    }
+    assert!(
+        reasons(&cycle, "key-a")[0]
+            .1
+            .ends_with("the chain of parents key-a -> team -> org -> team comes back to itself")
+    );
+    // A budget is not its own parent.
+    let own = budgets(&[("key-a", Some("key-a"))]);
+    assert_eq!(
+        reasons(&own, "key-a")[0].1,
+        "ns.yaml: document 2 (ApiKeyBudget t/key-a): spec.parent: must name another ApiKeyBudget of the namespace"
+    );
+
+    // Parents are found in their child's namespace only.
+    let yaml = format!(
+        "{route}---\napiVersion: sideyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {{name: key-a, namespace: t}}\nspec: {{key: {{sha256: {}}}, parent: team}}\n---\napiVersion: sideyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {{name: team, namespace: other}}\nspec: {{limit: '1'}}\n",
+        "a".repeat(64)
+    );
+    let across = analyse(&docs_of(&yaml), &MapResolver::default());
+    assert_eq!(reasons(&across, "key-a")[0].0, Reason::ParentNotFound);
 }
 
 fn sha2_of(s: &str) -> [u8; 32] {

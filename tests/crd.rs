@@ -326,7 +326,7 @@ fn budgets_print_their_spend() {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    assert_eq!(columns, ["Limit", "Spent", "Remaining", "State", "Ready", "Age"]);
+    assert_eq!(columns, ["Parent", "Limit", "Spent", "Remaining", "State", "Ready", "Age"]);
     let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/budgets.md")).unwrap();
     let (last, rest) = columns.split_last().unwrap();
     let listed = format!("`kubectl get akb` shows {} and {last}.", rest.join(", "));

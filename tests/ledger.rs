@@ -84,7 +84,8 @@ fn budget(name: &str, limit: Option<u64>, low: Option<u64>, rate: Option<RateLim
     Budget {
         namespace: "team-a".into(),
         name: name.into(),
-        key_hash: [0; 32],
+        key_hash: None,
+        parent: None,
         limit,
         period: Period::Monthly,
         low_balance: low,

@@ -21,6 +21,7 @@ use super::units::DECIMAL_PATTERN;
     status = "ApiKeyBudgetStatus",
     derive = "PartialEq",
     doc = "An API key that applications present to the sidecar, with a credit limit per period and rate limits.",
+    printcolumn(name = "Parent", type_ = "string", json_path = ".spec.parent"),
     printcolumn(name = "Limit", type_ = "string", json_path = ".spec.limit"),
     printcolumn(name = "Spent", type_ = "string", json_path = ".status.spent"),
     printcolumn(name = "Remaining", type_ = "string", json_path = ".status.remaining"),
@@ -35,8 +36,16 @@ use super::units::DECIMAL_PATTERN;
     .message("maxDebt needs onLedgerUnavailable: failOpen"))]
 pub struct ApiKeyBudgetSpec {
     /// The key applications send as `Authorization: Bearer <key>`. The sidecar keeps only its
-    /// SHA-256 hash.
-    pub key: BudgetKey,
+    /// SHA-256 hash. Absent: the budget has no key of its own, and exists to be a `parent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<BudgetKey>,
+
+    /// The name of another ApiKeyBudget of this namespace (a team's, say) whose limit this
+    /// budget's spend also counts against. A request is admitted only when every level has
+    /// credit; a chain is at most three budgets long, and each level keeps its own period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), pattern(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub parent: Option<String>,
 
     /// Credits that may be spent per period, as a decimal string (`"100.00"`), in the currency of
     /// the routes' prices. Absent: spend is tracked but not limited.

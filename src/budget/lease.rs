@@ -672,7 +672,8 @@ mod tests {
         Budget {
             namespace: "ns".into(),
             name: "key".into(),
-            key_hash: [0; 32],
+            key_hash: None,
+            parent: None,
             limit,
             period: Period::Monthly,
             low_balance: None,

@@ -12,8 +12,8 @@ use sha2::{Digest, Sha256};
 
 use super::values::{headers, sha256_hex, upstream};
 use super::{
-    Budget, Config, ConfigError, ConfigErrors, Credential, FallbackPolicy, HealthPolicy, ObjectRef, Origin, Prices,
-    RateLimitPolicy, Reason, ReasonSet, Route, Target, Timeouts, selector,
+    Budget, Config, ConfigError, ConfigErrors, Credential, FallbackPolicy, HealthPolicy, MAX_BUDGET_CHAIN, ObjectRef,
+    Origin, Prices, RateLimitPolicy, Reason, ReasonSet, Route, Target, Timeouts, selector,
 };
 use crate::api::{self, ApiKeyBudget, LedgerUnavailable, ProviderRoute, SecretKeyRef, units};
 
@@ -166,6 +166,7 @@ pub fn analyse(docs: &Documents, resolver: &dyn Resolver) -> Analysis {
     }
 
     let mut key_owners: HashMap<[u8; 32], ObjectRef> = HashMap::new();
+    let mut compiled: Vec<(Cx<'_>, Option<Budget>)> = Vec::new();
     for doc in &docs.budgets {
         let mut cx = Cx::new(&doc.origin, budget_ref(&doc.object));
         let budget = if seen.insert(cx.object.clone()) {
@@ -174,20 +175,73 @@ pub fn analyse(docs: &Documents, resolver: &dyn Resolver) -> Analysis {
             cx.error("metadata.name", "is defined more than once".into());
             None
         };
-        if let Some(owner) = budget.as_ref().and_then(|b| key_owners.get(&b.key_hash)) {
+        if let Some(owner) = budget.as_ref().and_then(|b| b.key_hash).and_then(|k| key_owners.get(&k)) {
             let message = format!("is the same key as {owner}'s; each key has one budget");
             cx.fail("spec.key", Problem(Reason::DuplicateKey, message));
         }
-        match budget {
-            Some(budget) if cx.errors.is_empty() => {
-                key_owners.insert(budget.key_hash, cx.object.clone());
-                analysis.config.budgets.push(budget);
-            }
-            _ => {}
+        let budget = budget.filter(|_| cx.errors.is_empty());
+        if let Some(key) = budget.as_ref().and_then(|b| b.key_hash) {
+            key_owners.insert(key, cx.object.clone());
+        }
+        compiled.push((cx, budget));
+    }
+    let problems = parent_problems(&compiled.iter().map(|(_, b)| b.as_ref()).collect::<Vec<_>>());
+    for ((mut cx, budget), problem) in compiled.into_iter().zip(problems) {
+        match (budget, problem) {
+            (Some(budget), None) => analysis.config.budgets.push(budget),
+            (_, Some(problem)) => cx.fail("spec.parent", problem),
+            (None, None) => {}
         }
         analysis.outcomes.push(cx.finish());
     }
     analysis
+}
+
+/// What is wrong with each budget's chain of parents, by index: a parent that is not there (or
+/// not accepted: `None` in `budgets`), a cycle, or more than [`MAX_BUDGET_CHAIN`] budgets. Each
+/// chain is walked from its own budget, so a budget above a broken link is not blamed for it.
+fn parent_problems(budgets: &[Option<&Budget>]) -> Vec<Option<Problem>> {
+    let index: HashMap<(&str, &str), usize> = budgets
+        .iter()
+        .enumerate()
+        .filter_map(|(i, b)| b.map(|b| ((b.namespace.as_str(), b.name.as_str()), i)))
+        .collect();
+    let name = |i: usize| budgets[i].map_or("", |b| b.name.as_str());
+    budgets
+        .iter()
+        .enumerate()
+        .map(|(i, budget)| {
+            let budget = (*budget)?;
+            let mut chain = vec![i];
+            let mut at = budget;
+            while let Some(parent) = &at.parent {
+                let Some(&p) = index.get(&(budget.namespace.as_str(), parent.as_str())) else {
+                    let whose = if chain.len() == 1 { String::new() } else { format!(" (the parent of {:?})", at.name) };
+                    let message = format!(
+                        "names {parent:?}{whose}, which is not an accepted ApiKeyBudget of namespace {:?}: create it, fix it, or remove spec.parent",
+                        budget.namespace
+                    );
+                    return Some(Problem(Reason::ParentNotFound, message));
+                };
+                if chain.contains(&p) {
+                    let names: Vec<&str> = chain.iter().chain([&p]).map(|&c| name(c)).collect();
+                    let message = format!("the chain of parents {} comes back to itself", names.join(" -> "));
+                    return Some(Problem(Reason::ParentCycle, message));
+                }
+                chain.push(p);
+                if chain.len() > MAX_BUDGET_CHAIN {
+                    let names: Vec<&str> = chain.iter().map(|&c| name(c)).collect();
+                    let message = format!(
+                        "the chain of parents {} is longer than {MAX_BUDGET_CHAIN} budgets",
+                        names.join(" -> ")
+                    );
+                    return Some(Problem(Reason::ParentTooDeep, message));
+                }
+                at = budgets[p]?;
+            }
+            None
+        })
+        .collect()
 }
 
 /// Compiles every object; any problem anywhere rejects the whole configuration, and every problem is
@@ -218,8 +272,10 @@ fn compile_budget(b: &ApiKeyBudget, secrets: &SecretIndex<'_>, cx: &mut Cx<'_>) 
     if cx.object.name.is_empty() {
         cx.error("metadata.name", "is required".into());
     }
-    let key_hash = match (&spec.key.secret_ref, &spec.key.sha256) {
-        (Some(r), None) => {
+    // `Some(None)`: no key of its own, which is valid.
+    let key_hash = match spec.key.as_ref().map(|k| (&k.secret_ref, &k.sha256)) {
+        None => Some(None),
+        Some((Some(r), None)) => {
             let ns = b.metadata.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
             cx.check(
                 "spec.key.secretRef",
@@ -228,13 +284,19 @@ fn compile_budget(b: &ApiKeyBudget, secrets: &SecretIndex<'_>, cx: &mut Cx<'_>) 
                     Ok(<[u8; 32]>::from(Sha256::digest(key.as_bytes())))
                 }),
             )
+            .map(Some)
         }
-        (None, Some(hex)) => cx.check("spec.key.sha256", sha256_hex(hex)),
-        _ => {
+        Some((None, Some(hex))) => cx.check("spec.key.sha256", sha256_hex(hex)).map(Some),
+        Some(_) => {
             cx.error("spec.key", "exactly one of secretRef or sha256 must be set".into());
             None
         }
     };
+    if let Some(parent) = &spec.parent
+        && (parent.is_empty() || parent == &cx.object.name)
+    {
+        cx.error("spec.parent", "must name another ApiKeyBudget of the namespace".into());
+    }
     let limit = spec.limit.as_ref().and_then(|l| cx.check("spec.limit", units::parse_micros(l)));
     let low_balance =
         spec.low_balance_threshold.as_ref().and_then(|l| cx.check("spec.lowBalanceThreshold", units::parse_micros(l)));
@@ -275,6 +337,7 @@ fn compile_budget(b: &ApiKeyBudget, secrets: &SecretIndex<'_>, cx: &mut Cx<'_>) 
         namespace: cx.object.namespace.clone(),
         name: cx.object.name.clone(),
         key_hash: key_hash?,
+        parent: spec.parent.clone(),
         limit,
         period: spec.period,
         low_balance,

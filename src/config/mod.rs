@@ -73,15 +73,24 @@ impl Config {
     }
 }
 
+/// The most budgets in a chain of parents: a key, its team, the team's organisation.
+pub const MAX_BUDGET_CHAIN: usize = 3;
+
 /// One ApiKeyBudget, compiled.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Budget {
     pub namespace: String,
     pub name: String,
-    /// SHA-256 of the API key; the key itself is not kept.
-    #[serde(with = "wire::hex32")]
-    pub key_hash: [u8; 32],
+    /// SHA-256 of the API key; the key itself is not kept. `None`: a budget with no key of its
+    /// own, there to be a parent.
+    #[serde(default, with = "wire::hex32")]
+    pub key_hash: Option<[u8; 32]>,
+    /// The name of the budget of the same namespace above this one, whose limit its spend also
+    /// counts against. Compiled configurations hold whole chains, without cycles, at most
+    /// [`MAX_BUDGET_CHAIN`] long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
     /// Micro-units per period; `None`: tracked, not limited.
     pub limit: Option<u64>,
     pub period: Period,
@@ -425,6 +434,12 @@ pub enum Reason {
     DuplicateKey,
     /// Another route of the namespace, served first, is already its pass-through default.
     DuplicatePassthroughDefault,
+    /// A budget's `parent` (or an ancestor's) names no accepted budget of its namespace.
+    ParentNotFound,
+    /// A budget's chain of parents comes back to a budget already in it.
+    ParentCycle,
+    /// A budget's chain of parents is longer than three budgets.
+    ParentTooDeep,
 }
 
 impl Reason {
@@ -436,6 +451,9 @@ impl Reason {
             Reason::DuplicateModel => "DuplicateModel",
             Reason::DuplicateKey => "DuplicateKey",
             Reason::DuplicatePassthroughDefault => "DuplicatePassthroughDefault",
+            Reason::ParentNotFound => "ParentNotFound",
+            Reason::ParentCycle => "ParentCycle",
+            Reason::ParentTooDeep => "ParentTooDeep",
         }
     }
 }

@@ -171,17 +171,21 @@ pub fn hex(bytes: &[u8]) -> String {
     })
 }
 
-/// `[u8; 32]` as 64 lowercase hex digits.
+/// An optional `[u8; 32]` as 64 lowercase hex digits; absent is `null`.
 pub mod hex32 {
     use serde::{Deserialize, Deserializer, Serializer, de::Error};
 
-    pub fn serialize<S: Serializer>(bytes: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&super::hex(bytes))
+    pub fn serialize<S: Serializer>(bytes: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+        match bytes {
+            Some(bytes) => s.serialize_str(&super::hex(bytes)),
+            None => s.serialize_none(),
+        }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
-        let text = String::deserialize(d)?;
-        super::super::values::sha256_hex(&text).map_err(D::Error::custom)
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 32]>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|text| super::super::values::sha256_hex(&text).map_err(D::Error::custom))
+            .transpose()
     }
 }
 

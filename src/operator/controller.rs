@@ -562,7 +562,10 @@ pub fn secret_matters(routes: &Store<ProviderRoute>, budgets: &Store<ApiKeyBudge
         })
         .is_some()
         || budgets
-            .find(|b| in_ns(&b.metadata) && b.spec.key.secret_ref.as_ref().is_some_and(|s| s.name == name))
+            .find(|b| {
+                in_ns(&b.metadata)
+                    && b.spec.key.as_ref().and_then(|k| k.secret_ref.as_ref()).is_some_and(|s| s.name == name)
+            })
             .is_some()
 }
 

@@ -381,7 +381,7 @@ impl Serving {
 fn referenced_secrets<'a>(routes: &[&'a ProviderRoute], budgets: &[&'a ApiKeyBudget]) -> HashSet<&'a str> {
     let from_routes =
         routes.iter().flat_map(|r| &r.spec.targets).filter_map(|t| t.credentials.as_ref()?.secret_ref.as_ref());
-    let from_budgets = budgets.iter().filter_map(|b| b.spec.key.secret_ref.as_ref());
+    let from_budgets = budgets.iter().filter_map(|b| b.spec.key.as_ref()?.secret_ref.as_ref());
     from_routes.chain(from_budgets).map(|r| r.name.as_str()).collect()
 }
 

@@ -153,6 +153,8 @@ impl Snapshot {
         let mut budgets = HashMap::new();
         if !matches!(meters, Meters::None) {
             for budget in &config.budgets {
+                // A budget without a key of its own is only a parent: no caller presents it.
+                let Some(key_hash) = budget.key_hash else { continue };
                 let allowed = budget.allowed_models.as_ref().map(|_| {
                     config
                         .routes
@@ -169,7 +171,7 @@ impl Snapshot {
                     Meters::None => continue,
                 };
                 let rt = ServedBudget::new(budget, allowed, meter);
-                budgets.insert(budget.key_hash, Arc::new(rt));
+                budgets.insert(key_hash, Arc::new(rt));
             }
         }
         Ok(Snapshot { by_model, routes, budgets })

@@ -177,7 +177,13 @@ pub fn refused_budgets() -> Vec<Case> {
             "allowedModels",
             "spec.allowedModels[0] in body should match '^\\S+$'",
         ),
-        ("missing key", "/spec/key", Value::Null, "key", "spec.key: Required value"),
+        (
+            "parent not a name",
+            "/spec/parent",
+            json!("Team A"),
+            "parent",
+            "spec.parent in body should match '^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$'",
+        ),
     ];
     cases
         .into_iter()

@@ -219,7 +219,8 @@ impl Fleet {
                     budget: ArcSwap::from_pointee(Budget {
                         namespace: id.split('/').next().unwrap_or_default().to_string(),
                         name: name.to_string(),
-                        key_hash: [0; 32],
+                        key_hash: None,
+                        parent: None,
                         limit: None,
                         period: crate::api::Period::Never,
                         low_balance: None,
