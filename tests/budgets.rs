@@ -267,6 +267,48 @@ async fn a_stream_read_whole_during_hold_back_counts_its_output_once() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_team_limit_holds_across_its_keys_and_the_refusal_names_the_team() {
+    // A team budget with no key of its own, above three keys of 1 each: the team's 0.05 pays
+    // for six answers of 0.008 (8 tokens at 0.001), whichever keys ask.
+    let team =
+        "---\napiVersion: sideyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {name: team}\nspec: {limit: \"0.05\"}\n";
+    let keys = ["sk-team-0", "sk-team-1", "sk-team-2"];
+    let mut yaml = config("1", "", "", "0", "")
+        .replace(&budget_yaml("team-a", KEY, "limit: \"1\"\n  allowedModels: [chat]\n  "), "");
+    yaml += team;
+    for (i, key) in keys.iter().enumerate() {
+        yaml += &budget_yaml(&format!("key-{i}"), key, "limit: \"1\"\n  parent: team");
+    }
+    let sidecar = Sidecar::start(&yaml);
+    let ask = r#"{"model":"chat","max_tokens":8}"#;
+    let mut served = 0;
+    let mut refusal = None;
+    for i in 0..10 {
+        let reply = call(&sidecar, Some(keys[i % 3]), ask).await;
+        match reply.status.as_u16() {
+            200 => served += 1,
+            402 => {
+                refusal = Some(reply.json());
+                break;
+            }
+            other => panic!("{other}: {}", reply.body),
+        }
+    }
+    assert_eq!(served, 6, "the team's limit, not the keys', ran out");
+    let refusal = refusal.expect("a refusal once the team's credit is spent");
+    assert_eq!(refusal["error"]["metadata"]["budget"], "default/team", "{refusal}");
+    assert_eq!(refusal["error"]["metadata"]["remaining"], serde_json::json!(0.002), "{refusal}");
+    let message = refusal["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with("Insufficient credits in default/team, a budget above this key's:"), "{message}");
+    // Every key is refused now, and each key's own figures count only its answers.
+    for key in keys {
+        assert_eq!(call(&sidecar, Some(key), ask).await.status, 402);
+        let reply = read(send_as(sidecar.api, Some(key), "GET", "/api/v1/key", "").await).await;
+        assert_eq!(micros(&reply.json()["data"]["usage"]), 16_000, "two answers each: {}", reply.body);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_crash_mid_load_keeps_settled_spend_and_no_reservation() {
     let dir = temp_dir("crash");
     let yaml = config("1000", "", "", "0", "");

@@ -51,8 +51,9 @@ pub struct RateStatus {
 /// Why a reservation was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
-    /// Not enough credit left: what remains, after the reservations in flight.
-    Insufficient { remaining: u64 },
+    /// Not enough credit left at `level` of the budget's chain (0: the key's own budget, then
+    /// its parent, ...): what remains there, after the reservations in flight.
+    Insufficient { remaining: u64, level: usize },
     /// The ledger cannot record spend and the budget fails closed.
     Unavailable,
 }
@@ -102,13 +103,14 @@ impl Account {
         *spend
     }
 
-    fn try_reserve(&self, limit: Option<u64>, period: Period, amount: u64, now: u64) -> Result<(), Refusal> {
+    /// Holds `amount` within `limit`, or says what remains.
+    fn try_reserve(&self, limit: Option<u64>, period: Period, amount: u64, now: u64) -> Result<(), u64> {
         let mut spend = self.lock();
         spend.roll(period, now);
         if let Some(limit) = limit {
             let committed = spend.spent.saturating_add(spend.reserved);
             if committed.saturating_add(amount) > limit {
-                return Err(Refusal::Insufficient { remaining: limit.saturating_sub(committed) });
+                return Err(limit.saturating_sub(committed));
             }
         }
         spend.reserved += amount;
@@ -166,6 +168,29 @@ impl Account {
             *window = RateWindow { minute: now / 60, requests: 0, tokens };
         }
     }
+}
+
+/// One level of a budget's chain: the key's own budget, its parent, and so on. Each level has
+/// its own account, limit and period, and a request holds credit at every level.
+#[derive(Clone, Debug)]
+pub struct Level {
+    pub account: Arc<Account>,
+    pub limit: Option<u64>,
+    pub period: Period,
+}
+
+/// Holds `amount` at every level, or at none: the first level that cannot hold it, and what
+/// remains there.
+fn reserve_all(levels: &[Level], amount: u64, now: u64) -> Result<(), Refusal> {
+    for (i, level) in levels.iter().enumerate() {
+        if let Err(remaining) = level.account.try_reserve(level.limit, level.period, amount, now) {
+            for held in &levels[..i] {
+                held.account.release(amount);
+            }
+            return Err(Refusal::Insufficient { remaining, level: i });
+        }
+    }
+    Ok(())
 }
 
 struct LedgerCore {
@@ -281,22 +306,17 @@ impl Ledger {
             .clone()
     }
 
-    /// Reserves `amount` of `account`'s credit; the reservation is released when dropped unless
+    /// Reserves `amount` at every level of a budget's chain (`levels[0]` is the key's own budget,
+    /// whose counters count the request); the reservation is released when dropped unless
     /// settled.
-    pub fn reserve(
-        &self,
-        account: &Arc<Account>,
-        limit: Option<u64>,
-        period: Period,
-        fail_open: bool,
-        amount: u64,
-    ) -> Result<Reservation, Refusal> {
+    pub fn reserve(&self, levels: &Arc<[Level]>, fail_open: bool, amount: u64) -> Result<Reservation, Refusal> {
+        let Some(own) = levels.first() else { return Err(Refusal::Unavailable) };
         if !fail_open && !self.is_available() {
             return Err(Refusal::Unavailable);
         }
-        account.try_reserve(limit, period, amount, self.now())?;
-        account.counters.in_flight.fetch_add(1, Relaxed);
-        Ok(Reservation { ledger: self.shared.clone(), account: account.clone(), limit, period, amount, open: true })
+        reserve_all(levels, amount, self.now())?;
+        own.account.counters.in_flight.fetch_add(1, Relaxed);
+        Ok(Reservation { ledger: self.shared.clone(), levels: levels.clone(), amount, open: true })
     }
 
     /// Writes what is pending and stops the writer (at shutdown).
@@ -309,13 +329,12 @@ impl Ledger {
     }
 }
 
-/// Credit held for one request.
+/// Credit held for one request, at every level of its budget's chain.
 #[derive(Debug)]
 pub struct Reservation {
     ledger: Arc<LedgerCore>,
-    account: Arc<Account>,
-    limit: Option<u64>,
-    period: Period,
+    /// Never empty: [`Ledger::reserve`] refuses an empty chain.
+    levels: Arc<[Level]>,
     amount: u64,
     open: bool,
 }
@@ -331,29 +350,32 @@ impl Reservation {
         self.amount
     }
 
+    /// The key's own budget's account.
     pub fn account(&self) -> &Arc<Account> {
-        &self.account
+        &self.levels[0].account
     }
 
-    /// Holds `more` credit as well, for a stream that outgrew its reservation.
+    /// Holds `more` credit as well, at every level, for a stream that outgrew its reservation.
     pub fn extend(&mut self, more: u64) -> Result<(), Refusal> {
-        self.account.try_reserve(self.limit, self.period, more, self.ledger.clock.unix_seconds())?;
+        reserve_all(&self.levels, more, self.ledger.clock.unix_seconds())?;
         self.amount += more;
         Ok(())
     }
 
-    /// Records the real cost and frees the rest of the reservation; `tokens` count against the
-    /// tokens-per-minute limit.
+    /// Records the real cost at every level and frees the rest of the reservation; `tokens`
+    /// count against the key's tokens-per-minute limit.
     pub fn settle(mut self, cost: u64, tokens: u64) {
         self.open = false;
         let now = self.ledger.clock.unix_seconds();
-        self.account.settle(self.period, self.amount, cost, now);
-        if tokens > 0 {
-            self.account.add_tokens(tokens, now);
+        for level in self.levels.iter() {
+            level.account.settle(level.period, self.amount, cost, now);
         }
-        // After the account is marked dirty: a commit that counts this settle also writes it.
+        if tokens > 0 {
+            self.account().add_tokens(tokens, now);
+        }
+        // After the accounts are marked dirty: a commit that counts this settle also writes it.
         self.ledger.settled.fetch_add(1, SeqCst);
-        self.account.counters.in_flight.fetch_sub(1, Relaxed);
+        self.account().counters.in_flight.fetch_sub(1, Relaxed);
         self.ledger.wake_writer();
     }
 }
@@ -363,8 +385,10 @@ impl Drop for Reservation {
     /// credit at once.
     fn drop(&mut self) {
         if self.open {
-            self.account.release(self.amount);
-            self.account.counters.in_flight.fetch_sub(1, Relaxed);
+            for level in self.levels.iter() {
+                level.account.release(self.amount);
+            }
+            self.account().counters.in_flight.fetch_sub(1, Relaxed);
         }
     }
 }
@@ -438,6 +462,11 @@ mod tests {
     const T: u64 = 1_795_614_310;
     const DAY: u64 = 86_400;
 
+    /// A chain of one: the budget's own level.
+    fn own(account: &Arc<Account>, limit: Option<u64>, period: Period) -> Arc<[Level]> {
+        Arc::from([Level { account: account.clone(), limit, period }])
+    }
+
     fn ledger_at(t: u64) -> (Ledger, Arc<FakeClock>) {
         let clock = Arc::new(FakeClock(AtomicU64::new(t)));
         (Ledger::in_memory(clock.clone()), clock)
@@ -447,13 +476,13 @@ mod tests {
     fn reservations_never_let_spend_pass_the_limit() {
         let (ledger, _) = ledger_at(T);
         let account = ledger.account("ns/key");
-        let first = ledger.reserve(&account, Some(100), Period::Monthly, false, 60).unwrap();
+        let first = ledger.reserve(&own(&account, Some(100), Period::Monthly), false, 60).unwrap();
         assert_eq!(
-            ledger.reserve(&account, Some(100), Period::Monthly, false, 50).unwrap_err(),
-            Refusal::Insufficient { remaining: 40 }
+            ledger.reserve(&own(&account, Some(100), Period::Monthly), false, 50).unwrap_err(),
+            Refusal::Insufficient { remaining: 40, level: 0 }
         );
         first.settle(30, 0);
-        let second = ledger.reserve(&account, Some(100), Period::Monthly, false, 50).unwrap();
+        let second = ledger.reserve(&own(&account, Some(100), Period::Monthly), false, 50).unwrap();
         assert_eq!(account.counters.in_flight.load(Relaxed), 1);
         drop(second);
         assert_eq!(account.counters.in_flight.load(Relaxed), 0, "a dropped reservation is released");
@@ -465,9 +494,9 @@ mod tests {
     fn extending_a_reservation_checks_the_limit() {
         let (ledger, _) = ledger_at(T);
         let account = ledger.account("ns/key");
-        let mut r = ledger.reserve(&account, Some(100), Period::Never, false, 40).unwrap();
+        let mut r = ledger.reserve(&own(&account, Some(100), Period::Never), false, 40).unwrap();
         r.extend(40).unwrap();
-        assert_eq!(r.extend(40), Err(Refusal::Insufficient { remaining: 20 }));
+        assert_eq!(r.extend(40), Err(Refusal::Insufficient { remaining: 20, level: 0 }));
         assert_eq!(r.amount(), 80);
         r.settle(90, 0);
         assert_eq!(account.view(Period::Never, T).spent, 90, "a stream may settle past its reservation");
@@ -477,20 +506,23 @@ mod tests {
     fn periods_roll_over_at_utc_boundaries() {
         let (ledger, clock) = ledger_at(T);
         let account = ledger.account("ns/key");
-        ledger.reserve(&account, Some(1000), Period::Daily, false, 10).unwrap().settle(10, 0);
+        ledger.reserve(&own(&account, Some(1000), Period::Daily), false, 10).unwrap().settle(10, 0);
         assert_eq!(account.view(Period::Daily, T).spent, 10);
         // The next day: the daily spend starts over, the weekly and monthly windows go on.
         clock.0.store(T + DAY, Relaxed);
         let view = account.view(Period::Daily, T + DAY);
         assert_eq!((view.spent, view.day, view.week, view.month, view.total), (0, 0, 10, 10, 10));
-        assert!(ledger.reserve(&account, Some(1000), Period::Daily, false, 1000).is_ok(), "a new day's whole limit");
+        assert!(
+            ledger.reserve(&own(&account, Some(1000), Period::Daily), false, 1000).is_ok(),
+            "a new day's whole limit"
+        );
     }
 
     #[test]
     fn weekly_periods_start_on_monday() {
         let (ledger, _) = ledger_at(T);
         let account = ledger.account("ns/key");
-        ledger.reserve(&account, None, Period::Weekly, false, 5).unwrap().settle(5, 0);
+        ledger.reserve(&own(&account, None, Period::Weekly), false, 5).unwrap().settle(5, 0);
         // Sunday 23:59:59 is still this week; Monday 00:00:00 is the next.
         let monday = week_start(T) + 7 * DAY;
         assert_eq!(account.view(Period::Weekly, monday - 1).spent, 5);
@@ -505,13 +537,13 @@ mod tests {
         {
             let ledger = Ledger::open(&dir, clock.clone()).unwrap();
             let account = ledger.account("ns/key");
-            ledger.reserve(&account, Some(100), Period::Monthly, false, 50).unwrap().settle(42, 0);
+            ledger.reserve(&own(&account, Some(100), Period::Monthly), false, 50).unwrap().settle(42, 0);
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while ledger.unsaved() > 0 {
                 assert!(std::time::Instant::now() < deadline, "the settle never reached the disk");
                 std::thread::yield_now();
             }
-            let _pending = ledger.reserve(&account, Some(100), Period::Monthly, false, 50).unwrap();
+            let _pending = ledger.reserve(&own(&account, Some(100), Period::Monthly), false, 50).unwrap();
             ledger.close();
         }
         let ledger = Ledger::open(&dir, clock).unwrap();
@@ -535,5 +567,35 @@ mod tests {
         assert!(account.admit_rate(policy, minute + 60).is_ok(), "a new minute");
         account.add_tokens(100, minute + 61);
         assert_eq!(account.admit_rate(policy, minute + 62).unwrap_err().limit, 100, "tokens ran out");
+    }
+
+    #[test]
+    fn a_request_holds_credit_at_every_level_and_the_refusal_says_which_ran_out() {
+        let (ledger, clock) = ledger_at(T);
+        let team = ledger.account("ns/team");
+        let level =
+            |account: &Arc<Account>, limit, period| Level { account: account.clone(), limit: Some(limit), period };
+        // Two keys of 100 a day under a team of 150 a month.
+        let keys: Vec<Arc<[Level]>> = ["ns/a", "ns/b"]
+            .iter()
+            .map(|id| Arc::from([level(&ledger.account(id), 100, Period::Daily), level(&team, 150, Period::Monthly)]))
+            .collect();
+        ledger.reserve(&keys[0], false, 90).unwrap().settle(90, 0);
+        // Key b has its 100, the team only 60 of them.
+        assert_eq!(ledger.reserve(&keys[1], false, 70).unwrap_err(), Refusal::Insufficient { remaining: 60, level: 1 });
+        assert_eq!(keys[1][0].account.view(Period::Daily, ledger.now()).reserved, 0, "nothing stays held below");
+        let held = ledger.reserve(&keys[1], false, 60).unwrap();
+        assert_eq!(team.view(Period::Monthly, ledger.now()).reserved, 60);
+        drop(held);
+        assert_eq!(team.view(Period::Monthly, ledger.now()).reserved, 0, "a dropped request frees every level");
+        let mut held = ledger.reserve(&keys[1], false, 20).unwrap();
+        assert_eq!(held.extend(50), Err(Refusal::Insufficient { remaining: 40, level: 1 }));
+        held.settle(30, 0);
+        assert_eq!(team.view(Period::Monthly, ledger.now()).spent, 120, "spend counts at every level");
+        assert_eq!(keys[0][0].account.view(Period::Daily, ledger.now()).spent, 90);
+        // A new day gives the keys their limits back; the team's month goes on.
+        clock.0.store(T + DAY, Relaxed);
+        assert_eq!(ledger.reserve(&keys[0], false, 40).unwrap_err(), Refusal::Insufficient { remaining: 30, level: 1 });
+        assert!(ledger.reserve(&keys[0], false, 30).is_ok());
     }
 }

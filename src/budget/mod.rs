@@ -11,5 +11,5 @@ mod spend;
 
 pub use cost::{cost, worst_case};
 pub use journal::Damage;
-pub use ledger::{Account, BudgetCounters, Clock, Ledger, RateStatus, Refusal, Reservation, SystemClock};
+pub use ledger::{Account, BudgetCounters, Clock, Ledger, Level, RateStatus, Refusal, Reservation, SystemClock};
 pub use spend::Spend;

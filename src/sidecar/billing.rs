@@ -14,7 +14,7 @@ use crate::api::BudgetState;
 use crate::api::units::format_micros;
 use crate::budget::period::period_end;
 use crate::budget::protocol::BudgetFigures;
-use crate::budget::{Account, BudgetCounters, Ledger, RateStatus, Refusal, Reservation, Spend, cost, worst_case};
+use crate::budget::{BudgetCounters, Ledger, Level, RateStatus, Refusal, Reservation, Spend, cost, worst_case};
 use crate::config::{Budget, Prices};
 use crate::providers::anthropic::X_API_KEY;
 use crate::providers::openai::ChunkInfo;
@@ -26,6 +26,8 @@ pub struct ServedBudget {
     pub id: String,
     /// What the ApiKeyBudget says.
     pub terms: Budget,
+    /// What its parent says, and the parent's parent: the levels above it, nearest first.
+    pub parents: Vec<Budget>,
     /// The route ids this key may use; `None`: every route.
     allowed: Option<HashSet<String>>,
     pub meter: Meter,
@@ -34,8 +36,15 @@ pub struct ServedBudget {
 /// Where a budget's spend is kept: the sidecar's own ledger (standalone), or leases of the
 /// operator's ledger (cluster mode).
 pub enum Meter {
-    Embedded { ledger: Ledger, account: Arc<Account> },
-    Fleet { fleet: Arc<Fleet>, account: Arc<FleetAccount> },
+    /// `levels[0]` is the budget's own account, then its parents', as in `ServedBudget::parents`.
+    Embedded {
+        ledger: Ledger,
+        levels: Arc<[Level]>,
+    },
+    Fleet {
+        fleet: Arc<Fleet>,
+        account: Arc<FleetAccount>,
+    },
 }
 
 /// Where a budget stands, from whichever ledger keeps it.
@@ -50,9 +59,20 @@ pub struct Standing {
 }
 
 impl ServedBudget {
-    /// `allowed_routes` maps the budget's `allowedModels` to route ids.
-    pub fn new(budget: &Budget, allowed_routes: Option<HashSet<String>>, meter: Meter) -> ServedBudget {
-        ServedBudget { id: budget.id(), terms: budget.clone(), allowed: allowed_routes, meter }
+    /// `allowed_routes` maps the budget's `allowedModels` to route ids; `parents` are the levels
+    /// above it, nearest first.
+    pub fn new(
+        budget: &Budget,
+        parents: Vec<Budget>,
+        allowed_routes: Option<HashSet<String>>,
+        meter: Meter,
+    ) -> ServedBudget {
+        ServedBudget { id: budget.id(), terms: budget.clone(), parents, allowed: allowed_routes, meter }
+    }
+
+    /// The terms of level `level` of the chain: 0 is the budget's own.
+    fn level_terms(&self, level: usize) -> &Budget {
+        level.checked_sub(1).and_then(|p| self.parents.get(p)).unwrap_or(&self.terms)
     }
 
     /// Whether the key may use the route with this id.
@@ -62,7 +82,7 @@ impl ServedBudget {
 
     pub fn counters(&self) -> &BudgetCounters {
         match &self.meter {
-            Meter::Embedded { account, .. } => &account.counters,
+            Meter::Embedded { levels, .. } => &levels[0].account.counters,
             Meter::Fleet { account, .. } => &account.counters,
         }
     }
@@ -71,8 +91,8 @@ impl ServedBudget {
     /// ledger's last answer (`None` before its first).
     pub fn standing(&self) -> Option<Standing> {
         match &self.meter {
-            Meter::Embedded { ledger, account } => {
-                let spend = account.view(self.terms.period, ledger.now());
+            Meter::Embedded { ledger, levels } => {
+                let spend = levels[0].account.view(self.terms.period, ledger.now());
                 let remaining = self.terms.limit.map(|l| l.saturating_sub(spend.spent));
                 let state = match remaining {
                     Some(0) => BudgetState::Exhausted,
@@ -106,7 +126,7 @@ impl ServedBudget {
 pub async fn admit_rate(budget: &ServedBudget) -> Result<Option<RateStatus>, ProxyError> {
     let Some(policy) = budget.terms.rate_limit else { return Ok(None) };
     let admitted = match &budget.meter {
-        Meter::Embedded { ledger, account } => account.admit_rate(policy, ledger.now()),
+        Meter::Embedded { ledger, levels } => levels[0].account.admit_rate(policy, ledger.now()),
         Meter::Fleet { fleet, account } => match fleet.admit_rate_local(account, &budget.terms) {
             Ok(status) => Ok(status),
             Err(_) => fleet.admit_rate_slow(account, &budget.terms).await,
@@ -128,7 +148,7 @@ impl Hold {
     fn extend(&mut self, more: u64) -> Result<(), Option<u64>> {
         match self {
             Hold::Embedded(r) => r.extend(more).map_err(|refusal| match refusal {
-                Refusal::Insufficient { remaining } => Some(remaining),
+                Refusal::Insufficient { remaining, .. } => Some(remaining),
                 Refusal::Unavailable => None,
             }),
             Hold::Fleet(h) => h.extend(more).map_err(|()| None),
@@ -177,20 +197,19 @@ pub async fn reserve<'a>(
     completion_tokens: u64,
 ) -> Result<Hold, ProxyError> {
     let amount = prices.map(|p| worst_case(body_len, completion_tokens, p)).max().unwrap_or(0);
-    let insufficient = |remaining| {
+    let insufficient = |remaining, level: usize| {
         budget.counters().refused.inc();
-        let resets_at = period_end(budget.terms.period, fleet::now_ms() / 1000);
-        ProxyError::InsufficientCredits { remaining, reservation: amount, resets_at }
+        let terms = budget.level_terms(level);
+        let resets_at = period_end(terms.period, fleet::now_ms() / 1000);
+        let short = (level > 0).then(|| terms.id());
+        ProxyError::InsufficientCredits { remaining, reservation: amount, resets_at, parent: short }
     };
     match &budget.meter {
-        Meter::Embedded { ledger, account } => {
-            let terms = &budget.terms;
-            match ledger.reserve(account, terms.limit, terms.period, terms.fail_open, amount) {
-                Ok(r) => Ok(Hold::Embedded(r)),
-                Err(Refusal::Insufficient { remaining }) => Err(insufficient(remaining)),
-                Err(Refusal::Unavailable) => Err(ProxyError::LedgerUnavailable { reason: None }),
-            }
-        }
+        Meter::Embedded { ledger, levels } => match ledger.reserve(levels, budget.terms.fail_open, amount) {
+            Ok(r) => Ok(Hold::Embedded(r)),
+            Err(Refusal::Insufficient { remaining, level }) => Err(insufficient(remaining, level)),
+            Err(Refusal::Unavailable) => Err(ProxyError::LedgerUnavailable { reason: None }),
+        },
         Meter::Fleet { fleet, account } => {
             let held = match fleet.reserve_local(account, &budget.terms, amount) {
                 Ok(hold) => Ok(hold),
@@ -198,7 +217,7 @@ pub async fn reserve<'a>(
             };
             match held {
                 Ok(h) => Ok(Hold::Fleet(h)),
-                Err(fleet::Refusal::Insufficient { remaining }) => Err(insufficient(remaining)),
+                Err(fleet::Refusal::Insufficient { remaining }) => Err(insufficient(remaining, 0)),
                 Err(fleet::Refusal::RateLimited(status)) => {
                     budget.counters().rate_limited.inc();
                     Err(ProxyError::RateLimited { status })

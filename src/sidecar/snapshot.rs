@@ -15,8 +15,10 @@ use super::routing::plan::{Candidate, weighted_schedule};
 use super::state::{RouteState, StateRegistry, TargetState};
 use super::upstream::{Clients, ForwardClient, TargetClient};
 use crate::api::{Serves, Strategy};
-use crate::budget::Ledger;
-use crate::config::{self, Budget, Config, Credential, FallbackPolicy, Format, HealthPolicy, Prices, Timeouts};
+use crate::budget::{Ledger, Level};
+use crate::config::{
+    self, Budget, Config, Credential, FallbackPolicy, Format, HealthPolicy, MAX_BUDGET_CHAIN, Prices, Timeouts,
+};
 use crate::mock_provider::MockStats;
 use crate::providers::anthropic::{ANTHROPIC_VERSION, DEFAULT_ANTHROPIC_VERSION, X_API_KEY};
 use crate::providers::openai::json_string;
@@ -163,14 +165,19 @@ impl Snapshot {
                         .map(|r| format!("{}/{}", r.namespace, r.name))
                         .collect()
                 });
+                let parents = parents_of(budget, &config.budgets);
                 let meter = match meters {
                     Meters::Embedded(ledger) => {
-                        Meter::Embedded { ledger: (*ledger).clone(), account: ledger.account(&budget.id()) }
+                        let levels = std::iter::once(budget)
+                            .chain(&parents)
+                            .map(|b| Level { account: ledger.account(&b.id()), limit: b.limit, period: b.period })
+                            .collect();
+                        Meter::Embedded { ledger: (*ledger).clone(), levels }
                     }
                     Meters::Fleet(fleet) => Meter::Fleet { fleet: Arc::clone(fleet), account: fleet.account(budget) },
                     Meters::None => continue,
                 };
-                let rt = ServedBudget::new(budget, allowed, meter);
+                let rt = ServedBudget::new(budget, parents, allowed, meter);
                 budgets.insert(key_hash, Arc::new(rt));
             }
         }
@@ -277,4 +284,19 @@ impl ServedTarget {
             throughput: quantiles(&stats.throughput_cached),
         }
     }
+}
+
+/// The budgets above `budget` in `budgets`, nearest first. Compiling checked every chain (no
+/// cycle, at most `MAX_BUDGET_CHAIN` long, every parent there), so the walk is bounded anyway.
+fn parents_of(budget: &Budget, budgets: &[Budget]) -> Vec<Budget> {
+    let mut parents: Vec<Budget> = Vec::new();
+    let mut at = budget;
+    while let Some(name) = &at.parent
+        && parents.len() < MAX_BUDGET_CHAIN
+        && let Some(parent) = budgets.iter().find(|b| b.namespace == budget.namespace && &b.name == name)
+    {
+        parents.push(parent.clone());
+        at = parent;
+    }
+    parents
 }

@@ -119,6 +119,8 @@ pub enum ProxyError {
         remaining: u64,
         reservation: u64,
         resets_at: Option<u64>,
+        /// The budget above the key's (`namespace/name`) that ran out, when it is not the key's own.
+        parent: Option<String>,
     },
     /// The ledger cannot record spend, and the budget fails closed: why, when it is known.
     LedgerUnavailable {
@@ -198,9 +200,10 @@ impl ProxyError {
                 "rate_limit_exceeded",
                 None,
             ),
-            ProxyError::InsufficientCredits { remaining, reservation, resets_at } => {
+            ProxyError::InsufficientCredits { remaining, reservation, resets_at, parent } => {
                 let message = format!(
-                    "Insufficient credits: this request may cost up to {} and {} remain; {}.",
+                    "Insufficient credits{}: this request may cost up to {} and {} remain; {}.",
+                    parent.as_ref().map_or_else(String::new, |p| format!(" in {p}, a budget above this key's")),
                     format_micros(reservation),
                     format_micros(remaining),
                     match resets_at {
@@ -212,8 +215,9 @@ impl ProxyError {
                     // Written by hand, as `GET /api/v1/key` is, so the amounts are exact decimal
                     // numbers, never floats.
                     let resets_at = resets_at.map_or_else(|| "null".to_string(), |at| format!("\"{}\"", rfc3339(at)));
+                    let budget = parent.map_or_else(|| "null".to_string(), |p| serde_json::Value::from(p).to_string());
                     let body = format!(
-                        r#"{{"error":{{"message":{},"type":"insufficient_credits","code":"insufficient_credits","metadata":{{"remaining":{},"reservation":{},"resets_at":{resets_at}}}}}}}"#,
+                        r#"{{"error":{{"message":{},"type":"insufficient_credits","code":"insufficient_credits","metadata":{{"remaining":{},"reservation":{},"resets_at":{resets_at},"budget":{budget}}}}}}}"#,
                         serde_json::Value::from(message),
                         format_micros(remaining),
                         format_micros(reservation),
