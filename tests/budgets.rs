@@ -305,6 +305,10 @@ async fn a_team_limit_holds_across_its_keys_and_the_refusal_names_the_team() {
         assert_eq!(call(&sidecar, Some(key), ask).await.status, 402);
         let reply = read(send_as(sidecar.api, Some(key), "GET", "/api/v1/key", "").await).await;
         assert_eq!(micros(&reply.json()["data"]["usage"]), 16_000, "two answers each: {}", reply.body);
+        let parents = &reply.json()["data"]["parents"];
+        assert_eq!(parents[0]["label"], "default/team", "{}", reply.body);
+        assert_eq!(micros(&parents[0]["limit_remaining"]), 2_000, "{}", reply.body);
+        assert_eq!(parents[0]["state"], "Active", "{}", reply.body);
     }
 }
 

@@ -91,22 +91,7 @@ impl ServedBudget {
     /// ledger's last answer (`None` before its first).
     pub fn standing(&self) -> Option<Standing> {
         match &self.meter {
-            Meter::Embedded { ledger, levels } => {
-                let spend = levels[0].account.view(self.terms.period, ledger.now());
-                let remaining = self.terms.limit.map(|l| l.saturating_sub(spend.spent));
-                let state = match remaining {
-                    Some(0) => BudgetState::Exhausted,
-                    Some(left) if self.terms.low_balance.is_some_and(|low| left < low) => BudgetState::Low,
-                    _ => BudgetState::Active,
-                };
-                Some(Standing {
-                    spent: spend.spent,
-                    remaining,
-                    state,
-                    period_start: spend.period_start,
-                    windows: Some(spend),
-                })
-            }
+            Meter::Embedded { ledger, levels } => Some(embedded_standing(&self.terms, &levels[0], ledger.now())),
             Meter::Fleet { account, .. } => {
                 let figures: BudgetFigures = account.leased.lock().figures?;
                 Some(Standing {
@@ -119,6 +104,29 @@ impl ServedBudget {
             }
         }
     }
+
+    /// Where each budget above this one stands, nearest first, with its terms.
+    pub fn parent_standings(&self) -> Vec<(&Budget, Standing)> {
+        match &self.meter {
+            Meter::Embedded { ledger, levels } => {
+                let now = ledger.now();
+                self.parents.iter().zip(levels.iter().skip(1)).map(|(b, l)| (b, embedded_standing(b, l, now))).collect()
+            }
+            Meter::Fleet { .. } => Vec::new(),
+        }
+    }
+}
+
+/// Where one level of a chain stands in the embedded ledger.
+fn embedded_standing(terms: &Budget, level: &Level, now: u64) -> Standing {
+    let spend = level.account.view(terms.period, now);
+    let remaining = terms.limit.map(|l| l.saturating_sub(spend.spent));
+    let state = match remaining {
+        Some(0) => BudgetState::Exhausted,
+        Some(left) if terms.low_balance.is_some_and(|low| left < low) => BudgetState::Low,
+        _ => BudgetState::Active,
+    };
+    Standing { spent: spend.spent, remaining, state, period_start: spend.period_start, windows: Some(spend) }
 }
 
 /// Counts a request against the key's rate limits: `Ok` with the status for the

@@ -31,9 +31,24 @@ pub async fn key_info(State(shared): State<Arc<Shared>>, request: Request) -> Re
     };
     // In cluster mode the ledger keeps the period's spend only: the calendar windows are null.
     let windows = standing.windows;
+    // The budgets above the key's (Sideyard's own field): what each has left decides too.
+    let parents: Vec<String> = budget
+        .parent_standings()
+        .into_iter()
+        .map(|(terms, standing)| {
+            format!(
+                r#"{{"label":{label},"limit":{limit},"limit_remaining":{remaining},"usage":{usage},"state":"{state}"}}"#,
+                label = serde_json::Value::from(terms.id()),
+                limit = number(terms.limit),
+                remaining = number(standing.remaining),
+                usage = format_micros(standing.spent),
+                state = standing.state.as_str(),
+            )
+        })
+        .collect();
     // Written by hand so the credit amounts stay exact decimals, never floats.
     let body = format!(
-        r#"{{"data":{{"label":{label},"limit":{limit},"limit_reset":{reset},"limit_remaining":{remaining},"usage":{usage},"usage_daily":{daily},"usage_weekly":{weekly},"usage_monthly":{monthly},"is_free_tier":false,"state":"{state}","period_start":"{start}"}}}}"#,
+        r#"{{"data":{{"label":{label},"limit":{limit},"limit_reset":{reset},"limit_remaining":{remaining},"usage":{usage},"usage_daily":{daily},"usage_weekly":{weekly},"usage_monthly":{monthly},"is_free_tier":false,"state":"{state}","period_start":"{start}","parents":[{parents}]}}}}"#,
         label = serde_json::Value::from(budget.id.as_str()),
         limit = number(budget.terms.limit),
         remaining = number(standing.remaining),
@@ -43,6 +58,7 @@ pub async fn key_info(State(shared): State<Arc<Shared>>, request: Request) -> Re
         monthly = number(windows.map(|w| w.month)),
         state = standing.state.as_str(),
         start = crate::budget::period::rfc3339(standing.period_start),
+        parents = parents.join(","),
     );
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
