@@ -313,6 +313,65 @@ async fn a_team_limit_holds_across_its_keys_and_the_refusal_names_the_team() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn top_ups_move_credit_from_the_team_until_the_period_maximum_or_the_team_runs_out() {
+    let team = |limit: &str| {
+        format!(
+            "---\napiVersion: sideyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {{name: team}}\nspec: {{limit: \"{limit}\"}}\n"
+        )
+    };
+    let base = config("1", "", "", "0", "")
+        .replace(&budget_yaml("team-a", KEY, "limit: \"1\"\n  allowedModels: [chat]\n  "), "");
+    // A key of 0.01, topped up by 0.01 whenever less than 0.008 (one answer) would be left, at
+    // most 0.02 a period: three answers of 0.008 in all.
+    let top_up =
+        "limit: \"0.01\"\n  parent: team\n  topUp: {threshold: \"0.008\", amount: \"0.01\", maxPerPeriod: \"0.02\"}";
+    let answers = |sidecar: &Sidecar| {
+        let sidecar_api = sidecar.api;
+        async move {
+            let mut statuses = Vec::new();
+            for _ in 0..6 {
+                let reply = read(
+                    send_as(
+                        sidecar_api,
+                        Some(KEY),
+                        "POST",
+                        "/v1/chat/completions",
+                        r#"{"model":"chat","max_tokens":8}"#,
+                    )
+                    .await,
+                )
+                .await;
+                statuses.push(reply.status.as_u16());
+                if reply.status != 200 {
+                    return (statuses, reply.json());
+                }
+            }
+            (statuses, serde_json::Value::Null)
+        }
+    };
+
+    let rich = Sidecar::start(&format!("{base}{}{}", team("1"), budget_yaml("key", KEY, top_up)));
+    let (statuses, refusal) = answers(&rich).await;
+    assert_eq!(statuses, [200, 200, 200, 402], "the period's maximum stops the top-ups");
+    assert_eq!(refusal["error"]["metadata"]["budget"], serde_json::Value::Null, "the key's own limit: {refusal}");
+    let info = key_info(&rich).await;
+    assert_eq!(micros(&info["data"]["topped_up"]), 20_000, "{info}");
+    assert_eq!(micros(&info["data"]["limit_remaining"]), 6_000, "0.01 + 0.02 - 0.024: {info}");
+    assert_eq!(micros(&info["data"]["parents"][0]["usage"]), 24_000, "the team paid for every answer: {info}");
+    let metrics = get(rich.admin, "/metrics").await.body;
+    assert!(metrics.contains("sideyard_budget_topped_up{budget=\"default/key\"} 0.02"), "{metrics}");
+
+    // A team of 0.02: the key is topped up while the team has credit, and the team's limit holds.
+    let poor = Sidecar::start(&format!("{base}{}{}", team("0.02"), budget_yaml("key", KEY, top_up)));
+    let (statuses, refusal) = answers(&poor).await;
+    assert_eq!(statuses, [200, 200, 402], "{refusal}");
+    assert_eq!(refusal["error"]["metadata"]["budget"], "default/team", "{refusal}");
+    let info = key_info(&poor).await;
+    assert_eq!(micros(&info["data"]["parents"][0]["usage"]), 16_000, "{info}");
+    assert!(micros(&info["data"]["topped_up"]) <= 20_000, "never more than the team had: {info}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_crash_mid_load_keeps_settled_spend_and_no_reservation() {
     let dir = temp_dir("crash");
     let yaml = config("1000", "", "", "0", "");

@@ -473,6 +473,38 @@ fn a_chain_of_parents_ends_within_three_budgets_of_its_namespace_without_a_cycle
     assert_eq!(reasons(&across, "key-a")[0].0, Reason::ParentNotFound);
 }
 
+#[test]
+fn a_top_up_needs_a_parent_a_limit_and_room_for_one_amount_a_period() {
+    let route = "apiVersion: sideyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {name: chat}\nspec: {model: chat, targets: [{name: m, api: mock}]}\n";
+    let team =
+        "---\napiVersion: sideyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {name: team}\nspec: {limit: '100'}\n";
+    let key = |spec: &str| {
+        format!(
+            "{route}{team}---\napiVersion: sideyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {{name: key}}\nspec: {{key: {{sha256: {}}}, {spec}}}\n",
+            "a".repeat(64)
+        )
+    };
+    let config = compile_files(
+        &[("b.yaml", &key("limit: '10', parent: team, topUp: {threshold: '2', amount: '5', maxPerPeriod: '20'}"))],
+        &MapResolver::default(),
+    )
+    .unwrap();
+    let policy = config.budgets.iter().find(|b| b.name == "key").and_then(|b| b.top_up);
+    assert_eq!(policy.map(|p| (p.threshold, p.amount, p.max_per_period)), Some((2_000_000, 5_000_000, 20_000_000)));
+    assert_eq!(
+        errors_of(&[(
+            "b.yaml",
+            &key("limit: '10', parent: team, topUp: {threshold: '2', amount: '5', maxPerPeriod: '4'}")
+        )]),
+        [
+            "b.yaml: document 3 (ApiKeyBudget default/key): spec.topUp.maxPerPeriod: must be at least amount, or no top-up ever fits"
+        ]
+    );
+    let errors =
+        errors_of(&[("b.yaml", &key("limit: '10', topUp: {threshold: '2', amount: '5', maxPerPeriod: '20'}"))]);
+    assert!(errors.iter().any(|e| e.ends_with("topUp needs a parent and a limit")), "{errors:?}");
+}
+
 fn sha2_of(s: &str) -> [u8; 32] {
     use sha2::Digest;
     sha2::Sha256::digest(s.as_bytes()).into()

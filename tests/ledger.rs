@@ -86,6 +86,7 @@ fn budget(name: &str, limit: Option<u64>, low: Option<u64>, rate: Option<RateLim
         name: name.into(),
         key_hash: None,
         parent: None,
+        top_up: None,
         limit,
         period: Period::Monthly,
         low_balance: low,

@@ -34,6 +34,8 @@ use super::units::DECIMAL_PATTERN;
     .message("lowBalanceThreshold needs a limit"))]
 #[x_kube(validation = Rule::new("!has(self.maxDebt) || (has(self.onLedgerUnavailable) && self.onLedgerUnavailable == 'failOpen')")
     .message("maxDebt needs onLedgerUnavailable: failOpen"))]
+#[x_kube(validation = Rule::new("!has(self.topUp) || (has(self.parent) && has(self.limit))")
+    .message("topUp needs a parent and a limit"))]
 pub struct ApiKeyBudgetSpec {
     /// The key applications send as `Authorization: Bearer <key>`. The sidecar keeps only its
     /// SHA-256 hash. Absent: the budget has no key of its own, and exists to be a `parent`.
@@ -80,6 +82,13 @@ pub struct ApiKeyBudgetSpec {
     #[schemars(length(max = 64), inner(length(min = 1, max = 253), pattern(r"^\S+$")))]
     #[x_kube(merge_strategy = ListMerge::Set)]
     pub allowed_models: Option<Vec<String>>,
+
+    /// Raises this budget's limit for the current period when its remaining credit falls below
+    /// `threshold`, by `amount` of its parent's remaining credit, at most `maxPerPeriod` in a
+    /// period: a key of a well-funded team stays out of state Low and on the fast path. The
+    /// team's total never grows. Requires `parent` and `limit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_up: Option<TopUp>,
 
     /// Requests and tokens per minute for this key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -141,6 +150,21 @@ pub enum LedgerUnavailable {
     FailClosed,
     /// Serve requests; their spend is counted in memory.
     FailOpen,
+}
+
+/// Automatic top-up from the parent budget's credit.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TopUp {
+    /// Below this remaining credit (a decimal string), the limit is raised.
+    #[schemars(pattern(DECIMAL_PATTERN))]
+    pub threshold: String,
+    /// What one top-up adds to the limit (a decimal string).
+    #[schemars(pattern(DECIMAL_PATTERN))]
+    pub amount: String,
+    /// The most added in one period (a decimal string); the period's top-ups start over with it.
+    #[schemars(pattern(DECIMAL_PATTERN))]
+    pub max_per_period: String,
 }
 
 /// Rate limits per key, over fixed one-minute windows.

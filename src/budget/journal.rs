@@ -324,7 +324,7 @@ fn decode_entries(mut payload: &[u8], into: &mut HashMap<String, Spend>) -> Opti
         let (len, rest) = payload.split_first_chunk::<2>()?;
         let len = u16::from_le_bytes(*len) as usize;
         let (id, rest) = rest.split_at_checked(len)?;
-        let (spend, rest) = rest.split_at_checked(Spend::ENCODED_LEN)?;
+        let (spend, rest) = rest.split_at_checked(Spend::encoded_len_at(rest)?)?;
         into.insert(std::str::from_utf8(id).ok()?.to_string(), Spend::decode(spend)?);
         payload = rest;
     }
@@ -362,6 +362,29 @@ mod tests {
         drop(journal);
         let (_, stored) = open(&dir);
         assert_eq!(stored, HashMap::from([("a".into(), spend(3)), ("b".into(), spend(2))]));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn records_of_the_previous_version_still_read_and_top_ups_are_kept() {
+        // An entry as version 1 wrote it: the version byte and nine fields, no `topped_up`.
+        let old = spend(5);
+        let mut entry = vec![1u8, 0];
+        entry.extend_from_slice(b"a");
+        entry.push(1);
+        for field in [old.period_start, old.spent, old.total, 0, 0, 0, 0, 0, 0] {
+            entry.extend_from_slice(&u64::to_le_bytes(field));
+        }
+        let mut read = HashMap::new();
+        assert_eq!(decode_entries(&entry, &mut read), Some(()));
+        assert_eq!(read["a"], old);
+
+        let dir = temp_dir("topped");
+        let (mut journal, _) = open(&dir);
+        let topped = Spend { topped_up: 7, ..spend(4) };
+        journal.append(&[("b".into(), topped)]).unwrap();
+        drop(journal);
+        assert_eq!(open(&dir).1["b"], topped);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

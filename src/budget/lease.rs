@@ -674,6 +674,7 @@ mod tests {
             name: "key".into(),
             key_hash: None,
             parent: None,
+            top_up: None,
             limit,
             period: Period::Monthly,
             low_balance: None,

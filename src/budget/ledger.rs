@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::journal::{Damage, Journal};
 use super::spend::Spend;
 use crate::api::Period;
-use crate::config::RateLimitPolicy;
+use crate::config::{RateLimitPolicy, TopUpPolicy};
 use crate::metrics::Counter;
 
 /// Unix seconds, injectable so tests can cross period boundaries.
@@ -103,11 +103,12 @@ impl Account {
         *spend
     }
 
-    /// Holds `amount` within `limit`, or says what remains.
+    /// Holds `amount` within `limit` (and what top-ups added to it this period), or says what
+    /// remains.
     fn try_reserve(&self, limit: Option<u64>, period: Period, amount: u64, now: u64) -> Result<(), u64> {
         let mut spend = self.lock();
         spend.roll(period, now);
-        if let Some(limit) = limit {
+        if let Some(limit) = limit.map(|l| l.saturating_add(spend.topped_up)) {
             let committed = spend.spent.saturating_add(spend.reserved);
             if committed.saturating_add(amount) > limit {
                 return Err(limit.saturating_sub(committed));
@@ -177,6 +178,47 @@ pub struct Level {
     pub account: Arc<Account>,
     pub limit: Option<u64>,
     pub period: Period,
+    /// Raising `limit` from the next level's credit (the key's own level only).
+    pub top_up: Option<TopUpPolicy>,
+}
+
+/// Before a reservation of `amount` at the key's level: when it would leave less than the
+/// top-up threshold there, raises the level's limit for the period by whole top-up amounts, as
+/// many as bring it back to the threshold, as the period's maximum allows and as the parent has
+/// credit left for (its spend and reservations). Spend still counts at the parent, so the
+/// team's total never grows. What was added.
+fn top_up(levels: &[Level], amount: u64, now: u64) -> u64 {
+    let [own, parent, ..] = levels else { return 0 };
+    let (Some(policy), Some(limit)) = (own.top_up, own.limit) else { return 0 };
+    let mut spend = own.account.lock();
+    spend.roll(own.period, now);
+    let committed = spend.spent.saturating_add(spend.reserved).saturating_add(amount);
+    let floor = committed.saturating_add(policy.threshold);
+    let effective = limit.saturating_add(spend.topped_up);
+    if effective >= floor || policy.amount == 0 {
+        return 0;
+    }
+    let wanted = (floor - effective).div_ceil(policy.amount);
+    let allowed = policy.max_per_period.saturating_sub(spend.topped_up) / policy.amount;
+    let afforded = parent.limit.map_or(u64::MAX, |parent_limit| {
+        let mut parent_spend = parent.account.lock();
+        parent_spend.roll(parent.period, now);
+        parent_limit.saturating_sub(parent_spend.spent.saturating_add(parent_spend.reserved)) / policy.amount
+    });
+    let added = wanted.min(allowed).min(afforded).saturating_mul(policy.amount);
+    if added > 0 {
+        spend.topped_up = spend.topped_up.saturating_add(added);
+        let topped_up = spend.topped_up;
+        drop(spend);
+        own.account.dirty.store(true, Relaxed);
+        tracing::info!(
+            budget = %own.account.id,
+            added = %crate::api::units::format_micros(added),
+            this_period = %crate::api::units::format_micros(topped_up),
+            "budget topped up from its parent"
+        );
+    }
+    added
 }
 
 /// Holds `amount` at every level, or at none: the first level that cannot hold it, and what
@@ -314,7 +356,9 @@ impl Ledger {
         if !fail_open && !self.is_available() {
             return Err(Refusal::Unavailable);
         }
-        reserve_all(levels, amount, self.now())?;
+        let now = self.now();
+        top_up(levels, amount, now);
+        reserve_all(levels, amount, now)?;
         own.account.counters.in_flight.fetch_add(1, Relaxed);
         Ok(Reservation { ledger: self.shared.clone(), levels: levels.clone(), amount, open: true })
     }
@@ -357,7 +401,9 @@ impl Reservation {
 
     /// Holds `more` credit as well, at every level, for a stream that outgrew its reservation.
     pub fn extend(&mut self, more: u64) -> Result<(), Refusal> {
-        reserve_all(&self.levels, more, self.ledger.clock.unix_seconds())?;
+        let now = self.ledger.clock.unix_seconds();
+        top_up(&self.levels, more, now);
+        reserve_all(&self.levels, more, now)?;
         self.amount += more;
         Ok(())
     }
@@ -464,7 +510,7 @@ mod tests {
 
     /// A chain of one: the budget's own level.
     fn own(account: &Arc<Account>, limit: Option<u64>, period: Period) -> Arc<[Level]> {
-        Arc::from([Level { account: account.clone(), limit, period }])
+        Arc::from([Level { account: account.clone(), limit, period, top_up: None }])
     }
 
     fn ledger_at(t: u64) -> (Ledger, Arc<FakeClock>) {
@@ -573,8 +619,12 @@ mod tests {
     fn a_request_holds_credit_at_every_level_and_the_refusal_says_which_ran_out() {
         let (ledger, clock) = ledger_at(T);
         let team = ledger.account("ns/team");
-        let level =
-            |account: &Arc<Account>, limit, period| Level { account: account.clone(), limit: Some(limit), period };
+        let level = |account: &Arc<Account>, limit, period| Level {
+            account: account.clone(),
+            limit: Some(limit),
+            period,
+            top_up: None,
+        };
         // Two keys of 100 a day under a team of 150 a month.
         let keys: Vec<Arc<[Level]>> = ["ns/a", "ns/b"]
             .iter()

@@ -4,7 +4,8 @@
 use super::period::{day_start, month_start, period_start, week_start};
 use crate::api::Period;
 
-const RECORD_VERSION: u8 = 1;
+/// Version 2 added `topped_up`; version 1 records are still read.
+const RECORD_VERSION: u8 = 2;
 
 /// What a budget has spent, per period and per usage window. Persisted, except `reserved`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -12,6 +13,8 @@ pub struct Spend {
     pub period_start: u64,
     /// In the current period.
     pub spent: u64,
+    /// Added to the limit by top-ups from the parent in the current period.
+    pub topped_up: u64,
     /// Reservations in flight (not persisted).
     pub reserved: u64,
     /// Since the budget was created.
@@ -26,7 +29,16 @@ pub struct Spend {
 
 impl Spend {
     /// The length of [`Spend::encode_into`]'s output.
-    pub const ENCODED_LEN: usize = 1 + 8 * 9;
+    pub const ENCODED_LEN: usize = 1 + 8 * 10;
+
+    /// The length of the encoded spend that starts `bytes`, as its version byte says.
+    pub fn encoded_len_at(bytes: &[u8]) -> Option<usize> {
+        match bytes.first()? {
+            1 => Some(1 + 8 * 9),
+            2 => Some(Self::ENCODED_LEN),
+            _ => None,
+        }
+    }
 
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         let fields = [
@@ -39,6 +51,7 @@ impl Spend {
             self.week,
             self.month_start,
             self.month,
+            self.topped_up,
         ];
         out.push(RECORD_VERSION);
         for f in fields {
@@ -48,7 +61,7 @@ impl Spend {
 
     pub fn decode(bytes: &[u8]) -> Option<Spend> {
         let (&version, rest) = bytes.split_first()?;
-        if version != RECORD_VERSION || rest.len() != Self::ENCODED_LEN - 1 {
+        if Self::encoded_len_at(bytes) != Some(bytes.len()) {
             return None;
         }
         let f = |i: usize| u64::from_le_bytes(rest[8 * i..8 * i + 8].try_into().unwrap_or_default());
@@ -63,6 +76,7 @@ impl Spend {
             week: f(6),
             month_start: f(7),
             month: f(8),
+            topped_up: if version >= 2 { f(9) } else { 0 },
         })
     }
 
@@ -74,6 +88,7 @@ impl Spend {
         if start != self.period_start {
             self.period_start = start;
             self.spent = 0;
+            self.topped_up = 0;
         }
         for (window_start, amount, current) in [
             (&mut self.day_start, &mut self.day, day_start(now)),

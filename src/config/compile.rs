@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use super::values::{headers, sha256_hex, upstream};
 use super::{
     Budget, Config, ConfigError, ConfigErrors, Credential, FallbackPolicy, HealthPolicy, MAX_BUDGET_CHAIN, ObjectRef,
-    Origin, Prices, RateLimitPolicy, Reason, ReasonSet, Route, Target, Timeouts, selector,
+    Origin, Prices, RateLimitPolicy, Reason, ReasonSet, Route, Target, Timeouts, TopUpPolicy, selector,
 };
 use crate::api::{self, ApiKeyBudget, LedgerUnavailable, ProviderRoute, SecretKeyRef, units};
 
@@ -318,6 +318,23 @@ fn compile_budget(b: &ApiKeyBudget, secrets: &SecretIndex<'_>, cx: &mut Cx<'_>) 
     if let Some(selector) = &spec.workload_selector {
         cx.check("spec.workloadSelector", selector::validate(selector));
     }
+    let top_up = spec.top_up.as_ref().and_then(|t| {
+        let threshold = cx.check("spec.topUp.threshold", units::parse_micros(&t.threshold));
+        let amount = cx.check("spec.topUp.amount", units::parse_micros(&t.amount));
+        let max_per_period = cx.check("spec.topUp.maxPerPeriod", units::parse_micros(&t.max_per_period));
+        Some(TopUpPolicy { threshold: threshold?, amount: amount?, max_per_period: max_per_period? })
+    });
+    if spec.top_up.is_some() && (spec.parent.is_none() || spec.limit.is_none()) {
+        cx.error("spec", "topUp needs a parent and a limit".into());
+    }
+    if let Some(t) = top_up {
+        if t.amount == 0 {
+            cx.error("spec.topUp.amount", "must be more than 0".into());
+        }
+        if t.max_per_period < t.amount {
+            cx.error("spec.topUp.maxPerPeriod", "must be at least amount, or no top-up ever fits".into());
+        }
+    }
     let rate_limit = spec.rate_limit.as_ref().map(|r| RateLimitPolicy {
         requests_per_minute: r.requests_per_minute,
         tokens_per_minute: r.tokens_per_minute,
@@ -343,6 +360,7 @@ fn compile_budget(b: &ApiKeyBudget, secrets: &SecretIndex<'_>, cx: &mut Cx<'_>) 
         low_balance,
         fail_open: spec.on_ledger_unavailable == LedgerUnavailable::FailOpen,
         max_debt,
+        top_up,
         allowed_models: spec.allowed_models.clone(),
         rate_limit,
         workload_selector: spec.workload_selector.clone(),

@@ -100,6 +100,9 @@ pub struct Budget {
     /// unreachable; `None`: no bound.
     #[serde(default)]
     pub max_debt: Option<u64>,
+    /// Raising `limit` from the parent's credit when little is left; only with a parent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_up: Option<TopUpPolicy>,
     /// Model names (routes' models or aliases) the key may use; `None`: all.
     pub allowed_models: Option<Vec<String>>,
     pub rate_limit: Option<RateLimitPolicy>,
@@ -112,6 +115,15 @@ impl Budget {
     pub fn id(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+}
+
+/// `spec.topUp`, in micro-units.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TopUpPolicy {
+    pub threshold: u64,
+    pub amount: u64,
+    pub max_per_period: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

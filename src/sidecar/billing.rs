@@ -50,7 +50,10 @@ pub enum Meter {
 /// Where a budget stands, from whichever ledger keeps it.
 pub struct Standing {
     pub spent: u64,
+    /// Left of the limit, with what top-ups added to it this period.
     pub remaining: Option<u64>,
+    /// What top-ups from the parent added to the limit this period.
+    pub topped_up: u64,
     pub state: BudgetState,
     /// Unix seconds.
     pub period_start: u64,
@@ -97,6 +100,7 @@ impl ServedBudget {
                 Some(Standing {
                     spent: figures.spent,
                     remaining: figures.remaining,
+                    topped_up: 0,
                     state: figures.state,
                     period_start: figures.period_start,
                     windows: None,
@@ -120,13 +124,20 @@ impl ServedBudget {
 /// Where one level of a chain stands in the embedded ledger.
 fn embedded_standing(terms: &Budget, level: &Level, now: u64) -> Standing {
     let spend = level.account.view(terms.period, now);
-    let remaining = terms.limit.map(|l| l.saturating_sub(spend.spent));
+    let remaining = terms.limit.map(|l| l.saturating_add(spend.topped_up).saturating_sub(spend.spent));
     let state = match remaining {
         Some(0) => BudgetState::Exhausted,
         Some(left) if terms.low_balance.is_some_and(|low| left < low) => BudgetState::Low,
         _ => BudgetState::Active,
     };
-    Standing { spent: spend.spent, remaining, state, period_start: spend.period_start, windows: Some(spend) }
+    Standing {
+        spent: spend.spent,
+        remaining,
+        topped_up: spend.topped_up,
+        state,
+        period_start: spend.period_start,
+        windows: Some(spend),
+    }
 }
 
 /// Counts a request against the key's rate limits: `Ok` with the status for the

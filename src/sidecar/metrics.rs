@@ -278,6 +278,12 @@ fn render_budgets(shared: &Shared, out: &mut String) {
             let _ = writeln!(out, "sideyard_budget_remaining{{budget=\"{}\"}} {}", b.id, format_micros(left));
         }
     }
+    h(out, "sideyard_budget_topped_up", "gauge", "Credits added to the limit this period by top-ups from the parent.");
+    for (b, standing) in &standings {
+        if let Some(s) = standing.as_ref().filter(|_| b.terms.top_up.is_some()) {
+            let _ = writeln!(out, "sideyard_budget_topped_up{{budget=\"{}\"}} {}", b.id, format_micros(s.topped_up));
+        }
+    }
     h(out, "sideyard_budget_state", "gauge", "1 for the budget's state: Active, Low or Exhausted.");
     for (b, standing) in &standings {
         let Some(standing) = standing else { continue };

@@ -170,7 +170,12 @@ impl Snapshot {
                     Meters::Embedded(ledger) => {
                         let levels = std::iter::once(budget)
                             .chain(&parents)
-                            .map(|b| Level { account: ledger.account(&b.id()), limit: b.limit, period: b.period })
+                            .map(|b| Level {
+                                account: ledger.account(&b.id()),
+                                limit: b.limit,
+                                period: b.period,
+                                top_up: b.top_up,
+                            })
                             .collect();
                         Meter::Embedded { ledger: (*ledger).clone(), levels }
                     }

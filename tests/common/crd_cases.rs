@@ -178,6 +178,20 @@ pub fn refused_budgets() -> Vec<Case> {
             "spec.allowedModels[0] in body should match '^\\S+$'",
         ),
         (
+            "top-up without a parent",
+            "/spec/topUp",
+            json!({"threshold": "1", "amount": "5", "maxPerPeriod": "20"}),
+            "topUp",
+            "spec: Invalid value: topUp needs a parent and a limit",
+        ),
+        (
+            "top-up amount not a decimal",
+            "/spec/topUp",
+            json!({"threshold": "1", "amount": "five", "maxPerPeriod": "20"}),
+            "amount",
+            "spec.topUp.amount in body should match",
+        ),
+        (
             "parent not a name",
             "/spec/parent",
             json!("Team A"),

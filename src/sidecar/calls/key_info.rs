@@ -48,10 +48,11 @@ pub async fn key_info(State(shared): State<Arc<Shared>>, request: Request) -> Re
         .collect();
     // Written by hand so the credit amounts stay exact decimals, never floats.
     let body = format!(
-        r#"{{"data":{{"label":{label},"limit":{limit},"limit_reset":{reset},"limit_remaining":{remaining},"usage":{usage},"usage_daily":{daily},"usage_weekly":{weekly},"usage_monthly":{monthly},"is_free_tier":false,"state":"{state}","period_start":"{start}","parents":[{parents}]}}}}"#,
+        r#"{{"data":{{"label":{label},"limit":{limit},"limit_reset":{reset},"limit_remaining":{remaining},"topped_up":{topped_up},"usage":{usage},"usage_daily":{daily},"usage_weekly":{weekly},"usage_monthly":{monthly},"is_free_tier":false,"state":"{state}","period_start":"{start}","parents":[{parents}]}}}}"#,
         label = serde_json::Value::from(budget.id.as_str()),
         limit = number(budget.terms.limit),
         remaining = number(standing.remaining),
+        topped_up = format_micros(standing.topped_up),
         usage = format_micros(windows.map_or(standing.spent, |w| w.total)),
         daily = number(windows.map(|w| w.day)),
         weekly = number(windows.map(|w| w.week)),

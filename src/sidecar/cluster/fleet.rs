@@ -221,6 +221,7 @@ impl Fleet {
                         name: name.to_string(),
                         key_hash: None,
                         parent: None,
+                        top_up: None,
                         limit: None,
                         period: crate::api::Period::Never,
                         low_balance: None,
