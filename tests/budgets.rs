@@ -372,6 +372,45 @@ async fn top_ups_move_credit_from_the_team_until_the_period_maximum_or_the_team_
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_labelled_secret_is_a_key_of_the_template_and_losing_its_label_revokes_it() {
+    let base = config("1", "", "", "0", "")
+        .replace(&budget_yaml("team-a", KEY, "limit: \"1\"\n  allowedModels: [chat]\n  "), "");
+    let template = "---\napiVersion: sideyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {name: bots}\nspec:\n  keys: {secretSelector: {matchLabels: {sideyard.dev/key: bots}}}\n  limit: \"0.02\"\n";
+    let secret = |name: &str, key: &str, labelled: bool| {
+        let labels = if labelled { ", labels: {sideyard.dev/key: bots}" } else { "" };
+        format!("---\napiVersion: v1\nkind: Secret\nmetadata: {{name: {name}{labels}}}\nstringData: {{key: {key}}}\n")
+    };
+    let files = |carol_labelled: bool| {
+        format!(
+            "{base}{template}{}{}{}",
+            secret("alice", "sk-alice", true),
+            secret("bob", "sk-bob", true),
+            secret("carol", "sk-carol", carol_labelled)
+        )
+    };
+    let sidecar = Sidecar::start(&files(false));
+    let ask = r#"{"model":"chat","max_tokens":8}"#;
+    for key in ["sk-alice", "sk-bob"] {
+        assert_eq!(call(&sidecar, Some(key), ask).await.status, 200, "{key}");
+        let info = read(send_as(sidecar.api, Some(key), "GET", "/api/v1/key", "").await).await.json();
+        let name = key.trim_start_matches("sk-");
+        assert_eq!(info["data"]["label"], format!("default/bots:{name}"), "each key is tracked apart: {info}");
+        assert_eq!(micros(&info["data"]["usage"]), 8_000, "{info}");
+        assert_eq!(micros(&info["data"]["limit"]), 20_000, "the template's terms: {info}");
+    }
+    assert_eq!(call(&sidecar, Some("sk-carol"), ask).await.status, 401, "an unlabelled Secret is no key");
+
+    // Labelling carol's Secret issues her key; taking alice's label away revokes hers.
+    let relabelled = files(true).replacen(", labels: {sideyard.dev/key: bots}", "", 1);
+    let tmp = sidecar.config_path.with_extension("tmp");
+    std::fs::write(&tmp, relabelled).unwrap();
+    std::fs::rename(&tmp, &sidecar.config_path).unwrap();
+    eventually("carol's key works", || async { call(&sidecar, Some("sk-carol"), ask).await.status == 200 }).await;
+    assert_eq!(call(&sidecar, Some("sk-alice"), ask).await.status, 401);
+    assert_eq!(call(&sidecar, Some("sk-bob"), ask).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_crash_mid_load_keeps_settled_spend_and_no_reservation() {
     let dir = temp_dir("crash");
     let yaml = config("1000", "", "", "0", "");

@@ -34,6 +34,8 @@ use super::units::DECIMAL_PATTERN;
     .message("lowBalanceThreshold needs a limit"))]
 #[x_kube(validation = Rule::new("!has(self.maxDebt) || (has(self.onLedgerUnavailable) && self.onLedgerUnavailable == 'failOpen')")
     .message("maxDebt needs onLedgerUnavailable: failOpen"))]
+#[x_kube(validation = Rule::new("!(has(self.key) && has(self.keys))")
+    .message("set key or keys, not both"))]
 #[x_kube(validation = Rule::new("!has(self.topUp) || (has(self.parent) && has(self.limit))")
     .message("topUp needs a parent and a limit"))]
 pub struct ApiKeyBudgetSpec {
@@ -41,6 +43,12 @@ pub struct ApiKeyBudgetSpec {
     /// SHA-256 hash. Absent: the budget has no key of its own, and exists to be a `parent`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<BudgetKey>,
+
+    /// Instead of `key`: a key for every Secret of the namespace that `secretSelector` matches,
+    /// each with this budget's terms and tracked apart, as `<name>:<secret>`. Labelling a
+    /// Secret issues a key; deleting it, or its label, revokes the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<KeyTemplate>,
 
     /// The name of another ApiKeyBudget of this namespace (a team's, say) whose limit this
     /// budget's spend also counts against. A request is admitted only when every level has
@@ -150,6 +158,22 @@ pub enum LedgerUnavailable {
     FailClosed,
     /// Serve requests; their spend is counted in memory.
     FailOpen,
+}
+
+/// Keys issued from labelled Secrets.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyTemplate {
+    /// Which Secrets of the namespace hold keys, by their labels.
+    pub secret_selector: LabelSelector,
+    /// The key of each Secret's data that holds the API key.
+    #[serde(default = "default_secret_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_key: String,
+}
+
+fn default_secret_key() -> String {
+    "key".into()
 }
 
 /// Automatic top-up from the parent budget's credit.

@@ -166,7 +166,8 @@ pub fn analyse(docs: &Documents, resolver: &dyn Resolver) -> Analysis {
     }
 
     let mut key_owners: HashMap<[u8; 32], ObjectRef> = HashMap::new();
-    let mut compiled: Vec<(Cx<'_>, Option<Budget>)> = Vec::new();
+    // Each document's budgets: one, or one per Secret its `keys` template matches.
+    let mut compiled: Vec<(Cx<'_>, Vec<Budget>)> = Vec::new();
     for doc in &docs.budgets {
         let mut cx = Cx::new(&doc.origin, budget_ref(&doc.object));
         let budget = if seen.insert(cx.object.clone()) {
@@ -175,26 +176,75 @@ pub fn analyse(docs: &Documents, resolver: &dyn Resolver) -> Analysis {
             cx.error("metadata.name", "is defined more than once".into());
             None
         };
-        if let Some(owner) = budget.as_ref().and_then(|b| b.key_hash).and_then(|k| key_owners.get(&k)) {
-            let message = format!("is the same key as {owner}'s; each key has one budget");
-            cx.fail("spec.key", Problem(Reason::DuplicateKey, message));
+        let budgets = match (budget, &doc.object.spec.keys) {
+            (Some(template), Some(keys)) => issue_keys(&template, keys, &docs.secrets, &mut cx),
+            (budget, _) => budget.into_iter().collect(),
+        };
+        for key in budgets.iter().filter_map(|b| b.key_hash) {
+            if let Some(owner) = key_owners.get(&key) {
+                let message = format!("is the same key as {owner}'s; each key has one budget");
+                let path = if doc.object.spec.keys.is_some() { "spec.keys" } else { "spec.key" };
+                cx.fail(path, Problem(Reason::DuplicateKey, message));
+            }
         }
-        let budget = budget.filter(|_| cx.errors.is_empty());
-        if let Some(key) = budget.as_ref().and_then(|b| b.key_hash) {
+        let budgets = if cx.errors.is_empty() { budgets } else { Vec::new() };
+        for key in budgets.iter().filter_map(|b| b.key_hash) {
             key_owners.insert(key, cx.object.clone());
         }
-        compiled.push((cx, budget));
+        compiled.push((cx, budgets));
     }
-    let problems = parent_problems(&compiled.iter().map(|(_, b)| b.as_ref()).collect::<Vec<_>>());
-    for ((mut cx, budget), problem) in compiled.into_iter().zip(problems) {
-        match (budget, problem) {
-            (Some(budget), None) => analysis.config.budgets.push(budget),
-            (_, Some(problem)) => cx.fail("spec.parent", problem),
-            (None, None) => {}
+    let flat: Vec<Option<&Budget>> = compiled.iter().flat_map(|(_, budgets)| budgets.iter().map(Some)).collect();
+    let mut problems = parent_problems(&flat).into_iter();
+    let mut accepted = Vec::new();
+    for (mut cx, budgets) in compiled {
+        // A template's keys share its parent: the first problem stands for all of them.
+        match problems.by_ref().take(budgets.len()).flatten().next() {
+            Some(problem) => cx.fail("spec.parent", problem),
+            None => accepted.extend(budgets),
         }
         analysis.outcomes.push(cx.finish());
     }
+    analysis.config.budgets = accepted;
     analysis
+}
+
+/// The budgets a `keys` template issues: one per Secret of its namespace that the selector
+/// matches, named `<template>:<secret>`, with the template's terms and the Secret's key, in the
+/// Secrets' name order.
+fn issue_keys(
+    template: &Budget,
+    keys: &api::KeyTemplate,
+    secrets: &[Document<Secret>],
+    cx: &mut Cx<'_>,
+) -> Vec<Budget> {
+    if cx.check("spec.keys.secretSelector", selector::validate(&keys.secret_selector)).is_none() {
+        return Vec::new();
+    }
+    let mut matched: Vec<&Secret> = secrets
+        .iter()
+        .map(|d| &d.object)
+        .filter(|s| s.metadata.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE) == template.namespace)
+        .filter(|s| selector::matches(&keys.secret_selector, s.metadata.labels.as_ref().unwrap_or(&Default::default())))
+        .collect();
+    matched.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let mut issued = Vec::new();
+    for secret in matched {
+        let name = secret.metadata.name.as_deref().unwrap_or_default();
+        let key = match secret_value(secret, &keys.secret_key) {
+            None => Err(Problem(
+                Reason::KeyNotFound,
+                format!("secret {name:?} matches secretSelector but has no key {:?}", keys.secret_key),
+            )),
+            Some(value) => value.map_err(Problem::from).and_then(|key| {
+                Credential::parse(&key).map_err(Problem::from)?;
+                Ok(<[u8; 32]>::from(Sha256::digest(key.as_bytes())))
+            }),
+        };
+        if let Some(key) = cx.check("spec.keys", key) {
+            issued.push(Budget { name: format!("{}:{name}", template.name), key_hash: Some(key), ..template.clone() });
+        }
+    }
+    issued
 }
 
 /// What is wrong with each budget's chain of parents, by index: a parent that is not there (or
@@ -292,6 +342,9 @@ fn compile_budget(b: &ApiKeyBudget, secrets: &SecretIndex<'_>, cx: &mut Cx<'_>) 
             None
         }
     };
+    if spec.key.is_some() && spec.keys.is_some() {
+        cx.error("spec", "set key or keys, not both".into());
+    }
     if let Some(parent) = &spec.parent
         && (parent.is_empty() || parent == &cx.object.name)
     {

@@ -178,6 +178,13 @@ pub fn refused_budgets() -> Vec<Case> {
             "spec.allowedModels[0] in body should match '^\\S+$'",
         ),
         (
+            "key and keys",
+            "/spec/keys",
+            json!({"secretSelector": {"matchLabels": {"team": "a"}}}),
+            "keys",
+            "spec: Invalid value: set key or keys, not both",
+        ),
+        (
             "top-up without a parent",
             "/spec/topUp",
             json!({"threshold": "1", "amount": "5", "maxPerPeriod": "20"}),
