@@ -358,6 +358,34 @@ fn a_budget_being_served_keeps_its_key_against_a_newcomer() {
 }
 
 #[test]
+fn a_key_template_issues_a_key_per_labelled_secret_of_its_namespace() {
+    let labelled = |name: &str, key: &str, label: Option<&str>| {
+        let mut s = (*secret(name, &[("key", key)])).clone();
+        s.metadata.labels = label.map(|l| [("sideyard.dev/key".to_string(), l.to_string())].into());
+        Arc::new(s)
+    };
+    let secrets = vec![
+        keys(),
+        labelled("alice", "sk-alice", Some("bots")),
+        labelled("bob", "sk-bob", Some("other")),
+        labelled("carol", "sk-carol", None),
+    ];
+    let mut world = World::new(vec![keyed_route("chat", "chat", 0)], secrets);
+    world.budgets = vec![budget(
+        "bots",
+        0,
+        json!({"keys": {"secretSelector": {"matchLabels": {"sideyard.dev/key": "bots"}}}, "limit": "5"}),
+    )];
+    let plan = world.plan();
+    let (_, compiled) = applied_config(&plan);
+    let names: Vec<&str> = compiled.config.budgets.iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(names, ["bots:alice"], "only the Secret the template selects is a key");
+    assert_eq!(compiled.config.budgets[0].limit, Some(5_000_000));
+    let status = &plan.budgets.iter().find(|(n, _)| n == "bots").unwrap().1;
+    assert_eq!(condition(&status.conditions, "Accepted").0, "True");
+}
+
+#[test]
 fn budgets_are_compiled_with_their_key_hash_and_reported() {
     let mut world = World::new(vec![keyed_route("chat", "chat", 0)], vec![keys()]);
     world.budgets = vec![

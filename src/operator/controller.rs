@@ -545,8 +545,9 @@ pub fn resource_version(o: &Secret) -> Option<String> {
     o.metadata.resource_version.clone()
 }
 
-/// Whether a Secret matters to its namespace's configuration: the operator's own, or one that a
-/// route or budget there refers to.
+/// Whether a Secret matters to its namespace's configuration: the operator's own, one that a
+/// route or budget there refers to, or any Secret of a namespace with a `keys` template (a label
+/// added or taken away issues or revokes a key, and the event has only the Secret as it is now).
 pub fn secret_matters(routes: &Store<ProviderRoute>, budgets: &Store<ApiKeyBudget>, ns: &str, name: &str) -> bool {
     if name == CONFIG_SECRET {
         return true;
@@ -564,7 +565,8 @@ pub fn secret_matters(routes: &Store<ProviderRoute>, budgets: &Store<ApiKeyBudge
         || budgets
             .find(|b| {
                 in_ns(&b.metadata)
-                    && b.spec.key.as_ref().and_then(|k| k.secret_ref.as_ref()).is_some_and(|s| s.name == name)
+                    && (b.spec.keys.is_some()
+                        || b.spec.key.as_ref().and_then(|k| k.secret_ref.as_ref()).is_some_and(|s| s.name == name))
             })
             .is_some()
 }

@@ -222,7 +222,7 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
         secrets: inputs
             .secrets
             .iter()
-            .filter(|s| s.metadata.name.as_deref().is_some_and(|n| referenced.contains(n)))
+            .filter(|s| s.metadata.name.as_deref().is_some_and(|n| referenced.contains(n)) || issues_a_key(&budgets, s))
             .map(|s| Document { origin: None, object: (**s).clone() })
             .collect(),
         compiled: Vec::new(),
@@ -383,6 +383,15 @@ fn referenced_secrets<'a>(routes: &[&'a ProviderRoute], budgets: &[&'a ApiKeyBud
         routes.iter().flat_map(|r| &r.spec.targets).filter_map(|t| t.credentials.as_ref()?.secret_ref.as_ref());
     let from_budgets = budgets.iter().filter_map(|b| b.spec.key.as_ref()?.secret_ref.as_ref());
     from_routes.chain(from_budgets).map(|r| r.name.as_str()).collect()
+}
+
+/// Whether a budget's `keys` template selects the Secret: it is then a key of its own.
+fn issues_a_key(budgets: &[&ApiKeyBudget], secret: &Secret) -> bool {
+    let labels = secret.metadata.labels.clone().unwrap_or_default();
+    budgets
+        .iter()
+        .filter_map(|b| b.spec.keys.as_ref())
+        .any(|k| crate::config::selector::matches(&k.secret_selector, &labels))
 }
 
 fn serialise(compiled: &CompiledConfig) -> Vec<u8> {
