@@ -187,9 +187,17 @@ pub struct Level {
 /// many as bring it back to the threshold, as the period's maximum allows and as the parent has
 /// credit left for (its spend and reservations). Spend still counts at the parent, so the
 /// team's total never grows. What was added.
+#[inline]
 fn top_up(levels: &[Level], amount: u64, now: u64) -> u64 {
     let [own, parent, ..] = levels else { return 0 };
     let (Some(policy), Some(limit)) = (own.top_up, own.limit) else { return 0 };
+    top_up_from(own, parent, policy, limit, amount, now)
+}
+
+/// [`top_up`] for a level that has a policy, a limit and a parent: kept out of line, off the
+/// path of every request without one.
+#[inline(never)]
+fn top_up_from(own: &Level, parent: &Level, policy: TopUpPolicy, limit: u64, amount: u64, now: u64) -> u64 {
     let mut spend = own.account.lock();
     spend.roll(own.period, now);
     let committed = spend.spent.saturating_add(spend.reserved).saturating_add(amount);
@@ -223,6 +231,7 @@ fn top_up(levels: &[Level], amount: u64, now: u64) -> u64 {
 
 /// Holds `amount` at every level, or at none: the first level that cannot hold it, and what
 /// remains there.
+#[inline]
 fn reserve_all(levels: &[Level], amount: u64, now: u64) -> Result<(), Refusal> {
     for (i, level) in levels.iter().enumerate() {
         if let Err(remaining) = level.account.try_reserve(level.limit, level.period, amount, now) {
