@@ -204,9 +204,12 @@ async fn kubectl_get_prints_the_documented_columns() {
 
     let mut budget = valid_budget();
     budget["metadata"]["namespace"] = ns.clone().into();
+    budget["spec"]["parent"] = "team".into();
     let out = server.kubectl_as(&server.admin_kubeconfig, &["apply", "-f", "-"], Some(&budget.to_string()));
     assert!(out.status.success(), "{}", stderr(&out));
     let table = String::from_utf8_lossy(&server.kubectl(&["get", "akb", "-n", &ns]).stdout).into_owned();
     let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "LIMIT", "SPENT", "REMAINING", "STATE", "READY", "AGE"], "{table}");
+    assert_eq!(header, ["NAME", "PARENT", "LIMIT", "SPENT", "REMAINING", "STATE", "READY", "AGE"], "{table}");
+    let row: Vec<&str> = table.lines().nth(1).unwrap_or_default().split_whitespace().collect();
+    assert_eq!(row[..3], ["support-bot", "team", "100.00"], "{table}");
 }
