@@ -505,6 +505,46 @@ fn a_top_up_needs_a_parent_a_limit_and_room_for_one_amount_a_period() {
     assert!(errors.iter().any(|e| e.ends_with("topUp needs a parent and a limit")), "{errors:?}");
 }
 
+#[test]
+fn a_pod_selected_by_a_key_gets_its_parents_without_their_keys() {
+    let route = "apiVersion: sideyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {name: chat}\nspec: {model: chat, targets: [{name: m, api: mock}]}\n";
+    let budget = |name: &str, spec: &str| {
+        format!(
+            "---\napiVersion: sideyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {{name: {name}}}\nspec: {{{spec}}}\n"
+        )
+    };
+    let yaml = format!(
+        "{route}{}{}{}",
+        budget(
+            "key-a",
+            &format!(
+                "key: {{sha256: {}}}, parent: team, workloadSelector: {{matchLabels: {{app: a}}}}",
+                "a".repeat(64)
+            )
+        ),
+        budget(
+            "team",
+            &format!(
+                "key: {{sha256: {}}}, parent: org, limit: '5', workloadSelector: {{matchLabels: {{app: z}}}}",
+                "b".repeat(64)
+            )
+        ),
+        budget("org", "limit: '50'"),
+    );
+    let config = compile_files(&[("b.yaml", &yaml)], &MapResolver::default()).unwrap();
+    let for_pod = |app: &str| {
+        let mut c = config.clone();
+        c.retain_for(&[("app".to_string(), app.to_string())].into());
+        c.budgets.iter().map(|b| (b.name.clone(), b.key_hash.is_some())).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        for_pod("a"),
+        [("key-a".to_string(), true), ("team".to_string(), false), ("org".to_string(), false)],
+        "the team's limit comes along, its key does not"
+    );
+    assert_eq!(for_pod("z"), [("team".to_string(), true), ("org".to_string(), false)]);
+}
+
 fn sha2_of(s: &str) -> [u8; 32] {
     use sha2::Digest;
     sha2::Sha256::digest(s.as_bytes()).into()

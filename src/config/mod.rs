@@ -63,13 +63,36 @@ impl Config {
         self.retain_for_all(std::slice::from_ref(labels));
     }
 
-    /// Keeps the routes and budgets whose `workloadSelector` selects every one of the pods.
+    /// Keeps the routes and budgets whose `workloadSelector` selects every one of the pods, and
+    /// the parents of the budgets kept: a request needs credit at every level. A parent kept only
+    /// as a parent loses its key, which these pods have no business accepting.
     pub fn retain_for_all(&mut self, pods: &[selector::Labels]) {
         let selected = |s: &Option<LabelSelector>| {
             s.as_ref().is_none_or(|s| pods.iter().all(|labels| selector::matches(s, labels)))
         };
         self.routes.retain(|r| selected(&r.workload_selector));
-        self.budgets.retain(|b| selected(&b.workload_selector));
+        let kept: Vec<bool> = self.budgets.iter().map(|b| selected(&b.workload_selector)).collect();
+        let mut parents: std::collections::HashSet<(String, String)> = std::collections::HashSet::new();
+        for (budget, _) in self.budgets.iter().zip(&kept).filter(|(_, k)| **k) {
+            let mut at = budget;
+            while let Some(name) = &at.parent
+                && let Some(parent) = self.budgets.iter().find(|b| b.namespace == at.namespace && &b.name == name)
+            {
+                if !parents.insert((parent.namespace.clone(), parent.name.clone())) {
+                    break;
+                }
+                at = parent;
+            }
+        }
+        let mut keep = kept.into_iter();
+        self.budgets.retain_mut(|b| {
+            let selected = keep.next().unwrap_or(false);
+            if !selected && parents.contains(&(b.namespace.clone(), b.name.clone())) {
+                b.key_hash = None;
+                return true;
+            }
+            selected
+        });
     }
 }
 
