@@ -359,9 +359,19 @@ items:
     );
 }
 
+/// A route served by the mock, for configurations about budgets.
+const MOCK_ROUTE: &str = "apiVersion: sideyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {name: chat}\nspec: {model: chat, targets: [{name: m, api: mock}]}\n";
+
+/// An ApiKeyBudget document of the default namespace, `spec` as a flow mapping's fields.
+fn budget_doc(name: &str, spec: &str) -> String {
+    format!(
+        "---\napiVersion: sideyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {{name: {name}}}\nspec: {{{spec}}}\n"
+    )
+}
+
 #[test]
 fn budgets_keep_only_the_hash_of_their_key_and_a_key_has_one_budget() {
-    let route = "apiVersion: sideyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {name: chat}\nspec: {model: chat, targets: [{name: m, api: mock}]}\n";
+    let route = MOCK_ROUTE;
     let budget = |name: &str, key: &str| {
         format!(
             "---\napiVersion: sideyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {{name: {name}}}\nspec: {{key: {key}, limit: '12.5', period: daily}}\n"
@@ -475,7 +485,7 @@ fn a_chain_of_parents_ends_within_three_budgets_of_its_namespace_without_a_cycle
 
 #[test]
 fn a_top_up_needs_a_parent_a_limit_and_room_for_one_amount_a_period() {
-    let route = "apiVersion: sideyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {name: chat}\nspec: {model: chat, targets: [{name: m, api: mock}]}\n";
+    let route = MOCK_ROUTE;
     let team =
         "---\napiVersion: sideyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {name: team}\nspec: {limit: '100'}\n";
     let key = |spec: &str| {
@@ -507,12 +517,8 @@ fn a_top_up_needs_a_parent_a_limit_and_room_for_one_amount_a_period() {
 
 #[test]
 fn a_pod_selected_by_a_key_gets_its_parents_without_their_keys() {
-    let route = "apiVersion: sideyard.dev/v1alpha1\nkind: ProviderRoute\nmetadata: {name: chat}\nspec: {model: chat, targets: [{name: m, api: mock}]}\n";
-    let budget = |name: &str, spec: &str| {
-        format!(
-            "---\napiVersion: sideyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {{name: {name}}}\nspec: {{{spec}}}\n"
-        )
-    };
+    let route = MOCK_ROUTE;
+    let budget = budget_doc;
     let yaml = format!(
         "{route}{}{}{}",
         budget(
