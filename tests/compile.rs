@@ -936,3 +936,25 @@ fn a_namespace_has_at_most_one_pass_through_default() {
         "ns.yaml: document 2 (ProviderRoute team-a/batches): spec.passthroughDefault: ProviderRoute team-a/files is already the namespace's pass-through default; there is one per namespace"
     );
 }
+
+#[test]
+fn a_template_issues_at_most_a_hundred_keys() {
+    let secret = |i: usize| {
+        format!(
+            "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: bot-{i:03}, labels: {{sideyard.dev/key: bots}}}}\nstringData: {{key: sk-bot-{i:03}}}\n"
+        )
+    };
+    let template = "---\napiVersion: sideyard.dev/v1alpha1\nkind: ApiKeyBudget\nmetadata: {name: bots}\nspec:\n  keys: {secretSelector: {matchLabels: {sideyard.dev/key: bots}}}\n  limit: '1'\n";
+    let issued = |n: usize| {
+        let docs = docs_of(&format!("{template}{}", (0..n).map(secret).collect::<String>()));
+        sideyard::config::analyse(&docs, &MapResolver::default())
+    };
+    let hundred = issued(100);
+    assert_eq!(hundred.config.budgets.len(), 100);
+    assert_eq!(hundred.config.budgets[0].name, "bots:bot-000");
+    let more = issued(101);
+    assert!(more.config.budgets.is_empty());
+    let error = &more.outcomes[0].errors[0];
+    assert_eq!((error.reason.as_str(), error.path.as_str()), ("TooManyKeys", "spec.keys.secretSelector"));
+    assert!(error.message.starts_with("matches 101 Secrets; a template issues at most 100 keys"), "{error:?}");
+}

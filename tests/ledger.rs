@@ -11,7 +11,7 @@ use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use sideyard::api::{ApiKeyBudgetStatus, BudgetState, Period};
-use sideyard::config::{Budget, RateLimitPolicy};
+use sideyard::config::{Budget, RateLimitPolicy, TopUpPolicy};
 use sideyard::operator::leader::Leadership;
 use sideyard::operator::ledger::{BoundPod, FleetService, LEADER_HEADER, Review, Reviewer, StatusStore, router};
 use sideyard::operator::metrics::OperatorMetrics;
@@ -47,6 +47,8 @@ impl Reviewer for Tokens {
 struct Store {
     statuses: Mutex<HashMap<(String, String), ApiKeyBudgetStatus>>,
     fail: std::sync::atomic::AtomicBool,
+    /// What the ledger told, as (budget, reason, note).
+    told: Mutex<Vec<(String, String, String)>>,
 }
 
 impl StatusStore for Store {
@@ -69,6 +71,19 @@ impl StatusStore for Store {
                 return Err("the API server is down".into());
             }
             self.statuses.lock().unwrap().insert((namespace.into(), name.into()), status);
+            Ok(())
+        })
+    }
+
+    fn tell<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+        reason: &'a str,
+        note: String,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            self.told.lock().unwrap().push((format!("{namespace}/{name}"), reason.into(), note));
             Ok(())
         })
     }
@@ -146,9 +161,13 @@ async fn a_lease_is_persisted_before_it_is_answered_and_reports_reach_the_status
     assert_eq!(status, StatusCode::OK, "{grant}");
     assert_eq!((grant["mode"].as_str(), grant["granted"]["credit"].as_u64()), (Some("lease"), Some(5_000_000)));
     let stored = l.store.status("bot");
-    assert_eq!(stored.outstanding.as_deref(), Some("5"), "the grant was persisted before the answer: {stored:?}");
-    assert_eq!(stored.leases.len(), 1);
-    assert_eq!((stored.leases[0].holder.as_str(), stored.leases[0].granted.as_str()), ("pod-a", "5"));
+    assert_eq!(
+        stored.ledger.outstanding.as_deref(),
+        Some("5"),
+        "the grant was persisted before the answer: {stored:?}"
+    );
+    assert_eq!(stored.ledger.leases.len(), 1);
+    assert_eq!((stored.ledger.leases[0].holder.as_str(), stored.ledger.leases[0].granted.as_str()), ("pod-a", "5"));
 
     let lease_id = grant["leaseId"].as_str().unwrap();
     let report = json!({"budget": "bot", "leaseId": lease_id, "used": {"credit": 1_250_000}});
@@ -166,10 +185,15 @@ async fn a_lease_is_persisted_before_it_is_answered_and_reports_reach_the_status
     tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
     let stored = l.store.status("bot");
     assert_eq!(
-        (stored.spent.as_deref(), stored.remaining.as_deref(), stored.outstanding.as_deref(), stored.state),
+        (
+            stored.ledger.spent.as_deref(),
+            stored.ledger.remaining.as_deref(),
+            stored.ledger.outstanding.as_deref(),
+            stored.ledger.state
+        ),
         (Some("1.25"), Some("8.75"), Some("3.75"), Some(BudgetState::Active))
     );
-    assert!(stored.period_start.as_deref().is_some_and(|p| p.ends_with("-01T00:00:00Z")), "{stored:?}");
+    assert!(stored.ledger.period_start.as_deref().is_some_and(|p| p.ends_with("-01T00:00:00Z")), "{stored:?}");
 
     let (status, refused, _) =
         l.call(Some(POD_B), "report", json!({"budget": "bot", "leaseId": lease_id, "used": {"credit": 9}})).await;
@@ -240,7 +264,7 @@ async fn a_grant_that_cannot_be_persisted_is_not_answered() {
         l.call(Some(POD_A), "lease", json!({"budget": "bot", "want": {"credit": 1_000_000}})).await;
     assert_eq!(status, StatusCode::OK, "{grant}");
     // The refused grant's credit stays outstanding until that lease expires: never granted twice.
-    assert_eq!(l.store.status("bot").outstanding.as_deref(), Some("2"));
+    assert_eq!(l.store.status("bot").ledger.outstanding.as_deref(), Some("2"));
     assert!(l.metrics.render().contains("sideyard_ledger_persist_failures_total 1"));
 }
 
@@ -257,7 +281,10 @@ async fn a_new_leader_goes_on_from_the_stored_status_once_the_holders_say_what_t
     // (The clock is paused: the next write comes without waiting.)
     tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
     let written = store.status("bot");
-    assert_eq!((written.spent.as_deref(), written.holders.as_slice()), (Some("1"), &["pod-a".to_string()][..]));
+    assert_eq!(
+        (written.ledger.spent.as_deref(), written.ledger.holders.as_slice()),
+        (Some("1"), &["pod-a".to_string()][..])
+    );
 
     // The old leader is gone; a new one loads the statuses. What the old one pledged stays out
     // until pod-a says what it holds.
@@ -265,7 +292,7 @@ async fn a_new_leader_goes_on_from_the_stored_status_once_the_holders_say_what_t
     let (status, grant_b, _) =
         second.call(Some(POD_B), "lease", json!({"budget": "bot", "want": {"credit": 8_000_000}})).await;
     assert_eq!(status, StatusCode::OK);
-    let pledged = parse_micros(written.pledged.as_deref().unwrap()).unwrap();
+    let pledged = parse_micros(written.ledger.pledged.as_deref().unwrap()).unwrap();
     let proven_free = 10_000_000u64.saturating_sub(1_000_000 + 4_000_000 + pledged);
     assert!(grant_b["granted"]["credit"].as_u64().unwrap() <= proven_free, "{grant_b}");
     let holdings = json!({"budget": "bot", "held": [{"id": lease_id, "kind": "lease", "granted": {"credit": 5_000_000},
@@ -315,4 +342,65 @@ async fn low_budgets_reserve_per_request_and_rate_limits_hold_across_pods() {
         admitted += grant["granted"]["requests"].as_u64().unwrap();
     }
     assert_eq!(admitted, 3, "three pods share the key's 3 requests a minute");
+}
+
+/// A team (no key of its own) above the keys a template issued, one of them with top-up: every
+/// level's status, the team's 402 over HTTP, the top-up's Event, and a new leader that reads
+/// the template's status back.
+#[tokio::test(start_paused = true)]
+async fn a_team_and_the_keys_a_template_issued_are_kept_in_their_statuses() {
+    let team = budget("team", Some(3_000_000), None, None);
+    let issued = |secret: &str| Budget {
+        name: format!("bots:{secret}"),
+        parent: Some("team".into()),
+        top_up: Some(TopUpPolicy { threshold: 1_000_000, amount: 2_000_000, max_per_period: 4_000_000 }),
+        ..budget("", Some(2_000_000), None, None)
+    };
+    let budgets = [team, issued("one"), issued("two")];
+    let store = Arc::new(Store::default());
+    let l = ledger(true, store.clone(), &budgets).await;
+    // 1.5 of 2 would leave 0.5, under the threshold of 1: topped up by 2 first.
+    let (status, reserved, _) =
+        l.call(Some(POD_A), "reserve", json!({"budget": "bots:one", "amount": 1_500_000})).await;
+    assert_eq!(status, StatusCode::OK, "{reserved}");
+    assert_eq!(reserved["budget"]["toppedUp"], 2_000_000);
+    assert_eq!(reserved["budget"]["parents"][0]["budget"], "team-a/team");
+    let id = reserved["reservationId"].as_str().unwrap();
+    let (status, _, _) =
+        l.call(Some(POD_A), "settle", json!({"budget": "bots:one", "reservationId": id, "cost": 1_500_000})).await;
+    assert_eq!(status, StatusCode::OK);
+    // Two's own 2 would cover 1.8; the team's 1.5 left does not (nor has it a whole top-up).
+    let (status, refused, _) = l.call(Some(POD_B), "reserve", json!({"budget": "bots:two", "amount": 1_800_000})).await;
+    assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{refused}");
+    assert_eq!(
+        (refused["error"]["refusal"]["budget"].as_str(), refused["error"]["refusal"]["remaining"].as_u64()),
+        (Some("team-a/team"), Some(1_500_000))
+    );
+    assert!(refused["error"]["message"].as_str().is_some_and(|m| m.contains("team-a/team")), "{refused}");
+
+    tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+    let template = store.status("bots");
+    let keys: Vec<(&str, Option<&str>, Option<&str>)> = template
+        .keys
+        .iter()
+        .map(|k| (k.secret.as_str(), k.ledger.spent.as_deref(), k.ledger.topped_up.as_deref()))
+        .collect();
+    assert_eq!(keys, [("one", Some("1.5"), Some("2")), ("two", Some("0"), None)], "{template:?}");
+    let team = store.status("team");
+    assert_eq!(
+        (team.ledger.spent.as_deref(), team.ledger.remaining.as_deref(), team.ledger.own_spent.as_deref()),
+        (Some("1.5"), Some("1.5"), Some("0")),
+        "the team's spend is its keys'"
+    );
+    let told = store.told.lock().unwrap().clone();
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert_eq!((told[0].0.as_str(), told[0].1.as_str()), ("team-a/bots", "ToppedUp"));
+    assert!(told[0].2.contains("Secret \"one\"") && told[0].2.contains("by 2 "), "{told:?}");
+    assert!(l.metrics.render().contains("sideyard_operator_budget_top_ups_total 1"));
+
+    // A new leader goes on from the statuses: the team's spend and one's top-up are kept.
+    let next = ledger(true, store.clone(), &budgets).await;
+    let (_, holdings, _) = next.call(Some(POD_A), "holdings", json!({"budget": "bots:one", "held": []})).await;
+    assert_eq!(holdings["budget"]["toppedUp"], 2_000_000, "{holdings}");
+    assert_eq!(holdings["budget"]["parents"][0]["spent"], 1_500_000, "{holdings}");
 }

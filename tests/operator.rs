@@ -400,7 +400,7 @@ fn budgets_are_compiled_with_their_key_hash_and_reported() {
     let status = |name: &str| &plan.budgets.iter().find(|(n, _)| n == name).unwrap().1;
     assert_eq!(condition(&status("bot").conditions, "Ready").0, "True");
     assert_eq!(status("bot").config_version, Some(1));
-    assert_eq!(status("bot").spent, None, "spend belongs to the ledger");
+    assert_eq!(status("bot").ledger.spent, None, "spend belongs to the ledger");
     assert_eq!(condition(&status("copy").conditions, "Accepted").1, Reason::DuplicateKey.as_str());
     assert_eq!(condition(&status("ghost").conditions, "Accepted").1, "SecretNotFound");
     world.apply(&plan);

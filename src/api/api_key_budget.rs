@@ -214,7 +214,31 @@ pub struct ApiKeyBudgetStatus {
     /// The `metadata.generation` that this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Credits spent in the current period, as a decimal string.
+    /// The budget ledger's figures (in a cluster).
+    #[serde(flatten)]
+    pub ledger: LedgerBook,
+    /// The keys a `keys` template issued, by Secret name, each with its ledger figures (at most
+    /// 100 keys a template).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Atomic)]
+    pub keys: Vec<IssuedKey>,
+    /// Current conditions: `Accepted` (the spec is valid and the key resolves), `Ready`
+    /// (compiled into the namespace's `sideyard-config`), and `Ledger` (in a cluster: which
+    /// operator replica's ledger keeps the budget's spend, and since when).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// The version of the namespace's compiled configuration that carries this budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_version: Option<i64>,
+}
+
+/// What the budget ledger keeps of a budget (or of one key a template issued).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LedgerBook {
+    /// Credits spent in the current period, as a decimal string: by the budget's own key and by
+    /// every budget below it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spent: Option<String>,
     /// Credits left in the current period; absent without a limit.
@@ -249,15 +273,38 @@ pub struct ApiKeyBudgetStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Atomic)]
     pub ledger_writes: Vec<LedgerWrite>,
-    /// Current conditions: `Accepted` (the spec is valid and the key resolves), `Ready`
-    /// (compiled into the namespace's `sideyard-config`), and `Ledger` (in a cluster: which
-    /// operator replica's ledger keeps the budget's spend, and since when).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
-    pub conditions: Vec<Condition>,
-    /// The version of the namespace's compiled configuration that carries this budget.
+    /// A budget with budgets below it: what its own key spent of `spent`, as a decimal string.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub config_version: Option<i64>,
+    pub own_spent: Option<String>,
+    /// Its own key's spend in the periods of the budgets above it that differ from its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Atomic)]
+    pub spent_in: Vec<SpendInPeriod>,
+    /// What automatic top-ups from the parent added to the limit this period, as a decimal
+    /// string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topped_up: Option<String>,
+}
+
+/// One key a `keys` template issued, and its ledger figures.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedKey {
+    /// The Secret that holds the key.
+    pub secret: String,
+    #[serde(flatten)]
+    pub ledger: LedgerBook,
+}
+
+/// A key's spend in the period of a budget above it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SpendInPeriod {
+    pub period: Period,
+    /// When that period started (RFC 3339, UTC).
+    pub start: String,
+    /// As a decimal string.
+    pub spent: String,
 }
 
 /// A ledger term and the last of its changes a status holds.

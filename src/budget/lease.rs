@@ -120,14 +120,15 @@ impl Held {
 }
 
 /// Why a request cannot spend locally.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Miss {
     /// The lease is missing, expired or short: ask the ledger for more.
     Lease,
     /// The budget is Low: reserve with the ledger.
     PerRequest,
-    /// Nothing is left in this period (as of the ledger's last word).
-    Exhausted { remaining: u64 },
+    /// Nothing is left in this period (as of the ledger's last word), in the key's budget or in
+    /// the budget above it named `budget`.
+    Exhausted { remaining: u64, budget: Option<String> },
     /// The ledger is unreachable, and the budget fails closed (or its debt is at `maxDebt`).
     Unavailable,
 }
@@ -201,7 +202,7 @@ impl Book {
             self.holdings_due = true;
         }
         self.durable = self.durable.max(figures.durable);
-        self.figures = Some(*figures);
+        self.figures = Some(figures.clone());
         let (term, durable) = (self.term, self.durable);
         self.closing.retain(|u| !(u.holds == 0 && u.is_acked() && u.is_written(term, durable)));
     }
@@ -246,7 +247,9 @@ impl LeasedAccount {
         book.largest_reservation = book.largest_reservation.max(amount);
         match book.mode {
             Some(Mode::Exhausted) if book.unreachable_since.is_none() => {
-                return Err(Miss::Exhausted { remaining: book.figures.and_then(|f| f.remaining).unwrap_or(0) });
+                let (remaining, budget) =
+                    book.figures.as_ref().map_or((0, None), |f| (f.exhausted().0, f.exhausted().1.map(str::to_string)));
+                return Err(Miss::Exhausted { remaining, budget });
             }
             Some(Mode::PerRequest) if book.unreachable_since.is_none() => return Err(Miss::PerRequest),
             _ => {}
@@ -419,7 +422,7 @@ impl LeasedAccount {
     pub fn acked(&self, id: &str, used: Allowance, figures: Option<BudgetFigures>) {
         let mut book = self.lock();
         book.answered();
-        let acked_at = figures.map(|f| Acked { term: f.term, version: f.version });
+        let acked_at = figures.as_ref().map(|f| Acked { term: f.term, version: f.version });
         let Book { lease, debt, closing, .. } = &mut *book;
         for usage in lease.as_mut().map(|l| &mut l.usage).into_iter().chain(debt.as_mut()).chain(closing.iter_mut()) {
             if usage.id == id {
@@ -696,6 +699,8 @@ mod tests {
             term: 0,
             version: 0,
             durable: 0,
+            topped_up: 0,
+            parents: Vec::new(),
         }
     }
 
@@ -737,7 +742,7 @@ mod tests {
         let mut out = grant("", Mode::Exhausted, 0, 0);
         out.budget = BudgetFigures { remaining: Some(0), ..figures(BudgetState::Exhausted) };
         account.granted(&out, T);
-        assert_eq!(account.reserve(&b, 10, T), Err(Miss::Exhausted { remaining: 0 }));
+        assert_eq!(account.reserve(&b, 10, T), Err(Miss::Exhausted { remaining: 0, budget: None }));
         let policy = RateLimitPolicy { requests_per_minute: Some(10), tokens_per_minute: None };
         assert_eq!(account.admit_rate(policy, T), Ok(None), "refused for credit, not held up for a lease first");
     }
@@ -769,9 +774,9 @@ mod tests {
         assert_eq!((book.closing[0].kind, book.closing[0].used.credit), (UsageKind::Debt, 45));
         drop(book);
         let taken_in = BudgetFigures { term: 7, version: 3, durable: 2, ..figures(BudgetState::Active) };
-        open.acked("pod-1-1", Allowance { credit: 45, requests: 0, tokens: 0 }, Some(taken_in));
+        open.acked("pod-1-1", Allowance { credit: 45, requests: 0, tokens: 0 }, Some(taken_in.clone()));
         assert_eq!(open.lock().closing.len(), 1, "acknowledged, kept until a write holds it");
-        open.observed(BudgetFigures { durable: 3, ..taken_in });
+        open.observed(BudgetFigures { durable: 3, ..taken_in.clone() });
         assert!(open.lock().closing.is_empty(), "acknowledged and written: done");
     }
 
@@ -810,24 +815,24 @@ mod tests {
         let account = LeasedAccount::new("team-a/key", Book::new("pod-1"));
         let b = budget(Some(1000), false, None);
         let first = BudgetFigures { term: 1, version: 4, durable: 4, ..figures(BudgetState::Active) };
-        account.granted(&LeaseGrant { budget: first, ..grant("l-1", Mode::Lease, 100, 0) }, T);
+        account.granted(&LeaseGrant { budget: first.clone(), ..grant("l-1", Mode::Lease, 100, 0) }, T);
         assert!(account.lock().holdings_due, "the first leader heard from is told too (of nothing yet)");
-        account.holdings_taken(&[], first);
+        account.holdings_taken(&[], first.clone());
         let hold = account.reserve(&b, 10, T).unwrap();
         account.settle(hold, 10, 0, T);
         account.retire_lease();
         let reported = account.lock().closing[0].clone();
-        account.closed_acked(&reported, BudgetFigures { version: 5, ..first });
+        account.closed_acked(&reported, BudgetFigures { version: 5, ..first.clone() });
         account.granted(
-            &LeaseGrant { budget: BudgetFigures { version: 6, ..first }, ..grant("l-2", Mode::Lease, 50, 0) },
+            &LeaseGrant { budget: BudgetFigures { version: 6, ..first.clone() }, ..grant("l-2", Mode::Lease, 50, 0) },
             T,
         );
         account.reserved_remotely("r-1", 7, T + 60_000, T);
         assert!(!account.lock().holdings_due, "the same leader");
 
         // Another leader answers: it is told of the lease, the closed lease and the reservation.
-        let next = BudgetFigures { term: 2, version: 1, durable: 0, ..first };
-        account.observed(next);
+        let next = BudgetFigures { term: 2, version: 1, durable: 0, ..first.clone() };
+        account.observed(next.clone());
         assert!(account.lock().holdings_due);
         let holdings = account.holdings();
         let ids: Vec<(&str, HoldingKind, bool)> =
@@ -844,7 +849,7 @@ mod tests {
         assert_eq!(holdings.budget, "team-a/key");
 
         // l-1 was in the last leader's write: let go; the rest is kept for the new leader's.
-        account.holdings_taken(&["l-1".to_string()], BudgetFigures { version: 2, ..next });
+        account.holdings_taken(&["l-1".to_string()], BudgetFigures { version: 2, ..next.clone() });
         let book = account.lock().clone();
         assert!(!book.holdings_due && book.closing.is_empty());
         assert_eq!(book.lease.as_ref().unwrap().usage.acked_at, Some(Acked { term: 2, version: 2 }));

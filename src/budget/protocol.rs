@@ -82,16 +82,19 @@ pub struct LeaseGrant {
 }
 
 /// A budget's fleet-wide figures, for `GET /api/v1/key` and for choosing a mode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BudgetFigures {
     /// Reported spend in the current period.
     pub spent: u64,
-    /// `limit - spent`; absent without a limit.
+    /// `limit - spent` (the limit with this period's top-ups); absent without a limit.
     #[serde(default)]
     pub remaining: Option<u64>,
     /// Credit granted to leases and reservations and not yet reported.
     pub outstanding: u64,
+    /// What top-ups from the parent added to the limit this period.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub topped_up: u64,
     /// Unix seconds.
     pub period_start: u64,
     pub state: crate::api::BudgetState,
@@ -105,6 +108,39 @@ pub struct BudgetFigures {
     pub version: u64,
     #[serde(default)]
     pub durable: u64,
+    /// The budgets above it, nearest first, each with its own and its descendants' spend.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parents: Vec<ParentFigures>,
+}
+
+/// Where a budget above a key stands, for the key's `GET /api/v1/key` and its 402s.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ParentFigures {
+    /// `namespace/name`.
+    pub budget: String,
+    /// Its own spend and all of its descendants', in its period.
+    pub spent: u64,
+    #[serde(default)]
+    pub remaining: Option<u64>,
+    pub period_start: u64,
+    pub state: crate::api::BudgetState,
+}
+
+impl BudgetFigures {
+    /// The level of the chain that ran out, nearest first: what remains there and, for a budget
+    /// above the key, its `namespace/name`.
+    pub fn exhausted(&self) -> (u64, Option<&str>) {
+        let above = self.parents.iter().find(|p| p.state == crate::api::BudgetState::Exhausted);
+        match above {
+            Some(p) if self.state != crate::api::BudgetState::Exhausted => (p.remaining.unwrap_or(0), Some(&p.budget)),
+            _ => (self.remaining.unwrap_or(0), None),
+        }
+    }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What a sidecar holds of a budget, told to a leader that has just taken over: its open leases
@@ -229,8 +265,13 @@ pub struct Debt {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "reason", deny_unknown_fields)]
 pub enum Refused {
-    /// Not enough credit for the reservation.
-    InsufficientCredits { remaining: u64 },
+    /// Not enough credit for the reservation: what remains of the key's budget, or of the
+    /// budget above it named by `budget` (`namespace/name`) that ran out.
+    InsufficientCredits {
+        remaining: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        budget: Option<String>,
+    },
     /// The key's rate limit is used up in this window.
     RateLimited { limit: u64, reset: u64 },
     /// No such budget in the caller's namespace (or not one the ledger knows yet).

@@ -227,6 +227,15 @@ fn issue_keys(
         .filter(|s| selector::matches(&keys.secret_selector, s.metadata.labels.as_ref().unwrap_or(&Default::default())))
         .collect();
     matched.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    if matched.len() > super::MAX_ISSUED_KEYS {
+        let message = format!(
+            "matches {} Secrets; a template issues at most {} keys: narrow the selector, or split the keys between templates",
+            matched.len(),
+            super::MAX_ISSUED_KEYS
+        );
+        cx.fail("spec.keys.secretSelector", Problem(Reason::TooManyKeys, message));
+        return Vec::new();
+    }
     let mut issued = Vec::new();
     for secret in matched {
         let name = secret.metadata.name.as_deref().unwrap_or_default();
@@ -241,7 +250,11 @@ fn issue_keys(
             }),
         };
         if let Some(key) = cx.check("spec.keys", key) {
-            issued.push(Budget { name: format!("{}:{name}", template.name), key_hash: Some(key), ..template.clone() });
+            issued.push(Budget {
+                name: super::issued_name(&template.name, name),
+                key_hash: Some(key),
+                ..template.clone()
+            });
         }
     }
     issued

@@ -140,6 +140,21 @@ impl Budget {
     }
 }
 
+/// The most keys one `keys` template issues: the ledger keeps each one's figures in the
+/// template's status, which must stay small.
+pub const MAX_ISSUED_KEYS: usize = 100;
+
+/// The name of the key a `keys` template issues for a Secret: `<template>:<secret>`. No
+/// Kubernetes name has a colon, so it is never an ApiKeyBudget's.
+pub fn issued_name(template: &str, secret: &str) -> String {
+    format!("{template}:{secret}")
+}
+
+/// The template and Secret of an issued key's name ([`issued_name`]); `None` for any other.
+pub fn issued_by(name: &str) -> Option<(&str, &str)> {
+    name.split_once(':')
+}
+
 /// `spec.topUp`, in micro-units.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -475,6 +490,8 @@ pub enum Reason {
     ParentCycle,
     /// A budget's chain of parents is longer than three budgets.
     ParentTooDeep,
+    /// A `keys` template matches more Secrets than it may issue keys for.
+    TooManyKeys,
 }
 
 impl Reason {
@@ -489,6 +506,7 @@ impl Reason {
             Reason::ParentNotFound => "ParentNotFound",
             Reason::ParentCycle => "ParentCycle",
             Reason::ParentTooDeep => "ParentTooDeep",
+            Reason::TooManyKeys => "TooManyKeys",
         }
     }
 }

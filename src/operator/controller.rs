@@ -352,7 +352,7 @@ async fn sync_ledger(
     stale.extend(dropped);
     stale.sort();
     stale.dedup();
-    let store = super::ledger::KubeStatusStore(ctx.client.clone());
+    let store = super::ledger::KubeStatusStore::new(ctx.client.clone(), "controller");
     for name in stale {
         super::ledger::retire(&store, ns, &name, reason, message)
             .await

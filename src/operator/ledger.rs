@@ -19,23 +19,29 @@ use axum::routing::post;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use kube::runtime::events::EventType;
+
+use super::events::Events;
 use super::inject::TOKEN_AUDIENCE;
 use super::leader::Leadership;
 use super::metrics::OperatorMetrics;
 use crate::api::units::{format_micros, parse_micros};
-use crate::api::{ApiKeyBudgetStatus, LEDGER_CONDITION, LedgerLease, LedgerWrite};
-use crate::budget::fleet::{FleetLedger, Lease, Persist, Persisted, Terms};
+use crate::api::{
+    ApiKeyBudgetStatus, IssuedKey, LEDGER_CONDITION, LedgerBook, LedgerLease, LedgerWrite, SpendInPeriod,
+};
+use crate::budget::fleet::{FleetLedger, Lease, PeriodSpend, Persist, Persisted, Taken, Terms, TopUp, written_with};
 use crate::budget::period::{parse_rfc3339, rfc3339};
 use crate::budget::protocol::{
     Allowance, BudgetFigures, Debt, Holdings, LeaseRequest, Refused, Report, ReserveRequest, Settle,
 };
-use crate::config::Budget;
+use crate::config::{Budget, issued_by};
 
 /// The field manager of the ledger's status fields (the reconciler owns the conditions).
 pub const FIELD_MANAGER: &str = "sideyard-ledger";
@@ -90,6 +96,14 @@ pub trait StatusStore: Send + Sync + 'static {
         namespace: &'a str,
         name: &'a str,
         status: ApiKeyBudgetStatus,
+    ) -> BoxFuture<'a, Result<(), String>>;
+    /// Tells the budget's users what the ledger did to it (an Event in a cluster).
+    fn tell<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+        reason: &'a str,
+        note: String,
     ) -> BoxFuture<'a, Result<(), String>>;
 }
 
@@ -159,10 +173,16 @@ pub const LEADER_HEADER: &str = "x-sideyard-ledger-leader";
 
 fn refusal(refused: Refused) -> LedgerError {
     let (status, code, message) = match &refused {
-        Refused::InsufficientCredits { remaining } => (
+        Refused::InsufficientCredits { remaining, budget } => (
             StatusCode::PAYMENT_REQUIRED,
             "insufficient_credits",
-            format!("not enough credit: {} remain unleased", format_micros(*remaining)),
+            match budget {
+                None => format!("not enough credit: {} remain unleased", format_micros(*remaining)),
+                Some(budget) => format!(
+                    "not enough credit in {budget}, a budget above this key's: {} remain unleased",
+                    format_micros(*remaining)
+                ),
+            },
         ),
         Refused::RateLimited { limit, reset } => (
             StatusCode::TOO_MANY_REQUESTS,
@@ -219,18 +239,28 @@ impl FleetService {
             budgets.iter().map(|b| b.id()).filter(|id| fleet.figures(id, now).is_some()).collect()
         };
         let mut entries = Vec::with_capacity(budgets.len());
+        // Keys a template issued are kept in its status: read once for all of them.
+        let mut loaded: HashMap<&str, Option<ApiKeyBudgetStatus>> = HashMap::new();
         for budget in budgets {
             let id = budget.id();
             let persisted = if known.contains(&id) {
                 None
             } else {
-                let status = self.store.load(&budget.namespace, &budget.name).await?;
-                Some(persisted_of(status.as_ref()))
+                let owner = issued_by(&budget.name).map_or(budget.name.as_str(), |(template, _)| template);
+                if !loaded.contains_key(owner) {
+                    loaded.insert(owner, self.store.load(&budget.namespace, owner).await?);
+                }
+                Some(persisted_of(loaded.get(owner).and_then(Option::as_ref), &budget.name))
             };
             entries.push((id, Terms::from(budget), persisted));
         }
         let dropped = lock(&self.fleet).set_namespace(namespace, entries, now);
-        Ok(dropped.into_iter().filter_map(|id| id.split_once('/').map(|(_, name)| name.to_string())).collect())
+        // An issued key has no status of its own to retire.
+        Ok(dropped
+            .into_iter()
+            .filter_map(|id| id.split_once('/').map(|(_, name)| name.to_string()))
+            .filter(|name| issued_by(name).is_none())
+            .collect())
     }
 
     /// Writes changed budgets to their status, at most once per `FLUSH_INTERVAL` (1 s), and tells
@@ -245,27 +275,46 @@ impl FleetService {
             }
             let started = Instant::now();
             let now = now_ms();
-            let (number, dirty) = {
+            let (number, dirty, top_ups) = {
                 let mut fleet = lock(&self.fleet);
                 fleet.sweep(now);
-                (self.flushes_started.fetch_add(1, Ordering::SeqCst) + 1, fleet.take_dirty(now))
+                (self.flushes_started.fetch_add(1, Ordering::SeqCst) + 1, fleet.take_dirty(now), fleet.take_top_ups())
             };
             let mut failed = HashSet::new();
-            for (id, persisted, figures) in dirty {
-                let Some((namespace, name)) = id.split_once('/') else { continue };
-                let status = status_of(&persisted, &figures, self.condition(&figures));
+            // One write per status: a budget's own, or a template's with every key it issued.
+            let mut statuses: Vec<(String, Vec<Taken>)> = Vec::new();
+            for book in dirty {
+                let owner = written_with(&book.0).to_string();
+                match statuses.last_mut() {
+                    Some((last, books)) if *last == owner => books.push(book),
+                    _ => statuses.push((owner, vec![book])),
+                }
+            }
+            for (owner, books) in &statuses {
+                let Some((namespace, name)) = owner.split_once('/') else { continue };
+                let outstanding = books.iter().map(|(_, _, f)| f.outstanding).fold(0, u64::saturating_add);
+                let status = status_of(books, self.condition(outstanding));
                 match self.store.save(namespace, name, status).await {
                     Ok(()) => {
                         self.metrics.status_writes.inc();
-                        lock(&self.fleet).confirm(&id, &persisted);
+                        let mut fleet = lock(&self.fleet);
+                        for (id, persisted, _) in books {
+                            fleet.confirm(id, persisted);
+                        }
                     }
                     Err(e) => {
-                        tracing::warn!(budget = %id, error = %e, "cannot write the budget's ledger status; grants wait for it");
+                        tracing::warn!(budget = %owner, error = %e, "cannot write the budget's ledger status; grants wait for it");
                         self.metrics.ledger_persist_failures.inc();
-                        lock(&self.fleet).mark_dirty(&id);
-                        failed.insert(id);
+                        let mut fleet = lock(&self.fleet);
+                        for (id, _, _) in books {
+                            fleet.mark_dirty(id);
+                            failed.insert(id.clone());
+                        }
                     }
                 }
+            }
+            for top_up in top_ups {
+                self.tell_top_up(&top_up).await;
             }
             self.flushed.send_replace(Flushed { number, failed });
             // At most a write a second per budget, but for a new sidecar's first calls.
@@ -276,8 +325,25 @@ impl FleetService {
         }
     }
 
+    /// Logs, counts and tells (as an Event on the budget) a top-up of its limit.
+    async fn tell_top_up(&self, top_up: &TopUp) {
+        let (added, this_period) = (format_micros(top_up.added), format_micros(top_up.this_period));
+        tracing::info!(budget = %top_up.budget, %added, %this_period, "budget topped up from its parent");
+        self.metrics.top_ups.inc();
+        let Some((namespace, name)) = top_up.budget.split_once('/') else { return };
+        // A key a template issued is told of on the template, naming its Secret.
+        let (object, key) = match issued_by(name) {
+            Some((template, secret)) => (template, format!("the key of Secret {secret:?}")),
+            None => (name, "the key".to_string()),
+        };
+        let note = format!("{key} was topped up by {added} from its parent's credit ({this_period} this period)");
+        if let Err(e) = self.store.tell(namespace, object, "ToppedUp", note).await {
+            tracing::warn!(budget = %top_up.budget, error = %e, "cannot post the top-up's Event");
+        }
+    }
+
     /// The `Ledger` condition of a budget this replica's ledger keeps.
-    fn condition(&self, figures: &BudgetFigures) -> Condition {
+    fn condition(&self, outstanding: u64) -> Condition {
         Condition {
             type_: LEDGER_CONDITION.into(),
             status: "True".into(),
@@ -285,7 +351,7 @@ impl FleetService {
             message: format!(
                 "kept by the ledger of operator replica {}; {} outstanding in leases and reservations",
                 self.term,
-                format_micros(figures.outstanding)
+                format_micros(outstanding)
             ),
             last_transition_time: self.since.clone(),
             observed_generation: None,
@@ -546,11 +612,25 @@ async fn holdings(State(service): State<Arc<FleetService>>, headers: HeaderMap, 
     .await
 }
 
-/// The ledger's fields of a budget's status.
-pub fn status_of(persisted: &Persisted, figures: &BudgetFigures, condition: Condition) -> ApiKeyBudgetStatus {
-    ApiKeyBudgetStatus {
-        conditions: vec![condition],
-        spent: Some(format_micros(persisted.spent)),
+/// The ledger's fields of a budget's status. `books` are what one status holds: a budget's own
+/// book, or the books of the keys a template issued (`namespace/template:secret`).
+pub fn status_of(books: &[Taken], condition: Condition) -> ApiKeyBudgetStatus {
+    let mut status = ApiKeyBudgetStatus { conditions: vec![condition], ..ApiKeyBudgetStatus::default() };
+    for (id, persisted, figures) in books {
+        let book = book_of(persisted, figures);
+        match id.split_once('/').and_then(|(_, name)| issued_by(name)) {
+            Some((_, secret)) => status.keys.push(IssuedKey { secret: secret.to_string(), ledger: book }),
+            None => status.ledger = book,
+        }
+    }
+    status
+}
+
+/// What the status keeps of one book.
+fn book_of(persisted: &Persisted, figures: &BudgetFigures) -> LedgerBook {
+    LedgerBook {
+        spent: Some(format_micros(figures.spent)),
+        own_spent: (figures.spent != persisted.spent).then(|| format_micros(persisted.spent)),
         remaining: figures.remaining.map(format_micros),
         period_start: Some(rfc3339(persisted.period_start)),
         state: Some(figures.state),
@@ -575,7 +655,12 @@ pub fn status_of(persisted: &Persisted, figures: &BudgetFigures, condition: Cond
         pledged: Some(format_micros(persisted.pledged)),
         holders: persisted.holders.clone(),
         ledger_writes: persisted.writes.iter().map(|&(term, version)| LedgerWrite { term, version }).collect(),
-        ..ApiKeyBudgetStatus::default()
+        spent_in: persisted
+            .spent_in
+            .iter()
+            .map(|s| SpendInPeriod { period: s.period, start: rfc3339(s.start), spent: format_micros(s.spent) })
+            .collect(),
+        topped_up: (persisted.topped_up > 0).then(|| format_micros(persisted.topped_up)),
     }
 }
 
@@ -608,12 +693,18 @@ pub async fn retire(
     store.save(namespace, name, status).await
 }
 
-/// What a new leader goes on from: a stored status read back. Figures it cannot read count as
-/// nothing spent and no lease, with a warning (they were written by this code).
-pub fn persisted_of(status: Option<&ApiKeyBudgetStatus>) -> Persisted {
-    let Some(status) = status else { return Persisted::default() };
+/// What a new leader goes on from: the book of budget `name` (a key a template issued included)
+/// in a stored status read back. Figures it cannot read count as nothing spent and no lease (they
+/// were written by this code).
+pub fn persisted_of(status: Option<&ApiKeyBudgetStatus>, name: &str) -> Persisted {
+    let book = match (status, issued_by(name)) {
+        (None, _) => None,
+        (Some(status), None) => Some(&status.ledger),
+        (Some(status), Some((_, secret))) => status.keys.iter().find(|k| k.secret == secret).map(|k| &k.ledger),
+    };
+    let Some(book) = book else { return Persisted::default() };
     let micros = |s: &Option<String>| s.as_deref().and_then(|s| parse_micros(s).ok()).unwrap_or(0);
-    let leases = status
+    let leases = book
         .leases
         .iter()
         .map(|l| Lease {
@@ -634,14 +725,27 @@ pub fn persisted_of(status: Option<&ApiKeyBudgetStatus>) -> Persisted {
             done: l.done,
         })
         .collect();
-    let period_start = status.period_start.as_deref().and_then(parse_rfc3339).unwrap_or(0);
+    let period_start = book.period_start.as_deref().and_then(parse_rfc3339).unwrap_or(0);
     Persisted {
-        spent: micros(&status.spent),
+        // `spent` counts the budgets below too; its own is apart when they differ.
+        spent: micros(if book.own_spent.is_some() { &book.own_spent } else { &book.spent }),
         period_start,
+        spent_in: book
+            .spent_in
+            .iter()
+            .filter_map(|s| {
+                Some(PeriodSpend {
+                    period: s.period,
+                    start: parse_rfc3339(&s.start)?,
+                    spent: parse_micros(&s.spent).ok()?,
+                })
+            })
+            .collect(),
+        topped_up: micros(&book.topped_up),
         leases,
-        pledged: micros(&status.pledged),
-        holders: status.holders.clone(),
-        writes: status.ledger_writes.iter().map(|w| (w.term, w.version)).collect(),
+        pledged: micros(&book.pledged),
+        holders: book.holders.clone(),
+        writes: book.ledger_writes.iter().map(|w| (w.term, w.version)).collect(),
     }
 }
 
@@ -676,8 +780,18 @@ impl Reviewer for KubeReviewer {
 }
 
 /// The cluster's status store: `ApiKeyBudget.status`, written by server-side apply with the
-/// ledger's own field manager.
-pub struct KubeStatusStore(pub kube::Client);
+/// ledger's own field manager; what it tells, as Events.
+pub struct KubeStatusStore {
+    client: kube::Client,
+    events: Events,
+}
+
+impl KubeStatusStore {
+    /// `instance`: the replica, as its Events name it.
+    pub fn new(client: kube::Client, instance: impl Into<String>) -> Self {
+        KubeStatusStore { events: Events::new(client.clone(), FIELD_MANAGER, instance), client }
+    }
+}
 
 impl StatusStore for KubeStatusStore {
     fn load<'a>(
@@ -686,7 +800,7 @@ impl StatusStore for KubeStatusStore {
         name: &'a str,
     ) -> BoxFuture<'a, Result<Option<ApiKeyBudgetStatus>, String>> {
         Box::pin(async move {
-            let api = kube::Api::<crate::api::ApiKeyBudget>::namespaced(self.0.clone(), namespace);
+            let api = kube::Api::<crate::api::ApiKeyBudget>::namespaced(self.client.clone(), namespace);
             match api.get_status(name).await {
                 Ok(budget) => Ok(budget.status),
                 Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
@@ -702,7 +816,7 @@ impl StatusStore for KubeStatusStore {
         status: ApiKeyBudgetStatus,
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            let api = kube::Api::<crate::api::ApiKeyBudget>::namespaced(self.0.clone(), namespace);
+            let api = kube::Api::<crate::api::ApiKeyBudget>::namespaced(self.client.clone(), namespace);
             let patch = serde_json::json!({
                 "apiVersion": crate::api::API_VERSION,
                 "kind": "ApiKeyBudget",
@@ -713,6 +827,25 @@ impl StatusStore for KubeStatusStore {
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string())
+        })
+    }
+
+    fn tell<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+        reason: &'a str,
+        note: String,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let regarding = ObjectReference {
+                api_version: Some(crate::api::API_VERSION.into()),
+                kind: Some("ApiKeyBudget".into()),
+                namespace: Some(namespace.into()),
+                name: Some(name.into()),
+                ..ObjectReference::default()
+            };
+            self.events.publish(&regarding, EventType::Normal, reason, &note).await.map_err(|e| e.to_string())
         })
     }
 }

@@ -27,6 +27,8 @@ pub struct OperatorMetrics {
     pub config_writes: Counter,
     pub config_deletes: Counter,
     pub status_writes: Counter,
+    /// Keys' limits raised from their parents' credit.
+    pub top_ups: Counter,
     pub events_posted: Counter,
     pub events_failed: Counter,
     pub leader: Gauge,
@@ -153,6 +155,11 @@ impl OperatorMetrics {
             ("sideyard_operator_config_writes_total", "Compiled configurations applied.", &self.config_writes),
             ("sideyard_operator_config_deletes_total", "Configuration Secrets deleted.", &self.config_deletes),
             ("sideyard_operator_status_writes_total", "Status patches applied.", &self.status_writes),
+            (
+                "sideyard_operator_budget_top_ups_total",
+                "Keys' limits raised from their parents' credit.",
+                &self.top_ups,
+            ),
             ("sideyard_operator_events_total", "Events posted.", &self.events_posted),
             ("sideyard_operator_event_failures_total", "Events the API server refused.", &self.events_failed),
         ];

@@ -289,7 +289,7 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
                 format!("{identity}-{}", ledger::now_ms()),
                 leadership.clone(),
                 Arc::new(KubeReviewer(client.clone())),
-                Arc::new(KubeStatusStore(client.clone())),
+                Arc::new(KubeStatusStore::new(client.clone(), identity.clone())),
                 metrics.clone(),
                 leader_url,
             );

@@ -96,11 +96,12 @@ impl ServedBudget {
         match &self.meter {
             Meter::Embedded { ledger, levels } => Some(embedded_standing(&self.terms, &levels[0], ledger.now())),
             Meter::Fleet { account, .. } => {
-                let figures: BudgetFigures = account.leased.lock().figures?;
+                let leased = account.leased.lock();
+                let figures: &BudgetFigures = leased.figures.as_ref()?;
                 Some(Standing {
                     spent: figures.spent,
                     remaining: figures.remaining,
-                    topped_up: 0,
+                    topped_up: figures.topped_up,
                     state: figures.state,
                     period_start: figures.period_start,
                     windows: None,
@@ -116,7 +117,27 @@ impl ServedBudget {
                 let now = ledger.now();
                 self.parents.iter().zip(levels.iter().skip(1)).map(|(b, l)| (b, embedded_standing(b, l, now))).collect()
             }
-            Meter::Fleet { .. } => Vec::new(),
+            // As of the ledger's last answer, by the parents' names in it.
+            Meter::Fleet { account, .. } => {
+                let leased = account.leased.lock();
+                let above = leased.figures.as_ref().map_or(&[][..], |f| f.parents.as_slice());
+                self.parents
+                    .iter()
+                    .filter_map(|b| {
+                        let id = b.id();
+                        let f = above.iter().find(|p| p.budget == id)?;
+                        let standing = Standing {
+                            spent: f.spent,
+                            remaining: f.remaining,
+                            topped_up: 0,
+                            state: f.state,
+                            period_start: f.period_start,
+                            windows: None,
+                        };
+                        Some((b, standing))
+                    })
+                    .collect()
+            }
         }
     }
 }
@@ -236,7 +257,11 @@ pub async fn reserve<'a>(
             };
             match held {
                 Ok(h) => Ok(Hold::Fleet(h)),
-                Err(fleet::Refusal::Insufficient { remaining }) => Err(insufficient(remaining, 0)),
+                Err(fleet::Refusal::Insufficient { remaining, budget: above }) => {
+                    let level =
+                        above.and_then(|id| budget.parents.iter().position(|p| p.id() == id)).map_or(0, |p| p + 1);
+                    Err(insufficient(remaining, level))
+                }
                 Err(fleet::Refusal::RateLimited(status)) => {
                     budget.counters().rate_limited.inc();
                     Err(ProxyError::RateLimited { status })

@@ -5,7 +5,7 @@ use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::billing::{Meter, ServedBudget};
+use super::billing::{Meter, ServedBudget, Standing};
 use super::calls::endpoint::Api;
 use super::cluster::fleet::{BILLED, Fleet};
 use super::cluster::ledger_client::{CALLS, RESULTS};
@@ -259,7 +259,18 @@ fn render_budgets(shared: &Shared, out: &mut String) {
     }
     let mut budgets: Vec<_> = snapshot.budgets().collect();
     budgets.sort_by(|a, b| a.id.cmp(&b.id));
-    let standings: Vec<_> = budgets.iter().map(|b| (b, b.standing())).collect();
+    // Every level: the served keys' budgets, then the budgets above them that no key of this
+    // pod's is (a team's figures, as its keys see them), each once.
+    let mut standings: Vec<(String, Option<Standing>, bool)> =
+        budgets.iter().map(|b| (b.id.clone(), b.standing(), b.terms.top_up.is_some())).collect();
+    let mut above: std::collections::BTreeMap<String, Standing> = std::collections::BTreeMap::new();
+    for b in &budgets {
+        for (terms, standing) in b.parent_standings() {
+            above.entry(terms.id()).or_insert(standing);
+        }
+    }
+    above.retain(|id, _| !budgets.iter().any(|b| &b.id == id));
+    standings.extend(above.into_iter().map(|(id, s)| (id, Some(s), false)));
     let h = header;
     h(
         out,
@@ -267,31 +278,30 @@ fn render_budgets(shared: &Shared, out: &mut String) {
         "gauge",
         "Credits spent in the current period (in a cluster: fleet-wide, as of the ledger's last answer).",
     );
-    for (b, standing) in &standings {
+    for (id, standing, _) in &standings {
         if let Some(s) = standing {
-            let _ = writeln!(out, "sideyard_budget_spent{{budget=\"{}\"}} {}", b.id, format_micros(s.spent));
+            let _ = writeln!(out, "sideyard_budget_spent{{budget=\"{id}\"}} {}", format_micros(s.spent));
         }
     }
     h(out, "sideyard_budget_remaining", "gauge", "Credits left in the current period (budgets with a limit).");
-    for (b, standing) in &standings {
+    for (id, standing, _) in &standings {
         if let Some(left) = standing.as_ref().and_then(|s| s.remaining) {
-            let _ = writeln!(out, "sideyard_budget_remaining{{budget=\"{}\"}} {}", b.id, format_micros(left));
+            let _ = writeln!(out, "sideyard_budget_remaining{{budget=\"{id}\"}} {}", format_micros(left));
         }
     }
     h(out, "sideyard_budget_topped_up", "gauge", "Credits added to the limit this period by top-ups from the parent.");
-    for (b, standing) in &standings {
-        if let Some(s) = standing.as_ref().filter(|_| b.terms.top_up.is_some()) {
-            let _ = writeln!(out, "sideyard_budget_topped_up{{budget=\"{}\"}} {}", b.id, format_micros(s.topped_up));
+    for (id, standing, top_up) in &standings {
+        if let Some(s) = standing.as_ref().filter(|_| *top_up) {
+            let _ = writeln!(out, "sideyard_budget_topped_up{{budget=\"{id}\"}} {}", format_micros(s.topped_up));
         }
     }
     h(out, "sideyard_budget_state", "gauge", "1 for the budget's state: Active, Low or Exhausted.");
-    for (b, standing) in &standings {
+    for (id, standing, _) in &standings {
         let Some(standing) = standing else { continue };
         for s in [BudgetState::Active, BudgetState::Low, BudgetState::Exhausted] {
             let _ = writeln!(
                 out,
-                "sideyard_budget_state{{budget=\"{}\",state=\"{}\"}} {}",
-                b.id,
+                "sideyard_budget_state{{budget=\"{id}\",state=\"{}\"}} {}",
                 s.as_str(),
                 u8::from(s == standing.state)
             );

@@ -334,7 +334,7 @@ impl Fleet {
             match miss {
                 // The lease could not cover it: the ledger may still, from what no lease holds.
                 Miss::Lease | Miss::PerRequest => self.reserve_remotely(account, budget, amount).await,
-                Miss::Exhausted { remaining } => Err(Refusal::Insufficient { remaining }),
+                Miss::Exhausted { remaining, budget } => Err(Refusal::Insufficient { remaining, budget }),
                 Miss::Unavailable => Err(Refusal::Unavailable(self.unavailable_reason(account))),
             }
         })
@@ -364,8 +364,8 @@ impl Fleet {
                 account.billed[1].inc();
                 Ok(Hold::Remote { account: account.clone(), id: Some(reserved.reservation_id) })
             }
-            Err(CallError::Refused(Refused::InsufficientCredits { remaining })) => {
-                Err(Refusal::Insufficient { remaining })
+            Err(CallError::Refused(Refused::InsufficientCredits { remaining, budget })) => {
+                Err(Refusal::Insufficient { remaining, budget })
             }
             Err(CallError::Refused(Refused::RateLimited { limit, reset })) => {
                 Err(Refusal::RateLimited(RateStatus { limit, remaining: 0, reset }))
@@ -468,7 +468,7 @@ impl Fleet {
                 // Only the lease renewed took `used` in; a lease the ledger no longer had is
                 // reported on its own (and owed as a debt if it is gone for good).
                 if let Some(id) = lease_id.as_deref().filter(|_| !fresh) {
-                    account.leased.acked(id, used, Some(grant.budget));
+                    account.leased.acked(id, used, Some(grant.budget.clone()));
                 }
                 if !grant.lease_id.is_empty() {
                     if fresh {
@@ -848,8 +848,11 @@ enum Need {
 /// Why a request could not hold credit.
 #[derive(Debug)]
 pub enum Refusal {
+    /// Not enough credit in the key's budget, or in the one above it named `budget`
+    /// (`namespace/name`).
     Insufficient {
         remaining: u64,
+        budget: Option<String>,
     },
     RateLimited(RateStatus),
     /// The ledger is unreachable and the key fails closed: why.
@@ -940,6 +943,8 @@ mod tests {
                 term: 0,
                 version: 0,
                 durable: 0,
+                topped_up: 0,
+                parents: Vec::new(),
             },
         };
         account.leased.granted(&grant, now_ms());

@@ -314,7 +314,7 @@ mod tests {
         let refusal = br#"{"error":{"message":"m","code":"insufficient_credits","refusal":{"reason":"insufficientCredits","remaining":5}}}"#;
         assert!(matches!(
             error_of(StatusCode::PAYMENT_REQUIRED, refusal),
-            CallError::Refused(Refused::InsufficientCredits { remaining: 5 })
+            CallError::Refused(Refused::InsufficientCredits { remaining: 5, budget: None })
         ));
         let forbidden = br#"{"error":{"message":"another namespace","code":"forbidden"}}"#;
         assert!(matches!(
