@@ -29,7 +29,7 @@ use super::protocol::{
     ParentFigures, Refused, Report, Reserved,
 };
 use crate::api::{BudgetState, Period};
-use crate::config::{Budget, MAX_BUDGET_CHAIN, RateLimitPolicy, TopUpPolicy, issued_by};
+use crate::config::{Budget, MAX_BUDGET_CHAIN, RateLimitPolicy, TopUpPolicy, status_owner};
 
 /// How long a lease lasts when the budget has plenty left; it shrinks with the balance.
 pub const LEASE_LIFETIME_MS: u64 = 30_000;
@@ -881,7 +881,6 @@ impl FleetLedger {
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(book) = self.books.get_mut(&id) {
-                book.dirty = false;
                 book.roll(now_ms);
                 book.dirty = false;
                 book.recover(now_ms);
@@ -984,14 +983,12 @@ fn minute(now_ms: u64) -> u64 {
     now_ms / 60_000
 }
 
-/// The book whose status a budget's book is written in: a key issued by a template is written
-/// in the template's (`namespace/template`), with its siblings; any other budget in its own.
+/// The `namespace/name` of the status a budget's book is written in ([`status_owner`]): a key
+/// issued by a template in the template's, with its siblings; any other budget in its own.
 pub fn written_with(id: &str) -> &str {
-    let (namespace, name) = id.split_once('/').unwrap_or(("", id));
-    match issued_by(name) {
-        Some((template, _)) => &id[..namespace.len() + 1 + template.len()],
-        None => id,
-    }
+    let name = id.split_once('/').map_or(id, |(_, name)| name);
+    // The owner's name is a prefix of the budget's.
+    &id[..id.len() - name.len() + status_owner(name).len()]
 }
 
 /// Where one level of a budget's chain stands: its own book and every book below it.
@@ -1688,6 +1685,7 @@ mod tests {
         let written: Vec<String> = l.take_dirty(T).into_iter().map(|(id, _, _)| id).collect();
         assert_eq!(written, ["ns/tpl:one", "ns/tpl:two"]);
         assert_eq!(written_with("ns/tpl:two"), "ns/tpl");
+        assert_eq!(written_with("ns/other"), "ns/other", "any other budget in its own");
     }
 
     mod properties {

@@ -247,8 +247,10 @@ impl LeasedAccount {
         book.largest_reservation = book.largest_reservation.max(amount);
         match book.mode {
             Some(Mode::Exhausted) if book.unreachable_since.is_none() => {
-                let (remaining, budget) =
-                    book.figures.as_ref().map_or((0, None), |f| (f.exhausted().0, f.exhausted().1.map(str::to_string)));
+                let (remaining, budget) = book.figures.as_ref().map_or((0, None), |f| {
+                    let (remaining, above) = f.exhausted();
+                    (remaining, above.map(str::to_string))
+                });
                 return Err(Miss::Exhausted { remaining, budget });
             }
             Some(Mode::PerRequest) if book.unreachable_since.is_none() => return Err(Miss::PerRequest),

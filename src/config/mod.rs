@@ -155,6 +155,12 @@ pub fn issued_by(name: &str) -> Option<(&str, &str)> {
     name.split_once(':')
 }
 
+/// The ApiKeyBudget whose status holds a budget's ledger figures: an issued key's template, any
+/// other budget itself.
+pub fn status_owner(name: &str) -> &str {
+    issued_by(name).map_or(name, |(template, _)| template)
+}
+
 /// `spec.topUp`, in micro-units.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -28,8 +28,8 @@ use super::leader::Leadership;
 use super::metrics::{OperatorMetrics, ReconcileOutcome};
 use super::plan::{CONFIG_GROUP_LABEL, CONFIG_SECRET, ConfigAction, Inputs, Plan, Published, plan};
 use crate::api::{ApiKeyBudget, ApiKeyBudgetStatus, ProviderRoute, ProviderRouteStatus};
-use crate::config::LedgerEndpoint;
 use crate::config::selector::Labels;
+use crate::config::{LedgerEndpoint, status_owner};
 
 /// The field manager of every write: server-side apply tracks the fields the operator owns under
 /// it, so fields it stops setting are removed and nobody else's are touched.
@@ -343,7 +343,8 @@ async fn sync_ledger(
              figures here are the last the fleet's ledger wrote",
         ),
     };
-    let kept = |name: &str| ctx.ledger.is_some() && compiled.iter().any(|b| b.name == name);
+    // A template's status holds the books of the keys it issued: kept while any of them is.
+    let kept = |name: &str| ctx.ledger.is_some() && compiled.iter().any(|b| status_owner(&b.name) == name);
     let says_kept = |b: &ApiKeyBudget| b.status.as_ref().is_some_and(ApiKeyBudgetStatus::kept_by_ledger);
     // What the ledger just dropped, and what the informer's copy (not our own writes', which
     // leave the ledger's condition out) still says is kept.

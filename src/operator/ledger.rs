@@ -41,7 +41,7 @@ use crate::budget::period::{parse_rfc3339, rfc3339};
 use crate::budget::protocol::{
     Allowance, BudgetFigures, Debt, Holdings, LeaseRequest, Refused, Report, ReserveRequest, Settle,
 };
-use crate::config::{Budget, issued_by};
+use crate::config::{Budget, issued_by, status_owner};
 
 /// The field manager of the ledger's status fields (the reconciler owns the conditions).
 pub const FIELD_MANAGER: &str = "sideyard-ledger";
@@ -246,7 +246,7 @@ impl FleetService {
             let persisted = if known.contains(&id) {
                 None
             } else {
-                let owner = issued_by(&budget.name).map_or(budget.name.as_str(), |(template, _)| template);
+                let owner = status_owner(&budget.name);
                 if !loaded.contains_key(owner) {
                     loaded.insert(owner, self.store.load(&budget.namespace, owner).await?);
                 }
