@@ -273,10 +273,12 @@ pub struct LedgerBook {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Atomic)]
     pub ledger_writes: Vec<LedgerWrite>,
-    /// A budget with budgets below it: what its own key spent of `spent`, as a decimal string.
+    /// A budget with budgets below it: the part of `spent` no budget below it holds (what its own
+    /// key spent, and what budgets removed from below it spent this period), as a decimal string.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub own_spent: Option<String>,
-    /// Its own key's spend in the periods of the budgets above it that differ from its own.
+    /// Its own part of the spend (`ownSpent`) in the periods of the budgets above it that differ
+    /// from its own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Atomic)]
     pub spent_in: Vec<SpendInPeriod>,

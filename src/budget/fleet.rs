@@ -225,6 +225,14 @@ struct Closed {
     closed_at: u64,
 }
 
+/// A removed budget's spend, kept by `heir` (see [`FleetLedger::remove`]): in the heir's period
+/// and each period it keeps for the budgets above it.
+#[derive(Clone, Debug)]
+struct Left {
+    heir: String,
+    spend: Vec<PeriodSpend>,
+}
+
 /// What persisting a budget's book keeps: enough for a new leader to go on where this one
 /// stopped, without losing reported spend or granting credit twice.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -257,6 +265,9 @@ pub struct FleetLedger {
     books: HashMap<String, Book>,
     /// The budgets right below each budget that has any, by id.
     children: HashMap<String, Vec<String>>,
+    /// What each removed budget spent this period, left with the nearest budget above it that
+    /// stayed, by the removed budget's id: given back if it returns with its stored spend.
+    left: HashMap<String, Left>,
     /// Top-ups since they were last taken.
     top_ups: Vec<TopUp>,
     /// Makes lease ids unique across leaders: the leader's identity and start.
@@ -277,6 +288,7 @@ impl FleetLedger {
         FleetLedger {
             books: HashMap::new(),
             children: HashMap::new(),
+            left: HashMap::new(),
             top_ups: Vec::new(),
             id_prefix,
             term,
@@ -297,7 +309,7 @@ impl FleetLedger {
             seen.insert(id.clone());
             self.upsert(id, terms, persisted, now_ms);
         }
-        self.books.retain(|id, _| seen.contains(id));
+        self.remove(|id| seen.contains(id), now_ms);
         self.relink(now_ms);
     }
 
@@ -315,16 +327,37 @@ impl FleetLedger {
             seen.insert(id.clone());
             self.upsert(id, terms, persisted, now_ms);
         }
-        let mut dropped = Vec::new();
-        self.books.retain(|id, _| {
-            let keep = !id.starts_with(&prefix) || seen.contains(id);
-            if !keep {
-                dropped.push(id.clone());
-            }
-            keep
-        });
+        let dropped = self.remove(|id| !id.starts_with(&prefix) || seen.contains(id), now_ms);
         self.relink(now_ms);
         dropped
+    }
+
+    /// Removes the books `keep` refuses, and returns their ids. What each spent this period
+    /// stays with the nearest budget above it that is kept (in its own spend), so that deleting
+    /// a key, or revoking one a template issued, never gives its team credit back.
+    fn remove(&mut self, keep: impl Fn(&str) -> bool, now_ms: u64) -> Vec<String> {
+        // Heirs first: a removed parent's chain is needed to find its child's.
+        let gone: Vec<(String, Option<String>)> = self
+            .books
+            .keys()
+            .filter(|id| !keep(id))
+            .map(|id| (id.clone(), self.chain(id).into_iter().skip(1).find(|a| keep(a)).map(str::to_string)))
+            .collect();
+        let mut removed = Vec::with_capacity(gone.len());
+        for (id, heir) in gone {
+            let Some(book) = self.books.remove(&id) else { continue };
+            if let Some(heir) = heir
+                && let Some(heir_book) = self.books.get_mut(&heir)
+            {
+                let spend = heir_book.absorb(&book, now_ms);
+                if spend.iter().any(|s| s.spent > 0) {
+                    self.left.insert(id.clone(), Left { heir, spend });
+                }
+            }
+            removed.push(id);
+        }
+        self.left.retain(|_, left| left.spend.iter().any(|s| s.start == period_start(s.period, now_ms / 1000)));
+        removed
     }
 
     /// Indexes each budget's children, and has each book keep its spend in the periods of the
@@ -544,6 +577,12 @@ impl FleetLedger {
                     }
                 }
                 book.roll(now_ms);
+                // Back with its stored spend: what its heir kept of it is counted here again.
+                if let Some(left) = self.left.remove(&id)
+                    && let Some(heir) = self.books.get_mut(&left.heir)
+                {
+                    heir.give_back(&left.spend, &book, now_ms);
+                }
                 self.books.insert(id, book);
             }
         }
@@ -1101,6 +1140,40 @@ impl Book {
         }
     }
 
+    /// Takes `gone`'s spend as its own, in its period and in each it keeps for the budgets
+    /// above it: what it took, in each.
+    fn absorb(&mut self, gone: &Book, now_ms: u64) -> Vec<PeriodSpend> {
+        self.roll(now_ms);
+        let own = gone.spent_for(self.terms.period, now_ms);
+        self.spent = self.spent.saturating_add(own);
+        let mut taken = Vec::with_capacity(self.spent_in.len() + 1);
+        taken.push(PeriodSpend { period: self.terms.period, start: self.period_start, spent: own });
+        for spend in &mut self.spent_in {
+            let added = gone.spent_for(spend.period, now_ms);
+            spend.spent = spend.spent.saturating_add(added);
+            taken.push(PeriodSpend { spent: added, ..*spend });
+        }
+        self.dirty = true;
+        taken
+    }
+
+    /// Gives back what it took of `back`'s spend ([`Book::absorb`]), as far as `back` holds it
+    /// again (a budget that returns with no stored spend leaves it here).
+    fn give_back(&mut self, taken: &[PeriodSpend], back: &Book, now_ms: u64) {
+        self.roll(now_ms);
+        for took in taken {
+            let given = took.spent.min(back.spent_for(took.period, now_ms));
+            if took.period == self.terms.period && took.start == self.period_start {
+                self.spent = self.spent.saturating_sub(given);
+            } else if let Some(spend) =
+                self.spent_in.iter_mut().find(|s| s.period == took.period && s.start == took.start)
+            {
+                spend.spent = spend.spent.saturating_sub(given);
+            }
+        }
+        self.dirty = true;
+    }
+
     /// Its own spend in the current `period` (its own, or that of a budget above it).
     fn spent_for(&self, period: Period, now_ms: u64) -> u64 {
         let start = period_start(period, now_ms / 1000);
@@ -1611,6 +1684,52 @@ mod tests {
         let b = l.lease("ns/b", "pod-b", &want(10), T).unwrap();
         assert_eq!(b.mode, Mode::Exhausted);
         assert_eq!(b.budget.exhausted(), (0, Some("ns/team")));
+    }
+
+    #[test]
+    fn a_key_removed_from_below_a_team_leaves_its_spend_with_the_team() {
+        let weekly = Terms { period: Period::Weekly, ..terms(Some(100), None, None) };
+        let key = Terms { period: Period::Daily, parent: Some("ns/team".into()), ..terms(Some(80), None, None) };
+        let budgets = |ids: &[&str], written: &HashMap<String, Persisted>| -> Vec<(String, Terms, Option<Persisted>)> {
+            ids.iter()
+                .map(|&id| {
+                    (
+                        id.to_string(),
+                        if id == "ns/team" { weekly.clone() } else { key.clone() },
+                        written.get(id).cloned(),
+                    )
+                })
+                .collect()
+        };
+        let none = HashMap::new();
+        let mut l = FleetLedger::new("test");
+        l.set_budgets(budgets(&["ns/team", "ns/a", "ns/b"], &none), T);
+        let r = l.reserve("ns/a", "pod-a", 50, T).unwrap();
+        l.settle("ns/a", "pod-a", &r.reservation_id, 50, 0, T).unwrap();
+        let a_written: HashMap<String, Persisted> = l.take_dirty(T).into_iter().map(|(id, p, _)| (id, p)).collect();
+
+        // Revoked: the team keeps what it spent this week, as its own.
+        assert_eq!(l.set_namespace("ns", budgets(&["ns/team", "ns/b"], &none), T), vec!["ns/a".to_string()]);
+        let tomorrow = T + 24 * 3_600_000;
+        assert_eq!(l.figures("ns/team", tomorrow).unwrap().spent, 50, "a's day is over, the team's week is not");
+        assert_eq!(
+            l.reserve("ns/b", "pod-b", 60, T),
+            Err(Refused::InsufficientCredits { remaining: 50, budget: Some("ns/team".into()) }),
+            "a key issued in a's place has no more of the team's credit than a left"
+        );
+        let written: HashMap<String, Persisted> = l.take_dirty(T).into_iter().map(|(id, p, _)| (id, p)).collect();
+        assert_eq!(written["ns/team"].spent, 50, "written as the team's own spend");
+        let mut next = FleetLedger::new("next");
+        next.set_budgets(budgets(&["ns/team", "ns/b"], &written), T);
+        assert_eq!(next.figures("ns/team", T).unwrap().spent, 50, "a new leader reads it back");
+
+        // Back with its stored spend, it is counted once; back with none, the team keeps it.
+        l.set_namespace("ns", budgets(&["ns/team", "ns/a", "ns/b"], &a_written), T);
+        assert_eq!((l.figures("ns/team", T).unwrap().spent, l.figures("ns/a", T).unwrap().spent), (50, 50));
+        l.set_namespace("ns", budgets(&["ns/team", "ns/b"], &none), T);
+        l.set_namespace("ns", budgets(&["ns/team", "ns/a", "ns/b"], &none), T);
+        assert_eq!((l.figures("ns/team", T).unwrap().spent, l.figures("ns/a", T).unwrap().spent), (50, 0));
+        assert_eq!(l.figures("ns/team", T + 7 * 24 * 3_600_000).unwrap().spent, 0, "until the team's week is over");
     }
 
     #[test]
