@@ -456,8 +456,8 @@ impl FleetLedger {
         }
     }
 
-    /// Before `budget` holds `amount` more: when that would leave less than its top-up
-    /// threshold, raises its limit for the period by whole top-up amounts, as many as bring it
+    /// Before a request of `amount` on `budget`: when its spend and the request would leave less
+    /// than its top-up threshold of its limit, raises its limit for the period by whole top-up amounts, as many as bring it
     /// back to the threshold, as the period's maximum allows and as the budgets above have
     /// unleased credit for. Spend still counts above, so a team's total never grows.
     fn top_up(&mut self, budget: &str, amount: u64, now_ms: u64) {
@@ -468,7 +468,8 @@ impl FleetLedger {
         if above.is_empty() || policy.amount == 0 {
             return;
         }
-        let committed = own.spent.saturating_add(own.outstanding).saturating_add(own.held_back).saturating_add(amount);
+        // Its credit is what it has not spent: leases out are room to spend it, not spend.
+        let committed = own.spent.saturating_add(amount);
         let floor = committed.saturating_add(policy.threshold);
         let effective = limit.saturating_add(book.topped_up);
         if effective >= floor {
@@ -1774,6 +1775,14 @@ mod tests {
         );
         let told = l.take_top_ups();
         assert_eq!(told.iter().map(|t| (t.added, t.this_period)).collect::<Vec<_>>(), [(10, 10), (10, 20)]);
+        // Leases are room to spend, not spend: idle ones take nothing from the team.
+        let mut l = team(100, None, Terms { top_up: Some(policy), ..terms(Some(10), Some(5), None) });
+        for pod in ["pod-a", "pod-b", "pod-c"] {
+            let g = l.lease("ns/a", pod, &want(10), T).unwrap();
+            let g = l.lease("ns/a", pod, &renew(&g, 0, 10), T).unwrap();
+            assert_eq!(g.budget.topped_up, 0, "{g:?}");
+        }
+        assert!(l.take_top_ups().is_empty());
         // A team of 15: b's top-up takes it to 20 and spends 10 of it; 5 left is no whole amount
         // for a's, and not enough for its request.
         let mut l = team(15, None, Terms { top_up: Some(policy), ..terms(Some(10), Some(5), None) });

@@ -162,7 +162,8 @@ pub struct Book {
     /// Debt ids are `<debt_prefix>-<n>`: unique to the sidecar's pod and start.
     pub debt_prefix: String,
     pub debts: u64,
-    /// Answers to lease requests so far.
+    /// Answers to lease requests that settled how the next request is served: a lease, or a
+    /// mode without one (not the figures alone).
     pub grants: u64,
     /// The term of the leader that last answered, and the last change of it that its write
     /// holds.
@@ -383,7 +384,11 @@ impl LeasedAccount {
         book.heard(&grant.budget);
         book.mode = Some(grant.mode);
         book.since_grant = Allowance::default();
-        book.grants += 1;
+        // An answer with no lease in state Active (the figures alone) grants nothing: a
+        // request that waited on it still asks for its own.
+        if !grant.lease_id.is_empty() || grant.mode != Mode::Lease {
+            book.grants += 1;
+        }
         if grant.lease_id.is_empty() {
             return;
         }
