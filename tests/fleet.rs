@@ -537,7 +537,8 @@ async fn a_restarted_sidecar_reports_what_its_predecessor_could_not() {
     operator.child.kill().unwrap();
     operator.wait_exit();
     for _ in 0..10 {
-        assert_eq!(chat(api, KEY).await.0, 200);
+        let (status, _, body) = chat(api, KEY).await;
+        assert_eq!(status, 200, "{body}\n{}", sidecar.log());
     }
     let saved = state.join("ledger-leases.json");
     eventually("the unreported use is saved", || async {

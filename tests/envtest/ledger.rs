@@ -12,7 +12,7 @@ use crate::common::cluster::{ledger_sidecar, replica_args};
 use crate::common::helm::NAMESPACE;
 use crate::common::{self, Process, base64_decode, metric, read, send_as, temp_dir};
 use crate::operator::{
-    apply, get, install_chart, one_operator_at_a_time, service_account_kubeconfig, start_operator, until,
+    apply, condition, get, install_chart, one_operator_at_a_time, service_account_kubeconfig, start_operator, until,
 };
 use crate::server::{ApiServer, free_port};
 use crate::{cluster_or_skip, namespace};
@@ -207,8 +207,8 @@ async fn a_pod_bound_token_spends_its_namespaces_budget_and_other_tokens_get_not
 }
 
 /// A condition's status and reason, or empty strings when it is missing.
-fn condition_of(object: &Value, type_: &str) -> (String, String) {
-    let found = object["status"]["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == type_));
+pub fn condition_of(object: &Value, type_: &str) -> (String, String) {
+    let found = condition(object, type_);
     let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
     found.map(|c| (text(&c["status"]), text(&c["reason"]))).unwrap_or_default()
 }

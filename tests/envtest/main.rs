@@ -11,6 +11,7 @@ mod ledger;
 mod operator;
 mod push;
 mod server;
+mod teams;
 mod webhook;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

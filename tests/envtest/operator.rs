@@ -84,7 +84,8 @@ where
     }
 }
 
-fn condition<'a>(object: &'a Value, type_: &str) -> Option<&'a Value> {
+/// The condition of `type_` in an object's status.
+pub fn condition<'a>(object: &'a Value, type_: &str) -> Option<&'a Value> {
     object["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_)
 }
 
