@@ -323,10 +323,18 @@ impl Fleet {
                 _ => false,
             };
             let miss = if ask {
-                self.renew(account, Need::Credit(amount)).await;
-                match self.reserve_local(account, budget, amount) {
-                    Ok(hold) => return Ok(hold),
-                    Err(miss) => miss,
+                let mut asked = self.renew(account, Need::Credit(amount)).await;
+                loop {
+                    match self.reserve_local(account, budget, amount) {
+                        Ok(hold) => return Ok(hold),
+                        // Another call's answer came first and did not cover this request (the
+                        // keeper's renewal near the limit): once more, for this request's need.
+                        Err(Miss::Lease) if !asked => {
+                            self.renew(account, Need::Credit(amount)).await;
+                            asked = true;
+                        }
+                        Err(miss) => break miss,
+                    }
                 }
             } else {
                 miss
