@@ -27,6 +27,7 @@ use tokio::sync::Semaphore;
 
 pub mod cluster;
 pub mod crd_cases;
+pub mod fleet;
 pub mod helm;
 
 /// The upper bound on any single wait in a test. It only turns a hang into a failure; nothing is
