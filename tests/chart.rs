@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::{Value, json};
-use sideyard::operator::inject::INJECT_LABEL;
+use sideyard::operator::inject::{ADMIN_PORT_NAME, INJECT_LABEL};
+use sideyard::operator::plan::CONFIG_GROUP_LABEL;
 use sideyard::operator::tls::{WEBHOOK_NAME, dns_names};
 
 use common::helm::{NAMESPACE, chart, find, helm, kinds, template, template_text, yaml_blocks};
@@ -221,6 +222,10 @@ fn cert_manager_monitoring_and_a_network_policy_render_valid_manifests() {
         "webhook.failurePolicy=Ignore",
         "metrics.serviceMonitor.enabled=true",
         "metrics.serviceMonitor.labels.release=prometheus",
+        "metrics.podMonitor.enabled=true",
+        "metrics.prometheusRule.enabled=true",
+        "metrics.dashboard.enabled=true",
+        "metrics.dashboard.namespace=monitoring",
         "networkPolicy.enabled=true",
         "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring",
         "proxy.nativeSidecar=false",
@@ -234,6 +239,7 @@ fn cert_manager_monitoring_and_a_network_policy_render_valid_manifests() {
         [
             "NetworkPolicy/sideyard-operator",
             "ServiceAccount/sideyard-operator",
+            "ConfigMap/sideyard-dashboard",
             "ClusterRole/sideyard-operator",
             "ClusterRoleBinding/sideyard-operator",
             "Service/sideyard-operator",
@@ -242,6 +248,8 @@ fn cert_manager_monitoring_and_a_network_policy_render_valid_manifests() {
             "MutatingWebhookConfiguration/sideyard",
             "Certificate/sideyard-webhook",
             "Issuer/sideyard-selfsigned",
+            "PodMonitor/sideyard-sidecars",
+            "PrometheusRule/sideyard",
             "ServiceMonitor/sideyard-operator",
         ],
         "one replica: no PodDisruptionBudget; no leader election and no managed certificate: no Role"
@@ -293,6 +301,21 @@ fn cert_manager_monitoring_and_a_network_policy_render_valid_manifests() {
         "and not the webhook's"
     );
     assert_eq!(monitor["spec"]["endpoints"][0]["port"], metrics_service["spec"]["ports"][0]["name"]);
+
+    // Every injected sidecar is scraped; the alerts are the file promtool checks, and the dashboard
+    // the file tests/observability.rs checks, where Grafana's dashboard sidecar finds it.
+    let sidecars = find(&docs, "PodMonitor", "sideyard-sidecars");
+    assert_eq!(sidecars["spec"]["selector"]["matchExpressions"][0]["key"], CONFIG_GROUP_LABEL);
+    assert_eq!(sidecars["spec"]["podMetricsEndpoints"][0]["port"], ADMIN_PORT_NAME);
+    assert_eq!(sidecars["spec"]["namespaceSelector"], json!({"any": true}));
+    let file = |name: &str| std::fs::read_to_string(chart("sideyard").join("files").join(name)).unwrap();
+    let rules: Value = serde_yaml::from_str(&file("sideyard-rules.yaml")).unwrap();
+    assert_eq!(find(&docs, "PrometheusRule", "sideyard")["spec"], rules);
+    let dashboard = find(&docs, "ConfigMap", "sideyard-dashboard");
+    assert_eq!(dashboard["metadata"]["namespace"], "monitoring");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    let shipped: Value = serde_json::from_str(dashboard["data"]["sideyard.json"].as_str().unwrap()).unwrap();
+    assert_eq!(shipped, serde_json::from_str::<Value>(&file("sideyard-dashboard.json")).unwrap());
 
     let policy = find(&docs, "NetworkPolicy", "sideyard-operator");
     assert_eq!(

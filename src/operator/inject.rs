@@ -37,6 +37,8 @@ const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-contai
 pub const CONTAINER_NAME: &str = "sideyard";
 pub const API_PORT: u16 = 7700;
 pub const ADMIN_PORT: i32 = 7701;
+/// The name of the sidecar's admin port (metrics, health), which the chart's PodMonitor scrapes.
+pub const ADMIN_PORT_NAME: &str = "sy-admin";
 const CONFIG_VOLUME: &str = "sideyard-config";
 const POD_INFO_VOLUME: &str = "sideyard-pod";
 const STATE_VOLUME: &str = "sideyard-state";
@@ -280,7 +282,7 @@ fn sidecar_container(params: &InjectParams) -> Container {
             .to_vec(),
         ),
         ports: Some(vec![ContainerPort {
-            name: Some("sy-admin".into()),
+            name: Some(ADMIN_PORT_NAME.into()),
             container_port: ADMIN_PORT,
             protocol: Some("TCP".into()),
             ..Default::default()
