@@ -14,11 +14,12 @@ import os
 import platform
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+import plots
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "sideyard")
@@ -461,8 +462,7 @@ def run(args):
     return results
 
 
-def med(values):
-    return statistics.median(values) if values else float("nan")
+med = plots.med
 
 
 def report(results, args):
@@ -476,20 +476,18 @@ def report(results, args):
         "oha": sh(["oha", "--version"]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
-    q = lambda runs, pct, key="latency": med([r[key].get(pct, float("nan")) for r in runs])
+    q = plots.quantile
     lines = []
     w = lines.append
     w("## Added latency, JSON (proxy minus direct, same rate, milliseconds)\n")
     w("| rate | proxy | p50 | p90 | p99 | p99.9 | CPU µs/request | errors |")
     w("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for rate, runs in results["rates"].items():
-        direct = runs["direct"]
-        for system in ["sidecar", "nginx"]:
-            r = runs[system]
-            added = [ms(q(r, p) - q(direct, p)) for p in ["p50", "p90", "p99", "p99.9"]]
-            cpu = med([x["cpu_us_per_request"] for x in r])
-            errors = sum(x["total"] - x["ok"] + x["errors"] for x in r)
-            w(f"| {rate}/s | {system} | " + " | ".join(f"{a:.3f}" for a in added) + f" | {cpu:.0f} | {errors} |")
+    for r in plots.figures(results):
+        w(f"| {r['rate']}/s | {r['proxy']} | " + " | ".join(f"{a:.3f}" for a in r["added_ms"])
+          + f" | {r['cpu_us']:.0f} | {r['errors']} |")
+    w("")
+    w("![The added latency of each proxy at each rate, p50 and p99](img/benchmarks-latency.svg)")
+    w("![The CPU time per request of each proxy at each rate](img/benchmarks-cpu.svg)")
     w("")
     w(f"Direct latency at each rate, for reference (p50 / p99, ms): " + "; ".join(
         f"{rate}/s: {ms(q(runs['direct'], 'p50')):.3f} / {ms(q(runs['direct'], 'p99')):.3f}" for rate, runs in results["rates"].items()))
@@ -558,6 +556,7 @@ def main():
             json.dump(results, f, indent=1)
     text = report(results, args)
     if args.report:
+        plots.write(results, os.path.join(os.path.dirname(args.report), "img"))
         with open(args.report) as f:
             doc = f.read()
         start, end = "<!-- results:start -->\n", "<!-- results:end -->"
