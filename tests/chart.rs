@@ -410,8 +410,14 @@ fn every_manifest_and_yaml_block_reads_the_same_in_yaml_1_1() {
             sources.push((file.display().to_string(), std::fs::read_to_string(&file).unwrap()));
         }
     }
-    let everything =
-        ["webhook.certManager.enabled=true", "metrics.serviceMonitor.enabled=true", "networkPolicy.enabled=true"];
+    let everything = [
+        "webhook.certManager.enabled=true",
+        "metrics.serviceMonitor.enabled=true",
+        "metrics.podMonitor.enabled=true",
+        "metrics.prometheusRule.enabled=true",
+        "metrics.dashboard.enabled=true",
+        "networkPolicy.enabled=true",
+    ];
     for (name, sets) in [("sideyard", &[][..]), ("sideyard", &everything[..]), ("sideyard-crds", &[][..])] {
         let text = template_text(name, sets).unwrap_or_else(|e| panic!("helm template {name}: {e}"));
         sources.push((format!("helm template {name} {sets:?}"), text));

@@ -49,11 +49,11 @@ fn documented_objects() -> Vec<(String, Value)> {
             std::fs::read_dir(format!("{ROOT}/{dir}")).expect("dir").map(|e| e.expect("entry").path()).collect();
         files.sort();
         for file in files {
-            let text = std::fs::read_to_string(&file).expect("read");
+            let read = || std::fs::read_to_string(&file).expect("read");
             match file.extension().and_then(|e| e.to_str()) {
-                Some("yaml") => sources.push((file.display().to_string(), text)),
+                Some("yaml") => sources.push((file.display().to_string(), read())),
                 Some("md") => {
-                    for (i, block) in yaml_blocks(&text).into_iter().enumerate() {
+                    for (i, block) in yaml_blocks(&read()).into_iter().enumerate() {
                         sources.push((format!("{} (yaml block {})", file.display(), i + 1), block));
                     }
                 }
