@@ -92,16 +92,19 @@ fn metric_names(expr: &Expr, out: &mut BTreeSet<String>) {
 }
 
 /// The series names an exposition offers: each family's, with a histogram's `_bucket`, `_sum`
-/// and `_count`.
+/// and `_count` (a summary's `_sum` and `_count`).
 fn exported(exposition: &str, into: &mut BTreeSet<String>) {
     for line in exposition.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let mut words = rest.split_whitespace();
             let (Some(name), Some(kind)) = (words.next(), words.next()) else { continue };
             into.insert(name.to_string());
-            if kind == "histogram" || kind == "summary" {
-                into.extend(["_bucket", "_sum", "_count"].map(|s| format!("{name}{s}")));
-            }
+            let suffixes: &[&str] = match kind {
+                "histogram" => &["_bucket", "_sum", "_count"],
+                "summary" => &["_sum", "_count"],
+                _ => &[],
+            };
+            into.extend(suffixes.iter().map(|s| format!("{name}{s}")));
         } else if !line.starts_with('#')
             && let Some(name) = line.split(['{', ' ']).next().filter(|n| !n.is_empty())
         {

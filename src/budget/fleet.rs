@@ -457,9 +457,10 @@ impl FleetLedger {
     }
 
     /// Before a request of `amount` on `budget`: when its spend and the request would leave less
-    /// than its top-up threshold of its limit, raises its limit for the period by whole top-up amounts, as many as bring it
-    /// back to the threshold, as the period's maximum allows and as the budgets above have
-    /// unleased credit for. Spend still counts above, so a team's total never grows.
+    /// than its top-up threshold of its limit, raises its limit for the period by whole top-up
+    /// amounts, as many as bring it back to the threshold, as the period's maximum allows and as
+    /// the budgets above have unleased credit for. Spend still counts above, so a team's total
+    /// never grows.
     fn top_up(&mut self, budget: &str, amount: u64, now_ms: u64) {
         let Some(book) = self.books.get(budget) else { return };
         let (Some(policy), Some(limit)) = (book.terms.top_up, book.terms.limit) else { return };

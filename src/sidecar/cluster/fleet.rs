@@ -560,16 +560,11 @@ impl Fleet {
             since_attempt >= RETRY_INTERVAL_MS
         } else {
             match (mode, &lease) {
-                // The figures first, and a lease when a request needs one: a budget nobody spends
-                // here (a team's other keys) holds none of its credit, as when given back idle.
-                (None, _) => {
-                    let _one = account.renewing.lock().await;
-                    self.lease_call(account, Need::Figures).await;
-                    false
-                }
-                // Given back when idle: the next request tops up; the figures are kept fresh.
-                (Some(Mode::Lease), None) => {
-                    if since_attempt >= IDLE_REFRESH_MS {
+                // No lease yet, or given back when idle: the figures only, kept fresh, and a lease
+                // when a request needs one, so that a budget nobody spends here (a team's other
+                // keys) holds none of its credit.
+                (None, _) | (Some(Mode::Lease), None) => {
+                    if mode.is_none() || since_attempt >= IDLE_REFRESH_MS {
                         let _one = account.renewing.lock().await;
                         self.lease_call(account, Need::Figures).await;
                     }
