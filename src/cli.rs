@@ -179,7 +179,14 @@ impl MockFlags {
 /// Runs the command line and returns the process exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    crate::logs::init(&cli.log, cli.log_format == "json");
+    // Access lines are asked for by their own flag, whatever level `--log` sets.
+    let filter = match &cli.command {
+        Command::Sidecar { args, .. } if args.access_log => {
+            format!("{},{}=info", cli.log, crate::sidecar::ACCESS_LOG_TARGET)
+        }
+        _ => cli.log.clone(),
+    };
+    crate::logs::init(&filter, cli.log_format == "json");
     match cli.command {
         Command::Crd(args) => {
             print!("{}", if args.helm { crate::api::crds_helm_yaml() } else { crate::api::crds_yaml() });

@@ -4,6 +4,7 @@
 pub mod anthropic;
 #[cfg(test)]
 pub mod arbitrary;
+pub mod facts;
 pub mod multipart;
 pub mod openai;
 mod prefs;

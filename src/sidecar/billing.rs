@@ -282,9 +282,9 @@ pub struct Bill {
 }
 
 impl Bill {
-    /// Settles an answer and returns its cost as a JSON number's text. Without a reported usage
-    /// the tokens are estimated, and the estimate is counted.
-    pub fn settle(self, usage: Option<Usage>, output_bytes: u64) -> String {
+    /// Settles an answer at what it cost. Without a reported usage the tokens are estimated, and
+    /// the estimate is counted.
+    pub fn settle(self, usage: Option<Usage>, output_bytes: u64) -> Settled {
         let estimated = usage.is_none();
         let usage = usage.unwrap_or(Usage {
             prompt: self.prompt_estimate,
@@ -298,8 +298,18 @@ impl Bill {
             }
             hold.settle(amount, usage.total());
         }
-        format_micros(amount)
+        Settled { usage, estimated, cost: amount }
     }
+}
+
+/// What an answer was billed at.
+#[derive(Clone, Copy, Debug)]
+pub struct Settled {
+    pub usage: Usage,
+    /// The provider reported no usage: it was estimated from the answer's size.
+    pub estimated: bool,
+    /// Micro-units.
+    pub cost: u64,
 }
 
 /// What to do with one event of a stream.
@@ -323,6 +333,8 @@ pub struct StreamBill {
     output_bytes: u64,
     /// Writes the cost into the event that carries the usage, where the stream's format has it.
     price_event: PriceEvent,
+    /// What it was billed at, once settled.
+    settled: Option<Settled>,
 }
 
 /// An event with `usage.cost` set (a JSON number's text), if it is the kind that carries usage.
@@ -338,6 +350,7 @@ impl StreamBill {
             reserved_completion,
             usage: None,
             output_bytes: 0,
+            settled: None,
         }
     }
 
@@ -398,10 +411,11 @@ impl StreamBill {
     }
 
     /// Settles what the stream cost: exactly from its usage, or estimated from its output.
-    pub fn settle(&mut self) {
+    pub fn settle(&mut self) -> Option<Settled> {
         if let Some(bill) = self.bill.take() {
-            bill.settle(self.usage, self.output_bytes);
+            self.settled = Some(bill.settle(self.usage, self.output_bytes));
         }
+        self.settled
     }
 }
 
@@ -411,3 +425,4 @@ impl Drop for StreamBill {
         self.settle();
     }
 }
+

@@ -14,6 +14,7 @@ use super::admin::admin_router;
 use super::calls::service::{ApiService, api_service};
 use super::cluster::fleet::{EndpointOverrides, FleetOptions};
 use super::cluster::push::{self, Offer, PushOptions, Served};
+use super::observe::{ObserverOptions, Observers};
 use super::routing::health;
 use super::shared::{Limits, Shared};
 use super::state::Source;
@@ -87,6 +88,17 @@ pub struct SidecarArgs {
     /// ledger; re-read as the kubelet rotates it.
     #[arg(long, env = "SIDEYARD_LEDGER_TOKEN_FILE", default_value = "/var/run/secrets/sideyard.dev/token")]
     pub ledger_token_file: PathBuf,
+
+    /// Write one log line per request (log target `sideyard::access`, in the `--log-format`): its
+    /// endpoint, model, route, target, attempts, fallback reason, status, latency, tokens, cost,
+    /// budget and request id. Never a key or a prompt.
+    #[arg(long, env = "SIDEYARD_ACCESS_LOG")]
+    pub access_log: bool,
+
+    /// Keep a record of the last N requests for `GET /api/v1/generation?id=` (each about a
+    /// kilobyte); 0 keeps none.
+    #[arg(long, env = "SIDEYARD_GENERATIONS", default_value_t = 0)]
+    pub generations: usize,
 }
 
 /// Why the sidecar stopped.
@@ -125,6 +137,8 @@ pub async fn run(args: SidecarArgs, shutdown: impl Future<Output = ()>) -> Resul
     let shared =
         Shared::new(&loaded.config, loaded.version, limits, clients, args.require_key, args.state_dir.clone(), fleet)
             .map_err(|e| flag_error("budgets", e))?;
+    let mut shared = shared;
+    shared.observers = Observers::new(ObserverOptions { access_log: args.access_log, generations: args.generations });
     let shared = Arc::new(shared);
     tracing::info!(routes = loaded.config.routes.len(), version = loaded.version, files = ?args.files, "configuration loaded");
     warn_if_every_request_is_refused(args.require_key, &loaded.config);

@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock};
 use arc_swap::ArcSwap;
 
 use super::cluster::fleet::{Fleet, FleetOptions};
+use super::observe::Observers;
 use super::snapshot::{Meters, Snapshot};
 use super::state::StateRegistry;
 use super::upstream::Clients;
@@ -37,6 +38,8 @@ pub struct Shared {
     state_dir: PathBuf,
     /// Set on SIGTERM: `/readyz` fails so no new traffic is sent while in-flight requests finish.
     pub draining: AtomicBool,
+    /// What records each request; `None` when nothing does.
+    pub observers: Option<Arc<Observers>>,
 }
 
 impl Shared {
@@ -60,6 +63,7 @@ impl Shared {
             fleet_options,
             state_dir,
             draining: AtomicBool::new(false),
+            observers: None,
         };
         shared.apply(config, version)?;
         shared.states.last_reload_ok.set(1);

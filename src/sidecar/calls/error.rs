@@ -126,6 +126,12 @@ pub enum ProxyError {
     LedgerUnavailable {
         reason: Option<String>,
     },
+    /// `GET /api/v1/generation` on a sidecar that keeps no records.
+    GenerationsOff,
+    /// No record of this id made with the caller's key.
+    GenerationNotFound {
+        id: String,
+    },
 }
 
 impl ProxyError {
@@ -154,6 +160,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
             ProxyError::LedgerUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::GenerationsOff | ProxyError::GenerationNotFound { .. } => StatusCode::NOT_FOUND,
         }
     }
 
@@ -233,6 +240,20 @@ impl ProxyError {
                 },
                 "server_error",
                 "ledger_unavailable",
+                None,
+            ),
+            ProxyError::GenerationsOff => error_body(
+                "This sidecar keeps no records of its requests: start it with --generations <N> (the chart's sidecar.generations, or the pod annotation sideyard.dev/generations) to look up the last N.",
+                "invalid_request_error",
+                "generations_off",
+                None,
+            ),
+            ProxyError::GenerationNotFound { id } => error_body(
+                &format!(
+                    "No generation {id:?} made with this API key: this sidecar keeps only its last requests, and each only for the key that made it."
+                ),
+                "invalid_request_error",
+                "generation_not_found",
                 None,
             ),
             ProxyError::BadRequest { code, message } => error_body(&message, "invalid_request_error", code, None),
@@ -355,7 +376,7 @@ pub fn json_response(status: StatusCode, body: &serde_json::Value, source: &'sta
 }
 
 /// [`json_response`] of JSON text.
-fn json_text_response(status: StatusCode, body: String, source: &'static str) -> Response {
+pub(in crate::sidecar) fn json_text_response(status: StatusCode, body: String, source: &'static str) -> Response {
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
     let headers = response.headers_mut();

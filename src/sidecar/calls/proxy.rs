@@ -23,11 +23,14 @@ use super::error::{
 };
 use super::request_log::{self, Outcome};
 use crate::api::FallbackReason;
+use crate::api::units::format_micros;
 use crate::config::Format;
 use crate::providers::BYTES_PER_TOKEN;
+use crate::providers::facts::facts;
 use crate::providers::openai::{self, RequestError, parse_chat_request, rename_model};
 use crate::providers::responses;
 use crate::sidecar::billing::{self, Bill, ServedBudget, StreamBill, caller_key, key_hash};
+use crate::sidecar::observe::{Exchange, GENERATION_ID};
 use crate::sidecar::routing::health::{self, AttemptOutcome, Transition};
 use crate::sidecar::routing::plan;
 use crate::sidecar::shared::Shared;
@@ -68,24 +71,33 @@ async fn converse(shared: Arc<Shared>, request: Request, endpoint: Endpoint) -> 
     let caller = endpoint.format();
     let snapshot = shared.snapshot.load_full();
     let (parts, body) = request.into_parts();
+    let mut record = Recording(shared.observers.as_ref().map(|o| o.start(endpoint, &parts.headers)));
     // A request refused before any route took it, logged as it ends.
-    let refuse = |error: ProxyError, model: Option<&str>| {
+    let refuse = |record: &mut Recording, error: ProxyError, model: Option<&str>| {
         let response = unrouted_as(&shared, error, caller);
         let outcome = Outcome::refused(&parts.headers, parts.uri.path(), model, response.status().as_u16());
         shared.states.request_log.record(outcome);
+        let mut response = response;
+        record.answer(&mut response);
         response
     };
     let body = match read_request(&shared, body).await {
         Ok(body) => body,
-        Err(error) => return refuse(error, None),
+        Err(error) => return refuse(&mut record, error, None),
     };
     let chat = match parse_chat_request(&body) {
         Ok(chat) => chat,
-        Err(e) => return refuse(bad_request(e), None),
+        Err(e) => return refuse(&mut record, bad_request(e), None),
     };
+    if let Some(r) = record.0.as_deref_mut() {
+        r.model = Some(chat.model.to_string());
+    }
     if caller == Format::Anthropic && chat.max_tokens.is_none() {
         let error = ProxyError::BadRequest { code: "missing_max_tokens", message: "max_tokens: Field required".into() };
-        return refuse(error, Some(&chat.model));
+        return refuse(&mut record, error, Some(&chat.model));
+    }
+    if let Some(r) = record.0.as_deref_mut() {
+        r.prompt_estimate = body.len() as u64 / BYTES_PER_TOKEN;
     }
 
     // The routes to try: `model`, then each of `models` not already in the chain.
@@ -93,11 +105,11 @@ async fn converse(shared: Arc<Shared>, request: Request, endpoint: Endpoint) -> 
     for name in std::iter::once(&chat.model).chain(&chat.models) {
         let Some(route) = snapshot.route(name) else {
             let error = ProxyError::UnknownModel { model: name.to_string(), known: snapshot.known_models() };
-            return refuse(error, Some(&chat.model));
+            return refuse(&mut record, error, Some(&chat.model));
         };
         if route.serves != endpoint.serves() {
             let error = ProxyError::WrongEndpoint { model: name.to_string(), serves: route.serves, endpoint };
-            return refuse(error, Some(&chat.model));
+            return refuse(&mut record, error, Some(&chat.model));
         }
         if !chain.iter().any(|r| Arc::ptr_eq(r, route)) {
             chain.push(route);
@@ -105,13 +117,16 @@ async fn converse(shared: Arc<Shared>, request: Request, endpoint: Endpoint) -> 
     }
     let budget = match authenticate(&parts.headers, &snapshot, &chain, shared.require_key) {
         Ok(budget) => budget,
-        Err(e) => return refuse(e, Some(&chat.model)),
+        Err(e) => return refuse(&mut record, e, Some(&chat.model)),
     };
+    if let (Some(r), Some(budget)) = (record.0.as_deref_mut(), &budget) {
+        r.budget = Some(budget.id.clone());
+    }
     let mut rate = None;
     if let Some(budget) = &budget {
         match billing::admit_rate(budget).await {
             Ok(status) => rate = status,
-            Err(refused) => return refuse(refused, Some(&chat.model)),
+            Err(refused) => return refuse(&mut record, refused, Some(&chat.model)),
         }
     }
 
@@ -122,7 +137,7 @@ async fn converse(shared: Arc<Shared>, request: Request, endpoint: Endpoint) -> 
         caller_headers: &parts.headers,
         force_usage: budget.is_some() && chat.stream,
     };
-    let mut trail = Trail::default();
+    let mut trail = Trail { record: record.0.take(), ..Trail::default() };
     let mut response = None;
     for (k, route) in chain.iter().enumerate() {
         // An answer from a later route says so in its `model`, as OpenRouter's do.
@@ -135,6 +150,11 @@ async fn converse(shared: Arc<Shared>, request: Request, endpoint: Endpoint) -> 
             Err(Stop::Exhausted) if chat.prefs.allow_fallbacks => continue,
             Err(Stop::Exhausted) => break,
         }
+    }
+    record.0 = trail.record.take();
+    // An answer recorded these as it was committed; a failure records them here.
+    if let Some(r) = record.0.as_deref_mut().filter(|r| r.first_byte.is_none()) {
+        (r.attempts, r.fallback) = (trail.attempts, trail.fell_back_on());
     }
     // The failures, for the log line: taken from the trail, copied only when it makes the error.
     let (mut response, failures) = match response {
@@ -160,7 +180,34 @@ async fn converse(shared: Arc<Shared>, request: Request, endpoint: Endpoint) -> 
             status,
         });
     }
+    record.answer(&mut response);
     response
+}
+
+/// A request's record, finished when the request's handling ends (or is dropped: the caller left)
+/// unless a stream took it.
+struct Recording(Record);
+
+impl Recording {
+    /// Records the response's status, and names the record in a header.
+    #[inline]
+    fn answer(&mut self, response: &mut Response) {
+        if let Some(r) = self.0.as_deref_mut() {
+            r.status = response.status().as_u16();
+            if let Some(id) = r.header() {
+                response.headers_mut().insert(GENERATION_ID, id);
+            }
+        }
+    }
+}
+
+impl Drop for Recording {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(r) = self.0.take() {
+            r.finish();
+        }
+    }
 }
 
 /// A request's body, up to `--max-request-bytes`.
@@ -217,9 +264,21 @@ struct Trail<'a> {
     attempts: usize,
     /// The route and target of the last attempt, which error responses are counted on.
     last: Option<(&'a ServedRoute, usize)>,
+    /// The request's record, until an answer's stream takes it.
+    record: Record,
 }
 
+/// A request's record, when something observes requests.
+type Record = Option<Box<Exchange>>;
+
 impl Trail<'_> {
+    #[inline]
+    fn tried(&mut self, route: &Arc<ServedRoute>, index: Option<usize>, hedge: bool) {
+        if let (Some(r), Some(index)) = (self.record.as_deref_mut(), index) {
+            r.tried(route, index, hedge);
+        }
+    }
+
     fn exclude(&mut self, by: &[&'static str]) {
         for b in by {
             if !self.excluded.contains(b) {
@@ -376,6 +435,7 @@ async fn serve_route<'a>(
     };
     let first = run.start_next();
     trail.attempts += run.started;
+    trail.tried(route, first, false);
     if first.is_none() {
         route.state.count_excluded(&["health"]);
         trail.exclude(&["health"]);
@@ -394,6 +454,7 @@ async fn serve_route<'a>(
                 let before = run.started;
                 hedge_target = run.start_next();
                 trail.attempts += run.started - before;
+                trail.tried(route, hedge_target, true);
                 if let Some(index) = hedge_target {
                     route.state.hedges_started.inc();
                     tracing::debug!(route = %route.id, upstream_target = %route.targets[index].name, "no first token yet; hedging");
@@ -415,9 +476,13 @@ async fn serve_route<'a>(
                 // Dropping the other attempt closes its connection.
                 run.running.clear();
                 let fallback = trail.failures.last().map(|f| f.kind);
+                if let Some(r) = trail.record.as_deref_mut() {
+                    r.answered(route, index, matches!(answer, Answer::Stream { .. }));
+                    (r.attempts, r.fallback, r.hedged) = (trail.attempts, fallback, hedge_target.is_some());
+                }
                 let bill =
                     Bill { reservation, prices: target.prices, prompt_estimate: body.len() as u64 / BYTES_PER_TOKEN };
-                let response = commit(answer, route, index, rename, bill, out);
+                let response = commit(answer, route, index, rename, bill, out, &mut trail.record);
                 let mut response = finish(response, target, trail.attempts, fallback);
                 if hedge_target == Some(index) {
                     response.headers_mut().insert(HEDGED, HeaderValue::from_static("won"));
@@ -445,6 +510,10 @@ async fn serve_route<'a>(
                 if kind == FallbackReason::TooManyRequests && record.retry_after.is_none() {
                     record.retry_after = target.state.health.cooling_for(health::now());
                 }
+                if let Some(r) = trail.record.as_deref_mut() {
+                    r.tried_out(route, index, Some((kind, record.status)));
+                    r.hedged |= hedge_target.is_some();
+                }
                 trail.failures.push(record);
                 if !falls_back && run.running.is_empty() {
                     // The caller gets this failure as it is: an upstream's own error answer passes
@@ -464,6 +533,7 @@ async fn serve_route<'a>(
                 let before = run.started;
                 let next = run.start_next();
                 trail.attempts += run.started - before;
+                trail.tried(route, next, false);
                 if next.is_none() {
                     return Err(Stop::Exhausted);
                 }
@@ -513,7 +583,7 @@ pub(in crate::sidecar) fn refused_credentials(
 }
 
 /// The caller's response for an attempt that answered, billed: a JSON answer is settled now and
-/// carries its `usage.cost`; a stream is billed as it goes.
+/// carries its `usage.cost`; a stream is billed as it goes, and takes the request's record.
 fn commit(
     answer: Answer,
     route: &Arc<ServedRoute>,
@@ -521,12 +591,17 @@ fn commit(
     rename: Option<String>,
     bill: Bill,
     out: &Outgoing<'_>,
+    record: &mut Record,
 ) -> Response {
     let chat = out.chat;
     match answer {
         Answer::Json { mut parts, body, info } => {
-            let cost = bill.settle(info.usage, info.output_bytes);
-            let body = info.with_cost(&body, &cost);
+            let settled = bill.settle(info.usage, info.output_bytes);
+            if let Some(r) = record.as_deref_mut() {
+                r.settled(settled);
+                r.learn(facts(&body));
+            }
+            let body = info.with_cost(&body, &format_micros(settled.cost));
             let body = match &rename {
                 Some(model) => rename_model(&body, model).unwrap_or(body),
                 None => body,
@@ -535,7 +610,14 @@ fn commit(
             parts.headers.remove(header::CONTENT_LENGTH);
             Response::from_parts(parts, Body::from(body))
         }
-        Answer::Stream { parts, stream } => {
+        Answer::Stream { mut parts, stream } => {
+            // The stream takes the record; its response names it now.
+            if let Some(r) = record.as_deref_mut() {
+                r.status = parts.status.as_u16();
+                if let Some(id) = r.header() {
+                    parts.headers.insert(GENERATION_ID, id);
+                }
+            }
             let metered = bill.reservation.is_some();
             // Without max_tokens, a metered stream reserves more as it outgrows its reservation.
             let extendable =
@@ -549,7 +631,7 @@ fn commit(
             let stream_bill =
                 (metered || wants_usage).then(|| StreamBill::new(bill, wants_usage, extendable, price_event));
             let total = route.targets[index].timeouts.total;
-            let relay = SseRelay::new(stream, route.clone(), index, total, rename, stream_bill);
+            let relay = SseRelay::new(stream, route.clone(), index, total, rename, stream_bill, record.take());
             Response::from_parts(parts, Body::new(relay))
         }
     }

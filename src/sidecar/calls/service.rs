@@ -14,6 +14,7 @@ use super::key_info::key_info;
 use super::models::{model, models};
 use super::passthrough::passthrough;
 use super::proxy::{self, unrouted};
+use crate::sidecar::observe::generations::generation;
 use crate::sidecar::shared::Shared;
 
 /// The OpenAI-compatible API, as served: see [`ApiService`].
@@ -73,6 +74,7 @@ fn api_router(shared: Arc<Shared>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
         .route("/api/v1/key", get(key_info))
+        .route("/api/v1/generation", get(generation))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(passthrough)
         .with_state(shared)

@@ -19,16 +19,18 @@ use super::UpstreamBody;
 use super::transport::error_chain;
 use crate::api::units::format_duration;
 use crate::config::Format;
-use crate::providers::StreamEnd;
 use crate::providers::anthropic::callers::{self, EventStream};
 use crate::providers::anthropic::{self, ChunkStream};
+use crate::providers::facts::{facts, may_end};
 use crate::providers::openai::{
     ChunkInfo, chunk_info, mentions_usage, rename_events, stream_error_event, text_chunk_info,
 };
 use crate::providers::responses::{self, ResponseStream};
 use crate::providers::sse;
+use crate::providers::{StreamEnd, Usage};
 use crate::sidecar::billing::{EventAction, StreamBill};
 use crate::sidecar::calls::endpoint::{Endpoint, UpstreamPath};
+use crate::sidecar::observe::{End, Exchange};
 use crate::sidecar::routing::health::{self, AttemptOutcome};
 use crate::sidecar::routing::stats::TargetStats;
 use crate::sidecar::snapshot::ServedRoute;
@@ -41,7 +43,7 @@ pub struct StreamWatch {
     /// The endpoint whose events are watched: the caller's.
     endpoint: Endpoint,
     pub first_token: Option<Duration>,
-    completion_tokens: Option<u64>,
+    usage: Option<Usage>,
     events: u64,
     /// Output bytes of the events read during hold-back, which the bill counts without reading
     /// them again.
@@ -50,7 +52,7 @@ pub struct StreamWatch {
 
 impl StreamWatch {
     pub fn new(started: Instant, endpoint: Endpoint) -> Self {
-        StreamWatch { started, endpoint, first_token: None, completion_tokens: None, events: 0, held_output_bytes: 0 }
+        StreamWatch { started, endpoint, first_token: None, usage: None, events: 0, held_output_bytes: 0 }
     }
 
     /// What one event in the caller's format carries.
@@ -76,7 +78,7 @@ impl StreamWatch {
             stats.record_first_token(after, health::now());
         }
         if let Some(usage) = info.usage {
-            self.completion_tokens = Some(usage.completion);
+            self.usage = Some(self.usage.map_or(usage, |earlier| earlier.merge(usage)));
         }
     }
 
@@ -93,7 +95,7 @@ impl StreamWatch {
 
     /// Records a stream that ended cleanly. Without a usage chunk, its events stand in for tokens.
     fn finish(&self, stats: &TargetStats) {
-        let tokens = self.completion_tokens.unwrap_or(self.events);
+        let tokens = self.usage.map_or(self.events, |u| u.completion);
         stats.record_done(self.started.elapsed(), self.first_token, Some(tokens), health::now());
     }
 }
@@ -223,6 +225,8 @@ pub struct SseRelay {
     bill: Option<StreamBill>,
     translator: Option<Box<Translator>>,
     done: bool,
+    /// The request's record, finished when the stream is dropped.
+    record: Option<Box<Exchange>>,
 }
 
 /// A stream that has been committed to the caller.
@@ -244,6 +248,7 @@ impl SseRelay {
         total: Duration,
         rename: Option<String>,
         bill: Option<StreamBill>,
+        record: Option<Box<Exchange>>,
     ) -> Self {
         let deadline = Box::pin(tokio::time::sleep_until((stream.started + total).into()));
         let mut bill = bill;
@@ -251,6 +256,7 @@ impl SseRelay {
             bill.count_output(stream.watch.held_output_bytes);
         }
         SseRelay {
+            record,
             inner: stream.body,
             framer: stream.framer,
             prefix: (!stream.prefix.is_empty()).then_some(stream.prefix),
@@ -279,6 +285,9 @@ impl SseRelay {
         target.state.duration.observe(self.watch.started.elapsed());
         target.state.health.record(AttemptOutcome::Failure, false, &self.route.health, health::now());
         tracing::warn!(route = %self.route.id, upstream_target = %target.name, %code, detail = %message, "stream broke after the answer started");
+        if let Some(r) = self.record.as_deref_mut() {
+            r.end = End::Broken(code.to_string());
+        }
         self.settle();
         self.error_event("upstream_error", code, &message)
     }
@@ -377,6 +386,9 @@ impl SseRelay {
                 _ => rename_events(&out, model),
             };
         }
+        if let Some(r) = self.record.as_deref_mut() {
+            learn(r, &out);
+        }
         if let Some(bill) = &mut self.bill
             && bill.keep_up().is_err()
         {
@@ -421,9 +433,36 @@ impl SseRelay {
         let target = &route.targets[self.target];
         target.state.duration.observe(self.watch.started.elapsed());
         tracing::info!(route = %self.route.id, upstream_target = %target.name, "stream stopped: the key's budget ran out");
+        if let Some(r) = self.record.as_deref_mut() {
+            r.end = End::OutOfCredit;
+        }
         self.settle();
         let message = "The API key's budget ran out while this answer was streaming.";
         self.error_event("insufficient_credits", "insufficient_credits", message)
+    }
+}
+
+/// What events in the caller's format tell a record: the answer's id, and why it ended.
+fn learn(record: &mut Exchange, events: &[u8]) {
+    for payload in sse::payloads(events) {
+        if record.answer_id.is_none() || may_end(payload) {
+            record.learn(facts(payload));
+        }
+    }
+}
+
+impl Drop for SseRelay {
+    /// Finishes the record: the bill settles first, so the record has what the stream cost.
+    fn drop(&mut self) {
+        let Some(mut record) = self.record.take() else { return };
+        if !self.done {
+            record.end = End::CallerLeft;
+        }
+        match self.bill.as_mut().and_then(StreamBill::settle) {
+            Some(settled) => record.settled(settled),
+            None => record.unbilled(self.watch.usage, self.watch.events),
+        }
+        record.finish();
     }
 }
 
