@@ -48,43 +48,77 @@ impl Gauge {
     }
 }
 
-/// Bucket upper bounds in microseconds, from 1 ms to 10 minutes: LLM calls span that whole range.
-const LATENCY_BUCKETS_US: [u64; 16] = [
-    1_000,
-    5_000,
-    10_000,
-    25_000,
-    50_000,
-    100_000,
-    250_000,
-    500_000,
-    1_000_000,
-    2_500_000,
-    5_000_000,
-    10_000_000,
-    30_000_000,
-    60_000_000,
-    120_000_000,
-    600_000_000,
-];
-
-/// A latency histogram in seconds.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; LATENCY_BUCKETS_US.len()],
-    count: AtomicU64,
-    sum_us: AtomicU64,
+/// The buckets of a histogram: upper bounds in the unit observed, and how many of that unit make
+/// the unit exported (microseconds for seconds).
+pub trait Scale {
+    const BOUNDS: &'static [u64];
+    const PER_UNIT: f64;
 }
 
-impl Histogram {
+/// Seconds from 1 ms to 10 minutes: LLM calls span that whole range.
+#[derive(Debug, Default)]
+pub struct Latency;
+
+impl Scale for Latency {
+    const BOUNDS: &'static [u64] = &[
+        1_000,
+        5_000,
+        10_000,
+        25_000,
+        50_000,
+        100_000,
+        250_000,
+        500_000,
+        1_000_000,
+        2_500_000,
+        5_000_000,
+        10_000_000,
+        30_000_000,
+        60_000_000,
+        120_000_000,
+        600_000_000,
+    ];
+    const PER_UNIT: f64 = 1e6;
+}
+
+/// The most buckets a [`Scale`] may have.
+const MAX_BUCKETS: usize = 16;
+
+/// A histogram whose buckets are those of `S`; seconds from 1 ms to 10 minutes by default.
+#[derive(Debug)]
+pub struct Histogram<S: Scale = Latency> {
+    buckets: [AtomicU64; MAX_BUCKETS],
+    count: AtomicU64,
+    sum: AtomicU64,
+    scale: std::marker::PhantomData<S>,
+}
+
+impl<S: Scale> Default for Histogram<S> {
+    fn default() -> Self {
+        const { assert!(S::BOUNDS.len() <= MAX_BUCKETS) };
+        Histogram {
+            buckets: Default::default(),
+            count: AtomicU64::new(0),
+            sum: AtomicU64::new(0),
+            scale: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<S: Scale> Histogram<S> {
+    /// A duration, in microseconds.
     pub fn observe(&self, d: Duration) {
-        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.observe_value(u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    /// A value in the scale's own unit (microseconds, tokens).
+    pub fn observe_value(&self, v: u64) {
         // Cumulative buckets are summed at scrape time, so an observation touches one bucket.
-        if let Some(i) = LATENCY_BUCKETS_US.iter().position(|&b| us <= b) {
+        if let Some(i) = S::BOUNDS.iter().position(|&b| v <= b) {
             self.buckets[i].fetch_add(1, Relaxed);
         }
         self.count.fetch_add(1, Relaxed);
-        self.sum_us.fetch_add(us, Relaxed);
+        self.sum.fetch_add(v, Relaxed);
     }
 
     pub fn count(&self) -> u64 {
@@ -95,14 +129,14 @@ impl Histogram {
     pub fn render(&self, out: &mut String, name: &str, labels: &str) {
         let sep = if labels.is_empty() { "" } else { "," };
         let mut cumulative = 0;
-        for (bound, bucket) in LATENCY_BUCKETS_US.iter().zip(&self.buckets) {
+        for (bound, bucket) in S::BOUNDS.iter().zip(&self.buckets) {
             cumulative += bucket.load(Relaxed);
-            let le = *bound as f64 / 1e6;
+            let le = *bound as f64 / S::PER_UNIT;
             let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}");
         }
         let count = self.count();
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_us.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum.load(Relaxed) as f64 / S::PER_UNIT);
         let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
     }
 }
@@ -165,7 +199,7 @@ mod tests {
 
     #[test]
     fn histogram_buckets_are_cumulative() {
-        let h = Histogram::default();
+        let h: Histogram = Histogram::default();
         h.observe(Duration::from_micros(500));
         h.observe(Duration::from_millis(7));
         h.observe(Duration::from_secs(3600));

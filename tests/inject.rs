@@ -124,8 +124,8 @@ async fn each_fixture_pod_is_injected_as_its_golden_file_says() {
         assert!(again.get("patch").is_none_or(Value::is_null), "{}: a second pass patched: {again}", case.display());
     }
     let metrics = metrics.render();
-    assert!(metrics.contains("sideyard_webhook_pods_total{result=\"injected\"} 4"), "{metrics}");
-    assert!(metrics.contains("sideyard_webhook_pods_total{result=\"skipped\"} 10"), "{metrics}");
+    assert!(metrics.contains("sideyard_webhook_pods_total{result=\"injected\"} 5"), "{metrics}");
+    assert!(metrics.contains("sideyard_webhook_pods_total{result=\"skipped\"} 11"), "{metrics}");
 }
 
 #[tokio::test]
@@ -167,6 +167,17 @@ async fn an_unusable_annotation_refuses_the_pod_with_the_reason() {
     );
     assert_eq!(patched, pod);
     assert!(metrics.render().contains("sideyard_webhook_pods_total{result=\"refused\"} 1"));
+
+    for (annotation, value, reason) in [
+        ("sideyard.dev/generations", "lots", "a number of records from 0 to 100000"),
+        ("sideyard.dev/generations", "100001", "a number of records from 0 to 100000"),
+        ("sideyard.dev/access-log", "yes", "true or false"),
+    ] {
+        pod["metadata"]["annotations"] = json!({ annotation: value });
+        let (response, _) = admit(&app, &pod).await;
+        assert_eq!(response["allowed"], false);
+        assert_eq!(response["status"]["message"], format!("annotation {annotation}: {value:?} is not {reason}"));
+    }
 }
 
 #[tokio::test]

@@ -234,3 +234,57 @@ async fn the_text_access_line_has_the_same_fields() {
         assert!(line.contains(field), "{field} in {line}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_genai_metrics_count_each_answer_s_tokens_and_times() {
+    let up = ScriptedUpstream::start().await;
+    let config = route_yaml("json", "", &[&format!("{{name: up, baseUrl: \"{}\", model: m-json}}", up.url("ok"))])
+        + &route_yaml(
+            "stream",
+            "",
+            &[
+                "{name: mock, api: mock, provider: acme, model: m-stream, baseUrl: 'mock://local?chunks=4&chunk-interval=1ms'}",
+            ],
+        );
+    let sidecar = Sidecar::start(&config);
+    for _ in 0..2 {
+        assert_eq!(post(sidecar.api, "/v1/chat/completions", &chat("json", false)).await.status, 200);
+    }
+    let response = send(sidecar.api, "POST", "/v1/chat/completions", &chat("stream", true)).await;
+    let events = sse_data(&rest(&mut response.into_body()).await);
+    let usage = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .find_map(|e| e["usage"].as_object().cloned())
+        .expect("a usage chunk");
+
+    let metrics = get(sidecar.admin, "/metrics").await.body;
+    let json = r#"gen_ai_operation_name="chat",gen_ai_provider_name="up",gen_ai_request_model="json",gen_ai_response_model="m-json",route="default/json",target="up""#;
+    let stream = r#"gen_ai_operation_name="chat",gen_ai_provider_name="acme",gen_ai_request_model="stream",gen_ai_response_model="m-stream",route="default/stream",target="mock""#;
+    // The scripted answer reports 3 prompt and 1 completion tokens.
+    assert_eq!(metric(&metrics, &format!("gen_ai_client_token_usage_sum{{{json},gen_ai_token_type=\"input\"}}")), 6);
+    assert_eq!(metric(&metrics, &format!("gen_ai_client_token_usage_sum{{{json},gen_ai_token_type=\"output\"}}")), 2);
+    assert_eq!(
+        metric(&metrics, &format!("gen_ai_client_token_usage_bucket{{{json},gen_ai_token_type=\"input\",le=\"4\"}}")),
+        2
+    );
+    assert_eq!(
+        metric(&metrics, &format!("gen_ai_client_token_usage_bucket{{{json},gen_ai_token_type=\"input\",le=\"1\"}}")),
+        0
+    );
+    assert_eq!(metric(&metrics, &format!("gen_ai_client_operation_duration_seconds_count{{{json}}}")), 2);
+    assert_eq!(
+        metric(&metrics, &format!("gen_ai_client_operation_time_to_first_chunk_seconds_count{{{json}}}")),
+        0,
+        "not a stream"
+    );
+    let output = usage["completion_tokens"].as_u64().expect("completion tokens");
+    assert_eq!(
+        metric(&metrics, &format!("gen_ai_client_token_usage_sum{{{stream},gen_ai_token_type=\"output\"}}")),
+        output
+    );
+    assert_eq!(metric(&metrics, &format!("gen_ai_client_operation_duration_seconds_count{{{stream}}}")), 1);
+    assert_eq!(metric(&metrics, &format!("gen_ai_client_operation_time_to_first_chunk_seconds_count{{{stream}}}")), 1);
+    assert_eq!(metric(&metrics, &format!("gen_ai_server_time_per_output_token_seconds_count{{{stream}}}")), 1);
+    assert!(metrics.contains("# TYPE gen_ai_client_token_usage histogram"), "{metrics}");
+}

@@ -31,6 +31,10 @@ pub const MEMORY_REQUEST_ANNOTATION: &str = "sideyard.dev/proxy-memory-request";
 pub const MEMORY_LIMIT_ANNOTATION: &str = "sideyard.dev/proxy-memory-limit";
 /// `"false"`: inject a regular container instead of a native sidecar (clusters before 1.29).
 pub const NATIVE_SIDECAR_ANNOTATION: &str = "sideyard.dev/native-sidecar";
+pub const ACCESS_LOG_ANNOTATION: &str = "sideyard.dev/access-log";
+pub const GENERATIONS_ANNOTATION: &str = "sideyard.dev/generations";
+/// The most records a pod may ask its sidecar to keep (about a kilobyte each).
+pub const MAX_GENERATIONS: u32 = 100_000;
 const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
 
 /// The injected container's name.
@@ -64,6 +68,10 @@ pub struct InjectParams {
     pub memory_request: String,
     pub memory_limit: String,
     pub log_level: String,
+    /// The sidecar writes an access line per request.
+    pub access_log: bool,
+    /// Records the sidecar keeps for `GET /api/v1/generation`; 0: none.
+    pub generations: u32,
 }
 
 impl Default for InjectParams {
@@ -76,6 +84,8 @@ impl Default for InjectParams {
             memory_request: "64Mi".into(),
             memory_limit: "256Mi".into(),
             log_level: "info".into(),
+            access_log: false,
+            generations: 0,
         }
     }
 }
@@ -201,11 +211,27 @@ fn with_overrides(defaults: &InjectParams, annotations: &BTreeMap<String, String
         }
         params.log_level = level.clone();
     }
-    match annotations.get(NATIVE_SIDECAR_ANNOTATION).map(String::as_str) {
-        None => {}
-        Some("true") => params.native_sidecar = true,
-        Some("false") => params.native_sidecar = false,
-        Some(other) => return Err(bad(NATIVE_SIDECAR_ANNOTATION, other, "true or false")),
+    for (key, field) in
+        [(NATIVE_SIDECAR_ANNOTATION, &mut params.native_sidecar), (ACCESS_LOG_ANNOTATION, &mut params.access_log)]
+    {
+        match annotations.get(key).map(String::as_str) {
+            None => {}
+            Some("true") => *field = true,
+            Some("false") => *field = false,
+            Some(other) => return Err(bad(key, other, "true or false")),
+        }
+    }
+    if let Some(value) = annotations.get(GENERATIONS_ANNOTATION) {
+        match value.parse::<u32>() {
+            Ok(n) if n <= MAX_GENERATIONS => params.generations = n,
+            _ => {
+                return Err(bad(
+                    GENERATIONS_ANNOTATION,
+                    value,
+                    &format!("a number of records from 0 to {MAX_GENERATIONS}"),
+                ));
+            }
+        }
     }
     Ok(params)
 }
@@ -279,7 +305,10 @@ fn sidecar_container(params: &InjectParams) -> Container {
                 &params.log_level,
             ]
             .map(String::from)
-            .to_vec(),
+            .into_iter()
+            .chain(params.access_log.then(|| "--access-log".to_string()))
+            .chain((params.generations > 0).then(|| format!("--generations={}", params.generations)))
+            .collect(),
         ),
         ports: Some(vec![ContainerPort {
             name: Some(ADMIN_PORT_NAME.into()),
@@ -414,6 +443,14 @@ pub struct InjectArgs {
     /// Log filter of the sidecar.
     #[arg(long = "proxy-log-level", env = "SIDEYARD_PROXY_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+
+    /// The sidecar writes one access line per request (`--access-log`).
+    #[arg(long = "proxy-access-log", env = "SIDEYARD_PROXY_ACCESS_LOG", default_value_t = false, action = clap::ArgAction::Set)]
+    pub access_log: bool,
+
+    /// Records of recent requests the sidecar keeps for `GET /api/v1/generation` (`--generations`).
+    #[arg(long = "proxy-generations", env = "SIDEYARD_PROXY_GENERATIONS", default_value_t = 0)]
+    pub generations: u32,
 }
 
 impl InjectArgs {
@@ -427,6 +464,8 @@ impl InjectArgs {
             memory_request: self.memory_request.clone(),
             memory_limit: self.memory_limit.clone(),
             log_level: self.log_level.clone(),
+            access_log: self.access_log,
+            generations: self.generations,
         };
         let as_annotations = BTreeMap::from([
             (IMAGE_ANNOTATION.to_string(), params.image.clone()),
@@ -434,6 +473,7 @@ impl InjectArgs {
             (MEMORY_REQUEST_ANNOTATION.to_string(), params.memory_request.clone()),
             (MEMORY_LIMIT_ANNOTATION.to_string(), params.memory_limit.clone()),
             (LOG_LEVEL_ANNOTATION.to_string(), params.log_level.clone()),
+            (GENERATIONS_ANNOTATION.to_string(), params.generations.to_string()),
         ]);
         with_overrides(&params, &as_annotations).map_err(|e| {
             // Name the flag, not the annotation it is checked as.
@@ -443,6 +483,7 @@ impl InjectArgs {
                 (CPU_REQUEST_ANNOTATION, "--proxy-cpu-request"),
                 (MEMORY_REQUEST_ANNOTATION, "--proxy-memory-request"),
                 (MEMORY_LIMIT_ANNOTATION, "--proxy-memory-limit"),
+                (GENERATIONS_ANNOTATION, "--proxy-generations"),
             ];
             flags.iter().fold(e, |e, (annotation, flag)| e.replace(&format!("annotation {annotation}"), flag))
         })?;

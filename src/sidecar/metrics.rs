@@ -9,6 +9,7 @@ use super::billing::{Meter, ServedBudget, Standing};
 use super::calls::endpoint::Api;
 use super::cluster::fleet::{BILLED, Fleet};
 use super::cluster::ledger_client::{CALLS, RESULTS};
+use super::observe::genai;
 use super::routing::health::Ticks;
 use super::routing::stats::{Cached, QUANTILES, TargetStats};
 use super::shared::Shared;
@@ -20,6 +21,7 @@ use crate::metrics::{escape, header};
 /// The text exposition of every metric of the sidecar.
 pub fn render(shared: &Shared, now: Ticks) -> String {
     let mut out = render_states(&shared.states, now);
+    genai::render(&shared.snapshot.load(), &mut out);
     render_budgets(shared, &mut out);
     out
 }

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use super::calls::endpoint::Api;
 use super::calls::request_log::RequestLog;
+use super::observe::genai::GenAiMetrics;
 use super::routing::health::{HealthTracker, Ticks};
 use super::routing::stats::TargetStats;
 use crate::api::FallbackReason;
@@ -32,6 +33,8 @@ pub struct TargetState {
     pub fleet_ejections: Counter,
     pub health: HealthTracker,
     pub stats: TargetStats,
+    /// The GenAI conventions' histograms of the answers it gave.
+    pub genai: GenAiMetrics,
 }
 
 impl TargetState {

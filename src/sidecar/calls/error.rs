@@ -243,7 +243,7 @@ impl ProxyError {
                 None,
             ),
             ProxyError::GenerationsOff => error_body(
-                "This sidecar keeps no records of its requests: start it with --generations <N> (the chart's sidecar.generations, or the pod annotation sideyard.dev/generations) to look up the last N.",
+                "This sidecar keeps no records of its requests: start it with --generations <N> (the chart's proxy.generations, or the pod annotation sideyard.dev/generations) to look up the last N.",
                 "invalid_request_error",
                 "generations_off",
                 None,

@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -67,11 +68,12 @@ pub async fn embeddings(State(shared): State<Arc<Shared>>, request: Request) -> 
 /// speaks. The routing fields have the same names in every one (`model`, `stream`, `max_tokens`;
 /// Anthropic's `fallbacks` is read as `models`).
 async fn converse(shared: Arc<Shared>, request: Request, endpoint: Endpoint) -> Response {
+    let arrived = Instant::now();
     shared.states.api_calls[Api::Routed(endpoint).index()].inc();
     let caller = endpoint.format();
     let snapshot = shared.snapshot.load_full();
     let (parts, body) = request.into_parts();
-    let mut record = Recording(shared.observers.as_ref().map(|o| o.start(endpoint, &parts.headers)));
+    let mut record = Recording(shared.observers.as_ref().map(|o| o.start(endpoint, &parts.headers, arrived)));
     // A request refused before any route took it, logged as it ends.
     let refuse = |record: &mut Recording, error: ProxyError, model: Option<&str>| {
         let response = unrouted_as(&shared, error, caller);
@@ -136,6 +138,7 @@ async fn converse(shared: Arc<Shared>, request: Request, endpoint: Endpoint) -> 
         body: &body,
         caller_headers: &parts.headers,
         force_usage: budget.is_some() && chat.stream,
+        arrived,
     };
     let mut trail = Trail { record: record.0.take(), ..Trail::default() };
     let mut response = None;
@@ -597,6 +600,8 @@ fn commit(
     match answer {
         Answer::Json { mut parts, body, info } => {
             let settled = bill.settle(info.usage, info.output_bytes);
+            let genai = &route.targets[index].state.genai;
+            genai.answered(Some(settled.usage.prompt), settled.usage.completion, out.arrived.elapsed(), None);
             if let Some(r) = record.as_deref_mut() {
                 r.settled(settled);
                 r.learn(facts(&body));

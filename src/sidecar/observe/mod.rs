@@ -8,6 +8,7 @@
 //! (ended, broken, or left by the caller), since only then are its usage and cost known.
 
 pub mod access_log;
+pub mod genai;
 pub mod generations;
 
 use std::sync::Arc;
@@ -56,8 +57,8 @@ impl Observers {
         Some(Arc::new(Observers { access_log: options.access_log, generations, seed, next: AtomicU64::new(0) }))
     }
 
-    /// A record of a request that has just arrived.
-    pub fn start(self: &Arc<Self>, endpoint: Endpoint, headers: &HeaderMap) -> Box<Exchange> {
+    /// A record of a request that arrived at `arrived`.
+    pub fn start(self: &Arc<Self>, endpoint: Endpoint, headers: &HeaderMap, arrived: Instant) -> Box<Exchange> {
         let n = self.next.fetch_add(1, Relaxed);
         let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
         Box::new(Exchange {
@@ -65,7 +66,7 @@ impl Observers {
             id: format!("gen-{:016x}{n:08x}", self.seed),
             answer_id: None,
             created: SystemTime::now(),
-            started: Instant::now(),
+            started: arrived,
             endpoint,
             request_id: text(&REQUEST_ID),
             key_hash: caller_key(headers).map(key_hash),

@@ -45,7 +45,7 @@ pub enum Answer {
     /// A whole non-streamed answer, and what it says for billing.
     Json { parts: Parts, body: Bytes, info: AnswerInfo },
     /// A stream, past its first token (or past hold-back).
-    Stream { parts: Parts, stream: Committed },
+    Stream { parts: Parts, stream: Box<Committed> },
 }
 
 /// What a failed attempt says about the target's health.
@@ -186,6 +186,8 @@ pub struct Outgoing<'a> {
     pub caller_headers: &'a HeaderMap,
     /// Turn a stream's usage chunk on upstream, to bill it exactly.
     pub force_usage: bool,
+    /// When the request arrived, which the GenAI durations count from.
+    pub arrived: Instant,
 }
 
 /// One attempt on `route.targets[index]`.
@@ -388,8 +390,16 @@ async fn try_target(
                 }
             }
         }
-        let stream = Committed { body: upstream_body, framer, prefix: prefix.freeze(), watch, started, translator };
-        return Ok(Answer::Stream { parts, stream });
+        let stream = Committed {
+            body: upstream_body,
+            framer,
+            prefix: prefix.freeze(),
+            watch,
+            started,
+            arrived: out.arrived,
+            translator,
+        };
+        return Ok(Answer::Stream { parts, stream: Box::new(stream) });
     }
 
     let answer = match read_body(upstream_body, shared.limits.max_response_bytes, deadline).await {

@@ -227,6 +227,8 @@ pub struct SseRelay {
     done: bool,
     /// The request's record, finished when the stream is dropped.
     record: Option<Box<Exchange>>,
+    /// When the request arrived, which the GenAI durations count from.
+    arrived: Instant,
 }
 
 /// A stream that has been committed to the caller.
@@ -236,13 +238,15 @@ pub struct Committed {
     pub prefix: Bytes,
     pub watch: StreamWatch,
     pub started: Instant,
+    /// When the request arrived.
+    pub arrived: Instant,
     /// For an upstream of another wire format; `prefix` is already translated.
     pub translator: Option<Box<Translator>>,
 }
 
 impl SseRelay {
     pub fn new(
-        stream: Committed,
+        stream: Box<Committed>,
         route: Arc<ServedRoute>,
         target: usize,
         total: Duration,
@@ -257,6 +261,7 @@ impl SseRelay {
         }
         SseRelay {
             record,
+            arrived: stream.arrived,
             inner: stream.body,
             framer: stream.framer,
             prefix: (!stream.prefix.is_empty()).then_some(stream.prefix),
@@ -319,6 +324,19 @@ impl SseRelay {
         if let Some(bill) = &mut self.bill {
             bill.settle();
         }
+    }
+
+    /// Settles a stream that ended cleanly and counts it in the GenAI metrics, with its usage as
+    /// billed, else as reported, else its events as output tokens.
+    fn answered(&mut self) {
+        let settled = self.bill.as_mut().and_then(StreamBill::settle);
+        let (input, output) = match settled.map(|s| s.usage).or(self.watch.usage) {
+            Some(usage) => (Some(usage.prompt), usage.completion),
+            None => (None, self.watch.events),
+        };
+        let first_chunk = self.watch.first_token.map(|t| self.watch.started.duration_since(self.arrived) + t);
+        let genai = &self.route.targets[self.target].state.genai;
+        genai.answered(input, output, self.arrived.elapsed(), first_chunk);
     }
 
     /// Complete events on their way out: watched (unless `watched` already), billed, and renamed if
@@ -530,7 +548,7 @@ impl Body for SseRelay {
                     let state = this.state();
                     state.duration.observe(this.watch.started.elapsed());
                     this.watch.finish(&state.stats);
-                    this.settle();
+                    this.answered();
                     return Poll::Ready(rest.map(|rest| Ok(Frame::data(rest))));
                 }
                 Poll::Pending => return Poll::Pending,

@@ -1,0 +1,137 @@
+//! The OpenTelemetry GenAI client metrics, in Prometheus form, for every target served: tokens by
+//! type, the operation's duration, and for streams the time to the first chunk and the time per
+//! output token after it. Names, units and buckets follow the semantic conventions
+//! (`gen_ai.client.token.usage` becomes `gen_ai_client_token_usage`, and so on); each series is
+//! labelled with the conventions' attributes and with Sideyard's `route` and `target`.
+//!
+//! Always on: recording is a few relaxed atomic adds per answer, on the target's own histograms.
+
+use std::time::Duration;
+
+use crate::metrics::{Histogram, Scale, escape, header};
+use crate::sidecar::snapshot::Snapshot;
+
+/// `gen_ai.client.token.usage`'s buckets.
+#[derive(Debug)]
+pub struct Tokens;
+
+impl Scale for Tokens {
+    const BOUNDS: &'static [u64] =
+        &[1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864];
+    const PER_UNIT: f64 = 1.0;
+}
+
+/// `gen_ai.client.operation.duration`'s buckets, in microseconds.
+#[derive(Debug)]
+pub struct OperationSeconds;
+
+impl Scale for OperationSeconds {
+    const BOUNDS: &'static [u64] = &[
+        10_000, 20_000, 40_000, 80_000, 160_000, 320_000, 640_000, 1_280_000, 2_560_000, 5_120_000, 10_240_000,
+        20_480_000, 40_960_000, 81_920_000,
+    ];
+    const PER_UNIT: f64 = 1e6;
+}
+
+/// Time to the first chunk's buckets (the conventions' time to first token), in microseconds.
+#[derive(Debug)]
+pub struct FirstChunkSeconds;
+
+impl Scale for FirstChunkSeconds {
+    const BOUNDS: &'static [u64] = &[
+        1_000, 5_000, 10_000, 20_000, 40_000, 60_000, 80_000, 100_000, 250_000, 500_000, 750_000, 1_000_000, 2_500_000,
+        5_000_000, 7_500_000, 10_000_000,
+    ];
+    const PER_UNIT: f64 = 1e6;
+}
+
+/// Time per output token's buckets, in microseconds.
+#[derive(Debug)]
+pub struct PerTokenSeconds;
+
+impl Scale for PerTokenSeconds {
+    const BOUNDS: &'static [u64] = &[
+        10_000, 25_000, 50_000, 75_000, 100_000, 150_000, 200_000, 300_000, 400_000, 500_000, 750_000, 1_000_000,
+        2_500_000,
+    ];
+    const PER_UNIT: f64 = 1e6;
+}
+
+/// One target's GenAI histograms.
+#[derive(Debug, Default)]
+pub struct GenAiMetrics {
+    input_tokens: Histogram<Tokens>,
+    output_tokens: Histogram<Tokens>,
+    duration: Histogram<OperationSeconds>,
+    first_chunk: Histogram<FirstChunkSeconds>,
+    per_output_token: Histogram<PerTokenSeconds>,
+}
+
+impl GenAiMetrics {
+    /// An answer that took `duration` from the request's arrival, with its input tokens (when
+    /// known) and output tokens, reported or estimated. A stream also says when its first chunk
+    /// came.
+    pub fn answered(&self, input: Option<u64>, output: u64, duration: Duration, first_chunk: Option<Duration>) {
+        if let Some(input) = input {
+            self.input_tokens.observe_value(input);
+        }
+        self.output_tokens.observe_value(output);
+        self.duration.observe(duration);
+        if let Some(first) = first_chunk {
+            self.first_chunk.observe(first);
+            // The time between tokens after the first, as the conventions define it.
+            if output > 1 {
+                let after = duration.saturating_sub(first) / u32::try_from(output - 1).unwrap_or(u32::MAX);
+                self.per_output_token.observe(after);
+            }
+        }
+    }
+}
+
+/// The GenAI metrics of every target of `snapshot`.
+pub fn render(snapshot: &Snapshot, out: &mut String) {
+    let mut labelled = Vec::new();
+    for route in &snapshot.routes {
+        for target in &route.targets {
+            let labels = format!(
+                "gen_ai_operation_name=\"{}\",gen_ai_provider_name=\"{}\",gen_ai_request_model=\"{}\",gen_ai_response_model=\"{}\",route=\"{}\",target=\"{}\"",
+                route.serves.as_str(),
+                escape(&target.provider),
+                escape(&route.model),
+                escape(&target.model),
+                escape(&route.id),
+                escape(&target.name),
+            );
+            labelled.push((labels, &target.state.genai));
+        }
+    }
+    header(out, "gen_ai_client_token_usage", "histogram", "Tokens of each answer, by type (input or output).");
+    for (labels, m) in &labelled {
+        m.input_tokens.render(out, "gen_ai_client_token_usage", &format!("{labels},gen_ai_token_type=\"input\""));
+        m.output_tokens.render(out, "gen_ai_client_token_usage", &format!("{labels},gen_ai_token_type=\"output\""));
+    }
+    type Render = fn(&GenAiMetrics, &mut String, &str, &str);
+    let histograms: [(&str, &str, Render); 3] = [
+        (
+            "gen_ai_client_operation_duration_seconds",
+            "Time from a request's arrival to the end of its answer.",
+            |m, o, n, l| m.duration.render(o, n, l),
+        ),
+        (
+            "gen_ai_client_operation_time_to_first_chunk_seconds",
+            "Time from a streamed request's arrival to its first chunk of output (time to first token).",
+            |m, o, n, l| m.first_chunk.render(o, n, l),
+        ),
+        (
+            "gen_ai_server_time_per_output_token_seconds",
+            "Time per output token after the first, of each streamed answer.",
+            |m, o, n, l| m.per_output_token.render(o, n, l),
+        ),
+    ];
+    for (name, help, each) in histograms {
+        header(out, name, "histogram", help);
+        for (labels, m) in &labelled {
+            each(m, out, name, labels);
+        }
+    }
+}
