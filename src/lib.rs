@@ -13,3 +13,4 @@ pub mod mock_provider;
 pub mod operator;
 pub mod providers;
 pub mod sidecar;
+pub mod traces;

@@ -21,6 +21,7 @@ use super::state::Source;
 use super::upstream::Clients;
 use crate::api::units::parse_duration;
 use crate::config::{ConfigError, ConfigErrors, Loaded, Sources, load, watch::watch as watch_sources};
+use crate::traces::{TraceArgs, Traces};
 
 /// `sideyard sidecar`.
 #[derive(clap::Args, Debug)]
@@ -99,6 +100,9 @@ pub struct SidecarArgs {
     /// kilobyte); 0 keeps none.
     #[arg(long, env = "SIDEYARD_GENERATIONS", default_value_t = 0)]
     pub generations: usize,
+
+    #[command(flatten)]
+    pub traces: TraceArgs,
 }
 
 /// Why the sidecar stopped.
@@ -138,7 +142,10 @@ pub async fn run(args: SidecarArgs, shutdown: impl Future<Output = ()>) -> Resul
         Shared::new(&loaded.config, loaded.version, limits, clients, args.require_key, args.state_dir.clone(), fleet)
             .map_err(|e| flag_error("budgets", e))?;
     let mut shared = shared;
-    shared.observers = Observers::new(ObserverOptions { access_log: args.access_log, generations: args.generations });
+    let traces = Traces::start(&args.traces, "sideyard-sidecar", shared.clients.connector())
+        .map_err(|e| flag_error("traces", e))?;
+    let options = ObserverOptions { access_log: args.access_log, generations: args.generations };
+    shared.observers = Observers::new(options, traces);
     let shared = Arc::new(shared);
     tracing::info!(routes = loaded.config.routes.len(), version = loaded.version, files = ?args.files, "configuration loaded");
     warn_if_every_request_is_refused(args.require_key, &loaded.config);

@@ -9,10 +9,11 @@ use super::billing::{Meter, ServedBudget, Standing};
 use super::calls::endpoint::Api;
 use super::cluster::fleet::{BILLED, Fleet};
 use super::cluster::ledger_client::{CALLS, RESULTS};
-use super::observe::genai;
+use super::genai::GenAiMetrics;
 use super::routing::health::Ticks;
 use super::routing::stats::{Cached, QUANTILES, TargetStats};
 use super::shared::Shared;
+use super::snapshot::Snapshot;
 use super::state::{Source, StateRegistry, TargetState};
 use crate::api::units::format_micros;
 use crate::api::{BudgetState, FallbackReason};
@@ -21,7 +22,7 @@ use crate::metrics::{escape, header};
 /// The text exposition of every metric of the sidecar.
 pub fn render(shared: &Shared, now: Ticks) -> String {
     let mut out = render_states(&shared.states, now);
-    genai::render(&shared.snapshot.load(), &mut out);
+    render_genai(&shared.snapshot.load(), &mut out);
     render_budgets(shared, &mut out);
     out
 }
@@ -451,5 +452,53 @@ fn render_fleet(fleet: &Fleet, budgets: &[&Arc<ServedBudget>], out: &mut String)
         let _ = writeln!(out, "sideyard_budget_lease_credit{{budget=\"{}\"}} {}", b.id, format_micros(left));
         let _ = writeln!(out, "sideyard_budget_debt{{budget=\"{}\"}} {}", b.id, format_micros(fleet.debt(account)));
         let _ = writeln!(out, "sideyard_budget_ledger_reachable{{budget=\"{}\"}} {}", b.id, u8::from(reachable));
+    }
+}
+
+/// The GenAI metrics of every target of `snapshot`.
+fn render_genai(snapshot: &Snapshot, out: &mut String) {
+    let mut labelled = Vec::new();
+    for route in &snapshot.routes {
+        for target in &route.targets {
+            let labels = format!(
+                "gen_ai_operation_name=\"{}\",gen_ai_provider_name=\"{}\",gen_ai_request_model=\"{}\",gen_ai_response_model=\"{}\",route=\"{}\",target=\"{}\"",
+                route.serves.as_str(),
+                escape(&target.provider),
+                escape(&route.model),
+                escape(&target.model),
+                escape(&route.id),
+                escape(&target.name),
+            );
+            labelled.push((labels, &target.state.genai));
+        }
+    }
+    header(out, "gen_ai_client_token_usage", "histogram", "Tokens of each answer, by type (input or output).");
+    for (labels, m) in &labelled {
+        m.input_tokens.render(out, "gen_ai_client_token_usage", &format!("{labels},gen_ai_token_type=\"input\""));
+        m.output_tokens.render(out, "gen_ai_client_token_usage", &format!("{labels},gen_ai_token_type=\"output\""));
+    }
+    type Render = fn(&GenAiMetrics, &mut String, &str, &str);
+    let histograms: [(&str, &str, Render); 3] = [
+        (
+            "gen_ai_client_operation_duration_seconds",
+            "Time from a request's arrival to the end of its answer.",
+            |m, o, n, l| m.duration.render(o, n, l),
+        ),
+        (
+            "gen_ai_client_operation_time_to_first_chunk_seconds",
+            "Time from a streamed request's arrival to its first chunk of output (time to first token).",
+            |m, o, n, l| m.first_chunk.render(o, n, l),
+        ),
+        (
+            "gen_ai_server_time_per_output_token_seconds",
+            "Time per output token after the first, of each streamed answer.",
+            |m, o, n, l| m.per_output_token.render(o, n, l),
+        ),
+    ];
+    for (name, help, each) in histograms {
+        header(out, name, "histogram", help);
+        for (labels, m) in &labelled {
+            each(m, out, name, labels);
+        }
     }
 }

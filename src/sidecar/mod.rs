@@ -13,6 +13,7 @@ mod billing;
 mod calls;
 mod cluster;
 mod command;
+mod genai;
 mod metrics;
 mod observe;
 pub mod routing;

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use super::calls::endpoint::Api;
 use super::calls::request_log::RequestLog;
-use super::observe::genai::GenAiMetrics;
+use super::genai::GenAiMetrics;
 use super::routing::health::{HealthTracker, Ticks};
 use super::routing::stats::TargetStats;
 use crate::api::FallbackReason;

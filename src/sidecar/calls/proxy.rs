@@ -139,6 +139,7 @@ async fn converse(shared: Arc<Shared>, request: Request, endpoint: Endpoint) -> 
         caller_headers: &parts.headers,
         force_usage: budget.is_some() && chat.stream,
         arrived,
+        trace: record.0.as_ref().and_then(|r| r.trace),
     };
     let mut trail = Trail { record: record.0.take(), ..Trail::default() };
     let mut response = None;
@@ -325,6 +326,8 @@ struct RouteAttempts<'a> {
     queue: std::vec::IntoIter<usize>,
     panic: bool,
     started: usize,
+    /// The request's attempts before this route's.
+    before: usize,
     running: Vec<Running<'a>>,
 }
 
@@ -345,8 +348,9 @@ impl<'a> RouteAttempts<'a> {
                     None => continue,
                 }
             };
+            let number = self.before + self.started;
             self.started += 1;
-            self.running.push(Box::pin(attempt(self.route, index, probe, self.out, self.shared)));
+            self.running.push(Box::pin(attempt(self.route, index, probe, self.out, self.shared, number)));
             return Some(index);
         }
         None
@@ -434,6 +438,7 @@ async fn serve_route<'a>(
         panic: plan.panic,
         queue: plan.order.into_iter(),
         started: 0,
+        before: trail.attempts,
         running: Vec::with_capacity(2),
     };
     let first = run.start_next();

@@ -8,8 +8,8 @@
 //! (ended, broken, or left by the caller), since only then are its usage and cost known.
 
 pub mod access_log;
-pub mod genai;
 pub mod generations;
+pub mod traces;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -24,15 +24,18 @@ use super::snapshot::{ServedRoute, ServedTarget};
 use crate::api::FallbackReason;
 use crate::providers::Usage;
 use crate::providers::facts::Facts;
+use crate::traces::{Place, Traces};
 
 /// The response header that names a request's record, for `GET /api/v1/generation?id=`.
 pub const GENERATION_ID: HeaderName = HeaderName::from_static("x-sideyard-generation-id");
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// What watches the requests; exists only when at least one observer is on.
 pub struct Observers {
     pub access_log: bool,
     pub generations: Option<Generations>,
+    pub traces: Option<Arc<Traces>>,
     /// Makes record ids unique across restarts of the sidecar without coordination.
     seed: u64,
     next: AtomicU64,
@@ -47,14 +50,15 @@ pub struct ObserverOptions {
 }
 
 impl Observers {
-    /// The observers `options` turn on; `None` when none is.
-    pub fn new(options: ObserverOptions) -> Option<Arc<Observers>> {
+    /// The observers `options` and `traces` turn on; `None` when none is.
+    pub fn new(options: ObserverOptions, traces: Option<Arc<Traces>>) -> Option<Arc<Observers>> {
         let generations = (options.generations > 0).then(|| Generations::new(options.generations));
-        if !options.access_log && generations.is_none() {
+        if !options.access_log && generations.is_none() && traces.is_none() {
             return None;
         }
         let seed = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), Instant::now());
-        Some(Arc::new(Observers { access_log: options.access_log, generations, seed, next: AtomicU64::new(0) }))
+        let access_log = options.access_log;
+        Some(Arc::new(Observers { access_log, generations, traces, seed, next: AtomicU64::new(0) }))
     }
 
     /// A record of a request that arrived at `arrived`.
@@ -87,6 +91,11 @@ impl Observers {
             cost: None,
             finish_reason: None,
             end: End::Answered,
+            trace: self
+                .traces
+                .as_ref()
+                .map(|t| t.place(headers.get(TRACEPARENT).map(HeaderValue::as_bytes)))
+                .filter(|p| p.sampled),
         })
     }
 }
@@ -172,6 +181,8 @@ pub struct Exchange {
     pub cost: Option<u64>,
     pub finish_reason: Option<String>,
     pub end: End,
+    /// The request's span, when it is traced; its attempts' spans are derived from it.
+    pub trace: Option<Place>,
 }
 
 impl Exchange {
@@ -282,6 +293,9 @@ impl Exchange {
         let observers = self.observers.clone();
         if observers.access_log {
             access_log::write(&self);
+        }
+        if let (Some(traces), Some(place)) = (&observers.traces, self.trace) {
+            traces::export(&self, place, traces);
         }
         if let Some(generations) = &observers.generations {
             generations.keep(self);

@@ -25,9 +25,11 @@ use crate::providers::openai::{AnswerInfo, ChatRequest, answer_info, is_context_
 use crate::providers::{BYTES_PER_TOKEN, responses, sse};
 use crate::sidecar::calls::endpoint::{Endpoint, UpstreamPath};
 use crate::sidecar::calls::error::{AttemptFailure, ERROR_SOURCE, ProxyError};
+use crate::sidecar::observe::traces::attempt_traceparent;
 use crate::sidecar::routing::health::{self, AttemptOutcome, HealthTracker};
 use crate::sidecar::shared::Shared;
 use crate::sidecar::snapshot::{ServedRoute, ServedTarget};
+use crate::traces::Place;
 
 /// Caller headers worth passing upstream: identification and tracing, never the caller's key.
 const FORWARDED: [header::HeaderName; 4] = [
@@ -188,6 +190,8 @@ pub struct Outgoing<'a> {
     pub force_usage: bool,
     /// When the request arrived, which the GenAI durations count from.
     pub arrived: Instant,
+    /// The request's span, when it is traced: each attempt sends its own `traceparent` under it.
+    pub trace: Option<Place>,
 }
 
 /// One attempt on `route.targets[index]`.
@@ -197,9 +201,10 @@ pub async fn attempt(
     probe: bool,
     out: &Outgoing<'_>,
     shared: &Shared,
+    number: usize,
 ) -> Finished {
     let mut guard = ProbeGuard { health: &route.targets[index].state.health, policy: &route.health, armed: probe };
-    let result = try_target(route, index, out, shared).await;
+    let result = try_target(route, index, out, shared, number).await;
     guard.armed = false;
     Finished { index, probe, result }
 }
@@ -209,6 +214,7 @@ async fn try_target(
     index: usize,
     out: &Outgoing<'_>,
     shared: &Shared,
+    number: usize,
 ) -> Result<Answer, Failure> {
     let target = &route.targets[index];
     let state = &target.state;
@@ -264,6 +270,11 @@ async fn try_target(
         if let Some(value) = out.caller_headers.get(name) {
             headers.insert(name, value.clone());
         }
+    }
+    if let Some(trace) = &out.trace
+        && let Ok(value) = HeaderValue::try_from(attempt_traceparent(trace, number))
+    {
+        headers.insert(&FORWARDED[1], value);
     }
     if (caller, target.format) == (Format::Anthropic, Format::Anthropic) {
         forward_anthropic_headers(out.caller_headers, target, headers);

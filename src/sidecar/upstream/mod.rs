@@ -259,21 +259,26 @@ impl Clients {
         pools.entry((authority, connect_timeout)).or_insert_with_key(|(a, t)| Pool::new(a.clone(), *t)).clone()
     }
 
-    fn new_client<B>(&self, connect_timeout: Duration) -> Client<TimeoutConnector, B>
-    where
-        B: Body + Send + 'static,
-        B::Data: Send,
-    {
+    /// A connector for `http://` and `https://` URLs, trusting what upstream clients trust.
+    pub fn connector(&self) -> HttpsConnector<HttpConnector> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_keepalive(Some(Duration::from_secs(60)));
         // ALPN offers h2 and http/1.1: HTTP/2 wherever the upstream supports it over TLS.
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
+        hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(self.tls.clone())
             .https_or_http()
             .enable_all_versions()
-            .wrap_connector(http);
+            .wrap_connector(http)
+    }
+
+    fn new_client<B>(&self, connect_timeout: Duration) -> Client<TimeoutConnector, B>
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+    {
+        let https = self.connector();
         Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             // Answers are read as they stream; a small fixed buffer per connection keeps a thousand

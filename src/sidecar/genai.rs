@@ -8,8 +8,7 @@
 
 use std::time::Duration;
 
-use crate::metrics::{Histogram, Scale, escape, header};
-use crate::sidecar::snapshot::Snapshot;
+use crate::metrics::{Histogram, Scale};
 
 /// `gen_ai.client.token.usage`'s buckets.
 #[derive(Debug)]
@@ -60,11 +59,11 @@ impl Scale for PerTokenSeconds {
 /// One target's GenAI histograms.
 #[derive(Debug, Default)]
 pub struct GenAiMetrics {
-    input_tokens: Histogram<Tokens>,
-    output_tokens: Histogram<Tokens>,
-    duration: Histogram<OperationSeconds>,
-    first_chunk: Histogram<FirstChunkSeconds>,
-    per_output_token: Histogram<PerTokenSeconds>,
+    pub(super) input_tokens: Histogram<Tokens>,
+    pub(super) output_tokens: Histogram<Tokens>,
+    pub(super) duration: Histogram<OperationSeconds>,
+    pub(super) first_chunk: Histogram<FirstChunkSeconds>,
+    pub(super) per_output_token: Histogram<PerTokenSeconds>,
 }
 
 impl GenAiMetrics {
@@ -84,54 +83,6 @@ impl GenAiMetrics {
                 let after = duration.saturating_sub(first) / u32::try_from(output - 1).unwrap_or(u32::MAX);
                 self.per_output_token.observe(after);
             }
-        }
-    }
-}
-
-/// The GenAI metrics of every target of `snapshot`.
-pub fn render(snapshot: &Snapshot, out: &mut String) {
-    let mut labelled = Vec::new();
-    for route in &snapshot.routes {
-        for target in &route.targets {
-            let labels = format!(
-                "gen_ai_operation_name=\"{}\",gen_ai_provider_name=\"{}\",gen_ai_request_model=\"{}\",gen_ai_response_model=\"{}\",route=\"{}\",target=\"{}\"",
-                route.serves.as_str(),
-                escape(&target.provider),
-                escape(&route.model),
-                escape(&target.model),
-                escape(&route.id),
-                escape(&target.name),
-            );
-            labelled.push((labels, &target.state.genai));
-        }
-    }
-    header(out, "gen_ai_client_token_usage", "histogram", "Tokens of each answer, by type (input or output).");
-    for (labels, m) in &labelled {
-        m.input_tokens.render(out, "gen_ai_client_token_usage", &format!("{labels},gen_ai_token_type=\"input\""));
-        m.output_tokens.render(out, "gen_ai_client_token_usage", &format!("{labels},gen_ai_token_type=\"output\""));
-    }
-    type Render = fn(&GenAiMetrics, &mut String, &str, &str);
-    let histograms: [(&str, &str, Render); 3] = [
-        (
-            "gen_ai_client_operation_duration_seconds",
-            "Time from a request's arrival to the end of its answer.",
-            |m, o, n, l| m.duration.render(o, n, l),
-        ),
-        (
-            "gen_ai_client_operation_time_to_first_chunk_seconds",
-            "Time from a streamed request's arrival to its first chunk of output (time to first token).",
-            |m, o, n, l| m.first_chunk.render(o, n, l),
-        ),
-        (
-            "gen_ai_server_time_per_output_token_seconds",
-            "Time per output token after the first, of each streamed answer.",
-            |m, o, n, l| m.per_output_token.render(o, n, l),
-        ),
-    ];
-    for (name, help, each) in histograms {
-        header(out, name, "histogram", help);
-        for (labels, m) in &labelled {
-            each(m, out, name, labels);
         }
     }
 }

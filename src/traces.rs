@@ -1,0 +1,303 @@
+//! OpenTelemetry traces over OTLP/HTTP (protobuf), for the sidecar and the operator. Their owners
+//! build each span after the fact, with explicit ids and times, from what they recorded anyway;
+//! here they are sampled, batched and exported by a background task, so that nothing waits on the
+//! collector. Off unless an endpoint is configured: `--otlp-endpoint`, or the standard
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (with
+//! `OTEL_EXPORTER_OTLP_HEADERS`, `_TIMEOUT`, `OTEL_SERVICE_NAME` and `OTEL_SDK_DISABLED` as the
+//! specification says).
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, SystemTime};
+
+use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState};
+use opentelemetry::{InstrumentationScope, KeyValue};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SpanData, SpanEvents, SpanExporter, SpanLinks};
+use tokio::sync::mpsc;
+
+/// Spans waiting for export; beyond, new spans are dropped (and counted).
+const QUEUE: usize = 4096;
+/// Spans per export.
+const BATCH: usize = 512;
+/// How long a span may wait for its batch to fill.
+const LINGER: Duration = Duration::from_millis(500);
+
+/// How the process exports traces.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct TraceArgs {
+    /// OTLP/HTTP endpoint of the trace collector (`http://collector:4318`; `/v1/traces` is
+    /// appended). Without it, the standard `OTEL_EXPORTER_OTLP_ENDPOINT` and
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` are read; with neither, nothing is traced.
+    #[arg(long, env = "SIDEYARD_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// The fraction of traces started here that are recorded, from 0 to 1; a request that comes
+    /// with a `traceparent` follows its sampled flag.
+    #[arg(long, env = "SIDEYARD_TRACE_SAMPLING_RATIO", default_value = "1", value_parser = parse_ratio)]
+    pub trace_sampling_ratio: f64,
+}
+
+fn parse_ratio(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{text:?} is not a ratio from 0 to 1, such as 0.1")),
+    }
+}
+
+/// The exporter's queue and what it did.
+pub struct Traces {
+    queue: mpsc::Sender<SpanData>,
+    /// Trace ids at or below this are sampled (the specification's TraceIdRatioBased).
+    threshold: u64,
+    ids: RandomIdGenerator,
+    scope: InstrumentationScope,
+    pub dropped: AtomicU64,
+    pub exported: Arc<AtomicU64>,
+    pub failed: Arc<AtomicU64>,
+}
+
+/// A span's place in its trace: the trace, its own id, its parent's, and whether it is recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Place {
+    pub trace: TraceId,
+    pub span: SpanId,
+    /// The caller's span, when the trace came with the request.
+    pub parent: Option<SpanId>,
+    pub sampled: bool,
+}
+
+impl Place {
+    /// The `traceparent` that makes a callee's spans children of this one.
+    pub fn traceparent(&self) -> String {
+        format!("00-{}-{}-{:02x}", self.trace, self.span, u8::from(self.sampled))
+    }
+}
+
+impl Traces {
+    /// Starts the export task when traces are configured; `Ok(None)` when they are not. Must run
+    /// inside the Tokio runtime.
+    pub fn start(
+        args: &TraceArgs,
+        service: &'static str,
+        connector: hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    ) -> Result<Option<Arc<Traces>>, String> {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        if env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+            return Ok(None);
+        }
+        let configured = args.otlp_endpoint.is_some()
+            || env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+            || env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some();
+        if !configured {
+            return Ok(None);
+        }
+        let protocol = env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"));
+        if let Some(p) = protocol.filter(|p| p != "http/protobuf") {
+            return Err(format!(
+                "OTEL_EXPORTER_OTLP_PROTOCOL={p} is not supported: Sideyard exports OTLP over HTTP with protobuf (the collector's port 4318); set it to http/protobuf or leave it unset"
+            ));
+        }
+        let timeout = Duration::from_secs(10);
+        let client = opentelemetry_http::hyper::HyperClient::new(connector, timeout, None);
+        let mut builder = opentelemetry_otlp::SpanExporter::builder().with_http().with_http_client(client);
+        if let Some(endpoint) = &args.otlp_endpoint {
+            let url: http::Uri = endpoint.parse().map_err(|e| format!("--otlp-endpoint {endpoint:?}: {e}"))?;
+            if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
+                return Err(format!("--otlp-endpoint {endpoint:?} is not an http:// or https:// URL"));
+            }
+            builder = builder.with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')));
+        }
+        let mut exporter = builder.build().map_err(|e| format!("the OTLP trace exporter: {e}"))?;
+        let service_name = env("OTEL_SERVICE_NAME").unwrap_or_else(|| service.to_string());
+        exporter.set_resource(&Resource::builder().with_service_name(service_name).build());
+        let (queue, spans) = mpsc::channel(QUEUE);
+        let traces = Arc::new(Traces {
+            queue,
+            threshold: (args.trace_sampling_ratio * u64::MAX as f64) as u64,
+            ids: RandomIdGenerator::default(),
+            scope: InstrumentationScope::builder("sideyard").with_version(env!("CARGO_PKG_VERSION")).build(),
+            dropped: AtomicU64::new(0),
+            exported: Arc::default(),
+            failed: Arc::default(),
+        });
+        tokio::spawn(export(exporter, spans, traces.exported.clone(), traces.failed.clone()));
+        Ok(Some(traces))
+    }
+
+    /// Where a new span goes: under the caller's `traceparent` when it has a valid one (sampled as
+    /// it says), else at the root of a new trace (sampled by the ratio).
+    pub fn place(&self, traceparent: Option<&[u8]>) -> Place {
+        let span = self.ids.new_span_id();
+        match traceparent.and_then(parse_traceparent) {
+            Some((trace, parent, sampled)) => Place { trace, span, parent: Some(parent), sampled },
+            None => {
+                let trace = self.ids.new_trace_id();
+                // The lower 8 bytes of a random trace id are random.
+                let low = u64::from_be_bytes(trace.to_bytes()[8..].try_into().unwrap_or_default());
+                Place { trace, span, parent: None, sampled: low <= self.threshold }
+            }
+        }
+    }
+
+    /// Queues a finished span for export; never waits. A full queue drops it.
+    pub fn export(&self, span: Span) {
+        let data = SpanData {
+            span_context: SpanContext::new(
+                span.place.trace,
+                span.place.span,
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::NONE,
+            ),
+            parent_span_id: span.place.parent.unwrap_or(SpanId::INVALID),
+            parent_span_is_remote: span.remote_parent,
+            span_kind: span.kind,
+            name: span.name,
+            start_time: span.start,
+            end_time: span.end,
+            attributes: span.attributes,
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status: span.status,
+            instrumentation_scope: self.scope.clone(),
+        };
+        if self.queue.try_send(data).is_err() {
+            self.dropped.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// A finished span, as its owner built it.
+pub struct Span {
+    pub place: Place,
+    /// The parent is another process's span (the caller's).
+    pub remote_parent: bool,
+    pub kind: SpanKind,
+    pub name: Cow<'static, str>,
+    pub start: SystemTime,
+    pub end: SystemTime,
+    pub attributes: Vec<KeyValue>,
+    pub status: Status,
+}
+
+/// Exports batches until the queue closes, then what is left.
+async fn export(
+    exporter: opentelemetry_otlp::SpanExporter,
+    mut spans: mpsc::Receiver<SpanData>,
+    exported: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+) {
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        let Some(first) = spans.recv().await else { break };
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + LINGER;
+        while batch.len() < BATCH {
+            match tokio::time::timeout_at(deadline, spans.recv()).await {
+                Ok(Some(span)) => batch.push(span),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let n = batch.len() as u64;
+        match exporter.export(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))).await {
+            Ok(()) => exported.fetch_add(n, Relaxed),
+            Err(e) => {
+                tracing::warn!(spans = n, error = %e, "exporting traces failed; the spans are dropped");
+                failed.fetch_add(n, Relaxed)
+            }
+        };
+    }
+}
+
+/// A W3C `traceparent` (`00-<trace>-<parent>-<flags>`): the trace, the caller's span, and whether
+/// it is sampled; `None` for anything else, or for the all-zero ids the format forbids.
+pub fn parse_traceparent(value: &[u8]) -> Option<(TraceId, SpanId, bool)> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    let mut parts = text.split('-');
+    let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    // Version 00 has exactly four fields; a later version may add some after them.
+    if version.len() != 2 || version == "ff" || (version == "00" && parts.next().is_some()) {
+        return None;
+    }
+    fn hex(s: &str, len: usize) -> Option<&str> {
+        (s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))).then_some(s)
+    }
+    u8::from_str_radix(hex(version, 2)?, 16).ok()?;
+    let trace = TraceId::from_hex(hex(trace, 32)?).ok().filter(|t| *t != TraceId::INVALID)?;
+    let parent = SpanId::from_hex(hex(parent, 16)?).ok().filter(|s| *s != SpanId::INVALID)?;
+    let flags = u8::from_str_radix(hex(flags, 2)?, 16).ok()?;
+    Some((trace, parent, flags & 1 == 1))
+}
+
+/// A span id derived from `base` for the `n`th child, so that a child's id is known before the
+/// child is recorded (it goes upstream in `traceparent`) without keeping it anywhere.
+pub fn child_span(base: SpanId, n: usize) -> SpanId {
+    // splitmix64: distinct `n` give distinct, well-spread ids.
+    let mut z = u64::from_be_bytes(base.to_bytes()).wrapping_add((n as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    SpanId::from_bytes(z.max(1).to_be_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn a_traceparent_is_read_as_the_w3c_format_says() {
+        let valid = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let (trace, parent, sampled) = parse_traceparent(valid).expect("valid");
+        assert_eq!(trace.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(parent.to_string(), "00f067aa0ba902b7");
+        assert!(sampled);
+        assert_eq!(
+            parse_traceparent(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00").map(|t| t.2),
+            Some(false)
+        );
+        for bad in [
+            &b"00-00000000000000000000000000000000-00f067aa0ba902b7-01"[..],
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            b"00-4bf92f3577b34da6-00f067aa0ba902b7-01",
+            b"",
+        ] {
+            assert_eq!(parse_traceparent(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+        // A later version may carry more fields.
+        assert!(parse_traceparent(b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-more").is_some());
+    }
+
+    #[test]
+    fn a_place_written_as_traceparent_reads_back() {
+        let place = Place {
+            trace: TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap_or(TraceId::INVALID),
+            span: child_span(SpanId::from_bytes([1; 8]), 3),
+            parent: None,
+            sampled: true,
+        };
+        assert_eq!(parse_traceparent(place.traceparent().as_bytes()), Some((place.trace, place.span, true)));
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_are_a_traceparent_or_none(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
+            let _ = parse_traceparent(&bytes);
+        }
+
+        #[test]
+        fn children_of_one_span_have_distinct_valid_ids(base in any::<[u8; 8]>()) {
+            let ids: std::collections::HashSet<SpanId> = (0..32).map(|n| child_span(SpanId::from_bytes(base), n)).collect();
+            prop_assert_eq!(ids.len(), 32);
+            prop_assert!(!ids.contains(&SpanId::INVALID));
+        }
+    }
+}
