@@ -230,6 +230,10 @@ fn cert_manager_monitoring_and_a_network_policy_render_valid_manifests() {
         "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring",
         "proxy.nativeSidecar=false",
         "proxy.image=registry.example/sideyard:dev",
+        "proxy.accessLog=true",
+        "proxy.generations=1000",
+        "proxy.otlp.endpoint=http://otel-collector.monitoring:4318",
+        "proxy.otlp.samplingRatio=0.1",
         "image.tag=dev",
         "log.format=text",
     ])
@@ -277,6 +281,14 @@ fn cert_manager_monitoring_and_a_network_policy_render_valid_manifests() {
     let args = operator_args(&docs);
     assert!(args.contains(&format!("--webhook-cert-dir={}", mount["mountPath"].as_str().unwrap())), "{args:?}");
     assert!(args.contains(&"--proxy-image=registry.example/sideyard:dev".to_string()), "{args:?}");
+    for flag in [
+        "--proxy-access-log=true",
+        "--proxy-generations=1000",
+        "--proxy-otlp-endpoint=http://otel-collector.monitoring:4318",
+        "--proxy-trace-sampling-ratio=0.1",
+    ] {
+        assert!(args.contains(&flag.to_string()), "{flag} in {args:?}");
+    }
     assert!(args.contains(&"--native-sidecar=false".to_string()), "{args:?}");
     assert_eq!(pod["containers"][0]["image"], "ghcr.io/sideyard/sideyard:dev");
     assert_binary_accepts(&args);
@@ -355,6 +367,9 @@ fn the_values_schema_rejects_misspelt_keys_and_bad_values() {
     refused(&["webhook.failurePolicy=Sometimes"], "failurePolicy");
     refused(&["replicas=0"], "replicas");
     refused(&["proxy.memoryLimit=lots"], "memoryLimit");
+    refused(&["proxy.generations=-1"], "generations");
+    refused(&["proxy.otlp.endpoint=collector:4318"], "endpoint");
+    refused(&["proxy.otlp.samplingRatio=1.5"], "samplingRatio");
     refused(&["replicas=3", "leaderElection.enabled=false"], "leaderElection.enabled=false needs replicas: 1");
 }
 

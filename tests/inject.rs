@@ -172,6 +172,8 @@ async fn an_unusable_annotation_refuses_the_pod_with_the_reason() {
         ("sideyard.dev/generations", "lots", "a number of records from 0 to 100000"),
         ("sideyard.dev/generations", "100001", "a number of records from 0 to 100000"),
         ("sideyard.dev/access-log", "yes", "true or false"),
+        ("sideyard.dev/otlp-endpoint", "collector:4318", "an http:// or https:// URL of an OTLP/HTTP collector"),
+        ("sideyard.dev/trace-sampling-ratio", "2", "a ratio from 0 to 1, such as 0.1"),
     ] {
         pod["metadata"]["annotations"] = json!({ annotation: value });
         let (response, _) = admit(&app, &pod).await;

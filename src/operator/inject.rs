@@ -33,6 +33,8 @@ pub const MEMORY_LIMIT_ANNOTATION: &str = "sideyard.dev/proxy-memory-limit";
 pub const NATIVE_SIDECAR_ANNOTATION: &str = "sideyard.dev/native-sidecar";
 pub const ACCESS_LOG_ANNOTATION: &str = "sideyard.dev/access-log";
 pub const GENERATIONS_ANNOTATION: &str = "sideyard.dev/generations";
+pub const OTLP_ENDPOINT_ANNOTATION: &str = "sideyard.dev/otlp-endpoint";
+pub const TRACE_SAMPLING_ANNOTATION: &str = "sideyard.dev/trace-sampling-ratio";
 /// The most records a pod may ask its sidecar to keep (about a kilobyte each).
 pub const MAX_GENERATIONS: u32 = 100_000;
 const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
@@ -72,6 +74,10 @@ pub struct InjectParams {
     pub access_log: bool,
     /// Records the sidecar keeps for `GET /api/v1/generation`; 0: none.
     pub generations: u32,
+    /// Where the sidecar exports traces (OTLP/HTTP); empty: nowhere.
+    pub otlp_endpoint: String,
+    /// The fraction of new traces recorded, as the sidecar's flag takes it.
+    pub trace_sampling_ratio: String,
 }
 
 impl Default for InjectParams {
@@ -86,6 +92,8 @@ impl Default for InjectParams {
             log_level: "info".into(),
             access_log: false,
             generations: 0,
+            otlp_endpoint: String::new(),
+            trace_sampling_ratio: "1".into(),
         }
     }
 }
@@ -233,6 +241,22 @@ fn with_overrides(defaults: &InjectParams, annotations: &BTreeMap<String, String
             }
         }
     }
+    if let Some(url) = annotations.get(OTLP_ENDPOINT_ANNOTATION) {
+        let ok = url.is_empty()
+            || url
+                .parse::<http::Uri>()
+                .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+        if !ok {
+            return Err(bad(OTLP_ENDPOINT_ANNOTATION, url, "an http:// or https:// URL of an OTLP/HTTP collector"));
+        }
+        params.otlp_endpoint = url.clone();
+    }
+    if let Some(ratio) = annotations.get(TRACE_SAMPLING_ANNOTATION) {
+        if !ratio.parse::<f64>().is_ok_and(|r| (0.0..=1.0).contains(&r)) {
+            return Err(bad(TRACE_SAMPLING_ANNOTATION, ratio, "a ratio from 0 to 1, such as 0.1"));
+        }
+        params.trace_sampling_ratio = ratio.clone();
+    }
     Ok(params)
 }
 
@@ -308,6 +332,11 @@ fn sidecar_container(params: &InjectParams) -> Container {
             .into_iter()
             .chain(params.access_log.then(|| "--access-log".to_string()))
             .chain((params.generations > 0).then(|| format!("--generations={}", params.generations)))
+            .chain((!params.otlp_endpoint.is_empty()).then(|| format!("--otlp-endpoint={}", params.otlp_endpoint)))
+            .chain(
+                (!params.otlp_endpoint.is_empty() && params.trace_sampling_ratio != "1")
+                    .then(|| format!("--trace-sampling-ratio={}", params.trace_sampling_ratio)),
+            )
             .collect(),
         ),
         ports: Some(vec![ContainerPort {
@@ -451,6 +480,15 @@ pub struct InjectArgs {
     /// Records of recent requests the sidecar keeps for `GET /api/v1/generation` (`--generations`).
     #[arg(long = "proxy-generations", env = "SIDEYARD_PROXY_GENERATIONS", default_value_t = 0)]
     pub generations: u32,
+
+    /// Where the sidecar exports traces (an OTLP/HTTP collector, `http://collector:4318`); empty:
+    /// no traces.
+    #[arg(long = "proxy-otlp-endpoint", env = "SIDEYARD_PROXY_OTLP_ENDPOINT", default_value = "")]
+    pub otlp_endpoint: String,
+
+    /// The fraction of new traces the sidecar records, from 0 to 1.
+    #[arg(long = "proxy-trace-sampling-ratio", env = "SIDEYARD_PROXY_TRACE_SAMPLING_RATIO", default_value = "1")]
+    pub trace_sampling_ratio: String,
 }
 
 impl InjectArgs {
@@ -466,6 +504,8 @@ impl InjectArgs {
             log_level: self.log_level.clone(),
             access_log: self.access_log,
             generations: self.generations,
+            otlp_endpoint: self.otlp_endpoint.clone(),
+            trace_sampling_ratio: self.trace_sampling_ratio.clone(),
         };
         let as_annotations = BTreeMap::from([
             (IMAGE_ANNOTATION.to_string(), params.image.clone()),
@@ -474,6 +514,8 @@ impl InjectArgs {
             (MEMORY_LIMIT_ANNOTATION.to_string(), params.memory_limit.clone()),
             (LOG_LEVEL_ANNOTATION.to_string(), params.log_level.clone()),
             (GENERATIONS_ANNOTATION.to_string(), params.generations.to_string()),
+            (OTLP_ENDPOINT_ANNOTATION.to_string(), params.otlp_endpoint.clone()),
+            (TRACE_SAMPLING_ANNOTATION.to_string(), params.trace_sampling_ratio.clone()),
         ]);
         with_overrides(&params, &as_annotations).map_err(|e| {
             // Name the flag, not the annotation it is checked as.
@@ -484,6 +526,8 @@ impl InjectArgs {
                 (MEMORY_REQUEST_ANNOTATION, "--proxy-memory-request"),
                 (MEMORY_LIMIT_ANNOTATION, "--proxy-memory-limit"),
                 (GENERATIONS_ANNOTATION, "--proxy-generations"),
+                (OTLP_ENDPOINT_ANNOTATION, "--proxy-otlp-endpoint"),
+                (TRACE_SAMPLING_ANNOTATION, "--proxy-trace-sampling-ratio"),
             ];
             flags.iter().fold(e, |e, (annotation, flag)| e.replace(&format!("annotation {annotation}"), flag))
         })?;
