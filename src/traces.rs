@@ -25,6 +25,9 @@ const BATCH: usize = 512;
 /// How long a span may wait for its batch to fill.
 const LINGER: Duration = Duration::from_millis(500);
 
+/// What reaches the collector, over TLS or not.
+pub type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
 /// How the process exports traces.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct TraceArgs {
@@ -78,11 +81,12 @@ impl Place {
 
 impl Traces {
     /// Starts the export task when traces are configured; `Ok(None)` when they are not. Must run
-    /// inside the Tokio runtime.
+    /// inside the Tokio runtime. `connector` reaches the collector; `None`: one that trusts the
+    /// Mozilla roots bundled in the binary.
     pub fn start(
         args: &TraceArgs,
         service: &'static str,
-        connector: hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        connector: Option<Connector>,
     ) -> Result<Option<Arc<Traces>>, String> {
         let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         if env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
@@ -100,6 +104,15 @@ impl Traces {
                 "OTEL_EXPORTER_OTLP_PROTOCOL={p} is not supported: Sideyard exports OTLP over HTTP with protobuf (the collector's port 4318); set it to http/protobuf or leave it unset"
             ));
         }
+        let connector = match connector {
+            Some(connector) => connector,
+            None => hyper_rustls::HttpsConnectorBuilder::new()
+                .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))
+                .map_err(|e| format!("TLS for the trace collector: {e}"))?
+                .https_or_http()
+                .enable_http1()
+                .build(),
+        };
         let timeout = Duration::from_secs(10);
         let client = opentelemetry_http::hyper::HyperClient::new(connector, timeout, None);
         let mut builder = opentelemetry_otlp::SpanExporter::builder().with_http().with_http_client(client);
@@ -142,6 +155,28 @@ impl Traces {
         }
     }
 
+    /// Records one span that started at `start` and ends now, with no children: under `traceparent`
+    /// when the caller sent one, else at the root of a new trace; if it is sampled.
+    pub fn record(
+        &self,
+        traceparent: Option<&[u8]>,
+        kind: SpanKind,
+        name: impl Into<Cow<'static, str>>,
+        start: SystemTime,
+        attributes: Vec<KeyValue>,
+        error: Option<String>,
+    ) {
+        let place = self.place(traceparent);
+        if !place.sampled {
+            return;
+        }
+        let status = error.map_or(Status::Unset, Status::error);
+        let remote_parent = place.parent.is_some();
+        let span =
+            Span { place, remote_parent, kind, name: name.into(), start, end: SystemTime::now(), attributes, status };
+        self.export(span);
+    }
+
     /// Queues a finished span for export; never waits. A full queue drops it.
     pub fn export(&self, span: Span) {
         let data = SpanData {
@@ -168,6 +203,21 @@ impl Traces {
         if self.queue.try_send(data).is_err() {
             self.dropped.fetch_add(1, Relaxed);
         }
+    }
+}
+
+/// The process's traces, for code that has no handle of its own to pass them through (the
+/// operator's reconciles and ledger calls), as OpenTelemetry's global provider would be.
+static GLOBAL: std::sync::OnceLock<Arc<Traces>> = std::sync::OnceLock::new();
+
+impl Traces {
+    /// Makes `traces` the process's own; the first call wins.
+    pub fn set_global(traces: Arc<Traces>) {
+        let _ = GLOBAL.set(traces);
+    }
+
+    pub fn global() -> Option<&'static Arc<Traces>> {
+        GLOBAL.get()
     }
 }
 

@@ -6,6 +6,12 @@
 //! only, applies the plan: the config Secret first, then statuses, then events, so a `Ready`
 //! status never names a version that is not published yet.
 
+use std::time::SystemTime;
+
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
+
+use crate::traces::Traces;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -305,6 +311,17 @@ pub async fn reconcile(namespace: Arc<Namespace>, ctx: Arc<Context>) -> Result<A
         Ok(()) => ReconcileOutcome::Success,
         Err(e) => ReconcileOutcome::Error(e.label()),
     };
+    if let Some(traces) = Traces::global() {
+        let attributes = vec![
+            KeyValue::new("k8s.namespace.name", ns.clone()),
+            KeyValue::new("sideyard.routes", routes.len() as i64),
+            KeyValue::new("sideyard.budgets", budgets.len() as i64),
+            KeyValue::new("sideyard.result", outcome.label()),
+        ];
+        let error = result.as_ref().err().map(ToString::to_string);
+        let start = SystemTime::now().checked_sub(started.elapsed()).unwrap_or(SystemTime::UNIX_EPOCH);
+        traces.record(None, SpanKind::Internal, format!("reconcile {ns}"), start, attributes, error);
+    }
     ctx.metrics.reconciled("ProviderRoute", outcome, routes.len());
     ctx.metrics.reconciled("ApiKeyBudget", outcome, budgets.len());
     result?;

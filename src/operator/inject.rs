@@ -484,11 +484,11 @@ pub struct InjectArgs {
     /// Where the sidecar exports traces (an OTLP/HTTP collector, `http://collector:4318`); empty:
     /// no traces.
     #[arg(long = "proxy-otlp-endpoint", env = "SIDEYARD_PROXY_OTLP_ENDPOINT", default_value = "")]
-    pub otlp_endpoint: String,
+    pub proxy_otlp_endpoint: String,
 
     /// The fraction of new traces the sidecar records, from 0 to 1.
     #[arg(long = "proxy-trace-sampling-ratio", env = "SIDEYARD_PROXY_TRACE_SAMPLING_RATIO", default_value = "1")]
-    pub trace_sampling_ratio: String,
+    pub proxy_trace_sampling_ratio: String,
 }
 
 impl InjectArgs {
@@ -504,8 +504,8 @@ impl InjectArgs {
             log_level: self.log_level.clone(),
             access_log: self.access_log,
             generations: self.generations,
-            otlp_endpoint: self.otlp_endpoint.clone(),
-            trace_sampling_ratio: self.trace_sampling_ratio.clone(),
+            otlp_endpoint: self.proxy_otlp_endpoint.clone(),
+            trace_sampling_ratio: self.proxy_trace_sampling_ratio.clone(),
         };
         let as_annotations = BTreeMap::from([
             (IMAGE_ANNOTATION.to_string(), params.image.clone()),

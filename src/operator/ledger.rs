@@ -7,6 +7,10 @@
 //! `/reserve` and `/settle`. A replica that does not lead answers 503 `not_leader`, naming the
 //! leader's ledger URL when it knows it.
 
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
+
+use crate::traces::Traces;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -510,9 +514,15 @@ where
     R: serde::de::DeserializeOwned,
     T: serde::Serialize,
 {
+    let start = SystemTime::now();
+    let mut traced: Vec<KeyValue> = Vec::new();
     let result = async {
         let request: R = body(&bytes)?;
         let (caller, id) = service.admit(&headers, budget(&request)).await?;
+        if Traces::global().is_some() {
+            traced.push(KeyValue::new("sideyard.budget", id.clone()));
+            traced.push(KeyValue::new("k8s.pod.name", caller.pod.clone()));
+        }
         let (answer, persist, since) = {
             let mut fleet = lock(&service.fleet);
             let (answer, persist) = apply(&mut fleet, &id, &caller.pod, &request, now_ms()).map_err(refusal)?;
@@ -525,7 +535,15 @@ where
         Ok::<_, LedgerError>(answer)
     }
     .await;
-    service.metrics.ledger_call(name, result.as_ref().map_or_else(|e| e.code, |_| "ok"));
+    let code = result.as_ref().map_or_else(|e| e.code, |_| "ok");
+    service.metrics.ledger_call(name, code);
+    if let Some(traces) = Traces::global() {
+        traced.push(KeyValue::new("sideyard.ledger.call", name));
+        traced.push(KeyValue::new("sideyard.result", code));
+        let error = result.as_ref().err().map(|e| e.code.to_string());
+        let parent = headers.get("traceparent").map(http::HeaderValue::as_bytes);
+        traces.record(parent, SpanKind::Server, format!("ledger {name}"), start, traced, error);
+    }
     match result {
         Ok(answer) => json(&answer),
         Err(e) => e.into_response(),

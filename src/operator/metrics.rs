@@ -15,6 +15,16 @@ pub enum ReconcileOutcome {
     Error(&'static str),
 }
 
+impl ReconcileOutcome {
+    /// `success`, or the failed step.
+    pub fn label(self) -> &'static str {
+        match self {
+            ReconcileOutcome::Success => "success",
+            ReconcileOutcome::Error(step) => step,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct OperatorMetrics {
     /// Objects reconciled, by kind and outcome.
@@ -127,10 +137,7 @@ impl OperatorMetrics {
             "ProviderRoutes and ApiKeyBudgets reconciled, by kind and result (an error result names the failed step).",
         );
         for ((kind, outcome), n) in lock(&self.reconciles).iter() {
-            let result = match outcome {
-                ReconcileOutcome::Success => "success",
-                ReconcileOutcome::Error(step) => step,
-            };
+            let result = outcome.label();
             let _ = writeln!(out, "sideyard_operator_reconciles_total{{kind=\"{kind}\",result=\"{result}\"}} {n}");
         }
         header(

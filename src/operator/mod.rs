@@ -14,6 +14,7 @@ pub mod push;
 pub mod tls;
 pub mod webhook;
 
+use crate::traces::{TraceArgs, Traces};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -142,6 +143,9 @@ pub struct OperatorArgs {
 
     #[command(flatten)]
     pub inject: InjectArgs,
+
+    #[command(flatten)]
+    pub traces: TraceArgs,
 }
 
 /// Why the operator stopped.
@@ -172,6 +176,10 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
         ))
     })?;
     check_crds(&client).await?;
+    // Reconciles and ledger calls are traced when an OTLP endpoint is configured.
+    if let Some(traces) = Traces::start(&args.traces, "sideyard-operator", None).map_err(OperatorError::Usage)? {
+        Traces::set_global(traces);
+    }
 
     let metrics = Arc::new(OperatorMetrics::default());
     let identity = args.identity.clone().unwrap_or_else(hostname);

@@ -142,7 +142,7 @@ pub async fn run(args: SidecarArgs, shutdown: impl Future<Output = ()>) -> Resul
         Shared::new(&loaded.config, loaded.version, limits, clients, args.require_key, args.state_dir.clone(), fleet)
             .map_err(|e| flag_error("budgets", e))?;
     let mut shared = shared;
-    let traces = Traces::start(&args.traces, "sideyard-sidecar", shared.clients.connector())
+    let traces = Traces::start(&args.traces, "sideyard-sidecar", Some(shared.clients.connector()))
         .map_err(|e| flag_error("traces", e))?;
     let options = ObserverOptions { access_log: args.access_log, generations: args.generations };
     shared.observers = Observers::new(options, traces);

@@ -29,6 +29,7 @@ pub mod cluster;
 pub mod crd_cases;
 pub mod fleet;
 pub mod helm;
+pub mod otlp;
 
 /// The upper bound on any single wait in a test. It only turns a hang into a failure; nothing is
 /// asserted about how long things take.

@@ -72,6 +72,11 @@ impl LedgerReplicas {
 
     /// Replica `identity`, serving the ledger, or not (`--ledger=false`).
     pub fn start(&self, identity: &str, ledger: bool) -> Process {
+        self.start_with(identity, ledger, &[])
+    }
+
+    /// Replica `identity` with `more` flags.
+    pub fn start_with(&self, identity: &str, ledger: bool, more: &[&str]) -> Process {
         let listen = if ledger { format!("127.0.0.1:{}", self.port) } else { "127.0.0.1:0".into() };
         let mut extra = vec![
             "--lease-namespace",
@@ -84,6 +89,7 @@ impl LedgerReplicas {
         if !ledger {
             extra.push("--ledger=false");
         }
+        extra.extend_from_slice(more);
         start_operator(&replica_args(identity, &listen, &extra), &self.kubeconfig).0
     }
 
@@ -102,7 +108,24 @@ impl LedgerReplicas {
     }
 }
 
-async fn chat(api: SocketAddr) -> (u16, Value) {
+/// In `ns`: the Secret `keys` holding [`KEY`], the route `chat` (a mock target, a cent a
+/// request) and the budget `bot` of 100 for that key.
+pub fn apply_chat_and_budget(server: &ApiServer, ns: &str) {
+    let team = ns;
+    let sy = "sideyard.dev/v1alpha1";
+    apply(
+        server,
+        &[
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "keys", "namespace": team}, "stringData": {"app": KEY}}),
+            json!({"apiVersion": sy, "kind": "ProviderRoute", "metadata": {"name": "chat", "namespace": team},
+                   "spec": {"model": "chat", "targets": [{"name": "m", "api": "mock", "pricing": {"request": "0.01"}}]}}),
+            json!({"apiVersion": sy, "kind": "ApiKeyBudget", "metadata": {"name": "bot", "namespace": team},
+                   "spec": {"key": {"secretRef": {"name": "keys", "key": "app"}}, "limit": "100"}}),
+        ],
+    );
+}
+
+pub async fn chat(api: SocketAddr) -> (u16, Value) {
     let reply = read(send_as(api, Some(KEY), "POST", "/v1/chat/completions", CHAT).await).await;
     (reply.status.as_u16(), serde_json::from_str(&reply.body).unwrap_or(Value::Null))
 }
@@ -119,17 +142,7 @@ async fn a_pod_bound_token_spends_its_namespaces_budget_and_other_tokens_get_not
     let replicas = LedgerReplicas::new(server);
     let operator = replicas.start("op-ledger", true);
 
-    let sy = "sideyard.dev/v1alpha1";
-    apply(
-        server,
-        &[
-            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "keys", "namespace": team}, "stringData": {"app": KEY}}),
-            json!({"apiVersion": sy, "kind": "ProviderRoute", "metadata": {"name": "chat", "namespace": team},
-                   "spec": {"model": "chat", "targets": [{"name": "m", "api": "mock", "pricing": {"request": "0.01"}}]}}),
-            json!({"apiVersion": sy, "kind": "ApiKeyBudget", "metadata": {"name": "bot", "namespace": team},
-                   "spec": {"key": {"secretRef": {"name": "keys", "key": "app"}}, "limit": "100"}}),
-        ],
-    );
+    apply_chat_and_budget(server, &team);
     // The published configuration, where a sidecar would have it mounted.
     let config_dir = temp_dir("ledger-config");
     replicas.mount_config(server, &operator, &team, &config_dir).await;

@@ -12,6 +12,7 @@ mod operator;
 mod push;
 mod server;
 mod teams;
+mod traces;
 mod webhook;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
