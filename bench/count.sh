@@ -79,6 +79,14 @@ if [ "$to_chat" -gt $((responses * 2)) ]; then
   exit 1
 fi
 
+# Observing requests (docs/benchmarks.md, "What observing costs"): the access log and the
+# generation store, then traces exported over OTLP; each against the same requests unobserved.
+run observed
+run traced
+observed=$(thread observed 01)
+traced=$(thread traced 01)
+echo "observed: access log and generation store $((observed / 2000)) per request (+$(( (observed - count) / 2000 )), $(( (observed - count) * 1000 / count ))‰); traced $((traced / 2000)) per request (+$(( (traced - count) / 2000 )), $(( (traced - count) * 1000 / count ))‰), export included"
+
 if [ "${1:-}" = "--fleet" ]; then
   run low
   low=$(thread low 01)

@@ -29,6 +29,13 @@
 //! - `responses-to-chat`: `/v1/responses` to chat-only targets (translated);
 //! - `embeddings`: `/v1/embeddings` (JSON only), beside chat's passthrough.
 //!
+//! And what observing requests costs, with the standalone budget:
+//!
+//! - `observed`: the access log (JSON lines to standard error) and the generation store (1,000
+//!   records) on;
+//! - `traced`: traces exported over OTLP/HTTP to a receiver on 127.0.0.1 (on its own thread, so
+//!   callgrind counts it apart), every request sampled; the run ends once every span is exported.
+//!
 //! It prints the wall time per request and, for the ledger, the calls it answered.
 
 use std::convert::Infallible;
@@ -47,7 +54,8 @@ use sideyard::operator::leader::Leadership;
 use sideyard::operator::ledger::{BoundPod, FleetService, Review, Reviewer, StatusStore, router};
 use sideyard::operator::metrics::OperatorMetrics;
 use sideyard::operator::tls::{CertStore, certified_key, issue, serve_https};
-use sideyard::sidecar::{Clients, FleetOptions, Limits, Shared, api_service};
+use sideyard::sidecar::{Clients, FleetOptions, Limits, ObserverOptions, Observers, Shared, api_service};
+use sideyard::traces::{TraceArgs, Traces};
 
 const JSON_ANSWER: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the upstream, all good."},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":8,"total_tokens":20}}"#;
 const STREAM_ANSWER: &str = concat!(
@@ -79,8 +87,10 @@ const RESPONSES_STREAM: &str = concat!(
 );
 const EMBEDDINGS_ANSWER: &str = r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.0123,-0.0456,0.0789,0.0012,-0.0345,0.0678,-0.0901,0.0234]}],"model":"m","usage":{"prompt_tokens":4,"total_tokens":4}}"#;
 const REQUESTS: usize = 2000;
-const MODES: [&str; 11] = [
+const MODES: [&str; 13] = [
     "standalone",
+    "observed",
+    "traced",
     "leased",
     "low",
     "low-latency",
@@ -93,6 +103,31 @@ const MODES: [&str; 11] = [
     "embeddings",
 ];
 const KEY: &str = "sk-hot-path";
+
+/// An OTLP/HTTP receiver on its own thread and runtime, answering every export with 200.
+fn collector() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async move {
+            listener.set_nonblocking(true).expect("nonblocking");
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                tokio::spawn(async move {
+                    let service = service_fn(|request: http::Request<hyper::body::Incoming>| async move {
+                        let _ = request.into_body().collect().await;
+                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::new())))
+                    });
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
+                });
+            }
+        });
+    });
+    addr
+}
 
 async fn upstream() -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -278,7 +313,18 @@ spec:
             fleet = FleetOptions { url: Some(format!("https://localhost:{port}")), ca_file: Some(ca_file), token_file };
             ledger_metrics = Some(metrics);
         }
-        let shared = Arc::new(Shared::new(&config, None, limits, clients, false, state_dir.clone(), fleet).expect("shared"));
+        let mut shared = Shared::new(&config, None, limits, clients, false, state_dir.clone(), fleet).expect("shared");
+        let mut traces = None;
+        if mode == "observed" {
+            sideyard::logs::init(&format!("warn,{}=info", sideyard::sidecar::ACCESS_LOG_TARGET), true);
+            shared.observers = Observers::new(ObserverOptions { access_log: true, generations: 1000 }, None);
+        }
+        if mode == "traced" {
+            let args = TraceArgs { otlp_endpoint: Some(format!("http://{}", collector())), trace_sampling_ratio: 1.0 };
+            traces = Traces::start(&args, "hot-path", None).expect("traces");
+            shared.observers = Observers::new(ObserverOptions::default(), traces.clone());
+        }
+        let shared = Arc::new(shared);
         let app = api_service(shared.clone());
 
         let (json, stream): (&'static [u8], &'static [u8]) = match endpoint {
@@ -338,6 +384,15 @@ spec:
         } else {
             for i in 0..REQUESTS {
                 request(i).await;
+            }
+        }
+        if let Some(traces) = &traces {
+            // A request and its one attempt: two spans each.
+            let spans = 2 * REQUESTS as u64;
+            let deadline = Instant::now() + std::time::Duration::from_secs(60);
+            while traces.exported.load(std::sync::atomic::Ordering::Relaxed) < spans {
+                assert!(Instant::now() < deadline, "the spans were not all exported");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
         }
         let elapsed = started.elapsed();

@@ -5,7 +5,7 @@
 //! own fields, and a JSON reader keeps only one of two equal keys) and a list is a JSON array,
 //! not its debug text.
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::io::IsTerminal;
 
 use serde_json::Value;
@@ -49,9 +49,9 @@ where
         SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
         let meta = event.metadata();
         let mut line = Line::default();
-        line.push("timestamp", Value::from(timestamp));
-        line.push("level", Value::from(meta.level().as_str()));
-        line.push("target", Value::from(meta.target()));
+        line.push("timestamp", timestamp.as_str());
+        line.push("level", meta.level().as_str());
+        line.push("target", meta.target());
         event.record(&mut line);
         // The spans the event happened in, by name, innermost last.
         if let Some(scope) = ctx.event_scope() {
@@ -67,27 +67,31 @@ where
                 .collect();
             line.push("spans", Value::Array(spans));
         }
-        writer.write_str(&line.text)?;
+        // Only JSON text of `str`s was written: it is UTF-8.
+        writer.write_str(std::str::from_utf8(&line.text).map_err(|_| fmt::Error)?)?;
         writer.write_str("}\n")
     }
 }
 
-/// A JSON object written as its fields come.
+/// A JSON object written as its fields come, each value serialized straight into it (an access
+/// line has two dozen fields: no value is built on the way).
 #[derive(Default)]
 struct Line {
-    text: String,
+    text: Vec<u8>,
 }
 
 impl Line {
-    fn push(&mut self, key: &str, value: Value) {
-        self.text.push(if self.text.is_empty() { '{' } else { ',' });
-        // Writing to a String cannot fail.
-        let _ = write!(self.text, "{}:{value}", Value::from(key));
+    fn push(&mut self, key: &str, value: impl serde::Serialize) {
+        self.text.push(if self.text.is_empty() { b'{' } else { b',' });
+        // Writing to a Vec cannot fail, and these values always serialize.
+        let _ = serde_json::to_writer(&mut self.text, key);
+        self.text.push(b':');
+        let _ = serde_json::to_writer(&mut self.text, &value);
     }
 
     /// An event's field: one named like a key of the line's own is written as `field.<name>`,
     /// so that no key repeats.
-    fn field(&mut self, field: &Field, value: Value) {
+    fn field(&mut self, field: &Field, value: impl serde::Serialize) {
         match OWN_KEYS.contains(&field.name()) {
             true => self.push(&format!("field.{}", field.name()), value),
             false => self.push(field.name(), value),
@@ -97,27 +101,28 @@ impl Line {
 
 impl Visit for Line {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.field(field, Value::from(value));
+        self.field(field, value);
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.field(field, Value::from(value));
+        self.field(field, value);
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.field(field, Value::from(value));
+        self.field(field, value);
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.field(field, Value::from(value));
+        self.field(field, value);
     }
 
+    /// A number that is not finite is written as `null`, as JSON has no such numbers.
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.field(field, Value::from(value));
+        self.field(field, value);
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.field(field, Value::from(value.to_string()));
+        self.field(field, value.to_string());
     }
 
     /// A list logged with `?` (its debug text is a JSON array when its items are plain strings

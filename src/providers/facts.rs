@@ -85,9 +85,18 @@ pub fn facts(json: &[u8]) -> Facts {
     serde_json::from_slice::<Peek<'_>>(json).map(Peek::facts).unwrap_or_default()
 }
 
-/// Whether a stream payload may carry a finish reason, so that only those are parsed.
+/// Whether a stream payload may carry a finish reason, so that only those are parsed: a key
+/// ending in `reason` with a string value (every chat chunk has `"finish_reason":null`), or a
+/// `status` that is not an in-progress one.
 pub fn may_end(payload: &[u8]) -> bool {
-    memchr::memmem::find(payload, b"reason\"").is_some() || memchr::memmem::find(payload, b"\"status\"").is_some()
+    let string_after = |key: &[u8], not: &[&[u8]]| {
+        memchr::memmem::find_iter(payload, key).any(|at| {
+            let rest = &payload[at + key.len()..];
+            let rest = rest.trim_ascii_start().strip_prefix(b":").map(<[u8]>::trim_ascii_start);
+            rest.and_then(|r| r.strip_prefix(b"\"")).is_some_and(|value| !not.iter().any(|n| value.starts_with(n)))
+        })
+    };
+    string_after(b"reason\"", &[]) || string_after(b"\"status\"", &[b"in_progress\"", b"queued\""])
 }
 
 #[cfg(test)]
@@ -117,9 +126,12 @@ mod tests {
             json!({"id": "resp_2", "status": "incomplete", "incomplete_details": {"reason": "max_output_tokens"}});
         assert_eq!(of(cut).finish_reason.as_deref(), Some("max_output_tokens"));
         let running = json!({"type": "response.created", "response": {"id": "resp_3", "status": "in_progress"}});
-        assert_eq!(of(running).finish_reason, None, "in progress is not an end");
+        assert_eq!(of(running.clone()).finish_reason, None, "in progress is not an end");
         let chunk = json!({"id": "c", "choices": [{"delta": {"content": "hi"}, "finish_reason": null}]});
-        assert_eq!(of(chunk).finish_reason, None);
+        assert_eq!(of(chunk.clone()).finish_reason, None);
+        assert!(!may_end(chunk.to_string().as_bytes()), "a chunk without a reason is not parsed");
+        assert!(!may_end(running.to_string().as_bytes()), "nor an in-progress response");
+        assert!(may_end(br#"{"choices":[{"finish_reason" : "stop"}]}"#));
         assert_eq!(facts(b"[DONE]"), Facts::default());
     }
 

@@ -26,5 +26,6 @@ pub use calls::service::{ApiService, api_service};
 pub use cluster::fleet::FleetOptions;
 pub use command::{SidecarArgs, SidecarError, run};
 pub use observe::access_log::TARGET as ACCESS_LOG_TARGET;
+pub use observe::{ObserverOptions, Observers};
 pub use shared::{Limits, Shared};
 pub use upstream::Clients;
