@@ -53,6 +53,8 @@ fn parse_ratio(text: &str) -> Result<f64, String> {
 /// The exporter's queue and what it did.
 pub struct Traces {
     queue: mpsc::Sender<SpanData>,
+    /// Asks the export task to send what is queued now, and says when it has.
+    flushes: mpsc::Sender<tokio::sync::oneshot::Sender<()>>,
     /// Trace ids at or below this are sampled (the specification's TraceIdRatioBased).
     threshold: u64,
     ids: RandomIdGenerator,
@@ -127,8 +129,10 @@ impl Traces {
         let service_name = env("OTEL_SERVICE_NAME").unwrap_or_else(|| service.to_string());
         exporter.set_resource(&Resource::builder().with_service_name(service_name).build());
         let (queue, spans) = mpsc::channel(QUEUE);
+        let (flushes, flush_requests) = mpsc::channel(1);
         let traces = Arc::new(Traces {
             queue,
+            flushes,
             threshold: (args.trace_sampling_ratio * u64::MAX as f64) as u64,
             ids: RandomIdGenerator::default(),
             scope: InstrumentationScope::builder("sideyard").with_version(env!("CARGO_PKG_VERSION")).build(),
@@ -136,7 +140,7 @@ impl Traces {
             exported: Arc::default(),
             failed: Arc::default(),
         });
-        tokio::spawn(export(exporter, spans, traces.exported.clone(), traces.failed.clone()));
+        tokio::spawn(export(exporter, spans, flush_requests, traces.exported.clone(), traces.failed.clone()));
         Ok(Some(traces))
     }
 
@@ -175,6 +179,20 @@ impl Traces {
         let span =
             Span { place, remote_parent, kind, name: name.into(), start, end: SystemTime::now(), attributes, status };
         self.export(span);
+    }
+
+    /// Sends what is queued, waiting at most `within`: at shutdown, so that the last requests'
+    /// spans are not lost with the process.
+    pub async fn flush(&self, within: Duration) {
+        let (done, exported) = tokio::sync::oneshot::channel();
+        let flushed = async {
+            if self.flushes.send(done).await.is_ok() {
+                let _ = exported.await;
+            }
+        };
+        if tokio::time::timeout(within, flushed).await.is_err() {
+            tracing::warn!(within = ?within, "the last spans were not all exported before shutdown");
+        }
     }
 
     /// Queues a finished span for export; never waits. A full queue drops it.
@@ -234,32 +252,71 @@ pub struct Span {
     pub status: Status,
 }
 
-/// Exports batches until the queue closes, then what is left.
+/// Exports batches of up to [`BATCH`] spans, each sent when full or [`LINGER`] after its first
+/// span, or at once when a flush asks; until the queue closes.
 async fn export(
     exporter: opentelemetry_otlp::SpanExporter,
     mut spans: mpsc::Receiver<SpanData>,
+    mut flushes: mpsc::Receiver<tokio::sync::oneshot::Sender<()>>,
     exported: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
 ) {
-    let mut batch = Vec::with_capacity(BATCH);
-    loop {
-        let Some(first) = spans.recv().await else { break };
-        batch.push(first);
-        let deadline = tokio::time::Instant::now() + LINGER;
-        while batch.len() < BATCH {
-            match tokio::time::timeout_at(deadline, spans.recv()).await {
-                Ok(Some(span)) => batch.push(span),
-                Ok(None) | Err(_) => break,
-            }
-        }
+    let send = |batch: Vec<SpanData>| {
         let n = batch.len() as u64;
-        match exporter.export(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))).await {
-            Ok(()) => exported.fetch_add(n, Relaxed),
-            Err(e) => {
-                tracing::warn!(spans = n, error = %e, "exporting traces failed; the spans are dropped");
-                failed.fetch_add(n, Relaxed)
+        let export = exporter.export(batch);
+        let (exported, failed) = (exported.clone(), failed.clone());
+        async move {
+            match export.await {
+                Ok(()) => exported.fetch_add(n, Relaxed),
+                Err(e) => {
+                    tracing::warn!(spans = n, error = %e, "exporting traces failed; the spans are dropped");
+                    failed.fetch_add(n, Relaxed)
+                }
+            };
+        }
+    };
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut deadline = None;
+    loop {
+        let linger = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
             }
         };
+        tokio::select! {
+            span = spans.recv() => match span {
+                Some(span) => {
+                    deadline.get_or_insert_with(|| tokio::time::Instant::now() + LINGER);
+                    batch.push(span);
+                    if batch.len() < BATCH {
+                        continue;
+                    }
+                }
+                None => {
+                    if !batch.is_empty() {
+                        send(batch).await;
+                    }
+                    return;
+                }
+            },
+            () = linger => {}
+            Some(done) = flushes.recv() => {
+                while let Ok(span) = spans.try_recv() {
+                    batch.push(span);
+                }
+                for chunk in std::mem::take(&mut batch).chunks(BATCH) {
+                    send(chunk.to_vec()).await;
+                }
+                deadline = None;
+                let _ = done.send(());
+                continue;
+            }
+        }
+        deadline = None;
+        if !batch.is_empty() {
+            send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))).await;
+        }
     }
 }
 

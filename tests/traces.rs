@@ -147,3 +147,19 @@ fn run_with_env(args: &[&str], envs: &[(&str, &str)]) -> (Option<i32>, String, S
         .expect("run sideyard");
     (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spans_still_queued_at_shutdown_are_exported_before_the_process_exits() {
+    let (collector, received) = receiver().await;
+    let config = route_yaml("chat", "", &["{name: mock, api: mock, baseUrl: 'mock://local'}"]);
+    let sidecar = Sidecar::start_with(&config, &["--otlp-endpoint", &format!("http://{collector}")], &[]);
+    let body = r#"{"model":"chat","messages":[{"role":"user","content":"hi"}]}"#;
+    assert_eq!(post(sidecar.api, "/v1/chat/completions", body).await.status, 200);
+    // Stopped at once: its spans wait in the exporter's batch for another half second.
+    sidecar.process.terminate();
+    let mut process = sidecar.process;
+    let status = tokio::task::spawn_blocking(move || process.wait_exit()).await.unwrap();
+    assert!(status.success());
+    let spans = received.0.lock().unwrap().len();
+    assert_eq!(spans, 2, "the request's and its attempt's spans, received before the process exited");
+}

@@ -398,6 +398,9 @@ pub async fn run(args: OperatorArgs, signal: impl Future<Output = ()>) -> Result
     }
     leader_gauge.abort();
     let _ = admin.await;
+    if let Some(traces) = Traces::global() {
+        traces.flush(Duration::from_secs(5)).await;
+    }
     outcome
 }
 

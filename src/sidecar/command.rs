@@ -224,6 +224,9 @@ pub async fn run(args: SidecarArgs, shutdown: impl Future<Output = ()>) -> Resul
     if let Some(fleet) = shared.fleet() {
         fleet.close(Duration::from_secs(5)).await;
     }
+    if let Some(traces) = shared.observers.as_ref().and_then(|o| o.traces.as_ref()) {
+        traces.flush(Duration::from_secs(5)).await;
+    }
     tracing::info!("stopped");
     Ok(())
 }
