@@ -317,7 +317,7 @@ spec:
         let mut traces = None;
         if mode == "observed" {
             sideyard::logs::init(&format!("warn,{}=info", sideyard::sidecar::ACCESS_LOG_TARGET), true);
-            shared.observers = Observers::new(ObserverOptions { access_log: true, generations: 1000 }, None);
+            shared.observers = Observers::new(ObserverOptions { access_log: true, generations: 1000, ..Default::default() }, None);
         }
         if mode == "traced" {
             let args = TraceArgs { otlp_endpoint: Some(format!("http://{}", collector())), trace_sampling_ratio: 1.0 };

@@ -163,3 +163,48 @@ async fn spans_still_queued_at_shutdown_are_exported_before_the_process_exits() 
     let spans = received.0.lock().unwrap().len();
     assert_eq!(spans, 2, "the request's and its attempt's spans, received before the process exited");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_trace_content_the_messages_and_the_answer_text_are_in_the_request_span() {
+    let (collector, received) = receiver().await;
+    let config =
+        route_yaml("chat", "", &["{name: mock, api: mock, baseUrl: 'mock://local?chunks=3&chunk-interval=1ms'}"]);
+    let args = ["--otlp-endpoint", &format!("http://{collector}"), "--trace-content"];
+    let sidecar = Sidecar::start_with(&config, &args, &[]);
+    for stream in [false, true] {
+        let body = format!(
+            r#"{{"model":"chat","stream":{stream},"messages":[{{"role":"user","content":"the zebra crossing prompt"}}]}}"#
+        );
+        let response = send(sidecar.api, "POST", "/v1/chat/completions", &body).await;
+        let text = rest(&mut response.into_body()).await;
+        // The words the mock answered, as the caller got them.
+        let answered: String = if stream {
+            sse_data(&text)
+                .iter()
+                .filter_map(|e| serde_json::from_str::<serde_json::Value>(e).ok())
+                .filter_map(|e| e["choices"][0]["delta"]["content"].as_str().map(String::from))
+                .collect()
+        } else {
+            serde_json::from_str::<serde_json::Value>(&text).unwrap()["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        assert!(!answered.is_empty());
+        let mut span = None;
+        eventually("the request's span", || {
+            let spans = received.0.lock().unwrap();
+            span = spans.iter().rev().map(|(_, s)| attributes(s)).find(|a| {
+                a.get("gen_ai.output.messages").is_some_and(|o| o.contains(&answered))
+                    && a.contains_key("sideyard.attempts")
+            });
+            std::future::ready(span.is_some())
+        })
+        .await;
+        let span = span.unwrap_or_default();
+        assert_eq!(span["gen_ai.input.messages"], r#"[{"role":"user","content":"the zebra crossing prompt"}]"#);
+        let output: serde_json::Value = serde_json::from_str(&span["gen_ai.output.messages"]).unwrap();
+        assert_eq!(output[0]["parts"][0]["content"], answered.as_str(), "stream: {stream}");
+        assert_eq!(output[0]["finish_reason"], "stop");
+    }
+}

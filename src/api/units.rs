@@ -167,6 +167,15 @@ pub fn parse_json_micros(text: &str) -> Result<u64, String> {
     integer.parse().map_err(|_| too_large())
 }
 
+/// The longest start of `s` of at most `max` bytes that ends on a character boundary.
+pub fn prefix(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// Formats micro-units as the shortest decimal string that [`parse_micros`] reads back.
 /// Written digit by digit: it runs for every metered answer (the cost header and body field),
 /// where two `format!`s cost more than the rest of the bill.
@@ -205,6 +214,14 @@ pub fn format_micros(micros: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_ends_on_a_character_boundary() {
+        assert_eq!(prefix("café au lait", 4), "caf", "é is two bytes: not cut in half");
+        assert_eq!(prefix("café", 5), "café");
+        assert_eq!(prefix("café", 99), "café");
+        assert_eq!(prefix("", 3), "");
+    }
 
     #[test]
     fn durations() {

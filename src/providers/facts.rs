@@ -5,11 +5,13 @@
 //! `delta.stop_reason`), Responses (`id` or `response.id`, `status`, and
 //! `incomplete_details.reason`).
 //!
-//! Read only when something records requests, so it parses rather than scans.
+//! Read only when something records requests, so it parses rather than scans. The content
+//! (`input_messages`, `answer_text`, `delta_text`) is read only for traces that record it.
 
 use std::borrow::Cow;
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 /// An answer's id and finish reason, each when the bytes have one.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -99,6 +101,106 @@ pub fn may_end(payload: &[u8]) -> bool {
     string_after(b"reason\"", &[]) || string_after(b"\"status\"", &[b"in_progress\"", b"queued\""])
 }
 
+/// The conversation a request sends, as its own JSON, for traces that record content: its
+/// `messages` (with `system` when it has one), or its `input` (Responses, embeddings), or its
+/// `prompt` (legacy completions).
+pub fn input_messages(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Input<'a> {
+        #[serde(borrow, default)]
+        system: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        messages: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        input: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        prompt: Option<&'a RawValue>,
+    }
+    let peek: Input<'_> = serde_json::from_slice(body).ok()?;
+    match (peek.system, peek.messages) {
+        (Some(system), Some(messages)) => {
+            Some(format!(r#"{{"system":{},"messages":{}}}"#, system.get(), messages.get()))
+        }
+        (_, Some(messages)) => Some(messages.get().to_string()),
+        _ => peek.input.or(peek.prompt).map(|raw| raw.get().to_string()),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct Texts<'a> {
+    #[serde(borrow, default)]
+    choices: Vec<TextChoice<'a>>,
+    /// A Messages answer's blocks.
+    #[serde(borrow, default)]
+    content: Option<Vec<Block<'a>>>,
+    /// A Responses answer's items.
+    #[serde(borrow, default)]
+    output: Option<Vec<Item<'a>>>,
+    /// A Messages `content_block_delta`'s `{"text"}`, or a Responses text delta's string.
+    #[serde(borrow, default)]
+    delta: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct TextChoice<'a> {
+    #[serde(borrow, default)]
+    message: Option<Block<'a>>,
+    #[serde(borrow, default)]
+    delta: Option<Block<'a>>,
+    /// Legacy completions.
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Block<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Item<'a> {
+    #[serde(borrow, default)]
+    content: Option<Vec<Block<'a>>>,
+}
+
+/// The text of a whole answer in any format the sidecar answers in; empty when it has none.
+pub fn answer_text(json: &[u8]) -> String {
+    let peek: Texts<'_> = serde_json::from_slice(json).unwrap_or_default();
+    let mut out = String::new();
+    for choice in &peek.choices {
+        let message = choice.message.as_ref().and_then(|m| m.content.as_deref());
+        out.push_str(message.or(choice.text.as_deref()).unwrap_or_default());
+    }
+    let blocks =
+        peek.content.iter().flatten().chain(peek.output.iter().flatten().flat_map(|i| i.content.iter().flatten()));
+    for block in blocks {
+        out.push_str(block.text.as_deref().unwrap_or_default());
+    }
+    out
+}
+
+/// The text one stream event adds, in any format the sidecar streams in.
+pub fn delta_text(payload: &[u8], out: &mut String) {
+    let Ok(peek) = serde_json::from_slice::<Texts<'_>>(payload) else { return };
+    for choice in &peek.choices {
+        let delta = choice.delta.as_ref().and_then(|d| d.content.as_deref());
+        out.push_str(delta.or(choice.text.as_deref()).unwrap_or_default());
+    }
+    match peek.delta.map(RawValue::get) {
+        Some(text) if text.starts_with('"') => {
+            out.push_str(&serde_json::from_str::<Cow<'_, str>>(text).unwrap_or_default())
+        }
+        Some(block) => {
+            let text = serde_json::from_str::<Block<'_>>(block).ok().and_then(|b| b.text);
+            out.push_str(text.as_deref().unwrap_or_default());
+        }
+        None => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -135,11 +237,48 @@ mod tests {
         assert_eq!(facts(b"[DONE]"), Facts::default());
     }
 
+    #[test]
+    fn the_content_of_requests_answers_and_events_in_every_format() {
+        let chat = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+        assert_eq!(input_messages(chat).as_deref(), Some(r#"[{"role":"user","content":"hi"}]"#), "as sent");
+        let messages = json!({"model": "m", "system": "be brief", "messages": []});
+        assert_eq!(
+            input_messages(messages.to_string().as_bytes()).as_deref(),
+            Some(r#"{"system":"be brief","messages":[]}"#)
+        );
+        assert_eq!(input_messages(br#"{"model":"m","input":"hello"}"#).as_deref(), Some(r#""hello""#));
+        assert_eq!(input_messages(b"[1]"), None);
+
+        let answers = [
+            json!({"choices": [{"message": {"role": "assistant", "content": "Hello"}}]}),
+            json!({"type": "message", "content": [{"type": "text", "text": "Hello"}]}),
+            json!({"output": [{"type": "message", "content": [{"type": "output_text", "text": "Hello"}]}]}),
+            json!({"choices": [{"text": "Hello"}]}),
+        ];
+        for answer in answers {
+            assert_eq!(answer_text(answer.to_string().as_bytes()), "Hello", "{answer}");
+        }
+        let mut out = String::new();
+        for event in [
+            json!({"choices": [{"delta": {"content": "He"}}]}),
+            json!({"type": "content_block_delta", "delta": {"type": "text_delta", "text": "l"}}),
+            json!({"type": "response.output_text.delta", "delta": "l"}),
+            json!({"choices": [{"text": "o"}]}),
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}}),
+        ] {
+            delta_text(event.to_string().as_bytes(), &mut out);
+        }
+        assert_eq!(out, "Hello");
+    }
+
     proptest! {
         #[test]
         fn any_bytes_give_facts_or_none_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = facts(&bytes);
             let _ = may_end(&bytes);
+            let _ = input_messages(&bytes);
+            let _ = answer_text(&bytes);
+            delta_text(&bytes, &mut String::new());
         }
 
         #[test]

@@ -103,6 +103,12 @@ pub struct SidecarArgs {
 
     #[command(flatten)]
     pub traces: TraceArgs,
+
+    /// Record each traced request's messages and answer text in its span (`gen_ai.input.messages`,
+    /// `gen_ai.output.messages`, at most 64 KiB each). Off by default: prompts and answers often
+    /// hold what should not leave the pod.
+    #[arg(long, env = "SIDEYARD_TRACE_CONTENT")]
+    pub trace_content: bool,
 }
 
 /// Why the sidecar stopped.
@@ -144,7 +150,14 @@ pub async fn run(args: SidecarArgs, shutdown: impl Future<Output = ()>) -> Resul
     let mut shared = shared;
     let traces = Traces::start(&args.traces, "sideyard-sidecar", Some(shared.clients.connector()))
         .map_err(|e| flag_error("traces", e))?;
-    let options = ObserverOptions { access_log: args.access_log, generations: args.generations };
+    if args.trace_content && traces.is_none() {
+        tracing::warn!("--trace-content has no effect without an OTLP endpoint (--otlp-endpoint)");
+    }
+    let options = ObserverOptions {
+        access_log: args.access_log,
+        generations: args.generations,
+        trace_content: args.trace_content,
+    };
     shared.observers = Observers::new(options, traces);
     let shared = Arc::new(shared);
     tracing::info!(routes = loaded.config.routes.len(), version = loaded.version, files = ?args.files, "configuration loaded");

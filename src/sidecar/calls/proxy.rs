@@ -27,7 +27,7 @@ use crate::api::FallbackReason;
 use crate::api::units::format_micros;
 use crate::config::Format;
 use crate::providers::BYTES_PER_TOKEN;
-use crate::providers::facts::facts;
+use crate::providers::facts::{answer_text, facts, input_messages};
 use crate::providers::openai::{self, RequestError, parse_chat_request, rename_model};
 use crate::providers::responses;
 use crate::sidecar::billing::{self, Bill, ServedBudget, StreamBill, caller_key, key_hash};
@@ -97,6 +97,9 @@ async fn converse(shared: Arc<Shared>, request: Request, endpoint: Endpoint) -> 
     if caller == Format::Anthropic && chat.max_tokens.is_none() {
         let error = ProxyError::BadRequest { code: "missing_max_tokens", message: "max_tokens: Field required".into() };
         return refuse(&mut record, error, Some(&chat.model));
+    }
+    if let Some(content) = record.0.as_deref_mut().and_then(|r| r.content.as_deref_mut()) {
+        content.ask(input_messages(&body).unwrap_or_default());
     }
     if let Some(r) = record.0.as_deref_mut() {
         r.prompt_estimate = body.len() as u64 / BYTES_PER_TOKEN;
@@ -610,6 +613,9 @@ fn commit(
             if let Some(r) = record.as_deref_mut() {
                 r.settled(settled);
                 r.learn(facts(&body));
+                if let Some(content) = r.content.as_deref_mut() {
+                    content.answer(&answer_text(&body));
+                }
             }
             let body = info.with_cost(&body, &format_micros(settled.cost));
             let body = match &rename {

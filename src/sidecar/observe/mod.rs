@@ -22,6 +22,7 @@ use super::billing::{Settled, caller_key, key_hash};
 use super::calls::endpoint::Endpoint;
 use super::snapshot::{ServedRoute, ServedTarget};
 use crate::api::FallbackReason;
+use crate::api::units::prefix;
 use crate::providers::Usage;
 use crate::providers::facts::Facts;
 use crate::traces::{Place, Traces};
@@ -36,6 +37,8 @@ pub struct Observers {
     pub access_log: bool,
     pub generations: Option<Generations>,
     pub traces: Option<Arc<Traces>>,
+    /// Traced requests record their messages and answer text.
+    trace_content: bool,
     /// Makes record ids unique across restarts of the sidecar without coordination.
     seed: u64,
     next: AtomicU64,
@@ -47,6 +50,8 @@ pub struct ObserverOptions {
     pub access_log: bool,
     /// Records the generation store keeps; 0: none.
     pub generations: usize,
+    /// Traced requests record their messages and answer text.
+    pub trace_content: bool,
 }
 
 impl Observers {
@@ -57,13 +62,15 @@ impl Observers {
             return None;
         }
         let seed = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), Instant::now());
-        let access_log = options.access_log;
-        Some(Arc::new(Observers { access_log, generations, traces, seed, next: AtomicU64::new(0) }))
+        let (access_log, trace_content) = (options.access_log, options.trace_content);
+        Some(Arc::new(Observers { access_log, generations, traces, trace_content, seed, next: AtomicU64::new(0) }))
     }
 
     /// A record of a request that arrived at `arrived`.
     pub fn start(self: &Arc<Self>, endpoint: Endpoint, headers: &HeaderMap, arrived: Instant) -> Box<Exchange> {
         let n = self.next.fetch_add(1, Relaxed);
+        let trace = self.traces.as_ref().map(|t| t.place(headers.get(TRACEPARENT).map(HeaderValue::as_bytes)));
+        let trace = trace.filter(|p| p.sampled);
         let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
         Box::new(Exchange {
             observers: self.clone(),
@@ -91,11 +98,8 @@ impl Observers {
             cost: None,
             finish_reason: None,
             end: End::Answered,
-            trace: self
-                .traces
-                .as_ref()
-                .map(|t| t.place(headers.get(TRACEPARENT).map(HeaderValue::as_bytes)))
-                .filter(|p| p.sampled),
+            content: (trace.is_some() && self.trace_content).then(Box::default),
+            trace,
         })
     }
 }
@@ -183,6 +187,33 @@ pub struct Exchange {
     pub end: End,
     /// The request's span, when it is traced; its attempts' spans are derived from it.
     pub trace: Option<Place>,
+    /// The messages and the answer's text, when traces record them (`--trace-content`).
+    pub content: Option<Box<Content>>,
+}
+
+/// What a traced request said and was answered, each at most [`Content::MAX_BYTES`].
+#[derive(Default)]
+pub struct Content {
+    pub input: String,
+    pub output: String,
+}
+
+impl Content {
+    pub const MAX_BYTES: usize = 64 * 1024;
+
+    /// Appends answer text, up to the bound.
+    pub fn answer(&mut self, text: &str) {
+        let room = Self::MAX_BYTES.saturating_sub(self.output.len());
+        self.output.push_str(prefix(text, room));
+    }
+
+    /// The request's messages, up to the bound.
+    pub fn ask(&mut self, messages: String) {
+        let kept = prefix(&messages, Self::MAX_BYTES).len();
+        let mut messages = messages;
+        messages.truncate(kept);
+        self.input = messages;
+    }
 }
 
 impl Exchange {

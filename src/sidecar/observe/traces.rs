@@ -56,6 +56,15 @@ pub fn export(x: &Exchange, place: Place, traces: &Traces) {
     }
     let answer = answer_attributes(x);
     attributes.extend(answer.iter().cloned());
+    if let Some(content) = &x.content {
+        attributes.push(KeyValue::new("gen_ai.input.messages", content.input.clone()));
+        let output = serde_json::json!([{
+            "role": "assistant",
+            "parts": [{"type": "text", "content": content.output}],
+            "finish_reason": x.finish_reason,
+        }]);
+        attributes.push(KeyValue::new("gen_ai.output.messages", output.to_string()));
+    }
     let failed = x.status >= 500 || matches!(x.end, End::Broken(_));
     let status = if failed { Status::error(format!("{} {}", x.status, x.end.as_str())) } else { Status::Unset };
     let name = if model.is_empty() { Cow::Borrowed(operation) } else { Cow::Owned(format!("{operation} {model}")) };

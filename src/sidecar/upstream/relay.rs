@@ -21,7 +21,7 @@ use crate::api::units::format_duration;
 use crate::config::Format;
 use crate::providers::anthropic::callers::{self, EventStream};
 use crate::providers::anthropic::{self, ChunkStream};
-use crate::providers::facts::{facts, may_end};
+use crate::providers::facts::{delta_text, facts, may_end};
 use crate::providers::openai::{
     ChunkInfo, chunk_info, mentions_usage, rename_events, stream_error_event, text_chunk_info,
 };
@@ -465,6 +465,11 @@ fn learn(record: &mut Exchange, events: &[u8]) {
     for payload in sse::payloads(events) {
         if record.answer_id.is_none() || may_end(payload) {
             record.learn(facts(payload));
+        }
+        if let Some(content) = record.content.as_deref_mut() {
+            let mut text = String::new();
+            delta_text(payload, &mut text);
+            content.answer(&text);
         }
     }
 }
