@@ -288,3 +288,30 @@ async fn the_genai_metrics_count_each_answer_s_tokens_and_times() {
     assert_eq!(metric(&metrics, &format!("gen_ai_server_time_per_output_token_seconds_count{{{stream}}}")), 1);
     assert!(metrics.contains("# TYPE gen_ai_client_token_usage histogram"), "{metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_passed_through_gets_its_access_line_too() {
+    let up = ScriptedUpstream::start().await;
+    let config = route_yaml("chat", "", &[&format!("{{name: up, baseUrl: \"{}\", model: m}}", up.url("ok"))]);
+    let sidecar = Sidecar::start_with(&config, &["--access-log", "--log-format", "json"], &[]);
+    let headers = [("x-request-id", "req-moderation")];
+    let body = r#"{"model":"chat","input":"the zebra crossing prompt"}"#;
+    let reply = read(send_with(sidecar.api, "POST", "/v1/moderations", &headers, body).await).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(up.hits("ok"), 1, "passed through to the route's target");
+    let line = access_line(&sidecar, "req-moderation").await;
+    assert_eq!((line["method"].clone(), line["path"].clone()), ("POST".into(), "/v1/moderations".into()));
+    assert_eq!((line["model"].clone(), line["route"].clone()), ("chat".into(), "default/chat".into()));
+    assert_eq!((line["upstream_target"].clone(), line["status"].clone()), ("up".into(), 200.into()));
+    assert!(!line.to_string().contains("zebra"), "{line}");
+
+    // Refused before any target: an unknown path is a request too.
+    let headers = [("x-request-id", "req-nowhere")];
+    let reply = read(send_with(sidecar.api, "GET", "/nowhere", &headers, "").await).await;
+    assert_eq!(reply.status, 404);
+    let line = access_line(&sidecar, "req-nowhere").await;
+    assert_eq!(
+        (line["method"].clone(), line["path"].clone(), line["status"].clone()),
+        ("GET".into(), "/nowhere".into(), 404.into())
+    );
+}

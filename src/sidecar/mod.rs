@@ -25,7 +25,7 @@ mod upstream;
 pub use calls::service::{ApiService, api_service};
 pub use cluster::fleet::FleetOptions;
 pub use command::{SidecarArgs, SidecarError, run};
-pub use observe::access_log::TARGET as ACCESS_LOG_TARGET;
+pub use observe::access_log::LOG_TARGET as ACCESS_LOG_TARGET;
 pub use observe::{ObserverOptions, Observers};
 pub use shared::{Limits, Shared};
 pub use upstream::Clients;

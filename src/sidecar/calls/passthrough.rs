@@ -20,7 +20,7 @@ use http_body_util::BodyExt;
 use tokio::time::timeout;
 
 use super::endpoint::Api;
-use super::error::{AttemptFailure, ERROR_SOURCE, ProxyError, add_rate_headers};
+use super::error::{AttemptFailure, ERROR_SOURCE, ProxyError, TARGET, add_rate_headers};
 use super::proxy::{authenticate, bad_request, finish, read_request, record_health, refused_credentials, unrouted};
 use super::request_log::{Outcome, RequestLog};
 use crate::api::FallbackReason;
@@ -31,6 +31,7 @@ use crate::providers::multipart::{self, ModelField};
 use crate::providers::openai::optional_model;
 use crate::providers::{Prefs, splice};
 use crate::sidecar::billing;
+use crate::sidecar::observe::Recording;
 use crate::sidecar::routing::health::{self, AttemptOutcome};
 use crate::sidecar::routing::plan;
 use crate::sidecar::shared::Shared;
@@ -74,28 +75,33 @@ struct Model {
 
 /// `/v1/...` calls the sidecar does not serve itself.
 pub async fn passthrough(State(shared): State<Arc<Shared>>, request: Request) -> Response {
-    let path = request.uri().path();
+    let arrived = std::time::Instant::now();
+    let (parts, body) = request.into_parts();
+    let mut record = Recording(shared.observers.as_ref().map(|o| o.start(&parts, false, arrived)));
+    let path = parts.uri.path();
     if !path.starts_with("/v1/") {
-        return unrouted(&shared, ProxyError::UnknownPath { path: path.to_string() });
+        return record.respond(unrouted(&shared, ProxyError::UnknownPath { path: path.to_string() }));
     }
     if path == "/v1/realtime" || path.starts_with("/v1/realtime/") {
-        return unrouted(&shared, ProxyError::RealtimeUnsupported);
+        return record.respond(unrouted(&shared, ProxyError::RealtimeUnsupported));
     }
     shared.states.api_calls[Api::Passthrough.index()].inc();
     let snapshot = shared.snapshot.load_full();
-    let (parts, body) = request.into_parts();
     // A call refused before any target took it, logged as it ends.
-    let refuse = |error: ProxyError, model: Option<&str>| {
+    let refuse = |record: &mut Recording, error: ProxyError, model: Option<&str>| {
         let response = unrouted(&shared, error);
         let outcome = Outcome::refused(&parts.headers, parts.uri.path(), model, response.status().as_u16());
         shared.states.request_log.record(outcome);
-        response
+        record.respond(response)
     };
     let (model, payload) = match read_payload(&shared, &parts.headers, body).await {
         Ok(read) => read,
-        Err(error) => return refuse(error, None),
+        Err(error) => return refuse(&mut record, error, None),
     };
     let name = model.as_ref().map(|m| m.name.as_str());
+    if let Some(r) = record.0.as_deref_mut() {
+        r.model = name.map(str::to_string);
+    }
     let route = match &model {
         Some(model) => snapshot
             .route(&model.name)
@@ -107,24 +113,36 @@ pub async fn passthrough(State(shared): State<Arc<Shared>>, request: Request) ->
     };
     let route = match route {
         Ok(route) => route,
-        Err(error) => return refuse(error, name),
+        Err(error) => return refuse(&mut record, error, name),
     };
     let budget = match authenticate(&parts.headers, &snapshot, &[route], shared.require_key) {
         Ok(budget) => budget,
-        Err(error) => return refuse(error, name),
+        Err(error) => return refuse(&mut record, error, name),
     };
+    if let (Some(r), Some(budget)) = (record.0.as_deref_mut(), &budget) {
+        r.budget = Some(budget.id.clone());
+    }
     let mut rate = None;
     if let Some(budget) = &budget {
         match billing::admit_rate(budget).await {
             Ok(status) => rate = status,
-            Err(refused) => return refuse(refused, name),
+            Err(refused) => return refuse(&mut record, refused, name),
         }
     }
     let mut response = forward(route, &parts, model.as_ref(), payload, &shared.states.request_log).await;
     if let Some(rate) = rate {
         add_rate_headers(response.headers_mut(), rate);
     }
-    response
+    if let Some(r) = record.0.as_deref_mut() {
+        // The record of a call passed through ends with its response's headers.
+        let answered =
+            response.headers().get(TARGET).and_then(|t| route.targets.iter().position(|s| s.name_header == t));
+        if let Some(index) = answered {
+            r.answered(route, index, false);
+            r.attempts = 1;
+        }
+    }
+    record.respond(response)
 }
 
 /// Reads what routing needs: all of a JSON body, the first bytes of a form up to its `model`,

@@ -31,7 +31,7 @@ use crate::providers::facts::{answer_text, facts, input_messages};
 use crate::providers::openai::{self, RequestError, parse_chat_request, rename_model};
 use crate::providers::responses;
 use crate::sidecar::billing::{self, Bill, ServedBudget, StreamBill, caller_key, key_hash};
-use crate::sidecar::observe::{Exchange, GENERATION_ID};
+use crate::sidecar::observe::{Exchange, GENERATION_ID, Recording};
 use crate::sidecar::routing::health::{self, AttemptOutcome, Transition};
 use crate::sidecar::routing::plan;
 use crate::sidecar::shared::Shared;
@@ -73,7 +73,7 @@ async fn converse(shared: Arc<Shared>, request: Request, endpoint: Endpoint) -> 
     let caller = endpoint.format();
     let snapshot = shared.snapshot.load_full();
     let (parts, body) = request.into_parts();
-    let mut record = Recording(shared.observers.as_ref().map(|o| o.start(endpoint, &parts.headers, arrived)));
+    let mut record = Recording(shared.observers.as_ref().map(|o| o.start(&parts, true, arrived)));
     // A request refused before any route took it, logged as it ends.
     let refuse = |record: &mut Recording, error: ProxyError, model: Option<&str>| {
         let response = unrouted_as(&shared, error, caller);
@@ -189,32 +189,6 @@ async fn converse(shared: Arc<Shared>, request: Request, endpoint: Endpoint) -> 
     }
     record.answer(&mut response);
     response
-}
-
-/// A request's record, finished when the request's handling ends (or is dropped: the caller left)
-/// unless a stream took it.
-struct Recording(Record);
-
-impl Recording {
-    /// Records the response's status, and names the record in a header.
-    #[inline]
-    fn answer(&mut self, response: &mut Response) {
-        if let Some(r) = self.0.as_deref_mut() {
-            r.status = response.status().as_u16();
-            if let Some(id) = r.header() {
-                response.headers_mut().insert(GENERATION_ID, id);
-            }
-        }
-    }
-}
-
-impl Drop for Recording {
-    #[inline]
-    fn drop(&mut self) {
-        if let Some(r) = self.0.take() {
-            r.finish();
-        }
-    }
 }
 
 /// A request's body, up to `--max-request-bytes`.

@@ -1,5 +1,5 @@
 //! One line per request (`--access-log`), through the process's log in its format (`--log-format`
-//! text or json), under the log target [`TARGET`] so that a filter can keep or drop it alone.
+//! text or json), under the log target [`LOG_TARGET`] so that a filter can keep or drop it alone.
 //!
 //! A field the request did not reach is left out rather than written empty. The line holds no
 //! credential, key or prompt: the caller's key is not in the record at all.
@@ -8,7 +8,7 @@ use super::Exchange;
 use crate::api::units::format_micros;
 
 /// The log target of access lines.
-pub const TARGET: &str = "sideyard::access";
+pub const LOG_TARGET: &str = "sideyard::access";
 
 pub fn write(x: &Exchange) {
     let route = x.route().map(|r| r.id.as_str());
@@ -26,9 +26,9 @@ pub fn write(x: &Exchange) {
         })
         .collect();
     tracing::info!(
-        target: TARGET,
-        method = "POST",
-        path = x.endpoint.path(),
+        target: LOG_TARGET,
+        method = x.method.as_str(),
+        path = x.path.as_str(),
         model = x.model.as_deref(),
         route,
         upstream_target = target.map(|t| t.name.as_str()),

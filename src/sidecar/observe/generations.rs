@@ -188,7 +188,7 @@ fn generation_json(x: &Exchange) -> String {
             route: x.route().map(|r| r.id.as_str()),
             target: target.map(|t| t.name.as_str()),
             provider_model: target.map(|t| t.model.as_str()),
-            endpoint: x.endpoint.path(),
+            endpoint: &x.path,
             status: x.status,
             attempts: x.attempts,
             fallback_reason: x.fallback.map(|r| r.as_str()),

@@ -15,11 +15,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant, SystemTime};
 
-use http::{HeaderMap, HeaderName, HeaderValue};
+use axum::response::Response;
+use http::{HeaderName, HeaderValue};
 
 use self::generations::Generations;
 use super::billing::{Settled, caller_key, key_hash};
-use super::calls::endpoint::Endpoint;
 use super::snapshot::{ServedRoute, ServedTarget};
 use crate::api::FallbackReason;
 use crate::api::units::prefix;
@@ -66,8 +66,10 @@ impl Observers {
         Some(Arc::new(Observers { access_log, generations, traces, trace_content, seed, next: AtomicU64::new(0) }))
     }
 
-    /// A record of a request that arrived at `arrived`.
-    pub fn start(self: &Arc<Self>, endpoint: Endpoint, headers: &HeaderMap, arrived: Instant) -> Box<Exchange> {
+    /// A record of a request (`parts`) that arrived at `arrived`; `routed` for the endpoints the
+    /// sidecar routes (a conversation or embeddings), not for calls passed through as they are.
+    pub fn start(self: &Arc<Self>, parts: &http::request::Parts, routed: bool, arrived: Instant) -> Box<Exchange> {
+        let headers = &parts.headers;
         let n = self.next.fetch_add(1, Relaxed);
         let trace = self.traces.as_ref().map(|t| t.place(headers.get(TRACEPARENT).map(HeaderValue::as_bytes)));
         let trace = trace.filter(|p| p.sampled);
@@ -78,7 +80,9 @@ impl Observers {
             answer_id: None,
             created: SystemTime::now(),
             started: arrived,
-            endpoint,
+            method: parts.method.clone(),
+            path: parts.uri.path().to_string(),
+            routed,
             request_id: text(&REQUEST_ID),
             key_hash: caller_key(headers).map(key_hash),
             model: None,
@@ -101,6 +105,38 @@ impl Observers {
             content: (trace.is_some() && self.trace_content).then(Box::default),
             trace,
         })
+    }
+}
+
+/// A request's record, finished when the request's handling ends (or is dropped: the caller left)
+/// unless a stream took it.
+pub struct Recording(pub Option<Box<Exchange>>);
+
+impl Recording {
+    /// The response, its status recorded and the record named in a header.
+    pub fn respond(&mut self, mut response: Response) -> Response {
+        self.answer(&mut response);
+        response
+    }
+
+    /// Records the response's status, and names the record in a header.
+    #[inline]
+    pub fn answer(&mut self, response: &mut Response) {
+        if let Some(r) = self.0.as_deref_mut() {
+            r.status = response.status().as_u16();
+            if let Some(id) = r.header() {
+                response.headers_mut().insert(GENERATION_ID, id);
+            }
+        }
+    }
+}
+
+impl Drop for Recording {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(r) = self.0.take() {
+            r.finish();
+        }
     }
 }
 
@@ -157,7 +193,10 @@ pub struct Exchange {
     pub answer_id: Option<String>,
     pub created: SystemTime,
     pub started: Instant,
-    pub endpoint: Endpoint,
+    pub method: http::Method,
+    pub path: String,
+    /// A conversation or embeddings, routed; `false`: a call passed through as it is.
+    pub routed: bool,
     pub request_id: Option<String>,
     pub key_hash: Option<[u8; 32]>,
     /// The model asked for.

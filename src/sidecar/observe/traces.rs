@@ -23,14 +23,16 @@ pub fn export(x: &Exchange, place: Place, traces: &Traces) {
     let operation = x.route().map_or("chat", |r| r.serves.as_str());
     let model = x.model.as_deref().unwrap_or_default();
     let mut attributes = vec![
-        KeyValue::new("gen_ai.operation.name", operation),
-        KeyValue::new("http.request.method", "POST"),
-        KeyValue::new("url.path", x.endpoint.path()),
+        KeyValue::new("http.request.method", x.method.to_string()),
+        KeyValue::new("url.path", x.path.clone()),
         KeyValue::new("http.response.status_code", i64::from(x.status)),
         KeyValue::new("sideyard.attempts", x.attempts as i64),
         KeyValue::new("sideyard.hedged", x.hedged),
         KeyValue::new("sideyard.end", x.end.as_str().to_string()),
     ];
+    if x.routed {
+        attributes.push(KeyValue::new("gen_ai.operation.name", operation));
+    }
     if !model.is_empty() {
         attributes.push(KeyValue::new("gen_ai.request.model", model.to_string()));
     }
@@ -67,7 +69,12 @@ pub fn export(x: &Exchange, place: Place, traces: &Traces) {
     }
     let failed = x.status >= 500 || matches!(x.end, End::Broken(_));
     let status = if failed { Status::error(format!("{} {}", x.status, x.end.as_str())) } else { Status::Unset };
-    let name = if model.is_empty() { Cow::Borrowed(operation) } else { Cow::Owned(format!("{operation} {model}")) };
+    // A call passed through is named as HTTP names it; a routed one as the GenAI conventions do.
+    let name = match (x.routed, model) {
+        (false, _) => Cow::Owned(format!("{} {}", x.method, x.path)),
+        (true, "") => Cow::Borrowed(operation),
+        (true, model) => Cow::Owned(format!("{operation} {model}")),
+    };
     traces.export(Span {
         place,
         remote_parent: place.parent.is_some(),
