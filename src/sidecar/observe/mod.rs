@@ -1,11 +1,13 @@
-//! What happened to each request, for those who watch: the access log ([`access_log`]) and the
-//! generation store ([`generations`]) read one record of each request, an [`Exchange`].
+//! What happened to each request, for those who watch: the access log ([`access_log`]), the
+//! generation store ([`generations`]) and traces ([`traces`]) read one record of each request, an
+//! [`Exchange`].
 //!
 //! A record exists only when an observer is on, so a sidecar without one does nothing more per
 //! request than check for it. It is filled along the request's way (the routes and attempts in
-//! `calls::proxy`, the answer in `commit`) and finished exactly once, when the answer has ended:
-//! a JSON answer or an error when the handler returns it, a stream when its body is dropped
-//! (ended, broken, or left by the caller), since only then are its usage and cost known.
+//! `calls::proxy`, the answer in `commit`; a call passed through in `calls::passthrough`) and
+//! finished exactly once, when the answer has ended: a JSON answer or an error when the handler
+//! returns it ([`Recording`]), a stream when its body is dropped (ended, broken, or left by the
+//! caller), since only then are its usage and cost known.
 
 pub mod access_log;
 pub mod generations;
@@ -184,8 +186,8 @@ impl Try {
     }
 }
 
-/// The record of one request. Never holds the caller's key (only its hash, to scope lookups),
-/// nor its prompt or answer.
+/// The record of one request. Never holds the caller's key (only its hash, to scope lookups), nor
+/// its prompt or answer unless traces record them (`content`, `--trace-content`).
 pub struct Exchange {
     observers: Arc<Observers>,
     pub id: String,
