@@ -7,6 +7,7 @@
 //! specification says).
 
 use std::borrow::Cow;
+use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime};
@@ -17,6 +18,8 @@ use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SpanData, SpanEvents, SpanExporter, SpanLinks};
 use tokio::sync::mpsc;
+
+use crate::metrics::header;
 
 /// Spans waiting for export; beyond, new spans are dropped (and counted).
 const QUEUE: usize = 4096;
@@ -192,6 +195,19 @@ impl Traces {
         };
         if tokio::time::timeout(within, flushed).await.is_err() {
             tracing::warn!(within = ?within, "the last spans were not all exported before shutdown");
+        }
+    }
+
+    /// What became of the spans, as Prometheus text.
+    pub fn render(&self, out: &mut String) {
+        header(
+            out,
+            "sideyard_trace_spans_total",
+            "counter",
+            "Spans by what became of them: exported, failed (the collector refused them or could not be reached) or dropped (the export queue was full).",
+        );
+        for (result, n) in [("exported", &*self.exported), ("failed", &*self.failed), ("dropped", &self.dropped)] {
+            let _ = writeln!(out, "sideyard_trace_spans_total{{result=\"{result}\"}} {}", n.load(Relaxed));
         }
     }
 

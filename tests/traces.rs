@@ -108,6 +108,17 @@ async fn a_fallback_and_a_stream_are_exported_with_the_genai_attributes() {
     assert_eq!(a["sideyard.end"], "answered");
     assert!(a["gen_ai.usage.output_tokens"].parse::<u64>().is_ok_and(|n| n > 0), "{a:#?}");
 
+    // Every span the receiver got is counted as exported; none failed or was dropped.
+    let got = received.0.lock().unwrap().len() as u64;
+    eventually("the exported spans counted", || async {
+        let metrics = get(sidecar.admin, "/metrics").await.body;
+        metric(&metrics, r#"sideyard_trace_spans_total{result="exported"}"#) >= got
+    })
+    .await;
+    let metrics = get(sidecar.admin, "/metrics").await.body;
+    assert_eq!(metric(&metrics, r#"sideyard_trace_spans_total{result="failed"}"#), 0);
+    assert_eq!(metric(&metrics, r#"sideyard_trace_spans_total{result="dropped"}"#), 0);
+
     let all = format!("{:?}", received.0.lock().unwrap());
     assert!(!all.contains("zebra") && !all.contains("sk-not-in-any-span"), "no prompt and no key in any span");
     assert!(received.0.lock().unwrap().iter().all(|(service, _)| service == "sideyard-sidecar"));
@@ -130,22 +141,12 @@ async fn an_unsampled_caller_trace_goes_upstream_as_it_came() {
 
 #[test]
 fn a_grpc_protocol_is_refused_at_start_saying_what_to_set() {
-    let (code, _, stderr) = run_with_env(
+    let (code, _, stderr) = run_with(
         &["sidecar", "-f", "examples/quickstart.yaml", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
         &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")],
     );
     assert_eq!(code, Some(64), "a usage error: {stderr}");
     assert!(stderr.contains("OTEL_EXPORTER_OTLP_PROTOCOL=grpc") && stderr.contains("http/protobuf"), "{stderr}");
-}
-
-fn run_with_env(args: &[&str], envs: &[(&str, &str)]) -> (Option<i32>, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sideyard"))
-        .args(args)
-        .envs(envs.iter().copied())
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run sideyard");
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
 #[tokio::test(flavor = "multi_thread")]

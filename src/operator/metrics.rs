@@ -256,6 +256,9 @@ impl OperatorMetrics {
             header(&mut out, name, "counter", help);
             let _ = writeln!(out, "{name} {}", counter.get());
         }
+        if let Some(traces) = crate::traces::Traces::global() {
+            traces.render(&mut out);
+        }
         out
     }
 }

@@ -23,6 +23,9 @@ use crate::metrics::{escape, header};
 pub fn render(shared: &Shared, now: Ticks) -> String {
     let mut out = render_states(&shared.states, now);
     render_genai(&shared.snapshot.load(), &mut out);
+    if let Some(traces) = shared.observers.as_ref().and_then(|o| o.traces.as_ref()) {
+        traces.render(&mut out);
+    }
     render_budgets(shared, &mut out);
     out
 }

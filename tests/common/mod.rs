@@ -323,7 +323,17 @@ impl Drop for Process {
 
 /// Runs `sideyard ARGS` to completion: (exit code, stdout, stderr).
 pub fn run(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sideyard")).args(args).output().expect("run sideyard");
+    run_with(args, &[])
+}
+
+/// [`run`] with these environment variables, in the crate's directory (so `examples/` resolve).
+pub fn run_with(args: &[&str], envs: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sideyard"))
+        .args(args)
+        .envs(envs.iter().copied())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run sideyard");
     (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
