@@ -217,7 +217,7 @@ async fn per_request_spend_survives_a_leader_killed_before_writing_it_and_never_
     // Low from the start: every request reserves and settles with the ledger. 0.6 affords
     // exactly 40 answers.
     let spec =
-        json!({"key": {"secretRef": {"name": "keys", "key": "app"}}, "limit": "0.6", "lowBalanceThreshold": "0.6"});
+        json!({"key": {"secretRef": {"name": "keys", "key": "app"}}, "limit": "0.6", "lowBalanceThreshold": "0.7"});
     let (fleet, mut operator) = Fleet::start(&[("bot", spec)]).await;
     let (_processes, apis, _admins) = sidecars(&fleet, 2);
     let served = |answers: &[(u16, u64)]| answers.iter().filter(|(s, _)| *s == 200).count() as u64;
@@ -253,6 +253,55 @@ async fn per_request_spend_survives_a_leader_killed_before_writing_it_and_never_
     // No reservation waited for a status write but a sidecar's first (which names it).
     let m = metrics(replica_admin).await;
     assert!(metric(&m, "sideyard_ledger_persist_waits_total{call=\"reserve\"}") <= 2, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_during_a_takeover_waits_for_every_pod_to_say_what_it_holds() {
+    // Low from the start: every request reserves with the ledger, and a new leader holds all of
+    // the credit back until both pods the last write names have said what they hold.
+    let spec =
+        json!({"key": {"secretRef": {"name": "keys", "key": "app"}}, "limit": "0.6", "lowBalanceThreshold": "0.7"});
+    let (fleet, mut operator) = Fleet::start(&[("bot", spec)]).await;
+    let (processes, apis, _admins) = sidecars(&fleet, 2);
+    assert!(burst(&apis, KEY, 2).await.iter().all(|(s, _)| *s == 200));
+    eventually("the status names both pods", || async {
+        fleet.status("bot")["holders"].as_array().is_some_and(|h| h.len() == 2)
+    })
+    .await;
+    operator.child.kill().unwrap();
+    operator.wait_exit();
+    let frozen = &processes[1];
+    frozen.signal("STOP");
+    let (_replica, replica_admin) = fleet.replica("op-2", fleet.port);
+    let refused = || async {
+        metric_if_present(
+            &metrics(replica_admin).await,
+            "sideyard_ledger_calls_total{call=\"reserve\",result=\"taking_over\"}",
+        )
+        .unwrap_or(0)
+    };
+
+    eventually("pod-0 has told the new leader what it holds", || async {
+        let m = metrics(replica_admin).await;
+        metric_if_present(&m, "sideyard_ledger_calls_total{call=\"holdings\",result=\"ok\"}").unwrap_or(0) >= 1
+    })
+    .await;
+
+    // pod-1 cannot say what it holds: pod-0's request waits, then is refused saying why.
+    let (status, _, body) = chat(apis[0], KEY).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "ledger_unavailable", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("taken over") && message.contains("try again"), "{message}");
+    assert!(refused().await > 1, "asked again while it waited");
+
+    // Once pod-1 says what it holds, a waiting request is served.
+    let before = refused().await;
+    let waiting = tokio::spawn(chat(apis[0], KEY));
+    eventually("the request is held back", || async { refused().await > before }).await;
+    frozen.signal("CONT");
+    let (status, cost, body) = waiting.await.unwrap();
+    assert_eq!((status, cost), (200, COST), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

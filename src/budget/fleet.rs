@@ -732,7 +732,15 @@ impl FleetLedger {
                 }
                 added
             }
-            None => book.closed_use(&report.lease_id, holder, &report.used).ok_or(Refused::UnknownLease)?,
+            None => match book.closed_use(&report.lease_id, holder, &report.used) {
+                Some(added) => added,
+                // A holder the last leader named, not heard from yet: what it reports may be what
+                // that leader took in and never wrote, which only its holdings tell.
+                None if book.recovery.as_ref().is_some_and(|r| r.awaiting.contains_key(holder)) => {
+                    return Err(Refused::TakingOver);
+                }
+                None => return Err(Refused::UnknownLease),
+            },
         };
         book.add_spend(added);
         book.changed(holder, now_ms);

@@ -393,6 +393,11 @@ impl LeasedAccount {
             return;
         }
         let same = book.lease.as_ref().is_some_and(|l| l.usage.id == grant.lease_id);
+        if !same && book.closing.iter().any(|u| u.id == grant.lease_id) {
+            // Given back while this call was on its way: its report as done returns what the
+            // ledger added to it. Spent from again, it would start over from nothing used.
+            return;
+        }
         if !same && let Some(old) = book.lease.take() {
             book.closing.push(old.usage);
         }
@@ -489,21 +494,54 @@ impl LeasedAccount {
         Holdings { budget: self.name.clone(), held }
     }
 
-    /// The new leader's answer to [`LeasedAccount::holdings`]: what its predecessor's write holds
-    /// is done with; the rest is kept until a write of the new leader's holds it.
-    pub fn holdings_taken(&self, written: &[String], figures: BudgetFigures) {
+    /// The new leader's answer to the holdings `told` ([`LeasedAccount::holdings`]): what its
+    /// predecessor's write holds is done with, and what was used of it since it was told is owed
+    /// as a debt; the rest is acknowledged as told and kept until a write of the new leader's
+    /// holds it. What was used or settled since the holdings were taken is reported as usual.
+    pub fn holdings_taken(&self, told: &Holdings, written: &[String], figures: BudgetFigures, now_ms: u64) {
         let mut book = self.lock();
         book.answered();
-        book.holdings_due = false;
         let acked_at = Some(Acked { term: figures.term, version: figures.version });
+        let told_used = |id: &str| told.held.iter().find(|h| h.id == id).map(|h| h.used);
+        let is_written = |id: &str| written.iter().any(|w| w == id);
+        let mut grown = 0;
+        let mut since = |u: &Usage| {
+            grown += u.used.credit.saturating_sub(told_used(&u.id).map_or(0, |t| t.credit));
+        };
+        if let Some(lease) = book.lease.take_if(|l| is_written(&l.usage.id)) {
+            since(&lease.usage);
+        }
+        if let Some(debt) = book.debt.take_if(|d| is_written(&d.id)) {
+            since(&debt);
+        }
+        book.closing.retain(|u| {
+            let done = is_written(&u.id);
+            if done {
+                since(u);
+            }
+            !done
+        });
         let Book { lease, debt, closing, .. } = &mut *book;
-        closing.retain(|u| !(u.holds == 0 && written.contains(&u.id)));
         for usage in lease.as_mut().map(|l| &mut l.usage).into_iter().chain(debt.as_mut()).chain(closing.iter_mut()) {
-            usage.acked = usage.used;
+            let Some(used) = told_used(&usage.id) else { continue };
+            usage.acked.credit = usage.acked.credit.max(used.credit);
+            usage.acked.requests = usage.acked.requests.max(used.requests);
+            usage.acked.tokens = usage.acked.tokens.max(used.tokens);
             usage.acked_at.clone_from(&acked_at);
         }
+        if grown > 0 {
+            let owed = book.new_debt(grown, now_ms);
+            book.closing.push(owed);
+        }
+        book.holdings_due = false;
         book.heard(&figures);
         book.holdings_due = false;
+    }
+
+    /// The ledger is taking over and has not been told what this sidecar holds (it refused a
+    /// report with [`super::protocol::Refused::TakingOver`]): tell it before reporting more.
+    pub fn taking_over(&self) {
+        self.lock().holdings_due = true;
     }
 
     /// A per-request reservation of the ledger, in flight until [`LeasedAccount::settled_remotely`].
@@ -571,12 +609,13 @@ impl LeasedAccount {
         }
     }
 
-    /// Outside state Active the lease is not spent from: once nothing is in flight on it, it is
-    /// given back.
-    pub fn give_back_unspendable(&self) {
+    /// Outside state Active the lease is not spent from, nor when it cannot hold a request of
+    /// `amount` that the ledger is asked to reserve itself (its credit may be what is missing
+    /// there): once nothing is in flight on it, it is given back.
+    pub fn give_back_unspendable(&self, amount: u64) {
         let mut book = self.lock();
-        if book.mode.is_some_and(|m| m != Mode::Lease)
-            && book.lease.as_ref().is_some_and(|l| l.usage.holds == 0)
+        let inactive = book.mode.is_some_and(|m| m != Mode::Lease);
+        if book.lease.as_ref().is_some_and(|l| l.usage.holds == 0 && (inactive || l.credit_left() < amount))
             && let Some(old) = book.lease.take()
         {
             book.closing.push(old.usage);
@@ -824,7 +863,7 @@ mod tests {
         let first = BudgetFigures { term: 1, version: 4, durable: 4, ..figures(BudgetState::Active) };
         account.granted(&LeaseGrant { budget: first.clone(), ..grant("l-1", Mode::Lease, 100, 0) }, T);
         assert!(account.lock().holdings_due, "the first leader heard from is told too (of nothing yet)");
-        account.holdings_taken(&[], first.clone());
+        account.holdings_taken(&account.holdings(), &[], first.clone(), T);
         let hold = account.reserve(&b, 10, T).unwrap();
         account.settle(hold, 10, 0, T);
         account.retire_lease();
@@ -856,10 +895,211 @@ mod tests {
         assert_eq!(holdings.budget, "team-a/key");
 
         // l-1 was in the last leader's write: let go; the rest is kept for the new leader's.
-        account.holdings_taken(&["l-1".to_string()], BudgetFigures { version: 2, ..next.clone() });
+        account.holdings_taken(&holdings, &["l-1".to_string()], BudgetFigures { version: 2, ..next.clone() }, T);
         let book = account.lock().clone();
         assert!(!book.holdings_due && book.closing.is_empty());
         assert_eq!(book.lease.as_ref().unwrap().usage.acked_at, Some(Acked { term: 2, version: 2 }));
+    }
+
+    #[test]
+    fn a_lease_too_short_for_a_request_is_given_back_and_not_taken_again() {
+        let account = LeasedAccount::new("key", Book::new("pod-1"));
+        let b = budget(Some(1000), false, None);
+        account.granted(&grant("l-1", Mode::Lease, 100, 0), T);
+        let hold = account.reserve(&b, 93, T).unwrap();
+        account.give_back_unspendable(10);
+        assert!(account.lock().lease.is_some(), "a request is in flight on it");
+        account.settle(hold, 93, 0, T);
+        account.give_back_unspendable(7);
+        assert!(account.lock().lease.is_some(), "7 left: it holds a request of 7");
+        account.give_back_unspendable(10);
+        let book = account.lock().clone();
+        assert!(book.lease.is_none());
+        assert_eq!((book.closing[0].id.as_str(), book.closing[0].used.credit), ("l-1", 93));
+        // A renewal sent before it was given back is answered with more on it: not spent again.
+        account.granted(&grant("l-1", Mode::Lease, 150, 0), T);
+        assert!(account.lock().lease.is_none(), "its report as done returns the 50 added");
+        assert_eq!(account.reserve(&b, 10, T), Err(Miss::Lease));
+        account.granted(&grant("l-2", Mode::Lease, 20, 0), T);
+        assert!(account.reserve(&b, 10, T).is_ok());
+    }
+
+    #[test]
+    fn use_since_the_holdings_were_told_of_a_lease_the_last_write_holds_is_owed_as_a_debt() {
+        let account = LeasedAccount::new("team-a/key", Book::new("pod-1"));
+        let b = budget(Some(1000), false, None);
+        account.granted(&grant("l-1", Mode::Lease, 100, 0), T);
+        let hold = account.reserve(&b, 10, T).unwrap();
+        account.settle(hold, 10, 0, T);
+        let in_flight = account.reserve(&b, 10, T).unwrap();
+        let told = account.holdings();
+        // Used after the holdings were taken: 5 settled, and one still in flight.
+        let hold = account.reserve(&b, 5, T).unwrap();
+        account.settle(hold, 5, 0, T);
+        let next = BudgetFigures { term: 2, version: 1, ..figures(BudgetState::Active) };
+        account.holdings_taken(&told, &["l-1".to_string()], next, T);
+        account.settle(in_flight, 7, 0, T);
+        let book = account.lock().clone();
+        assert!(book.lease.is_none(), "the last leader's lease is not spent from any more");
+        let owed: Vec<(UsageKind, u64, u64)> =
+            book.closing.iter().map(|u| (u.kind, u.used.credit, u.acked.credit)).collect();
+        assert_eq!(owed, [(UsageKind::Debt, 5, 0), (UsageKind::Debt, 7, 0)], "what the write does not hold");
+    }
+
+    /// The sidecar's side of a takeover against two real ledgers: the keeper's calls, made by
+    /// hand in the order a test picks.
+    mod takeover {
+        use super::*;
+        use crate::budget::fleet::{FleetLedger, Terms};
+        use crate::budget::protocol::{LeaseRequest, Refused, Report};
+
+        const ID: &str = "ns/key";
+        const COST: u64 = 15;
+
+        fn low() -> Terms {
+            Terms {
+                limit: Some(600),
+                period: Period::Monthly,
+                low_balance: Some(600),
+                rate: None,
+                parent: None,
+                top_up: None,
+            }
+        }
+
+        /// One per-request answer: reserved, answered and settled locally, not yet reported.
+        fn answer(ledger: &mut FleetLedger, account: &LeasedAccount, now: u64) -> String {
+            let reserved = ledger.reserve(ID, "pod-1", COST, now).unwrap();
+            account.reserved_remotely(&reserved.reservation_id, COST, reserved.expires_at, now);
+            account.observed(reserved.budget);
+            account.settled_remotely(reserved.reservation_id.clone(), COST, 0, now);
+            reserved.reservation_id
+        }
+
+        /// The keeper's reports of what is closing, as `Fleet::keep_account` answers them.
+        fn report(ledger: &mut FleetLedger, account: &LeasedAccount, now: u64) {
+            let closing = account.lock().closing.clone();
+            for usage in closing.iter().filter(|u| u.needs_report()) {
+                let answer = match usage.kind {
+                    UsageKind::Reservation => {
+                        ledger.settle(ID, "pod-1", &usage.id, usage.used.credit, usage.used.tokens, now)
+                    }
+                    _ => ledger.report(ID, "pod-1", &Report { done: usage.holds == 0, ..used_of_usage(usage) }, now),
+                };
+                match answer {
+                    Ok(figures) => account.closed_acked(usage, figures),
+                    Err(Refused::UnknownLease) => account.forgotten(&usage.id, now),
+                    Err(Refused::TakingOver) => account.taking_over(),
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+        }
+
+        /// A lease call that asks for nothing: the figures, and the mode.
+        fn figures_only() -> LeaseRequest {
+            LeaseRequest {
+                budget: ID.into(),
+                lease_id: None,
+                used: Allowance::default(),
+                want: Allowance::default(),
+                need: Allowance::default(),
+            }
+        }
+
+        fn used_of_usage(usage: &Usage) -> Report {
+            Report { budget: ID.into(), lease_id: usage.id.clone(), used: usage.used, done: false }
+        }
+
+        fn used_of(lease: &Held) -> Report {
+            used_of_usage(&lease.usage)
+        }
+
+        fn tell_holdings(ledger: &mut FleetLedger, account: &LeasedAccount, now: u64) {
+            let told = account.holdings();
+            let taken = ledger.holdings(ID, "pod-1", &told, now).unwrap();
+            account.holdings_taken(&told, &taken.written, taken.budget, now);
+        }
+
+        /// A leader that took two settles in and wrote only the first, then died; its successor,
+        /// from that write.
+        fn killed_after_one_write(account: &LeasedAccount) -> FleetLedger {
+            let mut old = FleetLedger::new("old");
+            old.set_budgets([(ID.to_string(), low(), None)], T);
+            answer(&mut old, account, T);
+            report(&mut old, account, T);
+            let (_, written, _) = old.take_dirty(T).pop().unwrap();
+            old.confirm(ID, &written);
+            answer(&mut old, account, T + 1);
+            report(&mut old, account, T + 1);
+            assert!(account.lock().closing.iter().all(|u| u.done_acked), "both settles taken in");
+            let mut next = FleetLedger::new("next");
+            next.set_budgets([(ID.to_string(), low(), Some(written))], T + 2);
+            next
+        }
+
+        #[test]
+        fn use_a_dead_leader_took_in_and_never_wrote_is_told_as_held_not_dropped() {
+            let account = LeasedAccount::new(ID, Book::new("pod-1"));
+            let b = budget(Some(600), false, None);
+            let active = Terms { low_balance: None, ..low() };
+            let mut old = FleetLedger::new("old");
+            old.set_budgets([(ID.to_string(), active.clone(), None)], T);
+            account.granted(&old.lease(ID, "pod-1", &figures_only(), T).unwrap(), T);
+            let (_, written, _) = old.take_dirty(T).pop().unwrap();
+            assert_eq!(written.holders, ["pod-1"]);
+            old.confirm(ID, &written);
+            // A lease granted after the last write, within its pledge; 10 of it reported.
+            let want = LeaseRequest { want: Allowance { credit: 100, ..Allowance::default() }, ..figures_only() };
+            account.granted(&old.lease(ID, "pod-1", &want, T + 1).unwrap(), T + 1);
+            let hold = account.reserve(&b, 10, T + 1).unwrap();
+            account.settle(hold, 10, 0, T + 1);
+            let lease = account.lock().lease.clone().unwrap();
+            let figures = old.report(ID, "pod-1", &used_of(&lease), T + 1).unwrap();
+            account.acked(&lease.usage.id, lease.usage.used, Some(figures));
+            let hold = account.reserve(&b, 2, T + 1).unwrap();
+            account.settle(hold, 2, 0, T + 1);
+
+            // The next leader does not know the lease: it grants a new one, and the old one is
+            // reported before the holdings are told (the keeper reports in the round that heard
+            // of the new leader).
+            let mut next = FleetLedger::new("next");
+            next.set_budgets([(ID.to_string(), active, Some(written))], T + 2);
+            let renew = LeaseRequest {
+                lease_id: Some(lease.usage.id.clone()),
+                used: Allowance { credit: 12, ..Allowance::default() },
+                ..want
+            };
+            account.granted(&next.lease(ID, "pod-1", &renew, T + 3).unwrap(), T + 3);
+            report(&mut next, &account, T + 3);
+            assert!(account.lock().holdings_due, "the new leader is still to be told");
+            tell_holdings(&mut next, &account, T + 4);
+            report(&mut next, &account, T + 4);
+            assert_eq!(next.figures(ID, T + 4).unwrap().spent, 12, "what the dead leader took in counts, once");
+        }
+
+        #[test]
+        fn what_settles_while_the_holdings_are_on_their_way_is_still_reported() {
+            let account = LeasedAccount::new(ID, Book::new("pod-1"));
+            let mut next = killed_after_one_write(&account);
+            let grant = next.lease(ID, "pod-1", &figures_only(), T + 3).unwrap();
+            account.granted(&grant, T + 3);
+            tell_holdings(&mut next, &account, T + 4);
+            // Held, told as in flight; settled after the holdings were taken and before they
+            // were answered.
+            let reserved = next.reserve(ID, "pod-1", COST, T + 5).unwrap();
+            account.reserved_remotely(&reserved.reservation_id, COST, reserved.expires_at, T + 5);
+            let told = account.holdings();
+            let taken = next.holdings(ID, "pod-1", &told, T + 5).unwrap();
+            account.settled_remotely(reserved.reservation_id.clone(), COST, 0, T + 5);
+            account.holdings_taken(&told, &taken.written, taken.budget.clone(), T + 5);
+            // A write, and an answer that says so, before the keeper reports.
+            for (id, persisted, _) in next.take_dirty(T + 6) {
+                next.confirm(&id, &persisted);
+            }
+            account.observed(next.figures(ID, T + 6).unwrap());
+            report(&mut next, &account, T + 6);
+            assert_eq!(next.figures(ID, T + 6).unwrap().spent, 3 * COST);
+        }
     }
 
     #[test]

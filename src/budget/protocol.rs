@@ -279,6 +279,8 @@ pub enum Refused {
     /// No such lease or reservation, or another sidecar's.
     UnknownLease,
     /// The ledger has just taken over from another leader, and the credit asked for is among
-    /// what that one may still have out: free again once every pod has said what it holds.
+    /// what that one may still have out: free again once every pod has said what it holds. Also
+    /// the answer to a report, from a pod that has not said what it holds yet, on a lease or
+    /// reservation the ledger does not know: the pod tells its holdings, then reports again.
     TakingOver,
 }

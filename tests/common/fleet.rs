@@ -201,13 +201,17 @@ pub async fn chat(api: SocketAddr, key: &str) -> (u16, u64, Value) {
     (reply.status.as_u16(), cost, body)
 }
 
-/// `n` requests at once, spread over `apis`: each one's status and cost.
+/// `n` requests at once, spread over `apis`: each one's status and cost. A refusal's body goes
+/// to the test's output, which a failing test shows.
 pub async fn burst(apis: &[SocketAddr], key: &str, n: usize) -> Vec<(u16, u64)> {
     let requests = (0..n).map(|i| {
         let api = apis[i % apis.len()];
         let key = key.to_string();
         tokio::spawn(async move {
-            let (status, cost, _) = chat(api, &key).await;
+            let (status, cost, body) = chat(api, &key).await;
+            if status != 200 {
+                eprintln!("{api}: {status} {body}");
+            }
             (status, cost)
         })
     });

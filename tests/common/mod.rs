@@ -295,10 +295,16 @@ impl Process {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// Sends `SIG<name>` (`STOP` freezes the process, `CONT` thaws it).
+    pub fn signal(&self, name: &str) {
+        let status =
+            Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status().expect("kill");
+        assert!(status.success(), "kill -{name}");
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
-        assert!(status.success());
+        self.signal("TERM");
     }
 
     /// Waits for the process to exit, failing the test if it does not.

@@ -43,6 +43,8 @@ const REFRESH_INTERVAL_MS: u64 = 2_000;
 const IDLE_REFRESH_MS: u64 = 5_000;
 /// While the ledger is unreachable, how often the keeper tries it again.
 const RETRY_INTERVAL_MS: u64 = 500;
+/// How long a request that needs credit a new leader holds back waits for its takeover to end.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
 /// What a lease asks for before any request has been seen: one unit of credit, a few requests.
 const FLOOR: Allowance = Allowance { credit: 1_000_000, requests: 8, tokens: 4_096 };
 const STATE_FILE: &str = "ledger-leases.json";
@@ -358,10 +360,23 @@ impl Fleet {
         let request = ReserveRequest { budget: account.leased.name.clone(), amount };
         let mut answer = self.call::<Reserved>(RESERVE, &request).await;
         // Near the limit, what this sidecar's settled requests hold until their settles are
-        // sent may be all that is missing: sent now, and asked once more.
+        // sent, or its lease too short for this request, may be all that is missing: sent and
+        // given back now, and asked once more.
         if let Err(CallError::Refused(Refused::InsufficientCredits { .. })) = &answer
-            && self.settle_now(account).await
+            && self.settle_now(account, amount).await
         {
+            account.waits.inc();
+            answer = self.call::<Reserved>(RESERVE, &request).await;
+        }
+        // A takeover ends once every pod has said what it holds, each within a keeper round of
+        // hearing from the new leader: the request waits a little for it rather than fail.
+        let deadline = tokio::time::Instant::now() + TAKEOVER_WAIT;
+        let mut pause = Duration::from_millis(50);
+        while let Err(CallError::Refused(Refused::TakingOver)) = &answer
+            && tokio::time::Instant::now() + pause < deadline
+        {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(250));
             account.waits.inc();
             answer = self.call::<Reserved>(RESERVE, &request).await;
         }
@@ -378,9 +393,10 @@ impl Fleet {
             Err(CallError::Refused(Refused::RateLimited { limit, reset })) => {
                 Err(Refusal::RateLimited(RateStatus { limit, remaining: 0, reset }))
             }
-            Err(CallError::Refused(Refused::TakingOver)) => Err(Refusal::Unavailable(
-                "the budget ledger has just taken over from another replica and counts this key's credit again once every pod has said what it holds; try again in a few seconds".into(),
-            )),
+            Err(CallError::Refused(Refused::TakingOver)) => Err(Refusal::Unavailable(format!(
+                "the budget ledger has just taken over from another replica and counts this key's credit again once every pod has said what it holds, which has not happened within {}s; try again in a few seconds",
+                TAKEOVER_WAIT.as_secs()
+            ))),
             Err(e) => {
                 self.note_failure(account, &e);
                 // Unreachable now: the debt, if the budget fails open.
@@ -595,9 +611,18 @@ impl Fleet {
         } else if stale_report && let Some(held) = &lease {
             self.report(account, held, false).await;
         }
-        account.leased.give_back_unspendable();
+        account.leased.give_back_unspendable(0);
         if !closing && !renew && account.leased.lock().unreachable_since.is_some() {
             return;
+        }
+        // A new leader heard from in this round (or one that asked) is told what this sidecar
+        // holds before any report: a report of what it does not know would be refused, and what
+        // its predecessor took in and never wrote is counted only through the holdings.
+        if account.leased.lock().holdings_due {
+            self.tell_holdings(account).await;
+            if account.leased.lock().holdings_due {
+                return;
+            }
         }
         // Closed leases, settled reservations and debts: all at once, so that they share the
         // ledger's next status write.
@@ -610,6 +635,7 @@ impl Fleet {
             match answer {
                 Ok(figures) => account.leased.closed_acked(usage, figures),
                 Err(CallError::Refused(Refused::UnknownLease)) => account.leased.forgotten(&usage.id, now_ms()),
+                Err(CallError::Refused(Refused::TakingOver)) => account.leased.taking_over(),
                 Err(e) => self.note_failure(account, &e),
             }
         }
@@ -618,8 +644,8 @@ impl Fleet {
     /// Reports now what holds credit for nothing (settled reservations, and a lease not spent
     /// from outside state Active) instead of at the keeper's next round; whether there was
     /// any and the ledger took it.
-    async fn settle_now(&self, account: &FleetAccount) -> bool {
-        account.leased.give_back_unspendable();
+    async fn settle_now(&self, account: &FleetAccount, amount: u64) -> bool {
+        account.leased.give_back_unspendable(amount);
         let pending: Vec<Usage> = account.leased.lock().closing.iter().filter(|u| u.needs_report()).cloned().collect();
         let mut settled = false;
         for usage in &pending {
@@ -635,7 +661,7 @@ impl Fleet {
     async fn tell_holdings(&self, account: &FleetAccount) {
         let holdings = account.leased.holdings();
         match self.call::<HoldingsTaken>(HOLDINGS, &holdings).await {
-            Ok(taken) => account.leased.holdings_taken(&taken.written, taken.budget),
+            Ok(taken) => account.leased.holdings_taken(&holdings, &taken.written, taken.budget, now_ms()),
             Err(e) => self.note_failure(account, &e),
         }
     }
@@ -674,6 +700,7 @@ impl Fleet {
         match self.call::<BudgetFigures>(REPORT, &report).await {
             Ok(figures) => account.leased.acked(&held.usage.id, held.usage.used, Some(figures)),
             Err(CallError::Refused(Refused::UnknownLease)) => account.leased.forgotten(&held.usage.id, now_ms()),
+            Err(CallError::Refused(Refused::TakingOver)) => account.leased.taking_over(),
             Err(e) => self.note_failure(account, &e),
         }
     }
