@@ -23,8 +23,10 @@ async fn metrics(admin: SocketAddr) -> String {
 async fn a_limit_holds_across_three_sidecars_and_the_status_keeps_every_answer() {
     // 4.50 affords 300 answers.
     let spec = json!({"key": {"secretRef": {"name": "keys", "key": "app"}}, "limit": "4.5"});
-    let (fleet, operator) = Fleet::start(&[("bot", spec)]).await;
-    let (processes, apis, admins) = sidecars(&fleet, 3);
+    let fleet = Fleet::new(&[("bot", spec)]).await;
+    let (operator, operator_admin) = fleet.replica("op-1", fleet.port);
+    fleet.publish_config().await;
+    let (processes, apis, admins, states) = sidecars_with_state(&fleet, 3);
 
     let answers = burst(&apis, KEY, 1000).await;
     let served: Vec<u64> = answers.iter().filter(|(s, _)| *s == 200).map(|(_, c)| *c).collect();
@@ -37,17 +39,30 @@ async fn a_limit_holds_across_three_sidecars_and_the_status_keeps_every_answer()
     // than one in the ledger.
     assert!(4_500_000 - total < 4 * COST, "{} answers of 300 were served", served.len());
 
-    let explain = || {
+    let explain = async || {
         let logs: Vec<String> = processes.iter().map(Process::log).collect();
+        let mut calls = vec![metrics(operator_admin).await];
+        for admin in &admins {
+            calls.push(metrics(*admin).await);
+        }
+        let calls: Vec<String> = calls
+            .iter()
+            .map(|m| m.lines().filter(|l| l.starts_with("sideyard_ledger_")).collect::<Vec<_>>().join("\n"))
+            .collect();
+        // What each sidecar has not had acknowledged (its state file, written every 200 ms).
+        let unacknowledged: Vec<String> =
+            states.iter().map(|s| std::fs::read_to_string(s.join("ledger-leases.json")).unwrap_or_default()).collect();
         format!(
-            "the ledger has {:?}; its status: {:#}\nthe operator's log:\n{}\nthe sidecars' logs:\n{}",
+            "the ledger has {:?}; its status: {:#}\nthe operator's log:\n{}\nthe sidecars' logs:\n{}\nnot acknowledged:\n{}\nledger calls (operator, then each sidecar):\n{}",
             fleet.spent("bot"),
             fleet.status("bot"),
             operator.log(),
-            logs.join("\n---\n")
+            logs.join("\n---\n"),
+            unacknowledged.join("\n---\n"),
+            calls.join("\n---\n")
         )
     };
-    eventually_or_explain(
+    eventually_or_find_out(
         "the ledger has every answer's cost",
         || async { fleet.spent("bot") == Some(total) },
         explain,
@@ -272,7 +287,7 @@ async fn a_request_during_a_takeover_waits_for_every_pod_to_say_what_it_holds() 
     operator.wait_exit();
     let frozen = &processes[1];
     frozen.signal("STOP");
-    let (_replica, replica_admin) = fleet.replica("op-2", fleet.port);
+    let (replica, replica_admin) = fleet.replica("op-2", fleet.port);
     let refused = || async {
         metric_if_present(
             &metrics(replica_admin).await,
@@ -281,10 +296,14 @@ async fn a_request_during_a_takeover_waits_for_every_pod_to_say_what_it_holds() 
         .unwrap_or(0)
     };
 
-    eventually("pod-0 has told the new leader what it holds", || async {
-        let m = metrics(replica_admin).await;
-        metric_if_present(&m, "sideyard_ledger_calls_total{call=\"holdings\",result=\"ok\"}").unwrap_or(0) >= 1
-    })
+    eventually_or_explain(
+        "pod-0 has told the new leader what it holds",
+        || async {
+            let m = metrics(replica_admin).await;
+            metric_if_present(&m, "sideyard_ledger_calls_total{call=\"holdings\",result=\"ok\"}").unwrap_or(0) >= 1
+        },
+        || format!("pod-0:\n{}\nop-2:\n{}", processes[0].log(), replica.log()),
+    )
     .await;
 
     // pod-1 cannot say what it holds: pod-0's request waits, then is refused saying why.

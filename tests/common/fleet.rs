@@ -219,12 +219,20 @@ pub async fn burst(apis: &[SocketAddr], key: &str, n: usize) -> Vec<(u16, u64)> 
 }
 
 pub fn sidecars(fleet: &Fleet, n: usize) -> (Vec<Process>, Vec<SocketAddr>, Vec<SocketAddr>) {
-    let (mut processes, mut apis, mut admins) = (Vec::new(), Vec::new(), Vec::new());
+    let (processes, apis, admins, _) = sidecars_with_state(fleet, n);
+    (processes, apis, admins)
+}
+
+/// [`sidecars`], and each one's state directory.
+pub fn sidecars_with_state(fleet: &Fleet, n: usize) -> (Vec<Process>, Vec<SocketAddr>, Vec<SocketAddr>, Vec<PathBuf>) {
+    let (mut processes, mut apis, mut admins, mut states) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..n {
-        let (p, api, admin) = fleet.sidecar(&format!("pod-{i}"), &temp_dir(&format!("state-{i}")));
+        let state = temp_dir(&format!("state-{i}"));
+        let (p, api, admin) = fleet.sidecar(&format!("pod-{i}"), &state);
         processes.push(p);
         apis.push(api);
         admins.push(admin);
+        states.push(state);
     }
-    (processes, apis, admins)
+    (processes, apis, admins, states)
 }

@@ -518,7 +518,16 @@ where
 
 /// [`eventually`], and when it gives up, says what `explain` finds then (the state that kept
 /// `check` from holding).
-pub async fn eventually_or_explain<F, Fut>(what: &str, mut check: F, explain: impl FnOnce() -> String)
+pub async fn eventually_or_explain<F, Fut>(what: &str, check: F, explain: impl FnOnce() -> String)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    eventually_or_find_out(what, check, async || explain()).await;
+}
+
+/// [`eventually_or_explain`] with an `explain` that may ask the processes over the network.
+pub async fn eventually_or_find_out<F, Fut>(what: &str, mut check: F, explain: impl AsyncFnOnce() -> String)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
@@ -526,7 +535,7 @@ where
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while !check().await {
         if tokio::time::Instant::now() >= deadline {
-            let detail = explain();
+            let detail = explain().await;
             let detail = if detail.is_empty() { detail } else { format!("\n{detail}") };
             panic!("gave up waiting for: {what}{detail}");
         }
