@@ -1005,9 +1005,7 @@ impl FleetLedger {
 /// Applies a cumulative report to a lease; returns the credit newly reported.
 fn apply_use(lease: &mut Lease, used: &Allowance) -> u64 {
     let added = used.credit.saturating_sub(lease.used.credit);
-    lease.used.credit = lease.used.credit.max(used.credit);
-    lease.used.requests = lease.used.requests.max(used.requests);
-    lease.used.tokens = lease.used.tokens.max(used.tokens);
+    lease.used.raise_to(used);
     added
 }
 
@@ -1331,9 +1329,7 @@ impl Book {
     fn closed_use(&mut self, id: &str, holder: &str, used: &Allowance) -> Option<u64> {
         let closed = self.closed.get_mut(id).filter(|c| c.holder == holder)?;
         let added = used.credit.saturating_sub(closed.used.credit);
-        closed.used.credit = closed.used.credit.max(used.credit);
-        closed.used.requests = closed.used.requests.max(used.requests);
-        closed.used.tokens = closed.used.tokens.max(used.tokens);
+        closed.used.raise_to(used);
         Some(added)
     }
 

@@ -438,9 +438,7 @@ impl LeasedAccount {
         let Book { lease, debt, closing, .. } = &mut *book;
         for usage in lease.as_mut().map(|l| &mut l.usage).into_iter().chain(debt.as_mut()).chain(closing.iter_mut()) {
             if usage.id == id {
-                usage.acked.credit = usage.acked.credit.max(used.credit);
-                usage.acked.requests = usage.acked.requests.max(used.requests);
-                usage.acked.tokens = usage.acked.tokens.max(used.tokens);
+                usage.acked.raise_to(&used);
                 if acked_at.is_some() {
                     usage.acked_at.clone_from(&acked_at);
                 }
@@ -524,16 +522,13 @@ impl LeasedAccount {
         let Book { lease, debt, closing, .. } = &mut *book;
         for usage in lease.as_mut().map(|l| &mut l.usage).into_iter().chain(debt.as_mut()).chain(closing.iter_mut()) {
             let Some(used) = told_used(&usage.id) else { continue };
-            usage.acked.credit = usage.acked.credit.max(used.credit);
-            usage.acked.requests = usage.acked.requests.max(used.requests);
-            usage.acked.tokens = usage.acked.tokens.max(used.tokens);
+            usage.acked.raise_to(&used);
             usage.acked_at.clone_from(&acked_at);
         }
         if grown > 0 {
             let owed = book.new_debt(grown, now_ms);
             book.closing.push(owed);
         }
-        book.holdings_due = false;
         book.heard(&figures);
         book.holdings_due = false;
     }

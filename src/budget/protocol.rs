@@ -26,6 +26,14 @@ impl Allowance {
     pub fn is_zero(&self) -> bool {
         *self == Allowance::default()
     }
+
+    /// Takes in a cumulative figure: each amount grows to `other`'s, never shrinks (a report
+    /// that comes late or twice changes nothing).
+    pub fn raise_to(&mut self, other: &Allowance) {
+        self.credit = self.credit.max(other.credit);
+        self.requests = self.requests.max(other.requests);
+        self.tokens = self.tokens.max(other.tokens);
+    }
 }
 
 /// A sidecar asks for a lease on a budget of its namespace, or for more on the one it holds.
