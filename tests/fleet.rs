@@ -19,6 +19,12 @@ async fn metrics(admin: SocketAddr) -> String {
     get(admin, "/metrics").await.body
 }
 
+/// How many `call`s the ledger at `admin` answered with `result`.
+async fn ledger_calls(admin: SocketAddr, call: &str, result: &str) -> u64 {
+    let series = format!("sideyard_ledger_calls_total{{call=\"{call}\",result=\"{result}\"}}");
+    metric_if_present(&metrics(admin).await, &series).unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_limit_holds_across_three_sidecars_and_the_status_keeps_every_answer() {
     // 4.50 affords 300 answers.
@@ -245,8 +251,7 @@ async fn per_request_spend_survives_a_leader_killed_before_writing_it_and_never_
     // Each sidecar tells the new leader what it holds (its settles of the first answers among
     // them) before the new leader grants what the last write did not prove free.
     eventually("both sidecars have told the new leader what they hold", || async {
-        let m = metrics(replica_admin).await;
-        metric_if_present(&m, "sideyard_ledger_calls_total{call=\"holdings\",result=\"ok\"}").unwrap_or(0) >= 2
+        ledger_calls(replica_admin, "holdings", "ok").await >= 2
     })
     .await;
     let mut after = Vec::new();
@@ -288,20 +293,11 @@ async fn a_request_during_a_takeover_waits_for_every_pod_to_say_what_it_holds() 
     let frozen = &processes[1];
     frozen.signal("STOP");
     let (replica, replica_admin) = fleet.replica("op-2", fleet.port);
-    let refused = || async {
-        metric_if_present(
-            &metrics(replica_admin).await,
-            "sideyard_ledger_calls_total{call=\"reserve\",result=\"taking_over\"}",
-        )
-        .unwrap_or(0)
-    };
+    let refused = || ledger_calls(replica_admin, "reserve", "taking_over");
 
     eventually_or_explain(
         "pod-0 has told the new leader what it holds",
-        || async {
-            let m = metrics(replica_admin).await;
-            metric_if_present(&m, "sideyard_ledger_calls_total{call=\"holdings\",result=\"ok\"}").unwrap_or(0) >= 1
-        },
+        || async { ledger_calls(replica_admin, "holdings", "ok").await >= 1 },
         || format!("pod-0:\n{}\nop-2:\n{}", processes[0].log(), replica.log()),
     )
     .await;

@@ -555,9 +555,7 @@ impl Fleet {
     /// report is tried.
     async fn keep_account(&self, account: &FleetAccount, closing: bool) {
         // A new leader is told what this sidecar holds before anything else.
-        if account.leased.lock().holdings_due {
-            self.tell_holdings(account).await;
-        }
+        self.holdings_told(account).await;
         let now = now_ms();
         let budget = account.budget();
         let (mode, lease, unreachable, stale_report) = {
@@ -618,11 +616,8 @@ impl Fleet {
         // A new leader heard from in this round (or one that asked) is told what this sidecar
         // holds before any report: a report of what it does not know would be refused, and what
         // its predecessor took in and never wrote is counted only through the holdings.
-        if account.leased.lock().holdings_due {
-            self.tell_holdings(account).await;
-            if account.leased.lock().holdings_due {
-                return;
-            }
+        if !self.holdings_told(account).await {
+            return;
         }
         // Closed leases, settled reservations and debts: all at once, so that they share the
         // ledger's next status write.
@@ -657,7 +652,15 @@ impl Fleet {
         settled
     }
 
-    /// Tells a leader that has just taken over what this sidecar holds of the budget.
+    /// Tells a leader that has just taken over (or asked) what this sidecar holds of the budget,
+    /// if it is due; whether nothing is due now.
+    async fn holdings_told(&self, account: &FleetAccount) -> bool {
+        if account.leased.lock().holdings_due {
+            self.tell_holdings(account).await;
+        }
+        !account.leased.lock().holdings_due
+    }
+
     async fn tell_holdings(&self, account: &FleetAccount) {
         let holdings = account.leased.holdings();
         match self.call::<HoldingsTaken>(HOLDINGS, &holdings).await {
